@@ -1,0 +1,187 @@
+"""Shared lake I/O: every job reads and writes Delta tables through these functions.
+
+    from pipelines.lake import write_table, read_table, DeltaSnapshot
+    v = write_table(df, "lake/criteo/bronze", mode="append", partition_by=["day"],
+                    commit_info={"job": "ingest"})
+    df = read_table(spark, "lake/criteo/bronze", version=v, columns=["label", "I1"])
+
+Engine choice (``BIGOPT_DELTA_ENGINE`` = ``auto`` | ``native`` | ``deltars``): with ``auto``
+(default) the JVM Delta connector (``format("delta")``) is used when its classes are on the
+driver's classpath, as on a cluster started with ``--packages io.delta:delta-spark_2.13:...``;
+otherwise the project's delta-rs Python data source. Both write the same Delta protocol, so a
+table written by one is read by the other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pipelines.lake.commit import CommitConflictError, TableExistsError, table_exists
+from pipelines.lake.datasource import FORMAT
+from pipelines.lake.maintenance import history, optimize, table_version, vacuum
+from pipelines.lake.reader import DeltaSnapshot, FileEntry
+from pipelines.lake.schema import SchemaMismatchError
+
+__all__ = [
+    "CommitConflictError",
+    "DeltaSnapshot",
+    "FileEntry",
+    "SchemaMismatchError",
+    "TableExistsError",
+    "delta_engine",
+    "history",
+    "optimize",
+    "read_table",
+    "table_exists",
+    "table_version",
+    "vacuum",
+    "write_table",
+]
+
+_WRITE_ID_KEY = "bigopt.writeId"
+
+
+def delta_engine(spark) -> str:
+    """'native' when the JVM Delta connector is usable on this session, else 'deltars'."""
+    choice = os.environ.get("BIGOPT_DELTA_ENGINE", "auto").lower()
+    if choice in {"native", "deltars"}:
+        return choice
+    if choice != "auto":
+        raise ValueError(f"BIGOPT_DELTA_ENGINE must be auto, native or deltars, not {choice!r}")
+    cached = getattr(spark, "_bigopt_delta_engine", None)
+    if cached:
+        return cached
+    engine = "deltars"
+    try:
+        jvm = spark._jvm  # absent on Spark Connect
+        if jvm is not None:
+            jvm.java.lang.Class.forName("org.apache.spark.sql.delta.sources.DeltaDataSource")
+            engine = "native"
+    except Exception:  # noqa: BLE001 - any failure means "not available"
+        engine = "deltars"
+    try:
+        spark._bigopt_delta_engine = engine
+    except AttributeError:
+        pass
+    return engine
+
+
+def _sql_literal(v: Any) -> str:
+    if isinstance(v, str):
+        return "'" + v.replace("'", "''") + "'"
+    return str(v)
+
+
+def _replace_where_sql(replace_where: Mapping[str, Any]) -> str:
+    parts = []
+    for col, v in replace_where.items():
+        if isinstance(v, (list, tuple, set)):
+            parts.append(f"`{col}` IN ({', '.join(_sql_literal(x) for x in v)})")
+        else:
+            parts.append(f"`{col}` = {_sql_literal(v)}")
+    return " AND ".join(parts)
+
+
+def write_table(
+    df,
+    path: str,
+    mode: str = "append",
+    *,
+    partition_by: Sequence[str] | None = None,
+    replace_where: Mapping[str, Any] | None = None,
+    merge_schema: bool = False,
+    commit_info: Mapping[str, Any] | None = None,
+    compression: str = "zstd",
+    row_group_rows: int | None = None,
+    target_file_bytes: int | None = None,
+) -> int:
+    """Write a Spark DataFrame to the Delta table at ``path`` as ONE commit; return its version.
+
+    mode: append | overwrite | error | ignore. ``replace_where={"day": 3}`` (overwrite only)
+    atomically replaces just those partitions, which makes re-runs idempotent. A schema that
+    does not match the table raises :class:`SchemaMismatchError` and commits nothing;
+    ``merge_schema=True`` allows new nullable columns.
+    """
+    from pipelines.lake.fs import normalize_uri
+
+    uri = normalize_uri(path)
+    if replace_where and mode != "overwrite":
+        raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
+    write_id = uuid.uuid4().hex
+    info = {**dict(commit_info or {}), _WRITE_ID_KEY: write_id}
+    spark = df.sparkSession
+    if delta_engine(spark) == "native":
+        w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode))
+        if partition_by:
+            w = w.partitionBy(*partition_by)
+        if replace_where:
+            w = w.option("replaceWhere", _replace_where_sql(replace_where))
+        if merge_schema:
+            w = w.option("mergeSchema", "true")
+        w = w.option("userMetadata", json.dumps(info))
+        w.save(uri)
+    else:
+        existed = table_exists(uri)
+        w = (
+            df.write.format(FORMAT)
+            .mode("overwrite" if mode == "overwrite" else "append")
+            .option("mode", mode)
+            .option("partition_by", json.dumps(list(partition_by or [])))
+            .option("merge_schema", str(bool(merge_schema)).lower())
+            .option("commit_info", json.dumps(info))
+            .option("compression", compression)
+        )
+        if replace_where:
+            w = w.option("replace_where", json.dumps(dict(replace_where)))
+        if row_group_rows:
+            w = w.option("row_group_rows", str(row_group_rows))
+        if target_file_bytes:
+            w = w.option("target_file_bytes", str(target_file_bytes))
+        w.save(uri)
+        if mode == "ignore" and existed:
+            return table_version(uri)
+    return _version_of_write(uri, write_id)
+
+
+def _version_of_write(uri: str, write_id: str) -> int:
+    """The version our commit got (other writers may have committed after it)."""
+    for h in history(uri, 50):
+        meta = h.get("userMetadata")
+        if h.get(_WRITE_ID_KEY) == write_id or (isinstance(meta, str) and write_id in meta):
+            return int(h["version"])
+    return table_version(uri)
+
+
+def read_table(
+    spark,
+    path: str,
+    *,
+    version: int | None = None,
+    timestamp: str | None = None,
+    columns: Sequence[str] | None = None,
+):
+    """Read the Delta table at ``path`` (latest, or pinned by ``version`` / ``timestamp``).
+
+    ``columns`` projects at the scan: only those columns are read from the files."""
+    from pipelines.lake.fs import normalize_uri
+
+    uri = normalize_uri(path)
+    if delta_engine(spark) == "native":
+        r = spark.read.format("delta")
+        if version is not None:
+            r = r.option("versionAsOf", int(version))
+        if timestamp is not None:
+            r = r.option("timestampAsOf", str(timestamp))
+        df = r.load(uri)
+        return df.select(*columns) if columns else df
+    r = spark.read.format(FORMAT)
+    if version is not None:
+        r = r.option("versionAsOf", str(int(version)))
+    if timestamp is not None:
+        r = r.option("timestampAsOf", str(timestamp))
+    if columns:
+        r = r.option("columns", json.dumps(list(columns)))
+    return r.load(uri)

@@ -1,0 +1,187 @@
+"""Driver-side Delta transactions over files that Spark tasks already wrote.
+
+One Spark write = one Delta commit, whatever the number of tasks. Appends from concurrent
+writers both land (delta-rs retries an append whose read version moved on, since appends never
+conflict); an overwrite that races another overwrite of the same data fails with
+:class:`CommitConflictError`. Whatever fails, the files this write produced are deleted, so a
+failed write leaves the table exactly as it was.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+from deltalake import DeltaTable, Schema
+from deltalake.exceptions import CommitFailedError, DeltaError
+from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+
+from pipelines.lake.files import delete_files, partition_value_str
+from pipelines.lake.fs import normalize_uri
+from pipelines.lake.schema import check_compatible, to_pyarrow_schema
+
+log = logging.getLogger(__name__)
+
+
+class CommitConflictError(RuntimeError):
+    """A concurrent transaction conflicts with this one (e.g. two overwrites)."""
+
+
+class TableExistsError(FileExistsError):
+    """mode='error' and the table already exists."""
+
+
+def table_exists(uri: str, storage_options: Mapping[str, str] | None = None) -> bool:
+    return DeltaTable.is_deltatable(normalize_uri(uri), storage_options=dict(storage_options or {}))
+
+
+def replace_where_filters(replace_where: Mapping[str, Any] | None) -> list[tuple] | None:
+    """``{"day": 3}`` / ``{"day": [3, 4]}`` → delta-rs partition filters (a conjunction)."""
+    if not replace_where:
+        return None
+    out = []
+    for col, value in replace_where.items():
+        if isinstance(value, (list, tuple, set)):
+            out.append((col, "in", [partition_value_str(v) for v in value]))
+        else:
+            out.append((col, "=", partition_value_str(value)))
+    return out
+
+
+def _matches(pv: Mapping[str, str | None], filters: list[tuple]) -> bool:
+    for col, op, val in filters:
+        v = pv.get(col)
+        if op == "=" and v != val:
+            return False
+        if op == "in" and v not in val:
+            return False
+    return True
+
+
+def prepare_table(
+    uri: str,
+    data_schema: pa.Schema,
+    *,
+    mode: str,
+    partition_by: list[str],
+    merge_schema: bool,
+    replace_where: Mapping[str, Any] | None,
+    storage_options: Mapping[str, str] | None = None,
+) -> str:
+    """Checks done on the driver BEFORE any task writes. Returns the effective mode
+    ('create', 'append', 'overwrite' or 'skip')."""
+    uri = normalize_uri(uri)
+    if mode not in {"append", "overwrite", "error", "errorifexists", "ignore"}:
+        raise ValueError(f"unknown save mode {mode!r}; use append, overwrite, error or ignore")
+    missing_parts = [c for c in partition_by if c not in data_schema.names]
+    if missing_parts:
+        raise ValueError(f"partition column(s) {missing_parts} are not in the data ({data_schema.names})")
+    if not table_exists(uri, storage_options):
+        if replace_where:
+            raise ValueError(f"replace_where needs an existing table; {uri} has no Delta log")
+        return "create"
+    if mode in {"error", "errorifexists"}:
+        raise TableExistsError(f"Delta table already exists at {uri} (mode='error')")
+    if mode == "ignore":
+        return "skip"
+    dt = DeltaTable(uri, storage_options=dict(storage_options or {}), without_files=True)
+    table_parts = list(dt.metadata().partition_columns)
+    if partition_by and table_parts != list(partition_by) and not (mode == "overwrite" and not replace_where):
+        raise ValueError(f"table {uri} is partitioned by {table_parts}, write asked for {partition_by}")
+    if replace_where:
+        bad = [c for c in replace_where if c not in table_parts]
+        if bad:
+            raise ValueError(f"replace_where column(s) {bad} are not partition columns of {uri} ({table_parts})")
+    if not (mode == "overwrite" and not replace_where and merge_schema):
+        check_compatible(to_pyarrow_schema(dt.schema()), data_schema, merge_schema=merge_schema, table_uri=uri)
+    return mode
+
+
+def commit(
+    uri: str,
+    data_schema: pa.Schema,
+    adds: list[dict],
+    *,
+    mode: str,
+    partition_by: list[str],
+    merge_schema: bool = False,
+    replace_where: Mapping[str, Any] | None = None,
+    commit_info: Mapping[str, Any] | None = None,
+    max_commit_retries: int = 15,
+    storage_options: Mapping[str, str] | None = None,
+) -> int:
+    """Commit the task-written files as ONE transaction; return the new table version.
+
+    On any failure the files are deleted before the error propagates.
+    """
+    uri = normalize_uri(uri)
+    opts = dict(storage_options or {})
+    actions = [
+        AddAction(a["path"], a["size"], a["partition_values"], a["modification_time"], True, a["stats"])
+        for a in adds
+    ]
+    props = CommitProperties(custom_metadata=dict(commit_info or {}), max_commit_retries=max_commit_retries)
+    try:
+        effective = prepare_table(
+            uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
+            replace_where=replace_where, storage_options=opts,
+        )
+        if effective == "skip":
+            delete_files(uri, [a["path"] for a in adds])
+            return DeltaTable(uri, storage_options=opts, without_files=True).version()
+        if effective == "create":
+            try:
+                create_table_with_add_actions(
+                    uri, Schema.from_arrow(data_schema), actions, mode="error", partition_by=partition_by or None,
+                    storage_options=opts or None, commit_properties=props,
+                )
+                return DeltaTable(uri, storage_options=opts, without_files=True).version()
+            except DeltaError as e:
+                # Lost a creation race: another writer created the table first.
+                if not table_exists(uri, opts) or mode in {"error", "errorifexists"}:
+                    raise
+                log.info("table %s was created concurrently (%s); committing as %s", uri, e, mode)
+                effective = prepare_table(
+                    uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
+                    replace_where=replace_where, storage_options=opts,
+                )
+        dt = DeltaTable(uri, storage_options=opts)
+        table_schema = to_pyarrow_schema(dt.schema())
+        if effective == "overwrite" and not replace_where:
+            schema_to_commit = data_schema if merge_schema else table_schema
+            parts = partition_by or list(dt.metadata().partition_columns)
+        else:
+            new_cols = check_compatible(table_schema, data_schema, merge_schema=merge_schema, table_uri=uri)
+            if new_cols:
+                # Schema evolution is its own (metadata-only) commit; readers see nulls for old files.
+                dt.alter.add_columns([_delta_field(f) for f in new_cols])
+                dt = DeltaTable(uri, storage_options=opts)
+                table_schema = to_pyarrow_schema(dt.schema())
+            schema_to_commit = table_schema
+            parts = list(dt.metadata().partition_columns)
+        filters = replace_where_filters(replace_where)
+        if filters:
+            outside = [a["path"] for a in adds if not _matches(a["partition_values"], filters)]
+            if outside:
+                raise ValueError(
+                    f"replace_where={dict(replace_where)} but {len(outside)} written file(s) fall outside it "
+                    f"(e.g. {outside[0]}); nothing was committed"
+                )
+        dt.create_write_transaction(
+            actions, "overwrite" if effective == "overwrite" else "append", schema_to_commit,
+            partition_by=parts or None, partition_filters=filters, commit_properties=props,
+        )
+        return dt.version()
+    except CommitFailedError as e:
+        delete_files(uri, [a["path"] for a in adds])
+        raise CommitConflictError(f"commit to {uri} conflicted with a concurrent transaction: {e}") from e
+    except BaseException:
+        delete_files(uri, [a["path"] for a in adds])
+        raise
+
+
+def _delta_field(f: pa.Field):
+    from deltalake import Field
+
+    return Field.from_arrow(pa.field(f.name, f.type, True))

@@ -1,0 +1,230 @@
+"""Delta tables from Spark without JVM jars: a Spark 4 Python data source over delta-rs.
+
+Format name: ``bigopt_delta``. Jobs normally go through :func:`pipelines.lake.write_table` /
+:func:`pipelines.lake.read_table`, which pick the native JVM connector when it is on the
+classpath; this module is what runs when it is not.
+
+Write path: each task streams its Arrow batches into Parquet files inside the table directory
+(:mod:`pipelines.lake.files`) and returns the add actions as its commit message; the driver
+commits them as ONE Delta transaction (:mod:`pipelines.lake.commit`). ``abort`` deletes the
+files of every task, including partial files of tasks that died without a message.
+
+Read path: the driver resolves the snapshot (latest, ``versionAsOf`` or ``timestampAsOf``),
+prunes files with pushed-down filters on partition columns (and min/max stats), and plans one
+input partition per file, or per row-group range for big files. Tasks read with pyarrow,
+projecting the ``columns`` option.
+
+Options (all strings, as Spark passes them):
+  write: mode, partition_by (JSON list), replace_where (JSON object), merge_schema,
+         commit_info (JSON object), compression, row_group_rows, target_file_bytes,
+         max_commit_retries
+  read:  versionAsOf, timestampAsOf, columns (JSON list), split_bytes
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pyspark.sql.datasource import (
+    DataSource,
+    DataSourceArrowWriter,
+    DataSourceReader,
+    InputPartition,
+    WriterCommitMessage,
+)
+from pyspark.sql.types import StructType
+
+FORMAT = "bigopt_delta"
+
+
+def register(spark) -> None:
+    """Register the data source on ``spark`` (idempotent)."""
+    if getattr(spark, "_bigopt_delta_registered", False):
+        return
+    spark.dataSource.register(DeltaRsDataSource)
+    try:
+        spark._bigopt_delta_registered = True
+    except AttributeError:  # Spark Connect sessions may be slotted
+        pass
+
+
+def _json_opt(options, key, default):
+    raw = options.get(key)
+    return default if raw in (None, "") else json.loads(raw)
+
+
+def _bool_opt(options, key) -> bool:
+    return str(options.get(key, "false")).lower() in {"1", "true", "yes"}
+
+
+class DeltaRsDataSource(DataSource):
+    @classmethod
+    def name(cls) -> str:
+        return FORMAT
+
+    @property
+    def uri(self) -> str:
+        from pipelines.lake.fs import normalize_uri
+
+        path = self.options.get("path")
+        if not path:
+            raise ValueError(f"{FORMAT}: a table path is required (.load(path) / .save(path))")
+        return normalize_uri(path)
+
+    def _snapshot(self):
+        from pipelines.lake.reader import DeltaSnapshot
+
+        return DeltaSnapshot(
+            self.uri,
+            version=int(self.options["versionAsOf"]) if self.options.get("versionAsOf") not in (None, "") else None,
+            timestamp=self.options.get("timestampAsOf") or None,
+        )
+
+    def schema(self):
+        from pipelines.lake.schema import arrow_to_spark
+
+        snap = self._snapshot()
+        return arrow_to_spark(snap.schema(_json_opt(self.options, "columns", None)))
+
+    def reader(self, schema: StructType) -> DataSourceReader:
+        return DeltaRsReader(self._snapshot(), schema, int(self.options.get("split_bytes", 512 << 20)))
+
+    def writer(self, schema: StructType, overwrite: bool):
+        return DeltaRsWriter(self.uri, schema, self.options, overwrite)
+
+
+# ----------------------------------------------------------------------------------- write
+@dataclass
+class DeltaCommitMessage(WriterCommitMessage):
+    adds: list[dict]
+    paths: list[str]
+
+
+class DeltaRsWriter(DataSourceArrowWriter):
+    def __init__(self, uri: str, schema: StructType, options, overwrite: bool) -> None:
+        from pipelines.lake.commit import prepare_table
+        from pipelines.lake.schema import spark_to_arrow
+
+        self.uri = uri
+        self.arrow_schema = spark_to_arrow(schema)
+        self.mode = options.get("mode") or ("overwrite" if overwrite else "append")
+        if overwrite and self.mode == "append":
+            self.mode = "overwrite"
+        self.partition_by = list(_json_opt(options, "partition_by", []))
+        self.replace_where = _json_opt(options, "replace_where", None)
+        self.merge_schema = _bool_opt(options, "merge_schema")
+        self.commit_info = _json_opt(options, "commit_info", {})
+        self.compression = options.get("compression", "zstd")
+        self.row_group_rows = int(options.get("row_group_rows", 131_072))
+        self.target_file_bytes = int(options.get("target_file_bytes", 256 << 20))
+        self.max_commit_retries = int(options.get("max_commit_retries", 15))
+        self.write_id = uuid.uuid4().hex[:12]
+        self.committed_version: int | None = None
+        # Fail fast on the driver: schema mismatch, bad partitioning, mode=error on an existing table.
+        self.effective_mode = prepare_table(
+            uri, self.arrow_schema, mode=self.mode, partition_by=self.partition_by,
+            merge_schema=self.merge_schema, replace_where=self.replace_where,
+        )
+
+    def write(self, iterator: Iterator[pa.RecordBatch]) -> DeltaCommitMessage:
+        from pipelines.lake.files import PartitionedFileWriter
+
+        if self.effective_mode == "skip":
+            for _ in iterator:
+                pass
+            return DeltaCommitMessage([], [])
+        w = PartitionedFileWriter(
+            self.uri, self.arrow_schema, self.partition_by, self.write_id,
+            compression=self.compression, row_group_rows=self.row_group_rows,
+            target_file_bytes=self.target_file_bytes,
+        )
+        try:
+            for batch in iterator:
+                w.write(batch)
+            adds = w.close()
+        except BaseException:
+            w.discard()
+            raise
+        return DeltaCommitMessage(adds, list(w.written_paths))
+
+    def commit(self, messages: list[DeltaCommitMessage | None]) -> None:
+        from pipelines.lake.commit import commit
+
+        adds = [a for m in messages if m is not None for a in m.adds]
+        if self.effective_mode == "skip":
+            return
+        self.committed_version = commit(
+            self.uri, self.arrow_schema, adds, mode=self.mode, partition_by=self.partition_by,
+            merge_schema=self.merge_schema, replace_where=self.replace_where,
+            commit_info=self.commit_info, max_commit_retries=self.max_commit_retries,
+        )
+
+    def abort(self, messages: list[DeltaCommitMessage | None]) -> None:
+        from pipelines.lake.files import delete_files
+        from pipelines.lake.maintenance import remove_write_leftovers
+
+        delete_files(self.uri, [p for m in messages if m is not None for p in m.paths])
+        # tasks that died before returning a message may have left partial files
+        remove_write_leftovers(self.uri, self.write_id)
+
+
+# ------------------------------------------------------------------------------------ read
+class DeltaFilePartition(InputPartition):
+    def __init__(self, uri: str, partition_values: dict, row_groups: list[int] | None) -> None:
+        super().__init__(uri)
+        self.uri = uri
+        self.partition_values = partition_values
+        self.row_groups = row_groups
+
+
+class DeltaRsReader(DataSourceReader):
+    def __init__(self, snapshot, schema: StructType, split_bytes: int) -> None:
+        from pipelines.lake.schema import spark_to_arrow
+
+        # keep only picklable state: the reader is shipped to the tasks
+        self.partition_columns = list(snapshot.partition_columns)
+        self.files = snapshot.files()
+        self.arrow_schema = spark_to_arrow(schema)
+        self.split_bytes = split_bytes
+        self.filters: list = []
+
+    def pushFilters(self, filters):
+        """Use filters on partition columns (exactly) and min/max stats (conservatively) to
+        prune files. Partition-column filters are fully handled; everything else is handed back
+        for Spark to evaluate."""
+        from pipelines.lake.pruning import to_predicate
+
+        parts = set(self.partition_columns)
+        for f in filters:
+            pred = to_predicate(f)
+            if pred is None:
+                yield f
+                continue
+            self.filters.append(pred)
+            if pred.column not in parts:
+                yield f
+
+    def partitions(self) -> Sequence[InputPartition]:
+        from pipelines.lake.pruning import file_may_match
+
+        out: list[InputPartition] = []
+        for fe in self.files:
+            if not all(file_may_match(fe, p, self.partition_columns) for p in self.filters):
+                continue
+            if fe.size > self.split_bytes:
+                for rgs in fe.row_group_ranges(self.split_bytes):
+                    out.append(DeltaFilePartition(fe.uri, fe.partition_values, rgs))
+            else:
+                out.append(DeltaFilePartition(fe.uri, fe.partition_values, None))
+        return out
+
+    def read(self, partition: DeltaFilePartition) -> Iterator[pa.RecordBatch]:
+        from pipelines.lake.reader import read_file_batches
+
+        yield from read_file_batches(
+            partition.uri, self.arrow_schema, partition.partition_values,
+            self.partition_columns, row_groups=partition.row_groups,
+        )

@@ -1,0 +1,267 @@
+"""Task-side Parquet file writing with Delta add-action statistics.
+
+A Spark task streams Arrow record batches into :class:`PartitionedFileWriter`, which groups
+rows by partition values, buffers them into row groups of ``row_group_rows`` rows, rolls files
+at ``target_file_bytes`` and, on close, returns one Delta ``add`` action per file with
+``numRecords``, ``minValues``, ``maxValues`` and ``nullCount`` statistics computed from the
+data as it streamed through (no second read of the file).
+
+Partition columns are not stored in the data files (the Delta convention): their values live
+in the add action's ``partitionValues`` and in the Hive-style directory name.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.lake.fs import filesystem_for, join
+
+# Delta truncates string statistics; a truncated max would not be an upper bound, so we only
+# record string min/max when every value fits.
+_MAX_STAT_STRING = 32
+
+
+def partition_value_str(value: Any) -> str | None:
+    """Delta's serialized form of a partition value (``None`` for null)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, _dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    return str(value)
+
+
+def _hive_dir(partition_by: list[str], values: tuple) -> str:
+    parts = []
+    for col, v in zip(partition_by, values):
+        s = partition_value_str(v)
+        parts.append(f"{col}={'__HIVE_DEFAULT_PARTITION__' if s is None else quote(s, safe='')}")
+    return "/".join(parts)
+
+
+def _stat_value(scalar: pa.Scalar) -> Any:
+    v = scalar.as_py()
+    if v is None:
+        return None
+    t = scalar.type
+    if pa.types.is_timestamp(t):
+        if v.tzinfo is not None:
+            v = v.astimezone(_dt.timezone.utc).replace(tzinfo=None)
+        return v.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    if pa.types.is_date(t):
+        return v.isoformat()
+    if pa.types.is_floating(t):
+        f = float(v)
+        if f != f or f in (float("inf"), float("-inf")):
+            return None
+        return f
+    if pa.types.is_decimal(t):
+        return float(v)
+    return v
+
+
+def _stats_capable(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_timestamp(t)
+        or pa.types.is_date(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+    )
+
+
+@dataclass
+class _ColumnStats:
+    min: Any = None
+    max: Any = None
+    nulls: int = 0
+    usable: bool = True
+
+    def update(self, arr: pa.Array | pa.ChunkedArray) -> None:
+        self.nulls += arr.null_count
+        if not self.usable or len(arr) == arr.null_count:
+            return
+        t = arr.type
+        if not _stats_capable(t) or pa.types.is_boolean(t):
+            self.usable = False
+            return
+        mm = pc.min_max(arr)
+        lo, hi = _stat_value(mm["min"]), _stat_value(mm["max"])
+        if lo is None or hi is None:
+            # NaN / inf in floats: no min/max (readers must not prune on them)
+            self.usable = False
+            return
+        if isinstance(hi, str) and (len(hi) > _MAX_STAT_STRING or len(lo) > _MAX_STAT_STRING):
+            self.usable = False
+            return
+        self.min = lo if self.min is None else min(self.min, lo)
+        self.max = hi if self.max is None else max(self.max, hi)
+
+
+@dataclass
+class _OpenFile:
+    rel_path: str
+    writer: pq.ParquetWriter
+    partition_values: dict[str, str | None]
+    rows: int = 0
+    bytes_in: int = 0
+    stats: dict[str, _ColumnStats] = field(default_factory=dict)
+    nested_nulls: dict[str, int] = field(default_factory=dict)
+
+
+class PartitionedFileWriter:
+    """Writes one task's rows into Parquet files under ``table_uri``."""
+
+    def __init__(
+        self,
+        table_uri: str,
+        schema: pa.Schema,
+        partition_by: list[str],
+        write_id: str,
+        *,
+        compression: str = "zstd",
+        row_group_rows: int = 131_072,
+        target_file_bytes: int = 256 << 20,
+    ) -> None:
+        self.table_uri = table_uri
+        self.fs, self.root = filesystem_for(table_uri)
+        self.partition_by = list(partition_by)
+        self.data_schema = pa.schema([f for f in schema if f.name not in self.partition_by])
+        self.write_id = write_id
+        self.compression = compression
+        self.row_group_rows = row_group_rows
+        self.target_file_bytes = target_file_bytes
+        self._open: dict[tuple, _OpenFile] = {}
+        self._pending: dict[tuple, list[pa.RecordBatch]] = {}
+        self._pending_rows: dict[tuple, int] = {}
+        self._done: list[dict] = []
+        self.written_paths: list[str] = []
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows == 0:
+            return
+        if not self.partition_by:
+            self._buffer((), batch.select(self.data_schema.names))
+            return
+        keys = pa.Table.from_batches([batch]).select(self.partition_by)
+        grouped = keys.group_by(self.partition_by, use_threads=False).aggregate([])
+        if grouped.num_rows == 1:
+            self._buffer(tuple(grouped.column(c)[0].as_py() for c in self.partition_by), batch.select(self.data_schema.names))
+            return
+        for i in range(grouped.num_rows):
+            values = tuple(grouped.column(c)[i].as_py() for c in self.partition_by)
+            mask = None
+            for c, v in zip(self.partition_by, values):
+                col = batch.column(batch.schema.get_field_index(c))
+                m = pc.is_null(col) if v is None else pc.fill_null(pc.equal(col, pa.scalar(v, col.type)), False)
+                mask = m if mask is None else pc.and_(mask, m)
+            self._buffer(values, batch.filter(mask).select(self.data_schema.names))
+
+    def _buffer(self, key: tuple, batch: pa.RecordBatch) -> None:
+        batch = batch.cast(self.data_schema) if batch.schema != self.data_schema else batch
+        self._pending.setdefault(key, []).append(batch)
+        self._pending_rows[key] = self._pending_rows.get(key, 0) + batch.num_rows
+        if self._pending_rows[key] >= self.row_group_rows:
+            self._flush(key)
+
+    def _flush(self, key: tuple) -> None:
+        batches = self._pending.pop(key, [])
+        self._pending_rows.pop(key, None)
+        if not batches:
+            return
+        table = pa.Table.from_batches(batches, schema=self.data_schema)
+        f = self._open.get(key)
+        if f is None:
+            f = self._new_file(key)
+        f.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        f.rows += table.num_rows
+        f.bytes_in += table.nbytes
+        for name in self.data_schema.names:
+            col = table.column(name)
+            if _stats_capable(col.type):
+                f.stats.setdefault(name, _ColumnStats()).update(col)
+            else:
+                f.nested_nulls[name] = f.nested_nulls.get(name, 0) + col.null_count
+        if f.bytes_in >= self.target_file_bytes:
+            self._close_file(key)
+
+    def _new_file(self, key: tuple) -> _OpenFile:
+        name = f"part-{self.write_id}-{uuid.uuid4().hex}.{self.compression}.parquet"
+        rel = f"{_hive_dir(self.partition_by, key)}/{name}" if self.partition_by else name
+        full = join(self.root, rel)
+        parent = full.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        sink = self.fs.open_output_stream(full)
+        writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression, write_statistics=True)
+        self.written_paths.append(rel)
+        f = _OpenFile(rel, writer, {c: partition_value_str(v) for c, v in zip(self.partition_by, key)})
+        f._sink = sink  # type: ignore[attr-defined]
+        self._open[key] = f
+        return f
+
+    def _close_file(self, key: tuple) -> None:
+        f = self._open.pop(key)
+        f.writer.close()
+        f._sink.close()  # type: ignore[attr-defined]
+        size = self.fs.get_file_info(join(self.root, f.rel_path)).size
+        stats = {
+            "numRecords": f.rows,
+            "minValues": {k: s.min for k, s in f.stats.items() if s.usable and s.min is not None},
+            "maxValues": {k: s.max for k, s in f.stats.items() if s.usable and s.max is not None},
+            "nullCount": {**{k: s.nulls for k, s in f.stats.items()}, **f.nested_nulls},
+        }
+        self._done.append(
+            {
+                # add.path is a URI: escape '%' etc. so readers decode it back to the on-disk name
+                "path": quote(f.rel_path, safe="/="),
+                "size": int(size),
+                "partition_values": f.partition_values,
+                "modification_time": int(time.time() * 1000),
+                "stats": json.dumps(stats),
+                "num_records": f.rows,
+            }
+        )
+
+    def close(self) -> list[dict]:
+        """Flush everything and return the add actions (as plain dicts) of this task."""
+        for key in list(self._pending):
+            self._flush(key)
+        for key in list(self._open):
+            self._close_file(key)
+        return self._done
+
+    def discard(self) -> None:
+        """Best-effort removal of every file this task started (used when the task fails)."""
+        for f in self._open.values():
+            try:
+                f.writer.close()
+                f._sink.close()  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - cleanup must not mask the original error
+                pass
+        self._open.clear()
+        delete_files(self.table_uri, self.written_paths)
+
+
+def delete_files(table_uri: str, rel_paths: list[str]) -> None:
+    fs, root = filesystem_for(table_uri)
+    for rel in rel_paths:
+        try:
+            fs.delete_file(join(root, rel))
+        except (FileNotFoundError, OSError):
+            pass

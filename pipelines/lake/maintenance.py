@@ -1,0 +1,52 @@
+"""Table maintenance through delta-rs: history, vacuum, compaction, leftovers of failed writes."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from deltalake import DeltaTable
+
+from pipelines.lake.fs import filesystem_for, normalize_uri
+
+
+def _table(uri: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable:
+    return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}))
+
+
+def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int:
+    return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}), without_files=True).version()
+
+
+def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Commit infos, newest first (operation, timestamp, our job name/config hash, metrics)."""
+    return _table(uri).history(limit)
+
+
+def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_retention: bool = True) -> list[str]:
+    """Delete files no longer referenced by versions newer than ``retention_hours``."""
+    return _table(uri).vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=enforce_retention)
+
+
+def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> dict[str, Any]:
+    """Compact small files into ~``target_size`` files (one commit; old files kept until vacuum)."""
+    return _table(uri).optimize.compact(partition_filters=partition_filters, target_size=target_size)
+
+
+def remove_write_leftovers(uri: str, write_id: str) -> int:
+    """Delete files a failed write left behind (named ``part-<write_id>-*``); returns the count.
+
+    Only files of that write are touched, never committed data of another writer."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, root = filesystem_for(normalize_uri(uri))
+    try:
+        infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    except FileNotFoundError:
+        return 0
+    n = 0
+    prefix = f"part-{write_id}-"
+    for info in infos:
+        if info.type == FileType.File and info.base_name.startswith(prefix) and "/_delta_log/" not in info.path:
+            fs.delete_file(info.path)
+            n += 1
+    return n
