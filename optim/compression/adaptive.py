@@ -1,0 +1,153 @@
+"""Adaptive compression: switch the compression level by critical-phase detection.
+
+Accordion (Agarwal et al. 2021): over each interval of ``interval`` steps accumulate the
+(synchronised, hence identical on all ranks) gradient; at the end of the interval compare
+its norm with the previous interval's:
+
+    critical  <=>  | ||D_prev|| - ||D_curr|| | / ||D_prev||  >=  eta
+
+Inside a critical phase the compressor runs with its *critical* (gentle) setting - e.g.
+top-k ratio 10x larger, PowerSGD rank 4x larger - and with its *normal* (aggressive) setting
+otherwise. Training starts critical (the first interval has nothing to compare with).
+
+``metric="mean_norm"`` uses the mean of the per-step gradient norms over the interval
+instead of the norm of the accumulated gradient (no model-sized buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .base import CompressionConfigError, Compressor
+
+__all__ = ["AccordionController", "build_adaptive", "default_levels"]
+
+
+def default_levels(comp: Compressor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(normal, critical) settings derived from the compressor's current hyperparameters."""
+    p = comp.adaptive_param
+    if p is None:
+        raise CompressionConfigError(
+            f"adaptive compression is not supported for {comp.name!r}: it has no compression-level "
+            "hyperparameter (supported: topk, randomk [ratio], powersgd [rank], qsgd [bits])"
+        )
+    v = getattr(comp, p)
+    if p == "ratio":
+        return {p: v}, {p: min(1.0, 10.0 * v)}
+    if p == "rank":
+        return {p: v}, {p: 4 * v}
+    if p == "bits":
+        if getattr(comp, "levels", None) is not None:
+            raise CompressionConfigError("adaptive qsgd switches 'bits': build it with bits=, not levels=")
+        return {p: v}, {p: min(2 * v, 16)}
+    raise CompressionConfigError(f"no default adaptive levels for hyperparameter {p!r}")
+
+
+class AccordionController:
+    def __init__(
+        self,
+        compressor: Compressor,
+        interval: int = 100,
+        eta: float = 0.5,
+        normal: dict[str, Any] | None = None,
+        critical: dict[str, Any] | None = None,
+        metric: str = "accumulated",
+        start_critical: bool = True,
+    ) -> None:
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise CompressionConfigError(f"adaptive: interval must be an int >= 1, got {interval!r}")
+        if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta <= 0:
+            raise CompressionConfigError(f"adaptive: eta must be a positive number, got {eta!r}")
+        if metric not in ("accumulated", "mean_norm"):
+            raise CompressionConfigError(f"adaptive: metric must be 'accumulated' or 'mean_norm', got {metric!r}")
+        d_normal, d_critical = default_levels(compressor)
+        self.comp = compressor
+        self.interval = interval
+        self.eta = float(eta)
+        self.metric = metric
+        self.normal = dict(normal) if normal is not None else d_normal
+        self.critical_cfg = dict(critical) if critical is not None else d_critical
+        # validate both settings now rather than at the first switch
+        for cfg in (self.critical_cfg, self.normal):
+            compressor.configure(**cfg)
+        self.critical = bool(start_critical)
+        self.prev: float | None = None
+        self.count = 0
+        self._acc: torch.Tensor | None = None
+        self._norm_sum = 0.0
+        self.history: list[dict[str, float]] = []
+        self.apply()
+
+    @property
+    def level(self) -> float:
+        return float(getattr(self.comp, self.comp.adaptive_param))
+
+    def apply(self) -> None:
+        self.comp.configure(**(self.critical_cfg if self.critical else self.normal))
+
+    def observe(self, grads: list[torch.Tensor]) -> bool | None:
+        """Feed one step's synchronised dense gradients. At the end of an interval return the
+        proposed critical flag (the communicator makes all ranks agree, then calls
+        :meth:`decide`); otherwise None."""
+        with torch.no_grad():
+            if self.metric == "accumulated":
+                flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads]) if grads else torch.zeros(1)
+                self._acc = flat.clone() if self._acc is None else self._acc.add_(flat)
+            else:
+                self._norm_sum += float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) if grads else 0.0
+        self.count += 1
+        if self.count < self.interval:
+            return None
+        norm = float(torch.linalg.vector_norm(self._acc)) if self.metric == "accumulated" else self._norm_sum / self.count
+        self._acc, self._norm_sum, self.count = None, 0.0, 0
+        if self.prev is None or self.prev == 0.0:
+            proposal = self.critical if self.prev is None else True
+            change = math.nan
+        else:
+            change = abs(self.prev - norm) / self.prev
+            proposal = change >= self.eta
+        self.history.append({"norm": norm, "change": change, "critical": float(proposal)})
+        self.prev = norm
+        return proposal
+
+    def decide(self, critical: bool) -> None:
+        if critical != self.critical:
+            self.critical = critical
+            self.apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"critical": self.critical, "prev": self.prev, "count": self.count,
+                "acc": None if self._acc is None else self._acc.cpu().clone(),
+                "norm_sum": self._norm_sum, "history": list(self.history)}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.critical = s["critical"]
+        self.prev = s["prev"]
+        self.count = s["count"]
+        self._acc = None if s["acc"] is None else s["acc"].clone()
+        self._norm_sum = s["norm_sum"]
+        self.history = list(s["history"])
+        self.apply()
+
+
+def build_adaptive(adaptive: Any, comp: Compressor) -> AccordionController | None:
+    if adaptive is None or adaptive is False:
+        return None
+    if isinstance(adaptive, AccordionController):
+        return adaptive
+    if adaptive is True:
+        return AccordionController(comp)
+    if isinstance(adaptive, dict):
+        cfg = dict(adaptive)
+        kind = cfg.pop("kind", cfg.pop("name", "accordion"))
+        if kind != "accordion":
+            raise CompressionConfigError(f"unknown adaptive mode {kind!r} (available: accordion)")
+        allowed = {"interval", "eta", "normal", "critical", "metric", "start_critical"}
+        bad = set(cfg) - allowed
+        if bad:
+            raise CompressionConfigError(f"adaptive: unknown option(s) {sorted(bad)}; allowed: {sorted(allowed)}")
+        return AccordionController(comp, **cfg)
+    raise CompressionConfigError(f"adaptive must be None, True, a dict or an AccordionController, got {adaptive!r}")

@@ -1,0 +1,453 @@
+"""The compression methods. Byte counts are exact payload sizes (see docs/compression.md).
+
+=============  ==========  ===========================================================
+name           collective  payload per tensor of n elements
+=============  ==========  ===========================================================
+none           allreduce   the tensor                                 4n (fp32)
+fp16 / bf16    allreduce   cast                                        2n
+qsgd           allgather   fp32 norm per bucket + packed codes         4*ceil(n/B) + ceil(n*b/8)
+topk           allgather   values + bit-packed indices                 4k + ceil(k*ceil(log2 n)/8)
+randomk        allreduce   values at shared-seed indices               4k
+signsgd        allgather   fp32 scale + 1 bit per element              4 + ceil(n/8)
+efsignsgd      allgather   same as signsgd, error feedback on
+signum_vote    allgather   same as signsgd; aggregated by majority vote
+powersgd       2x allreduce  P (n x r) and Q (m x r) per matrix           4r(n+m)
+=============  ==========  ===========================================================
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import torch
+
+from .base import (
+    Collective,
+    CompressionConfigError,
+    Compressor,
+    Ctx,
+    Payload,
+    _check_int,
+    _check_ratio,
+    register,
+)
+from .packing import bits_for, pack_bits, packed_nbytes, unpack_bits
+
+__all__ = [
+    "NoneCompressor",
+    "CastCompressor",
+    "QSGDCompressor",
+    "TopKCompressor",
+    "RandomKCompressor",
+    "SignSGDCompressor",
+    "SignumVoteCompressor",
+    "stable_hash",
+]
+
+
+def stable_hash(*parts: Any) -> int:
+    """Process-independent 31-bit hash (Python's hash() is salted per process)."""
+    return zlib.crc32("\x1f".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+@register("none", doc="no compression: dense allreduce of the gradient (the baseline)")
+class NoneCompressor(Compressor):
+    """No compression (dense average)."""
+
+    name = "none"
+    collective = Collective.ALLREDUCE
+    lossless = True
+    respects_threshold = False
+
+    def __init__(self, *, error_feedback: bool = False, warmup_steps: int = 0, seed: int = 0):
+        if error_feedback:
+            raise CompressionConfigError("none: error_feedback is meaningless without compression")
+        super().__init__(error_feedback=False, warmup_steps=warmup_steps, seed=seed)
+
+    def compress(self, tensor, name):
+        return [tensor], {}
+
+    def decompress(self, payload, ctx):
+        return payload[0]
+
+    def payload_nbytes(self, shape, dtype=torch.float32):
+        return _numel(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+class CastCompressor(Compressor):
+    """Cast to a 16-bit float for the wire, back to the gradient dtype after."""
+
+    collective = Collective.ALLREDUCE
+    respects_threshold = False
+    wire_dtype = torch.float16
+
+    def __init__(self, *, error_feedback: bool = False, warmup_steps: int = 0, seed: int = 0):
+        super().__init__(error_feedback=error_feedback, warmup_steps=warmup_steps, seed=seed)
+
+    def compress(self, tensor, name):
+        return [tensor.to(self.wire_dtype)], {"dtype": tensor.dtype}
+
+    def decompress(self, payload, ctx):
+        return payload[0].to(ctx["dtype"])
+
+    def payload_nbytes(self, shape, dtype=torch.float32):
+        return 2 * _numel(shape)
+
+
+@register("fp16", doc="cast to float16 (2 bytes/element), allreduce")
+class FP16Compressor(CastCompressor):
+    """Cast to float16."""
+
+    name = "fp16"
+    wire_dtype = torch.float16
+
+
+@register("bf16", doc="cast to bfloat16 (2 bytes/element); allreduce where the backend supports bf16")
+class BF16Compressor(CastCompressor):
+    """Cast to bfloat16."""
+
+    name = "bf16"
+    wire_dtype = torch.bfloat16
+
+
+@register("qsgd", doc="QSGD stochastic quantisation to s levels, norm + sign + level bit-packed (allgather)")
+class QSGDCompressor(Compressor):
+    """QSGD (Alistarh et al. 2017): unbiased stochastic rounding of |x_i|/||x|| to s levels.
+
+    ``bits`` is the total code width per element (sign included): s = 2**(bits-1) - 1 levels,
+    or give ``levels`` (s) directly and the width is 1 + ceil(log2(s+1)). Each element is
+    encoded as ``sign*level + s`` in [0, 2s] and bit-packed; one fp32 norm per bucket of
+    ``bucket_size`` elements (None: one norm for the whole tensor). E[decode] = x and
+    E||decode - x||^2 <= min(d/s^2, sqrt(d)/s) ||x||^2 per bucket of d elements.
+    """
+
+    name = "qsgd"
+    collective = Collective.ALLGATHER
+    adaptive_param = "bits"
+
+    def __init__(
+        self,
+        *,
+        bits: int = 8,
+        levels: int | None = None,
+        bucket_size: int | None = 512,
+        error_feedback: bool = False,
+        warmup_steps: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__(error_feedback=error_feedback, warmup_steps=warmup_steps, seed=seed)
+        if levels is not None:
+            _check_int(self.name, "levels", levels, lo=1, hi=2**30)
+            s = levels
+        else:
+            _check_int(self.name, "bits", bits, lo=2, hi=31)
+            s = 2 ** (bits - 1) - 1
+        if bucket_size is not None:
+            _check_int(self.name, "bucket_size", bucket_size, lo=1)
+        self.levels = levels
+        self.s = s
+        self.code_bits = bits_for(2 * s + 1)  # == 1 + ceil(log2(s + 1))
+        self.bits = self.code_bits if levels is not None else bits
+        self.bucket_size = bucket_size
+        self._gen: torch.Generator | None = None
+        self._gen_state: torch.Tensor | None = None
+
+    def set_rank(self, rank, world_size):
+        super().set_rank(rank, world_size)
+        self._gen = None  # re-seed: rounding noise must be independent across ranks
+
+    def _rng(self, device) -> torch.Generator:
+        if self._gen is None or self._gen.device != torch.device(device):
+            self._gen = _generator(device, stable_hash("qsgd", self.seed, self.rank))
+            if self._gen_state is not None and self._gen.device.type == "cpu":
+                self._gen.set_state(self._gen_state)
+                self._gen_state = None
+        return self._gen
+
+    def _buckets(self, n: int) -> tuple[int, int]:
+        b = n if self.bucket_size is None else min(self.bucket_size, n)
+        b = max(b, 1)
+        return b, (n + b - 1) // b
+
+    def compress(self, tensor, name):
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        n = flat.numel()
+        b, nb = self._buckets(n)
+        padded = torch.zeros(nb * b, dtype=torch.float32, device=flat.device)
+        padded[:n] = flat
+        mat = padded.view(nb, b)
+        norms = torch.linalg.vector_norm(mat, dim=1)
+        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+        r = (mat.abs() / safe.unsqueeze(1)) * self.s
+        low = r.floor()
+        u = torch.rand(r.shape, generator=self._rng(r.device), device=r.device)
+        level = (low + (u < (r - low)).to(r.dtype)).clamp_(0, self.s)
+        code = (torch.sign(mat) * level).to(torch.int64) + self.s
+        packed = pack_bits(code.reshape(-1)[:n], self.code_bits)
+        return [norms, packed], {"shape": tensor.shape, "dtype": tensor.dtype, "n": n}
+
+    def decompress(self, payload, ctx):
+        norms, packed = payload
+        n = ctx["n"]
+        b, nb = self._buckets(n)
+        level = (unpack_bits(packed, self.code_bits, n) - self.s).to(torch.float32)
+        padded = torch.zeros(nb * b, dtype=torch.float32, device=level.device)
+        padded[:n] = level
+        out = padded.view(nb, b) * (norms.to(torch.float32) / self.s).unsqueeze(1)
+        return out.reshape(-1)[:n].view(ctx["shape"]).to(ctx["dtype"])
+
+    def payload_nbytes(self, shape, dtype=torch.float32):
+        n = _numel(shape)
+        _, nb = self._buckets(n)
+        return 4 * nb + packed_nbytes(n, self.code_bits)
+
+    def variance_bound(self, d: int) -> float:
+        """QSGD Lemma 3.1: E||Q(v)-v||^2 <= min(d/s^2, sqrt(d)/s) ||v||^2 (per bucket of d)."""
+        return min(d / self.s**2, math.sqrt(d) / self.s)
+
+    def state_dict(self):
+        g = self._gen
+        return {"rng": g.get_state()} if g is not None and g.device.type == "cpu" else {}
+
+    def load_state_dict(self, state):
+        if "rng" in state:
+            self._gen = None
+            self._gen_state = state["rng"]
+
+
+def _k_for(ratio: float, n: int) -> int:
+    return min(n, max(1, math.ceil(ratio * n)))
+
+
+@register("topk", defaults={"error_feedback": True},
+          doc="top-k sparsification (k = ceil(ratio*n)), values + bit-packed indices (allgather), EF on")
+class TopKCompressor(Compressor):
+    """Top-k by magnitude (Stich et al. 2018 with error feedback).
+
+    Payload: the k values in the gradient dtype and the k indices bit-packed to
+    ceil(log2 n) bits each. Ranks select different index sets, so the payloads are
+    allgathered and scatter-added; the result is divided by the world size (the true
+    average of the ranks' sparse tensors, not an average over the ranks that chose an index).
+    """
+
+    name = "topk"
+    collective = Collective.ALLGATHER
+    adaptive_param = "ratio"
+
+    def __init__(self, *, ratio: float = 0.01, error_feedback: bool = True, warmup_steps: int = 0, seed: int = 0):
+        super().__init__(error_feedback=error_feedback, warmup_steps=warmup_steps, seed=seed)
+        _check_ratio(self.name, "ratio", ratio)
+        self.ratio = float(ratio)
+
+    def compress(self, tensor, name):
+        flat = tensor.detach().reshape(-1)
+        n = flat.numel()
+        k = _k_for(self.ratio, n)
+        _, idx = torch.topk(flat.abs(), k, sorted=False)
+        values = flat[idx]
+        packed = pack_bits(idx, bits_for(n))
+        return [values, packed], {"shape": tensor.shape, "dtype": tensor.dtype, "n": n, "k": k}
+
+    def _indices(self, packed, ctx):
+        return unpack_bits(packed, bits_for(ctx["n"]), ctx["k"])
+
+    def decompress(self, payload, ctx):
+        values, packed = payload
+        out = torch.zeros(ctx["n"], dtype=ctx["dtype"], device=values.device)
+        out.index_put_((self._indices(packed, ctx),), values.to(ctx["dtype"]))
+        return out.view(ctx["shape"])
+
+    def aggregate_payloads(self, payloads, ctx):
+        out = torch.zeros(ctx["n"], dtype=ctx["dtype"], device=payloads[0][0].device)
+        for values, packed in payloads:
+            out.index_add_(0, self._indices(packed, ctx), values.to(ctx["dtype"]))
+        return out.div_(len(payloads)).view(ctx["shape"])
+
+    def payload_nbytes(self, shape, dtype=torch.float32):
+        n = _numel(shape)
+        k = _k_for(self.ratio, n)
+        return k * torch.empty((), dtype=dtype).element_size() + packed_nbytes(k, bits_for(n))
+
+
+@register("randomk", defaults={"error_feedback": True},
+          doc="random-k sparsification with a seed shared by all ranks: values only (allreduce), EF on")
+class RandomKCompressor(Compressor):
+    """Random-k: every rank picks the same k indices (seed, parameter name, step), so only the
+    values travel and they can be allreduced. ``rescale=True`` multiplies by n/k (unbiased,
+    for use without error feedback)."""
+
+    name = "randomk"
+    collective = Collective.ALLREDUCE
+    adaptive_param = "ratio"
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.01,
+        rescale: bool = False,
+        error_feedback: bool = True,
+        warmup_steps: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__(error_feedback=error_feedback, warmup_steps=warmup_steps, seed=seed)
+        _check_ratio(self.name, "ratio", ratio)
+        if not isinstance(rescale, bool):
+            raise CompressionConfigError(f"randomk: rescale must be a bool, got {rescale!r}")
+        self.ratio = float(ratio)
+        self.rescale = rescale
+        if not hasattr(self, "_calls"):
+            self._calls: dict[str, int] = {}
+
+    def indices(self, name: str, n: int, device) -> torch.Tensor:
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        g = _generator(torch.device("cpu"), stable_hash("randomk", self.seed, name, call))
+        k = _k_for(self.ratio, n)
+        return torch.randperm(n, generator=g)[:k].to(device)
+
+    def compress(self, tensor, name):
+        flat = tensor.detach().reshape(-1)
+        n = flat.numel()
+        idx = self.indices(name, n, flat.device)
+        values = flat[idx]
+        if self.rescale:
+            values = values * (n / idx.numel())
+        return [values], {"shape": tensor.shape, "dtype": tensor.dtype, "n": n, "idx": idx}
+
+    def decompress(self, payload, ctx):
+        out = torch.zeros(ctx["n"], dtype=ctx["dtype"], device=payload[0].device)
+        out.index_put_((ctx["idx"],), payload[0].to(ctx["dtype"]))
+        return out.view(ctx["shape"])
+
+    def payload_nbytes(self, shape, dtype=torch.float32):
+        return _k_for(self.ratio, _numel(shape)) * torch.empty((), dtype=dtype).element_size()
+
+    def state_dict(self):
+        return {"calls": dict(self._calls)}
+
+    def load_state_dict(self, state):
+        self._calls = dict(state.get("calls", {}))
+
+
+def _sign_payload(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale = ||x||_1 / n as fp32[1], packed bits with 1 for x >= 0)."""
+    flat = x.detach().reshape(-1)
+    scale = flat.abs().to(torch.float32).mean().reshape(1)
+    bits = (flat >= 0).to(torch.int64)
+    return scale, pack_bits(bits, 1)
+
+
+def _unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return unpack_bits(packed, 1, n).to(torch.float32) * 2.0 - 1.0
+
+
+@register("signsgd", defaults={"error_feedback": False},
+          doc="scaled sign (||x||_1/n * sign(x)), 1 bit/element + fp32 scale (allgather), no EF")
+@register("efsignsgd", defaults={"error_feedback": True},
+          doc="EF-signSGD (Karimireddy et al. 2019): scaled sign with error feedback (allgather)")
+class SignSGDCompressor(Compressor):
+    """Scaled sign compression C(x) = (||x||_1 / n) sign(x); zeros are sent as +scale
+    (error feedback corrects them). Aggregation is the average of the ranks' decoded tensors."""
+
+    name = "signsgd"
+    collective = Collective.ALLGATHER
+
+    def __init__(self, *, error_feedback: bool = False, warmup_steps: int = 0, seed: int = 0):
+        super().__init__(error_feedback=error_feedback, warmup_steps=warmup_steps, seed=seed)
+
+    def compress(self, tensor, name):
+        scale, packed = _sign_payload(tensor)
+        return [scale, packed], {"shape": tensor.shape, "dtype": tensor.dtype, "n": tensor.numel()}
+
+    def decompress(self, payload, ctx):
+        scale, packed = payload
+        out = _unpack_signs(packed, ctx["n"]) * scale.to(torch.float32)
+        return out.view(ctx["shape"]).to(ctx["dtype"])
+
+    def payload_nbytes(self, shape, dtype=torch.float32):
+        return 4 + packed_nbytes(_numel(shape), 1)
+
+
+@register("signum_vote", defaults={"error_feedback": False},
+          doc="signSGD/Signum with majority vote (Bernstein et al. 2018), 1 bit/element (allgather)")
+class SignumVoteCompressor(Compressor):
+    """Majority vote: each rank sends sign(m) where m is its local momentum
+    (m = beta m + (1-beta) g; beta = ``momentum``, 0 gives plain signSGD), the aggregate is
+    sign(sum of the ranks' signs) - 0 where the vote ties - times the mean of the ranks'
+    scales ||m||_1/n when ``scaled`` (so any optimizer on top sees a gradient-sized step).
+    Not an average, so error feedback is not offered."""
+
+    name = "signum_vote"
+    collective = Collective.ALLGATHER
+
+    def __init__(
+        self,
+        *,
+        momentum: float = 0.0,
+        scaled: bool = True,
+        error_feedback: bool = False,
+        warmup_steps: int = 0,
+        seed: int = 0,
+    ):
+        if error_feedback:
+            raise CompressionConfigError(
+                "signum_vote: error feedback is not defined for majority vote (use efsignsgd)"
+            )
+        super().__init__(error_feedback=False, warmup_steps=warmup_steps, seed=seed)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise CompressionConfigError(f"signum_vote: momentum must be in [0, 1), got {momentum!r}")
+        if not isinstance(scaled, bool):
+            raise CompressionConfigError(f"signum_vote: scaled must be a bool, got {scaled!r}")
+        self.momentum = float(momentum)
+        self.scaled = scaled
+        if not hasattr(self, "_m"):
+            self._m: dict[str, torch.Tensor] = {}
+
+    def compress(self, tensor, name):
+        x = tensor.detach()
+        if self.momentum > 0:
+            m = self._m.get(name)
+            m = (1 - self.momentum) * x if m is None else self.momentum * m + (1 - self.momentum) * x
+            self._m[name] = m
+            x = m
+        scale, packed = _sign_payload(x)
+        return [scale, packed], {"shape": tensor.shape, "dtype": tensor.dtype, "n": tensor.numel()}
+
+    def decompress(self, payload, ctx):
+        scale, packed = payload
+        s = _unpack_signs(packed, ctx["n"])
+        if self.scaled:
+            s = s * scale.to(torch.float32)
+        return s.view(ctx["shape"]).to(ctx["dtype"])
+
+    def aggregate_payloads(self, payloads, ctx):
+        votes = torch.zeros(ctx["n"], dtype=torch.float32, device=payloads[0][1].device)
+        scale = torch.zeros(1, dtype=torch.float32, device=votes.device)
+        for sc, packed in payloads:
+            votes += _unpack_signs(packed, ctx["n"])
+            scale += sc.to(torch.float32)
+        out = torch.sign(votes)
+        if self.scaled:
+            out = out * (scale / len(payloads))
+        return out.view(ctx["shape"]).to(ctx["dtype"])
+
+    def payload_nbytes(self, shape, dtype=torch.float32):
+        return 4 + packed_nbytes(_numel(shape), 1)
+
+    def state_dict(self):
+        return {"momentum": {k: v.cpu().clone() for k, v in self._m.items()}}
+
+    def load_state_dict(self, state):
+        self._m = {k: v.clone() for k, v in state.get("momentum", {}).items()}
