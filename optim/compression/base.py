@@ -77,7 +77,7 @@ class Compressor:
         self.error_feedback = error_feedback
         self.warmup_steps = warmup_steps
         self.seed = seed
-        self.rank = 0
+        self.worker_rank = 0
         self.world_size = 1
 
     # -- core interface -------------------------------------------------------------------
@@ -104,7 +104,7 @@ class Compressor:
 
     # -- helpers --------------------------------------------------------------------------
     def set_rank(self, rank: int, world_size: int) -> None:
-        self.rank = rank
+        self.worker_rank = rank
         self.world_size = world_size
 
     def hparams(self) -> dict[str, Any]:
@@ -118,7 +118,7 @@ class Compressor:
         if unknown:
             raise CompressionConfigError(f"{self.name}: unknown hyperparameter(s) {sorted(unknown)}")
         current.update(kwargs)
-        state, name, rank, world = self.state_dict(), self.name, self.rank, self.world_size
+        state, name, rank, world = self.state_dict(), self.name, self.worker_rank, self.world_size
         type(self).__init__(self, **current)
         self.name = name
         self.set_rank(rank, world)

@@ -170,7 +170,7 @@ class QSGDCompressor(Compressor):
 
     def _rng(self, device) -> torch.Generator:
         if self._gen is None or self._gen.device != torch.device(device):
-            self._gen = _generator(device, stable_hash("qsgd", self.seed, self.rank))
+            self._gen = _generator(device, stable_hash("qsgd", self.seed, self.worker_rank))
             if self._gen_state is not None and self._gen.device.type == "cpu":
                 self._gen.set_state(self._gen_state)
                 self._gen_state = None

@@ -1,0 +1,80 @@
+"""Bit packing and analytic payload sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from optim.compression import available_compressors, build_compressor, pack_bits, packed_nbytes, unpack_bits
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 9, 12, 17, 20, 31, 32])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 1001])
+def test_pack_roundtrip_and_size(bits, n):
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    codes = torch.randint(0, 2**bits, (n,), generator=g, dtype=torch.int64)
+    if n:
+        codes[0] = 2**bits - 1  # extremes survive
+        codes[-1] = 0
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == packed_nbytes(n, bits) == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def test_pack_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 10)
+    with pytest.raises(ValueError):
+        pack_bits(torch.zeros(3, dtype=torch.int64), 0)
+
+
+def _analytic(name, hp, shape):
+    """Byte counts written out independently of the implementation (docs/compression.md)."""
+    n = math.prod(shape)
+    if name == "none":
+        return 4 * n
+    if name in ("fp16", "bf16"):
+        return 2 * n
+    if name == "qsgd":
+        s = hp.get("levels") or 2 ** (hp.get("bits", 8) - 1) - 1
+        b = 1 + math.ceil(math.log2(s + 1))
+        bucket = hp.get("bucket_size", 512) or n
+        return 4 * math.ceil(n / min(bucket, n)) + math.ceil(n * b / 8)
+    if name == "topk":
+        k = min(n, max(1, math.ceil(hp["ratio"] * n)))
+        return 4 * k + math.ceil(k * max(1, math.ceil(math.log2(n))) / 8)
+    if name == "randomk":
+        return 4 * min(n, max(1, math.ceil(hp["ratio"] * n)))
+    if name in ("signsgd", "efsignsgd", "signum_vote"):
+        return 4 + math.ceil(n / 8)
+    if name == "powersgd":
+        rows = shape[0]
+        cols = n // rows
+        return 4 * (rows + cols) * min(rows, cols, hp["rank"])
+    raise AssertionError(name)
+
+
+CASES = [
+    ("none", {}), ("fp16", {}), ("bf16", {}),
+    ("qsgd", {"bits": 8}), ("qsgd", {"bits": 4, "bucket_size": 128}), ("qsgd", {"levels": 5, "bucket_size": None}),
+    ("topk", {"ratio": 0.01}), ("topk", {"ratio": 0.3}), ("randomk", {"ratio": 0.05}),
+    ("signsgd", {}), ("efsignsgd", {}), ("signum_vote", {}),
+    ("powersgd", {"rank": 4}), ("powersgd", {"rank": 1}),
+]
+
+
+def test_every_method_has_a_size_case():
+    assert {c for c, _ in CASES} == set(available_compressors())
+
+
+@pytest.mark.parametrize("name,hp", CASES)
+@pytest.mark.parametrize("shape", [(1000,), (64, 129), (7, 3, 5), (4096, 16)])
+def test_payload_bytes_equal_analytic(name, hp, shape):
+    comp = build_compressor(name, **hp)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    payload, _ = comp.compress(x, "w")
+    actual = sum(t.numel() * t.element_size() for t in payload)
+    assert actual == comp.payload_nbytes(shape) == _analytic(name, hp, shape)
