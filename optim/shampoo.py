@@ -1,0 +1,339 @@
+"""Shampoo: preconditioned stochastic tensor optimization (Gupta, Koren & Singer 2018, arXiv:1802.09568),
+with the practical extensions of Anil et al. 2020 ("Scalable Second Order Optimization for Deep
+Learning", arXiv:2002.09018): block-diagonal preconditioners, inverse roots every k steps and
+layer-wise grafting.
+
+For a parameter viewed as a matrix ``W`` (m x n; tensors of order > 2 are flattened to
+``(shape[0], prod(shape[1:]))``) and its gradient ``G``::
+
+    L = b * L + a * G G^T            R = b * R + a * G^T G         (a = 1 and b = 1: Gupta's sums)
+    every k steps:  L_inv = L^(-1/p_L),  R_inv = R^(-1/p_R)         (eigendecomposition, relative ridge)
+    S = L_inv @ M @ R_inv             M = bias-corrected EMA of G (beta1), = G for beta1 = 0
+    S <- S * ||D|| / ||S||            grafting: D is the Adam/AdaGrad/SGD direction (per block)
+    W = W * (1 - lr * wd) - lr * S
+
+With both sides preconditioned ``p_L = p_R = 4`` (Gupta's ``-1/(2k)`` for order k = 2); with one side
+``p = 2`` (full-matrix AdaGrad on that side).
+
+* Block-diagonal preconditioners: a dimension larger than ``block_size`` is cut into blocks of
+  ``block_size`` (the last one zero-padded; padding decouples exactly, so it equals a smaller
+  block); each block has its own L and R, and all blocks of a tensor go through one batched
+  ``bmm``/``eigh``.
+* A dimension larger than ``max_precond_dim`` (embedding rows) is not preconditioned (identity on
+  that side), so a ``(V, d)`` embedding gets ``G @ R^(-1/2)`` with a single small ``d x d`` factor.
+* 1-D tensors (biases, norms) take the graft direction alone (``precondition_1d=False``), which
+  with ``graft='adam'`` is exactly an AdamW step.
+* Until the first inverse roots exist (``step < start_preconditioning_step``) every tensor takes
+  the graft direction.
+
+Distributed: statistics and roots are computed from the (Horovod-averaged) gradient with
+deterministic kernels, so preconditioners are identical on every rank; all hyperparameters live in
+param groups and all preconditioner tensors in ``state`` (state_dict round trip, broadcast).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.optim import Optimizer
+
+from ._utils import check_betas, check_range, collect, group_tensors
+
+__all__ = ["Shampoo", "matrix_inverse_root"]
+
+_GRAFTS = ("adam", "adagrad", "sgd", "none")
+
+
+def matrix_inverse_root(mats: torch.Tensor, p: float, eps: float, dtype=torch.float64) -> torch.Tensor:
+    """Batched ``A^(-1/p)`` of symmetric PSD matrices ``(..., n, n)`` through ``eigh`` with the ridge
+    ``eps * lambda_max`` (relative, Anil et al.) added to every eigenvalue (floored at 1e-30)."""
+    a = mats.to(dtype)
+    a = 0.5 * (a + a.transpose(-1, -2))
+    lam, q = torch.linalg.eigh(a)
+    lam_max = lam.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    ridge = (eps * lam_max).clamp(min=1e-30)
+    lam = lam.clamp(min=0.0) + ridge
+    inv = (q * lam.pow(-1.0 / p).unsqueeze(-2)) @ q.transpose(-1, -2)
+    return inv.to(mats.dtype)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    m: int
+    n: int
+    row: bool  # rows preconditioned (L)
+    col: bool  # columns preconditioned (R)
+    rb: int
+    cb: int
+    n_rb: int
+    n_cb: int
+    p_l: float
+    p_r: float
+
+    @property
+    def nblk(self) -> int:
+        return self.n_rb * self.n_cb
+
+    @property
+    def padded(self) -> bool:
+        return self.n_rb * self.rb != self.m or self.n_cb * self.cb != self.n
+
+    @property
+    def any(self) -> bool:
+        return self.row or self.col
+
+    def blocks(self, x2d: torch.Tensor) -> torch.Tensor:
+        """(m, n) -> (nblk, rb, cb), zero padded."""
+        if self.padded:
+            buf = x2d.new_zeros(self.n_rb * self.rb, self.n_cb * self.cb)
+            buf[: self.m, : self.n] = x2d
+            x2d = buf
+        if self.n_cb == 1:
+            return x2d.reshape(self.n_rb, self.rb, self.cb)
+        x = x2d.reshape(self.n_rb, self.rb, self.n_cb, self.cb).permute(0, 2, 1, 3)
+        return x.reshape(self.nblk, self.rb, self.cb)
+
+    def unblock(self, xb: torch.Tensor) -> torch.Tensor:
+        """(nblk, rb, cb) -> (m, n)."""
+        if self.n_cb == 1:
+            x = xb.reshape(self.n_rb * self.rb, self.cb)
+        else:
+            x = xb.reshape(self.n_rb, self.n_cb, self.rb, self.cb).permute(0, 2, 1, 3)
+            x = x.reshape(self.n_rb * self.rb, self.n_cb * self.cb)
+        return x[: self.m, : self.n] if self.padded else x
+
+
+class Shampoo(Optimizer):
+    """Block-diagonal Shampoo with grafting (multi-tensor elementwise part, batched block algebra).
+
+    Args:
+        params: parameters, named parameters or param-group dicts.
+        lr: learning rate (1e-3; with grafting the step size is that of the graft optimizer).
+        betas: ``(b1, b2)``: EMA of the gradient that gets preconditioned (momentum) and the
+            Adam-graft second moment ((0.9, 0.999)).
+        eps: graft denominator epsilon (1e-8).
+        weight_decay: decoupled weight decay (0).
+        stat_decay: ``b`` for L/R; 1.0 accumulates sums as in Gupta et al., < 1 uses an EMA
+            ``L = b L + (1-b) G G^T``.
+        matrix_eps: relative ridge ``eps * lambda_max`` for the inverse roots (1e-6).
+        block_size: largest preconditioner block (256).
+        max_precond_dim: dimensions larger than this are not preconditioned (4096).
+        precondition_interval: k, steps between inverse-root refreshes (50).
+        start_preconditioning_step: first step that computes roots; before it the graft direction is
+            used (1 = from the first step).
+        graft: ``'adam'`` (default), ``'adagrad'``, ``'sgd'`` or ``'none'`` (pure Shampoo).
+        inv_root_override: use ``A^(-1/r)`` for every factor instead of ``p_L, p_R``.
+        precondition_1d: precondition 1-D tensors with a full-matrix (blocked) factor.
+        maximize, foreach: as in torch.optim.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        stat_decay: float = 1.0,
+        matrix_eps: float = 1e-6,
+        block_size: int = 256,
+        max_precond_dim: int = 4096,
+        precondition_interval: int = 50,
+        start_preconditioning_step: int = 1,
+        graft: str = "adam",
+        inv_root_override: int | None = None,
+        precondition_1d: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ):
+        check_range("lr", lr, 0.0)
+        check_betas(betas)
+        check_range("eps", eps, 0.0)
+        check_range("weight_decay", weight_decay, 0.0)
+        check_range("stat_decay", stat_decay, 0.0, 1.0, lo_open=True)
+        check_range("matrix_eps", matrix_eps, 0.0)
+        for name, v in (("block_size", block_size), ("max_precond_dim", max_precond_dim),
+                        ("precondition_interval", precondition_interval),
+                        ("start_preconditioning_step", start_preconditioning_step)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"invalid {name}={v!r}: expected an integer >= 1")
+        if graft not in _GRAFTS:
+            raise ValueError(f"invalid graft={graft!r}: expected one of {', '.join(_GRAFTS)}")
+        if inv_root_override is not None and (int(inv_root_override) != inv_root_override or inv_root_override < 1):
+            raise ValueError(f"invalid inv_root_override={inv_root_override!r}: expected None or an integer >= 1")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, stat_decay=stat_decay,
+                        matrix_eps=matrix_eps, block_size=int(block_size), max_precond_dim=int(max_precond_dim),
+                        precondition_interval=int(precondition_interval),
+                        start_preconditioning_step=int(start_preconditioning_step), graft=graft,
+                        inv_root_override=inv_root_override, precondition_1d=precondition_1d,
+                        maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults)
+        self._plans: dict = {}
+        self._scratch: dict = {}
+
+    # -- planning --------------------------------------------------------------------------------------
+    def _plan(self, p: torch.Tensor, group) -> _Plan:
+        key = (p, group["block_size"], group["max_precond_dim"], group["precondition_1d"],
+               group["inv_root_override"])
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        if p.ndim == 0:
+            m, n = 1, 1
+        elif p.ndim == 1:
+            m, n = 1, p.shape[0]
+        else:
+            m, n = p.shape[0], p.numel() // p.shape[0]
+        bs, mx = group["block_size"], group["max_precond_dim"]
+        if p.ndim <= 1:
+            row, col = False, bool(group["precondition_1d"]) and 1 < n <= mx
+        else:
+            row, col = 1 < m <= mx, 1 < n <= mx
+        rb, n_rb = (min(bs, m), math.ceil(m / min(bs, m))) if row else (m, 1)
+        cb, n_cb = (min(bs, n), math.ceil(n / min(bs, n))) if col else (n, 1)
+        k = int(row) + int(col)
+        if group["inv_root_override"]:
+            p_l = p_r = float(group["inv_root_override"])
+        else:
+            p_l = p_r = 2.0 * k if k else 1.0
+        plan = _Plan(m, n, row, col, rb, cb, n_rb, n_cb, p_l, p_r)
+        self._plans[key] = plan
+        return plan
+
+    def _init_state(self, p, group, plan: _Plan):
+        st = self.state[p]
+        if "step" in st:
+            return st
+        st["step"] = torch.tensor(0.0)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["graft"] in ("adam", "adagrad"):
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if plan.row:
+            st["L"] = p.new_zeros(plan.nblk, plan.rb, plan.rb)
+            st["L_inv"] = p.new_zeros(plan.nblk, plan.rb, plan.rb)
+        if plan.col:
+            st["R"] = p.new_zeros(plan.nblk, plan.cb, plan.cb)
+            st["R_inv"] = p.new_zeros(plan.nblk, plan.cb, plan.cb)
+        if plan.any:
+            st["has_roots"] = torch.tensor(0.0)
+        return st
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._scratch.clear()
+
+    def _buf(self, p, tag):
+        key = (p, tag)
+        b = self._scratch.get(key)
+        if b is None or b.shape != p.shape:
+            b = torch.empty_like(p, memory_format=torch.preserve_format)
+            self._scratch[key] = b
+        return b
+
+    # -- step ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            _, params, grads, _ = collect(group, self.state, ())
+            if not params:
+                continue
+            if any(g.is_sparse for g in grads):
+                raise RuntimeError("Shampoo does not support sparse gradients")
+            if group["maximize"]:
+                grads = torch._foreach_neg(grads)
+            plans = [self._plan(p, group) for p in params]
+            states = [self._init_state(p, group, pl) for p, pl in zip(params, plans)]
+            for st in states:
+                st["step"] += 1
+            self._step_group(group, params, grads, plans, states)
+        return loss
+
+    def _step_group(self, group, params, grads, plans, states):
+        b1, b2 = group["betas"]
+        lr, eps, wd, graft = group["lr"], group["eps"], group["weight_decay"], group["graft"]
+        steps = [int(st["step"]) for st in states]
+        # 1) elementwise part (multi-tensor): momentum, graft statistics and graft direction D
+        ms = [st["exp_avg"] for st in states]
+        ds = [self._buf(p, "d") for p in params]
+        vs = [st["exp_avg_sq"] for st in states] if graft in ("adam", "adagrad") else ms
+        for b_idx, (bg, bm, bv, bd) in group_tensors(grads, ms, vs, ds):
+            t = steps[b_idx[0]]
+            bc1 = 1.0 - b1**t if b1 > 0 else 1.0
+            torch._foreach_lerp_(bm, bg, 1.0 - b1)
+            if graft == "adam":
+                torch._foreach_mul_(bv, b2)
+                torch._foreach_addcmul_(bv, bg, bg, 1.0 - b2)
+                bc2_sqrt = math.sqrt(1.0 - b2**t)
+                # D = m_hat / (sqrt(v_hat) + eps) = (bc2_sqrt/bc1) * m / (sqrt(v) + eps*bc2_sqrt)
+                torch._foreach_copy_(bd, bv)
+                torch._foreach_sqrt_(bd)
+                torch._foreach_add_(bd, eps * bc2_sqrt)
+                torch._foreach_div_(bd, bm)
+                torch._foreach_reciprocal_(bd)
+                torch._foreach_mul_(bd, bc2_sqrt / bc1)
+            elif graft == "adagrad":
+                torch._foreach_addcmul_(bv, bg, bg, 1.0)
+                torch._foreach_copy_(bd, bv)
+                torch._foreach_sqrt_(bd)
+                torch._foreach_add_(bd, eps)
+                torch._foreach_div_(bd, bm)
+                torch._foreach_reciprocal_(bd)
+                torch._foreach_mul_(bd, 1.0 / bc1)
+            else:  # sgd / none: D = m_hat
+                torch._foreach_copy_(bd, bm)
+                if bc1 != 1.0:
+                    torch._foreach_mul_(bd, 1.0 / bc1)
+        # 2) statistics, 3) inverse roots, 4) preconditioned and grafted direction (per tensor, batched blocks)
+        a = 1.0 if group["stat_decay"] == 1.0 else 1.0 - group["stat_decay"]
+        beta = group["stat_decay"]
+        k, start = group["precondition_interval"], group["start_preconditioning_step"]
+        updates = []
+        for p, g, plan, st, d, t in zip(params, grads, plans, states, ds, steps):
+            if not plan.any:
+                updates.append(d)
+                continue
+            gb = plan.blocks(g.reshape(plan.m, plan.n))
+            if plan.row:
+                st["L"].baddbmm_(gb, gb.transpose(1, 2), beta=beta, alpha=a)
+            if plan.col:
+                st["R"].baddbmm_(gb.transpose(1, 2), gb, beta=beta, alpha=a)
+            if t >= start and (t - start) % k == 0:
+                if plan.row:
+                    st["L_inv"].copy_(matrix_inverse_root(st["L"], plan.p_l, group["matrix_eps"]))
+                if plan.col:
+                    st["R_inv"].copy_(matrix_inverse_root(st["R"], plan.p_r, group["matrix_eps"]))
+                st["has_roots"].fill_(1.0)
+            if not bool(st["has_roots"]):
+                updates.append(d)
+                continue
+            mb = plan.blocks(st["exp_avg"].reshape(plan.m, plan.n))
+            s = torch.bmm(st["L_inv"], mb) if plan.row else mb
+            s = torch.bmm(s, st["R_inv"]) if plan.col else s
+            if graft != "none":
+                db = plan.blocks(d.reshape(plan.m, plan.n))
+                d_norm = torch.linalg.vector_norm(db, dim=(1, 2))
+                s_norm = torch.linalg.vector_norm(s, dim=(1, 2))
+                scale = torch.where(s_norm > 0, d_norm / s_norm, torch.zeros_like(s_norm))
+                s.mul_(scale.view(-1, 1, 1))
+            elif b1 > 0:
+                s.mul_(1.0 / (1.0 - b1**t))
+            d.copy_(plan.unblock(s).reshape(p.shape))
+            updates.append(d)
+        # 5) apply (multi-tensor)
+        for _, (bp, bu) in group_tensors(params, updates):
+            if wd:
+                torch._foreach_mul_(bp, 1.0 - lr * wd)
+            torch._foreach_add_(bp, bu, alpha=-lr)
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, float]:
+        n_pre = sum(1 for st in self.state.values() if "has_roots" in st and bool(st["has_roots"]))
+        n_blk = sum(int(st["L"].shape[0]) if "L" in st else (int(st["R"].shape[0]) if "R" in st else 0)
+                    for st in self.state.values())
+        return {"shampoo/preconditioned_tensors": float(n_pre), "shampoo/blocks": float(n_blk)}
