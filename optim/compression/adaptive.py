@@ -10,6 +10,10 @@ Inside a critical phase the compressor runs with its *critical* (gentle) setting
 top-k ratio 10x larger, PowerSGD rank 4x larger - and with its *normal* (aggressive) setting
 otherwise. Training starts critical (the first interval has nothing to compare with).
 
+The metric is computed on each rank's *local, uncompressed* gradients (the compressed
+output's norm moves with the compression level itself) and averaged over ranks with one
+float64 allreduce per interval, so every rank takes the same decision.
+
 ``metric="mean_norm"`` uses the mean of the per-step gradient norms over the interval
 instead of the norm of the accumulated gradient (no model-sized buffer).
 """
@@ -88,10 +92,12 @@ class AccordionController:
     def apply(self) -> None:
         self.comp.configure(**(self.critical_cfg if self.critical else self.normal))
 
-    def observe(self, grads: list[torch.Tensor]) -> bool | None:
-        """Feed one step's synchronised dense gradients. At the end of an interval return the
-        proposed critical flag (the communicator makes all ranks agree, then calls
-        :meth:`decide`); otherwise None."""
+    def observe(self, grads: list[torch.Tensor]) -> float | None:
+        """Feed one step's *local, uncompressed* dense gradients (before compression: the
+        compressed output's norm would move with the compression level itself). At the end
+        of an interval return this rank's interval metric, else None. The communicator
+        averages the metric over ranks and passes it to :meth:`update`, so every rank takes
+        the same decision."""
         with torch.no_grad():
             if self.metric == "accumulated":
                 flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads]) if grads else torch.zeros(1)
@@ -103,20 +109,23 @@ class AccordionController:
             return None
         norm = float(torch.linalg.vector_norm(self._acc)) if self.metric == "accumulated" else self._norm_sum / self.count
         self._acc, self._norm_sum, self.count = None, 0.0, 0
-        if self.prev is None or self.prev == 0.0:
-            proposal = self.critical if self.prev is None else True
-            change = math.nan
+        return norm
+
+    def update(self, norm: float) -> bool:
+        """Decide from the (rank-averaged) interval metric; switch the compressor if needed."""
+        if self.prev is None:
+            critical, change = self.critical, math.nan
+        elif self.prev == 0.0:
+            critical, change = True, math.inf
         else:
             change = abs(self.prev - norm) / self.prev
-            proposal = change >= self.eta
-        self.history.append({"norm": norm, "change": change, "critical": float(proposal)})
+            critical = change >= self.eta
+        self.history.append({"norm": norm, "change": change, "critical": float(critical)})
         self.prev = norm
-        return proposal
-
-    def decide(self, critical: bool) -> None:
         if critical != self.critical:
             self.critical = critical
             self.apply()
+        return critical
 
     def state_dict(self) -> dict[str, Any]:
         return {"critical": self.critical, "prev": self.prev, "count": self.count,

@@ -215,7 +215,8 @@ class GradientCommunicator:
                     sd = self._sparse[name]
                     g = torch.sparse_coo_tensor(
                         torch.zeros(sd, 0, dtype=torch.int64, device=p.device),
-                        torch.zeros(0, *p.shape[sd:], dtype=p.dtype, device=p.device), p.shape)
+                        torch.zeros(0, *p.shape[sd:], dtype=p.dtype, device=p.device), p.shape,
+                        check_invariants=False)
                 else:
                     g = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 p.grad = g
@@ -248,6 +249,9 @@ class GradientCommunicator:
         with torch.no_grad():
             dense, sparse, compressed = self._classify()
             st.n_uncompressed, st.n_sparse, st.n_compressed = len(dense), len(sparse), len(compressed)
+            interval_metric = None
+            if self.adaptive is not None:  # local, uncompressed gradients (before EF / compression)
+                interval_metric = self.adaptive.observe([p.grad for _, p in dense + compressed])
             for _, p in dense + compressed:
                 st.dense_bytes += p.grad.numel() * p.grad.element_size()
 
@@ -284,10 +288,8 @@ class GradientCommunicator:
                 with tm("decompress"):
                     p.grad = torch.sparse_coo_tensor(idx.t(), vals / world, shape, check_invariants=False).coalesce()
 
-            if self.adaptive is not None:
-                proposal = self.adaptive.observe([p.grad for _, p in dense + compressed])
-                if proposal is not None:
-                    self.adaptive.decide(self._agree(st, proposal, tm))
+            if interval_metric is not None:  # all ranks switch together: payload sizes change
+                self.adaptive.update(self._mean_scalar(st, interval_metric, tm))
 
         st.t_compress, st.t_communicate, st.t_decompress = tm.t["compress"], tm.t["communicate"], tm.t["decompress"]
         self.step += 1
@@ -295,13 +297,13 @@ class GradientCommunicator:
         self.last_stats = st
         return st
 
-    def _agree(self, st: CommStats, proposal: bool, tm: _Timer) -> bool:
-        """All ranks must switch together (payload sizes change): critical if any rank says so."""
+    def _mean_scalar(self, st: CommStats, value: float, tm: _Timer) -> float:
+        """Average a float over ranks (float64 allreduce; identical result on every rank)."""
         if self.world_size == 1:
-            return proposal
+            return value
         with tm("communicate"):
-            flag = torch.tensor([1.0 if proposal else 0.0])
-            return bool(self._allreduce(st, flag, SUM, "adaptive").wait().item() > 0)
+            t = torch.tensor([value], dtype=torch.float64)
+            return float(self._allreduce(st, t, AVERAGE, "adaptive").wait().item())
 
     # ------------------------------------------------------------------------------------
     def _compress_one(self, name: str, g: torch.Tensor):
