@@ -1,7 +1,7 @@
 """Adaptive compression: switch the compression level by critical-phase detection.
 
 Accordion (Agarwal et al. 2021): over each interval of ``interval`` steps accumulate the
-(synchronised, hence identical on all ranks) gradient; at the end of the interval compare
+gradient; at the end of the interval compare
 its norm with the previous interval's:
 
     critical  <=>  | ||D_prev|| - ||D_curr|| | / ||D_prev||  >=  eta
