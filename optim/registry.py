@@ -1,0 +1,272 @@
+"""Optimizer registry: ``build_optimizer(name, params, **hp)`` with parameter-grouping rules.
+
+Names (lower case): torch.optim -- ``sgd``, ``nesterov``, ``adagrad``, ``rmsprop``, ``adam``, ``adamw``,
+``nadam``, ``radam``, ``amsgrad``, ``adafactor``, ``lbfgs``; this package -- ``lars``, ``lamb``,
+``sophia``, ``shampoo``, ``ftrl``, ``ista``, ``fista``, ``svrg``, ``saga``; and every optimizer of
+``pytorch_optimizer`` as ``po:<name>`` (e.g. ``po:adan``), when that package is installed.
+
+Given an ``nn.Module`` the registry builds param groups:
+
+* ``decay``: ordinary weights;
+* ``no_decay``: biases, norm-layer weights and other 1-D/0-D tensors -- weight decay (and the
+  L1/L2 of ftrl/ista/fista/svrg/saga) set to 0, ``layer_adaptation=False`` for LARS/LAMB;
+* ``embedding``: dense ``nn.Embedding``/``nn.EmbeddingBag`` weights, with ``embedding_lr`` /
+  ``embedding_weight_decay`` when given;
+* ``sparse_embedding``: embeddings built with ``sparse=True``, routed to ``sparse_optimizer``
+  (``sparse_adam`` by default; also ``adagrad``, ``ftrl``, ``sgd``) -- the result is then a
+  :class:`~optim.combined.CombinedOptimizer`, still a ``torch.optim.Optimizer``.
+
+Each group carries ``param_names`` so optimizers can report per-layer diagnostics by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .combined import CombinedOptimizer
+from .proximal import FISTA, ISTA
+from .ftrl import FTRL
+from .lamb import LAMB
+from .lars import LARS
+from .saga import SAGA
+from .shampoo import Shampoo
+from .sophia import Sophia
+from .svrg import SVRG
+
+__all__ = ["build_optimizer", "available_optimizers", "param_groups_for", "REGISTRY_OPTIONS"]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    cls: type
+    fixed: dict = field(default_factory=dict)      # forced constructor args (amsgrad=True, ...)
+    defaults: dict = field(default_factory=dict)   # overridable registry defaults
+    reg_keys: tuple = ("weight_decay",)            # zeroed for the no_decay group
+    layer_adaptation: bool = False                 # understands the layer_adaptation group flag
+    sparse: bool = False                           # accepts sparse gradients
+    fused_ok: bool = False                         # torch fused kernel available (CPU and CUDA)
+    single_group: bool = False
+    own: bool = False
+
+
+_SPECS: dict[str, _Spec] = {
+    "sgd": _Spec(torch.optim.SGD, fused_ok=True),
+    "nesterov": _Spec(torch.optim.SGD, fixed={"nesterov": True}, defaults={"momentum": 0.9}, fused_ok=True),
+    "adagrad": _Spec(torch.optim.Adagrad, sparse=True, fused_ok=True),
+    "rmsprop": _Spec(torch.optim.RMSprop),
+    "adam": _Spec(torch.optim.Adam, fused_ok=True),
+    "adamw": _Spec(torch.optim.AdamW, fused_ok=True),
+    "nadam": _Spec(torch.optim.NAdam),
+    "radam": _Spec(torch.optim.RAdam),
+    "amsgrad": _Spec(torch.optim.Adam, fixed={"amsgrad": True}, fused_ok=True),
+    "adafactor": _Spec(torch.optim.Adafactor),
+    "lbfgs": _Spec(torch.optim.LBFGS, reg_keys=(), single_group=True),
+    "lars": _Spec(LARS, layer_adaptation=True, own=True),
+    "lamb": _Spec(LAMB, layer_adaptation=True, own=True),
+    "sophia": _Spec(Sophia, own=True),
+    "shampoo": _Spec(Shampoo, own=True),
+    "ftrl": _Spec(FTRL, reg_keys=("l1", "l2"), sparse=True, own=True),
+    "ista": _Spec(ISTA, reg_keys=("l1", "l2"), own=True),
+    "fista": _Spec(FISTA, reg_keys=("l1", "l2"), own=True),
+    "svrg": _Spec(SVRG, reg_keys=("weight_decay", "l1"), own=True),
+    "saga": _Spec(SAGA, reg_keys=("weight_decay", "l1"), own=True),
+    # sparse-only route (for sparse=True embeddings); not a general-purpose name
+    "sparse_adam": _Spec(torch.optim.SparseAdam, reg_keys=(), sparse=True),
+}
+_PUBLIC = [n for n in _SPECS if n != "sparse_adam"]
+_SPARSE_ROUTES = ("sparse_adam", "adagrad", "ftrl", "sgd")
+
+#: keyword arguments understood by build_optimizer itself (not passed to the optimizer)
+REGISTRY_OPTIONS = {
+    "embedding_lr": "learning rate of embedding tables (dense and sparse); default: lr",
+    "embedding_weight_decay": "weight decay of dense embedding tables; default: weight_decay",
+    "sparse_optimizer": f"optimizer for sparse=True embeddings: one of {', '.join(_SPARSE_ROUTES)}",
+    "sparse_hp": "dict of extra hyperparameters for the sparse optimizer",
+    "group_rules": "apply the bias/norm/embedding grouping rules to an nn.Module (default True)",
+}
+
+_NORM_TYPES: tuple = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = _NORM_TYPES + (nn.RMSNorm,)
+_EMB_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def _external_names() -> list[str]:
+    try:
+        import pytorch_optimizer
+    except ImportError:  # pragma: no cover - optional dependency
+        return []
+    return sorted(f"po:{n}" for n in pytorch_optimizer.get_supported_optimizers())
+
+
+def available_optimizers(include_external: bool = False) -> list[str]:
+    """Registry names; ``include_external=True`` adds the ``po:<name>`` pytorch_optimizer entries."""
+    names = list(_PUBLIC)
+    return names + _external_names() if include_external else names
+
+
+def _spec(name: str) -> _Spec:
+    key = name.strip().lower() if isinstance(name, str) else name
+    if isinstance(key, str) and key.startswith("po:"):
+        try:
+            import pytorch_optimizer
+        except ImportError as e:  # pragma: no cover
+            raise ValueError(f"optimizer {name!r} needs the pytorch_optimizer package") from e
+        try:
+            cls = pytorch_optimizer.load_optimizer(key[3:])
+        except NotImplementedError as e:
+            raise ValueError(f"unknown pytorch_optimizer optimizer {name!r}; valid: "
+                             f"{', '.join(_external_names())}") from e
+        return _Spec(cls)
+    spec = _SPECS.get(key) if isinstance(key, str) else None
+    if spec is None:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(_PUBLIC)} "
+                         "(and po:<name> for pytorch_optimizer, see available_optimizers(include_external=True))")
+    return spec
+
+
+def _valid_hp(spec: _Spec) -> list[str]:
+    sig = inspect.signature(spec.cls.__init__)
+    names = [n for n, p in sig.parameters.items()
+             if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [n for n in names if n not in spec.fixed]
+
+
+def _construct(name: str, params, **hp) -> Optimizer:
+    """Instantiate registry entry ``name`` on ``params`` (groups or tensors), validating ``hp``."""
+    spec = _spec(name)
+    valid = _valid_hp(spec)
+    accepts_kwargs = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(spec.cls.__init__).parameters.values())
+    unknown = [k for k in hp if k not in valid]
+    if unknown and not (accepts_kwargs and spec.cls.__module__.startswith("pytorch_optimizer")):
+        raise ValueError(f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for optimizer {name!r}; "
+                         f"valid: {', '.join(valid)}; registry options: {', '.join(REGISTRY_OPTIONS)}")
+    kwargs = {**spec.defaults, **hp, **spec.fixed}
+    try:
+        return spec.cls(params, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"bad hyperparameters for optimizer {name!r} ({e}); valid hyperparameters: "
+                         f"{', '.join(valid)}") from e
+
+
+def _module_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "embedding": [], "sparse_embedding": []}
+    seen: set[int] = set()
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if isinstance(mod, _EMB_TYPES) and p_name == "weight":
+                groups["sparse_embedding" if getattr(mod, "sparse", False) else "embedding"].append((full, p))
+            elif isinstance(mod, _NORM_TYPES) or p_name == "bias" or p.ndim <= 1:
+                groups["no_decay"].append((full, p))
+            else:
+                groups["decay"].append((full, p))
+    return groups
+
+
+def param_groups_for(model: nn.Module, name: str, hp: dict[str, Any], *, embedding_lr=None,
+                     embedding_weight_decay=None) -> tuple[list[dict], list[dict]]:
+    """Dense param groups for optimizer ``name`` and the sparse-embedding groups of ``model``."""
+    spec = _spec(name)
+    raw = _module_groups(model)
+    dense: list[dict] = []
+
+    def mk(kind, items, **extra):
+        return {"params": [p for _, p in items], "param_names": [n for n, _ in items], "group": kind, **extra}
+
+    if raw["decay"]:
+        dense.append(mk("decay", raw["decay"]))
+    if raw["embedding"]:
+        extra = {}
+        if embedding_lr is not None:
+            extra["lr"] = embedding_lr
+        if embedding_weight_decay is not None and "weight_decay" in _valid_hp(spec):
+            extra["weight_decay"] = embedding_weight_decay
+        dense.append(mk("embedding", raw["embedding"], **extra))
+    if raw["no_decay"]:
+        extra = {k: 0.0 for k in spec.reg_keys if k in _valid_hp(spec)}
+        if spec.layer_adaptation:
+            extra["layer_adaptation"] = False
+        dense.append(mk("no_decay", raw["no_decay"], **extra))
+    sparse = []
+    if raw["sparse_embedding"]:
+        extra = {"lr": embedding_lr} if embedding_lr is not None else {}
+        sparse.append(mk("sparse_embedding", raw["sparse_embedding"], **extra))
+    return dense, sparse
+
+
+def _all_dense_float(groups) -> bool:
+    for g in groups:
+        for p in g["params"] if isinstance(g, dict) else [g]:
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.device.type not in ("cpu", "cuda"):
+                return False
+    return True
+
+
+def build_optimizer(name: str, params, **hp) -> Optimizer:
+    """Build registry optimizer ``name`` for an ``nn.Module`` (grouping rules applied) or for
+    parameters / named parameters / param-group dicts (used as given).
+
+    Registry options (see ``REGISTRY_OPTIONS``): ``embedding_lr``, ``embedding_weight_decay``,
+    ``sparse_optimizer``, ``sparse_hp``, ``group_rules``. Everything else is a hyperparameter of the
+    optimizer; unknown names and invalid values raise ``ValueError`` listing the valid ones.
+    """
+    spec = _spec(name)
+    key = name.strip().lower()
+    embedding_lr = hp.pop("embedding_lr", None)
+    embedding_wd = hp.pop("embedding_weight_decay", None)
+    sparse_name = hp.pop("sparse_optimizer", "sparse_adam")
+    sparse_hp = dict(hp.pop("sparse_hp", None) or {})
+    group_rules = hp.pop("group_rules", True)
+    if sparse_name not in _SPARSE_ROUTES:
+        raise ValueError(f"invalid sparse_optimizer={sparse_name!r}; valid: {', '.join(_SPARSE_ROUTES)}")
+
+    if isinstance(params, nn.Module):
+        if not group_rules or spec.single_group:
+            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
+            if spec.single_group and any(getattr(m, "sparse", False) for m in params.modules()
+                                         if isinstance(m, _EMB_TYPES)):
+                raise ValueError(f"optimizer {name!r} needs a single dense param group; sparse embeddings "
+                                 "are not supported")
+            groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+            sparse_groups: list[dict] = []
+        else:
+            groups, sparse_groups = param_groups_for(params, key, hp, embedding_lr=embedding_lr,
+                                                     embedding_weight_decay=embedding_wd)
+    else:
+        groups = list(params)
+        sparse_groups = []
+        if embedding_lr is not None or embedding_wd is not None:
+            raise ValueError("embedding_lr/embedding_weight_decay need an nn.Module (to find the embeddings)")
+    if not groups and not sparse_groups:
+        raise ValueError("optimizer got an empty parameter list")
+
+    if spec.fused_ok and "foreach" not in hp and "fused" not in hp and _all_dense_float(groups):
+        hp["fused"] = True  # one fused kernel per step: the fastest torch path on CPU and CUDA
+
+    if not sparse_groups:
+        return _construct(key, groups, **hp)
+
+    # dense + sparse: one CombinedOptimizer; each group names its inner optimizer ('route')
+    dense_opt = _construct(key, groups, **hp)  # validates hp and fills the group defaults
+    sparse_spec = _spec(sparse_name)
+    lr = hp.get("lr", dense_opt.defaults.get("lr"))
+    s_hp = {"lr": lr} if "lr" in _valid_hp(sparse_spec) and lr is not None else {}
+    s_hp.update(sparse_hp)
+    sparse_opt = _construct(sparse_name, sparse_groups, **s_hp)
+    all_groups = []
+    for route, opt in ((key, dense_opt), (sparse_name, sparse_opt)):
+        for g in opt.param_groups:
+            g["route"] = route
+            all_groups.append(g)
+    return CombinedOptimizer(all_groups)

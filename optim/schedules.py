@@ -1,0 +1,163 @@
+"""Learning-rate schedules, large-batch scaling rules and gradient clipping.
+
+* :func:`scale_lr` -- linear scaling with the batch size (Goyal et al. 2017, "Accurate, Large
+  Minibatch SGD") or square-root scaling (Krizhevsky 2014; Hoffer et al. 2017), the usual rule for
+  adaptive methods (Adam/LAMB).
+* :func:`build_scheduler` -- gradual linear warmup (Goyal et al.) followed by cosine / step /
+  multistep / polynomial / exponential / constant decay, composed from ``torch.optim.lr_scheduler``
+  (``LinearLR`` warmup + the decay scheduler inside ``SequentialLR``).
+* :func:`clip_grad_norm_` -- clipping by the global gradient norm, multi-tensor, sparse-aware.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim import Optimizer, lr_scheduler
+
+__all__ = ["scale_lr", "build_scheduler", "available_schedulers", "clip_grad_norm_", "global_grad_norm"]
+
+_SCHEDULES = ("constant", "cosine", "step", "multistep", "poly", "linear", "exponential")
+
+
+def available_schedulers() -> list[str]:
+    return list(_SCHEDULES)
+
+
+def scale_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str = "linear") -> float:
+    """LR for ``batch_size`` given ``base_lr`` tuned at ``base_batch_size``.
+
+    ``rule='linear'``: ``base_lr * b / b0`` (SGD, Goyal et al.); ``'sqrt'``: ``base_lr * sqrt(b / b0)``
+    (adaptive methods); ``'none'``: unchanged.
+    """
+    if batch_size <= 0 or base_batch_size <= 0:
+        raise ValueError(f"batch sizes must be positive, got batch_size={batch_size}, base_batch_size={base_batch_size}")
+    k = batch_size / base_batch_size
+    if rule == "linear":
+        return base_lr * k
+    if rule == "sqrt":
+        return base_lr * math.sqrt(k)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown scaling rule {rule!r}; valid: linear, sqrt, none")
+
+
+def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, total_steps: int | None = None,
+                    warmup_start_factor: float | None = None, **hp) -> lr_scheduler.LRScheduler:
+    """LR scheduler stepped once per optimizer step.
+
+    Warmup (``warmup_steps = W > 1``): step t < W uses ``lr * (start + (1 - start) * t / (W - 1))``
+    with ``start = warmup_start_factor``; the default ``start = 1/W`` gives Goyal et al.'s gradual
+    warmup ``lr * (t + 1) / W``, reaching ``lr`` at t = W - 1 (``W <= 1``: no warmup).
+    After warmup, with ``s = t - W`` and ``T = total_steps - W``:
+
+    * ``constant``: ``lr``
+    * ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * s / T)) / 2``      (hp: ``min_lr=0``)
+    * ``step``: ``lr * gamma ** (s // step_size)``                               (hp: ``step_size``, ``gamma=0.1``)
+    * ``multistep``: ``lr * gamma ** (number of milestones <= s)``             (hp: ``milestones``, ``gamma=0.1``)
+    * ``poly``: ``lr * (1 - min(s, T) / T) ** power``                           (hp: ``power=1.0``)
+    * ``linear``: ``poly`` with power 1
+    * ``exponential``: ``lr * gamma ** s``                                       (hp: ``gamma``)
+
+    ``cosine``, ``poly`` and ``linear`` need ``total_steps``; milestones count post-warmup steps.
+    """
+    key = name.strip().lower()
+    if key not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(_SCHEDULES)}")
+    if warmup_steps < 0 or int(warmup_steps) != warmup_steps:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    needs_total = key in ("cosine", "poly", "linear")
+    if needs_total and (total_steps is None or total_steps <= warmup_steps):
+        raise ValueError(f"schedule {key!r} needs total_steps > warmup_steps (got total_steps={total_steps}, "
+                         f"warmup_steps={warmup_steps})")
+    decay_steps = (total_steps - warmup_steps) if total_steps is not None else None
+    allowed = {"constant": set(), "cosine": {"min_lr"}, "step": {"step_size", "gamma"},
+               "multistep": {"milestones", "gamma"}, "poly": {"power"}, "linear": set(),
+               "exponential": {"gamma"}}[key]
+    unknown = set(hp) - allowed
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for schedule {key!r}; valid: "
+                         f"{sorted(allowed) or 'none'} plus warmup_steps, total_steps, warmup_start_factor")
+
+    if key == "constant":
+        main = lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    elif key == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=hp.get("min_lr", 0.0))
+    elif key == "step":
+        if "step_size" not in hp:
+            raise ValueError("schedule 'step' needs step_size")
+        main = lr_scheduler.StepLR(optimizer, step_size=int(hp["step_size"]), gamma=hp.get("gamma", 0.1))
+    elif key == "multistep":
+        if "milestones" not in hp:
+            raise ValueError("schedule 'multistep' needs milestones")
+        main = lr_scheduler.MultiStepLR(optimizer, milestones=list(hp["milestones"]), gamma=hp.get("gamma", 0.1))
+    elif key in ("poly", "linear"):
+        power = 1.0 if key == "linear" else float(hp.get("power", 1.0))
+        main = lr_scheduler.PolynomialLR(optimizer, total_iters=decay_steps, power=power)
+    else:
+        if "gamma" not in hp:
+            raise ValueError("schedule 'exponential' needs gamma")
+        main = lr_scheduler.ExponentialLR(optimizer, gamma=hp["gamma"])
+
+    if warmup_steps <= 1:
+        return main
+    start = 1.0 / warmup_steps if warmup_start_factor is None else float(warmup_start_factor)
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"warmup_start_factor must be in (0, 1], got {start}")
+    warm = lr_scheduler.LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warmup_steps - 1)
+    return lr_scheduler.SequentialLR(optimizer, schedulers=[warm, main], milestones=[warmup_steps])
+
+
+def _grads(parameters) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+@torch.no_grad()
+def global_grad_norm(parameters, norm_type: float = 2.0) -> torch.Tensor:
+    """Norm of all gradients as one vector (dense via torch._foreach_norm, sparse via their values)."""
+    grads = _grads(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    dense = [g for g in grads if not g.is_sparse]
+    sparse = [g.coalesce()._values() for g in grads if g.is_sparse]
+    norms = []
+    by_dev: dict = {}
+    for g in dense + sparse:
+        by_dev.setdefault((g.device, g.dtype), []).append(g)
+    for (dev, _), gs in by_dev.items():
+        norms.extend(n.to(grads[0].device) for n in torch._foreach_norm(gs, norm_type))
+    stacked = torch.stack([n.float() for n in norms])
+    if math.isinf(norm_type):
+        return stacked.max()
+    return torch.linalg.vector_norm(stacked, norm_type)
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach: bool = True) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most ``max_norm``; returns the norm before.
+
+    Dense gradients: ``torch.nn.utils.clip_grad_norm_(..., foreach=True)``. With sparse gradients
+    (sparse embeddings) the norm includes their values and they are scaled in place as well.
+    """
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    grads = _grads(params)
+    if not any(g.is_sparse for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
+                                              error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+    total = global_grad_norm(params, norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite")
+    coef = float(max_norm) / (float(total) + 1e-6)
+    if coef < 1.0:
+        dense = [g for g in grads if not g.is_sparse]
+        if dense:
+            torch._foreach_mul_(dense, coef)
+        for g in grads:
+            if g.is_sparse:
+                g.mul_(coef)
+    return total
