@@ -185,17 +185,23 @@ class QSGDCompressor(Compressor):
         flat = tensor.detach().reshape(-1).to(torch.float32)
         n = flat.numel()
         b, nb = self._buckets(n)
-        padded = torch.zeros(nb * b, dtype=torch.float32, device=flat.device)
-        padded[:n] = flat
-        mat = padded.view(nb, b)
+        if nb * b == n:
+            mat = flat.view(nb, b)
+        else:
+            mat = torch.zeros(nb * b, dtype=torch.float32, device=flat.device)
+            mat[:n] = flat
+            mat = mat.view(nb, b)
         norms = torch.linalg.vector_norm(mat, dim=1)
-        safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        r = (mat.abs() / safe.unsqueeze(1)) * self.s
-        low = r.floor()
-        u = torch.rand(r.shape, generator=self._rng(r.device), device=r.device)
-        level = (low + (u < (r - low)).to(r.dtype)).clamp_(0, self.s)
-        code = (torch.sign(mat) * level).to(torch.int64) + self.s
-        packed = pack_bits(code.reshape(-1)[:n], self.code_bits)
+        scale = (self.s / torch.where(norms > 0, norms, torch.ones_like(norms))).unsqueeze(1)
+        r = mat.abs().mul_(scale)  # in [0, s]
+        level = torch.floor(r)
+        frac = r.sub_(level)
+        u = torch.rand(frac.shape, generator=self._rng(frac.device), device=frac.device)
+        level += u < frac  # round up with probability frac: E[level] = |x| s / ||x||
+        level.clamp_(max=self.s)
+        code = torch.where(mat < 0, -level, level).add_(self.s).reshape(-1)[:n]  # in [0, 2s]
+        code = code.to(torch.uint8 if self.code_bits <= 8 else torch.int64)
+        packed = pack_bits(code, self.code_bits)
         return [norms, packed], {"shape": tensor.shape, "dtype": tensor.dtype, "n": n}
 
     def decompress(self, payload, ctx):
@@ -311,10 +317,15 @@ class RandomKCompressor(Compressor):
             self._calls: dict[str, int] = {}
 
     def indices(self, name: str, n: int, device) -> torch.Tensor:
+        """k distinct indices, uniformly random, identical on every rank (seed, name, call)."""
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
         g = _generator(torch.device("cpu"), stable_hash("randomk", self.seed, name, call))
         k = _k_for(self.ratio, n)
+        if 4 * k < n:  # O(k): draw with replacement, keep a random k-subset of the distinct draws
+            cand = torch.unique(torch.randint(n, (k + k // 4 + 32,), generator=g))
+            if cand.numel() >= k:
+                return cand[torch.randperm(cand.numel(), generator=g)[:k]].to(device)
         return torch.randperm(n, generator=g)[:k].to(device)
 
     def compress(self, tensor, name):

@@ -45,10 +45,11 @@ def _check_bits(bits: int) -> None:
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a 1-D tensor of non-negative integer codes (< 2**bits) into uint8."""
     _check_bits(bits)
-    codes = codes.reshape(-1).to(torch.int64)
-    n = codes.numel()
+    codes = codes.reshape(-1)
     if bits == 8:
         return codes.to(torch.uint8)
+    codes = codes.to(torch.int64)
+    n = codes.numel()
     if bits > 8:
         low = (codes & 0xFF).to(torch.uint8)
         return torch.cat([low, pack_bits(codes >> 8, bits - 8)])
