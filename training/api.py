@@ -1,0 +1,178 @@
+"""Driver side of a training job: resolve data, open the MLflow run, launch ranks, summarise.
+
+    from training.api import run_training
+    res = run_training(cfg, spark=spark)          # cfg from jobs.config.load_config
+    res.valid["auc"], res.run_id, res.samples_per_s
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import latest_checkpoint, list_checkpoints
+from training.dataspec import DataSpec, resolve_data
+from training.launch import launch
+from training.loop import make_job, train_rank
+from training.tracking import end_run, experiment_name, library_versions, start_run, ui_command
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    ranks: list[dict[str, Any]]
+    spec: DataSpec
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    checkpoint_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank0(self) -> dict[str, Any]:
+        return self.ranks[0]
+
+    @property
+    def valid(self) -> dict[str, float]:
+        return self.rank0.get("valid") or {}
+
+    @property
+    def test(self) -> dict[str, float]:
+        return self.rank0.get("test") or {}
+
+    @property
+    def samples_per_s(self) -> float:
+        return float(self.rank0["samples_per_s"])
+
+    @property
+    def tta(self) -> dict[str, float] | None:
+        return self.rank0.get("tta")
+
+    @property
+    def ui(self) -> str | None:
+        return ui_command(self.tracking_uri) if self.tracking_uri else None
+
+
+def checkpoint_dir_for(cfg) -> str:
+    return str(Path(cfg.train.checkpoint_dir.format(run=cfg.run.name)).expanduser().resolve())
+
+
+def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) -> TrainResult:
+    """Train per ``cfg.train``; returns every rank's result (rank 0 first)."""
+    from jobs.config import config_dict, config_hash, flatten
+
+    if local and cfg.train.num_proc != 1:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_proc": 1})})
+    t = cfg.train
+    spec = resolve_data(cfg)
+    ckpt_dir = checkpoint_dir_for(cfg)
+    run_id = None
+    if resume:
+        last = latest_checkpoint(ckpt_dir)
+        if last is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+            resume = False
+        else:
+            import torch
+
+            head = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+            run_id = head.get("run_id")
+            log.info("resuming from %s (step %s, MLflow run %s)", last, head.get("step"), run_id)
+    elif list_checkpoints(ckpt_dir):
+        log.info("fresh run: removing %d old checkpoints in %s", len(list_checkpoints(ckpt_dir)), ckpt_dir)
+        for p in list_checkpoints(ckpt_dir):
+            p.unlink(missing_ok=True)
+
+    chash = config_hash(cfg)
+    uri = None
+    if cfg.tracking.enabled:
+        params: dict[str, Any] = dict(flatten(config_dict(cfg)))
+        params.update({
+            "data.train_table": spec.train,
+            "data.valid_table": spec.valid,
+            "data.test_table": spec.test,
+            "data.vocabulary": spec.vocabulary,
+            "data.num_dense": spec.num_dense,
+            "data.num_sparse": len(spec.cardinalities),
+            "data.embedding_rows": sum(spec.cardinalities),
+            "data.train_rows": spec.train_rows,
+            "world_size_requested": t.num_proc,
+            "config_hash": chash,
+            **{f"data.{k}_version": v for k, v in spec.versions.items()},
+            **{f"lib.{k}": v for k, v in library_versions().items()},
+        })
+        tags = {"bigopt.model": t.model, "bigopt.optimizer": t.optimizer, "bigopt.config_hash": chash,
+                "bigopt.compression": t.compression.name}
+        uri, run_id = start_run(cfg, params, tags, run_id=run_id if resume else None)
+        log.info("MLflow run %s (%s)", run_id, uri)
+
+    job = make_job(cfg, spec, checkpoint_dir=ckpt_dir, resume=resume, tracking_uri=uri, run_id=run_id,
+                   config_hash=chash)
+    kw: dict[str, Any] = {}
+    backend = t.backend
+    if t.num_proc > 1 and backend == "horovod":
+        if spark is None:
+            from pipelines.spark import spark_from_config
+
+            spark = spark_from_config(cfg.spark)
+        kw = {"spark": spark, "start_timeout": t.start_timeout}
+    try:
+        ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
+    except BaseException:
+        if uri and run_id:
+            end_run(uri, run_id, "FAILED")
+        raise
+    if uri and run_id:
+        end_run(uri, run_id, "FINISHED")
+    return TrainResult(ranks=ranks, spec=spec, run_id=run_id, tracking_uri=uri,
+                       experiment=experiment_name(cfg) if uri else None, checkpoint_dir=ckpt_dir,
+                       extra={"model": f"{t.model} / {t.optimizer} (compression {t.compression.name})"})
+
+
+def summary_rows(res: TrainResult) -> list[tuple[str, str]]:
+    """(name, value) rows of the summary table printed by ``bigopt train`` / ``bigopt run``."""
+    r = res.rank0
+
+    def f(v, fmt="{:.4f}"):
+        return "-" if v is None or v != v else fmt.format(v)
+
+    rows = [
+        ("model / optimizer", f"{res.extra.get('model', '')}"),
+        ("ranks x device", f"{r['world_size']} x {r['device']}"),
+        ("steps (stop)", f"{r['step']} ({r['stop_reason']})"),
+        ("samples", f"{r['samples']:,}"),
+        ("train seconds", f(r["train_s"], "{:.1f}")),
+        ("samples/s", f(r["samples_per_s"], "{:,.0f}")),
+        ("valid AUC", f(res.valid.get("auc"))),
+        ("valid logloss", f(res.valid.get("logloss"))),
+        ("valid accuracy", f(res.valid.get("accuracy"))),
+    ]
+    if res.test:
+        rows += [("test AUC", f(res.test.get("auc"))), ("test logloss", f(res.test.get("logloss"))),
+                 ("test rows", f"{int(res.test.get('rows', 0)):,}")]
+    tta = res.tta
+    rows.append(("time to target AUC", "not reached" if not tta else
+                 f"{tta['tta_wall_s']:.1f} s wall / {int(tta['tta_samples']):,} samples"))
+    rows.append(("bytes sent / step", f"{r['bytes_sent_per_step']:,.0f}"))
+    mem = r.get("memory", {})
+    rows.append(("memory / rank", f"params {mem.get('param_mb', 0):.1f} MB (embeddings {mem.get('embedding_mb', 0):.1f}),"
+                 f" optimizer {mem.get('optimizer_state_mb', 0):.1f} MB, peak RSS {mem.get('peak_rss_mb', 0):.0f} MB"))
+    rows.append(("train table version", str(res.spec.versions.get("train"))))
+    if res.run_id:
+        rows.append(("MLflow run", f"{res.run_id} (experiment {res.experiment})"))
+        rows.append(("open the UI", res.ui or ""))
+    return rows
+
+
+def print_summary(res: TrainResult, title: str = "bigopt train") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    for k, v in summary_rows(res):
+        table.add_row(k, v)
+    Console().print(table)

@@ -1,0 +1,84 @@
+"""Checkpoints that ``torch.load(weights_only=True)`` can read.
+
+One file per checkpoint, ``<dir>/step-00000100.pt``, written by rank 0 atomically
+(temp file + rename), the newest ``keep`` kept. Contents - tensors, dicts, lists, ints,
+floats, strings and None only::
+
+    {
+      "format": 1,
+      "step": int, "epoch": int, "micro_step": int,
+      "model": model.state_dict(),
+      "optimizer": optimizer.state_dict(),        # the wrapped torch optimizer's
+      "scheduler": scheduler.state_dict(),
+      "compressor": {...} | None,                 # GradientCommunicator state when it has one
+      "loaders": [loader.state_dict() per rank],
+      "rng": [torch.get_rng_state() per rank],    # + "cuda_rng" when on GPU
+      "progress": {"samples": int, "train_s": float, "wall_s": float, "best_auc": float, ...},
+      "run_id": str | None, "config_hash": str,
+    }
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+_NAME = re.compile(r"step-(\d+)\.pt$")
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    return Path(directory) / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    cps = list_checkpoints(directory)
+    return cps[-1] if cps else None
+
+
+def _plain(obj: Any) -> Any:
+    """Coerce to what the weights_only unpickler accepts (tuples -> lists, numpy -> python)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj.detach()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalar
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"checkpoint value of type {type(obj).__name__} is not weights_only-safe")
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(d, step)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(_plain({"format": FORMAT, "step": step, **state}), tmp)
+    os.replace(tmp, path)
+    if keep > 0:
+        for old in list_checkpoints(d)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
+    return state

@@ -1,0 +1,114 @@
+"""Config sections of the training layer: ``train:`` and ``tracking:``.
+
+Composed into the root config by :mod:`jobs.config` (``cfg.train``, ``cfg.tracking``).
+Every field has a default so ``bigopt train conf.yaml`` works with an empty section.
+
+Batch sizes are *global*: ``train.batch_size`` is the number of samples behind one optimizer
+step summed over all ranks and accumulation micro-steps, so a 1-process and a 2-process run
+with the same config see the same optimisation problem. Per rank and micro-step:
+``batch_size // (num_proc * grad_accum_steps)`` (must divide exactly).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CompressionSection(BaseModel):
+    """Gradient compression hook (``optim.compression``). ``none`` = ``hvd.DistributedOptimizer``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("none", description="none | fp16 | bf16 | topk | randomk | qsgd | signsgd | powersgd ...")
+    params: dict[str, Any] = Field(default_factory=dict, description="compressor hyper-parameters")
+    min_compress_numel: int = 1024
+    sparse_as_dense: bool = False
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    # --- model --------------------------------------------------------------------------
+    model: Literal["logreg", "dlrm", "dcnv2"] = "dlrm"
+    model_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="model hyper-parameters, e.g. embedding_dim, bottom_mlp, top_mlp, cross_layers",
+    )
+    sparse_embeddings: bool | Literal["auto"] = Field(
+        "auto", description="sparse embedding gradients: auto = when the optimizer supports them"
+    )
+    # --- data ---------------------------------------------------------------------------
+    train_table: str | None = Field(None, description="gold train table (default: lake/<dataset>/gold/train)")
+    valid_table: str | None = None
+    test_table: str | None = None
+    vocabulary: str | None = Field(None, description="vocabulary JSON (default: found next to the gold tables)")
+    table_version: int | None = Field(None, description="pin the train table's Delta version")
+    shuffle_buffer_rows: int = 200_000
+    prefetch: int = 2
+    # --- optimisation -------------------------------------------------------------------
+    optimizer: str = Field("adam", description="sgd | momentum | nesterov | adagrad | adam | adamw | ... (optim/)")
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer_params: dict[str, Any] = Field(default_factory=dict, description="extra optimizer kwargs")
+    scheduler: str = Field("constant", description="constant | cosine | linear | step (after warmup)")
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    batch_size: int = Field(512, description="GLOBAL samples per optimizer step (all ranks x accumulation)")
+    grad_accum_steps: int = 1
+    clip_grad_norm: float | None = None
+    bf16: bool = False
+    max_steps: int = 1000
+    epochs: int | None = Field(None, description="stop after this many passes (None: max_steps only)")
+    compression: CompressionSection = Field(default_factory=CompressionSection)
+    # --- evaluation / stopping ----------------------------------------------------------
+    eval_every: int = Field(200, description="evaluate on the valid split every N steps (0: only at the end)")
+    eval_batch_size: int = 8192
+    eval_max_rows: int | None = Field(None, description="cap rows per evaluation (None: the whole split)")
+    target_auc: float | None = Field(None, description="time-to-accuracy target on valid AUC")
+    early_stop: bool = Field(True, description="stop when target_auc is reached")
+    test_at_end: bool = Field(False, description="evaluate the test split after training")
+    # --- checkpoints --------------------------------------------------------------------
+    checkpoint_dir: str = Field("artifacts/checkpoints/{run}", description="{run} = run.name")
+    checkpoint_every: int = Field(0, description="steps between checkpoints (0: none)")
+    keep_checkpoints: int = 2
+    # --- launch -------------------------------------------------------------------------
+    backend: Literal["horovod", "local"] = Field("horovod", description="horovod = horovod.spark.run")
+    num_proc: int = Field(1, description="ranks; 1 runs in-process without Horovod")
+    threads_per_rank: int | None = Field(None, description="torch threads per rank (None: cores / num_proc)")
+    start_timeout: int = 180
+    log_every: int = 10
+    fail_at_step: int | None = Field(None, description="testing: raise in rank 0 at this step")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.batch_size <= 0 or self.grad_accum_steps <= 0 or self.num_proc <= 0:
+            raise ValueError("batch_size, grad_accum_steps and num_proc must be positive")
+        if self.batch_size % (self.num_proc * self.grad_accum_steps):
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by num_proc*grad_accum_steps "
+                f"= {self.num_proc * self.grad_accum_steps}"
+            )
+        if self.max_steps <= 0:
+            raise ValueError("max_steps must be positive")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // (self.num_proc * self.grad_accum_steps)
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db"
+    )
+    artifact_location: str | None = Field(None, description="for new experiments (None: <cwd>/mlruns)")
+    experiment: str | None = Field(None, description="None: one experiment per dataset (bigopt-<dataset>)")
+    run_name: str | None = None
+    log_model: bool = True
+    model_format: Literal["pt2", "pickle"] = Field(
+        "pt2", description="pt2: torch.export graph (safe to load, ~10 s to export); pickle: fast"
+    )
+    flush_every_s: float = Field(5.0, description="metrics are buffered and sent with log_batch")
+    tags: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,256 @@
+"""What the trainer needs to know about the gold tables, resolved once on the driver.
+
+Handles both gold layouts the Criteo featurizer may write:
+
+* array columns: ``label float``, ``dense array<float>[13]``, ``sparse array<int>[26]``;
+* scalar columns: ``label``, ``I1..I13``, ``C1..C26``.
+
+:func:`batch_to_inputs` is the one adapter from a loader batch to model inputs.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataSpec:
+    train: str
+    valid: str | None = None
+    test: str | None = None
+    versions: dict[str, int] = field(default_factory=dict)
+    label: str = "label"
+    dense_columns: list[str] = field(default_factory=lambda: ["dense"])
+    sparse_columns: list[str] = field(default_factory=lambda: ["sparse"])
+    dense_is_array: bool = True
+    sparse_is_array: bool = True
+    num_dense: int = 13
+    cardinalities: list[int] = field(default_factory=list)
+    vocabulary: str | None = None
+    train_rows: int = 0
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.label, *self.dense_columns, *self.sparse_columns]
+
+    def table(self, split: str) -> str | None:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[split]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
+        return cls(**d)
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _exists(uri: str | None) -> bool:
+    if not uri:
+        return False
+    if "://" in uri and not uri.startswith("file://"):
+        return True  # remote: let the reader fail with its own message
+    p = uri[len("file://"):] if uri.startswith("file://") else uri
+    return os.path.isdir(os.path.join(p, "_delta_log"))
+
+
+def _layout(schema) -> tuple[str, list[str], list[str], bool, bool]:
+    import pyarrow as pa
+
+    names = schema.names
+    label = "label" if "label" in names else next((n for n in names if n.lower() in {"label", "y", "click"}), None)
+    if label is None:
+        raise ValueError(f"gold table has no label column: {names}")
+
+    def is_list(n):
+        t = schema.field(n).type
+        return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+    if "dense" in names and is_list("dense"):
+        dense, dense_arr = ["dense"], True
+    else:
+        dense = sorted((n for n in names if re.fullmatch(r"I\d+", n)), key=_natural_key)
+        dense_arr = False
+    if "sparse" in names and is_list("sparse"):
+        sparse, sparse_arr = ["sparse"], True
+    else:
+        sparse = sorted((n for n in names if re.fullmatch(r"C\d+", n)), key=_natural_key)
+        sparse_arr = False
+    if not dense and not sparse:
+        raise ValueError(f"gold table has neither dense/sparse arrays nor I*/C* columns: {names}")
+    return label, dense, sparse, dense_arr, sparse_arr
+
+
+def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
+    if explicit:
+        if not os.path.exists(explicit):
+            raise FileNotFoundError(f"train.vocabulary: {explicit} does not exist")
+        return explicit
+    if "://" in train_uri and not train_uri.startswith("file://"):
+        return None
+    base = Path(train_uri.replace("file://", ""))
+    for d in (base, base.parent, base.parent.parent):
+        for pat in ("vocabulary.json", "vocab.json", "_vocabulary.json", "*vocab*.json", "*/vocabulary.json"):
+            hits = sorted(glob.glob(str(d / pat)))
+            if hits:
+                return hits[0]
+    return None
+
+
+def cardinalities_from_vocabulary(path: str, sparse_names: list[str]) -> list[int]:
+    """Per-column ``cardinality`` from a vocabulary JSON, in ``sparse_names`` order.
+
+    Accepts ``{"columns": {"C1": {"cardinality": n}, ...}}``, ``{"C1": {"cardinality": n}}``,
+    ``{"C1": n}`` or a list of ``{"name"/"column": "C1", "cardinality": n}``.
+    """
+    data = json.loads(Path(path).read_text())
+    found: dict[str, int] = {}
+
+    def visit(node, name=None):
+        if isinstance(node, dict):
+            if "cardinality" in node and isinstance(node["cardinality"], int | float):
+                key = node.get("name") or node.get("column") or name
+                if key is not None:
+                    found[str(key)] = int(node["cardinality"])
+                return
+            for k, v in node.items():
+                if isinstance(v, int) and re.fullmatch(r"C\d+", str(k)):
+                    found[str(k)] = int(v)
+                else:
+                    visit(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                visit(v, name)
+
+    visit(data)
+    if not found:
+        raise ValueError(f"{path}: no per-column 'cardinality' entries")
+    keys = sparse_names if all(n in found for n in sparse_names) else sorted(found, key=_natural_key)
+    return [found[k] for k in keys]
+
+
+def _max_ids(uri: str, version: int | None, spec_cols: list[str], is_array: bool, n_cols: int) -> list[int]:
+    """max id + 1 per categorical column, scanning the table (fallback when no vocabulary)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipelines.lake import DeltaSnapshot
+
+    snap = DeltaSnapshot(uri, version)
+    out = np.zeros(n_cols, dtype=np.int64)
+    for batch in snap.dataset(spec_cols).to_batches(columns=spec_cols):
+        if batch.num_rows == 0:
+            continue
+        if is_array:
+            vals = pc.list_flatten(batch.column(0)).to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
+            out = np.maximum(out, vals.max(axis=0) + 1)
+        else:
+            for i, c in enumerate(spec_cols):
+                m = pc.max(batch.column(c)).as_py()
+                out[i] = max(out[i], (m or 0) + 1)
+    return [int(x) for x in out]
+
+
+def resolve_data(cfg) -> DataSpec:
+    """Tables, pinned versions, column layout and embedding sizes for ``cfg``."""
+    from pipelines.lake import DeltaSnapshot
+
+    t = cfg.train
+    ds = cfg.run.dataset
+    train = t.train_table or cfg.lake.table(ds, "gold", "train")
+    valid = t.valid_table or cfg.lake.table(ds, "gold", "valid")
+    test = t.test_table or cfg.lake.table(ds, "gold", "test")
+    if not _exists(train):
+        raise FileNotFoundError(f"gold train table not found at {train} (run `bigopt featurize` first)")
+    valid = valid if _exists(valid) else None
+    test = test if _exists(test) else None
+
+    snap = DeltaSnapshot(train, t.table_version)
+    label, dense, sparse, dense_arr, sparse_arr = _layout(snap.schema())
+    versions = {"train": snap.version}
+    for split, uri in (("valid", valid), ("test", test)):
+        if uri:
+            versions[split] = DeltaSnapshot(uri).version
+
+    num_dense = len(dense)
+    n_sparse = len(sparse)
+    if dense_arr or sparse_arr:
+        head = snap.dataset([c for c in (dense + sparse) if c in ("dense", "sparse")]).head(1).to_pylist()
+        if head:
+            if dense_arr:
+                num_dense = len(head[0]["dense"])
+            if sparse_arr:
+                n_sparse = len(head[0]["sparse"])
+    sparse_names = sparse if not sparse_arr else [f"C{i + 1}" for i in range(n_sparse)]
+
+    vocab = _find_vocabulary(t.vocabulary, train)
+    cards: list[int] = []
+    if vocab:
+        try:
+            cards = cardinalities_from_vocabulary(vocab, sparse_names)
+        except ValueError as e:
+            log.warning("ignoring vocabulary %s: %s", vocab, e)
+            cards = []
+        if cards and len(cards) != n_sparse:
+            log.warning("vocabulary %s has %d columns, table has %d; scanning ids instead", vocab, len(cards), n_sparse)
+            cards = []
+    if not cards and n_sparse:
+        cards = [0] * n_sparse
+        for split, uri in (("train", train), ("valid", valid), ("test", test)):
+            if uri:
+                ids = _max_ids(uri, versions[split], sparse, sparse_arr, n_sparse)
+                cards = [max(a, b) for a, b in zip(cards, ids)]
+        vocab = None
+    return DataSpec(
+        train=train,
+        valid=valid,
+        test=test,
+        versions=versions,
+        label=label,
+        dense_columns=dense,
+        sparse_columns=sparse,
+        dense_is_array=dense_arr,
+        sparse_is_array=sparse_arr,
+        num_dense=num_dense,
+        cardinalities=[max(1, c) for c in cards],
+        vocabulary=vocab,
+        train_rows=snap.num_rows,
+    )
+
+
+def batch_to_inputs(batch: dict[str, torch.Tensor], spec: DataSpec, device: torch.device | str = "cpu"):
+    """Loader batch -> ``(dense float32 [B, D], sparse int64 [B, C], label float32 [B], valid mask|None)``."""
+    if spec.dense_is_array:
+        dense = batch[spec.dense_columns[0]]
+    elif spec.dense_columns:
+        dense = torch.stack([batch[c] for c in spec.dense_columns], dim=1)
+    else:
+        dense = torch.zeros(batch[spec.label].shape[0], 0)
+    if spec.sparse_is_array:
+        sparse = batch[spec.sparse_columns[0]]
+    elif spec.sparse_columns:
+        sparse = torch.stack([batch[c] for c in spec.sparse_columns], dim=1)
+    else:
+        sparse = torch.zeros(batch[spec.label].shape[0], 0, dtype=torch.long)
+    label = batch[spec.label]
+    mask = batch.get("_valid")
+    nb = device != "cpu" and str(device) != "cpu"
+    return (
+        dense.to(device, torch.float32, non_blocking=nb),
+        sparse.to(device, torch.long, non_blocking=nb),
+        label.reshape(-1).to(device, torch.float32, non_blocking=nb),
+        None if mask is None else mask.reshape(-1).to(device, torch.bool),
+    )

@@ -1,0 +1,126 @@
+"""Run a per-rank function on N ranks: in-process, or Horovod-on-Spark (gloo).
+
+    results = launch(train_rank, job, num_proc=2, backend="horovod", spark=spark)
+
+``fn(job, dist) -> result`` must be a module-level (importable) function; ``job`` plain
+values. Backends:
+
+* ``local`` (or ``num_proc == 1``): ``fn(job, LocalDist())`` in this process - no Horovod,
+  exceptions propagate as they are (use it with a debugger: ``--local``).
+* ``horovod``: ``horovod.spark.run`` with ``use_gloo=True`` on the active SparkSession -
+  ``num_proc`` Spark tasks each start one rank (local[N] here, executors on a cluster).
+  A failing rank returns its traceback instead of dying, so the driver raises
+  :class:`RankFailure` naming the rank with its traceback.
+
+A second backend (Spark's ``TorchDistributor``) is one more entry in :data:`BACKENDS` whose
+rank wrapper builds a ``torch.distributed`` ``Dist``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from training.dist import HorovodDist, LocalDist
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RankFailure(RuntimeError):
+    """A rank raised; ``.rank`` and ``.rank_traceback`` say where and why."""
+
+    def __init__(self, rank: int, error: str, rank_traceback: str, others: list[dict] | None = None):
+        self.rank, self.error, self.rank_traceback = rank, error, rank_traceback
+        self.others = others or []
+        super().__init__(f"rank {rank} failed: {error}\n--- rank {rank} traceback ---\n{rank_traceback}")
+
+
+def _rank_entry(fn: Callable, job: Any) -> dict[str, Any]:
+    """Runs inside each Horovod rank: never raises, so every rank reports back."""
+    dist = None
+    try:
+        dist = HorovodDist()
+        return {"ok": True, "rank": dist.rank, "result": fn(job, dist)}
+    except BaseException as e:  # noqa: BLE001 - reported to the driver
+        tb = traceback.format_exc()
+        rank = dist.rank if dist is not None else int(os.environ.get("HOROVOD_RANK", "-1"))
+        print(f"[rank {rank}] {type(e).__name__}: {e}\n{tb}", file=sys.stderr, flush=True)
+        if dist is not None:
+            dist.shutdown()  # peers blocked in a collective get an error instead of hanging
+        return {"ok": False, "rank": rank, "error": f"{type(e).__name__}: {e}", "traceback": tb,
+                "secondary": _is_secondary(e)}
+
+
+def _is_secondary(e: BaseException) -> bool:
+    """Errors that are consequences of another rank failing (collectives aborted)."""
+    name = type(e).__name__
+    text = str(e)
+    return name == "HorovodInternalError" or "shut down" in text or "Connection closed by peer" in text
+
+
+def rank_env() -> dict[str, str]:
+    """Environment added to every rank: the repo on PYTHONPATH, thread counts left to the loop."""
+    paths = [str(REPO_ROOT)]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    env = {"PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
+    for k in ("BIGOPT_SHARED_DATA", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
+    return env
+
+
+def _launch_local(fn: Callable, job: Any, num_proc: int, **_: Any) -> list[Any]:
+    if num_proc != 1:
+        raise ValueError("the local backend runs exactly one rank (num_proc: 1)")
+    return [fn(job, LocalDist())]
+
+
+def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_timeout: int = 180,
+                    verbose: int = 1, **_: Any) -> list[Any]:
+    import horovod.spark
+
+    if spark is None:
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession()
+        if spark is None:
+            raise RuntimeError("the horovod backend needs an active SparkSession (pipelines.spark.get_spark)")
+    sc = spark.sparkContext
+    slots = sc.defaultParallelism
+    if num_proc > slots:
+        log.warning("num_proc=%d > spark.default.parallelism=%d: ranks may wait for task slots", num_proc, slots)
+    try:
+        reports = horovod.spark.run(
+            _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(),
+            start_timeout=start_timeout, verbose=verbose,
+        )
+    except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
+        raise RankFailure(-1, f"{type(e).__name__}: {e}", "(no Python traceback: the rank process exited; "
+                          "see the rank's stderr above)") from e
+    failed = [r for r in reports if not r["ok"]]
+    if failed:
+        primary = next((r for r in failed if not r.get("secondary")), failed[0])
+        raise RankFailure(primary["rank"], primary["error"], primary["traceback"],
+                          [r for r in failed if r is not primary])
+    return [r["result"] for r in reports]
+
+
+BACKENDS: dict[str, Callable[..., list[Any]]] = {"local": _launch_local, "horovod": _launch_horovod}
+
+
+def launch(fn: Callable, job: Any, *, num_proc: int = 1, backend: str = "horovod", **kw: Any) -> list[Any]:
+    """Run ``fn(job, dist)`` on ``num_proc`` ranks; returns the per-rank results in rank order."""
+    if num_proc == 1:
+        backend = "local"
+    try:
+        impl = BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown launch backend {backend!r}: {sorted(BACKENDS)}") from None
+    return impl(fn, job, num_proc, **kw)

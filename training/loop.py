@@ -1,0 +1,507 @@
+"""The per-rank training loop.
+
+:func:`train_rank` is a plain importable function ``(job: dict, dist) -> dict``: the launcher
+runs it in-process (``num_proc: 1``, ``dist = LocalDist()``) or in every Horovod rank
+(``dist = HorovodDist()``). ``job`` holds only plain values (see :func:`make_job`), so it
+pickles to Spark executors.
+
+Per optimizer step: ``grad_accum_steps`` micro-batches of ``batch_size / (world *
+accum)`` rows, forward (optionally under bf16 autocast), BCE-with-logits / accum, backward;
+then the gradient exchange - ``hvd.DistributedOptimizer`` (``compression.name: none``) or
+``GradientCommunicator.synchronize()`` (any other compressor); clipping; step; LR schedule.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.dataspec import DataSpec, batch_to_inputs
+from training.loaders import make_loader
+from training.metrics import binary_metrics
+from training.models import build_model, memory_report, sparse_parameters
+from training.optimizers import build_optimizer, build_scheduler, supports_sparse
+from training.tracking import MetricLogger
+
+log = logging.getLogger(__name__)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``train.fail_at_step`` (tests of resume and error reporting)."""
+
+
+def make_job(
+    cfg,
+    spec: DataSpec,
+    *,
+    checkpoint_dir: str,
+    resume: bool = False,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    config_hash: str = "",
+) -> dict[str, Any]:
+    """Everything a rank needs, as plain values (picklable, no pydantic/Spark objects)."""
+    return {
+        "train": cfg.train.model_dump(mode="json"),
+        "seed": int(cfg.run.seed),
+        "spec": spec.to_dict(),
+        "checkpoint_dir": checkpoint_dir,
+        "resume": bool(resume),
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "flush_every_s": float(cfg.tracking.flush_every_s),
+        "log_model": bool(cfg.tracking.log_model),
+        "model_format": cfg.tracking.model_format,
+        "config_hash": config_hash,
+    }
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        idx = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def resolve_sparse(t: TrainConfig) -> bool:
+    ok = supports_sparse(t.optimizer, t.weight_decay)
+    if t.sparse_embeddings == "auto":
+        return ok
+    if t.sparse_embeddings and not ok:
+        raise ValueError(
+            f"train.sparse_embeddings: optimizer {t.optimizer!r} (weight_decay={t.weight_decay}) does not accept "
+            "sparse gradients; use sgd/momentum/nesterov/adagrad/sparse_adam without weight decay, or set it false/auto"
+        )
+    return bool(t.sparse_embeddings)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Global L2 clipping that also handles sparse (COO) gradients. Returns the pre-clip norm."""
+    sq = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            g = g.coalesce()
+            p.grad = g
+            sq.append(g._values().float().pow(2).sum())
+        else:
+            sq.append(g.float().pow(2).sum())
+    if not sq:
+        return 0.0
+    total = torch.stack(sq).sum().sqrt()
+    coef = max_norm / (float(total) + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return float(total)
+
+
+def param_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of all parameters' bytes: equal on every rank after a correct data-parallel run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def _optimizer_state_mb(opt: torch.optim.Optimizer) -> float:
+    total = 0
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                total += (v._values().numel() if v.is_sparse else v.numel()) * v.element_size()
+    return total / 2**20
+
+
+def evaluate(model, loader, spec: DataSpec, dist, device, *, bf16: bool = False, max_rows: int | None = None) -> dict[str, float]:
+    """Exact metrics over the split: every rank scores its shard, scores/labels are allgathered."""
+    was_training = model.training
+    model.eval()
+    cap = math.ceil(max_rows / dist.size) if max_rows else None
+    zs, ys, rows = [], [], 0
+    loader.set_epoch(0)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for batch in loader:
+            dense, sparse, label, mask = batch_to_inputs(batch, spec, device)
+            z = model(dense, sparse).float()
+            if mask is not None:
+                z, label = z[mask], label[mask]
+            if cap is not None and rows + z.shape[0] > cap:
+                keep = cap - rows
+                z, label = z[:keep], label[:keep]
+            zs.append(z.cpu())
+            ys.append(label.cpu())
+            rows += z.shape[0]
+            if cap is not None and rows >= cap:
+                break
+    z = torch.cat(zs) if zs else torch.zeros(0)
+    y = torch.cat(ys) if ys else torch.zeros(0)
+    z, y = dist.allgather(z), dist.allgather(y)
+    if was_training:
+        model.train()
+    return binary_metrics(z.numpy(), y.numpy())
+
+
+def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
+    """Train on this rank; returns a small result dict (rank 0's carries the history)."""
+    t = TrainConfig.model_validate(job["train"])
+    spec = DataSpec.from_dict(job["spec"])
+    rank, world = dist.rank, dist.size
+    threads = t.threads_per_rank or max(1, (os.cpu_count() or 1) // world)
+    torch.set_num_threads(threads)
+    device = pick_device(dist.local_rank)
+    torch.manual_seed(job["seed"])
+    if world * t.micro_batch_size * t.grad_accum_steps != t.batch_size:
+        raise ValueError(f"world size {world} does not match train.num_proc {t.num_proc}")
+
+    # ---- model, optimizer (wrapped for Horovod), resume ------------------------------------
+    sparse = resolve_sparse(t)
+    model = build_model(t.model, cardinalities=spec.cardinalities, num_dense=spec.num_dense, sparse=sparse,
+                        **t.model_params).to(device)
+    opt = build_optimizer(t.optimizer, model, lr=t.lr, weight_decay=t.weight_decay, params=t.optimizer_params)
+    comm = None
+    hvd_opt = False
+    if t.compression.name != "none":  # the compression hook: plain optimizer + communicator
+        from optim.compression import GradientCommunicator, build_compressor
+
+        comm = GradientCommunicator(
+            build_compressor(t.compression.name, **t.compression.params),
+            model.named_parameters(),
+            backend=dist.hvd,
+            min_compress_numel=t.compression.min_compress_numel,
+            sparse_as_dense=t.compression.sparse_as_dense,
+        )
+    elif dist.hvd is not None:
+        opt = dist.hvd.DistributedOptimizer(
+            opt, named_parameters=model.named_parameters(), backward_passes_per_step=t.grad_accum_steps
+        )
+        hvd_opt = True
+
+    meta: dict[str, Any] | None = None
+    ckpt_dir = job["checkpoint_dir"]
+    if job["resume"]:
+        if rank == 0:
+            path = latest_checkpoint(ckpt_dir)
+            if path is not None:
+                state = load_checkpoint(path)
+                model.load_state_dict(state.pop("model"))
+                opt.load_state_dict(state.pop("optimizer"))
+                meta = state
+                print(f"[rank 0] resuming from {path} (step {state['step']})", file=sys.stderr, flush=True)
+        meta = dist.broadcast_object(meta)
+        if meta is not None:
+            # fresh optimizers are identical on every rank; only restored state must be sent
+            dist.broadcast_optimizer_state(opt, model)
+    dist.broadcast_parameters(model)
+
+    total_hint = t.max_steps
+    sched = build_scheduler(opt, name=t.scheduler, total_steps=total_hint, warmup_steps=t.warmup_steps,
+                            min_lr_ratio=t.min_lr_ratio)
+    if meta is not None:
+        sched.load_state_dict(meta["scheduler"])
+        for g, lr in zip(opt.param_groups, sched.get_last_lr()):
+            g["lr"] = lr
+        if comm is not None and meta.get("compressor") and hasattr(comm, "load_state_dict"):
+            comm.load_state_dict(meta["compressor"])
+
+    # ---- data ----------------------------------------------------------------------------
+    micro = t.micro_batch_size
+    loader = make_loader(spec.train, spec.columns, micro, version=spec.versions.get("train"), rank=rank,
+                         world_size=world, train=True, seed=job["seed"], shuffle_buffer_rows=t.shuffle_buffer_rows,
+                         prefetch=t.prefetch)
+    micro_per_epoch = len(loader)
+    steps_per_epoch = micro_per_epoch // t.grad_accum_steps
+    if steps_per_epoch <= 0:
+        raise ValueError(
+            f"train table too small: {micro_per_epoch} micro-batches of {micro} rows per rank, "
+            f"need >= grad_accum_steps={t.grad_accum_steps}"
+        )
+    total_steps = t.max_steps if t.epochs is None else min(t.max_steps, t.epochs * steps_per_epoch)
+
+    def eval_loader_for(split: str):
+        uri = spec.table(split)
+        if not uri:
+            return None
+        return make_loader(uri, spec.columns, t.eval_batch_size, version=spec.versions.get(split), rank=rank,
+                           world_size=world, train=False, prefetch=t.prefetch)
+
+    valid_loader = eval_loader_for("valid")
+
+    # ---- state ---------------------------------------------------------------------------
+    step, epoch = 0, 0
+    progress: dict[str, Any] = {"samples": 0, "train_s": 0.0, "wall_s": 0.0, "tta": None, "best_auc": None}
+    history: dict[str, Any] = {"train": [], "eval": [], "target_auc": t.target_auc}
+    if meta is not None:
+        step, epoch = int(meta["step"]), int(meta["epoch"])
+        progress = meta["progress"]
+        history = meta.get("history") or history
+        loader.load_state_dict(meta["loaders"][rank])
+        torch.set_rng_state(meta["rng"][rank])
+        if device.type == "cuda" and meta.get("cuda_rng"):
+            torch.cuda.set_rng_state(meta["cuda_rng"][rank])
+
+    tracker = MetricLogger(job["tracking_uri"], job["run_id"], job["flush_every_s"]) if rank == 0 else MetricLogger(None, None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sparse_names = sparse_parameters(model)
+    sparse_ids = {id(p) for n, p in model.named_parameters() if n in sparse_names}
+    dense_grad_bytes = sum(p.numel() * p.element_size() for p in trainable if id(p) not in sparse_ids)
+    full_grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    mem = memory_report(model)
+    if rank == 0 and meta is None:
+        tracker.log_params({
+            "world_size": world,
+            "micro_batch_size": micro,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "device": str(device),
+            "threads_per_rank": threads,
+            "sparse_embeddings_resolved": sparse,
+            "gradient_exchange": "communicator" if comm is not None else "hvd.DistributedOptimizer" if hvd_opt else "local",
+            **{f"model.{k}": (int(v) if k.startswith("params") else round(v, 3)) for k, v in mem.items()},
+        })
+
+    def log_eval(ev: dict[str, float], prefix: str = "valid") -> None:
+        tracker.log({f"{prefix}_{k}": v for k, v in ev.items() if k != "rows"}, step)
+
+    last_ckpt = {"step": -1}
+
+    def checkpoint() -> None:
+        last_ckpt["step"] = step
+        loaders = dist.allgather_object(loader.state_dict())
+        rngs = dist.allgather_object(torch.get_rng_state())
+        cuda_rngs = dist.allgather_object(torch.cuda.get_rng_state()) if device.type == "cuda" else None
+        if rank == 0:
+            state = {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "compressor": comm.state_dict() if comm is not None and hasattr(comm, "state_dict") else None,
+                "loaders": loaders,
+                "rng": rngs,
+                "cuda_rng": cuda_rngs,
+                "progress": progress,
+                "history": history,
+                "run_id": job["run_id"],
+                "config_hash": job["config_hash"],
+            }
+            save_checkpoint(ckpt_dir, step, state, keep=t.keep_checkpoints)
+
+    # ---- loop ----------------------------------------------------------------------------
+    wall0 = time.perf_counter() - float(progress["wall_s"])
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16)
+    win_loss = torch.zeros((), dtype=torch.float64)
+    win_micro = win_steps = 0
+    win_train_s = win_wait_s = 0.0
+    win_bytes = 0.0
+    last_comm: dict[str, float] = {}
+    last_eval_step = -1
+    resumed_mid_epoch = meta is not None
+    example = None
+    done = step >= total_steps
+    stop_reason = "max_steps" if done else ""
+
+    while not done:
+        if not resumed_mid_epoch:
+            loader.set_epoch(epoch)
+        resumed_mid_epoch = False
+        it = iter(loader)
+        while True:
+            # one optimizer step = grad_accum_steps micro-batches
+            t_step = time.perf_counter()
+            wait = 0.0
+            opt.zero_grad()
+            got = 0
+            for _ in range(t.grad_accum_steps):
+                tw = time.perf_counter()
+                batch = next(it, None)
+                wait += time.perf_counter() - tw
+                if batch is None:
+                    break
+                dense, sparse_ids_t, label, _ = batch_to_inputs(batch, spec, device)
+                if example is None:
+                    example = (dense[:4].cpu(), sparse_ids_t[:4].cpu())
+                with autocast:
+                    logits = model(dense, sparse_ids_t)
+                loss = F.binary_cross_entropy_with_logits(logits.float(), label)
+                (loss / t.grad_accum_steps).backward()
+                win_loss += loss.detach().double().cpu()
+                win_micro += 1
+                got += 1
+            if got < t.grad_accum_steps:
+                if got and hvd_opt:
+                    # drop the partial accumulation (can only happen with len % accum != 0)
+                    opt.synchronize()
+                break  # epoch exhausted
+            if comm is not None:
+                stats = comm.synchronize()
+                sent = float(stats.bytes_sent)
+                last_comm = {f"comm.{k}": float(v) for k, v in stats.as_metrics().items()}
+            else:
+                sent = float(dense_grad_bytes)
+                for p in trainable:
+                    if id(p) in sparse_ids and p.grad is not None and p.grad.is_sparse:
+                        sent += p.grad._nnz() * (p.grad.shape[1] * p.grad.element_size() + 8)
+            if t.clip_grad_norm:
+                if hvd_opt:
+                    opt.synchronize()
+                clip_grad_norm(trainable, t.clip_grad_norm)
+                with opt.skip_synchronize() if hvd_opt else contextlib.nullcontext():
+                    opt.step()
+            else:
+                opt.step()
+            sched.step()
+            step += 1
+            progress["samples"] += t.batch_size
+            dt = time.perf_counter() - t_step
+            progress["train_s"] += dt
+            win_train_s += dt
+            win_wait_s += wait
+            win_bytes += sent
+            win_steps += 1
+
+            if t.fail_at_step is not None and step == t.fail_at_step and rank == world - 1:
+                raise InjectedFailure(f"train.fail_at_step={t.fail_at_step} reached on rank {rank}")
+
+            if step % t.log_every == 0 or step >= total_steps:
+                loss_avg = float(dist.allreduce_mean(torch.tensor([float(win_loss) / max(1, win_micro)]))[0])
+                wall = time.perf_counter() - wall0
+                m = {
+                    "train_loss": loss_avg,
+                    "lr": opt.param_groups[0]["lr"],
+                    "samples_per_s": win_steps * t.batch_size / max(win_train_s, 1e-9),
+                    "step_time_s": win_train_s / win_steps,
+                    "data_wait_frac": win_wait_s / max(win_train_s, 1e-9),
+                    "bytes_sent_per_step": win_bytes / win_steps,
+                    "dense_grad_bytes": float(full_grad_bytes),
+                    "epoch": float(epoch),
+                    **last_comm,
+                }
+                tracker.log(m, step)
+                history["train"].append({"step": step, "wall_s": wall, "train_s": progress["train_s"],
+                                         "samples": progress["samples"], "loss": loss_avg,
+                                         "samples_per_s": m["samples_per_s"]})
+                win_loss.zero_()
+                win_micro = win_steps = 0
+                win_train_s = win_wait_s = win_bytes = 0.0
+
+            if valid_loader is not None and t.eval_every and step % t.eval_every == 0:
+                ev = evaluate(model, valid_loader, spec, dist, device, bf16=t.bf16, max_rows=t.eval_max_rows)
+                last_eval_step = step
+                wall = time.perf_counter() - wall0
+                history["eval"].append({"step": step, "wall_s": wall, "train_s": progress["train_s"],
+                                        "samples": progress["samples"], **ev})
+                log_eval(ev)
+                auc = ev["auc"]
+                if auc == auc and (progress["best_auc"] is None or auc > progress["best_auc"]):
+                    progress["best_auc"] = auc
+                if t.target_auc is not None and progress["tta"] is None and auc == auc and auc >= t.target_auc:
+                    progress["tta"] = {"tta_wall_s": wall, "tta_train_s": progress["train_s"],
+                                       "tta_samples": float(progress["samples"]), "tta_step": float(step)}
+                    tracker.log(progress["tta"], step)
+                    if t.early_stop:
+                        done, stop_reason = True, "target_auc"
+
+            progress["wall_s"] = time.perf_counter() - wall0
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                checkpoint()
+            if step >= total_steps:
+                done, stop_reason = True, stop_reason or ("epochs" if total_steps < t.max_steps else "max_steps")
+            if done:
+                break
+        if not done:
+            epoch += 1
+            if t.epochs is not None and epoch >= t.epochs:
+                done, stop_reason = True, "epochs"
+
+    # ---- end: final evaluation, test split, checkpoint, artifacts --------------------------
+    final: dict[str, float] = {}
+    if valid_loader is not None:
+        if last_eval_step == step and history["eval"]:
+            final = {k: v for k, v in history["eval"][-1].items() if k not in ("step", "wall_s", "train_s", "samples")}
+        else:
+            final = evaluate(model, valid_loader, spec, dist, device, bf16=t.bf16, max_rows=t.eval_max_rows)
+            wall = time.perf_counter() - wall0
+            history["eval"].append({"step": step, "wall_s": wall, "train_s": progress["train_s"],
+                                    "samples": progress["samples"], **final})
+            log_eval(final)
+            if t.target_auc is not None and progress["tta"] is None and final["auc"] >= t.target_auc:
+                progress["tta"] = {"tta_wall_s": wall, "tta_train_s": progress["train_s"],
+                                   "tta_samples": float(progress["samples"]), "tta_step": float(step)}
+                tracker.log(progress["tta"], step)
+    test: dict[str, float] = {}
+    if t.test_at_end:
+        test_loader = eval_loader_for("test")
+        if test_loader is not None:
+            test = evaluate(model, test_loader, spec, dist, device, bf16=t.bf16)
+            log_eval(test, "test")
+    progress["wall_s"] = time.perf_counter() - wall0
+    if t.checkpoint_every and last_ckpt["step"] != step:
+        checkpoint()
+
+    rss = dist.allgather_object(_peak_rss_mb())
+    fingerprint = param_fingerprint(model)
+    result: dict[str, Any] = {
+        "rank": rank,
+        "world_size": world,
+        "step": step,
+        "epoch": epoch,
+        "stop_reason": stop_reason or "max_steps",
+        "samples": progress["samples"],
+        "train_s": progress["train_s"],
+        "wall_s": progress["wall_s"],
+        "samples_per_s": progress["samples"] / max(progress["train_s"], 1e-9),
+        "valid": final,
+        "test": test,
+        "tta": progress["tta"],
+        "best_auc": progress["best_auc"],
+        "bytes_sent_per_step": float(dense_grad_bytes if comm is None else last_comm.get("comm.bytes_sent", 0.0)),
+        "fingerprint": fingerprint,
+        "memory": {**mem, "optimizer_state_mb": _optimizer_state_mb(opt), "peak_rss_mb": max(rss)},
+        "table_version": spec.versions.get("train"),
+        "device": str(device),
+    }
+    if rank == 0:
+        summary = {
+            "total_train_s": progress["train_s"],
+            "total_wall_s": progress["wall_s"],
+            "total_samples": float(progress["samples"]),
+            "avg_samples_per_s": result["samples_per_s"],
+            **{f"final_valid_{k}": v for k, v in final.items() if k != "rows"},
+            "mem.optimizer_state_mb": result["memory"]["optimizer_state_mb"],
+            "mem.param_mb": mem["param_mb"],
+            "mem.embedding_mb": mem["embedding_mb"],
+            **{f"mem.peak_rss_mb_rank{r}": v for r, v in enumerate(rss)},
+        }
+        tracker.log(summary, step)
+        tracker.flush()
+        if tracker.enabled:
+            tracker.log_dict(history, "history.json")
+            tracker.log_plot(history)
+            if job["log_model"]:
+                result["model_uri"] = tracker.log_model(model, example=example, fmt=job["model_format"])
+        result["history"] = history
+    return result

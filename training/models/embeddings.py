@@ -1,0 +1,64 @@
+"""Per-column categorical embeddings stored as one fused table (one lookup per batch).
+
+Column ``c`` owns rows ``[offset[c], offset[c] + cardinality[c])`` of a single
+``nn.Embedding`` - mathematically the same as 26 separate tables, but one gather/scatter
+instead of 26 on CPU, and one (optionally sparse) gradient tensor for the optimizer and
+the allreduce.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class CategoricalEmbeddings(nn.Module):
+    def __init__(self, cardinalities: Sequence[int], dim: int, *, sparse: bool = False, init_scale: float | None = None):
+        super().__init__()
+        cards = [max(1, int(c)) for c in cardinalities]
+        if not cards:
+            raise ValueError("CategoricalEmbeddings needs at least one column")
+        self.cardinalities = cards
+        self.dim = int(dim)
+        offsets = torch.tensor([0, *cards[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.table = nn.Embedding(sum(cards), self.dim, sparse=sparse)
+        scale = init_scale if init_scale is not None else 1.0 / max(1.0, self.dim) ** 0.5
+        nn.init.uniform_(self.table.weight, -scale, scale)
+
+    @property
+    def num_columns(self) -> int:
+        return len(self.cardinalities)
+
+    @property
+    def sparse(self) -> bool:
+        return bool(self.table.sparse)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx``: [B, C] integer ids per column -> [B, C, dim]."""
+        return self.table(idx.long() + self.offsets)
+
+    def extra_repr(self) -> str:
+        return f"columns={self.num_columns}, rows={sum(self.cardinalities)}, dim={self.dim}, sparse={self.sparse}"
+
+
+def mlp(sizes: Sequence[int], *, final_activation: bool = True, dropout: float = 0.0) -> nn.Sequential:
+    """Linear+ReLU stack: ``sizes = [in, h1, ..., out]``."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        last = i == len(sizes) - 2
+        if not last or final_activation:
+            layers.append(nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def dense_transform(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "log1p":
+        return torch.log1p(torch.clamp(x, min=0.0))
+    if kind == "none":
+        return x
+    raise ValueError(f"dense_transform must be none or log1p, not {kind!r}")

@@ -1,0 +1,239 @@
+"""MLflow tracking: one experiment per dataset, one run per training job, rank 0 logs.
+
+Layout of a run::
+
+    params     the resolved config flattened (train.lr, criteo.days, ...), data.train_version,
+               data.valid_version, data.vocabulary, world_size, micro_batch_size, lib.<name>
+               versions, model.params_total / embedding_mb (memory per rank)
+    metrics    per logging window (step = optimizer step): train_loss, lr, samples_per_s,
+               step_time_s, bytes_sent_per_step, comm.* (compression) ...
+               per evaluation: valid_auc, valid_logloss, valid_accuracy
+               once: tta_wall_s, tta_train_s, tta_samples, tta_step (valid AUC >= target)
+               at the end: final_valid_*, test_* (``train.test_at_end``), total_train_s
+    artifacts  plots/loss_auc_vs_time.png, history.json, and the model (``mlflow.pytorch``)
+
+Where: ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``
+with artifacts in ``<cwd>/mlruns``; ``mlflow ui --backend-store-uri <uri> --host 127.0.0.1``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PARAM_MAX = 6000  # MLflow's param value limit
+
+
+def tracking_uri(tcfg) -> str:
+    if tcfg.tracking_uri:
+        return tcfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def artifact_location(tcfg) -> str:
+    if tcfg.artifact_location:
+        return tcfg.artifact_location
+    return (Path.cwd().resolve() / "mlruns").as_uri()
+
+
+def experiment_name(cfg) -> str:
+    return cfg.tracking.experiment or f"bigopt-{cfg.run.dataset}"
+
+
+def ui_command(uri: str) -> str:
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "horovod", "pyspark", "mlflow", "deltalake", "pyarrow", "numpy", "bigopt"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = None, run_id: str | None = None) -> tuple[str, str]:
+    """Create (or reopen, for ``--resume``) the run on the driver; returns ``(uri, run_id)``."""
+    from mlflow.entities import Param, RunTag
+
+    uri = tracking_uri(cfg.tracking)
+    client = _client(uri)
+    if run_id:
+        client.update_run(run_id, status="RUNNING")
+        return uri, run_id
+    name = experiment_name(cfg)
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(cfg.tracking))
+    all_tags = {"bigopt.dataset": cfg.run.dataset, **(tags or {}), **cfg.tracking.tags}
+    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.run.name, tags=all_tags)
+    rid = run.info.run_id
+    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(rid, params=items[i:i + 100])
+    client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+    return uri, rid
+
+
+def _param_value(v: Any) -> str:
+    s = "None" if v is None else str(v)
+    return s if len(s) <= _PARAM_MAX else s[: _PARAM_MAX - 3] + "..."
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    try:
+        _client(uri).set_terminated(run_id, status=status)
+    except Exception as e:  # noqa: BLE001 - never mask the training error
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
+
+
+class MetricLogger:
+    """Buffers metrics and sends them with ``log_batch`` (<= 1000 per call) every few seconds."""
+
+    def __init__(self, uri: str | None, run_id: str | None, flush_every_s: float = 5.0):
+        self.enabled = bool(uri and run_id)
+        self.uri, self.run_id = uri, run_id
+        self.flush_every_s = flush_every_s
+        self._buf: list = []
+        self._last = time.monotonic()
+        self._client = _client(uri) if self.enabled else None
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            fv = float(v)
+            if fv != fv:  # NaN: MLflow accepts it but plots poorly; skip
+                continue
+            self._buf.append(Metric(k, fv, ts, int(step)))
+        if time.monotonic() - self._last >= self.flush_every_s or len(self._buf) >= 1000:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self._buf:
+            self._last = time.monotonic()
+            return
+        buf, self._buf = self._buf, []
+        for i in range(0, len(buf), 1000):
+            self._client.log_batch(self.run_id, metrics=buf[i:i + 1000])
+        self._last = time.monotonic()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = self._client.get_run(self.run_id).data.params
+        items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_dict(self, d: dict, artifact_file: str) -> None:
+        if self.enabled:
+            self._client.log_dict(self.run_id, d, artifact_file)
+
+    def log_plot(self, history: dict, artifact_file: str = "plots/loss_auc_vs_time.png") -> None:
+        if not self.enabled:
+            return
+        fig = loss_auc_figure(history)
+        try:
+            self._client.log_figure(self.run_id, fig, artifact_file)
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    def log_model(self, model, example: tuple | None = None, fmt: str = "pt2", name: str = "model") -> str | None:
+        """``mlflow.pytorch.log_model`` into this run; returns the model URI.
+
+        ``pt2`` (torch.export graph, loads without unpickling code) needs an ``example``
+        ``(dense, sparse)`` batch; if export fails the pickle format is used instead.
+        """
+        if not self.enabled:
+            return None
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        mlflow.set_tracking_uri(self.uri)
+        reqs = [f"torch=={torch.__version__.split('+')[0]}"]
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            mlflow.start_run(run_id=self.run_id)
+        model = model.cpu().eval()
+        info = None
+        if fmt == "pt2" and example is not None:
+            try:
+                info = mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs, input_example=tuple(example),
+                                                signature=_signature(example), serialization_format="pt2")
+            except Exception as e:  # noqa: BLE001 - fall back to the pickle format
+                log.warning("pt2 model export failed (%s); logging the pickled model", e)
+        if info is None:
+            info = mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs, serialization_format="pickle")
+        mlflow.end_run()  # the driver sets the final status (FINISHED / FAILED) afterwards
+        return info.model_uri
+
+
+def _signature(example: tuple):
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    dense, sparse = example
+    return ModelSignature(
+        inputs=Schema([
+            TensorSpec(np.dtype("float32"), (-1, int(dense.shape[1])), "dense"),
+            TensorSpec(np.dtype("int64"), (-1, int(sparse.shape[1])), "sparse"),
+        ]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1,), "logit")]),
+    )
+
+
+def loss_auc_figure(history: dict):
+    """Train loss and valid AUC against training wall-clock seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    tr = history.get("train", [])
+    ev = history.get("eval", [])
+    if tr:
+        a1.plot([r["wall_s"] for r in tr], [r["loss"] for r in tr], lw=1)
+    a1.set_xlabel("wall seconds")
+    a1.set_ylabel("train loss (logloss)")
+    a1.set_title("train loss vs time")
+    if ev:
+        a2.plot([r["wall_s"] for r in ev], [r["auc"] for r in ev], marker="o")
+    target = history.get("target_auc")
+    if target:
+        a2.axhline(target, color="gray", ls="--", lw=1, label=f"target {target}")
+        a2.legend()
+    a2.set_xlabel("wall seconds")
+    a2.set_ylabel("valid AUC")
+    a2.set_title("valid AUC vs time")
+    fig.tight_layout()
+    return fig
