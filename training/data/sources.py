@@ -1,0 +1,131 @@
+"""Where the rows come from: filesystems, row groups of a pinned Delta snapshot, sharding.
+
+Sharding is static (the same for every epoch) and deterministic: it depends only on the
+snapshot's active files (sorted by path), their row groups, ``world_size`` and the
+granularity. Units (row groups, or whole files) are assigned greedily, largest first, to the
+rank with the fewest rows so far (LPT), ties broken by table order / rank id. Every rank
+computes the same assignment independently, so no communication is needed.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+# schemes whose pyarrow path is "<bucket>/<key>" rather than the URI's path
+_BUCKET_SCHEMES = {"s3", "s3a", "s3n", "gs", "gcs"}
+_AZURE_SCHEMES = {"abfs", "abfss", "az", "adl", "azure"}
+
+
+def _opt(options: Mapping[str, str], *names: str) -> str | None:
+    lower = {k.lower(): v for k, v in options.items()}
+    for n in names:
+        if n in lower and lower[n] not in (None, ""):
+            return str(lower[n])
+    return None
+
+
+def filesystem_for_table(
+    table_uri: str,
+    storage_options: Mapping[str, str] | None = None,
+    filesystem: pafs.FileSystem | None = None,
+) -> pafs.FileSystem:
+    """The pyarrow filesystem the data files are read with.
+
+    An explicit ``filesystem`` wins. Local paths use the local filesystem. ``s3://`` with
+    delta-rs style ``storage_options`` (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``) builds an
+    ``S3FileSystem`` with the same credentials delta-rs used for the log; anything else goes
+    to ``pyarrow.fs.FileSystem.from_uri`` (hdfs://, gs://, s3:// from the environment, ...).
+    """
+    if filesystem is not None:
+        return filesystem
+    if "://" not in table_uri:
+        return pafs.LocalFileSystem()
+    scheme = table_uri.split("://", 1)[0].lower()
+    opts = dict(storage_options or {})
+    if scheme in {"s3", "s3a", "s3n"} and opts:
+        kw: dict = {}
+        if (ak := _opt(opts, "aws_access_key_id", "access_key_id")) is not None:
+            kw["access_key"] = ak
+            kw["secret_key"] = _opt(opts, "aws_secret_access_key", "secret_access_key")
+        if (tok := _opt(opts, "aws_session_token", "session_token", "aws_token", "token")) is not None:
+            kw["session_token"] = tok
+        if (region := _opt(opts, "aws_region", "region", "aws_default_region")) is not None:
+            kw["region"] = region
+        endpoint = _opt(opts, "aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
+        if endpoint is not None:
+            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kw["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+            kw["scheme"] = parsed.scheme
+        if (_opt(opts, "aws_allow_http", "allow_http") or "").lower() == "true" and "scheme" not in kw:
+            kw["scheme"] = "http"
+        return pafs.S3FileSystem(**kw)
+    fs, _ = pafs.FileSystem.from_uri(table_uri)
+    return fs
+
+
+def path_in_filesystem(uri: str) -> str:
+    """A data file's URI (as the snapshot lists it) -> the path its pyarrow filesystem takes."""
+    if "://" not in uri:
+        return uri
+    p = urlparse(uri)
+    scheme = p.scheme.lower()
+    if scheme == "file":
+        return p.path
+    if scheme in _BUCKET_SCHEMES:
+        return f"{p.netloc}{p.path}"
+    if scheme in _AZURE_SCHEMES:
+        container = p.netloc.split("@", 1)[0]
+        return f"{container}{p.path}"
+    return p.path  # hdfs://namenode:8020/a/b -> /a/b
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One read unit: a row group of one active file."""
+
+    file: int  # index into the loader's file list
+    row_group: int
+    num_rows: int
+
+
+def read_footers(
+    fs: pafs.FileSystem, paths: Sequence[str], threads: int = 8
+) -> list[pq.FileMetaData]:
+    """Parquet footers of ``paths`` (in parallel: on object stores each is a round trip)."""
+
+    def one(path: str) -> pq.FileMetaData:
+        with fs.open_input_file(path) as f:
+            return pq.read_metadata(f)
+
+    if len(paths) <= 1 or threads <= 1:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths), (os.cpu_count() or 2) * 4)) as ex:
+        return list(ex.map(one, paths))
+
+
+def lpt_assign(unit_rows: Sequence[int], world_size: int) -> list[list[int]]:
+    """Greedy longest-processing-time assignment of units to ranks, balanced by rows.
+
+    Returns, per rank, its unit indices in ascending (table) order. Deterministic: units are
+    taken by (rows desc, index asc), each goes to the rank with (fewest rows, lowest id).
+    The spread between the fullest and the emptiest rank is at most one unit's rows.
+    """
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    heap = [(0, r) for r in range(world_size)]
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(unit_rows)), key=lambda i: (-int(unit_rows[i]), i)):
+        load, r = heapq.heappop(heap)
+        out[r].append(i)
+        heapq.heappush(heap, (load + int(unit_rows[i]), r))
+    for lst in out:
+        lst.sort()
+    return out
