@@ -59,6 +59,25 @@ def matrix_inverse_root(mats: torch.Tensor, p: float, eps: float, dtype=torch.fl
     return inv.to(mats.dtype)
 
 
+def _refresh_root_(inv: torch.Tensor, stats: torch.Tensor, p: float, eps: float) -> None:
+    """``inv <- stats^(-1/p)`` per block; blocks with non-finite statistics or a failed
+    eigendecomposition keep their previous inverse root (as the reference implementations do)."""
+    finite = torch.isfinite(stats).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        try:
+            inv.copy_(matrix_inverse_root(stats, p, eps))
+            return
+        except torch.linalg.LinAlgError:
+            pass
+    for i in range(stats.shape[0]):
+        if not bool(finite[i]):
+            continue
+        try:
+            inv[i].copy_(matrix_inverse_root(stats[i], p, eps))
+        except torch.linalg.LinAlgError:
+            continue
+
+
 @dataclass(frozen=True)
 class _Plan:
     m: int
@@ -305,9 +324,9 @@ class Shampoo(Optimizer):
                 st["R"].baddbmm_(gb.transpose(1, 2), gb, beta=beta, alpha=a)
             if t >= start and (t - start) % k == 0:
                 if plan.row:
-                    st["L_inv"].copy_(matrix_inverse_root(st["L"], plan.p_l, group["matrix_eps"]))
+                    _refresh_root_(st["L_inv"], st["L"], plan.p_l, group["matrix_eps"])
                 if plan.col:
-                    st["R_inv"].copy_(matrix_inverse_root(st["R"], plan.p_r, group["matrix_eps"]))
+                    _refresh_root_(st["R_inv"], st["R"], plan.p_r, group["matrix_eps"])
                 st["has_roots"].fill_(1.0)
             if not bool(st["has_roots"]):
                 updates.append(d)

@@ -47,10 +47,12 @@ def gnb_hessian(logits: torch.Tensor, params, kind: str = "categorical", *, reta
     (bernoulli: binary logistic) or ``(B, ...)`` (gaussian: squared error with unit variance).
     """
     params = list(params)
+    if not logits.requires_grad:
+        raise ValueError("gnb_hessian needs logits with autograd graph (compute them with grad enabled)")
+    flat = logits.reshape(-1, logits.shape[-1]) if kind == "categorical" else logits
     with torch.no_grad():
         if kind == "categorical":
-            flat = logits.reshape(-1, logits.shape[-1])
-            y_hat = torch.multinomial(F.softmax(flat.float(), dim=-1), 1, generator=generator).squeeze(-1)
+            y_hat = torch.multinomial(F.softmax(flat.detach().float(), dim=-1), 1, generator=generator).squeeze(-1)
         elif kind == "bernoulli":
             y_hat = torch.bernoulli(torch.sigmoid(logits.float()), generator=generator).to(logits.dtype)
         elif kind == "gaussian":

@@ -1,0 +1,227 @@
+"""Registry (names, grouping rules, sparse routing, errors), schedules, LR scaling and clipping."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from optim import (LAMB, LARS, CombinedOptimizer, available_optimizers, build_optimizer, build_scheduler,
+                   clip_grad_norm_, scale_lr)
+
+REQUIRED = ["sgd", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "radam", "amsgrad", "adafactor",
+            "lbfgs", "lars", "lamb", "sophia", "shampoo", "ftrl", "ista", "fista"]
+
+
+class Net(nn.Module):
+    def __init__(self, sparse=False):
+        super().__init__()
+        self.emb = nn.Embedding(20, 4, sparse=sparse)
+        self.bag = nn.EmbeddingBag(15, 4, mode="sum")
+        self.lin = nn.Linear(8, 6)
+        self.norm = nn.LayerNorm(6)
+        self.bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, ids):
+        h = torch.cat([self.emb(ids).mean(1), self.bag(ids % 15)], 1)
+        return self.out(self.bn(self.norm(self.lin(h)))).sum()
+
+
+def _ids():
+    return torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 5, 9]])
+
+
+def test_all_required_names_build_and_step():
+    assert set(REQUIRED) <= set(available_optimizers())
+    for name in REQUIRED:
+        torch.manual_seed(0)
+        model = Net()
+        opt = build_optimizer(name, model, lr=0.01)
+        before = [p.detach().clone() for p in model.parameters()]
+
+        def closure():
+            opt.zero_grad()
+            loss = model(_ids())
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), name
+    assert any(n.startswith("po:") for n in available_optimizers(include_external=True))
+
+
+def test_grouping_rules_for_lamb():
+    model = Net()
+    opt = build_optimizer("lamb", model, lr=1e-3, weight_decay=0.1, embedding_lr=0.05)
+    groups = {g["group"]: g for g in opt.param_groups}
+    assert set(groups) == {"decay", "embedding", "no_decay"}
+    assert groups["decay"]["param_names"] == ["lin.weight", "out.weight"]
+    assert set(groups["embedding"]["param_names"]) == {"emb.weight", "bag.weight"}
+    assert groups["embedding"]["lr"] == 0.05 and groups["decay"]["lr"] == 1e-3
+    nd = groups["no_decay"]
+    assert set(nd["param_names"]) == {"lin.bias", "norm.weight", "norm.bias", "bn.weight", "bn.bias", "out.bias"}
+    assert nd["weight_decay"] == 0.0 and nd["layer_adaptation"] is False
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["decay"]["layer_adaptation"] is True
+    opt.zero_grad()
+    Net.forward(model, _ids()).backward()
+    opt.step()
+    diag = opt.diagnostics()
+    assert "trust_ratio/lin.weight" in diag and "trust_ratio/norm.weight" not in diag
+
+
+def test_ftrl_and_prox_zero_their_l1_l2_for_biases():
+    g = {x["group"]: x for x in build_optimizer("fista", Net(), lr=0.1, l1=0.5).param_groups}
+    assert g["decay"]["l1"] == 0.5 and g["no_decay"]["l1"] == 0.0
+    g = {x["group"]: x for x in build_optimizer("ftrl", Net(), lr=0.1, l1=0.5, l2=0.1).param_groups}
+    assert g["no_decay"]["l1"] == 0.0 and g["no_decay"]["l2"] == 0.0
+
+
+def test_torch_optimizers_default_to_fused_kernels_and_plain_params_pass_through():
+    opt = build_optimizer("adamw", Net(), lr=1e-3)
+    assert all(g["fused"] for g in opt.param_groups)
+    lin = nn.Linear(3, 3)
+    opt = build_optimizer("sgd", [{"params": [lin.weight], "lr": 0.5}, {"params": [lin.bias]}], lr=0.1, momentum=0.9)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.1]
+    opt = build_optimizer("amsgrad", lin.parameters(), lr=0.1)
+    assert opt.param_groups[0]["amsgrad"] is True
+    opt = build_optimizer("nesterov", lin.parameters(), lr=0.1)
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[0]["momentum"] == 0.9
+    assert isinstance(build_optimizer("lars", lin.parameters(), lr=0.1), LARS)
+    assert isinstance(build_optimizer("LAMB", lin.named_parameters()), LAMB)
+
+
+@pytest.mark.parametrize("sparse_optimizer", ["sparse_adam", "adagrad", "ftrl"])
+def test_sparse_embeddings_routed_to_sparse_optimizer(sparse_optimizer):
+    torch.manual_seed(0)
+    model = Net(sparse=True)
+    opt = build_optimizer("lamb", model, lr=0.01, embedding_lr=0.1, sparse_optimizer=sparse_optimizer)
+    assert isinstance(opt, CombinedOptimizer) and isinstance(opt, torch.optim.Optimizer)
+    routes = {g["group"]: g["route"] for g in opt.param_groups}
+    assert routes["sparse_embedding"] == sparse_optimizer and routes["decay"] == "lamb"
+    sparse_group = next(g for g in opt.param_groups if g["group"] == "sparse_embedding")
+    assert sparse_group["lr"] == 0.1 and sparse_group["param_names"] == ["emb.weight"]
+    emb0 = model.emb.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        model(_ids()).backward()
+        assert model.emb.weight.grad.is_sparse
+        opt.step()
+    assert not torch.equal(model.emb.weight, emb0)
+    assert torch.equal(model.emb.weight[10:], emb0[10:])  # untouched rows (ids < 10)
+    # state_dict round trip through bytes resumes identically; LR changes reach the inner optimizers
+    buf = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    model2 = Net(sparse=True)
+    model2.load_state_dict(saved["m"])
+    opt2 = build_optimizer("lamb", model2, lr=0.01, embedding_lr=0.1, sparse_optimizer=sparse_optimizer)
+    opt2.load_state_dict(saved["o"])
+    sched = build_scheduler(opt2, "step", step_size=1, gamma=0.5)
+    sched_ref = build_scheduler(opt, "step", step_size=1, gamma=0.5)
+    for m, o, s in ((model, opt, sched_ref), (model2, opt2, sched)):
+        for _ in range(2):
+            o.zero_grad()
+            m(_ids()).backward()
+            o.step()
+            s.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)
+    # rebuild from param_groups alone (what hvd.DistributedOptimizer does)
+    clone = CombinedOptimizer(opt2.param_groups)
+    assert [type(o).__name__ for o in clone.optimizers] == [type(o).__name__ for o in opt2.optimizers]
+
+
+def test_errors_list_valid_options():
+    with pytest.raises(ValueError, match="valid names: sgd, nesterov"):
+        build_optimizer("adamx", Net())
+    with pytest.raises(ValueError, match=r"unknown hyperparameter.*'lrr'.*valid: lr, betas"):
+        build_optimizer("adam", Net(), lrr=0.1)
+    with pytest.raises(ValueError, match="bad hyperparameters for optimizer 'adam'.*valid hyperparameters"):
+        build_optimizer("adam", Net(), lr=-1.0)
+    with pytest.raises(ValueError, match=r"betas\[0\]"):
+        build_optimizer("lamb", Net(), betas=(1.5, 0.9))
+    with pytest.raises(ValueError, match="graft"):
+        build_optimizer("shampoo", Net(), graft="kfac")
+    with pytest.raises(ValueError, match="sparse_optimizer"):
+        build_optimizer("adam", Net(sparse=True), sparse_optimizer="lamb")
+    with pytest.raises(ValueError, match="num_components"):
+        build_optimizer("saga", Net())
+    with pytest.raises(ValueError, match="single dense param group"):
+        build_optimizer("lbfgs", Net(sparse=True))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        build_scheduler(build_optimizer("adam", Net()), "cosinus", total_steps=10)
+    with pytest.raises(ValueError, match="total_steps"):
+        build_scheduler(build_optimizer("adam", Net()), "cosine", warmup_steps=10, total_steps=5)
+
+
+def test_po_names_are_exposed():
+    lin = nn.Linear(3, 3)
+    opt = build_optimizer("po:adan", lin.parameters(), lr=1e-3)
+    assert type(opt).__name__ == "Adan"
+
+
+def _lrs(name, steps, **kw):
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, name, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_match_closed_forms():
+    w, total = 4, 20
+    got = _lrs("cosine", total, warmup_steps=w, total_steps=total, min_lr=0.1)
+    want = [(t + 1) / w for t in range(w)] + [0.1 + 0.9 * (1 + math.cos(math.pi * s / (total - w))) / 2
+                                            for s in range(total - w)]
+    assert got == pytest.approx(want)
+    got = _lrs("poly", total, warmup_steps=w, total_steps=total, power=2.0)
+    want = [(t + 1) / w for t in range(w)] + [(1 - s / (total - w)) ** 2 for s in range(total - w)]
+    assert got == pytest.approx(want)
+    got = _lrs("step", 10, step_size=3, gamma=0.5)
+    assert got == pytest.approx([0.5 ** (t // 3) for t in range(10)])
+    got = _lrs("multistep", 10, warmup_steps=2, milestones=[3, 5], gamma=0.1)
+    assert got == pytest.approx([0.5, 1.0, 1, 1, 1, 0.1, 0.1, 0.01, 0.01, 0.01])
+    got = _lrs("constant", 6, warmup_steps=3)
+    assert got == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1])
+
+
+def test_scale_lr_rules():
+    assert scale_lr(0.1, 8192, 256) == pytest.approx(3.2)  # Goyal et al.: linear
+    assert scale_lr(1e-3, 1024, 256, rule="sqrt") == pytest.approx(2e-3)
+    assert scale_lr(1e-3, 1024, 256, rule="none") == 1e-3
+    with pytest.raises(ValueError):
+        scale_lr(0.1, 0, 256)
+    with pytest.raises(ValueError, match="linear, sqrt"):
+        scale_lr(0.1, 512, 256, rule="cube")
+
+
+def test_clip_grad_norm_dense_and_sparse():
+    model = Net(sparse=True)
+    model(_ids()).backward()
+    params = list(model.parameters())
+    grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    total = clip_grad_norm_(params, max_norm=0.01)
+    assert float(total) == pytest.approx(float(norm), rel=1e-5)
+    grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    assert float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) == pytest.approx(0.01, rel=1e-4)
+    dense = Net()
+    ref = copy.deepcopy(dense)
+    dense(_ids()).backward()
+    ref(_ids()).backward()
+    t1 = clip_grad_norm_(dense.parameters(), 0.5)
+    t2 = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    assert float(t1) == pytest.approx(float(t2)) and float(t1) > 0
+    for a, b in zip(dense.parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad)
