@@ -251,6 +251,11 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     if not groups and not sparse_groups:
         raise ValueError("optimizer got an empty parameter list")
 
+    # weight_decay=0 is accepted by every optimizer (a no-op where the method has no such term), so
+    # generic training loops can always pass it; a non-zero value still raises below
+    if "weight_decay" in hp and "weight_decay" not in _valid_hp(spec) and not hp["weight_decay"]:
+        hp.pop("weight_decay")
+
     if spec.fused_ok and "foreach" not in hp and "fused" not in hp and _all_dense_float(groups):
         hp["fused"] = True  # one fused kernel per step: the fastest torch path on CPU and CUDA
 

@@ -235,8 +235,9 @@ def _rss_bytes() -> int:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _trim_heap() -> None:
-    gc.collect()
+def _trim_heap(collect: bool = True) -> None:
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # pragma: no cover - non-glibc
@@ -343,7 +344,7 @@ def measure_batch_size_bounds(
                 times.append(time.perf_counter() - t)
             peak = float(torch.cuda.max_memory_allocated(dev))
         else:
-            _trim_heap()
+            _trim_heap(collect=False)
             with _RssSampler() as sampler:
                 for _ in range(timed_steps):
                     t = time.perf_counter()

@@ -1,0 +1,134 @@
+"""Large-batch toolkit: linear memory/time models recover a known relation, the step-up detector
+fires exactly where the gradient-norm rate crosses eta, the noise-scale estimator matches its
+analytic value for a known gradient covariance, and a real (tiny) batch-size measurement."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optim.large_batch import (BatchSizeReport, CriticalPhaseDetector, GradientNoiseScale, GradientStepUp,
+                               estimate_noise_scale, fit_linear, measure_batch_size_bounds, noise_scale_estimates)
+
+
+# ------------------------------------------------------------------------------- batch-size bounds
+def test_linear_models_recover_synthetic_relation_and_predict_bounds():
+    rng = np.random.default_rng(0)
+    bs = np.array([16, 32, 64, 128, 256, 512])
+    mem = 300e6 + 1.5e6 * bs + rng.normal(0, 0.2e6, bs.size)      # 300 MB + 1.5 MB/sample
+    tim = 0.004 + 0.0001 * bs + rng.normal(0, 1e-5, bs.size)        # 4 ms + 0.1 ms/sample
+    rep = BatchSizeReport.from_measurements(bs, mem, tim, memory_budget_bytes=2e9)
+    assert rep.memory_fit.slope == pytest.approx(1.5e6, rel=1e-3)
+    assert rep.memory_fit.intercept == pytest.approx(300e6, rel=1e-3)
+    assert rep.time_fit.slope == pytest.approx(1e-4, rel=2e-2)
+    assert rep.time_fit.intercept == pytest.approx(4e-3, rel=2e-2)
+    assert rep.memory_fit.r2 > 0.9999 and rep.memory_fit.max_rel_err < 1e-3
+    # (2e9 - 300e6) / 1.5e6 = 1133.3
+    assert rep.max_batch_for_budget in (1132, 1133, 1134)
+    # knee at 90% of 1/t1: b = 9 * t0 / t1 = 360
+    assert rep.knee_batch == pytest.approx(360, rel=0.03)
+    assert rep.recommended_batch == rep.knee_batch
+    assert rep.best_measured_batch == 512
+    rows = rep.rows()
+    assert [r["kind"] for r in rows] == ["measured"] * 6 + ["max_for_budget", "knee"]
+    assert rows[-2]["pred_memory_mb"] == pytest.approx(2e9 / 2**20, rel=2e-3)
+    table = rep.to_table()
+    assert "memory(b)" in table and "max_for_budget" in table
+    assert rep.to_dict()["summary"]["max_batch_for_budget"] == rep.max_batch_for_budget
+
+
+def test_fit_linear_exact_and_errors():
+    f = fit_linear([1, 2, 3], [5, 7, 9])
+    assert (f.slope, f.intercept, f.r2, f.rmse) == pytest.approx((2.0, 3.0, 1.0, 0.0))
+    assert f.solve(11) == pytest.approx(4.0)
+    with pytest.raises(ValueError):
+        fit_linear([4, 4], [1, 2])
+
+
+def test_measure_batch_size_bounds_on_a_tiny_model():
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+    rep = measure_batch_size_bounds(model, lambda b: (torch.randn(b, 64), torch.randint(0, 10, (b,))),
+                                    [32, 128, 512], memory_budget=64 * 2**30, device="cpu", timed_steps=2)
+    assert [m.batch_size for m in rep.measurements] == [32, 128, 512]
+    assert all(m.step_time_s > 0 and m.peak_memory_bytes > 10 * 2**20 for m in rep.measurements)
+    assert rep.memory_kind == "process_rss"
+    assert rep.max_batch_for_budget is None or rep.max_batch_for_budget > 512
+    assert len(rep.rows()) >= 3 and math.isfinite(rep.memory_fit.r2)
+
+
+# ---------------------------------------------------------------------------------------- step-up
+def test_detector_fires_exactly_where_rate_crosses_eta():
+    norms = [10.0, 9.0, 8.5, 3.0, 2.9, 2.8, 6.0, 5.9, 5.8, 5.7]
+    rates = [math.nan] + [abs(b - a) / a for a, b in zip(norms, norms[1:])]
+    for eta in (0.5, 0.8):
+        det = CriticalPhaseDetector(eta=eta, interval=1)
+        flags = [det.update(n) for n in norms]
+        expected = [True] + [r >= eta for r in rates[1:]]
+        assert flags == expected
+    # 8.5 -> 3.0 is a 65% drop (fires at 0.5, not at 0.8); 2.8 -> 6.0 a 114% jump (fires at both)
+    det = CriticalPhaseDetector(eta=0.5)
+    assert [det.update(n) for n in norms][3] is True
+    assert det.metric == pytest.approx(0.1 / 5.8)  # last: 5.8 -> 5.7
+
+
+def test_detector_with_intervals_uses_interval_means():
+    det = CriticalPhaseDetector(eta=0.5, interval=2)
+    flags = [det.update(n) for n in [4, 4, 4, 4, 1, 1, 1, 1.2]]
+    # interval means 4, 4, 1, 1.1; decisions at the end of intervals 2 (0%), 3 (75%), 4 (10%)
+    assert flags == [True, True, True, False, False, True, True, False]
+
+
+def test_step_up_scales_gradients_outside_critical_phases():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=1.0)
+    su = GradientStepUp(alpha=8.0, eta=0.5)
+    applied = []
+    for g in [1.0, 1.0, 0.2, 0.2]:
+        w.grad = torch.full((3,), g)
+        before = w.detach().clone()
+        su.step(opt)
+        applied.append(float((before - w.detach())[0]) / g)
+    assert applied == pytest.approx([1.0, 8.0, 1.0, 8.0])  # first and the 80% drop are critical
+    d = su.diagnostics()
+    assert d["step_up/factor"] == 8.0 and d["step_up/critical"] == 0.0 and d["step_up/metric"] == pytest.approx(0.0)
+    su2 = GradientStepUp()
+    su2.load_state_dict(su.state_dict())
+    assert su2.diagnostics() == d
+    with pytest.raises(ValueError):
+        GradientStepUp(alpha=0.5)
+
+
+# ------------------------------------------------------------------------------------ noise scale
+def test_noise_scale_estimators_are_exact_in_expectation():
+    g2, s = 4.0, 200.0  # |G|^2 and tr(Sigma)
+    small, big = g2 + s / 8, g2 + s / 128
+    assert noise_scale_estimates(small, big, 8, 128) == pytest.approx((g2, s))
+
+
+def test_noise_scale_matches_analytic_value_for_known_covariance():
+    """f_i(w) = |w - x_i|^2 / 2 with x_i ~ N(mu, Sigma): per-example gradient w - x_i, so
+    G = w - mu and the gradient covariance is Sigma; B_simple = tr(Sigma) / |w - mu|^2."""
+    torch.manual_seed(0)
+    d = 10
+    a = torch.randn(d, d, dtype=torch.float64)
+    sigma = a @ a.T / d + 0.5 * torch.eye(d, dtype=torch.float64)
+    mu = torch.randn(d, dtype=torch.float64)
+    chol = torch.linalg.cholesky(sigma)
+    w = torch.nn.Parameter(mu + 0.3 * torch.randn(d, dtype=torch.float64))
+    model = torch.nn.Module()
+    model.w = w
+    analytic = float(torch.trace(sigma) / ((w.detach() - mu) ** 2).sum())
+    gns = GradientNoiseScale(beta=0.999)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(1500):
+        x = mu + torch.randn(256, d, generator=gen, dtype=torch.float64) @ chol.T
+        est = estimate_noise_scale(model, lambda m, c: 0.5 * ((m.w - c[0]) ** 2).sum(1).mean(), (x,), n_chunks=8)
+        gns.update(est["small_sq"], est["big_sq"], est["b_small"], est["b_big"])
+    assert gns.b_simple == pytest.approx(analytic, rel=0.05)
+    assert gns.trace_cov == pytest.approx(float(torch.trace(sigma)), rel=0.05)
