@@ -35,7 +35,9 @@ class TrainConfig(BaseModel):
         description="model hyper-parameters, e.g. embedding_dim, bottom_mlp, top_mlp, cross_layers",
     )
     sparse_embeddings: bool | Literal["auto"] = Field(
-        "auto", description="sparse embedding gradients: auto = when the optimizer supports them"
+        "auto",
+        description="sparse embedding gradients: auto = when the optimizer's own update supports them "
+        "(sgd/momentum/nesterov/adagrad/ftrl, no weight decay); true = also route to optimizer_params.sparse_optimizer",
     )
     # --- data ---------------------------------------------------------------------------
     train_table: str | None = Field(None, description="gold train table (default: lake/<dataset>/gold/train)")
@@ -50,7 +52,8 @@ class TrainConfig(BaseModel):
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer_params: dict[str, Any] = Field(default_factory=dict, description="extra optimizer kwargs")
-    scheduler: str = Field("constant", description="constant | cosine | linear | step (after warmup)")
+    scheduler: str = Field("constant", description="constant | cosine | linear | poly | step | multistep | exponential")
+    scheduler_params: dict[str, Any] = Field(default_factory=dict, description="e.g. step_size, gamma, power")
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     batch_size: int = Field(512, description="GLOBAL samples per optimizer step (all ranks x accumulation)")

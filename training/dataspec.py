@@ -103,7 +103,8 @@ def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
         return None
     base = Path(train_uri.replace("file://", ""))
     for d in (base, base.parent, base.parent.parent):
-        for pat in ("vocabulary.json", "vocab.json", "_vocabulary.json", "*vocab*.json", "*/vocabulary.json"):
+        for pat in ("features.json", "vocabulary.json", "vocab.json", "_vocabulary.json", "*vocab*.json",
+                    "*/vocabulary.json"):
             hits = sorted(glob.glob(str(d / pat)))
             if hits:
                 return hits[0]
@@ -170,6 +171,8 @@ def resolve_data(cfg) -> DataSpec:
 
     t = cfg.train
     ds = cfg.run.dataset
+    if ds == "criteo" and getattr(cfg, "criteo", None) is not None:
+        ds = cfg.criteo.name  # the Criteo pipeline writes <lake.root>/<criteo.name>/gold/<split>
     train = t.train_table or cfg.lake.table(ds, "gold", "train")
     valid = t.valid_table or cfg.lake.table(ds, "gold", "valid")
     test = t.test_table or cfg.lake.table(ds, "gold", "test")

@@ -38,7 +38,7 @@ def table_to_tensors(uri: str, version: int | None, columns: Sequence[str], max_
             arr = arr.reshape(n, -1) if n else arr.reshape(0, 0)
         else:
             arr = col.to_numpy(zero_copy_only=False)
-        out[c] = torch.from_numpy(np.ascontiguousarray(arr))
+        out[c] = torch.from_numpy(np.array(arr, copy=True))
     return out
 
 

@@ -30,7 +30,7 @@ from training.dataspec import DataSpec, batch_to_inputs
 from training.loaders import make_loader
 from training.metrics import binary_metrics
 from training.models import build_model, memory_report, sparse_parameters
-from training.optimizers import build_optimizer, build_scheduler, supports_sparse
+from training.optimizers import build_optimizer, build_scheduler, can_route_sparse, supports_sparse
 from training.tracking import MetricLogger
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,12 @@ def pick_device(local_rank: int) -> torch.device:
 
 
 def resolve_sparse(t: TrainConfig) -> bool:
-    ok = supports_sparse(t.optimizer, t.weight_decay)
     if t.sparse_embeddings == "auto":
-        return ok
-    if t.sparse_embeddings and not ok:
+        return supports_sparse(t.optimizer, t.weight_decay)
+    if t.sparse_embeddings and not can_route_sparse(t.optimizer):
         raise ValueError(
-            f"train.sparse_embeddings: optimizer {t.optimizer!r} (weight_decay={t.weight_decay}) does not accept "
-            "sparse gradients; use sgd/momentum/nesterov/adagrad/sparse_adam without weight decay, or set it false/auto"
+            f"train.sparse_embeddings: optimizer {t.optimizer!r} cannot train sparse embeddings; "
+            "use sgd/momentum/nesterov/adagrad/ftrl, or set sparse_embeddings to false/auto"
         )
     return bool(t.sparse_embeddings)
 
@@ -216,16 +215,6 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             dist.broadcast_optimizer_state(opt, model)
     dist.broadcast_parameters(model)
 
-    total_hint = t.max_steps
-    sched = build_scheduler(opt, name=t.scheduler, total_steps=total_hint, warmup_steps=t.warmup_steps,
-                            min_lr_ratio=t.min_lr_ratio)
-    if meta is not None:
-        sched.load_state_dict(meta["scheduler"])
-        for g, lr in zip(opt.param_groups, sched.get_last_lr()):
-            g["lr"] = lr
-        if comm is not None and meta.get("compressor") and hasattr(comm, "load_state_dict"):
-            comm.load_state_dict(meta["compressor"])
-
     # ---- data ----------------------------------------------------------------------------
     micro = t.micro_batch_size
     loader = make_loader(spec.train, spec.columns, micro, version=spec.versions.get("train"), rank=rank,
@@ -249,6 +238,15 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
 
     valid_loader = eval_loader_for("valid")
 
+    sched = build_scheduler(opt, name=t.scheduler, total_steps=total_steps, warmup_steps=t.warmup_steps,
+                            min_lr_ratio=t.min_lr_ratio, params=t.scheduler_params, base_lr=t.lr)
+    if meta is not None:
+        sched.load_state_dict(meta["scheduler"])
+        for g, lr in zip(opt.param_groups, sched.get_last_lr()):
+            g["lr"] = lr
+        if comm is not None and meta.get("compressor"):
+            comm.load_state_dict(meta["compressor"][rank])  # error-feedback residuals are per rank
+
     # ---- state ---------------------------------------------------------------------------
     step, epoch = 0, 0
     progress: dict[str, Any] = {"samples": 0, "train_s": 0.0, "wall_s": 0.0, "tta": None, "best_auc": None}
@@ -258,6 +256,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         progress = meta["progress"]
         history = meta.get("history") or history
         loader.load_state_dict(meta["loaders"][rank])
+        epoch = int(getattr(loader, "epoch", epoch))  # the loader's position is authoritative
         torch.set_rng_state(meta["rng"][rank])
         if device.type == "cuda" and meta.get("cuda_rng"):
             torch.cuda.set_rng_state(meta["cuda_rng"][rank])
@@ -292,13 +291,14 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         loaders = dist.allgather_object(loader.state_dict())
         rngs = dist.allgather_object(torch.get_rng_state())
         cuda_rngs = dist.allgather_object(torch.cuda.get_rng_state()) if device.type == "cuda" else None
+        comms = dist.allgather_object(comm.state_dict()) if comm is not None else None
         if rank == 0:
             state = {
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "compressor": comm.state_dict() if comm is not None and hasattr(comm, "state_dict") else None,
+                "compressor": comms,
                 "loaders": loaders,
                 "rng": rngs,
                 "cuda_rng": cuda_rngs,
@@ -359,7 +359,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             if comm is not None:
                 stats = comm.synchronize()
                 sent = float(stats.bytes_sent)
-                last_comm = {f"comm.{k}": float(v) for k, v in stats.as_metrics().items()}
+                last_comm = {k: float(v) for k, v in stats.as_metrics().items()}
             else:
                 sent = float(dense_grad_bytes)
                 for p in trainable:
@@ -478,7 +478,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         "test": test,
         "tta": progress["tta"],
         "best_auc": progress["best_auc"],
-        "bytes_sent_per_step": float(dense_grad_bytes if comm is None else last_comm.get("comm.bytes_sent", 0.0)),
+        "bytes_sent_per_step": float(dense_grad_bytes if comm is None else last_comm.get("comm/bytes_sent", 0.0)),
         "fingerprint": fingerprint,
         "memory": {**mem, "optimizer_state_mb": _optimizer_state_mb(opt), "peak_rss_mb": max(rss)},
         "table_version": spec.versions.get("train"),

@@ -19,13 +19,27 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# optimizer name -> may its parameters receive sparse (COO) gradients?
-_SPARSE_OK = {"sgd", "momentum", "nesterov", "adagrad", "sparse_adam"}
+# optimizers whose own update accepts sparse (COO) gradients (without weight decay)
+_SPARSE_NATIVE = {"sgd", "momentum", "nesterov", "adagrad", "ftrl", "sparse_adam"}
+
+
+def _registry():
+    try:
+        from optim import build_optimizer as registry  # noqa: PLC0415
+    except ImportError:
+        return None
+    return registry
 
 
 def supports_sparse(name: str, weight_decay: float = 0.0) -> bool:
-    """Whether ``torch.optim``'s implementation accepts sparse embedding gradients."""
-    return name.lower() in _SPARSE_OK and not weight_decay
+    """Whether ``name`` itself updates sparse embedding gradients (same maths as dense)."""
+    return name.lower() in _SPARSE_NATIVE and not weight_decay
+
+
+def can_route_sparse(name: str) -> bool:
+    """Whether sparse embeddings can be trained at all with ``name``: natively, or by the
+    registry routing them to a sparse optimizer (``optimizer_params.sparse_optimizer``)."""
+    return supports_sparse(name) or (_registry() is not None and name.lower() not in {"lbfgs"})
 
 
 def _torch_optimizer(name: str, params: Iterable, lr: float, weight_decay: float, hp: dict[str, Any]):
@@ -60,20 +74,69 @@ def _torch_optimizer(name: str, params: Iterable, lr: float, weight_decay: float
     )
 
 
+def _has_sparse_embeddings(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse for m in model.modules())
+
+
 def build_optimizer(
     name: str, model: torch.nn.Module, *, lr: float, weight_decay: float = 0.0, params: dict[str, Any] | None = None
 ) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``: ``optim.build_optimizer`` when present, else torch.optim.
+
+    ``momentum`` is SGD with momentum 0.9. With sparse embeddings and an optimizer that
+    handles sparse gradients itself (sgd/momentum/nesterov/adagrad/ftrl), the embeddings are
+    routed to the same update rule, so sparse and dense runs optimise the same objective.
+    """
+    hp = dict(params or {})
+    key = name.strip().lower()
+    if key == "momentum":
+        key = "sgd"
+        hp.setdefault("momentum", 0.9)
+    registry = _registry()
+    if registry is None:
+        return _torch_optimizer(key, model.parameters(), lr, weight_decay, hp)
+    if _has_sparse_embeddings(model) and "sparse_optimizer" not in hp and key in {"sgd", "nesterov", "adagrad", "ftrl"}:
+        route = "sgd" if key in {"sgd", "nesterov"} else key
+        hp["sparse_optimizer"] = route
+        if route == "sgd":
+            mom = hp.get("momentum", 0.9 if key == "nesterov" else 0.0)
+            sparse_hp = {"momentum": mom} if mom else {}
+            if key == "nesterov":
+                sparse_hp["nesterov"] = True
+            hp.setdefault("sparse_hp", sparse_hp)
+    return registry(key, model, lr=lr, weight_decay=weight_decay, **hp)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    params: dict[str, Any] | None = None,
+    base_lr: float | None = None,
+):
+    """LR schedule stepped once per optimizer step: linear warmup, then ``name``.
+
+    ``optim.build_scheduler`` when present (``constant``, ``cosine``, ``linear``, ``poly``,
+    ``step``, ``multistep``, ``exponential``; options in ``train.scheduler_params``), else a
+    ``LambdaLR`` over :func:`lr_factor`. Both have plain ``state_dict``s (checkpoint-safe).
+    """
     hp = dict(params or {})
     try:
-        from optim import build_optimizer as registry  # noqa: PLC0415
+        from optim import build_scheduler as registry  # noqa: PLC0415
     except ImportError:
         registry = None
     if registry is not None:
-        try:
-            return registry(name, model.parameters(), lr=lr, weight_decay=weight_decay, **hp)
-        except (KeyError, NotImplementedError) as e:
-            log.debug("optim registry has no %s (%s); using torch.optim", name, e)
-    return _torch_optimizer(name, model.parameters(), lr, weight_decay, hp)
+        if name == "cosine" and min_lr_ratio and "min_lr" not in hp:
+            hp["min_lr"] = (base_lr or optimizer.param_groups[0]["lr"]) * min_lr_ratio
+        return registry(optimizer, name, warmup_steps=warmup_steps, total_steps=total_steps, **hp)
+    lr_factor(0, total_steps=total_steps, warmup_steps=warmup_steps, schedule=name)  # validate the name
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup_steps, schedule=name, min_ratio=min_lr_ratio),
+    )
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -91,19 +154,3 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, 
     if schedule == "step":  # x0.1 at 50% and 75% of the post-warmup steps
         return 1.0 if t < 0.5 else 0.1 if t < 0.75 else 0.01
     raise ValueError(f"unknown scheduler {schedule!r}: constant, cosine, linear, step")
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    name: str,
-    total_steps: int,
-    warmup_steps: int = 0,
-    min_lr_ratio: float = 0.0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` (its ``state_dict`` is plain ints/floats: checkpoint-safe)."""
-    lr_factor(0, total_steps=total_steps, warmup_steps=warmup_steps, schedule=name)  # validate the name
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, total_steps=total_steps, warmup_steps=warmup_steps, schedule=name, min_ratio=min_lr_ratio),
-    )

@@ -1,0 +1,77 @@
+"""bigopt batch-size <conf.yaml> [k=v ...] [--sizes 256,1024,...] [--memory-budget-gb G]
+
+Measures peak memory and step time of one full training step (forward, backward, optimizer
+step) of the configured model/optimizer at several per-rank batch sizes, on real rows of the
+gold train table, and prints the large-batch toolkit's table (``optim.large_batch``): linear
+memory/time fits, the largest batch for the memory budget and the throughput knee.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default=None, help="comma-separated per-rank batch sizes (default: around train.batch_size)")
+    parser.add_argument("--memory-budget-gb", type=float, default=None, help="memory per rank (default: none)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per size")
+
+
+def default_sizes(micro: int) -> list[int]:
+    base = max(16, micro)
+    return sorted({max(16, base // 4), max(16, base // 2), base, base * 2, base * 4})
+
+
+def run(cfg, args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from optim.large_batch import measure_batch_size_bounds
+    from training.dataspec import batch_to_inputs, resolve_data
+    from training.loaders import table_to_tensors
+    from training.loop import resolve_sparse
+    from training.models import build_model
+    from training.optimizers import build_optimizer
+
+    t = cfg.train
+    try:
+        spec = resolve_data(cfg)
+    except FileNotFoundError as e:
+        print(f"bigopt batch-size: {e}", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else default_sizes(t.micro_batch_size)
+    rows = table_to_tensors(spec.train, spec.versions.get("train"), spec.columns)
+    n = next(iter(rows.values())).shape[0]
+    sparse = resolve_sparse(t)
+
+    def model_factory():
+        torch.manual_seed(cfg.run.seed)
+        return build_model(t.model, cardinalities=spec.cardinalities, num_dense=spec.num_dense, sparse=sparse,
+                           **t.model_params)
+
+    def batch_factory(b: int):
+        idx = torch.arange(b) % n
+        return batch_to_inputs({k: v[idx] for k, v in rows.items()}, spec)
+
+    def loss_fn(model, batch):
+        dense, sp, label, _ = batch
+        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=t.bf16):
+            z = model(dense, sp)
+        return F.binary_cross_entropy_with_logits(z.float(), label)
+
+    def optimizer_factory(model):
+        return build_optimizer(t.optimizer, model, lr=t.lr, weight_decay=t.weight_decay, params=t.optimizer_params)
+
+    budget = args.memory_budget_gb * 2**30 if args.memory_budget_gb else None
+    report = measure_batch_size_bounds(model_factory, batch_factory, sizes, budget, loss_fn=loss_fn,
+                                       optimizer_factory=optimizer_factory, timed_steps=args.steps)
+    print(f"bigopt batch-size: {t.model} / {t.optimizer}, table {spec.train} v{spec.versions.get('train')}, "
+          f"per-rank batch sizes {sizes}")
+    print(report.to_table())
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import submit_main
+
+    submit_main("batch-size")

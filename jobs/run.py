@@ -1,0 +1,131 @@
+"""bigopt run <conf.yaml> [k=v ...] [--no-generate] [--force-ingest] [--local] [--num-proc N]
+
+The whole first slice in one command, on one SparkSession:
+
+    generate (synthetic raw Criteo, when no raw input exists) -> ingest (raw -> bronze)
+    -> featurize (bronze -> gold + vocabulary) -> train (Horovod-on-Spark, MLflow)
+    -> final test-split evaluation -> summary table
+
+``make demo`` = ``bigopt run conf/demo.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-generate", action="store_true", help="never generate synthetic raw data")
+    parser.add_argument("--force-ingest", action="store_true", help="re-ingest files already in bronze")
+    parser.add_argument("--skip-data", action="store_true", help="train on the existing gold tables only")
+    parser.add_argument("--local", action="store_true", help="train in-process (one rank, no Horovod)")
+    parser.add_argument("--num-proc", type=int, default=None, help="override train.num_proc")
+
+
+def _stage(name: str):
+    """Import a Criteo pipeline stage: ``pipelines.criteo.<name>.<name>`` or the package's."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"pipelines.criteo.{name}")
+        return getattr(mod, name)
+    except (ImportError, AttributeError):
+        pkg = importlib.import_module("pipelines.criteo")
+        fn = getattr(pkg, name, None)
+        if fn is None:
+            raise ImportError(f"pipelines.criteo has no {name}() yet") from None
+        return fn
+
+
+def needs_generation(cfg) -> bool:
+    """Generate only when no raw input is configured/present (the demo case)."""
+    if cfg.criteo.inputs:
+        return False
+    raw = Path(cfg.criteo.raw_dir)
+    return not raw.is_dir() or not any(p.is_file() for p in raw.iterdir())
+
+
+def run(cfg, args) -> int:
+    from rich.console import Console
+
+    from jobs.train import apply_cli_overrides
+    from pipelines.spark import spark_from_config
+    from training.api import print_summary, run_training
+    from training.launch import RankFailure
+
+    console = Console()
+    if cfg.run.dataset != "criteo" or getattr(cfg, "criteo", None) is None:
+        print("bigopt run: only run.dataset=criteo has a pipeline so far", file=sys.stderr)
+        return 2
+    try:
+        cfg = apply_cli_overrides(cfg, args)
+    except ValueError as e:
+        print(f"bigopt run: {e}", file=sys.stderr)
+        return 2
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"test_at_end": True})})
+    timings: dict[str, float] = {}
+    spark = spark_from_config(cfg.spark)
+
+    if not args.skip_data:
+        if not args.no_generate and needs_generation(cfg):
+            t0 = time.perf_counter()
+            console.print(f"[bold]generate[/] synthetic raw Criteo -> {cfg.criteo.raw_dir}")
+            files = _stage("generate")(cfg)
+            timings["generate"] = time.perf_counter() - t0
+            console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
+        t0 = time.perf_counter()
+        console.print("[bold]ingest[/] raw -> bronze")
+        rep = _stage("ingest")(spark, cfg, force=args.force_ingest)
+        timings["ingest"] = time.perf_counter() - t0
+        console.print(f"  {_brief(rep)} ({timings['ingest']:.1f} s)")
+        t0 = time.perf_counter()
+        console.print("[bold]featurize[/] bronze -> gold + vocabulary")
+        rep = _stage("featurize")(spark, cfg)
+        timings["featurize"] = time.perf_counter() - t0
+        console.print(f"  {_brief(rep)} ({timings['featurize']:.1f} s)")
+
+    t0 = time.perf_counter()
+    console.print(f"[bold]train[/] {cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)")
+    try:
+        res = run_training(cfg, spark=spark, local=args.local)
+    except FileNotFoundError as e:
+        print(f"bigopt run: {e}", file=sys.stderr)
+        return 2
+    except RankFailure as e:
+        print(f"bigopt run: {e}", file=sys.stderr)
+        return 1
+    timings["train"] = time.perf_counter() - t0
+    res.extra["timings"] = timings
+    print_summary(res, title=f"bigopt run - {cfg.run.name}  (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")")
+    return 0
+
+
+def _brief(report) -> str:
+    """One line from a pipeline report dataclass (whatever fields it has)."""
+    if report is None:
+        return "done"
+    if hasattr(report, "summary") and callable(report.summary):
+        try:
+            return str(report.summary())
+        except Exception:  # noqa: BLE001
+            pass
+    fields = getattr(report, "__dataclass_fields__", None)
+    if fields:
+        parts = []
+        for k in fields:
+            v = getattr(report, k)
+            if isinstance(v, int | float | str) and len(str(v)) < 60:
+                parts.append(f"{k}={v}")
+        return ", ".join(parts[:8])
+    return str(report)[:200]
+
+
+if __name__ == "__main__":
+    from jobs.cli import submit_main
+
+    submit_main("run")

@@ -1,0 +1,62 @@
+"""bigopt train <conf.yaml> [k=v ...] [--resume] [--local] [--num-proc N]
+
+Trains ``train.model`` on the gold tables with Horovod-on-Spark (``train.num_proc`` ranks;
+1 or ``--local`` runs in this process without Horovod), tracked in MLflow, and prints a
+summary table. Under spark-submit: ``spark-submit jobs/train.py conf/criteo.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint (same MLflow run)")
+    parser.add_argument("--local", action="store_true", help="one in-process rank, no Horovod/Spark (debugging)")
+    parser.add_argument("--num-proc", type=int, default=None, help="override train.num_proc")
+
+
+def apply_cli_overrides(cfg, args):
+    """``--num-proc`` -> ``train.num_proc`` (re-validated: batch_size must divide)."""
+    n = getattr(args, "num_proc", None)
+    if n is None:
+        return cfg
+    from training.config import TrainConfig
+
+    train = TrainConfig.model_validate({**cfg.train.model_dump(), "num_proc": n})
+    return cfg.model_copy(update={"train": train})
+
+
+def run(cfg, args) -> int:
+    from training.api import print_summary, run_training
+    from training.launch import RankFailure
+
+    try:
+        cfg = apply_cli_overrides(cfg, args)
+    except ValueError as e:
+        print(f"bigopt train: {e}", file=sys.stderr)
+        return 2
+    spark = None
+    if cfg.train.num_proc > 1 and cfg.train.backend == "horovod" and not args.local:
+        from pipelines.spark import spark_from_config
+
+        spark = spark_from_config(cfg.spark)
+    try:
+        res = run_training(cfg, spark=spark, resume=args.resume, local=args.local)
+    except FileNotFoundError as e:
+        print(f"bigopt train: {e}", file=sys.stderr)
+        return 2
+    except RankFailure as e:
+        print(f"bigopt train: {e}", file=sys.stderr)
+        return 1
+    print_summary(res, title=f"bigopt train - {cfg.run.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import submit_main
+
+    submit_main("train")

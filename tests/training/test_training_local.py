@@ -1,0 +1,102 @@
+"""In-process training (num_proc 1, no Horovod): learning, resume, MLflow run contents, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train_helpers import train_cfg
+from training.api import run_training
+from training.loop import InjectedFailure
+
+
+def test_local_training_learns_and_reports(synth_gold, tmp_path):
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=80", "train.eval_every=40", "train.target_auc=0.6",
+                    "train.early_stop=false", "train.test_at_end=true")
+    res = run_training(cfg)
+    r = res.rank0
+    assert r["step"] == 80 and r["world_size"] == 1 and r["samples"] == 80 * 256
+    assert res.valid["auc"] > 0.7, res.valid
+    assert res.valid["rows"] == 4000 and res.test["rows"] == 4000  # whole splits, every row once
+    assert r["tta"] is not None and r["tta"]["tta_samples"] <= r["samples"]
+    losses = [h["loss"] for h in r["history"]["train"]]
+    assert losses[-1] < losses[0]
+    assert r["bytes_sent_per_step"] == sum(p.numel() * 4 for p in _model_params(res))
+
+
+def _model_params(res):
+    from training.models import build_model
+
+    return list(build_model("dlrm", cardinalities=res.spec.cardinalities, embedding_dim=8, bottom_mlp=[32],
+                            top_mlp=[32]).parameters())
+
+
+@pytest.mark.parametrize("variant", [
+    ["train.optimizer=momentum", "train.lr=0.05", "train.grad_accum_steps=2", "train.clip_grad_norm=1.0",
+     "train.scheduler=cosine", "train.warmup_steps=5"],
+    ["train.optimizer=adagrad", "train.model=logreg", "train.model_params={}", "train.lr=0.1", "train.bf16=true"],
+])
+def test_resume_after_forced_stop_matches_uninterrupted(synth_gold, tmp_path, variant):
+    common = ["train.max_steps=30", "train.checkpoint_every=10", "train.eval_every=15", *variant]
+    full = run_training(train_cfg(synth_gold, tmp_path / "a", *common))
+    cfg_b = train_cfg(synth_gold, tmp_path / "b", *common)
+    with pytest.raises(InjectedFailure):
+        run_training(cfg_b.model_copy(update={"train": cfg_b.train.model_copy(update={"fail_at_step": 17})}))
+    resumed = run_training(cfg_b, resume=True)
+    assert resumed.rank0["step"] == 30
+    assert resumed.rank0["fingerprint"] == full.rank0["fingerprint"]  # bit-identical parameters
+    assert resumed.valid["auc"] == full.valid["auc"]
+    a = [h["loss"] for h in full.rank0["history"]["train"]]
+    b = [h["loss"] for h in resumed.rank0["history"]["train"]]
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=40", "train.eval_every=20", "train.target_auc=0.55",
+                    "tracking.model_format=pt2", "run.name=mlflow-test", tracking=True)
+    res = run_training(cfg)
+    client = MlflowClient(tracking_uri=res.tracking_uri)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["train.lr"] == "0.003" and p["train.model"] == "dlrm" and p["run.name"] == "mlflow-test"
+    assert p["data.train_version"] == str(res.spec.versions["train"]) and p["world_size"] == "1"
+    assert "lib.torch" in p and "lib.mlflow" in p and "model.params_total" in p
+    m = run.data.metrics
+    for k in ("train_loss", "lr", "samples_per_s", "step_time_s", "bytes_sent_per_step", "valid_auc",
+              "valid_logloss", "valid_accuracy", "tta_wall_s", "tta_samples", "final_valid_auc"):
+        assert k in m, k
+    hist = client.get_metric_history(res.run_id, "train_loss")
+    # early stop at the first evaluation reaching the target (step 20 or 40)
+    stop = res.rank0["step"]
+    assert res.rank0["stop_reason"] == "target_auc" and m["tta_step"] == stop
+    assert [h.step for h in hist] == list(range(5, stop + 1, 5))
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "bigopt-criteo"
+    arts = {a.path for a in client.list_artifacts(res.run_id)} | {
+        a.path for a in client.list_artifacts(res.run_id, "plots")}
+    assert {"history.json", "plots/loss_auc_vs_time.png"} <= arts
+    hist_json = json.loads(open(client.download_artifacts(res.run_id, "history.json", str(tmp_path))).read())
+    assert len(hist_json["eval"]) == stop // 20
+    import mlflow.pytorch
+
+    model = mlflow.pytorch.load_model(res.rank0["model_uri"])
+    dense, sparse = torch.rand(3, 13), torch.zeros(3, 26, dtype=torch.long)
+    assert model(dense, sparse).shape == (3,)
+
+
+def test_train_command_prints_summary(synth_gold, tmp_path, capsys):
+    import argparse
+
+    from jobs import train as job
+
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=10", "train.num_proc=2")
+    args = argparse.Namespace(resume=False, local=True, num_proc=None)
+    assert job.run(cfg, args) == 0
+    out = capsys.readouterr().out
+    assert "valid AUC" in out and "samples/s" in out and "1 x cpu" in out
+    bad = argparse.Namespace(resume=False, local=True, num_proc=3)
+    assert job.run(cfg, bad) == 2

@@ -1,0 +1,151 @@
+"""Fast unit tests of the training layer: models, metrics, checkpoints, optimizers, data spec."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from training.metrics import auc_exact, binary_metrics
+from training.models import build_model, memory_report, sparse_parameters
+from training.optimizers import build_optimizer, build_scheduler, lr_factor
+
+
+@pytest.mark.parametrize("name", ["logreg", "dlrm", "dcnv2"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_models_forward_backward(name, sparse):
+    cards = [3, 7, 11, 5]
+    m = build_model(name, cardinalities=cards, num_dense=13, sparse=sparse)
+    dense = torch.rand(8, 13) * 10
+    ids = torch.stack([torch.randint(0, c, (8,)) for c in cards], 1)
+    out = m(dense, ids)
+    assert out.shape == (8,)
+    out.sum().backward()
+    emb = m.emb.table.weight
+    assert emb.shape[0] == sum(cards)
+    assert emb.grad.is_sparse == sparse
+    assert (sparse_parameters(m) == {"emb.table.weight"}) == sparse
+    mem = memory_report(m)
+    assert mem["params_embedding"] == emb.numel() and mem["params_total"] > mem["params_embedding"] - 1
+
+
+def test_embedding_columns_are_separate_tables():
+    m = build_model("logreg", cardinalities=[2, 2], num_dense=0)
+    with torch.no_grad():
+        m.emb.table.weight.copy_(torch.tensor([[1.0], [2.0], [10.0], [20.0]]))
+    z = m(torch.zeros(2, 0), torch.tensor([[0, 0], [1, 1]]))
+    assert z.tolist() == [11.0, 22.0]  # column 1's id 0 is row 2 of the fused table
+
+
+def test_dcnv2_low_rank_parallel_and_bad_hp():
+    m = build_model("dcnv2", cardinalities=[4] * 3, num_dense=2, low_rank=4, structure="parallel", deep_mlp=[8])
+    assert m(torch.rand(5, 2), torch.zeros(5, 3, dtype=torch.long)).shape == (5,)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("xgboost", cardinalities=[1])
+    with pytest.raises(ValueError, match="bad hyper-parameters"):
+        build_model("dlrm", cardinalities=[1], nonsense=3)
+
+
+def test_auc_exact_matches_sklearn_with_ties():
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 5000)
+    s = np.round(rng.normal(size=5000) + y, 1)  # many ties
+    assert auc_exact(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    m = binary_metrics(s, y)
+    assert m["logloss"] == pytest.approx(log_loss(y, 1 / (1 + np.exp(-s))), rel=1e-6)
+    assert auc_exact(np.ones(10), np.r_[np.zeros(5), np.ones(5)]) == 0.5
+    assert np.isnan(auc_exact(np.arange(4), np.ones(4)))
+
+
+def test_checkpoint_is_weights_only_and_pruned(tmp_path):
+    m = build_model("dlrm", cardinalities=[5, 5], num_dense=3)
+    opt = build_optimizer("adam", m, lr=0.01)
+    m(torch.rand(4, 3), torch.zeros(4, 2, dtype=torch.long)).sum().backward()
+    opt.step()
+    sched = build_scheduler(opt, name="cosine", total_steps=10, warmup_steps=2)
+    state = {"model": m.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "loaders": [{"epoch": 1, "batches_consumed": 3}], "rng": [torch.get_rng_state()],
+             "progress": {"samples": 10, "tta": None, "t": (1, 2)}}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, state, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002.pt", "step-00000003.pt"]
+    loaded = load_checkpoint(latest_checkpoint(tmp_path))  # torch.load(weights_only=True) inside
+    assert loaded["step"] == 3 and loaded["progress"]["t"] == [1, 2]
+    m2 = build_model("dlrm", cardinalities=[5, 5], num_dense=3)
+    m2.load_state_dict(loaded["model"])
+    opt2 = build_optimizer("adam", m2, lr=0.01)
+    opt2.load_state_dict(loaded["optimizer"])
+    with pytest.raises(TypeError, match="weights_only"):
+        save_checkpoint(tmp_path, 4, {"bad": object()})
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "adam", "adamw"])
+def test_optimizers_by_name_take_a_step(name):
+    sparse = name in {"sgd", "momentum", "adagrad"}
+    m = build_model("dlrm", cardinalities=[5, 5], num_dense=3, sparse=sparse)
+    opt = build_optimizer(name, m, lr=0.1)
+    before = [p.detach().clone() for p in m.parameters()]
+    m(torch.rand(4, 3), torch.ones(4, 2, dtype=torch.long)).pow(2).sum().backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    with pytest.raises(ValueError):
+        build_optimizer("no-such-optimizer", m, lr=0.1)
+
+
+def test_lr_warmup_then_decay():
+    assert [lr_factor(s, total_steps=10, warmup_steps=4, schedule="cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(10, total_steps=10, warmup_steps=4, schedule="cosine") == pytest.approx(0.0)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = build_scheduler(opt, name="linear", total_steps=10, warmup_steps=4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and lrs[-1] < lrs[4]
+
+
+@pytest.mark.parametrize("layout", ["array", "scalar"])
+def test_dataspec_both_gold_layouts(tmp_path, layout):
+    from jobs.config import load_config
+    from training.dataspec import batch_to_inputs, resolve_data
+    from training.loaders import TensorLoader, table_to_tensors
+    from training.synthetic import make_gold
+
+    gold = make_gold(tmp_path, rows={"train": 300, "valid": 100}, layout=layout, cardinalities=[4] * 26)
+    cfg = load_config(None, [f"train.train_table={gold['train']}", f"train.valid_table={gold['valid']}",
+                             f"lake.root={tmp_path}/lake"])
+    spec = resolve_data(cfg)
+    assert spec.num_dense == 13 and spec.cardinalities == [4] * 26 and spec.test is None
+    assert spec.vocabulary and spec.versions["train"] >= 0
+    loader = TensorLoader(table_to_tensors(spec.train, None, spec.columns), 64)
+    dense, sparse, label, mask = batch_to_inputs(next(iter(loader)), spec)
+    assert dense.shape == (64, 13) and sparse.shape == (64, 26) and sparse.dtype == torch.long
+    assert label.shape == (64,) and mask is None
+    # without the vocabulary the sizes come from a scan of the ids
+    (tmp_path / "vocabulary.json").write_text(json.dumps({"nothing": 1}))
+    assert all(c <= 4 for c in resolve_data(cfg).cardinalities)
+
+
+def test_tensor_loader_resume_and_eval_mode():
+    from training.loaders import TensorLoader
+
+    data = {"x": torch.arange(103)}
+    a = TensorLoader(data, 10, rank=0, world_size=2, seed=3)
+    assert len(a) == 5
+    it = iter(a)
+    first = [next(it)["x"] for _ in range(2)]
+    st = a.state_dict()
+    rest = [b["x"] for b in it]
+    b = TensorLoader(data, 10, rank=0, world_size=2, seed=3)
+    b.load_state_dict(st)
+    assert all(torch.equal(x, y) for x, y in zip(rest, [t["x"] for t in b]))
+    assert len(first) == 2
+    ev = [TensorLoader(data, 10, rank=r, world_size=2, shuffle=False, drop_last=False) for r in range(2)]
+    seen = torch.cat([t["x"] for e in ev for t in e])
+    assert sorted(seen.tolist()) == list(range(103))

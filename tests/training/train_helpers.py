@@ -1,0 +1,31 @@
+"""Config helper for the training tests (importable as ``train_helpers``)."""
+from __future__ import annotations
+
+
+def train_cfg(gold: dict, tmp_path, *overrides: str, tracking: bool = False):
+    """A root config training on ``gold`` with everything written under ``tmp_path``."""
+    from jobs.config import load_config
+
+    ov = [
+        f"train.train_table={gold['train']}",
+        f"train.valid_table={gold['valid']}",
+        f"train.test_table={gold['test']}",
+        f"train.checkpoint_dir={tmp_path}/ckpt",
+        "train.model=dlrm",
+        "train.model_params={embedding_dim: 8, bottom_mlp: [32], top_mlp: [32]}",
+        "train.optimizer=adam",
+        "train.lr=0.003",
+        "train.batch_size=256",
+        "train.max_steps=60",
+        "train.eval_every=0",
+        "train.log_every=5",
+        "train.threads_per_rank=1",
+        "train.shuffle_buffer_rows=4096",
+        f"lake.root={tmp_path}/lake",
+        f"tracking.enabled={'true' if tracking else 'false'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.artifact_location={tmp_path}/mlruns",
+        "tracking.model_format=pickle",
+        *overrides,
+    ]
+    return load_config(None, ov)
