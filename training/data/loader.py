@@ -86,7 +86,8 @@ class DeltaTorchLoader:
         fill_null: value replacing nulls (default: nulls are an error).
         shard_by: ``"row_group"`` (finest balance) or ``"file"`` (each rank only opens its
             own files' footers; coarser balance).
-        read_ahead: row groups read/decoded concurrently ahead of batching (0 = inline).
+        read_ahead: row groups read/decoded concurrently ahead of batching (0 = inline;
+            default 1 for local paths, 4 for remote filesystems).
         use_threads: let pyarrow decode a row group's columns in parallel.
         filesystem: explicit ``pyarrow.fs.FileSystem`` for the data files.
     """
@@ -111,7 +112,7 @@ class DeltaTorchLoader:
         pad: Mapping[str, tuple[int, Any]] | None = None,
         fill_null: Any = None,
         shard_by: str = "row_group",
-        read_ahead: int = 2,
+        read_ahead: int | None = None,
         use_threads: bool = True,
         filesystem=None,
     ) -> None:
@@ -132,7 +133,6 @@ class DeltaTorchLoader:
         self.pad_to_equal = bool(pad_to_equal) if pad_to_equal is not None else (not drop_last and world_size > 1)
         self.shuffle_buffer_rows = max(1, math.ceil(max(0, int(shuffle_buffer_rows)) / self.batch_size)) * self.batch_size
         self.prefetch = max(0, int(prefetch))
-        self.read_ahead = max(0, int(read_ahead))
         self.use_threads = bool(use_threads)
         self.shard_by = shard_by
         self.fill_null = fill_null
@@ -158,11 +158,15 @@ class DeltaTorchLoader:
 
         self._fs = filesystem_for_table(self.table_uri, self.storage_options, filesystem)
         self._local = "://" not in self.table_uri and filesystem is None
+        # local: one row group decoding ahead is enough (and more only contends for cores);
+        # object stores: hide request latency with several in flight
+        self.read_ahead = max(0, int(read_ahead)) if read_ahead is not None else (1 if self._local else 4)
         self._files = [f for f in snap.files() if f.num_records is None or f.num_records > 0]
         self._paths = [path_in_filesystem(f.uri) for f in self._files]
         self._footers: dict[int, pq.FileMetaData] = {}
         self._template: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self._template_lock = threading.Lock()
+        self._arena_pool: list[_Arena] = []  # idle shuffle arena, reused next epoch
         self._build_shards()
 
         # iteration state: the epoch the next iter() starts, a pending resume point, and the
@@ -461,106 +465,191 @@ class DeltaTorchLoader:
             stream.close()
 
     def _shuffled(self, units: list[RowGroup], epoch: int, skip: int) -> Iterator[Batch]:
-        """Reservoir shuffle, vectorized.
+        """Reservoir shuffle over a ring arena, vectorized.
 
-        A buffer of ``C`` slots is filled with the first ``C`` rows of the (row-group
-        shuffled) stream. Then, round after round, a fresh permutation of the ``C`` slots is
-        cut into ``C / B`` batches: each batch gathers its ``B`` slots and refills them with
-        the next ``B`` stream rows (one ``take`` and one indexed assignment per column, in
-        numpy: single-threaded, no per-row Python). A row thus waits a random time (up to
-        two rounds) before leaving. When the stream runs dry, the rest of the buffer is
-        permuted and emitted. The control flow depends only on row counts and the RNG, never
-        on the data: resuming replays it on slot->row-position ids (cheap), then reads only
-        the row groups the buffer refers to.
+        Control flow (a function of row counts and the RNG only, never of the data): ``C``
+        slots hold the stream positions of the first ``C`` rows of the (row-group shuffled)
+        stream. Round after round, a fresh permutation of the ``C`` slots is cut into
+        ``C / B`` batches; each batch emits the rows its ``B`` slots refer to, then points
+        those slots at the next ``B`` stream rows. Every slot is emitted once per round, so a
+        row waits a random time (at most two rounds) before it leaves. When the stream runs
+        dry, the remaining rows are permuted and emitted.
+
+        Data path: rows are appended to a ring arena of ``2C`` rows in stream order
+        (sequential copies) and batches are random gathers of whole records at
+        ``position % 2C``. Within a round a batch only reads slots not yet emitted in that
+        round, whose positions were set in the previous round, so several batches are
+        gathered at once (about 64k rows: fewer, larger numpy calls); ``2C`` rows suffice
+        because appends in round ``r`` only overwrite positions inserted in round ``r - 2``.
+        Resuming replays the control flow on the positions alone, then reads only the row
+        groups the live slots refer to (``_materialize``).
         """
         total, B, C = self.shard_rows, self.batch_size, self.shuffle_buffer_rows
         rng = self._rng(epoch, 1)
         dts = self.dtypes
+        G = max(1, 65_536 // B)  # batches gathered per numpy call
         n0 = min(C, total)
-        emitted = 0
-        next_pos = n0
-        ids: np.ndarray | None = None  # slot -> stream position, only while fast-forwarding
-        data: dict[str, np.ndarray] | None = None
+        A = 2 * C if total > C else n0  # arena rows
+        ids = np.arange(n0, dtype=np.int64)  # slot -> stream position
+        live = np.ones(n0, dtype=bool)  # False: slot emptied when the stream ran dry
+        emitted = 0  # batches of this epoch before the current point (skipped or yielded)
+        next_pos = n0  # stream position of the next refill
+        appended = 0  # stream rows [0, appended) are (or were) in the arena
+        arena: _Arena | None = None
         stream: _Stream | None = None
-        rows_view: dict[str, np.ndarray] = {}  # data as 1-D arrays of whole rows, for np.put
 
-        def go_live() -> None:
-            nonlocal data, stream, ids
-            if ids is None:  # fresh start: fill from the stream
+        def append_upto(upto: int) -> None:
+            """Stream rows [appended, upto) -> arena[pos % A ...] (sequential, wrapping)."""
+            nonlocal arena, appended
+            pos = appended
+            for piece in stream.pieces(upto - appended):  # type: ignore[union-attr]
+                if arena is None:  # after the first read: the per-row shapes are known
+                    arena = self._arena(A)
+                k = len(next(iter(piece.values())))
+                i = pos % A
+                h = min(k, A - i)
+                for c, a in arena.cols.items():
+                    src = _np(piece[c])
+                    a[i:i + h] = src[:h]
+                    if h < k:
+                        a[:k - h] = src[h:]
+                pos += k
+            appended = upto
+
+        def go_live(resume_pos: int) -> None:
+            """Start producing data: fresh from the stream, or (resume) materialize the slots."""
+            nonlocal arena, stream, appended
+            if emitted == 0 and resume_pos == n0:
                 stream = _Stream(self, units, 0)
-                data = {c: _np(t) for c, t in stream.take(n0, copy=True).items()}
+                append_upto(n0)
             else:
-                data = self._materialize(units, ids)
-                ids = None
-                stream = _Stream(self, units, next_pos) if next_pos < total else None
-            rows_view.update({c: _rows(a) for c, a in data.items()})
+                arena = self._materialize(units, ids[live], A)
+                appended = resume_pos
+                stream = _Stream(self, units, resume_pos) if resume_pos < total else None
 
-        if skip > 0:
-            ids = np.arange(n0, dtype=np.int64)
-        emptied = np.empty(0, dtype=np.int64)
+        def batches_of(slots: np.ndarray) -> Iterator[Batch]:
+            for got in arena.gather(ids[slots] % A, B):  # type: ignore[union-attr]
+                yield {c: _tt(a, dts[c]) for c, a in got.items()}
+
         try:
             if total > C:
-                done = False
-                while not done:
+                while True:
                     perm = rng.permutation(C)
-                    for j in range(C // B):
-                        out = perm[j * B:(j + 1) * B]
-                        m = min(B, total - next_pos)
-                        if emitted >= skip:
-                            if data is None:
-                                go_live()
-                            batch = {c: _tt(np.take(a, out, axis=0), dts[c]) for c, a in data.items()}
-                            if m:
-                                new = stream.take(m)  # type: ignore[union-attr]
-                                dst = out[:m]
-                                for c, a in rows_view.items():
-                                    np.put(a, dst, _rows(_np(new[c])))
-                            yield batch
-                        elif m:
-                            ids[out[:m]] = np.arange(next_pos, next_pos + m)  # type: ignore[index]
-                        emitted += 1
-                        next_pos += m
-                        if m < B:
-                            emptied = out[m:]
-                            done = True
-                            break
-            live = np.ones(n0, dtype=bool)
-            live[emptied] = False
+                    rem = total - next_pos
+                    done = rem // B < C // B  # the stream runs dry in this round
+                    J = rem // B + 1 if done else C // B  # batches this round
+                    consumed = rem if done else C  # stream rows refilled this round
+                    j0 = min(max(0, skip - emitted), J)  # first batch to produce
+                    if j0 > 0:  # fast-forward: refill ids of the skipped batches only
+                        k = min(consumed, j0 * B)
+                        ids[perm[:k]] = np.arange(next_pos, next_pos + k)
+                    if j0 < J:
+                        if arena is None:
+                            go_live(next_pos + min(consumed, j0 * B))
+                        for j in range(j0, J, G):
+                            je = min(J, j + G)
+                            yield from batches_of(perm[j * B:je * B])
+                            lo, hi = min(consumed, j * B), min(consumed, je * B)
+                            if hi > lo:
+                                append_upto(next_pos + hi)
+                                ids[perm[lo:hi]] = np.arange(next_pos + lo, next_pos + hi)
+                    emitted += J
+                    next_pos += consumed
+                    if done:
+                        live[perm[rem:J * B]] = False
+                        break
             slots = np.flatnonzero(live)
             order = slots[rng.permutation(len(slots))]
-            for s in range(0, len(order), B):
-                if emitted >= skip:
-                    if data is None:
-                        go_live()
-                    sel = order[s:s + B]
-                    yield {c: _tt(np.take(a, sel, axis=0), dts[c]) for c, a in data.items()}
-                emitted += 1
+            nb = -(-len(order) // B)
+            j0 = min(max(0, skip - emitted), nb)
+            if j0 < nb and arena is None:
+                go_live(next_pos)
+            for j in range(j0, nb, G):
+                yield from batches_of(order[j * B:min(nb, j + G) * B])
         finally:
             if stream is not None:
                 stream.close()
+            if arena is not None:
+                self._arena_pool.append(arena)
 
-    def _materialize(self, units: list[RowGroup], ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Buffer contents for slot->stream-position ``ids``: read only the row groups referred to."""
+    def _arena(self, rows: int) -> _Arena:
+        """A shuffle arena of ``rows`` rows: the previous epoch's when it fits (fresh memory
+        costs page faults on first touch, ~0.1 s per 40 MB on some VMs), else a new one."""
+        while self._arena_pool:
+            a = self._arena_pool.pop()
+            if a.rows == rows:
+                return a
+        return _Arena(rows, self._ensure_template())
+
+    def _materialize(self, units: list[RowGroup], positions: np.ndarray, arena_rows: int) -> _Arena:
+        """A ring arena holding the rows at stream ``positions`` (at ``position % arena_rows``),
+        reading only the row groups those positions fall in."""
         starts = np.cumsum([0] + [u.num_rows for u in units])
-        uidx = np.searchsorted(starts, ids, side="right") - 1
+        uidx = np.searchsorted(starts, positions, side="right") - 1
         order = np.argsort(uidx, kind="stable")
         sorted_u = uidx[order]
-        data: dict[str, np.ndarray] | None = None
+        arena: _Arena | None = None
 
         def read(k: int) -> tuple[int, Batch]:
             return k, self._read_unit(units[k])
 
         with ThreadPoolExecutor(max_workers=max(1, self.read_ahead)) as ex:
             for k, chunk in ex.map(read, np.unique(sorted_u).tolist()):
-                if data is None:
-                    data = {c: np.empty((len(ids), *t.shape[1:]), dtype=_np(t).dtype) for c, t in chunk.items()}
+                if arena is None:
+                    arena = self._arena(arena_rows)
                 lo, hi = np.searchsorted(sorted_u, [k, k + 1])
-                slots = order[lo:hi]
-                rows = ids[slots] - starts[k]
-                for c, a in data.items():
-                    a[slots] = np.take(_np(chunk[c]), rows, axis=0)
-        assert data is not None
-        return data
+                pos = positions[order[lo:hi]]
+                for c, a in arena.cols.items():
+                    a[pos % arena_rows] = np.take(_np(chunk[c]), pos - starts[k], axis=0)
+        assert arena is not None
+        return arena
+
+
+class _Arena:
+    """Row-major storage for the shuffle: one record of all columns per row, so a batch is
+    ONE random gather of whole records (a record of the gold columns is 160 bytes, ~3 cache
+    lines, instead of a miss per column), then a sequential split into column arrays."""
+
+    def __init__(self, rows: int, template: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        specs = []
+        for c, (shape, dt) in template.items():
+            npdt = _np(torch.empty(0, dtype=dt)).dtype
+            specs.append((c, shape, npdt, npdt.itemsize * int(np.prod(shape, dtype=np.int64))))
+        # widest items first keeps every column aligned to its itemsize
+        layout, off = {}, 0
+        for c, shape, npdt, width in sorted(specs, key=lambda x: -x[2].itemsize):
+            layout[c] = (off, width, shape, npdt)
+            off += width
+        align = max((x[2].itemsize for x in specs), default=1)
+        self.record = max(align, -(-off // align) * align)
+        self.rows = rows
+        self.buf = np.empty((rows, self.record), dtype=np.uint8)
+        self.records = self.buf.view(np.dtype((np.void, self.record))).reshape(rows)
+        self.layout = {c: layout[c] for c in template}
+        self.cols = {c: self._column(self.buf, c) for c in template}
+        self._stage: np.ndarray | None = None
+
+    def _column(self, buf: np.ndarray, c: str) -> np.ndarray:
+        off, width, shape, npdt = self.layout[c]
+        n = buf.shape[0]
+        if width == 0:
+            return np.zeros((n, *shape), dtype=npdt)
+        return buf[:, off:off + width].view(npdt).reshape(n, *shape)
+
+    def gather(self, at: np.ndarray, batch_rows: int) -> Iterator[dict[str, np.ndarray]]:
+        """The records at ``at``, as column arrays of ``batch_rows`` rows each.
+
+        One random gather into a staging area that is reused (fresh memory is expensive:
+        page faults on first touch), then a sequential copy per batch and column into
+        arrays the caller owns. Each batch is copied out before the next one is yielded."""
+        n = len(at)
+        if self._stage is None or len(self._stage) < n:
+            self._stage = np.empty((n, self.record), dtype=np.uint8)
+        stage = self._stage[:n]
+        np.take(self.records, at, out=stage.view(self.records.dtype).reshape(n), mode="clip")
+        for s in range(0, n, batch_rows):
+            rows = stage[s:s + batch_rows]
+            yield {c: np.array(self._column(rows, c), copy=True) for c in self.cols}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -571,15 +660,6 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def _tt(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous ``(n, ...)`` array as a 1-D array of ``n`` opaque rows (same memory):
-    ``np.put`` of whole rows is ~3x faster than 2-D fancy assignment."""
-    if a.ndim == 1 or a.size == 0:
-        return a
-    n = a.shape[0]
-    return a.reshape(n, -1).view(np.dtype((np.void, a.nbytes // n))).reshape(n)
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -642,6 +722,18 @@ class _Stream:
         self._cur_len = len(next(iter(chunk.values())))
         self._cur_off = self._offset0 if self._first else 0
         self._first = False
+
+    def pieces(self, m: int) -> Iterator[Batch]:
+        """The next ``m`` rows as views, one per row group they span (no copy)."""
+        need = m
+        while need > 0:
+            if self._cur is None or self._cur_off >= self._cur_len:
+                self._next_chunk()
+            k = min(need, self._cur_len - self._cur_off)
+            a = self._cur_off
+            self._cur_off += k
+            need -= k
+            yield {c: t[a:a + k] for c, t in self._cur.items()}  # type: ignore[union-attr]
 
     def take(self, m: int, copy: bool = False) -> Batch:
         """The next ``m`` rows: views into the decoded row group when they lie in one (unless
