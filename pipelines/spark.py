@@ -20,10 +20,9 @@ _DEFAULTS: dict[str, str] = {
     "spark.sql.execution.arrow.pyspark.fallback.enabled": "false",
     "spark.sql.execution.pythonUDF.arrow.enabled": "true",
     "spark.sql.session.timeZone": "UTC",
-    # Python data sources: let the Delta reader prune files with pushed-down filters.
-    "spark.sql.python.filterPushdown.enabled": "true",
     "spark.sql.adaptive.enabled": "true",
     "spark.python.worker.reuse": "true",
+    "spark.ui.showConsoleProgress": "false",
 }
 
 
@@ -86,3 +85,8 @@ def _register(spark) -> None:
     from pipelines.lake.datasource import register
 
     register(spark)
+
+
+def spark_from_config(cfg) -> Any:
+    """A session from a :class:`pipelines.config.SparkConfig` section."""
+    return get_spark(app_name=cfg.app_name, master=cfg.master, conf=cfg.conf, ui=cfg.ui, log_level=cfg.log_level)

@@ -124,6 +124,16 @@ def write_table(
         w = w.option("userMetadata", json.dumps(info))
         w.save(uri)
     else:
+        from pipelines.lake.commit import prepare_table
+        from pipelines.lake.datasource import register
+        from pipelines.lake.schema import spark_to_arrow
+
+        register(spark)
+        # same checks the writer repeats: raise the project's own errors here, in the caller
+        prepare_table(
+            uri, spark_to_arrow(df.schema), mode=mode, partition_by=list(partition_by or []),
+            merge_schema=merge_schema, replace_where=replace_where,
+        )
         existed = table_exists(uri)
         w = (
             df.write.format(FORMAT)
@@ -162,10 +172,12 @@ def read_table(
     version: int | None = None,
     timestamp: str | None = None,
     columns: Sequence[str] | None = None,
+    partition_filter: Mapping[str, Any] | None = None,
 ):
     """Read the Delta table at ``path`` (latest, or pinned by ``version`` / ``timestamp``).
 
-    ``columns`` projects at the scan: only those columns are read from the files."""
+    ``columns`` projects at the scan: only those columns are read from the files.
+    ``partition_filter={"day": [0, 1]}`` reads only those partitions' files."""
     from pipelines.lake.fs import normalize_uri
 
     uri = normalize_uri(path)
@@ -176,7 +188,16 @@ def read_table(
         if timestamp is not None:
             r = r.option("timestampAsOf", str(timestamp))
         df = r.load(uri)
+        if partition_filter:
+            from pyspark.sql import functions as F
+
+            for col, v in partition_filter.items():
+                vals = list(v) if isinstance(v, (list, tuple, set)) else [v]
+                df = df.filter(F.col(col).isin(vals))
         return df.select(*columns) if columns else df
+    from pipelines.lake.datasource import register
+
+    register(spark)
     r = spark.read.format(FORMAT)
     if version is not None:
         r = r.option("versionAsOf", str(int(version)))
@@ -184,4 +205,6 @@ def read_table(
         r = r.option("timestampAsOf", str(timestamp))
     if columns:
         r = r.option("columns", json.dumps(list(columns)))
+    if partition_filter:
+        r = r.option("partition_filter", json.dumps({k: list(v) if isinstance(v, (list, tuple, set)) else v for k, v in partition_filter.items()}))
     return r.load(uri)

@@ -68,9 +68,10 @@ def prepare_table(
     merge_schema: bool,
     replace_where: Mapping[str, Any] | None,
     storage_options: Mapping[str, str] | None = None,
-) -> str:
+) -> tuple[str, int | None]:
     """Checks done on the driver BEFORE any task writes. Returns the effective mode
-    ('create', 'append', 'overwrite' or 'skip')."""
+    ('create', 'append', 'overwrite' or 'skip') and the table version the write is based on
+    (its read version: an overwrite conflicts with anything committed after it)."""
     uri = normalize_uri(uri)
     if mode not in {"append", "overwrite", "error", "errorifexists", "ignore"}:
         raise ValueError(f"unknown save mode {mode!r}; use append, overwrite, error or ignore")
@@ -80,12 +81,12 @@ def prepare_table(
     if not table_exists(uri, storage_options):
         if replace_where:
             raise ValueError(f"replace_where needs an existing table; {uri} has no Delta log")
-        return "create"
+        return "create", None
     if mode in {"error", "errorifexists"}:
         raise TableExistsError(f"Delta table already exists at {uri} (mode='error')")
-    if mode == "ignore":
-        return "skip"
     dt = DeltaTable(uri, storage_options=dict(storage_options or {}), without_files=True)
+    if mode == "ignore":
+        return "skip", dt.version()
     table_parts = list(dt.metadata().partition_columns)
     if partition_by and table_parts != list(partition_by) and not (mode == "overwrite" and not replace_where):
         raise ValueError(f"table {uri} is partitioned by {table_parts}, write asked for {partition_by}")
@@ -95,7 +96,7 @@ def prepare_table(
             raise ValueError(f"replace_where column(s) {bad} are not partition columns of {uri} ({table_parts})")
     if not (mode == "overwrite" and not replace_where and merge_schema):
         check_compatible(to_pyarrow_schema(dt.schema()), data_schema, merge_schema=merge_schema, table_uri=uri)
-    return mode
+    return mode, dt.version()
 
 
 def commit(
@@ -110,9 +111,12 @@ def commit(
     commit_info: Mapping[str, Any] | None = None,
     max_commit_retries: int = 15,
     storage_options: Mapping[str, str] | None = None,
+    read_version: int | None = None,
 ) -> int:
     """Commit the task-written files as ONE transaction; return the new table version.
 
+    ``read_version`` is the version the write was planned against (see :func:`prepare_table`);
+    commits that landed since are checked for conflicts (appends pass, overwrites fail).
     On any failure the files are deleted before the error propagates.
     """
     uri = normalize_uri(uri)
@@ -123,10 +127,12 @@ def commit(
     ]
     props = CommitProperties(custom_metadata=dict(commit_info or {}), max_commit_retries=max_commit_retries)
     try:
-        effective = prepare_table(
+        effective, planned_version = prepare_table(
             uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
             replace_where=replace_where, storage_options=opts,
         )
+        if read_version is None:
+            read_version = planned_version
         if effective == "skip":
             delete_files(uri, [a["path"] for a in adds])
             return DeltaTable(uri, storage_options=opts, without_files=True).version()
@@ -142,11 +148,11 @@ def commit(
                 if not table_exists(uri, opts) or mode in {"error", "errorifexists"}:
                     raise
                 log.info("table %s was created concurrently (%s); committing as %s", uri, e, mode)
-                effective = prepare_table(
+                effective, read_version = prepare_table(
                     uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
                     replace_where=replace_where, storage_options=opts,
                 )
-        dt = DeltaTable(uri, storage_options=opts)
+        dt = DeltaTable(uri, storage_options=opts, version=read_version)
         table_schema = to_pyarrow_schema(dt.schema())
         if effective == "overwrite" and not replace_where:
             schema_to_commit = data_schema if merge_schema else table_schema
@@ -156,7 +162,7 @@ def commit(
             if new_cols:
                 # Schema evolution is its own (metadata-only) commit; readers see nulls for old files.
                 dt.alter.add_columns([_delta_field(f) for f in new_cols])
-                dt = DeltaTable(uri, storage_options=opts)
+                dt = DeltaTable(uri, storage_options=opts, version=read_version + 1)
                 table_schema = to_pyarrow_schema(dt.schema())
             schema_to_commit = table_schema
             parts = list(dt.metadata().partition_columns)
@@ -172,6 +178,7 @@ def commit(
             actions, "overwrite" if effective == "overwrite" else "append", schema_to_commit,
             partition_by=parts or None, partition_filters=filters, commit_properties=props,
         )
+        dt.update_incremental()
         return dt.version()
     except CommitFailedError as e:
         delete_files(uri, [a["path"] for a in adds])

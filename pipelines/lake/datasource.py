@@ -10,15 +10,21 @@ commits them as ONE Delta transaction (:mod:`pipelines.lake.commit`). ``abort`` 
 files of every task, including partial files of tasks that died without a message.
 
 Read path: the driver resolves the snapshot (latest, ``versionAsOf`` or ``timestampAsOf``),
-prunes files with pushed-down filters on partition columns (and min/max stats), and plans one
+keeps the files whose partition values match the ``partition_filter`` option, and plans one
 input partition per file, or per row-group range for big files. Tasks read with pyarrow,
 projecting the ``columns`` option.
+
+Why partition pruning is an option and not Spark filter pushdown: Spark 4.2 caches the planned
+partitions of a Python data source scan per DataFrame, so a filter pushed for one query
+(``df.filter("day = 1").count()``) leaks into the next query on the same DataFrame
+(``df.count()``). An option is part of the relation itself, so it cannot leak.
 
 Options (all strings, as Spark passes them):
   write: mode, partition_by (JSON list), replace_where (JSON object), merge_schema,
          commit_info (JSON object), compression, row_group_rows, target_file_bytes,
          max_commit_retries
-  read:  versionAsOf, timestampAsOf, columns (JSON list), split_bytes
+  read:  versionAsOf, timestampAsOf, columns (JSON list), partition_filter (JSON object
+         {column: value or [values]}), split_bytes
 """
 from __future__ import annotations
 
@@ -41,7 +47,17 @@ FORMAT = "bigopt_delta"
 
 
 def register(spark) -> None:
-    """Register the data source on ``spark`` (idempotent)."""
+    """Register the data source on ``spark`` (idempotent).
+
+    Also makes ``spark`` the JVM's active session on the calling thread: Spark looks Python
+    data sources up through the thread's active session, which other threads (a thread pool
+    writing several tables at once) do not inherit."""
+    try:
+        jvm = spark._jvm
+        if jvm is not None:
+            jvm.org.apache.spark.sql.SparkSession.setActiveSession(spark._jsparkSession)
+    except AttributeError:  # Spark Connect: no JVM handle
+        pass
     if getattr(spark, "_bigopt_delta_registered", False):
         return
     spark.dataSource.register(DeltaRsDataSource)
@@ -90,7 +106,10 @@ class DeltaRsDataSource(DataSource):
         return arrow_to_spark(snap.schema(_json_opt(self.options, "columns", None)))
 
     def reader(self, schema: StructType) -> DataSourceReader:
-        return DeltaRsReader(self._snapshot(), schema, int(self.options.get("split_bytes", 512 << 20)))
+        return DeltaRsReader(
+            self._snapshot(), schema, int(self.options.get("split_bytes", 512 << 20)),
+            _json_opt(self.options, "partition_filter", None),
+        )
 
     def writer(self, schema: StructType, overwrite: bool):
         return DeltaRsWriter(self.uri, schema, self.options, overwrite)
@@ -124,7 +143,7 @@ class DeltaRsWriter(DataSourceArrowWriter):
         self.write_id = uuid.uuid4().hex[:12]
         self.committed_version: int | None = None
         # Fail fast on the driver: schema mismatch, bad partitioning, mode=error on an existing table.
-        self.effective_mode = prepare_table(
+        self.effective_mode, self.read_version = prepare_table(
             uri, self.arrow_schema, mode=self.mode, partition_by=self.partition_by,
             merge_schema=self.merge_schema, replace_where=self.replace_where,
         )
@@ -160,6 +179,7 @@ class DeltaRsWriter(DataSourceArrowWriter):
             self.uri, self.arrow_schema, adds, mode=self.mode, partition_by=self.partition_by,
             merge_schema=self.merge_schema, replace_where=self.replace_where,
             commit_info=self.commit_info, max_commit_retries=self.max_commit_retries,
+            read_version=self.read_version,
         )
 
     def abort(self, messages: list[DeltaCommitMessage | None]) -> None:
@@ -181,39 +201,18 @@ class DeltaFilePartition(InputPartition):
 
 
 class DeltaRsReader(DataSourceReader):
-    def __init__(self, snapshot, schema: StructType, split_bytes: int) -> None:
+    def __init__(self, snapshot, schema: StructType, split_bytes: int, partition_filter: dict | None) -> None:
         from pipelines.lake.schema import spark_to_arrow
 
         # keep only picklable state: the reader is shipped to the tasks
         self.partition_columns = list(snapshot.partition_columns)
-        self.files = snapshot.files()
+        self.files = snapshot.files(partition_filter)
         self.arrow_schema = spark_to_arrow(schema)
         self.split_bytes = split_bytes
-        self.filters: list = []
-
-    def pushFilters(self, filters):
-        """Use filters on partition columns (exactly) and min/max stats (conservatively) to
-        prune files. Partition-column filters are fully handled; everything else is handed back
-        for Spark to evaluate."""
-        from pipelines.lake.pruning import to_predicate
-
-        parts = set(self.partition_columns)
-        for f in filters:
-            pred = to_predicate(f)
-            if pred is None:
-                yield f
-                continue
-            self.filters.append(pred)
-            if pred.column not in parts:
-                yield f
 
     def partitions(self) -> Sequence[InputPartition]:
-        from pipelines.lake.pruning import file_may_match
-
         out: list[InputPartition] = []
         for fe in self.files:
-            if not all(file_may_match(fe, p, self.partition_columns) for p in self.filters):
-                continue
             if fe.size > self.split_bytes:
                 for rgs in fe.row_group_ranges(self.split_bytes):
                     out.append(DeltaFilePartition(fe.uri, fe.partition_values, rgs))

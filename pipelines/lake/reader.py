@@ -101,8 +101,24 @@ class DeltaSnapshot:
         return pa.schema([self.full_schema.field(c) for c in columns])
 
     # -- files --------------------------------------------------------------------------
-    def files(self) -> list[FileEntry]:
-        return list(self._files)
+    def files(self, partition_filter: Mapping[str, Any] | None = None) -> list[FileEntry]:
+        """Active files; ``partition_filter={"day": 3}`` or ``{"day": [3, 4]}`` keeps only the
+        files of those partitions (values compared as Delta's partition strings)."""
+        if not partition_filter:
+            return list(self._files)
+        bad = [c for c in partition_filter if c not in self.partition_columns]
+        if bad:
+            raise KeyError(f"{bad} are not partition columns of {self.uri} ({self.partition_columns})")
+        from pipelines.lake.files import partition_value_str
+
+        wanted = {
+            c: {partition_value_str(x) for x in (v if isinstance(v, (list, tuple, set)) else [v])}
+            for c, v in partition_filter.items()
+        }
+        return [
+            f for f in self._files
+            if all(partition_value_str(f.partition_values.get(c)) in vals for c, vals in wanted.items())
+        ]
 
     @cached_property
     def _files(self) -> list[FileEntry]:

@@ -98,10 +98,6 @@ def check_compatible(table: pa.Schema, data: pa.Schema, *, merge_schema: bool, t
             f"data has column(s) {[f.name for f in new]} that the table lacks "
             "(pass merge_schema=True to add nullable columns)"
         )
-    if new and merge_schema:
-        non_null = [f.name for f in new if not f.nullable]
-        if non_null:
-            problems.append(f"new column(s) {non_null} must be nullable to be added to an existing table")
     if problems:
         raise SchemaMismatchError(f"schema mismatch writing to Delta table {table_uri}: " + "; ".join(problems))
     return new if merge_schema else []

@@ -1,0 +1,92 @@
+"""The ``bigopt`` command line.
+
+    bigopt <command> <config.yaml> [key.sub=value ...] [--flags]
+
+Every command is a module in ``jobs/`` exposing ``add_arguments(parser)`` and
+``run(cfg, args) -> int``; the same module runs under spark-submit
+(``spark-submit jobs/<command>.py conf/x.yaml key=value``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# command -> (module, one-line help). Order is the order of the data flow.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("jobs.generate", "write synthetic raw data in the exact raw format"),
+    "ingest": ("jobs.ingest", "raw files -> bronze Delta table (+ quarantine, ledger)"),
+    "featurize": ("jobs.featurize", "bronze -> gold train/valid/test Delta tables + vocabulary"),
+    "train": ("jobs.train", "train a model on gold tables with Horovod-on-Spark, tracked in MLflow"),
+    "run": ("jobs.run", "the whole pipeline: generate (demo) -> ingest -> featurize -> train -> test"),
+    "batch-size": ("jobs.batch_size", "measure memory/time vs batch size and predict the bounds"),
+    "lake": ("jobs.lake", "Delta table maintenance: history, vacuum, optimize, roundtrip check"),
+    "config": ("jobs.show_config", "print the fully resolved configuration"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (mod, help_) in COMMANDS.items():
+        if importlib.util.find_spec(mod) is not None:
+            out[name] = (mod, help_)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bigopt",
+        description="Spark big-data pipelines and a rigorous optimizer bench (Delta -> torch -> Horovod -> MLflow).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="<command>")
+    for name, (mod, help_) in _available().items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        module = importlib.import_module(mod)
+        # e.g. `bigopt generate criteo conf.yaml`: command-specific leading positionals
+        for lead, lead_help in getattr(module, "LEADING_ARGS", {}).items():
+            sp.add_argument(lead, help=lead_help)
+        sp.add_argument("config", nargs="?", default=None, help="YAML config (conf/*.yaml)")
+        sp.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
+        module.add_arguments(sp)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from rich.logging import RichHandler
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+    )
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from jobs.config import ConfigError, load_config
+
+    # a config path that looks like an override (k=v) means "no config file"
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"bigopt {args.command}: {e}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(_available()[args.command][0])
+    return int(module.run(cfg, args) or 0)
+
+
+def submit_main(command: str) -> None:
+    """Entry used by ``spark-submit jobs/<command>.py conf.yaml k=v``."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Configuration: YAML files in ``conf/``, validated with pydantic.
+
+    cfg = load_config("conf/demo.yaml", ["train.lr=0.1", "spark.master=local[2]"])
+    print(dump_config(cfg))      # the fully resolved config; this is what gets logged
+
+Rules:
+- unknown keys and wrong types are errors that name the key (``train.lr: ...``);
+- ``key.sub=value`` overrides are parsed as YAML scalars (``3`` int, ``0.1`` float,
+  ``true`` bool, ``[1,2]`` list) and applied before validation;
+- ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment in every string;
+  an unset variable without a default is an error;
+- ``include: other.yaml`` at the top merges another file underneath (paths relative to the file).
+
+Each layer owns its section model next to its code (``pipelines/criteo/config.py``,
+``training/config.py``, ...); this module only composes them, so data-layer code never
+imports from ``jobs``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.config import LakeConfig, SparkConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+class RunConfig(BaseModel):
+    """What a run is called and where its outputs go."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "bigopt"
+    dataset: str = Field("criteo", description="criteo | commoncrawl | ogb; one MLflow experiment each")
+    seed: int = 0
+
+
+def _section_models() -> dict[str, Any]:
+    """Optional sections, imported lazily so a missing layer never breaks the others."""
+    models: dict[str, Any] = {}
+    try:
+        from pipelines.criteo.config import CriteoConfig
+
+        models["criteo"] = CriteoConfig
+    except ImportError:
+        pass
+    try:
+        from training.config import TrackingConfig, TrainConfig
+
+        models["train"] = TrainConfig
+        models["tracking"] = TrackingConfig
+    except ImportError:
+        pass
+    return models
+
+
+def _root_model() -> type[BaseModel]:
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {
+        "run": (RunConfig, RunConfig()),
+        "spark": (SparkConfig, SparkConfig()),
+        "lake": (LakeConfig, LakeConfig()),
+    }
+    for name, model in _section_models().items():
+        fields[name] = (model, model())
+    return create_model("BigoptConfig", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise ConfigError(f"{where}: environment variable ${{{var}}} is not set (use ${{{var}:-default}})")
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _deep_merge(base: dict, top: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    inc = data.pop("include", None)
+    if inc:
+        for rel in [inc] if isinstance(inc, str) else inc:
+            data = _deep_merge(_read_yaml((path.parent / rel).resolve()), data)
+    return data
+
+
+def apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {override!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key")
+        else:
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), data: Mapping | None = None):
+    """Load, interpolate, override and validate. Returns the root pydantic model."""
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    if data:
+        raw = _deep_merge(raw, data)
+    for o in overrides:
+        apply_override(raw, o)
+    raw = _interpolate(raw, "")
+    model = _root_model()
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def config_dict(cfg: BaseModel) -> dict:
+    return json.loads(cfg.model_dump_json())
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_dict(cfg), sort_keys=False)
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Stable short hash of the resolved config (recorded in Delta commit info and MLflow)."""
+    return hashlib.sha256(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; used to log the config as MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out

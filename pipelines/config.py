@@ -1,0 +1,29 @@
+"""Config sections shared by every pipeline: the Spark session and the lake layout."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SparkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    master: str | None = Field(None, description="None: spark-submit's master, else local[*]")
+    app_name: str = "bigopt"
+    conf: dict[str, Any] = Field(default_factory=dict, description="extra spark.* settings")
+    log_level: str = "WARN"
+    ui: bool | None = None
+
+
+class LakeConfig(BaseModel):
+    """Where the Delta tables live: ``<root>/<dataset>/<layer>/<table>``."""
+
+    model_config = ConfigDict(extra="forbid")
+    root: str = "lake"
+    compression: str = Field("zstd", pattern="^(zstd|snappy|gzip|lz4|none)$")
+
+    def table(self, dataset: str, layer: str, name: str) -> str:
+        if "://" in self.root:
+            return f"{self.root.rstrip('/')}/{dataset}/{layer}/{name}"
+        return str(Path(self.root).expanduser().resolve() / dataset / layer / name)

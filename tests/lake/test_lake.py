@@ -1,0 +1,270 @@
+"""The lake engine: Delta tables written and read through Spark's own API without JVM jars."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from decimal import Decimal
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from pipelines.lake import (
+    CommitConflictError,
+    DeltaSnapshot,
+    SchemaMismatchError,
+    TableExistsError,
+    history,
+    optimize,
+    read_table,
+    table_version,
+    vacuum,
+    write_table,
+)
+from pipelines.lake.commit import commit, prepare_table
+from pipelines.lake.files import PartitionedFileWriter
+
+pytestmark = pytest.mark.spark
+
+
+def _all_types_df(spark, n=50, offset=0):
+    from pyspark.sql import functions as F
+
+    return spark.range(offset, offset + n).select(
+        F.col("id").cast("int").alias("i"),
+        F.col("id").alias("l"),
+        (F.col("id") * 0.5).cast("float").alias("f"),
+        (F.col("id") * 0.25).alias("d"),
+        F.when(F.col("id") % 7 == 0, None).otherwise(F.concat(F.lit("s"), F.col("id"))).alias("s"),
+        F.col("id").cast("string").cast("binary").alias("b"),
+        F.array(F.col("id").cast("float"), F.lit(1.5).cast("float")).alias("af"),
+        F.array(F.col("id").cast("int"), F.lit(-1)).alias("ai"),
+        F.timestamp_seconds(F.lit(1_600_000_000) + F.col("id")).alias("ts"),
+        (F.col("id") % 3).cast("int").alias("day"),
+        F.when(F.col("id") % 5 == 0, None).otherwise(F.col("id") * 2).alias("nl"),
+    )
+
+
+def test_round_trip_every_type(spark, tmp_path):
+    path = str(tmp_path / "t")
+    df = _all_types_df(spark)
+    v = write_table(df, path, partition_by=["day"], commit_info={"job": "test", "config_hash": "abc"})
+    assert v == 0
+    back = read_table(spark, path)
+    assert back.schema.simpleString() == df.schema.simpleString()
+    want = sorted(df.collect(), key=lambda r: r.l)
+    got = sorted(back.collect(), key=lambda r: r.l)
+    assert got == want
+    # nulls survived, arrays and timestamps intact
+    r7 = next(r for r in got if r.l == 7)
+    assert r7.s is None and r7.af == [7.0, 1.5] and r7.ai == [7, -1]
+    assert r7.ts == dt.datetime.fromtimestamp(1_600_000_007)  # session tz UTC, returned naive local
+    # commit metadata recorded
+    h = history(path)[0]
+    assert h["job"] == "test" and h["config_hash"] == "abc" and h["operation"] in ("WRITE", "CREATE TABLE")
+
+
+def test_readable_by_deltalake_and_spark_free_reader(spark, tmp_path):
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 30), path, partition_by=["day"])
+    t = DeltaTable(path).to_pyarrow_table()
+    assert t.num_rows == 30 and set(t.column("day").to_pylist()) == {0, 1, 2}
+    snap = DeltaSnapshot(path)
+    assert snap.version == 0 and snap.num_rows == 30 and snap.partition_columns == ["day"]
+    tbl = snap.to_table(["l", "day"])
+    assert sorted(tbl.column("l").to_pylist()) == list(range(30))
+    # stats are in the log: min/max/nullCount per file
+    fe = snap.files()[0]
+    assert fe.num_records > 0 and "l" in fe.min_values and fe.null_counts.get("s") is not None
+
+
+def test_append_overwrite_and_partition_overwrite(spark, tmp_path):
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 30), path, partition_by=["day"])
+    write_table(_all_types_df(spark, 30, 30), path, partition_by=["day"])
+    assert read_table(spark, path).count() == 60
+    # replace only day=1 with 5 rows
+    from pyspark.sql import functions as F
+
+    one = _all_types_df(spark, 5, 1000).withColumn("day", F.lit(1))
+    v = write_table(one, path, mode="overwrite", partition_by=["day"], replace_where={"day": 1})
+    after = read_table(spark, path)
+    counts = {r.day: r["count"] for r in after.groupBy("day").count().collect()}
+    assert counts[1] == 5 and counts[0] == 20 and counts[2] == 20
+    # writing rows outside replace_where is refused and commits nothing
+    with pytest.raises(Exception, match="outside"):
+        write_table(_all_types_df(spark, 6), path, mode="overwrite", partition_by=["day"], replace_where={"day": 1})
+    assert table_version(path) == v
+    # full overwrite
+    write_table(_all_types_df(spark, 7), path, mode="overwrite", partition_by=["day"])
+    assert read_table(spark, path).count() == 7
+
+
+def test_error_and_ignore_modes(spark, tmp_path):
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 10), path, mode="error")
+    with pytest.raises(Exception, match="already exists"):
+        write_table(_all_types_df(spark, 10), path, mode="error")
+    v = write_table(_all_types_df(spark, 10), path, mode="ignore")
+    assert v == 0 and read_table(spark, path).count() == 10
+
+
+def test_time_travel(spark, tmp_path):
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 10), path)
+    write_table(_all_types_df(spark, 15, 10), path)
+    write_table(_all_types_df(spark, 1, 99), path, mode="overwrite")
+    assert read_table(spark, path, version=0).count() == 10
+    assert read_table(spark, path, version=1).count() == 25
+    assert read_table(spark, path).count() == 1
+    ts1 = DeltaTable(path).history()[1]["timestamp"]  # commit time of version 1 (ms)
+    stamp = dt.datetime.fromtimestamp(ts1 / 1000, tz=dt.timezone.utc).isoformat()
+    assert read_table(spark, path, timestamp=stamp).count() == 25
+    assert DeltaSnapshot(path, version=1).num_rows == 25
+
+
+def test_projection_and_partition_pruning(spark, tmp_path):
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 30), path, partition_by=["day"])
+    proj = read_table(spark, path, columns=["l", "day"])
+    assert proj.columns == ["l", "day"]
+    # partition pruning: only day=2 files are planned
+    pruned = read_table(spark, path, partition_filter={"day": 2})
+    assert pruned.count() == 10 and {r.day for r in pruned.collect()} == {2}
+    assert pruned.rdd.getNumPartitions() == len(DeltaSnapshot(path).files({"day": 2})) <= 2
+    assert read_table(spark, path, partition_filter={"day": [0, 2]}).count() == 20
+
+
+def test_schema_mismatch_commits_nothing(spark, tmp_path):
+    path = str(tmp_path / "t")
+    df = _all_types_df(spark, 10)
+    write_table(df, path)
+    bad = df.withColumn("l", df.l.cast("string"))
+    with pytest.raises(Exception) as ei:
+        write_table(bad, path)
+    assert "column 'l'" in str(ei.value) and "SchemaMismatch" in type(ei.value).__name__ + str(ei.value) or "schema mismatch" in str(ei.value)
+    extra = df.withColumn("extra", df.l * 2)
+    with pytest.raises(Exception, match="merge_schema"):
+        write_table(extra, path)
+    assert table_version(path) == 0 and read_table(spark, path).count() == 10
+    # explicit opt-in schema evolution adds the nullable column; old rows read as null
+    write_table(extra, path, merge_schema=True)
+    back = read_table(spark, path)
+    assert "extra" in back.columns
+    assert back.filter("extra is null").count() == 10 and back.count() == 20
+
+
+def test_failing_task_commits_nothing(spark, tmp_path):
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import LongType
+
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 10), path)
+
+    @F.udf(LongType())
+    def explode_at_77(x):
+        if x == 77:
+            raise RuntimeError("boom")
+        return x
+
+    df = _all_types_df(spark, 200, 0).repartition(2).withColumn("l", explode_at_77("l"))
+    with pytest.raises(Exception, match="boom"):
+        write_table(df, path)
+    assert table_version(path) == 0
+    assert read_table(spark, path).count() == 10
+    # no orphaned data files: only the first commit's files are on disk
+    on_disk = {p.name for p in (tmp_path / "t").glob("*.parquet")}
+    active = {f.uri.rsplit("/", 1)[1] for f in DeltaSnapshot(path).files()}
+    assert on_disk == active
+
+
+def test_concurrent_appends_both_land(spark, tmp_path):
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 5), path)
+    errors, versions = [], []
+
+    def append(offset):
+        try:
+            versions.append(write_table(_all_types_df(spark, 20, offset), path))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=append, args=(o,)) for o in (100, 200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(versions) == [1, 2]
+    assert read_table(spark, path).count() == 45
+
+
+def test_conflicting_overwrites_fail_clearly(tmp_path):
+    """Two overwrites planned against the same version: the second to commit fails and leaves
+    no files behind."""
+    path = str(tmp_path / "t")
+    schema = pa.schema([("x", pa.int64())])
+
+    def files(write_id, n):
+        w = PartitionedFileWriter(path, schema, [], write_id)
+        w.write(pa.record_batch([pa.array(range(n), pa.int64())], schema=schema))
+        return w.close()
+
+    commit(path, schema, files("w0", 3), mode="append", partition_by=[])
+    mode_a, read_a = prepare_table(path, schema, mode="overwrite", partition_by=[], merge_schema=False, replace_where=None)
+    mode_b, read_b = prepare_table(path, schema, mode="overwrite", partition_by=[], merge_schema=False, replace_where=None)
+    assert read_a == read_b == 0
+    adds_a, adds_b = files("wa", 4), files("wb", 5)
+    commit(path, schema, adds_b, mode="overwrite", partition_by=[], read_version=read_b)
+    with pytest.raises(CommitConflictError, match="conflict"):
+        commit(path, schema, adds_a, mode="overwrite", partition_by=[], read_version=read_a)
+    assert DeltaTable(path).to_pyarrow_table().num_rows == 5
+    assert not any(p.name.startswith("part-wa-") for p in tmp_path.joinpath("t").iterdir())
+
+
+def test_schema_errors_are_raised_before_writing(tmp_path):
+    path = str(tmp_path / "t")
+    schema = pa.schema([("x", pa.int64())])
+    w = PartitionedFileWriter(path, schema, [], "w0")
+    w.write(pa.record_batch([pa.array([1, 2], pa.int64())], schema=schema))
+    commit(path, schema, w.close(), mode="append", partition_by=[])
+    with pytest.raises(SchemaMismatchError):
+        prepare_table(path, pa.schema([("x", pa.string())]), mode="append", partition_by=[], merge_schema=False, replace_where=None)
+    with pytest.raises(TableExistsError):
+        prepare_table(path, schema, mode="error", partition_by=[], merge_schema=False, replace_where=None)
+
+
+def test_maintenance_compaction_and_vacuum(spark, tmp_path):
+    path = str(tmp_path / "t")
+    for i in range(3):
+        write_table(_all_types_df(spark, 10, 10 * i).drop("day"), path)
+    before = len(DeltaSnapshot(path).files())
+    metrics = optimize(path)
+    snap = DeltaSnapshot(path)
+    assert len(snap.files()) < before and snap.num_rows == 30
+    assert metrics["numFilesRemoved"] == before
+    assert read_table(spark, path).count() == 30
+    removable = vacuum(path, retention_hours=0, dry_run=True, enforce_retention=False)
+    assert len(removable) == before
+    assert history(path)[0]["operation"] == "OPTIMIZE"
+
+
+def test_decimal_stats_and_large_values(tmp_path):
+    path = str(tmp_path / "t")
+    schema = pa.schema([("big", pa.int64()), ("dec", pa.decimal128(10, 2))])
+    w = PartitionedFileWriter(path, schema, [], "w")
+    w.write(pa.record_batch([pa.array([2**62, -5]), pa.array([Decimal("1.25"), None])], schema=schema))
+    commit(path, schema, w.close(), mode="append", partition_by=[])
+    fe = DeltaSnapshot(path).files()[0]
+    assert fe.max_values["big"] == 2**62 and fe.min_values["big"] == -5
+
+
+def test_pushed_filters_do_not_leak_between_queries(spark, tmp_path):
+    """A DataFrame reused for a filtered and an unfiltered query must not keep the filter."""
+    path = str(tmp_path / "t")
+    write_table(_all_types_df(spark, 30), path, partition_by=["day"])
+    df = read_table(spark, path)
+    assert df.filter("day = 1").count() == 10
+    assert df.count() == 30
+    assert df.filter("nl is null").count() == 6
+    assert df.count() == 30
