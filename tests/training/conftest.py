@@ -11,3 +11,10 @@ def synth_gold(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("synth_gold")
     return make_gold(root, rows={"train": 16_000, "valid": 4_000, "test": 4_000}, files_per_table=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """One sqlite store for the session (creating the schema costs seconds): (uri, artifacts)."""
+    d = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{d}/mlflow.db", str(d / "mlruns")

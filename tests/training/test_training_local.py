@@ -52,11 +52,11 @@ def test_resume_after_forced_stop_matches_uninterrupted(synth_gold, tmp_path, va
     assert a == pytest.approx(b, rel=1e-6)
 
 
-def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path):
+def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
     cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=40", "train.eval_every=20", "train.target_auc=0.55",
-                    "tracking.model_format=pt2", "run.name=mlflow-test", tracking=True)
+                    "tracking.model_format=pt2", "run.name=mlflow-test", tracking=mlflow_store)
     res = run_training(cfg)
     client = MlflowClient(tracking_uri=res.tracking_uri)
     run = client.get_run(res.run_id)
@@ -100,3 +100,19 @@ def test_train_command_prints_summary(synth_gold, tmp_path, capsys):
     assert "valid AUC" in out and "samples/s" in out and "1 x cpu" in out
     bad = argparse.Namespace(resume=False, local=True, num_proc=3)
     assert job.run(cfg, bad) == 2
+
+
+def test_compression_hook_in_process(synth_gold, tmp_path, mlflow_store):
+    """compression.name != none: plain optimizer + GradientCommunicator, bytes accounted."""
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=20", "train.compression.name=topk",
+                    "train.compression.params={ratio: 0.05}", "tracking.log_model=false",
+                    tracking=mlflow_store)
+    res = run_training(cfg)
+    sent = res.rank0["bytes_sent_per_step"]
+    dense = sum(p.numel() * 4 for p in _model_params(res))
+    assert 0 < sent < 0.5 * dense
+    from mlflow import MlflowClient
+
+    m = MlflowClient(res.tracking_uri).get_run(res.run_id).data.metrics
+    assert m["bytes_sent_per_step"] == pytest.approx(sent) and "comm/ratio" in m
+    assert m["dense_grad_bytes"] == dense

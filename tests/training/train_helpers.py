@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 
-def train_cfg(gold: dict, tmp_path, *overrides: str, tracking: bool = False):
-    """A root config training on ``gold`` with everything written under ``tmp_path``."""
+def train_cfg(gold: dict, tmp_path, *overrides: str, tracking=False):
+    """A root config training on ``gold`` with everything written under ``tmp_path``.
+
+    ``tracking``: False, True (a store under ``tmp_path``) or ``(uri, artifact_dir)``.
+    """
+    store = tracking if isinstance(tracking, tuple) else (f"sqlite:///{tmp_path}/mlflow.db", f"{tmp_path}/mlruns")
     from jobs.config import load_config
 
     ov = [
@@ -23,8 +27,8 @@ def train_cfg(gold: dict, tmp_path, *overrides: str, tracking: bool = False):
         "train.shuffle_buffer_rows=4096",
         f"lake.root={tmp_path}/lake",
         f"tracking.enabled={'true' if tracking else 'false'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-        f"tracking.artifact_location={tmp_path}/mlruns",
+        f"tracking.tracking_uri={store[0]}",
+        f"tracking.artifact_location={store[1]}",
         "tracking.model_format=pickle",
         *overrides,
     ]
