@@ -92,6 +92,8 @@ class DeltaTorchLoader:
         filesystem: explicit ``pyarrow.fs.FileSystem`` for the data files.
     """
 
+    _GATHER_ROWS = 65_536  # rows per shuffle gather (staging area: this many records)
+
     def __init__(
         self,
         table_uri: str,
@@ -487,7 +489,7 @@ class DeltaTorchLoader:
         total, B, C = self.shard_rows, self.batch_size, self.shuffle_buffer_rows
         rng = self._rng(epoch, 1)
         dts = self.dtypes
-        G = max(1, 65_536 // B)  # batches gathered per numpy call
+        G = max(1, self._GATHER_ROWS // B)  # batches gathered per numpy call
         n0 = min(C, total)
         A = 2 * C if total > C else n0  # arena rows
         ids = np.arange(n0, dtype=np.int64)  # slot -> stream position
