@@ -50,3 +50,5 @@ fi
 "$PY" -m pip install -q --no-deps "$DEST"/horovod-*.whl
 "$PY" -m pip install -q psutil cloudpickle pyyaml packaging cffi
 "$PY" -c 'import horovod.torch as hvd; print("horovod", __import__("horovod").__version__, "gloo built:", hvd.gloo_built(), "nccl built:", hvd.nccl_built())'
+# the build is only done when a 2-process gloo allreduce works
+SPARK_LOCAL_IP=127.0.0.1 "$PY" "$(dirname "$0")/check_horovod.py"

@@ -1,0 +1,37 @@
+# bigopt: the two everyday commands are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-fast bench-quick lock horovod clean help
+
+help:
+	@echo "make setup        create/refresh .venv (torch, locked deps, horovod) - idempotent"
+	@echo "make demo         set up if needed, then run the demo pipeline end to end"
+	@echo "make test         set up if needed, then run the test suite"
+	@echo "make bench-quick  every benchmark in --quick mode"
+	@echo "make lock         re-resolve requirements.lock with uv"
+
+setup:
+	@scripts/setup_env.sh
+
+horovod:
+	@scripts/build_horovod.sh $(PY)
+
+demo: setup
+	$(VENV)/bin/bigopt run conf/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-quick: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+lock:
+	$(VENV)/bin/uv pip compile requirements.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links /opt/wheels -c <(echo 'torch==2.13.0+cpu') --no-emit-package torch -o requirements.lock
+
+clean:
+	rm -rf lake mlruns mlflow.db spark-warehouse .pytest_cache

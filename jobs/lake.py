@@ -1,0 +1,86 @@
+"""``bigopt lake <conf> --action history|vacuum|optimize|roundtrip --table PATH``.
+
+Maintenance of the Delta tables (through delta-rs, no Spark needed except for ``roundtrip``,
+which writes and reads back a small table through Spark to check an installation).
+"""
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--action", choices=["history", "vacuum", "optimize", "roundtrip"], default="history")
+    parser.add_argument("--table", help="table path or URI (default for roundtrip: <lake.root>/_check/roundtrip)")
+    parser.add_argument("--limit", type=int, default=20, help="history: newest N commits")
+    parser.add_argument("--retention-hours", type=int, default=168, help="vacuum: keep files newer than this")
+    parser.add_argument("--apply", action="store_true", help="vacuum: actually delete (default: dry run)")
+    parser.add_argument("--target-mb", type=int, default=256, help="optimize: target file size")
+
+
+def run(cfg, args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines import lake
+
+    console = Console()
+    if args.action == "roundtrip":
+        return _roundtrip(cfg, args, console)
+    if not args.table:
+        console.print("[red]--table is required for this action[/red]")
+        return 2
+    if args.action == "history":
+        t = Table(title=f"history of {args.table}")
+        for col in ("version", "timestamp", "operation", "job", "rows added", "parameters"):
+            t.add_column(col)
+        import datetime as dt
+
+        for h in lake.history(args.table, args.limit):
+            m = h.get("operationMetrics") or {}
+            t.add_row(
+                str(h.get("version")),
+                dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
+                h.get("operation", ""),
+                str(h.get("job", "")),
+                str(m.get("num_added_rows", "")),
+                json.dumps(h.get("operationParameters", {}))[:60],
+            )
+        console.print(t)
+    elif args.action == "vacuum":
+        files = lake.vacuum(args.table, retention_hours=args.retention_hours, dry_run=not args.apply)
+        console.print(f"{'deleted' if args.apply else 'would delete'} {len(files)} file(s)")
+    elif args.action == "optimize":
+        console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
+    return 0
+
+
+def _roundtrip(cfg, args, console) -> int:
+    """Write a table with every type the pipelines use, read it back, compare."""
+    from pyspark.sql import functions as F
+
+    from jobs.config import config_hash
+    from pipelines import lake
+    from pipelines.spark import spark_from_config
+
+    spark = spark_from_config(cfg.spark)
+    path = args.table or cfg.lake.table("_check", "roundtrip", "all_types")
+    df = spark.range(0, 100_000).select(
+        F.col("id"),
+        (F.col("id") % 7).cast("int").alias("day"),
+        (F.col("id") * 0.5).alias("x"),
+        F.when(F.col("id") % 5 == 0, None).otherwise(F.sha1(F.col("id").cast("string")).substr(1, 8)).alias("c"),
+        F.array(*[(F.col("id") + i).cast("float") for i in range(3)]).alias("dense"),
+        F.current_timestamp().alias("ts"),
+    )
+    v = lake.write_table(df, path, mode="overwrite", partition_by=["day"],
+                         commit_info={"job": "lake-roundtrip", "config_hash": config_hash(cfg)})
+    back = lake.read_table(spark, path, version=v)
+    n, diff = back.count(), df.drop("ts").exceptAll(back.drop("ts").select(*[c for c in df.columns if c != "ts"])).count()
+    console.print(f"engine={lake.delta_engine(spark)} table={path} version={v} rows={n} mismatched_rows={diff}")
+    return 0 if n == 100_000 and diff == 0 else 1
+
+
+if __name__ == "__main__":
+    from jobs.cli import submit_main
+
+    submit_main("lake")
