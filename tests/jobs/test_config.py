@@ -1,0 +1,90 @@
+"""Configuration: validation names the key, overrides, env interpolation, includes, CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jobs.config import ConfigError, apply_override, config_hash, dump_config, flatten, load_config
+
+
+def test_defaults_validate_and_dump():
+    cfg = load_config()
+    text = dump_config(cfg)
+    assert "run:" in text and "spark:" in text and "lake:" in text
+    assert load_config(data={"run": {"seed": 1}}).run.seed == 1
+
+
+def test_unknown_key_is_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  seeed: 3\n")
+    with pytest.raises(ConfigError, match=r"run\.seeed: unknown key"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"nosuchsection: unknown key"):
+        load_config(data={"nosuchsection": {}})
+
+
+def test_wrong_type_is_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  seed: abc\n")
+    with pytest.raises(ConfigError, match=r"run\.seed: .*integer.*'abc'"):
+        load_config(f)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  name: x\n")
+    cfg = load_config(f, ["run.seed=7", "spark.conf.spark.sql.shuffle.partitions=4", "spark.ui=false"])
+    assert cfg.run.seed == 7 and cfg.run.name == "x" and cfg.spark.ui is False
+    assert cfg.spark.conf == {"spark": {"sql": {"shuffle": {"partitions": 4}}}}
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(f, ["noequals"])
+    d: dict = {"a": 1}
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_override(d, "a.b=2")
+
+
+def test_env_interpolation(tmp_path, monkeypatch):
+    f = tmp_path / "c.yaml"
+    f.write_text("lake:\n  root: ${BIGOPT_TEST_ROOT}/lake\nrun:\n  name: ${BIGOPT_TEST_UNSET:-fallback}\n")
+    monkeypatch.setenv("BIGOPT_TEST_ROOT", "/data")
+    cfg = load_config(f)
+    assert cfg.lake.root == "/data/lake" and cfg.run.name == "fallback"
+    monkeypatch.delenv("BIGOPT_TEST_ROOT")
+    with pytest.raises(ConfigError, match=r"lake\.root: environment variable \$\{BIGOPT_TEST_ROOT\} is not set"):
+        load_config(f)
+
+
+def test_include_and_hash(tmp_path):
+    (tmp_path / "base.yaml").write_text("run:\n  name: base\n  seed: 1\n")
+    (tmp_path / "top.yaml").write_text("include: base.yaml\nrun:\n  seed: 2\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert (cfg.run.name, cfg.run.seed) == ("base", 2)
+    assert config_hash(cfg) == config_hash(load_config(tmp_path / "top.yaml"))
+    assert config_hash(cfg) != config_hash(load_config(tmp_path / "top.yaml", ["run.seed=3"]))
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_lake_table_paths():
+    cfg = load_config(data={"lake": {"root": "s3://bucket/lake/"}})
+    assert cfg.lake.table("criteo", "bronze", "events") == "s3://bucket/lake/criteo/bronze/events"
+
+
+def test_cli_help_and_config_errors():
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True, text=True, check=True)
+    for cmd in ("config", "lake"):
+        assert cmd in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "run.seed=x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "run.seed" in bad.stderr
+    ok = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "run.seed=5"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "seed: 5" in ok.stdout
