@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
     # --- launch -------------------------------------------------------------------------
     backend: Literal["horovod", "local"] = Field("horovod", description="horovod = horovod.spark.run")
     num_proc: int = Field(1, description="ranks; 1 runs in-process without Horovod")
-    threads_per_rank: int | None = Field(None, description="torch threads per rank (None: cores / num_proc)")
+    threads_per_rank: int | None = Field(None, description="torch threads per rank (None: cores / num_proc - 1, at least 1)")
     start_timeout: int = 180
     log_every: int = 10
     fail_at_step: int | None = Field(None, description="testing: raise in rank 0 at this step")

@@ -235,7 +235,10 @@ def resolve_data(cfg) -> DataSpec:
 
 
 def batch_to_inputs(batch: dict[str, torch.Tensor], spec: DataSpec, device: torch.device | str = "cpu"):
-    """Loader batch -> ``(dense float32 [B, D], sparse int64 [B, C], label float32 [B], valid mask|None)``."""
+    """Loader batch -> ``(dense float32 [B, D], sparse int32/int64 [B, C], label float32 [B], valid mask|None)``.
+
+    Integer ids keep their dtype (int32 gold columns stay int32: embedding lookups accept
+    them, and skipping the int64 copy matters at high samples/s)."""
     if spec.dense_is_array:
         dense = batch[spec.dense_columns[0]]
     elif spec.dense_columns:
@@ -253,7 +256,7 @@ def batch_to_inputs(batch: dict[str, torch.Tensor], spec: DataSpec, device: torc
     nb = device != "cpu" and str(device) != "cpu"
     return (
         dense.to(device, torch.float32, non_blocking=nb),
-        sparse.to(device, torch.long, non_blocking=nb),
+        sparse.to(device, sparse.dtype if sparse.dtype in (torch.int32, torch.int64) else torch.long, non_blocking=nb),
         label.reshape(-1).to(device, torch.float32, non_blocking=nb),
         None if mask is None else mask.reshape(-1).to(device, torch.bool),
     )

@@ -204,8 +204,8 @@ def _signature(example: tuple):
     dense, sparse = example
     return ModelSignature(
         inputs=Schema([
-            TensorSpec(np.dtype("float32"), (-1, int(dense.shape[1])), "dense"),
-            TensorSpec(np.dtype("int64"), (-1, int(sparse.shape[1])), "sparse"),
+            TensorSpec(np.dtype(str(dense.dtype).removeprefix("torch.")), (-1, int(dense.shape[1])), "dense"),
+            TensorSpec(np.dtype(str(sparse.dtype).removeprefix("torch.")), (-1, int(sparse.shape[1])), "sparse"),
         ]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1,), "logit")]),
     )

@@ -125,7 +125,7 @@ def test_dataspec_both_gold_layouts(tmp_path, layout):
     assert spec.vocabulary and spec.versions["train"] >= 0
     loader = TensorLoader(table_to_tensors(spec.train, None, spec.columns), 64)
     dense, sparse, label, mask = batch_to_inputs(next(iter(loader)), spec)
-    assert dense.shape == (64, 13) and sparse.shape == (64, 26) and sparse.dtype == torch.long
+    assert dense.shape == (64, 13) and sparse.shape == (64, 26) and sparse.dtype == torch.int32
     assert label.shape == (64,) and mask is None
     # without the vocabulary the sizes come from a scan of the ids
     (tmp_path / "vocabulary.json").write_text(json.dumps({"nothing": 1}))

@@ -36,8 +36,12 @@ class CategoricalEmbeddings(nn.Module):
         return bool(self.table.sparse)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx``: [B, C] integer ids per column -> [B, C, dim]."""
-        return self.table(idx.long() + self.offsets)
+        """``idx``: [B, C] integer ids per column (int32 or int64) -> [B, C, dim]."""
+        if idx.dtype not in (torch.int32, torch.int64):
+            idx = idx.long()
+        if idx.dtype == torch.int32 and self.table.num_embeddings >= 2**31:
+            idx = idx.long()
+        return self.table(idx + self.offsets.to(idx.dtype))
 
     def extra_repr(self) -> str:
         return f"columns={self.num_columns}, rows={sum(self.cardinalities)}, dim={self.dim}, sparse={self.sparse}"
