@@ -1,0 +1,50 @@
+"""The whole first slice on the real Criteo samples: raw -> bronze -> gold -> 2 Horovod ranks -> MLflow."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+import pytest
+
+pytestmark = [pytest.mark.spark, pytest.mark.horovod, pytest.mark.slow]
+
+if importlib.util.find_spec("pipelines.criteo.featurize") is None:  # before the Spark fixture starts
+    pytest.skip("pipelines.criteo.featurize not written yet", allow_module_level=True)
+
+
+def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_store, capsys):
+    from mlflow import MlflowClient
+
+    from jobs import run as job
+    from jobs.config import load_config
+
+    cfg = load_config(None, [
+        f"criteo.inputs=[{criteo_shared}]",
+        f"criteo.raw_dir={tmp_path}/raw",
+        f"lake.root={tmp_path}/lake",
+        f"train.checkpoint_dir={tmp_path}/ckpt",
+        "train.model=dlrm",
+        "train.model_params={embedding_dim: 8, bottom_mlp: [16], top_mlp: [16]}",
+        "train.batch_size=128",
+        "train.num_proc=2",
+        "train.epochs=2",
+        "train.max_steps=1000",
+        "train.eval_every=0",
+        "train.log_every=2",
+        f"tracking.tracking_uri={mlflow_store[0]}",
+        f"tracking.artifact_location={mlflow_store[1]}",
+        "tracking.experiment=criteo-e2e",
+        "tracking.model_format=pickle",
+    ])
+    args = argparse.Namespace(no_generate=True, force_ingest=False, skip_data=False, local=False, num_proc=None)
+    assert job.run(cfg, args) == 0
+    out = capsys.readouterr().out
+    assert "test AUC" in out and "mlflow ui --backend-store-uri" in out
+    client = MlflowClient(tracking_uri=mlflow_store[0])
+    exp = client.get_experiment_by_name("criteo-e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2" and "data.train_version" in run.data.params
+    m = run.data.metrics
+    assert 0.0 <= m["test_auc"] <= 1.0 and 0.0 < m["test_logloss"]
+    assert "final_valid_auc" in m and "train_loss" in m
