@@ -82,8 +82,96 @@ def group_tensors(*tensor_lists: list[torch.Tensor]):
         yield indices, lists
 
 
+def bump_steps(states) -> None:
+    """``state['step'] += 1`` for many parameters in one multi-tensor call."""
+    steps = [st["step"] for st in states]
+    if steps:
+        torch._foreach_add_(steps, 1.0)
+
+
 def param_name(group: dict[str, Any], i: int, group_index: int) -> str:
     names = group.get("param_names")
     if names is not None and i < len(names):
         return names[i]
     return f"group{group_index}.param{i}"
+
+
+# -- fused Adam direction ---------------------------------------------------------------------------
+_FUSED_ADAM = getattr(torch, "_fused_adam_", None)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_fused_broken = False
+
+
+def _fused_ok(tensors: list[torch.Tensor]) -> bool:
+    if _FUSED_ADAM is None or _fused_broken or not tensors:
+        return False
+    t = tensors[0]
+    return t.device.type in ("cpu", "cuda") and t.dtype in _FUSED_DTYPES
+
+
+def adam_direction_(out: list[torch.Tensor], grads, exp_avgs, exp_avg_sqs, step: float, beta1: float,
+                    beta2: float, eps: float, *, maximize: bool = False, bias_correction: bool = True) -> None:
+    """Adam moment update plus its direction, in place, for one (device, dtype) bucket::
+
+        m <- b1 m + (1-b1) g;   v <- b2 v + (1-b2) g^2;   out <- m_hat / (sqrt(v_hat) + eps)
+
+    ``step`` is the (already incremented) step count used for the bias corrections. Uses torch's
+    fused multi-tensor Adam kernel (one pass over g, m, v, out) by running it on ``out`` zeroed
+    with ``lr = -1``; falls back to in-place ``torch._foreach_*`` ops (no allocations) when the
+    kernel is unavailable for the device/dtype.
+    """
+    global _fused_broken
+    t_eff = float(step) if bias_correction else 1e12  # b**1e12 == 0: bias corrections become 1
+    if _fused_ok(out):
+        steps = [torch.full((), t_eff, dtype=torch.float32, device=out[0].device)] * len(out)
+        torch._foreach_zero_(out)
+        try:
+            _FUSED_ADAM(out, list(grads), list(exp_avgs), list(exp_avg_sqs), [], steps, amsgrad=False, lr=-1.0,
+                        beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, maximize=maximize,
+                        grad_scale=None, found_inf=None)
+            return
+        except (RuntimeError, TypeError):  # pragma: no cover - kernel signature/dtype not supported here
+            _fused_broken = True
+    g = torch._foreach_neg(grads) if maximize else grads
+    bc1 = 1.0 - beta1**t_eff
+    bc2_sqrt = math.sqrt(1.0 - beta2**t_eff)
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1.0 - beta2)
+    torch._foreach_copy_(out, exp_avg_sqs)
+    torch._foreach_sqrt_(out)
+    torch._foreach_add_(out, eps * bc2_sqrt)      # sqrt(v) + eps*sqrt(bc2) = sqrt(bc2) (sqrt(v_hat) + eps)
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, exp_avgs)
+    torch._foreach_mul_(out, bc2_sqrt / bc1)      # = m_hat / (sqrt(v_hat) + eps)
+
+
+class ScratchBuffers:
+    """Persistent per-parameter work buffers: allocating a fresh parameter-sized tensor every step
+    costs page faults that dominate a memory-bound optimizer step on CPU. Not part of state_dict."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, p: torch.Tensor, tag: str = "u") -> torch.Tensor:
+        key = (p, tag)
+        b = self._bufs.get(key)
+        if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+            b = torch.empty_like(p, memory_format=torch.contiguous_format)
+            self._bufs[key] = b
+        return b
+
+    def put(self, p: torch.Tensor, tag: str, buf: torch.Tensor) -> None:
+        self._bufs[(p, tag)] = buf
+
+    def many(self, params, tag: str = "u") -> list[torch.Tensor]:
+        return [self.get(p, tag) for p in params]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+    def __deepcopy__(self, memo):
+        return ScratchBuffers()
+
+    def __getstate__(self):
+        return {"_bufs": {}}

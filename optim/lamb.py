@@ -27,7 +27,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._utils import check_betas, check_range, collect, group_tensors, param_name
+from ._utils import (ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors,
+                     param_name)
 
 __all__ = ["LAMB"]
 
@@ -88,6 +89,7 @@ class LAMB(Optimizer):
         )
         super().__init__(params, defaults)
         self._last_trust: dict[str, torch.Tensor] = {}
+        self._scratch = ScratchBuffers()
 
     @staticmethod
     def _adapted(group, p) -> bool:
@@ -127,8 +129,7 @@ class LAMB(Optimizer):
             self._init_state(params)
             # all tensors of a group share the step count (they are created together)
             step_t = self.state[params[0]]["step"]
-            for p in params:
-                self.state[p]["step"] += 1
+            bump_steps([self.state[p] for p in params])
             t = float(step_t)
             if group["foreach"] is False:
                 self._step_single(gi, group, idx, params, grads, t)
@@ -140,54 +141,51 @@ class LAMB(Optimizer):
     def _step_foreach(self, gi, group, idx, params, grads):
         b1, b2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
         m_list = [self.state[p]["exp_avg"] for p in params]
         v_list = [self.state[p]["exp_avg_sq"] for p in params]
+        u_list = self._scratch.many(params)
         steps = [float(self.state[p]["step"]) for p in params]
-        for b_idx, (bp, bg, bm, bv) in group_tensors(params, grads, m_list, v_list):
+        for b_idx, (bp, bg, bm, bv, bu) in group_tensors(params, grads, m_list, v_list, u_list):
             t = steps[b_idx[0]]
-            if group["bias_correction"]:
-                bc1, bc2_sqrt = 1.0 - b1**t, math.sqrt(1.0 - b2**t)
-            else:
-                bc1, bc2_sqrt = 1.0, 1.0
-            # moments
+            # u = r = m_hat / (sqrt(v_hat) + eps), moments updated in the same (fused) pass
             if group["grad_averaging"]:
-                torch._foreach_lerp_(bm, bg, 1.0 - b1)
+                adam_direction_(bu, bg, bm, bv, t, b1, b2, eps, maximize=group["maximize"],
+                                bias_correction=group["bias_correction"])
             else:
+                g = torch._foreach_neg(bg) if group["maximize"] else bg
                 torch._foreach_mul_(bm, b1)
-                torch._foreach_add_(bm, bg)
-            torch._foreach_mul_(bv, b2)
-            torch._foreach_addcmul_(bv, bg, bg, 1.0 - b2)
-            # r = m_hat/(sqrt(v_hat)+eps) = c * m/(sqrt(v) + eps*sqrt(bc2)),  c = sqrt(bc2)/bc1
-            c = bc2_sqrt / bc1
-            denom = torch._foreach_sqrt(bv)
-            torch._foreach_add_(denom, eps * bc2_sqrt)
-            u = torch._foreach_div(bm, denom)  # u = m / (sqrt(v) + eps')  ==  r / c
-            del denom
+                torch._foreach_add_(bm, g)
+                bc1 = 1.0 - b1**t if group["bias_correction"] else 1.0
+                bc2_sqrt = math.sqrt(1.0 - b2**t) if group["bias_correction"] else 1.0
+                torch._foreach_mul_(bv, b2)
+                torch._foreach_addcmul_(bv, g, g, 1.0 - b2)
+                torch._foreach_copy_(bu, bv)
+                torch._foreach_sqrt_(bu)
+                torch._foreach_add_(bu, eps * bc2_sqrt)
+                torch._foreach_reciprocal_(bu)
+                torch._foreach_mul_(bu, bm)
+                torch._foreach_mul_(bu, bc2_sqrt / bc1)
             adapted = [self._adapted(group, p) for p in bp]
             wds = [wd if (a or not (group["exclude_1d"] and p.ndim <= 1)) else 0.0 for a, p in zip(adapted, bp)]
-            # u <- (r + wd * w) / c
-            if len(set(wds)) == 1:
-                if wds[0] != 0:
-                    torch._foreach_add_(u, bp, alpha=wds[0] / c)
-            else:
-                torch._foreach_add_(u, torch._foreach_mul(bp, [w / c for w in wds]))
-            # per-tensor step scale: lr * trust * c
+            # u <- r + wd * w
+            for w in set(wds):
+                if w:
+                    sel = [j for j, x in enumerate(wds) if x == w]
+                    torch._foreach_add_([bu[j] for j in sel], [bp[j] for j in sel], alpha=w)
             if any(adapted):
                 w_norm = torch.stack(torch._foreach_norm(bp))
-                u_norm = torch.stack(torch._foreach_norm(u)) * c
+                u_norm = torch.stack(torch._foreach_norm(bu))
                 trust = self._trust(w_norm, u_norm, group)
-                mask = torch.tensor(adapted, device=trust.device)
-                trust = torch.where(mask, trust, torch.ones_like(trust))
+                if not all(adapted):
+                    mask = torch.tensor(adapted, device=trust.device)
+                    trust = torch.where(mask, trust, torch.ones_like(trust))
                 for j, k in enumerate(b_idx):
                     if adapted[j]:
                         self._last_trust[param_name(group, idx[k], gi)] = trust[j]
-                scale = (trust * (-lr * c)).to(bp[0].dtype)
-                torch._foreach_mul_(u, scale.unbind())
-                torch._foreach_add_(bp, u)
+                # w <- w - lr * trust * u   (one pass, trust stays on the device)
+                torch._foreach_addcmul_(bp, bu, trust.to(bp[0].dtype).unbind(), value=-lr)
             else:
-                torch._foreach_add_(bp, u, alpha=-lr * c)
+                torch._foreach_add_(bp, bu, alpha=-lr)
 
     # -- reference per-tensor path ---------------------------------------------------------------
     def _step_single(self, gi, group, idx, params, grads, t):

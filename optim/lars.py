@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from ._utils import check_range, collect, group_tensors, param_name
+from ._utils import bump_steps, check_range, collect, group_tensors, param_name
 
 __all__ = ["LARS", "trust_ratios"]
 
@@ -124,8 +124,7 @@ class LARS(Optimizer):
                                        "SparseAdam/Adagrad/FTRL (build_optimizer does this for nn.Module inputs)")
             mom = group["momentum"]
             self._init_state(params, mom)
-            for p in params:
-                self.state[p]["step"] += 1
+            bump_steps([self.state[p] for p in params])
             if group["foreach"] is False:
                 self._step_single(gi, group, idx, params, grads)
             else:
@@ -134,54 +133,47 @@ class LARS(Optimizer):
 
     # -- multi-tensor path -----------------------------------------------------------------------
     def _step_foreach(self, gi, group, idx, params, grads):
+        """Allocation-free: the per-tensor factor ``lr * trust`` enters through addcmul with 0-d
+        tensors, so no scaled copy of the gradient is materialised and nothing syncs with the device."""
         lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        if group["maximize"]:
-            grads = torch._foreach_neg(grads)
-        bufs = [self.state[p].get("momentum_buffer") for p in params]
-        adapted = [self._adapted(group, p) for p in params]
-        for sub in (True, False):
-            sel = [k for k, a in enumerate(adapted) if a == sub]
-            if not sel:
+        bufs = [self.state[p].get("momentum_buffer") for p in params] if mom > 0 else list(grads)
+        for b_idx, (bp, bg, bb) in group_tensors(params, grads, bufs):
+            if group["maximize"]:
+                bg = torch._foreach_neg(bg)
+            adapted = [self._adapted(group, p) for p in bp]
+            wds = [wd if (a or not (group["exclude_1d"] and p.ndim <= 1)) else 0.0 for a, p in zip(adapted, bp)]
+            one = bp[0].new_ones(())
+            if any(adapted):
+                sel = [j for j, a in enumerate(adapted) if a]
+                w_norm = torch.stack(torch._foreach_norm([bp[j] for j in sel]))
+                g_norm = torch.stack(torch._foreach_norm([bg[j] for j in sel]))
+                tr = trust_ratios(w_norm, g_norm, group["trust_coefficient"], wd, group["eps"], group["trust_clip"])
+                tr_list = tr.to(bp[0].dtype).unbind()
+                trust = [one] * len(bp)
+                for j, t in zip(sel, tr_list):
+                    trust[j] = t
+                    self._last_trust[param_name(group, idx[b_idx[j]], gi)] = tr[sel.index(j)]
+            else:
+                trust = [one] * len(bp)
+            has_wd = any(w != 0 for w in wds)
+            wd_trust = [t * w for t, w in zip(trust, wds)] if has_wd else None
+            if mom == 0:
+                if has_wd:  # w <- w (1 - lr trust wd) - lr trust g
+                    torch._foreach_mul_(bp, [1.0 - lr * x for x in wd_trust])
+                torch._foreach_addcmul_(bp, bg, trust, value=-lr)
                 continue
-            s_params = [params[k] for k in sel]
-            s_grads = [grads[k] for k in sel]
-            s_bufs = [bufs[k] for k in sel]
-            s_idx = [idx[k] for k in sel]
-            # excluded tensors take no adaptation; the 1-D rule also removes their weight decay
-            wd_list = [wd if (sub or not (group["exclude_1d"] and p.ndim <= 1)) else 0.0 for p in s_params]
-            for b_idx, (bp, bg, bb) in group_tensors(s_params, s_grads, s_bufs if mom > 0 else s_grads):
-                if sub:
-                    w_norm = torch.stack(torch._foreach_norm(bp))
-                    g_norm = torch.stack(torch._foreach_norm(bg))
-                    trust = trust_ratios(w_norm, g_norm, group["trust_coefficient"], wd, group["eps"],
-                                         group["trust_clip"])
-                    for j, k in enumerate(b_idx):
-                        self._last_trust[param_name(group, s_idx[k], gi)] = trust[j]
-                    scale = (trust * (lr * (1.0 - damp))).unbind()
-                    if wd != 0:
-                        d = torch._foreach_add(bg, bp, alpha=wd)
-                        torch._foreach_mul_(d, scale)
-                    else:
-                        d = torch._foreach_mul(bg, scale)
-                else:
-                    wds = [wd_list[k] for k in b_idx]
-                    if any(w != 0 for w in wds):
-                        d = torch._foreach_mul(bp, wds)
-                        torch._foreach_add_(d, bg)
-                        torch._foreach_mul_(d, lr * (1.0 - damp))
-                    else:
-                        d = torch._foreach_mul(bg, lr * (1.0 - damp))
-                if mom == 0:
-                    torch._foreach_sub_(bp, d)
-                    continue
-                # v <- m v + (1-damp) * d  (d already carries the (1-damp) factor)
-                torch._foreach_mul_(bb, mom)
-                torch._foreach_add_(bb, d)
-                if group["nesterov"]:
-                    torch._foreach_add_(d, bb, alpha=mom)
-                    torch._foreach_sub_(bp, d)
-                else:
-                    torch._foreach_sub_(bp, bb)
+            # v <- m v + (1 - damp) lr trust (g + wd w)
+            torch._foreach_mul_(bb, mom)
+            torch._foreach_addcmul_(bb, bg, trust, value=lr * (1.0 - damp))
+            if has_wd:
+                torch._foreach_addcmul_(bb, bp, wd_trust, value=lr * (1.0 - damp))
+            if group["nesterov"]:  # w <- w - (m v + lr trust (g + wd w))
+                if has_wd:
+                    torch._foreach_mul_(bp, [1.0 - lr * x for x in wd_trust])
+                torch._foreach_addcmul_(bp, bg, trust, value=-lr)
+                torch._foreach_add_(bp, bb, alpha=-mom)
+            else:
+                torch._foreach_sub_(bp, bb)
 
     # -- reference per-tensor path ---------------------------------------------------------------
     def _step_single(self, gi, group, idx, params, grads):

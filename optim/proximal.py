@@ -27,13 +27,24 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._utils import check_range, collect, group_tensors
+from ._utils import ScratchBuffers, check_range, collect, group_tensors
 
 __all__ = ["ISTA", "FISTA", "soft_threshold_"]
 
 
 def _scalar(x) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _prox_(xs: list[torch.Tensor], clip: list[torch.Tensor], thresh: float, shrink: float) -> None:
+    """In place ``xs <- soft_threshold(xs, thresh) / shrink`` using ``clip`` as work space."""
+    if thresh > 0:
+        torch._foreach_copy_(clip, xs)
+        torch._foreach_clamp_min_(clip, -thresh)
+        torch._foreach_clamp_max_(clip, thresh)
+        torch._foreach_sub_(xs, clip)
+    if shrink != 1.0:
+        torch._foreach_div_(xs, shrink)
 
 
 def soft_threshold_(tensors: list[torch.Tensor], thresh: float, shrink: float = 1.0) -> None:
@@ -70,6 +81,7 @@ class ISTA(Optimizer):
         defaults = dict(lr=lr, l1=l1, l2=l2, line_search=line_search, ls_factor=ls_factor, restart=restart,
                         foreach=foreach)
         super().__init__(params, defaults)
+        self._scratch = ScratchBuffers()
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _state(self, p):
@@ -112,11 +124,16 @@ class ISTA(Optimizer):
             with torch.enable_grad():
                 loss = closure()
             groups = [(g, [p for p in g["params"] if p.grad is not None]) for g, _ in groups]
-        ys = [[p.detach().clone() for p in ps] for _, ps in groups]
-        gs = [[p.grad.detach().clone() for p in ps] for _, ps in groups]
         for (group, ps) in groups:
             for p in ps:
                 self._state(p)["step"] += 1
+        if not needs_ls:
+            for group, ps in groups:
+                if ps:
+                    self._fast_step(group, ps)
+            return loss
+        ys = [[p.detach().clone() for p in ps] for _, ps in groups]
+        gs = [[p.grad.detach().clone() for p in ps] for _, ps in groups]
 
         while True:
             xs = [self._prox_step(group, y, g) for (group, _), y, g in zip(groups, ys, gs)]
@@ -152,6 +169,47 @@ class ISTA(Optimizer):
                 continue
             self._fista_update(group, ps, x, y)
         return loss
+
+    def _fast_step(self, group, ps):
+        """Allocation-free step without line search (persistent scratch buffers, x swapped in)."""
+        lr, l1, l2 = group["lr"], group["l1"], group["l2"]
+        grads = [p.grad for p in ps]
+        clip = self._scratch.many(ps, "clip")
+        if not self._momentum:
+            for _, (bp, bg, bc) in group_tensors(ps, grads, clip):
+                torch._foreach_add_(bp, bg, alpha=-lr)
+                _prox_(bp, bc, lr * l1, 1.0 + lr * l2)
+            return
+        states = [self.state[p] for p in ps]
+        x_old = [st["x"] for st in states]
+        x_new = self._scratch.many(ps, "x_new")
+        t = float(states[0]["t"])
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        for _, (by, bg, bc, bxo, bxn) in group_tensors(ps, grads, clip, x_old, x_new):
+            torch._foreach_copy_(bxn, by)
+            torch._foreach_add_(bxn, bg, alpha=-lr)
+            _prox_(bxn, bc, lr * l1, 1.0 + lr * l2)
+        restart = False
+        if group["restart"]:  # gradient restart: <y - x_new, x_new - x_old> > 0
+            dot = 0.0
+            for y, xn, xo in zip(ps, x_new, x_old):
+                dot += float(torch.dot((y - xn).flatten(), (xn - xo).flatten()))
+            restart = dot > 0
+        coef = 0.0 if restart else (t - 1.0) / t_next
+        t_next = 1.0 if restart else t_next
+        for _, (by, bxo, bxn) in group_tensors(ps, x_old, x_new):
+            torch._foreach_copy_(by, bxn)            # y = x_new + coef (x_new - x_old)
+            if coef:
+                torch._foreach_mul_(by, 1.0 + coef)
+                torch._foreach_add_(by, bxo, alpha=-coef)
+        for p, st, xn, xo in zip(ps, states, x_new, x_old):
+            st["x"] = xn                              # swap buffers instead of copying
+            self._scratch.put(p, "x_new", xo)
+            st["t"].fill_(t_next)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._scratch.clear()
 
     def _fista_update(self, group, ps, x_new, y):
         states = [self.state[p] for p in ps]

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from ._utils import check_betas, check_range, collect, group_tensors
+from ._utils import ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
@@ -103,11 +103,11 @@ class _Plan:
     def any(self) -> bool:
         return self.row or self.col
 
-    def blocks(self, x2d: torch.Tensor) -> torch.Tensor:
-        """(m, n) -> (nblk, rb, cb), zero padded."""
+    def blocks(self, x2d: torch.Tensor, pad_buf: torch.Tensor | None = None) -> torch.Tensor:
+        """(m, n) -> (nblk, rb, cb), zero padded (into ``pad_buf``, whose padding must be zero)."""
         if self.padded:
-            buf = x2d.new_zeros(self.n_rb * self.rb, self.n_cb * self.cb)
-            buf[: self.m, : self.n] = x2d
+            buf = pad_buf if pad_buf is not None else x2d.new_zeros(self.n_rb * self.rb, self.n_cb * self.cb)
+            buf[: self.m, : self.n].copy_(x2d)
             x2d = buf
         if self.n_cb == 1:
             return x2d.reshape(self.n_rb, self.rb, self.cb)
@@ -137,9 +137,14 @@ class Shampoo(Optimizer):
         stat_decay: ``b`` for L/R; 1.0 accumulates sums as in Gupta et al., < 1 uses an EMA
             ``L = b L + (1-b) G G^T``.
         matrix_eps: relative ridge ``eps * lambda_max`` for the inverse roots (1e-6).
-        block_size: largest preconditioner block (256).
-        max_precond_dim: dimensions larger than this are not preconditioned (4096).
-        precondition_interval: k, steps between inverse-root refreshes (50).
+        block_size: largest preconditioner block (128). The per-step cost of a preconditioned
+            tensor is about ``8 * block_size`` flops per element (two statistics products and two
+            preconditioning products per block), the root refresh ``O(block_size)`` per element.
+        max_precond_dim: dimensions larger than this are not preconditioned (4096; the reference
+            implementation's ``skip_preconditioning_dim_size_gt``).
+        precondition_interval: k, steps between inverse-root refreshes (100; Anil et al. refresh
+            every few hundred steps -- stale roots cost little, eigendecompositions a lot).
+        statistics_interval: steps between L/R statistics updates (1).
         start_preconditioning_step: first step that computes roots; before it the graft direction is
             used (1 = from the first step).
         graft: ``'adam'`` (default), ``'adagrad'``, ``'sgd'`` or ``'none'`` (pure Shampoo).
@@ -157,9 +162,10 @@ class Shampoo(Optimizer):
         weight_decay: float = 0.0,
         stat_decay: float = 1.0,
         matrix_eps: float = 1e-6,
-        block_size: int = 256,
+        block_size: int = 128,
         max_precond_dim: int = 4096,
-        precondition_interval: int = 50,
+        precondition_interval: int = 100,
+        statistics_interval: int = 1,
         start_preconditioning_step: int = 1,
         graft: str = "adam",
         inv_root_override: int | None = None,
@@ -174,7 +180,7 @@ class Shampoo(Optimizer):
         check_range("stat_decay", stat_decay, 0.0, 1.0, lo_open=True)
         check_range("matrix_eps", matrix_eps, 0.0)
         for name, v in (("block_size", block_size), ("max_precond_dim", max_precond_dim),
-                        ("precondition_interval", precondition_interval),
+                        ("precondition_interval", precondition_interval), ("statistics_interval", statistics_interval),
                         ("start_preconditioning_step", start_preconditioning_step)):
             if int(v) != v or v < 1:
                 raise ValueError(f"invalid {name}={v!r}: expected an integer >= 1")
@@ -185,12 +191,14 @@ class Shampoo(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, stat_decay=stat_decay,
                         matrix_eps=matrix_eps, block_size=int(block_size), max_precond_dim=int(max_precond_dim),
                         precondition_interval=int(precondition_interval),
+                        statistics_interval=int(statistics_interval),
                         start_preconditioning_step=int(start_preconditioning_step), graft=graft,
                         inv_root_override=inv_root_override, precondition_1d=precondition_1d,
                         maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
         self._plans: dict = {}
-        self._scratch: dict = {}
+        self._scratch = ScratchBuffers()
+        self._rooted: set = set()  # parameters whose inverse roots exist (mirror of state['has_roots'])
 
     # -- planning --------------------------------------------------------------------------------------
     def _plan(self, p: torch.Tensor, group) -> _Plan:
@@ -242,14 +250,7 @@ class Shampoo(Optimizer):
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._scratch.clear()
-
-    def _buf(self, p, tag):
-        key = (p, tag)
-        b = self._scratch.get(key)
-        if b is None or b.shape != p.shape:
-            b = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._scratch[key] = b
-        return b
+        self._rooted = set()
 
     # -- step ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -268,8 +269,7 @@ class Shampoo(Optimizer):
                 grads = torch._foreach_neg(grads)
             plans = [self._plan(p, group) for p in params]
             states = [self._init_state(p, group, pl) for p, pl in zip(params, plans)]
-            for st in states:
-                st["step"] += 1
+            bump_steps(states)
             self._step_group(group, params, grads, plans, states)
         return loss
 
@@ -277,78 +277,104 @@ class Shampoo(Optimizer):
         b1, b2 = group["betas"]
         lr, eps, wd, graft = group["lr"], group["eps"], group["weight_decay"], group["graft"]
         steps = [int(st["step"]) for st in states]
-        # 1) elementwise part (multi-tensor): momentum, graft statistics and graft direction D
+        # 1) elementwise part (multi-tensor, in place): momentum, graft statistics and graft direction D
         ms = [st["exp_avg"] for st in states]
-        ds = [self._buf(p, "d") for p in params]
+        ds = self._scratch.many(params, "d")
         vs = [st["exp_avg_sq"] for st in states] if graft in ("adam", "adagrad") else ms
         for b_idx, (bg, bm, bv, bd) in group_tensors(grads, ms, vs, ds):
             t = steps[b_idx[0]]
             bc1 = 1.0 - b1**t if b1 > 0 else 1.0
+            if graft == "adam":  # D = m_hat / (sqrt(v_hat) + eps): one fused pass
+                adam_direction_(bd, bg, bm, bv, t, b1, b2, eps)
+                continue
             torch._foreach_lerp_(bm, bg, 1.0 - b1)
-            if graft == "adam":
-                torch._foreach_mul_(bv, b2)
-                torch._foreach_addcmul_(bv, bg, bg, 1.0 - b2)
-                bc2_sqrt = math.sqrt(1.0 - b2**t)
-                # D = m_hat / (sqrt(v_hat) + eps) = (bc2_sqrt/bc1) * m / (sqrt(v) + eps*bc2_sqrt)
-                torch._foreach_copy_(bd, bv)
-                torch._foreach_sqrt_(bd)
-                torch._foreach_add_(bd, eps * bc2_sqrt)
-                torch._foreach_div_(bd, bm)
-                torch._foreach_reciprocal_(bd)
-                torch._foreach_mul_(bd, bc2_sqrt / bc1)
-            elif graft == "adagrad":
+            if graft == "adagrad":  # D = m_hat / (sqrt(sum g^2) + eps)
                 torch._foreach_addcmul_(bv, bg, bg, 1.0)
                 torch._foreach_copy_(bd, bv)
                 torch._foreach_sqrt_(bd)
                 torch._foreach_add_(bd, eps)
-                torch._foreach_div_(bd, bm)
                 torch._foreach_reciprocal_(bd)
-                torch._foreach_mul_(bd, 1.0 / bc1)
+                torch._foreach_mul_(bd, bm)
+                if bc1 != 1.0:
+                    torch._foreach_mul_(bd, 1.0 / bc1)
             else:  # sgd / none: D = m_hat
                 torch._foreach_copy_(bd, bm)
                 if bc1 != 1.0:
                     torch._foreach_mul_(bd, 1.0 / bc1)
-        # 2) statistics, 3) inverse roots, 4) preconditioned and grafted direction (per tensor, batched blocks)
+        # 2) statistics, 3) inverse roots every k steps, 4) preconditioned + grafted direction, written
+        #    into D (batched over the blocks of a tensor; no parameter-sized allocation when unpadded)
         a = 1.0 if group["stat_decay"] == 1.0 else 1.0 - group["stat_decay"]
         beta = group["stat_decay"]
         k, start = group["precondition_interval"], group["start_preconditioning_step"]
-        updates = []
-        for p, g, plan, st, d, t in zip(params, grads, plans, states, ds, steps):
+        t = steps[0]
+        stats_due = t % group["statistics_interval"] == 0
+        roots_due = t >= start and (t - start) % k == 0
+        bc1 = 1.0 - b1**t if b1 > 0 else 1.0
+        for p, g, plan, st, d in zip(params, grads, plans, states, ds):
             if not plan.any:
-                updates.append(d)
                 continue
-            gb = plan.blocks(g.reshape(plan.m, plan.n))
-            if plan.row:
-                st["L"].baddbmm_(gb, gb.transpose(1, 2), beta=beta, alpha=a)
-            if plan.col:
-                st["R"].baddbmm_(gb.transpose(1, 2), gb, beta=beta, alpha=a)
-            if t >= start and (t - start) % k == 0:
+            pad = self._pad_buffer(p, plan) if plan.padded else None
+            if stats_due:
+                gb = plan.blocks(g.reshape(plan.m, plan.n), pad)
                 if plan.row:
-                    _refresh_root_(st["L_inv"], st["L"], plan.p_l, group["matrix_eps"])
+                    st["L"].baddbmm_(gb, gb.transpose(1, 2), beta=beta, alpha=a)
                 if plan.col:
-                    _refresh_root_(st["R_inv"], st["R"], plan.p_r, group["matrix_eps"])
-                st["has_roots"].fill_(1.0)
-            if not bool(st["has_roots"]):
-                updates.append(d)
-                continue
-            mb = plan.blocks(st["exp_avg"].reshape(plan.m, plan.n))
-            s = torch.bmm(st["L_inv"], mb) if plan.row else mb
-            s = torch.bmm(s, st["R_inv"]) if plan.col else s
+                    st["R"].baddbmm_(gb.transpose(1, 2), gb, beta=beta, alpha=a)
+            if roots_due:
+                self._refresh(p, st, plan, group)
+            if p not in self._rooted:
+                if not bool(st["has_roots"]):
+                    continue
+                self._rooted.add(p)  # e.g. after load_state_dict
+            direct = not plan.padded and plan.n_cb == 1  # blocks of D are a contiguous view of D
+            db = plan.blocks(d.reshape(plan.m, plan.n), pad)
+            d_norm = torch.linalg.vector_norm(db, dim=(1, 2)) if graft != "none" else None
+            mb = plan.blocks(st["exp_avg"].reshape(plan.m, plan.n), pad)
+            out = db if direct else None
+            if plan.row and plan.col:
+                s = torch.bmm(torch.bmm(st["L_inv"], mb), st["R_inv"], out=out)
+            elif plan.row:
+                s = torch.bmm(st["L_inv"], mb, out=out)
+            else:
+                s = torch.bmm(mb, st["R_inv"], out=out)
             if graft != "none":
-                db = plan.blocks(d.reshape(plan.m, plan.n))
-                d_norm = torch.linalg.vector_norm(db, dim=(1, 2))
                 s_norm = torch.linalg.vector_norm(s, dim=(1, 2))
-                scale = torch.where(s_norm > 0, d_norm / s_norm, torch.zeros_like(s_norm))
-                s.mul_(scale.view(-1, 1, 1))
-            elif b1 > 0:
-                s.mul_(1.0 / (1.0 - b1**t))
-            d.copy_(plan.unblock(s).reshape(p.shape))
-            updates.append(d)
+                s.mul_(d_norm.div_(s_norm).nan_to_num_(0.0, 0.0, 0.0).view(-1, 1, 1))
+            elif bc1 != 1.0:
+                s.mul_(1.0 / bc1)
+            if not direct:
+                d.copy_(plan.unblock(s).reshape(p.shape))
         # 5) apply (multi-tensor)
-        for _, (bp, bu) in group_tensors(params, updates):
+        for _, (bp, bd) in group_tensors(params, ds):
             if wd:
                 torch._foreach_mul_(bp, 1.0 - lr * wd)
-            torch._foreach_add_(bp, bu, alpha=-lr)
+            torch._foreach_add_(bp, bd, alpha=-lr)
+
+    def _refresh(self, p, st, plan: _Plan, group) -> None:
+        if plan.row:
+            _refresh_root_(st["L_inv"], st["L"], plan.p_l, group["matrix_eps"])
+        if plan.col:
+            _refresh_root_(st["R_inv"], st["R"], plan.p_r, group["matrix_eps"])
+        st["has_roots"].fill_(1.0)
+        self._rooted.add(p)
+
+    def _pad_buffer(self, p, plan: _Plan) -> torch.Tensor:
+        key = (p, "pad")
+        buf = self._scratch._bufs.get(key)
+        if buf is None:
+            buf = p.new_zeros(plan.n_rb * plan.rb, plan.n_cb * plan.cb)
+            self._scratch.put(p, "pad", buf)
+        return buf
+
+    @torch.no_grad()
+    def refresh_preconditioners(self) -> None:
+        """Recompute every inverse root now from the current statistics (the work ``step()`` does
+        every ``precondition_interval`` steps; e.g. after changing ``matrix_eps``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "has_roots" in st:
+                    self._refresh(p, st, self._plan(p, group), group)
 
     # -- logging ---------------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Optimizer
 
-from ._utils import check_betas, check_range, collect, group_tensors
+from ._utils import bump_steps, check_betas, check_range, collect, group_tensors
 from .distributed import allreduce_mean_
 
 __all__ = ["Sophia", "gnb_hessian", "hutchinson_hessian"]
@@ -183,9 +183,13 @@ class Sophia(Optimizer):
                 if p in by_param:
                     hs.append(self._state_for(p)["hessian"])
                     es.append(by_param[p].to(dtype=p.dtype))
-                    self._inv_cache.pop(p, None)
+                    c = self._inv_cache.get(p)
+                    if c is not None:  # stale: keep the buffer, force a recompute
+                        self._inv_cache[p] = (None, None, c[2])
             for _, (bh, be) in group_tensors(hs, es):
                 torch._foreach_lerp_(bh, be, 1.0 - b2)
+            # refresh 1/max(rho h, eps) now, so regular steps only read it
+            self._inv_denoms([p for p in group["params"] if p in by_param], group["rho"], group["eps"])
 
     def update_hessian_gnb(self, logits, kind: str = "categorical", *, retain_graph: bool = False,
                            generator=None) -> None:
@@ -203,12 +207,14 @@ class Sophia(Optimizer):
 
     # -- step -----------------------------------------------------------------------------------------
     def _inv_denoms(self, params, rho, eps):
+        """Cached ``1 / max(rho * h, eps)`` per parameter (recomputed in place when h, rho or eps change)."""
         out = []
         for p in params:
             c = self._inv_cache.get(p)
             if c is None or c[0] != rho or c[1] != eps:
-                h = self.state[p]["hessian"]
-                inv = torch.reciprocal((h * rho).clamp_(min=eps))
+                h = self._state_for(p)["hessian"]
+                inv = c[2] if c is not None else torch.empty_like(h)
+                torch.mul(h, rho, out=inv).clamp_(min=eps).reciprocal_()
                 c = (rho, eps, inv)
                 self._inv_cache[p] = c
             out.append(c[2])
@@ -236,8 +242,7 @@ class Sophia(Optimizer):
                 continue
             if any(g.is_sparse for g in grads):
                 raise RuntimeError("Sophia does not support sparse gradients")
-            for p in params:
-                self._state_for(p)["step"] += 1
+            bump_steps([self._state_for(p) for p in params])
             lr, wd, rho, eps = group["lr"], group["weight_decay"], group["rho"], group["eps"]
             b1 = group["betas"][0]
             if group["maximize"]:

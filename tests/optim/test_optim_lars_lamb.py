@@ -192,3 +192,18 @@ def test_converges_on_least_squares(name):
         opt.step()
         sched.step()
     assert (model.weight.detach().T - w_true).abs().max() < 1e-3
+
+
+def test_fused_adam_direction_equals_foreach_fallback(monkeypatch):
+    """LAMB/Shampoo take the Adam direction from torch's fused kernel; the foreach fallback (used
+    where the kernel is unavailable) gives the same numbers."""
+    import optim._utils as u
+
+    grads = _grads(_params(torch.float64), 4)
+    fused, _ = _run(lambda p: LAMB(p, lr=0.01), _params(torch.float64), grads)
+    monkeypatch.setattr(u, "_FUSED_ADAM", None)
+    fallback, _ = _run(lambda p: LAMB(p, lr=0.01), _params(torch.float64), grads)
+    single, _ = _run(lambda p: LAMB(p, lr=0.01, foreach=False), _params(torch.float64), grads)
+    assert _maxdiff(fused, fallback) < 1e-12 and _maxdiff(fused, single) < 1e-12
+    _, opt = _run(lambda p: LAMB(p, lr=0.01), _params(torch.float64), grads[:1])
+    assert all(set(st) == {"step", "exp_avg", "exp_avg_sq"} for st in opt.state.values())  # scratch is not state

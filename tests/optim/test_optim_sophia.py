@@ -153,3 +153,17 @@ def test_state_dict_roundtrip_resumes_identically():
         return w.detach()
 
     assert torch.equal(run(split=-1), run(split=3))
+
+
+def test_changing_rho_between_hessian_updates_takes_effect():
+    w1 = torch.ones(3, requires_grad=True)
+    w2 = torch.ones(3, requires_grad=True)
+    o1 = Sophia([w1], lr=0.1, rho=0.5, weight_decay=0.0)
+    o2 = Sophia([w2], lr=0.1, rho=2.0, weight_decay=0.0, foreach=False)
+    for o in (o1, o2):
+        o.update_hessian([torch.full((3,), 10.0)])
+    o1.param_groups[0]["rho"] = 2.0  # e.g. a schedule on rho
+    for w, o in ((w1, o1), (w2, o2)):
+        w.grad = torch.tensor([0.01, -0.02, 0.5])
+        o.step()
+    assert torch.allclose(w1, w2)
