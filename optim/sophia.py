@@ -270,3 +270,22 @@ class Sophia(Optimizer):
                 torch._foreach_clamp_max_(bu, 1.0)
                 torch._foreach_add_(bp, bu, alpha=-lr)
         return loss
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """On demand (one pass over the state): fraction of coordinates whose step is clipped
+        (``|m| >= max(rho h, eps)``; the paper tracks it to tune rho) and the mean Hessian estimate."""
+        clipped = total = 0
+        h_sum = 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st or "exp_avg" not in st:
+                    continue
+                denom = (st["hessian"] * group["rho"]).clamp_(min=group["eps"])
+                clipped += int((st["exp_avg"].abs() >= denom).sum())
+                total += p.numel()
+                h_sum += float(st["hessian"].sum())
+        if not total:
+            return {}
+        return {"sophia/clip_fraction": clipped / total, "sophia/hessian_mean": h_sum / total}

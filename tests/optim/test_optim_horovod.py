@@ -11,11 +11,26 @@ import torch
 pytestmark = pytest.mark.horovod
 
 STEPS = 4
-CASES = ["lamb", "shampoo", "lars", "sophia", "svrg", "lamb_step_up"]
+CASES = ["lamb", "shampoo", "lars", "sophia", "svrg", "lamb_step_up", "lamb_sparse_emb"]
 
 
-def _model():
+class _EmbNet(torch.nn.Module):
+    """Dense layers plus a sparse=True embedding: build_optimizer returns a CombinedOptimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 4, sparse=True)
+        self.lin = torch.nn.Linear(12 + 4, 3)
+
+    def forward(self, x):
+        ids = (x[:, 0].abs() * 10).long() % 30
+        return self.lin(torch.cat([x, self.emb(ids)], 1))
+
+
+def _model(case=None):
     torch.manual_seed(0)
+    if case == "lamb_sparse_emb":
+        return _EmbNet().double()
     return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(),
                                torch.nn.Linear(16, 3)).double()
 
@@ -29,6 +44,7 @@ def _hp(case):
     return {
         "lamb": ("lamb", dict(lr=0.01, weight_decay=0.01)),
         "lamb_step_up": ("lamb", dict(lr=0.01, weight_decay=0.01)),
+        "lamb_sparse_emb": ("lamb", dict(lr=0.01, weight_decay=0.01, embedding_lr=0.05)),
         "shampoo": ("shampoo", dict(lr=0.01, block_size=8, precondition_interval=2)),
         "lars": ("lars", dict(lr=0.5, weight_decay=1e-4, trust_coefficient=0.01)),
         "sophia": ("sophia", dict(lr=0.01, update_interval=2)),
@@ -49,7 +65,7 @@ def _worker():
     rank = hvd.rank()
     out = {"size": hvd.size()}
     for case in CASES:
-        model = _model()
+        model = _model(case)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         name, hp = _hp(case)
         opt = build_optimizer(name, model, **hp)
@@ -76,6 +92,7 @@ def _worker():
             else:
                 opt.step()
         out[case] = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+        out[case + "_type"] = type(opt).__mro__[1].__name__
         if factors:
             out[case + "_factors"] = factors
     return out
@@ -87,7 +104,7 @@ def _reference(case):
 
     from optim import build_optimizer
 
-    model = _model()
+    model = _model(case)
     name, hp = _hp(case)
     opt = build_optimizer(name, model, **hp)
     for s in range(STEPS):
@@ -122,11 +139,15 @@ def test_parameters_identical_across_ranks(results, case):
     assert results[0][case] == results[1][case], f"{case}: parameters diverged across ranks"
 
 
-@pytest.mark.parametrize("case", ["lamb", "shampoo", "lars"])
+@pytest.mark.parametrize("case", ["lamb", "shampoo", "lars", "lamb_sparse_emb"])
 def test_distributed_equals_single_process_full_batch(results, case):
     got = torch.tensor(results[0][case], dtype=torch.float64)
     want = _reference(case)
     assert torch.allclose(got, want, atol=1e-10, rtol=1e-10), float((got - want).abs().max())
+
+
+def test_sparse_embeddings_go_through_combined_optimizer(results):
+    assert results[0]["lamb_sparse_emb_type"] == "CombinedOptimizer"
 
 
 def test_step_up_factor_identical_across_ranks(results):

@@ -167,3 +167,15 @@ def test_changing_rho_between_hessian_updates_takes_effect():
         w.grad = torch.tensor([0.01, -0.02, 0.5])
         o.step()
     assert torch.allclose(w1, w2)
+
+
+def test_diagnostics_report_clip_fraction():
+    w = torch.ones(4, requires_grad=True)
+    opt = Sophia([w], lr=0.1, weight_decay=0.0)
+    w.grad = torch.tensor([1.0, -1.0, 1e-3, 2.0])
+    opt.step()
+    assert opt.diagnostics()["sophia/clip_fraction"] == 1.0  # h = 0: every coordinate clipped
+    opt.update_hessian([torch.full((4,), 100.0)])
+    opt.step()
+    d = opt.diagnostics()
+    assert 0.0 <= d["sophia/clip_fraction"] < 1.0 and d["sophia/hessian_mean"] == pytest.approx(1.0)
