@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import statistics
 import sys
@@ -192,11 +193,7 @@ def main(argv=None) -> int:
     if args.clock == "cpu" and args.threads != 1:
         ap.error("--clock cpu measures one thread: use it with --threads 1 (or --clock wall)")
     CLOCK = _CLOCKS[args.clock]
-    try:
-        import pytorch_optimizer  # noqa: F401
-        with_po = not args.no_pytorch_optimizer
-    except ImportError:
-        with_po = False
+    with_po = importlib.util.find_spec("pytorch_optimizer") is not None and not args.no_pytorch_optimizer
 
     shapes = dlrm_shapes(rows_cap)
     numel = sum(torch.Size(s).numel() for s in shapes)

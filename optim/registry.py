@@ -22,7 +22,6 @@ Each group carries ``param_names`` so optimizers can report per-layer diagnostic
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 

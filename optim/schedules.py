@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer, lr_scheduler

@@ -325,7 +325,7 @@ def measure_batch_size_bounds(
         opt = optimizer_factory(model)
         batch = _to(batch_factory(b), dev)
 
-        def one_step():
+        def one_step(model=model, opt=opt, batch=batch):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
             loss.backward()
@@ -352,6 +352,6 @@ def measure_batch_size_bounds(
                     times.append(time.perf_counter() - t)
             peak = float(sampler.peak)
         results.append(BatchMeasurement(b, peak, statistics.median(times), tuple(times)))
-        del model, opt, batch
+        del model, opt, batch, one_step  # free before the next size is measured
     return BatchSizeReport(results, memory_budget, "cuda_max_allocated" if cuda else "process_rss", str(dev),
                            knee_fraction)

@@ -3,7 +3,6 @@ rules, trust-ratio diagnostics, state_dict resume, convergence."""
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 
