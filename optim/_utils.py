@@ -175,3 +175,31 @@ class ScratchBuffers:
 
     def __getstate__(self):
         return {"_bufs": {}}
+
+
+class TrustRatioLogging:
+    """Per-layer trust ratios of the last step, for layer-adaptive optimizers (LARS, LAMB).
+
+    The optimizer stores ``self._last_trust[name] = trust`` (a 0-d tensor) while stepping;
+    reading them costs one device sync, only when the training loop asks."""
+
+    _last_trust: dict[str, torch.Tensor]
+
+    def trust_ratios(self) -> dict[str, float]:
+        """Per-layer trust ratios of the last step (adapted tensors only)."""
+        if not self._last_trust:
+            return {}
+        names = list(self._last_trust)
+        vals = torch.stack([self._last_trust[n].detach().float().reshape(()) for n in names]).cpu().tolist()
+        return dict(zip(names, vals))
+
+    def diagnostics(self) -> dict[str, float]:
+        """Flat ``{metric: value}`` for the training loop's logger (trust ratios and their summary)."""
+        tr = self.trust_ratios()
+        out = {f"trust_ratio/{k}": v for k, v in tr.items()}
+        if tr:
+            vals = list(tr.values())
+            out["trust_ratio/min"] = min(vals)
+            out["trust_ratio/mean"] = sum(vals) / len(vals)
+            out["trust_ratio/max"] = max(vals)
+        return out

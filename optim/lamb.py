@@ -27,7 +27,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._utils import (ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors,
+from ._utils import (TrustRatioLogging, ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors,
                      param_name)
 
 __all__ = ["LAMB"]
@@ -42,7 +42,7 @@ def _clip_pair(name, value):
     return (lo, hi)
 
 
-class LAMB(Optimizer):
+class LAMB(TrustRatioLogging, Optimizer):
     """Layer-wise Adaptive Moments optimizer for Batch training.
 
     Args:
@@ -210,22 +210,3 @@ class LAMB(Optimizer):
                 p.sub_(u * (lr * trust))
             else:
                 p.sub_(u, alpha=lr)
-
-    # -- logging -----------------------------------------------------------------------------------
-    def trust_ratios(self) -> dict[str, float]:
-        """Per-layer trust ratios of the last step (adapted tensors only)."""
-        if not self._last_trust:
-            return {}
-        names = list(self._last_trust)
-        vals = torch.stack([self._last_trust[n].detach().float().reshape(()) for n in names]).cpu().tolist()
-        return dict(zip(names, vals))
-
-    def diagnostics(self) -> dict[str, float]:
-        tr = self.trust_ratios()
-        out = {f"trust_ratio/{k}": v for k, v in tr.items()}
-        if tr:
-            vals = list(tr.values())
-            out["trust_ratio/min"] = min(vals)
-            out["trust_ratio/mean"] = sum(vals) / len(vals)
-            out["trust_ratio/max"] = max(vals)
-        return out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from ._utils import bump_steps, check_range, collect, group_tensors, param_name
+from ._utils import TrustRatioLogging, bump_steps, check_range, collect, group_tensors, param_name
 
 __all__ = ["LARS", "trust_ratios"]
 
@@ -39,7 +39,7 @@ def trust_ratios(w_norm: torch.Tensor, g_norm: torch.Tensor, coeff: float, wd: f
     return ratio
 
 
-class LARS(Optimizer):
+class LARS(TrustRatioLogging, Optimizer):
     """Layer-wise Adaptive Rate Scaling with momentum (multi-tensor implementation).
 
     Args:
@@ -199,23 +199,3 @@ class LARS(Optimizer):
                 p.sub_(d + mom * buf)
             else:
                 p.sub_(buf)
-
-    # -- logging -----------------------------------------------------------------------------------
-    def trust_ratios(self) -> dict[str, float]:
-        """Per-layer trust ratios of the last step (adapted tensors only)."""
-        if not self._last_trust:
-            return {}
-        names = list(self._last_trust)
-        vals = torch.stack([self._last_trust[n].detach().float().reshape(()) for n in names]).cpu().tolist()
-        return dict(zip(names, vals))
-
-    def diagnostics(self) -> dict[str, float]:
-        """Flat ``{metric: value}`` for the training loop's logger (trust ratios and their summary)."""
-        tr = self.trust_ratios()
-        out = {f"trust_ratio/{k}": v for k, v in tr.items()}
-        if tr:
-            vals = list(tr.values())
-            out["trust_ratio/min"] = min(vals)
-            out["trust_ratio/mean"] = sum(vals) / len(vals)
-            out["trust_ratio/max"] = max(vals)
-        return out
