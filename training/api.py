@@ -117,7 +117,7 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             from pipelines.spark import spark_from_config
 
             spark = spark_from_config(cfg.spark)
-        kw = {"spark": spark, "start_timeout": t.start_timeout}
+        kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s}
     try:
         ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
     except BaseException:

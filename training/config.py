@@ -79,6 +79,8 @@ class TrainConfig(BaseModel):
     num_proc: int = Field(1, description="ranks; 1 runs in-process without Horovod")
     threads_per_rank: int | None = Field(None, description="torch threads per rank (None: cores / num_proc - 1, at least 1)")
     start_timeout: int = 180
+    stall_shutdown_s: int = Field(900, description="Horovod stall shutdown: a collective not joined by every rank "
+                                  "within this many seconds fails the job instead of hanging (0: off)")
     log_every: int = 10
     fail_at_step: int | None = Field(None, description="testing: raise in rank 0 at this step")
 

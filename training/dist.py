@@ -62,17 +62,28 @@ class HorovodDist(LocalDist):
         # first dimension may differ between ranks
         return self.hvd.allgather(t)
 
+    # Horovod matches collectives by name, and the *_object helpers default the name to
+    # type(obj).__name__: a root sending a dict while the others pass None would never match.
     def allgather_object(self, obj: Any) -> list[Any]:
-        return self.hvd.allgather_object(obj)
+        return self.hvd.allgather_object(obj, name="bigopt.allgather_object")
 
     def broadcast_object(self, obj: Any, root_rank: int = 0) -> Any:
-        return self.hvd.broadcast_object(obj, root_rank=root_rank)
+        return self.hvd.broadcast_object(obj, root_rank=root_rank, name="bigopt.broadcast_object")
 
     def broadcast_parameters(self, model: torch.nn.Module) -> None:
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     def broadcast_optimizer_state(self, optimizer, model: torch.nn.Module) -> None:
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0, model=model)
+        """Rank 0's optimizer state (after a resume) onto every rank.
+
+        Not ``hvd.broadcast_optimizer_state``: on ranks whose optimizer is fresh it takes a
+        zero-gradient step first (moving AdamW weights and step counters) and it fails with
+        ``KeyError: 'initial_lr.0'`` once an LR scheduler has added group keys on rank 0 only.
+        The whole ``state_dict`` goes as one object instead (Horovod's advice for such cases).
+        """
+        state = self.broadcast_object(optimizer.state_dict() if self.rank == 0 else None)
+        if self.rank != 0:
+            optimizer.load_state_dict(state)
 
     def barrier(self) -> None:
         self.hvd.barrier()

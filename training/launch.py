@@ -43,6 +43,10 @@ class RankFailure(RuntimeError):
 
 def _rank_entry(fn: Callable, job: Any) -> dict[str, Any]:
     """Runs inside each Horovod rank: never raises, so every rank reports back."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` dumps every thread's stack
     dist = None
     try:
         dist = HorovodDist()
@@ -64,12 +68,16 @@ def _is_secondary(e: BaseException) -> bool:
     return name == "HorovodInternalError" or "shut down" in text or "Connection closed by peer" in text
 
 
-def rank_env() -> dict[str, str]:
-    """Environment added to every rank: the repo on PYTHONPATH, thread counts left to the loop."""
+def rank_env(stall_shutdown_s: int = 0) -> dict[str, str]:
+    """Environment added to every rank: the repo on PYTHONPATH, thread counts left to the loop,
+    and Horovod's stall shutdown (a collective some ranks never join fails after that long
+    instead of hanging; 0 = off)."""
     paths = [str(REPO_ROOT)]
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     env = {"PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
+    if stall_shutdown_s:
+        env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(stall_shutdown_s))
     for k in ("BIGOPT_SHARED_DATA", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS"):
         if os.environ.get(k):
             env[k] = os.environ[k]
@@ -83,7 +91,7 @@ def _launch_local(fn: Callable, job: Any, num_proc: int, **_: Any) -> list[Any]:
 
 
 def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_timeout: int = 180,
-                    verbose: int = 1, **_: Any) -> list[Any]:
+                    stall_shutdown_s: int = 0, verbose: int = 1, **_: Any) -> list[Any]:
     import horovod.spark
 
     if spark is None:
@@ -98,7 +106,7 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         log.warning("num_proc=%d > spark.default.parallelism=%d: ranks may wait for task slots", num_proc, slots)
     try:
         reports = horovod.spark.run(
-            _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(),
+            _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(stall_shutdown_s),
             start_timeout=start_timeout, verbose=verbose,
         )
     except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)

@@ -43,10 +43,18 @@ def test_one_and_two_ranks_agree_on_the_loss_trajectory(runs):
     assert abs(one.valid["auc"] - two.valid["auc"]) < 0.03
 
 
-def test_rank_error_surfaces_on_driver_with_traceback(spark, synth_gold, tmp_path):
-    cfg = train_cfg(synth_gold, tmp_path, "train.num_proc=2", "train.max_steps=10", "train.fail_at_step=3")
+def test_rank_error_surfaces_then_resume_matches_uninterrupted(runs, spark, synth_gold, tmp_path):
+    """Rank 1 fails at step 25 (checkpoint at 20): the driver gets rank 1's traceback; --resume on
+    2 ranks then ends bit-identical to the uninterrupted 2-rank run of the fixture."""
+    _, two = runs
+    cfg = train_cfg(synth_gold, tmp_path, *COMMON, "train.num_proc=2", "train.checkpoint_every=20")
+    failing = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fail_at_step": 25})})
     with pytest.raises(RankFailure) as ei:
-        run_training(cfg, spark=spark)
+        run_training(failing, spark=spark)
     e = ei.value
     assert e.rank == 1  # the failing rank, not the peer whose collective was aborted
     assert "InjectedFailure" in e.error and "train_rank" in e.rank_traceback and "loop.py" in e.rank_traceback
+    resumed = run_training(cfg, spark=spark, resume=True)
+    assert [r["step"] for r in resumed.ranks] == [60, 60]
+    assert {r["fingerprint"] for r in resumed.ranks} == {two.rank0["fingerprint"]}
+    assert resumed.valid["auc"] == two.valid["auc"]
