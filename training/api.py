@@ -175,4 +175,7 @@ def print_summary(res: TrainResult, title: str = "bigopt train") -> None:
     table.add_column("value")
     for k, v in summary_rows(res):
         table.add_row(k, v)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if res.ui:
+        print(f"MLflow UI: {res.ui}")  # plain line: copy-pasteable, not wrapped by the table

@@ -84,6 +84,17 @@ def rank_env(stall_shutdown_s: int = 0) -> dict[str, str]:
     return env
 
 
+class _QuietHorovod(logging.Filter):
+    """Drop INFO chatter during a launch: Horovod's rendezvous key bookkeeping and py4j's
+    retried "Exception while sending command" (a pooled connection reset), both logged on
+    the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(f"{os.sep}{m}{os.sep}" in record.pathname for m in ("horovod", "py4j"))
+
+
 def _launch_local(fn: Callable, job: Any, num_proc: int, **_: Any) -> list[Any]:
     if num_proc != 1:
         raise ValueError("the local backend runs exactly one rank (num_proc: 1)")
@@ -104,6 +115,10 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
     slots = sc.defaultParallelism
     if num_proc > slots:
         log.warning("num_proc=%d > spark.default.parallelism=%d: ranks may wait for task slots", num_proc, slots)
+    quiet = _QuietHorovod()
+    logging.getLogger().addFilter(quiet)
+    for h in logging.getLogger().handlers:
+        h.addFilter(quiet)
     try:
         reports = horovod.spark.run(
             _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(stall_shutdown_s),
@@ -112,6 +127,10 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
     except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
         raise RankFailure(-1, f"{type(e).__name__}: {e}", "(no Python traceback: the rank process exited; "
                           "see the rank's stderr above)") from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
+        for h in logging.getLogger().handlers:
+            h.removeFilter(quiet)
     failed = [r for r in reports if not r["ok"]]
     if failed:
         primary = next((r for r in failed if not r.get("secondary")), failed[0])
