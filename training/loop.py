@@ -465,10 +465,15 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         if test_loader is not None:
             test = evaluate(model, test_loader, spec, dist, device, bf16=t.bf16)
             log_eval(test, "test")
+            if hasattr(test_loader, "close"):
+                test_loader.close()
     progress["wall_s"] = time.perf_counter() - wall0
     if t.checkpoint_every and last_ckpt["step"] != step:
         checkpoint()
 
+    for ld in (loader, valid_loader):
+        if ld is not None and hasattr(ld, "close"):
+            ld.close()  # stop prefetch threads
     rss = dist.allgather_object(_peak_rss_mb())
     fingerprint = param_fingerprint(model)
     result: dict[str, Any] = {
