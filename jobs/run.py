@@ -69,23 +69,29 @@ def run(cfg, args) -> int:
         return 2
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"test_at_end": True})})
     timings: dict[str, float] = {}
+    if not args.skip_data:
+        try:
+            stages = {name: _stage(name) for name in ("generate", "ingest", "featurize")}
+        except ImportError as e:
+            print(f"bigopt run: the Criteo pipeline is incomplete: {e}", file=sys.stderr)
+            return 2
     spark = spark_from_config(cfg.spark)
 
     if not args.skip_data:
         if not args.no_generate and needs_generation(cfg):
             t0 = time.perf_counter()
             console.print(f"[bold]generate[/] synthetic raw Criteo -> {cfg.criteo.raw_dir}")
-            files = _stage("generate")(cfg)
+            files = stages["generate"](cfg)
             timings["generate"] = time.perf_counter() - t0
             console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
         t0 = time.perf_counter()
         console.print("[bold]ingest[/] raw -> bronze")
-        rep = _stage("ingest")(spark, cfg, force=args.force_ingest)
+        rep = stages["ingest"](spark, cfg, force=args.force_ingest)
         timings["ingest"] = time.perf_counter() - t0
         console.print(f"  {_brief(rep)} ({timings['ingest']:.1f} s)")
         t0 = time.perf_counter()
         console.print("[bold]featurize[/] bronze -> gold + vocabulary")
-        rep = _stage("featurize")(spark, cfg)
+        rep = stages["featurize"](spark, cfg)
         timings["featurize"] = time.perf_counter() - t0
         console.print(f"  {_brief(rep)} ({timings['featurize']:.1f} s)")
 
