@@ -112,23 +112,30 @@ def run(cfg, args) -> int:
 
 
 def _brief(report) -> str:
-    """One line from a pipeline report dataclass (whatever fields it has)."""
+    """One line from a pipeline report (its ``summary()``, else its numeric fields/properties)."""
     if report is None:
         return "done"
-    if hasattr(report, "summary") and callable(report.summary):
+    for attr in ("summary", "one_line"):
+        fn = getattr(report, attr, None)
+        if callable(fn):
+            try:
+                return str(fn())
+            except Exception:  # noqa: BLE001
+                pass
+    parts = []
+    names = list(getattr(report, "__dataclass_fields__", {}) or {})
+    names += [n for n, v in vars(type(report)).items() if isinstance(v, property)]
+    for k in names:
+        if k.startswith("_") or k == "seconds":
+            continue
         try:
-            return str(report.summary())
-        except Exception:  # noqa: BLE001
-            pass
-    fields = getattr(report, "__dataclass_fields__", None)
-    if fields:
-        parts = []
-        for k in fields:
             v = getattr(report, k)
-            if isinstance(v, int | float | str) and len(str(v)) < 60:
-                parts.append(f"{k}={v}")
-        return ", ".join(parts[:8])
-    return str(report)[:200]
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        parts.append(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v:.3g}")
+    return ", ".join(parts[:8]) or type(report).__name__
 
 
 if __name__ == "__main__":

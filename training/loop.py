@@ -231,8 +231,10 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     steps_per_epoch = micro_per_epoch // t.grad_accum_steps
     if steps_per_epoch <= 0:
         raise ValueError(
-            f"train table too small: {micro_per_epoch} micro-batches of {micro} rows per rank, "
-            f"need >= grad_accum_steps={t.grad_accum_steps}"
+            f"train table too small for {world} rank(s): {micro_per_epoch} micro-batches of {micro} rows on the "
+            f"smallest rank's shard, need >= grad_accum_steps={t.grad_accum_steps}. The loader shards whole "
+            "row groups across ranks: a table with fewer (or very unequal) row groups than ranks leaves a rank "
+            "(almost) empty - write smaller row groups (criteo.featurize.row_group_rows) or lower train.batch_size"
         )
     total_steps = t.max_steps if t.epochs is None else min(t.max_steps, t.epochs * steps_per_epoch)
 
