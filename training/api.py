@@ -153,7 +153,9 @@ def summary_rows(res: TrainResult) -> list[tuple[str, str]]:
         rows += [("test AUC", f(res.test.get("auc"))), ("test logloss", f(res.test.get("logloss"))),
                  ("test rows", f"{int(res.test.get('rows', 0)):,}")]
     tta = res.tta
-    rows.append(("time to target AUC", "not reached" if not tta else
+    target = (r.get("history") or {}).get("target_auc")
+    rows.append((f"time to AUC {target}" if target else "time to target AUC",
+                 "no train.target_auc set" if not target else "not reached" if not tta else
                  f"{tta['tta_wall_s']:.1f} s wall / {int(tta['tta_samples']):,} samples"))
     rows.append(("bytes sent / step", f"{r['bytes_sent_per_step']:,.0f}"))
     mem = r.get("memory", {})

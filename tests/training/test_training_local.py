@@ -116,3 +116,14 @@ def test_compression_hook_in_process(synth_gold, tmp_path, mlflow_store):
     m = MlflowClient(res.tracking_uri).get_run(res.run_id).data.metrics
     assert m["bytes_sent_per_step"] == pytest.approx(sent) and "comm/ratio" in m
     assert m["dense_grad_bytes"] == dense
+
+
+def test_batch_size_command(synth_gold, tmp_path, capsys):
+    import argparse
+
+    from jobs import batch_size as job
+
+    cfg = train_cfg(synth_gold, tmp_path)
+    assert job.run(cfg, argparse.Namespace(sizes="32,64,128", memory_budget_gb=4.0, steps=1)) == 0
+    out = capsys.readouterr().out
+    assert "measured" in out and "memory(b)" in out and "time(b)" in out
