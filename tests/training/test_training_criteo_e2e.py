@@ -22,6 +22,7 @@ def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_sto
         f"criteo.inputs=[{criteo_shared}]",
         f"criteo.raw_dir={tmp_path}/raw",
         f"lake.root={tmp_path}/lake",
+        "criteo.featurize.row_group_rows=1024",  # several row groups: both ranks get a shard
         f"train.checkpoint_dir={tmp_path}/ckpt",
         "train.model=dlrm",
         "train.model_params={embedding_dim: 8, bottom_mlp: [16], top_mlp: [16]}",
