@@ -322,7 +322,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     wall0 = time.perf_counter() - float(progress["wall_s"])
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.bf16)
-    win_loss = torch.zeros((), dtype=torch.float64)
+    win_loss = torch.zeros((), dtype=torch.float64, device=device)  # on device: no per-step host sync
     win_micro = win_steps = 0
     win_train_s = win_wait_s = 0.0
     win_bytes = 0.0
@@ -357,7 +357,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                     logits = model(dense, sparse_ids_t)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), label)
                 (loss / t.grad_accum_steps).backward()
-                win_loss += loss.detach().double().cpu()
+                win_loss += loss.detach().double()
                 win_micro += 1
                 got += 1
             if got < t.grad_accum_steps:
