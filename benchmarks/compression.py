@@ -1,0 +1,578 @@
+"""Benchmark: gradient compression on the Criteo demo (DLRM, 2 Horovod ranks).
+
+    .venv/bin/python benchmarks/compression.py --quick          # < 2 min on an idle 2-core box
+    .venv/bin/python benchmarks/compression.py                  # bigger table, more steps
+    .venv/bin/python benchmarks/compression.py --data demo      # the Criteo demo gold tables
+    .venv/bin/python benchmarks/compression.py --methods none,topk_1pct_ef,powersgd_r4
+
+Every method trains the same DLRM from the same initial weights (same seed, checked by a
+parameter hash), on the same data in the same order (``DeltaTorchLoader``, same shuffle seed),
+for the same number of steps, with the same optimizer (``training.optimizers.build_optimizer``,
+Adagrad by default: it updates sparse and dense embedding gradients with the same maths, so the
+sparse-embedding variants optimise the same objective). The gradient exchange of every method,
+the dense baseline ``none`` included, goes through ``optim.compression.GradientCommunicator``,
+and the figures come from its per-step ``CommStats``:
+
+* ``bytes/step``: exact payload bytes one rank hands to collectives per step (mean over steps
+  and ranks);
+* ``ratio``: dense bytes / bytes sent, where dense = what the ``none`` method sends for this
+  model (4 bytes x every parameter: a dense allreduce of the whole gradient), ratio of the
+  per-step means; ``own`` is ``CommStats``' own ratio, whose dense reference counts sparse
+  embedding gradients as their rows;
+* ``comp+dec ms``: ``t_compress + t_decompress`` per step (EF, encoding, packing, PowerSGD
+  matmuls; decoding, aggregation), mean over ranks; ``comm ms`` is the time launching and
+  waiting for collectives;
+* final valid AUC: exact (rank sums) over the whole valid split, scores allgathered from both
+  ranks (``training.loop.evaluate``); ``gap = AUC(none) - AUC(method)`` (positive: worse).
+
+The two ranks are launched once (``horovod.runner.run``, gloo, no Spark; ``--launcher spark``
+uses the project's ``training.launch`` / ``horovod.spark.run`` instead) and run every method in
+turn, so the process start is paid once. Data: ``--data auto`` uses the Criteo demo gold tables
+when the Criteo pipeline is complete and its gold tables exist, else synthetic gold-shaped tables
+(``training.synthetic.make_gold`` with Kaggle-like cardinalities capped at ``--rows-cap``).
+``--data demo`` builds the demo tables first if needed (generate -> ingest -> featurize on Spark).
+
+The table is logged to MLflow (experiment ``criteo-compression``, tracking URI resolved like
+the rest of the project: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``) as the
+artifacts ``compression_table.md``, ``compression_results.json`` and ``bytes_vs_auc.png``.
+
+The LAST lines are ``name: value``: ``bytes_ratio_<method>`` and ``auc_gap_<method>`` for every
+method.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+KAGGLE_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
+                        14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+
+# name -> how to exchange gradients. "groups": (parameter subset, compressor, hyper-parameters), one
+# GradientCommunicator each; "emb" = the embedding table(s), "rest" = everything else, "all" = all.
+# "sparse": build the model with sparse embedding gradients (sent as exact rows by the communicator).
+METHODS: dict[str, dict[str, Any]] = {
+    "none": {"groups": [("all", "none", {})]},
+    "fp16": {"groups": [("all", "fp16", {})]},
+    "bf16": {"groups": [("all", "bf16", {})]},
+    "qsgd_8bit": {"groups": [("all", "qsgd", {"bits": 8})]},
+    "qsgd_4bit": {"groups": [("all", "qsgd", {"bits": 4})]},
+    "topk_1pct_ef": {"groups": [("all", "topk", {"ratio": 0.01, "error_feedback": True})]},
+    "randomk_1pct_ef": {"groups": [("all", "randomk", {"ratio": 0.01, "error_feedback": True})]},
+    "efsignsgd": {"groups": [("all", "efsignsgd", {})]},
+    "signum_vote": {"groups": [("all", "signum_vote", {"momentum": 0.9})]},
+    "powersgd_r1": {"groups": [("all", "powersgd", {"rank": 1})]},
+    "powersgd_r2": {"groups": [("all", "powersgd", {"rank": 2})]},
+    "powersgd_r4": {"groups": [("all", "powersgd", {"rank": 4})]},
+    # the two configurations that can reach 20x with PowerSGD r=4 on DLRM (see docs/compression.md)
+    "sparse_emb": {"groups": [("all", "none", {})], "sparse": True},
+    "powersgd_r4_sparse_emb": {"groups": [("all", "powersgd", {"rank": 4})], "sparse": True},
+    "hybrid_topk_emb_powersgd_r4": {"groups": [("emb", "topk", {"ratio": 0.01, "error_feedback": True}),
+                                               ("rest", "powersgd", {"rank": 4})]},
+    # noise reference: the dense baseline again with another shuffle seed (same initial weights).
+    # Its "gap" is how much final AUC moves with the data order alone.
+    "none_reshuffled": {"groups": [("all", "none", {})], "data_seed_offset": 1},
+}
+FULL_METHODS = list(METHODS)
+QUICK_METHODS = ["none", "fp16", "bf16", "qsgd_8bit", "topk_1pct_ef", "randomk_1pct_ef", "efsignsgd", "signum_vote",
+                 "powersgd_r4", "powersgd_r4_sparse_emb", "hybrid_topk_emb_powersgd_r4"]
+
+# goals of the compression issue: method -> (minimum ratio, maximum AUC gap)
+GOALS = {"topk_1pct_ef": (50.0, 0.002), "powersgd_r4": (20.0, 0.002)}
+
+
+# ---------------------------------------------------------------------------------------------
+# per rank
+# ---------------------------------------------------------------------------------------------
+
+def _embedding_names(model) -> set[str]:
+    from torch import nn
+
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag)}
+
+
+def _run_method(name: str, job: dict[str, Any], dist, spec, valid_loader, device) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from optim.compression import GradientCommunicator, build_compressor
+    from training.dataspec import batch_to_inputs
+    from training.loaders import make_loader
+    from training.loop import evaluate, param_fingerprint
+    from training.models import build_model
+    from training.optimizers import build_optimizer
+
+    m = METHODS[name]
+    sparse = bool(m.get("sparse", False))
+    torch.manual_seed(job["seed"])
+    model = build_model("dlrm", cardinalities=spec.cardinalities, num_dense=spec.num_dense, sparse=sparse,
+                        **job["model_params"]).to(device)
+    dist.broadcast_parameters(model)  # identical already (same seed); as a training run does
+    init_hash = param_fingerprint(model)
+    opt = build_optimizer(job["optimizer"], model, lr=job["lr"])
+    emb = _embedding_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    comms = []
+    for i, (subset, comp, hp) in enumerate(m["groups"]):
+        params = [(n, p) for n, p in named
+                  if subset == "all" or (subset == "emb") == (n in emb)]
+        comms.append(GradientCommunicator(build_compressor(comp, **hp), params, backend=dist.hvd,
+                                          min_compress_numel=job["min_compress_numel"],
+                                          name=f"bench.{name}.{i}"))
+    dense_ref = sum(p.numel() * 4 for _, p in named)  # what `none` sends for this model (fp32)
+
+    micro = job["batch_size"] // dist.size
+    loader = make_loader(spec.train, spec.columns, micro, version=spec.versions.get("train"), rank=dist.rank,
+                         world_size=dist.size, train=True, seed=job["seed"] + int(m.get("data_seed_offset", 0)),
+                         shuffle_buffer_rows=job["shuffle_buffer_rows"], prefetch=2)
+    if len(loader) == 0:
+        raise ValueError(f"train table too small: no full batch of {micro} rows on rank {dist.rank}'s shard")
+    steps = job["steps"]
+    tot = {"bytes": 0, "own_dense": 0, "wire": 0.0, "t_c": 0.0, "t_d": 0.0, "t_comm": 0.0, "t_step": 0.0,
+           "n_collectives": 0}
+    losses: list[float] = []
+    epoch, it = 0, None
+    model.train()
+    t_train0 = time.perf_counter()
+    for step in range(steps):
+        batch = next(it, None) if it is not None else None
+        if batch is None:
+            loader.set_epoch(epoch)
+            epoch += 1
+            it = iter(loader)
+            batch = next(it)
+        t0 = time.perf_counter()
+        dense, ids, label, _ = batch_to_inputs(batch, spec, device)
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(model(dense, ids).float(), label)
+        loss.backward()
+        for c in comms:
+            st = c.synchronize()
+            tot["bytes"] += st.bytes_sent
+            tot["own_dense"] += st.dense_bytes
+            tot["wire"] += st.wire_bytes
+            tot["t_c"] += st.t_compress
+            tot["t_d"] += st.t_decompress
+            tot["t_comm"] += st.t_communicate
+            tot["n_collectives"] += st.n_collectives
+        opt.step()
+        tot["t_step"] += time.perf_counter() - t0
+        losses.append(float(loss.detach()))
+    train_s = time.perf_counter() - t_train0
+    if hasattr(loader, "close"):
+        loader.close()
+    t_ev = time.perf_counter()
+    ev = evaluate(model, valid_loader, spec, dist, device)
+    eval_s = time.perf_counter() - t_ev
+    tail = max(1, steps // 10)
+    return {
+        "method": name,
+        "groups": [[s, c, hp] for s, c, hp in m["groups"]],
+        "sparse_embeddings": sparse,
+        "init_hash": init_hash,
+        "final_hash": param_fingerprint(model),
+        "steps": steps,
+        "dense_ref_bytes": dense_ref,
+        "bytes_per_step": tot["bytes"] / steps,
+        "own_dense_bytes_per_step": tot["own_dense"] / steps,
+        "wire_bytes_per_step": tot["wire"] / steps,
+        "compress_ms": 1e3 * tot["t_c"] / steps,
+        "decompress_ms": 1e3 * tot["t_d"] / steps,
+        "communicate_ms": 1e3 * tot["t_comm"] / steps,
+        "step_ms": 1e3 * tot["t_step"] / steps,
+        "collectives_per_step": tot["n_collectives"] / steps,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "train_loss_last": sum(losses[-tail:]) / tail,
+        "valid": ev,
+    }
+
+
+def rank_main(job: dict[str, Any], dist) -> dict[str, Any]:
+    """Runs in every rank: all methods in turn, same seed / weights / data order / steps."""
+    import warnings
+
+    import torch
+
+    from training.dataspec import DataSpec
+    from training.loaders import make_loader
+    from training.loop import default_threads, pick_device
+
+    # torch's sparse Adagrad warns once per process about disabled invariant checks
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+    torch.set_num_threads(job["threads"] or default_threads(dist.size))
+    device = pick_device(dist.local_rank)
+    spec = DataSpec.from_dict(job["spec"])
+    valid_loader = make_loader(spec.valid, spec.columns, job["eval_batch_size"], version=spec.versions.get("valid"),
+                               rank=dist.rank, world_size=dist.size, train=False, prefetch=2)
+    out = []
+    for name in job["methods"]:
+        r = _run_method(name, job, dist, spec, valid_loader, device)
+        # per-rank figures (bytes of sparse rows, timings) differ between ranks: average them
+        allr = dist.allgather_object({k: r[k] for k in r if isinstance(r[k], int | float) and not isinstance(r[k], bool)})
+        for k in allr[0]:
+            if k not in ("steps", "dense_ref_bytes"):
+                r[k] = sum(a[k] for a in allr) / len(allr)
+        r["final_hash_ranks"] = dist.allgather_object(r["final_hash"])
+        out.append(r)
+        if dist.rank == 0:
+            print(f"[bench] {name}: {r['bytes_per_step']:,.0f} B/step, ratio {r['dense_ref_bytes'] / r['bytes_per_step']:.2f}, "
+                  f"step {r['step_ms']:.1f} ms, valid AUC {r['valid']['auc']:.4f} "
+                  f"({r['train_s']:.1f} s train, {r['eval_s']:.1f} s eval)", flush=True)
+    if hasattr(valid_loader, "close"):
+        valid_loader.close()
+    return {"rank": dist.rank, "world_size": dist.size, "device": str(device),
+            "threads": torch.get_num_threads(), "results": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+
+def _launch_runner(fn, job: dict[str, Any], num_proc: int, start_timeout: int) -> list[dict[str, Any]]:
+    """N ranks with ``horovod.runner.run`` (gloo, local processes, no Spark), each through the
+    project's rank wrapper (``training.launch._rank_entry``: rank-tagged errors, hvd.shutdown)."""
+    import horovod.runner
+
+    from training.launch import RankFailure, _rank_entry, rank_env
+
+    os.environ.update(rank_env(stall_shutdown_s=600))  # the ranks inherit the driver's environment
+    reports = horovod.runner.run(_rank_entry, args=(fn, job), np=num_proc, hosts=f"localhost:{num_proc}",
+                                 use_gloo=True, start_timeout=start_timeout, verbose=0)
+    reports = sorted(reports, key=lambda r: r.get("rank", 0))
+    failed = [r for r in reports if not r["ok"]]
+    if failed:
+        primary = next((r for r in failed if not r.get("secondary")), failed[0])
+        raise RankFailure(primary["rank"], primary["error"], primary["traceback"], [r for r in failed if r is not primary])
+    return [r["result"] for r in reports]
+
+
+def _launch(fn, job: dict[str, Any], args) -> list[dict[str, Any]]:
+    from training.launch import launch
+
+    if args.np == 1:
+        return launch(fn, job, num_proc=1, backend="local")
+    if args.launcher == "runner":
+        return _launch_runner(fn, job, args.np, args.start_timeout)
+    from pipelines.spark import get_spark
+
+    spark = get_spark("compression-bench", master=f"local[{args.np}]", ui=False, log_level="ERROR")
+    return launch(fn, job, num_proc=args.np, backend="horovod", spark=spark, start_timeout=args.start_timeout,
+                  stall_shutdown_s=600)
+
+
+def _demo_config(path: str | None):
+    from jobs.config import load_config
+
+    if path is None and (REPO / "conf" / "demo.yaml").exists():
+        path = str(REPO / "conf" / "demo.yaml")
+    return load_config(path, [])
+
+
+def _criteo_pipeline_complete() -> tuple[bool, str]:
+    if not (REPO / "pipelines" / "criteo" / "featurize.py").exists():
+        return False, "pipelines/criteo/featurize.py does not exist yet"
+    try:
+        from jobs.run import _stage
+
+        for s in ("generate", "ingest", "featurize"):
+            _stage(s)
+    except Exception as e:  # noqa: BLE001 - any import problem means: not usable
+        return False, f"the Criteo pipeline does not import: {type(e).__name__}: {e}"
+    return True, ""
+
+
+def _demo_spec(args, build: bool):
+    """DataSpec of the Criteo demo gold tables; builds them (Spark) when ``build`` and missing."""
+    from training.dataspec import resolve_data
+
+    cfg = _demo_config(args.config)
+    try:
+        return resolve_data(cfg), "criteo demo gold tables"
+    except FileNotFoundError:
+        if not build:
+            raise
+    from jobs.run import _stage, needs_generation
+    from pipelines.spark import spark_from_config
+
+    print("building the Criteo demo gold tables (generate -> ingest -> featurize)", flush=True)
+    spark = spark_from_config(cfg.spark)
+    if needs_generation(cfg):
+        _stage("generate")(cfg)
+    _stage("ingest")(spark, cfg, force=False)
+    _stage("featurize")(spark, cfg)
+    return resolve_data(cfg), "criteo demo gold tables (built now)"
+
+
+def _synthetic_spec(args, work: Path):
+    from jobs.config import load_config
+    from training.dataspec import resolve_data
+    from training.synthetic import make_gold
+
+    cards = [min(c, args.rows_cap) for c in KAGGLE_CARDINALITIES]
+    rows = {"train": args.train_rows, "valid": args.valid_rows}
+    gold = make_gold(work / "gold", rows=rows, cardinalities=cards, seed=args.seed,
+                     files_per_table=max(2, args.train_rows // 131_072))
+    cfg = load_config(None, [f"train.train_table={gold['train']}", f"train.valid_table={gold['valid']}",
+                             f"train.test_table={work}/none", f"train.vocabulary={gold['vocabulary']}",
+                             f"lake.root={work}/lake"])
+    return resolve_data(cfg), (f"synthetic gold tables (training/synthetic.py: {args.train_rows:,} train / "
+                               f"{args.valid_rows:,} valid rows, Kaggle cardinalities capped at {args.rows_cap:,})")
+
+
+def resolve_spec(args, work: Path):
+    if args.data == "synthetic":
+        return _synthetic_spec(args, work)
+    ok, why = _criteo_pipeline_complete()
+    if args.data == "demo":
+        if not ok:
+            raise SystemExit(f"--data demo: {why}")
+        return _demo_spec(args, build=True)
+    if ok:  # auto: the demo tables if they are already there (building them takes minutes)
+        try:
+            return _demo_spec(args, build=False)
+        except FileNotFoundError as e:
+            why = f"no demo gold tables yet ({e}); `bigopt run conf/demo.yaml` or --data demo builds them"
+    print(f"data: falling back to synthetic tables: {why}", flush=True)
+    return _synthetic_spec(args, work)
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    base = next((r for r in results if r["method"] == "none"), None)
+    auc0 = base["valid"]["auc"] if base else math.nan
+    rows = []
+    for r in results:
+        auc = r["valid"]["auc"]
+        rows.append({
+            "method": r["method"],
+            "bytes_per_step": r["bytes_per_step"],
+            "ratio": r["dense_ref_bytes"] / r["bytes_per_step"] if r["bytes_per_step"] else math.nan,
+            "own_ratio": r["own_dense_bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else math.nan,
+            "compress_ms": r["compress_ms"],
+            "decompress_ms": r["decompress_ms"],
+            "comp_dec_ms": r["compress_ms"] + r["decompress_ms"],
+            "communicate_ms": r["communicate_ms"],
+            "step_ms": r["step_ms"],
+            "valid_auc": auc,
+            "auc_gap": auc0 - auc,
+            "valid_logloss": r["valid"]["logloss"],
+            "train_loss_last": r["train_loss_last"],
+            "ranks_agree": len(set(r["final_hash_ranks"])) == 1,
+        })
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ("| method | bytes/step | ratio | own | comp+dec ms | comm ms | step ms | valid AUC | gap | logloss |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['bytes_per_step']:,.0f} | {r['ratio']:.2f} | {r['own_ratio']:.2f} | "
+                     f"{r['comp_dec_ms']:.1f} | {r['communicate_ms']:.1f} | {r['step_ms']:.1f} | "
+                     f"{r['valid_auc']:.4f} | {r['auc_gap']:+.4f} | {r['valid_logloss']:.4f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    out = []
+    for m, (min_ratio, max_gap) in GOALS.items():
+        if m in by:
+            r = by[m]
+            out.append(f"goal {m}: ratio {r['ratio']:.1f} (>= {min_ratio:g}: {'met' if r['ratio'] >= min_ratio else 'NOT met'}), "
+                       f"gap {r['auc_gap']:+.4f} (<= {max_gap}: {'met' if r['auc_gap'] <= max_gap else 'NOT met'})")
+    if "fp16" in by:
+        out.append(f"goal fp16: ratio {by['fp16']['ratio']:.4f} (exactly 2: {'met' if by['fp16']['ratio'] == 2.0 else 'NOT met'})")
+    if "qsgd_8bit" in by:
+        q = by["qsgd_8bit"]["ratio"]
+        out.append(f"goal qsgd_8bit: ratio {q:.2f} (about 4: {'met' if 3.8 <= q <= 4.0 else 'NOT met'})")
+    for m in ("powersgd_r4_sparse_emb", "hybrid_topk_emb_powersgd_r4"):
+        if m in by:
+            r = by[m]
+            out.append(f"variant {m}: ratio {r['ratio']:.1f} (>= 20: {'yes' if r['ratio'] >= 20 else 'no'}), "
+                       f"gap {r['auc_gap']:+.4f} (<= 0.002: {'yes' if r['auc_gap'] <= 0.002 else 'no'})")
+    return out
+
+
+def _figure(rows: list[dict[str, Any]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["ratio"], r["auc_gap"])
+        ax.annotate(r["method"], (r["ratio"], r["auc_gap"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(0.002, color="gray", ls="--", lw=1)
+    ax.set_xlabel("bytes ratio to the dense allreduce (log)")
+    ax.set_ylabel("AUC gap to dense (positive: worse)")
+    ax.set_title("compression: bytes saved vs AUC lost (equal steps)")
+    fig.tight_layout()
+    return fig
+
+
+def log_mlflow(args, rows, results, meta, table_md: str) -> tuple[str, str]:
+    from jobs.config import load_config
+    from training.tracking import _client, end_run, start_run
+
+    cfg = load_config(None, [f"tracking.experiment={args.experiment}",
+                             f"run.name=compression-{'quick' if args.quick else 'full'}"])
+    params = {k: v for k, v in meta.items() if not isinstance(v, dict | list)}
+    params["methods"] = ",".join(r["method"] for r in rows)
+    uri, run_id = start_run(cfg, params, {"bigopt.benchmark": "compression"})
+    client = _client(uri)
+    try:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = []
+        for r in rows:
+            for k in ("ratio", "auc_gap", "valid_auc", "bytes_per_step", "comp_dec_ms", "communicate_ms", "step_ms"):
+                v = float(r[k])
+                if v == v:
+                    ms.append(Metric(f"{k}_{r['method']}", v, ts, 0))
+        ms.append(Metric("bench_wall_s", float(meta["bench_wall_s"]), ts, 0))
+        client.log_batch(run_id, metrics=ms)
+        client.log_text(run_id, table_md, "compression_table.md")
+        client.log_dict(run_id, {"meta": meta, "rows": rows, "per_method": results}, "compression_results.json")
+        fig = _figure(rows)
+        try:
+            client.log_figure(run_id, fig, "bytes_vs_auc.png")
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+    except BaseException:
+        end_run(uri, run_id, "FAILED")
+        raise
+    end_run(uri, run_id, "FINISHED")
+    return uri, run_id
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small table, few steps (< 2 min on an idle 2-core box)")
+    p.add_argument("--data", choices=["auto", "demo", "synthetic"], default="auto")
+    p.add_argument("--config", default=None, help="config for --data demo (default: conf/demo.yaml if present)")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} "
+                   "(default: all; --quick: without qsgd_4bit, powersgd_r1/r2, sparse_emb, none_reshuffled)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (quick 100, full 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch per step (quick 1024, full 2048)")
+    p.add_argument("--optimizer", default="adagrad")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--rows-cap", type=int, default=None, help="synthetic: cap of the Kaggle cardinalities "
+                   "(quick 5000 = 69k embedding rows, full 20000 = 207k)")
+    p.add_argument("--train-rows", type=int, default=None)
+    p.add_argument("--valid-rows", type=int, default=None)
+    p.add_argument("--min-compress-numel", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--np", type=int, default=2, help="ranks (1: in-process, no Horovod)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: the loop's rule)")
+    p.add_argument("--launcher", choices=["runner", "spark"], default="runner",
+                   help="runner: horovod.runner.run (no Spark); spark: training.launch (horovod.spark.run)")
+    p.add_argument("--start-timeout", type=int, default=120)
+    p.add_argument("--experiment", default="criteo-compression")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (100 if args.quick else 300)
+    args.batch_size = args.batch_size or (1024 if args.quick else 2048)
+    args.rows_cap = args.rows_cap or (5_000 if args.quick else 20_000)
+    args.train_rows = args.train_rows or (120_000 if args.quick else 650_000)
+    args.valid_rows = args.valid_rows or (20_000 if args.quick else 100_000)
+    methods = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else FULL_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if "none" in methods:  # the baseline first: the gaps are relative to it
+        methods = ["none"] + [m for m in methods if m != "none"]
+    if args.batch_size % args.np:
+        p.error("--batch-size must be divisible by --np")
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+    t_start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bigopt-compression-bench-"))
+    try:
+        spec, source = resolve_spec(args, work)
+        print(f"data: {source}", flush=True)
+        print(f"  train {spec.train} v{spec.versions.get('train')} ({spec.train_rows:,} rows), valid {spec.valid}; "
+              f"{len(spec.cardinalities)} categorical columns, {sum(spec.cardinalities):,} embedding rows x "
+              f"{args.embedding_dim}", flush=True)
+        if not spec.valid:
+            raise SystemExit("the benchmark needs a valid split (final AUC)")
+        job = {
+            "spec": spec.to_dict(), "methods": methods, "steps": args.steps, "batch_size": args.batch_size,
+            "optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "threads": args.threads,
+            "model_params": {"embedding_dim": args.embedding_dim}, "min_compress_numel": args.min_compress_numel,
+            "shuffle_buffer_rows": 200_000, "eval_batch_size": 8192,
+        }
+        print(f"{len(methods)} methods x {args.steps} steps, global batch {args.batch_size} on {args.np} rank(s), "
+              f"DLRM dim {args.embedding_dim}, {args.optimizer} lr {args.lr}, seed {args.seed}", flush=True)
+        fn = importlib.import_module("benchmarks.compression").rank_main  # pickled by reference
+        t_launch = time.perf_counter()
+        ranks = _launch(fn, job, args)
+        ranks_s = time.perf_counter() - t_launch
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    results = ranks[0]["results"]
+    rows = summarize(results)
+    inits = {r["init_hash"] for r in results}
+    table_md = table_markdown(rows)
+    compute_s = sum(r["train_s"] + r["eval_s"] for r in results)
+    meta = {
+        "data": source, "train_table": spec.train, "train_version": spec.versions.get("train"),
+        "train_rows": spec.train_rows, "embedding_rows": sum(spec.cardinalities), "embedding_dim": args.embedding_dim,
+        "params_total": results[0]["dense_ref_bytes"] // 4, "world_size": ranks[0]["world_size"],
+        "device": ranks[0]["device"], "threads_per_rank": ranks[0]["threads"], "steps": args.steps,
+        "global_batch": args.batch_size, "optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
+        "min_compress_numel": args.min_compress_numel, "launcher": args.launcher if args.np > 1 else "local",
+        "same_initial_weights": len(inits) == 1, "launch_and_ranks_s": ranks_s,
+        "launch_overhead_s": ranks_s - compute_s, "quick": args.quick,
+    }
+    print()
+    print(f"DLRM {meta['params_total']:,} parameters ({results[0]['dense_ref_bytes']:,} dense gradient bytes), "
+          f"{meta['world_size']} ranks x {meta['device']} ({meta['threads_per_rank']} thread(s) each), "
+          f"{args.steps} steps x {args.batch_size} samples, same initial weights: {meta['same_initial_weights']}")
+    print(table_md)
+    bad = [r["method"] for r in rows if not r["ranks_agree"]]
+    if bad:
+        print(f"WARNING: ranks ended with different parameters for {bad}")
+    for line in goal_lines(rows):
+        print(line)
+    meta["bench_wall_s"] = time.perf_counter() - t_start
+    if not args.no_mlflow:
+        try:
+            uri, run_id = log_mlflow(args, rows, results, meta, table_md)
+            print(f"MLflow: run {run_id} in experiment {args.experiment} ({uri})")
+        except Exception as e:  # noqa: BLE001 - the figures are printed anyway
+            print(f"MLflow logging failed: {type(e).__name__}: {e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "per_method": results}, indent=1, default=str))
+    meta["bench_wall_s"] = time.perf_counter() - t_start
+    print(f"data: {'synthetic' if source.startswith('synthetic') else 'demo'}")
+    print(f"launch_overhead_s: {meta['launch_overhead_s']:.1f}")
+    print(f"bench_wall_s: {meta['bench_wall_s']:.1f}")
+    for r in rows:
+        print(f"bytes_ratio_{r['method']}: {r['ratio']:.2f}")
+        print(f"auc_gap_{r['method']}: {r['auc_gap']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
