@@ -1,7 +1,7 @@
 """Small gold-shaped Delta tables with a learnable label, for tests and benchmarks.
 
 Same schema as the Criteo gold tables (``label float``, ``dense array<float>[13]``,
-``sparse array<int>[26]``) or the scalar layout (``I1..I13``, ``C1..C26``), plus a
+``sparse array<int>[26]``; dense already ``log(1 + x)`` like the featurizer's) or the scalar layout (``I1..I13``, ``C1..C26``), plus a
 ``vocabulary.json`` with per-column ``cardinality``. The label is drawn from a logistic
 model over log1p(dense) and per-category weights, so a trained model reaches an AUC well
 above 0.5 (about 0.8 for the default scale).
@@ -39,10 +39,11 @@ def make_gold(
     for split, n in rows.items():
         dense = rng.gamma(0.6, 4.0, size=(n, num_dense)).astype(np.float32).round()
         sparse = np.stack([rng.zipf(1.6, size=n) % c for c in cards], axis=1).astype(np.int32)
-        z = np.log1p(dense) @ w_dense - 1.0
+        z = np.log1p(dense) @ w_dense - 1.0  # label from the raw counts
         z = z + sum(w_cat[j][sparse[:, j]] for j in range(len(cards)))
         z = (z - z.mean()) / (z.std() + 1e-9) * 1.5 - 1.0
         label = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(np.float32)
+        dense = np.log1p(dense)  # gold dense features are log(1 + x), as the Criteo featurizer writes them
         if layout == "array":
             cols = {
                 "label": pa.array(label, pa.float32()),

@@ -42,7 +42,7 @@ class DCNv2(nn.Module):
         deep_mlp: Sequence[int] = (128, 64),
         structure: str = "stacked",
         sparse: bool = False,
-        dense_transform: str = "log1p",
+        dense_transform: str = "none",
         dropout: float = 0.0,
     ):
         super().__init__()

@@ -25,7 +25,7 @@ class DLRM(nn.Module):
         bottom_mlp: Sequence[int] = (64, 32),
         top_mlp: Sequence[int] = (64, 32),
         sparse: bool = False,
-        dense_transform: str = "log1p",
+        dense_transform: str = "none",
         dropout: float = 0.0,
     ):
         super().__init__()
