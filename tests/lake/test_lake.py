@@ -110,16 +110,20 @@ def test_error_and_ignore_modes(spark, tmp_path):
 
 
 def test_time_travel(spark, tmp_path):
+    import time
+
     path = str(tmp_path / "t")
     write_table(_all_types_df(spark, 10), path)
     write_table(_all_types_df(spark, 15, 10), path)
+    time.sleep(1.0)
+    between = dt.datetime.now(tz=dt.timezone.utc).isoformat()  # after version 1, before version 2
+    time.sleep(1.0)
     write_table(_all_types_df(spark, 1, 99), path, mode="overwrite")
     assert read_table(spark, path, version=0).count() == 10
     assert read_table(spark, path, version=1).count() == 25
     assert read_table(spark, path).count() == 1
-    ts1 = DeltaTable(path).history()[1]["timestamp"]  # commit time of version 1 (ms)
-    stamp = dt.datetime.fromtimestamp(ts1 / 1000, tz=dt.timezone.utc).isoformat()
-    assert read_table(spark, path, timestamp=stamp).count() == 25
+    assert read_table(spark, path, timestamp=between).count() == 25
+    assert DeltaSnapshot(path, timestamp=between).version == 1
     assert DeltaSnapshot(path, version=1).num_rows == 25
 
 
