@@ -391,6 +391,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             win_wait_s += wait
             win_bytes += sent
             win_steps += 1
+            progress["bytes_sent"] = progress.get("bytes_sent", 0.0) + sent
+            progress["steps_done"] = progress.get("steps_done", 0) + 1
 
             if t.fail_at_step is not None and step == t.fail_at_step and rank == world - 1:
                 raise InjectedFailure(f"train.fail_at_step={t.fail_at_step} reached on rank {rank}")
@@ -492,7 +494,9 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         "test": test,
         "tta": progress["tta"],
         "best_auc": progress["best_auc"],
-        "bytes_sent_per_step": float(dense_grad_bytes if comm is None else last_comm.get("comm/bytes_sent", 0.0)),
+        # run average of what this rank sent (sparse embedding rows included), not the last step's
+        "bytes_sent_per_step": float(progress.get("bytes_sent", 0.0)) / max(int(progress.get("steps_done", 0)), 1),
+        "bytes_sent_total": float(progress.get("bytes_sent", 0.0)),
         "fingerprint": fingerprint,
         "memory": {**mem, "optimizer_state_mb": _optimizer_state_mb(opt), "peak_rss_mb": max(rss)},
         "table_version": spec.versions.get("train"),

@@ -6,7 +6,7 @@ Layout of a run::
                data.valid_version, data.vocabulary, world_size, micro_batch_size, lib.<name>
                versions, model.params_total / embedding_mb (memory per rank)
     metrics    per logging window (step = optimizer step): train_loss, lr, samples_per_s,
-               step_time_s, bytes_sent_per_step, comm.* (compression) ...
+               step_time_s, bytes_sent_per_step, comm/* (compression) ...
                per evaluation: valid_auc, valid_logloss, valid_accuracy
                once: tta_wall_s, tta_train_s, tta_samples, tta_step (valid AUC >= target)
                at the end: final_valid_*, test_* (``train.test_at_end``), total_train_s
