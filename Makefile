@@ -34,4 +34,4 @@ lock:
 	  --find-links /opt/wheels -c <(echo 'torch==2.13.0+cpu') --no-emit-package torch -o requirements.lock
 
 clean:
-	rm -rf lake mlruns mlflow.db spark-warehouse .pytest_cache
+	rm -rf lake data mlruns mlflow.db artifacts spark-warehouse .pytest_cache
