@@ -1,0 +1,103 @@
+"""The ``criteo:`` config section (composed into the root config by :mod:`jobs.config`).
+
+    criteo:
+      name: criteo                 # lake dataset name: <lake.root>/<name>/{bronze,gold}/...
+      raw_dir: data/criteo/raw     # where `generate` writes; what `ingest` reads if `inputs` is empty
+      inputs: []                   # files, globs or directories to ingest (plain or .gz)
+      generate: {...}              # synthetic raw files (GenerateConfig)
+      ingest: {...}                # raw -> bronze (IngestConfig)
+      featurize: {...}             # bronze -> gold (FeaturizeConfig)
+
+Every field has a default, so ``criteo: {}`` is a valid (small, local) setup.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateConfig(BaseModel):
+    """Synthetic click logs in exactly the raw Criteo format."""
+
+    model_config = ConfigDict(extra="forbid")
+    layout: Literal["days", "kaggle"] = Field(
+        "days", description="days: day_0..day_{N-1} (1TB layout); kaggle: one train.txt with all rows"
+    )
+    days: int = Field(3, ge=1, le=366)
+    rows_per_day: int = Field(70_000, ge=1)
+    test_rows: int = Field(0, ge=0, description="rows of an unlabelled test.txt (39 fields, Kaggle style)")
+    gzip: bool = False
+    compress_level: int = Field(1, ge=1, le=9, description="gzip level (1 is ~5x faster than 6)")
+    seed: int = 0
+    positive_rate: float = Field(0.25, gt=0.0, lt=1.0)
+    cardinality_scale: float = Field(
+        1.0, gt=0.0, le=4.0, description="scale the Kaggle-like per-column value universes (10 .. 10M)"
+    )
+    zipf_exponent: float = Field(1.05, gt=0.5, le=3.0, description="heavy tail of categorical frequencies")
+    final_newline: bool = True
+    chunk_rows: int = Field(500_000, ge=1_000, description="rows generated and written per step")
+    workers: int = Field(0, ge=0, description="processes (0: one per CPU core, at most one per file)")
+
+
+class IngestConfig(BaseModel):
+    """Raw files -> bronze Delta table (+ quarantine, ledger)."""
+
+    model_config = ConfigDict(extra="forbid")
+    file_globs: list[str] = Field(
+        default_factory=lambda: ["day_*", "*.txt", "*.txt.gz", "*.tsv", "*.tsv.gz"],
+        description="basenames taken when an input is a directory",
+    )
+    unlabeled_globs: list[str] = Field(
+        default_factory=lambda: ["*test*"],
+        description="basenames of unlabelled (39-field) files, used when a file's first lines do not tell",
+    )
+    day_regex: str = Field(r"day_(\d+)", description="day number from the basename; no match -> day -1")
+    verify: bool = Field(
+        True, description="before committing: full pass over each file (gzip integrity, line count, sha256)"
+    )
+    files_per_commit: int = Field(16, ge=1, description="files ingested (and committed) per Spark job")
+    max_line_preview: int = Field(4096, ge=64, description="quarantine keeps at most this many chars of a line")
+
+
+class SplitConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["auto", "day", "random"] = Field(
+        "auto", description="auto: 'day' when bronze holds >= 2 dated days, else 'random' (Kaggle)"
+    )
+    test_days: list[int] | None = Field(None, description="day mode: held-out days (default: the last day)")
+    valid_days: list[int] | None = Field(
+        None, description="day mode: validation days; default: valid_share of the held-out days' rows"
+    )
+    valid_share: float = Field(0.5, ge=0.0, le=1.0, description="share of held-out rows that go to valid")
+    train_fraction: float = Field(6 / 7, gt=0.0, lt=1.0, description="random mode: DLRM Kaggle uses 6/7")
+    seed: int = 0
+
+
+class FeaturizeConfig(BaseModel):
+    """Bronze -> gold train/valid/test + vocabulary."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: Literal["vocab", "hash"] = "vocab"
+    freq_threshold: int = Field(3, ge=1, description="vocab: values seen fewer times in train share the rare id")
+    max_vocab_size: int | None = Field(None, ge=1, description="vocab: keep at most this many values per column")
+    hash_buckets: int = Field(1 << 18, ge=2, description="hash: ids in [0, hash_buckets); id 0 = missing")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    bronze_version: int | None = Field(None, description="pin the bronze snapshot (default: latest)")
+    broadcast_max_rows: int = Field(
+        4_000_000, ge=0, description="vocab columns up to this size are broadcast-joined, larger ones shuffle-joined"
+    )
+    row_group_rows: int = Field(131_072, ge=1024, description="gold Parquet row-group size (loader batch unit)")
+
+
+class CriteoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("criteo", pattern=r"^[A-Za-z0-9_.-]+$", description="dataset name in the lake")
+    raw_dir: str = "data/criteo/raw"
+    inputs: list[str] = Field(default_factory=list, description="files/globs/dirs to ingest; empty: raw_dir")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    featurize: FeaturizeConfig = Field(default_factory=FeaturizeConfig)
+
+    def input_specs(self) -> list[str]:
+        return list(self.inputs) or [self.raw_dir]
