@@ -203,3 +203,11 @@ class TrustRatioLogging:
             out["trust_ratio/mean"] = sum(vals) / len(vals)
             out["trust_ratio/max"] = max(vals)
         return out
+
+
+def eval_closure(closure):
+    """The torch.optim closure convention: re-evaluate the loss (with grad enabled) if given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

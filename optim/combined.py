@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ._utils import eval_closure
+
 __all__ = ["CombinedOptimizer"]
 
 
@@ -91,10 +93,7 @@ class CombinedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = eval_closure(closure)
         for inner in self.optimizers:
             inner.step()
         return loss

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from ._utils import check_range, collect, group_tensors
+from ._utils import eval_closure, check_range, collect, group_tensors
 
 __all__ = ["FTRL"]
 
@@ -72,10 +72,7 @@ class FTRL(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = eval_closure(closure)
         for group in self.param_groups:
             _, params, grads, _ = collect(group, self.state, ())
             lr, beta, l1, l2 = group["lr"], group["beta"], group["l1"], group["l2"]

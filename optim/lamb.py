@@ -27,7 +27,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._utils import (TrustRatioLogging, ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors,
+from ._utils import (eval_closure, TrustRatioLogging, ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors,
                      param_name)
 
 __all__ = ["LAMB"]
@@ -114,10 +114,7 @@ class LAMB(TrustRatioLogging, Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = eval_closure(closure)
         self._last_trust = {}
         for gi, group in enumerate(self.param_groups):
             idx, params, grads, _ = collect(group, self.state, ())

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from ._utils import TrustRatioLogging, bump_steps, check_range, collect, group_tensors, param_name
+from ._utils import eval_closure, TrustRatioLogging, bump_steps, check_range, collect, group_tensors, param_name
 
 __all__ = ["LARS", "trust_ratios"]
 
@@ -109,10 +109,7 @@ class LARS(TrustRatioLogging, Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = eval_closure(closure)
         self._last_trust = {}
         for gi, group in enumerate(self.param_groups):
             idx, params, grads, _ = collect(group, self.state, ())

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from ._utils import ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors
+from ._utils import eval_closure, ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
@@ -255,10 +255,7 @@ class Shampoo(Optimizer):
     # -- step ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = eval_closure(closure)
         for group in self.param_groups:
             _, params, grads, _ = collect(group, self.state, ())
             if not params:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Optimizer
 
-from ._utils import bump_steps, check_betas, check_range, collect, group_tensors
+from ._utils import eval_closure, bump_steps, check_betas, check_range, collect, group_tensors
 from .distributed import allreduce_mean_
 
 __all__ = ["Sophia", "gnb_hessian", "hutchinson_hessian"]
@@ -232,10 +232,7 @@ class Sophia(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = eval_closure(closure)
         for group in self.param_groups:
             _, params, grads, _ = collect(group, self.state, ())
             if not params:
