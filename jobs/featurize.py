@@ -1,36 +1,62 @@
-"""``bigopt featurize <conf>``: bronze -> gold train/valid/test Delta tables + vocabulary.
+"""``bigopt featurize <conf> [k=v ...]``: bronze -> gold train/valid/test Delta + vocabulary.
 
-Dense: missing -> 0, negatives -> 0, log(1+x). Categorical: frequency-thresholded vocabulary
-computed on the train split, or xxhash64 buckets (``criteo.featurize.strategy``).
+Dense: missing -> 0, negatives -> 0, log(1 + x). Categorical (``criteo.featurize.strategy``):
+a frequency-thresholded vocabulary computed on the train split (ids by descending frequency,
+0 = missing, 1 = rare) or xxhash64 buckets. Splits by day (1TB layout) or by a seeded hash
+(Kaggle). Writes ``<lake>/<criteo.name>/gold/{train,valid,test}``, the vocabulary tables and
+``gold/features.json`` (per-column cardinalities + table versions for the trainer).
+
+    bigopt featurize conf/demo.yaml criteo.featurize.strategy=hash
+    spark-submit jobs/featurize.py conf/criteo.yaml
 """
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("--bronze-version", type=int, default=None,
+                        help="featurize this bronze version (default: criteo.featurize.bronze_version or latest)")
 
 
 def run(cfg, args) -> int:
+    import time
+
     from rich.console import Console
     from rich.table import Table
 
     from pipelines.criteo.featurize import FeaturizeError, featurize
     from pipelines.spark import spark_from_config
 
+    if args.bronze_version is not None:
+        cfg.criteo.featurize.bronze_version = args.bronze_version
     console = Console()
-    spark = spark_from_config(cfg.spark)
-    try:
-        rep = featurize(spark, cfg)
-    except FeaturizeError as e:
-        console.print(f"[red]bigopt featurize: {e}[/red]")
-        return 1
-    table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version} in {rep.seconds:.1f}s")
-    for col in ("split", "rows", "table", "version"):
-        table.add_column(col)
+    t0 = time.perf_counter()
+    with console.status("starting Spark") as status:
+        spark = spark_from_config(cfg.spark)
+
+        def progress(msg: str) -> None:
+            status.update(f"{msg}  [dim]({time.perf_counter() - t0:.0f}s)[/dim]")
+            console.log(msg)
+
+        try:
+            rep = featurize(spark, cfg, progress=progress)
+        except FeaturizeError as e:
+            console.print(f"[red]bigopt featurize: {e}[/red]")
+            return 1
+    table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version} "
+                        f"in {rep.seconds:.1f}s")
+    for col, just in (("split", "left"), ("rows", "right"), ("version", "right"), ("table", "left")):
+        table.add_column(col, justify=just)
     for split, n in rep.rows.items():
-        table.add_row(split, str(n), rep.tables.get(split, ""), str(rep.versions.get(split, "")))
+        table.add_row(split, f"{n:,}", str(rep.versions.get(split, "")), rep.tables.get(split, ""))
     console.print(table)
-    console.print(f"embedding cardinalities: {rep.cardinalities}; features: {rep.features_json}")
+    if rep.split_mode == "day":
+        console.print(f"held-out days: test {rep.test_days}" + (f", valid {rep.valid_days}" if rep.valid_days else
+                                                               " (valid = a hashed share of them)"))
+    if rep.unlabeled_rows:
+        console.print(f"{rep.unlabeled_rows:,} unlabelled bronze rows (test files) left out of gold")
+    cards = rep.cardinalities
+    console.print(f"cardinalities (min/max/sum): {min(cards):,} / {max(cards):,} / {sum(cards):,}")
+    console.print(f"features: {rep.features_json}")
     return 0
 
 

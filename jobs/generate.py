@@ -1,7 +1,13 @@
-"""``bigopt generate criteo <conf>``: synthetic raw files in exactly the raw Criteo format.
+"""``bigopt generate criteo <conf> [k=v ...] [--out DIR]``: synthetic raw Criteo click logs.
 
-Writes ``criteo.generate.days`` day files (or one Kaggle ``train.txt``) of tab-separated
-label/I1..I13/C1..C26 lines into ``criteo.raw_dir``; deterministic by ``criteo.generate.seed``.
+Writes ``criteo.generate.days`` day files ``day_0 .. day_{N-1}`` (the 1TB layout) or one
+Kaggle ``train.txt`` (``criteo.generate.layout=kaggle``), plus an optional unlabelled
+``test.txt``, plain or ``.gz``, into ``criteo.raw_dir``: tab-separated label/I1..I13/C1..C26
+lines with Kaggle-like statistics; deterministic by ``criteo.generate.seed``.
+
+    bigopt generate criteo conf/demo.yaml
+    bigopt generate criteo conf/demo.yaml criteo.generate.days=24 criteo.generate.gzip=true
+    spark-submit jobs/generate.py criteo conf/demo.yaml
 """
 from __future__ import annotations
 
@@ -9,31 +15,41 @@ LEADING_ARGS = {"dataset": "which raw format to generate (criteo)"}
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("--out", default=None, help="output directory (default: criteo.raw_dir)")
 
 
 def run(cfg, args) -> int:
-    import os
     import sys
     import time
 
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     if args.dataset != "criteo":
         print(f"bigopt generate: unknown dataset {args.dataset!r} (available: criteo)", file=sys.stderr)
         return 2
-    from pipelines.criteo.generate import generate
+    from pipelines.criteo.generate import generate_files, plan_files
 
+    if args.out:
+        cfg.criteo.raw_dir = args.out
     console = Console()
+    gen = cfg.criteo.generate
+    planned = plan_files(gen)
     t0 = time.perf_counter()
-    with console.status(f"generating Criteo-format files in {cfg.criteo.raw_dir}"):
-        paths = generate(cfg)
-    table = Table(title=f"generated {len(paths)} file(s) in {time.perf_counter() - t0:.1f}s")
-    table.add_column("file")
-    table.add_column("MB", justify="right")
-    for p in paths:
-        table.add_row(str(p), f"{os.path.getsize(p) / 1e6:.1f}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks = {name: progress.add_task(name, total=rows) for name, rows, _labeled in planned}
+        files = generate_files(cfg, progress=lambda name, done: progress.update(tasks[name], completed=done))
+    secs = time.perf_counter() - t0
+    rows = sum(f.rows for f in files)
+    table = Table(title=f"generated {rows:,} rows in {len(files)} file(s) in {secs:.1f}s "
+                        f"({rows / max(secs, 1e-9):,.0f} rows/s) -> {cfg.criteo.raw_dir}")
+    for col, just in (("file", "left"), ("rows", "right"), ("positives", "right"), ("MB", "right")):
+        table.add_column(col, justify=just)
+    for f in files:
+        pos = f"{f.positives / f.rows:.1%}" if f.labeled and f.rows else "unlabelled"
+        table.add_row(f.path, f"{f.rows:,}", pos, f"{f.bytes / 1e6:.1f}")
     console.print(table)
     return 0
 

@@ -1,16 +1,27 @@
-"""``bigopt ingest <conf> [--force]``: raw Criteo files -> bronze Delta (+ quarantine, ledger).
+"""``bigopt ingest <conf> [k=v ...] [--force] [--input PATH ...]``: raw Criteo -> bronze Delta.
 
-Already-ingested files (by the ledger) are skipped; ``--force`` re-ingests them by replacing
-their rows. Prints per-file accounting: lines = rows_ok + rows_rejected.
+Reads ``criteo.inputs`` (files, globs or directories; default ``criteo.raw_dir``), plain or
+gzip, Kaggle train/test or 1TB ``day_N`` files, and appends typed rows to the bronze table
+(bad lines to the quarantine table, one ledger row per file). Files already in the ledger
+are skipped; ``--force`` re-ingests them by replacing their rows. Prints the per-file
+accounting ``lines = rows_ok + rows_rejected``; exits 1 on a corrupt input (nothing committed).
+
+    bigopt ingest conf/criteo.yaml
+    spark-submit jobs/ingest.py conf/criteo.yaml criteo.inputs='[/data/criteo/day_*.gz]'
 """
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--force", action="store_true", help="re-ingest files already in the ledger (replaces their rows)")
+    parser.add_argument("--force", action="store_true",
+                        help="re-ingest files already in the ledger (replaces their rows, never duplicates)")
+    parser.add_argument("--input", action="append", default=None, metavar="PATH",
+                        help="file, glob or directory to ingest instead of criteo.inputs (repeatable)")
 
 
 def run(cfg, args) -> int:
+    import time
+
     from rich.console import Console
     from rich.table import Table
 
@@ -18,22 +29,35 @@ def run(cfg, args) -> int:
     from pipelines.spark import spark_from_config
 
     console = Console()
-    spark = spark_from_config(cfg.spark)
-    try:
-        rep = ingest(spark, cfg, force=args.force)
-    except IngestError as e:
-        console.print(f"[red]bigopt ingest: {e}[/red]")
-        return 1
-    table = Table(title=f"ingest batch {rep.batch_id}: {rep.ingested} file(s) ingested, {rep.skipped} skipped, {rep.seconds:.1f}s")
-    for col in ("file", "status", "lines", "rows_ok", "rows_rejected", "note"):
-        table.add_column(col)
+    t0 = time.perf_counter()
+    with console.status("starting Spark") as status:
+        spark = spark_from_config(cfg.spark)
+
+        def progress(msg: str) -> None:
+            status.update(f"{msg}  [dim]({time.perf_counter() - t0:.0f}s)[/dim]")
+            console.log(msg)
+
+        try:
+            rep = ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress)
+        except (IngestError, FileNotFoundError, ValueError) as e:
+            console.print(f"[red]bigopt ingest: {e}[/red]")
+            return 1
+    table = Table(title=f"ingest batch {rep.batch_id}: {rep.ingested} file(s) ingested, "
+                        f"{rep.skipped} skipped, {rep.seconds:.1f}s")
+    for col, just in (("file", "left"), ("day", "right"), ("status", "left"), ("lines", "right"),
+                      ("rows_ok", "right"), ("rejected", "right"), ("note", "left")):
+        table.add_column(col, justify=just)
     for f in rep.files:
-        table.add_row(f.source, f.status, str(f.lines), str(f.rows_ok), str(f.rows_rejected), f.note)
+        table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), str(f.day), f.status, f"{f.lines:,}",
+                      f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
     console.print(table)
+    rate = rep.rows_in / rep.seconds if rep.seconds and rep.rows_in else 0
     console.print(
-        f"rows_in = {rep.rows_in} = rows_ok {rep.rows_ok} + rows_rejected {rep.rows_rejected}; "
-        f"bronze v{rep.bronze_version} ({rep.bronze}), quarantine v{rep.quarantine_version}, ledger v{rep.ledger_version}"
+        f"rows_in {rep.rows_in:,} = rows_ok {rep.rows_ok:,} + rows_rejected {rep.rows_rejected:,}"
+        + (f"  ({rate:,.0f} rows/s)" if rate else "")
     )
+    console.print(f"bronze v{rep.bronze_version} {rep.bronze}\nquarantine v{rep.quarantine_version} "
+                  f"{rep.quarantine}\nledger v{rep.ledger_version} {rep.ledger}")
     return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected else 1
 
 

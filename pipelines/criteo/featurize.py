@@ -77,6 +77,14 @@ class FeaturizeReport:
     def total_rows(self) -> int:
         return sum(self.rows.values())
 
+    def summary(self) -> str:
+        """One line for logs and ``bigopt run``."""
+        rows = ", ".join(f"{k} {v:,}" for k, v in self.rows.items())
+        return (
+            f"{self.strategy}/{self.split_mode} split from bronze v{self.bronze_version}: {rows}; "
+            f"{sum(self.cardinalities):,} embedding rows over {len(self.cardinalities)} columns"
+        )
+
 
 # ------------------------------------------------------------------------- bronze view
 @dataclass

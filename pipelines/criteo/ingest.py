@@ -140,6 +140,13 @@ class IngestReport:
     def skipped(self) -> int:
         return len(self.files) - self.ingested
 
+    def summary(self) -> str:
+        """One line for logs and ``bigopt run``."""
+        return (
+            f"{self.ingested} file(s) ingested, {self.skipped} skipped; rows_in {self.rows_in:,} = "
+            f"ok {self.rows_ok:,} + rejected {self.rows_rejected:,}; bronze v{self.bronze_version}"
+        )
+
 
 # ------------------------------------------------------------------------------ inputs
 def _local_path(spec: str) -> str:
