@@ -320,7 +320,8 @@ def _fast_stage(df, labeled: bool):
         fast = fast & r["label"].isin(0, 1)
     for c in SPARSE:
         fast = fast & (r[c].isNull() | ((F.length(r[c]) == 8) & F.unhex(r[c]).isNotNull()))
-    return df.select("value", "source", "_r", fast.alias("_fast"), _barrier("_b1"))
+    # null-safe: a null label (empty first field) must not make the whole predicate null
+    return df.select("value", "source", "_r", F.coalesce(fast, F.lit(False)).alias("_fast"), _barrier("_b1"))
 
 
 def _exact_stage(df, labeled: bool, batch_id: str, day_by_source: dict[str, int], preview: int):

@@ -154,59 +154,150 @@ def test_vocabulary_dense_frequency_ordered_threshold(spark, pipeline):
         assert all(0 <= v < cards[j] for j, v in enumerate(row))
 
 
-def test_hash_strategy_in_range(spark, pipeline, tmp_path):
-    from pipelines.criteo.featurize import featurize
+def test_vocab_ids_match_train_counts(pipeline):
+    """Each id's frequency in gold train equals its vocabulary count (the vocabulary is
+    computed on exactly these rows); id 0 counts the missing values, id 1 the rare ones."""
+    import numpy as np
 
     cfg, tmp, paths, ing, feat = pipeline
-    hcfg = load_config(data={**json.loads(cfg.model_dump_json()),
-                             "lake": {"root": str(tmp / "lake")},
-                             "criteo": {**json.loads(cfg.criteo.model_dump_json()),
-                                        "name": "criteo",
-                                        "featurize": {"strategy": "hash", "hash_buckets": 1000, "row_group_rows": 2048}}})
-    # write the hashed gold next to the vocab one by using another dataset name would re-ingest;
-    # instead featurize into the same lake (overwrites gold), then check ranges
-    rep = featurize(spark, hcfg)
-    assert rep.cardinalities == [1000] * 26
-    sparse = DeltaSnapshot(rep.tables["train"]).to_table(["sparse"]).column("sparse").to_pylist()
-    flat = [v for row in sparse for v in row]
-    assert min(flat) >= 0 and max(flat) < 1000
+    t = _bronze(cfg)
+    vocab = DeltaSnapshot(t["vocabulary"]).to_table().to_pylist()
+    sparse = DeltaSnapshot(t["train"]).to_table(["sparse"]).column("sparse").combine_chunks()
+    ids = sparse.values.to_numpy().reshape(-1, 26)
+    bronze = DeltaSnapshot(t["bronze"]).to_table().to_pylist()
+    train_rows = [r for r in bronze if r["day"] != max(feat.test_days)]
+    assert len(train_rows) == ids.shape[0]
+    for j in (0, 2, 21):  # C1 (small), C3 (large, many rare values), C22 (mostly missing)
+        col = f"C{j + 1}"
+        got = dict(zip(*np.unique(ids[:, j], return_counts=True)))
+        want = {r["id"]: r["count"] for r in vocab if r["column"] == col}
+        assert {k: v for k, v in got.items() if k >= 2} == want
+        assert got.get(0, 0) == sum(r[col] is None for r in train_rows)
+        assert got.get(1, 0) == len(train_rows) - got.get(0, 0) - sum(want.values())
 
 
-def test_reingest_adds_nothing_and_force_replaces(spark, pipeline):
+def test_kaggle_layout_random_split_hash_and_unlabelled(spark, tmp_path):
+    """Kaggle layout: one train.txt.gz + an unlabelled test.txt.gz; seeded 6/7 : 1/14 : 1/14
+    split, hashing strategy, unlabelled rows kept in bronze but out of gold."""
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
     from pipelines.criteo.ingest import ingest
+
+    cfg = _cfg(tmp_path, generate={"layout": "kaggle", "days": 7, "rows_per_day": 1000, "test_rows": 500,
+                                   "gzip": True, "seed": 2},
+               featurize={"strategy": "hash", "hash_buckets": 1000, "split": {"seed": 9}})
+    generate(cfg)
+    ing = ingest(spark, cfg)
+    assert {f.source: (f.labeled, f.day, f.rows_ok) for f in ing.files} == {
+        "train.txt.gz": (True, -1, 7000), "test.txt.gz": (False, -1, 500)}
+    rep = featurize(spark, cfg)
+    assert rep.split_mode == "random" and rep.unlabeled_rows == 500
+    assert rep.total_rows == 7000 and rep.cardinalities == [1000] * 26
+    assert abs(rep.rows["train"] / 7000 - 6 / 7) < 0.02
+    assert abs(rep.rows["valid"] - rep.rows["test"]) < 120
+    sparse = DeltaSnapshot(rep.tables["train"]).to_table(["sparse"]).column("sparse").combine_chunks()
+    flat = sparse.values.to_numpy()
+    assert flat.min() >= 0 and flat.max() < 1000 and (flat == 0).any()  # 0 = missing
+    again = featurize(spark, cfg)  # deterministic split
+    assert again.rows == rep.rows and again.versions == {k: v + 1 for k, v in rep.versions.items()}
+    features = json.loads(Path(rep.features_json).read_text())
+    assert features["strategy"] == "hash" and features["tables"]["train"]["version"] == again.versions["train"]
+
+
+def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys):
+    from jobs.cli import main
+    from pipelines.criteo.featurize import bronze_view
+    from pipelines.criteo.ingest import current_entries, ingest, read_ledger
 
     cfg, tmp, paths, ing, feat = pipeline
     t = _bronze(cfg)
     v = table_version(t["bronze"])
-    again = ingest(spark, cfg)
-    assert again.ingested == 0 and again.skipped == 3
+    # the CLI on the same config: everything is in the ledger already, nothing is written
+    rc = main(["ingest", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"])
+    assert rc == 0 and "0 file(s) ingested, 3 skipped" in capsys.readouterr().out
     assert table_version(t["bronze"]) == v and DeltaSnapshot(t["bronze"]).num_rows == 12_000
     forced = ingest(spark, cfg, force=True)
-    assert forced.ingested == 3
-    assert DeltaSnapshot(t["bronze"]).num_rows == 12_000  # replaced, never duplicated
+    assert forced.ingested == 3 and {f.status for f in forced.files} == {"replaced"}
+    snap = DeltaSnapshot(t["bronze"])
+    assert snap.num_rows == 12_000  # replaced, never duplicated
+    batches = set(snap.to_table(["ingest_batch"]).column("ingest_batch").to_pylist())
+    assert batches == {forced.batch_id}
+    ledger = read_ledger(t["ledger"])
+    assert len(ledger) == 6 and {r["ingest_batch"] for r in current_entries(ledger).values()} == {forced.batch_id}
+    assert bronze_view(cfg).version == snap.version
+
+
+def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_path):
+    """Rows committed to bronze by a run that died before its ledger entry are not used."""
+    from pipelines.criteo.featurize import FeaturizeError, bronze_view
+    from pipelines.criteo.ingest import BRONZE_DDL, PARTITION_BY, ingest
+    from pipelines.lake import read_table, write_table
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
+    for d in (0, 1):
+        (raw / f"day_{d}").write_text("\n".join([line] * 20) + "\n")
+    cfg = _cfg(tmp_path)
+    ingest(spark, cfg)
+    t = _bronze(cfg)
+    assert sorted(bronze_view(cfg).sources) == ["day_0", "day_1"]
+    orphan = read_table(spark, t["bronze"]).where("source = 'day_1'").drop("ingest_batch", "source")
+    orphan = orphan.selectExpr("*", "'b-crashed' AS ingest_batch", "'day_9' AS source").select(
+        *[c.split()[0] for c in BRONZE_DDL.split(", ")])
+    write_table(orphan, t["bronze"], mode="append", partition_by=PARTITION_BY)
+    with pytest.raises(FeaturizeError, match="day_9: 20 bronze rows but no ledger entry"):
+        bronze_view(cfg)
 
 
 def test_bad_lines_quarantined_exactly(spark, tmp_path):
-    from pipelines.criteo.ingest import ingest
+    import hashlib
+
+    from pipelines.criteo.ingest import ingest, read_ledger
 
     raw = tmp_path / "raw"
     raw.mkdir()
     good = "0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t10\t11\t12\t13\t" + "\t".join(["68fd1e64"] * 26)
-    bad = {
-        "too many fields": good + "\textra",
-        "non-integer": good.replace("\t5\t", "\tfive\t", 1),
-        "bad categorical": good.replace("68fd1e64", "zzzz", 1),
-        "bad label": "7" + good[1:],
+    bad = {  # line -> the reason the quarantine must give
+        good + "\textra": "too many fields (expected 40, got 41)",
+        good.replace("\t5\t", "\tfive\t", 1): "non-integer in I5",
+        good.replace("\t5\t", "\t 5\t", 1): "non-integer in I5",
+        good.replace("\t5\t", "\t99999999999999999999\t", 1): "integer out of range in I5",
+        good.replace("68fd1e64", "zzzz", 1): "C1 not 8 hex chars",
+        good.replace("68fd1e64", "68fd1e6g", 1): "C1 not 8 hex chars",
+        "7" + good[1:]: "label not 0/1",
+        "\t" + good[2:]: "label not 0/1",  # a labelled file's line may not start with a TAB
+        good + "\r": "C26 not 8 hex chars",  # CRLF line endings
+        "": "empty line",
     }
-    lines = [good] * 10 + list(bad.values()) + [good] * 5
-    (raw / "day_0").write_text("\n".join(lines) + "\n")
+    accepted = [  # odd but valid: padded short rows, '+5', uppercase hex, negative ints
+        "\t".join(good.split("\t")[:38]),
+        good.replace("\t5\t", "\t+5\t", 1).replace("68fd1e64", "68FD1E64", 1),
+        good.replace("\t1\t2\t", "\t1\t-2\t", 1),
+    ]
+    undecodable = good.encode().replace(b"68fd1e64", b"68fd\xff\xfe64", 1)
+    body = "\n".join([good] * 10 + list(bad) + accepted + [good] * 5).encode() + b"\n" + undecodable
+    (raw / "day_0").write_bytes(body)  # no final newline
     cfg = _cfg(tmp_path)
     rep = ingest(spark, cfg)
     t = _bronze(cfg)
-    assert rep.rows_in == 19 and rep.rows_ok == 15 and rep.rows_rejected == 4
+    n_bad = len(bad) + 1
+    assert rep.rows_in == 10 + len(bad) + len(accepted) + 5 + 1
+    assert rep.rows_ok == 15 + len(accepted) and rep.rows_rejected == n_bad
     q = DeltaSnapshot(t["quarantine"]).to_table().to_pylist()
-    assert sorted(r["line"] for r in q) == sorted(bad.values())
-    assert all(r["reason"] for r in q) and all(r["source"] for r in q)
+    assert len(q) == n_bad and all(r["source"] == "day_0" and r["day"] == 0 for r in q)
+    got = {r["line"]: r["reason"] for r in q if r["line_bytes"] is None}
+    assert got == bad
+    (u,) = [r for r in q if r["line_bytes"] is not None]
+    assert u["line_bytes"] == undecodable and u["reason"] == "undecodable bytes (not UTF-8)"
+    rows = DeltaSnapshot(t["bronze"]).to_table().to_pylist()
+    assert sum(r["I5"] == 5 and r["C1"] == "68FD1E64" for r in rows) == 1
+    assert sum(r["I2"] == -2 for r in rows) == 1
+    padded = [r for r in rows if r["C25"] is None]
+    assert len(padded) == 1 and padded[0]["C24"] == "68fd1e64" and padded[0]["C26"] is None
+    (led,) = read_ledger(t["ledger"])
+    assert (led["lines"], led["rows_ok"], led["rows_rejected"]) == (rep.rows_in, rep.rows_ok, rep.rows_rejected)
+    assert led["sha256"] == hashlib.sha256(body).hexdigest() and led["size"] == len(body)
 
 
 def test_corrupt_gzip_fails_clearly_and_commits_nothing(spark, tmp_path):
