@@ -1,0 +1,353 @@
+"""Criteo raw -> model-ready features: bigopt on Spark vs the parse limit vs plain pandas.
+
+    .venv/bin/python benchmarks/criteo_featurize.py            # 10 M rows (4 day files)
+    .venv/bin/python benchmarks/criteo_featurize.py --quick    # 1 M rows (2 day files), < 3 min
+
+The same generated raw files (plain TSV, 1TB day layout) go through, in ONE run:
+
+  (a) parse limit: ``pyarrow.csv.read_csv`` of every file into typed columns (multithreaded,
+      all cores): no validation, no features, nothing written. The floor for any parser.
+  (b) pandas reference: one process doing the same featurization the NumPy/pandas way
+      (DLRM's scripts): ``read_csv`` (C engine, categorical dtype for C1..C26), a per-column
+      vocabulary with the frequency threshold counted on the train days, ids by descending
+      frequency (0 missing, 1 rare), dense ``log1p(max(x, 0))``, day split, gold Parquet with
+      the same layout (label float, dense list<float>[13], sparse list<int>[26]).
+  (c) bigopt: ``ingest`` (validate, bronze + quarantine + ledger Delta tables) and
+      ``featurize`` (vocabulary, gold train/valid/test Delta tables) on ``local[2]``.
+
+Each runs in its own process; wall time and peak RSS (the whole process tree: for (c) the
+Python driver, the JVM and its Python workers) are measured from outside. (b) and (c) must
+agree: same cardinalities and the same multiset of ids per column in the train split.
+Finally the gold train table is read the way the training loader does (pyarrow -> torch),
+as written (list columns) and re-laid out as 39 scalar columns, to justify the layout.
+
+The last two lines are ``ratio_vs_parse_limit: X`` (c time / a time) and
+``speedup_vs_pandas: Y`` (b time / c time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DENSE = [f"I{i}" for i in range(1, 14)]
+SPARSE = [f"C{i}" for i in range(1, 27)]
+NAMES = ["label", *DENSE, *SPARSE]
+THRESHOLD = 3
+JVM_OPTS = "-XX:-DontCompileHugeMethods"
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_parse(raw: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    types = {"label": pa.int8(), **{c: pa.int64() for c in DENSE}, **{c: pa.string() for c in SPARSE}}
+    t0 = time.perf_counter()
+    rows = 0
+    for f in sorted(raw.glob("day_*")):
+        t = pcsv.read_csv(
+            f,
+            read_options=pcsv.ReadOptions(column_names=NAMES, block_size=32 << 20),
+            parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False),
+            convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=True),
+        )
+        rows += t.num_rows
+        del t
+    return {"rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def stage_pandas(raw: Path, out: Path) -> dict:
+    """Single-process pandas/NumPy featurization, same semantics as bigopt's vocab strategy."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pandas.api.types import union_categoricals
+
+    t0 = time.perf_counter()
+    files = sorted(raw.glob("day_*"), key=lambda p: int(p.name.split("_")[1]))
+    dtypes = {"label": np.int8, **{c: np.float64 for c in DENSE}, **{c: "category" for c in SPARSE}}
+    frames = [pd.read_csv(f, sep="\t", header=None, names=NAMES, dtype=dtypes, engine="c", quoting=3,
+                          na_filter=True, keep_default_na=False, na_values=[""]) for f in files]
+    days = np.concatenate([np.full(len(fr), i, dtype=np.int16) for i, fr in enumerate(frames)])
+    n = len(days)
+    label = np.concatenate([fr["label"].to_numpy(np.float32) for fr in frames])
+    dense = np.empty((n, 13), dtype=np.float32)
+    for j, c in enumerate(DENSE):
+        x = np.concatenate([fr[c].to_numpy() for fr in frames])
+        dense[:, j] = np.log1p(np.maximum(np.nan_to_num(x, nan=0.0), 0.0))
+    test_day = len(files) - 1
+    train = days != test_day
+    sparse = np.empty((n, 26), dtype=np.int32)
+    cards = []
+    for j, c in enumerate(SPARSE):
+        cat = union_categoricals([fr[c] for fr in frames])
+        for fr in frames:
+            del fr[c]
+        codes = cat.codes.astype(np.int64)  # -1 = missing
+        counts = np.bincount(codes[train & (codes >= 0)], minlength=len(cat.categories))
+        values = np.asarray(cat.categories, dtype=object)
+        keep = np.flatnonzero(counts >= THRESHOLD)
+        order = keep[np.lexsort((values[keep].astype(str), -counts[keep]))]  # count desc, value asc
+        lut = np.ones(len(values) + 1, dtype=np.int32)  # 1 = rare / unseen in train
+        lut[order] = np.arange(2, 2 + len(order), dtype=np.int32)
+        lut[-1] = 0  # codes == -1 (missing) index the last slot
+        sparse[:, j] = lut[codes]
+        cards.append(len(order) + 2)
+    del frames
+    u = (np.arange(n) * 2654435761 % 2**32) / 2**32  # deterministic valid/test halves of the test day
+    split = np.where(train, 0, np.where(u < 0.5, 1, 2))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for k, name in enumerate(("train", "valid", "test")):
+        m = split == k
+        rows[name] = int(m.sum())
+        d, s = dense[m], sparse[m]
+        tbl = pa.table({
+            "label": label[m],
+            "dense": pa.FixedSizeListArray.from_arrays(pa.array(d.ravel()), 13).cast(pa.list_(pa.float32())),
+            "sparse": pa.FixedSizeListArray.from_arrays(pa.array(s.ravel()), 26).cast(pa.list_(pa.int32())),
+        })
+        pq.write_table(tbl, out / f"{name}.parquet", compression="zstd", row_group_size=131072)
+    secs = time.perf_counter() - t0
+    train_hist = [np.bincount(sparse[train, j]).tolist() for j in range(26)]
+    return {"rows": n, "seconds": secs, "split_rows": rows, "cardinalities": cards, "train_hist": train_hist}
+
+
+def stage_spark(raw: Path, lake: Path) -> dict:
+    import numpy as np
+
+    from jobs.config import load_config
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.ingest import ingest
+    from pipelines.lake import DeltaSnapshot
+    from pipelines.spark import get_spark
+
+    cfg = load_config(data={
+        "lake": {"root": str(lake)},
+        "criteo": {"inputs": [str(raw)], "featurize": {"strategy": "vocab", "freq_threshold": THRESHOLD}},
+    })
+    t0 = time.perf_counter()
+    spark = get_spark("bigopt-bench", master="local[2]", ui=False, log_level="ERROR",
+                      conf={"spark.driver.extraJavaOptions": JVM_OPTS, "spark.sql.shuffle.partitions": "4"})
+    spark.range(1).count()
+    startup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    ing = ingest(spark, cfg)
+    t2 = time.perf_counter()
+    feat = featurize(spark, cfg)
+    t3 = time.perf_counter()
+    sparse = DeltaSnapshot(feat.tables["train"]).to_table(["sparse"]).column("sparse").combine_chunks()
+    ids = sparse.values.to_numpy().reshape(-1, 26)
+    train_hist = [np.bincount(ids[:, j]).tolist() for j in range(26)]
+    spark.stop()
+    return {
+        "rows": ing.rows_in, "rows_ok": ing.rows_ok, "rows_rejected": ing.rows_rejected,
+        "startup_s": startup, "ingest_s": t2 - t1, "featurize_s": t3 - t2, "split_rows": feat.rows,
+        "cardinalities": feat.cardinalities, "train_hist": train_hist, "train_table": feat.tables["train"],
+    }
+
+
+def stage_loader(table: str) -> dict:
+    """Read gold train the way the loader does, as written (lists) and as 39 scalar columns."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines.lake import DeltaSnapshot
+
+    snap = DeltaSnapshot(table)
+    files = [f.uri for f in snap.files()]
+    t = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
+    d = t.column("dense").chunk(0).values.to_numpy().reshape(-1, 13)
+    s = t.column("sparse").chunk(0).values.to_numpy().reshape(-1, 26)
+    cols_path = Path(table).parent / "_bench_columns.parquet"
+    cols = pa.table({"label": t.column("label"), **{c: d[:, i] for i, c in enumerate(DENSE)},
+                     **{c: s[:, i] for i, c in enumerate(SPARSE)}})
+    pq.write_table(cols, cols_path, compression="zstd", row_group_size=131072)
+
+    def read_lists():
+        n = 0
+        for f in files:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=65536, use_threads=False):
+                dense = torch.from_numpy(b.column(1).values.to_numpy().reshape(-1, 13))
+                sparse = torch.from_numpy(b.column(2).values.to_numpy().reshape(-1, 26))
+                n += len(dense) + 0 * len(sparse)
+        return n
+
+    def read_columns():
+        n = 0
+        for b in pq.ParquetFile(cols_path).iter_batches(batch_size=65536, use_threads=False):
+            dense = torch.from_numpy(np.stack([b.column(1 + i).to_numpy() for i in range(13)], axis=1))
+            sparse = torch.from_numpy(np.stack([b.column(14 + i).to_numpy() for i in range(26)], axis=1))
+            n += len(dense) + 0 * len(sparse)
+        return n
+
+    out = {"rows": t.num_rows}
+    for name, fn in (("lists", read_lists), ("columns", read_columns)):
+        best = float("inf")
+        for _ in range(3):
+            c0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - c0)
+        out[f"{name}_cpu_s"] = best
+    out["lists_mb"] = sum(os.path.getsize(f) for f in files) / 1e6
+    out["columns_mb"] = os.path.getsize(cols_path) / 1e6
+    cols_path.unlink()
+    return out
+
+
+# ------------------------------------------------------------------------ harness
+class PeakRSS:
+    """Peak resident memory of a process tree, sampled every 50 ms."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                total = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, total)
+            except psutil.Error:
+                break
+            self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def run_stage(name: str, *args: str) -> tuple[dict, float, int]:
+    """Run a stage in a fresh interpreter; (its JSON result, wall seconds, peak tree RSS)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPARK_LOCAL_IP": "127.0.0.1"}
+    cmd = [sys.executable, __file__, "--stage", name, *args]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    mon = PeakRSS(proc.pid)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    peak = mon.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {name} failed ({proc.returncode}):\n{err[-4000:]}")
+    return json.loads(out.strip().splitlines()[-1]), wall, peak
+
+
+def ensure_data(rows: int, days: int, root: Path) -> Path:
+    from jobs.config import load_config
+    from pipelines.criteo.generate import generate_files
+
+    raw = root / f"criteo-{rows}-{days}d"
+    per_day = rows // days
+    manifest = raw / "_generated.json"
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        if [f["rows"] for f in m["files"]] == [per_day] * days:
+            return raw
+    cfg = load_config(data={"criteo": {"raw_dir": str(raw), "generate": {"days": days, "rows_per_day": per_day,
+                                                                          "seed": 0}}})
+    t0 = time.perf_counter()
+    generate_files(cfg)
+    print(f"generated {rows:,} rows ({days} day files) in {time.perf_counter() - t0:.1f}s -> {raw}", flush=True)
+    return raw
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 M rows over 2 day files")
+    p.add_argument("--rows", type=int, default=None, help="total rows (default 10 M, 1 M with --quick)")
+    p.add_argument("--days", type=int, default=None, help="day files (default 4, 2 with --quick)")
+    p.add_argument("--data", default=str(REPO / "data" / "bench"), help="where the raw files are cached")
+    p.add_argument("--skip-pandas", action="store_true")
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.stage:
+        fn = {"parse": stage_parse, "pandas": stage_pandas, "spark": stage_spark, "loader": stage_loader}[a.stage]
+        res = fn(*[Path(x) if a.stage != "loader" else x for x in a.args])
+        print(json.dumps(res))
+        return 0
+
+    rows = a.rows or (1_000_000 if a.quick else 10_000_000)
+    days = a.days or (2 if a.quick else 4)
+    raw = ensure_data(rows, days, Path(a.data))
+    work = Path(a.data) / f"work-{os.getpid()}"
+    import shutil
+
+    results = {}
+    try:
+        print("(a) pyarrow.csv parse ...", flush=True)
+        results["a"] = run_stage("parse", str(raw))
+        if not a.skip_pandas:
+            print("(b) pandas single process ...", flush=True)
+            results["b"] = run_stage("pandas", str(raw), str(work / "pandas"))
+        print("(c) bigopt ingest + featurize on local[2] ...", flush=True)
+        results["c"] = run_stage("spark", str(raw), str(work / "lake"))
+        loader, _, _ = run_stage("loader", results["c"][0]["train_table"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    (ra, _, ma) = results["a"]
+    (rc, wc, mc) = results["c"]
+    wa = ra["seconds"]
+    tc = rc["ingest_s"] + rc["featurize_s"]
+    n = rc["rows"]
+    assert ra["rows"] == n == rc["rows_ok"], (ra["rows"], rc)
+    table = Table(title=f"Criteo raw -> features, {n:,} rows in {days} day files, {os.cpu_count()} cores")
+    for col in ("", "seconds", "rows/s", "peak RSS (GB)"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("(a) pyarrow.csv parse (limit)", f"{wa:.1f}", f"{n / wa:,.0f}", f"{ma / 1e9:.2f}")
+    if "b" in results:
+        (rb, _, mb) = results["b"]
+        wb = rb["seconds"]
+        table.add_row("(b) pandas featurize, 1 process", f"{wb:.1f}", f"{n / wb:,.0f}", f"{mb / 1e9:.2f}")
+    table.add_row("(c) bigopt ingest + featurize", f"{tc:.1f}", f"{n / tc:,.0f}", f"{mc / 1e9:.2f}")
+    table.add_row("    ingest (verify, bronze, quarantine, ledger)", f"{rc['ingest_s']:.1f}", "", "")
+    table.add_row("    featurize (vocabulary, 3 gold tables)", f"{rc['featurize_s']:.1f}", "", "")
+    table.add_row("    (Spark session start, not counted)", f"{rc['startup_s']:.1f}", "", "")
+    Console().print(table)
+    print("seconds: inside each process, after interpreter start and imports (for (c): after the "
+          "SparkSession is up); peak RSS: the whole process tree")
+    if "b" in results:
+        same = rb["cardinalities"] == rc["cardinalities"] and rb["train_hist"] == rc["train_hist"]
+        print(f"cross-check (b) vs (c): cardinalities and per-column train id counts "
+              f"{'identical' if same else 'DIFFER'}; splits b={rb['split_rows']} c={rc['split_rows']}")
+    print(f"loader read of gold train ({loader['rows']:,} rows, CPU s, best of 3): list columns "
+          f"{loader['lists_cpu_s']:.3f} s ({loader['lists_mb']:.0f} MB), 39 scalar columns "
+          f"{loader['columns_cpu_s']:.3f} s ({loader['columns_mb']:.0f} MB)")
+    print(f"ratio_vs_parse_limit: {tc / wa:.2f}")
+    if "b" in results:
+        print(f"speedup_vs_pandas: {wb / tc:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
