@@ -27,6 +27,7 @@ versions and per-column cardinalities the training code needs.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -258,16 +259,35 @@ def build_vocabulary(train_df, threshold: int, max_size: int | None):
     return vocab, counts
 
 
-def vocab_ids(df, vocab, sizes: dict[str, int], broadcast_max_rows: int):
-    """``df`` with C1..C26 replaced by their int ids (one join per column)."""
+def vocab_keys(vocab):
+    """(``_key`` = "<column>:<value>", ``id``): every column's vocabulary in one small table."""
     from pyspark.sql import functions as F
 
+    return vocab.select(F.concat(F.col("column"), F.lit(":"), F.col("value")).alias("_key"), F.col("id"))
+
+
+def vocab_ids(df, vocab, sizes: dict[str, int], broadcast_max_rows: int, keyed=None):
+    """``df`` with C1..C26 replaced by their int ids: one hash join per column.
+
+    When all the vocabularies together fit ``broadcast_max_rows``, every join probes the same
+    broadcast table (``keyed``, from :func:`vocab_keys`) with the key "<column>:<value>":
+    the 26 broadcast exchanges are then identical and Spark builds and ships ONE hash
+    relation per query (ReuseExchange) instead of 26. Otherwise each column is joined with
+    its own vocabulary, broadcast when small, shuffle-joined when large."""
+    from pyspark.sql import functions as F
+
+    shared = keyed is not None and sum(sizes.values()) <= broadcast_max_rows
     out = df
     for j, c in enumerate(SPARSE):
-        v = vocab.where(F.col("column") == c).select(F.col("value").alias(f"_k{j}"), F.col("id").alias(f"_id{j}"))
-        if sizes.get(c, 0) <= broadcast_max_rows:
-            v = F.broadcast(v)
-        out = out.join(v, out[c] == v[f"_k{j}"], "left")
+        if shared:
+            v = F.broadcast(keyed.select(F.col("_key").alias(f"_k{j}"), F.col("id").alias(f"_id{j}")))
+            cond = F.concat(F.lit(f"{c}:"), out[c]) == v[f"_k{j}"]
+        else:
+            v = vocab.where(F.col("column") == c).select(F.col("value").alias(f"_k{j}"), F.col("id").alias(f"_id{j}"))
+            if sizes.get(c, 0) <= broadcast_max_rows:
+                v = F.broadcast(v)
+            cond = out[c] == v[f"_k{j}"]
+        out = out.join(v, cond, "left")
     ids = [
         F.when(F.col(c).isNull(), F.lit(MISSING_ID)).otherwise(F.coalesce(F.col(f"_id{j}"), F.lit(RARE_ID)))
         .cast("int").alias(c)
@@ -275,6 +295,22 @@ def vocab_ids(df, vocab, sizes: dict[str, int], broadcast_max_rows: int):
     ]
     keep = [c for c in df.columns if c not in SPARSE]
     return out.select(*keep, *ids)
+
+
+@contextlib.contextmanager
+def session_conf(spark, settings: dict[str, str]):
+    """Temporarily change SQL settings of ``spark`` (restored afterwards)."""
+    old = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
 
 
 # ------------------------------------------------------------------------------- main
@@ -331,6 +367,10 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
                          commit_info={**info_base, "table": "vocabulary"})
         for row in vocab.groupBy("column").count().collect():
             sizes[row["column"]] = int(row["count"])
+        keyed = None
+        if sum(sizes.values()) <= fz.broadcast_max_rows:
+            keyed = vocab_keys(vocab).persist(StorageLevel.MEMORY_AND_DISK)
+            cached.append(keyed)
         for row in counts.groupBy("column").count().collect():
             distinct[row["column"]] = int(row["count"])
         report.vocabulary, report.vocabulary_version = paths["vocabulary"], vv
@@ -342,7 +382,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
     def gold_rows(split: str):
         df = rows_of(split)
         if fz.strategy == "vocab":
-            df = vocab_ids(df, vocab, sizes, fz.broadcast_max_rows)
+            df = vocab_ids(df, vocab, sizes, fz.broadcast_max_rows, keyed)
         else:
             df = df.select("label", *DENSE, *hashed_ids(fz.hash_buckets))
         return df.select(
@@ -352,14 +392,17 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
         )
 
     try:
-        for split in GOLD_SPLITS:
-            say(f"writing gold {split}")
-            v = write_table(
-                gold_rows(split), paths[split], mode="overwrite",
-                commit_info={**info_base, "table": split}, row_group_rows=fz.row_group_rows,
-            )
-            report.tables[split], report.versions[split] = paths[split], v
-            report.rows[split] = DeltaSnapshot(paths[split], version=v).num_rows
+        # Without AQE the 26 identical broadcast exchanges are reused (one broadcast job per
+        # query instead of 26); these queries have no shuffle for AQE to tune anyway.
+        with session_conf(spark, {"spark.sql.adaptive.enabled": "false"}):
+            for split in GOLD_SPLITS:
+                say(f"writing gold {split}")
+                v = write_table(
+                    gold_rows(split), paths[split], mode="overwrite",
+                    commit_info={**info_base, "table": split}, row_group_rows=fz.row_group_rows,
+                )
+                report.tables[split], report.versions[split] = paths[split], v
+                report.rows[split] = DeltaSnapshot(paths[split], version=v).num_rows
     finally:
         for df in cached:
             df.unpersist()

@@ -37,7 +37,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pipelines.criteo.schema import DENSE, LABELED_FIELDS, SPARSE, UNLABELED_FIELDS, tables
+from pipelines.criteo.schema import DENSE, LABELED_FIELDS, NUM_DENSE, SPARSE, UNLABELED_FIELDS, tables
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +232,96 @@ def describe_file(path: str, cfg) -> RawFile:
                    st.st_mtime_ns, _quick_hash(path, st.st_size))
 
 
-def scan_file(path: str, gz: bool) -> dict:
+class CleanCheck:
+    """Streaming, vectorised (numpy) proof that every line of a file is in canonical form:
+    exactly ``fields`` fields, label ``0``/``1``, integers ``-?[0-9]{1,18}`` or empty,
+    categoricals 8 lowercase hex chars or empty. Such a file can skip the exact parsing path
+    and the quarantine pass (it has nothing to quarantine). Anything else, including valid but
+    unusual lines (stripped trailing TABs, uppercase hex), only means "not proven clean": the
+    file then goes through Spark's full validation. Feed complete lines; ``finish()`` at EOF."""
+
+    def __init__(self, fields: int):
+        import numpy as np
+
+        self.fields = fields
+        self.off = 1 if fields == LABELED_FIELDS else 0
+        self.clean = True
+        self._tail = b""
+        allowed = np.zeros(256, dtype=bool)
+        allowed[[*b"0123456789abcdef-", 9, 10]] = True
+        self._allowed = allowed
+
+    def feed(self, data: bytes) -> None:
+        if not self.clean or not data:
+            return
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._tail += data
+            return
+        chunk, self._tail = self._tail + data[: cut + 1], data[cut + 1:]
+        self.clean = self._check(chunk)
+
+    def finish(self) -> bool:
+        if self.clean and self._tail:
+            self.clean = self._check(self._tail + b"\n")  # last line without a final newline
+            self._tail = b""
+        return self.clean
+
+    def _check(self, chunk: bytes) -> bool:
+        import numpy as np
+
+        F, off = self.fields, self.off
+        a = np.frombuffer(chunk, dtype=np.uint8)
+        if not self._allowed[a].all():
+            return False
+        seps = np.flatnonzero((a == 9) | (a == 10))
+        if len(seps) % F:
+            return False
+        lines = len(seps) // F
+        seps2 = seps.reshape(lines, F)
+        is_nl = a[seps2] == 10
+        if not (is_nl[:, -1].all() and not is_nl[:, :-1].any()):
+            return False  # a line with more or fewer fields
+        starts = np.empty_like(seps)
+        starts[0] = 0
+        starts[1:] = seps[:-1] + 1
+        lengths = (seps - starts).reshape(lines, F)
+        starts2 = starts.reshape(lines, F)
+        if off and not ((lengths[:, 0] == 1) & ((a[starts2[:, 0]] == 48) | (a[starts2[:, 0]] == 49))).all():
+            return False  # label
+        if (lengths[:, off:off + NUM_DENSE] > 18).any():
+            return False  # could overflow int64
+        cat = lengths[:, off + NUM_DENSE:]
+        if not ((cat == 0) | (cat == 8)).all():
+            return False
+        # letters (a-f) may only appear in categoricals: none between a line's start and the
+        # separator that ends its last integer field
+        letters = np.cumsum(a >= 97, dtype=np.int64)
+        region_end = seps2[:, off + NUM_DENSE - 1]
+        before = np.where(starts2[:, 0] > 0, letters[starts2[:, 0] - 1], 0)
+        if (letters[region_end] - before).any():
+            return False
+        # '-' only as the sign of an integer with at least one digit
+        dashes = np.flatnonzero(a == 45)
+        if len(dashes):
+            int_starts = starts2[:, off:off + NUM_DENSE].ravel()
+            int_lengths = lengths[:, off:off + NUM_DENSE].ravel()
+            pos = np.searchsorted(int_starts, dashes)
+            ok = (pos < len(int_starts)) & (int_starts[np.minimum(pos, len(int_starts) - 1)] == dashes)
+            if not ok.all() or (int_lengths[pos] < 2).any():
+                return False
+        return True
+
+
+def scan_file(path: str, gz: bool, fields: int | None = None) -> dict:
     """Full streaming pass (runs in a Spark task): sha256 of the stored bytes, number of lines
-    (as Spark's text reader counts them) and, for gzip, integrity of every member."""
+    (as Spark's text reader counts them), for gzip the integrity of every member, and, given
+    the expected field count, whether every line is provably clean (:class:`CleanCheck`)."""
     h = hashlib.sha256()
     newlines = 0
     last = b""
     error = None
+    check = CleanCheck(fields) if fields else None
     try:
         with open(path, "rb") as f:
             d = zlib.decompressobj(47) if gz else None
@@ -251,6 +334,8 @@ def scan_file(path: str, gz: bool) -> dict:
                 if d is None:
                     newlines += block.count(b"\n")
                     last = block[-1:]
+                    if check:
+                        check.feed(block)
                     continue
                 data = block
                 while data:
@@ -259,6 +344,8 @@ def scan_file(path: str, gz: bool) -> dict:
                     if out:
                         newlines += out.count(b"\n")
                         last = out[-1:]
+                        if check:
+                            check.feed(out)
                     if d.eof:
                         data = d.unused_data
                         d = zlib.decompressobj(47)
@@ -272,13 +359,14 @@ def scan_file(path: str, gz: bool) -> dict:
     except (zlib.error, EOFError, OSError) as e:
         error = f"{type(e).__name__}: {e}" if not isinstance(e, EOFError) else str(e)
     lines = newlines + (1 if last and last != b"\n" else 0)
-    return {"path": path, "sha256": h.hexdigest(), "lines": lines, "error": error}
+    clean = bool(check.finish()) if check and not error and lines else False
+    return {"path": path, "sha256": h.hexdigest(), "lines": lines, "error": error, "clean": clean}
 
 
 def _verify(spark, files: list[RawFile]) -> dict[str, dict]:
     if not files:
         return {}
-    items = [(f.path, f.gzip) for f in files]
+    items = [(f.path, f.gzip, LABELED_FIELDS if f.labeled else UNLABELED_FIELDS) for f in files]
     rdd = spark.sparkContext.parallelize(items, len(items))
     results = rdd.map(lambda it: scan_file(*it)).collect()
     return {r["path"]: r for r in results}
@@ -427,27 +515,51 @@ def parse_lines(df, labeled: bool, batch_id: str, day_by_source: dict[str, int],
     return good.select(*BRONZE_COLUMNS), bad.select(*QUARANTINE_COLUMNS)
 
 
-def read_raw(spark, files: list[RawFile], batch_id: str, preview: int):
-    """``(bronze rows, quarantine rows)`` for ``files`` (labelled and unlabelled files parsed
-    with their own constant field offsets, then unioned)."""
+def parse_clean_lines(df, labeled: bool, batch_id: str, day_by_source: dict[str, int]):
+    """Bronze rows of lines proven clean by :class:`CleanCheck`: the CSV tokenizer alone (no
+    per-field checks, no exact path, nothing to quarantine)."""
+    from pyspark.sql import functions as F
+
+    r = F.col("_r")
+    day_map = F.create_map(*[x for s, d in day_by_source.items() for x in (F.lit(s), F.lit(d))])
+    df = df.select(F.from_csv(F.col("value"), _csv_schema(labeled), _CSV_OPTIONS).alias("_r"), "source")
+    label = r["label"] if labeled else F.lit(None).cast("int")
+    return df.select(
+        label.alias("label"), *[r[c].alias(c) for c in DENSE + SPARSE], F.lit(batch_id).alias("ingest_batch"),
+        F.element_at(day_map, F.col("source")).cast("int").alias("day"), "source",
+    )
+
+
+def read_raw(spark, files: list[RawFile], batch_id: str, preview: int, clean: set[str] | frozenset = frozenset()):
+    """``(bronze rows, quarantine rows)`` for ``files``. Files are read in up to four groups
+    (labelled or not x proven clean or not), each parsed with constant field offsets, and the
+    groups are unioned. Files in ``clean`` (paths) take the lean path and add nothing to the
+    quarantine query, which is None when every file is clean."""
     from pyspark.sql import functions as F
 
     day_by_source = {f.source: f.day for f in files}
     goods, bads = [], []
     for labeled in (True, False):
-        group = [f for f in files if f.labeled == labeled]
-        if not group:
-            continue
-        raw = (
-            spark.read.option("lineSep", "\n").text([f"file://{f.path}" for f in group])
-            .select("value", F.col("_metadata.file_name").alias("source"))
-        )
-        good, bad = parse_lines(raw, labeled, batch_id, day_by_source, preview)
-        goods.append(good)
-        bads.append(bad)
-    good, bad = goods[0], bads[0]
-    for g, b in zip(goods[1:], bads[1:]):
-        good, bad = good.unionByName(g), bad.unionByName(b)
+        for proven in (True, False):
+            group = [f for f in files if f.labeled == labeled and (f.path in clean) == proven]
+            if not group:
+                continue
+            raw = (
+                spark.read.option("lineSep", "\n").text([f"file://{f.path}" for f in group])
+                .select("value", F.col("_metadata.file_name").alias("source"))
+            )
+            if proven:
+                goods.append(parse_clean_lines(raw, labeled, batch_id, day_by_source))
+            else:
+                good, bad = parse_lines(raw, labeled, batch_id, day_by_source, preview)
+                goods.append(good)
+                bads.append(bad)
+    good = goods[0]
+    for g in goods[1:]:
+        good = good.unionByName(g)
+    bad = bads[0] if bads else None
+    for b in bads[1:]:
+        bad = bad.unionByName(b)
     return good, bad
 
 
@@ -568,10 +680,15 @@ def ingest(
         group = todo[g0:g0 + ing.files_per_commit]
         sources = [f.source for f in group]
         info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id, "files": ",".join(sources)[:2000]}
-        say(f"parsing {len(group)} file(s) -> bronze + quarantine")
-        good, bad = read_raw(spark, group, batch_id, ing.max_line_preview)
+        say(f"parsing {len(group)} file(s) -> bronze")
+        clean = {p for p, sc in scans.items() if sc.get("clean")}
+        good, bad = read_raw(spark, group, batch_id, ing.max_line_preview, clean)
         bv = _write_replacing(good, paths["bronze"], sources, info)
-        say(f"writing the quarantine of {len(group)} file(s)")
+        if bad is None:  # every file proven clean: an empty commit still replaces old rejects
+            say("all files proven clean: nothing to quarantine")
+            bad = spark.createDataFrame([], QUARANTINE_DDL)
+        else:
+            say(f"writing the quarantine of {len(group) - len(clean & {f.path for f in group})} file(s)")
         qv = _write_replacing(bad, paths["quarantine"], sources, info)
         ok = rows_by_source(paths["bronze"], bv, sources)
         rej = rows_by_source(paths["quarantine"], qv, sources)

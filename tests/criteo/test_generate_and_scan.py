@@ -149,3 +149,40 @@ def test_resolve_inputs_dirs_globs_files(tmp_path):
     assert got == ["day_0", "day_1.gz", "train.txt"]
     with pytest.raises(FileNotFoundError):
         resolve_inputs([str(tmp_path / "nope")], [])
+
+
+GOOD = "0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t10\t11\t12\t13\t" + "\t".join(["68fd1e64"] * 26)
+
+
+def _clean(lines: list[str], fields: int = 40, final_newline: bool = True, step: int | None = None) -> bool:
+    from pipelines.criteo.ingest import CleanCheck
+
+    data = ("\n".join(lines) + ("\n" if final_newline else "")).encode()
+    c = CleanCheck(fields)
+    for i in range(0, len(data), step or len(data) or 1):
+        c.feed(data[i:i + (step or len(data))])
+    return c.finish()
+
+
+@pytest.mark.parametrize("line", [
+    GOOD.replace("\t5\t", "\t-\t"), GOOD.replace("\t5\t", "\t5-\t"), GOOD.replace("\t5\t", "\ta\t"),
+    GOOD.replace("\t5\t", "\t+5\t"), GOOD.replace("\t5\t", "\t 5\t"),
+    GOOD.replace("\t5\t", "\t1234567890123456789\t"),
+    GOOD.replace("68fd1e64", "68fd1e6", 1), GOOD.replace("68fd1e64", "68FD1E64", 1),
+    GOOD.replace("68fd1e64", "68fd-e64", 1), GOOD.replace("68fd1e64", "68fd1e64a", 1),
+    GOOD + "\tx", GOOD + "\t", "\t".join(GOOD.split("\t")[:38]), "2" + GOOD[1:], "\t" + GOOD[2:], "",
+    GOOD + "\r",
+])
+def test_clean_check_rejects_anything_unusual(line):
+    """Not proven clean -> the file takes Spark's full validation path (never a wrong row)."""
+    assert _clean([GOOD, line, GOOD]) is False
+
+
+def test_clean_check_accepts_canonical_lines_in_any_block_split():
+    lines = [GOOD, GOOD.replace("\t5\t", "\t-5\t"), GOOD.replace("\t5\t", "\t\t").replace("68fd1e64", "", 3)]
+    assert _clean(lines * 50)
+    assert _clean(lines * 50, final_newline=False)
+    assert _clean(lines * 50, step=777)
+    test_line = GOOD.split("\t", 1)[1]
+    assert _clean([test_line, "\t" + test_line.split("\t", 1)[1]], fields=39)  # may start with a TAB
+    assert not _clean([GOOD], fields=39)

@@ -1,0 +1,22 @@
+"""A PySpark worker daemon that imports the lake's heavy modules before it forks workers.
+
+Spark starts Python workers by forking a daemon (``python -m pyspark.daemon``) that has only
+pyspark imported, so every new worker pays ~1 s of CPU importing pyarrow, pandas and
+deltalake the first time it runs a Delta read/write task or a data-source planning step.
+With ``spark.python.daemon.module: pipelines.criteo.worker_daemon`` (conf/criteo.yaml) the
+daemon imports them once and every forked worker starts warm. Nothing else changes.
+"""
+from __future__ import annotations
+
+try:  # never let a warm-up problem take the workers down
+    import pipelines.lake.commit  # noqa: F401  (pyarrow, deltalake)
+    import pipelines.lake.datasource  # noqa: F401  (pyspark.sql.datasource, pandas)
+    import pipelines.lake.files  # noqa: F401
+    import pipelines.lake.reader  # noqa: F401  (pyarrow.dataset)
+except Exception:  # noqa: BLE001
+    pass
+
+from pyspark.daemon import manager
+
+if __name__ == "__main__":
+    manager()
