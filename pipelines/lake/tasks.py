@@ -1,0 +1,117 @@
+"""Delta writes whose rows are produced as Arrow data inside Spark tasks (not as a DataFrame).
+
+Some jobs do their per-row work in vectorised Arrow/NumPy code running in Spark tasks (the
+Criteo ingest parses raw bytes, the featurize job maps ids): their rows never exist as JVM
+rows, so sending them through a DataFrame writer would only add two format conversions.
+Such a job writes its Parquet files from the task and lets the driver commit them:
+
+    tw = begin_write(uri, schema, mode="overwrite", partition_by=["day"],
+                     replace_where={"day": [3]})                 # driver: checks, read version
+    def task(item):                                               # Spark task
+        w = tw.open()
+        try:
+            for batch in produce(item):
+                w.write(batch)
+            return w.close()                                      # add actions (dicts)
+        except BaseException:
+            w.discard()
+            raise
+    try:
+        adds = [a for r in sc.parallelize(items).map(task).collect() for a in r]
+    except BaseException:
+        abort_write(tw)                                           # delete what tasks wrote
+        raise
+    version = commit_write(tw, adds, commit_info={"job": "..."})  # ONE Delta transaction
+
+The guarantees are those of :func:`pipelines.lake.write_table` (same file writer, same
+commit): one write = one commit, conflicting overwrites fail, and a failed write leaves the
+table as it was. Files of a failed task attempt are named ``part-<write_id>-*`` and are
+removed by :func:`abort_write`.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+WRITE_ID_KEY = "bigopt.writeId"
+
+
+@dataclass
+class TaskWrite:
+    """A planned write (picklable: ship it to the tasks)."""
+
+    uri: str
+    schema: pa.Schema
+    partition_by: list[str]
+    mode: str
+    replace_where: dict[str, Any] | None
+    merge_schema: bool
+    write_id: str
+    effective_mode: str
+    read_version: int | None
+    compression: str = "zstd"
+    row_group_rows: int = 131_072
+    target_file_bytes: int = 256 << 20
+
+    def open(self):
+        """A :class:`~pipelines.lake.files.PartitionedFileWriter` for one task's rows (batches
+        must carry the partition columns; they go into the directory names, not the files)."""
+        from pipelines.lake.files import PartitionedFileWriter
+
+        return PartitionedFileWriter(
+            self.uri, self.schema, self.partition_by, self.write_id, compression=self.compression,
+            row_group_rows=self.row_group_rows, target_file_bytes=self.target_file_bytes,
+        )
+
+
+def begin_write(
+    uri: str,
+    schema: pa.Schema,
+    *,
+    mode: str = "append",
+    partition_by: Sequence[str] = (),
+    replace_where: Mapping[str, Any] | None = None,
+    merge_schema: bool = False,
+    compression: str = "zstd",
+    row_group_rows: int = 131_072,
+    target_file_bytes: int = 256 << 20,
+) -> TaskWrite:
+    """Driver side, before any task runs: the same checks as ``write_table`` (schema, mode,
+    partitioning) raise here, and the read version an overwrite is checked against is fixed."""
+    from pipelines.lake.commit import prepare_table
+    from pipelines.lake.fs import normalize_uri
+
+    uri = normalize_uri(uri)
+    if replace_where and mode != "overwrite":
+        raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
+    effective, read_version = prepare_table(
+        uri, schema, mode=mode, partition_by=list(partition_by), merge_schema=merge_schema,
+        replace_where=replace_where,
+    )
+    return TaskWrite(
+        uri, schema, list(partition_by), mode, dict(replace_where) if replace_where else None, merge_schema,
+        uuid.uuid4().hex[:12], effective, read_version, compression, row_group_rows, target_file_bytes,
+    )
+
+
+def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any] | None = None) -> int:
+    """Commit the tasks' files as ONE transaction; return the table version (on failure the
+    files are deleted and the error propagates)."""
+    from pipelines.lake.commit import commit
+
+    info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id}
+    return commit(
+        tw.uri, tw.schema, adds, mode=tw.mode, partition_by=tw.partition_by, merge_schema=tw.merge_schema,
+        replace_where=tw.replace_where, commit_info=info, read_version=tw.read_version,
+    )
+
+
+def abort_write(tw: TaskWrite) -> int:
+    """Delete every file of this write (finished or partial); returns how many were removed."""
+    from pipelines.lake.maintenance import remove_write_leftovers
+
+    return remove_write_leftovers(tw.uri, tw.write_id)
