@@ -54,9 +54,16 @@ class IngestConfig(BaseModel):
     )
     day_regex: str = Field(r"day_(\d+)", description="day number from the basename; no match -> day -1")
     verify: bool = Field(
-        True, description="before committing: full pass over each file (gzip integrity, line count, sha256)"
+        True, description="record each file's sha256 in the ledger (split plain files get one extra hashing task)"
     )
     files_per_commit: int = Field(16, ge=1, description="files ingested (and committed) per Spark job")
+    chunk_bytes: int = Field(
+        128 << 20, ge=1 << 16, description="plain files are parsed in byte ranges of this size, one Spark task each"
+    )
+    block_bytes: int = Field(
+        32 << 20, ge=1 << 12, description="a task parses this many bytes of lines at a time (memory per task)"
+    )
+    row_group_rows: int = Field(131_072, ge=1024, description="bronze Parquet row-group size")
     max_line_preview: int = Field(4096, ge=64, description="quarantine keeps at most this many chars of a line")
 
 

@@ -3,24 +3,33 @@
     report = ingest(spark, cfg)                 # new files only
     report = ingest(spark, cfg, force=True)     # re-ingest: replaces those files' rows
 
-Per group of ``ingest.files_per_commit`` files:
+Per group of ``ingest.files_per_commit`` files, ONE Spark job:
 
-1. **Verify** (Spark tasks, one per file, before anything is written): a streaming pass over
-   the bytes computes the sha256 and the line count, and for gzip files inflates every member
-   (a truncated or corrupt file raises :class:`CorruptInputError` naming it: nothing of the
-   whole run is committed, since all files are verified before the first write).
-2. **Parse** with Spark SQL column expressions (``split`` + ``try_element_at`` + casts; no
-   Python UDFs): short rows (stripped trailing TABs) are padded, unlabelled files (39 fields,
-   may start with a TAB) get a null label. Each line gets a ``reason`` or none.
-3. **Write** good rows to bronze and bad rows (raw line, source, reason) to quarantine, each
-   as ONE Delta commit that replaces the group's ``source`` partitions (``replace_where``), so
-   a re-run can never duplicate a file's rows.
-4. **Account**: rows_ok + rows_rejected per file (from the commits' file statistics) must
-   equal the line count of step 1, else :class:`IngestError` and no ledger entry.
+1. **Plan** (driver): each plain file is split into byte ranges of ``ingest.chunk_bytes`` (a
+   line belongs to the range holding its first byte); a gzip file is one range. One task per
+   range, plus, with ``ingest.verify``, one task per split file computing its sha256 (a file
+   read by a single task is hashed on the way).
+2. **Parse** (tasks): the range is read in blocks of complete lines (gzip inflated member by
+   member; a truncated or corrupt file fails the job naming the file) and parsed by
+   :func:`pipelines.criteo.parse.parse_block`: Arrow's CSV tokenizer plus vectorised checks,
+   so the rows never pass through JVM rows or Python objects. Short rows (stripped trailing
+   TABs) are padded; unlabelled files (39 fields, may start with a TAB) get a null label; a
+   bad line gets the reason of its first problem.
+3. **Write** (tasks): good rows to bronze Parquet files, bad lines (raw line, reason) to
+   quarantine files; then the driver commits each table as ONE Delta transaction replacing
+   the group's ``source`` partitions (``replace_where``), so a re-run never duplicates a
+   file's rows. If any task fails, every file of the job is deleted and nothing is committed.
+4. **Account**: per file, rows_ok + rows_rejected from the commits' file statistics must equal
+   the lines the tasks read (and the tasks' own counts), else :class:`IngestError` and no
+   ledger entry.
 5. **Ledger**: one row per file (path, size, mtime, quick hash of the first/last MiB, sha256,
    counts, batch id, table versions), appended last. The ledger is the commit point: a file is
    ingested when its ledger row exists; ``featurize`` refuses bronze rows the ledger does not
    confirm (left by a run that died between steps 3 and 5; the next ingest replaces them).
+
+Why not Spark SQL (``spark.read.text`` + ``from_csv``): it was the first implementation, and
+on 1 M rows it spent 11 s where these tasks spend about 2 (docs/criteo.md, "Performance"):
+each line became a JVM row, then a Python-bound Arrow batch for the Delta writer.
 """
 from __future__ import annotations
 
@@ -34,10 +43,14 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from pipelines.criteo.schema import DENSE, LABELED_FIELDS, NUM_DENSE, SPARSE, UNLABELED_FIELDS, tables
+import numpy as np
+import pyarrow as pa
+
+from pipelines.criteo.parse import ROW_SCHEMA
+from pipelines.criteo.schema import DENSE, LABELED_FIELDS, SPARSE, UNLABELED_FIELDS, tables
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +73,21 @@ LEDGER_DDL = (
 )
 BRONZE_COLUMNS = ["label", *DENSE, *SPARSE, "ingest_batch", "day", "source"]
 QUARANTINE_COLUMNS = ["line", "line_bytes", "reason", "num_fields", "ingest_batch", "day", "source"]
+_BATCH_FIELDS = [pa.field("ingest_batch", pa.string()), pa.field("day", pa.int32()), pa.field("source", pa.string())]
+BRONZE_SCHEMA = pa.schema(list(ROW_SCHEMA) + _BATCH_FIELDS)  # = BRONZE_DDL (tested)
+LEDGER_SCHEMA = pa.schema(  # = LEDGER_DDL (tested)
+    [pa.field(n, t) for n, t in [
+        ("source", pa.string()), ("path", pa.string()), ("day", pa.int32()), ("labeled", pa.bool_()),
+        ("gzip", pa.bool_()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("quick_hash", pa.string()),
+        ("sha256", pa.string()), ("lines", pa.int64()), ("rows_ok", pa.int64()), ("rows_rejected", pa.int64()),
+        ("ingest_batch", pa.string()), ("bronze_version", pa.int64()), ("quarantine_version", pa.int64()),
+        ("forced", pa.bool_()), ("ingested_at", pa.timestamp("us", tz="UTC")), ("config_hash", pa.string()),
+    ]]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [pa.field("line", pa.string()), pa.field("line_bytes", pa.binary()), pa.field("reason", pa.string()),
+     pa.field("num_fields", pa.int32()), *_BATCH_FIELDS]
+)
 _BLOCK = 4 << 20
 _QUICK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -232,335 +260,226 @@ def describe_file(path: str, cfg) -> RawFile:
                    st.st_mtime_ns, _quick_hash(path, st.st_size))
 
 
-class CleanCheck:
-    """Streaming, vectorised (numpy) proof that every line of a file is in canonical form:
-    exactly ``fields`` fields, label ``0``/``1``, integers ``-?[0-9]{1,18}`` or empty,
-    categoricals 8 lowercase hex chars or empty. Such a file can skip the exact parsing path
-    and the quarantine pass (it has nothing to quarantine). Anything else, including valid but
-    unusual lines (stripped trailing TABs, uppercase hex), only means "not proven clean": the
-    file then goes through Spark's full validation. Feed complete lines; ``finish()`` at EOF."""
+# ------------------------------------------------------------------------------ reading
+class _Corrupt(Exception):
+    """Raised inside a task; the driver turns it into :class:`CorruptInputError`."""
 
-    def __init__(self, fields: int):
-        import numpy as np
+    MARK = "BIGOPT_CORRUPT_INPUT"
 
-        self.fields = fields
-        self.off = 1 if fields == LABELED_FIELDS else 0
-        self.clean = True
-        self._tail = b""
-        allowed = np.zeros(256, dtype=bool)
-        allowed[[*b"0123456789abcdef-", 9, 10]] = True
-        self._allowed = allowed
-
-    def feed(self, data: bytes) -> None:
-        if not self.clean or not data:
-            return
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            self._tail += data
-            return
-        chunk, self._tail = self._tail + data[: cut + 1], data[cut + 1:]
-        self.clean = self._check(chunk)
-
-    def finish(self) -> bool:
-        if self.clean and self._tail:
-            self.clean = self._check(self._tail + b"\n")  # last line without a final newline
-            self._tail = b""
-        return self.clean
-
-    def _check(self, chunk: bytes) -> bool:
-        import numpy as np
-
-        F, off = self.fields, self.off
-        a = np.frombuffer(chunk, dtype=np.uint8)
-        if not self._allowed[a].all():
-            return False
-        seps = np.flatnonzero((a == 9) | (a == 10))
-        if len(seps) % F:
-            return False
-        lines = len(seps) // F
-        seps2 = seps.reshape(lines, F)
-        is_nl = a[seps2] == 10
-        if not (is_nl[:, -1].all() and not is_nl[:, :-1].any()):
-            return False  # a line with more or fewer fields
-        starts = np.empty_like(seps)
-        starts[0] = 0
-        starts[1:] = seps[:-1] + 1
-        lengths = (seps - starts).reshape(lines, F)
-        starts2 = starts.reshape(lines, F)
-        if off and not ((lengths[:, 0] == 1) & ((a[starts2[:, 0]] == 48) | (a[starts2[:, 0]] == 49))).all():
-            return False  # label
-        if (lengths[:, off:off + NUM_DENSE] > 18).any():
-            return False  # could overflow int64
-        cat = lengths[:, off + NUM_DENSE:]
-        if not ((cat == 0) | (cat == 8)).all():
-            return False
-        # letters (a-f) may only appear in categoricals: none between a line's start and the
-        # separator that ends its last integer field
-        letters = np.cumsum(a >= 97, dtype=np.int64)
-        region_end = seps2[:, off + NUM_DENSE - 1]
-        before = np.where(starts2[:, 0] > 0, letters[starts2[:, 0] - 1], 0)
-        if (letters[region_end] - before).any():
-            return False
-        # '-' only as the sign of an integer with at least one digit
-        dashes = np.flatnonzero(a == 45)
-        if len(dashes):
-            int_starts = starts2[:, off:off + NUM_DENSE].ravel()
-            int_lengths = lengths[:, off:off + NUM_DENSE].ravel()
-            pos = np.searchsorted(int_starts, dashes)
-            ok = (pos < len(int_starts)) & (int_starts[np.minimum(pos, len(int_starts) - 1)] == dashes)
-            if not ok.all() or (int_lengths[pos] < 2).any():
-                return False
-        return True
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{self.MARK}[{path}\x1f{why}]{self.MARK}")
 
 
-def scan_file(path: str, gz: bool, fields: int | None = None) -> dict:
-    """Full streaming pass (runs in a Spark task): sha256 of the stored bytes, number of lines
-    (as Spark's text reader counts them), for gzip the integrity of every member, and, given
-    the expected field count, whether every line is provably clean (:class:`CleanCheck`)."""
-    h = hashlib.sha256()
-    newlines = 0
-    last = b""
-    error = None
-    check = CleanCheck(fields) if fields else None
-    try:
-        with open(path, "rb") as f:
-            d = zlib.decompressobj(47) if gz else None
-            member_bytes = 0
-            while True:
-                block = f.read(_BLOCK)
-                if not block:
-                    break
-                h.update(block)
-                if d is None:
-                    newlines += block.count(b"\n")
-                    last = block[-1:]
-                    if check:
-                        check.feed(block)
-                    continue
-                data = block
-                while data:
-                    out = d.decompress(data)
-                    member_bytes += len(data) - len(d.unused_data)
-                    if out:
-                        newlines += out.count(b"\n")
-                        last = out[-1:]
-                        if check:
-                            check.feed(out)
-                    if d.eof:
-                        data = d.unused_data
-                        d = zlib.decompressobj(47)
-                        member_bytes = 0
-                        if data and not data.startswith(_GZIP_MAGIC[: len(data)]):
-                            raise zlib.error("trailing garbage after the last gzip member")
-                    else:
-                        data = b""
-            if d is not None and member_bytes:
-                raise EOFError("truncated gzip: the file ends inside a compressed member")
-    except (zlib.error, EOFError, OSError) as e:
-        error = f"{type(e).__name__}: {e}" if not isinstance(e, EOFError) else str(e)
-    lines = newlines + (1 if last and last != b"\n" else 0)
-    clean = bool(check.finish()) if check and not error and lines else False
-    return {"path": path, "sha256": h.hexdigest(), "lines": lines, "error": error, "clean": clean}
+def _corrupt_files(error: BaseException) -> list[tuple[str, str]]:
+    """The (path, reason) pairs a failed Spark job reports through :class:`_Corrupt`."""
+    pat = re.compile(re.escape(_Corrupt.MARK) + r"\[(.*?)\x1f(.*?)\]" + re.escape(_Corrupt.MARK), re.S)
+    return sorted(set(pat.findall(str(error))))
 
 
-def _verify(spark, files: list[RawFile]) -> dict[str, dict]:
-    if not files:
-        return {}
-    items = [(f.path, f.gzip, LABELED_FIELDS if f.labeled else UNLABELED_FIELDS) for f in files]
-    rdd = spark.sparkContext.parallelize(items, len(items))
-    results = rdd.map(lambda it: scan_file(*it)).collect()
-    return {r["path"]: r for r in results}
-
-
-# ------------------------------------------------------------------------------ parsing
-_CSV_OPTIONS = {
-    "sep": "\t", "quote": "", "escape": "\u0000", "nullValue": "", "mode": "PERMISSIVE",
-    "columnNameOfCorruptRecord": "_corrupt", "ignoreLeadingWhiteSpace": "false",
-    "ignoreTrailingWhiteSpace": "false",
-}
-
-
-def _csv_schema(labeled: bool) -> str:
-    cols = (["label int"] if labeled else []) + [f"{c} bigint" for c in DENSE] + [f"{c} string" for c in SPARSE]
-    return ", ".join([*cols, "_corrupt string"])
-
-
-def _barrier(name: str):
-    """A nondeterministic, nearly free column. Spark's optimizer pushes a filter down through
-    deterministic projections by inlining their expressions, so ``filter(reason IS NULL)``
-    would re-evaluate the whole parse inside the filter and again in the projection (and
-    ``filter(NOT _fast)`` would run ``from_csv`` once per referenced field). A filter is never
-    pushed through a projection that holds a nondeterministic column; filters that also
-    reference the column (so it is not pruned) stop right above the expression they test."""
-    from pyspark.sql import functions as F
-
-    return F.monotonically_increasing_id().alias(name)
-
-
-def _fast_stage(df, labeled: bool):
-    """value, source -> value, source, _r (from_csv struct), _fast (the line is good as parsed)."""
-    from pyspark.sql import functions as F
-
-    value, r = F.col("value"), F.col("_r")
-    df = df.select("value", "source", F.from_csv(value, _csv_schema(labeled), _CSV_OPTIONS).alias("_r"))
-    fast = r["_corrupt"].isNull() & (F.length(value) > 0)
-    if labeled:
-        fast = fast & r["label"].isin(0, 1)
-    for c in SPARSE:
-        fast = fast & (r[c].isNull() | ((F.length(r[c]) == 8) & F.unhex(r[c]).isNotNull()))
-    # null-safe: a null label (empty first field) must not make the whole predicate null
-    return df.select("value", "source", "_r", F.coalesce(fast, F.lit(False)).alias("_fast"), _barrier("_b1"))
-
-
-def _exact_stage(df, labeled: bool, batch_id: str, day_by_source: dict[str, int], preview: int):
-    """The typed columns (from ``_r`` on fast lines, else re-parsed exactly) + ``reason`` +
-    the quarantine columns."""
-    from pyspark.sql import functions as F
-
-    expected = LABELED_FIELDS if labeled else UNLABELED_FIELDS
-    off = 1 if labeled else 0
-    value, r, fastc = F.col("value"), F.col("_r"), F.col("_fast")
-    df = df.select("value", "source", "_r", "_fast", F.when(~fastc, F.split(value, "\t", -1)).alias("_parts"))
-    parts = F.col("_parts")
-    fields = [F.nullif(F.try_element_at(parts, F.lit(off + k + 1)), F.lit("")).alias(f"_f{k}")
-              for k in range(UNLABELED_FIELDS)]
-    df = df.select("value", "source", "_r", "_fast", F.size(parts).alias("_n"),
-                   F.try_element_at(parts, F.lit(1)).alias("_lab"), *fields)
-    n = F.col("_n")
-    # exact values and an error code per field (0 ok, 1 malformed, 2 integer out of range);
-    # on fast lines every _f is null, so these cost a null check each.
-    vals, codes = [], []
-    for k, c in enumerate(DENSE):
-        f = F.col(f"_f{k}")
-        val = f.try_cast("bigint")
-        vals.append(val.alias(f"_v{k}"))
-        # Spark's cast trims spaces: hence the regex (evaluated only for non-null exact fields)
-        codes.append(F.when(f.isNull(), 0).when(~f.rlike(r"^[+-]?[0-9]+$"), 1).when(val.isNull(), 2).otherwise(0)
-                     .alias(f"_e{k}"))
-    for j in range(len(SPARSE)):
-        k = len(DENSE) + j
-        f = F.col(f"_f{k}")
-        codes.append(F.when(f.isNull() | ((F.length(f) == 8) & F.unhex(f).isNotNull()), 0).otherwise(1)
-                     .alias(f"_e{k}"))
-    df = df.select("value", "source", "_r", "_fast", "_n", "_lab",
-                   *[F.col(f"_f{k}") for k in range(len(DENSE), UNLABELED_FIELDS)], *vals, *codes)
-
-    ecols = [F.col(f"_e{k}") for k in range(UNLABELED_FIELDS)]
-    first_bad = F.array_position(F.array(*[e > 0 for e in ecols]), True).cast("int")
-    bad_name = F.get(F.array(*[F.lit(c) for c in DENSE + SPARSE]), first_bad - 1)
-    label_raw = F.col("_lab")
-    reason = (
-        F.when(fastc, F.lit(None).cast("string"))
-        .when(~F.is_valid_utf8(value), F.lit("undecodable bytes (not UTF-8)"))
-        .when(F.length(value) == 0, F.lit("empty line"))
-        .when(n > expected, F.concat(F.lit(f"too many fields (expected {expected}, got "), n.cast("string"), F.lit(")")))
-    )
-    if labeled:
-        reason = reason.when(~label_raw.isin("0", "1"), F.lit("label not 0/1"))
-    reason = (
-        reason.when(first_bad == 0, F.lit(None).cast("string"))
-        .when(F.get(F.array(*ecols), first_bad - 1) == 2, F.concat(F.lit("integer out of range in "), bad_name))
-        .when(F.substring(bad_name, 1, 1) == "I", F.concat(F.lit("non-integer in "), bad_name))
-        .otherwise(F.concat(bad_name, F.lit(" not 8 hex chars")))
-    )
-    if labeled:
-        label = F.when(fastc, r["label"]).when(label_raw == "1", 1).when(label_raw == "0", 0).cast("int")
+def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytes]:
+    """Blocks of the complete lines that START in [start, end) (a line belongs to the range
+    holding its first byte, so adjacent ranges split a file without loss or overlap)."""
+    if start > 0:
+        f.seek(start - 1)
+        skipped = b""
+        while True:  # skip the partial line that began before the range
+            piece = f.read(1 << 16)
+            if not piece:
+                return
+            cut = piece.find(b"\n")
+            if cut >= 0:
+                pos = start - 1 + len(skipped) + cut + 1
+                f.seek(pos)
+                break
+            skipped += piece
+        if end is not None and pos >= end:
+            return  # no line starts in this range
     else:
-        label = F.lit(None).cast("int")
-    typed = [F.when(fastc, r[c]).otherwise(F.col(f"_v{k}")).alias(c) for k, c in enumerate(DENSE)]
-    typed += [F.when(fastc, r[c]).otherwise(F.col(f"_f{len(DENSE) + j}")).alias(c) for j, c in enumerate(SPARSE)]
-    df = df.select("value", "source", "_n", label.alias("label"), *typed, reason.alias("reason"),
-                   _barrier("_b2"))
-    day_map = F.create_map(*[x for s, d in day_by_source.items() for x in (F.lit(s), F.lit(d))])
-    df = df.select(
-        "label", *DENSE, *SPARSE,
-        F.lit(batch_id).alias("ingest_batch"),
-        F.element_at(day_map, F.col("source")).cast("int").alias("day"),
-        F.col("source"), "reason", "value", F.col("_n").alias("num_fields"), "_b2",
-    )
-    # quarantine columns (only computed for bad lines)
-    bad = F.col("reason").isNotNull()
-    valid = F.is_valid_utf8(value)
-    line = F.when(valid, value).otherwise(F.make_valid_utf8(value))
-    return df.select(
-        *BRONZE_COLUMNS, "reason",
-        F.when(bad, F.substring(line, 1, preview)).alias("line"),
-        F.when(bad & ~valid, value.cast("binary")).alias("line_bytes"),
-        F.when(bad, F.col("num_fields")).cast("int").alias("num_fields"), "_b2",
-    )
+        pos = 0
+    buf = b""
+    while True:
+        block = f.read(block_bytes)
+        if hasher is not None:
+            hasher.update(block)
+        buf_start = pos - len(buf)
+        buf += block
+        pos += len(block)
+        if end is not None and buf_start + len(buf) >= end:
+            cut = buf.find(b"\n", max(end - 1 - buf_start, 0))
+            if cut >= 0:
+                yield buf[: cut + 1]
+                return
+        if not block:
+            if buf:
+                yield buf if buf.endswith(b"\n") else buf + b"\n"  # no final newline
+            return
+        cut = buf.rfind(b"\n")
+        if cut >= 0:
+            yield buf[: cut + 1]
+            buf = buf[cut + 1:]
 
 
-def parse_lines(df, labeled: bool, batch_id: str, day_by_source: dict[str, int], preview: int):
-    """``df`` has ``value`` (a raw line) and ``source`` (the file's basename). Returns
-    ``(good, rejected)``: the bronze rows and the quarantine rows.
+def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
+    """Blocks of complete lines of a (multi-member) gzip file; a truncated or corrupt file
+    raises :class:`_Corrupt` naming it (whatever was yielded before is then discarded)."""
+    d = zlib.decompressobj(47)
+    member_bytes = 0
+    buf = b""
+    try:
+        while True:
+            raw = f.read(_BLOCK)
+            if not raw:
+                break
+            if hasher is not None:
+                hasher.update(raw)
+            data = raw
+            while data:
+                out = d.decompress(data)
+                member_bytes += len(data) - len(d.unused_data)
+                buf += out
+                if d.eof:
+                    data = d.unused_data
+                    d = zlib.decompressobj(47)
+                    member_bytes = 0
+                    if data and not data.startswith(_GZIP_MAGIC[: len(data)]):
+                        raise zlib.error("trailing garbage after the last gzip member")
+                else:
+                    data = b""
+            if len(buf) >= block_bytes:
+                cut = buf.rfind(b"\n")
+                if cut >= 0:
+                    yield buf[: cut + 1]
+                    buf = buf[cut + 1:]
+        if member_bytes:
+            raise EOFError("truncated gzip: the file ends inside a compressed member")
+    except (zlib.error, EOFError) as e:
+        raise _Corrupt(path, str(e) if isinstance(e, EOFError) else f"{type(e).__name__}: {e}") from None
+    if buf:
+        yield buf if buf.endswith(b"\n") else buf + b"\n"
 
-    Two paths per line:
 
-    - fast: Spark's CSV tokenizer (``from_csv``, typed schema) parses the line in one go; the
-      line is good when it has exactly the expected field count, every integer parsed, the
-      label is 0/1 and every categorical is 8 hex chars. Nearly every real line takes it.
-    - exact: anything else (short rows from stripped trailing TABs, bad fields, too many
-      fields, empty or undecodable lines) is re-parsed from the raw text with ``split`` +
-      ``try_element_at``: short rows are padded with missing values, and a bad line gets the
-      reason of its first problem. Spark evaluates these expressions only for those lines.
-
-    The quarantine query drops fast lines right after the cheap check, so its scan costs
-    little more than tokenizing.
-    """
-    fast = _fast_stage(df, labeled)
-    good = _exact_stage(fast, labeled, batch_id, day_by_source, preview)
-    good = good.filter("reason IS NULL AND _b2 >= 0")
-    bad = _exact_stage(fast.filter("NOT _fast AND _b1 >= 0"), labeled, batch_id, day_by_source, preview)
-    bad = bad.filter("reason IS NOT NULL AND _b2 >= 0")
-    return good.select(*BRONZE_COLUMNS), bad.select(*QUARANTINE_COLUMNS)
+def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None,
+                     block_bytes: int = 32 << 20, hasher=None) -> Iterator[bytes]:
+    """Blocks of complete lines (each ending in a newline, one added to a last line that has
+    none) of a raw file: for plain files, the lines starting in the byte range [start, end);
+    gzip files are read whole. ``hasher`` (e.g. ``hashlib.sha256()``) is fed the stored bytes
+    read, which is the whole file when the range is."""
+    with open(path, "rb") as f:
+        if gz:
+            if start or end is not None:
+                raise ValueError("gzip files cannot be split into byte ranges")
+            yield from _read_gzip(f, path, block_bytes, hasher)
+        else:
+            yield from _read_plain(f, start, end, block_bytes, hasher)
 
 
-def parse_clean_lines(df, labeled: bool, batch_id: str, day_by_source: dict[str, int]):
-    """Bronze rows of lines proven clean by :class:`CleanCheck`: the CSV tokenizer alone (no
-    per-field checks, no exact path, nothing to quarantine)."""
-    from pyspark.sql import functions as F
+def scan_file(path: str, gz: bool) -> dict:
+    """sha256 of the stored bytes, line count (as a line reader counts them) and, for gzip,
+    integrity of every member: ``{"path", "sha256", "lines", "error"}``."""
+    h = hashlib.sha256()
+    lines, error = 0, None
+    try:
+        for block in iter_line_blocks(path, gz, hasher=h):
+            lines += block.count(b"\n")
+    except _Corrupt as e:
+        error = str(e).split("\x1f", 1)[1].rsplit("]", 1)[0]
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"path": path, "sha256": h.hexdigest(), "lines": lines, "error": error}
 
-    r = F.col("_r")
-    day_map = F.create_map(*[x for s, d in day_by_source.items() for x in (F.lit(s), F.lit(d))])
-    df = df.select(F.from_csv(F.col("value"), _csv_schema(labeled), _CSV_OPTIONS).alias("_r"), "source")
-    label = r["label"] if labeled else F.lit(None).cast("int")
-    return df.select(
-        label.alias("label"), *[r[c].alias(c) for c in DENSE + SPARSE], F.lit(batch_id).alias("ingest_batch"),
-        F.element_at(day_map, F.col("source")).cast("int").alias("day"), "source",
-    )
+
+# ------------------------------------------------------------------------------ tasks
+@dataclass(frozen=True)
+class Chunk:
+    """One Spark task's share of a raw file: the lines starting in [start, end)."""
+
+    path: str
+    source: str
+    day: int
+    labeled: bool
+    gzip: bool
+    start: int = 0
+    end: int | None = None
+    hash_file: bool = False  # the range is the whole file: compute its sha256 on the way
 
 
-def read_raw(spark, files: list[RawFile], batch_id: str, preview: int, clean: set[str] | frozenset = frozenset()):
-    """``(bronze rows, quarantine rows)`` for ``files``. Files are read in up to four groups
-    (labelled or not x proven clean or not), each parsed with constant field offsets, and the
-    groups are unioned. Files in ``clean`` (paths) take the lean path and add nothing to the
-    quarantine query, which is None when every file is clean."""
-    from pyspark.sql import functions as F
+def plan_chunks(files: Sequence[RawFile], chunk_bytes: int, verify: bool) -> list[tuple[str, object]]:
+    """Task items: ("chunk", Chunk) per byte range (gzip files: one per file), plus ("hash",
+    path) for plain files split into several ranges when ``verify`` asks for their sha256."""
+    items: list[tuple[str, object]] = []
+    for f in files:
+        if f.gzip or f.size <= chunk_bytes:
+            items.append(("chunk", Chunk(f.path, f.source, f.day, f.labeled, f.gzip, hash_file=verify)))
+            continue
+        for s in range(0, f.size, chunk_bytes):
+            items.append(("chunk", Chunk(f.path, f.source, f.day, f.labeled, False, s, min(s + chunk_bytes, f.size))))
+        if verify:
+            items.append(("hash", f.path))
+    return items
 
-    day_by_source = {f.source: f.day for f in files}
-    goods, bads = [], []
-    for labeled in (True, False):
-        for proven in (True, False):
-            group = [f for f in files if f.labeled == labeled and (f.path in clean) == proven]
-            if not group:
-                continue
-            raw = (
-                spark.read.option("lineSep", "\n").text([f"file://{f.path}" for f in group])
-                .select("value", F.col("_metadata.file_name").alias("source"))
-            )
-            if proven:
-                goods.append(parse_clean_lines(raw, labeled, batch_id, day_by_source))
-            else:
-                good, bad = parse_lines(raw, labeled, batch_id, day_by_source, preview)
-                goods.append(good)
-                bads.append(bad)
-    good = goods[0]
-    for g in goods[1:]:
-        good = good.unionByName(g)
-    bad = bads[0] if bads else None
-    for b in bads[1:]:
-        bad = bad.unionByName(b)
-    return good, bad
+
+def _rows_batch(rows: pa.Table, batch_id: str, day: int, source: str) -> pa.Table:
+    n = rows.num_rows
+    return rows.append_column("ingest_batch", pa.array([batch_id] * n, pa.string()) if n else pa.array([], pa.string())) \
+        .append_column("day", pa.array(np.full(n, day, dtype=np.int32))) \
+        .append_column("source", pa.array([source] * n, pa.string()))
+
+
+def _rejects_batch(rejects: list, preview: int, batch_id: str, day: int, source: str) -> pa.Table:
+    lines, raw_bytes = [], []
+    for raw, _, _ in rejects:
+        try:
+            lines.append(raw.decode("utf-8")[:preview])
+            raw_bytes.append(None)
+        except UnicodeDecodeError:
+            lines.append(raw.decode("utf-8", "replace")[:preview])
+            raw_bytes.append(raw)
+    n = len(rejects)
+    return pa.table({
+        "line": pa.array(lines, pa.string()), "line_bytes": pa.array(raw_bytes, pa.binary()),
+        "reason": pa.array([r for _, r, _ in rejects], pa.string()),
+        "num_fields": pa.array([k for _, _, k in rejects], pa.int32()),
+        "ingest_batch": pa.array([batch_id] * n, pa.string()), "day": pa.array([day] * n, pa.int32()),
+        "source": pa.array([source] * n, pa.string()),
+    }, schema=QUARANTINE_SCHEMA)
+
+
+def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, preview: int,
+             block_bytes: int) -> dict:
+    """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file)."""
+    kind, what = item
+    if kind == "hash":
+        h = hashlib.sha256()
+        with open(what, "rb") as f:
+            while block := f.read(_BLOCK):
+                h.update(block)
+        return {"kind": "hash", "path": what, "sha256": h.hexdigest()}
+    from pipelines.criteo.parse import parse_block
+
+    c: Chunk = what  # type: ignore[assignment]
+    hasher = hashlib.sha256() if c.hash_file else None
+    bw, qw = bronze_tw.open(), quarantine_tw.open()
+    lines = ok = rejected = 0
+    try:
+        for block in iter_line_blocks(c.path, c.gzip, c.start, c.end, block_bytes, hasher):
+            n = block.count(b"\n")
+            rows, rejects = parse_block(block, c.labeled)
+            if rows.num_rows + len(rejects) != n:  # parse_block's contract; never expected
+                raise IngestError(f"{c.path}: {n} lines parsed into {rows.num_rows} rows + {len(rejects)} rejects")
+            lines, ok, rejected = lines + n, ok + rows.num_rows, rejected + len(rejects)
+            for b in _rows_batch(rows, batch_id, c.day, c.source).to_batches():
+                bw.write(b)
+            if rejects:
+                for b in _rejects_batch(rejects, preview, batch_id, c.day, c.source).to_batches():
+                    qw.write(b)
+        return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
+                "rejected": rejected, "bronze": bw.close(), "quarantine": qw.close(),
+                "sha256": hasher.hexdigest() if hasher is not None else None}
+    except BaseException:
+        bw.discard()
+        qw.discard()
+        raise
+
 
 
 # ------------------------------------------------------------------------------ ledger
@@ -605,15 +524,6 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool) -> tuple[
 
 
 # ------------------------------------------------------------------------------ writing
-def _write_replacing(df, path: str, sources: list[str], commit_info: dict) -> int:
-    from pipelines.lake import table_exists, write_table
-
-    if table_exists(path):
-        return write_table(df, path, mode="overwrite", partition_by=PARTITION_BY,
-                           replace_where={"source": sources}, commit_info=commit_info)
-    return write_table(df, path, mode="append", partition_by=PARTITION_BY, commit_info=commit_info)
-
-
 def rows_by_source(path: str, version: int, sources: Sequence[str] | None = None) -> dict[str, int]:
     """Row counts per ``source`` partition from the Delta log's file statistics (no data read)."""
     from pipelines.lake import DeltaSnapshot
@@ -630,6 +540,56 @@ def _new_batch_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("b%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
+def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info: dict, ing) -> tuple[dict, int, int]:
+    """One Spark job for ``group``: tasks parse their chunks into bronze and quarantine files;
+    the driver then commits bronze and quarantine, each as ONE transaction replacing the
+    group's ``source`` partitions. Returns (per-file results, bronze version, quarantine version)."""
+    from pipelines.lake import table_exists
+    from pipelines.lake.tasks import abort_write, begin_write, commit_write
+
+    sources = [f.source for f in group]
+
+    def plan(path: str, schema: pa.Schema):
+        if table_exists(path):
+            return begin_write(path, schema, mode="overwrite", partition_by=PARTITION_BY,
+                               replace_where={"source": sources}, row_group_rows=ing.row_group_rows)
+        return begin_write(path, schema, mode="append", partition_by=PARTITION_BY, row_group_rows=ing.row_group_rows)
+
+    btw, qtw = plan(paths["bronze"], BRONZE_SCHEMA), plan(paths["quarantine"], QUARANTINE_SCHEMA)
+    items = plan_chunks(group, ing.chunk_bytes, ing.verify)
+    preview, block_bytes = ing.max_line_preview, ing.block_bytes
+    try:
+        results = (
+            spark.sparkContext.parallelize(items, len(items))
+            .map(lambda it: run_item(it, btw, qtw, batch_id, preview, block_bytes))
+            .collect()
+        )
+    except Exception as e:
+        abort_write(btw)
+        abort_write(qtw)
+        bad = _corrupt_files(e)
+        if bad:
+            raise CorruptInputError(bad) from None
+        raise
+    chunks = [r for r in results if r["kind"] == "chunk"]
+    try:
+        bv = commit_write(btw, [a for r in chunks for a in r["bronze"]], info)
+    except BaseException:
+        abort_write(qtw)
+        raise
+    qv = commit_write(qtw, [a for r in chunks for a in r["quarantine"]], info)
+    per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None} for f in group}
+    for r in results:
+        d = per_file[r["path"]]
+        if r.get("sha256"):
+            d["sha256"] = r["sha256"]
+        if r["kind"] == "chunk":
+            d["lines"] += r["lines"]
+            d["ok"] += r["ok"]
+            d["rejected"] += r["rejected"]
+    return per_file, bv, qv
+
+
 def ingest(
     spark,
     cfg,
@@ -638,10 +598,8 @@ def ingest(
     progress: Callable[[str], None] | None = None,
 ) -> IngestReport:
     """Ingest the configured inputs (``cfg.criteo.inputs``, default ``cfg.criteo.raw_dir``)."""
-    from pyspark.sql import Row
-
     from jobs.config import config_hash
-    from pipelines.lake import write_table
+    from pipelines.lake.tasks import write_arrow
 
     t0 = time.time()
     say = progress or (lambda msg: log.info(msg))
@@ -657,7 +615,7 @@ def ingest(
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})
     if dupes:
         raise IngestError(f"several inputs share the file name(s) {dupes}; the name is the bronze `source` key")
-    misnamed = [(f.path, "gzip content but the name does not end in .gz (Spark would not inflate it)")
+    misnamed = [(f.path, "gzip content but the name does not end in .gz")
                 for f in files if f.gzip and not f.path.endswith(".gz")]
     misnamed += [(f.path, "named .gz but not gzip content") for f in files if not f.gzip and f.path.endswith(".gz")]
     if misnamed:
@@ -668,52 +626,35 @@ def ingest(
         report.seconds = time.time() - t0
         return report
 
-    scans: dict[str, dict] = {}
-    if ing.verify:
-        say(f"verifying {len(todo)} file(s) (integrity, line count, sha256)")
-        scans = _verify(spark, todo)
-        bad = [(p, s["error"]) for p, s in scans.items() if s["error"]]
-        if bad:
-            raise CorruptInputError(sorted(bad))
-
     for g0 in range(0, len(todo), ing.files_per_commit):
         group = todo[g0:g0 + ing.files_per_commit]
         sources = [f.source for f in group]
         info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id, "files": ",".join(sources)[:2000]}
-        say(f"parsing {len(group)} file(s) -> bronze")
-        clean = {p for p, sc in scans.items() if sc.get("clean")}
-        good, bad = read_raw(spark, group, batch_id, ing.max_line_preview, clean)
-        bv = _write_replacing(good, paths["bronze"], sources, info)
-        if bad is None:  # every file proven clean: an empty commit still replaces old rejects
-            say("all files proven clean: nothing to quarantine")
-            bad = spark.createDataFrame([], QUARANTINE_DDL)
-        else:
-            say(f"writing the quarantine of {len(group) - len(clean & {f.path for f in group})} file(s)")
-        qv = _write_replacing(bad, paths["quarantine"], sources, info)
+        size = sum(f.size for f in group)
+        say(f"parsing {len(group)} file(s) ({size / 1e6:,.0f} MB) -> bronze + quarantine")
+        per_file, bv, qv = _commit_group(spark, group, paths, batch_id, info, ing)
         ok = rows_by_source(paths["bronze"], bv, sources)
         rej = rows_by_source(paths["quarantine"], qv, sources)
         now = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
         ledger_rows, group_results = [], []
         for f in group:
             n_ok, n_rej = ok.get(f.source, 0), rej.get(f.source, 0)
-            scan = scans.get(f.path)
-            lines = scan["lines"] if scan else n_ok + n_rej
-            if n_ok + n_rej != lines:
+            lines, sha = per_file[f.path]["lines"], per_file[f.path]["sha256"]
+            if n_ok + n_rej != lines or (n_ok, n_rej) != (per_file[f.path]["ok"], per_file[f.path]["rejected"]):
                 raise IngestError(
                     f"{f.path}: {lines} lines in the file but {n_ok} rows in bronze + {n_rej} quarantined; "
                     "no ledger entry written (bronze rows of this file are unconfirmed; re-run ingest)"
                 )
             status = "replaced" if f.source in current else "ingested"
-            group_results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, status, lines, n_ok, n_rej,
-                                            scan["sha256"] if scan else None))
-            ledger_rows.append(Row(
+            group_results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, status, lines, n_ok, n_rej, sha))
+            ledger_rows.append(dict(
                 source=f.source, path=f.path, day=f.day, labeled=f.labeled, gzip=f.gzip, size=f.size,
-                mtime_ns=f.mtime_ns, quick_hash=f.quick_hash, sha256=scan["sha256"] if scan else None, lines=lines,
+                mtime_ns=f.mtime_ns, quick_hash=f.quick_hash, sha256=sha, lines=lines,
                 rows_ok=n_ok, rows_rejected=n_rej, ingest_batch=batch_id, bronze_version=bv,
                 quarantine_version=qv, forced=bool(force), ingested_at=now, config_hash=chash,
             ))
         say(f"recording {len(group)} file(s) in the ledger")
-        lv = write_table(spark.createDataFrame(ledger_rows, LEDGER_DDL), paths["ledger"], mode="append",
+        lv = write_arrow(paths["ledger"], pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA), mode="append",
                          commit_info={"job": "ingest", "config_hash": chash, "ingest_batch": batch_id})
         report.files += group_results
         report.bronze_version, report.quarantine_version, report.ledger_version = bv, qv, lv

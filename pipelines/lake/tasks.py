@@ -115,3 +115,27 @@ def abort_write(tw: TaskWrite) -> int:
     from pipelines.lake.maintenance import remove_write_leftovers
 
     return remove_write_leftovers(tw.uri, tw.write_id)
+
+
+def write_arrow(
+    uri: str,
+    table: pa.Table,
+    *,
+    mode: str = "append",
+    partition_by: Sequence[str] = (),
+    replace_where: Mapping[str, Any] | None = None,
+    commit_info: Mapping[str, Any] | None = None,
+) -> int:
+    """Write a small Arrow table from this process (no Spark job) as ONE commit; return the
+    version. For driver-side bookkeeping tables (ledgers, summaries) where starting Spark tasks
+    would cost more than the write itself."""
+    tw = begin_write(uri, table.schema, mode=mode, partition_by=partition_by, replace_where=replace_where)
+    w = tw.open()
+    try:
+        for batch in table.to_batches():
+            w.write(batch)
+        adds = w.close()
+    except BaseException:
+        w.discard()
+        raise
+    return commit_write(tw, adds, commit_info)

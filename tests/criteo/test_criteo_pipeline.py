@@ -81,19 +81,35 @@ def test_real_samples_every_line_accounted(spark, criteo_shared, tmp_path):
     assert min(r["I2"] for r in rows if r["I2"] is not None) < 0
 
 
-def test_clean_fast_path_equals_full_validation(spark, criteo_shared, tmp_path):
-    """A file proven clean by the scan is parsed by the CSV tokenizer alone; with
-    ingest.verify=false the same file goes through the full validation path: same rows."""
-    from pipelines.criteo.ingest import ingest
+def test_chunking_changes_nothing(spark, criteo_shared, tmp_path):
+    """Plain files split into many byte ranges (one Spark task each, lines cut anywhere) give
+    exactly the rows of one task per file, and the sha256 is still the whole file's."""
+    import hashlib
 
-    src = [str(criteo_shared / "kaggle_dac_train_head900.txt"), str(criteo_shared / "kaggle_dac_test_head100.txt")]
+    from pipelines.criteo.ingest import ingest, read_ledger
+
+    src = [criteo_shared / "kaggle_dac_train_head1000_trailing_tabs_stripped.txt",
+           criteo_shared / "kaggle_dac_test_head100.txt"]
     rows = {}
-    for verify in (True, False):
-        cfg = _cfg(tmp_path / str(verify), inputs=src, ingest={"verify": verify})
+    for chunk in (1 << 20, 1 << 16):
+        cfg = _cfg(tmp_path / str(chunk), inputs=[str(p) for p in src], ingest={"chunk_bytes": chunk})
         ingest(spark, cfg)
         tbl = DeltaSnapshot(_bronze(cfg)["bronze"]).to_table().drop(["ingest_batch"]).to_pylist()
-        rows[verify] = sorted(tbl, key=lambda r: json.dumps(r, sort_keys=True))
-    assert len(rows[True]) == 1000 and rows[True] == rows[False]
+        rows[chunk] = sorted(tbl, key=lambda r: json.dumps(r, sort_keys=True))
+        assert {r["source"]: r["sha256"] for r in read_ledger(_bronze(cfg)["ledger"])} == {
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src}
+    assert len(rows[1 << 20]) == 1100 and rows[1 << 20] == rows[1 << 16]
+
+
+def test_arrow_schemas_match_the_ddl(spark):
+    from pyspark.sql.types import StructType
+
+    from pipelines.criteo.ingest import BRONZE_DDL, BRONZE_SCHEMA, LEDGER_DDL, LEDGER_SCHEMA, QUARANTINE_DDL, \
+        QUARANTINE_SCHEMA
+    from pipelines.lake.schema import spark_to_arrow
+
+    for ddl, schema in ((BRONZE_DDL, BRONZE_SCHEMA), (QUARANTINE_DDL, QUARANTINE_SCHEMA), (LEDGER_DDL, LEDGER_SCHEMA)):
+        assert spark_to_arrow(StructType.fromDDL(ddl)) == schema
 
 
 # ---------------------------------------------------------------------- generated data

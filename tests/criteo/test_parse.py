@@ -1,0 +1,165 @@
+"""Raw line parsing (pipelines.criteo.parse) and byte-range reading: no Spark, so fast.
+
+Every tier of parse_block (fast, careful, exact) must give what the per-line reference
+parse_line gives, line by line; byte ranges must cover every line exactly once."""
+from __future__ import annotations
+
+import gzip
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from pipelines.criteo import parse
+from pipelines.criteo.ingest import iter_line_blocks
+from pipelines.criteo.parse import parse_block, parse_line
+
+GOOD = "0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t10\t11\t12\t13\t" + "\t".join(["68fd1e64"] * 26)
+BAD = {  # line -> reason
+    GOOD + "\textra": "too many fields (expected 40, got 41)",
+    GOOD.replace("\t5\t", "\tfive\t", 1): "non-integer in I5",
+    GOOD.replace("\t5\t", "\t 5\t", 1): "non-integer in I5",
+    GOOD.replace("\t5\t", "\t-\t", 1): "non-integer in I5",
+    GOOD.replace("\t5\t", "\t5-\t", 1): "non-integer in I5",
+    GOOD.replace("\t5\t", "\t99999999999999999999\t", 1): "integer out of range in I5",
+    GOOD.replace("\t5\t", "\t9223372036854775808\t", 1): "integer out of range in I5",
+    GOOD.replace("68fd1e64", "zzzz", 1): "C1 not 8 hex chars",
+    GOOD.replace("68fd1e64", "68fd1e6", 1): "C1 not 8 hex chars",
+    GOOD.replace("68fd1e64", "68fd1e6g", 1): "C1 not 8 hex chars",
+    GOOD.replace("68fd1e64", "68fd-e64", 1): "C1 not 8 hex chars",
+    GOOD.replace("68fd1e64", "68fd+e64", 1): "C1 not 8 hex chars",
+    GOOD.replace("68fd1e64", "68fd1e64a", 1): "C1 not 8 hex chars",
+    "7" + GOOD[1:]: "label not 0/1",
+    "00" + GOOD[1:]: "label not 0/1",
+    "-1" + GOOD[1:]: "label not 0/1",
+    "\t" + GOOD[2:]: "label not 0/1",
+    GOOD + "\r": "C26 not 8 hex chars",
+    "": "empty line",
+}
+ODD_BUT_VALID = [
+    "\t".join(GOOD.split("\t")[:38]),  # stripped trailing TABs
+    "\t".join(GOOD.split("\t")[:15]),
+    GOOD.replace("\t5\t", "\t+5\t", 1),
+    GOOD.replace("68fd1e64", "68FD1E64", 1),
+    GOOD.replace("\t1\t2\t", "\t1\t-2\t", 1),
+    GOOD.replace("\t5\t", "\t-0\t", 1),
+    GOOD.replace("\t5\t", "\t9223372036854775807\t", 1),
+    GOOD.replace("\t5\t", "\t-9223372036854775808\t", 1),
+    GOOD.replace("\t5\t", "\t\t", 1).replace("68fd1e64", "", 3),
+]
+
+
+def _block(lines: list[str | bytes]) -> bytes:
+    return b"".join((ln.encode() if isinstance(ln, str) else ln) + b"\n" for ln in lines)
+
+
+def _reference(lines: list[str | bytes], labeled: bool = True):
+    rows, rejects = [], []
+    for ln in lines:
+        raw = ln.encode() if isinstance(ln, str) else ln
+        row, reason, n = parse_line(raw, labeled)
+        (rows.append(row) if row is not None else rejects.append((raw, reason, n)))
+    return rows, rejects
+
+
+def _key(row: dict) -> str:
+    return repr(sorted(row.items()))
+
+
+def _assert_like_reference(lines, labeled=True):
+    rows, rejects = parse_block(_block(lines), labeled)
+    want_rows, want_rejects = _reference(lines, labeled)
+    assert sorted(map(_key, rows.to_pylist())) == sorted(map(_key, want_rows))
+    assert sorted(rejects) == sorted(want_rejects)
+    assert rows.num_rows + len(rejects) == len(lines)
+    assert rows.schema == parse.ROW_SCHEMA
+    return rows, rejects
+
+
+def test_reasons():
+    for line, reason in BAD.items():
+        assert parse_line(line.encode(), True)[1] == reason, line[:40]
+    assert parse_line(GOOD.encode().replace(b"68fd", b"\xff\xfe", 1), True)[1] == "undecodable bytes (not UTF-8)"
+
+
+@pytest.mark.parametrize("line", [*BAD, *ODD_BUT_VALID])
+def test_each_odd_line_among_good_ones(line):
+    """A single odd line sends its block down the careful path; every line still gets exactly
+    the reference result (no wrong row, no lost good row)."""
+    _assert_like_reference([GOOD, line, GOOD.replace("\t1\t2\t", "\t1\t-2\t")] * 3)
+
+
+def test_everything_at_once_and_undecodable():
+    lines = [GOOD] * 10 + list(BAD) + ODD_BUT_VALID + [GOOD.encode().replace(b"68fd", b"\xff\xfe", 1)]
+    rows, rejects = _assert_like_reference(lines)
+    assert len(rejects) == len(BAD) + 1
+    padded = [r for r in rows.to_pylist() if r["C25"] is None and r["C24"] == "68fd1e64"]
+    assert len(padded) == 1 and padded[0]["C26"] is None
+
+
+def test_fast_path_takes_canonical_blocks_and_is_exact():
+    lines = [GOOD, GOOD.replace("\t5\t", "\t-5\t"), GOOD.replace("\t5\t", "\t\t").replace("68fd1e64", "", 3)] * 50
+    assert parse._fast(_block(lines), True) is not None
+    _assert_like_reference(lines)
+    for odd in [*BAD, *ODD_BUT_VALID[:1], ODD_BUT_VALID[2], ODD_BUT_VALID[5]]:
+        assert parse._fast(_block([GOOD, odd]), True) is None, odd[:30]
+
+
+def test_unlabelled_lines_may_start_with_a_tab():
+    test_line = GOOD.split("\t", 1)[1]
+    lines = [test_line, "\t" + test_line.split("\t", 1)[1], GOOD]  # the last has 40 fields: too many
+    rows, rejects = _assert_like_reference(lines, labeled=False)
+    assert rows.column("label").null_count == 2 and rows.column("I1").to_pylist() == [1, None]
+    assert [r[1] for r in rejects] == ["too many fields (expected 39, got 40)"]
+
+
+def test_real_samples_like_reference(criteo_shared):
+    for p in sorted(criteo_shared.glob("*.txt")):
+        labeled = "test" not in p.name
+        lines = p.read_bytes().rstrip(b"\n").split(b"\n")
+        rows, rejects = _assert_like_reference(lines, labeled)
+        assert not rejects, p.name
+
+
+def test_randomised_against_reference():
+    rng = random.Random(0)
+    pieces = ["", "0", "1", "-3", "+4", "12345678901234567890", "68fd1e64", "ABCDEF01", "zz", " 1", "5\r"]
+    lines = []
+    for _ in range(400):
+        f = GOOD.split("\t")
+        for _ in range(rng.randrange(3)):
+            f[rng.randrange(40)] = rng.choice(pieces)
+        f = f[: rng.choice([40, 40, 40, 38, 41, 20])]
+        lines.append("\t".join(f))
+    _assert_like_reference(lines)
+
+
+# ------------------------------------------------------------------------ byte ranges
+def _ranges(path: Path, size: int, chunk: int, block: int) -> list[bytes]:
+    out = []
+    for s in range(0, max(size, 1), chunk):
+        for b in iter_line_blocks(str(path), False, s, min(s + chunk, size), block):
+            out += b.split(b"\n")[:-1]
+    return out
+
+
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_byte_ranges_cover_every_line_once(tmp_path, final_newline):
+    rng = random.Random(1)
+    lines = [("x" * rng.randrange(0, 90)) for _ in range(500)]  # includes empty lines
+    body = "\n".join(lines) + ("\n" if final_newline else "")
+    p = tmp_path / "day_0"
+    p.write_text(body)
+    for chunk in (1, 7, 64, 1000, 1 << 20):
+        for block in (1 << 12, 10):
+            assert _ranges(p, len(body), chunk, block) == [ln.encode() for ln in lines], (chunk, block)
+
+
+def test_gzip_blocks_and_multi_member(tmp_path):
+    body = "".join(f"{i}\t{i * 7}\n" for i in range(20000))
+    p = tmp_path / "day_0.gz"
+    p.write_bytes(gzip.compress(body[:50000].encode()) + gzip.compress(body[50000:].encode()))
+    got = b"".join(iter_line_blocks(str(p), True, block_bytes=1 << 12))
+    assert got == body.encode()
+    assert all(re.fullmatch(rb"(\d+\t\d+\n)+", b) for b in iter_line_blocks(str(p), True, block_bytes=1 << 12))
