@@ -23,6 +23,7 @@ from .base import (
     register,
 )
 from .communicator import GradientCommunicator
+from .embeddings import embedding_parameter_names
 from .compressors import (
     CastCompressor,
     NoneCompressor,
@@ -33,10 +34,11 @@ from .compressors import (
     TopKCompressor,
 )
 from .packing import pack_bits, packed_nbytes, unpack_bits
-from .powersgd import PowerSGDCompressor
+from .powersgd import EMBEDDING_POLICIES, PowerSGDCompressor
 
 __all__ = [
     "AccordionController",
+    "EMBEDDING_POLICIES",
     "AccuracyVsBytes",
     "Backend",
     "CastCompressor",
@@ -58,6 +60,7 @@ __all__ = [
     "TopKCompressor",
     "available_compressors",
     "build_compressor",
+    "embedding_parameter_names",
     "log_comm_summary",
     "log_mlflow",
     "pack_bits",

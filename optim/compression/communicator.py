@@ -14,6 +14,11 @@ Per ``synchronize()`` call (after ``loss.backward()``, before clipping / ``optim
      matrices PowerSGD would not shrink: flattened per dtype into one buffer each and
      averaged with one allreduce (launched first so it overlaps the compression work).
    * *compressed*: everything else.
+   With PowerSGD, dense gradients of embedding tables follow its ``embedding`` policy
+   (:mod:`optim.compression.powersgd`): ``topk`` compresses them with a top-k compressor in
+   the same step (one allgather, overlapping the PowerSGD rounds), ``sparse`` sends their
+   non-zero rows exactly like sparse gradients and writes the result back dense,
+   ``powersgd`` leaves them to PowerSGD.
 2. compress (error feedback: compress g + e, keep e = (g + e) - decompress(local payload)),
    fuse the payloads - all allreduce-compatible payloads into one buffer per dtype, all
    allgather payloads of all parameters into a single uint8 buffer - and launch the
@@ -35,6 +40,7 @@ from .accounting import CommStats, CommTotals
 from .adaptive import AccordionController, build_adaptive
 from .backends import AVERAGE, SUM, Backend, make_backend
 from .base import Collective, Compressor, ResidualMemory, build_compressor
+from .embeddings import resolve_embedding_names
 from .powersgd import PowerSGDCompressor
 
 __all__ = ["GradientCommunicator"]
@@ -68,6 +74,13 @@ class _Pending:
         return self.finish(self.backend.synchronize(self.handle))
 
 
+def _nonzero_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row ids as an (nnz, 1) int64 column, those rows) of a dense gradient: the same layout as a
+    coalesced sparse gradient's ``indices().t()`` / ``values()``, without ``to_sparse`` (100x slower)."""
+    idx = (g.reshape(g.shape[0], -1) != 0).any(1).nonzero()
+    return idx, g.index_select(0, idx[:, 0])
+
+
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1).contiguous()
     return t if t.dtype == torch.uint8 else t.view(torch.uint8)
@@ -83,7 +96,7 @@ class GradientCommunicator:
 
     Args:
         compressor: a :class:`Compressor`, or a name / config dict for :func:`build_compressor`.
-        named_parameters: iterable of (name, parameter); parameters with
+        named_parameters: iterable of (name, parameter), or the model itself; parameters with
             ``requires_grad=False`` are skipped, shared parameters counted once.
         backend: None (single process) or the ``horovod.torch`` module (``hvd.init()`` done)
             or a :class:`Backend`.
@@ -91,6 +104,10 @@ class GradientCommunicator:
             the fp16/bf16 casts, which have no per-tensor overhead).
         adaptive: None, True, a dict of :class:`AccordionController` options, or a controller.
         sparse_as_dense: densify sparse gradients instead of allgathering their rows.
+        embedding_names: which parameters are embedding tables, for PowerSGD's ``embedding``
+            policy: None (the ``nn.Embedding`` weights when a model is passed, else a name
+            rule), a regex, a predicate ``(name, param) -> bool`` or a collection of names
+            (:func:`optim.compression.embeddings.resolve_embedding_names`).
     """
 
     def __init__(
@@ -103,9 +120,13 @@ class GradientCommunicator:
         *,
         sparse_as_dense: bool = False,
         name: str = "gradcomm",
+        embedding_names: Any = None,
     ) -> None:
         if not isinstance(compressor, Compressor):
             compressor = build_compressor(compressor)
+        module = named_parameters if isinstance(named_parameters, torch.nn.Module) else None
+        if module is not None:
+            named_parameters = module.named_parameters()
         if isinstance(min_compress_numel, bool) or not isinstance(min_compress_numel, int) or min_compress_numel < 0:
             raise ValueError(f"min_compress_numel must be an int >= 0, got {min_compress_numel!r}")
         params: list[tuple[str, torch.nn.Parameter]] = []
@@ -135,6 +156,18 @@ class GradientCommunicator:
         self.last_stats: CommStats | None = None
         self._totals = CommTotals()
         self._sparse: dict[str, int] = {}  # name -> sparse_dim, for zero-filling missing grads
+        # PowerSGD's embedding policy: tables compressed by top-k, or sent as exact rows
+        self.embedding_names: set[str] = set()
+        self.embedding_compressor: Compressor | None = None
+        policy = getattr(compressor, "embedding", None) if isinstance(compressor, PowerSGDCompressor) else None
+        if policy in ("topk", "sparse"):
+            self.embedding_names = resolve_embedding_names(params, embedding_names, module)
+        if policy == "topk":
+            self.embedding_compressor = build_compressor(
+                "topk", ratio=compressor.embedding_ratio, error_feedback=True,
+                warmup_steps=compressor.warmup_steps, seed=compressor.seed)
+            self.embedding_compressor.set_rank(self.rank, self.world_size)
+        self._rows_policy = policy == "sparse"
 
     # ------------------------------------------------------------------------------------
     # collectives (all go through here so the byte accounting is exact)
@@ -206,8 +239,10 @@ class GradientCommunicator:
 
     # ------------------------------------------------------------------------------------
     def _classify(self):
+        """-> dense-exact, sparse, rows (dense tables sent as rows), compressed, and tables
+        compressed by the embedding compressor."""
         comp, warm = self.compressor, self.step < self.compressor.warmup_steps
-        dense, sparse, compressed = [], [], []
+        dense, sparse, rows, compressed, emb = [], [], [], [], []
         for name, p in self.params:
             g = p.grad
             if g is None:  # keep collectives aligned across ranks (as hvd.DistributedOptimizer)
@@ -228,6 +263,13 @@ class GradientCommunicator:
                     self._sparse[name] = g.sparse_dim()
                     sparse.append((name, p))
                     continue
+            if name in self.embedding_names:
+                if self._rows_policy:  # exact, so also during warm-up
+                    rows.append((name, p))
+                    continue
+                if not warm and g.numel() >= self.min_compress_numel:
+                    emb.append((name, p))
+                    continue
             if (
                 warm
                 or comp.lossless
@@ -237,7 +279,7 @@ class GradientCommunicator:
                 dense.append((name, p))
             else:
                 compressed.append((name, p))
-        return dense, sparse, compressed
+        return dense, sparse, rows, compressed, emb
 
     def synchronize(self) -> CommStats:
         """Average all gradients across ranks through the compressor; returns this step's stats."""
@@ -247,33 +289,41 @@ class GradientCommunicator:
         if self.adaptive is not None:
             st.critical, st.level = self.adaptive.critical, self.adaptive.level
         with torch.no_grad():
-            dense, sparse, compressed = self._classify()
-            st.n_uncompressed, st.n_sparse, st.n_compressed = len(dense), len(sparse), len(compressed)
+            dense, sparse, rows, compressed, emb = self._classify()
+            st.n_uncompressed, st.n_sparse, st.n_compressed = len(dense), len(sparse) + len(rows), len(compressed) + len(emb)
             interval_metric = None
             if self.adaptive is not None:  # local, uncompressed gradients (before EF / compression)
-                interval_metric = self.adaptive.observe([p.grad for _, p in dense + compressed])
-            for _, p in dense + compressed:
+                interval_metric = self.adaptive.observe([p.grad for _, p in dense + compressed + emb])
+            for _, p in dense + compressed + emb + rows:
                 st.dense_bytes += p.grad.numel() * p.grad.element_size()
 
-            # 1. dense-exact gradients and sparse rows: launch first, they need no compute
+            # 1. dense-exact gradients and sparse rows: launch first, they need (almost) no compute
+            with tm("compress"):  # dense tables sent as rows: their non-zero rows only
+                as_rows = {name: _nonzero_rows(p.grad) for name, p in rows}
             with tm("communicate"):
                 wait_dense = self._allreduce_many(st, [p.grad for _, p in dense], AVERAGE, "dense") if dense else None
                 sparse_pending = []
-                for name, p in sparse:
-                    g = p.grad.coalesce()
-                    idx = g.indices().t().contiguous()
-                    vals = g.values().contiguous()
+                for name, p in sparse + rows:
+                    if name in as_rows:
+                        idx, vals = as_rows[name]
+                    else:
+                        g = p.grad.coalesce()
+                        idx, vals = g.indices().t().contiguous(), g.values().contiguous()
                     before = st.bytes_sent
-                    sparse_pending.append((p, g.shape, self._allgather(st, idx, f"sparse.{name}.i"),
+                    sparse_pending.append((p, p.grad.shape, self._allgather(st, idx, f"sparse.{name}.i"),
                                            self._allgather(st, vals, f"sparse.{name}.v")))
-                    st.dense_bytes += st.bytes_sent - before  # the dense baseline sends the same rows
+                    if p.grad.is_sparse:
+                        st.dense_bytes += st.bytes_sent - before  # the dense baseline sends the same rows
 
-            # 2. compressed gradients
+            # 2. compressed gradients (the tables' allgather first: it overlaps the PowerSGD rounds)
+            finish_emb = self._launch_one_round(st, tm, emb, self.embedding_compressor) if emb else None
             if compressed:
                 if comp.collective is Collective.ALLREDUCE_2PHASE:
                     self._powersgd(st, tm, compressed)
                 else:
-                    self._one_round(st, tm, compressed)
+                    self._launch_one_round(st, tm, compressed, comp)()
+            if finish_emb is not None:
+                finish_emb()
 
             # 3. finish the dense / sparse collectives
             if wait_dense is not None:
@@ -286,7 +336,10 @@ class GradientCommunicator:
                 with tm("communicate"):
                     idx, vals = pi.wait(), pv.wait()
                 with tm("decompress"):
-                    p.grad = torch.sparse_coo_tensor(idx.t(), vals / world, shape, check_invariants=False).coalesce()
+                    if p.grad.is_sparse:
+                        p.grad = torch.sparse_coo_tensor(idx.t(), vals / world, shape, check_invariants=False).coalesce()
+                    else:  # a dense table sent as rows: the average, dense again
+                        p.grad.zero_().index_add_(0, idx[:, 0], vals).div_(world)
 
             if interval_metric is not None:  # all ranks switch together: payload sizes change
                 self.adaptive.update(self._mean_scalar(st, interval_metric, tm))
@@ -306,33 +359,38 @@ class GradientCommunicator:
             return float(self._allreduce(st, t, AVERAGE, "adaptive").wait().item())
 
     # ------------------------------------------------------------------------------------
-    def _compress_one(self, name: str, g: torch.Tensor):
-        comp = self.compressor
+    def _compress_one(self, name: str, g: torch.Tensor, comp: Compressor):
         x = self.memory.compensate(name, g) if comp.error_feedback else g
         payload, ctx = comp.compress(x, name)
         if comp.error_feedback:
             self.memory.store(name, x - comp.decompress(payload, ctx))
         return payload, ctx
 
-    def _one_round(self, st: CommStats, tm: _Timer, compressed) -> None:
-        comp, world = self.compressor, self.world_size
+    def _launch_one_round(self, st: CommStats, tm: _Timer, compressed, comp: Compressor) -> Callable[[], None]:
+        """Compress ``compressed`` with ``comp`` and launch its collective; returns the function
+        that waits, decodes and writes the averaged gradients."""
+        world = self.world_size
         with tm("compress"):
-            enc = [self._compress_one(name, p.grad) for name, p in compressed]
+            enc = [self._compress_one(name, p.grad, comp) for name, p in compressed]
         use_allreduce = comp.collective is Collective.ALLREDUCE and all(
             self.backend.supports_allreduce(t.dtype) for payload, _ in enc for t in payload
         )
         if use_allreduce:  # linear compressors: average the payloads, decompress once
             flat_payload = [t for payload, _ in enc for t in payload]
             with tm("communicate"):
-                wait = self._allreduce_many(st, flat_payload, AVERAGE, "payload")
-                reduced = wait()
-            with tm("decompress"):
-                i = 0
-                for (_, p), (payload, ctx) in zip(compressed, enc):
-                    k = len(payload)
-                    p.grad.copy_(comp.decompress(reduced[i : i + k], ctx))
-                    i += k
-            return
+                wait = self._allreduce_many(st, flat_payload, AVERAGE, f"{comp.name}.payload")
+
+            def finish_allreduce() -> None:
+                with tm("communicate"):
+                    reduced = wait()
+                with tm("decompress"):
+                    i = 0
+                    for (_, p), (payload, ctx) in zip(compressed, enc):
+                        k = len(payload)
+                        p.grad.copy_(comp.decompress(reduced[i : i + k], ctx))
+                        i += k
+
+            return finish_allreduce
         # allgather: one uint8 buffer with every parameter's payload, same layout on all ranks
         with tm("compress"):
             layout, chunks, off = [], [], 0
@@ -346,17 +404,23 @@ class GradientCommunicator:
                 layout.append(spec)
             buf = torch.cat(chunks)
         with tm("communicate"):
-            gathered = self._allgather(st, buf, "gather").wait()
-        with tm("decompress"):
-            if gathered.numel() != world * buf.numel():
-                raise RuntimeError(
-                    f"allgather returned {gathered.numel()} bytes, expected {world} x {buf.numel()}: "
-                    "ranks disagree on the compressed layout (different parameters or hyperparameters?)")
-            rows = gathered.view(world, buf.numel())
-            for (_, p), (_, ctx), spec in zip(compressed, enc, layout):
-                payloads = [[_from_bytes(rows[r, o : o + n], dt, sh) for (o, n, dt, sh) in spec]
-                            for r in range(world)]
-                p.grad.copy_(comp.aggregate_payloads(payloads, ctx))
+            pending = self._allgather(st, buf, f"{comp.name}.gather")
+
+        def finish_allgather() -> None:
+            with tm("communicate"):
+                gathered = pending.wait()
+            with tm("decompress"):
+                if gathered.numel() != world * buf.numel():
+                    raise RuntimeError(
+                        f"allgather returned {gathered.numel()} bytes, expected {world} x {buf.numel()}: "
+                        "ranks disagree on the compressed layout (different parameters or hyperparameters?)")
+                rows = gathered.view(world, buf.numel())
+                for (_, p), (_, ctx), spec in zip(compressed, enc, layout):
+                    payloads = [[_from_bytes(rows[r, o : o + n], dt, sh) for (o, n, dt, sh) in spec]
+                                for r in range(world)]
+                    p.grad.copy_(comp.aggregate_payloads(payloads, ctx))
+
+        return finish_allgather
 
     def _powersgd(self, st: CommStats, tm: _Timer, compressed) -> None:
         comp: PowerSGDCompressor = self.compressor  # type: ignore[assignment]
@@ -395,6 +459,7 @@ class GradientCommunicator:
             "step": self.step,
             "memory": self.memory.state_dict(),
             "compressor": self.compressor.state_dict(),
+            "embedding_compressor": None if self.embedding_compressor is None else self.embedding_compressor.state_dict(),
             "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
             "totals": self._totals.state_dict(),
             "sparse": dict(self._sparse),
@@ -409,6 +474,8 @@ class GradientCommunicator:
         self.step = int(state["step"])
         self.memory.residuals = {k: v.to(devices.get(k, v.device)).clone() for k, v in state["memory"].items()}
         self.compressor.load_state_dict(state["compressor"])
+        if self.embedding_compressor is not None and state.get("embedding_compressor") is not None:
+            self.embedding_compressor.load_state_dict(state["embedding_compressor"])
         if self.adaptive is not None and state.get("adaptive") is not None:
             self.adaptive.load_state_dict(state["adaptive"])
         self._totals = CommTotals()

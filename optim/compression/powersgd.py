@@ -12,6 +12,24 @@ rule); other tensors (biases, small layers) go in the dense allreduce. Torch dra
 first Q of each bucket from one seeded stream; here each parameter gets its own stream
 seeded by (seed, parameter name), identical on every rank. Tests load torch's initial Q to
 compare the maths step by step.
+
+Embedding tables (``embedding=``). Low rank is what PowerSGD exploits (Vogels et al. 2019
+evaluate it on convolutional and LSTM weight matrices): an n x m matrix costs r(n + m)
+numbers, so it compresses at most m/r when n >> m. A DLRM table of 16-wide rows therefore
+shrinks at most 16/r = 4x at rank 4, however large it is. Its gradient is row-sparse instead
+(only the rows looked up in the batch are non-zero), which sparsification exploits and low
+rank does not. The policy says what the communicator does with a table's dense gradient:
+
+* ``"topk"`` (default): top-k (``embedding_ratio``, default 1 %) with error feedback on the
+  table, PowerSGD on every other matrix - one allgather for the tables, launched before the
+  two PowerSGD allreduces so it overlaps them;
+* ``"sparse"``: the table's non-zero rows, exactly (row ids + values, allgathered), densified
+  again after the exchange - lossless, so the ratio depends on how many rows a step touches;
+* ``"powersgd"``: the table is a matrix like any other (plain PowerSGD, capped at m/r).
+
+Which parameters are tables is the communicator's business
+(:func:`optim.compression.embedding_parameter_names`). Tables whose gradient is already sparse
+(``nn.Embedding(sparse=True)``) are always sent as exact rows, whatever the policy.
 """
 
 from __future__ import annotations
@@ -20,10 +38,12 @@ from typing import Any
 
 import torch
 
-from .base import Collective, CompressionConfigError, Compressor, _check_int, register
+from .base import Collective, CompressionConfigError, Compressor, _check_int, _check_ratio, register
 from .compressors import _generator, stable_hash
 
-__all__ = ["PowerSGDCompressor", "orthogonalize"]
+__all__ = ["PowerSGDCompressor", "orthogonalize", "EMBEDDING_POLICIES"]
+
+EMBEDDING_POLICIES = ("topk", "sparse", "powersgd")
 
 
 def orthogonalize(matrix: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
@@ -52,7 +72,8 @@ def orthogonalize(matrix: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
           doc="PowerSGD rank-r low-rank factors P, Q (two allreduces), warm start + EF")
 class PowerSGDCompressor(Compressor):
     """PowerSGD with rank ``rank``; ``warmup_steps`` plays the role of torch's
-    ``start_powerSGD_iter`` (dense allreduce before it)."""
+    ``start_powerSGD_iter`` (dense allreduce before it). ``embedding`` / ``embedding_ratio``:
+    what happens to embedding tables (module docstring)."""
 
     name = "powersgd"
     collective = Collective.ALLREDUCE_2PHASE
@@ -65,6 +86,8 @@ class PowerSGDCompressor(Compressor):
         warm_start: bool = True,
         min_compression_rate: float = 2.0,
         orthogonalization_epsilon: float = 0.0,
+        embedding: str = "topk",
+        embedding_ratio: float = 0.01,
         error_feedback: bool = True,
         warmup_steps: int = 0,
         seed: int = 0,
@@ -80,7 +103,13 @@ class PowerSGDCompressor(Compressor):
         if not isinstance(orthogonalization_epsilon, (int, float)) or orthogonalization_epsilon < 0:
             raise CompressionConfigError(
                 f"powersgd: orthogonalization_epsilon must be >= 0, got {orthogonalization_epsilon!r}")
+        if embedding not in EMBEDDING_POLICIES:
+            raise CompressionConfigError(
+                f"powersgd: embedding must be one of {list(EMBEDDING_POLICIES)}, got {embedding!r}")
+        _check_ratio(self.name, "embedding_ratio", embedding_ratio)
         self.rank = rank
+        self.embedding = embedding
+        self.embedding_ratio = float(embedding_ratio)
         self.warm_start = warm_start
         self.min_compression_rate = float(min_compression_rate)
         self.orthogonalization_epsilon = float(orthogonalization_epsilon)

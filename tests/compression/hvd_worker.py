@@ -2,6 +2,7 @@
 
 For every method: a small MLP + sparse-embedding logistic problem, each rank on its own data
 shard, initial weights broadcast from rank 0, SGD through GradientCommunicator(backend=hvd).
+The PowerSGD embedding policies run on the same problem with a dense-gradient embedding.
 Writes OUT/rank<r>.json with per-method parameter digests, losses, bytes and checks.
 """
 
@@ -25,13 +26,16 @@ METHODS = {
     "none": {}, "fp16": {}, "bf16": {}, "qsgd": {"bits": 8}, "topk": {"ratio": 0.05},
     "randomk": {"ratio": 0.1}, "signsgd": {}, "efsignsgd": {}, "signum_vote": {}, "powersgd": {"rank": 2},
 }
+# PowerSGD's embedding policies need a dense embedding gradient: name -> (compressor, hparams)
+DENSE_EMB_METHODS = {"powersgd_hybrid": ("powersgd", {"rank": 2}),  # default policy: top-k 1 % + EF
+                     "powersgd_rows": ("powersgd", {"rank": 2, "embedding": "sparse"})}
 STEPS = 30
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, sparse: bool = True):
         super().__init__()
-        self.emb = nn.Embedding(64, 8, sparse=True)
+        self.emb = nn.Embedding(64, 8, sparse=sparse)
         self.mlp = nn.Sequential(nn.Linear(24, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))
 
     def forward(self, x, c):
@@ -56,9 +60,9 @@ def digest(model) -> str:
     return h.hexdigest()
 
 
-def run_method(name, hp, rank, size, adaptive=None):
+def run_method(name, hp, rank, size, adaptive=None, sparse_emb=True):
     torch.manual_seed(100 + rank)  # different init per rank: broadcast must fix it
-    model = Net()
+    model = Net(sparse=sparse_emb)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     (X, C, y), (Xl, Cl, yl) = data(rank, size)
     comp = build_compressor(name, **hp)
@@ -85,8 +89,30 @@ def run_method(name, hp, rank, size, adaptive=None):
     with torch.no_grad():
         l1 = float(lossf(model(X, C), y))
     out.update(loss0=l0, loss1=l1, digest=digest(model), totals=comm.totals(),
-               emb_grad_sparse=bool(model.emb.weight.grad.is_sparse))
+               emb_grad_sparse=bool(model.emb.weight.grad.is_sparse), embedding_names=sorted(comm.embedding_names),
+               payload_nbytes=payload_nbytes(comp, model, comm))
     return out
+
+
+def payload_nbytes(comp, model, comm) -> int | None:
+    """Analytic bytes per step for the dense-embedding PowerSGD runs (None otherwise): the table's
+    top-k payload (4k + ceil(k ceil(log2 n) / 8)) or nothing here for rows (their count varies),
+    PowerSGD's 4r(n + m) per compressed matrix, 4 bytes per element for the rest."""
+    import math
+
+    if comm.embedding_compressor is None:
+        return None
+    total = 0
+    for n, p in model.named_parameters():
+        if n in comm.embedding_names:
+            k = math.ceil(comp.embedding_ratio * p.numel())
+            total += 4 * k + math.ceil(k * math.ceil(math.log2(p.numel())) / 8)
+        elif p.numel() >= 256 and comp.should_compress(p.shape):
+            rows, cols = p.shape[0], p.numel() // p.shape[0]
+            total += 4 * min(comp.rank, rows, cols) * (rows + cols)
+        else:
+            total += 4 * p.numel()
+    return total
 
 
 def aggregation_error(name, hp, model, raw):
@@ -94,17 +120,24 @@ def aggregation_error(name, hp, model, raw):
     averaging methods -> mean over ranks of each rank's decompress(compress(g_r));
     signum_vote -> sign(sum_r sign(g_r)) * mean_r(mean|g_r|);
     powersgd -> P = sum_r M_r Q0, orthogonalise, Q = mean_r M_r^T P, P Q^T.
-    Small layers and the sparse embedding are exact means. Returns the max abs error."""
+    Small layers and the sparse embedding are exact means. A dense embedding under PowerSGD's
+    policies: the mean of each rank's top-k 1 % (``topk``) or the exact mean (``sparse``).
+    Returns the max abs error."""
     from optim.compression.powersgd import orthogonalize
 
     fresh = build_compressor(name, **hp)
     fresh.set_rank(hvd.rank(), hvd.size())
+    policy = getattr(fresh, "embedding", None) if not model.emb.sparse else None
     worst = 0.0
     for n, p in model.named_parameters():
         g = raw[n]
         everyone = hvd.allgather(g.unsqueeze(0).float())
-        small = n == "emb.weight" or (p.numel() < 256 and name not in ("fp16", "bf16", "none"))
-        if name == "powersgd" and not small and fresh.should_compress(g.shape):
+        small = (n == "emb.weight" and policy != "topk") or (p.numel() < 256 and name not in ("fp16", "bf16", "none"))
+        if n == "emb.weight" and policy == "topk":
+            top = build_compressor("topk", ratio=fresh.embedding_ratio)
+            local = top.decompress(*top.compress(g, n))
+            expected = hvd.allgather(local.unsqueeze(0).float()).mean(0)
+        elif name == "powersgd" and not small and fresh.should_compress(g.shape):
             M = everyone.reshape(everyone.shape[0], g.shape[0], -1)
             q0 = orthogonalize(fresh._initial_q(n, M.shape[2], fresh.effective_rank(g.shape), g.device, g.dtype))
             P = orthogonalize(sum(Mr @ q0 for Mr in M))
@@ -129,12 +162,12 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     rank, size = hvd.rank(), hvd.size()
     res = {"size": size}
-    runs = [(m, hp, None) for m, hp in METHODS.items()]
-    runs.append(("topk", {"ratio": 0.01}, {"interval": 5, "eta": 0.3}))
-    for name, hp, adaptive in runs:
-        key = name + ("_adaptive" if adaptive else "")
+    runs = [(m, m, hp, None, True) for m, hp in METHODS.items()]
+    runs.append(("topk_adaptive", "topk", {"ratio": 0.01}, {"interval": 5, "eta": 0.3}, True))
+    runs += [(key, name, hp, None, False) for key, (name, hp) in DENSE_EMB_METHODS.items()]
+    for key, name, hp, adaptive, sparse_emb in runs:
         try:
-            res[key] = run_method(name, hp, rank, size, adaptive)
+            res[key] = run_method(name, hp, rank, size, adaptive, sparse_emb)
         except Exception:  # report, keep ranks in step for the next method is not possible: stop
             res[key] = {"error": traceback.format_exc()}
             break

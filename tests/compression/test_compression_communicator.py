@@ -120,10 +120,18 @@ def test_warmup_steps_send_dense():
     assert ratios[0] == ratios[1] == 1.0 and ratios[2] > 5
 
 
-@pytest.mark.parametrize("name,hp", [("topk", {"ratio": 0.05}), ("powersgd", {"rank": 2}),
-                                     ("qsgd", {"bits": 4, "error_feedback": True}), ("randomk", {"ratio": 0.1}),
-                                     ("signum_vote", {"momentum": 0.9})])
-def test_state_dict_resume_is_bitwise_identical(name, hp):
+def _mlp_and_table(seed=0):
+    """The MLP next to a 500 x 8 embedding table (a table by name: ``emb.weight``)."""
+    torch.manual_seed(seed)
+    return nn.ModuleDict({"emb": nn.Embedding(500, 8), "mlp": _mlp(seed)})
+
+
+@pytest.mark.parametrize("name,hp,model", [("topk", {"ratio": 0.05}, _mlp), ("powersgd", {"rank": 2}, _mlp),
+                                           ("qsgd", {"bits": 4, "error_feedback": True}, _mlp),
+                                           ("randomk", {"ratio": 0.1}, _mlp), ("signum_vote", {"momentum": 0.9}, _mlp),
+                                           ("powersgd", {"rank": 2}, _mlp_and_table)],  # + the table's top-k EF
+                         ids=["topk", "powersgd", "qsgd", "randomk", "signum_vote", "powersgd_table_topk"])
+def test_state_dict_resume_is_bitwise_identical(name, hp, model):
     def run(steps, comm, m, start=0):
         out = []
         for s in range(start, start + steps):
@@ -132,16 +140,18 @@ def test_state_dict_resume_is_bitwise_identical(name, hp):
             out.append([p.grad.clone() for p in m.parameters()])
         return out
 
-    m1 = _mlp()
+    m1 = model()
     straight = run(8, GradientCommunicator(build_compressor(name, **hp), m1.named_parameters(), min_compress_numel=0), m1)
-    m2 = _mlp()
+    m2 = model()
     c2 = GradientCommunicator(build_compressor(name, **hp), m2.named_parameters(), min_compress_numel=0)
     first = run(4, c2, m2)
     buf = io.BytesIO()
     torch.save(c2.state_dict(), buf)
     buf.seek(0)
+    state = torch.load(buf, weights_only=False)
+    assert ("emb.weight" in state["memory"]) == (model is _mlp_and_table)  # the table's residual is saved
     c3 = GradientCommunicator(build_compressor(name, **hp), m2.named_parameters(), min_compress_numel=0)
-    c3.load_state_dict(torch.load(buf, weights_only=False))
+    c3.load_state_dict(state)
     second = run(4, c3, m2, start=4)
     for a, b in zip(straight, first + second):
         assert all(torch.equal(x, y) for x, y in zip(a, b))

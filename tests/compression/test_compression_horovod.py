@@ -17,7 +17,8 @@ pytestmark = pytest.mark.horovod
 
 HERE = Path(__file__).resolve().parent
 METHODS = ["none", "fp16", "bf16", "qsgd", "topk", "randomk", "signsgd", "efsignsgd", "signum_vote", "powersgd",
-           "topk_adaptive"]
+           "topk_adaptive", "powersgd_hybrid", "powersgd_rows"]
+DENSE_EMB = {"powersgd_hybrid", "powersgd_rows"}  # PowerSGD's embedding policies: dense table gradients
 
 
 def _horovodrun() -> str:
@@ -56,7 +57,10 @@ def test_parameters_identical_across_ranks_and_model_learns(results, method):
     assert results[0]["size"] == 2
     assert r0["digest"] == r1["digest"], "parameters diverged across ranks"
     assert r0["loss1"] < 0.92 * r0["loss0"], (r0["loss0"], r0["loss1"])
-    assert r0["emb_grad_sparse"]  # sparse embedding rows went through allgather and stayed sparse
+    if method in DENSE_EMB:
+        assert not r0["emb_grad_sparse"] and r0["embedding_names"] == ["emb.weight"]
+    else:
+        assert r0["emb_grad_sparse"]  # sparse embedding rows went through allgather and stayed sparse
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "topk_adaptive"])
@@ -64,7 +68,7 @@ def test_aggregate_matches_independent_recomputation(results, method):
     """mean of the ranks' decoded gradients (majority vote / two-round PowerSGD maths for
     those two), recomputed in the worker from all ranks' raw gradients."""
     err0, err1 = results[0][method]["aggregation_err"], results[1][method]["aggregation_err"]
-    tol = {"fp16": 1e-5, "powersgd": 1e-5}.get(method, 1e-6)  # fp16 payloads are averaged in fp16
+    tol = 1e-5 if method.startswith(("fp16", "powersgd")) else 1e-6  # fp16 payloads are averaged in fp16
     assert err0 <= tol and err1 <= tol
 
 
@@ -88,3 +92,14 @@ def test_adaptive_switches_identically_on_both_ranks(results):
     crit = [x for x, c in zip(b, c0) if c]
     normal = [x for x, c in zip(b, c0) if not c]
     assert crit and normal and min(crit) > max(normal)  # ratio 0.1 inside, 0.01 outside
+
+
+def test_hybrid_sends_exactly_the_analytic_payload(results):
+    """PowerSGD's default embedding policy on 2 ranks: every step, each rank sends the table's
+    top-k 1 % payload + PowerSGD's factors + the small layers - nothing else, nothing estimated."""
+    for r in results:
+        h = r["powersgd_hybrid"]
+        assert h["payload_nbytes"] and set(h["bytes"]) == {h["payload_nbytes"]}
+    # rows: exact, so more bytes than top-k but fewer than dense
+    rows = results[0]["powersgd_rows"]["totals"]
+    assert results[0]["powersgd_hybrid"]["totals"]["bytes_sent"] < rows["bytes_sent"] < rows["dense_bytes"]
