@@ -1,6 +1,7 @@
-"""Run a per-rank function on N ranks: in-process, or Horovod-on-Spark (gloo).
+"""Run a per-rank function on N ranks: in-process, Horovod-on-Spark, or local Horovod (gloo).
 
     results = launch(train_rank, job, num_proc=2, backend="horovod", spark=spark)
+    results = run_local(bench_rank, job, num_proc=2)     # N local processes, no Spark
 
 ``fn(job, dist) -> result`` must be a module-level (importable) function; ``job`` plain
 values. Backends:
@@ -11,6 +12,9 @@ values. Backends:
   ``num_proc`` Spark tasks each start one rank (local[N] here, executors on a cluster).
   A failing rank returns its traceback instead of dying, so the driver raises
   :class:`RankFailure` naming the rank with its traceback.
+* ``runner`` (:func:`run_local`): ``horovod.runner.run`` with gloo on ``num_proc`` local
+  processes - no Spark, same rank wrapper and errors. For benchmarks and tools that want
+  Horovod ranks without a SparkSession.
 
 A second backend (Spark's ``TorchDistributor``) is one more entry in :data:`BACKENDS` whose
 rank wrapper builds a ``torch.distributed`` ``Dist``.
@@ -125,12 +129,23 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
             start_timeout=start_timeout, verbose=verbose,
         )
     except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
-        raise RankFailure(-1, f"{type(e).__name__}: {e}", "(no Python traceback: the rank process exited; "
-                          "see the rank's stderr above)") from e
+        raise _process_died(e) from e
     finally:
         logging.getLogger().removeFilter(quiet)
         for h in logging.getLogger().handlers:
             h.removeFilter(quiet)
+    return _results(reports)
+
+
+def _process_died(e: Exception) -> RankFailure:
+    return RankFailure(-1, f"{type(e).__name__}: {e}", "(no Python traceback: the rank process exited; "
+                       "see the rank's stderr above)")
+
+
+def _results(reports: list[dict[str, Any]]) -> list[Any]:
+    """The ranks' results in rank order, or :class:`RankFailure` for the rank that failed first
+    (not a peer whose collective was aborted because of it)."""
+    reports = sorted(reports, key=lambda r: r.get("rank", 0))
     failed = [r for r in reports if not r["ok"]]
     if failed:
         primary = next((r for r in failed if not r.get("secondary")), failed[0])
@@ -139,7 +154,38 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
     return [r["result"] for r in reports]
 
 
-BACKENDS: dict[str, Callable[..., list[Any]]] = {"local": _launch_local, "horovod": _launch_horovod}
+def run_local(fn: Callable, job: Any, num_proc: int, *, start_timeout: int = 120, stall_shutdown_s: int = 0,
+              verbose: int = 0, **_: Any) -> list[Any]:
+    """Run ``fn(job, dist)`` on ``num_proc`` local Horovod ranks (``horovod.runner.run``, gloo,
+    no Spark); returns the per-rank results in rank order, raises :class:`RankFailure`.
+
+    ``fn`` must be importable by module name in a fresh interpreter (the repository is put on
+    the ranks' ``PYTHONPATH``). The ranks inherit this process's environment plus
+    :func:`rank_env`, which is set only for the duration of the call.
+    """
+    import horovod.runner
+
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+    env = rank_env(stall_shutdown_s)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # horovod.runner.run has no env argument: its ranks inherit ours
+    try:
+        reports = horovod.runner.run(_rank_entry, args=(fn, job), np=num_proc, hosts=f"localhost:{num_proc}",
+                                     use_gloo=True, start_timeout=start_timeout, verbose=verbose)
+    except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
+        raise _process_died(e) from e
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return _results(reports)
+
+
+BACKENDS: dict[str, Callable[..., list[Any]]] = {"local": _launch_local, "horovod": _launch_horovod,
+                                                 "runner": run_local}
 
 
 def launch(fn: Callable, job: Any, *, num_proc: int = 1, backend: str = "horovod", **kw: Any) -> list[Any]:

@@ -33,3 +33,17 @@ def train_cfg(gold: dict, tmp_path, *overrides: str, tracking=False):
         *overrides,
     ]
     return load_config(None, ov)
+
+
+def probe_rank(job: dict, dist) -> dict:
+    """A per-rank function for the launcher tests: rank, world size and a collective's result;
+    raises on ``job["fail_rank"]`` after the collective."""
+    import os
+
+    import torch
+
+    total = dist.allreduce_mean(torch.tensor([float(dist.rank + 1)])).item() * dist.size
+    if dist.rank == job.get("fail_rank"):
+        raise RuntimeError(f"probe failure on rank {dist.rank}")
+    return {"rank": dist.rank, "size": dist.size, "sum": total, "x": job["x"],
+            "stall_env": os.environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")}
