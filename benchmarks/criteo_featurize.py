@@ -46,7 +46,6 @@ THRESHOLD = 3
 SPARK_CONF = {
     "spark.driver.extraJavaOptions": "-XX:-DontCompileHugeMethods",
     "spark.executor.extraJavaOptions": "-XX:-DontCompileHugeMethods",
-    "spark.python.daemon.module": "pipelines.criteo.worker_daemon",
     "spark.sql.shuffle.partitions": "4",
 }
 

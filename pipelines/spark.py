@@ -68,6 +68,9 @@ def get_spark(
         builder = builder.config("spark.sql.shuffle.partitions", str(max(2, 2 * cores)))
         builder = builder.config("spark.default.parallelism", str(max(2, cores)))
         builder = builder.config("spark.driver.memory", os.environ.get("BIGOPT_DRIVER_MEMORY", "4g"))
+        # local workers fork from a daemon that has imported pyarrow/deltalake already (on a
+        # cluster, set it in spark.conf once the project is installed on the executors)
+        builder = builder.config("spark.python.daemon.module", "pipelines.worker_daemon")
     if ui is None:
         ui = os.environ.get("BIGOPT_SPARK_UI", "1" if not os.environ.get("PYTEST_CURRENT_TEST") else "0") == "1"
     builder = builder.config("spark.ui.enabled", "true" if ui else "false")

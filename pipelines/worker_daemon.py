@@ -1,18 +1,24 @@
-"""A PySpark worker daemon that imports the lake's heavy modules before it forks workers.
+"""A PySpark worker daemon that imports the pipelines' heavy modules before it forks workers.
 
 Spark starts Python workers by forking a daemon (``python -m pyspark.daemon``) that has only
-pyspark imported, so every new worker pays ~1 s of CPU importing pyarrow, pandas and
-deltalake the first time it runs a Delta read/write task or a data-source planning step.
-With ``spark.python.daemon.module: pipelines.criteo.worker_daemon`` (conf/criteo.yaml) the
-daemon imports them once and every forked worker starts warm. Nothing else changes.
+pyspark imported, so every new worker pays ~1 s of CPU importing pyarrow, numpy, pandas and
+deltalake the first time it runs a parse, a Delta read/write task or a data-source planning
+step. :func:`pipelines.spark.get_spark` sets ``spark.python.daemon.module`` to this module
+(override it in ``spark.conf`` to opt out): the daemon imports them once and every forked
+worker starts warm. Nothing else changes.
 """
 from __future__ import annotations
 
 try:  # never let a warm-up problem take the workers down
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.csv  # noqa: F401
+
+    import pipelines.criteo.parse  # noqa: F401  (numpy, pyarrow.csv)
     import pipelines.lake.commit  # noqa: F401  (pyarrow, deltalake)
     import pipelines.lake.datasource  # noqa: F401  (pyspark.sql.datasource, pandas)
     import pipelines.lake.files  # noqa: F401
     import pipelines.lake.reader  # noqa: F401  (pyarrow.dataset)
+    import pipelines.lake.tasks  # noqa: F401
 except Exception:  # noqa: BLE001
     pass
 
