@@ -1,0 +1,55 @@
+"""benchmarks/compression.py's statistics: paired AUC gaps per seed, a Student-t 95 % CI, and
+the met / not met / undecided verdicts against the 0.002 goal."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "compression.py"
+_spec = importlib.util.spec_from_file_location("compression_bench", _path)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_ci_is_the_student_t_interval_of_the_paired_differences():
+    gaps = [0.0011, 0.0032, 0.0019, -0.0004]
+    mean, lo, hi = bench.paired_gap_ci(gaps)
+    ref = stats.ttest_1samp(gaps, 0.0).confidence_interval(0.95)
+    assert mean == pytest.approx(sum(gaps) / 4)
+    assert (lo, hi) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    one = bench.paired_gap_ci([0.001])
+    assert one[0] == 0.001 and math.isnan(one[1]) and math.isnan(one[2])
+
+
+@pytest.mark.parametrize("n,lo,hi,verdict", [(3, -0.003, 0.0015, "met"), (3, 0.0021, 0.004, "not met"),
+                                             (3, -0.001, 0.003, "undecided"), (1, math.nan, math.nan, "undecided"),
+                                             (5, 0.0, 0.002, "met")])
+def test_verdicts(n, lo, hi, verdict):
+    assert bench.gap_verdict(n, lo, hi, 0.002) == verdict
+
+
+def _run(method, seed, auc, bytes_per_step, dense=1000):
+    return {"method": method, "seed": seed, "valid": {"auc": auc, "logloss": 0.5}, "bytes_per_step": bytes_per_step,
+            "dense_ref_bytes": dense, "compress_ms": 1.0, "decompress_ms": 1.0, "communicate_ms": 1.0,
+            "step_ms": 3.0, "train_loss_last": 0.5, "final_hash_ranks": ["a", "a"]}
+
+
+def test_summary_pairs_each_method_with_dense_of_the_same_seed():
+    results = [_run("none", 0, 0.80, 1000), _run("none", 1, 0.70, 1000), _run("none", 2, 0.75, 1000),
+               # the method's seeds in another order: pairing is by seed, not by position
+               _run("topk", 2, 0.749, 20), _run("topk", 0, 0.797, 20), _run("topk", 1, 0.698, 25)]
+    rows = {r["method"]: r for r in bench.summarize(results)}
+    t = rows["topk"]
+    assert t["auc_gaps"] == pytest.approx([0.001, 0.003, 0.002])
+    assert t["auc_gap"] == pytest.approx(0.002) and t["repeats"] == 3
+    ref = stats.ttest_1samp([0.001, 0.003, 0.002], 0.0).confidence_interval(0.95)
+    assert t["auc_gap_ci_lo"] == pytest.approx(ref.low) and t["auc_gap_ci_hi"] == pytest.approx(ref.high)
+    assert t["ratio_min"] == 40.0 and t["ratio"] == pytest.approx((50 + 50 + 40) / 3)
+    assert rows["none"]["auc_gap"] == 0.0
+    line = bench._goal_line("goal", t, 50.0, 0.002)
+    assert line.startswith("goal topk: NOT MET") and "(>= 50: not met)" in line and "undecided" in line
