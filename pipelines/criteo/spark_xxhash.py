@@ -1,0 +1,248 @@
+"""Spark's ``xxhash64`` SQL function, bit-exact, vectorised with NumPy over Arrow columns.
+
+    h = xxhash64([pa_int_scalar_or_int, label, I1, ..., C26])   # == F.xxhash64(F.lit(s), ...)
+    h = xxhash64([strings])                                      # == F.xxhash64(col)
+
+Featurize computes the row-hash split and the hashing-strategy ids inside Spark tasks from
+Arrow data; they must equal what Spark SQL computes for ``F.xxhash64(...)`` so that the split
+of a row (and a hashed id) never depends on which engine computed it. This module reproduces
+Spark's ``XxHash64`` expression (``org.apache.spark.sql.catalyst.expressions.XXH64``):
+
+- the running hash starts at Spark's default seed 42 and each argument, left to right, is
+  hashed with the running hash as its seed; a null argument leaves the hash unchanged;
+- byte/short/int (and boolean, as 1/0) arguments use ``hashInt`` (the 4-byte path), long
+  arguments ``hashLong``, strings/binary ``hashUnsafeBytes`` over the UTF-8 bytes (8-byte
+  words, then one 4-byte word, then single bytes; 32-byte stripes for values of 32+ bytes);
+- a Python ``int`` argument behaves like ``F.lit(int)``: IntegerType when it fits 32 bits,
+  else LongType.
+
+All arithmetic is uint64 with wraparound (NumPy does not trap integer overflow in array
+operations); the result is Spark's signed 64-bit value as ``int64``. Other argument types
+(floats, decimals, dates, nested) raise ``TypeError``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SPARK_SEED = 42
+
+_U = np.uint64
+P1 = _U(0x9E3779B185EBCA87)
+P2 = _U(0xC2B2AE3D27D4EB4F)
+P3 = _U(0x165667B19E3779F9)
+P4 = _U(0x85EBCA77C2B2AE63)
+P5 = _U(0x27D4EB2F165667C5)
+_P1_P2 = _U((0x9E3779B185EBCA87 + 0xC2B2AE3D27D4EB4F) & 0xFFFFFFFFFFFFFFFF)
+
+
+def _rotl(x: np.ndarray, r: int, tmp: np.ndarray) -> np.ndarray:
+    """Rotate left by ``r``, in place (``tmp``: scratch of the same shape)."""
+    np.right_shift(x, _U(64 - r), out=tmp)
+    np.left_shift(x, _U(r), out=x)
+    x |= tmp
+    return x
+
+
+def _fmix(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    for shift, prime in ((33, P2), (29, P3), (32, None)):
+        np.right_shift(h, _U(shift), out=tmp)
+        h ^= tmp
+        if prime is not None:
+            h *= prime
+    return h
+
+
+def _absorb(h: np.ndarray, k: np.ndarray, rot: int, mul: np.uint64, add: np.uint64, tmp: np.ndarray) -> np.ndarray:
+    """``h = rotl(h ^ k * P1, rot) * mul + add`` in place (``k`` is overwritten)."""
+    k *= P1
+    h ^= k
+    _rotl(h, rot, tmp)
+    h *= mul
+    h += add
+    return h
+
+
+def _mix_word(h: np.ndarray, k: np.ndarray, tmp: np.ndarray, k2: np.ndarray) -> np.ndarray:
+    """One 8-byte word ``k`` into the hash ``h``, in place (``tmp``, ``k2``: scratch)."""
+    np.multiply(k, P2, out=k2)
+    return _absorb(h, _rotl(k2, 31, tmp), 27, P1, P4, tmp)
+
+
+def _mix_int(h: np.ndarray, k: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """One 4-byte word (zero-extended to uint64, in ``k``, which is overwritten) into ``h``."""
+    return _absorb(h, k, 23, P2, P3, tmp)
+
+
+def hash_int(values: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """``XXH64.hashInt`` per element: ``values`` int32 (or narrower), ``seed`` uint64."""
+    h = seed + (P5 + _U(4))
+    k = values.astype(np.int32, copy=False).view(np.uint32).astype(np.uint64)
+    tmp = np.empty_like(h)
+    return _fmix(_mix_int(h, k, tmp), tmp)
+
+
+def hash_long(values: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """``XXH64.hashLong`` per element: ``values`` int64, ``seed`` uint64."""
+    h = seed + (P5 + _U(8))
+    tmp, k2 = np.empty_like(h), np.empty_like(h)
+    return _fmix(_mix_word(h, values.astype(np.int64, copy=False).view(np.uint64), tmp, k2), tmp)
+
+
+def _hash_fixed(b: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """``XXH64.hashUnsafeBytes`` of rows that all have the same length: ``b`` is (n, L) uint8."""
+    n, length = b.shape
+    tmp, k2 = np.empty(n, np.uint64), np.empty(n, np.uint64)
+    pos = 0
+    if length >= 32:
+        stripes = length // 32
+        words = np.ascontiguousarray(b[:, : stripes * 32]).view("<u8").reshape(n, stripes, 4)
+        v = [seed + _P1_P2, seed + P2, seed.copy(), seed - P1]
+        for s in range(stripes):
+            for i in range(4):
+                np.multiply(words[:, s, i], P2, out=k2)
+                v[i] += k2
+                _rotl(v[i], 31, tmp)
+                v[i] *= P1
+        h = np.zeros(n, np.uint64)
+        for i, r in enumerate((1, 7, 12, 18)):
+            h += _rotl(v[i].copy(), r, tmp)
+        for i in range(4):
+            v[i] *= P2
+            _rotl(v[i], 31, tmp)
+            v[i] *= P1
+            h ^= v[i]
+            h *= P1
+            h += P4
+        pos = stripes * 32
+    else:
+        h = seed + P5
+    h += _U(length)
+    nwords = (length - pos) // 8
+    if nwords:
+        words = np.ascontiguousarray(b[:, pos : pos + 8 * nwords]).view("<u8")
+        for i in range(nwords):
+            _mix_word(h, words[:, i], tmp, k2)
+        pos += 8 * nwords
+    if pos + 4 <= length:
+        k = np.ascontiguousarray(b[:, pos : pos + 4]).view("<u4")[:, 0].astype(np.uint64)
+        _mix_int(h, k, tmp)
+        pos += 4
+    while pos < length:
+        np.multiply(b[:, pos].astype(np.uint64), P5, out=k2)
+        h ^= k2
+        _rotl(h, 11, tmp)
+        h *= P1
+        pos += 1
+    return _fmix(h, tmp)
+
+
+def _offsets_and_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    t = arr.type
+    if pa.types.is_string_view(t) or pa.types.is_binary_view(t):
+        arr = arr.cast(pa.large_binary())
+        t = arr.type
+    large = pa.types.is_large_string(t) or pa.types.is_large_binary(t)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64 if large else np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets.astype(np.int64), data
+
+
+def hash_bytes(arr: pa.Array, seed: np.ndarray) -> np.ndarray:
+    """``XXH64.hashUnsafeBytes`` of each value of a string/binary array; the result at null
+    rows is unspecified (the caller keeps the previous hash there). Rows are processed in
+    groups of equal length; the usual case (Criteo categoricals: every value 8 bytes, null
+    values empty) is one group read straight from the Arrow data buffer."""
+    offsets, data = _offsets_and_data(arr)
+    lengths = np.diff(offsets)
+    valid = _valid_mask(arr)
+    out = np.zeros(len(arr), dtype=np.uint64)
+    if valid is not None:
+        lengths = np.where(valid, lengths, -1)
+    present = lengths[lengths >= 0] if valid is not None else lengths
+    if not len(present):
+        return out
+    lo, hi = int(present.min()), int(present.max())
+    for length in ([lo] if lo == hi else np.unique(present).tolist()):
+        rows = None if (lo == hi and valid is None) else np.flatnonzero(lengths == length)
+        starts = offsets[:-1] if rows is None else offsets[:-1][rows]
+        m = len(starts)
+        if length == 0:
+            b = np.zeros((m, 0), np.uint8)
+        elif int(starts[-1]) - int(starts[0]) == (m - 1) * length and np.all(np.diff(starts) == length):
+            # the rows lie back to back in the data buffer (the usual case): no gather
+            b = data[int(starts[0]) : int(starts[0]) + m * length].reshape(m, length)
+        else:
+            b = data[starts[:, None] + np.arange(length)]
+        if rows is None:
+            out[:] = _hash_fixed(b, seed)
+        else:
+            out[rows] = _hash_fixed(b, seed[rows])
+    return out
+
+
+def _valid_mask(arr: pa.Array) -> np.ndarray | None:
+    if arr.null_count == 0:
+        return None
+    return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+_BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
+                pa.types.is_large_binary, pa.types.is_binary_view)
+
+
+def _hash_array(arr: pa.Array, seed: np.ndarray) -> np.ndarray:
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr = arr.cast(t.value_type)
+        t = arr.type
+    if pa.types.is_boolean(t):
+        return hash_int(np.asarray(pc.cast(arr, pa.int32()).fill_null(0).to_numpy()), seed)
+    if pa.types.is_integer(t) and t.bit_width <= 32 and not (pa.types.is_unsigned_integer(t) and t.bit_width == 32):
+        return hash_int(np.asarray(arr.fill_null(0).to_numpy()).astype(np.int32), seed)
+    if pa.types.is_int64(t):
+        return hash_long(np.asarray(arr.fill_null(0).to_numpy()), seed)
+    if any(is_type(t) for is_type in _BYTES_TYPES):
+        return hash_bytes(arr, seed)
+    raise TypeError(f"xxhash64: no Spark-compatible hash for Arrow type {t} (int, bigint, string, binary, boolean)")
+
+
+def xxhash64(
+    args: Sequence[pa.Array | pa.ChunkedArray | int], seed: int = SPARK_SEED, num_rows: int | None = None
+) -> np.ndarray:
+    """Spark's ``xxhash64(args...)`` per row, as int64. ``args`` are Arrow arrays of equal
+    length or Python ints (literals, like ``F.lit``); ``num_rows`` is needed only when every
+    argument is a literal."""
+    n = num_rows
+    for a in args:
+        if not isinstance(a, int):
+            n = len(a)
+            break
+    if n is None:
+        raise ValueError("xxhash64 of literals only: pass num_rows")
+    h = np.full(n, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
+    for a in args:
+        if isinstance(a, (bool, np.bool_)):
+            raise TypeError("xxhash64: pass booleans as Arrow arrays")
+        if isinstance(a, (int, np.integer)):
+            v = int(a)
+            if -(1 << 31) <= v < (1 << 31):
+                h = hash_int(np.full(n, v, dtype=np.int32), h)
+            elif -(1 << 63) <= v < (1 << 63):
+                h = hash_long(np.full(n, v, dtype=np.int64), h)
+            else:
+                raise OverflowError(f"xxhash64: literal {v} does not fit a Spark bigint")
+            continue
+        if isinstance(a, pa.ChunkedArray):
+            a = a.combine_chunks() if a.num_chunks != 1 else a.chunk(0)
+        if len(a) != n:
+            raise ValueError(f"xxhash64: arguments of different lengths ({len(a)} vs {n})")
+        new = _hash_array(a, h)
+        if a.null_count:  # a null argument leaves the hash as it was
+            np.copyto(new, h, where=~_valid_mask(a))
+        h = new
+    return h.view(np.int64)
