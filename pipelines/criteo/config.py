@@ -91,9 +91,6 @@ class FeaturizeConfig(BaseModel):
     hash_buckets: int = Field(1 << 18, ge=2, description="hash: ids in [0, hash_buckets); id 0 = missing")
     split: SplitConfig = Field(default_factory=SplitConfig)
     bronze_version: int | None = Field(None, description="pin the bronze snapshot (default: latest)")
-    broadcast_max_rows: int = Field(
-        4_000_000, ge=0, description="vocab columns up to this size are broadcast-joined, larger ones shuffle-joined"
-    )
     row_group_rows: int = Field(131_072, ge=1024, description="gold Parquet row-group size (loader batch unit)")
 
 

@@ -8,17 +8,39 @@ Gold rows are ``label float, dense array<float> (13), sparse array<int> (26)``:
 - sparse, ``featurize.strategy``:
   - ``vocab``: per column, the values seen at least ``freq_threshold`` times in the *train*
     split get ids 2, 3, ... by descending frequency (ties: by value); id 0 = missing, id 1 =
-    rare or unseen (NVTabular Categorify / MLPerf style). ``cardinality`` = kept values + 2.
-    Applied with one broadcast hash join per column (shuffle join above
-    ``broadcast_max_rows``), all in one Spark stage;
+    rare or unseen (NVTabular Categorify / MLPerf style). ``cardinality`` = kept values + 2;
   - ``hash``: id 0 = missing, else ``1 + pmod(xxhash64(value), hash_buckets - 1)``; no
     vocabulary pass, cardinality = ``hash_buckets``.
 - splits: ``day`` (1TB layout: the last day, or ``test_days``, is held out; ``valid_share``
   of its rows, chosen by a hash of the row, go to valid, the rest to test; or explicit
   ``valid_days``) or ``random`` (Kaggle: a seeded hash of the row's content sends
-  ``train_fraction`` = 6/7 of rows to train and halves of the rest to valid/test). A hash of
-  the content, not ``rand()``, so the split does not depend on partitioning and exact
-  duplicate rows never straddle train and test.
+  ``train_fraction`` = 6/7 of rows to train and halves of the rest to valid/test). The hash is
+  Spark's ``pmod(xxhash64(seed, label, I1..I13, C1..C26), 2^30) / 2^30``, not ``rand()``, so
+  the split does not depend on partitioning and exact duplicate rows never straddle train and
+  test.
+
+What runs where. Spark distributes; the per-row work is vectorised Arrow/NumPy code inside
+Spark tasks, reading and writing Parquet directly (the rows never become JVM rows):
+
+1. **Vocabulary** (strategy ``vocab``), one RDD job with one shuffle. Map: one task per bronze
+   slice (a file, or a range of its row groups) that can hold train rows reads C1..C26 with
+   pyarrow (plus label/I1..I13 when the split needs the row hash), keeps the train rows and
+   emits, per column, its ``value_counts`` as Arrow IPC bytes keyed by the column index.
+   Reduce (``groupByKey`` into min(26, 2 x cores) partitions, columns taken one at a time):
+   a column's partials are merged (group-by sum), the threshold and ``max_vocab_size``
+   applied, values ordered by count desc then value asc and numbered from 2; the task writes
+   that column's ``column=Cj`` vocabulary files and returns them with the column's distinct
+   and kept counts. The driver commits ONE vocabulary transaction. Memory per reduce task:
+   the merge of one column, i.e. its distinct train values (the partials of the columns
+   waiting their turn sit in PySpark's group-by, which spills to disk).
+2. **Gold**, one RDD job without a shuffle: one task per bronze slice reads the rows, computes
+   the split per row (day of the file; the row hash with
+   :func:`pipelines.criteo.spark_xxhash.xxhash64`, bit-identical to Spark's), the dense
+   transform and the ids (``pc.index_in`` against the column's committed vocabulary, read by
+   the task from the vocabulary table's files and cached in the Python worker; or the Spark
+   hash), and writes each split's rows to its own gold table. The driver commits the three
+   tables (one transaction each). Memory per task: one batch of rows plus all 26
+   vocabularies (``max_vocab_size`` bounds them).
 
 Only bronze rows the ingest ledger confirms are used (see :mod:`pipelines.criteo.ingest`);
 unlabelled rows (Kaggle ``test.txt``) are left out of gold. Every gold commit records the
@@ -27,14 +49,18 @@ versions and per-column cardinalities the training code needs.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.criteo.schema import (
     DENSE, FIRST_VOCAB_ID, GOLD_SPLITS, MISSING_ID, NUM_DENSE, NUM_SPARSE, RARE_ID, SPARSE, tables,
@@ -42,12 +68,33 @@ from pipelines.criteo.schema import (
 
 log = logging.getLogger(__name__)
 
-VOCAB_DDL = "column string, value string, id int, count bigint"
-VOCAB_SIZES_DDL = (
-    "column string, position int, cardinality int, kept_values bigint, distinct_in_train bigint, "
-    "strategy string, freq_threshold int, hash_buckets int, missing_id int, rare_id int"
-)
+# The table layouts (the same Arrow schemas the earlier Spark SQL implementation produced, so
+# existing tables are overwritten in place and the training loader reads both alike).
+DENSE_TYPE = pa.list_(pa.field("element", pa.float32()))
+SPARSE_TYPE = pa.list_(pa.field("element", pa.int32(), nullable=False))
+GOLD_SCHEMA = pa.schema([
+    pa.field("label", pa.float32()),
+    pa.field("dense", DENSE_TYPE, nullable=False),
+    pa.field("sparse", SPARSE_TYPE, nullable=False),
+])
+VOCAB_SCHEMA = pa.schema([
+    pa.field("column", pa.string()),
+    pa.field("value", pa.string()),
+    pa.field("id", pa.int32(), nullable=False),
+    pa.field("count", pa.int64(), nullable=False),
+])
+VOCAB_SIZES_SCHEMA = pa.schema([
+    pa.field("column", pa.string()), pa.field("position", pa.int32()), pa.field("cardinality", pa.int32()),
+    pa.field("kept_values", pa.int64()), pa.field("distinct_in_train", pa.int64()), pa.field("strategy", pa.string()),
+    pa.field("freq_threshold", pa.int32()), pa.field("hash_buckets", pa.int32()), pa.field("missing_id", pa.int32()),
+    pa.field("rare_id", pa.int32()),
+])
 GOLD_LAYOUT = {"label": "float", "dense": f"array<float>[{NUM_DENSE}]", "sparse": f"array<int>[{NUM_SPARSE}]"}
+
+TRAIN, VALID, TEST = 0, 1, 2  # positions in GOLD_SPLITS
+BATCH_ROWS = 1 << 18  # rows a task transforms at a time
+SLICE_BYTES = 128 << 20  # at most this much bronze Parquet per task
+ROW_COLUMNS = ["label", *DENSE, *SPARSE]  # what the row hash covers, in Spark's argument order
 
 
 class FeaturizeError(RuntimeError):
@@ -180,159 +227,389 @@ def plan_split(cfg, view: BronzeView) -> SplitPlan:
     return SplitPlan("day", test, valid)
 
 
-def split_day_filter(plan: SplitPlan, split: str):
-    """A filter on the ``day`` partition column that keeps every row of ``split`` (day mode), so
-    the bronze scan for that split reads only its days' files; None in random mode."""
-    from pyspark.sql import functions as F
+@dataclass(frozen=True)
+class SplitRule:
+    """The split of a bronze row, evaluated on Arrow batches inside tasks (picklable). Same
+    decisions as the Spark SQL expression it replaced::
 
-    if plan.mode != "day":
-        return None
-    day = F.col("day")
-    held = plan.test_days + plan.valid_days
-    if split == "train":
-        return ~day.isin(held)
-    if split == "valid":
-        return day.isin(plan.valid_days if plan.valid_days else plan.test_days)
-    return day.isin(plan.test_days)
+        day mode:    CASE WHEN day IN test_days THEN (valid_days given ? 'test' :
+                                                      u < valid_share ? 'valid' : 'test')
+                          WHEN day IN valid_days THEN 'valid' ELSE 'train' END
+        random mode: u < train_fraction ? 'train' : u < cut ? 'valid' : 'test'
 
+    with ``u = pmod(xxhash64(seed, label, I1..I13, C1..C26), 2^30) / 2^30`` and
+    ``cut = train_fraction + (1 - train_fraction) * valid_share``."""
 
-def _row_hash_unit(seed: int):
-    """A deterministic number in [0, 1) per row, from the row's content."""
-    from pyspark.sql import functions as F
+    mode: str
+    test_days: tuple[int, ...] = ()
+    valid_days: tuple[int, ...] = ()
+    valid_share: float = 0.5
+    train_fraction: float = 6 / 7
+    seed: int = 0
 
-    h = F.xxhash64(F.lit(seed), F.col("label"), *[F.col(c) for c in DENSE], *[F.col(c) for c in SPARSE])
-    return F.pmod(h, F.lit(1 << 30)).cast("double") / float(1 << 30)
+    @classmethod
+    def of(cls, cfg, plan: SplitPlan) -> SplitRule:
+        sp = cfg.criteo.featurize.split
+        return cls(plan.mode, tuple(plan.test_days), tuple(plan.valid_days), sp.valid_share, sp.train_fraction, sp.seed)
 
+    def of_day(self, day: int | None) -> int | None:
+        """The split of every row of a file of ``day``; None when it depends on the row."""
+        if self.mode == "random":
+            return None
+        if day in self.test_days:
+            return TEST if self.valid_days else None
+        if day in self.valid_days:
+            return VALID
+        return TRAIN
 
-def split_column(cfg, plan: SplitPlan):
-    """Spark column with 'train' / 'valid' / 'test' per row."""
-    from pyspark.sql import functions as F
+    def may_train(self, day: int | None) -> bool:
+        """Can a file of ``day`` hold train rows?"""
+        return self.mode == "random" or (day not in self.test_days and day not in self.valid_days)
 
-    sp = cfg.criteo.featurize.split
-    u = _row_hash_unit(sp.seed)
-    if plan.mode == "random":
-        tf = sp.train_fraction
-        cut = tf + (1.0 - tf) * sp.valid_share
-        return F.when(u < tf, "train").when(u < cut, "valid").otherwise("test")
-    day = F.col("day")
-    holdout = F.when(u < sp.valid_share, "valid").otherwise("test") if not plan.valid_days else F.lit("test")
-    col = F.when(day.isin(plan.test_days), holdout)
-    if plan.valid_days:
-        col = col.when(day.isin(plan.valid_days), "valid")
-    return col.otherwise("train")
-
-
-# ------------------------------------------------------------------------ transforms
-def dense_array():
-    from pyspark.sql import functions as F
-
-    return F.array(*[F.log1p(F.greatest(F.coalesce(F.col(c), F.lit(0)), F.lit(0))).cast("float") for c in DENSE])
-
-
-def hashed_ids(buckets: int) -> list:
-    from pyspark.sql import functions as F
-
-    return [
-        F.when(F.col(c).isNull(), F.lit(MISSING_ID)).otherwise(F.pmod(F.xxhash64(F.col(c)), F.lit(buckets - 1)) + 1)
-        .cast("int").alias(c)
-        for c in SPARSE
-    ]
+    def of_rows(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Per row (int8: TRAIN/VALID/TEST), for slices where :meth:`of_day` is None."""
+        u = row_hash_unit(batch, self.seed)
+        if self.mode == "random":
+            tf = self.train_fraction
+            cut = tf + (1.0 - tf) * self.valid_share
+            return np.where(u < tf, TRAIN, np.where(u < cut, VALID, TEST)).astype(np.int8)
+        return np.where(u < self.valid_share, VALID, TEST).astype(np.int8)
 
 
-def build_vocabulary(train_df, threshold: int, max_size: int | None):
-    """(vocab, counts): vocab = (column, value, id, count) of the kept values; counts =
-    per-column (column, value, count) over the train rows, both as DataFrames."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
+def row_hash_unit(batch: pa.RecordBatch, seed: int) -> np.ndarray:
+    """Spark's ``pmod(xxhash64(lit(seed), label, I1..I13, C1..C26), 2^30) / 2^30`` per row."""
+    from pipelines.criteo.spark_xxhash import xxhash64
 
-    stack = "stack({n}, {args}) AS (column, value)".format(
-        n=NUM_SPARSE, args=", ".join(f"'{c}', {c}" for c in SPARSE)
+    h = xxhash64([seed, *[batch.column(c) for c in ROW_COLUMNS]])
+    return (h & ((1 << 30) - 1)).astype(np.float64) / float(1 << 30)
+
+
+# ------------------------------------------------------------- row transforms (in tasks)
+def dense_matrix(batch: pa.RecordBatch) -> np.ndarray:
+    """``log1p(max(coalesce(x, 0), 0))`` of I1..I13 as an (n, 13) float32 matrix."""
+    out = np.empty((batch.num_rows, NUM_DENSE), dtype=np.float32)
+    for j, c in enumerate(DENSE):
+        x = np.maximum(batch.column(c).fill_null(0).to_numpy(), 0)
+        out[:, j] = np.log1p(x.astype(np.float64))
+    return out
+
+
+def hashed_ids(col: pa.Array, buckets: int) -> np.ndarray:
+    """``0`` for null, else Spark's ``1 + pmod(xxhash64(value), buckets - 1)`` (int32)."""
+    from pipelines.criteo.spark_xxhash import xxhash64
+
+    return _missing_as_zero(col, (np.mod(xxhash64([col]), buckets - 1) + 1).astype(np.int32))
+
+
+def vocab_ids(col: pa.Array, values: pa.Array) -> np.ndarray:
+    """Ids of ``col`` against a column's vocabulary ``values`` (value i has id 2 + i): null ->
+    0 (missing), not in the vocabulary -> 1 (rare or unseen)."""
+    pos = pc.index_in(col, value_set=values).fill_null(-1).to_numpy()
+    return _missing_as_zero(col, np.where(pos >= 0, pos + FIRST_VOCAB_ID, RARE_ID).astype(np.int32))
+
+
+def _missing_as_zero(col: pa.Array, ids: np.ndarray) -> np.ndarray:
+    if col.null_count:
+        ids[~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = MISSING_ID
+    return ids
+
+
+def gold_batch(label: pa.Array, dense: np.ndarray, sparse: np.ndarray) -> pa.RecordBatch:
+    """Rows in the gold layout from a float label and (n, 13) / (n, 26) matrices."""
+    n = len(label)
+    d_off = pa.array(np.arange(0, n * NUM_DENSE + 1, NUM_DENSE, dtype=np.int32))
+    s_off = pa.array(np.arange(0, n * NUM_SPARSE + 1, NUM_SPARSE, dtype=np.int32))
+    return pa.RecordBatch.from_arrays(
+        [
+            label,
+            pa.ListArray.from_arrays(d_off, pa.array(dense.reshape(-1)), type=DENSE_TYPE),
+            pa.ListArray.from_arrays(s_off, pa.array(sparse.reshape(-1)), type=SPARSE_TYPE),
+        ],
+        schema=GOLD_SCHEMA,
     )
-    counts = train_df.selectExpr(stack).where("value IS NOT NULL").groupBy("column", "value").count()
-    w = Window.partitionBy("column").orderBy(F.col("count").desc(), F.col("value").asc())
-    kept = counts.where(F.col("count") >= threshold).withColumn("_rank", F.row_number().over(w))
-    if max_size:
-        kept = kept.where(F.col("_rank") <= max_size)
-    vocab = kept.select(
-        "column", "value", (F.col("_rank") + (FIRST_VOCAB_ID - 1)).cast("int").alias("id"), F.col("count")
+
+
+# ------------------------------------------------------------------------ bronze slices
+@dataclass(frozen=True)
+class BronzeSlice:
+    """The unit of work of a task: one bronze file, or a contiguous range of its row groups."""
+
+    uri: str
+    day: int | None
+    row_groups: tuple[int, ...] | None = None  # None: the whole file
+
+
+def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -> list[BronzeSlice]:
+    """Cut ``files`` (:class:`~pipelines.lake.FileEntry`) into slices of at most ``max_bytes``
+    and small enough that there are about two per core; a file is cut only at row groups."""
+    total = sum(f.size for f in files)
+    target = max(1, min(max_bytes, -(-total // (2 * max(1, parallelism)))))
+    out = []
+    for f in files:
+        day = _day(f)
+        parts = -(-f.size // target)
+        if parts <= 1 or f.size <= target * 3 // 2:
+            out.append(BronzeSlice(f.uri, day))
+            continue
+        md = f.parquet().metadata
+        rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
+        if len(rows) <= 1:
+            out.append(BronzeSlice(f.uri, day))
+            continue
+        # contiguous ranges of about equal rows: cut where the running total passes k/parts
+        ends = np.cumsum(rows)
+        bounds = np.searchsorted(ends, np.arange(1, parts) * ends[-1] / parts, side="left") + 1
+        edges = sorted({0, *bounds.tolist(), len(rows)})
+        out.extend(BronzeSlice(f.uri, day, tuple(range(a, b))) for a, b in zip(edges, edges[1:]) if b > a)
+    return out
+
+
+def read_slice(sl: BronzeSlice, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    from pipelines.lake.reader import read_file_batches
+
+    yield from read_file_batches(
+        sl.uri, schema, {}, [], row_groups=list(sl.row_groups) if sl.row_groups is not None else None,
+        batch_size=BATCH_ROWS,
     )
-    return vocab, counts
 
 
-def vocab_keys(vocab):
-    """(``_key`` = "<column>:<value>", ``id``): every column's vocabulary in one small table."""
-    from pyspark.sql import functions as F
-
-    return vocab.select(F.concat(F.col("column"), F.lit(":"), F.col("value")).alias("_key"), F.col("id"))
-
-
-def vocab_ids(df, vocab, sizes: dict[str, int], broadcast_max_rows: int, keyed=None):
-    """``df`` with C1..C26 replaced by their int ids: one hash join per column.
-
-    When all the vocabularies together fit ``broadcast_max_rows``, every join probes the same
-    broadcast table (``keyed``, from :func:`vocab_keys`) with the key "<column>:<value>":
-    the 26 broadcast exchanges are then identical and Spark builds and ships ONE hash
-    relation per query (ReuseExchange) instead of 26. Otherwise each column is joined with
-    its own vocabulary, broadcast when small, shuffle-joined when large."""
-    from pyspark.sql import functions as F
-
-    shared = keyed is not None and sum(sizes.values()) <= broadcast_max_rows
-    out = df
-    for j, c in enumerate(SPARSE):
-        if shared:
-            v = F.broadcast(keyed.select(F.col("_key").alias(f"_k{j}"), F.col("id").alias(f"_id{j}")))
-            cond = F.concat(F.lit(f"{c}:"), out[c]) == v[f"_k{j}"]
-        else:
-            v = vocab.where(F.col("column") == c).select(F.col("value").alias(f"_k{j}"), F.col("id").alias(f"_id{j}"))
-            if sizes.get(c, 0) <= broadcast_max_rows:
-                v = F.broadcast(v)
-            cond = out[c] == v[f"_k{j}"]
-        out = out.join(v, cond, "left")
-    ids = [
-        F.when(F.col(c).isNull(), F.lit(MISSING_ID)).otherwise(F.coalesce(F.col(f"_id{j}"), F.lit(RARE_ID)))
-        .cast("int").alias(c)
-        for j, c in enumerate(SPARSE)
-    ]
-    keep = [c for c in df.columns if c not in SPARSE]
-    return out.select(*keep, *ids)
+# --------------------------------------------------------------------- vocabulary job
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
-@contextlib.contextmanager
-def session_conf(spark, settings: dict[str, str]):
-    """Temporarily change SQL settings of ``spark`` (restored afterwards)."""
-    old = {k: spark.conf.get(k, None) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
+def _sum_counts(parts: list[pa.Table]) -> pa.Table:
+    """(value, count) tables -> one with the counts of equal values added."""
+    if len(parts) == 1:
+        return parts[0]
+    g = pa.concat_tables(parts).group_by("value", use_threads=False).aggregate([("count", "sum")])
+    return pa.table({"value": g.column("value"), "count": g.column("count_sum")})
+
+
+def count_slice(sl: BronzeSlice, schema: pa.Schema, rule: SplitRule) -> Iterator[tuple[int, bytes]]:
+    """Map side: per column index, the (value, count) of this slice's train rows (IPC bytes)."""
+    if not rule.may_train(sl.day):
+        return
+    whole = rule.of_day(sl.day)
+    parts: list[list[pa.Table]] = [[] for _ in SPARSE]
+    for batch in read_slice(sl, schema):
+        if whole is None:
+            keep = rule.of_rows(batch) == TRAIN
+            batch = batch.select(SPARSE).filter(pa.array(keep))
+        for j, c in enumerate(SPARSE):
+            vc = pc.value_counts(batch.column(c))
+            t = pa.table({"value": vc.field("values"), "count": vc.field("counts")})
+            t = t.filter(pc.is_valid(t.column("value")))
+            if t.num_rows:
+                parts[j].append(t)
+    for j, p in enumerate(parts):
+        if p:
+            yield j, _ipc(_sum_counts(p))
+
+
+def _column_of(key: int) -> int:
+    return key
+
+
+def merge_column(index: int, blobs: Iterable[bytes], tw, threshold: int,
+                 max_size: int | None) -> tuple[int, int, int, list[dict]]:
+    """Reduce side, column ``SPARSE[index]``: merge the map partials, keep values seen
+    ``threshold``+ times (at most ``max_size``), number them 2, 3, ... by count desc then value
+    asc, write the column's vocabulary files. Returns (index, distinct values in train, kept
+    values, add actions)."""
+    counts = _sum_counts([pa.ipc.open_stream(b).read_all() for b in blobs])
+    distinct = counts.num_rows
+    kept = counts.filter(pc.greater_equal(counts.column("count"), threshold))
+    order = pc.sort_indices(kept, sort_keys=[("count", "descending"), ("value", "ascending")])
+    if max_size is not None:
+        order = order.slice(0, max_size)
+    kept = kept.take(order)
+    n = kept.num_rows
+    adds: list[dict] = []
+    if n:
+        batch = pa.RecordBatch.from_arrays(
+            [pa.repeat(pa.scalar(SPARSE[index], pa.string()), n), kept.column("value").combine_chunks(),
+             pa.array(np.arange(FIRST_VOCAB_ID, FIRST_VOCAB_ID + n, dtype=np.int32)),
+             kept.column("count").combine_chunks().cast(pa.int64())],
+            schema=VOCAB_SCHEMA,
+        )
+        w = tw.open()
+        try:
+            w.write(batch)
+            adds = w.close()
+        except BaseException:
+            w.discard()
+            raise
+    return index, distinct, n, adds
+
+
+def build_vocabulary(sc, slices: list[BronzeSlice], schema: pa.Schema, rule: SplitRule, fz, path: str,
+                     commit_info: dict) -> tuple[int, dict[str, int], dict[str, int]]:
+    """The vocabulary job (see the module docstring). Returns (vocabulary version, kept values
+    per column, distinct train values per column)."""
+    from pipelines.lake.tasks import abort_write, begin_write, commit_write
+
+    tw = begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
+    # one reduce task per column at most; fewer on a small cluster, where a task's fixed cost
+    # (about 60 ms of CPU in PySpark) would outweigh the merge of a small column
+    reducers = min(NUM_SPARSE, 2 * max(1, sc.defaultParallelism))
+    threshold, max_size = fz.freq_threshold, fz.max_vocab_size
+    results: list = []
     try:
-        yield
+        if slices:
+            sc.setJobDescription("featurize: vocabulary (count train values, merge per column)")
+            results = (
+                sc.parallelize(slices, len(slices))
+                .flatMap(functools.partial(count_slice, schema=schema, rule=rule))
+                .groupByKey(reducers, _column_of)
+                .map(lambda kv: merge_column(kv[0], kv[1], tw, threshold, max_size))
+                .collect()
+            )
+    except BaseException:
+        abort_write(tw)
+        raise
     finally:
-        for k, v in old.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
+        sc.setJobDescription(None)
+    version = commit_write(tw, [a for r in results for a in r[3]], commit_info)
+    distinct = {SPARSE[j]: d for j, d, _, _ in results}
+    sizes = {SPARSE[j]: k for j, _, k, _ in results}
+    return version, {c: sizes.get(c, 0) for c in SPARSE}, {c: distinct.get(c, 0) for c in SPARSE}
+
+
+_VOCAB_CACHE: dict[tuple, list[pa.Array]] = {}
+
+
+def load_vocabulary(files_by_column: list[list[str]]) -> list[pa.Array]:
+    """Per column, its vocabulary values ordered by id (value i has id 2 + i), read from the
+    vocabulary table's files; cached in the worker process (the key is the file list, which
+    is unique to one vocabulary write)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.lake.fs import filesystem_for
+
+    key = tuple(tuple(f) for f in files_by_column)
+    hit = _VOCAB_CACHE.get(key)
+    if hit is not None:
+        return hit
+    _VOCAB_CACHE.clear()
+    out = []
+    for c, files in zip(SPARSE, files_by_column):
+        parts = []
+        for uri in files:
+            fs, path = filesystem_for(uri)
+            parts.append(pq.read_table(path, filesystem=fs, columns=["value", "id"], use_threads=False))
+        if not parts:
+            out.append(pa.array([], pa.string()))
+            continue
+        t = pa.concat_tables(parts).sort_by("id")
+        ids = t.column("id").to_numpy()
+        if not np.array_equal(ids, np.arange(FIRST_VOCAB_ID, FIRST_VOCAB_ID + len(ids))):
+            raise FeaturizeError(f"vocabulary of {c} at {files[0]}: ids are not consecutive from {FIRST_VOCAB_ID}")
+        out.append(t.column("value").combine_chunks())
+    _VOCAB_CACHE[key] = out
+    return out
+
+
+# --------------------------------------------------------------------------- gold job
+@dataclass(frozen=True)
+class GoldSpec:
+    """What a gold task needs (picklable): the split rule, the id strategy and the writes."""
+
+    rule: SplitRule
+    schema: pa.Schema  # bronze columns read
+    writes: tuple  # TaskWrite per GOLD_SPLITS entry
+    strategy: str
+    hash_buckets: int
+    vocab_files: tuple = ()  # per column: the vocabulary's file URIs
+
+
+def gold_slices(slices: Iterator[BronzeSlice], spec: GoldSpec) -> Iterator[dict]:
+    """One task: every row of its slices to the gold table of its split. Yields
+    ``{split: add actions}``."""
+    values = load_vocabulary([list(f) for f in spec.vocab_files]) if spec.strategy == "vocab" else None
+    writers = [tw.open() for tw in spec.writes]
+    try:
+        for sl in slices:
+            whole = spec.rule.of_day(sl.day)
+            for batch in read_slice(sl, spec.schema):
+                label = batch.column("label").cast(pa.float32())
+                dense = dense_matrix(batch)
+                sparse = np.empty((batch.num_rows, NUM_SPARSE), dtype=np.int32)
+                for j, c in enumerate(SPARSE):
+                    col = batch.column(c)
+                    ids = vocab_ids(col, values[j]) if values is not None else hashed_ids(col, spec.hash_buckets)
+                    sparse[:, j] = ids
+                if whole is not None:
+                    writers[whole].write(gold_batch(label, dense, sparse))
+                    continue
+                codes = spec.rule.of_rows(batch)
+                for k in (TRAIN, VALID, TEST):
+                    rows = np.flatnonzero(codes == k)
+                    if len(rows):
+                        writers[k].write(gold_batch(label.take(pa.array(rows)), dense[rows], sparse[rows]))
+        out = {split: w.close() for split, w in zip(GOLD_SPLITS, writers)}
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
+    yield out
+
+
+def write_gold(sc, slices: list[BronzeSlice], spec_args: dict, paths: dict, row_group_rows: int,
+               info_base: dict) -> dict[str, tuple[int, int]]:
+    """The gold job: returns ``{split: (version, rows)}``; nothing is committed if a task fails."""
+    from pipelines.lake.tasks import abort_write, begin_write, commit_write
+
+    writes = tuple(
+        begin_write(paths[s], GOLD_SCHEMA, mode="overwrite", row_group_rows=row_group_rows) for s in GOLD_SPLITS
+    )
+    spec = GoldSpec(writes=writes, **spec_args)
+    pending = list(writes)
+    try:
+        results: list[dict] = []
+        if slices:
+            sc.setJobDescription("featurize: gold train/valid/test")
+            try:
+                results = sc.parallelize(slices, len(slices)).mapPartitions(
+                    functools.partial(gold_slices, spec=spec)).collect()
+            finally:
+                sc.setJobDescription(None)
+        out = {}
+        for split, tw in zip(GOLD_SPLITS, writes):
+            adds = [a for r in results for a in r[split]]
+            pending.remove(tw)
+            version = commit_write(tw, adds, {**info_base, "table": split})
+            out[split] = (version, sum(int(a["num_records"]) for a in adds))
+        return out
+    except BaseException:
+        for tw in pending:
+            abort_write(tw)
+        raise
 
 
 # ------------------------------------------------------------------------------- main
 def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> FeaturizeReport:
     """Build the gold tables from the current (or ``featurize.bronze_version``) bronze."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
     from jobs.config import config_hash
-    from pipelines.lake import DeltaSnapshot, read_table, write_table
+    from pipelines.lake import DeltaSnapshot
+    from pipelines.lake.tasks import write_arrow
 
     t0 = time.time()
     say = progress or (lambda msg: log.info(msg))
     fz = cfg.criteo.featurize
     paths = tables(cfg)
     chash = config_hash(cfg)
+    sc = spark.sparkContext
 
     view = bronze_view(cfg, fz.bronze_version)
     sources = view.labeled_sources
     if not sources:
         raise FeaturizeError(f"bronze v{view.version} has no labelled rows to featurize")
     plan = plan_split(cfg, view)
+    rule = SplitRule.of(cfg, plan)
     say(f"bronze v{view.version}: {sum(view.sources[s]['rows'] for s in sources):,} labelled rows from "
         f"{len(sources)} file(s); split by {plan.mode}")
     report = FeaturizeReport(fz.strategy, plan.mode, paths["bronze"], view.version,
@@ -341,90 +618,62 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
     info_base = {"job": "featurize", "config_hash": chash, "bronze_path": paths["bronze"],
                  "bronze_version": str(view.version), "strategy": fz.strategy, "split_mode": plan.mode}
 
-    bronze = read_table(spark, paths["bronze"], version=view.version,
-                        columns=["label", *DENSE, *SPARSE, "day", "source"])
-    bronze = bronze.where(F.col("source").isin(sources))
+    bronze = DeltaSnapshot(paths["bronze"], version=view.version)
+    files = bronze.files({"source": sources})
+    parallelism = sc.defaultParallelism
 
-    def rows_of(split: str):
-        """bronze -> rows of ``split`` (the day filter prunes bronze files in day mode)."""
-        df = bronze
-        day_filter = split_day_filter(plan, split)
-        if day_filter is not None:
-            df = df.where(day_filter)
-        df = df.select("label", *DENSE, *SPARSE, split_column(cfg, plan).alias("split"))
-        return df.where(F.col("split") == split).drop("split")
-
-    cached = []
     sizes: dict[str, int] = {}
     distinct: dict[str, int] = {}
+    vocab_files: tuple = ()
     if fz.strategy == "vocab":
         say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
-        vocab, counts = build_vocabulary(rows_of("train"), fz.freq_threshold, fz.max_vocab_size)
-        counts = counts.persist(StorageLevel.MEMORY_AND_DISK)
-        vocab = vocab.persist(StorageLevel.MEMORY_AND_DISK)
-        cached += [counts, vocab]
-        vv = write_table(vocab, paths["vocabulary"], mode="overwrite", partition_by=["column"],
-                         commit_info={**info_base, "table": "vocabulary"})
-        for row in vocab.groupBy("column").count().collect():
-            sizes[row["column"]] = int(row["count"])
-        keyed = None
-        if sum(sizes.values()) <= fz.broadcast_max_rows:
-            keyed = vocab_keys(vocab).persist(StorageLevel.MEMORY_AND_DISK)
-            cached.append(keyed)
-        for row in counts.groupBy("column").count().collect():
-            distinct[row["column"]] = int(row["count"])
+        train_files = [f for f in files if rule.may_train(_day(f))]
+        vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
+        vv, sizes, distinct = build_vocabulary(
+            sc, bronze_slices(train_files, parallelism), bronze.schema(vocab_columns), rule, fz,
+            paths["vocabulary"], {**info_base, "table": "vocabulary"},
+        )
         report.vocabulary, report.vocabulary_version = paths["vocabulary"], vv
-        cards = [sizes.get(c, 0) + FIRST_VOCAB_ID for c in SPARSE]
+        by_col: dict[str, list[str]] = {c: [] for c in SPARSE}
+        for f in DeltaSnapshot(paths["vocabulary"], version=vv).files():
+            by_col[f.partition_values["column"]].append(f.uri)
+        vocab_files = tuple(tuple(by_col[c]) for c in SPARSE)
+        cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
+        say(f"vocabulary v{vv}: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
     else:
         cards = [fz.hash_buckets] * NUM_SPARSE
     report.cardinalities = cards
 
-    def gold_rows(split: str):
-        df = rows_of(split)
-        if fz.strategy == "vocab":
-            df = vocab_ids(df, vocab, sizes, fz.broadcast_max_rows, keyed)
-        else:
-            df = df.select("label", *DENSE, *hashed_ids(fz.hash_buckets))
-        return df.select(
-            F.col("label").cast("float").alias("label"),
-            dense_array().alias("dense"),
-            F.array(*[F.col(c) for c in SPARSE]).alias("sparse"),
-        )
-
-    try:
-        # Without AQE the 26 identical broadcast exchanges are reused (one broadcast job per
-        # query instead of 26); these queries have no shuffle for AQE to tune anyway.
-        with session_conf(spark, {"spark.sql.adaptive.enabled": "false"}):
-            for split in GOLD_SPLITS:
-                say(f"writing gold {split}")
-                v = write_table(
-                    gold_rows(split), paths[split], mode="overwrite",
-                    commit_info={**info_base, "table": split}, row_group_rows=fz.row_group_rows,
-                )
-                report.tables[split], report.versions[split] = paths[split], v
-                report.rows[split] = DeltaSnapshot(paths[split], version=v).num_rows
-    finally:
-        for df in cached:
-            df.unpersist()
+    say("writing gold " + "/".join(GOLD_SPLITS))
+    spec_args = {"rule": rule, "schema": bronze.schema(ROW_COLUMNS), "strategy": fz.strategy,
+                 "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
+    for split, (v, n) in write_gold(sc, bronze_slices(files, parallelism), spec_args, paths, fz.row_group_rows,
+                                    info_base).items():
+        report.tables[split], report.versions[split], report.rows[split] = paths[split], v, n
 
     say("writing the vocabulary summary and features.json")
+    vocab = fz.strategy == "vocab"
     rows = [
-        (c, j, cards[j], sizes.get(c, 0) if fz.strategy == "vocab" else None,
-         distinct.get(c, 0) if fz.strategy == "vocab" else None, fz.strategy,
-         fz.freq_threshold if fz.strategy == "vocab" else None,
-         fz.hash_buckets if fz.strategy == "hash" else None, MISSING_ID,
-         RARE_ID if fz.strategy == "vocab" else None)
+        {"column": c, "position": j, "cardinality": cards[j], "kept_values": sizes.get(c, 0) if vocab else None,
+         "distinct_in_train": distinct.get(c, 0) if vocab else None, "strategy": fz.strategy,
+         "freq_threshold": fz.freq_threshold if vocab else None, "hash_buckets": None if vocab else fz.hash_buckets,
+         "missing_id": MISSING_ID, "rare_id": RARE_ID if vocab else None}
         for j, c in enumerate(SPARSE)
     ]
     report.vocab_sizes = paths["vocab_sizes"]
-    report.vocab_sizes_version = write_table(
-        spark.createDataFrame(rows, VOCAB_SIZES_DDL), paths["vocab_sizes"], mode="overwrite",
+    report.vocab_sizes_version = write_arrow(  # 26 rows: written by the driver, no Spark job
+        paths["vocab_sizes"], pa.Table.from_pylist(rows, schema=VOCAB_SIZES_SCHEMA), mode="overwrite",
         commit_info={**info_base, "table": "vocab_sizes"},
     )
     report.features_json = paths["features_json"]
     write_features_json(cfg, report, sizes, distinct, plan)
     report.seconds = time.time() - t0
     return report
+
+
+def _day(f) -> int | None:
+    d = f.partition_values.get("day")
+    return None if d is None else int(d)
 
 
 def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dict, plan: SplitPlan) -> dict:

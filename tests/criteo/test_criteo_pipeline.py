@@ -207,6 +207,111 @@ def test_vocab_ids_match_train_counts(pipeline):
         assert got.get(1, 0) == len(train_rows) - got.get(0, 0) - sum(want.values())
 
 
+def _spark_sql_reference(spark, cfg, plan) -> tuple[dict, dict]:
+    """What the earlier Spark SQL featurize computed, evaluated by Spark on the same bronze:
+    ({split: sorted (label, dense, sparse) rows}, {(column, value): (id, count)}). Vocabulary
+    ids are applied in Python from the reference vocabulary (the old left joins)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from pipelines.criteo.schema import DENSE, SPARSE
+    from pipelines.lake import read_table
+
+    fz, sp = cfg.criteo.featurize, cfg.criteo.featurize.split
+    df = read_table(spark, _bronze(cfg)["bronze"], columns=["label", *DENSE, *SPARSE, "day"])
+    df = df.where("label IS NOT NULL")
+    u = F.pmod(F.xxhash64(F.lit(sp.seed), "label", *DENSE, *SPARSE), F.lit(1 << 30)).cast("double") / float(1 << 30)
+    if plan.mode == "random":
+        cut = sp.train_fraction + (1.0 - sp.train_fraction) * sp.valid_share
+        split = F.when(u < sp.train_fraction, "train").when(u < cut, "valid").otherwise("test")
+    else:
+        split = F.when(F.col("day").isin(plan.test_days), F.when(u < sp.valid_share, "valid").otherwise("test"))
+        split = split.otherwise("train")
+    df = df.withColumn("split", split)
+    vocab = {}
+    if fz.strategy == "vocab":
+        stack = "stack(26, {}) AS (column, value)".format(", ".join(f"'{c}', {c}" for c in SPARSE))
+        counts = df.where("split = 'train'").selectExpr(stack).where("value IS NOT NULL")
+        counts = counts.groupBy("column", "value").count()
+        w = Window.partitionBy("column").orderBy(F.col("count").desc(), F.col("value").asc())
+        kept = counts.where(F.col("count") >= fz.freq_threshold).withColumn("rank", F.row_number().over(w))
+        if fz.max_vocab_size:
+            kept = kept.where(F.col("rank") <= fz.max_vocab_size)
+        vocab = {(r["column"], r["value"]): (r["rank"] + 1, r["count"]) for r in kept.collect()}
+        ids = [F.col(c) for c in SPARSE]
+    else:
+        ids = [F.when(F.col(c).isNull(), 0).otherwise(F.pmod(F.xxhash64(c), F.lit(fz.hash_buckets - 1)) + 1)
+               .cast("int").alias(c) for c in SPARSE]
+    dense = F.array(*[F.log1p(F.greatest(F.coalesce(F.col(c), F.lit(0)), F.lit(0))).cast("float") for c in DENSE])
+    rows = df.select("split", F.col("label").cast("float").alias("label"), dense.alias("dense"), *ids).collect()
+    out: dict[str, list] = {"train": [], "valid": [], "test": []}
+    for r in rows:
+        if fz.strategy == "vocab":
+            sparse = [0 if r[c] is None else vocab.get((c, r[c]), (1,))[0] for c in SPARSE]
+        else:
+            sparse = [r[c] for c in SPARSE]
+        out[r["split"]].append((r["label"], tuple(r["dense"]), tuple(sparse)))
+    return {k: sorted(v) for k, v in out.items()}, vocab
+
+
+def _gold_rows(path: str) -> list:
+    t = DeltaSnapshot(path).to_table()
+    return sorted(zip(t.column("label").to_pylist(), map(tuple, t.column("dense").to_pylist()),
+                      map(tuple, t.column("sparse").to_pylist())))
+
+
+@pytest.mark.parametrize("split_mode,strategy", [("day", "hash"), ("random", "vocab")])
+def test_featurize_equals_the_spark_sql_expressions(spark, tmp_path, split_mode, strategy):
+    """The Arrow/NumPy tasks give exactly what Spark SQL gives for the same definitions: the
+    row-hash split (day mode: valid/test halves of the held-out day; random mode, which also
+    filters the vocabulary's train rows by the hash), the hashing ids, the vocabulary with
+    its threshold and size cap, the dense transform."""
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+
+    cfg = _cfg(tmp_path, generate={"days": 3, "rows_per_day": 1500, "seed": 5},
+               featurize={"strategy": strategy, "hash_buckets": 997, "freq_threshold": 2, "max_vocab_size": 40,
+                          "split": {"mode": split_mode, "seed": 11, "valid_share": 0.3}})
+    generate(cfg)
+    ingest(spark, cfg)
+    rep = featurize(spark, cfg)
+    from pipelines.criteo.featurize import SplitPlan
+
+    want, vocab = _spark_sql_reference(spark, cfg, SplitPlan(rep.split_mode, rep.test_days, rep.valid_days))
+    assert rep.split_mode == split_mode and sum(len(v) for v in want.values()) == 4500
+    for split in ("train", "valid", "test"):
+        got = _gold_rows(rep.tables[split])
+        assert len(got) == rep.rows[split] == len(want[split]) > 0
+        assert got == want[split], split
+    if strategy == "vocab":
+        table = DeltaSnapshot(rep.vocabulary).to_table().to_pylist()
+        assert {(r["column"], r["value"]): (r["id"], r["count"]) for r in table} == vocab
+        assert max(rep.cardinalities) == 42  # the size cap bites on the large columns
+
+
+def test_failed_featurize_commits_nothing(spark, tmp_path):
+    """A gold task that fails (here: an unreadable bronze file of the held-out day) fails the
+    job; no gold table gets a commit and no file of the failed writes is left behind."""
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+
+    cfg = _cfg(tmp_path, generate={"days": 2, "rows_per_day": 300, "seed": 1})
+    generate(cfg)
+    ingest(spark, cfg)
+    rep = featurize(spark, cfg)
+    t = _bronze(cfg)
+    files = {s: sorted(p.name for p in Path(t[s]).glob("*.parquet")) for s in ("train", "valid", "test")}
+    held = [f for f in DeltaSnapshot(t["bronze"]).files() if f.partition_values["day"] == rep.test_days[0]]
+    Path(held[0].uri.removeprefix("file://")).write_bytes(b"not parquet")
+    with pytest.raises(Exception, match="(?i)parquet"):
+        featurize(spark, cfg)
+    for s in ("train", "valid", "test"):
+        assert table_version(t[s]) == rep.versions[s]
+        assert sorted(p.name for p in Path(t[s]).glob("*.parquet")) == files[s]
+
+
 def test_kaggle_layout_random_split_hash_and_unlabelled(spark, tmp_path):
     """Kaggle layout: one train.txt.gz + an unlabelled test.txt.gz; seeded 6/7 : 1/14 : 1/14
     split, hashing strategy, unlabelled rows kept in bronze but out of gold."""
