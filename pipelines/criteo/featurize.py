@@ -298,7 +298,7 @@ def hashed_ids(col: pa.Array, buckets: int) -> np.ndarray:
     """``0`` for null, else Spark's ``1 + pmod(xxhash64(value), buckets - 1)`` (int32)."""
     from pipelines.criteo.spark_xxhash import xxhash64
 
-    return _missing_as_zero(col, (np.mod(xxhash64([col]), buckets - 1) + 1).astype(np.int32))
+    return _missing_as_zero(col, _per_value(col, lambda v: (np.mod(xxhash64([v]), buckets - 1) + 1).astype(np.int32)))
 
 
 class VocabLookup:
@@ -351,8 +351,19 @@ def word_keys(arr: pa.Array) -> np.ndarray | None:
 def vocab_ids(col: pa.Array, lookup: VocabLookup) -> np.ndarray:
     """Ids of ``col`` against a column's vocabulary: null -> 0 (missing), not in the
     vocabulary -> 1 (rare or unseen), else 2 + its position."""
-    pos = lookup.positions(col)
+    pos = _per_value(col, lookup.positions)
     return _missing_as_zero(col, np.where(pos >= 0, pos + FIRST_VOCAB_ID, RARE_ID).astype(np.int32))
+
+
+def _per_value(col: pa.Array, fn: Callable[[pa.Array], np.ndarray]) -> np.ndarray:
+    """``fn`` per row of ``col``; for a dictionary column (how bronze's categoricals are read)
+    ``fn`` runs on the distinct values only and is spread to the rows by index (null rows:
+    unspecified)."""
+    if not pa.types.is_dictionary(col.type):
+        return fn(col)
+    if not len(col.dictionary):
+        return np.zeros(len(col), np.int64)
+    return fn(col.dictionary)[col.indices.fill_null(0).to_numpy()]
 
 
 def _missing_as_zero(col: pa.Array, ids: np.ndarray) -> np.ndarray:
@@ -435,21 +446,51 @@ def _ipc(table: pa.Table) -> bytes:
 
 
 def _sum_counts(parts: list[pa.Table]) -> pa.Table:
-    """(value, count) tables -> one with the counts of equal values added."""
-    g = pa.concat_tables(parts).group_by("value", use_threads=False).aggregate([("count", "sum")])
-    return pa.table({"value": g.column("value"), "count": g.column("count_sum")})
+    """Partial counts -> one table with the counts of equal values added. A partial is
+    ``(key uint64, count)`` when all its values are 8 bytes (the key holds them big-endian,
+    so key order is the values' byte order, Spark's string order), else ``(value string,
+    count)``; mixed partials are merged as strings."""
+    if any("value" in p.column_names for p in parts):
+        parts = [_as_values(p) for p in parts]
+    by = parts[0].column_names[0]
+    g = pa.concat_tables(parts).group_by(by, use_threads=False).aggregate([("count", "sum")])
+    return pa.table({by: g.column(by), "count": g.column("count_sum")})
+
+
+def _partial(values: pa.Array, counts: np.ndarray) -> pa.Table:
+    keys = word_keys(values)
+    if keys is None:
+        return pa.table({"value": values, "count": counts})
+    return pa.table({"key": keys.byteswap(), "count": counts})
+
+
+def _as_values(t: pa.Table) -> pa.Table:
+    if "value" in t.column_names:
+        return t
+    return pa.table({"value": _key_strings(t.column("key")), "count": t.column("count")})
+
+
+def _key_strings(keys: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Big-endian uint64 keys back to their 8-byte strings."""
+    k = np.ascontiguousarray(keys.to_numpy()).byteswap()
+    offsets = np.arange(0, 8 * len(k) + 1, 8, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), len(k), [None, pa.py_buffer(offsets), pa.py_buffer(k.view(np.uint8))])
 
 
 def _value_counts(col: pa.Array) -> pa.Table:
-    """(value, count) of the non-null values of ``col``; a dictionary column (how bronze's
-    categoricals are read) is counted by its indices, without hashing a string per row."""
+    """Partial counts (see :func:`_sum_counts`) of the non-null values of ``col``; a
+    dictionary column (how bronze's categoricals are read) is counted by its indices,
+    without hashing a string per row."""
     if pa.types.is_dictionary(col.type):
         counts = np.bincount(pc.drop_null(col.indices).to_numpy(), minlength=len(col.dictionary))
         seen = counts > 0
-        return pa.table({"value": col.dictionary.filter(pa.array(seen)), "count": counts[seen].astype(np.int64)})
+        return _partial(col.dictionary.filter(pa.array(seen)), counts[seen].astype(np.int32))
     vc = pc.value_counts(col)
-    t = pa.table({"value": vc.field("values"), "count": vc.field("counts")})
-    return t.filter(pc.is_valid(t.column("value")))
+    values, counts = vc.field("values"), vc.field("counts")
+    if values.null_count:
+        valid = pc.is_valid(values)
+        values, counts = values.filter(valid), counts.filter(valid)
+    return _partial(values, counts.to_numpy().astype(np.int32))
 
 
 def count_slice(sl: BronzeSlice, schema: pa.Schema, rule: SplitRule) -> Iterator[tuple[int, bytes]]:
@@ -468,7 +509,10 @@ def count_slice(sl: BronzeSlice, schema: pa.Schema, rule: SplitRule) -> Iterator
                 parts[j].append(t)
     for j, p in enumerate(parts):
         if p:
-            yield j, _ipc(_sum_counts(p))
+            t = _sum_counts(p)
+            if pc.max(t.column("count")).as_py() < 1 << 31:  # half the bytes to shuffle for the counts
+                t = t.set_column(1, "count", t.column("count").cast(pa.int32()))
+            yield j, _ipc(t)
 
 
 def _column_of(key: int) -> int:
@@ -484,10 +528,11 @@ def merge_column(index: int, blobs: Iterable[bytes], tw, threshold: int,
     counts = _sum_counts([pa.ipc.open_stream(b).read_all() for b in blobs])
     distinct = counts.num_rows
     kept = counts.filter(pc.greater_equal(counts.column("count"), threshold))
-    order = pc.sort_indices(kept, sort_keys=[("count", "descending"), ("value", "ascending")])
+    by = kept.column_names[0]
+    order = pc.sort_indices(kept, sort_keys=[("count", "descending"), (by, "ascending")])
     if max_size is not None:
         order = order.slice(0, max_size)
-    kept = kept.take(order)
+    kept = _as_values(kept.take(order))
     n = kept.num_rows
     adds: list[dict] = []
     if n:
@@ -595,7 +640,7 @@ def gold_slices(slices: Iterator[BronzeSlice], spec: GoldSpec) -> Iterator[dict]
     try:
         for sl in slices:
             whole = spec.rule.of_day(sl.day)
-            for batch in read_slice(sl, spec.schema):
+            for batch in read_slice(sl, spec.schema, dictionary=SPARSE):
                 label = batch.column("label").cast(pa.float32())
                 dense = dense_matrix(batch)
                 sparse = np.empty((batch.num_rows, NUM_SPARSE), dtype=np.int32)

@@ -1,0 +1,106 @@
+"""The task-side pieces of featurize on plain Arrow data (no Spark): vocabulary partials and
+their merge, id lookups, bronze slicing. The 8-byte fast paths (uint64 keys) must agree with
+the general string paths they stand in for."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.criteo import featurize as F
+from pipelines.criteo.schema import SPARSE
+
+HEX = [f"{i * 2654435761 % (1 << 32):08x}" for i in range(300)]
+MIXED = HEX[:50] + ["", "a", "abc", "0123456789", "é漢字", "68FD1E64"]
+
+
+def _values(pool: list[str], n: int, seed: int) -> list[str | None]:
+    rng = np.random.default_rng(seed)
+    idx = np.minimum(rng.zipf(1.3, n) - 1, len(pool) - 1)
+    return [None if rng.random() < 0.1 else pool[i] for i in idx]
+
+
+def _merge(tmp_path, partials, threshold=2, max_size=None):
+    from pipelines.lake import DeltaSnapshot
+    from pipelines.lake.tasks import begin_write, commit_write
+
+    tw = begin_write(str(tmp_path / "vocab"), F.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
+    blobs = [F._ipc(F._sum_counts([p])) for p in partials]
+    index, distinct, kept, adds = F.merge_column(2, blobs, tw, threshold, max_size)
+    commit_write(tw, adds)
+    rows = DeltaSnapshot(str(tmp_path / "vocab")).to_table().to_pylist()
+    return distinct, kept, sorted((r["id"], r["value"], r["count"], r["column"]) for r in rows)
+
+
+@pytest.mark.parametrize("pool", [HEX, MIXED], ids=["8-byte", "mixed-lengths"])
+def test_vocabulary_merge_equals_counting(tmp_path, pool):
+    """Partials from plain and dictionary-encoded batches, as keys or strings, merge into the
+    vocabulary a plain count gives: threshold, size cap, count desc then value (bytes) asc."""
+    batches = [_values(pool, 3000, s) for s in range(4)]
+    batches[0] = _values(HEX, 3000, 0)  # all 8 bytes: a key partial even in the mixed case
+    arrays = [pa.array(b, pa.string()) for b in batches]
+    arrays[1] = arrays[1].dictionary_encode()
+    arrays[3] = arrays[3].slice(7).dictionary_encode()
+    batches[3] = batches[3][7:]
+    partials = [F._value_counts(a) for a in arrays]
+    kinds = [p.column_names[0] for p in partials]
+    assert kinds == ["key"] * 4 if pool is HEX else kinds[0] == "key" and "value" in kinds
+    counts = Counter(v for b in batches for v in b if v is not None)
+    for max_size in (None, 20):
+        distinct, kept, rows = _merge(tmp_path / str(max_size), partials, threshold=2, max_size=max_size)
+        want = sorted(((v, c) for v, c in counts.items() if c >= 2), key=lambda vc: (-vc[1], vc[0].encode()))
+        want = want[:max_size] if max_size else want
+        assert distinct == len(counts) and kept == len(want)
+        assert rows == [(2 + i, v, c, "C3") for i, (v, c) in enumerate(want)]
+
+
+def test_key_strings_round_trip():
+    a = pa.array(HEX[:20] + ["\x00" * 8, "ÿÿÿÿ"], pa.string())
+    keys = F.word_keys(a)
+    assert keys is not None
+    assert F._key_strings(pa.array(keys.byteswap())).to_pylist() == a.to_pylist()
+    assert F.word_keys(pa.array(["abcdefgh", "abc"])) is None
+    assert F.word_keys(pa.array(["abcdefgh", None, "12345678"])).tolist()[1] == 0
+
+
+@pytest.mark.parametrize("pool", [HEX, MIXED], ids=["8-byte", "mixed-lengths"])
+def test_vocab_ids_fast_and_general_paths_agree(pool):
+    vocab = pa.array(pool[::2], pa.string())
+    lookup = F.VocabLookup(vocab)
+    assert (lookup.index is not None) == (pool is HEX)
+    col = pa.array(_values(pool, 5000, 9) + ["zzzzzzzz", "not-in-it"], pa.string())
+    pos = {v: i for i, v in enumerate(vocab.to_pylist())}
+    want = [0 if v is None else 2 + pos[v] if v in pos else 1 for v in col.to_pylist()]
+    assert F.vocab_ids(col, lookup).tolist() == want
+    assert F.vocab_ids(col.dictionary_encode(), lookup).tolist() == want
+    assert F.vocab_ids(col.slice(100), lookup).tolist() == want[100:]
+    empty = F.VocabLookup(pa.array([], pa.string()))
+    assert set(F.vocab_ids(col, empty).tolist()) == {0, 1}
+
+
+def test_hashed_ids_dictionary_equals_plain():
+    col = pa.array(_values(MIXED, 2000, 3), pa.string())
+    ids = F.hashed_ids(col, 1000)
+    assert ids.min() >= 0 and ids.max() < 1000 and (ids == 0).sum() == col.null_count
+    assert F.hashed_ids(col.dictionary_encode(), 1000).tolist() == ids.tolist()
+
+
+def test_bronze_slices_cut_big_files_at_row_groups(tmp_path):
+    from pipelines.lake import FileEntry
+
+    t = pa.table({c: pa.array([HEX[i % 300] for i in range(10_000)]) for c in SPARSE[:2]})
+    big, small = tmp_path / "big.parquet", tmp_path / "small.parquet"
+    pq.write_table(t, big, row_group_size=1000)  # 10 row groups
+    pq.write_table(t.slice(0, 500), small)
+    files = [FileEntry(str(big), big.stat().st_size, 10_000, {"day": 3}),
+             FileEntry(str(small), small.stat().st_size, 500, {"day": None})]
+    slices = F.bronze_slices(files, parallelism=2)
+    cut = [s for s in slices if s.uri == str(big)]
+    assert len(cut) > 1 and all(s.day == 3 for s in cut)
+    assert [g for s in cut for g in s.row_groups] == list(range(10))  # contiguous, each once
+    assert [s for s in slices if s.uri == str(small)] == [F.BronzeSlice(str(small), None)]
+    rows = sum(b.num_rows for s in cut for b in F.read_slice(s, t.schema, dictionary=SPARSE[:1]))
+    assert rows == 10_000
