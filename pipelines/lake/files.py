@@ -153,11 +153,19 @@ class PartitionedFileWriter:
         self.written_paths: list[str] = []
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, batch: pa.RecordBatch) -> None:
+    def write(self, batch: pa.RecordBatch, partition_values: tuple | None = None) -> None:
+        """Buffer ``batch``. Its partition columns decide its files; a caller that knows the
+        whole batch belongs to one partition passes ``partition_values`` (in ``partition_by``
+        order) and the batch may then omit those columns (no per-row grouping is done)."""
         if batch.num_rows == 0:
             return
         if not self.partition_by:
             self._buffer((), batch.select(self.data_schema.names))
+            return
+        if partition_values is not None:
+            if len(partition_values) != len(self.partition_by):
+                raise ValueError(f"partition_values {partition_values} do not match partition_by {self.partition_by}")
+            self._buffer(tuple(partition_values), batch.select(self.data_schema.names))
             return
         keys = pa.Table.from_batches([batch]).select(self.partition_by)
         grouped = keys.group_by(self.partition_by, use_threads=False).aggregate([])
@@ -239,11 +247,20 @@ class PartitionedFileWriter:
         )
 
     def close(self) -> list[dict]:
-        """Flush everything and return the add actions (as plain dicts) of this task."""
+        """Flush everything and return the add actions (as plain dicts) of this task.
+
+        If the write was aborted meanwhile (a task of a failed job can outlive the driver's
+        cleanup: its Python worker sees the end of its input and closes normally), the files
+        are deleted and :class:`WriteAbortedError` is raised. The abort marks the write BEFORE
+        listing leftovers and this check runs AFTER the files exist, so one side always
+        deletes them."""
         for key in list(self._pending):
             self._flush(key)
         for key in list(self._open):
             self._close_file(key)
+        if write_aborted(self.table_uri, self.write_id):
+            delete_files(self.table_uri, self.written_paths)
+            raise WriteAbortedError(f"write {self.write_id} to {self.table_uri} was aborted; its files were removed")
         return self._done
 
     def discard(self) -> None:
@@ -256,6 +273,29 @@ class PartitionedFileWriter:
                 pass
         self._open.clear()
         delete_files(self.table_uri, self.written_paths)
+
+
+ABORTED_DIR = "_bigopt_aborted"
+
+
+class WriteAbortedError(RuntimeError):
+    """A task finished writing after its write had been aborted (its files are removed)."""
+
+
+def mark_aborted(table_uri: str, write_id: str) -> None:
+    """Record that write ``write_id`` was aborted (``<table>/_bigopt_aborted/<write_id>``;
+    Delta ignores ``_``-prefixed directories)."""
+    fs, root = filesystem_for(table_uri)
+    fs.create_dir(join(root, ABORTED_DIR), recursive=True)
+    with fs.open_output_stream(join(root, f"{ABORTED_DIR}/{write_id}")) as f:
+        f.write(b"aborted\n")
+
+
+def write_aborted(table_uri: str, write_id: str) -> bool:
+    from pyarrow.fs import FileType
+
+    fs, root = filesystem_for(table_uri)
+    return fs.get_file_info(join(root, f"{ABORTED_DIR}/{write_id}")).type != FileType.NotFound
 
 
 def delete_files(table_uri: str, rel_paths: list[str]) -> None:

@@ -35,9 +35,14 @@ def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> 
 def remove_write_leftovers(uri: str, write_id: str) -> int:
     """Delete files a failed write left behind (named ``part-<write_id>-*``); returns the count.
 
-    Only files of that write are touched, never committed data of another writer."""
+    Only files of that write are touched, never committed data of another writer. The write
+    is first marked aborted, so a task that creates a file after this listing deletes it
+    itself (:meth:`pipelines.lake.files.PartitionedFileWriter.close`)."""
     from pyarrow.fs import FileSelector, FileType
 
+    from pipelines.lake.files import mark_aborted
+
+    mark_aborted(normalize_uri(uri), write_id)
     fs, root = filesystem_for(normalize_uri(uri))
     try:
         infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
