@@ -418,11 +418,12 @@ def plan_chunks(files: Sequence[RawFile], chunk_bytes: int, verify: bool) -> lis
     return items
 
 
-def _rows_batch(rows: pa.Table, batch_id: str, day: int, source: str) -> pa.Table:
-    n = rows.num_rows
-    return rows.append_column("ingest_batch", pa.array([batch_id] * n, pa.string()) if n else pa.array([], pa.string())) \
-        .append_column("day", pa.array(np.full(n, day, dtype=np.int32))) \
-        .append_column("source", pa.array([source] * n, pa.string()))
+def constant_strings(value: str, n: int) -> pa.Array:
+    """``n`` copies of ``value`` as an Arrow string array, built from buffers (no Python list)."""
+    data = value.encode()
+    offsets = np.arange(0, (n + 1) * len(data), len(data) or 1, dtype=np.int32)[: n + 1] if data else \
+        np.zeros(n + 1, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data * n))
 
 
 def _rejects_batch(rejects: list, preview: int, batch_id: str, day: int, source: str) -> pa.Table:
@@ -467,11 +468,13 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
             if rows.num_rows + len(rejects) != n:  # parse_block's contract; never expected
                 raise IngestError(f"{c.path}: {n} lines parsed into {rows.num_rows} rows + {len(rejects)} rejects")
             lines, ok, rejected = lines + n, ok + rows.num_rows, rejected + len(rejects)
-            for b in _rows_batch(rows, batch_id, c.day, c.source).to_batches():
-                bw.write(b)
+            # one partition per chunk (day, source): the writer needs no per-row grouping
+            rows = rows.append_column("ingest_batch", constant_strings(batch_id, rows.num_rows))
+            for b in rows.to_batches():
+                bw.write(b, (c.day, c.source))
             if rejects:
                 for b in _rejects_batch(rejects, preview, batch_id, c.day, c.source).to_batches():
-                    qw.write(b)
+                    qw.write(b, (c.day, c.source))
         return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
                 "rejected": rejected, "bronze": bw.close(), "quarantine": qw.close(),
                 "sha256": hasher.hexdigest() if hasher is not None else None}
