@@ -20,26 +20,29 @@ Gold rows are ``label float, dense array<float> (13), sparse array<int> (26)``:
   test.
 
 What runs where. Spark distributes; the per-row work is vectorised Arrow/NumPy code inside
-Spark tasks, reading and writing Parquet directly (the rows never become JVM rows):
+Spark tasks, reading and writing Parquet directly (the rows never become JVM rows). The unit
+of work is a bronze *slice* (a file, or a range of its row groups when it is large); slices
+are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks`).
 
-1. **Vocabulary** (strategy ``vocab``), one RDD job with one shuffle. Map: one task per bronze
-   slice (a file, or a range of its row groups) that can hold train rows reads C1..C26 with
-   pyarrow (plus label/I1..I13 when the split needs the row hash), keeps the train rows and
-   emits, per column, its ``value_counts`` as Arrow IPC bytes keyed by the column index.
-   Reduce (``groupByKey`` into min(26, 2 x cores) partitions, columns taken one at a time):
-   a column's partials are merged (group-by sum), the threshold and ``max_vocab_size``
-   applied, values ordered by count desc then value asc and numbered from 2; the task writes
-   that column's ``column=Cj`` vocabulary files and returns them with the column's distinct
-   and kept counts. The driver commits ONE vocabulary transaction. Memory per reduce task:
-   the merge of one column, i.e. its distinct train values (the partials of the columns
-   waiting their turn sit in PySpark's group-by, which spills to disk).
-2. **Gold**, one RDD job without a shuffle: one task per bronze slice reads the rows, computes
-   the split per row (day of the file; the row hash with
+1. **Vocabulary** (strategy ``vocab``), one RDD job with one shuffle. Map: each task reads
+   C1..C26 of its slices that can hold train rows, dictionary-encoded (plus label/I1..I13
+   when the split needs the row hash), keeps the train rows, counts the dictionary indices
+   and emits per column its partial counts as Arrow IPC bytes keyed by the column index
+   (8-byte values travel as uint64 keys: :func:`_sum_counts`). Reduce (``groupByKey`` into
+   min(26, 2 x cores) partitions, columns taken one at a time): a column's partials are
+   summed, the threshold and ``max_vocab_size`` applied, values ordered by count desc then
+   value asc and numbered from 2; the task writes that column's ``column=Cj`` vocabulary
+   files and returns them with the column's distinct and kept counts. The driver commits ONE
+   vocabulary transaction. Memory per reduce task: the merge of one column, i.e. its
+   distinct train values (the partials of the columns waiting their turn sit in PySpark's
+   group-by, which spills to disk); per map task: about twice the distinct values of its rows.
+2. **Gold**, one RDD job without a shuffle: each task reads its slices' rows, computes the
+   split per row (day of the file; the row hash with
    :func:`pipelines.criteo.spark_xxhash.xxhash64`, bit-identical to Spark's), the dense
-   transform and the ids (``pc.index_in`` against the column's committed vocabulary, read by
-   the task from the vocabulary table's files and cached in the Python worker; or the Spark
-   hash), and writes each split's rows to its own gold table. The driver commits the three
-   tables (one transaction each). Memory per task: one batch of rows plus all 26
+   transform and the ids (lookups in the column's committed vocabulary, which the task reads
+   from the vocabulary table's files and keeps per Python worker: :class:`VocabLookup`; or
+   the Spark hash), and writes each split's rows to its own gold table. The driver commits
+   the three tables (one transaction each). Memory per task: one batch of rows plus all 26
    vocabularies (``max_vocab_size`` bounds them).
 
 Only bronze rows the ingest ledger confirms are used (see :mod:`pipelines.criteo.ingest`);
@@ -93,7 +96,9 @@ GOLD_LAYOUT = {"label": "float", "dense": f"array<float>[{NUM_DENSE}]", "sparse"
 
 TRAIN, VALID, TEST = 0, 1, 2  # positions in GOLD_SPLITS
 BATCH_ROWS = 1 << 18  # rows a task transforms at a time
-SLICE_BYTES = 128 << 20  # at most this much bronze Parquet per task
+SLICE_BYTES = 128 << 20  # a bronze file bigger than this (or than its share of the cores) is cut
+TASK_BYTES = 512 << 20  # at most this much bronze Parquet per task (a task streams it by batch)
+FOLD_ROWS = 1 << 23  # vocabulary map: partial-count rows a column may pile up before they are merged
 ROW_COLUMNS = ["label", *DENSE, *SPARSE]  # what the row hash covers, in Spark's argument order
 
 
@@ -298,7 +303,10 @@ def hashed_ids(col: pa.Array, buckets: int) -> np.ndarray:
     """``0`` for null, else Spark's ``1 + pmod(xxhash64(value), buckets - 1)`` (int32)."""
     from pipelines.criteo.spark_xxhash import xxhash64
 
-    return _missing_as_zero(col, _per_value(col, lambda v: (np.mod(xxhash64([v]), buckets - 1) + 1).astype(np.int32)))
+    def ids(values: pa.Array) -> np.ndarray:
+        return (np.mod(xxhash64([values]), buckets - 1) + 1).astype(np.int32)
+
+    return _missing_as_zero(col, _per_value(col, ids))
 
 
 class VocabLookup:
@@ -390,11 +398,12 @@ def gold_batch(label: pa.Array, dense: np.ndarray, sparse: np.ndarray) -> pa.Rec
 # ------------------------------------------------------------------------ bronze slices
 @dataclass(frozen=True)
 class BronzeSlice:
-    """The unit of work of a task: one bronze file, or a contiguous range of its row groups."""
+    """A piece of a task's work: one bronze file, or a contiguous range of its row groups."""
 
     uri: str
     day: int | None
     row_groups: tuple[int, ...] | None = None  # None: the whole file
+    size: int = 0  # Parquet bytes (estimated for a range)
 
 
 def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -> list[BronzeSlice]:
@@ -407,19 +416,39 @@ def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -
         day = _day(f)
         parts = -(-f.size // target)
         if parts <= 1 or f.size <= target * 3 // 2:
-            out.append(BronzeSlice(f.uri, day))
+            out.append(BronzeSlice(f.uri, day, None, f.size))
             continue
         md = f.parquet().metadata
         rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
         if len(rows) <= 1:
-            out.append(BronzeSlice(f.uri, day))
+            out.append(BronzeSlice(f.uri, day, None, f.size))
             continue
         # contiguous ranges of about equal rows: cut where the running total passes k/parts
         ends = np.cumsum(rows)
         bounds = np.searchsorted(ends, np.arange(1, parts) * ends[-1] / parts, side="left") + 1
         edges = sorted({0, *bounds.tolist(), len(rows)})
-        out.extend(BronzeSlice(f.uri, day, tuple(range(a, b))) for a, b in zip(edges, edges[1:]) if b > a)
+        out.extend(
+            BronzeSlice(f.uri, day, tuple(range(a, b)), int(f.size * rows[a:b].sum() // ends[-1]))
+            for a, b in zip(edges, edges[1:]) if b > a
+        )
     return out
+
+
+def bronze_tasks(files: list, parallelism: int, task_bytes: int = TASK_BYTES) -> list[list[BronzeSlice]]:
+    """The slices of ``files`` packed into tasks: two per core (more if a task would exceed
+    ``task_bytes``), balanced by bytes (largest slice first, into the lightest task). Few big
+    tasks: a PySpark task costs ~60 ms of CPU to start, and a task's output (gold files,
+    vocabulary partials) shrinks with the number of tasks, not of slices."""
+    slices = bronze_slices(files, parallelism)
+    total = sum(s.size for s in slices)
+    n = min(len(slices), max(2 * max(1, parallelism), -(-total // task_bytes)))
+    tasks: list[list[BronzeSlice]] = [[] for _ in range(n)]
+    load = [0] * n
+    for sl in sorted(slices, key=lambda s: -s.size):
+        i = load.index(min(load))
+        tasks[i].append(sl)
+        load[i] += sl.size
+    return tasks
 
 
 def read_slice(sl: BronzeSlice, schema: pa.Schema, dictionary: Iterable[str] = ()) -> Iterator[pa.RecordBatch]:
@@ -453,6 +482,7 @@ def _sum_counts(parts: list[pa.Table]) -> pa.Table:
     if any("value" in p.column_names for p in parts):
         parts = [_as_values(p) for p in parts]
     by = parts[0].column_names[0]
+    parts = [p.set_column(1, "count", p.column("count").cast(pa.int64())) for p in parts]  # int32 on the wire
     g = pa.concat_tables(parts).group_by(by, use_threads=False).aggregate([("count", "sum")])
     return pa.table({by: g.column(by), "count": g.column("count_sum")})
 
@@ -493,20 +523,29 @@ def _value_counts(col: pa.Array) -> pa.Table:
     return _partial(values, counts.to_numpy().astype(np.int32))
 
 
-def count_slice(sl: BronzeSlice, schema: pa.Schema, rule: SplitRule) -> Iterator[tuple[int, bytes]]:
-    """Map side: per column index, the (value, count) of this slice's train rows (IPC bytes)."""
-    if not rule.may_train(sl.day):
-        return
-    whole = rule.of_day(sl.day)
+def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> Iterator[tuple[int, bytes]]:
+    """Map side: per column index, the partial counts (see :func:`_sum_counts`) of the train
+    rows of this task's slices, as Arrow IPC bytes. A column's partials are summed when they
+    pile up ``FOLD_ROWS`` rows (then twice what the sum left), which bounds the memory by
+    about twice the distinct values of the task's rows."""
     parts: list[list[pa.Table]] = [[] for _ in SPARSE]
-    for batch in read_slice(sl, schema, dictionary=SPARSE):
-        if whole is None:
-            keep = rule.of_rows(batch) == TRAIN
-            batch = batch.select(SPARSE).filter(pa.array(keep))
-        for j, c in enumerate(SPARSE):
-            t = _value_counts(batch.column(c))
-            if t.num_rows:
-                parts[j].append(t)
+    limit = [FOLD_ROWS] * NUM_SPARSE
+    for sl in task:
+        if not rule.may_train(sl.day):
+            continue
+        whole = rule.of_day(sl.day)
+        for batch in read_slice(sl, schema, dictionary=SPARSE):
+            if whole is None:
+                keep = rule.of_rows(batch) == TRAIN
+                batch = batch.select(SPARSE).filter(pa.array(keep))
+            for j, c in enumerate(SPARSE):
+                t = _value_counts(batch.column(c))
+                if t.num_rows:
+                    parts[j].append(t)
+            for j, p in enumerate(parts):
+                if len(p) > 1 and sum(t.num_rows for t in p) > limit[j]:
+                    parts[j] = [_sum_counts(p)]
+                    limit[j] = max(FOLD_ROWS, 2 * parts[j][0].num_rows)
     for j, p in enumerate(parts):
         if p:
             t = _sum_counts(p)
@@ -552,7 +591,7 @@ def merge_column(index: int, blobs: Iterable[bytes], tw, threshold: int,
     return index, distinct, n, adds
 
 
-def build_vocabulary(sc, slices: list[BronzeSlice], schema: pa.Schema, rule: SplitRule, fz, path: str,
+def build_vocabulary(sc, tasks: list[list[BronzeSlice]], schema: pa.Schema, rule: SplitRule, fz, path: str,
                      commit_info: dict) -> tuple[int, dict[str, int], dict[str, int]]:
     """The vocabulary job (see the module docstring). Returns (vocabulary version, kept values
     per column, distinct train values per column)."""
@@ -565,11 +604,11 @@ def build_vocabulary(sc, slices: list[BronzeSlice], schema: pa.Schema, rule: Spl
     threshold, max_size = fz.freq_threshold, fz.max_vocab_size
     results: list = []
     try:
-        if slices:
+        if tasks:
             sc.setJobDescription("featurize: vocabulary (count train values, merge per column)")
             results = (
-                sc.parallelize(slices, len(slices))
-                .flatMap(functools.partial(count_slice, schema=schema, rule=rule))
+                sc.parallelize(tasks, len(tasks))
+                .flatMap(functools.partial(count_task, schema=schema, rule=rule))
                 .groupByKey(reducers, _column_of)
                 .map(lambda kv: merge_column(kv[0], kv[1], tw, threshold, max_size))
                 .collect()
@@ -632,13 +671,13 @@ class GoldSpec:
     vocab_files: tuple = ()  # per column: the vocabulary's file URIs
 
 
-def gold_slices(slices: Iterator[BronzeSlice], spec: GoldSpec) -> Iterator[dict]:
-    """One task: every row of its slices to the gold table of its split. Yields
+def gold_task(task: list[BronzeSlice], spec: GoldSpec) -> dict[str, list[dict]]:
+    """One task: every row of its slices to the gold table of its split. Returns
     ``{split: add actions}``."""
     values = load_vocabulary([list(f) for f in spec.vocab_files]) if spec.strategy == "vocab" else None
     writers = [tw.open() for tw in spec.writes]
     try:
-        for sl in slices:
+        for sl in task:
             whole = spec.rule.of_day(sl.day)
             for batch in read_slice(sl, spec.schema, dictionary=SPARSE):
                 label = batch.column("label").cast(pa.float32())
@@ -656,15 +695,14 @@ def gold_slices(slices: Iterator[BronzeSlice], spec: GoldSpec) -> Iterator[dict]
                     rows = np.flatnonzero(codes == k)
                     if len(rows):
                         writers[k].write(gold_batch(label.take(pa.array(rows)), dense[rows], sparse[rows]))
-        out = {split: w.close() for split, w in zip(GOLD_SPLITS, writers)}
+        return {split: w.close() for split, w in zip(GOLD_SPLITS, writers)}
     except BaseException:
         for w in writers:
             w.discard()
         raise
-    yield out
 
 
-def write_gold(sc, slices: list[BronzeSlice], spec_args: dict, paths: dict, row_group_rows: int,
+def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict, row_group_rows: int,
                info_base: dict) -> dict[str, tuple[int, int]]:
     """The gold job: returns ``{split: (version, rows)}``; nothing is committed if a task fails."""
     from pipelines.lake.tasks import abort_write, begin_write, commit_write
@@ -676,11 +714,10 @@ def write_gold(sc, slices: list[BronzeSlice], spec_args: dict, paths: dict, row_
     pending = list(writes)
     try:
         results: list[dict] = []
-        if slices:
+        if tasks:
             sc.setJobDescription("featurize: gold train/valid/test")
             try:
-                results = sc.parallelize(slices, len(slices)).mapPartitions(
-                    functools.partial(gold_slices, spec=spec)).collect()
+                results = sc.parallelize(tasks, len(tasks)).map(functools.partial(gold_task, spec=spec)).collect()
             finally:
                 sc.setJobDescription(None)
         out = {}
@@ -736,7 +773,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
         train_files = [f for f in files if rule.may_train(_day(f))]
         vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
         vv, sizes, distinct = build_vocabulary(
-            sc, bronze_slices(train_files, parallelism), bronze.schema(vocab_columns), rule, fz,
+            sc, bronze_tasks(train_files, parallelism), bronze.schema(vocab_columns), rule, fz,
             paths["vocabulary"], {**info_base, "table": "vocabulary"},
         )
         report.vocabulary, report.vocabulary_version = paths["vocabulary"], vv
@@ -753,7 +790,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
     say("writing gold " + "/".join(GOLD_SPLITS))
     spec_args = {"rule": rule, "schema": bronze.schema(ROW_COLUMNS), "strategy": fz.strategy,
                  "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
-    for split, (v, n) in write_gold(sc, bronze_slices(files, parallelism), spec_args, paths, fz.row_group_rows,
+    for split, (v, n) in write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz.row_group_rows,
                                     info_base).items():
         report.tables[split], report.versions[split], report.rows[split] = paths[split], v, n
 

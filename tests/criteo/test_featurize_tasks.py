@@ -88,7 +88,9 @@ def test_hashed_ids_dictionary_equals_plain():
     assert F.hashed_ids(col.dictionary_encode(), 1000).tolist() == ids.tolist()
 
 
-def test_bronze_slices_cut_big_files_at_row_groups(tmp_path):
+def test_bronze_slices_and_tasks(tmp_path):
+    """Big files are cut at row groups into contiguous ranges; slices are packed into about
+    two tasks per core, balanced by bytes, every slice exactly once."""
     from pipelines.lake import FileEntry
 
     t = pa.table({c: pa.array([HEX[i % 300] for i in range(10_000)]) for c in SPARSE[:2]})
@@ -101,6 +103,47 @@ def test_bronze_slices_cut_big_files_at_row_groups(tmp_path):
     cut = [s for s in slices if s.uri == str(big)]
     assert len(cut) > 1 and all(s.day == 3 for s in cut)
     assert [g for s in cut for g in s.row_groups] == list(range(10))  # contiguous, each once
-    assert [s for s in slices if s.uri == str(small)] == [F.BronzeSlice(str(small), None)]
+    assert abs(sum(s.size for s in cut) - big.stat().st_size) < len(cut)
+    (whole,) = [s for s in slices if s.uri == str(small)]
+    assert whole.row_groups is None and whole.day is None
     rows = sum(b.num_rows for s in cut for b in F.read_slice(s, t.schema, dictionary=SPARSE[:1]))
     assert rows == 10_000
+
+    tasks = F.bronze_tasks(files, parallelism=2)
+    assert len(tasks) == min(4, len(slices)) and all(tasks)
+    assert sorted(map(repr, (s for task in tasks for s in task))) == sorted(map(repr, slices))
+    loads = [sum(s.size for s in task) for task in tasks]
+    assert max(loads) - min(loads) <= max(s.size for s in slices)
+    assert len(F.bronze_tasks(files, parallelism=2, task_bytes=1)) == len(slices)  # size cap: one slice a task
+
+
+def test_count_task_folds_and_merges(tmp_path, monkeypatch):
+    """The map side over two bronze files (dictionary reads, partials folded on the way,
+    counts narrowed to int32 on the wire) and the reduce side give plain counts; the held-out
+    day is not counted."""
+    from pipelines.lake import FileEntry
+    from pipelines.lake.tasks import begin_write
+
+    monkeypatch.setattr(F, "FOLD_ROWS", 50)
+    monkeypatch.setattr(F, "BATCH_ROWS", 700)
+    cols = {c: _values(HEX if j % 2 else MIXED, 3000, j) for j, c in enumerate(SPARSE)}
+    files = []
+    for day in (0, 1):
+        path = tmp_path / f"day{day}.parquet"
+        pq.write_table(pa.table({c: pa.array(v[day * 1500:(day + 1) * 1500], pa.string()) for c, v in cols.items()}),
+                       path, row_group_size=400)
+        files.append(FileEntry(str(path), path.stat().st_size, 1500, {"day": day}))
+    rule = F.SplitRule("day", test_days=(1,))
+    task = F.bronze_slices(files, parallelism=1)
+    assert len(task) == 2
+    blobs: dict[int, list[bytes]] = {}
+    for j, blob in F.count_task(task, pa.schema([(c, pa.string()) for c in SPARSE]), rule):
+        blobs.setdefault(j, []).append(blob)
+    assert sorted(blobs) == list(range(26)) and all(len(b) == 1 for b in blobs.values())
+    for j in (0, 1, 21):
+        counts = Counter(v for v in cols[SPARSE[j]][:1500] if v is not None)
+        tw = begin_write(str(tmp_path / f"vocab{j}"), F.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
+        _, distinct, kept, adds = F.merge_column(j, blobs[j] * 2, tw, 1, None)  # twice: as from two tasks
+        got = pq.read_table(tmp_path / f"vocab{j}" / adds[0]["path"]).to_pylist()
+        assert (distinct, kept) == (len(counts), len(counts))
+        assert {r["value"]: r["count"] for r in got} == {v: 2 * c for v, c in counts.items()}
