@@ -194,7 +194,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
 
         comm = GradientCommunicator(
             build_compressor(t.compression.name, **t.compression.params),
-            model.named_parameters(),
+            model,  # the module itself: embedding tables are found by type (nn.Embedding*), not by name
             backend=dist.hvd,
             min_compress_numel=t.compression.min_compress_numel,
             sparse_as_dense=t.compression.sparse_as_dense,
