@@ -72,9 +72,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-KAGGLE_CARDINALITIES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
-                        14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
-
 
 def _m(compressor: str, params: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     return {"compressor": compressor, "params": dict(params or {}), **extra}
@@ -312,6 +309,7 @@ def _demo_spec(args, build: bool):
 
 def _synthetic_spec(args, work: Path):
     from jobs.config import load_config
+    from pipelines.criteo.schema import KAGGLE_CARDINALITIES
     from training.dataspec import resolve_data
     from training.synthetic import make_gold
 
