@@ -147,7 +147,7 @@ def _run_method(name: str, seed: int, job: dict[str, Any], dist, spec, valid_loa
     if len(loader) == 0:
         raise ValueError(f"train table too small: no full batch of {micro} rows on rank {dist.rank}'s shard")
     steps = job["steps"]
-    tot = {"bytes": 0, "wire": 0.0, "t_c": 0.0, "t_d": 0.0, "t_comm": 0.0, "t_step": 0.0, "n_collectives": 0}
+    t_step, n_collectives = 0.0, 0  # the rest is in comm.totals()
     losses: list[float] = []
     epoch, it = 0, None
     model.train()
@@ -164,15 +164,9 @@ def _run_method(name: str, seed: int, job: dict[str, Any], dist, spec, valid_loa
         opt.zero_grad()
         loss = F.binary_cross_entropy_with_logits(model(dense, ids).float(), label)
         loss.backward()
-        st = comm.synchronize()
-        tot["bytes"] += st.bytes_sent
-        tot["wire"] += st.wire_bytes
-        tot["t_c"] += st.t_compress
-        tot["t_d"] += st.t_decompress
-        tot["t_comm"] += st.t_communicate
-        tot["n_collectives"] += st.n_collectives
+        n_collectives += comm.synchronize().n_collectives
         opt.step()
-        tot["t_step"] += time.perf_counter() - t0
+        t_step += time.perf_counter() - t0
         losses.append(float(loss.detach()))
     train_s = time.perf_counter() - t_train0
     if hasattr(loader, "close"):
@@ -181,6 +175,7 @@ def _run_method(name: str, seed: int, job: dict[str, Any], dist, spec, valid_loa
     ev = evaluate(model, valid_loader, spec, dist, device)
     eval_s = time.perf_counter() - t_ev
     tail = max(1, steps // 10)
+    tot = comm.totals()
     return {
         "method": name,
         "seed": seed,
@@ -191,13 +186,13 @@ def _run_method(name: str, seed: int, job: dict[str, Any], dist, spec, valid_loa
         "final_hash": param_fingerprint(model),
         "steps": steps,
         "dense_ref_bytes": dense_ref,
-        "bytes_per_step": tot["bytes"] / steps,
-        "wire_bytes_per_step": tot["wire"] / steps,
-        "compress_ms": 1e3 * tot["t_c"] / steps,
-        "decompress_ms": 1e3 * tot["t_d"] / steps,
-        "communicate_ms": 1e3 * tot["t_comm"] / steps,
-        "step_ms": 1e3 * tot["t_step"] / steps,
-        "collectives_per_step": tot["n_collectives"] / steps,
+        "bytes_per_step": tot["bytes_sent_per_step"],
+        "wire_bytes_per_step": tot["wire_bytes"] / steps,
+        "compress_ms": tot["t_compress_ms_per_step"],
+        "decompress_ms": tot["t_decompress_ms_per_step"],
+        "communicate_ms": tot["t_communicate_ms_per_step"],
+        "step_ms": 1e3 * t_step / steps,
+        "collectives_per_step": n_collectives / steps,
         "train_s": train_s,
         "eval_s": eval_s,
         "train_loss_last": sum(losses[-tail:]) / tail,
