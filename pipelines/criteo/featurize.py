@@ -581,13 +581,7 @@ def merge_column(index: int, blobs: Iterable[bytes], tw, threshold: int,
              kept.column("count").combine_chunks().cast(pa.int64())],
             schema=VOCAB_SCHEMA,
         )
-        w = tw.open()
-        try:
-            w.write(batch)
-            adds = w.close()
-        except BaseException:
-            w.discard()
-            raise
+        adds = tw.write_all([batch])
     return index, distinct, n, adds
 
 

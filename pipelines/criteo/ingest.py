@@ -71,8 +71,6 @@ LEDGER_DDL = (
     "ingest_batch string, bronze_version bigint, quarantine_version bigint, forced boolean, "
     "ingested_at timestamp, config_hash string"
 )
-BRONZE_COLUMNS = ["label", *DENSE, *SPARSE, "ingest_batch", "day", "source"]
-QUARANTINE_COLUMNS = ["line", "line_bytes", "reason", "num_fields", "ingest_batch", "day", "source"]
 _BATCH_FIELDS = [pa.field("ingest_batch", pa.string()), pa.field("day", pa.int32()), pa.field("source", pa.string())]
 BRONZE_SCHEMA = pa.schema(list(ROW_SCHEMA) + _BATCH_FIELDS)  # = BRONZE_DDL (tested)
 LEDGER_SCHEMA = pa.schema(  # = LEDGER_DDL (tested)

@@ -24,6 +24,7 @@ from pipelines.lake.datasource import FORMAT
 from pipelines.lake.maintenance import history, optimize, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
 from pipelines.lake.schema import SchemaMismatchError
+from pipelines.lake.tasks import WRITE_ID_KEY
 
 __all__ = [
     "CommitConflictError",
@@ -40,9 +41,6 @@ __all__ = [
     "vacuum",
     "write_table",
 ]
-
-_WRITE_ID_KEY = "bigopt.writeId"
-
 
 def delta_engine(spark) -> str:
     """'native' when the JVM Delta connector is usable on this session, else 'deltars'."""
@@ -111,7 +109,7 @@ def write_table(
     if replace_where and mode != "overwrite":
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
     write_id = uuid.uuid4().hex
-    info = {**dict(commit_info or {}), _WRITE_ID_KEY: write_id}
+    info = {**dict(commit_info or {}), WRITE_ID_KEY: write_id}
     spark = df.sparkSession
     if delta_engine(spark) == "native":
         w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode))
@@ -160,7 +158,7 @@ def _version_of_write(uri: str, write_id: str) -> int:
     """The version our commit got (other writers may have committed after it)."""
     for h in history(uri, 50):
         meta = h.get("userMetadata")
-        if h.get(_WRITE_ID_KEY) == write_id or (isinstance(meta, str) and write_id in meta):
+        if h.get(WRITE_ID_KEY) == write_id or (isinstance(meta, str) and write_id in meta):
             return int(h["version"])
     return table_version(uri)
 

@@ -8,14 +8,7 @@ Such a job writes its Parquet files from the task and lets the driver commit the
     tw = begin_write(uri, schema, mode="overwrite", partition_by=["day"],
                      replace_where={"day": [3]})                 # driver: checks, read version
     def task(item):                                               # Spark task
-        w = tw.open()
-        try:
-            for batch in produce(item):
-                w.write(batch)
-            return w.close()                                      # add actions (dicts)
-        except BaseException:
-            w.discard()
-            raise
+        return tw.write_all(produce(item))                        # add actions (dicts)
     try:
         adds = [a for r in sc.parallelize(items).map(task).collect() for a in r]
     except BaseException:
@@ -31,7 +24,7 @@ removed by :func:`abort_write`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +59,18 @@ class TaskWrite:
             self.uri, self.schema, self.partition_by, self.write_id, compression=self.compression,
             row_group_rows=self.row_group_rows, target_file_bytes=self.target_file_bytes,
         )
+
+    def write_all(self, batches: Iterable[pa.RecordBatch], partition_values: tuple | None = None) -> list[dict]:
+        """Write ``batches`` through one writer and return its add actions; on any failure
+        the files it started are removed before the error propagates."""
+        w = self.open()
+        try:
+            for batch in batches:
+                w.write(batch, partition_values)
+            return w.close()
+        except BaseException:
+            w.discard()
+            raise
 
 
 def begin_write(
@@ -130,12 +135,4 @@ def write_arrow(
     version. For driver-side bookkeeping tables (ledgers, summaries) where starting Spark tasks
     would cost more than the write itself."""
     tw = begin_write(uri, table.schema, mode=mode, partition_by=partition_by, replace_where=replace_where)
-    w = tw.open()
-    try:
-        for batch in table.to_batches():
-            w.write(batch)
-        adds = w.close()
-    except BaseException:
-        w.discard()
-        raise
-    return commit_write(tw, adds, commit_info)
+    return commit_write(tw, tw.write_all(table.to_batches()), commit_info)
