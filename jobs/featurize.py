@@ -18,30 +18,17 @@ def add_arguments(parser) -> None:
 
 
 def run(cfg, args) -> int:
-    import time
-
-    from rich.console import Console
     from rich.table import Table
 
+    from jobs.spark_step import run_spark_step
     from pipelines.criteo.featurize import FeaturizeError, featurize
-    from pipelines.spark import spark_from_config
 
     if args.bronze_version is not None:
         cfg.criteo.featurize.bronze_version = args.bronze_version
-    console = Console()
-    t0 = time.perf_counter()
-    with console.status("starting Spark") as status:
-        spark = spark_from_config(cfg.spark)
-
-        def progress(msg: str) -> None:
-            status.update(f"{msg}  [dim]({time.perf_counter() - t0:.0f}s)[/dim]")
-            console.log(msg)
-
-        try:
-            rep = featurize(spark, cfg, progress=progress)
-        except FeaturizeError as e:
-            console.print(f"[red]bigopt featurize: {e}[/red]")
-            return 1
+    console, rep = run_spark_step(cfg, "featurize", lambda spark, progress: featurize(spark, cfg, progress=progress),
+                                  errors=(FeaturizeError,))
+    if rep is None:
+        return 1
     table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version} "
                         f"in {rep.seconds:.1f}s")
     for col, just in (("split", "left"), ("rows", "right"), ("version", "right"), ("table", "left")):

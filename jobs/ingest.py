@@ -20,28 +20,18 @@ def add_arguments(parser) -> None:
 
 
 def run(cfg, args) -> int:
-    import time
-
-    from rich.console import Console
     from rich.table import Table
 
+    from jobs.spark_step import run_spark_step
     from pipelines.criteo.ingest import IngestError, ingest
-    from pipelines.spark import spark_from_config
 
-    console = Console()
-    t0 = time.perf_counter()
-    with console.status("starting Spark") as status:
-        spark = spark_from_config(cfg.spark)
-
-        def progress(msg: str) -> None:
-            status.update(f"{msg}  [dim]({time.perf_counter() - t0:.0f}s)[/dim]")
-            console.log(msg)
-
-        try:
-            rep = ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress)
-        except (IngestError, FileNotFoundError, ValueError) as e:
-            console.print(f"[red]bigopt ingest: {e}[/red]")
-            return 1
+    console, rep = run_spark_step(
+        cfg, "ingest",
+        lambda spark, progress: ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress),
+        errors=(IngestError, FileNotFoundError, ValueError),
+    )
+    if rep is None:
+        return 1
     table = Table(title=f"ingest batch {rep.batch_id}: {rep.ingested} file(s) ingested, "
                         f"{rep.skipped} skipped, {rep.seconds:.1f}s")
     for col, just in (("file", "left"), ("day", "right"), ("status", "left"), ("lines", "right"),

@@ -1,0 +1,46 @@
+"""Run one Spark pipeline step for a ``bigopt`` command, with a live status line.
+
+    console, report = run_spark_step(cfg, "ingest", lambda spark, progress: ingest(spark, cfg, progress=progress),
+                                     errors=(IngestError,))
+    if report is None:
+        return 1            # the error was printed
+
+The status line shows the step's latest progress message and the elapsed time; every message
+is also logged, so a run under spark-submit (no terminal) keeps the same record.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def run_spark_step(
+    cfg,
+    command: str,
+    step: Callable[[Any, Callable[[str], None]], T],
+    errors: tuple[type[BaseException], ...],
+):
+    """Start the configured SparkSession and call ``step(spark, progress)``. Returns
+    ``(console, result)``; ``result`` is None when ``step`` raised one of ``errors`` (printed as
+    ``bigopt <command>: <error>``)."""
+    from rich.console import Console
+
+    from pipelines.spark import spark_from_config
+
+    console = Console()
+    t0 = time.perf_counter()
+    with console.status("starting Spark") as status:
+        spark = spark_from_config(cfg.spark)
+
+        def progress(msg: str) -> None:
+            status.update(f"{msg}  [dim]({time.perf_counter() - t0:.0f}s)[/dim]")
+            console.log(msg)
+
+        try:
+            return console, step(spark, progress)
+        except errors as e:
+            console.print(f"[red]bigopt {command}: {e}[/red]")
+            return console, None
