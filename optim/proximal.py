@@ -27,7 +27,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._utils import ScratchBuffers, check_range, collect, group_tensors
+from ._utils import ScratchBuffers, check_range, collect, eval_closure, group_tensors
 
 __all__ = ["ISTA", "FISTA", "soft_threshold_"]
 
@@ -113,16 +113,10 @@ class ISTA(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             groups.append((group, params))
         needs_ls = any(g["line_search"] for g, _ in groups)
-        loss = None
-        if needs_ls:
-            if closure is None:
-                raise RuntimeError("line_search=True needs a closure that returns the smooth loss f (and calls backward)")
-            with torch.enable_grad():
-                loss = closure()
-            groups = [(g, [p for p in g["params"] if p.grad is not None]) for g, _ in groups]
-        elif closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        if needs_ls and closure is None:
+            raise RuntimeError("line_search=True needs a closure that returns the smooth loss f (and calls backward)")
+        loss = eval_closure(closure)
+        if closure is not None:  # the closure's backward decides which parameters have a gradient
             groups = [(g, [p for p in g["params"] if p.grad is not None]) for g, _ in groups]
         for (group, ps) in groups:
             for p in ps:
