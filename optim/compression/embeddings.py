@@ -26,11 +26,12 @@ __all__ = ["EMBEDDING_NAME_PATTERN", "embedding_parameter_names", "resolve_embed
 EMBEDDING_NAME_PATTERN = re.compile(r"(^|[._])emb(ed|eds|edding|eddings)?([._]|$)", re.IGNORECASE)
 
 
-def embedding_parameter_names(model: nn.Module) -> set[str]:
-    """Names (as in ``model.named_parameters()``) of the weights of every embedding module."""
+def embedding_parameter_names(model: nn.Module, *, sparse_only: bool = False) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the weights of every embedding module;
+    ``sparse_only``: only those built with ``sparse=True`` (their gradients are sparse)."""
     names: set[str] = set()
     for mname, m in model.named_modules():
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag):
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and (m.sparse or not sparse_only):
             names.add(f"{mname}.weight" if mname else "weight")
     return names
 

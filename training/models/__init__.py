@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from optim.compression.embeddings import embedding_parameter_names
 from training.models.dcnv2 import DCNv2
 from training.models.dlrm import DLRM
 from training.models.embeddings import CategoricalEmbeddings
@@ -35,12 +36,8 @@ def build_model(name: str, *, cardinalities: Sequence[int], num_dense: int = 13,
 
 
 def sparse_parameters(model: nn.Module) -> set[str]:
-    """Names of parameters that receive sparse gradients."""
-    out = set()
-    for mname, m in model.named_modules():
-        if isinstance(m, nn.Embedding) and m.sparse:
-            out.add(f"{mname}.weight" if mname else "weight")
-    return out
+    """Names of parameters that receive sparse gradients (``sparse=True`` embedding tables)."""
+    return embedding_parameter_names(model, sparse_only=True)
 
 
 def memory_report(model: nn.Module) -> dict[str, float]:
