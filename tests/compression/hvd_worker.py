@@ -21,6 +21,7 @@ import horovod.torch as hvd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from optim.compression import GradientCommunicator, build_compressor  # noqa: E402
+from payload_sizes import analytic_nbytes  # noqa: E402  (this folder: the script's own)
 
 METHODS = {
     "none": {}, "fp16": {}, "bf16": {}, "qsgd": {"bits": 8}, "topk": {"ratio": 0.05},
@@ -95,21 +96,17 @@ def run_method(name, hp, rank, size, adaptive=None, sparse_emb=True):
 
 
 def payload_nbytes(comp, model, comm) -> int | None:
-    """Analytic bytes per step for the dense-embedding PowerSGD runs (None otherwise): the table's
-    top-k payload (4k + ceil(k ceil(log2 n) / 8)) or nothing here for rows (their count varies),
-    PowerSGD's 4r(n + m) per compressed matrix, 4 bytes per element for the rest."""
-    import math
-
+    """Analytic bytes per step for the PowerSGD run with top-k tables (None otherwise: rows vary):
+    the table's top-k payload, PowerSGD's 4r(n + m) per compressed matrix, 4 bytes per element
+    for the rest."""
     if comm.embedding_compressor is None:
         return None
     total = 0
     for n, p in model.named_parameters():
         if n in comm.embedding_names:
-            k = math.ceil(comp.embedding_ratio * p.numel())
-            total += 4 * k + math.ceil(k * math.ceil(math.log2(p.numel())) / 8)
+            total += analytic_nbytes("topk", {"ratio": comp.embedding_ratio}, p.shape)
         elif p.numel() >= 256 and comp.should_compress(p.shape):
-            rows, cols = p.shape[0], p.numel() // p.shape[0]
-            total += 4 * min(comp.rank, rows, cols) * (rows + cols)
+            total += analytic_nbytes("powersgd", {"rank": comp.rank}, p.shape)
         else:
             total += 4 * p.numel()
     return total

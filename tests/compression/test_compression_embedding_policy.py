@@ -16,6 +16,7 @@ from optim.compression import (
     build_compressor,
     embedding_parameter_names,
 )
+from payload_sizes import analytic_nbytes
 
 ROWS, DIM, MIN_NUMEL = 3000, 16, 1024
 
@@ -55,11 +56,6 @@ def _powersgd_bytes(shape, rank: int) -> int | None:
     n, m = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
     r = min(n, m, rank)
     return 4 * r * (n + m) if (n + m) * r * 2 < n * m else None
-
-
-def _topk_bytes(numel: int, ratio: float) -> int:
-    k = math.ceil(ratio * numel)
-    return 4 * k + math.ceil(k * math.ceil(math.log2(numel)) / 8)
 
 
 def _mlp_bytes(model, rank: int) -> int:
@@ -116,7 +112,7 @@ def test_tables_found_by_module_type_by_name_or_as_given():
 def test_topk_policy_bytes_equal_the_analytic_payload_sizes():
     model = TinyDLRM()
     comm = GradientCommunicator(build_compressor("powersgd", rank=4), model, min_compress_numel=MIN_NUMEL)
-    expected = _topk_bytes(ROWS * DIM, 0.01) + _mlp_bytes(model, 4)
+    expected = analytic_nbytes("topk", {"ratio": 0.01}, (ROWS, DIM)) + _mlp_bytes(model, 4)
     dense = 4 * sum(p.numel() for p in model.parameters())
     for step in range(3):
         _backward(model, step)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from optim.compression import available_compressors, build_compressor, pack_bits, packed_nbytes, unpack_bits
+from payload_sizes import analytic_nbytes
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 9, 12, 17, 20, 31, 32])
@@ -31,32 +32,6 @@ def test_pack_rejects_bad_sizes():
         pack_bits(torch.zeros(3, dtype=torch.int64), 0)
 
 
-def _analytic(name, hp, shape):
-    """Byte counts written out independently of the implementation (docs/compression.md)."""
-    n = math.prod(shape)
-    if name == "none":
-        return 4 * n
-    if name in ("fp16", "bf16"):
-        return 2 * n
-    if name == "qsgd":
-        s = hp.get("levels") or 2 ** (hp.get("bits", 8) - 1) - 1
-        b = 1 + math.ceil(math.log2(s + 1))
-        bucket = hp.get("bucket_size", 512) or n
-        return 4 * math.ceil(n / min(bucket, n)) + math.ceil(n * b / 8)
-    if name == "topk":
-        k = min(n, max(1, math.ceil(hp["ratio"] * n)))
-        return 4 * k + math.ceil(k * max(1, math.ceil(math.log2(n))) / 8)
-    if name == "randomk":
-        return 4 * min(n, max(1, math.ceil(hp["ratio"] * n)))
-    if name in ("signsgd", "efsignsgd", "signum_vote"):
-        return 4 + math.ceil(n / 8)
-    if name == "powersgd":
-        rows = shape[0]
-        cols = n // rows
-        return 4 * (rows + cols) * min(rows, cols, hp["rank"])
-    raise AssertionError(name)
-
-
 CASES = [
     ("none", {}), ("fp16", {}), ("bf16", {}),
     ("qsgd", {"bits": 8}), ("qsgd", {"bits": 4, "bucket_size": 128}), ("qsgd", {"levels": 5, "bucket_size": None}),
@@ -77,4 +52,4 @@ def test_payload_bytes_equal_analytic(name, hp, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     payload, _ = comp.compress(x, "w")
     actual = sum(t.numel() * t.element_size() for t in payload)
-    assert actual == comp.payload_nbytes(shape) == _analytic(name, hp, shape)
+    assert actual == comp.payload_nbytes(shape) == analytic_nbytes(name, hp, shape)
