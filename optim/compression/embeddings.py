@@ -5,8 +5,9 @@ An embedding table's gradient is row-sparse - only the rows looked up in the bat
 compress well. The communicator treats the parameters named here differently when its
 compressor has an embedding policy (see :mod:`optim.compression.powersgd`).
 
-* Given a module: the ``weight`` of every ``nn.Embedding`` / ``nn.EmbeddingBag`` - exact.
-* Given only ``(name, parameter)`` pairs (what the training loop passes): every 2-D parameter
+* Given a module (what the training loop passes): the ``weight`` of every ``nn.Embedding`` /
+  ``nn.EmbeddingBag`` - exact.
+* Given only ``(name, parameter)`` pairs: every 2-D parameter
   whose name has a component ``emb``, ``embed``, ``embeds``, ``embedding``, ``embeddings``,
   alone or joined with ``_`` (``emb.table.weight``, ``tok_emb.weight``,
   ``embeddings.word_embeddings.weight``; not ``member.weight``). All models in
