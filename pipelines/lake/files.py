@@ -3,8 +3,9 @@
 A Spark task streams Arrow record batches into :class:`PartitionedFileWriter`, which groups
 rows by partition values, buffers them into row groups of ``row_group_rows`` rows, rolls files
 at ``target_file_bytes`` and, on close, returns one Delta ``add`` action per file with
-``numRecords``, ``minValues``, ``maxValues`` and ``nullCount`` statistics computed from the
-data as it streamed through (no second read of the file).
+``numRecords`` and ``nullCount`` counted as the rows stream through and ``minValues`` /
+``maxValues`` taken from the row-group statistics the Parquet writer computes anyway (no
+second pass over the data, no second read of the file).
 
 Partition columns are not stored in the data files (the Delta convention): their values live
 in the add action's ``partitionValues`` and in the Hive-style directory name.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,28 +53,24 @@ def _hive_dir(partition_by: list[str], values: tuple) -> str:
     return "/".join(parts)
 
 
-def _stat_value(scalar: pa.Scalar) -> Any:
-    v = scalar.as_py()
-    if v is None:
-        return None
-    t = scalar.type
+def _stat_value(v: Any, t: pa.DataType) -> Any:
+    """A Parquet statistics value of Arrow type ``t`` as Delta writes it in ``minValues`` /
+    ``maxValues`` (None: no usable bound)."""
     if pa.types.is_timestamp(t):
         if v.tzinfo is not None:
             v = v.astimezone(_dt.timezone.utc).replace(tzinfo=None)
         return v.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     if pa.types.is_date(t):
         return v.isoformat()
-    if pa.types.is_floating(t):
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
         f = float(v)
-        if f != f or f in (float("inf"), float("-inf")):
-            return None
-        return f
-    if pa.types.is_decimal(t):
-        return float(v)
+        return f if math.isfinite(f) else None  # Parquet leaves NaN out of its min/max, not inf
+    if isinstance(v, str) and len(v) > _MAX_STAT_STRING:
+        return None
     return v
 
 
-def _stats_capable(t: pa.DataType) -> bool:
+def _min_max_capable(t: pa.DataType) -> bool:
     return (
         pa.types.is_integer(t)
         or pa.types.is_floating(t)
@@ -80,37 +78,42 @@ def _stats_capable(t: pa.DataType) -> bool:
         or pa.types.is_large_string(t)
         or pa.types.is_timestamp(t)
         or pa.types.is_date(t)
-        or pa.types.is_boolean(t)
         or pa.types.is_decimal(t)
     )
 
 
-@dataclass
-class _ColumnStats:
-    min: Any = None
-    max: Any = None
-    nulls: int = 0
-    usable: bool = True
-
-    def update(self, arr: pa.Array | pa.ChunkedArray) -> None:
-        self.nulls += arr.null_count
-        if not self.usable or len(arr) == arr.null_count:
-            return
-        t = arr.type
-        if not _stats_capable(t) or pa.types.is_boolean(t):
-            self.usable = False
-            return
-        mm = pc.min_max(arr)
-        lo, hi = _stat_value(mm["min"]), _stat_value(mm["max"])
-        if lo is None or hi is None:
-            # NaN / inf in floats: no min/max (readers must not prune on them)
-            self.usable = False
-            return
-        if isinstance(hi, str) and (len(hi) > _MAX_STAT_STRING or len(lo) > _MAX_STAT_STRING):
-            self.usable = False
-            return
-        self.min = lo if self.min is None else min(self.min, lo)
-        self.max = hi if self.max is None else max(self.max, hi)
+def file_min_max(md: pq.FileMetaData, schema: pa.Schema) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Delta ``minValues`` / ``maxValues`` of a written file, from the statistics the Parquet
+    writer computed for each row group (no second pass over the data). A column gets no bound
+    when a row group with values has none (e.g. a string over Parquet's statistics size) or
+    when a bound is not representable (an infinite float, a string over 32 characters)."""
+    leaf = {}
+    if md.num_row_groups:
+        rg = md.row_group(0)
+        leaf = {rg.column(j).path_in_schema: j for j in range(md.num_columns)}
+    lo: dict[str, Any] = {}
+    hi: dict[str, Any] = {}
+    for f in schema:
+        j = leaf.get(f.name)
+        if j is None or not _min_max_capable(f.type):
+            continue
+        col_lo = col_hi = None
+        for i in range(md.num_row_groups):
+            rg = md.row_group(i)
+            st = rg.column(j).statistics
+            if st is not None and st.has_null_count and st.null_count == rg.num_rows:
+                continue  # only nulls: no bound to contribute
+            if st is None or not st.has_min_max:
+                break
+            a, b = _stat_value(st.min, f.type), _stat_value(st.max, f.type)
+            if a is None or b is None:
+                break
+            col_lo = a if col_lo is None else min(col_lo, a)
+            col_hi = b if col_hi is None else max(col_hi, b)
+        else:
+            if col_lo is not None:
+                lo[f.name], hi[f.name] = col_lo, col_hi
+    return lo, hi
 
 
 @dataclass
@@ -120,8 +123,7 @@ class _OpenFile:
     partition_values: dict[str, str | None]
     rows: int = 0
     bytes_in: int = 0
-    stats: dict[str, _ColumnStats] = field(default_factory=dict)
-    nested_nulls: dict[str, int] = field(default_factory=dict)
+    nulls: dict[str, int] = field(default_factory=dict)
 
 
 class PartitionedFileWriter:
@@ -137,6 +139,7 @@ class PartitionedFileWriter:
         compression: str = "zstd",
         row_group_rows: int = 131_072,
         target_file_bytes: int = 256 << 20,
+        use_dictionary: bool = True,
     ) -> None:
         self.table_uri = table_uri
         self.fs, self.root = filesystem_for(table_uri)
@@ -146,6 +149,7 @@ class PartitionedFileWriter:
         self.compression = compression
         self.row_group_rows = row_group_rows
         self.target_file_bytes = target_file_bytes
+        self.use_dictionary = use_dictionary
         self._open: dict[tuple, _OpenFile] = {}
         self._pending: dict[tuple, list[pa.RecordBatch]] = {}
         self._pending_rows: dict[tuple, int] = {}
@@ -201,11 +205,7 @@ class PartitionedFileWriter:
         f.rows += table.num_rows
         f.bytes_in += table.nbytes
         for name in self.data_schema.names:
-            col = table.column(name)
-            if _stats_capable(col.type):
-                f.stats.setdefault(name, _ColumnStats()).update(col)
-            else:
-                f.nested_nulls[name] = f.nested_nulls.get(name, 0) + col.null_count
+            f.nulls[name] = f.nulls.get(name, 0) + table.column(name).null_count
         if f.bytes_in >= self.target_file_bytes:
             self._close_file(key)
 
@@ -216,7 +216,8 @@ class PartitionedFileWriter:
         parent = full.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         sink = self.fs.open_output_stream(full)
-        writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression, write_statistics=True)
+        writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression, write_statistics=True,
+                                  use_dictionary=self.use_dictionary)
         self.written_paths.append(rel)
         f = _OpenFile(rel, writer, {c: partition_value_str(v) for c, v in zip(self.partition_by, key)})
         f._sink = sink  # type: ignore[attr-defined]
@@ -228,12 +229,8 @@ class PartitionedFileWriter:
         f.writer.close()
         f._sink.close()  # type: ignore[attr-defined]
         size = self.fs.get_file_info(join(self.root, f.rel_path)).size
-        stats = {
-            "numRecords": f.rows,
-            "minValues": {k: s.min for k, s in f.stats.items() if s.usable and s.min is not None},
-            "maxValues": {k: s.max for k, s in f.stats.items() if s.usable and s.max is not None},
-            "nullCount": {**{k: s.nulls for k, s in f.stats.items()}, **f.nested_nulls},
-        }
+        lo, hi = file_min_max(f.writer.writer.metadata, self.data_schema)
+        stats = {"numRecords": f.rows, "minValues": lo, "maxValues": hi, "nullCount": f.nulls}
         self._done.append(
             {
                 # add.path is a URI: escape '%' etc. so readers decode it back to the on-disk name

@@ -56,3 +56,51 @@ def test_write_arrow_checks_the_schema(tmp_path):
         write_arrow(path, pa.table({"a": ["x"]}))
     assert write_arrow(path, pa.table({"a": [3]}), commit_info={"k": "v"}) == 1
     assert sorted(DeltaSnapshot(path).to_table().column("a").to_pylist()) == [1, 2, 3]
+
+
+def test_file_statistics_come_from_every_row_group(tmp_path):
+    """minValues / maxValues / nullCount of a file written in several row groups, per type:
+    bounds across row groups, all-null row groups skipped, no bound where Delta could not use
+    one (an infinite float, a string over 32 characters, booleans), null counts for nested
+    columns too; and the same numbers with dictionary encoding off."""
+    import datetime as dt
+    import decimal
+    import json
+
+    schema = pa.schema([
+        ("i", pa.int64()), ("i8", pa.int8()), ("f", pa.float32()), ("inf", pa.float64()),
+        ("s", pa.string()), ("long", pa.string()), ("b", pa.bool_()), ("d", pa.date32()),
+        ("ts", pa.timestamp("us", tz="UTC")), ("dec", pa.decimal128(6, 2)), ("l", pa.list_(pa.int32())),
+        ("nul", pa.int64()),
+    ])
+    groups = [
+        {"i": [5, None, 7], "i8": [-3, 1, None], "f": [1.5, None, -0.5], "inf": [1.0, 2.0, 3.0],
+         "s": ["b", "c", None], "long": ["a", "b", "c"], "b": [True, None, False],
+         "d": [dt.date(2024, 1, 2), None, dt.date(2024, 1, 1)],
+         "ts": [dt.datetime(2024, 1, 1, 12, tzinfo=dt.timezone.utc), None, None],
+         "dec": [decimal.Decimal("1.25"), None, decimal.Decimal("-2.50")], "l": [[1], None, [2, None]],
+         "nul": [None, None, None]},
+        {"i": [None, None, None], "i8": [100, None, None], "f": [None, None, None], "inf": [float("inf"), 0.0, 1.0],
+         "s": ["a", None, "z"], "long": ["x" * 40, "y", "z"], "b": [None, None, None],
+         "d": [None, None, dt.date(2023, 12, 31)],
+         "ts": [None, dt.datetime(2024, 1, 1, 13, 30, 0, 250000, tzinfo=dt.timezone.utc), None],
+         "dec": [None, decimal.Decimal("9.99"), None], "l": [None, None, []], "nul": [None, None, None]},
+    ]
+    for use_dictionary in (True, False):
+        path = tmp_path / f"t{use_dictionary}"
+        tw = begin_write(str(path), schema, row_group_rows=3, use_dictionary=use_dictionary)
+        adds = tw.write_all([pa.record_batch(g, schema=schema) for g in groups])
+        assert len(adds) == 1 and adds[0]["num_records"] == 6
+        assert commit_write(tw, adds) == 0
+        assert DeltaSnapshot(str(path)).files()[0].parquet().metadata.num_row_groups == 2
+        stats = json.loads(adds[0]["stats"])
+        assert stats["numRecords"] == 6
+        assert stats["minValues"] == {
+            "i": 5, "i8": -3, "f": -0.5, "s": "a", "d": "2023-12-31", "ts": "2024-01-01T12:00:00.000Z", "dec": -2.5,
+        }
+        assert stats["maxValues"] == {
+            "i": 7, "i8": 100, "f": 1.5, "s": "z", "d": "2024-01-02", "ts": "2024-01-01T13:30:00.250Z", "dec": 9.99,
+        }
+        assert stats["nullCount"] == {
+            "i": 4, "i8": 3, "f": 4, "inf": 0, "s": 2, "long": 0, "b": 4, "d": 3, "ts": 4, "dec": 3, "l": 3, "nul": 6,
+        }
