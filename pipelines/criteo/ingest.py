@@ -278,47 +278,55 @@ def _corrupt_files(error: BaseException) -> list[tuple[str, str]]:
     return sorted(set(pat.findall(str(error))))
 
 
-def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytes]:
+def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytearray]:
     """Blocks of the complete lines that START in [start, end) (a line belongs to the range
-    holding its first byte, so adjacent ranges split a file without loss or overlap)."""
+    holding its first byte, so adjacent ranges split a file without loss or overlap).
+
+    Each block is read straight into a new ``bytearray`` and cut after its last newline; the
+    partial line after the cut is read again with the next block (a seek back), so the bytes
+    are copied once, by the read. A line longer than ``block_bytes`` grows its block."""
     if start > 0:
         f.seek(start - 1)
-        skipped = b""
+        pos = start - 1
         while True:  # skip the partial line that began before the range
             piece = f.read(1 << 16)
             if not piece:
                 return
             cut = piece.find(b"\n")
             if cut >= 0:
-                pos = start - 1 + len(skipped) + cut + 1
-                f.seek(pos)
+                pos += cut + 1
                 break
-            skipped += piece
+            pos += len(piece)
         if end is not None and pos >= end:
             return  # no line starts in this range
+        f.seek(pos)
     else:
         pos = 0
-    buf = b""
-    while True:
-        block = f.read(block_bytes)
-        if hasher is not None:
-            hasher.update(block)
-        buf_start = pos - len(buf)
-        buf += block
-        pos += len(block)
-        if end is not None and buf_start + len(buf) >= end:
-            cut = buf.find(b"\n", max(end - 1 - buf_start, 0))
-            if cut >= 0:
-                yield buf[: cut + 1]
-                return
-        if not block:
-            if buf:
-                yield buf if buf.endswith(b"\n") else buf + b"\n"  # no final newline
+    size = block_bytes
+    while end is None or pos < end:
+        block = bytearray(size)
+        n = f.readinto(block)
+        if n < size:
+            del block[n:]
+        if not n:
             return
-        cut = buf.rfind(b"\n")
-        if cut >= 0:
-            yield buf[: cut + 1]
-            buf = buf[cut + 1:]
+        # the last line starting before `end` ends at the first newline at or after end - 1
+        cut = block.find(b"\n", end - 1 - pos) if end is not None and pos + n >= end else block.rfind(b"\n")
+        if cut < 0:
+            if n == size:  # no newline in a whole block: a very long line, read more of it
+                f.seek(pos)
+                size *= 2
+                continue
+            cut = n - 1
+            block.append(10)  # the file's last line has no final newline
+        elif cut + 1 < n:
+            del block[cut + 1:]
+            f.seek(pos + cut + 1)
+        if hasher is not None:
+            hasher.update(memoryview(block)[: cut + 1])
+        pos += cut + 1
+        size = block_bytes
+        yield block
 
 
 def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
