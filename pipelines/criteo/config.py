@@ -92,6 +92,9 @@ class FeaturizeConfig(BaseModel):
     split: SplitConfig = Field(default_factory=SplitConfig)
     bronze_version: int | None = Field(None, description="pin the bronze snapshot (default: latest)")
     row_group_rows: int = Field(131_072, ge=1024, description="gold Parquet row-group size (loader batch unit)")
+    compression: Literal["lz4", "snappy", "zstd", "gzip", "none"] = Field(
+        "lz4", description="gold Parquet codec: lz4 decodes fastest (the loader reads gold every epoch); zstd is smaller"
+    )
 
 
 class CriteoConfig(BaseModel):

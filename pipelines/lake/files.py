@@ -139,7 +139,7 @@ class PartitionedFileWriter:
         compression: str = "zstd",
         row_group_rows: int = 131_072,
         target_file_bytes: int = 256 << 20,
-        use_dictionary: bool = True,
+        parquet_options: dict[str, Any] | None = None,
     ) -> None:
         self.table_uri = table_uri
         self.fs, self.root = filesystem_for(table_uri)
@@ -149,7 +149,7 @@ class PartitionedFileWriter:
         self.compression = compression
         self.row_group_rows = row_group_rows
         self.target_file_bytes = target_file_bytes
-        self.use_dictionary = use_dictionary
+        self.parquet_options = dict(parquet_options or {})
         self._open: dict[tuple, _OpenFile] = {}
         self._pending: dict[tuple, list[pa.RecordBatch]] = {}
         self._pending_rows: dict[tuple, int] = {}
@@ -217,7 +217,7 @@ class PartitionedFileWriter:
         self.fs.create_dir(parent, recursive=True)
         sink = self.fs.open_output_stream(full)
         writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression, write_statistics=True,
-                                  use_dictionary=self.use_dictionary)
+                                  **self.parquet_options)
         self.written_paths.append(rel)
         f = _OpenFile(rel, writer, {c: partition_value_str(v) for c, v in zip(self.partition_by, key)})
         f._sink = sink  # type: ignore[attr-defined]

@@ -49,7 +49,7 @@ class TaskWrite:
     compression: str = "zstd"
     row_group_rows: int = 131_072
     target_file_bytes: int = 256 << 20
-    use_dictionary: bool = True
+    parquet_options: dict[str, Any] | None = None
 
     def open(self):
         """A :class:`~pipelines.lake.files.PartitionedFileWriter` for one task's rows (batches
@@ -59,7 +59,7 @@ class TaskWrite:
         return PartitionedFileWriter(
             self.uri, self.schema, self.partition_by, self.write_id, compression=self.compression,
             row_group_rows=self.row_group_rows, target_file_bytes=self.target_file_bytes,
-            use_dictionary=self.use_dictionary,
+            parquet_options=self.parquet_options,
         )
 
     def write_all(self, batches: Iterable[pa.RecordBatch], partition_values: tuple | None = None) -> list[dict]:
@@ -86,12 +86,11 @@ def begin_write(
     compression: str = "zstd",
     row_group_rows: int = 131_072,
     target_file_bytes: int = 256 << 20,
-    use_dictionary: bool = True,
+    parquet_options: Mapping[str, Any] | None = None,
 ) -> TaskWrite:
     """Driver side, before any task runs: the same checks as ``write_table`` (schema, mode,
     partitioning) raise here, and the read version an overwrite is checked against is fixed.
-    ``use_dictionary=False`` turns Parquet's dictionary encoding off (cheaper to write where
-    the values are mostly distinct)."""
+    ``parquet_options`` go to ``pyarrow.parquet.ParquetWriter`` (e.g. ``use_dictionary``)."""
     from pipelines.lake.commit import prepare_table
     from pipelines.lake.fs import normalize_uri
 
@@ -105,7 +104,7 @@ def begin_write(
     return TaskWrite(
         uri, schema, list(partition_by), mode, dict(replace_where) if replace_where else None, merge_schema,
         uuid.uuid4().hex[:12], effective, read_version, compression, row_group_rows, target_file_bytes,
-        use_dictionary,
+        dict(parquet_options) if parquet_options else None,
     )
 
 

@@ -147,3 +147,19 @@ def test_count_task_folds_and_merges(tmp_path, monkeypatch):
         got = pq.read_table(tmp_path / f"vocab{j}" / adds[0]["path"]).to_pylist()
         assert (distinct, kept) == (len(counts), len(counts))
         assert {r["value"]: r["count"] for r in got} == {v: 2 * c for v, c in counts.items()}
+
+
+def test_column_partitions_spread_the_large_columns(tmp_path):
+    """Reducers get the categorical columns by their bronze bytes, largest first into the
+    lightest: the four high-cardinality columns land on four different reducers, and every
+    column gets a partition in range."""
+    rng = np.random.default_rng(0)
+    large = {SPARSE[j] for j in (0, 4, 8, 12)}  # all in one partition under `column % 4`
+    t = pa.table({c: pa.array([f"{v:08x}" for v in rng.integers(0, 1 << 32 if c in large else 20, 5000)])
+                  for c in SPARSE})
+    path = tmp_path / "b.parquet"
+    pq.write_table(t, path, row_group_size=1000)
+    task = [F.BronzeSlice(str(path), 0)]
+    parts = F.column_partitions([task], reducers=4)
+    assert len(parts) == 26 and set(parts) <= set(range(4))
+    assert sorted(parts[SPARSE.index(c)] for c in large) == [0, 1, 2, 3]

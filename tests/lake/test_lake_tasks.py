@@ -88,7 +88,7 @@ def test_file_statistics_come_from_every_row_group(tmp_path):
     ]
     for use_dictionary in (True, False):
         path = tmp_path / f"t{use_dictionary}"
-        tw = begin_write(str(path), schema, row_group_rows=3, use_dictionary=use_dictionary)
+        tw = begin_write(str(path), schema, row_group_rows=3, parquet_options={"use_dictionary": use_dictionary})
         adds = tw.write_all([pa.record_batch(g, schema=schema) for g in groups])
         assert len(adds) == 1 and adds[0]["num_records"] == 6
         assert commit_write(tw, adds) == 0
