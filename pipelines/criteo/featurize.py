@@ -375,7 +375,8 @@ def _ids_per_row(col: pa.Array, ids_of: Callable[[pa.Array], np.ndarray]) -> np.
     if pa.types.is_dictionary(col.type):
         d = col.dictionary
         table = np.empty(len(d) + 1, np.int32)
-        table[:-1] = ids_of(d) if len(d) else table[:0]
+        if len(d):
+            table[:-1] = ids_of(d)
         if d.null_count:
             table[:-1][~np.asarray(d.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = MISSING_ID
         table[-1] = MISSING_ID
