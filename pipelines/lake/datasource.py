@@ -29,7 +29,6 @@ Options (all strings, as Spark passes them):
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -119,76 +118,49 @@ class DeltaRsDataSource(DataSource):
 @dataclass
 class DeltaCommitMessage(WriterCommitMessage):
     adds: list[dict]
-    paths: list[str]
 
 
 class DeltaRsWriter(DataSourceArrowWriter):
-    def __init__(self, uri: str, schema: StructType, options, overwrite: bool) -> None:
-        from pipelines.lake.commit import prepare_table
-        from pipelines.lake.schema import spark_to_arrow
+    """A DataFrame write as a task write (:mod:`pipelines.lake.tasks`): the same planning,
+    file writer, one-transaction commit and abort as jobs that write from their own tasks."""
 
-        self.uri = uri
-        self.arrow_schema = spark_to_arrow(schema)
-        self.mode = options.get("mode") or ("overwrite" if overwrite else "append")
-        if overwrite and self.mode == "append":
-            self.mode = "overwrite"
-        self.partition_by = list(_json_opt(options, "partition_by", []))
-        self.replace_where = _json_opt(options, "replace_where", None)
-        self.merge_schema = _bool_opt(options, "merge_schema")
+    def __init__(self, uri: str, schema: StructType, options, overwrite: bool) -> None:
+        from pipelines.lake.schema import spark_to_arrow
+        from pipelines.lake.tasks import begin_write
+
+        mode = options.get("mode") or ("overwrite" if overwrite else "append")
+        if overwrite and mode == "append":
+            mode = "overwrite"
         self.commit_info = _json_opt(options, "commit_info", {})
-        self.compression = options.get("compression", "zstd")
-        self.row_group_rows = int(options.get("row_group_rows", 131_072))
-        self.target_file_bytes = int(options.get("target_file_bytes", 256 << 20))
         self.max_commit_retries = int(options.get("max_commit_retries", 15))
-        self.write_id = uuid.uuid4().hex[:12]
         self.committed_version: int | None = None
         # Fail fast on the driver: schema mismatch, bad partitioning, mode=error on an existing table.
-        self.effective_mode, self.read_version = prepare_table(
-            uri, self.arrow_schema, mode=self.mode, partition_by=self.partition_by,
-            merge_schema=self.merge_schema, replace_where=self.replace_where,
+        self.tw = begin_write(
+            uri, spark_to_arrow(schema), mode=mode, partition_by=list(_json_opt(options, "partition_by", [])),
+            replace_where=_json_opt(options, "replace_where", None), merge_schema=_bool_opt(options, "merge_schema"),
+            compression=options.get("compression", "zstd"), row_group_rows=int(options.get("row_group_rows", 131_072)),
+            target_file_bytes=int(options.get("target_file_bytes", 256 << 20)),
         )
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> DeltaCommitMessage:
-        from pipelines.lake.files import PartitionedFileWriter
-
-        if self.effective_mode == "skip":
+        if self.tw.effective_mode == "skip":
             for _ in iterator:
                 pass
-            return DeltaCommitMessage([], [])
-        w = PartitionedFileWriter(
-            self.uri, self.arrow_schema, self.partition_by, self.write_id,
-            compression=self.compression, row_group_rows=self.row_group_rows,
-            target_file_bytes=self.target_file_bytes,
-        )
-        try:
-            for batch in iterator:
-                w.write(batch)
-            adds = w.close()
-        except BaseException:
-            w.discard()
-            raise
-        return DeltaCommitMessage(adds, list(w.written_paths))
+            return DeltaCommitMessage([])
+        return DeltaCommitMessage(self.tw.write_all(iterator))
 
     def commit(self, messages: list[DeltaCommitMessage | None]) -> None:
-        from pipelines.lake.commit import commit
+        from pipelines.lake.tasks import commit_write
 
-        adds = [a for m in messages if m is not None for a in m.adds]
-        if self.effective_mode == "skip":
+        if self.tw.effective_mode == "skip":
             return
-        self.committed_version = commit(
-            self.uri, self.arrow_schema, adds, mode=self.mode, partition_by=self.partition_by,
-            merge_schema=self.merge_schema, replace_where=self.replace_where,
-            commit_info=self.commit_info, max_commit_retries=self.max_commit_retries,
-            read_version=self.read_version,
-        )
+        adds = [a for m in messages if m is not None for a in m.adds]
+        self.committed_version = commit_write(self.tw, adds, self.commit_info, self.max_commit_retries)
 
     def abort(self, messages: list[DeltaCommitMessage | None]) -> None:
-        from pipelines.lake.files import delete_files
-        from pipelines.lake.maintenance import remove_write_leftovers
+        from pipelines.lake.tasks import abort_write
 
-        delete_files(self.uri, [p for m in messages if m is not None for p in m.paths])
-        # tasks that died before returning a message may have left partial files
-        remove_write_leftovers(self.uri, self.write_id)
+        abort_write(self.tw)  # every file of the write, also partial ones of tasks that sent no message
 
 
 # ------------------------------------------------------------------------------------ read

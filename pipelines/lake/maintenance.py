@@ -42,8 +42,9 @@ def remove_write_leftovers(uri: str, write_id: str) -> int:
 
     from pipelines.lake.files import mark_aborted
 
-    mark_aborted(normalize_uri(uri), write_id)
-    fs, root = filesystem_for(normalize_uri(uri))
+    uri = normalize_uri(uri)
+    mark_aborted(uri, write_id)
+    fs, root = filesystem_for(uri)
     try:
         infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
     except FileNotFoundError:

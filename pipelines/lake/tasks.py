@@ -108,15 +108,18 @@ def begin_write(
     )
 
 
-def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any] | None = None) -> int:
+def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any] | None = None,
+                 max_commit_retries: int = 15) -> int:
     """Commit the tasks' files as ONE transaction; return the table version (on failure the
-    files are deleted and the error propagates)."""
+    files are deleted and the error propagates). The commit records ``bigopt.writeId``: the
+    write's id, unless ``commit_info`` brings one (``write_table`` finds its commit by its own)."""
     from pipelines.lake.commit import commit
 
-    info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id}
+    info = {WRITE_ID_KEY: tw.write_id, **dict(commit_info or {})}
     return commit(
         tw.uri, tw.schema, adds, mode=tw.mode, partition_by=tw.partition_by, merge_schema=tw.merge_schema,
         replace_where=tw.replace_where, commit_info=info, read_version=tw.read_version,
+        max_commit_retries=max_commit_retries,
     )
 
 
