@@ -163,9 +163,7 @@ class GradientCommunicator:
         if policy in ("topk", "sparse"):
             self.embedding_names = resolve_embedding_names(params, embedding_names, module)
         if policy == "topk":
-            self.embedding_compressor = build_compressor(
-                "topk", ratio=compressor.embedding_ratio, error_feedback=True,
-                warmup_steps=compressor.warmup_steps, seed=compressor.seed)
+            self.embedding_compressor = build_compressor("topk", ratio=compressor.embedding_ratio)
             self.embedding_compressor.set_rank(self.rank, self.world_size)
         self._rows_policy = policy == "sparse"
 
@@ -459,7 +457,6 @@ class GradientCommunicator:
             "step": self.step,
             "memory": self.memory.state_dict(),
             "compressor": self.compressor.state_dict(),
-            "embedding_compressor": None if self.embedding_compressor is None else self.embedding_compressor.state_dict(),
             "adaptive": None if self.adaptive is None else self.adaptive.state_dict(),
             "totals": self._totals.state_dict(),
             "sparse": dict(self._sparse),
@@ -474,8 +471,6 @@ class GradientCommunicator:
         self.step = int(state["step"])
         self.memory.residuals = {k: v.to(devices.get(k, v.device)).clone() for k, v in state["memory"].items()}
         self.compressor.load_state_dict(state["compressor"])
-        if self.embedding_compressor is not None and state.get("embedding_compressor") is not None:
-            self.embedding_compressor.load_state_dict(state["embedding_compressor"])
         if self.adaptive is not None and state.get("adaptive") is not None:
             self.adaptive.load_state_dict(state["adaptive"])
         self._totals = CommTotals()
