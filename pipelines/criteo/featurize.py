@@ -60,6 +60,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +69,9 @@ import pyarrow.compute as pc
 from pipelines.criteo.schema import (
     DENSE, FIRST_VOCAB_ID, GOLD_SPLITS, MISSING_ID, NUM_DENSE, NUM_SPARSE, RARE_ID, SPARSE, tables,
 )
+
+if TYPE_CHECKING:
+    from pipelines.lake import DeltaSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +150,7 @@ class BronzeView:
 
     version: int
     sources: dict[str, dict]  # source -> {"rows", "day", "labeled", "batch"}
+    snapshot: DeltaSnapshot | None = field(default=None, repr=False, compare=False)  # what it was read from
 
     @property
     def labeled_sources(self) -> list[str]:
@@ -163,7 +168,7 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
     """Check bronze (at ``version``) against the ingest ledger using only the Delta log:
     rows per source (file statistics) and the batch id of every file (min/max statistics of
     ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree."""
-    from pipelines.criteo.ingest import read_ledger
+    from pipelines.criteo.ingest import current_entries, read_ledger
     from pipelines.lake import DeltaSnapshot, table_exists
 
     paths = tables(cfg)
@@ -178,10 +183,7 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
         for b in (fe.min_values.get("ingest_batch"), fe.max_values.get("ingest_batch")):
             if b is not None:
                 d["batches"].add(b)
-    ledger = [r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version]
-    current: dict[str, dict] = {}
-    for r in sorted(ledger, key=lambda r: (r["ingested_at"], r["ingest_batch"])):
-        current[r["source"]] = r
+    current = current_entries([r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version])
     problems = []
     out: dict[str, dict] = {}
     for src in sorted(set(per_source) | set(current)):
@@ -202,7 +204,7 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
             f"bronze v{snap.version} and the ingest ledger disagree (re-run `bigopt ingest`, which replaces "
             "unconfirmed rows):\n  " + "\n  ".join(problems)
         )
-    return BronzeView(snap.version, out)
+    return BronzeView(snap.version, out, snap)
 
 
 # ------------------------------------------------------------------------------ splits
@@ -426,7 +428,7 @@ def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -
         if parts <= 1 or f.size <= target * 3 // 2:
             out.append(BronzeSlice(f.uri, day, None, f.size))
             continue
-        md = f.parquet().metadata
+        md = f.metadata
         rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
         if len(rows) <= 1:
             out.append(BronzeSlice(f.uri, day, None, f.size))
@@ -462,12 +464,9 @@ def bronze_tasks(files: list, parallelism: int, task_bytes: int = TASK_BYTES) ->
 def read_slice(sl: BronzeSlice, schema: pa.Schema, dictionary: Iterable[str] = ()) -> Iterator[pa.RecordBatch]:
     """The slice's rows in batches of ``BATCH_ROWS``, columns of ``schema`` (``dictionary``:
     columns read dictionary-encoded, as Parquet stores them)."""
-    import pyarrow.parquet as pq
+    from pipelines.lake.reader import open_parquet
 
-    from pipelines.lake.fs import filesystem_for
-
-    fs, path = filesystem_for(sl.uri)
-    pf = pq.ParquetFile(fs.open_input_file(path), read_dictionary=list(dictionary) or None)
+    pf = open_parquet(sl.uri, read_dictionary=list(dictionary) or None)
     yield from pf.iter_batches(
         batch_size=BATCH_ROWS, row_groups=list(sl.row_groups) if sl.row_groups is not None else None,
         columns=schema.names, use_threads=False,
@@ -571,20 +570,15 @@ def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> I
             yield j, _ipc(t)
 
 
-def column_partitions(tasks: list[list[BronzeSlice]], reducers: int, sample_files: int = 8) -> list[int]:
+def column_partitions(files: list, reducers: int) -> list[int]:
     """The reduce partition of each categorical column: columns spread over ``reducers`` by
-    their Parquet bytes in a few bronze files (a proxy for the distinct values a reducer
-    merges; a high-cardinality column is ~100x a small one), largest first into the lightest
-    partition. ``column % reducers`` would pile the large columns onto a few reducers."""
-    import pyarrow.parquet as pq
-
-    from pipelines.lake.fs import filesystem_for
-
-    uris = sorted({sl.uri for t in tasks for sl in t})
+    their Parquet bytes in up to 8 of the bronze ``files`` (footers: a proxy for the distinct
+    values a reducer merges; a high-cardinality column is ~100x a small one), largest first
+    into the lightest partition. ``column % reducers`` would pile the large columns onto a
+    few reducers."""
     weight = np.ones(NUM_SPARSE)
-    for uri in uris[:: max(1, -(-len(uris) // sample_files))]:
-        fs, path = filesystem_for(uri)
-        md = pq.ParquetFile(fs.open_input_file(path)).metadata
+    for f in files[:: max(1, -(-len(files) // 8))]:
+        md = f.metadata
         for i in range(md.num_row_groups):
             rg = md.row_group(i)
             for k in range(rg.num_columns):
@@ -626,10 +620,12 @@ def merge_column(index: int, blobs: Iterable[bytes], tw, threshold: int,
     return index, distinct, n, adds
 
 
-def build_vocabulary(sc, tasks: list[list[BronzeSlice]], schema: pa.Schema, rule: SplitRule, fz, path: str,
-                     commit_info: dict) -> tuple[int, dict[str, int], dict[str, int]]:
-    """The vocabulary job (see the module docstring). Returns (vocabulary version, kept values
-    per column, distinct train values per column)."""
+def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, path: str,
+                     commit_info: dict) -> tuple[int, dict[str, int], dict[str, int], tuple]:
+    """The vocabulary job (see the module docstring) over the bronze ``files`` that can hold
+    train rows. Returns (vocabulary version, kept values per column, distinct train values per
+    column, per column the URIs of its vocabulary files)."""
+    from pipelines.lake.fs import file_uri
     from pipelines.lake.tasks import abort_write, begin_write, commit_write
 
     tw = begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
@@ -637,6 +633,7 @@ def build_vocabulary(sc, tasks: list[list[BronzeSlice]], schema: pa.Schema, rule
     # (about 60 ms of CPU in PySpark) would outweigh the merge of a small column
     reducers = min(NUM_SPARSE, 2 * max(1, sc.defaultParallelism))
     threshold, max_size = fz.freq_threshold, fz.max_vocab_size
+    tasks = bronze_tasks(files, sc.defaultParallelism)
     results: list = []
     try:
         if tasks:
@@ -644,7 +641,7 @@ def build_vocabulary(sc, tasks: list[list[BronzeSlice]], schema: pa.Schema, rule
             results = (
                 sc.parallelize(tasks, len(tasks))
                 .flatMap(functools.partial(count_task, schema=schema, rule=rule))
-                .groupByKey(reducers, column_partitions(tasks, reducers).__getitem__)
+                .groupByKey(reducers, column_partitions(files, reducers).__getitem__)
                 .map(lambda kv: merge_column(kv[0], kv[1], tw, threshold, max_size))
                 .collect()
             )
@@ -656,13 +653,15 @@ def build_vocabulary(sc, tasks: list[list[BronzeSlice]], schema: pa.Schema, rule
     version = commit_write(tw, [a for r in results for a in r[3]], commit_info)
     distinct = {SPARSE[j]: d for j, d, _, _ in results}
     sizes = {SPARSE[j]: k for j, _, k, _ in results}
-    return version, {c: sizes.get(c, 0) for c in SPARSE}, {c: distinct.get(c, 0) for c in SPARSE}
+    uris = {j: tuple(file_uri(tw.uri, a["path"]) for a in adds) for j, _, _, adds in results}
+    return (version, {c: sizes.get(c, 0) for c in SPARSE}, {c: distinct.get(c, 0) for c in SPARSE},
+            tuple(uris.get(j, ()) for j in range(NUM_SPARSE)))
 
 
 _VOCAB_CACHE: dict[tuple, list[VocabLookup]] = {}
 
 
-def load_vocabulary(files_by_column: list[list[str]]) -> list[VocabLookup]:
+def load_vocabulary(files_by_column: tuple[tuple[str, ...], ...]) -> list[VocabLookup]:
     """Per column, a lookup of its vocabulary values ordered by id (value i has id 2 + i),
     read from the vocabulary table's files; cached in the worker process (the key is the file
     list, which is unique to one vocabulary write)."""
@@ -670,7 +669,7 @@ def load_vocabulary(files_by_column: list[list[str]]) -> list[VocabLookup]:
 
     from pipelines.lake.fs import filesystem_for
 
-    key = tuple(tuple(f) for f in files_by_column)
+    key = files_by_column
     hit = _VOCAB_CACHE.get(key)
     if hit is not None:
         return hit
@@ -709,7 +708,7 @@ class GoldSpec:
 def gold_task(task: list[BronzeSlice], spec: GoldSpec) -> dict[str, list[dict]]:
     """One task: every row of its slices to the gold table of its split. Returns
     ``{split: add actions}``."""
-    values = load_vocabulary([list(f) for f in spec.vocab_files]) if spec.strategy == "vocab" else None
+    values = load_vocabulary(spec.vocab_files) if spec.strategy == "vocab" else None
     writers = [tw.open() for tw in spec.writes]
     try:
         for sl in task:
@@ -776,7 +775,6 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
 def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> FeaturizeReport:
     """Build the gold tables from the current (or ``featurize.bronze_version``) bronze."""
     from jobs.config import config_hash
-    from pipelines.lake import DeltaSnapshot
     from pipelines.lake.tasks import write_arrow
 
     t0 = time.time()
@@ -800,7 +798,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
     info_base = {"job": "featurize", "config_hash": chash, "bronze_path": paths["bronze"],
                  "bronze_version": str(view.version), "strategy": fz.strategy, "split_mode": plan.mode}
 
-    bronze = DeltaSnapshot(paths["bronze"], version=view.version)
+    bronze = view.snapshot
     files = bronze.files({"source": sources})
     parallelism = sc.defaultParallelism
 
@@ -811,15 +809,11 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
         say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
         train_files = [f for f in files if rule.may_train(_day(f))]
         vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
-        vv, sizes, distinct = build_vocabulary(
-            sc, bronze_tasks(train_files, parallelism), bronze.schema(vocab_columns), rule, fz,
-            paths["vocabulary"], {**info_base, "table": "vocabulary"},
+        vv, sizes, distinct, vocab_files = build_vocabulary(
+            sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"],
+            {**info_base, "table": "vocabulary"},
         )
         report.vocabulary, report.vocabulary_version = paths["vocabulary"], vv
-        by_col: dict[str, list[str]] = {c: [] for c in SPARSE}
-        for f in DeltaSnapshot(paths["vocabulary"], version=vv).files():
-            by_col[f.partition_values["column"]].append(f.uri)
-        vocab_files = tuple(tuple(by_col[c]) for c in SPARSE)
         cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
         say(f"vocabulary v{vv}: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
     else:

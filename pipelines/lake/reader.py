@@ -25,6 +25,13 @@ from pipelines.lake.fs import file_uri, filesystem_for, normalize_uri
 from pipelines.lake.schema import to_pyarrow_schema
 
 
+def open_parquet(uri: str, **kwargs) -> pq.ParquetFile:
+    """A data file by its URI (local path or any pyarrow filesystem); ``kwargs`` go to
+    ``pyarrow.parquet.ParquetFile`` (e.g. ``read_dictionary``)."""
+    fs, path = filesystem_for(uri)
+    return pq.ParquetFile(fs.open_input_file(path), **kwargs)
+
+
 @dataclass
 class FileEntry:
     """One active data file of a snapshot."""
@@ -38,12 +45,16 @@ class FileEntry:
     null_counts: dict[str, Any] = field(default_factory=dict)
 
     def parquet(self) -> pq.ParquetFile:
-        fs, path = filesystem_for(self.uri) if "://" in self.uri else (None, self.uri)
-        return pq.ParquetFile(fs.open_input_file(path) if fs is not None else path)
+        return open_parquet(self.uri)
+
+    @cached_property
+    def metadata(self) -> pq.FileMetaData:
+        """The file's Parquet footer, read once per entry (data files never change)."""
+        return self.parquet().metadata
 
     def row_group_ranges(self, split_bytes: int) -> list[list[int]]:
         """Split the file into contiguous row-group ranges of about ``split_bytes``."""
-        md = self.parquet().metadata
+        md = self.metadata
         out, cur, cur_bytes = [], [], 0
         for i in range(md.num_row_groups):
             cur.append(i)
@@ -185,8 +196,7 @@ def read_file_batches(
     """Read one data file as batches shaped exactly like ``arrow_schema``: partition columns
     filled from the add action, columns absent from an older file (schema evolution) filled
     with nulls, everything cast to the table type."""
-    fs, path = filesystem_for(uri)
-    pf = pq.ParquetFile(fs.open_input_file(path))
+    pf = open_parquet(uri)
     file_cols = set(pf.schema_arrow.names)
     wanted = [f.name for f in arrow_schema if f.name in file_cols and f.name not in partition_columns]
     it = pf.iter_batches(batch_size=batch_size, row_groups=row_groups, columns=wanted, use_threads=False)

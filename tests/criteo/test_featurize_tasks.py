@@ -159,7 +159,8 @@ def test_column_partitions_spread_the_large_columns(tmp_path):
                   for c in SPARSE})
     path = tmp_path / "b.parquet"
     pq.write_table(t, path, row_group_size=1000)
-    task = [F.BronzeSlice(str(path), 0)]
-    parts = F.column_partitions([task], reducers=4)
+    from pipelines.lake import FileEntry
+
+    parts = F.column_partitions([FileEntry(str(path), path.stat().st_size, 5000, {"day": 0})], reducers=4)
     assert len(parts) == 26 and set(parts) <= set(range(4))
     assert sorted(parts[SPARSE.index(c)] for c in large) == [0, 1, 2, 3]
