@@ -21,7 +21,7 @@ import horovod.torch as hvd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from optim.compression import GradientCommunicator, build_compressor  # noqa: E402
-from payload_sizes import analytic_nbytes  # noqa: E402  (this folder: the script's own)
+from payload_sizes import hybrid_nbytes  # noqa: E402  (this folder: the script's own)
 
 METHODS = {
     "none": {}, "fp16": {}, "bf16": {}, "qsgd": {"bits": 8}, "topk": {"ratio": 0.05},
@@ -31,6 +31,7 @@ METHODS = {
 DENSE_EMB_METHODS = {"powersgd_hybrid": ("powersgd", {"rank": 2}),  # default policy: top-k 1 % + EF
                      "powersgd_rows": ("powersgd", {"rank": 2, "embedding": "sparse"})}
 STEPS = 30
+MIN_COMPRESS_NUMEL = 256  # smaller layers are sent exact (dense)
 
 
 class Net(nn.Module):
@@ -67,8 +68,8 @@ def run_method(name, hp, rank, size, adaptive=None, sparse_emb=True):
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     (X, C, y), (Xl, Cl, yl) = data(rank, size)
     comp = build_compressor(name, **hp)
-    comm = GradientCommunicator(comp, model.named_parameters(), backend=hvd, min_compress_numel=256,
-                                adaptive=adaptive, name=f"t.{name}")
+    comm = GradientCommunicator(comp, model.named_parameters(), backend=hvd,
+                                min_compress_numel=MIN_COMPRESS_NUMEL, adaptive=adaptive, name=f"t.{name}")
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     lossf = nn.BCEWithLogitsLoss()
     with torch.no_grad():
@@ -101,15 +102,8 @@ def payload_nbytes(comp, model, comm) -> int | None:
     for the rest."""
     if comm.embedding_compressor is None:
         return None
-    total = 0
-    for n, p in model.named_parameters():
-        if n in comm.embedding_names:
-            total += analytic_nbytes("topk", {"ratio": comp.embedding_ratio}, p.shape)
-        elif p.numel() >= 256 and comp.should_compress(p.shape):
-            total += analytic_nbytes("powersgd", {"rank": comp.rank}, p.shape)
-        else:
-            total += 4 * p.numel()
-    return total
+    return hybrid_nbytes(((n, p.shape) for n, p in model.named_parameters()), comm.embedding_names,
+                         comp.rank, comp.embedding_ratio, comm.min_compress_numel)
 
 
 def aggregation_error(name, hp, model, raw):
@@ -129,7 +123,8 @@ def aggregation_error(name, hp, model, raw):
     for n, p in model.named_parameters():
         g = raw[n]
         everyone = hvd.allgather(g.unsqueeze(0).float())
-        small = (n == "emb.weight" and policy != "topk") or (p.numel() < 256 and name not in ("fp16", "bf16", "none"))
+        small = (n == "emb.weight" and policy != "topk") or (
+            p.numel() < MIN_COMPRESS_NUMEL and name not in ("fp16", "bf16", "none"))
         if n == "emb.weight" and policy == "topk":
             top = build_compressor("topk", ratio=fresh.embedding_ratio)
             local = top.decompress(*top.compress(g, n))

@@ -31,3 +31,24 @@ def analytic_nbytes(name, hp, shape) -> int:
         cols = n // rows
         return 4 * (rows + cols) * min(rows, cols, hp["rank"])
     raise AssertionError(name)
+
+
+def hybrid_nbytes(named_shapes, tables, rank, ratio=0.01, min_numel=1024) -> int:
+    """Bytes per step of PowerSGD (``rank``) whose embedding policy sends ``tables`` by top-k
+    (``ratio``): each table's top-k payload; 4 r (n + m) per matrix PowerSGD compresses (at
+    least ``min_numel`` elements and torch's rule, min_compression_rate 2: (n + m) r 2 < n m);
+    4 bytes per element for the rest. ``named_shapes``: (name, shape) pairs. The defaults are
+    PowerSGD's embedding_ratio and GradientCommunicator's min_compress_numel."""
+    total = 0
+    for name, shape in named_shapes:
+        numel = math.prod(shape)
+        n = shape[0] if len(shape) else 1
+        m = numel // n if n else 0
+        r = min(n, m, rank)
+        if name in tables:
+            total += analytic_nbytes("topk", {"ratio": ratio}, shape)
+        elif numel >= min_numel and (n + m) * r * 2 < n * m:
+            total += analytic_nbytes("powersgd", {"rank": rank}, shape)
+        else:
+            total += 4 * numel
+    return total

@@ -16,7 +16,7 @@ from optim.compression import (
     build_compressor,
     embedding_parameter_names,
 )
-from payload_sizes import analytic_nbytes
+from payload_sizes import analytic_nbytes, hybrid_nbytes
 
 ROWS, DIM, MIN_NUMEL = 3000, 16, 1024
 
@@ -51,21 +51,10 @@ def _backward(model, seed: int):
     return ids
 
 
-def _powersgd_bytes(shape, rank: int) -> int | None:
-    """4 r (n + m) when torch's rule (min_compression_rate 2) compresses the matrix, else None."""
-    n, m = shape[0], math.prod(shape[1:]) if len(shape) > 1 else 1
-    r = min(n, m, rank)
-    return 4 * r * (n + m) if (n + m) * r * 2 < n * m else None
-
-
 def _mlp_bytes(model, rank: int) -> int:
-    total = 0
-    for n, p in model.named_parameters():
-        if n == "emb.table.weight":
-            continue
-        ps = _powersgd_bytes(p.shape, rank) if p.numel() >= MIN_NUMEL else None
-        total += ps if ps is not None else 4 * p.numel()
-    return total
+    """The MLP's bytes under PowerSGD (the table left out)."""
+    return hybrid_nbytes(((n, p.shape) for n, p in model.named_parameters() if n != "emb.table.weight"),
+                         (), rank, min_numel=MIN_NUMEL)
 
 
 # ---------------------------------------------------------------------------------------------
