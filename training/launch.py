@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import traceback
+import unittest.mock
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -167,20 +168,13 @@ def run_local(fn: Callable, job: Any, num_proc: int, *, start_timeout: int = 120
 
     if num_proc < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")
-    env = rank_env(stall_shutdown_s)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # horovod.runner.run has no env argument: its ranks inherit ours
-    try:
-        reports = horovod.runner.run(_rank_entry, args=(fn, job), np=num_proc, hosts=f"localhost:{num_proc}",
-                                     use_gloo=True, start_timeout=start_timeout, verbose=verbose)
-    except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
-        raise _process_died(e) from e
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # horovod.runner.run has no env argument: its ranks inherit ours
+    with unittest.mock.patch.dict(os.environ, rank_env(stall_shutdown_s)):
+        try:
+            reports = horovod.runner.run(_rank_entry, args=(fn, job), np=num_proc, hosts=f"localhost:{num_proc}",
+                                         use_gloo=True, start_timeout=start_timeout, verbose=verbose)
+        except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
+            raise _process_died(e) from e
     return _results(reports)
 
 
