@@ -106,11 +106,11 @@ METHODS: dict[str, dict[str, Any]] = {
 FULL_METHODS = list(METHODS)
 QUICK_METHODS = ["none", "fp16", "qsgd_8bit", "topk_1pct_ef", "powersgd", "powersgd_plain", "none_reshuffled"]
 
+MAX_GAP = 0.002  # the goals' maximum AUC gap to the dense baseline
 # goals of the compression issue: method -> (minimum ratio, maximum AUC gap)
-GOALS = {"topk_1pct_ef": (50.0, 0.002), "powersgd": (20.0, 0.002)}
+GOALS = {"topk_1pct_ef": (50.0, MAX_GAP), "powersgd": (20.0, MAX_GAP)}
 # reported against the same goal, not goals themselves
-VARIANTS = {"powersgd_plain": (20.0, 0.002), "powersgd_sparse_emb": (20.0, 0.002)}
-MAX_GAP = 0.002
+VARIANTS = {"powersgd_plain": GOALS["powersgd"], "powersgd_sparse_emb": GOALS["powersgd"]}
 
 
 # ---------------------------------------------------------------------------------------------
