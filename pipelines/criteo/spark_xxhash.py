@@ -152,14 +152,14 @@ def _offsets_and_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets.astype(np.int64), data
 
 
-def hash_bytes(arr: pa.Array, seed: np.ndarray) -> np.ndarray:
-    """``XXH64.hashUnsafeBytes`` of each value of a string/binary array; the result at null
-    rows is unspecified (the caller keeps the previous hash there). Rows are processed in
-    groups of equal length; the usual case (Criteo categoricals: every value 8 bytes, null
-    values empty) is one group read straight from the Arrow data buffer."""
+def hash_bytes(arr: pa.Array, seed: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """``XXH64.hashUnsafeBytes`` of each value of a string/binary array (``valid``: its
+    :func:`valid_mask`); the result at null rows is unspecified (the caller keeps the
+    previous hash there). Rows are processed in groups of equal length; the usual case
+    (Criteo categoricals: every value 8 bytes, null values empty) is one group read straight
+    from the Arrow data buffer."""
     offsets, data = _offsets_and_data(arr)
     lengths = np.diff(offsets)
-    valid = _valid_mask(arr)
     out = np.zeros(len(arr), dtype=np.uint64)
     if valid is not None:
         lengths = np.where(valid, lengths, -1)
@@ -185,7 +185,8 @@ def hash_bytes(arr: pa.Array, seed: np.ndarray) -> np.ndarray:
     return out
 
 
-def _valid_mask(arr: pa.Array) -> np.ndarray | None:
+def valid_mask(arr: pa.Array) -> np.ndarray | None:
+    """Per row of ``arr``: True where it holds a value (None when it has no nulls)."""
     if arr.null_count == 0:
         return None
     return np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
@@ -195,11 +196,8 @@ _BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string
                 pa.types.is_large_binary, pa.types.is_binary_view)
 
 
-def _hash_array(arr: pa.Array, seed: np.ndarray) -> np.ndarray:
+def _hash_array(arr: pa.Array, seed: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     t = arr.type
-    if pa.types.is_dictionary(t):
-        arr = arr.cast(t.value_type)
-        t = arr.type
     if pa.types.is_boolean(t):
         return hash_int(np.asarray(pc.cast(arr, pa.int32()).fill_null(0).to_numpy()), seed)
     if pa.types.is_integer(t) and t.bit_width <= 32 and not (pa.types.is_unsigned_integer(t) and t.bit_width == 32):
@@ -207,23 +205,16 @@ def _hash_array(arr: pa.Array, seed: np.ndarray) -> np.ndarray:
     if pa.types.is_int64(t):
         return hash_long(np.asarray(arr.fill_null(0).to_numpy()), seed)
     if any(is_type(t) for is_type in _BYTES_TYPES):
-        return hash_bytes(arr, seed)
+        return hash_bytes(arr, seed, valid)
     raise TypeError(f"xxhash64: no Spark-compatible hash for Arrow type {t} (int, bigint, string, binary, boolean)")
 
 
-def xxhash64(
-    args: Sequence[pa.Array | pa.ChunkedArray | int], seed: int = SPARK_SEED, num_rows: int | None = None
-) -> np.ndarray:
+def xxhash64(args: Sequence[pa.Array | pa.ChunkedArray | int], seed: int = SPARK_SEED) -> np.ndarray:
     """Spark's ``xxhash64(args...)`` per row, as int64. ``args`` are Arrow arrays of equal
-    length or Python ints (literals, like ``F.lit``); ``num_rows`` is needed only when every
-    argument is a literal."""
-    n = num_rows
-    for a in args:
-        if not isinstance(a, int):
-            n = len(a)
-            break
+    length or Python ints (literals, like ``F.lit``), at least one of them an array."""
+    n = next((len(a) for a in args if not isinstance(a, (int, np.integer))), None)
     if n is None:
-        raise ValueError("xxhash64 of literals only: pass num_rows")
+        raise ValueError("xxhash64 needs at least one Arrow array argument")
     h = np.full(n, seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64)
     for a in args:
         if isinstance(a, (bool, np.bool_)):
@@ -241,8 +232,11 @@ def xxhash64(
             a = a.combine_chunks() if a.num_chunks != 1 else a.chunk(0)
         if len(a) != n:
             raise ValueError(f"xxhash64: arguments of different lengths ({len(a)} vs {n})")
-        new = _hash_array(a, h)
-        if a.null_count:  # a null argument leaves the hash as it was
-            np.copyto(new, h, where=~_valid_mask(a))
+        if pa.types.is_dictionary(a.type):
+            a = a.cast(a.type.value_type)  # before the null mask: a dictionary may hold a null value
+        valid = valid_mask(a)
+        new = _hash_array(a, h, valid)
+        if valid is not None:  # a null argument leaves the hash as it was
+            np.copyto(new, h, where=~valid)
         h = new
     return h.view(np.int64)

@@ -95,6 +95,9 @@ def test_chunked_sliced_and_dictionary_inputs():
     np.testing.assert_array_equal(xxhash64([s.slice(50, 100)]), ref[50:150])
     np.testing.assert_array_equal(xxhash64([pa.chunked_array([s.slice(0, 70), s.slice(70)])]), ref)
     np.testing.assert_array_equal(xxhash64([s.dictionary_encode()]), ref)
+    # a null held in the dictionary (not in the indices) is a null row too
+    in_dict = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), pa.array([None, "a"]))
+    np.testing.assert_array_equal(xxhash64([in_dict]), xxhash64([pa.array([None, "a", None])]))
     with pytest.raises(TypeError, match="no Spark-compatible hash"):
         xxhash64([pa.array([1.5])])
     with pytest.raises(ValueError, match="different lengths"):
