@@ -69,6 +69,7 @@ import pyarrow.compute as pc
 from pipelines.criteo.schema import (
     DENSE, FIRST_VOCAB_ID, GOLD_SPLITS, MISSING_ID, NUM_DENSE, NUM_SPARSE, RARE_ID, SPARSE, tables,
 )
+from pipelines.criteo.spark_xxhash import valid_mask, xxhash64
 
 if TYPE_CHECKING:
     from pipelines.lake import DeltaSnapshot
@@ -285,8 +286,6 @@ class SplitRule:
 
 def row_hash_unit(batch: pa.RecordBatch, seed: int) -> np.ndarray:
     """Spark's ``pmod(xxhash64(lit(seed), label, I1..I13, C1..C26), 2^30) / 2^30`` per row."""
-    from pipelines.criteo.spark_xxhash import xxhash64
-
     h = xxhash64([seed, *[batch.column(c) for c in ROW_COLUMNS]])
     return (h & ((1 << 30) - 1)).astype(np.float64) / float(1 << 30)
 
@@ -303,8 +302,6 @@ def dense_matrix(batch: pa.RecordBatch) -> np.ndarray:
 
 def hashed_ids(col: pa.Array, buckets: int) -> np.ndarray:
     """``0`` for null, else Spark's ``1 + pmod(xxhash64(value), buckets - 1)`` (int32)."""
-    from pipelines.criteo.spark_xxhash import xxhash64
-
     def ids(values: pa.Array) -> np.ndarray:
         return (np.mod(xxhash64([values]), buckets - 1) + 1).astype(np.int32)
 
@@ -344,7 +341,7 @@ def word_keys(arr: pa.Array) -> np.ndarray | None:
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
     lengths = np.diff(offsets)
-    valid = None if not arr.null_count else np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    valid = valid_mask(arr)
     if not np.array_equal(lengths, np.full(n, 8, np.int32) if valid is None else np.where(valid, 8, 0)):
         return None
     if n == arr.null_count:
@@ -380,13 +377,13 @@ def _ids_per_row(col: pa.Array, ids_of: Callable[[pa.Array], np.ndarray]) -> np.
         if len(d):
             table[:-1] = ids_of(d)
         if d.null_count:
-            table[:-1][~np.asarray(d.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = MISSING_ID
+            table[:-1][~valid_mask(d)] = MISSING_ID
         table[-1] = MISSING_ID
         idx = col.indices.fill_null(len(d)) if col.indices.null_count else col.indices
         return table[idx.to_numpy()]
     out = ids_of(col)
     if col.null_count:
-        out[~np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = MISSING_ID
+        out[~valid_mask(col)] = MISSING_ID
     return out
 
 
