@@ -464,11 +464,8 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
     """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file)."""
     kind, what = item
     if kind == "hash":
-        h = hashlib.sha256()
         with open(what, "rb") as f:
-            while block := f.read(_BLOCK):
-                h.update(block)
-        return {"kind": "hash", "path": what, "sha256": h.hexdigest()}
+            return {"kind": "hash", "path": what, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
     from pipelines.criteo.parse import parse_block
 
     c: Chunk = what  # type: ignore[assignment]
