@@ -45,12 +45,6 @@ DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
 NAMES = ["label", *DENSE, *SPARSE]
 THRESHOLD = 3
-# the settings conf/criteo.yaml uses (see docs/criteo.md, "Performance")
-SPARK_CONF = {
-    "spark.driver.extraJavaOptions": "-XX:-DontCompileHugeMethods",
-    "spark.executor.extraJavaOptions": "-XX:-DontCompileHugeMethods",
-    "spark.sql.shuffle.partitions": "4",
-}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -147,7 +141,8 @@ def stage_spark(raw: Path, lake: Path) -> dict:
         "criteo": {"inputs": [str(raw)], "featurize": {"strategy": "vocab", "freq_threshold": THRESHOLD}},
     })
     t0 = time.perf_counter()
-    spark = get_spark("bigopt-bench", master="local[2]", ui=False, log_level="ERROR", conf=SPARK_CONF)
+    # the project's own local session settings (get_spark): what `bigopt ingest/featurize` get
+    spark = get_spark("bigopt-bench", master="local[2]", ui=False, log_level="ERROR")
     spark.range(1).count()
     # start the Python worker daemon and one worker per core (their imports, ~1.5 s): like the
     # imports of (a) and (b), a fixed start-up cost, not per-row work
