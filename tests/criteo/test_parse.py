@@ -100,10 +100,12 @@ def test_everything_at_once_and_undecodable():
 
 def test_fast_path_takes_canonical_blocks_and_is_exact():
     lines = [GOOD, GOOD.replace("\t5\t", "\t-5\t"), GOOD.replace("\t5\t", "\t\t").replace("68fd1e64", "", 3)] * 50
-    assert parse._fast(_block(lines), True) is not None
+    block = _block(lines)
+    assert parse._fast(block, True, block.count(b"\n")) is not None
     _assert_like_reference(lines)
     for odd in [*BAD, *ODD_BUT_VALID[:1], ODD_BUT_VALID[2], ODD_BUT_VALID[5]]:
-        assert parse._fast(_block([GOOD, odd]), True) is None, odd[:30]
+        block = _block([GOOD, odd])
+        assert parse._fast(block, True, block.count(b"\n")) is None, odd[:30]
 
 
 def test_unlabelled_lines_may_start_with_a_tab():
