@@ -112,8 +112,10 @@ def commit(
     max_commit_retries: int = 15,
     storage_options: Mapping[str, str] | None = None,
     read_version: int | None = None,
+    configuration: Mapping[str, str] | None = None,
 ) -> int:
     """Commit the task-written files as ONE transaction; return the new table version.
+    ``configuration``: table properties of a table this commit creates (ignored otherwise).
 
     ``read_version`` is the version the write was planned against (see :func:`prepare_table`);
     commits that landed since are checked for conflicts (appends pass, overwrites fail).
@@ -141,6 +143,7 @@ def commit(
                 create_table_with_add_actions(
                     uri, Schema.from_arrow(data_schema), actions, mode="error", partition_by=partition_by or None,
                     storage_options=opts or None, commit_properties=props,
+                    configuration=dict(configuration) if configuration else None,
                 )
                 return DeltaTable(uri, storage_options=opts, without_files=True).version()
             except DeltaError as e:

@@ -140,6 +140,7 @@ class PartitionedFileWriter:
         row_group_rows: int = 131_072,
         target_file_bytes: int = 256 << 20,
         parquet_options: dict[str, Any] | None = None,
+        stats_columns: list[str] | None = None,
     ) -> None:
         self.table_uri = table_uri
         self.fs, self.root = filesystem_for(table_uri)
@@ -150,6 +151,7 @@ class PartitionedFileWriter:
         self.row_group_rows = row_group_rows
         self.target_file_bytes = target_file_bytes
         self.parquet_options = dict(parquet_options or {})
+        self.stats_columns = list(stats_columns) if stats_columns is not None else None
         self._open: dict[tuple, _OpenFile] = {}
         self._pending: dict[tuple, list[pa.RecordBatch]] = {}
         self._pending_rows: dict[tuple, int] = {}
@@ -216,7 +218,8 @@ class PartitionedFileWriter:
         parent = full.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         sink = self.fs.open_output_stream(full)
-        writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression, write_statistics=True,
+        stats = True if self.stats_columns is None else [c for c in self.stats_columns if c in self.data_schema.names]
+        writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression, write_statistics=stats,
                                   **self.parquet_options)
         self.written_paths.append(rel)
         f = _OpenFile(rel, writer, {c: partition_value_str(v) for c, v in zip(self.partition_by, key)})

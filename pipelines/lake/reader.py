@@ -141,9 +141,9 @@ class DeltaSnapshot:
             for k, v in r.items():
                 if k.startswith("partition."):
                     pv[k[len("partition."):]] = v
-                elif k.startswith("min."):
-                    mins[k[4:]] = v
-                elif k.startswith("max."):
+                elif k.startswith("min.") and v is not None:  # delta-rs gives None for a column without
+                    mins[k[4:]] = v                                 # a bound in this file: left out
+                elif k.startswith("max.") and v is not None:
                     maxs[k[4:]] = v
                 elif k.startswith("null_count."):
                     nulls[k[len("null_count."):]] = v

@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 
 WRITE_ID_KEY = "bigopt.writeId"
+STATS_COLUMNS_KEY = "delta.dataSkippingStatsColumns"
 
 
 @dataclass
@@ -50,6 +51,7 @@ class TaskWrite:
     row_group_rows: int = 131_072
     target_file_bytes: int = 256 << 20
     parquet_options: dict[str, Any] | None = None
+    stats_columns: list[str] | None = None  # None: statistics on every column
 
     def open(self):
         """A :class:`~pipelines.lake.files.PartitionedFileWriter` for one task's rows (batches
@@ -59,7 +61,7 @@ class TaskWrite:
         return PartitionedFileWriter(
             self.uri, self.schema, self.partition_by, self.write_id, compression=self.compression,
             row_group_rows=self.row_group_rows, target_file_bytes=self.target_file_bytes,
-            parquet_options=self.parquet_options,
+            parquet_options=self.parquet_options, stats_columns=self.stats_columns,
         )
 
     def write_all(self, batches: Iterable[pa.RecordBatch], partition_values: tuple | None = None) -> list[dict]:
@@ -87,10 +89,16 @@ def begin_write(
     row_group_rows: int = 131_072,
     target_file_bytes: int = 256 << 20,
     parquet_options: Mapping[str, Any] | None = None,
+    stats_columns: Sequence[str] | None = None,
 ) -> TaskWrite:
     """Driver side, before any task runs: the same checks as ``write_table`` (schema, mode,
     partitioning) raise here, and the read version an overwrite is checked against is fixed.
-    ``parquet_options`` go to ``pyarrow.parquet.ParquetWriter`` (e.g. ``use_dictionary``)."""
+    ``parquet_options`` go to ``pyarrow.parquet.ParquetWriter`` (e.g. ``use_dictionary``).
+
+    ``stats_columns``: the only columns that get Parquet statistics and Delta min/max (default:
+    all). A table created by this write records them as ``delta.dataSkippingStatsColumns``,
+    which is also what tells Delta readers (delta-rs parses only the first 32 columns'
+    statistics otherwise) which columns have them."""
     from pipelines.lake.commit import prepare_table
     from pipelines.lake.fs import normalize_uri
 
@@ -104,7 +112,7 @@ def begin_write(
     return TaskWrite(
         uri, schema, list(partition_by), mode, dict(replace_where) if replace_where else None, merge_schema,
         uuid.uuid4().hex[:12], effective, read_version, compression, row_group_rows, target_file_bytes,
-        dict(parquet_options) if parquet_options else None,
+        dict(parquet_options) if parquet_options else None, list(stats_columns) if stats_columns is not None else None,
     )
 
 
@@ -116,10 +124,13 @@ def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any]
     from pipelines.lake.commit import commit
 
     info = {WRITE_ID_KEY: tw.write_id, **dict(commit_info or {})}
+    configuration = None
+    if tw.stats_columns is not None:
+        configuration = {STATS_COLUMNS_KEY: ",".join(tw.stats_columns)}
     return commit(
         tw.uri, tw.schema, adds, mode=tw.mode, partition_by=tw.partition_by, merge_schema=tw.merge_schema,
         replace_where=tw.replace_where, commit_info=info, read_version=tw.read_version,
-        max_commit_retries=max_commit_retries,
+        max_commit_retries=max_commit_retries, configuration=configuration,
     )
 
 

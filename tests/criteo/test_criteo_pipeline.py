@@ -148,6 +148,12 @@ def test_bronze_and_gold_counts(pipeline):
     t = _bronze(cfg)
     assert ing.rows_in == ing.rows_ok == 12_000 and ing.rows_rejected == 0
     assert DeltaSnapshot(t["bronze"]).num_rows == 12_000
+    # Delta min/max where skipping can use them (label, I1..I13, the batch id), not for C1..C26
+    from pipelines.criteo.ingest import BRONZE_STATS_COLUMNS
+
+    for fe in DeltaSnapshot(t["bronze"]).files():
+        assert set(fe.min_values) == set(fe.max_values) == set(BRONZE_STATS_COLUMNS), fe.min_values
+        assert fe.min_values["I2"] < 0 <= fe.max_values["I2"] and fe.min_values["ingest_batch"] == ing.batch_id
     assert sum(feat.rows.values()) == 12_000
     # day split: the last day is held out, halves to valid/test
     assert feat.rows["train"] == 8000
@@ -383,6 +389,14 @@ def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_pa
         *[c.split()[0] for c in BRONZE_DDL.split(", ")])
     write_table(orphan, t["bronze"], mode="append", partition_by=PARTITION_BY)
     with pytest.raises(FeaturizeError, match="day_9: 20 bronze rows but no ledger entry"):
+        bronze_view(cfg)
+    # same row count, another batch (the batch id is column 41: its Delta min/max are only
+    # parsed because bronze declares its statistics columns)
+    redo = read_table(spark, t["bronze"]).where("source = 'day_0'").drop("ingest_batch")
+    redo = redo.selectExpr("*", "'b-other' AS ingest_batch").select(*[c.split()[0] for c in BRONZE_DDL.split(", ")])
+    write_table(redo, t["bronze"], mode="overwrite", partition_by=PARTITION_BY,
+                replace_where={"source": "day_0"})
+    with pytest.raises(FeaturizeError, match=r"day_0: bronze has 20 rows from batch\(es\) \['b-other'\]"):
         bronze_view(cfg)
 
 
