@@ -6,9 +6,18 @@ deltalake the first time it runs a parse, a Delta read/write task or a data-sour
 step. :func:`pipelines.spark.get_spark` sets ``spark.python.daemon.module`` to this module
 (override it in ``spark.conf`` to opt out): the daemon imports them once, makes the first
 Arrow compute call (which sets up Arrow's kernels, ~0.6 s of CPU), and every forked worker
-starts warm. Nothing else changes.
+starts warm. It also sets Arrow's allocator to keep freed memory for a second (below).
+Nothing else changes.
 """
 from __future__ import annotations
+
+import os
+
+# Arrow allocates through mimalloc, which by default hands freed pages back to the OS after
+# 10 ms: a task that reads or writes a row group every ~0.1 s page-faults its buffers in again
+# for each one. Keeping freed pages for a second made the Criteo ingest + featurize ~8% faster
+# (docs/criteo.md). Must be set before pyarrow loads; a value in the environment wins.
+os.environ.setdefault("MIMALLOC_PURGE_DELAY", "1000")
 
 try:  # never let a warm-up problem take the workers down
     import pyarrow.compute  # noqa: F401
