@@ -184,6 +184,10 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
         for b in (fe.min_values.get("ingest_batch"), fe.max_values.get("ingest_batch")):
             if b is not None:
                 d["batches"].add(b)
+    unchecked = sorted(s for s, d in per_source.items() if d["rows"] and not d["batches"])
+    if unchecked:  # a bronze table from before it declared its statistics columns (ingest.py)
+        log.warning("bronze files of %d source(s) (e.g. %s) carry no ingest_batch statistics: only their row "
+                    "counts are checked against the ledger", len(unchecked), unchecked[0])
     current = current_entries([r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version])
     problems = []
     out: dict[str, dict] = {}
