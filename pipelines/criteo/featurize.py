@@ -69,7 +69,7 @@ import pyarrow.compute as pc
 from pipelines.criteo.schema import (
     DENSE, FIRST_VOCAB_ID, GOLD_SPLITS, MISSING_ID, NUM_DENSE, NUM_SPARSE, RARE_ID, SPARSE, tables,
 )
-from pipelines.criteo.spark_xxhash import valid_mask, xxhash64
+from pipelines.criteo.spark_xxhash import valid_mask, word_keys, xxhash64
 
 if TYPE_CHECKING:
     from pipelines.lake import DeltaSnapshot
@@ -334,29 +334,6 @@ class VocabLookup:
         if keys is not None:
             return self.index.get_indexer(keys)
         return pc.index_in(col, value_set=self.values).fill_null(-1).to_numpy()
-
-
-def word_keys(arr: pa.Array) -> np.ndarray | None:
-    """Each value of a string/binary array as the uint64 of its 8 bytes (a bijection on 8-byte
-    values), or None unless every non-null value is exactly 8 bytes. Null rows get 0."""
-    if not (pa.types.is_string(arr.type) or pa.types.is_binary(arr.type)):
-        return None
-    n = len(arr)
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
-    lengths = np.diff(offsets)
-    valid = valid_mask(arr)
-    if not np.array_equal(lengths, np.full(n, 8, np.int32) if valid is None else np.where(valid, 8, 0)):
-        return None
-    if n == arr.null_count:
-        return np.zeros(n, np.uint64)
-    lo = int(offsets[0])
-    words = np.frombuffer(bufs[2], dtype=np.uint8)[lo : lo + 8 * (n - arr.null_count)].view("<u8")
-    if valid is None:
-        return words
-    out = np.zeros(n, np.uint64)
-    out[valid] = words
-    return out
 
 
 def vocab_ids(col: pa.Array, lookup: VocabLookup) -> np.ndarray:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.criteo.schema import DENSE, SPARSE
-from pipelines.criteo.spark_xxhash import xxhash64
+from pipelines.criteo.spark_xxhash import _dictionary_words, xxhash64
 
 pytestmark = pytest.mark.spark
 
@@ -98,6 +98,20 @@ def test_chunked_sliced_and_dictionary_inputs():
     # a null held in the dictionary (not in the indices) is a null row too
     in_dict = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), pa.array([None, "a"]))
     np.testing.assert_array_equal(xxhash64([in_dict]), xxhash64([pa.array([None, "a", None])]))
+    # 8-byte values (how bronze's categoricals are read): hashed from the dictionary's words,
+    # without decoding; nulls in the indices and in the dictionary, after another argument
+    rng = np.random.default_rng(3)
+    words = [f"{v:08x}" for v in rng.integers(0, 1 << 32, 50)]
+    dictionary = pa.array([None if i == 7 else w for i, w in enumerate(words)])
+    idx = pa.array([None if i % 11 == 0 else int(v) for i, v in enumerate(rng.integers(0, 50, 400))], pa.int32())
+    d8 = pa.DictionaryArray.from_arrays(idx, dictionary)
+    ints = pa.array(rng.integers(-5, 5, 400), pa.int64())
+    assert _dictionary_words(d8) is not None  # the words path, not a decode
+    for args in ([d8], [ints, d8], [5, d8, ints], [d8.slice(13, 200)]):
+        plain = [a.cast(pa.string()) if isinstance(a, pa.Array) and pa.types.is_dictionary(a.type) else a for a in args]
+        np.testing.assert_array_equal(xxhash64(args), xxhash64(plain))
+    empty = pa.DictionaryArray.from_arrays(pa.nulls(3, pa.int32()), pa.array([], pa.string()))
+    np.testing.assert_array_equal(xxhash64([ints.slice(0, 3), empty]), xxhash64([ints.slice(0, 3)]))
     with pytest.raises(TypeError, match="no Spark-compatible hash"):
         xxhash64([pa.array([1.5])])
     with pytest.raises(ValueError, match="different lengths"):
