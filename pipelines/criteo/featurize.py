@@ -483,7 +483,12 @@ def _partial(values: pa.Array, counts: np.ndarray) -> pa.Table:
     keys = word_keys(values)
     if keys is None:
         return pa.table({"value": values, "count": counts})
-    keys = keys.byteswap()
+    return _key_partial(keys, counts)
+
+
+def _key_partial(words: np.ndarray, counts: np.ndarray) -> pa.Table:
+    """A key partial from 8-byte values' little-endian words (see :func:`_sum_counts`)."""
+    keys = words.byteswap()
     order = np.argsort(keys)
     return pa.table({"key": keys[order], "count": counts[order]})
 
@@ -506,9 +511,17 @@ def _value_counts(col: pa.Array) -> pa.Table:
     dictionary column (how bronze's categoricals are read) is counted by its indices,
     without hashing a string per row."""
     if pa.types.is_dictionary(col.type):
-        counts = np.bincount(pc.drop_null(col.indices).to_numpy(), minlength=len(col.dictionary))
+        d = col.dictionary
+        counts = np.bincount(pc.drop_null(col.indices).to_numpy(), minlength=len(d))
         seen = counts > 0
-        return _partial(col.dictionary.filter(pa.array(seen)), counts[seen].astype(np.int32))
+        d_valid = valid_mask(d)
+        if d_valid is not None:
+            seen &= d_valid  # a null held in the dictionary is a null row
+        counts = counts[seen].astype(np.int32)
+        words = word_keys(d)
+        if words is not None:  # 8-byte values: keys straight from the dictionary, no string filter
+            return _key_partial(words[seen], counts)
+        return pa.table({"value": d.filter(pa.array(seen)), "count": counts})
     vc = pc.value_counts(col)
     values, counts = vc.field("values"), vc.field("counts")
     if values.null_count:
