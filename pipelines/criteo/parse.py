@@ -10,11 +10,12 @@ others. Every line is one or the other: ``rows.num_rows + len(rejects) == block.
 Three tiers, so that ordinary data costs one tokenizer pass and unusual lines cost more only
 for themselves:
 
-1. **fast** (the whole block): every byte is in ``[0-9a-fA-F+-]``, TAB or newline, and
-   Arrow's CSV reader parses the block with typed columns (it rejects a wrong field count or a
-   malformed integer). Then a few whole-column checks: label in {0, 1}, every categorical
-   exactly 8 characters, no ``+``/``-`` inside a categorical (counted: every ``-`` in the block
-   must be the sign of a negative integer), every label exactly ``0`` or ``1``. Nearly every real block passes.
+1. **fast** (the whole block): every byte is in ``[0-9a-fA-F-]``, TAB or newline (one
+   ``translate`` pass, which also counts the ``-``), and Arrow's CSV reader parses the block
+   with typed columns (it rejects a wrong field count or a malformed integer). Then a few
+   whole-column checks: every categorical exactly 8 characters, no ``-`` inside a categorical
+   (every ``-`` in the block must be the sign of a negative integer), every label exactly
+   ``0`` or ``1``. Nearly every real block passes (a ``+5`` goes to the careful tier).
 2. **careful** (a block that failed a fast check): NumPy finds each line's field count and
    odd bytes; lines with no odd bytes and at most the expected field count are padded with
    missing fields (trailing TABs stripped by some copies of the data) and parsed with every
@@ -44,6 +45,7 @@ ROW_SCHEMA = pa.schema(
     + [pa.field(c, pa.string()) for c in SPARSE]
 )
 _FAST_BYTES = b"0123456789abcdefABCDEF+-\t\n"
+_PLAIN_BYTES = b"0123456789abcdefABCDEF\t\n"
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _HEX_RE = re.compile(r"[0-9a-fA-F]{8}")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -96,8 +98,12 @@ def parse_block(block: bytes, labeled: bool, lines: int | None = None) -> tuple[
 
 # --------------------------------------------------------------------------------- fast
 def _fast(block: bytes, labeled: bool, lines: int) -> pa.Table | None:
-    if block.translate(None, _FAST_BYTES):
-        return None  # odd bytes somewhere (spaces, letters beyond f, non-ASCII, CR, ...)
+    # one pass keeps what is not hex, TAB or newline: it must be only '-' signs (then its
+    # length is their count); a '+' (Arrow rejects '+5', so it would sit inside a
+    # categorical) or any odd byte (space, letter beyond f, non-ASCII, CR, ...) falls through
+    signs = block.translate(None, _PLAIN_BYTES)
+    if signs.count(b"-") != len(signs):
+        return None
     try:
         t = _read(block, labeled, text=False)
         if t.num_rows != lines:
@@ -112,10 +118,8 @@ def _fast(block: bytes, labeled: bool, lines: int) -> pa.Table | None:
             t = t.set_column(0, ROW_SCHEMA.field("label"), lab)
     except pa.ArrowInvalid:
         return None  # a field count, an integer or a label Arrow does not accept
-    if b"+" in block:
-        return None  # Arrow rejects '+5', so a '+' would sit inside a categorical
     negatives = sum(pc.sum(pc.less(t.column(c), 0)).as_py() or 0 for c in DENSE)
-    if block.count(b"-") != negatives:
+    if len(signs) != negatives:
         return None  # a '-' that is not a negative integer's sign ('-0', or inside a categorical)
     for c in SPARSE:
         col = t.column(c)
