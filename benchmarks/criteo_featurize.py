@@ -7,7 +7,8 @@ The same generated raw files (plain TSV, 1TB day layout) go through, in ONE run:
 
   (a) parse limit: ``pyarrow.csv.read_csv`` of every file into typed columns (multithreaded,
       all cores, default 1 MiB blocks, its fastest setting): no validation, no features,
-      nothing written. The floor for any parser.
+      nothing written. The floor for any parser: the best of 3 runs, each in its own process
+      (a fresh process sometimes pays for faulting in its memory: 3.7 to 6.6 s per run).
   (b) pandas reference: one process doing the same featurization the NumPy/pandas way
       (DLRM's scripts): ``read_csv`` (C engine, categorical dtype for C1..C26), a per-column
       vocabulary with the frequency threshold counted on the train days, ids by descending
@@ -45,6 +46,7 @@ DENSE = [f"I{i}" for i in range(1, 14)]
 SPARSE = [f"C{i}" for i in range(1, 27)]
 NAMES = ["label", *DENSE, *SPARSE]
 THRESHOLD = 3
+PARSE_RUNS = 3
 
 
 # ----------------------------------------------------------------------------- stages
@@ -320,8 +322,12 @@ def main() -> int:
 
     results = {}
     try:
-        print("(a) pyarrow.csv parse ...", flush=True)
-        results["a"] = run_stage("parse", str(raw))
+        # the limit is the best parse: its first call in a fresh process sometimes pays for
+        # faulting in fresh memory (3.7 to 6.6 s for the same 10 M rows), so take the best of
+        # PARSE_RUNS processes; (b) and (c) run once
+        print(f"(a) pyarrow.csv parse, best of {PARSE_RUNS} ...", flush=True)
+        parses = [run_stage("parse", str(raw)) for _ in range(PARSE_RUNS)]
+        results["a"] = min(parses, key=lambda r: r[0]["seconds"])
         if not a.skip_pandas:
             print("(b) pandas single process ...", flush=True)
             results["b"] = run_stage("pandas", str(raw), str(work / "pandas"))
@@ -343,7 +349,8 @@ def main() -> int:
     table = Table(title=f"Criteo raw -> features, {n:,} rows in {days} day files, {os.cpu_count()} cores")
     for col in ("", "seconds", "rows/s", "peak memory (GB)"):
         table.add_column(col, justify="right" if col else "left")
-    table.add_row("(a) pyarrow.csv parse (limit)", f"{wa:.1f}", f"{n / wa:,.0f}", f"{ma / 1e9:.2f}")
+    runs = ", ".join(f"{r[0]['seconds']:.1f}" for r in parses)
+    table.add_row(f"(a) pyarrow.csv parse (limit: best of {runs})", f"{wa:.1f}", f"{n / wa:,.0f}", f"{ma / 1e9:.2f}")
     if "b" in results:
         (rb, _, mb) = results["b"]
         wb = rb["seconds"]
