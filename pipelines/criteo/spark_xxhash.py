@@ -233,13 +233,6 @@ def _dictionary_words(arr: pa.DictionaryArray) -> tuple[np.ndarray, np.ndarray |
     return table[rows], valid
 
 
-def _hash_words(words: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """``XXH64.hashUnsafeBytes`` of 8-byte values given as their little-endian words."""
-    h = seed + (P5 + _U(8))
-    tmp, k2 = np.empty_like(h), np.empty_like(h)
-    return _fmix(_mix_word(h, words, tmp, k2), tmp)
-
-
 _BYTES_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
                 pa.types.is_large_binary, pa.types.is_binary_view)
 
@@ -280,18 +273,17 @@ def xxhash64(args: Sequence[pa.Array | pa.ChunkedArray | int], seed: int = SPARK
             a = a.combine_chunks() if a.num_chunks != 1 else a.chunk(0)
         if len(a) != n:
             raise ValueError(f"xxhash64: arguments of different lengths ({len(a)} vs {n})")
-        if pa.types.is_dictionary(a.type):
-            fixed = _dictionary_words(a)
-            if fixed is not None:  # 8-byte values (Criteo's): gather words, decode nothing
-                words, valid = fixed
-                new = _hash_words(words, h)
-                if valid is not None:
-                    np.copyto(new, h, where=~valid)
-                h = new
-                continue
-            a = a.cast(a.type.value_type)  # before the null mask: a dictionary may hold a null value
-        valid = valid_mask(a)
-        new = _hash_array(a, h, valid)
+        fixed = _dictionary_words(a) if pa.types.is_dictionary(a.type) else None
+        if fixed is not None:
+            # 8-byte values (Criteo's), gathered as words without decoding: hashUnsafeBytes of
+            # 8 bytes is hashLong of their little-endian word
+            words, valid = fixed
+            new = hash_long(words.view(np.int64), h)
+        else:
+            if pa.types.is_dictionary(a.type):
+                a = a.cast(a.type.value_type)  # before the null mask: a dictionary may hold a null value
+            valid = valid_mask(a)
+            new = _hash_array(a, h, valid)
         if valid is not None:  # a null argument leaves the hash as it was
             np.copyto(new, h, where=~valid)
         h = new
