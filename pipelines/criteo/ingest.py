@@ -92,6 +92,7 @@ QUARANTINE_SCHEMA = pa.schema(
     [pa.field("line", pa.string()), pa.field("line_bytes", pa.binary()), pa.field("reason", pa.string()),
      pa.field("num_fields", pa.int32()), *_BATCH_FIELDS]
 )
+_QUARANTINE_ROWS = pa.schema([f for f in QUARANTINE_SCHEMA if f.name not in PARTITION_BY])
 _BLOCK = 4 << 20
 _QUICK = 1 << 20
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -446,7 +447,9 @@ def constant_strings(value: str, n: int) -> pa.Array:
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data * n))
 
 
-def _rejects_batch(rejects: list, preview: int, batch_id: str, day: int, source: str) -> pa.Table:
+def _rejects_batch(rejects: list, preview: int, batch_id: str) -> pa.Table:
+    """The quarantine rows of ``rejects``, without the partition columns (the task passes the
+    chunk's (day, source) to the writer, as for bronze rows)."""
     lines, raw_bytes = [], []
     for raw, _, _ in rejects:
         try:
@@ -455,14 +458,12 @@ def _rejects_batch(rejects: list, preview: int, batch_id: str, day: int, source:
         except UnicodeDecodeError:
             lines.append(raw.decode("utf-8", "replace")[:preview])
             raw_bytes.append(raw)
-    n = len(rejects)
     return pa.table({
         "line": pa.array(lines, pa.string()), "line_bytes": pa.array(raw_bytes, pa.binary()),
         "reason": pa.array([r for _, r, _ in rejects], pa.string()),
         "num_fields": pa.array([k for _, _, k in rejects], pa.int32()),
-        "ingest_batch": pa.array([batch_id] * n, pa.string()), "day": pa.array([day] * n, pa.int32()),
-        "source": pa.array([source] * n, pa.string()),
-    }, schema=QUARANTINE_SCHEMA)
+        "ingest_batch": constant_strings(batch_id, len(rejects)),
+    }, schema=_QUARANTINE_ROWS)
 
 
 def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, preview: int,
@@ -490,7 +491,7 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
             for b in rows.to_batches():
                 bw.write(b, (c.day, c.source))
             if rejects:
-                for b in _rejects_batch(rejects, preview, batch_id, c.day, c.source).to_batches():
+                for b in _rejects_batch(rejects, preview, batch_id).to_batches():
                     qw.write(b, (c.day, c.source))
         return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
                 "rejected": rejected, "bronze": bw.close(), "quarantine": qw.close(),
