@@ -151,7 +151,9 @@ class PartitionedFileWriter:
         self.row_group_rows = row_group_rows
         self.target_file_bytes = target_file_bytes
         self.parquet_options = dict(parquet_options or {})
-        self.stats_columns = list(stats_columns) if stats_columns is not None else None
+        # ParquetWriter's write_statistics: every column, or the named ones this file holds
+        self.write_statistics: bool | list[str] = True if stats_columns is None else [
+            c for c in stats_columns if c in self.data_schema.names]
         self._open: dict[tuple, _OpenFile] = {}
         self._pending: dict[tuple, list[pa.RecordBatch]] = {}
         self._pending_rows: dict[tuple, int] = {}
@@ -218,9 +220,8 @@ class PartitionedFileWriter:
         parent = full.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         sink = self.fs.open_output_stream(full)
-        stats = True if self.stats_columns is None else [c for c in self.stats_columns if c in self.data_schema.names]
-        writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression, write_statistics=stats,
-                                  **self.parquet_options)
+        writer = pq.ParquetWriter(sink, self.data_schema, compression=self.compression,
+                                  write_statistics=self.write_statistics, **self.parquet_options)
         self.written_paths.append(rel)
         f = _OpenFile(rel, writer, {c: partition_value_str(v) for c, v in zip(self.partition_by, key)})
         f._sink = sink  # type: ignore[attr-defined]
