@@ -108,7 +108,7 @@ def write_table(
     uri = normalize_uri(path)
     if replace_where and mode != "overwrite":
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
-    write_id = uuid.uuid4().hex
+    write_id = uuid.uuid4().hex[:12]  # as begin_write's own ids
     info = {**dict(commit_info or {}), WRITE_ID_KEY: write_id}
     spark = df.sparkSession
     if delta_engine(spark) == "native":
@@ -140,6 +140,7 @@ def write_table(
             .option("partition_by", json.dumps(list(partition_by or [])))
             .option("merge_schema", str(bool(merge_schema)).lower())
             .option("commit_info", json.dumps(info))
+            .option("write_id", write_id)  # the files and the commit carry the same id
             .option("compression", compression)
         )
         if replace_where:

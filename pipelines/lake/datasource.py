@@ -22,7 +22,7 @@ partitions of a Python data source scan per DataFrame, so a filter pushed for on
 Options (all strings, as Spark passes them):
   write: mode, partition_by (JSON list), replace_where (JSON object), merge_schema,
          commit_info (JSON object), compression, row_group_rows, target_file_bytes,
-         max_commit_retries
+         max_commit_retries, write_id (default: a new one)
   read:  versionAsOf, timestampAsOf, columns (JSON list), partition_filter (JSON object
          {column: value or [values]}), split_bytes
 """
@@ -139,7 +139,7 @@ class DeltaRsWriter(DataSourceArrowWriter):
             uri, spark_to_arrow(schema), mode=mode, partition_by=list(_json_opt(options, "partition_by", [])),
             replace_where=_json_opt(options, "replace_where", None), merge_schema=_bool_opt(options, "merge_schema"),
             compression=options.get("compression", "zstd"), row_group_rows=int(options.get("row_group_rows", 131_072)),
-            target_file_bytes=int(options.get("target_file_bytes", 256 << 20)),
+            target_file_bytes=int(options.get("target_file_bytes", 256 << 20)), write_id=options.get("write_id"),
         )
 
     def write(self, iterator: Iterator[pa.RecordBatch]) -> DeltaCommitMessage:

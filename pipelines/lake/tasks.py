@@ -90,6 +90,7 @@ def begin_write(
     target_file_bytes: int = 256 << 20,
     parquet_options: Mapping[str, Any] | None = None,
     stats_columns: Sequence[str] | None = None,
+    write_id: str | None = None,
 ) -> TaskWrite:
     """Driver side, before any task runs: the same checks as ``write_table`` (schema, mode,
     partitioning) raise here, and the read version an overwrite is checked against is fixed.
@@ -98,7 +99,10 @@ def begin_write(
     ``stats_columns``: the only columns that get Parquet statistics and Delta min/max (default:
     all). A table created by this write records them as ``delta.dataSkippingStatsColumns``,
     which is also what tells Delta readers (delta-rs parses only the first 32 columns'
-    statistics otherwise) which columns have them."""
+    statistics otherwise) which columns have them.
+
+    ``write_id`` (default: a new one) names the write's files (``part-<write_id>-*``) and is
+    recorded in its commit as ``bigopt.writeId``."""
     from pipelines.lake.commit import prepare_table
     from pipelines.lake.fs import normalize_uri
 
@@ -111,7 +115,7 @@ def begin_write(
     )
     return TaskWrite(
         uri, schema, list(partition_by), mode, dict(replace_where) if replace_where else None, merge_schema,
-        uuid.uuid4().hex[:12], effective, read_version, compression, row_group_rows, target_file_bytes,
+        write_id or uuid.uuid4().hex[:12], effective, read_version, compression, row_group_rows, target_file_bytes,
         dict(parquet_options) if parquet_options else None, list(stats_columns) if stats_columns is not None else None,
     )
 
@@ -119,11 +123,11 @@ def begin_write(
 def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any] | None = None,
                  max_commit_retries: int = 15) -> int:
     """Commit the tasks' files as ONE transaction; return the table version (on failure the
-    files are deleted and the error propagates). The commit records ``bigopt.writeId``: the
-    write's id, unless ``commit_info`` brings one (``write_table`` finds its commit by its own)."""
+    files are deleted and the error propagates). The commit records the write's id as
+    ``bigopt.writeId``."""
     from pipelines.lake.commit import commit
 
-    info = {WRITE_ID_KEY: tw.write_id, **dict(commit_info or {})}
+    info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id}
     configuration = None
     if tw.stats_columns is not None:
         configuration = {STATS_COLUMNS_KEY: ",".join(tw.stats_columns)}
