@@ -38,7 +38,8 @@ def run(cfg, args) -> int:
                       ("rows_ok", "right"), ("rejected", "right"), ("note", "left")):
         table.add_column(col, justify=just)
     for f in rep.files:
-        table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), "-" if f.day < 0 else str(f.day), f.status, f"{f.lines:,}",
+        day = "-" if f.day < 0 else str(f.day)  # -1: no day_N in the file name
+        table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
                       f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
     console.print(table)
     rate = rep.rows_in / rep.seconds if rep.seconds and rep.rows_in else 0
