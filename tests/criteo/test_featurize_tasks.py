@@ -29,7 +29,7 @@ def _merge(tmp_path, partials, threshold=2, max_size=None):
 
     tw = begin_write(str(tmp_path / "vocab"), F.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
     blobs = [F._ipc(F._sum_counts([p])) for p in partials]
-    index, distinct, kept, adds = F.merge_column(2, blobs, tw, threshold, max_size)
+    [(index, distinct, kept, adds)] = F.merge_partition([(2, b) for b in blobs], tw, threshold, max_size)
     commit_write(tw, adds)
     rows = DeltaSnapshot(str(tmp_path / "vocab")).to_table().to_pylist()
     return distinct, kept, sorted((r["id"], r["value"], r["count"], r["column"]) for r in rows)
@@ -145,13 +145,36 @@ def test_count_task_folds_and_merges(tmp_path, monkeypatch):
     for j, blob in F.count_task(task, pa.schema([(c, pa.string()) for c in SPARSE]), rule):
         blobs.setdefault(j, []).append(blob)
     assert sorted(blobs) == list(range(26)) and all(len(b) == 1 for b in blobs.values())
+    # one reduce partition holding every column, each column's partial twice (as from two map
+    # tasks), columns interleaved: with FOLD_ROWS = 50 the partials are summed on arrival
+    tw = begin_write(str(tmp_path / "vocab"), F.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
+    pairs = [(j, b) for _ in range(2) for j in sorted(blobs) for b in blobs[j]]
+    results = {r[0]: r for r in F.merge_partition(pairs, tw, 1, None)}
+    assert sorted(results) == list(range(26))
     for j in (0, 1, 21):
         counts = Counter(v for v in cols[SPARSE[j]][:1500] if v is not None)
-        tw = begin_write(str(tmp_path / f"vocab{j}"), F.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
-        _, distinct, kept, adds = F.merge_column(j, blobs[j] * 2, tw, 1, None)  # twice: as from two tasks
-        got = pq.read_table(tmp_path / f"vocab{j}" / adds[0]["path"]).to_pylist()
+        _, distinct, kept, adds = results[j]
+        got = [r for a in adds for r in pq.read_table(tmp_path / "vocab" / a["path"]).to_pylist()]
         assert (distinct, kept) == (len(counts), len(counts))
         assert {r["value"]: r["count"] for r in got} == {v: 2 * c for v, c in counts.items()}
+
+
+def test_partial_counts_fold_bounds_the_pile(monkeypatch):
+    """Partials of one column are summed once the pile passes FOLD_ROWS (then twice what the
+    sum left): the pile never holds much more than the distinct values, and the sum is exact."""
+    monkeypatch.setattr(F, "FOLD_ROWS", 100)
+    acc, want = F.PartialCounts(), Counter()
+    rng = np.random.default_rng(0)
+    for k in range(40):
+        vals = [HEX[i] for i in rng.integers(0, 150, 60)]
+        want.update(vals)
+        acc.add(7, F._value_counts(pa.array(vals, pa.string())))
+        acc.add(3, F._value_counts(pa.array([], pa.string())))  # empty partials are dropped
+        assert acc._rows[7] <= 3 * 150 + 60
+    assert acc.columns() == [7]
+    got = F._as_values(acc.pop(7))
+    assert dict(zip(got.column("value").to_pylist(), got.column("count").to_pylist())) == want
+    assert acc.columns() == []
 
 
 def test_column_partitions_spread_the_large_columns(tmp_path):
