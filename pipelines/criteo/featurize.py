@@ -34,8 +34,8 @@ are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks
    ``max_vocab_size`` applied, values ordered by count desc then value asc and numbered from
    2; the task writes that column's ``column=Cj`` vocabulary files and returns them with the
    column's distinct and kept counts. The driver commits ONE vocabulary transaction. Memory
-   per map task: about twice the distinct values of its rows; per reduce task: about three
-   times the distinct train values of each of its columns. (Not ``groupByKey``: its map-side
+   per task, map or reduce: about three times each column's distinct values there
+   (:class:`PartialCounts`). (Not ``groupByKey``: its map-side
    combiner has nothing to combine, one partial per column per task, yet it spilled the
    partials to disk whenever the worker's Arrow memory passed ``spark.python.worker.memory``:
    1.3 s of the 10 M-row benchmark's 5.6 s vocabulary job.)
@@ -565,8 +565,8 @@ class PartialCounts:
 
 def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> Iterator[tuple[int, bytes]]:
     """Map side: per column index, the partial counts (see :func:`_sum_counts`) of the train
-    rows of this task's slices, as Arrow IPC bytes; memory: about twice the distinct values
-    of the task's rows (:class:`PartialCounts`)."""
+    rows of this task's slices, as Arrow IPC bytes; memory: about three times each column's
+    distinct values in the task's rows (:class:`PartialCounts`)."""
     acc = PartialCounts()
     for sl in task:
         if not rule.may_train(sl.day):
