@@ -35,10 +35,10 @@ are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks
    2; the task writes that column's ``column=Cj`` vocabulary files and returns them with the
    column's distinct and kept counts. The driver commits ONE vocabulary transaction. Memory
    per task, map or reduce: about three times each column's distinct values there
-   (:class:`PartialCounts`). (Not ``groupByKey``: its map-side
-   combiner has nothing to combine, one partial per column per task, yet it spilled the
-   partials to disk whenever the worker's Arrow memory passed ``spark.python.worker.memory``:
-   1.3 s of the 10 M-row benchmark's 5.6 s vocabulary job.)
+   (:class:`PartialCounts`). (Not ``groupByKey``: its map-side combiner has nothing to
+   combine, one partial per column per task, yet it spilled the partials to disk whenever
+   the worker's Arrow memory passed ``spark.python.worker.memory``: 1.3 s of the 10 M-row
+   benchmark's 5.6 s vocabulary job.)
 2. **Gold**, one RDD job without a shuffle: each task reads its slices' rows, computes the
    split per row (day of the file; the row hash with
    :func:`pipelines.criteo.spark_xxhash.xxhash64`, bit-identical to Spark's), the dense
