@@ -165,7 +165,7 @@ def test_partial_counts_fold_bounds_the_pile(monkeypatch):
     monkeypatch.setattr(F, "FOLD_ROWS", 100)
     acc, want = F.PartialCounts(), Counter()
     rng = np.random.default_rng(0)
-    for k in range(40):
+    for _ in range(40):
         vals = [HEX[i] for i in rng.integers(0, 150, 60)]
         want.update(vals)
         acc.add(7, F._value_counts(pa.array(vals, pa.string())))
