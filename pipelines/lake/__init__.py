@@ -109,7 +109,6 @@ def write_table(
     if replace_where and mode != "overwrite":
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
     write_id = uuid.uuid4().hex[:12]  # as begin_write's own ids
-    info = {**dict(commit_info or {}), WRITE_ID_KEY: write_id}
     spark = df.sparkSession
     if delta_engine(spark) == "native":
         w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode))
@@ -119,7 +118,7 @@ def write_table(
             w = w.option("replaceWhere", _replace_where_sql(replace_where))
         if merge_schema:
             w = w.option("mergeSchema", "true")
-        w = w.option("userMetadata", json.dumps(info))
+        w = w.option("userMetadata", json.dumps({**dict(commit_info or {}), WRITE_ID_KEY: write_id}))
         w.save(uri)
     else:
         from pipelines.lake.commit import prepare_table
@@ -139,8 +138,8 @@ def write_table(
             .option("mode", mode)
             .option("partition_by", json.dumps(list(partition_by or [])))
             .option("merge_schema", str(bool(merge_schema)).lower())
-            .option("commit_info", json.dumps(info))
-            .option("write_id", write_id)  # the files and the commit carry the same id
+            .option("commit_info", json.dumps(dict(commit_info or {})))
+            .option("write_id", write_id)  # names the files; the commit records it as WRITE_ID_KEY
             .option("compression", compression)
         )
         if replace_where:
