@@ -560,6 +560,7 @@ class PartialCounts:
     def pop(self, j: int) -> pa.Table:
         """Column ``j``'s counts, summed; forgotten here."""
         self._rows.pop(j, None)
+        self._limit.pop(j, None)
         return _sum_counts(self._parts.pop(j))
 
 
