@@ -7,21 +7,20 @@
 one row per good line; ``rejects`` lists ``(raw line bytes, reason, field count)`` for the
 others. Every line is one or the other: ``rows.num_rows + len(rejects) == block.count(b"\\n")``.
 
-Three tiers, so that ordinary data costs one tokenizer pass and unusual lines cost more only
-for themselves:
+Three tiers, so that ordinary data costs one pass and unusual lines cost more only for
+themselves:
 
-1. **fast** (the whole block): every byte is in ``[0-9a-fA-F-]``, TAB or newline (one
-   ``translate`` pass, which also counts the ``-``), and Arrow's CSV reader parses the block
-   with typed columns (it rejects a wrong field count or a malformed integer). Then a few
-   whole-column checks: every categorical exactly 8 characters, no ``-`` inside a categorical
-   (every ``-`` in the block must be the sign of a negative integer), every label exactly
-   ``0`` or ``1``. Nearly every real block passes (a ``+5`` goes to the careful tier).
-2. **careful** (a block that failed a fast check): NumPy finds each line's field count and
-   odd bytes; lines with no odd bytes and at most the expected field count are padded with
-   missing fields (trailing TABs stripped by some copies of the data) and parsed with every
-   column as text, then validated per value with vectorised regular expressions.
+1. **fast** (the whole block): :func:`pipelines.criteo.scan.scan_block`, one compiled pass
+   that tokenizes, validates and converts every line. It takes the block when every line is
+   plain (label ``0``/``1``, integers of at most 18 digits, categoricals of 8 hex characters,
+   at most the expected fields; short rows are padded on the way). Nearly every real block is.
+2. **careful** (a block with a line that is not plain): NumPy finds each line's field count
+   and odd bytes; the lines with no odd bytes and at most the expected field count go through
+   the fast tier again without the others (which is enough when the odd lines were all bad)
+   or else are padded with missing fields and parsed by Arrow's CSV reader with every column
+   as text, then validated per value with vectorised regular expressions.
 3. **exact** (the few lines that fail that, in Python): the reason of the line's first problem,
-   or the parsed row when the line is valid but unusual (``+5``, a 19-digit integer in range).
+   or the parsed row when the line is valid but unusual (a 19-digit integer in range).
 
 Rules (the same in every tier): label ``0``/``1`` (absent in unlabelled files, whose lines
 may start with a TAB); integers ``[+-]?[0-9]+`` within int64; categoricals 8 hex characters
@@ -44,8 +43,7 @@ ROW_SCHEMA = pa.schema(
     + [pa.field(c, pa.int64()) for c in DENSE]
     + [pa.field(c, pa.string()) for c in SPARSE]
 )
-_FAST_BYTES = b"0123456789abcdefABCDEF+-\t\n"
-_PLAIN_BYTES = b"0123456789abcdefABCDEF\t\n"
+_FAST_BYTES = b"0123456789abcdefABCDEF+-\t\n"  # the careful tier parses lines of only these
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _HEX_RE = re.compile(r"[0-9a-fA-F]{8}")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -57,12 +55,10 @@ def _names(labeled: bool) -> list[str]:
     return (["label"] if labeled else []) + DENSE + SPARSE
 
 
-def _read(buf, labeled: bool, text: bool) -> pa.Table:
-    """Arrow's CSV tokenizer over ``buf``: typed columns (the label as text, so that its exact
-    spelling can be checked), or every column as text."""
+def _read_text(buf, labeled: bool) -> pa.Table:
+    """Arrow's CSV tokenizer over ``buf`` (lines padded to the expected field count), every
+    column as text."""
     names = _names(labeled)
-    types = {n: pa.string() for n in names} if text else {n: ROW_SCHEMA.field(n).type for n in names}
-    types["label"] = pa.string()
     # 2 MiB tokenizer blocks stay in cache: ~12% less CPU than 4 MiB (0.106 vs 0.120 s per
     # 32 MiB of Criteo lines); 32 MiB blocks cost 2.5x
     return pcsv.read_csv(
@@ -72,15 +68,10 @@ def _read(buf, labeled: bool, text: bool) -> pa.Table:
             delimiter="\t", quote_char=False, double_quote=False, escape_char=False, ignore_empty_lines=False,
         ),
         convert_options=pcsv.ConvertOptions(
-            column_types=types, strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=False,
+            column_types={n: pa.string() for n in names}, strings_can_be_null=True, null_values=[""],
+            quoted_strings_can_be_null=False,
         ),
     )
-
-
-def _with_label(t: pa.Table, labeled: bool) -> pa.Table:
-    if labeled:
-        return t
-    return t.add_column(0, ROW_SCHEMA.field("label"), pa.nulls(t.num_rows, pa.int32()))
 
 
 def parse_block(block: bytes, labeled: bool, lines: int | None = None) -> tuple[pa.Table, list[Reject]]:
@@ -98,37 +89,9 @@ def parse_block(block: bytes, labeled: bool, lines: int | None = None) -> tuple[
 
 # --------------------------------------------------------------------------------- fast
 def _fast(block: bytes, labeled: bool, lines: int) -> pa.Table | None:
-    # one pass keeps what is not hex, TAB or newline: it must be only '-' signs (then its
-    # length is their count); a '+' (Arrow rejects '+5', so it would sit inside a
-    # categorical) or any odd byte (space, letter beyond f, non-ASCII, CR, ...) falls through
-    signs = block.translate(None, _PLAIN_BYTES)
-    if signs.count(b"-") != len(signs):
-        return None
-    try:
-        t = _read(block, labeled, text=False)
-        if t.num_rows != lines:
-            return None
-        if labeled:
-            lab = t.column("label")
-            if lab.null_count or pc.min_max(pc.binary_length(lab))["max"].as_py() != 1:
-                return None  # an empty label, or one spelled with more than one character
-            lab = pc.cast(lab, pa.int32())  # raises on a non-digit
-            if pc.max(lab).as_py() > 1:
-                return None
-            t = t.set_column(0, ROW_SCHEMA.field("label"), lab)
-    except pa.ArrowInvalid:
-        return None  # a field count, an integer or a label Arrow does not accept
-    negatives = sum(pc.sum(pc.less(t.column(c), 0)).as_py() or 0 for c in DENSE)
-    if len(signs) != negatives:
-        return None  # a '-' that is not a negative integer's sign ('-0', or inside a categorical)
-    for c in SPARSE:
-        col = t.column(c)
-        if col.null_count == len(col):
-            continue
-        mm = pc.min_max(pc.binary_length(col))
-        if mm["min"].as_py() != 8 or mm["max"].as_py() != 8:
-            return None
-    return _with_label(t, labeled)
+    from pipelines.criteo.scan import scan_block  # Numba: imported where lines are parsed, not by every user of ROW_SCHEMA
+
+    return scan_block(block, labeled, lines, ROW_SCHEMA)
 
 
 # ------------------------------------------------------------------------------ careful
@@ -160,21 +123,18 @@ def _careful(block: bytes, labeled: bool) -> tuple[pa.Table, list[Reject]]:
     exact(np.flatnonzero(~cand))
     tables = []
     if len(ids):
-        pad = expected - fields[ids]
-        buf = a
-        if len(ids) != len(lengths) or pad.any():
-            keep = np.repeat(cand, lengths + 1)
-            buf = a[keep]
-            if pad.any():
-                new_nl = np.cumsum(lengths[ids] + 1) - 1
-                buf = np.insert(buf, np.repeat(new_nl, pad), 9)
-        buf = buf.tobytes()
-        fast = _fast(buf, labeled, len(ids))  # typically: the block only had short rows, now padded
+        buf = a if len(ids) == len(lengths) else a[np.repeat(cand, lengths + 1)]
+        fast = _fast(buf.tobytes(), labeled, len(ids))  # typically: the odd lines were all bad ones
         if fast is not None:
             tables.append(fast)
             ids = ids[:0]
     if len(ids):
-        t = _read(buf, labeled, text=True)
+        pad = expected - fields[ids]
+        if pad.any():  # Arrow's reader needs every field
+            new_nl = np.cumsum(lengths[ids] + 1) - 1
+            buf = np.insert(buf, np.repeat(new_nl, pad), 9)
+        buf = buf.tobytes()
+        t = _read_text(buf, labeled)
         ok = np.ones(t.num_rows, dtype=bool)
         if labeled:
             lab = t.column("label")

@@ -103,9 +103,34 @@ def test_fast_path_takes_canonical_blocks_and_is_exact():
     block = _block(lines)
     assert parse._fast(block, True, block.count(b"\n")) is not None
     _assert_like_reference(lines)
-    for odd in [*BAD, *ODD_BUT_VALID[:1], ODD_BUT_VALID[2], ODD_BUT_VALID[5]]:
+    # every valid line but a 19-digit integer is plain: the fast tier takes it, exactly
+    for odd in ODD_BUT_VALID:
         block = _block([GOOD, odd])
-        assert parse._fast(block, True, block.count(b"\n")) is None, odd[:30]
+        fast = parse._fast(block, True, 2)
+        assert (fast is None) == ("922337203685477580" in odd), odd[:30]
+        if fast is not None:
+            assert fast.to_pylist() == _reference([GOOD, odd])[0], odd[:30]
+    for bad in BAD:
+        block = _block([GOOD, bad])
+        assert parse._fast(block, True, block.count(b"\n")) is None, bad[:30]
+    unlabeled = _block(["\t".join(GOOD.split("\t")[1:]), ""])
+    assert parse._fast(unlabeled, False, 2) is None  # an empty line is not a row of missing values
+
+
+def test_fast_path_keeps_nulls_out_of_the_data():
+    """Null categoricals are zeroed 8-byte slots: valid Arrow, and nothing left over from
+    earlier memory shows through a buffer-level reader."""
+    block = _block([GOOD.replace("68fd1e64", "", 2), GOOD] * 3)
+    t = parse._fast(block, True, 6)
+    t.validate(full=True)
+    c1 = t.column("C1").chunk(0)
+    assert c1.null_count == 3 and c1.buffers()[2].to_pybytes()[:8] == b"\0" * 8
+    assert t.column("I1").to_pylist() == [1] * 6 and t.column("label").null_count == 0
+
+
+def test_fast_path_rejects_a_line_count_it_was_not_told():
+    block = _block([GOOD] * 3)
+    assert parse._fast(block, True, 2) is None and parse._fast(block, True, 4) is None
 
 
 def test_unlabelled_lines_may_start_with_a_tab():
