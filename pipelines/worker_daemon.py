@@ -6,7 +6,7 @@ deltalake the first time it runs a parse, a Delta read/write task or a data-sour
 step. :func:`pipelines.spark.get_spark` sets ``spark.python.daemon.module`` to this module
 (override it in ``spark.conf`` to opt out): the daemon imports them once, makes the first
 Arrow compute call (which sets up Arrow's kernels, ~0.6 s of CPU), and every forked worker
-starts warm (the compiled Criteo line scanner included). It also sets Arrow's allocator to keep freed memory for a second (below).
+starts warm (the compiled kernels included). It also sets Arrow's allocator to keep freed memory for a second (below).
 Nothing else changes.
 """
 from __future__ import annotations
@@ -33,11 +33,13 @@ try:  # never let a warm-up problem take the workers down
     # Arrow sets up its compute kernels on the first compute call (~0.6 s of CPU): do it here
     # once, not in every forked worker
     pyarrow.compute.less(pyarrow.array([1]), 0)
-    # the compiled line scanner: load it from Numba's cache (or compile it, the first time on
-    # a machine) once, not in every worker
+    # the compiled kernels (line scanner, Spark's xxhash64): load them from Numba's cache (or
+    # compile them, the first time on a machine) once, not in every worker
     import pipelines.criteo.scan
+    import pipelines.criteo.spark_xxhash
 
     pipelines.criteo.scan.warm_up()
+    pipelines.criteo.spark_xxhash.xxhash64([0, pyarrow.array([1], pyarrow.int32()), pyarrow.array([1], pyarrow.int64())])
 except Exception:  # noqa: BLE001
     pass
 
