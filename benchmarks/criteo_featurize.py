@@ -16,6 +16,11 @@ The same generated raw files (plain TSV, 1TB day layout) go through, in ONE run:
       the same layout (label float, dense list<float>[13], sparse list<int>[26]).
   (c) bigopt: ``ingest`` (validate, bronze + quarantine + ledger Delta tables) and
       ``featurize`` (vocabulary, gold train/valid/test Delta tables) on ``local[2]``.
+  (d) storage floor: the same files parsed by pyarrow (streamed, one file per thread on
+      every core), then only the Parquet work of bigopt's two tables: write bronze, read its
+      categoricals back from the train days, read it all back, write gold in the same formats
+      (no validation, no vocabulary, no Spark). Its Parquet share (printed apart, in CPU
+      seconds) is what any implementation of these two tables pays, however it parses.
 
 Each runs in its own process. Seconds are timed inside it, after interpreter start and
 imports (for (c): after the SparkSession and its Python workers are up, a fixed start-up
@@ -25,8 +30,9 @@ agree: same cardinalities and the same multiset of ids per column in the train s
 Finally the gold train table is read the way the training loader does (pyarrow -> torch),
 as written (list columns) and re-laid out as 39 scalar columns, to justify the layout.
 
-The last two lines are ``ratio_vs_parse_limit: X`` (c time / a time) and
-``speedup_vs_pandas: Y`` (b time / c time).
+Before the last two lines come ``floor_vs_parse_limit`` (d time / a time) and
+``ratio_vs_floor`` (c time / d time). The last two lines are ``ratio_vs_parse_limit: X``
+(c time / a time) and ``speedup_vs_pandas: Y`` (b time / c time).
 """
 from __future__ import annotations
 
@@ -127,6 +133,88 @@ def stage_pandas(raw: Path, out: Path) -> dict:
     secs = time.perf_counter() - t0
     train_hist = [np.bincount(sparse[train, j]).tolist() for j in range(26)]
     return {"rows": n, "seconds": secs, "split_rows": rows, "cardinalities": cards, "train_hist": train_hist}
+
+
+def stage_floor(raw: Path, out: Path) -> dict:
+    """(d) storage floor: the same files parsed by pyarrow, then ONLY the Parquet work the
+    two Delta tables need, as bigopt's design does it: write bronze (zstd, 131,072-row groups,
+    statistics on label/I1..I13), read its categoricals back (dictionary-encoded) from the
+    train days, read all of it back, write gold (lz4, the list layout). No validation, no
+    vocabulary (the ids are bronze's dictionary indices), no Spark: one file per thread on
+    every core, so any design that writes these tables with these formats costs at least
+    this. Per-thread CPU is split into parse and Parquet work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    files = sorted(raw.glob("day_*"), key=lambda p: int(p.name.split("_")[1]))
+    out.mkdir(parents=True, exist_ok=True)
+    types = {"label": pa.int32(), **{c: pa.int64() for c in DENSE}, **{c: pa.string() for c in SPARSE}}
+    dense_t = pa.list_(pa.field("element", pa.float32()))
+    sparse_t = pa.list_(pa.field("element", pa.int32(), nullable=False))
+    gold_schema = pa.schema([("label", pa.float32()), pa.field("dense", dense_t, nullable=False),
+                             pa.field("sparse", sparse_t, nullable=False)])
+
+    def one(i: int, f: Path) -> tuple[float, float, int]:
+        # streamed (pyarrow's default 1 MiB blocks, its fastest; 131,072-row groups): holding a whole
+        # file's table costs more (fresh memory to fault in) than the Parquet work itself
+        parse_cpu = 0.0
+        c0 = time.thread_time()
+        bronze = out / f"bronze-{i}.parquet"
+        reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(column_names=NAMES, use_threads=False),
+                               parse_options=pcsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False),
+                               convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=True))
+        schema = reader.schema.append(pa.field("ingest_batch", pa.string()))
+        rows, pending = 0, []
+        with pq.ParquetWriter(bronze, schema, compression="zstd", write_statistics=["label", *DENSE, "ingest_batch"]) as w:
+            while True:
+                c = time.thread_time()
+                try:
+                    b = reader.read_next_batch()
+                except StopIteration:
+                    b = None
+                parse_cpu += time.thread_time() - c
+                if b is not None:
+                    pending.append(b.append_column("ingest_batch", pa.repeat(pa.scalar("0123456789ab"), b.num_rows)))
+                    rows += b.num_rows
+                buffered = sum(p.num_rows for p in pending)
+                if buffered >= 131072 or (b is None and buffered):
+                    t = pa.Table.from_batches(pending)
+                    cut = buffered if b is None else buffered // 131072 * 131072
+                    w.write_table(t.slice(0, cut), row_group_size=131072)
+                    pending = t.slice(cut).to_batches()
+                if b is None:
+                    break
+        c1 = time.thread_time()
+        if i != len(files) - 1:  # the train days' categoricals, for the counts
+            for b in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=SPARSE, use_threads=False):
+                pass
+        with pq.ParquetWriter(out / f"gold-{i}.parquet", gold_schema, compression="lz4", use_dictionary=False,
+                              write_statistics=["label"]) as w:
+            for b in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=NAMES, use_threads=False):
+                n = b.num_rows
+                dense = np.empty((n, 13), np.float32)
+                for j, c in enumerate(DENSE):
+                    dense[:, j] = np.log1p(np.maximum(b.column(c).fill_null(0).to_numpy(), 0))
+                sparse = np.empty((n, 26), np.int32)
+                for j, c in enumerate(SPARSE):
+                    sparse[:, j] = b.column(c).indices.fill_null(0).to_numpy()
+                w.write_batch(pa.RecordBatch.from_arrays([
+                    b.column("label").cast(pa.float32()),
+                    pa.ListArray.from_arrays(pa.array(np.arange(0, 13 * n + 1, 13, dtype=np.int32)), pa.array(dense.ravel()), type=dense_t),
+                    pa.ListArray.from_arrays(pa.array(np.arange(0, 26 * n + 1, 26, dtype=np.int32)), pa.array(sparse.ravel()), type=sparse_t),
+                ], schema=gold_schema), row_group_size=131072)
+        return parse_cpu, time.thread_time() - c0 - parse_cpu, rows
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as ex:
+        res = list(ex.map(one, range(len(files)), files))
+    secs = time.perf_counter() - t0
+    return {"rows": sum(r[2] for r in res), "seconds": secs, "parse_cpu_s": sum(r[0] for r in res),
+            "parquet_cpu_s": sum(r[1] for r in res)}
 
 
 def stage_spark(raw: Path, lake: Path) -> dict:
@@ -309,7 +397,8 @@ def main() -> int:
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.stage:
-        fn = {"parse": stage_parse, "pandas": stage_pandas, "spark": stage_spark, "loader": stage_loader}[a.stage]
+        fn = {"parse": stage_parse, "pandas": stage_pandas, "floor": stage_floor, "spark": stage_spark,
+              "loader": stage_loader}[a.stage]
         res = fn(*[Path(x) if a.stage != "loader" else x for x in a.args])
         print(json.dumps(res))
         return 0
@@ -331,6 +420,9 @@ def main() -> int:
         if not a.skip_pandas:
             print("(b) pandas single process ...", flush=True)
             results["b"] = run_stage("pandas", str(raw), str(work / "pandas"))
+        print("(d) storage floor: pyarrow parse + the Parquet work of bronze and gold ...", flush=True)
+        results["d"] = run_stage("floor", str(raw), str(work / "floor"))
+        shutil.rmtree(work / "floor", ignore_errors=True)
         print("(c) bigopt ingest + featurize on local[2] ...", flush=True)
         results["c"] = run_stage("spark", str(raw), str(work / "lake"))
         loader, _, _ = run_stage("loader", results["c"][0]["train_table"])
@@ -345,7 +437,7 @@ def main() -> int:
     wa = ra["seconds"]
     tc = rc["ingest_s"] + rc["featurize_s"]
     n = rc["rows"]
-    assert ra["rows"] == n == rc["rows_ok"], (ra["rows"], rc)
+    assert ra["rows"] == n == rc["rows_ok"] == results["d"][0]["rows"], (ra["rows"], rc)
     table = Table(title=f"Criteo raw -> features, {n:,} rows in {days} day files, {os.cpu_count()} cores")
     for col in ("", "seconds", "rows/s", "peak memory (GB)"):
         table.add_column(col, justify="right" if col else "left")
@@ -359,6 +451,10 @@ def main() -> int:
     table.add_row("    ingest (verify, bronze, quarantine, ledger)", f"{rc['ingest_s']:.1f}", "", "")
     table.add_row("    featurize (vocabulary, 3 gold tables)", f"{rc['featurize_s']:.1f}", "", "")
     table.add_row("    (Spark session + Python workers start, not counted)", f"{rc['startup_s']:.1f}", "", "")
+    (rd, _, md) = results["d"]
+    wd = rd["seconds"]
+    table.add_row(f"(d) storage floor: parse + Parquet only ({rd['parse_cpu_s']:.1f} + {rd['parquet_cpu_s']:.1f} CPU s)",
+                  f"{wd:.1f}", f"{n / wd:,.0f}", f"{md / 1e9:.2f}")
     Console().print(table)
     print("seconds: inside each process, after interpreter start and imports (for (c): after the "
           "SparkSession and its Python workers are up); peak memory: PSS of the whole process tree (for (c): driver, JVM, Python workers)")
@@ -369,6 +465,8 @@ def main() -> int:
     print(f"loader read of gold train ({loader['rows']:,} rows, CPU s, best of 3): list columns "
           f"{loader['lists_cpu_s']:.3f} s ({loader['lists_mb']:.0f} MB), 39 scalar columns "
           f"{loader['columns_cpu_s']:.3f} s ({loader['columns_mb']:.0f} MB)")
+    print(f"floor_vs_parse_limit: {wd / wa:.2f}")
+    print(f"ratio_vs_floor: {tc / wd:.2f}")
     print(f"ratio_vs_parse_limit: {tc / wa:.2f}")
     if "b" in results:
         print(f"speedup_vs_pandas: {wb / tc:.2f}")
