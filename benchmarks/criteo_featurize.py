@@ -188,9 +188,8 @@ def stage_floor(raw: Path, out: Path) -> dict:
                     pending = t.slice(cut).to_batches()
                 if b is None:
                     break
-        c1 = time.thread_time()
         if i != len(files) - 1:  # the train days' categoricals, for the counts
-            for b in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=SPARSE, use_threads=False):
+            for _ in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=SPARSE, use_threads=False):
                 pass
         with pq.ParquetWriter(out / f"gold-{i}.parquet", gold_schema, compression="lz4", use_dictionary=False,
                               write_statistics=["label"]) as w:

@@ -5,9 +5,9 @@ pyspark imported, so every new worker pays ~1 s of CPU importing pyarrow, numpy,
 deltalake the first time it runs a parse, a Delta read/write task or a data-source planning
 step. :func:`pipelines.spark.get_spark` sets ``spark.python.daemon.module`` to this module
 (override it in ``spark.conf`` to opt out): the daemon imports them once, makes the first
-Arrow compute call (which sets up Arrow's kernels, ~0.6 s of CPU), and every forked worker
-starts warm (the compiled kernels included). It also sets Arrow's allocator to keep freed memory for a second (below).
-Nothing else changes.
+Arrow compute call (which sets up Arrow's kernels, ~0.6 s of CPU) and loads the compiled
+(Numba) kernels, ~1 s, so every forked worker starts warm. It also sets Arrow's allocator to
+keep freed memory for a second (below). Nothing else changes.
 """
 from __future__ import annotations
 
