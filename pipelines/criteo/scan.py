@@ -22,7 +22,7 @@ scanner takes parses to the same row there, and a line it does not take (a 19-di
 is the only valid kind) is left to the careful tier.
 
 Why compiled: Arrow's CSV tokenizer plus the whole-column checks the rules then need cost
-0.37 CPU-s per 128 MiB of Criteo lines; this pass costs 0.10 s for the same rows, bit for bit
+0.37 CPU-s per 128 MiB of Criteo lines; this pass costs 0.107 s for the same rows, bit for bit
 (docs/criteo.md, "Measured").
 """
 from __future__ import annotations
@@ -138,8 +138,10 @@ def _validity(valid: np.ndarray) -> pa.Buffer:
 def scan_block(block: bytes, labeled: bool, lines: int, schema: pa.Schema) -> pa.Table | None:
     """``block``'s rows as a table of ``schema`` (label int32, 13 int64, 26 string), or None
     when a line is not plain. ``lines``: the block's newline count."""
-    if not _LITTLE_ENDIAN:
-        return None  # the words would not read back as the text: the careful tier parses it
+    if not _LITTLE_ENDIAN or 8 * lines >= 1 << 31:
+        # the words would not read back as the text, or int32 offsets would overflow (blocks
+        # are 16 MiB): the careful tier parses it
+        return None
     a = np.frombuffer(block, dtype=np.uint8)
     label = np.empty(lines, dtype=np.int32)
     ints = np.empty((NUM_DENSE, lines), dtype=np.int64)
