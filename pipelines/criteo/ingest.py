@@ -102,6 +102,13 @@ _GZIP_EXPANSION = 4
 _HASH_COST = 0.1
 
 
+try:  # ISA-L's inflate: 2.6x less CPU than zlib's for gzip'd day files (docs/criteo.md)
+    from isal import isal_zlib as _inflate_lib
+except ImportError:  # pragma: no cover (a platform without its wheels): zlib, same results
+    _inflate_lib = zlib
+_INFLATE_ERRORS = (zlib.error, _inflate_lib.error, EOFError)
+
+
 class IngestError(RuntimeError):
     """The ingest could not account for every line; nothing was recorded in the ledger."""
 
@@ -339,7 +346,7 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
 def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
     """Blocks of complete lines of a (multi-member) gzip file; a truncated or corrupt file
     raises :class:`_Corrupt` naming it (whatever was yielded before is then discarded)."""
-    d = zlib.decompressobj(47)
+    d = _inflate_lib.decompressobj(47)
     member_bytes = 0
     buf = b""
     try:
@@ -356,7 +363,7 @@ def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
                 buf += out
                 if d.eof:
                     data = d.unused_data
-                    d = zlib.decompressobj(47)
+                    d = _inflate_lib.decompressobj(47)
                     member_bytes = 0
                     if data and not data.startswith(_GZIP_MAGIC[: len(data)]):
                         raise zlib.error("trailing garbage after the last gzip member")
@@ -369,8 +376,8 @@ def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
                     buf = buf[cut + 1:]
         if member_bytes:
             raise EOFError("truncated gzip: the file ends inside a compressed member")
-    except (zlib.error, EOFError) as e:
-        raise _Corrupt(path, str(e) if isinstance(e, EOFError) else f"{type(e).__name__}: {e}") from None
+    except _INFLATE_ERRORS as e:
+        raise _Corrupt(path, str(e) if isinstance(e, EOFError) else f"inflate error: {e}") from None
     if buf:
         yield buf if buf.endswith(b"\n") else buf + b"\n"
 
