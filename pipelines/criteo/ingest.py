@@ -12,9 +12,9 @@ Per group of ``ingest.files_per_commit`` files, ONE Spark job:
 2. **Parse** (tasks): the range is read in blocks of complete lines (gzip inflated member by
    member; a truncated or corrupt file fails the job naming the file) and parsed by
    :func:`pipelines.criteo.parse.parse_block`: a compiled one-pass scanner (vectorised and
-   per-line tiers for odd blocks), so the rows never pass through JVM rows or Python objects. Short rows (stripped trailing
-   TABs) are padded; unlabelled files (39 fields, may start with a TAB) get a null label; a
-   bad line gets the reason of its first problem.
+   per-line tiers for odd blocks), so the rows never pass through JVM rows or Python
+   objects. Short rows (stripped trailing TABs) are padded; unlabelled files (39 fields, may
+   start with a TAB) get a null label; a bad line gets the reason of its first problem.
 3. **Write** (tasks): good rows to bronze Parquet files, bad lines (raw line, reason) to
    quarantine files; then the driver commits each table as ONE Delta transaction replacing
    the group's ``source`` partitions (``replace_where``), so a re-run never duplicates a
