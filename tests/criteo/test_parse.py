@@ -186,10 +186,7 @@ def test_fast_path_fuzz_takes_plain_lines_and_never_differs_from_reference():
         for _ in range(300):
             raw = bytearray(plain(labeled).encode() or b"1")
             raw[rng.randrange(len(raw))] = rng.choice(b"\t-+0aAgG \x00\xff9.")
-            one = bytes(raw) + b"\n"
-            if b"\n" in bytes(raw):
-                continue
-            got = parse._fast(one, labeled, 1)
+            got = parse._fast(bytes(raw) + b"\n", labeled, 1)
             want, rejects = _reference([bytes(raw)], labeled)
             if got is not None:
                 assert not rejects and got.to_pylist() == want, raw
