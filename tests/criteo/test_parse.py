@@ -220,3 +220,9 @@ def test_gzip_blocks_and_multi_member(tmp_path):
     got = b"".join(iter_line_blocks(str(p), True, block_bytes=1 << 12))
     assert got == body.encode()
     assert all(re.fullmatch(rb"(\d+\t\d+\n)+", b) for b in iter_line_blocks(str(p), True, block_bytes=1 << 12))
+    # no final newline, across members and block sizes: the last line gets one, nothing else changes
+    q = tmp_path / "day_1.gz"
+    q.write_bytes(gzip.compress(body[:70001].encode()) + gzip.compress(body[70001:-1].encode()))
+    for block in (1 << 10, 1 << 16, 1 << 30):
+        got = list(iter_line_blocks(str(q), True, block_bytes=block))
+        assert b"".join(got) == body.encode() and all(b.endswith(b"\n") for b in got), block
