@@ -16,12 +16,12 @@ Spark's ``XxHash64`` expression (``org.apache.spark.sql.catalyst.expressions.XXH
 - a Python ``int`` argument behaves like ``F.lit(int)``: IntegerType when it fits 32 bits,
   else LongType.
 
-Integers (and 8-byte strings, the Criteo categoricals, hashed as their word) go through
-Numba kernels that update the running hash in place, one pass per argument: 3-4x less CPU
-than the NumPy expression of the same steps (about 15 array passes per argument), which
-matters for the random (Kaggle) split, where both featurize jobs hash every row. Other
-strings keep the NumPy path (grouped by length). All arithmetic is uint64 with wraparound;
-the result is Spark's signed 64-bit value as ``int64``. Other argument types
+Every argument goes through a Numba kernel that updates the running hash in place, one
+pass per argument, built from the same compiled rounds (an 8-byte word, a 4-byte word, the
+final mix): 3-4x less CPU than the NumPy expression of the same steps (about 15 array passes
+per argument), which matters for the random (Kaggle) split, where both featurize jobs hash
+every row. A dictionary column of 8-byte values (bronze's categoricals) is hashed from its
+words without decoding. All arithmetic is uint64 with wraparound; the result is Spark's signed 64-bit value as ``int64``. Other argument types
 (floats, decimals, dates, nested) raise ``TypeError``.
 """
 from __future__ import annotations
@@ -44,44 +44,6 @@ P5 = _U(0x27D4EB2F165667C5)
 _P1_P2 = _U((0x9E3779B185EBCA87 + 0xC2B2AE3D27D4EB4F) & 0xFFFFFFFFFFFFFFFF)
 
 
-def _rotl(x: np.ndarray, r: int, tmp: np.ndarray) -> np.ndarray:
-    """Rotate left by ``r``, in place (``tmp``: scratch of the same shape)."""
-    np.right_shift(x, _U(64 - r), out=tmp)
-    np.left_shift(x, _U(r), out=x)
-    x |= tmp
-    return x
-
-
-def _fmix(h: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    for shift, prime in ((33, P2), (29, P3), (32, None)):
-        np.right_shift(h, _U(shift), out=tmp)
-        h ^= tmp
-        if prime is not None:
-            h *= prime
-    return h
-
-
-def _absorb(h: np.ndarray, k: np.ndarray, rot: int, mul: np.uint64, add: np.uint64, tmp: np.ndarray) -> np.ndarray:
-    """``h = rotl(h ^ k * P1, rot) * mul + add`` in place (``k`` is overwritten)."""
-    k *= P1
-    h ^= k
-    _rotl(h, rot, tmp)
-    h *= mul
-    h += add
-    return h
-
-
-def _mix_word(h: np.ndarray, k: np.ndarray, tmp: np.ndarray, k2: np.ndarray) -> np.ndarray:
-    """One 8-byte word ``k`` into the hash ``h``, in place (``tmp``, ``k2``: scratch)."""
-    np.multiply(k, P2, out=k2)
-    return _absorb(h, _rotl(k2, 31, tmp), 27, P1, P4, tmp)
-
-
-def _mix_int(h: np.ndarray, k: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    """One 4-byte word (zero-extended to uint64, in ``k``, which is overwritten) into ``h``."""
-    return _absorb(h, k, 23, P2, P3, tmp)
-
-
 @numba.njit(inline="always")
 def _rotl64(x, r):  # pragma: no cover (compiled)
     return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
@@ -96,6 +58,27 @@ def _fmix64(h):  # pragma: no cover (compiled)
     return h ^ (h >> np.uint64(32))
 
 
+@numba.njit(inline="always")
+def _round_word(h, k):  # pragma: no cover (compiled)
+    """One 8-byte word ``k`` into ``h``."""
+    return _rotl64(h ^ (_rotl64(k * P2, 31) * P1), 27) * P1 + P4
+
+
+@numba.njit(inline="always")
+def _round_int(h, k):  # pragma: no cover (compiled)
+    """One 4-byte word (zero-extended to uint64) into ``h``."""
+    return _rotl64(h ^ (k * P1), 23) * P2 + P3
+
+
+@numba.njit(inline="always")
+def _load(data, pos, width):  # pragma: no cover (compiled)
+    """``width`` bytes of ``data`` at ``pos`` as a little-endian uint64."""
+    k = np.uint64(0)
+    for b in range(width):
+        k |= np.uint64(data[pos + b]) << np.uint64(8 * b)
+    return k
+
+
 @numba.njit(cache=True, nogil=True)
 def _int_into(h, values, valid):  # pragma: no cover (compiled)
     """``h[i] = hashInt(values[i], seed=h[i])`` where ``valid[i]`` (every row when ``valid``
@@ -104,9 +87,7 @@ def _int_into(h, values, valid):  # pragma: no cover (compiled)
     for i in range(h.shape[0]):
         if check and not valid[i]:
             continue
-        x = h[i] + P5 + np.uint64(4)
-        x ^= values[i] * P1
-        h[i] = _fmix64(_rotl64(x, 23) * P2 + P3)
+        h[i] = _fmix64(_round_int(h[i] + P5 + np.uint64(4), values[i]))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -117,9 +98,46 @@ def _long_into(h, values, valid):  # pragma: no cover (compiled)
     for i in range(h.shape[0]):
         if check and not valid[i]:
             continue
-        x = h[i] + P5 + np.uint64(8)
-        x ^= _rotl64(values[i] * P2, 31) * P1
-        h[i] = _fmix64(_rotl64(x, 27) * P1 + P4)
+        h[i] = _fmix64(_round_word(h[i] + P5 + np.uint64(8), values[i]))
+
+
+@numba.njit(cache=True, nogil=True)
+def _bytes_into(h, offsets, data, valid):  # pragma: no cover (compiled)
+    """``h[i] = hashUnsafeBytes(data[offsets[i]:offsets[i + 1]], seed=h[i])`` where
+    ``valid[i]`` (every row when ``valid`` is empty): 32-byte stripes, then 8-byte words, one
+    4-byte word, single bytes."""
+    check = valid.shape[0] != 0
+    for i in range(h.shape[0]):
+        if check and not valid[i]:
+            continue
+        seed = h[i]
+        pos = offsets[i]
+        end = offsets[i + 1]
+        length = end - pos
+        if length >= 32:
+            v1, v2, v3, v4 = seed + _P1_P2, seed + P2, seed, seed - P1
+            while end - pos >= 32:
+                v1 = _rotl64(v1 + _load(data, pos, 8) * P2, 31) * P1
+                v2 = _rotl64(v2 + _load(data, pos + 8, 8) * P2, 31) * P1
+                v3 = _rotl64(v3 + _load(data, pos + 16, 8) * P2, 31) * P1
+                v4 = _rotl64(v4 + _load(data, pos + 24, 8) * P2, 31) * P1
+                pos += 32
+            x = _rotl64(v1, 1) + _rotl64(v2, 7) + _rotl64(v3, 12) + _rotl64(v4, 18)
+            for v in (v1, v2, v3, v4):
+                x = (x ^ (_rotl64(v * P2, 31) * P1)) * P1 + P4
+        else:
+            x = seed + P5
+        x += np.uint64(length)
+        while end - pos >= 8:
+            x = _round_word(x, _load(data, pos, 8))
+            pos += 8
+        if end - pos >= 4:
+            x = _round_int(x, _load(data, pos, 4))
+            pos += 4
+        while pos < end:
+            x = _rotl64(x ^ (np.uint64(data[pos]) * P5), 11) * P1
+            pos += 1
+        h[i] = _fmix64(x)
 
 
 _ALL = np.zeros(0, dtype=np.bool_)  # "every row valid" for the kernels
@@ -133,68 +151,6 @@ def _long_words(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(values.astype(np.int64, copy=False)).view(np.uint64)
 
 
-def hash_int(values: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """``XXH64.hashInt`` per element: ``values`` int32 (or narrower), ``seed`` uint64."""
-    h = np.array(seed, dtype=np.uint64)
-    _int_into(h, _int_words(values), _ALL)
-    return h
-
-
-def hash_long(values: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """``XXH64.hashLong`` per element: ``values`` int64, ``seed`` uint64."""
-    h = np.array(seed, dtype=np.uint64)
-    _long_into(h, _long_words(values), _ALL)
-    return h
-
-
-def _hash_fixed(b: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """``XXH64.hashUnsafeBytes`` of rows that all have the same length: ``b`` is (n, L) uint8."""
-    n, length = b.shape
-    tmp, k2 = np.empty(n, np.uint64), np.empty(n, np.uint64)
-    pos = 0
-    if length >= 32:
-        stripes = length // 32
-        words = np.ascontiguousarray(b[:, : stripes * 32]).view("<u8").reshape(n, stripes, 4)
-        v = [seed + _P1_P2, seed + P2, seed.copy(), seed - P1]
-        for s in range(stripes):
-            for i in range(4):
-                np.multiply(words[:, s, i], P2, out=k2)
-                v[i] += k2
-                _rotl(v[i], 31, tmp)
-                v[i] *= P1
-        h = np.zeros(n, np.uint64)
-        for i, r in enumerate((1, 7, 12, 18)):
-            h += _rotl(v[i].copy(), r, tmp)
-        for i in range(4):
-            v[i] *= P2
-            _rotl(v[i], 31, tmp)
-            v[i] *= P1
-            h ^= v[i]
-            h *= P1
-            h += P4
-        pos = stripes * 32
-    else:
-        h = seed + P5
-    h += _U(length)
-    nwords = (length - pos) // 8
-    if nwords:
-        words = np.ascontiguousarray(b[:, pos : pos + 8 * nwords]).view("<u8")
-        for i in range(nwords):
-            _mix_word(h, words[:, i], tmp, k2)
-        pos += 8 * nwords
-    if pos + 4 <= length:
-        k = np.ascontiguousarray(b[:, pos : pos + 4]).view("<u4")[:, 0].astype(np.uint64)
-        _mix_int(h, k, tmp)
-        pos += 4
-    while pos < length:
-        np.multiply(b[:, pos].astype(np.uint64), P5, out=k2)
-        h ^= k2
-        _rotl(h, 11, tmp)
-        h *= P1
-        pos += 1
-    return _fmix(h, tmp)
-
-
 def _offsets_and_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     t = arr.type
     if pa.types.is_string_view(t) or pa.types.is_binary_view(t):
@@ -205,39 +161,6 @@ def _offsets_and_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.frombuffer(bufs[1], dtype=np.int64 if large else np.int32)[arr.offset : arr.offset + len(arr) + 1]
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     return offsets.astype(np.int64), data
-
-
-def hash_bytes(arr: pa.Array, seed: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    """``XXH64.hashUnsafeBytes`` of each value of a string/binary array (``valid``: its
-    :func:`valid_mask`); the result at null rows is unspecified (the caller keeps the
-    previous hash there). Rows are processed in groups of equal length; the usual case
-    (Criteo categoricals: every value 8 bytes, null values empty) is one group read straight
-    from the Arrow data buffer."""
-    offsets, data = _offsets_and_data(arr)
-    lengths = np.diff(offsets)
-    out = np.zeros(len(arr), dtype=np.uint64)
-    if valid is not None:
-        lengths = np.where(valid, lengths, -1)
-    present = lengths[lengths >= 0] if valid is not None else lengths
-    if not len(present):
-        return out
-    lo, hi = int(present.min()), int(present.max())
-    for length in ([lo] if lo == hi else np.unique(present).tolist()):
-        rows = None if (lo == hi and valid is None) else np.flatnonzero(lengths == length)
-        starts = offsets[:-1] if rows is None else offsets[:-1][rows]
-        m = len(starts)
-        if length == 0:
-            b = np.zeros((m, 0), np.uint8)
-        elif int(starts[-1]) - int(starts[0]) == (m - 1) * length and np.all(np.diff(starts) == length):
-            # the rows lie back to back in the data buffer (the usual case): no gather
-            b = data[int(starts[0]) : int(starts[0]) + m * length].reshape(m, length)
-        else:
-            b = data[starts[:, None] + np.arange(length)]
-        if rows is None:
-            out[:] = _hash_fixed(b, seed)
-        else:
-            out[rows] = _hash_fixed(b, seed[rows])
-    return out
 
 
 def valid_mask(arr: pa.Array) -> np.ndarray | None:
@@ -314,14 +237,7 @@ def _hash_into(h: np.ndarray, arr: pa.Array) -> None:
     elif pa.types.is_int64(t):
         _long_into(h, _long_words(np.asarray(arr.fill_null(0).to_numpy())), mask)
     elif any(is_type(t) for is_type in _BYTES_TYPES):
-        words = word_keys(arr)
-        if words is not None:  # every value 8 bytes: hashLong of the word, as for a dictionary
-            _long_into(h, words, mask)
-            return
-        new = hash_bytes(arr, h, valid)
-        if valid is not None:
-            np.copyto(new, h, where=~valid)
-        h[:] = new
+        _bytes_into(h, *_offsets_and_data(arr), mask)
     else:
         raise TypeError(f"xxhash64: no Spark-compatible hash for Arrow type {t} (int, bigint, string, binary, boolean)")
 
