@@ -80,25 +80,16 @@ def _load(data, pos, width):  # pragma: no cover (compiled)
 
 
 @numba.njit(cache=True, nogil=True)
-def _int_into(h, values, valid):  # pragma: no cover (compiled)
-    """``h[i] = hashInt(values[i], seed=h[i])`` where ``valid[i]`` (every row when ``valid``
-    is empty); ``values``: the int32 bit patterns zero-extended to uint64."""
+def _word_into(h, values, valid, width):  # pragma: no cover (compiled)
+    """``h[i] = hashInt`` (``width`` 4: ``values`` the int32 bit patterns zero-extended) or
+    ``hashLong`` (``width`` 8: the int64 bit patterns) of ``values[i]`` with seed ``h[i]``,
+    where ``valid[i]`` (every row when ``valid`` is empty)."""
     check = valid.shape[0] != 0
     for i in range(h.shape[0]):
         if check and not valid[i]:
             continue
-        h[i] = _fmix64(_round_int(h[i] + P5 + np.uint64(4), values[i]))
-
-
-@numba.njit(cache=True, nogil=True)
-def _long_into(h, values, valid):  # pragma: no cover (compiled)
-    """``h[i] = hashLong(values[i], seed=h[i])`` where ``valid[i]`` (every row when ``valid``
-    is empty); ``values``: the int64 bit patterns as uint64."""
-    check = valid.shape[0] != 0
-    for i in range(h.shape[0]):
-        if check and not valid[i]:
-            continue
-        h[i] = _fmix64(_round_word(h[i] + P5 + np.uint64(8), values[i]))
+        x = h[i] + P5 + np.uint64(width)
+        h[i] = _fmix64(_round_int(x, values[i]) if width == 4 else _round_word(x, values[i]))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -143,12 +134,15 @@ def _bytes_into(h, offsets, data, valid):  # pragma: no cover (compiled)
 _ALL = np.zeros(0, dtype=np.bool_)  # "every row valid" for the kernels
 
 
-def _int_words(values: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(values.astype(np.int32, copy=False).view(np.uint32), dtype=np.uint64)
+def _int_into(h: np.ndarray, values: np.ndarray, valid: np.ndarray) -> None:
+    """Spark's hashInt of int32 (or narrower) ``values`` into ``h``."""
+    words = np.ascontiguousarray(values.astype(np.int32, copy=False).view(np.uint32), dtype=np.uint64)
+    _word_into(h, words, valid, 4)
 
 
-def _long_words(values: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(values.astype(np.int64, copy=False)).view(np.uint64)
+def _long_into(h: np.ndarray, values: np.ndarray, valid: np.ndarray) -> None:
+    """Spark's hashLong of int64 (or uint64 word) ``values`` into ``h``."""
+    _word_into(h, np.ascontiguousarray(values).view(np.uint64), valid, 8)
 
 
 def _offsets_and_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -231,11 +225,11 @@ def _hash_into(h: np.ndarray, arr: pa.Array) -> None:
     valid = valid_mask(arr)
     mask = _ALL if valid is None else valid
     if pa.types.is_boolean(t):
-        _int_into(h, _int_words(np.asarray(pc.cast(arr, pa.int32()).fill_null(0).to_numpy())), mask)
+        _int_into(h, np.asarray(pc.cast(arr, pa.int32()).fill_null(0).to_numpy()), mask)
     elif pa.types.is_integer(t) and t.bit_width <= 32 and not (pa.types.is_unsigned_integer(t) and t.bit_width == 32):
-        _int_into(h, _int_words(np.asarray(arr.fill_null(0).to_numpy())), mask)
+        _int_into(h, np.asarray(arr.fill_null(0).to_numpy()), mask)
     elif pa.types.is_int64(t):
-        _long_into(h, _long_words(np.asarray(arr.fill_null(0).to_numpy())), mask)
+        _long_into(h, np.asarray(arr.fill_null(0).to_numpy(), dtype=np.int64), mask)
     elif any(is_type(t) for is_type in _BYTES_TYPES):
         _bytes_into(h, *_offsets_and_data(arr), mask)
     else:
@@ -255,9 +249,9 @@ def xxhash64(args: Sequence[pa.Array | pa.ChunkedArray | int], seed: int = SPARK
         if isinstance(a, (int, np.integer)):
             v = int(a)
             if -(1 << 31) <= v < (1 << 31):
-                _int_into(h, _int_words(np.full(n, v, dtype=np.int32)), _ALL)
+                _int_into(h, np.full(n, v, dtype=np.int32), _ALL)
             elif -(1 << 63) <= v < (1 << 63):
-                _long_into(h, _long_words(np.full(n, v, dtype=np.int64)), _ALL)
+                _long_into(h, np.full(n, v, dtype=np.int64), _ALL)
             else:
                 raise OverflowError(f"xxhash64: literal {v} does not fit a Spark bigint")
             continue
