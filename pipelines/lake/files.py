@@ -126,6 +126,16 @@ class _OpenFile:
     nulls: dict[str, int] = field(default_factory=dict)
 
 
+def _current_task() -> int:
+    """The Spark partition this code runs in (0 outside a Spark task)."""
+    try:
+        from pyspark import TaskContext
+    except ImportError:  # pragma: no cover - pyspark is a dependency; a bare pyarrow process
+        return 0
+    ctx = TaskContext.get()
+    return ctx.partitionId() if ctx is not None else 0
+
+
 class PartitionedFileWriter:
     """Writes one task's rows into Parquet files under ``table_uri``."""
 
@@ -141,6 +151,7 @@ class PartitionedFileWriter:
         target_file_bytes: int = 256 << 20,
         parquet_options: dict[str, Any] | None = None,
         stats_columns: list[str] | None = None,
+        task: int | None = None,
     ) -> None:
         self.table_uri = table_uri
         self.fs, self.root = filesystem_for(table_uri)
@@ -159,6 +170,11 @@ class PartitionedFileWriter:
         self._pending_rows: dict[tuple, int] = {}
         self._done: list[dict] = []
         self.written_paths: list[str] = []
+        # File names carry the task and the file's sequence in it, so that a write's files sort
+        # (and readers that list by path read them) in the order the rows were produced, not
+        # in the order of random ids: the same input gives the same table order every run.
+        self.task = _current_task() if task is None else task
+        self._seq = 0
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, batch: pa.RecordBatch, partition_values: tuple | None = None) -> None:
@@ -214,7 +230,9 @@ class PartitionedFileWriter:
             self._close_file(key)
 
     def _new_file(self, key: tuple) -> _OpenFile:
-        name = f"part-{self.write_id}-{uuid.uuid4().hex}.{self.compression}.parquet"
+        # the uuid keeps names of two attempts of one task apart
+        name = f"part-{self.write_id}-{self.task:05d}-{self._seq:04d}-{uuid.uuid4().hex}.{self.compression}.parquet"
+        self._seq += 1
         rel = f"{_hive_dir(self.partition_by, key)}/{name}" if self.partition_by else name
         full = join(self.root, rel)
         parent = full.rsplit("/", 1)[0]

@@ -277,3 +277,30 @@ def test_pushed_filters_do_not_leak_between_queries(spark, tmp_path):
     assert df.count() == 30
     assert df.filter("nl is null").count() == 6
     assert df.count() == 30
+
+
+def test_files_are_listed_in_task_order(spark, tmp_path):
+    """File names carry the Spark task and the file's sequence in it, so a table written twice
+    from the same input is read back in the same (task) order, not in random-id order."""
+    from pyspark.sql import functions as F
+
+    df = spark.range(0, 4000, numPartitions=8).select(F.col("id").alias("x"))
+    orders = []
+    for name in ("a", "b"):
+        path = str(tmp_path / name)
+        write_table(df, path)
+        snap = DeltaSnapshot(path)
+        names = [f.uri.rsplit("/", 1)[1] for f in snap.files()]
+        assert [n.split("-")[2] for n in names] == [f"{t:05d}" for t in range(8)]
+        orders.append(snap.to_table().column("x").to_pylist())
+    assert orders[0] == orders[1] == list(range(4000))
+
+
+def test_a_writer_numbers_its_files_in_order(tmp_path):
+    w = PartitionedFileWriter(str(tmp_path / "t"), pa.schema([("x", pa.int64())]), [], "w1",
+                              target_file_bytes=1, task=3)
+    for i in range(3):
+        w.write(pa.record_batch({"x": pa.array([i], pa.int64())}))
+        w._flush(())  # one row group, and (target 1 byte) one file, per batch
+    names = [a["path"] for a in w.close()]
+    assert [n.split("-")[2:4] for n in names] == [["00003", f"{i:04d}"] for i in range(3)]
