@@ -84,8 +84,22 @@ def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path, mlflow_st
     import mlflow.pytorch
 
     model = mlflow.pytorch.load_model(res.rank0["model_uri"])
+    assert isinstance(model, torch.fx.GraphModule)  # the pt2 export, not the pickle fallback
     dense, sparse = torch.rand(3, 13), torch.zeros(3, 26, dtype=torch.long)
     assert model(dense, sparse).shape == (3,)
+    # the logged (torch.export) model is the trained one: it scores the valid split exactly as
+    # the run's final evaluation did
+    import numpy as np
+
+    from pipelines.lake import DeltaSnapshot
+    from training.metrics import auc_exact
+
+    valid = DeltaSnapshot(synth_gold["valid"], version=res.spec.versions["valid"]).to_table()
+    with torch.no_grad():
+        scores = model(torch.from_numpy(np.stack(valid.column("dense").to_numpy(zero_copy_only=False))),
+                       torch.from_numpy(np.stack(valid.column("sparse").to_numpy(zero_copy_only=False))))
+    auc = auc_exact(scores.numpy(), valid.column("label").to_numpy())
+    assert auc == pytest.approx(m["final_valid_auc"], abs=1e-6)
 
 
 def test_train_command_prints_summary(synth_gold, tmp_path, capsys):

@@ -35,8 +35,9 @@ class DLRM(nn.Module):
         self.emb = CategoricalEmbeddings(cardinalities, d, sparse=sparse)
         n = self.emb.num_columns + 1
         iu = torch.triu_indices(n, n, offset=1)
-        self.register_buffer("_iu0", iu[0], persistent=False)
-        self.register_buffer("_iu1", iu[1], persistent=False)
+        # own storage each: two views of one tensor make torch.export's packager warn
+        self.register_buffer("_iu0", iu[0].clone(), persistent=False)
+        self.register_buffer("_iu1", iu[1].clone(), persistent=False)
         self.top = mlp([d + iu.shape[1], *top_mlp, 1], final_activation=False, dropout=dropout)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
