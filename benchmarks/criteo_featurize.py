@@ -150,13 +150,12 @@ def stage_floor(raw: Path, out: Path) -> dict:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
+    from pipelines.criteo.featurize import GOLD_SCHEMA, dense_matrix, gold_batch
+    from pipelines.criteo.parse import ROW_SCHEMA
+
     files = sorted(raw.glob("day_*"), key=lambda p: int(p.name.split("_")[1]))
     out.mkdir(parents=True, exist_ok=True)
-    types = {"label": pa.int32(), **{c: pa.int64() for c in DENSE}, **{c: pa.string() for c in SPARSE}}
-    dense_t = pa.list_(pa.field("element", pa.float32()))
-    sparse_t = pa.list_(pa.field("element", pa.int32(), nullable=False))
-    gold_schema = pa.schema([("label", pa.float32()), pa.field("dense", dense_t, nullable=False),
-                             pa.field("sparse", sparse_t, nullable=False)])
+    types = {f.name: f.type for f in ROW_SCHEMA}
 
     def one(i: int, f: Path) -> tuple[float, float, int]:
         # streamed (pyarrow's default 1 MiB blocks, its fastest; 131,072-row groups): holding a whole
@@ -191,21 +190,14 @@ def stage_floor(raw: Path, out: Path) -> dict:
         if i != len(files) - 1:  # the train days' categoricals, for the counts
             for _ in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=SPARSE, use_threads=False):
                 pass
-        with pq.ParquetWriter(out / f"gold-{i}.parquet", gold_schema, compression="lz4", use_dictionary=False,
+        with pq.ParquetWriter(out / f"gold-{i}.parquet", GOLD_SCHEMA, compression="lz4", use_dictionary=False,
                               write_statistics=["label"]) as w:
             for b in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=NAMES, use_threads=False):
-                n = b.num_rows
-                dense = np.empty((n, 13), np.float32)
-                for j, c in enumerate(DENSE):
-                    dense[:, j] = np.log1p(np.maximum(b.column(c).fill_null(0).to_numpy(), 0))
-                sparse = np.empty((n, 26), np.int32)
+                sparse = np.empty((b.num_rows, len(SPARSE)), np.int32)
                 for j, c in enumerate(SPARSE):
                     sparse[:, j] = b.column(c).indices.fill_null(0).to_numpy()
-                w.write_batch(pa.RecordBatch.from_arrays([
-                    b.column("label").cast(pa.float32()),
-                    pa.ListArray.from_arrays(pa.array(np.arange(0, 13 * n + 1, 13, dtype=np.int32)), pa.array(dense.ravel()), type=dense_t),
-                    pa.ListArray.from_arrays(pa.array(np.arange(0, 26 * n + 1, 26, dtype=np.int32)), pa.array(sparse.ravel()), type=sparse_t),
-                ], schema=gold_schema), row_group_size=131072)
+                w.write_batch(gold_batch(b.column("label").cast(pa.float32()), dense_matrix(b), sparse),
+                              row_group_size=131072)
         return parse_cpu, time.thread_time() - c0 - parse_cpu, rows
 
     t0 = time.perf_counter()
