@@ -39,7 +39,7 @@ try:  # never let a warm-up problem take the workers down
     import pipelines.criteo.spark_xxhash
 
     pipelines.criteo.scan.warm_up()
-    pipelines.criteo.spark_xxhash.xxhash64([0, pyarrow.array([1], pyarrow.int64()), pyarrow.array(["x"])])
+    pipelines.criteo.spark_xxhash.warm_up()
 except Exception:  # noqa: BLE001
     pass
 

@@ -261,3 +261,9 @@ def xxhash64(args: Sequence[pa.Array | pa.ChunkedArray | int], seed: int = SPARK
             raise ValueError(f"xxhash64: arguments of different lengths ({len(a)} vs {n})")
         _hash_into(h, a)
     return h.view(np.int64)
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel now, one argument of each path: int
+    (literal), bigint, string. The Spark worker daemon calls this before it forks."""
+    xxhash64([0, pa.array([1], pa.int64()), pa.array(["x"])])
