@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +23,7 @@ from pipelines.lake.datasource import FORMAT
 from pipelines.lake.maintenance import history, optimize, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
 from pipelines.lake.schema import SchemaMismatchError
-from pipelines.lake.tasks import WRITE_ID_KEY
+from pipelines.lake.tasks import WRITE_ID_KEY, new_write_id
 
 __all__ = [
     "CommitConflictError",
@@ -108,7 +107,7 @@ def write_table(
     uri = normalize_uri(path)
     if replace_where and mode != "overwrite":
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
-    write_id = uuid.uuid4().hex[:12]  # as begin_write's own ids
+    write_id = new_write_id()
     spark = df.sparkSession
     if delta_engine(spark) == "native":
         w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode))

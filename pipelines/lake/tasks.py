@@ -34,6 +34,11 @@ WRITE_ID_KEY = "bigopt.writeId"
 STATS_COLUMNS_KEY = "delta.dataSkippingStatsColumns"
 
 
+def new_write_id() -> str:
+    """A fresh write id: names a write's files (``part-<write_id>-*``) and marks its commit."""
+    return uuid.uuid4().hex[:12]
+
+
 @dataclass
 class TaskWrite:
     """A planned write (picklable: ship it to the tasks)."""
@@ -115,7 +120,7 @@ def begin_write(
     )
     return TaskWrite(
         uri, schema, list(partition_by), mode, dict(replace_where) if replace_where else None, merge_schema,
-        write_id or uuid.uuid4().hex[:12], effective, read_version, compression, row_group_rows, target_file_bytes,
+        write_id or new_write_id(), effective, read_version, compression, row_group_rows, target_file_bytes,
         dict(parquet_options) if parquet_options else None, list(stats_columns) if stats_columns is not None else None,
     )
 
