@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.criteo.schema import DENSE, KAGGLE_CARDINALITIES, NUM_DENSE, NUM_SPARSE
+from pipelines.criteo.schema import KAGGLE_CARDINALITIES, NUM_DENSE, NUM_SPARSE
 
 # --- per-column statistics ---------------------------------------------------------------
 # dense: (missing rate, log-normal mu, sigma) of (value + 1); shaped after the Kaggle columns
