@@ -27,8 +27,6 @@ from .base import (
     Collective,
     CompressionConfigError,
     Compressor,
-    Ctx,
-    Payload,
     _check_int,
     _check_ratio,
     register,
