@@ -150,15 +150,19 @@ def stage_floor(raw: Path, out: Path) -> dict:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    from pipelines.criteo.featurize import GOLD_SCHEMA, dense_matrix, gold_batch
+    from pipelines.criteo.config import FeaturizeConfig, IngestConfig
+    from pipelines.criteo.featurize import GOLD_PARQUET_OPTIONS, GOLD_SCHEMA, GOLD_STATS_COLUMNS, dense_matrix, gold_batch
+    from pipelines.criteo.ingest import BRONZE_STATS_COLUMNS
     from pipelines.criteo.parse import ROW_SCHEMA
 
     files = sorted(raw.glob("day_*"), key=lambda p: int(p.name.split("_")[1]))
     out.mkdir(parents=True, exist_ok=True)
     types = {f.name: f.type for f in ROW_SCHEMA}
+    # bigopt's defaults (what stage (c) runs with): bronze in the lake's codec, zstd
+    bronze_rg, gold = IngestConfig().row_group_rows, FeaturizeConfig()
 
     def one(i: int, f: Path) -> tuple[float, float, int]:
-        # streamed (pyarrow's default 1 MiB blocks, its fastest; 131,072-row groups): holding a whole
+        # streamed (pyarrow's default 1 MiB blocks, its fastest; bronze-sized row groups): holding a whole
         # file's table costs more (fresh memory to fault in) than the Parquet work itself
         parse_cpu = 0.0
         c0 = time.thread_time()
@@ -168,7 +172,7 @@ def stage_floor(raw: Path, out: Path) -> dict:
                                convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=True))
         schema = reader.schema.append(pa.field("ingest_batch", pa.string()))
         rows, pending = 0, []
-        with pq.ParquetWriter(bronze, schema, compression="zstd", write_statistics=["label", *DENSE, "ingest_batch"]) as w:
+        with pq.ParquetWriter(bronze, schema, compression="zstd", write_statistics=BRONZE_STATS_COLUMNS) as w:
             while True:
                 c = time.thread_time()
                 try:
@@ -180,24 +184,24 @@ def stage_floor(raw: Path, out: Path) -> dict:
                     pending.append(b.append_column("ingest_batch", pa.repeat(pa.scalar("0123456789ab"), b.num_rows)))
                     rows += b.num_rows
                 buffered = sum(p.num_rows for p in pending)
-                if buffered >= 131072 or (b is None and buffered):
+                if buffered >= bronze_rg or (b is None and buffered):
                     t = pa.Table.from_batches(pending)
-                    cut = buffered if b is None else buffered // 131072 * 131072
-                    w.write_table(t.slice(0, cut), row_group_size=131072)
+                    cut = buffered if b is None else buffered // bronze_rg * bronze_rg
+                    w.write_table(t.slice(0, cut), row_group_size=bronze_rg)
                     pending = t.slice(cut).to_batches()
                 if b is None:
                     break
         if i != len(files) - 1:  # the train days' categoricals, for the counts
             for _ in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=SPARSE, use_threads=False):
                 pass
-        with pq.ParquetWriter(out / f"gold-{i}.parquet", GOLD_SCHEMA, compression="lz4", use_dictionary=False,
-                              write_statistics=["label"]) as w:
+        with pq.ParquetWriter(out / f"gold-{i}.parquet", GOLD_SCHEMA, compression=gold.compression,
+                              write_statistics=GOLD_STATS_COLUMNS, **GOLD_PARQUET_OPTIONS) as w:
             for b in pq.ParquetFile(bronze, read_dictionary=SPARSE).iter_batches(1 << 18, columns=NAMES, use_threads=False):
                 sparse = np.empty((b.num_rows, len(SPARSE)), np.int32)
                 for j, c in enumerate(SPARSE):
                     sparse[:, j] = b.column(c).indices.fill_null(0).to_numpy()
                 w.write_batch(gold_batch(b.column("label").cast(pa.float32()), dense_matrix(b), sparse),
-                              row_group_size=131072)
+                              row_group_size=gold.row_group_rows)
         return parse_cpu, time.thread_time() - c0 - parse_cpu, rows
 
     t0 = time.perf_counter()

@@ -108,6 +108,11 @@ SLICE_BYTES = 128 << 20  # a bronze file bigger than this (or than its share of 
 TASK_BYTES = 512 << 20  # at most this much bronze Parquet per task (a task streams it by batch)
 FOLD_ROWS = 1 << 23  # vocabulary: partial-count rows a column may pile up (map or reduce side) before they are summed
 ROW_COLUMNS = ["label", *DENSE, *SPARSE]  # what the row hash covers, in Spark's argument order
+# gold Parquet: no dictionary encoding (the sparse ids are mostly distinct per row group, so
+# Parquet would build and then drop a dictionary: writing is ~20% cheaper without, the files ~8%
+# larger); statistics for the label only (Delta keeps no min/max for list columns: 6% of the write)
+GOLD_PARQUET_OPTIONS = {"use_dictionary": False}
+GOLD_STATS_COLUMNS = ["label"]
 
 
 class FeaturizeError(RuntimeError):
@@ -768,12 +773,9 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
     """The gold job: returns ``{split: (version, rows)}``; nothing is committed if a task fails."""
     from pipelines.lake.tasks import abort_write, begin_write, commit_write
 
-    # no dictionary encoding: the sparse ids are mostly distinct per row group, so Parquet would
-    # build and then drop a dictionary (writing is ~20% cheaper without, the files ~8% larger);
-    # statistics for the label only: Delta keeps no min/max for list columns (6% of the write)
     writes = tuple(
         begin_write(paths[s], GOLD_SCHEMA, mode="overwrite", row_group_rows=fz.row_group_rows,
-                    compression=fz.compression, parquet_options={"use_dictionary": False}, stats_columns=["label"])
+                    compression=fz.compression, parquet_options=GOLD_PARQUET_OPTIONS, stats_columns=GOLD_STATS_COLUMNS)
         for s in GOLD_SPLITS
     )
     spec = GoldSpec(writes=writes, **spec_args)
