@@ -40,7 +40,11 @@ def run(cfg, args) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         tasks = {name: progress.add_task(name, total=rows) for name, rows, _labeled in planned}
-        files = generate_files(cfg, progress=lambda name, done: progress.update(tasks[name], completed=done))
+        try:
+            files = generate_files(cfg, progress=lambda name, done: progress.update(tasks[name], completed=done))
+        except ValueError as e:
+            print(f"bigopt generate: {e}", file=sys.stderr)
+            return 2
     secs = time.perf_counter() - t0
     rows = sum(f.rows for f in files)
     table = Table(title=f"generated {rows:,} rows in {len(files)} file(s) in {secs:.1f}s "

@@ -44,9 +44,12 @@ def _stage(name: str):
 
 def needs_generation(cfg) -> bool:
     """Generate only when no raw input is configured/present (the demo case)."""
-    if cfg.criteo.inputs:
+    from pipelines import raw_inputs
+
+    raw_dir = raw_inputs.normalize(cfg.criteo.raw_dir)
+    if cfg.criteo.inputs or raw_inputs.is_remote(raw_dir):  # an object store is never generated into
         return False
-    raw = Path(cfg.criteo.raw_dir)
+    raw = Path(raw_dir)
     return not raw.is_dir() or not any(p.is_file() for p in raw.iterdir())
 
 

@@ -257,7 +257,15 @@ def generate(cfg, progress: Callable[[str, int], None] | None = None) -> list[st
 
 def generate_files(cfg, progress: Callable[[str, int], None] | None = None) -> list[GeneratedFile]:
     gen = cfg.criteo.generate
-    out_dir = Path(cfg.criteo.raw_dir).expanduser().resolve()
+    from pipelines import raw_inputs  # here: the pool's workers need none of the lake's imports
+
+    out = raw_inputs.normalize(cfg.criteo.raw_dir)
+    if raw_inputs.is_remote(out):
+        raise ValueError(
+            f"generate writes to a local or shared-filesystem directory, not {cfg.criteo.raw_dir!r}: generate "
+            "locally, copy the files to the object store (e.g. `aws s3 cp --recursive`) and ingest them from there"
+        )
+    out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cards = tuple(max(2, int(round(c * gen.cardinality_scale))) if c > 2 else c for c in KAGGLE_CARDINALITIES)
     exps = tuple(gen.zipf_exponent + 0.08 * ((j * 7) % 5 - 2) for j in range(NUM_SPARSE))

@@ -35,20 +35,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
-import glob
 import hashlib
 import logging
-import os
 import re
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from pipelines import raw_inputs
 from pipelines.criteo.parse import ROW_SCHEMA
 from pipelines.criteo.schema import DENSE, LABELED_FIELDS, SPARSE, UNLABELED_FIELDS, tables
 
@@ -193,55 +193,22 @@ class IngestReport:
 
 
 # ------------------------------------------------------------------------------ inputs
-def _local_path(spec: str) -> str:
-    if spec.startswith("file://"):
-        spec = spec[len("file://"):]
-    elif "://" in spec:
-        raise ValueError(f"input {spec!r}: only local (or shared-filesystem) paths are supported")
-    return os.path.abspath(os.path.expanduser(spec))
-
-
-def resolve_inputs(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
-    """Files named by ``specs``: files, globs, or directories (whose entries matching
-    ``file_globs`` are taken, non-recursively). Sorted, without duplicates."""
-    out: list[str] = []
-    for spec in specs:
-        p = _local_path(spec)
-        if any(ch in p for ch in "*?["):
-            matches = [m for m in sorted(glob.glob(p)) if os.path.isfile(m)]
-            if not matches:
-                raise FileNotFoundError(f"input glob {spec!r} matches no file")
-            out += matches
-        elif os.path.isdir(p):
-            names = sorted(
-                n for n in os.listdir(p)
-                if not n.startswith((".", "_")) and os.path.isfile(os.path.join(p, n))
-                and any(fnmatch.fnmatch(n, g) for g in file_globs)
-            )
-            out += [os.path.join(p, n) for n in names]
-        elif os.path.isfile(p):
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"input {spec!r} does not exist")
-    seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
-
-
-def _quick_hash(path: str, size: int) -> str:
+def _quick_hash(size: int, head: bytes, f) -> str:
+    """sha256 of the size, the first MiB (``head``: the file's first min(size, 1 MiB) bytes)
+    and the last MiB (read from ``f``), truncated to 32 hex digits."""
     h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
+    h.update(head)
+    if size > 2 * _QUICK:
+        f.seek(size - _QUICK)
         h.update(f.read(_QUICK))
-        if size > 2 * _QUICK:
-            f.seek(size - _QUICK)
-            h.update(f.read(_QUICK))
-        elif size > _QUICK:
-            h.update(f.read())
+    elif size > _QUICK:
+        f.seek(_QUICK)
+        h.update(f.read())
     return h.hexdigest()[:32]
 
 
-def _peek_lines(path: str, gz: bool, nbytes: int = 64 << 10) -> list[bytes]:
-    with open(path, "rb") as f:
-        raw = f.read(nbytes)
+def _first_lines(head: bytes, gz: bool, nbytes: int = 64 << 10) -> list[bytes]:
+    raw = head[:nbytes]
     if gz:
         try:
             raw = zlib.decompressobj(47).decompress(raw, nbytes * 4)
@@ -251,29 +218,47 @@ def _peek_lines(path: str, gz: bool, nbytes: int = 64 << 10) -> list[bytes]:
     return lines[:-1] if len(lines) > 1 else lines
 
 
-def detect_labeled(path: str, gz: bool, unlabeled_globs: Sequence[str]) -> bool:
-    """Labelled (40 fields) or a test file (39 fields, no label)? Decided from the first lines:
-    any 40-field line means labelled, else any 39-field line means unlabelled; files whose
-    first lines are all shorter (stripped trailing TABs) are decided by name."""
-    counts = [ln.count(b"\t") + 1 for ln in _peek_lines(path, gz) if ln]
+def _labeled_from_lines(lines: list[bytes], name: str, unlabeled_globs: Sequence[str]) -> bool:
+    counts = [ln.count(b"\t") + 1 for ln in lines if ln]
     if any(c == LABELED_FIELDS for c in counts):
         return True
     if any(c == UNLABELED_FIELDS for c in counts):
         return False
-    name = os.path.basename(path)
     return not any(fnmatch.fnmatch(name, g) for g in unlabeled_globs)
 
 
+def detect_labeled(path: str, gz: bool, unlabeled_globs: Sequence[str]) -> bool:
+    """Labelled (40 fields) or a test file (39 fields, no label)? Decided from the first lines:
+    any 40-field line means labelled, else any 39-field line means unlabelled; files whose
+    first lines are all shorter (stripped trailing TABs) are decided by name."""
+    with raw_inputs.open_read(path) as f:
+        head = f.read(64 << 10)
+    return _labeled_from_lines(_first_lines(head, gz), raw_inputs.basename(path), unlabeled_globs)
+
+
 def describe_file(path: str, cfg) -> RawFile:
+    """Size, mtime, gzip or not, labelled or not, quick hash: one open of the file (on an
+    object store: one metadata request and two or three ranged reads)."""
     ing = cfg.criteo.ingest
-    st = os.stat(path)
-    with open(path, "rb") as f:
-        gz = f.read(2) == _GZIP_MAGIC
-    name = os.path.basename(path)
+    size, mtime_ns = raw_inputs.stat(path)
+    with raw_inputs.open_read(path) as f:
+        head = f.read(_QUICK)
+        quick = _quick_hash(size, head, f)
+    gz = head[:2] == _GZIP_MAGIC
+    name = raw_inputs.basename(path)
     m = re.search(ing.day_regex, name)
     day = int(m.group(1)) if m else -1
-    return RawFile(path, name, day, detect_labeled(path, gz, ing.unlabeled_globs), gz, st.st_size,
-                   st.st_mtime_ns, _quick_hash(path, st.st_size))
+    return RawFile(path, name, day, _labeled_from_lines(_first_lines(head, gz), name, ing.unlabeled_globs), gz,
+                   size, mtime_ns, quick)
+
+
+def describe_files(paths: Sequence[str], cfg) -> list[RawFile]:
+    """:func:`describe_file` of each path, in order; remote files in parallel (each costs a few
+    round trips)."""
+    if not any(raw_inputs.is_remote(p) for p in paths) or len(paths) < 2:
+        return [describe_file(p, cfg) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as ex:
+        return list(ex.map(lambda p: describe_file(p, cfg), paths))
 
 
 # ------------------------------------------------------------------------------ reading
@@ -399,7 +384,7 @@ def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None
     none) of a raw file: for plain files, the lines starting in the byte range [start, end);
     gzip files are read whole. ``hasher`` (e.g. ``hashlib.sha256()``) is fed the stored bytes
     read, which is the whole file when the range is."""
-    with open(path, "rb") as f:
+    with raw_inputs.open_read(path) as f:
         if gz:
             if start or end is not None:
                 raise ValueError("gzip files cannot be split into byte ranges")
@@ -489,7 +474,7 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
     """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file)."""
     kind, what = item
     if kind == "hash":
-        with open(what, "rb") as f:
+        with raw_inputs.open_read(what) as f:
             return {"kind": "hash", "path": what, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
     from pipelines.criteo.parse import parse_block
 
@@ -649,9 +634,9 @@ def ingest(
     batch_id = _new_batch_id()
     report = IngestReport(batch_id, bronze=paths["bronze"], quarantine=paths["quarantine"], ledger=paths["ledger"])
 
-    names = resolve_inputs(list(inputs) if inputs else cfg.criteo.input_specs(), ing.file_globs)
+    names = raw_inputs.resolve(list(inputs) if inputs else cfg.criteo.input_specs(), ing.file_globs)
     say(f"describing {len(names)} input file(s)")
-    files = [describe_file(p, cfg) for p in names]
+    files = describe_files(names, cfg)
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})
     if dupes:
         raise IngestError(f"several inputs share the file name(s) {dupes}; the name is the bronze `source` key")

@@ -12,7 +12,8 @@ import pytest
 
 from jobs.config import load_config
 from pipelines.criteo.generate import generate_files
-from pipelines.criteo.ingest import detect_labeled, resolve_inputs, scan_file
+from pipelines.criteo.ingest import detect_labeled, scan_file
+from pipelines.raw_inputs import resolve as resolve_inputs
 
 
 def _cfg(raw: Path, **gen):
