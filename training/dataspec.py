@@ -95,13 +95,17 @@ def _layout(schema) -> tuple[str, list[str], list[str], bool, bool]:
 
 
 def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
+    from pipelines.lake.fs import exists, normalize_uri
+
     if explicit:
-        if not os.path.exists(explicit):
+        if not exists(explicit):
             raise FileNotFoundError(f"train.vocabulary: {explicit} does not exist")
         return explicit
-    if "://" in train_uri and not train_uri.startswith("file://"):
-        return None
-    base = Path(train_uri.replace("file://", ""))
+    train_uri = normalize_uri(train_uri)
+    if "://" in train_uri:  # an object store: featurize's features.json, next to the gold tables
+        parent = train_uri.rsplit("/", 1)[0]
+        return next((c for c in (f"{train_uri}/features.json", f"{parent}/features.json") if exists(c)), None)
+    base = Path(train_uri)
     for d in (base, base.parent, base.parent.parent):
         for pat in ("features.json", "vocabulary.json", "vocab.json", "_vocabulary.json", "*vocab*.json",
                     "*/vocabulary.json"):
@@ -117,7 +121,9 @@ def cardinalities_from_vocabulary(path: str, sparse_names: list[str]) -> list[in
     Accepts ``{"columns": {"C1": {"cardinality": n}, ...}}``, ``{"C1": {"cardinality": n}}``,
     ``{"C1": n}`` or a list of ``{"name"/"column": "C1", "cardinality": n}``.
     """
-    data = json.loads(Path(path).read_text())
+    from pipelines.lake.fs import read_small_file
+
+    data = json.loads(read_small_file(path))
     found: dict[str, int] = {}
 
     def visit(node, name=None):

@@ -59,7 +59,6 @@ import datetime as _dt
 import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -883,7 +882,8 @@ def _day(f) -> int | None:
 
 
 def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dict, plan: SplitPlan) -> dict:
-    """The small JSON the training code reads to size embedding tables and find the data."""
+    """The small JSON the training code reads to size embedding tables and find the data
+    (next to the gold tables, on the lake's filesystem)."""
     from jobs.config import config_hash
 
     fz = cfg.criteo.featurize
@@ -926,15 +926,13 @@ def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dic
         "bronze": {"path": report.bronze, "version": report.bronze_version},
         "unlabeled_rows_excluded": report.unlabeled_rows,
     }
-    path = report.features_json
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    from pipelines.lake.fs import write_small_file
+
+    write_small_file(report.features_json, json.dumps(doc, indent=1).encode())
     return doc
 
 
 def read_features(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    from pipelines.lake.fs import read_small_file
+
+    return json.loads(read_small_file(path))

@@ -46,3 +46,36 @@ def file_uri(table_uri: str, rel: str) -> str:
     if "://" in rel or rel.startswith("/"):
         return rel
     return join(normalize_uri(table_uri), unquote(rel))
+
+
+def exists(uri: str) -> bool:
+    """Whether a file (or directory) exists at a local path or URI."""
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_small_file(uri: str, data: bytes) -> None:
+    """Write a small side file (a JSON summary next to the tables) in one piece: a local file
+    through a temporary name and a rename, a remote one in a single upload, which an object
+    store makes visible only once complete. Never compressed (pyarrow would gzip a ``.gz`` name)."""
+    uri = normalize_uri(uri)
+    if is_local(uri):
+        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        tmp = f"{uri}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, uri)
+        return
+    fs, path = filesystem_for(uri)
+    with fs.open_output_stream(path, compression=None) as f:
+        f.write(data)
+
+
+def read_small_file(uri: str) -> bytes:
+    uri = normalize_uri(uri)
+    if is_local(uri):
+        with open(uri, "rb") as f:
+            return f.read()
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path, compression=None) as f:
+        return f.read()

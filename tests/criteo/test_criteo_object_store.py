@@ -78,13 +78,14 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     lake on S3: bronze equals the local run's row for row, the ledger holds the URIs and the
     files' sha256, a re-run skips them; featurize builds the same gold, which the training
     loader reads from S3."""
-    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.featurize import featurize, read_features
     from pipelines.criteo.generate import generate
     from pipelines.criteo.ingest import ingest, read_ledger
     from pipelines.criteo.schema import tables
     import torch
 
     from training.data.loader import DeltaTorchLoader
+    from training.dataspec import resolve_data
 
     raw = tmp_path / "raw"
     settings = dict(generate={"days": 2, "rows_per_day": 3000, "seed": 11}, ingest={"chunk_bytes": 1 << 18},
@@ -118,6 +119,15 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     assert feat.rows == feat_local.rows and feat.cardinalities == feat_local.cardinalities
     for name in ("train", "valid", "test", "vocabulary"):
         assert _sorted_rows(t[name]) == _sorted_rows(t_local[name]), name
+    # features.json sits next to the gold tables on S3 (nothing written locally) ...
+    assert feat.features_json == f"{bucket}/lake/criteo/gold/features.json"
+    doc, doc_local = read_features(feat.features_json), read_features(feat_local.features_json)
+    assert doc["columns"] == doc_local["columns"] and doc["tables"]["train"]["path"] == t["train"]
+    assert not Path("s3:").exists()
+    # ... where training finds it: embedding sizes from the vocabulary, not from a scan of the ids
+    spec = resolve_data(load_config(None, [f"lake.root={bucket}/lake"]))
+    assert spec.train == t["train"] and spec.vocabulary == feat.features_json
+    assert spec.cardinalities == feat.cardinalities
     # the loader, with the environment's credentials and with explicit delta-rs storage options
     options = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "bigopt-test",
                "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
