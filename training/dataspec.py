@@ -62,7 +62,9 @@ def _exists(uri: str | None) -> bool:
     if not uri:
         return False
     if "://" in uri and not uri.startswith("file://"):
-        return True  # remote: let the reader fail with its own message
+        from pipelines.lake import table_exists
+
+        return table_exists(uri)  # one listing of its _delta_log
     p = uri[len("file://"):] if uri.startswith("file://") else uri
     return os.path.isdir(os.path.join(p, "_delta_log"))
 

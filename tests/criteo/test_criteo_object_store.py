@@ -127,7 +127,8 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     # ... where training finds it: embedding sizes from the vocabulary, not from a scan of the ids
     spec = resolve_data(load_config(None, [f"lake.root={bucket}/lake"]))
     assert spec.train == t["train"] and spec.vocabulary == feat.features_json
-    assert spec.cardinalities == feat.cardinalities
+    assert spec.cardinalities == feat.cardinalities and (spec.valid, spec.test) == (t["valid"], t["test"])
+    assert resolve_data(load_config(None, [f"lake.root={bucket}/lake", f"train.test_table={bucket}/none"])).test is None
     # the loader, with the environment's credentials and with explicit delta-rs storage options
     options = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "bigopt-test",
                "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
