@@ -1,6 +1,7 @@
 """``bigopt ingest <conf> [k=v ...] [--force] [--input PATH ...]``: raw Criteo -> bronze Delta.
 
-Reads ``criteo.inputs`` (files, globs or directories; default ``criteo.raw_dir``), plain or
+Reads ``criteo.inputs`` (files, globs or directories, local or ``s3://``/``gs://``/``hdfs://``
+URIs; default ``criteo.raw_dir``), plain or
 gzip, Kaggle train/test or 1TB ``day_N`` files, and appends typed rows to the bronze table
 (bad lines to the quarantine table, one ledger row per file). Files already in the ledger
 are skipped; ``--force`` re-ingests them by replacing their rows. Prints the per-file
@@ -8,6 +9,7 @@ accounting ``lines = rows_ok + rows_rejected``; exits 1 on a corrupt input (noth
 
     bigopt ingest conf/criteo.yaml
     spark-submit jobs/ingest.py conf/criteo.yaml criteo.inputs='[/data/criteo/day_*.gz]'
+    bigopt ingest conf/criteo.yaml lake.root=s3://bucket/lake --input 's3://bucket/criteo/day_*.gz'
 """
 from __future__ import annotations
 

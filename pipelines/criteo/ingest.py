@@ -3,7 +3,9 @@
     report = ingest(spark, cfg)                 # new files only
     report = ingest(spark, cfg, force=True)     # re-ingest: replaces those files' rows
 
-Per group of ``ingest.files_per_commit`` files, ONE Spark job:
+Inputs are local paths or object-store URIs (:mod:`pipelines.raw_inputs`: files, globs,
+directories; tasks read their byte ranges straight from the store). Per group of
+``ingest.files_per_commit`` files, ONE Spark job:
 
 1. **Plan** (driver): each plain file is split into byte ranges of ``ingest.chunk_bytes`` (a
    line belongs to the range holding its first byte); a gzip file is one range. One task per
