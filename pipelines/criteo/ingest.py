@@ -97,6 +97,7 @@ QUARANTINE_SCHEMA = pa.schema(
 _QUARANTINE_ROWS = pa.schema([f for f in QUARANTINE_SCHEMA if f.name not in PARTITION_BY])
 _BLOCK = 4 << 20
 _QUICK = 1 << 20
+_TAIL = 64 << 10  # bytes read past a range's end for its last line (more if that line is longer)
 _GZIP_MAGIC = b"\x1f\x8b"
 # task cost estimates relative to parsing one plain byte (ordering only): gzip inflates ~4x;
 # sha256 of a byte costs ~1/10 of parsing it
@@ -303,20 +304,24 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
         f.seek(pos)
     else:
         pos = 0
-    size = block_bytes
+    size, tail = block_bytes, _TAIL
     while end is None or pos < end:
-        block = bytearray(size)
+        # near `end`, read only what the range's last line needs (it ends within `tail` bytes
+        # past end, or the read is repeated with more): a full block there was up to
+        # block_bytes read for nothing, on an object store a transfer
+        want = size if end is None else min(size, end - pos + tail)
+        block = bytearray(want)
         n = f.readinto(block)
-        if n < size:
+        if n < want:
             del block[n:]
         if not n:
             return
         # the last line starting before `end` ends at the first newline at or after end - 1
         cut = block.find(b"\n", end - 1 - pos) if end is not None and pos + n >= end else block.rfind(b"\n")
         if cut < 0:
-            if n == size:  # no newline in a whole block: a very long line, read more of it
+            if n == want:  # no newline where one was due: a very long line, read more of it
                 f.seek(pos)
-                size *= 2
+                size, tail = size * 2, tail * 2
                 continue
             cut = n - 1
             block.append(10)  # the file's last line has no final newline
@@ -326,7 +331,7 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
         if hasher is not None:
             hasher.update(memoryview(block)[: cut + 1])
         pos += cut + 1
-        size = block_bytes
+        size, tail = block_bytes, _TAIL
         yield block
 
 
@@ -386,7 +391,7 @@ def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None
     none) of a raw file: for plain files, the lines starting in the byte range [start, end);
     gzip files are read whole. ``hasher`` (e.g. ``hashlib.sha256()``) is fed the stored bytes
     read, which is the whole file when the range is."""
-    with raw_inputs.open_read(path) as f:
+    with raw_inputs.open_read(path, sequential=True, stop=end) as f:
         if gz:
             if start or end is not None:
                 raise ValueError("gzip files cannot be split into byte ranges")
@@ -476,7 +481,7 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
     """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file)."""
     kind, what = item
     if kind == "hash":
-        with raw_inputs.open_read(what) as f:
+        with raw_inputs.open_read(what, sequential=True) as f:
             return {"kind": "hash", "path": what, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
     from pipelines.criteo.parse import parse_block
 

@@ -202,7 +202,11 @@ def _ranges(path: Path, size: int, chunk: int, block: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("final_newline", [True, False])
-def test_byte_ranges_cover_every_line_once(tmp_path, final_newline):
+@pytest.mark.parametrize("tail", [64 << 10, 1, 5])  # bytes read past a range's end (grown when short)
+def test_byte_ranges_cover_every_line_once(tmp_path, monkeypatch, final_newline, tail):
+    from pipelines.criteo import ingest
+
+    monkeypatch.setattr(ingest, "_TAIL", tail)
     rng = random.Random(1)
     lines = [("x" * rng.randrange(0, 90)) for _ in range(500)]  # includes empty lines
     body = "\n".join(lines) + ("\n" if final_newline else "")
@@ -211,6 +215,67 @@ def test_byte_ranges_cover_every_line_once(tmp_path, final_newline):
     for chunk in (1, 7, 64, 1000, 1 << 20):
         for block in (1 << 12, 10):
             assert _ranges(p, len(body), chunk, block) == [ln.encode() for ln in lines], (chunk, block)
+
+
+@pytest.mark.parametrize("unit,depth", [(7, 1), (100, 2), (4096, 4)])
+def test_byte_ranges_through_read_ahead(tmp_path, monkeypatch, unit, depth):
+    """The line reader over ReadAheadFile (how tasks read object-store files), with blocks
+    smaller than lines, than the reader's blocks, and larger: the same lines as a local read,
+    for plain ranges and gzip."""
+    import pyarrow.fs as pafs
+
+    from pipelines import raw_inputs
+
+    def open_read(name, sequential=False, stop=None):
+        f = pafs.LocalFileSystem().open_input_file(name)
+        return raw_inputs.ReadAheadFile(f, stop=stop, unit=unit, depth=depth) if sequential else f
+
+    rng = random.Random(unit)
+    lines = [("y" * rng.randrange(0, 90)) for _ in range(400)]
+    body = "\n".join(lines) + "\n"
+    p = tmp_path / "day_0"
+    p.write_text(body)
+    gz = tmp_path / "day_1.gz"
+    gz.write_bytes(gzip.compress(body.encode()))
+    monkeypatch.setattr(raw_inputs, "open_read", open_read)
+    for chunk in (7, 1000, 1 << 20):
+        for block in (1 << 12, 10):
+            assert _ranges(p, len(body), chunk, block) == [ln.encode() for ln in lines], (chunk, block)
+    assert b"".join(iter_line_blocks(str(gz), True, block_bytes=1 << 10)) == body.encode()
+
+
+def test_read_ahead_file_matches_the_file(tmp_path):
+    """Random seeks and reads (inside and outside the read-ahead window, past the end)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.raw_inputs import ReadAheadFile
+
+    data = bytes(random.Random(3).randrange(256) for _ in range(50_000))
+    p = tmp_path / "blob"
+    p.write_bytes(data)
+    rng = random.Random(4)
+    for _ in range(20):
+        stop = rng.choice([None, 0, 1, rng.randrange(len(data)), len(data) + 5])
+        f = ReadAheadFile(pafs.LocalFileSystem().open_input_file(str(p)), stop=stop,
+                          unit=rng.choice([1, 333, 4096, 1 << 20]), depth=rng.choice([1, 3]))
+        with f:
+            pos = rng.randrange(len(data))
+            f.seek(pos)
+            for _ in range(30):
+                if rng.random() < 0.2:
+                    pos = max(0, pos - rng.randrange(500))  # a short seek back, as the line reader makes
+                    f.seek(pos)
+                n = rng.randrange(0, 3000)
+                if rng.random() < 0.5:
+                    got = f.read(n)
+                else:
+                    buf = bytearray(n)
+                    got = bytes(buf[: f.readinto(buf)])
+                assert got == data[pos:pos + n]
+                pos = min(len(data), pos + n)
+                assert f.tell() == pos
+            f.seek(0)
+            assert f.read() == data
 
 
 def test_gzip_blocks_and_multi_member(tmp_path):
