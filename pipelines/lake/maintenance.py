@@ -53,6 +53,9 @@ def remove_write_leftovers(uri: str, write_id: str) -> int:
     prefix = f"part-{write_id}-"
     for info in infos:
         if info.type == FileType.File and info.base_name.startswith(prefix) and "/_delta_log/" not in info.path:
-            fs.delete_file(info.path)
+            try:
+                fs.delete_file(info.path)
+            except FileNotFoundError:  # its task saw the abort mark and deleted it since the listing
+                continue
             n += 1
     return n

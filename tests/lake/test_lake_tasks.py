@@ -47,6 +47,32 @@ def test_a_task_that_finishes_after_the_abort_removes_its_files(tmp_path):
     assert _parquet_files(path) == before and table_version(str(path)) == 0
 
 
+def test_abort_tolerates_a_task_deleting_its_own_file_meanwhile(tmp_path, monkeypatch):
+    """The driver lists the write's files, then deletes them; a task that finished in between
+    may have seen the abort mark and deleted its own file already (seen on S3 in CI)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.lake import maintenance
+
+    path = tmp_path / "t"
+    tw = begin_write(str(path), SCHEMA, partition_by=["day"])
+    _task(tw, [1], 0), _task(tw, [2], 1)
+    real = pafs.LocalFileSystem()
+
+    class RacingFS:
+        def get_file_info(self, selector):
+            infos = real.get_file_info(selector)
+            real.delete_file(next(i.path for i in infos if i.path.endswith(".parquet")))  # the task's own delete
+            return infos
+
+        def delete_file(self, p):
+            real.delete_file(p)
+
+    monkeypatch.setattr(maintenance, "filesystem_for", lambda uri: (RacingFS(), str(path)))
+    assert abort_write(tw) == 1
+    assert _parquet_files(path) == []
+
+
 def test_write_arrow_checks_the_schema(tmp_path):
     from pipelines.lake import SchemaMismatchError
 
