@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -157,10 +158,17 @@ def test_corrupt_gzip_on_s3_fails_clearly_and_commits_nothing(spark, s3, tmp_pat
         ingest(spark, cfg)
     t = tables(cfg)
     assert not table_exists(t["bronze"]) and not table_exists(t["ledger"])
-    written = s3.filesystem().get_file_info(
-        pafs.FileSelector(f"{bucket.removeprefix('s3://')}/lake", recursive=True, allow_not_found=True))
-    # no data file, no log; only the abort markers that tell straggling tasks to drop their output
-    assert [i.path for i in written if i.type == pafs.FileType.File and "/_bigopt_aborted/" not in i.path] == []
+    # no data file, no log; only the abort markers that tell straggling tasks to drop their
+    # output (a task of the failed job may still be closing its file: it then deletes it)
+    deadline = time.monotonic() + 30
+    while True:
+        written = s3.filesystem().get_file_info(
+            pafs.FileSelector(f"{bucket.removeprefix('s3://')}/lake", recursive=True, allow_not_found=True))
+        left = [i.path for i in written if i.type == pafs.FileType.File and "/_bigopt_aborted/" not in i.path]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert left == []
 
 
 def test_generate_refuses_an_object_store(tmp_path):
