@@ -67,35 +67,32 @@ def _info(name: str) -> pafs.FileInfo:
     return fs.get_file_info(path)
 
 
-def _listing(uri: str, recursive: bool) -> tuple[str, list[pafs.FileInfo], str]:
-    """(uri, FileInfos under it, the uri's path in its filesystem)."""
-    fs, root = _fs(uri)
+def _files_under(name: str, recursive: bool) -> list[str]:
+    """The files under directory ``name`` (local path or URI), named like it."""
+    fs, root = _fs(name)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
-    return uri, infos, root
-
-
-def _relative(root: str, path: str) -> str:
-    return path[len(root):].lstrip("/") if root else path
+    return [f"{name}/{i.path[len(root):].lstrip('/')}" for i in infos if i.type == pafs.FileType.File]
 
 
 def _glob_remote(spec: str) -> list[str]:
+    """glob's rules on an object store: the listing under the last wildcard-free prefix,
+    matched component by component. (Local globs are glob's own: it lists only the
+    directories that match.)"""
     scheme, rest = spec.split("://", 1)
     parts = rest.split("/")
     first = next(i for i, p in enumerate(parts) if _has_wildcard(p))
     if first == 0:
         raise ValueError(f"input glob {spec!r}: the bucket / host part cannot contain wildcards")
     pattern = parts[first:]
-    base, infos, root = _listing(f"{scheme}://{'/'.join(parts[:first])}", recursive=len(pattern) > 1)
+    base = f"{scheme}://{'/'.join(parts[:first])}"
     out = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        rel = _relative(root, info.path).split("/")
+    for uri in _files_under(base, recursive=len(pattern) > 1):
+        rel = uri[len(base) + 1:].split("/")
         if len(rel) == len(pattern) and all(
             fnmatch.fnmatchcase(name, pat) and (pat.startswith(".") or not name.startswith("."))
             for name, pat in zip(rel, pattern)
         ):
-            out.append(f"{base}/{'/'.join(rel)}")
+            out.append(uri)
     return sorted(out)
 
 
@@ -105,12 +102,7 @@ def _directory_files(name: str, file_globs: Sequence[str]) -> list[str]:
     def wanted(n: str) -> bool:
         return not n.startswith((".", "_")) and any(fnmatch.fnmatch(n, g) for g in file_globs)
 
-    if not is_remote(name):
-        return [os.path.join(name, n) for n in sorted(os.listdir(name))
-                if wanted(n) and os.path.isfile(os.path.join(name, n))]
-    base, infos, root = _listing(name, recursive=False)
-    return sorted(f"{base}/{_relative(root, i.path)}" for i in infos
-                  if i.type == pafs.FileType.File and wanted(basename(i.path)))
+    return sorted(f for f in _files_under(name, recursive=False) if wanted(basename(f)))
 
 
 def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
@@ -129,9 +121,7 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
                 raise FileNotFoundError(f"input glob {spec!r} matches no file")
             out += matches
             continue
-        kind = _info(name).type if is_remote(name) else (
-            pafs.FileType.Directory if os.path.isdir(name) else
-            pafs.FileType.File if os.path.isfile(name) else pafs.FileType.NotFound)
+        kind = _info(name).type
         if kind == pafs.FileType.Directory:
             out += _directory_files(name, file_globs)
         elif kind == pafs.FileType.File:
@@ -144,9 +134,6 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
 
 def stat(name: str) -> tuple[int, int]:
     """(size in bytes, modification time in ns; 0 where the filesystem keeps none)."""
-    if not is_remote(name):
-        st = os.stat(name)
-        return st.st_size, st.st_mtime_ns
     info = _info(name)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"input {name!r} is not a file")
@@ -221,17 +208,14 @@ class ReadAheadFile:
             at = self._pos + done
             if at < self._origin or at >= self._stop:  # outside the read-ahead window: on demand
                 want = n - done if at >= self._stop else min(n - done, self._origin - at)
-                data = self._f.read_at(want, at)
-                take = len(data)
-                src = memoryview(data)
+                data, off = self._f.read_at(want, at), 0
             else:
                 k, off = divmod(at - self._origin, self._unit)
                 data = self._ahead(k).result()
-                take = min(n - done, len(data) - off)
-                src = memoryview(data)[off:off + take] if take > 0 else None
+            take = min(n - done, len(data) - off)
             if take <= 0:
                 raise OSError(f"short read at byte {at}: the object changed while being read")
-            view[done:done + take] = src[:take]
+            view[done:done + take] = memoryview(data)[off:off + take]
             done += take
         self._pos += n
         return n
