@@ -221,22 +221,16 @@ def _first_lines(head: bytes, gz: bool, nbytes: int = 64 << 10) -> list[bytes]:
     return lines[:-1] if len(lines) > 1 else lines
 
 
-def _labeled_from_lines(lines: list[bytes], name: str, unlabeled_globs: Sequence[str]) -> bool:
+def _labeled(lines: list[bytes], name: str, unlabeled_globs: Sequence[str]) -> bool:
+    """Labelled (40 fields) or a test file (39 fields, no label)? Decided from the first lines:
+    any 40-field line means labelled, else any 39-field line means unlabelled; files whose
+    first lines are all shorter (stripped trailing TABs) are decided by name."""
     counts = [ln.count(b"\t") + 1 for ln in lines if ln]
     if any(c == LABELED_FIELDS for c in counts):
         return True
     if any(c == UNLABELED_FIELDS for c in counts):
         return False
     return not any(fnmatch.fnmatch(name, g) for g in unlabeled_globs)
-
-
-def detect_labeled(path: str, gz: bool, unlabeled_globs: Sequence[str]) -> bool:
-    """Labelled (40 fields) or a test file (39 fields, no label)? Decided from the first lines:
-    any 40-field line means labelled, else any 39-field line means unlabelled; files whose
-    first lines are all shorter (stripped trailing TABs) are decided by name."""
-    with raw_inputs.open_read(path) as f:
-        head = f.read(64 << 10)
-    return _labeled_from_lines(_first_lines(head, gz), raw_inputs.basename(path), unlabeled_globs)
 
 
 def describe_file(path: str, cfg) -> RawFile:
@@ -251,7 +245,7 @@ def describe_file(path: str, cfg) -> RawFile:
     name = raw_inputs.basename(path)
     m = re.search(ing.day_regex, name)
     day = int(m.group(1)) if m else -1
-    return RawFile(path, name, day, _labeled_from_lines(_first_lines(head, gz), name, ing.unlabeled_globs), gz,
+    return RawFile(path, name, day, _labeled(_first_lines(head, gz), name, ing.unlabeled_globs), gz,
                    size, mtime_ns, quick)
 
 

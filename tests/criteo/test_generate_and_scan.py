@@ -12,7 +12,7 @@ import pytest
 
 from jobs.config import load_config
 from pipelines.criteo.generate import generate_files
-from pipelines.criteo.ingest import detect_labeled, scan_file
+from pipelines.criteo.ingest import describe_file, scan_file
 from pipelines.raw_inputs import resolve as resolve_inputs
 
 
@@ -89,8 +89,9 @@ def test_label_is_learnable(tmp_path):
 
 
 def test_kaggle_layout_gzip_test_file_and_no_final_newline(tmp_path):
-    files = generate_files(_cfg(tmp_path, layout="kaggle", days=2, rows_per_day=1500, test_rows=800,
-                                gzip=True, final_newline=False, chunk_rows=1000, seed=1))
+    cfg = _cfg(tmp_path, layout="kaggle", days=2, rows_per_day=1500, test_rows=800, gzip=True,
+               final_newline=False, chunk_rows=1000, seed=1)
+    files = generate_files(cfg)
     names = [Path(f.path).name for f in files]
     assert names == ["train.txt.gz", "test.txt.gz"]
     train, test = (gzip.decompress(Path(f.path).read_bytes()) for f in files)
@@ -101,8 +102,8 @@ def test_kaggle_layout_gzip_test_file_and_no_final_newline(tmp_path):
     assert any(ln.startswith(b"\t") for ln in test.split(b"\n"))  # I1 missing -> leading TAB
     # a multi-member gzip (one member per chunk) is a valid gzip file
     assert Path(files[0].path).read_bytes().count(b"\x1f\x8b\x08") >= 3
-    assert detect_labeled(files[0].path, True, ["*test*"]) is True
-    assert detect_labeled(files[1].path, True, ["*test*"]) is False
+    assert describe_file(files[0].path, cfg).labeled is True
+    assert describe_file(files[1].path, cfg).labeled is False
 
 
 @pytest.mark.parametrize("final_newline", [True, False])
