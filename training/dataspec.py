@@ -9,13 +9,11 @@ Handles both gold layouts the Criteo featurizer may write:
 """
 from __future__ import annotations
 
-import glob
+import fnmatch
 import json
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,12 +59,9 @@ def _natural_key(s: str):
 def _exists(uri: str | None) -> bool:
     if not uri:
         return False
-    if "://" in uri and not uri.startswith("file://"):
-        from pipelines.lake import table_exists
+    from pipelines.lake.fs import exists, normalize_uri
 
-        return table_exists(uri)  # one listing of its _delta_log
-    p = uri[len("file://"):] if uri.startswith("file://") else uri
-    return os.path.isdir(os.path.join(p, "_delta_log"))
+    return exists(f"{normalize_uri(uri)}/_delta_log")  # local or remote: a listing of its log
 
 
 def _layout(schema) -> tuple[str, list[str], list[str], bool, bool]:
@@ -96,24 +91,44 @@ def _layout(schema) -> tuple[str, list[str], list[str], bool, bool]:
     return label, dense, sparse, dense_arr, sparse_arr
 
 
+# where a vocabulary JSON is looked for, in this order, in the train table's directory, its
+# parent and its grandparent (featurize writes features.json next to the gold tables)
+_VOCAB_PATTERNS = ("features.json", "vocabulary.json", "vocab.json", "_vocabulary.json", "*vocab*.json",
+                   "*/vocabulary.json")
+
+
+def _parent(uri: str) -> str:
+    """The directory holding ``uri`` (a bucket or the root is its own parent)."""
+    if "://" in uri and "/" not in uri.split("://", 1)[1]:
+        return uri
+    return uri.rpartition("/")[0] or "/"
+
+
 def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
-    from pipelines.lake.fs import exists, normalize_uri
+    """The vocabulary JSON for the train table: ``explicit``, else the first of
+    ``_VOCAB_PATTERNS`` (glob's rules) found near it, on whatever filesystem it lives."""
+    import pyarrow.fs as pafs
+
+    from pipelines.lake.fs import exists, filesystem_for, normalize_uri
 
     if explicit:
         if not exists(explicit):
             raise FileNotFoundError(f"train.vocabulary: {explicit} does not exist")
         return explicit
-    train_uri = normalize_uri(train_uri)
-    if "://" in train_uri:  # an object store: featurize's features.json, next to the gold tables
-        parent = train_uri.rsplit("/", 1)[0]
-        return next((c for c in (f"{train_uri}/features.json", f"{parent}/features.json") if exists(c)), None)
-    base = Path(train_uri)
-    for d in (base, base.parent, base.parent.parent):
-        for pat in ("features.json", "vocabulary.json", "vocab.json", "_vocabulary.json", "*vocab*.json",
-                    "*/vocabulary.json"):
-            hits = sorted(glob.glob(str(d / pat)))
+    d = normalize_uri(train_uri)
+    for _ in range(3):
+        fs, root = filesystem_for(d)
+        entries = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                   if not i.base_name.startswith(".")]  # as glob: no hidden names for wildcards
+        files = sorted(i.base_name for i in entries if i.type == pafs.FileType.File)
+        dirs = sorted(i.base_name for i in entries if i.type == pafs.FileType.Directory)
+        for pat in _VOCAB_PATTERNS:
+            sub, _, leaf = pat.rpartition("/")
+            hits = ([f"{s}/{leaf}" for s in fnmatch.filter(dirs, sub) if exists(f"{d}/{s}/{leaf}")] if sub
+                    else fnmatch.filter(files, pat))
             if hits:
-                return hits[0]
+                return f"{d}/{hits[0]}"
+        d = _parent(d)
     return None
 
 
