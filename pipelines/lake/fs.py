@@ -72,10 +72,6 @@ def write_small_file(uri: str, data: bytes) -> None:
 
 
 def read_small_file(uri: str) -> bytes:
-    uri = normalize_uri(uri)
-    if is_local(uri):
-        with open(uri, "rb") as f:
-            return f.read()
     fs, path = filesystem_for(uri)
     with fs.open_input_stream(path, compression=None) as f:
         return f.read()
