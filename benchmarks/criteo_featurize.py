@@ -152,14 +152,15 @@ def stage_floor(raw: Path, out: Path) -> dict:
 
     from pipelines.criteo.config import FeaturizeConfig, IngestConfig
     from pipelines.criteo.featurize import GOLD_PARQUET_OPTIONS, GOLD_SCHEMA, GOLD_STATS_COLUMNS, dense_matrix, gold_batch
-    from pipelines.criteo.ingest import BRONZE_COMPRESSION, BRONZE_STATS_COLUMNS
+    from pipelines.config import LakeConfig
+    from pipelines.criteo.ingest import BRONZE_STATS_COLUMNS
     from pipelines.criteo.parse import ROW_SCHEMA
 
     files = sorted(raw.glob("day_*"), key=lambda p: int(p.name.split("_")[1]))
     out.mkdir(parents=True, exist_ok=True)
     types = {f.name: f.type for f in ROW_SCHEMA}
     # bigopt's defaults (what stage (c) runs with)
-    bronze_rg, gold = IngestConfig().row_group_rows, FeaturizeConfig()
+    bronze_rg, bronze_codec, gold = IngestConfig().row_group_rows, LakeConfig().compression, FeaturizeConfig()
 
     def one(i: int, f: Path) -> tuple[float, float, int]:
         # streamed (pyarrow's default 1 MiB blocks, its fastest; bronze-sized row groups): holding a whole
@@ -172,7 +173,7 @@ def stage_floor(raw: Path, out: Path) -> dict:
                                convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=True))
         schema = reader.schema.append(pa.field("ingest_batch", pa.string()))
         rows, pending = 0, []
-        with pq.ParquetWriter(bronze, schema, compression=BRONZE_COMPRESSION, write_statistics=BRONZE_STATS_COLUMNS) as w:
+        with pq.ParquetWriter(bronze, schema, compression=bronze_codec, write_statistics=BRONZE_STATS_COLUMNS) as w:
             while True:
                 c = time.thread_time()
                 try:

@@ -72,7 +72,7 @@ def _roundtrip(cfg, args, console) -> int:
         F.array(*[(F.col("id") + i).cast("float") for i in range(3)]).alias("dense"),
         F.current_timestamp().alias("ts"),
     )
-    v = lake.write_table(df, path, mode="overwrite", partition_by=["day"],
+    v = lake.write_table(df, path, mode="overwrite", partition_by=["day"], compression=cfg.lake.compression,
                          commit_info={"job": "lake-roundtrip", "config_hash": config_hash(cfg)})
     back = lake.read_table(spark, path, version=v)
     n, diff = back.count(), df.drop("ts").exceptAll(back.drop("ts").select(*[c for c in df.columns if c != "ts"])).count()

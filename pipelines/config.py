@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +21,11 @@ class LakeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     root: str = "lake"
-    compression: str = Field("zstd", pattern="^(zstd|snappy|gzip|lz4|none)$")
+    compression: Literal["zstd", "lz4", "snappy", "gzip", "none"] = Field(
+        "zstd",
+        description="Parquet codec of the tables the pipelines write (bronze, quarantine, ledgers, "
+        "vocabularies); a table with its own setting (criteo.featurize.compression: gold) uses that",
+    )
 
     def table(self, dataset: str, layer: str, name: str) -> str:
         if "://" in self.root:

@@ -652,14 +652,14 @@ def merge_column(index: int, counts: pa.Table, tw, threshold: int,
 
 
 def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, path: str,
-                     commit_info: dict) -> tuple[int, dict[str, int], dict[str, int], tuple]:
+                     commit_info: dict, compression: str = "zstd") -> tuple[int, dict[str, int], dict[str, int], tuple]:
     """The vocabulary job (see the module docstring) over the bronze ``files`` that can hold
     train rows. Returns (vocabulary version, kept values per column, distinct train values per
     column, per column the URIs of its vocabulary files)."""
     from pipelines.lake.fs import file_uri
     from pipelines.lake.tasks import abort_write, begin_write, commit_write
 
-    tw = begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
+    tw = begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"], compression=compression)
     # one reduce task per column at most; fewer on a small cluster, where a task's fixed cost
     # (about 60 ms of CPU in PySpark) would outweigh the merge of a small column
     reducers = min(NUM_SPARSE, 2 * max(1, sc.defaultParallelism))
@@ -840,7 +840,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
         vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
         vv, sizes, distinct, vocab_files = build_vocabulary(
             sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"],
-            {**info_base, "table": "vocabulary"},
+            {**info_base, "table": "vocabulary"}, cfg.lake.compression,
         )
         report.vocabulary, report.vocabulary_version = paths["vocabulary"], vv
         cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
@@ -868,7 +868,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
     report.vocab_sizes = paths["vocab_sizes"]
     report.vocab_sizes_version = write_arrow(  # 26 rows: written by the driver, no Spark job
         paths["vocab_sizes"], pa.Table.from_pylist(rows, schema=VOCAB_SIZES_SCHEMA), mode="overwrite",
-        commit_info={**info_base, "table": "vocab_sizes"},
+        commit_info={**info_base, "table": "vocab_sizes"}, compression=cfg.lake.compression,
     )
     report.features_json = paths["features_json"]
     write_features_json(cfg, report, sizes, distinct, plan)

@@ -79,9 +79,6 @@ LEDGER_DDL = (
 # against the ledger: it is column 41, past the 32 whose statistics Delta readers parse by
 # default, so the table declares these (delta.dataSkippingStatsColumns).
 BRONZE_STATS_COLUMNS = ["label", *DENSE, "ingest_batch"]
-# bronze (and quarantine) Parquet codec: zstd, ~3x smaller than plain files for 0.16 CPU-s more
-# per 128 MiB chunk (docs/criteo.md, "Measured")
-BRONZE_COMPRESSION = "zstd"
 _BATCH_FIELDS = [pa.field("ingest_batch", pa.string()), pa.field("day", pa.int32()), pa.field("source", pa.string())]
 BRONZE_SCHEMA = pa.schema(list(ROW_SCHEMA) + _BATCH_FIELDS)  # = BRONZE_DDL (tested)
 LEDGER_SCHEMA = pa.schema(  # = LEDGER_DDL (tested)
@@ -568,7 +565,8 @@ def _new_batch_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("b%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
 
-def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info: dict, ing) -> tuple[dict, int, int]:
+def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info: dict, ing,
+                  compression: str) -> tuple[dict, int, int]:
     """One Spark job for ``group``: tasks parse their chunks into bronze and quarantine files;
     the driver then commits bronze and quarantine, each as ONE transaction replacing the
     group's ``source`` partitions. Returns (per-file results, bronze version, quarantine version)."""
@@ -579,7 +577,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
 
     def plan(path: str, schema: pa.Schema, stats_columns: list[str] | None = None):
         kw = {"partition_by": PARTITION_BY, "row_group_rows": ing.row_group_rows, "stats_columns": stats_columns,
-              "compression": BRONZE_COMPRESSION}
+              "compression": compression}
         if table_exists(path):
             return begin_write(path, schema, mode="overwrite", replace_where={"source": sources}, **kw)
         return begin_write(path, schema, mode="append", **kw)
@@ -662,7 +660,7 @@ def ingest(
         info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id, "files": ",".join(sources)[:2000]}
         size = sum(f.size for f in group)
         say(f"parsing {len(group)} file(s) ({size / 1e6:,.0f} MB) -> bronze + quarantine")
-        per_file, bv, qv = _commit_group(spark, group, paths, batch_id, info, ing)
+        per_file, bv, qv = _commit_group(spark, group, paths, batch_id, info, ing, cfg.lake.compression)
         ok = rows_by_source(paths["bronze"], bv, sources)
         rej = rows_by_source(paths["quarantine"], qv, sources)
         now = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
@@ -685,7 +683,8 @@ def ingest(
             ))
         say(f"recording {len(group)} file(s) in the ledger")
         lv = write_arrow(paths["ledger"], pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA), mode="append",
-                         commit_info={"job": "ingest", "config_hash": chash, "ingest_batch": batch_id})
+                         commit_info={"job": "ingest", "config_hash": chash, "ingest_batch": batch_id},
+                         compression=cfg.lake.compression)
         report.files += group_results
         report.bronze_version, report.quarantine_version, report.ledger_version = bv, qv, lv
     report.seconds = time.time() - t0

@@ -110,7 +110,7 @@ def write_table(
     write_id = new_write_id()
     spark = df.sparkSession
     if delta_engine(spark) == "native":
-        w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode))
+        w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode)).option("compression", compression)
         if partition_by:
             w = w.partitionBy(*partition_by)
         if replace_where:

@@ -158,9 +158,11 @@ def write_arrow(
     partition_by: Sequence[str] = (),
     replace_where: Mapping[str, Any] | None = None,
     commit_info: Mapping[str, Any] | None = None,
+    compression: str = "zstd",
 ) -> int:
     """Write a small Arrow table from this process (no Spark job) as ONE commit; return the
     version. For driver-side bookkeeping tables (ledgers, summaries) where starting Spark tasks
     would cost more than the write itself."""
-    tw = begin_write(uri, table.schema, mode=mode, partition_by=partition_by, replace_where=replace_where)
+    tw = begin_write(uri, table.schema, mode=mode, partition_by=partition_by, replace_where=replace_where,
+                     compression=compression)
     return commit_write(tw, tw.write_all(table.to_batches()), commit_info)

@@ -360,6 +360,38 @@ def test_kaggle_layout_random_split_hash_and_unlabelled(spark, tmp_path):
     assert features["strategy"] == "hash" and features["tables"]["train"]["version"] == again.versions["train"]
 
 
+def test_lake_compression_sets_every_table_codec_but_gold(spark, tmp_path):
+    """``lake.compression`` is the codec of bronze, quarantine, ledger and vocabularies; gold
+    keeps ``criteo.featurize.compression``."""
+    import pyarrow.parquet as pq
+
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+
+    cfg = load_config(data={
+        "lake": {"root": str(tmp_path / "lake"), "compression": "snappy"}, "spark": {"master": "local[2]"},
+        "criteo": {"raw_dir": str(tmp_path / "raw"), "generate": {"days": 2, "rows_per_day": 400, "seed": 4},
+                   "featurize": {"freq_threshold": 2}},
+    })
+    generate(cfg)
+    with open(tmp_path / "raw" / "day_0", "a") as f:
+        f.write("2\tnot a criteo line\n")  # one quarantined line, so the quarantine has a file
+    assert ingest(spark, cfg).rows_rejected == 1
+    featurize(spark, cfg)
+
+    def codecs(table: str) -> set[str]:
+        files = [p for p in Path(table).rglob("*.parquet") if "_delta_log" not in p.parts]
+        assert files, table
+        return {pq.ParquetFile(p).metadata.row_group(0).column(0).compression for p in files}
+
+    t = _bronze(cfg)
+    for name in ("bronze", "quarantine", "ledger", "vocabulary", "vocab_sizes"):
+        assert codecs(t[name]) == {"SNAPPY"}, name
+    for split in ("train", "valid", "test"):
+        assert codecs(t[split]) == {"LZ4"}, split
+
+
 def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys):
     from jobs.cli import main
     from pipelines.criteo.featurize import bronze_view
