@@ -2,6 +2,9 @@
 
     bigopt <command> <config.yaml> [key.sub=value ...] [--flags]
 
+Overrides (``key.sub=value``) may also come after the flags: ``bigopt ingest conf.yaml
+--input a.gz criteo.ingest.verify=false`` is the same as putting the override first.
+
 Every command is a module in ``jobs/`` exposing ``add_arguments(parser)`` and
 ``run(cfg, args) -> int``; the same module runs under spark-submit
 (``spark-submit jobs/<command>.py conf/x.yaml key=value``).
@@ -54,11 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``key=value`` overrides may follow the flags.
+
+    argparse fills the ``overrides`` positional from the run of arguments before the first
+    flag; an override after a flag would otherwise be "unrecognized". A leftover that is not
+    an override (a flag of another command, a second config file) is still an error."""
+    args, extra = parser.parse_known_args(argv)
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    stray = [a for a in extra if a not in late]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.logging import RichHandler
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",

@@ -88,3 +88,16 @@ def test_cli_help_and_config_errors():
     assert bad.returncode == 2 and "run.seed" in bad.stderr
     ok = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "run.seed=5"], capture_output=True, text=True)
     assert ok.returncode == 0 and "seed: 5" in ok.stdout
+
+
+def test_cli_overrides_may_follow_flags(capsys):
+    from jobs.cli import build_parser, parse_command_line
+
+    parser = build_parser()
+    args = parse_command_line(parser, ["ingest", "conf/demo.yaml", "run.seed=1", "--input", "a.gz",
+                                       "criteo.ingest.verify=false", "--force", "run.seed=2"])
+    assert args.config == "conf/demo.yaml" and args.input == ["a.gz"] and args.force
+    assert args.overrides == ["run.seed=1", "criteo.ingest.verify=false", "run.seed=2"]  # the last one wins
+    with pytest.raises(SystemExit) as e:  # anything else left over is still an error
+        parse_command_line(parser, ["ingest", "conf/demo.yaml", "--force", "second.yaml"])
+    assert e.value.code == 2 and "unrecognized arguments: second.yaml" in capsys.readouterr().err
