@@ -49,8 +49,10 @@ def run(cfg, args) -> int:
         f"rows_in {rep.rows_in:,} = rows_ok {rep.rows_ok:,} + rows_rejected {rep.rows_rejected:,}"
         + (f"  ({rate:,.0f} rows/s)" if rate else "")
     )
-    console.print(f"bronze v{rep.bronze_version} {rep.bronze}\nquarantine v{rep.quarantine_version} "
-                  f"{rep.quarantine}\nledger v{rep.ledger_version} {rep.ledger}")
+    for name, version, path in (("bronze", rep.bronze_version, rep.bronze),
+                                ("quarantine", rep.quarantine_version, rep.quarantine),
+                                ("ledger", rep.ledger_version, rep.ledger)):
+        console.print(f"{name} {'unchanged' if version is None else f'v{version}'} {path}")
     return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected else 1
 
 

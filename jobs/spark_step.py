@@ -30,7 +30,7 @@ def run_spark_step(
 
     from pipelines.spark import spark_from_config
 
-    console = Console()
+    console = Console(log_path=False)  # the time and the message; the caller's file:line is noise here
     t0 = time.perf_counter()
     with console.status("starting Spark") as status:
         spark = spark_from_config(cfg.spark)

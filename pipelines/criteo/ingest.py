@@ -159,7 +159,7 @@ class IngestReport:
     bronze: str = ""
     quarantine: str = ""
     ledger: str = ""
-    bronze_version: int | None = None
+    bronze_version: int | None = None  # the version this run committed; None: nothing committed
     quarantine_version: int | None = None
     ledger_version: int | None = None
     seconds: float = 0.0
@@ -191,7 +191,8 @@ class IngestReport:
         """One line for logs and ``bigopt run``."""
         return (
             f"{self.ingested} file(s) ingested, {self.skipped} skipped; rows_in {self.rows_in:,} = "
-            f"ok {self.rows_ok:,} + rejected {self.rows_rejected:,}; bronze v{self.bronze_version}"
+            f"ok {self.rows_ok:,} + rejected {self.rows_rejected:,}; bronze "
+            + ("unchanged" if self.bronze_version is None else f"v{self.bronze_version}")
         )
 
 

@@ -402,7 +402,9 @@ def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys):
     v = table_version(t["bronze"])
     # the CLI on the same config: everything is in the ledger already, nothing is written
     rc = main(["ingest", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"])
-    assert rc == 0 and "0 file(s) ingested, 3 skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert rc == 0 and "0 file(s) ingested, 3 skipped" in out
+    assert f"bronze unchanged {t['bronze']}" in out and "vNone" not in out
     assert table_version(t["bronze"]) == v and DeltaSnapshot(t["bronze"]).num_rows == 12_000
     forced = ingest(spark, cfg, force=True)
     assert forced.ingested == 3 and {f.status for f in forced.files} == {"replaced"}
