@@ -7,7 +7,9 @@ possibly other working directories) and delta-rs agree on where the table is.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
@@ -25,14 +27,55 @@ def is_local(uri: str) -> bool:
     return "://" not in uri
 
 
+def filesystem_for(uri: str, storage_options: Mapping[str, str] | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, root path inside it) for a table URI.
+
+    Local paths use the local filesystem. ``s3://`` with delta-rs style ``storage_options``
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
+    ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``) gets an ``S3FileSystem`` with the credentials
+    delta-rs uses for the log; anything else goes to ``pyarrow.fs.FileSystem.from_uri``
+    (hdfs://, gs://, s3:// with the environment's credentials, ...)."""
+    opts = tuple(sorted((k, str(v)) for k, v in (storage_options or {}).items() if v not in (None, "")))
+    return _filesystem_for(normalize_uri(uri), opts)
+
+
 @lru_cache(maxsize=64)
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, root path inside it) for a table URI."""
-    uri = normalize_uri(uri)
+def _filesystem_for(uri: str, options: tuple[tuple[str, str], ...]) -> tuple[pafs.FileSystem, str]:
     if is_local(uri):
         return pafs.LocalFileSystem(), uri
+    scheme, rest = uri.split("://", 1)
+    if options and scheme.lower() in {"s3", "s3a", "s3n"}:
+        return _s3_filesystem(dict(options)), rest.rstrip("/")
     fs, root = pafs.FileSystem.from_uri(uri)
     return fs, root.rstrip("/")
+
+
+def _opt(options: Mapping[str, str], *names: str) -> str | None:
+    lower = {k.lower(): v for k, v in options.items()}
+    for n in names:
+        if n in lower and lower[n] not in (None, ""):
+            return str(lower[n])
+    return None
+
+
+def _s3_filesystem(opts: Mapping[str, str]) -> pafs.S3FileSystem:
+    """An ``S3FileSystem`` from delta-rs style storage options (names case-insensitive)."""
+    kw: dict = {}
+    if (ak := _opt(opts, "aws_access_key_id", "access_key_id")) is not None:
+        kw["access_key"] = ak
+        kw["secret_key"] = _opt(opts, "aws_secret_access_key", "secret_access_key")
+    if (tok := _opt(opts, "aws_session_token", "session_token", "aws_token", "token")) is not None:
+        kw["session_token"] = tok
+    if (region := _opt(opts, "aws_region", "region", "aws_default_region")) is not None:
+        kw["region"] = region
+    endpoint = _opt(opts, "aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
+    if endpoint is not None:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kw["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        kw["scheme"] = parsed.scheme
+    if (_opt(opts, "aws_allow_http", "allow_http") or "").lower() == "true" and "scheme" not in kw:
+        kw["scheme"] = "http"
+    return pafs.S3FileSystem(**kw)
 
 
 def join(root: str, rel: str) -> str:

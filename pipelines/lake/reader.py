@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
@@ -164,7 +165,13 @@ class DeltaSnapshot:
         included as fields). ``columns`` only checks names here; project when scanning."""
         if columns is not None:
             self.schema(columns)
-        return self.table.to_pyarrow_dataset()
+        # pyarrow's own filesystem, not delta-rs's default (a PyFileSystem whose reads call back
+        # into Python from Arrow's threads): with that one a process that exits right after a
+        # threaded scan aborts in Arrow's thread-pool teardown ("terminate called without an
+        # active exception", exit 134) - 17 times in 20 for a script that reads a ledger and
+        # exits (apache/arrow#34314, #39862). Same files, same partition values.
+        fs, root = filesystem_for(self.uri, self.storage_options)
+        return self.table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(root, fs))
 
     def commit_info(self) -> dict:
         for h in self.table.history():

@@ -140,6 +140,9 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
         assert sum(len(b["label"]) for b in batches) == feat.rows["train"]
         assert batches[0]["sparse"].shape[1] == 26 and batches[0]["dense"].shape[1] == 13
     assert all(torch.equal(a[k], b[k]) for a, b in zip(*reads) for k in ("label", "dense", "sparse"))
+    # a snapshot scan with the storage options reads through pyarrow's S3 filesystem built from them
+    snap = DeltaSnapshot(t["train"], storage_options=options)
+    assert snap.to_table(["label"]).num_rows == feat.rows["train"]
 
 
 def test_corrupt_gzip_on_s3_fails_clearly_and_commits_nothing(spark, s3, tmp_path):

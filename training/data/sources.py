@@ -18,17 +18,11 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.lake.fs import filesystem_for
+
 # schemes whose pyarrow path is "<bucket>/<key>" rather than the URI's path
 _BUCKET_SCHEMES = {"s3", "s3a", "s3n", "gs", "gcs"}
 _AZURE_SCHEMES = {"abfs", "abfss", "az", "adl", "azure"}
-
-
-def _opt(options: Mapping[str, str], *names: str) -> str | None:
-    lower = {k.lower(): v for k, v in options.items()}
-    for n in names:
-        if n in lower and lower[n] not in (None, ""):
-            return str(lower[n])
-    return None
 
 
 def filesystem_for_table(
@@ -36,39 +30,12 @@ def filesystem_for_table(
     storage_options: Mapping[str, str] | None = None,
     filesystem: pafs.FileSystem | None = None,
 ) -> pafs.FileSystem:
-    """The pyarrow filesystem the data files are read with.
-
-    An explicit ``filesystem`` wins. Local paths use the local filesystem. ``s3://`` with
-    delta-rs style ``storage_options`` (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-    ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``) builds an
-    ``S3FileSystem`` with the same credentials delta-rs used for the log; anything else goes
-    to ``pyarrow.fs.FileSystem.from_uri`` (hdfs://, gs://, s3:// from the environment, ...).
-    """
+    """The pyarrow filesystem the data files are read with: an explicit ``filesystem``, else
+    the lake's (:func:`pipelines.lake.fs.filesystem_for`, which turns delta-rs style S3
+    ``storage_options`` into an ``S3FileSystem`` with the credentials delta-rs uses)."""
     if filesystem is not None:
         return filesystem
-    if "://" not in table_uri:
-        return pafs.LocalFileSystem()
-    scheme = table_uri.split("://", 1)[0].lower()
-    opts = dict(storage_options or {})
-    if scheme in {"s3", "s3a", "s3n"} and opts:
-        kw: dict = {}
-        if (ak := _opt(opts, "aws_access_key_id", "access_key_id")) is not None:
-            kw["access_key"] = ak
-            kw["secret_key"] = _opt(opts, "aws_secret_access_key", "secret_access_key")
-        if (tok := _opt(opts, "aws_session_token", "session_token", "aws_token", "token")) is not None:
-            kw["session_token"] = tok
-        if (region := _opt(opts, "aws_region", "region", "aws_default_region")) is not None:
-            kw["region"] = region
-        endpoint = _opt(opts, "aws_endpoint_url", "aws_endpoint", "endpoint_url", "endpoint")
-        if endpoint is not None:
-            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-            kw["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-            kw["scheme"] = parsed.scheme
-        if (_opt(opts, "aws_allow_http", "allow_http") or "").lower() == "true" and "scheme" not in kw:
-            kw["scheme"] = "http"
-        return pafs.S3FileSystem(**kw)
-    fs, _ = pafs.FileSystem.from_uri(table_uri)
-    return fs
+    return filesystem_for(table_uri, storage_options)[0]
 
 
 def path_in_filesystem(uri: str) -> str:
