@@ -22,6 +22,7 @@ def run(cfg, args) -> int:
     from rich.table import Table
 
     from pipelines import lake
+    from pipelines.lake.commit import ROWS_ADDED_KEY
 
     console = Console()
     if args.action == "roundtrip":
@@ -42,7 +43,7 @@ def run(cfg, args) -> int:
                 dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
                 h.get("operation", ""),
                 str(h.get("job", "")),
-                str(m.get("num_added_rows", "")),
+                str(m.get("num_added_rows", h.get(ROWS_ADDED_KEY, ""))),
                 json.dumps(h.get("operationParameters", {}))[:60],
             )
         console.print(t)

@@ -19,6 +19,8 @@ from deltalake.transaction import AddAction, CommitProperties, create_table_with
 
 from pipelines.lake.files import delete_files, partition_value_str
 from pipelines.lake.fs import normalize_uri
+
+ROWS_ADDED_KEY = "bigopt.rowsAdded"  # commit info: rows in the files the commit adds
 from pipelines.lake.schema import check_compatible, to_pyarrow_schema
 
 log = logging.getLogger(__name__)
@@ -127,7 +129,10 @@ def commit(
         AddAction(a["path"], a["size"], a["partition_values"], a["modification_time"], True, a["stats"])
         for a in adds
     ]
-    props = CommitProperties(custom_metadata=dict(commit_info or {}), max_commit_retries=max_commit_retries)
+    # delta-rs records no operation metrics for a commit of add actions: the rows it adds are
+    # recorded here, so `bigopt lake --action history` can show them
+    info = {**dict(commit_info or {}), ROWS_ADDED_KEY: sum(int(a.get("num_records") or 0) for a in adds)}
+    props = CommitProperties(custom_metadata=info, max_commit_retries=max_commit_retries)
     try:
         effective, planned_version = prepare_table(
             uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,

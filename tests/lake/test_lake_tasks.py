@@ -32,6 +32,12 @@ def test_tasks_commit_once_and_replace_where(tmp_path):
     tw = begin_write(str(path), SCHEMA, mode="overwrite", partition_by=["day"], replace_where={"day": 1})
     assert commit_write(tw, _task(tw, [30, 31], 1)) == 1
     assert sorted(DeltaSnapshot(str(path)).to_table().column("x").to_pylist()) == [1, 2, 30, 31]
+    # each commit records the rows its files add (delta-rs gives no operation metrics for it)
+    from pipelines.lake import history
+    from pipelines.lake.commit import ROWS_ADDED_KEY
+
+    assert [(h["version"], h[ROWS_ADDED_KEY], h.get("job")) for h in history(str(path), 5)] == [
+        (1, 2, None), (0, 3, "test")]
 
 
 def test_a_task_that_finishes_after_the_abort_removes_its_files(tmp_path):
