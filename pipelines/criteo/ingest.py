@@ -261,18 +261,12 @@ def describe_files(paths: Sequence[str], cfg) -> list[RawFile]:
 
 # ------------------------------------------------------------------------------ reading
 class _Corrupt(Exception):
-    """Raised inside a task; the driver turns it into :class:`CorruptInputError`."""
-
-    MARK = "BIGOPT_CORRUPT_INPUT"
+    """An unreadable input file, found while reading it. A task returns it as a result
+    (:func:`run_item`) and the driver raises :class:`CorruptInputError`."""
 
     def __init__(self, path: str, why: str):
-        super().__init__(f"{self.MARK}[{path}\x1f{why}]{self.MARK}")
-
-
-def _corrupt_files(error: BaseException) -> list[tuple[str, str]]:
-    """The (path, reason) pairs a failed Spark job reports through :class:`_Corrupt`."""
-    pat = re.compile(re.escape(_Corrupt.MARK) + r"\[(.*?)\x1f(.*?)\]" + re.escape(_Corrupt.MARK), re.S)
-    return sorted(set(pat.findall(str(error))))
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
 
 
 def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytearray]:
@@ -404,7 +398,7 @@ def scan_file(path: str, gz: bool) -> dict:
         for block in iter_line_blocks(path, gz, hasher=h):
             lines += block.count(b"\n")
     except _Corrupt as e:
-        error = str(e).split("\x1f", 1)[1].rsplit("]", 1)[0]
+        error = e.why
     except OSError as e:
         error = f"{type(e).__name__}: {e}"
     return {"path": path, "sha256": h.hexdigest(), "lines": lines, "error": error}
@@ -473,7 +467,12 @@ def _rejects_batch(rejects: list, preview: int, batch_id: str) -> pa.Table:
 
 def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, preview: int,
              block_bytes: int) -> dict:
-    """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file)."""
+    """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file).
+
+    A corrupt input is a result (``kind: corrupt``), not a task failure: Spark would retry a
+    failed task (``spark.task.maxFailures``: 4 reads of a bad file on a cluster) and print
+    each attempt's traceback, and the job would stop at the first bad file where the driver
+    can name every one."""
     kind, what = item
     if kind == "hash":
         with raw_inputs.open_read(what, sequential=True) as f:
@@ -501,6 +500,10 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
         return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
                 "rejected": rejected, "bronze": bw.close(), "quarantine": qw.close(),
                 "sha256": hasher.hexdigest() if hasher is not None else None}
+    except _Corrupt as e:
+        bw.discard()
+        qw.discard()
+        return {"kind": "corrupt", "path": e.path, "reason": e.why}
     except BaseException:
         bw.discard()
         qw.discard()
@@ -593,13 +596,15 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             .map(lambda it: run_item(it, btw, qtw, batch_id, preview, block_bytes))
             .collect()
         )
-    except Exception as e:
+    except Exception:
         abort_write(btw)
         abort_write(qtw)
-        bad = _corrupt_files(e)
-        if bad:
-            raise CorruptInputError(bad) from None
         raise
+    bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
+    if bad:
+        abort_write(btw)
+        abort_write(qtw)
+        raise CorruptInputError(bad)
     chunks = [r for r in results if r["kind"] == "chunk"]
     try:
         bv = commit_write(btw, [a for r in chunks for a in r["bronze"]], info)

@@ -507,9 +507,13 @@ def test_corrupt_gzip_fails_clearly_and_commits_nothing(spark, tmp_path):
     (raw / "day_0.gz").write_bytes(gzip.compress(("\n".join([line] * 2000) + "\n").encode()))
     whole = gzip.compress(("\n".join([line] * 2000) + "\n").encode())
     (raw / "day_1.gz").write_bytes(whole[: len(whole) // 2])  # truncated
+    (raw / "day_2.gz").write_bytes(whole[:4096] + bytes(4096) + whole[8192:])  # damaged inside
     cfg = _cfg(tmp_path)
-    with pytest.raises(IngestError, match="day_1.gz"):
+    with pytest.raises(IngestError, match="day_1.gz") as e:
         ingest(spark, cfg)
+    # every bad file of the job is named at once, each with its reason; the good one is not
+    assert [(Path(p).name, why.split(":")[0]) for p, why in e.value.problems] == [
+        ("day_1.gz", "truncated gzip"), ("day_2.gz", "inflate error")]
     t = _bronze(cfg)
     assert not table_exists(t["bronze"]) or DeltaSnapshot(t["bronze"]).num_rows == 0
     assert not table_exists(t["ledger"]) or DeltaSnapshot(t["ledger"]).num_rows == 0
