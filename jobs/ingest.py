@@ -52,7 +52,8 @@ def run(cfg, args) -> int:
     for name, version, path in (("bronze", rep.bronze_version, rep.bronze),
                                 ("quarantine", rep.quarantine_version, rep.quarantine),
                                 ("ledger", rep.ledger_version, rep.ledger)):
-        console.print(f"{name} {'unchanged' if version is None else f'v{version}'} {path}")
+        state = "unchanged" if version is None else f"v{version}"
+        console.print(f"{name} {state} {path}", soft_wrap=True)  # a path is never broken across lines
     return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected else 1
 
 
