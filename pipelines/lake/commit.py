@@ -19,11 +19,11 @@ from deltalake.transaction import AddAction, CommitProperties, create_table_with
 
 from pipelines.lake.files import delete_files, partition_value_str
 from pipelines.lake.fs import normalize_uri
-
-ROWS_ADDED_KEY = "bigopt.rowsAdded"  # commit info: rows in the files the commit adds
 from pipelines.lake.schema import check_compatible, to_pyarrow_schema
 
 log = logging.getLogger(__name__)
+
+ROWS_ADDED_KEY = "bigopt.rowsAdded"  # commit info: rows in the files the commit adds
 
 
 class CommitConflictError(RuntimeError):

@@ -44,8 +44,10 @@ def _filesystem_for(uri: str, options: tuple[tuple[str, str], ...]) -> tuple[paf
     if is_local(uri):
         return pafs.LocalFileSystem(), uri
     scheme, rest = uri.split("://", 1)
-    if options and scheme.lower() in {"s3", "s3a", "s3n"}:
-        return _s3_filesystem(dict(options)), rest.rstrip("/")
+    if scheme.lower() in {"s3", "s3a", "s3n"}:  # Hadoop's names for S3, which pyarrow does not know
+        if options:
+            return _s3_filesystem(dict(options)), rest.rstrip("/")
+        uri = f"s3://{rest}"
     fs, root = pafs.FileSystem.from_uri(uri)
     return fs, root.rstrip("/")
 
