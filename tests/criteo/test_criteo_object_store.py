@@ -179,3 +179,21 @@ def test_generate_refuses_an_object_store(tmp_path):
 
     with pytest.raises(ValueError, match="local or shared-filesystem"):
         generate(_cfg(str(tmp_path / "lake"), "s3://bucket/raw"))
+
+
+def test_hadoop_s3_schemes_read_like_s3(s3):
+    """``s3a://`` / ``s3n://`` (Hadoop's names, which Spark users write) reach the same objects
+    through pyarrow's S3 filesystem, with the environment's credentials or explicit ones."""
+    from pipelines.lake.fs import filesystem_for, read_small_file
+
+    bucket = s3.bucket("hadoop-schemes")
+    with s3.filesystem().open_output_stream("hadoop-schemes/k/w.json") as out:
+        out.write(b"{}")
+    options = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "bigopt-test",
+               "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
+    for scheme in ("s3a", "s3n"):
+        uri = bucket.replace("s3://", f"{scheme}://") + "/k/w.json"
+        for opts in (None, options):
+            fs, path = filesystem_for(uri, opts)
+            assert fs.type_name == "s3" and path == "hadoop-schemes/k/w.json"
+        assert read_small_file(uri) == b"{}"
