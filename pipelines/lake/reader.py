@@ -170,7 +170,7 @@ class DeltaSnapshot:
         # threaded scan aborts in Arrow's thread-pool teardown ("terminate called without an
         # active exception", exit 134) - 17 times in 20 for a script that reads a ledger and
         # exits, 10 in 10 for one that reads the 7.5 M-row gold column. With pyarrow's: once in
-        # ~90 such runs (apache/arrow#39862 is the same abort without Python in the reads).
+        # 123 such runs (apache/arrow#39862 is the same abort without Python in the reads).
         # Same files, same partition values.
         try:
             fs, root = filesystem_for(self.uri, self.storage_options)
