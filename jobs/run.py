@@ -44,10 +44,10 @@ def _stage(name: str):
 
 def needs_generation(cfg) -> bool:
     """Generate only when no raw input is configured/present (the demo case)."""
-    from pipelines import raw_inputs
+    from pipelines.lake.fs import is_local, normalize_uri
 
-    raw_dir = raw_inputs.normalize(cfg.criteo.raw_dir)
-    if cfg.criteo.inputs or raw_inputs.is_remote(raw_dir):  # an object store is never generated into
+    raw_dir = normalize_uri(cfg.criteo.raw_dir)
+    if cfg.criteo.inputs or not is_local(raw_dir):  # an object store is never generated into
         return False
     raw = Path(raw_dir)
     return not raw.is_dir() or not any(p.is_file() for p in raw.iterdir())

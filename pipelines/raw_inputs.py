@@ -28,23 +28,13 @@ from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
-from pipelines.lake.fs import filesystem_for
+from pipelines.lake.fs import filesystem_for, is_local, normalize_uri
 
 _WILDCARDS = "*?["
 
 
 def is_remote(name: str) -> bool:
-    return "://" in name
-
-
-def normalize(spec: str) -> str:
-    """A local spec as an absolute path (``~`` expanded, ``file://`` stripped); a URI as given,
-    without a trailing slash."""
-    if spec.startswith("file://"):
-        spec = spec[len("file://"):]
-    elif is_remote(spec):
-        return spec.rstrip("/")
-    return os.path.abspath(os.path.expanduser(spec))
+    return not is_local(name)
 
 
 def basename(name: str) -> str:
@@ -111,7 +101,7 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
     each spec's files sorted, without duplicates."""
     out: list[str] = []
     for spec in specs:
-        name = normalize(spec)
+        name = normalize_uri(spec)  # as the lake's: absolute local path, or the URI
         if _has_wildcard(name):
             if is_remote(name):
                 matches = _glob_remote(name)

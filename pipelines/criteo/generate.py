@@ -257,10 +257,10 @@ def generate(cfg, progress: Callable[[str, int], None] | None = None) -> list[st
 
 def generate_files(cfg, progress: Callable[[str, int], None] | None = None) -> list[GeneratedFile]:
     gen = cfg.criteo.generate
-    from pipelines import raw_inputs  # here: the pool's workers need none of the lake's imports
+    from pipelines.lake.fs import is_local, normalize_uri  # here: the pool's workers need none of the lake's imports
 
-    out = raw_inputs.normalize(cfg.criteo.raw_dir)
-    if raw_inputs.is_remote(out):
+    out = normalize_uri(cfg.criteo.raw_dir)
+    if not is_local(out):
         raise ValueError(
             f"generate writes to a local or shared-filesystem directory, not {cfg.criteo.raw_dir!r}: generate "
             "locally, copy the files to the object store (e.g. `aws s3 cp --recursive`) and ingest them from there"
