@@ -596,15 +596,13 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             .map(lambda it: run_item(it, btw, qtw, batch_id, preview, block_bytes))
             .collect()
         )
+        bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
+        if bad:
+            raise CorruptInputError(bad)
     except Exception:
         abort_write(btw)
         abort_write(qtw)
         raise
-    bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
-    if bad:
-        abort_write(btw)
-        abort_write(qtw)
-        raise CorruptInputError(bad)
     chunks = [r for r in results if r["kind"] == "chunk"]
     try:
         bv = commit_write(btw, [a for r in chunks for a in r["bronze"]], info)
