@@ -43,7 +43,7 @@ def run(cfg, args) -> int:
         console.print(f"{rep.unlabeled_rows:,} unlabelled bronze rows (test files) left out of gold")
     cards = rep.cardinalities
     console.print(f"cardinalities (min/max/sum): {min(cards):,} / {max(cards):,} / {sum(cards):,}")
-    console.print(f"features: {rep.features_json}", soft_wrap=True)
+    console.print(f"features: {rep.features_json}")
     return 0
 
 

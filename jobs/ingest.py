@@ -53,7 +53,7 @@ def run(cfg, args) -> int:
                                 ("quarantine", rep.quarantine_version, rep.quarantine),
                                 ("ledger", rep.ledger_version, rep.ledger)):
         state = "unchanged" if version is None else f"v{version}"
-        console.print(f"{name} {state} {path}", soft_wrap=True)  # a path is never broken across lines
+        console.print(f"{name} {state} {path}")
     return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected else 1
 
 

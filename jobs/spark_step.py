@@ -30,7 +30,9 @@ def run_spark_step(
 
     from pipelines.spark import spark_from_config
 
-    console = Console(log_path=False)  # the time and the message; the caller's file:line is noise here
+    # log lines: the time and the message (the caller's file:line is noise here); printed text is
+    # never hard-wrapped, so a table path or an error naming one stays whole to copy from a log
+    console = Console(log_path=False, soft_wrap=True)
     t0 = time.perf_counter()
     with console.status("starting Spark") as status:
         spark = spark_from_config(cfg.spark)
