@@ -150,9 +150,9 @@ def stage_floor(raw: Path, out: Path) -> dict:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
+    from pipelines.config import LakeConfig
     from pipelines.criteo.config import FeaturizeConfig, IngestConfig
     from pipelines.criteo.featurize import GOLD_PARQUET_OPTIONS, GOLD_SCHEMA, GOLD_STATS_COLUMNS, dense_matrix, gold_batch
-    from pipelines.config import LakeConfig
     from pipelines.criteo.ingest import BRONZE_STATS_COLUMNS
     from pipelines.criteo.parse import ROW_SCHEMA
 

@@ -100,7 +100,7 @@ def one_core_ingest(path: Path, mode: str, latency_s: float, bytes_per_s: float)
     from pipelines.criteo.config import IngestConfig
     from pipelines.criteo.parse import parse_block
 
-    ing = IngestConfig()  # bigopt's defaults: what ingest runs with
+    ing, codec = IngestConfig(), LakeConfig().compression  # bigopt's defaults: what ingest runs with
     stores: list[EmulatedObject] = []
 
     def open_read(name, sequential=False, stop=None):
@@ -120,7 +120,7 @@ def one_core_ingest(path: Path, mode: str, latency_s: float, bytes_per_s: float)
             for block in ingest.iter_line_blocks(str(path), False, start, end, ing.block_bytes):
                 table, _rejects = parse_block(block, True, block.count(b"\n"))
                 stats = [c for c in ingest.BRONZE_STATS_COLUMNS if c in table.column_names]
-                pq.write_table(table, pa.BufferOutputStream(), compression=LakeConfig().compression,
+                pq.write_table(table, pa.BufferOutputStream(), compression=codec,
                                row_group_size=ing.row_group_rows, write_statistics=stats)
                 rows += table.num_rows
     finally:
