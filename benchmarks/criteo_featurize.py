@@ -237,7 +237,7 @@ def stage_spark(raw: Path, lake: Path) -> dict:
     t1 = time.perf_counter()
     ing = ingest(spark, cfg)
     t2 = time.perf_counter()
-    feat = featurize(spark, cfg)
+    feat = featurize(spark, cfg, force=True)  # a fresh lake anyway: always time a build
     t3 = time.perf_counter()
     sparse = DeltaSnapshot(feat.tables["train"]).to_table(["sparse"]).column("sparse").combine_chunks()
     ids = sparse.values.to_numpy().reshape(-1, 26)

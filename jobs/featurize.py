@@ -6,6 +6,10 @@ a frequency-thresholded vocabulary computed on the train split (ids by descendin
 (Kaggle). Writes ``<lake>/<criteo.name>/gold/{train,valid,test}``, the vocabulary tables and
 ``gold/features.json`` (per-column cardinalities + table versions for the trainer).
 
+When gold already is what this would build (same bronze version, same ``criteo.featurize``
+settings, its tables untouched since) nothing is rebuilt and Spark is not started; ``--force``
+rebuilds anyway.
+
     bigopt featurize conf/demo.yaml criteo.featurize.strategy=hash
     spark-submit jobs/featurize.py conf/criteo.yaml
 """
@@ -15,22 +19,42 @@ from __future__ import annotations
 def add_arguments(parser) -> None:
     parser.add_argument("--bronze-version", type=int, default=None,
                         help="featurize this bronze version (default: criteo.featurize.bronze_version or latest)")
+    parser.add_argument("--force", action="store_true", help="rebuild gold even when it is up to date")
 
 
 def run(cfg, args) -> int:
-    from rich.table import Table
-
     from jobs.spark_step import run_spark_step
-    from pipelines.criteo.featurize import FeaturizeError, featurize
+    from pipelines.criteo.featurize import FeaturizeError, bronze_view, current_gold, featurize
 
     if args.bronze_version is not None:
         cfg.criteo.featurize.bronze_version = args.bronze_version
-    console, rep = run_spark_step(cfg, "featurize", lambda spark, progress: featurize(spark, cfg, progress=progress),
-                                  errors=(FeaturizeError,))
+    if not args.force:  # the check reads Delta logs and features.json only: no Spark to start for it
+        try:
+            rep = current_gold(cfg, bronze_view(cfg, cfg.criteo.featurize.bronze_version))
+        except FeaturizeError:
+            rep = None  # featurize below reports it
+        if rep is not None:
+            from rich.console import Console
+
+            console = Console(soft_wrap=True)
+            console.print(f"gold is up to date: built from bronze v{rep.bronze_version} with these settings; "
+                          "nothing to do (--force rebuilds it)")
+            _print_report(console, rep)
+            return 0
+    console, rep = run_spark_step(
+        cfg, "featurize", lambda spark, progress: featurize(spark, cfg, progress=progress, force=args.force),
+        errors=(FeaturizeError,))
     if rep is None:
         return 1
-    table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version} "
-                        f"in {rep.seconds:.1f}s")
+    _print_report(console, rep)
+    return 0
+
+
+def _print_report(console, rep) -> None:
+    from rich.table import Table
+
+    built = "up to date" if rep.up_to_date else f"in {rep.seconds:.1f}s"
+    table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version} {built}")
     for col, just in (("split", "left"), ("rows", "right"), ("version", "right"), ("table", "left")):
         table.add_column(col, justify=just)
     for split, n in rep.rows.items():
@@ -44,7 +68,6 @@ def run(cfg, args) -> int:
     cards = rep.cardinalities
     console.print(f"cardinalities (min/max/sum): {min(cards):,} / {max(cards):,} / {sum(cards):,}")
     console.print(f"features: {rep.features_json}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bigopt run <conf.yaml> [k=v ...] [--no-generate] [--force-ingest] [--local] [--num-proc N]
+"""bigopt run <conf.yaml> [k=v ...] [--no-generate] [--force-ingest] [--force-featurize] [--local] [--num-proc N]
 
 The whole first slice in one command, on one SparkSession:
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-generate", action="store_true", help="never generate synthetic raw data")
     parser.add_argument("--force-ingest", action="store_true", help="re-ingest files already in bronze")
+    parser.add_argument("--force-featurize", action="store_true", help="rebuild gold even when it is up to date")
     parser.add_argument("--skip-data", action="store_true", help="train on the existing gold tables only")
     parser.add_argument("--local", action="store_true", help="train in-process (one rank, no Horovod)")
     parser.add_argument("--num-proc", type=int, default=None, help="override train.num_proc")
@@ -94,7 +95,7 @@ def run(cfg, args) -> int:
         console.print(f"  {_brief(rep)} ({timings['ingest']:.1f} s)")
         t0 = time.perf_counter()
         console.print("[bold]featurize[/] bronze -> gold + vocabulary")
-        rep = stages["featurize"](spark, cfg)
+        rep = stages["featurize"](spark, cfg, force=args.force_featurize)
         timings["featurize"] = time.perf_counter() - t0
         console.print(f"  {_brief(rep)} ({timings['featurize']:.1f} s)")
 

@@ -137,6 +137,7 @@ class FeaturizeReport:
     test_days: list[int] = field(default_factory=list)
     valid_days: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    up_to_date: bool = False  # nothing was written: the gold tables already were this build (current_gold)
 
     @property
     def total_rows(self) -> int:
@@ -146,7 +147,8 @@ class FeaturizeReport:
         """One line for logs and ``bigopt run``."""
         rows = ", ".join(f"{k} {v:,}" for k, v in self.rows.items())
         return (
-            f"{self.strategy}/{self.split_mode} split from bronze v{self.bronze_version}: {rows}; "
+            ("up to date, " if self.up_to_date else "")
+            + f"{self.strategy}/{self.split_mode} split from bronze v{self.bronze_version}: {rows}; "
             f"{sum(self.cardinalities):,} embedding rows over {len(self.cardinalities)} columns"
         )
 
@@ -800,9 +802,70 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
         raise
 
 
+# ------------------------------------------------------------------- is gold current?
+# Bump when featurize writes different gold from the same bronze and settings (a changed
+# transform, id order or split rule), so gold built by older code is not taken as current.
+GOLD_REVISION = 1
+
+
+def gold_fingerprint(cfg, bronze_version: int) -> str:
+    """What the gold tables are a function of: the bronze snapshot, every ``criteo.featurize``
+    setting, the vocabulary tables' codec and :data:`GOLD_REVISION`. ``features.json`` records
+    it; training settings, ingest settings and the run name are not part of it."""
+    import hashlib
+
+    doc = {
+        "revision": GOLD_REVISION,
+        "bronze": {"path": tables(cfg)["bronze"], "version": bronze_version},
+        "featurize": cfg.criteo.featurize.model_dump(mode="json", exclude={"bronze_version"}),
+        "lake_compression": cfg.lake.compression,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def current_gold(cfg, view: BronzeView) -> FeaturizeReport | None:
+    """The report of the gold tables as they stand, when they are exactly what featurizing
+    ``view`` with ``cfg`` would build: ``features.json`` records the same
+    :func:`gold_fingerprint` and every table it names is still at the version it records.
+    None when anything differs: no gold yet, bronze or a setting changed, or a table was
+    written since (by another build or by hand). Reads ``features.json`` and the tables' logs
+    only; no Spark."""
+    from pipelines.lake import table_exists, table_version
+
+    paths = tables(cfg)
+    try:
+        doc = read_features(paths["features_json"])
+    except (OSError, ValueError):  # never built (or unreadable, or not JSON): build
+        return None
+    if doc.get("fingerprint") != gold_fingerprint(cfg, view.version):
+        return None
+    recorded = {s: (t["path"], t["version"]) for s, t in doc["tables"].items()}
+    for name in ("vocabulary", "vocab_sizes"):
+        if doc.get(name):
+            recorded[name] = (doc[name]["path"], doc[name]["version"])
+    for path, version in recorded.values():
+        if not table_exists(path) or table_version(path) != version:
+            return None
+    split = doc["split"]
+    vocab = doc.get("vocabulary") or {}
+    return FeaturizeReport(
+        doc["strategy"], split["mode"], doc["bronze"]["path"], doc["bronze"]["version"],
+        rows={s: t["rows"] for s, t in doc["tables"].items()},
+        tables={s: t["path"] for s, t in doc["tables"].items()},
+        versions={s: t["version"] for s, t in doc["tables"].items()},
+        cardinalities=list(doc["cardinalities"]), unlabeled_rows=doc["unlabeled_rows_excluded"],
+        vocabulary=vocab.get("path"), vocabulary_version=vocab.get("version"),
+        vocab_sizes=doc["vocab_sizes"]["path"], vocab_sizes_version=doc["vocab_sizes"]["version"],
+        features_json=paths["features_json"], test_days=list(split["test_days"]),
+        valid_days=list(split["valid_days"]), up_to_date=True,
+    )
+
+
 # ------------------------------------------------------------------------------- main
-def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> FeaturizeReport:
-    """Build the gold tables from the current (or ``featurize.bronze_version``) bronze."""
+def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: bool = False) -> FeaturizeReport:
+    """Build the gold tables from the current (or ``featurize.bronze_version``) bronze. When
+    they already are that build (:func:`current_gold`) nothing is written and their report is
+    returned (``up_to_date``); ``force`` rebuilds them anyway."""
     from jobs.config import config_hash
     from pipelines.lake.tasks import write_arrow
 
@@ -814,6 +877,10 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None) -> Feat
     sc = spark.sparkContext
 
     view = bronze_view(cfg, fz.bronze_version)
+    if not force and (done := current_gold(cfg, view)) is not None:
+        say(f"gold is up to date: built from bronze v{view.version} with these settings (force rebuilds it)")
+        done.seconds = time.time() - t0
+        return done
     sources = view.labeled_sources
     if not sources:
         raise FeaturizeError(f"bronze v{view.version} has no labelled rows to featurize")
@@ -892,6 +959,7 @@ def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dic
         "dataset": cfg.criteo.name,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": config_hash(cfg),
+        "fingerprint": gold_fingerprint(cfg, report.bronze_version),  # what current_gold compares
         "strategy": fz.strategy,
         "freq_threshold": fz.freq_threshold if vocab else None,
         "max_vocab_size": fz.max_vocab_size if vocab else None,

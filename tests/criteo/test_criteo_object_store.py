@@ -117,6 +117,8 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     assert again.ingested == 0 and again.skipped == 2 and again.bronze_version is None
 
     feat_local, feat = featurize(spark, local), featurize(spark, remote)
+    again = featurize(spark, remote)  # features.json and the table versions read back from S3
+    assert again.up_to_date and again.versions == feat.versions
     assert feat.rows == feat_local.rows and feat.cardinalities == feat_local.cardinalities
     for name in ("train", "valid", "test", "vocabulary"):
         assert _sorted_rows(t[name]) == _sorted_rows(t_local[name]), name

@@ -298,7 +298,7 @@ def test_featurize_equals_the_spark_sql_expressions(spark, tmp_path, split_mode,
     # rebuilt from the same bronze, every gold table lists its files, and so reads back (as the
     # loader reads it: files by path), in the same row order: names carry the task order
     before = {split: _rows_in_listing_order(rep.tables[split]) for split in ("train", "valid", "test")}
-    again = featurize(spark, cfg)
+    again = featurize(spark, cfg, force=True)
     for split, table in before.items():
         assert DeltaSnapshot(again.tables[split]).version == 1
         assert _rows_in_listing_order(again.tables[split]).equals(table), split
@@ -326,7 +326,7 @@ def test_failed_featurize_commits_nothing(spark, tmp_path):
     held = [f for f in DeltaSnapshot(t["bronze"]).files() if f.partition_values["day"] == rep.test_days[0]]
     Path(held[0].uri.removeprefix("file://")).write_bytes(b"not parquet")
     with pytest.raises(Exception, match="(?i)parquet"):
-        featurize(spark, cfg)
+        featurize(spark, cfg, force=True)
     for s in ("train", "valid", "test"):
         assert table_version(t[s]) == rep.versions[s]
         assert sorted(p.name for p in Path(t[s]).glob("*.parquet")) == files[s]
@@ -354,10 +354,82 @@ def test_kaggle_layout_random_split_hash_and_unlabelled(spark, tmp_path):
     sparse = DeltaSnapshot(rep.tables["train"]).to_table(["sparse"]).column("sparse").combine_chunks()
     flat = sparse.values.to_numpy()
     assert flat.min() >= 0 and flat.max() < 1000 and (flat == 0).any()  # 0 = missing
-    again = featurize(spark, cfg)  # deterministic split
+    again = featurize(spark, cfg, force=True)  # deterministic split
     assert again.rows == rep.rows and again.versions == {k: v + 1 for k, v in rep.versions.items()}
     features = json.loads(Path(rep.features_json).read_text())
     assert features["strategy"] == "hash" and features["tables"]["train"]["version"] == again.versions["train"]
+
+
+def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys, monkeypatch):
+    """Featurizing the same bronze version with the same featurize settings again writes
+    nothing (an Airflow schedule re-runs it daily whether or not a day arrived); a new bronze
+    version, another featurize setting, a gold table written since, or ``force`` rebuild."""
+    from dataclasses import asdict
+
+    from deltalake import write_deltalake
+
+    from jobs.cli import main
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+
+    settings = {"generate": {"days": 2, "rows_per_day": 300, "seed": 3}, "featurize": {"freq_threshold": 2}}
+    cfg = _cfg(tmp_path, **settings)
+    generate(cfg)
+    ingest(spark, cfg)
+    first = featurize(spark, cfg)
+    t = _bronze(cfg)
+    versions = {name: table_version(t[name]) for name in ("train", "valid", "test", "vocabulary", "vocab_sizes")}
+
+    def same_build(rep) -> bool:
+        skip = ("seconds", "up_to_date")
+        return {k: v for k, v in asdict(rep).items() if k not in skip} == \
+            {k: v for k, v in asdict(first).items() if k not in skip}
+
+    again = featurize(spark, cfg)
+    assert not first.up_to_date and again.up_to_date and same_build(again)
+    assert {name: table_version(t[name]) for name in versions} == versions
+    # settings outside criteo.featurize (training, ingest, the run's name) are not gold's inputs
+    other = load_config(data={**cfg.model_dump(mode="json"), "train": {"lr": 0.5}, "run": {"name": "other"}})
+    assert featurize(spark, other).up_to_date
+
+    # the CLI answers from the Delta logs and features.json: Spark is not started
+    import pipelines.spark
+
+    def no_spark(*a, **k):
+        raise AssertionError("the up-to-date check started Spark")
+
+    monkeypatch.setattr(pipelines.spark, "spark_from_config", no_spark)
+    argv = ["featurize", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}",
+            "criteo.featurize.freq_threshold=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"gold is up to date: built from bronze v{first.bronze_version}" in out and "up to date" in out
+    assert {name: table_version(t[name]) for name in versions} == versions
+    monkeypatch.undo()
+
+    # another featurize setting: rebuilt
+    cfg3 = _cfg(tmp_path, **{**settings, "featurize": {"freq_threshold": 3}})
+    rebuilt = featurize(spark, cfg3)
+    assert not rebuilt.up_to_date and rebuilt.versions == {s: v + 1 for s, v in first.versions.items()}
+    assert featurize(spark, cfg3).up_to_date and not featurize(spark, cfg).up_to_date  # and back: rebuilt
+
+    # a gold table written since the build (here a row appended by hand): rebuilt, rows right again
+    valid = DeltaSnapshot(t["valid"]).to_table()
+    write_deltalake(t["valid"], valid.slice(0, 1), mode="append")
+    fixed = featurize(spark, cfg)
+    assert not fixed.up_to_date and DeltaSnapshot(t["valid"]).num_rows == first.rows["valid"]
+
+    # force: rebuilt with nothing changed
+    assert not featurize(spark, cfg, force=True).up_to_date
+
+    # a new bronze version (a third day arrives): rebuilt, the new day held out
+    lines = (tmp_path / "raw" / "day_1").read_text().splitlines(keepends=True)
+    (tmp_path / "raw" / "day_2").write_text("".join(lines[:200]))  # not a copy: ingest skips duplicates
+    assert ingest(spark, cfg).ingested == 1
+    grown = featurize(spark, cfg)
+    assert not grown.up_to_date and grown.bronze_version > first.bronze_version and grown.test_days == [2]
+    assert grown.total_rows == 800
 
 
 def test_lake_compression_sets_every_table_codec_but_gold(spark, tmp_path):
