@@ -23,38 +23,20 @@ def add_arguments(parser) -> None:
 
 
 def run(cfg, args) -> int:
+    from rich.table import Table
+
     from jobs.spark_step import run_spark_step
-    from pipelines.criteo.featurize import FeaturizeError, bronze_view, current_gold, featurize
+    from pipelines.criteo.featurize import FeaturizeError, featurize
 
     if args.bronze_version is not None:
         cfg.criteo.featurize.bronze_version = args.bronze_version
-    if not args.force:  # the check reads Delta logs and features.json only: no Spark to start for it
-        try:
-            rep = current_gold(cfg, bronze_view(cfg, cfg.criteo.featurize.bronze_version))
-        except FeaturizeError:
-            rep = None  # featurize below reports it
-        if rep is not None:
-            from rich.console import Console
-
-            console = Console(soft_wrap=True)
-            console.print(f"gold is up to date: built from bronze v{rep.bronze_version} with these settings; "
-                          "nothing to do (--force rebuilds it)")
-            _print_report(console, rep)
-            return 0
     console, rep = run_spark_step(
         cfg, "featurize", lambda spark, progress: featurize(spark, cfg, progress=progress, force=args.force),
         errors=(FeaturizeError,))
     if rep is None:
         return 1
-    _print_report(console, rep)
-    return 0
-
-
-def _print_report(console, rep) -> None:
-    from rich.table import Table
-
-    built = "up to date" if rep.up_to_date else f"in {rep.seconds:.1f}s"
-    table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version} {built}")
+    built = "up to date, nothing written (--force rebuilds)" if rep.up_to_date else f"in {rep.seconds:.1f}s"
+    table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version}: {built}")
     for col, just in (("split", "left"), ("rows", "right"), ("version", "right"), ("table", "left")):
         table.add_column(col, justify=just)
     for split, n in rep.rows.items():
@@ -68,6 +50,7 @@ def _print_report(console, rep) -> None:
     cards = rep.cardinalities
     console.print(f"cardinalities (min/max/sum): {min(cards):,} / {max(cards):,} / {sum(cards):,}")
     console.print(f"features: {rep.features_json}")
+    return 0
 
 
 if __name__ == "__main__":

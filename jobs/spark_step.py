@@ -5,11 +5,16 @@
     if report is None:
         return 1            # the error was printed
 
-The status line shows the step's latest progress message and the elapsed time; every message
-is also logged, so a run under spark-submit (no terminal) keeps the same record.
+The step gets a *starter* for the configured SparkSession, not a session: the steps call it
+only when they have work (``pipelines.spark.session_of``), so ``bigopt ingest`` with every file
+already ingested, or ``bigopt featurize`` with gold up to date, answers in a second or two
+without starting a JVM. The status line shows the step's latest progress message and the
+elapsed time; every message is also logged, so a run under spark-submit (no terminal) keeps
+the same record.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,8 +28,9 @@ def run_spark_step(
     step: Callable[[Any, Callable[[str], None]], T],
     errors: tuple[type[BaseException], ...],
 ):
-    """Start the configured SparkSession and call ``step(spark, progress)``. Returns
-    ``(console, result)``; ``result`` is None when ``step`` raised one of ``errors`` (printed as
+    """Call ``step(start_spark, progress)``; ``start_spark()`` starts the configured
+    SparkSession on its first call and returns it on every call. Returns ``(console, result)``;
+    ``result`` is None when ``step`` raised one of ``errors`` (printed as
     ``bigopt <command>: <error>``)."""
     from rich.console import Console
 
@@ -34,15 +40,18 @@ def run_spark_step(
     # never hard-wrapped, so a table path or an error naming one stays whole to copy from a log
     console = Console(log_path=False, soft_wrap=True)
     t0 = time.perf_counter()
-    with console.status("starting Spark") as status:
-        spark = spark_from_config(cfg.spark)
-
+    with console.status(command) as status:
         def progress(msg: str) -> None:
             status.update(f"{msg}  [dim]({time.perf_counter() - t0:.0f}s)[/dim]")
             console.log(msg)
 
+        @functools.cache
+        def start_spark():
+            status.update("starting Spark")
+            return spark_from_config(cfg.spark)
+
         try:
-            return console, step(spark, progress)
+            return console, step(start_spark, progress)
         except errors as e:
             console.print(f"[red]bigopt {command}: {e}[/red]")
             return console, None

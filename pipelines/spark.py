@@ -93,3 +93,10 @@ def _register(spark) -> None:
 def spark_from_config(cfg) -> Any:
     """A session from a :class:`pipelines.config.SparkConfig` section."""
     return get_spark(app_name=cfg.app_name, master=cfg.master, conf=cfg.conf, ui=cfg.ui, log_level=cfg.log_level)
+
+
+def session_of(spark) -> Any:
+    """``spark`` itself, or, when it is a zero-argument callable, the session it starts.
+    Pipeline steps take either, so a step with nothing to do (every input file already
+    ingested, gold already built) returns without starting Spark when given a starter."""
+    return spark() if callable(spark) else spark

@@ -865,22 +865,24 @@ def current_gold(cfg, view: BronzeView) -> FeaturizeReport | None:
 def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: bool = False) -> FeaturizeReport:
     """Build the gold tables from the current (or ``featurize.bronze_version``) bronze. When
     they already are that build (:func:`current_gold`) nothing is written and their report is
-    returned (``up_to_date``); ``force`` rebuilds them anyway."""
+    returned (``up_to_date``); ``force`` rebuilds them anyway. ``spark``: a SparkSession, or
+    a callable that starts one, called only for a build (:func:`pipelines.spark.session_of`)."""
     from jobs.config import config_hash
     from pipelines.lake.tasks import write_arrow
+    from pipelines.spark import session_of
 
     t0 = time.time()
     say = progress or (lambda msg: log.info(msg))
     fz = cfg.criteo.featurize
     paths = tables(cfg)
     chash = config_hash(cfg)
-    sc = spark.sparkContext
 
     view = bronze_view(cfg, fz.bronze_version)
     if not force and (done := current_gold(cfg, view)) is not None:
-        say(f"gold is up to date: built from bronze v{view.version} with these settings (force rebuilds it)")
+        say(f"gold is up to date: built from bronze v{view.version} with these settings, nothing to rebuild")
         done.seconds = time.time() - t0
         return done
+    sc = session_of(spark).sparkContext
     sources = view.labeled_sources
     if not sources:
         raise FeaturizeError(f"bronze v{view.version} has no labelled rows to featurize")

@@ -629,9 +629,12 @@ def ingest(
     inputs: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> IngestReport:
-    """Ingest the configured inputs (``cfg.criteo.inputs``, default ``cfg.criteo.raw_dir``)."""
+    """Ingest the configured inputs (``cfg.criteo.inputs``, default ``cfg.criteo.raw_dir``).
+    ``spark``: a SparkSession, or a callable that starts one, called only when a file needs
+    ingesting (:func:`pipelines.spark.session_of`)."""
     from jobs.config import config_hash
     from pipelines.lake.tasks import write_arrow
+    from pipelines.spark import session_of
 
     t0 = time.time()
     say = progress or (lambda msg: log.info(msg))
@@ -658,6 +661,7 @@ def ingest(
         report.seconds = time.time() - t0
         return report
 
+    spark = session_of(spark)
     for g0 in range(0, len(todo), ing.files_per_commit):
         group = todo[g0:g0 + ing.files_per_commit]
         sources = [f.source for f in group]

@@ -404,7 +404,8 @@ def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys, monkeypat
             "criteo.featurize.freq_threshold=2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert f"gold is up to date: built from bronze v{first.bronze_version}" in out and "up to date" in out
+    assert f"gold is up to date: built from bronze v{first.bronze_version}" in out
+    assert f"from bronze v{first.bronze_version}: up to date, nothing written" in out
     assert {name: table_version(t[name]) for name in versions} == versions
     monkeypatch.undo()
 
@@ -472,8 +473,16 @@ def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys):
     cfg, tmp, paths, ing, feat = pipeline
     t = _bronze(cfg)
     v = table_version(t["bronze"])
-    # the CLI on the same config: everything is in the ledger already, nothing is written
-    rc = main(["ingest", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"])
+    # the CLI on the same config: everything is in the ledger already, nothing is written and
+    # Spark is not started
+    import pipelines.spark
+
+    def no_spark(*a, **k):
+        raise AssertionError("ingest started Spark with nothing to ingest")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipelines.spark, "spark_from_config", no_spark)
+        rc = main(["ingest", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"])
     out = capsys.readouterr().out
     assert rc == 0 and "0 file(s) ingested, 3 skipped" in out
     assert f"bronze unchanged {t['bronze']}" in out and "vNone" not in out
