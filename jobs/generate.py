@@ -22,9 +22,10 @@ def run(cfg, args) -> int:
     import sys
     import time
 
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
+
+    from jobs.console import make_console
 
     if args.dataset != "criteo":
         print(f"bigopt generate: unknown dataset {args.dataset!r} (available: criteo)", file=sys.stderr)
@@ -33,7 +34,7 @@ def run(cfg, args) -> int:
 
     if args.out:
         cfg.criteo.raw_dir = args.out
-    console = Console()
+    console = make_console()
     gen = cfg.criteo.generate
     planned = plan_files(gen)
     t0 = time.perf_counter()

@@ -18,13 +18,13 @@ def add_arguments(parser) -> None:
 
 
 def run(cfg, args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from jobs.console import make_console
     from pipelines import lake
     from pipelines.lake.commit import ROWS_ADDED_KEY
 
-    console = Console()
+    console = make_console()
     if args.action == "roundtrip":
         return _roundtrip(cfg, args, console)
     if not args.table:

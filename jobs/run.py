@@ -55,14 +55,13 @@ def needs_generation(cfg) -> bool:
 
 
 def run(cfg, args) -> int:
-    from rich.console import Console
-
+    from jobs.console import make_console
     from jobs.train import apply_cli_overrides
     from pipelines.spark import spark_from_config
     from training.api import print_summary, run_training
     from training.launch import RankFailure
 
-    console = Console()
+    console = make_console()
     if cfg.run.dataset != "criteo" or getattr(cfg, "criteo", None) is None:
         print("bigopt run: only run.dataset=criteo has a pipeline so far", file=sys.stderr)
         return 2

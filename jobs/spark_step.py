@@ -32,13 +32,12 @@ def run_spark_step(
     SparkSession on its first call and returns it on every call. Returns ``(console, result)``;
     ``result`` is None when ``step`` raised one of ``errors`` (printed as
     ``bigopt <command>: <error>``)."""
-    from rich.console import Console
-
+    from jobs.console import make_console
     from pipelines.spark import spark_from_config
 
     # log lines: the time and the message (the caller's file:line is noise here); printed text is
     # never hard-wrapped, so a table path or an error naming one stays whole to copy from a log
-    console = Console(log_path=False, soft_wrap=True)
+    console = make_console(log_path=False, soft_wrap=True)
     t0 = time.perf_counter()
     with console.status(command) as status:
         def progress(msg: str) -> None:

@@ -169,15 +169,16 @@ def summary_rows(res: TrainResult) -> list[tuple[str, str]]:
 
 
 def print_summary(res: TrainResult, title: str = "bigopt train") -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from jobs.console import make_console
 
     table = Table(title=title, show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     for k, v in summary_rows(res):
         table.add_row(k, v)
-    console = Console()
+    console = make_console()
     console.print(table)
     if res.ui:
         print(f"MLflow UI: {res.ui}")  # plain line: copy-pasteable, not wrapped by the table

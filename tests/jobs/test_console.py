@@ -1,0 +1,27 @@
+"""Command output off a terminal (Airflow task logs, spark-submit): tables keep whole cells."""
+from __future__ import annotations
+
+from io import StringIO
+
+from jobs.console import LOG_WIDTH, make_console
+
+
+def test_tables_in_a_log_keep_whole_paths(monkeypatch):
+    from rich.table import Table
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = StringIO()
+    console = make_console(file=out)
+    assert not console.is_terminal and console.width == LOG_WIDTH
+    path = "s3://bucket/lake/criteo/bronze/events/source=kaggle_dac_train_head1000_trailing_tabs_stripped.txt"
+    table = Table()
+    table.add_column("file")
+    table.add_column("note")
+    table.add_row(path, "already ingested in batch b20261122-040728-099e58")
+    console.print(table)
+    assert path in out.getvalue() and "b20261122-040728-099e58" in out.getvalue() and "…" not in out.getvalue()
+    # a width the user asks for wins
+    monkeypatch.setenv("COLUMNS", "100")
+    assert make_console(file=StringIO()).width == 100
+    monkeypatch.delenv("COLUMNS")
+    assert make_console(file=StringIO(), width=90).width == 90
