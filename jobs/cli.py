@@ -76,12 +76,14 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.logging import RichHandler
 
+    from jobs.console import make_console
+
     parser = build_parser()
     args = parse_command_line(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        handlers=[RichHandler(console=make_console(), show_path=False, rich_tracebacks=False)],
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)
     if not args.command:

@@ -3,13 +3,31 @@
 On a terminal it takes the terminal's width. Anywhere else (a log file, an Airflow task log,
 spark-submit's driver output) rich would assume 80 columns and cut table cells to fit, so a
 file name, table path or batch id in a log ended in "…"; there it is 200 columns wide instead
-(tables are only as wide as their contents) unless ``COLUMNS`` says otherwise.
+(tables are only as wide as their contents) unless ``COLUMNS`` says otherwise, and the spaces
+rich pads log lines with up to that width are trimmed.
 """
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 LOG_WIDTH = 200
+_PADDING = re.compile(r"[ \t]+(?=\n)")
+
+
+class _TrimmedLines:
+    """A text stream that drops the trailing blanks of every line written through it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_PADDING.sub("", text))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, encoding, fileno, isatty, ...
+        return getattr(self._stream, name)
 
 
 def make_console(**kwargs):
@@ -17,5 +35,6 @@ def make_console(**kwargs):
 
     console = Console(**kwargs)
     if not console.is_terminal and "COLUMNS" not in os.environ and "width" not in kwargs:
-        console.width = LOG_WIDTH
+        stream = kwargs.get("file") or (sys.stderr if kwargs.get("stderr") else sys.stdout)
+        console = Console(**{**kwargs, "file": _TrimmedLines(stream), "width": LOG_WIDTH})
     return console
