@@ -27,29 +27,66 @@ def is_local(uri: str) -> bool:
     return "://" not in uri
 
 
-def filesystem_for(uri: str, storage_options: Mapping[str, str] | None = None) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, root path inside it) for a table URI.
+# schemes whose pyarrow path is "<bucket>/<key>" rather than the URI's path
+_BUCKET_SCHEMES = {"s3", "s3a", "s3n", "gs", "gcs"}
+_AZURE_SCHEMES = {"abfs", "abfss", "az", "adl", "azure"}
+_HADOOP_S3 = {"s3a", "s3n"}  # Hadoop's names for S3, which pyarrow does not know
 
-    Local paths use the local filesystem. ``s3://`` with delta-rs style ``storage_options``
-    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``,
-    ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``) gets an ``S3FileSystem`` with the credentials
-    delta-rs uses for the log; anything else goes to ``pyarrow.fs.FileSystem.from_uri``
-    (hdfs://, gs://, s3:// with the environment's credentials, ...)."""
+
+def path_in_filesystem(uri: str) -> str:
+    """A file's URI -> the path its pyarrow filesystem takes (``s3://b/k`` -> ``b/k``,
+    ``hdfs://nn:8020/a/b`` -> ``/a/b``; a local path stays as it is)."""
+    if "://" not in uri:
+        return uri
+    p = urlparse(uri)
+    scheme = p.scheme.lower()
+    if scheme == "file":
+        return p.path
+    if scheme in _BUCKET_SCHEMES:
+        return f"{p.netloc}{p.path}"
+    if scheme in _AZURE_SCHEMES:
+        container = p.netloc.split("@", 1)[0]
+        return f"{container}{p.path}"
+    return p.path  # hdfs://namenode:8020/a/b -> /a/b
+
+
+def filesystem_for(uri: str, storage_options: Mapping[str, str] | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a table or file URI.
+
+    Local paths use the local filesystem. ``s3://`` (and Hadoop's ``s3a://``, ``s3n://``) with
+    delta-rs style ``storage_options`` (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``) gets an
+    ``S3FileSystem`` with the credentials delta-rs uses for the log; anything else goes to
+    ``pyarrow.fs.FileSystem.from_uri`` (hdfs://, gs://, s3:// with the environment's
+    credentials, ...).
+
+    One filesystem per process serves every URI of a bucket (or host) with the same options:
+    ``from_uri`` on ``s3://`` asks S3 for the bucket's region (a HeadBucket request) and builds
+    a new client each time, and the pipeline opens one URI per raw or bronze file. A URI with a
+    query (``s3://b/k?region=...``, ``from_uri``'s own options) gets a filesystem of its own."""
+    uri = normalize_uri(uri)
+    if is_local(uri):
+        return _LOCAL, uri
     opts = tuple(sorted((k, str(v)) for k, v in (storage_options or {}).items() if v not in (None, "")))
-    return _filesystem_for(normalize_uri(uri), opts)
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.lower()
+    if scheme in _HADOOP_S3:
+        scheme, uri = "s3", f"s3://{rest}"
+    if "?" in uri:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        return fs, path.rstrip("/")
+    authority = rest.split("/", 1)[0]
+    return _filesystem_of(scheme, authority, opts), path_in_filesystem(uri).rstrip("/")
+
+
+_LOCAL = pafs.LocalFileSystem()
 
 
 @lru_cache(maxsize=64)
-def _filesystem_for(uri: str, options: tuple[tuple[str, str], ...]) -> tuple[pafs.FileSystem, str]:
-    if is_local(uri):
-        return pafs.LocalFileSystem(), uri
-    scheme, rest = uri.split("://", 1)
-    if scheme.lower() in {"s3", "s3a", "s3n"}:  # Hadoop's names for S3, which pyarrow does not know
-        if options:
-            return _s3_filesystem(dict(options)), rest.rstrip("/")
-        uri = f"s3://{rest}"
-    fs, root = pafs.FileSystem.from_uri(uri)
-    return fs, root.rstrip("/")
+def _filesystem_of(scheme: str, authority: str, options: tuple[tuple[str, str], ...]) -> pafs.FileSystem:
+    if scheme == "s3" and options:
+        return _s3_filesystem(dict(options))
+    return pafs.FileSystem.from_uri(f"{scheme}://{authority}/")[0]
 
 
 def _opt(options: Mapping[str, str], *names: str) -> str | None:

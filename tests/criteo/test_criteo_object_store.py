@@ -183,6 +183,29 @@ def test_generate_refuses_an_object_store(tmp_path):
         generate(_cfg(str(tmp_path / "lake"), "s3://bucket/raw"))
 
 
+def test_one_filesystem_serves_a_bucket(s3):
+    """Every file of a bucket is opened through one pyarrow filesystem: ``from_uri`` asks S3 for
+    the bucket's region (a HeadBucket request) and builds a new client on every call, and the
+    pipeline opens a URI per raw and per bronze file. Paths inside it are ``bucket/key``."""
+    from pipelines.lake.fs import filesystem_for
+
+    a, b = _bucket(s3), _bucket(s3)
+    fs, path = filesystem_for(f"{a}/raw/day_0")
+    assert path == a.removeprefix("s3://") + "/raw/day_0"
+    assert filesystem_for(f"{a}/lake/criteo/bronze/events/source=day_0/part-0.parquet")[0] is fs
+    assert filesystem_for(a.replace("s3://", "s3a://") + "/raw/day_1")[0] is fs
+    assert filesystem_for(f"{b}/raw/day_0")[0] is not fs  # another bucket: its own region lookup
+    options = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "bigopt-test",
+               "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
+    explicit, epath = filesystem_for(f"{a}/raw/day_0", options)
+    assert explicit is not fs and epath == path and filesystem_for(f"{a}/x", options)[0] is explicit
+    # the same objects through either
+    with fs.open_output_stream(f"{path}.json") as out:
+        out.write(b"[]")
+    with explicit.open_input_stream(f"{epath}.json") as f:
+        assert f.read() == b"[]"
+
+
 def test_hadoop_s3_schemes_read_like_s3(s3):
     """``s3a://`` / ``s3n://`` (Hadoop's names, which Spark users write) reach the same objects
     through pyarrow's S3 filesystem, with the environment's credentials or explicit ones."""

@@ -46,13 +46,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipelines.lake.fs import path_in_filesystem
 from pipelines.lake.reader import DeltaSnapshot, partition_scalar
 from training.data.convert import UnsupportedColumnError, column_to_tensor, default_torch_dtype, torch_dtype
 from training.data.sources import (
     RowGroup,
     filesystem_for_table,
     lpt_assign,
-    path_in_filesystem,
     read_footers,
 )
 

@@ -13,17 +13,11 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.lake.fs import filesystem_for
-
-# schemes whose pyarrow path is "<bucket>/<key>" rather than the URI's path
-_BUCKET_SCHEMES = {"s3", "s3a", "s3n", "gs", "gcs"}
-_AZURE_SCHEMES = {"abfs", "abfss", "az", "adl", "azure"}
-
 
 def filesystem_for_table(
     table_uri: str,
@@ -36,22 +30,6 @@ def filesystem_for_table(
     if filesystem is not None:
         return filesystem
     return filesystem_for(table_uri, storage_options)[0]
-
-
-def path_in_filesystem(uri: str) -> str:
-    """A data file's URI (as the snapshot lists it) -> the path its pyarrow filesystem takes."""
-    if "://" not in uri:
-        return uri
-    p = urlparse(uri)
-    scheme = p.scheme.lower()
-    if scheme == "file":
-        return p.path
-    if scheme in _BUCKET_SCHEMES:
-        return f"{p.netloc}{p.path}"
-    if scheme in _AZURE_SCHEMES:
-        container = p.netloc.split("@", 1)[0]
-        return f"{container}{p.path}"
-    return p.path  # hdfs://namenode:8020/a/b -> /a/b
 
 
 @dataclass(frozen=True)
