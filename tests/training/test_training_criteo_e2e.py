@@ -44,7 +44,9 @@ def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_sto
         "tracking.experiment=criteo-e2e",
         "tracking.model_format=pickle",
     ])
-    args = argparse.Namespace(no_generate=True, force_ingest=False, skip_data=False, local=False, num_proc=None)
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)  # the command's own flags and defaults
+    args = parser.parse_args(["--no-generate"])
     assert job.run(cfg, args) == 0
     out = capsys.readouterr().out
     assert "test AUC" in out and "mlflow ui --backend-store-uri" in out
