@@ -438,8 +438,9 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    from rich.console import Console
     from rich.table import Table
+
+    from jobs.console import make_console
 
     (ra, _, ma) = results["a"]
     (rc, wc, mc) = results["c"]
@@ -464,7 +465,7 @@ def main() -> int:
     wd = rd["seconds"]
     table.add_row(f"(d) storage floor: parse + Parquet only ({rd['parse_cpu_s']:.1f} + {rd['parquet_cpu_s']:.1f} CPU s)",
                   f"{wd:.1f}", f"{n / wd:,.0f}", f"{md / 1e9:.2f}")
-    Console().print(table)
+    make_console().print(table)  # a log keeps each row on one line
     print("seconds: inside each process, after interpreter start and imports (for (c): after the "
           "SparkSession and its Python workers are up); peak memory: PSS of the whole process tree (for (c): driver, JVM, Python workers)")
     if "b" in results:
