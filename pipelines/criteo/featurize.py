@@ -51,7 +51,9 @@ are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks
 Only bronze rows the ingest ledger confirms are used (see :mod:`pipelines.criteo.ingest`);
 unlabelled rows (Kaggle ``test.txt``) are left out of gold. Every gold commit records the
 bronze version it was built from; ``features.json`` next to the gold tables names the table
-versions and per-column cardinalities the training code needs.
+versions and per-column cardinalities the training code needs, and the fingerprint of gold's
+inputs, so featurizing the same bronze version with the same settings again writes nothing
+(:func:`current_gold`).
 """
 from __future__ import annotations
 
@@ -846,6 +848,13 @@ def current_gold(cfg, view: BronzeView) -> FeaturizeReport | None:
     for path, version in recorded.values():
         if not table_exists(path) or table_version(path) != version:
             return None
+    try:
+        return _report_of(doc, paths["features_json"])
+    except (KeyError, TypeError):  # a features.json this code does not know how to read: build
+        return None
+
+
+def _report_of(doc: dict, features_json: str) -> FeaturizeReport:
     split = doc["split"]
     vocab = doc.get("vocabulary") or {}
     return FeaturizeReport(
@@ -856,7 +865,7 @@ def current_gold(cfg, view: BronzeView) -> FeaturizeReport | None:
         cardinalities=list(doc["cardinalities"]), unlabeled_rows=doc["unlabeled_rows_excluded"],
         vocabulary=vocab.get("path"), vocabulary_version=vocab.get("version"),
         vocab_sizes=doc["vocab_sizes"]["path"], vocab_sizes_version=doc["vocab_sizes"]["version"],
-        features_json=paths["features_json"], test_days=list(split["test_days"]),
+        features_json=features_json, test_days=list(split["test_days"]),
         valid_days=list(split["valid_days"]), up_to_date=True,
     )
 

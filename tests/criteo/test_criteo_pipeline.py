@@ -423,6 +423,13 @@ def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys, monkeypat
 
     # force: rebuilt with nothing changed
     assert not featurize(spark, cfg, force=True).up_to_date
+    # a features.json this code cannot read (damaged, or another layout): rebuilt, not an error
+    features = Path(first.features_json)
+    doc = json.loads(features.read_text())
+    features.write_text(json.dumps({k: v for k, v in doc.items() if k != "split"}))
+    assert not featurize(spark, cfg).up_to_date
+    features.write_text("{not json")
+    assert not featurize(spark, cfg).up_to_date and featurize(spark, cfg).up_to_date
 
     # a new bronze version (a third day arrives): rebuilt, the new day held out
     lines = (tmp_path / "raw" / "day_1").read_text().splitlines(keepends=True)
