@@ -61,6 +61,7 @@ import datetime as _dt
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -117,7 +118,26 @@ GOLD_STATS_COLUMNS = ["label"]
 
 
 class FeaturizeError(RuntimeError):
-    """Bronze cannot be featurized as it stands (empty, or inconsistent with the ledger)."""
+    """Bronze cannot be featurized as it stands (empty, inconsistent with the ledger, or a
+    file of it unreadable)."""
+
+
+class BronzeFileError(RuntimeError):
+    """A bronze data file that cannot be read, raised where it is read (a Spark task or the
+    driver); the driver turns it into a :class:`FeaturizeError` (:func:`_bronze_file_error`)."""
+
+
+def _unreadable(uri: str, e: BaseException) -> str:
+    return (f"bronze file {uri} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the table is damaged there: restore the file, or re-ingest its source with `bigopt ingest --force`, "
+            "which replaces that source's rows")
+
+
+def _bronze_file_error(e: BaseException) -> FeaturizeError | None:
+    """The :class:`BronzeFileError` a failed Spark job carries (in the Python traceback inside
+    its Java exception), as a FeaturizeError of its message alone; None for any other failure."""
+    m = re.search(r"BronzeFileError: (bronze file [^\n]*)", str(e))
+    return FeaturizeError(m.group(1)) if m else None
 
 
 @dataclass
@@ -417,7 +437,10 @@ def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -
         if parts <= 1 or f.size <= target * 3 // 2:
             out.append(BronzeSlice(f.uri, day, None, f.size))
             continue
-        md = f.metadata
+        try:
+            md = f.metadata
+        except (OSError, pa.ArrowException) as e:
+            raise FeaturizeError(_unreadable(f.uri, e)) from None
         rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
         if len(rows) <= 1:
             out.append(BronzeSlice(f.uri, day, None, f.size))
@@ -455,11 +478,14 @@ def read_slice(sl: BronzeSlice, schema: pa.Schema, dictionary: Iterable[str] = (
     columns read dictionary-encoded, as Parquet stores them)."""
     from pipelines.lake.reader import open_parquet
 
-    pf = open_parquet(sl.uri, read_dictionary=list(dictionary) or None)
-    yield from pf.iter_batches(
-        batch_size=BATCH_ROWS, row_groups=list(sl.row_groups) if sl.row_groups is not None else None,
-        columns=schema.names, use_threads=False,
-    )
+    try:
+        pf = open_parquet(sl.uri, read_dictionary=list(dictionary) or None)
+        yield from pf.iter_batches(
+            batch_size=BATCH_ROWS, row_groups=list(sl.row_groups) if sl.row_groups is not None else None,
+            columns=schema.names, use_threads=False,
+        )
+    except (OSError, pa.ArrowException) as e:  # missing, not Parquet, damaged pages
+        raise BronzeFileError(_unreadable(sl.uri, e)) from None
 
 
 # --------------------------------------------------------------------- vocabulary job
@@ -680,8 +706,10 @@ def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, pa
                 .mapPartitions(lambda pairs: merge_partition(pairs, tw, threshold, max_size))
                 .collect()
             )
-    except BaseException:
+    except BaseException as e:
         abort_write(tw)
+        if (clear := _bronze_file_error(e)) is not None:
+            raise clear from None
         raise
     finally:
         sc.setJobDescription(None)
@@ -798,9 +826,11 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
             version = commit_write(tw, adds, {**info_base, "table": split})
             out[split] = (version, sum(int(a["num_records"]) for a in adds))
         return out
-    except BaseException:
+    except BaseException as e:
         for tw in pending:
             abort_write(tw)
+        if (clear := _bronze_file_error(e)) is not None:
+            raise clear from None
         raise
 
 

@@ -313,7 +313,7 @@ def _rows_in_listing_order(path: str) -> pa.Table:
 def test_failed_featurize_commits_nothing(spark, tmp_path):
     """A gold task that fails (here: an unreadable bronze file of the held-out day) fails the
     job; no gold table gets a commit and no file of the failed writes is left behind."""
-    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.featurize import FeaturizeError, featurize
     from pipelines.criteo.generate import generate
     from pipelines.criteo.ingest import ingest
 
@@ -323,13 +323,30 @@ def test_failed_featurize_commits_nothing(spark, tmp_path):
     rep = featurize(spark, cfg)
     t = _bronze(cfg)
     files = {s: sorted(p.name for p in Path(t[s]).glob("*.parquet")) for s in ("train", "valid", "test")}
-    held = [f for f in DeltaSnapshot(t["bronze"]).files() if f.partition_values["day"] == rep.test_days[0]]
-    Path(held[0].uri.removeprefix("file://")).write_bytes(b"not parquet")
-    with pytest.raises(Exception, match="(?i)parquet"):
-        featurize(spark, cfg, force=True)
-    for s in ("train", "valid", "test"):
-        assert table_version(t[s]) == rep.versions[s]
-        assert sorted(p.name for p in Path(t[s]).glob("*.parquet")) == files[s]
+    by_day = {f.partition_values["day"]: f for f in DeltaSnapshot(t["bronze"]).files()}
+    train_day = next(d for d in by_day if d not in rep.test_days)
+    # a damaged file of the held-out day fails the gold job, one of a train day the vocabulary
+    # job: either way a one-line error naming the file, and nothing committed
+    for day, damage in ((rep.test_days[0], b"not parquet"), (train_day, None)):
+        bad = Path(by_day[day].uri.removeprefix("file://"))
+        saved = bad.read_bytes()
+        bad.write_bytes(damage) if damage else bad.unlink()
+        vocab_version = table_version(t["vocabulary"])
+        with pytest.raises(FeaturizeError, match=r"^bronze file .+ cannot be read .*bigopt ingest --force") as err:
+            featurize(spark, cfg, force=True)
+        assert str(bad) in str(err.value) and "\n" not in str(err.value) and err.value.__cause__ is None
+        for s in ("train", "valid", "test"):
+            assert table_version(t[s]) == rep.versions[s]
+            assert sorted(p.name for p in Path(t[s]).glob("*.parquet")) == files[s]
+        if day == train_day:  # the vocabulary job failed: nothing committed (for the held-out day it had run)
+            assert table_version(t["vocabulary"]) == vocab_version
+        bad.write_bytes(saved)
+    # the driver reads a large file's footer to cut it into slices: the same error there
+    from pipelines.criteo.featurize import bronze_slices
+
+    bad.write_bytes(b"not parquet either")
+    with pytest.raises(FeaturizeError, match=f"^bronze file {bad}"):
+        bronze_slices([DeltaSnapshot(t["bronze"]).files({"day": train_day})[0]], parallelism=2, max_bytes=1024)
 
 
 def test_kaggle_layout_random_split_hash_and_unlabelled(spark, tmp_path):
