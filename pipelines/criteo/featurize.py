@@ -61,7 +61,6 @@ import datetime as _dt
 import functools
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -123,21 +122,30 @@ class FeaturizeError(RuntimeError):
 
 
 class BronzeFileError(RuntimeError):
-    """A bronze data file that cannot be read, raised where it is read (a Spark task or the
-    driver); the driver turns it into a :class:`FeaturizeError` (:func:`_bronze_file_error`)."""
+    """A bronze data file that cannot be read (missing, not Parquet, damaged pages); its
+    message is ``"<uri> (<error>)"``. The tasks that read bronze return it as a result, so
+    the job runs to its end, names every such file and Spark neither retries nor logs it."""
 
 
-def _unreadable(uri: str, e: BaseException) -> str:
-    return (f"bronze file {uri} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "the table is damaged there: restore the file, or re-ingest its source with `bigopt ingest --force`, "
-            "which replaces that source's rows")
+UNREADABLE = -1  # vocabulary job: the shuffle key under which map tasks send unreadable files
 
 
-def _bronze_file_error(e: BaseException) -> FeaturizeError | None:
-    """The :class:`BronzeFileError` a failed Spark job carries (in the Python traceback inside
-    its Java exception), as a FeaturizeError of its message alone; None for any other failure."""
-    m = re.search(r"BronzeFileError: (bronze file [^\n]*)", str(e))
-    return FeaturizeError(m.group(1)) if m else None
+def _problem(uri: str, e: BaseException) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{uri} ({type(e).__name__}: {first})"
+
+
+class UnreadableBronzeError(FeaturizeError):
+    """Bronze files that cannot be read: which (``problems``), and what to do about it."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems = sorted(set(problems))
+        n = len(self.problems)
+        what = f"bronze file {self.problems[0]}" if n == 1 else f"{n} bronze files"
+        them = ("the file", "its source", "that source's") if n == 1 else ("them", "their sources", "those sources'")
+        msg = (f"{what} cannot be read; the table is damaged there: restore {them[0]}, or re-ingest {them[1]} "
+               f"with `bigopt ingest --force`, which replaces {them[2]} rows")
+        super().__init__(msg if n == 1 else msg + ":\n  " + "\n  ".join(self.problems))
 
 
 @dataclass
@@ -430,7 +438,7 @@ def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -
     and small enough that there are about two per core; a file is cut only at row groups."""
     total = sum(f.size for f in files)
     target = max(1, min(max_bytes, -(-total // (2 * max(1, parallelism)))))
-    out = []
+    out, unreadable = [], []
     for f in files:
         day = _day(f)
         parts = -(-f.size // target)
@@ -440,7 +448,8 @@ def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -
         try:
             md = f.metadata
         except (OSError, pa.ArrowException) as e:
-            raise FeaturizeError(_unreadable(f.uri, e)) from None
+            unreadable.append(_problem(f.uri, e))
+            continue
         rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
         if len(rows) <= 1:
             out.append(BronzeSlice(f.uri, day, None, f.size))
@@ -453,6 +462,8 @@ def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -
             BronzeSlice(f.uri, day, tuple(range(a, b)), int(f.size * rows[a:b].sum() // ends[-1]))
             for a, b in zip(edges, edges[1:]) if b > a
         )
+    if unreadable:
+        raise UnreadableBronzeError(unreadable)
     return out
 
 
@@ -485,7 +496,7 @@ def read_slice(sl: BronzeSlice, schema: pa.Schema, dictionary: Iterable[str] = (
             columns=schema.names, use_threads=False,
         )
     except (OSError, pa.ArrowException) as e:  # missing, not Parquet, damaged pages
-        raise BronzeFileError(_unreadable(sl.uri, e)) from None
+        raise BronzeFileError(_problem(sl.uri, e)) from None
 
 
 # --------------------------------------------------------------------- vocabulary job
@@ -603,16 +614,23 @@ def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> I
     rows of this task's slices, as Arrow IPC bytes; memory: about three times each column's
     distinct values in the task's rows (:class:`PartialCounts`)."""
     acc = PartialCounts()
+    unreadable = []
     for sl in task:
         if not rule.may_train(sl.day):
             continue
         whole = rule.of_day(sl.day)
-        for batch in read_slice(sl, schema, dictionary=SPARSE):
-            if whole is None:
-                keep = rule.of_rows(batch) == TRAIN
-                batch = batch.select(SPARSE).filter(pa.array(keep))
-            for j, c in enumerate(SPARSE):
-                acc.add(j, _value_counts(batch.column(c)))
+        try:
+            for batch in read_slice(sl, schema, dictionary=SPARSE):
+                if whole is None:
+                    keep = rule.of_rows(batch) == TRAIN
+                    batch = batch.select(SPARSE).filter(pa.array(keep))
+                for j, c in enumerate(SPARSE):
+                    acc.add(j, _value_counts(batch.column(c)))
+        except BronzeFileError as e:
+            unreadable.append(str(e))
+    if unreadable:  # the job fails on the driver; counting the rest would be wasted
+        yield UNREADABLE, "\n".join(unreadable).encode()
+        return
     for j in acc.columns():
         t = acc.pop(j)
         if pc.max(t.column("count")).as_py() < 1 << 31:  # half the bytes to shuffle for the counts
@@ -628,7 +646,10 @@ def column_partitions(files: list, reducers: int) -> list[int]:
     few reducers."""
     weight = np.ones(NUM_SPARSE)
     for f in files[:: max(1, -(-len(files) // 8))]:
-        md = f.metadata
+        try:
+            md = f.metadata
+        except (OSError, pa.ArrowException):  # an unreadable file: the map task that reads it reports it
+            continue
         for i in range(md.num_row_groups):
             rg = md.row_group(i)
             for k in range(rg.num_columns):
@@ -649,8 +670,15 @@ def merge_partition(pairs: Iterable[tuple[int, bytes]], tw, threshold: int,
     partition's columns, in any order, summed per column as they arrive; then each column
     through :func:`merge_column`."""
     acc = PartialCounts()
+    unreadable: list[str] = []
     for j, blob in pairs:
+        if j == UNREADABLE:
+            unreadable += blob.decode().split("\n")
+            continue
         acc.add(j, pa.ipc.open_stream(blob).read_all())
+    if unreadable:
+        yield UNREADABLE, 0, 0, unreadable
+        return
     for j in acc.columns():
         yield merge_column(j, acc.pop(j), tw, threshold, max_size)
 
@@ -706,13 +734,14 @@ def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, pa
                 .mapPartitions(lambda pairs: merge_partition(pairs, tw, threshold, max_size))
                 .collect()
             )
-    except BaseException as e:
+    except BaseException:
         abort_write(tw)
-        if (clear := _bronze_file_error(e)) is not None:
-            raise clear from None
         raise
     finally:
         sc.setJobDescription(None)
+    if unreadable := [p for j, _, _, problems in results if j == UNREADABLE for p in problems]:
+        abort_write(tw)
+        raise UnreadableBronzeError(unreadable)
     version = commit_write(tw, [a for r in results for a in r[3]], commit_info)
     distinct = {SPARSE[j]: d for j, d, _, _ in results}
     sizes = {SPARSE[j]: k for j, _, k, _ in results}
@@ -768,35 +797,58 @@ class GoldSpec:
     vocab_files: tuple = ()  # per column: the vocabulary's file URIs
 
 
-def gold_task(task: list[BronzeSlice], spec: GoldSpec) -> dict[str, list[dict]]:
+def gold_task(task: list[BronzeSlice], spec: GoldSpec) -> dict[str, list]:
     """One task: every row of its slices to the gold table of its split. Returns
-    ``{split: add actions}``."""
+    ``{split: add actions}``, or ``{"unreadable": [problems]}`` (its writes discarded) when a
+    bronze file of the task cannot be read."""
     values = load_vocabulary(spec.vocab_files) if spec.strategy == "vocab" else None
     writers = [tw.open() for tw in spec.writes]
     try:
-        for sl in task:
-            whole = spec.rule.of_day(sl.day)
-            for batch in read_slice(sl, spec.schema, dictionary=SPARSE):
-                label = batch.column("label").cast(pa.float32())
-                dense = dense_matrix(batch)
-                sparse = np.empty((batch.num_rows, NUM_SPARSE), dtype=np.int32)
-                for j, c in enumerate(SPARSE):
-                    col = batch.column(c)
-                    ids = vocab_ids(col, values[j]) if values is not None else hashed_ids(col, spec.hash_buckets)
-                    sparse[:, j] = ids
-                if whole is not None:
-                    writers[whole].write(gold_batch(label, dense, sparse))
-                    continue
-                codes = spec.rule.of_rows(batch)
-                for k in (TRAIN, VALID, TEST):
-                    rows = np.flatnonzero(codes == k)
-                    if len(rows):
-                        writers[k].write(gold_batch(label.take(pa.array(rows)), dense[rows], sparse[rows]))
+        for i, sl in enumerate(task):
+            try:
+                _gold_slice(sl, spec, values, writers)
+            except BronzeFileError as e:  # the job fails on the driver: name this task's other bad files too
+                for w in writers:
+                    w.discard()
+                return {"unreadable": [str(e), *_unreadable_footers(sl.uri for sl in task[i + 1:])]}
         return {split: w.close() for split, w in zip(GOLD_SPLITS, writers)}
     except BaseException:
         for w in writers:
             w.discard()
         raise
+
+
+def _gold_slice(sl: BronzeSlice, spec: GoldSpec, values: list | None, writers: list) -> None:
+    whole = spec.rule.of_day(sl.day)
+    for batch in read_slice(sl, spec.schema, dictionary=SPARSE):
+        label = batch.column("label").cast(pa.float32())
+        dense = dense_matrix(batch)
+        sparse = np.empty((batch.num_rows, NUM_SPARSE), dtype=np.int32)
+        for j, c in enumerate(SPARSE):
+            col = batch.column(c)
+            ids = vocab_ids(col, values[j]) if values is not None else hashed_ids(col, spec.hash_buckets)
+            sparse[:, j] = ids
+        if whole is not None:
+            writers[whole].write(gold_batch(label, dense, sparse))
+            continue
+        codes = spec.rule.of_rows(batch)
+        for k in (TRAIN, VALID, TEST):
+            rows = np.flatnonzero(codes == k)
+            if len(rows):
+                writers[k].write(gold_batch(label.take(pa.array(rows)), dense[rows], sparse[rows]))
+
+
+def _unreadable_footers(uris: Iterable[str]) -> list[str]:
+    """The files that cannot even be opened (their footer read), as problem strings."""
+    from pipelines.lake.reader import open_parquet
+
+    out = []
+    for uri in uris:
+        try:
+            open_parquet(uri)
+        except (OSError, pa.ArrowException) as e:
+            out.append(_problem(uri, e))
+    return out
 
 
 def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict, fz,
@@ -819,6 +871,8 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
                 results = sc.parallelize(tasks, len(tasks)).map(functools.partial(gold_task, spec=spec)).collect()
             finally:
                 sc.setJobDescription(None)
+        if unreadable := [p for r in results for p in r.get("unreadable", ())]:
+            raise UnreadableBronzeError(unreadable)  # aborts the three writes below
         out = {}
         for split, tw in zip(GOLD_SPLITS, writes):
             adds = [a for r in results for a in r[split]]
@@ -826,11 +880,9 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
             version = commit_write(tw, adds, {**info_base, "table": split})
             out[split] = (version, sum(int(a["num_records"]) for a in adds))
         return out
-    except BaseException as e:
+    except BaseException:
         for tw in pending:
             abort_write(tw)
-        if (clear := _bronze_file_error(e)) is not None:
-            raise clear from None
         raise
 
 
@@ -946,10 +998,15 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
         say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
         train_files = [f for f in files if rule.may_train(_day(f))]
         vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
-        vv, sizes, distinct, vocab_files = build_vocabulary(
-            sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"],
-            {**info_base, "table": "vocabulary"}, cfg.lake.compression,
-        )
+        try:
+            vv, sizes, distinct, vocab_files = build_vocabulary(
+                sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"],
+                {**info_base, "table": "vocabulary"}, cfg.lake.compression,
+            )
+        except UnreadableBronzeError as e:  # name the held-out days' bad files too, not one job's at a time
+            train_uris = {f.uri for f in train_files}
+            rest = _unreadable_footers(f.uri for f in files if f.uri not in train_uris)
+            raise UnreadableBronzeError(e.problems + rest) from None
         report.vocabulary, report.vocabulary_version = paths["vocabulary"], vv
         cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
         say(f"vocabulary v{vv}: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")

@@ -310,43 +310,53 @@ def _rows_in_listing_order(path: str) -> pa.Table:
     return pa.concat_tables(open_parquet(f.uri).read() for f in DeltaSnapshot(path).files())
 
 
-def test_failed_featurize_commits_nothing(spark, tmp_path):
-    """A gold task that fails (here: an unreadable bronze file of the held-out day) fails the
-    job; no gold table gets a commit and no file of the failed writes is left behind."""
-    from pipelines.criteo.featurize import FeaturizeError, featurize
+def test_failed_featurize_commits_nothing(spark, tmp_path, capfd):
+    """Unreadable bronze files (damaged, or missing) fail featurize with one error naming every
+    such file of the failing job and the remedy, without Spark task failures (no retries, no
+    Java/Python tracebacks); no table gets a commit and no file of the failed writes is left."""
+    from pipelines.criteo.featurize import FeaturizeError, bronze_slices, featurize
     from pipelines.criteo.generate import generate
     from pipelines.criteo.ingest import ingest
 
-    cfg = _cfg(tmp_path, generate={"days": 2, "rows_per_day": 300, "seed": 1})
+    # 4 days of equal files: no file is big enough for the driver to read its footer (to cut it
+    # into slices), so the tasks meet the bad files, in both jobs
+    cfg = _cfg(tmp_path, generate={"days": 4, "rows_per_day": 300, "seed": 1})
     generate(cfg)
     ingest(spark, cfg)
     rep = featurize(spark, cfg)
     t = _bronze(cfg)
     files = {s: sorted(p.name for p in Path(t[s]).glob("*.parquet")) for s in ("train", "valid", "test")}
-    by_day = {f.partition_values["day"]: f for f in DeltaSnapshot(t["bronze"]).files()}
-    train_day = next(d for d in by_day if d not in rep.test_days)
-    # a damaged file of the held-out day fails the gold job, one of a train day the vocabulary
-    # job: either way a one-line error naming the file, and nothing committed
-    for day, damage in ((rep.test_days[0], b"not parquet"), (train_day, None)):
-        bad = Path(by_day[day].uri.removeprefix("file://"))
-        saved = bad.read_bytes()
-        bad.write_bytes(damage) if damage else bad.unlink()
+    by_day = {f.partition_values["day"]: Path(f.uri.removeprefix("file://")) for f in DeltaSnapshot(t["bronze"]).files()}
+    held, train_days = rep.test_days[0], sorted(d for d in by_day if d not in rep.test_days)
+    saved = {d: p.read_bytes() for d, p in by_day.items()}
+    # the held-out day fails the gold job; two train days the vocabulary job (one damaged, one
+    # gone), whose error also names the held-out day's file (gone too), which it did not read
+    for damaged, gone in (([held], []), (train_days[:1], [train_days[1], held])):
+        for d in damaged:
+            by_day[d].write_bytes(b"not parquet")
+        for d in gone:
+            by_day[d].unlink()
         vocab_version = table_version(t["vocabulary"])
-        with pytest.raises(FeaturizeError, match=r"^bronze file .+ cannot be read .*bigopt ingest --force") as err:
+        capfd.readouterr()
+        with pytest.raises(FeaturizeError, match=r"cannot be read; .*bigopt ingest --force") as err:
             featurize(spark, cfg, force=True)
-        assert str(bad) in str(err.value) and "\n" not in str(err.value) and err.value.__cause__ is None
+        msg = str(err.value)
+        bad = damaged + gone
+        assert all(str(by_day[d]) in msg for d in bad) and err.value.__cause__ is None
+        assert msg.startswith(f"bronze file {by_day[held]} (ArrowInvalid" if bad == [held] else "3 bronze files")
+        assert "FileNotFoundError" in msg if gone else "\n" not in msg
+        assert "PythonException" not in capfd.readouterr().err  # not a failed Spark task
         for s in ("train", "valid", "test"):
             assert table_version(t[s]) == rep.versions[s]
             assert sorted(p.name for p in Path(t[s]).glob("*.parquet")) == files[s]
-        if day == train_day:  # the vocabulary job failed: nothing committed (for the held-out day it had run)
+        if bad != [held]:  # the vocabulary job failed: nothing committed (for the held-out day it had run)
             assert table_version(t["vocabulary"]) == vocab_version
-        bad.write_bytes(saved)
+        for d in bad:
+            by_day[d].write_bytes(saved[d])
     # the driver reads a large file's footer to cut it into slices: the same error there
-    from pipelines.criteo.featurize import bronze_slices
-
-    bad.write_bytes(b"not parquet either")
-    with pytest.raises(FeaturizeError, match=f"^bronze file {bad}"):
-        bronze_slices([DeltaSnapshot(t["bronze"]).files({"day": train_day})[0]], parallelism=2, max_bytes=1024)
+    by_day[held].write_bytes(b"not parquet either")
+    with pytest.raises(FeaturizeError, match=f"^bronze file {by_day[held]}"):
+        bronze_slices([DeltaSnapshot(t["bronze"]).files({"day": held})[0]], parallelism=2, max_bytes=1024)
 
 
 def test_kaggle_layout_random_split_hash_and_unlabelled(spark, tmp_path):
