@@ -907,29 +907,40 @@ def gold_fingerprint(cfg, bronze_version: int) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def current_gold(cfg, view: BronzeView) -> FeaturizeReport | None:
-    """The report of the gold tables as they stand, when they are exactly what featurizing
-    ``view`` with ``cfg`` would build: ``features.json`` records the same
-    :func:`gold_fingerprint` and every table it names is still at the version it records.
-    None when anything differs: no gold yet, bronze or a setting changed, or a table was
-    written since (by another build or by hand). Reads ``features.json`` and the tables' logs
-    only; no Spark."""
-    from pipelines.lake import table_exists, table_version
+def _latest_version(uri: str) -> int | None:
+    """A table's latest version from its log (one read of it); None when there is no table."""
+    from deltalake.exceptions import TableNotFoundError
 
+    from pipelines.lake import table_version
+
+    try:
+        return table_version(uri)
+    except TableNotFoundError:
+        return None
+
+
+def current_gold(cfg, bronze_version: int | None) -> FeaturizeReport | None:
+    """The report of the gold tables as they stand, when they are exactly what featurizing
+    bronze ``bronze_version`` with ``cfg`` would build: ``features.json`` records the same
+    :func:`gold_fingerprint` and every table it names is still at the version it records.
+    None when anything differs: no bronze or no gold yet, bronze or a setting changed, or a
+    table was written since (by another build or by hand). Reads ``features.json`` and the
+    tables' logs only; no Spark, no scan of bronze or its ledger."""
+    if bronze_version is None:
+        return None
     paths = tables(cfg)
     try:
         doc = read_features(paths["features_json"])
     except (OSError, ValueError):  # never built (or unreadable, or not JSON): build
         return None
-    if doc.get("fingerprint") != gold_fingerprint(cfg, view.version):
+    if doc.get("fingerprint") != gold_fingerprint(cfg, bronze_version):
         return None
     recorded = {s: (t["path"], t["version"]) for s, t in doc["tables"].items()}
     for name in ("vocabulary", "vocab_sizes"):
         if doc.get(name):
             recorded[name] = (doc[name]["path"], doc[name]["version"])
-    for path, version in recorded.values():
-        if not table_exists(path) or table_version(path) != version:
-            return None
+    if any(_latest_version(path) != version for path, version in recorded.values()):
+        return None
     try:
         return _report_of(doc, paths["features_json"])
     except (KeyError, TypeError):  # a features.json this code does not know how to read: build
@@ -968,11 +979,13 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     paths = tables(cfg)
     chash = config_hash(cfg)
 
+    if not force:  # needs bronze's version only: the ledger check below is for a build
+        bronze_version = fz.bronze_version if fz.bronze_version is not None else _latest_version(paths["bronze"])
+        if (done := current_gold(cfg, bronze_version)) is not None:
+            say(f"gold is up to date: built from bronze v{bronze_version} with these settings, nothing to rebuild")
+            done.seconds = time.time() - t0
+            return done
     view = bronze_view(cfg, fz.bronze_version)
-    if not force and (done := current_gold(cfg, view)) is not None:
-        say(f"gold is up to date: built from bronze v{view.version} with these settings, nothing to rebuild")
-        done.seconds = time.time() - t0
-        return done
     sc = session_of(spark).sparkContext
     sources = view.labeled_sources
     if not sources:
