@@ -629,7 +629,8 @@ def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> I
         except BronzeFileError as e:
             unreadable.append(str(e))
     if unreadable:  # the job fails on the driver; counting the rest would be wasted
-        yield UNREADABLE, "\n".join(unreadable).encode()
+        for problem in unreadable:
+            yield UNREADABLE, problem.encode()
         return
     for j in acc.columns():
         t = acc.pop(j)
@@ -673,7 +674,7 @@ def merge_partition(pairs: Iterable[tuple[int, bytes]], tw, threshold: int,
     unreadable: list[str] = []
     for j, blob in pairs:
         if j == UNREADABLE:
-            unreadable += blob.decode().split("\n")
+            unreadable.append(blob.decode())
             continue
         acc.add(j, pa.ipc.open_stream(blob).read_all())
     if unreadable:
