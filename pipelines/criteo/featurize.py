@@ -33,7 +33,7 @@ are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks
    summed as they arrive (:class:`PartialCounts`), then per column the threshold and
    ``max_vocab_size`` applied, values ordered by count desc then value asc and numbered from
    2; the task writes that column's ``column=Cj`` vocabulary files and returns them with the
-   column's distinct and kept counts. The driver commits ONE vocabulary transaction. Memory
+   column's distinct and kept counts. The driver keeps the files uncommitted. Memory
    per task, map or reduce: about three times each column's distinct values there
    (:class:`PartialCounts`). (Not ``groupByKey``: its map-side combiner has nothing to
    combine, one partial per column per task, yet it spilled the partials to disk whenever
@@ -42,11 +42,15 @@ are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks
 2. **Gold**, one RDD job without a shuffle: each task reads its slices' rows, computes the
    split per row (day of the file; the row hash with
    :func:`pipelines.criteo.spark_xxhash.xxhash64`, bit-identical to Spark's), the dense
-   transform and the ids (lookups in the column's committed vocabulary, which the task reads
-   from the vocabulary table's files and keeps per Python worker: :class:`VocabLookup`; or
-   the Spark hash), and writes each split's rows to its own gold table. The driver commits
-   the three tables (one transaction each). Memory per task: one batch of rows plus all 26
-   vocabularies (``max_vocab_size`` bounds them).
+   transform and the ids (lookups in the column's vocabulary, which the task reads from the
+   vocabulary job's files and keeps per Python worker: :class:`VocabLookup`; or the Spark
+   hash), and writes each split's rows to its own gold table. Memory per task: one batch of
+   rows plus all 26 vocabularies (``max_vocab_size`` bounds them).
+
+Only when both jobs have succeeded does the driver commit, one transaction per table:
+vocabulary, train, valid, test, then the 26-row ``vocab_sizes`` summary
+(:func:`pipelines.lake.tasks.commit_writes`). A failed job (a task error, an unreadable
+bronze file) leaves every table as it was and deletes the files it wrote.
 
 Only bronze rows the ingest ledger confirms are used (see :mod:`pipelines.criteo.ingest`);
 unlabelled rows (Kaggle ``test.txt``) are left out of gold. Every gold commit records the
@@ -77,6 +81,7 @@ from pipelines.criteo.spark_xxhash import valid_mask, word_keys, xxhash64
 
 if TYPE_CHECKING:
     from pipelines.lake import DeltaSnapshot
+    from pipelines.lake.tasks import TaskWrite
 
 log = logging.getLogger(__name__)
 
@@ -711,12 +716,13 @@ def merge_column(index: int, counts: pa.Table, tw, threshold: int,
 
 
 def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, path: str,
-                     commit_info: dict, compression: str = "zstd") -> tuple[int, dict[str, int], dict[str, int], tuple]:
+                     compression: str = "zstd") -> tuple[TaskWrite, list[dict], dict[str, int], dict[str, int], tuple]:
     """The vocabulary job (see the module docstring) over the bronze ``files`` that can hold
-    train rows. Returns (vocabulary version, kept values per column, distinct train values per
-    column, per column the URIs of its vocabulary files)."""
+    train rows. Returns (the vocabulary write, its add actions: written, NOT committed; kept
+    values per column, distinct train values per column, per column the URIs of its files).
+    On failure the job's files are deleted."""
     from pipelines.lake.fs import file_uri
-    from pipelines.lake.tasks import abort_write, begin_write, commit_write
+    from pipelines.lake.tasks import abort_write, begin_write
 
     tw = begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"], compression=compression)
     # one reduce task per column at most; fewer on a small cluster, where a task's fixed cost
@@ -743,12 +749,11 @@ def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, pa
     if unreadable := [p for j, _, _, problems in results if j == UNREADABLE for p in problems]:
         abort_write(tw)
         raise UnreadableBronzeError(unreadable)
-    version = commit_write(tw, [a for r in results for a in r[3]], commit_info)
     distinct = {SPARSE[j]: d for j, d, _, _ in results}
     sizes = {SPARSE[j]: k for j, _, k, _ in results}
     uris = {j: tuple(file_uri(tw.uri, a["path"]) for a in adds) for j, _, _, adds in results}
-    return (version, {c: sizes.get(c, 0) for c in SPARSE}, {c: distinct.get(c, 0) for c in SPARSE},
-            tuple(uris.get(j, ()) for j in range(NUM_SPARSE)))
+    return (tw, [a for r in results for a in r[3]], {c: sizes.get(c, 0) for c in SPARSE},
+            {c: distinct.get(c, 0) for c in SPARSE}, tuple(uris.get(j, ()) for j in range(NUM_SPARSE)))
 
 
 _VOCAB_CACHE: dict[tuple, list[VocabLookup]] = {}
@@ -852,10 +857,11 @@ def _unreadable_footers(uris: Iterable[str]) -> list[str]:
     return out
 
 
-def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict, fz,
-               info_base: dict) -> dict[str, tuple[int, int]]:
-    """The gold job: returns ``{split: (version, rows)}``; nothing is committed if a task fails."""
-    from pipelines.lake.tasks import abort_write, begin_write, commit_write
+def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
+               fz) -> dict[str, tuple[TaskWrite, list[dict]]]:
+    """The gold job: returns ``{split: (write, add actions)}``, written and NOT committed; on
+    failure every file of the three writes is deleted."""
+    from pipelines.lake.tasks import abort_write, begin_write
 
     writes = tuple(
         begin_write(paths[s], GOLD_SCHEMA, mode="overwrite", row_group_rows=fz.row_group_rows,
@@ -863,7 +869,6 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
         for s in GOLD_SPLITS
     )
     spec = GoldSpec(writes=writes, **spec_args)
-    pending = list(writes)
     try:
         results: list[dict] = []
         if tasks:
@@ -874,17 +879,11 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
                 sc.setJobDescription(None)
         if unreadable := [p for r in results for p in r.get("unreadable", ())]:
             raise UnreadableBronzeError(unreadable)  # aborts the three writes below
-        out = {}
-        for split, tw in zip(GOLD_SPLITS, writes):
-            adds = [a for r in results for a in r[split]]
-            pending.remove(tw)
-            version = commit_write(tw, adds, {**info_base, "table": split})
-            out[split] = (version, sum(int(a["num_records"]) for a in adds))
-        return out
     except BaseException:
-        for tw in pending:
+        for tw in writes:
             abort_write(tw)
         raise
+    return {split: (tw, [a for r in results for a in r[split]]) for split, tw in zip(GOLD_SPLITS, writes)}
 
 
 # ------------------------------------------------------------------- is gold current?
@@ -971,7 +970,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     returned (``up_to_date``); ``force`` rebuilds them anyway. ``spark``: a SparkSession, or
     a callable that starts one, called only for a build (:func:`pipelines.spark.session_of`)."""
     from jobs.config import config_hash
-    from pipelines.lake.tasks import write_arrow
+    from pipelines.lake.tasks import abort_write, begin_write, commit_writes
     from pipelines.spark import session_of
 
     t0 = time.time()
@@ -1008,47 +1007,60 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     sizes: dict[str, int] = {}
     distinct: dict[str, int] = {}
     vocab_files: tuple = ()
+    written: list[tuple[str, TaskWrite, list[dict]]] = []  # committed once every job has succeeded
     if fz.strategy == "vocab":
         say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
         train_files = [f for f in files if rule.may_train(_day(f))]
         vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
         try:
-            vv, sizes, distinct, vocab_files = build_vocabulary(
-                sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"],
-                {**info_base, "table": "vocabulary"}, cfg.lake.compression,
+            vtw, vadds, sizes, distinct, vocab_files = build_vocabulary(
+                sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"], cfg.lake.compression,
             )
         except UnreadableBronzeError as e:  # name the held-out days' bad files too, not one job's at a time
             train_uris = {f.uri for f in train_files}
             rest = _unreadable_footers(f.uri for f in files if f.uri not in train_uris)
             raise UnreadableBronzeError(e.problems + rest) from None
-        report.vocabulary, report.vocabulary_version = paths["vocabulary"], vv
+        written.append(("vocabulary", vtw, vadds))
         cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
-        say(f"vocabulary v{vv}: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
+        say(f"vocabulary: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
     else:
         cards = [fz.hash_buckets] * NUM_SPARSE
     report.cardinalities = cards
-
-    say("writing gold " + "/".join(GOLD_SPLITS))
-    spec_args = {"rule": rule, "schema": bronze.schema(ROW_COLUMNS), "strategy": fz.strategy,
-                 "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
-    for split, (v, n) in write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz,
-                                    info_base).items():
-        report.tables[split], report.versions[split], report.rows[split] = paths[split], v, n
-
-    say("writing the vocabulary summary and features.json")
     vocab = fz.strategy == "vocab"
-    rows = [
-        {"column": c, "position": j, "cardinality": cards[j], "kept_values": sizes.get(c, 0) if vocab else None,
-         "distinct_in_train": distinct.get(c, 0) if vocab else None, "strategy": fz.strategy,
-         "freq_threshold": fz.freq_threshold if vocab else None, "hash_buckets": None if vocab else fz.hash_buckets,
-         "missing_id": MISSING_ID, "rare_id": RARE_ID if vocab else None}
-        for j, c in enumerate(SPARSE)
-    ]
-    report.vocab_sizes = paths["vocab_sizes"]
-    report.vocab_sizes_version = write_arrow(  # 26 rows: written by the driver, no Spark job
-        paths["vocab_sizes"], pa.Table.from_pylist(rows, schema=VOCAB_SIZES_SCHEMA), mode="overwrite",
-        commit_info={**info_base, "table": "vocab_sizes"}, compression=cfg.lake.compression,
-    )
+
+    try:
+        say("writing gold " + "/".join(GOLD_SPLITS))
+        spec_args = {"rule": rule, "schema": bronze.schema(ROW_COLUMNS), "strategy": fz.strategy,
+                     "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
+        gold = write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz)
+        written += [(split, tw, adds) for split, (tw, adds) in gold.items()]
+        rows = [
+            {"column": c, "position": j, "cardinality": cards[j], "kept_values": sizes.get(c, 0) if vocab else None,
+             "distinct_in_train": distinct.get(c, 0) if vocab else None, "strategy": fz.strategy,
+             "freq_threshold": fz.freq_threshold if vocab else None,
+             "hash_buckets": None if vocab else fz.hash_buckets, "missing_id": MISSING_ID,
+             "rare_id": RARE_ID if vocab else None}
+            for j, c in enumerate(SPARSE)
+        ]
+        stw = begin_write(paths["vocab_sizes"], VOCAB_SIZES_SCHEMA, mode="overwrite", compression=cfg.lake.compression)
+        written.append(("vocab_sizes", stw, stw.write_all(  # 26 rows: written by the driver, no Spark job
+            pa.Table.from_pylist(rows, schema=VOCAB_SIZES_SCHEMA).to_batches())))
+    except BaseException:
+        for _, tw, _ in written:
+            abort_write(tw)
+        raise
+
+    say("committing " + ", ".join(name for name, _, _ in written))
+    versions = dict(zip((name for name, _, _ in written), commit_writes(
+        [(tw, adds, {**info_base, "table": name}) for name, tw, adds in written])))
+    if vocab:
+        report.vocabulary, report.vocabulary_version = paths["vocabulary"], versions["vocabulary"]
+    for split, (_, adds) in gold.items():
+        report.tables[split], report.versions[split] = paths[split], versions[split]
+        report.rows[split] = sum(int(a["num_records"]) for a in adds)
+    report.vocab_sizes, report.vocab_sizes_version = paths["vocab_sizes"], versions["vocab_sizes"]
+
+    say("writing features.json")
     report.features_json = paths["features_json"]
     write_features_json(cfg, report, sizes, distinct, plan)
     report.seconds = time.time() - t0

@@ -575,7 +575,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     the driver then commits bronze and quarantine, each as ONE transaction replacing the
     group's ``source`` partitions. Returns (per-file results, bronze version, quarantine version)."""
     from pipelines.lake import table_exists
-    from pipelines.lake.tasks import abort_write, begin_write, commit_write
+    from pipelines.lake.tasks import abort_write, begin_write, commit_writes
 
     sources = [f.source for f in group]
 
@@ -604,12 +604,8 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
         abort_write(qtw)
         raise
     chunks = [r for r in results if r["kind"] == "chunk"]
-    try:
-        bv = commit_write(btw, [a for r in chunks for a in r["bronze"]], info)
-    except BaseException:
-        abort_write(qtw)
-        raise
-    qv = commit_write(qtw, [a for r in chunks for a in r["quarantine"]], info)
+    bv, qv = commit_writes([(btw, [a for r in chunks for a in r["bronze"]], info),
+                            (qtw, [a for r in chunks for a in r["quarantine"]], info)])
     per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None} for f in group}
     for r in results:
         d = per_file[r["path"]]

@@ -143,6 +143,23 @@ def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any]
     )
 
 
+def commit_writes(writes: Sequence[tuple[TaskWrite, list[dict], Mapping[str, Any] | None]]) -> list[int]:
+    """Commit several finished writes (``(write, adds, commit_info)``), in order, one
+    transaction each; return their versions. A job that writes several tables runs all its
+    tasks first and commits only once every one has succeeded, so a failed task leaves every
+    table as it was. Delta has no transaction across tables: if a commit itself fails, the
+    writes before it stay committed and those after it are aborted (their files deleted)."""
+    versions: list[int] = []
+    for i, (tw, adds, info) in enumerate(writes):
+        try:
+            versions.append(commit_write(tw, adds, info))
+        except BaseException:
+            for later, _, _ in writes[i + 1:]:
+                abort_write(later)
+            raise
+    return versions
+
+
 def abort_write(tw: TaskWrite) -> int:
     """Delete every file of this write (finished or partial); returns how many were removed."""
     from pipelines.lake.maintenance import remove_write_leftovers

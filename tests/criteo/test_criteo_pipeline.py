@@ -327,7 +327,8 @@ def _rows_in_listing_order(path: str) -> pa.Table:
 def test_failed_featurize_commits_nothing(spark, tmp_path, capfd):
     """Unreadable bronze files (damaged, or missing) fail featurize with one error naming every
     such file of the failing job and the remedy, without Spark task failures (no retries, no
-    Java/Python tracebacks); no table gets a commit and no file of the failed writes is left."""
+    Java/Python tracebacks); no table gets a commit and no file of the failed writes is left,
+    also when only the gold job fails, after the vocabulary job has written its files."""
     from pipelines.criteo.featurize import FeaturizeError, bronze_slices, featurize
     from pipelines.criteo.generate import generate
     from pipelines.criteo.ingest import ingest
@@ -339,7 +340,8 @@ def test_failed_featurize_commits_nothing(spark, tmp_path, capfd):
     ingest(spark, cfg)
     rep = featurize(spark, cfg)
     t = _bronze(cfg)
-    files = {s: sorted(p.name for p in Path(t[s]).glob("*.parquet")) for s in ("train", "valid", "test")}
+    tables = ("train", "valid", "test", "vocabulary", "vocab_sizes")
+    files = {s: sorted(p.name for p in Path(t[s]).rglob("*.parquet")) for s in tables}
     by_day = {f.partition_values["day"]: Path(f.uri.removeprefix("file://")) for f in DeltaSnapshot(t["bronze"]).files()}
     held, train_days = rep.test_days[0], sorted(d for d in by_day if d not in rep.test_days)
     saved = {d: p.read_bytes() for d, p in by_day.items()}
@@ -350,7 +352,6 @@ def test_failed_featurize_commits_nothing(spark, tmp_path, capfd):
             by_day[d].write_bytes(b"not parquet")
         for d in gone:
             by_day[d].unlink()
-        vocab_version = table_version(t["vocabulary"])
         capfd.readouterr()
         with pytest.raises(FeaturizeError, match=r"cannot be read; .*bigopt ingest --force") as err:
             featurize(spark, cfg, force=True)
@@ -360,11 +361,10 @@ def test_failed_featurize_commits_nothing(spark, tmp_path, capfd):
         assert msg.startswith(f"bronze file {by_day[held]} (ArrowInvalid" if bad == [held] else "3 bronze files")
         assert "FileNotFoundError" in msg if gone else "\n" not in msg
         assert "PythonException" not in capfd.readouterr().err  # not a failed Spark task
-        for s in ("train", "valid", "test"):
-            assert table_version(t[s]) == rep.versions[s]
-            assert sorted(p.name for p in Path(t[s]).glob("*.parquet")) == files[s]
-        if bad != [held]:  # the vocabulary job failed: nothing committed (for the held-out day it had run)
-            assert table_version(t["vocabulary"]) == vocab_version
+        assert [table_version(t[s]) for s in tables] == [
+            *(rep.versions[s] for s in ("train", "valid", "test")), rep.vocabulary_version, rep.vocab_sizes_version]
+        for s in tables:
+            assert sorted(p.name for p in Path(t[s]).rglob("*.parquet")) == files[s], s
         for d in bad:
             by_day[d].write_bytes(saved[d])
     # the driver reads a large file's footer to cut it into slices: the same error there

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.lake import DeltaSnapshot, table_version
+from pipelines.lake import DeltaSnapshot, table_exists, table_version
 from pipelines.lake.files import WriteAbortedError
-from pipelines.lake.tasks import abort_write, begin_write, commit_write, write_arrow
+from pipelines.lake.tasks import abort_write, begin_write, commit_write, commit_writes, write_arrow
 
 SCHEMA = pa.schema([pa.field("x", pa.int64()), pa.field("day", pa.int32())])
 
@@ -38,6 +38,29 @@ def test_tasks_commit_once_and_replace_where(tmp_path):
 
     assert [(h["version"], h[ROWS_ADDED_KEY], h.get("job")) for h in history(str(path), 5)] == [
         (1, 2, None), (0, 3, "test")]
+
+
+def test_commit_writes_in_order_and_abort_the_rest_when_one_fails(tmp_path):
+    """Several finished writes commit in order; when a commit fails (here: an overwrite that
+    conflicts with a commit made meanwhile) the writes before it stay committed and those
+    after it lose their files, uncommitted."""
+    from pipelines.lake.commit import CommitConflictError
+
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    write_arrow(b, pa.table({"x": [0], "day": pa.array([0], pa.int32())}), partition_by=["day"])
+    writes = [begin_write(a, SCHEMA, partition_by=["day"]),
+              begin_write(b, SCHEMA, mode="overwrite", partition_by=["day"]),
+              begin_write(c, SCHEMA, partition_by=["day"])]
+    pending = [(tw, _task(tw, [i], 0), {"job": "test"}) for i, tw in enumerate(writes)]
+    assert commit_writes(pending[:1]) == [0]
+    write_arrow(b, pa.table({"x": [9], "day": pa.array([0], pa.int32())}), mode="overwrite",  # meanwhile
+                partition_by=["day"])
+    b_files = _parquet_files(tmp_path / "b")
+    with pytest.raises(CommitConflictError):
+        commit_writes(pending[1:])
+    assert table_version(a) == 0 and table_version(b) == 1 and not table_exists(c)
+    assert DeltaSnapshot(b).to_table().column("x").to_pylist() == [9]
+    assert _parquet_files(tmp_path / "c") == [] and len(_parquet_files(tmp_path / "b")) == len(b_files) - 1
 
 
 def test_a_task_that_finishes_after_the_abort_removes_its_files(tmp_path):
