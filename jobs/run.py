@@ -28,21 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="override train.num_proc")
 
 
-def _stage(name: str):
-    """Import a Criteo pipeline stage: ``pipelines.criteo.<name>.<name>`` or the package's."""
-    import importlib
-
-    try:
-        mod = importlib.import_module(f"pipelines.criteo.{name}")
-        return getattr(mod, name)
-    except (ImportError, AttributeError):
-        pkg = importlib.import_module("pipelines.criteo")
-        fn = getattr(pkg, name, None)
-        if fn is None:
-            raise ImportError(f"pipelines.criteo has no {name}() yet") from None
-        return fn
-
-
 def needs_generation(cfg) -> bool:
     """Generate only when no raw input is configured/present (the demo case)."""
     from pipelines.lake.fs import is_local, normalize_uri
@@ -57,6 +42,9 @@ def needs_generation(cfg) -> bool:
 def run(cfg, args) -> int:
     from jobs.console import make_console
     from jobs.train import apply_cli_overrides
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
     from pipelines.spark import spark_from_config
     from training.api import print_summary, run_training
     from training.launch import RankFailure
@@ -72,31 +60,25 @@ def run(cfg, args) -> int:
         return 2
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"test_at_end": True})})
     timings: dict[str, float] = {}
-    if not args.skip_data:
-        try:
-            stages = {name: _stage(name) for name in ("generate", "ingest", "featurize")}
-        except ImportError as e:
-            print(f"bigopt run: the Criteo pipeline is incomplete: {e}", file=sys.stderr)
-            return 2
     spark = spark_from_config(cfg.spark)
 
     if not args.skip_data:
         if not args.no_generate and needs_generation(cfg):
             t0 = time.perf_counter()
             console.print(f"[bold]generate[/] synthetic raw Criteo -> {cfg.criteo.raw_dir}")
-            files = stages["generate"](cfg)
+            files = generate(cfg)
             timings["generate"] = time.perf_counter() - t0
             console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
         t0 = time.perf_counter()
         console.print("[bold]ingest[/] raw -> bronze")
-        rep = stages["ingest"](spark, cfg, force=args.force_ingest)
+        rep = ingest(spark, cfg, force=args.force_ingest)
         timings["ingest"] = time.perf_counter() - t0
-        console.print(f"  {_brief(rep)} ({timings['ingest']:.1f} s)")
+        console.print(f"  {rep.summary()} ({timings['ingest']:.1f} s)")
         t0 = time.perf_counter()
         console.print("[bold]featurize[/] bronze -> gold + vocabulary")
-        rep = stages["featurize"](spark, cfg, force=args.force_featurize)
+        rep = featurize(spark, cfg, force=args.force_featurize)
         timings["featurize"] = time.perf_counter() - t0
-        console.print(f"  {_brief(rep)} ({timings['featurize']:.1f} s)")
+        console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
 
     t0 = time.perf_counter()
     console.print(f"[bold]train[/] {cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)")
@@ -112,33 +94,6 @@ def run(cfg, args) -> int:
     res.extra["timings"] = timings
     print_summary(res, title=f"bigopt run - {cfg.run.name}  (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")")
     return 0
-
-
-def _brief(report) -> str:
-    """One line from a pipeline report (its ``summary()``, else its numeric fields/properties)."""
-    if report is None:
-        return "done"
-    for attr in ("summary", "one_line"):
-        fn = getattr(report, attr, None)
-        if callable(fn):
-            try:
-                return str(fn())
-            except Exception:  # noqa: BLE001
-                pass
-    parts = []
-    names = list(getattr(report, "__dataclass_fields__", {}) or {})
-    names += [n for n, v in vars(type(report)).items() if isinstance(v, property)]
-    for k in names:
-        if k.startswith("_") or k == "seconds":
-            continue
-        try:
-            v = getattr(report, k)
-        except Exception:  # noqa: BLE001
-            continue
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            continue
-        parts.append(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v:.3g}")
-    return ", ".join(parts[:8]) or type(report).__name__
 
 
 if __name__ == "__main__":
