@@ -1,6 +1,6 @@
 """bigopt run <conf.yaml> [k=v ...] [--no-generate] [--force-ingest] [--force-featurize] [--local] [--num-proc N]
 
-The whole first slice in one command, on one SparkSession:
+The whole first slice in one command, on one SparkSession (started when a step first needs it):
 
     generate (synthetic raw Criteo, when no raw input exists) -> ingest (raw -> bronze)
     -> featurize (bronze -> gold + vocabulary) -> train (Horovod-on-Spark, MLflow)
@@ -11,6 +11,7 @@ The whole first slice in one command, on one SparkSession:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -60,7 +61,9 @@ def run(cfg, args) -> int:
         return 2
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"test_at_end": True})})
     timings: dict[str, float] = {}
-    spark = spark_from_config(cfg.spark)
+    # started on first use: with ingest and featurize up to date and in-process training
+    # (--local, one rank) the command runs without Spark
+    spark = functools.cache(lambda: spark_from_config(cfg.spark))
 
     if not args.skip_data:
         if not args.no_generate and needs_generation(cfg):

@@ -39,13 +39,8 @@ def run(cfg, args) -> int:
     except ValueError as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
-    spark = None
-    if cfg.train.num_proc > 1 and cfg.train.backend == "horovod" and not args.local:
-        from pipelines.spark import spark_from_config
-
-        spark = spark_from_config(cfg.spark)
-    try:
-        res = run_training(cfg, spark=spark, resume=args.resume, local=args.local)
+    try:  # starts Spark only for Horovod-on-Spark ranks
+        res = run_training(cfg, resume=args.resume, local=args.local)
     except FileNotFoundError as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,25 @@ def shared_dir(name: str) -> Path:
     if not d.is_dir():
         pytest.skip(f"real data samples not present at {d} (see DEVELOPERS.md 'Data')")
     return d
+
+
+@contextmanager
+def _spark_forbidden(what: str):
+    import pipelines.spark
+
+    def no_spark(*a, **k):
+        raise AssertionError(f"{what} started Spark")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipelines.spark, "spark_from_config", no_spark)
+        yield
+
+
+@pytest.fixture
+def spark_forbidden():
+    """``with spark_forbidden("what it is"):`` a ``bigopt`` command run in the block that starts
+    its SparkSession (``pipelines.spark.spark_from_config``) fails the test."""
+    return _spark_forbidden
 
 
 @pytest.fixture

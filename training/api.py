@@ -60,7 +60,9 @@ def checkpoint_dir_for(cfg) -> str:
 
 
 def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) -> TrainResult:
-    """Train per ``cfg.train``; returns every rank's result (rank 0 first)."""
+    """Train per ``cfg.train``; returns every rank's result (rank 0 first). ``spark``: a
+    SparkSession or a callable that starts one (:func:`pipelines.spark.session_of`), used only
+    when the ranks run on Horovod-on-Spark; None: the session ``cfg.spark`` describes."""
     from jobs.config import config_dict, config_hash, flatten
 
     if local and cfg.train.num_proc != 1:
@@ -113,10 +115,9 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
     kw: dict[str, Any] = {}
     backend = t.backend
     if t.num_proc > 1 and backend == "horovod":
-        if spark is None:
-            from pipelines.spark import spark_from_config
+        from pipelines.spark import session_of, spark_from_config
 
-            spark = spark_from_config(cfg.spark)
+        spark = spark_from_config(cfg.spark) if spark is None else session_of(spark)
         kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s}
     try:
         ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,19 +28,6 @@ def _bronze(cfg):
     from pipelines.criteo.schema import tables
 
     return tables(cfg)
-
-
-@contextmanager
-def _spark_forbidden(what: str):
-    """Within: a ``bigopt`` command that starts its SparkSession fails the test."""
-    import pipelines.spark
-
-    def no_spark(*a, **k):
-        raise AssertionError(f"{what} started Spark")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipelines.spark, "spark_from_config", no_spark)
-        yield
 
 
 def _lines(path: Path) -> list[str]:
@@ -401,7 +387,7 @@ def test_kaggle_layout_random_split_hash_and_unlabelled(spark, tmp_path):
     assert features["strategy"] == "hash" and features["tables"]["train"]["version"] == again.versions["train"]
 
 
-def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys):
+def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys, spark_forbidden):
     """Featurizing the same bronze version with the same featurize settings again writes
     nothing (an Airflow schedule re-runs it daily whether or not a day arrived); a new bronze
     version, another featurize setting, a gold table written since, or ``force`` rebuild."""
@@ -437,7 +423,7 @@ def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys):
     # the CLI answers from the Delta logs and features.json: Spark is not started
     argv = ["featurize", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}",
             "criteo.featurize.freq_threshold=2"]
-    with _spark_forbidden("the up-to-date check"):
+    with spark_forbidden("the up-to-date check"):
         assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"gold is up to date: built from bronze v{first.bronze_version}" in out
@@ -507,7 +493,7 @@ def test_lake_compression_sets_every_table_codec_but_gold(spark, tmp_path):
         assert codecs(t[split]) == {"LZ4"}, split
 
 
-def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys):
+def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys, spark_forbidden):
     from jobs.cli import main
     from pipelines.criteo.featurize import bronze_view
     from pipelines.criteo.ingest import current_entries, ingest, read_ledger
@@ -517,7 +503,7 @@ def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys):
     v = table_version(t["bronze"])
     # the CLI on the same config: everything is in the ledger already, nothing is written and
     # Spark is not started
-    with _spark_forbidden("ingest with nothing to ingest"):
+    with spark_forbidden("ingest with nothing to ingest"):
         rc = main(["ingest", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"])
     out = capsys.readouterr().out
     assert rc == 0 and "0 file(s) ingested, 3 skipped" in out

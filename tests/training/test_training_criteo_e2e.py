@@ -17,7 +17,7 @@ if importlib.util.find_spec("pipelines.criteo.featurize") is None:  # before the
     pytest.skip("pipelines.criteo.featurize not written yet", allow_module_level=True)
 
 
-def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_store, capsys):
+def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_store, capsys, spark_forbidden):
     from mlflow import MlflowClient
 
     from jobs import run as job
@@ -59,3 +59,10 @@ def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_sto
     m = run.data.metrics
     assert 0.0 <= m["test_auc"] <= 1.0 and 0.0 < m["test_logloss"]
     assert "final_valid_auc" in m and "train_loss" in m
+
+    # again, with ingest and featurize up to date and one in-process rank: Spark is not started
+    with spark_forbidden("bigopt run with nothing to ingest or featurize"):
+        assert job.run(cfg, args) == 0
+    out = capsys.readouterr().out
+    assert "0 file(s) ingested, 2 skipped" in out and "up to date" in out and "test AUC" in out
+    assert len(client.search_runs([exp.experiment_id])) == 2
