@@ -2,7 +2,9 @@
 
     rows, rejects = parse_block(block, labeled=True)
 
-``block`` holds complete lines, each ending in ``\\n``. ``rows`` is an Arrow table with
+``block`` holds complete lines, each ending in ``\\n`` or ``\\r\\n`` (a file saved with Windows
+line ends: the CR goes with the LF, as in Spark's, pyarrow's and pandas' readers; a CR
+anywhere else is a bad byte). ``rows`` is an Arrow table with
 ``label`` (int32; null in unlabelled files), ``I1..I13`` (int64) and ``C1..C26`` (string),
 one row per good line; ``rejects`` lists ``(raw line bytes, reason, field count)`` for the
 others. Every line is one or the other: ``rows.num_rows + len(rejects) == block.count(b"\\n")``.
@@ -81,9 +83,12 @@ def parse_block(block: bytes, labeled: bool, lines: int | None = None) -> tuple[
         return ROW_SCHEMA.empty_table(), []
     if not block.endswith(b"\n"):
         raise ValueError("parse_block needs complete lines: the block must end with a newline")
-    rows = _fast(block, labeled, block.count(b"\n") if lines is None else lines)
+    lines = block.count(b"\n") if lines is None else lines
+    rows = _fast(block, labeled, lines)
     if rows is not None:
         return rows, []
+    if b"\r\n" in block:  # the careful tier's byte checks know LF line ends only
+        block = block.replace(b"\r\n", b"\n")
     return _careful(block, labeled)
 
 
@@ -166,8 +171,11 @@ def _careful(block: bytes, labeled: bool) -> tuple[pa.Table, list[Reject]]:
 
 # -------------------------------------------------------------------------------- exact
 def parse_line(raw: bytes, labeled: bool) -> tuple[dict | None, str | None, int]:
-    """One line (without its newline) -> (row, None, fields) or (None, reason, fields)."""
+    """One line (without its line end: LF, or CR LF) -> (row, None, fields) or (None, reason,
+    fields). A final CR is taken as part of a CR LF line end."""
     expected = LABELED_FIELDS if labeled else UNLABELED_FIELDS
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
     n = raw.count(b"\t") + 1
     try:
         text = raw.decode("utf-8")

@@ -568,11 +568,12 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path):
         good.replace("68fd1e64", "68fd1e6g", 1): "C1 not 8 hex chars",
         "7" + good[1:]: "label not 0/1",
         "\t" + good[2:]: "label not 0/1",  # a labelled file's line may not start with a TAB
-        good + "\r": "C26 not 8 hex chars",  # CRLF line endings
+        good.replace("\t68fd1e64", "\t68fd\r1e64", 1): "C1 not 8 hex chars",  # a CR not before the LF
         "": "empty line",
     }
-    accepted = [  # odd but valid: padded short rows, '+5', uppercase hex, negative ints
+    accepted = [  # odd but valid: padded short rows, '+5', uppercase hex, negative ints, a CR LF end
         "\t".join(good.split("\t")[:38]),
+        good + "\r",
         good.replace("\t5\t", "\t+5\t", 1).replace("68fd1e64", "68FD1E64", 1),
         good.replace("\t1\t2\t", "\t1\t-2\t", 1),
     ]
@@ -599,6 +600,35 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path):
     (led,) = read_ledger(t["ledger"])
     assert (led["lines"], led["rows_ok"], led["rows_rejected"]) == (rep.rows_in, rep.rows_ok, rep.rows_rejected)
     assert led["sha256"] == hashlib.sha256(body).hexdigest() and led["size"] == len(body)
+
+
+def test_crlf_files_ingest_like_the_originals(spark, criteo_shared, tmp_path):
+    """Real samples saved with Windows line ends (CR LF; the last line without its LF, a bad
+    line added) give the originals' rows and rejects, with byte ranges cut anywhere."""
+    from pipelines.criteo.ingest import ingest
+
+    bad = "1\t" + "\t".join(["3"] * 13) + "\tnot-hex"
+    src = {"day_0": criteo_shared / "kaggle_dac_train_head1000_trailing_tabs_stripped.txt",
+           "test_day_1": criteo_shared / "kaggle_dac_test_head100.txt"}
+    out = {}
+    for ends in ("lf", "crlf"):
+        raw = tmp_path / ends / "raw"
+        raw.mkdir(parents=True)
+        for name, p in src.items():
+            lines = p.read_text().splitlines() + ([bad] if name == "day_0" else [])
+            sep = "\r\n" if ends == "crlf" else "\n"
+            (raw / name).write_bytes((sep.join(lines) + ("\r" if ends == "crlf" else "\n")).encode())
+        cfg = _cfg(tmp_path / ends, ingest={"chunk_bytes": 1 << 16, "unlabeled_globs": ["test_*"]},
+                   inputs=[str(raw / n) for n in src])
+        rep = ingest(spark, cfg)
+        t = _bronze(cfg)
+        rows = DeltaSnapshot(t["bronze"]).to_table().drop(["ingest_batch"]).to_pylist()
+        q = DeltaSnapshot(t["quarantine"]).to_table().to_pylist()
+        out[ends] = (rep.rows_in, rep.rows_ok, sorted(rows, key=lambda r: json.dumps(r, sort_keys=True)),
+                     [(r["source"], r["line"], r["reason"]) for r in q])
+    assert out["crlf"] == out["lf"]
+    assert out["lf"][:2] == (1101, 1100) and out["lf"][3] == [("day_0", bad, "C1 not 8 hex chars")]
+    assert sum(r["label"] is None for r in out["crlf"][2]) == 100
 
 
 def test_corrupt_gzip_fails_clearly_and_commits_nothing(spark, tmp_path):

@@ -34,8 +34,10 @@ BAD = {  # line -> reason
     "00" + GOOD[1:]: "label not 0/1",
     "-1" + GOOD[1:]: "label not 0/1",
     "\t" + GOOD[2:]: "label not 0/1",
-    GOOD + "\r": "C26 not 8 hex chars",
+    GOOD.replace("\t68fd1e64", "\t68fd1e64\r", 1): "C1 not 8 hex chars",  # a CR not at the line end
+    GOOD.replace("\t68fd1e64", "\t\r68fd1e64", 1): "C1 not 8 hex chars",
     "": "empty line",
+    "\r": "empty line",  # CR LF
 }
 ODD_BUT_VALID = [
     "\t".join(GOOD.split("\t")[:38]),  # stripped trailing TABs
@@ -47,6 +49,9 @@ ODD_BUT_VALID = [
     GOOD.replace("\t5\t", "\t9223372036854775807\t", 1),
     GOOD.replace("\t5\t", "\t-9223372036854775808\t", 1),
     GOOD.replace("\t5\t", "\t\t", 1).replace("68fd1e64", "", 3),
+    GOOD + "\r",  # CR LF line ends (a file saved on Windows)
+    "1\r",
+    "\t".join(GOOD.split("\t")[:38]) + "\r",
 ]
 
 
@@ -58,6 +63,7 @@ def _reference(lines: list[str | bytes], labeled: bool = True):
     rows, rejects = [], []
     for ln in lines:
         raw = ln.encode() if isinstance(ln, str) else ln
+        raw = raw.removesuffix(b"\r")  # a rejected line is shown without its line end, LF or CR LF
         row, reason, n = parse_line(raw, labeled)
         (rows.append(row) if row is not None else rejects.append((raw, reason, n)))
     return rows, rejects
@@ -95,7 +101,7 @@ def test_everything_at_once_and_undecodable():
     rows, rejects = _assert_like_reference(lines)
     assert len(rejects) == len(BAD) + 1
     padded = [r for r in rows.to_pylist() if r["C25"] is None and r["C24"] == "68fd1e64"]
-    assert len(padded) == 1 and padded[0]["C26"] is None
+    assert len(padded) == 2 and padded[0]["C26"] is None  # the stripped line, with LF and with CR LF
 
 
 def test_fast_path_takes_canonical_blocks_and_is_exact():
@@ -113,8 +119,9 @@ def test_fast_path_takes_canonical_blocks_and_is_exact():
     for bad in BAD:
         block = _block([GOOD, bad])
         assert parse._fast(block, True, block.count(b"\n")) is None, bad[:30]
-    unlabeled = _block(["\t".join(GOOD.split("\t")[1:]), ""])
-    assert parse._fast(unlabeled, False, 2) is None  # an empty line is not a row of missing values
+    for empty in ("", "\r"):  # an empty line (LF or CR LF) is not a row of missing values
+        unlabeled = _block(["\t".join(GOOD.split("\t")[1:]), empty])
+        assert parse._fast(unlabeled, False, 2) is None
 
 
 def test_fast_path_keeps_nulls_out_of_the_data():
@@ -164,7 +171,7 @@ def test_randomised_against_reference():
 
 def test_fast_path_fuzz_takes_plain_lines_and_never_differs_from_reference():
     """Random plain lines (any mix of empty, signed, zero-padded and 18-digit integers, either
-    case of hex, stripped trailing fields): the fast tier takes every block and agrees with
+    case of hex, stripped trailing fields, LF or CR LF ends): the fast tier takes every block and agrees with
     parse_line row for row. Random byte edits of them: whatever the fast tier still takes is
     exactly what parse_line gives, and the rest is left to the careful tier."""
     rng = random.Random(7)
@@ -178,14 +185,14 @@ def test_fast_path_fuzz_takes_plain_lines_and_never_differs_from_reference():
 
     for labeled in (True, False):
         lines = [plain(labeled) for _ in range(300)]
-        lines = [ln if ln else "0" for ln in lines]  # an empty line is never plain
+        lines = [(ln or "0") + rng.choice(["", "", "\r"]) for ln in lines]  # an empty line is never plain
         block = _block(lines)
         fast = parse._fast(block, labeled, len(lines))
         assert fast is not None
         assert fast.to_pylist() == _reference(lines, labeled)[0]
         for _ in range(300):
             raw = bytearray(plain(labeled).encode() or b"1")
-            raw[rng.randrange(len(raw))] = rng.choice(b"\t-+0aAgG \x00\xff9.")
+            raw[rng.randrange(len(raw))] = rng.choice(b"\t-+0aAgG \x00\xff9.\r")
             got = parse._fast(bytes(raw) + b"\n", labeled, 1)
             want, rejects = _reference([bytes(raw)], labeled)
             if got is not None:
