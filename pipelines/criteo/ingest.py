@@ -260,6 +260,9 @@ def describe_files(paths: Sequence[str], cfg) -> list[RawFile]:
 
 
 # ------------------------------------------------------------------------------ reading
+_BOM = b"\xef\xbb\xbf"
+
+
 class _Corrupt(Exception):
     """An unreadable input file, found while reading it. A task returns it as a result
     (:func:`run_item`) and the driver raises :class:`CorruptInputError`."""
@@ -378,15 +381,22 @@ def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None
                      block_bytes: int = 32 << 20, hasher=None) -> Iterator[bytes]:
     """Blocks of complete lines (each ending in a newline, one added to a last line that has
     none) of a raw file: for plain files, the lines starting in the byte range [start, end);
-    gzip files are read whole. ``hasher`` (e.g. ``hashlib.sha256()``) is fed the stored bytes
-    read, which is the whole file when the range is."""
+    gzip files are read whole; a UTF-8 byte order mark at the file's start is dropped.
+    ``hasher`` (e.g. ``hashlib.sha256()``) is fed the stored bytes read, which is the whole
+    file when the range is."""
     with raw_inputs.open_read(path, sequential=True, stop=end) as f:
         if gz:
             if start or end is not None:
                 raise ValueError("gzip files cannot be split into byte ranges")
-            yield from _read_gzip(f, path, block_bytes, hasher)
+            blocks = _read_gzip(f, path, block_bytes, hasher)
         else:
-            yield from _read_plain(f, start, end, block_bytes, hasher)
+            blocks = _read_plain(f, start, end, block_bytes, hasher)
+        if start == 0:  # a UTF-8 byte order mark (a file saved by some Windows tools) is no data
+            first = next(blocks, None)
+            if first is None:
+                return
+            yield first[len(_BOM):] if first.startswith(_BOM) else first
+        yield from blocks
 
 
 def scan_file(path: str, gz: bool) -> dict:

@@ -602,22 +602,26 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path):
     assert led["sha256"] == hashlib.sha256(body).hexdigest() and led["size"] == len(body)
 
 
-def test_crlf_files_ingest_like_the_originals(spark, criteo_shared, tmp_path):
-    """Real samples saved with Windows line ends (CR LF; the last line without its LF, a bad
-    line added) give the originals' rows and rejects, with byte ranges cut anywhere."""
+def test_windows_saved_files_ingest_like_the_originals(spark, criteo_shared, tmp_path):
+    """Real samples saved the way some Windows tools save text (a UTF-8 byte order mark, CR LF
+    line ends, the last line without its LF; one gzip'd), a bad line added, give the
+    originals' rows and rejects, with plain files' byte ranges cut anywhere."""
     from pipelines.criteo.ingest import ingest
 
     bad = "1\t" + "\t".join(["3"] * 13) + "\tnot-hex"
     src = {"day_0": criteo_shared / "kaggle_dac_train_head1000_trailing_tabs_stripped.txt",
-           "test_day_1": criteo_shared / "kaggle_dac_test_head100.txt"}
+           "test_day_1.gz": criteo_shared / "kaggle_dac_test_head100.txt"}
     out = {}
     for ends in ("lf", "crlf"):
         raw = tmp_path / ends / "raw"
         raw.mkdir(parents=True)
         for name, p in src.items():
             lines = p.read_text().splitlines() + ([bad] if name == "day_0" else [])
-            sep = "\r\n" if ends == "crlf" else "\n"
-            (raw / name).write_bytes((sep.join(lines) + ("\r" if ends == "crlf" else "\n")).encode())
+            if ends == "lf":
+                data = ("\n".join(lines) + "\n").encode()
+            else:
+                data = b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r").encode()
+            (raw / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
         cfg = _cfg(tmp_path / ends, ingest={"chunk_bytes": 1 << 16, "unlabeled_globs": ["test_*"]},
                    inputs=[str(raw / n) for n in src])
         rep = ingest(spark, cfg)
