@@ -21,6 +21,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("jobs.generate", "write synthetic raw data in the exact raw format"),
     "ingest": ("jobs.ingest", "raw files -> bronze Delta table (+ quarantine, ledger)"),
+    "quarantine": ("jobs.quarantine", "show the raw lines ingest quarantined: counts per file and reason, the lines"),
     "featurize": ("jobs.featurize", "bronze -> gold train/valid/test Delta tables + vocabulary"),
     "train": ("jobs.train", "train a model on gold tables with Horovod-on-Spark, tracked in MLflow"),
     "run": ("jobs.run", "the whole pipeline: generate (demo) -> ingest -> featurize -> train -> test"),

@@ -49,6 +49,11 @@ def run(cfg, args) -> int:
         f"rows_in {rep.rows_in:,} = rows_ok {rep.rows_ok:,} + rows_rejected {rep.rows_rejected:,}"
         + (f"  ({rate:,.0f} rows/s)" if rate else "")
     )
+    if reasons := rep.reasons:
+        shown = list(reasons.items())[:8]
+        console.print("rejected: " + "; ".join(f"{n:,} {reason}" for reason, n in shown)
+                      + (f"; {len(reasons) - len(shown)} more reason(s)" if len(reasons) > len(shown) else ""))
+        console.print(f"the lines: bigopt quarantine {args.config or ''} --batch {rep.batch_id}".replace("  ", " "))
     for name, version, path in (("bronze", rep.bronze_version, rep.bronze),
                                 ("quarantine", rep.quarantine_version, rep.quarantine),
                                 ("ledger", rep.ledger_version, rep.ledger)):

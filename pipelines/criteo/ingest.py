@@ -43,6 +43,7 @@ import re
 import time
 import uuid
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class FileResult:
     rows_rejected: int = 0
     sha256: str | None = None
     note: str = ""
+    reasons: dict[str, int] = field(default_factory=dict)  # quarantined lines per reason
 
 
 @dataclass
@@ -178,6 +180,14 @@ class IngestReport:
     @property
     def rows_rejected(self) -> int:
         return sum(f.rows_rejected for f in self._done())
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        """Lines this run quarantined, per reason, most first."""
+        total: Counter[str] = Counter()
+        for f in self._done():
+            total.update(f.reasons)
+        return dict(total.most_common())
 
     @property
     def ingested(self) -> int:
@@ -493,6 +503,7 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
     hasher = hashlib.sha256() if c.hash_file else None
     bw, qw = bronze_tw.open(), quarantine_tw.open()
     lines = ok = rejected = 0
+    reasons: Counter[str] = Counter()
     try:
         for block in iter_line_blocks(c.path, c.gzip, c.start, c.end, block_bytes, hasher):
             n = block.count(b"\n")
@@ -505,10 +516,11 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
             for b in rows.to_batches():
                 bw.write(b, (c.day, c.source))
             if rejects:
+                reasons.update(reason for _, reason, _ in rejects)
                 for b in _rejects_batch(rejects, preview, batch_id).to_batches():
                     qw.write(b, (c.day, c.source))
         return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
-                "rejected": rejected, "bronze": bw.close(), "quarantine": qw.close(),
+                "rejected": rejected, "reasons": dict(reasons), "bronze": bw.close(), "quarantine": qw.close(),
                 "sha256": hasher.hexdigest() if hasher is not None else None}
     except _Corrupt as e:
         bw.discard()
@@ -616,7 +628,8 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     chunks = [r for r in results if r["kind"] == "chunk"]
     bv, qv = commit_writes([(btw, [a for r in chunks for a in r["bronze"]], info),
                             (qtw, [a for r in chunks for a in r["quarantine"]], info)])
-    per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None} for f in group}
+    per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
+                                 for f in group}
     for r in results:
         d = per_file[r["path"]]
         if r.get("sha256"):
@@ -625,6 +638,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             d["lines"] += r["lines"]
             d["ok"] += r["ok"]
             d["rejected"] += r["rejected"]
+            d["reasons"].update(r["reasons"])
     return per_file, bv, qv
 
 
@@ -688,7 +702,8 @@ def ingest(
                     "no ledger entry written (bronze rows of this file are unconfirmed; re-run ingest)"
                 )
             status = "replaced" if f.source in current else "ingested"
-            group_results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, status, lines, n_ok, n_rej, sha))
+            group_results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, status, lines, n_ok, n_rej, sha,
+                                            reasons=dict(per_file[f.path]["reasons"].most_common())))
             ledger_rows.append(dict(
                 source=f.source, path=f.path, day=f.day, labeled=f.labeled, gzip=f.gzip, size=f.size,
                 mtime_ns=f.mtime_ns, quick_hash=f.quick_hash, sha256=sha, lines=lines,

@@ -551,8 +551,10 @@ def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_pa
         bronze_view(cfg)
 
 
-def test_bad_lines_quarantined_exactly(spark, tmp_path):
+def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden):
     import hashlib
+    import re
+    from collections import Counter
 
     from pipelines.criteo.ingest import ingest, read_ledger
 
@@ -600,6 +602,32 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path):
     (led,) = read_ledger(t["ledger"])
     assert (led["lines"], led["rows_ok"], led["rows_rejected"]) == (rep.rows_in, rep.rows_ok, rep.rows_rejected)
     assert led["sha256"] == hashlib.sha256(body).hexdigest() and led["size"] == len(body)
+    want = Counter(bad.values()) + Counter({"undecodable bytes (not UTF-8)": 1})
+    assert rep.reasons == dict(want.most_common()) == rep.files[0].reasons
+
+    # the commands: ingest (again, --force) names the reasons and how to see the lines;
+    # `bigopt quarantine` shows them, by file and reason, without Spark
+    from jobs.cli import main
+
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]
+    capsys.readouterr()
+    assert main(["ingest", *conf, "--force"]) == 0
+    out = capsys.readouterr().out
+    (batch,) = re.findall(r"bigopt quarantine --batch (\S+)", out)
+    (said,) = [ln for ln in out.splitlines() if ln.startswith("rejected: ")]
+    assert sorted(said.removeprefix("rejected: ").split("; ")) == sorted(f"{n} {r}" for r, n in want.items())
+    with spark_forbidden("bigopt quarantine"):
+        assert main(["quarantine", *conf, "--batch", batch]) == 0
+        out = capsys.readouterr().out
+        assert f"quarantine v1: {n_bad} line(s) where batch {batch!r}" in out
+        assert all(reason in out for reason in want) and "0⇥1⇥2⇥3⇥4⇥five⇥6" in out
+        assert main(["quarantine", *conf, "--reason", "HEX", "--raw"]) == 0
+        hex_lines = [ln for ln, r in bad.items() if "hex" in r]
+        assert sorted(capsys.readouterr().out.split("\n")[:-1]) == sorted(hex_lines)  # one has a CR in it
+        assert main(["quarantine", *conf, "--source", "day_0", "--raw", "--limit", "3"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 3
+        assert main(["quarantine", *conf, "--batch", rep.batch_id]) == 0  # replaced by --force: none left
+        assert "0 line(s)" in capsys.readouterr().out
 
 
 def test_windows_saved_files_ingest_like_the_originals(spark, criteo_shared, tmp_path):

@@ -1,0 +1,68 @@
+"""``bigopt quarantine <conf> [k=v ...] [--batch ID] [--source FILE] [--reason TEXT] [--limit N] [--raw]``
+
+What ingest quarantined, read from the quarantine Delta table without Spark: the number of
+lines per file and reason, then example lines of each (20 in all by default; TABs shown as
+``⇥``). ``--raw`` prints every matching line as it was instead (or ``--limit`` of them), one
+per line, to feed other tools. ``bigopt ingest`` prints this command for its own batch when
+it rejected lines.
+
+    bigopt quarantine conf/criteo.yaml
+    bigopt quarantine conf/criteo.yaml --batch b20261122-054509-8a451b --reason hex
+    bigopt quarantine conf/criteo.yaml --source day_3 --raw > day_3.bad.txt
+"""
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--batch", default=None, help="only lines of this ingest batch (as bigopt ingest prints it)")
+    parser.add_argument("--source", default=None, metavar="FILE", help="only lines of this raw file (its name)")
+    parser.add_argument("--reason", default=None, metavar="TEXT", help="only reasons containing TEXT (any case)")
+    parser.add_argument("--limit", type=int, default=None, help="lines to show (default: 20; --raw: all)")
+    parser.add_argument("--raw", action="store_true", help="print the lines as they were, one per line")
+
+
+def run(cfg, args) -> int:
+    from rich.table import Table
+
+    from jobs.console import make_console
+    from pipelines.criteo.quarantine import quarantined, quarantined_lines
+
+    filters = {"batch": args.batch, "source": args.source, "reason": args.reason}
+    if args.raw:
+        for i, line in enumerate(quarantined_lines(cfg, **filters)):
+            if args.limit is not None and i >= args.limit:
+                break
+            print(line)
+        return 0
+    view = quarantined(cfg, **filters, limit=20 if args.limit is None else args.limit)
+    console = make_console()
+    if view.version is None:
+        console.print(f"nothing quarantined yet: no table at {view.table}")
+        return 0
+    where = ", ".join(f"{k} {v!r}" for k, v in filters.items() if v)
+    title = f"quarantine v{view.version}: {view.lines:,} line(s)" + (f" where {where}" if where else "")
+    if not view.counts:
+        console.print(f"{title}\n{view.table}")
+        return 0
+    console.print(title)  # not the table's title: rich wraps that to the table's width
+    counts = Table()
+    for col, just in (("file", "left"), ("reason", "left"), ("lines", "right")):
+        counts.add_column(col, justify=just)
+    for source, reason, n in view.counts:
+        counts.add_row(source, reason, f"{n:,}")
+    console.print(counts)
+    if view.examples:
+        lines = Table(title=f"first {len(view.examples)} line(s)")
+        for col in ("file", "reason", "fields", "line"):
+            lines.add_column(col, justify="right" if col == "fields" else "left", overflow="fold")
+        for ex in view.examples:
+            lines.add_row(ex["source"], ex["reason"], str(ex["num_fields"]), ex["line"].replace("\t", "⇥"))
+        console.print(lines)
+    console.print(view.table)
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.cli import submit_main
+
+    submit_main("quarantine")

@@ -1,0 +1,93 @@
+"""What ingest quarantined: counts per file and reason, and the lines themselves (no Spark).
+
+    view = quarantined(cfg, batch="b20261122-...", reason="hex", limit=20)
+    view.counts    # [(source, reason, lines)], most first
+    view.examples  # up to `limit` rows (source, day, reason, num_fields, line, ingest_batch),
+                   # spread over the (source, reason) groups, most common first
+    for line in quarantined_lines(cfg, source="day_3"):   # every matching line, streamed
+        ...
+
+The quarantine table (``<lake.root>/criteo/bronze/quarantine``, partitioned by day and source)
+holds the bad lines of every file as last ingested: ``--force`` replaces a file's rows there
+as in bronze. Filters: ``source`` (a file's name: only its partition's files are read),
+``batch`` (an ingest batch id, as ``bigopt ingest`` prints it) and ``reason`` (a substring,
+any case). The counts read only the columns they and the filters need.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pyarrow.compute as pc
+
+from pipelines.criteo.schema import tables
+
+
+@dataclass
+class QuarantineView:
+    table: str
+    version: int | None  # None: no quarantine table yet (nothing was ever quarantined)
+    counts: list[tuple[str, str, int]] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+
+    @property
+    def lines(self) -> int:
+        return sum(n for _, _, n in self.counts)
+
+
+def _where(source: str | None, batch: str | None, reason: str | None):
+    """The filter expression of the given filters (None: every row)."""
+    conds = []
+    if source is not None:  # a partition column: the other files are not read
+        conds.append(pc.field("source") == source)
+    if batch is not None:
+        conds.append(pc.field("ingest_batch") == batch)
+    if reason:
+        conds.append(pc.match_substring(pc.field("reason"), reason, ignore_case=True))
+    cond = None
+    for c in conds:
+        cond = c if cond is None else cond & c
+    return cond
+
+
+def _snapshot(cfg):
+    from pipelines.lake import DeltaSnapshot, table_exists
+
+    path = tables(cfg)["quarantine"]
+    return path, (DeltaSnapshot(path) if table_exists(path) else None)
+
+
+def quarantined(cfg, *, batch: str | None = None, source: str | None = None, reason: str | None = None,
+                limit: int = 20) -> QuarantineView:
+    """The quarantined lines matching every filter given (see the module docstring)."""
+    path, snap = _snapshot(cfg)
+    if snap is None:
+        return QuarantineView(path, None)
+    view = QuarantineView(path, snap.version)
+    cond = _where(source, batch, reason)
+    ds = snap.dataset()
+    counts = ds.to_table(columns=["source", "reason"], filter=cond).group_by(["source", "reason"]).aggregate(
+        [("reason", "count")])
+    view.counts = sorted(
+        zip(counts.column("source").to_pylist(), counts.column("reason").to_pylist(),
+            counts.column("reason_count").to_pylist()),
+        key=lambda t: (-t[2], t[0], t[1]))
+    cols = ["source", "day", "reason", "num_fields", "line", "ingest_batch"]
+    per_group = max(1, limit // max(1, len(view.counts)))
+    for src, rsn, _ in view.counts:  # a few of each kind, not the first `limit` of the most common
+        if len(view.examples) >= limit:
+            break
+        group = (pc.field("source") == src) & (pc.field("reason") == rsn)
+        take = min(per_group, limit - len(view.examples))
+        view.examples += ds.head(take, columns=cols, filter=group if cond is None else cond & group).to_pylist()
+    return view
+
+
+def quarantined_lines(cfg, *, batch: str | None = None, source: str | None = None,
+                      reason: str | None = None) -> Iterator[str]:
+    """Every matching quarantined line as it was (undecodable bytes replaced), streamed."""
+    _, snap = _snapshot(cfg)
+    if snap is None:
+        return
+    for b in snap.dataset().to_batches(columns=["line"], filter=_where(source, batch, reason)):
+        yield from b.column(0).to_pylist()
