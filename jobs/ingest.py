@@ -22,6 +22,8 @@ def add_arguments(parser) -> None:
 
 
 def run(cfg, args) -> int:
+    import shlex
+
     from rich.table import Table
 
     from jobs.spark_step import run_spark_step
@@ -53,7 +55,8 @@ def run(cfg, args) -> int:
         shown = list(reasons.items())[:8]
         console.print("rejected: " + "; ".join(f"{n:,} {reason}" for reason, n in shown)
                       + (f"; {len(reasons) - len(shown)} more reason(s)" if len(reasons) > len(shown) else ""))
-        console.print(f"the lines: bigopt quarantine {args.config or ''} --batch {rep.batch_id}".replace("  ", " "))
+        same_lake = [a for a in (args.config, *args.overrides) if a]  # the config this run had
+        console.print("the lines: " + shlex.join(["bigopt", "quarantine", *same_lake, "--batch", rep.batch_id]))
     for name, version, path in (("bronze", rep.bronze_version, rep.bronze),
                                 ("quarantine", rep.quarantine_version, rep.quarantine),
                                 ("ledger", rep.ledger_version, rep.ledger)):

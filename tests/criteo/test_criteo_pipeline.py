@@ -613,7 +613,7 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
     capsys.readouterr()
     assert main(["ingest", *conf, "--force"]) == 0
     out = capsys.readouterr().out
-    (batch,) = re.findall(r"bigopt quarantine --batch (\S+)", out)
+    (batch,) = re.findall(r"bigopt quarantine " + re.escape(" ".join(conf)) + r" --batch (\S+)", out)
     (said,) = [ln for ln in out.splitlines() if ln.startswith("rejected: ")]
     assert sorted(said.removeprefix("rejected: ").split("; ")) == sorted(f"{n} {r}" for r, n in want.items())
     with spark_forbidden("bigopt quarantine"):
