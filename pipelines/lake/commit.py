@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 from deltalake import DeltaTable, Schema
@@ -125,9 +126,13 @@ def commit(
     """
     uri = normalize_uri(uri)
     opts = dict(storage_options or {})
+    # an add's "path" is the log's form, a URI (the on-disk name with '%', ' ', ... escaped);
+    # delta-rs's AddAction takes the on-disk name and escapes it itself: given the escaped form
+    # it escaped it again, and the log named a file that does not exist
+    on_disk = [unquote(a["path"]) for a in adds]
     actions = [
-        AddAction(a["path"], a["size"], a["partition_values"], a["modification_time"], True, a["stats"])
-        for a in adds
+        AddAction(rel, a["size"], a["partition_values"], a["modification_time"], True, a["stats"])
+        for rel, a in zip(on_disk, adds)
     ]
     # delta-rs records no operation metrics for a commit of add actions: the rows it adds are
     # recorded here, so `bigopt lake --action history` can show them
@@ -141,7 +146,7 @@ def commit(
         if read_version is None:
             read_version = planned_version
         if effective == "skip":
-            delete_files(uri, [a["path"] for a in adds])
+            delete_files(uri, on_disk)
             return DeltaTable(uri, storage_options=opts, without_files=True).version()
         if effective == "create":
             try:
@@ -189,10 +194,10 @@ def commit(
         dt.update_incremental()
         return dt.version()
     except CommitFailedError as e:
-        delete_files(uri, [a["path"] for a in adds])
+        delete_files(uri, on_disk)
         raise CommitConflictError(f"commit to {uri} conflicted with a concurrent transaction: {e}") from e
     except BaseException:
-        delete_files(uri, [a["path"] for a in adds])
+        delete_files(uri, on_disk)
         raise
 
 
