@@ -5,6 +5,12 @@ spark-submit's driver output) rich would assume 80 columns and cut table cells t
 file name, table path or batch id in a log ended in "…"; there it is 200 columns wide instead
 (tables are only as wide as their contents) unless ``COLUMNS`` says otherwise, and the spaces
 rich pads log lines with up to that width are trimmed.
+
+Markup is off: what the commands print is mostly data (file names, table paths, raw lines
+from the quarantine, error messages naming them), and rich took any ``[...]`` in it for a
+style: ``day [copy].txt`` printed as ``day .txt`` and a quarantined line holding ``[/x]``
+stopped ``bigopt quarantine`` with a MarkupError. Style with :func:`styled` (or
+``rich.text.Text``) instead.
 """
 from __future__ import annotations
 
@@ -30,9 +36,18 @@ class _TrimmedLines:
         return getattr(self._stream, name)
 
 
+def styled(*parts):
+    """A line of plain strings and ``(text, style)`` pairs, e.g.
+    ``styled(("ingest", "bold"), " raw -> bronze")``; the strings are never read as markup."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
+
+
 def make_console(**kwargs):
     from rich.console import Console
 
+    kwargs.setdefault("markup", False)
     console = Console(**kwargs)
     if not console.is_terminal and "COLUMNS" not in os.environ and "width" not in kwargs:
         stream = kwargs.get("file") or (sys.stderr if kwargs.get("stderr") else sys.stdout)

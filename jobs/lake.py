@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 def run(cfg, args) -> int:
     from rich.table import Table
 
-    from jobs.console import make_console
+    from jobs.console import make_console, styled
     from pipelines import lake
     from pipelines.lake.commit import ROWS_ADDED_KEY
 
@@ -28,7 +28,7 @@ def run(cfg, args) -> int:
     if args.action == "roundtrip":
         return _roundtrip(cfg, args, console)
     if not args.table:
-        console.print("[red]--table is required for this action[/red]")
+        console.print(styled(("--table is required for this action", "red")))
         return 2
     if args.action == "history":
         t = Table(title=f"history of {args.table}")

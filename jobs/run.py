@@ -41,7 +41,7 @@ def needs_generation(cfg) -> bool:
 
 
 def run(cfg, args) -> int:
-    from jobs.console import make_console
+    from jobs.console import make_console, styled
     from jobs.train import apply_cli_overrides
     from pipelines.criteo.featurize import featurize
     from pipelines.criteo.generate import generate
@@ -78,23 +78,23 @@ def run(cfg, args) -> int:
     if not args.skip_data:
         if not args.no_generate and needs_generation(cfg):
             t0 = time.perf_counter()
-            console.print(f"[bold]generate[/] synthetic raw Criteo -> {cfg.criteo.raw_dir}")
+            console.print(styled(("generate", "bold"), f" synthetic raw Criteo -> {cfg.criteo.raw_dir}"))
             files = generate(cfg)
             timings["generate"] = time.perf_counter() - t0
             console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
         t0, before = time.perf_counter(), timings.get("spark start", 0.0)
-        console.print("[bold]ingest[/] raw -> bronze")
+        console.print(styled(("ingest", "bold"), " raw -> bronze"))
         rep = ingest(spark, cfg, force=args.force_ingest)
         timings["ingest"] = since(t0, before)
         console.print(f"  {rep.summary()} ({timings['ingest']:.1f} s)")
         t0, before = time.perf_counter(), timings.get("spark start", 0.0)
-        console.print("[bold]featurize[/] bronze -> gold + vocabulary")
+        console.print(styled(("featurize", "bold"), " bronze -> gold + vocabulary"))
         rep = featurize(spark, cfg, force=args.force_featurize)
         timings["featurize"] = since(t0, before)
         console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
 
     t0, before = time.perf_counter(), timings.get("spark start", 0.0)
-    console.print(f"[bold]train[/] {cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)")
+    console.print(styled(("train", "bold"), f" {cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)"))
     try:
         res = run_training(cfg, spark=spark, local=args.local)
     except FileNotFoundError as e:

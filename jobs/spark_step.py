@@ -32,7 +32,7 @@ def run_spark_step(
     SparkSession on its first call and returns it on every call. Returns ``(console, result)``;
     ``result`` is None when ``step`` raised one of ``errors`` (printed as
     ``bigopt <command>: <error>``)."""
-    from jobs.console import make_console
+    from jobs.console import make_console, styled
     from pipelines.spark import spark_from_config
 
     # log lines: the time and the message (the caller's file:line is noise here); printed text is
@@ -41,7 +41,7 @@ def run_spark_step(
     t0 = time.perf_counter()
     with console.status(command) as status:
         def progress(msg: str) -> None:
-            status.update(f"{msg}  [dim]({time.perf_counter() - t0:.0f}s)[/dim]")
+            status.update(styled(msg, (f"  ({time.perf_counter() - t0:.0f}s)", "dim")))
             console.log(msg)
 
         @functools.cache
@@ -52,5 +52,5 @@ def run_spark_step(
         try:
             return console, step(start_spark, progress)
         except errors as e:
-            console.print(f"[red]bigopt {command}: {e}[/red]")
+            console.print(styled((f"bigopt {command}: {e}", "red")))
             return console, None

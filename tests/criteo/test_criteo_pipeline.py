@@ -568,6 +568,7 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         good.replace("\t5\t", "\t99999999999999999999\t", 1): "integer out of range in I5",
         good.replace("68fd1e64", "zzzz", 1): "C1 not 8 hex chars",
         good.replace("68fd1e64", "68fd1e6g", 1): "C1 not 8 hex chars",
+        good.replace("68fd1e64", "[/bold]", 1): "C1 not 8 hex chars",  # printed as is, not as markup
         "7" + good[1:]: "label not 0/1",
         "\t" + good[2:]: "label not 0/1",  # a labelled file's line may not start with a TAB
         good.replace("\t68fd1e64", "\t68fd\r1e64", 1): "C1 not 8 hex chars",  # a CR not before the LF
@@ -621,6 +622,8 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         out = capsys.readouterr().out
         assert f"quarantine v1: {n_bad} line(s) where batch {batch!r}" in out
         assert all(reason in out for reason in want) and "0⇥1⇥2⇥3⇥4⇥five⇥6" in out
+        assert main(["quarantine", *conf, "--reason", "hex", "--limit", "10"]) == 0
+        assert "13⇥[/bold]⇥68fd1e64" in capsys.readouterr().out  # data, not markup
         assert main(["quarantine", *conf, "--reason", "HEX", "--raw"]) == 0
         hex_lines = [ln for ln, r in bad.items() if "hex" in r]
         assert sorted(capsys.readouterr().out.split("\n")[:-1]) == sorted(hex_lines)  # one has a CR in it

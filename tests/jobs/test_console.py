@@ -28,3 +28,25 @@ def test_tables_in_a_log_keep_whole_paths(monkeypatch):
     assert make_console(file=StringIO()).width == 100
     monkeypatch.delenv("COLUMNS")
     assert make_console(file=StringIO(), width=90).width == 90
+
+
+def test_data_is_printed_as_it_is_never_as_markup():
+    """File names, paths and quarantined lines may hold '[...]': printed verbatim, a stray
+    closing tag raises nothing; styles come from styled() only."""
+    from rich.table import Table
+
+    from jobs.console import styled
+
+    out = StringIO()
+    console = make_console(file=out, width=120)
+    table = Table()
+    table.add_column("file")
+    table.add_row("day [copy].txt")
+    table.add_row("0\t1[/bold]\t[red]x")
+    console.print(table)
+    console.print("lake /tmp/[a]/lake")
+    console.log("bad line [/x]")
+    console.print(styled(("ingest", "bold"), " raw [1] -> bronze"))
+    text = out.getvalue()
+    for shown in ("day [copy].txt", "1[/bold]", "[red]x", "/tmp/[a]/lake", "bad line [/x]", "ingest raw [1] -> bronze"):
+        assert shown in text, shown
