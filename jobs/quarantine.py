@@ -52,7 +52,7 @@ def run(cfg, args) -> int:
         counts.add_row(source, reason, f"{n:,}")
     console.print(counts)
     if view.examples:
-        lines = Table(title=f"first {len(view.examples)} line(s)")
+        lines = Table(title=f"{len(view.examples)} of them, a few of each kind")
         for col in ("file", "reason", "fields", "line"):
             lines.add_column(col, justify="right" if col == "fields" else "left", overflow="fold")
         for ex in view.examples:
