@@ -28,11 +28,12 @@ def run(cfg, args) -> int:
 
     from jobs.spark_step import run_spark_step
     from pipelines.criteo.ingest import IngestError, ingest
+    from pipelines.lake.commit import CommitConflictError
 
     console, rep = run_spark_step(
         cfg, "ingest",
         lambda spark, progress: ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress),
-        errors=(IngestError, FileNotFoundError, ValueError),
+        errors=(IngestError, CommitConflictError, FileNotFoundError, ValueError),
     )
     if rep is None:
         return 1

@@ -187,18 +187,65 @@ def commit(
                     f"replace_where={dict(replace_where)} but {len(outside)} written file(s) fall outside it "
                     f"(e.g. {outside[0]}); nothing was committed"
                 )
-        dt.create_write_transaction(
-            actions, "overwrite" if effective == "overwrite" else "append", schema_to_commit,
-            partition_by=parts or None, partition_filters=filters, commit_properties=props,
-        )
+        for attempt in range(_DISJOINT_RETRIES + 1):
+            try:
+                dt.create_write_transaction(
+                    actions, "overwrite" if effective == "overwrite" else "append", schema_to_commit,
+                    partition_by=parts or None, partition_filters=filters, commit_properties=props,
+                )
+                break
+            except CommitFailedError:
+                # delta-rs fails a replace_where overwrite on ANY commit since its read version,
+                # also one that only touched other partitions (two ingests of different files
+                # at once): when every commit since kept to other partitions, commit again on top
+                newer = _disjoint_since(uri, opts, dt.version(), filters) if filters and attempt < _DISJOINT_RETRIES else None
+                if newer is None:
+                    raise
+                log.info("commit to %s: the commits since v%d touched other partitions only; committing on v%d",
+                         uri, dt.version(), newer)
+                dt = DeltaTable(uri, storage_options=opts, version=newer)
         dt.update_incremental()
         return dt.version()
     except CommitFailedError as e:
         delete_files(uri, on_disk)
-        raise CommitConflictError(f"commit to {uri} conflicted with a concurrent transaction: {e}") from e
+        raise CommitConflictError(
+            f"commit to {uri} conflicted with a concurrent transaction, so nothing of this write was "
+            f"committed (run it again once the other writer is done): {e}") from e
     except BaseException:
         delete_files(uri, on_disk)
         raise
+
+
+_DISJOINT_RETRIES = 10
+
+
+def _disjoint_since(uri: str, opts: Mapping[str, str], since: int, filters: list[tuple]) -> int | None:
+    """The table's latest version if every commit after ``since`` added and removed files of
+    partitions outside ``filters`` only, and changed no metadata or protocol; else None (a
+    real conflict, or a commit whose log entry cannot be read)."""
+    import json
+
+    from pipelines.lake.fs import filesystem_for
+
+    latest = DeltaTable(uri, storage_options=dict(opts), without_files=True).version()
+    fs, root = filesystem_for(uri, opts)
+    for v in range(since + 1, latest + 1):
+        try:
+            with fs.open_input_stream(f"{root.rstrip('/')}/_delta_log/{v:020d}.json") as f:
+                entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return None
+        for entry in entries:
+            if "metaData" in entry or "protocol" in entry:
+                return None
+            for kind in ("add", "remove"):
+                action = entry.get(kind)
+                if action is None:
+                    continue
+                pv = action.get("partitionValues")
+                if pv is None or _matches(pv, filters):  # a remove may omit its partition values
+                    return None
+    return latest
 
 
 def _delta_field(f: pa.Field):

@@ -232,6 +232,38 @@ def test_conflicting_overwrites_fail_clearly(tmp_path):
     assert not any(p.name.startswith("part-wa-") for p in tmp_path.joinpath("t").iterdir())
 
 
+def test_partition_overwrites_of_other_partitions_both_land(tmp_path):
+    """Two replace_where overwrites planned against the same version (two ingests of different
+    files at once): delta-rs fails the second on any commit since, but when that commit kept
+    to other partitions the second commits on top of it. One that touched the same partition
+    is a real conflict and still fails, leaving no files."""
+    path = str(tmp_path / "t")
+    schema = pa.schema([("x", pa.int64()), ("day", pa.int32())])
+
+    def files(write_id, day, n):
+        w = PartitionedFileWriter(path, schema, ["day"], write_id)
+        w.write(pa.record_batch([pa.array(range(n), pa.int64()), pa.array([day] * n, pa.int32())], schema=schema))
+        return w.close()
+
+    commit(path, schema, files("w0", 0, 1) + files("w1", 1, 1), mode="append", partition_by=["day"])
+
+    def planned(day):
+        return prepare_table(path, schema, mode="overwrite", partition_by=["day"], merge_schema=False,
+                             replace_where={"day": day})[1]
+
+    read_a, read_b, read_c = planned(0), planned(1), planned(1)
+    commit(path, schema, files("wa", 0, 2), mode="overwrite", partition_by=["day"], replace_where={"day": 0},
+           read_version=read_a)
+    assert commit(path, schema, files("wb", 1, 3), mode="overwrite", partition_by=["day"],
+                  replace_where={"day": 1}, read_version=read_b) == 2  # on top of a's commit
+    with pytest.raises(CommitConflictError, match="conflict"):  # day 1 was replaced since c read it
+        commit(path, schema, files("wc", 1, 4), mode="overwrite", partition_by=["day"], replace_where={"day": 1},
+               read_version=read_c)
+    t = DeltaTable(path).to_pyarrow_table()
+    assert sorted(zip(t.column("day").to_pylist(), t.column("x").to_pylist())) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    assert not any(p.name.startswith("part-wc-") for p in (tmp_path / "t").rglob("*.parquet"))
+
+
 def test_schema_errors_are_raised_before_writing(tmp_path):
     path = str(tmp_path / "t")
     schema = pa.schema([("x", pa.int64())])
