@@ -100,6 +100,13 @@ _BLOCK = 4 << 20
 _QUICK = 1 << 20
 _TAIL = 64 << 10  # bytes read past a range's end for its last line (more if that line is longer)
 _GZIP_MAGIC = b"\x1f\x8b"
+# formats a raw file is sometimes stored in that ingest does not read: their magic bytes, so
+# such a file fails up front instead of being "ingested" as lines of undecodable bytes
+_FOREIGN_MAGIC = {
+    b"\x28\xb5\x2f\xfd": "zstd-compressed", b"BZh": "bzip2-compressed", b"\xfd7zXZ\x00": "xz-compressed",
+    b"\x04\x22\x4d\x18": "lz4-compressed", b"PK\x03\x04": "a zip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive",
+    b"PAR1": "a Parquet file",
+}
 # task cost estimates relative to parsing one plain byte (ordering only): gzip inflates ~4x;
 # sha256 of a byte costs ~1/10 of parsing it
 _GZIP_EXPANSION = 4
@@ -118,12 +125,14 @@ class IngestError(RuntimeError):
 
 
 class CorruptInputError(IngestError):
-    """One or more input files are unreadable (truncated/corrupt gzip); nothing was committed."""
+    """One or more input files cannot be read (a truncated or corrupt gzip, a name that
+    contradicts the content, a format such as zstd that ingest does not read); nothing was
+    committed."""
 
     def __init__(self, problems: list[tuple[str, str]]):
         self.problems = problems
         lines = "\n  ".join(f"{p}: {why}" for p, why in problems)
-        super().__init__(f"{len(problems)} corrupt input file(s), nothing was committed:\n  {lines}")
+        super().__init__(f"{len(problems)} input file(s) cannot be ingested, nothing was committed:\n  {lines}")
 
 
 @dataclass
@@ -136,6 +145,7 @@ class RawFile:
     size: int
     mtime_ns: int
     quick_hash: str
+    foreign: str | None = None  # e.g. "zstd-compressed": a format ingest does not read
 
 
 @dataclass
@@ -256,8 +266,21 @@ def describe_file(path: str, cfg) -> RawFile:
     name = raw_inputs.basename(path)
     m = re.search(ing.day_regex, name)
     day = int(m.group(1)) if m else -1
+    foreign = next((what for magic, what in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
     return RawFile(path, name, day, _labeled(_first_lines(head, gz), name, ing.unlabeled_globs), gz,
-                   size, mtime_ns, quick)
+                   size, mtime_ns, quick, foreign)
+
+
+def _unreadable_as_named(f: RawFile) -> str | None:
+    """Why ingest cannot read ``f`` (its content against its name), or None."""
+    if f.foreign:
+        return (f"{f.foreign}, not lines of text: ingest reads plain or gzip'd files (decompress it, "
+                "or recompress it with gzip)")
+    if f.gzip and not f.path.endswith(".gz"):
+        return "gzip content but the name does not end in .gz"
+    if not f.gzip and f.path.endswith(".gz"):
+        return "named .gz but not gzip content"
+    return None
 
 
 def describe_files(paths: Sequence[str], cfg) -> list[RawFile]:
@@ -670,10 +693,7 @@ def ingest(
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})
     if dupes:
         raise IngestError(f"several inputs share the file name(s) {dupes}; the name is the bronze `source` key")
-    misnamed = [(f.path, "gzip content but the name does not end in .gz")
-                for f in files if f.gzip and not f.path.endswith(".gz")]
-    misnamed += [(f.path, "named .gz but not gzip content") for f in files if not f.gzip and f.path.endswith(".gz")]
-    if misnamed:
+    if misnamed := [(f.path, why) for f in files if (why := _unreadable_as_named(f))]:
         raise CorruptInputError(misnamed)
     current = current_entries(read_ledger(paths["ledger"]))
     todo, report.files = _plan(files, current, force)

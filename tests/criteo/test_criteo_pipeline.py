@@ -686,3 +686,35 @@ def test_corrupt_gzip_fails_clearly_and_commits_nothing(spark, tmp_path):
     assert not table_exists(t["bronze"]) or DeltaSnapshot(t["bronze"]).num_rows == 0
     assert not table_exists(t["ledger"]) or DeltaSnapshot(t["ledger"]).num_rows == 0
     shutil.rmtree(raw)
+
+
+def test_files_in_formats_ingest_does_not_read_fail_up_front(tmp_path):
+    """A raw file stored as zstd, bzip2, xz or a zip archive (or a zstd file named .gz) fails
+    before anything runs, each named with its format and the fix; nothing is committed. Until
+    the eleventh session such files were 'ingested': every line quarantined as undecodable
+    bytes, and the ledger then skipped them."""
+    import bz2
+    import lzma
+    import zipfile
+
+    from pipelines.criteo.ingest import CorruptInputError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    text = ("1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26) + "\n").encode() * 50
+    zst = pa.compress(text, codec="zstd", asbytes=True)
+    (raw / "day_0.zst").write_bytes(zst)
+    (raw / "day_1.bz2").write_bytes(bz2.compress(text))
+    (raw / "day_2.xz").write_bytes(lzma.compress(text))
+    with zipfile.ZipFile(raw / "day_3.zip", "w") as z:
+        z.writestr("day_3", text)
+    (raw / "day_4.gz").write_bytes(zst)
+    (raw / "day_5").write_bytes(text)  # fine
+    cfg = _cfg(tmp_path, ingest={"file_globs": ["day_*"]})
+    with pytest.raises(CorruptInputError) as e:
+        ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
+    got = {Path(p).name: why.split(",")[0] for p, why in e.value.problems}
+    assert got == {"day_0.zst": "zstd-compressed", "day_1.bz2": "bzip2-compressed", "day_2.xz": "xz-compressed",
+                   "day_3.zip": "a zip archive", "day_4.gz": "zstd-compressed"}
+    assert "recompress it with gzip" in str(e.value) and "cannot be ingested, nothing was committed" in str(e.value)
+    assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
