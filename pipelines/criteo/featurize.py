@@ -276,6 +276,9 @@ def plan_split(cfg, view: BronzeView) -> SplitPlan:
         raise FeaturizeError(f"split.mode=day needs at least 2 dated days in bronze, found {days}")
     test = sorted(sp.test_days) if sp.test_days else [max(days)]
     valid = sorted(sp.valid_days or [])
+    if absent := sorted((set(test) | set(valid)) - set(days)):  # a typo, or a day not ingested yet
+        raise FeaturizeError(f"split: day(s) {absent} named in split.test_days/valid_days have no labelled rows "
+                             f"in bronze v{view.version} (its days: {days}); the split would hold none of them")
     if set(test) & set(valid):
         raise FeaturizeError(f"split: days {sorted(set(test) & set(valid))} are both test and valid days")
     if not set(days) - set(test) - set(valid):

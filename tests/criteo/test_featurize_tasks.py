@@ -192,3 +192,24 @@ def test_column_partitions_spread_the_large_columns(tmp_path):
     parts = F.column_partitions([FileEntry(str(path), path.stat().st_size, 5000, {"day": 0})], reducers=4)
     assert len(parts) == 26 and set(parts) <= set(range(4))
     assert sorted(parts[SPARSE.index(c)] for c in large) == [0, 1, 2, 3]
+
+
+def test_plan_split_names_what_is_wrong_with_the_days():
+    """Day-split settings are checked against bronze's labelled days, with no Spark: a
+    held-out day bronze does not have (a typo, a day not ingested yet) is an error, not an
+    empty test split."""
+    from jobs.config import load_config
+
+    view = F.BronzeView(3, {f"day_{d}": {"rows": 10, "day": d, "labeled": True, "batch": "b"} for d in (0, 1, 2)})
+
+    def plan(**split):
+        return F.plan_split(load_config(data={"criteo": {"featurize": {"split": split}}}), view)
+
+    assert (plan().mode, plan().test_days, plan().valid_days) == ("day", [2], [])
+    assert (plan(test_days=[2], valid_days=[1]).test_days, plan(test_days=[2], valid_days=[1]).valid_days) == ([2], [1])
+    for split, message in (({"test_days": [99]}, r"day\(s\) \[99\] .* no labelled rows in bronze v3 \(its days: \[0, 1, 2\]\)"),
+                           ({"test_days": [2], "valid_days": [5]}, r"day\(s\) \[5\]"),
+                           ({"test_days": [1], "valid_days": [1]}, r"days \[1\] are both test and valid"),
+                           ({"test_days": [0, 1, 2]}, "no training day left")):
+        with pytest.raises(F.FeaturizeError, match=message):
+            plan(**split)
