@@ -8,6 +8,7 @@ failed write leaves the table exactly as it was.
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -19,12 +20,13 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
 
 from pipelines.lake.files import delete_files, partition_value_str
-from pipelines.lake.fs import normalize_uri
+from pipelines.lake.fs import filesystem_for, join, normalize_uri
 from pipelines.lake.schema import check_compatible, to_pyarrow_schema
 
 log = logging.getLogger(__name__)
 
 ROWS_ADDED_KEY = "bigopt.rowsAdded"  # commit info: rows in the files the commit adds
+_DISJOINT_RETRIES = 10  # commits again on top of commits that kept to other partitions
 
 
 class CommitConflictError(RuntimeError):
@@ -198,12 +200,14 @@ def commit(
                 # delta-rs fails a replace_where overwrite on ANY commit since its read version,
                 # also one that only touched other partitions (two ingests of different files
                 # at once): when every commit since kept to other partitions, commit again on top
-                newer = _disjoint_since(uri, opts, dt.version(), filters) if filters and attempt < _DISJOINT_RETRIES else None
-                if newer is None:
+                if not filters or attempt == _DISJOINT_RETRIES:
+                    raise
+                since = dt.version()
+                dt.update_incremental()  # the same table object, moved on to the latest version
+                if not _disjoint(uri, opts, since, dt.version(), filters):
                     raise
                 log.info("commit to %s: the commits since v%d touched other partitions only; committing on v%d",
-                         uri, dt.version(), newer)
-                dt = DeltaTable(uri, storage_options=opts, version=newer)
+                         uri, since, dt.version())
         dt.update_incremental()
         return dt.version()
     except CommitFailedError as e:
@@ -216,36 +220,28 @@ def commit(
         raise
 
 
-_DISJOINT_RETRIES = 10
-
-
-def _disjoint_since(uri: str, opts: Mapping[str, str], since: int, filters: list[tuple]) -> int | None:
-    """The table's latest version if every commit after ``since`` added and removed files of
-    partitions outside ``filters`` only, and changed no metadata or protocol; else None (a
-    real conflict, or a commit whose log entry cannot be read)."""
-    import json
-
-    from pipelines.lake.fs import filesystem_for
-
-    latest = DeltaTable(uri, storage_options=dict(opts), without_files=True).version()
+def _disjoint(uri: str, opts: Mapping[str, str], since: int, latest: int, filters: list[tuple]) -> bool:
+    """Did every commit in (since, latest] add and remove files of partitions outside
+    ``filters`` only, and change no metadata or protocol? False also for a commit whose log
+    entry cannot be read."""
     fs, root = filesystem_for(uri, opts)
     for v in range(since + 1, latest + 1):
         try:
-            with fs.open_input_stream(f"{root.rstrip('/')}/_delta_log/{v:020d}.json") as f:
+            with fs.open_input_stream(join(root, f"_delta_log/{v:020d}.json")) as f:
                 entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
         except (OSError, ValueError):
-            return None
+            return False
         for entry in entries:
             if "metaData" in entry or "protocol" in entry:
-                return None
+                return False
             for kind in ("add", "remove"):
                 action = entry.get(kind)
                 if action is None:
                     continue
                 pv = action.get("partitionValues")
                 if pv is None or _matches(pv, filters):  # a remove may omit its partition values
-                    return None
-    return latest
+                    return False
+    return True
 
 
 def _delta_field(f: pa.Field):
