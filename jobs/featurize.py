@@ -27,13 +27,12 @@ def run(cfg, args) -> int:
 
     from jobs.spark_step import run_spark_step
     from pipelines.criteo.featurize import FeaturizeError, featurize
-    from pipelines.lake.commit import CommitConflictError
 
     if args.bronze_version is not None:
         cfg.criteo.featurize.bronze_version = args.bronze_version
     console, rep = run_spark_step(
         cfg, "featurize", lambda spark, progress: featurize(spark, cfg, progress=progress, force=args.force),
-        errors=(FeaturizeError, CommitConflictError))
+        errors=(FeaturizeError,))
     if rep is None:
         return 1
     built = "up to date, nothing written (--force rebuilds)" if rep.up_to_date else f"in {rep.seconds:.1f}s"

@@ -28,12 +28,11 @@ def run(cfg, args) -> int:
 
     from jobs.spark_step import run_spark_step
     from pipelines.criteo.ingest import IngestError, ingest
-    from pipelines.lake.commit import CommitConflictError
 
     console, rep = run_spark_step(
         cfg, "ingest",
         lambda spark, progress: ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress),
-        errors=(IngestError, CommitConflictError, FileNotFoundError, ValueError),
+        errors=(IngestError, FileNotFoundError, ValueError),
     )
     if rep is None:
         return 1

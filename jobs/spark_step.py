@@ -30,9 +30,10 @@ def run_spark_step(
 ):
     """Call ``step(start_spark, progress)``; ``start_spark()`` starts the configured
     SparkSession on its first call and returns it on every call. Returns ``(console, result)``;
-    ``result`` is None when ``step`` raised one of ``errors`` (printed as
-    ``bigopt <command>: <error>``)."""
+    ``result`` is None when ``step`` raised one of ``errors`` or a lake commit conflict
+    (printed as ``bigopt <command>: <error>``)."""
     from jobs.console import make_console, styled
+    from pipelines.lake.commit import CommitConflictError
     from pipelines.spark import spark_from_config
 
     # log lines: the time and the message (the caller's file:line is noise here); printed text is
@@ -51,6 +52,6 @@ def run_spark_step(
 
         try:
             return console, step(start_spark, progress)
-        except errors as e:
+        except (*errors, CommitConflictError) as e:  # every step commits through the lake
             console.print(styled((f"bigopt {command}: {e}", "red")))
             return console, None
