@@ -11,6 +11,7 @@ The whole first slice in one command, on one SparkSession (started when a step f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import sys
@@ -43,9 +44,6 @@ def needs_generation(cfg) -> bool:
 def run(cfg, args) -> int:
     from jobs.console import make_console, styled
     from jobs.train import apply_cli_overrides
-    from pipelines.criteo.featurize import featurize
-    from pipelines.criteo.generate import generate
-    from pipelines.criteo.ingest import ingest
     from pipelines.spark import spark_from_config
     from training.api import print_summary, run_training
     from training.launch import RankFailure
@@ -71,39 +69,43 @@ def run(cfg, args) -> int:
         timings["spark start"] = time.perf_counter() - t0
         return session
 
-    def since(t0: float, spark_before: float) -> float:
-        """A step's own seconds: without a Spark start it triggered (timed on its own)."""
-        return time.perf_counter() - t0 - (timings.get("spark start", 0.0) - spark_before)
+    @contextlib.contextmanager
+    def step(name: str, what: str):
+        """Announce a step and record its own seconds, without a Spark start it triggered
+        (timed on its own)."""
+        console.print(styled((name, "bold"), f" {what}"))
+        t0, spark_before = time.perf_counter(), timings.get("spark start", 0.0)
+        try:
+            yield
+        finally:
+            timings[name] = time.perf_counter() - t0 - (timings.get("spark start", 0.0) - spark_before)
 
-    if not args.skip_data:
+    if not args.skip_data:  # the pipeline's modules are imported only for it
+        from pipelines.criteo.featurize import featurize
+        from pipelines.criteo.ingest import ingest
+
         if not args.no_generate and needs_generation(cfg):
-            t0 = time.perf_counter()
-            console.print(styled(("generate", "bold"), f" synthetic raw Criteo -> {cfg.criteo.raw_dir}"))
-            files = generate(cfg)
-            timings["generate"] = time.perf_counter() - t0
+            from pipelines.criteo.generate import generate
+
+            with step("generate", f"synthetic raw Criteo -> {cfg.criteo.raw_dir}"):
+                files = generate(cfg)
             console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
-        t0, before = time.perf_counter(), timings.get("spark start", 0.0)
-        console.print(styled(("ingest", "bold"), " raw -> bronze"))
-        rep = ingest(spark, cfg, force=args.force_ingest)
-        timings["ingest"] = since(t0, before)
+        with step("ingest", "raw -> bronze"):
+            rep = ingest(spark, cfg, force=args.force_ingest)
         console.print(f"  {rep.summary()} ({timings['ingest']:.1f} s)")
-        t0, before = time.perf_counter(), timings.get("spark start", 0.0)
-        console.print(styled(("featurize", "bold"), " bronze -> gold + vocabulary"))
-        rep = featurize(spark, cfg, force=args.force_featurize)
-        timings["featurize"] = since(t0, before)
+        with step("featurize", "bronze -> gold + vocabulary"):
+            rep = featurize(spark, cfg, force=args.force_featurize)
         console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
 
-    t0, before = time.perf_counter(), timings.get("spark start", 0.0)
-    console.print(styled(("train", "bold"), f" {cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)"))
     try:
-        res = run_training(cfg, spark=spark, local=args.local)
+        with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)"):
+            res = run_training(cfg, spark=spark, local=args.local)
     except FileNotFoundError as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     except RankFailure as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 1
-    timings["train"] = since(t0, before)
     res.extra["timings"] = timings
     print_summary(res, title=f"bigopt run - {cfg.run.name}  (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")")
     return 0
