@@ -982,13 +982,15 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     paths = tables(cfg)
     chash = config_hash(cfg)
 
+    bronze_version = fz.bronze_version
     if not force:  # needs bronze's version only: the ledger check below is for a build
-        bronze_version = fz.bronze_version if fz.bronze_version is not None else _latest_version(paths["bronze"])
+        if bronze_version is None:
+            bronze_version = _latest_version(paths["bronze"])
         if (done := current_gold(cfg, bronze_version)) is not None:
             say(f"gold is up to date: built from bronze v{bronze_version} with these settings, nothing to rebuild")
             done.seconds = time.time() - t0
             return done
-    view = bronze_view(cfg, fz.bronze_version)
+    view = bronze_view(cfg, bronze_version)  # the version checked above: a commit since cannot slip in
     sc = session_of(spark).sparkContext
     sources = view.labeled_sources
     if not sources:
@@ -1011,7 +1013,8 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     distinct: dict[str, int] = {}
     vocab_files: tuple = ()
     written: list[tuple[str, TaskWrite, list[dict]]] = []  # committed once every job has succeeded
-    if fz.strategy == "vocab":
+    vocab = fz.strategy == "vocab"
+    if vocab:
         say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
         train_files = [f for f in files if rule.may_train(_day(f))]
         vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
@@ -1029,7 +1032,6 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     else:
         cards = [fz.hash_buckets] * NUM_SPARSE
     report.cardinalities = cards
-    vocab = fz.strategy == "vocab"
 
     try:
         say("writing gold " + "/".join(GOLD_SPLITS))
