@@ -12,6 +12,8 @@ it rejected lines.
 """
 from __future__ import annotations
 
+import itertools
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--batch", default=None, help="only lines of this ingest batch (as bigopt ingest prints it)")
@@ -29,9 +31,7 @@ def run(cfg, args) -> int:
 
     filters = {"batch": args.batch, "source": args.source, "reason": args.reason}
     if args.raw:
-        for i, line in enumerate(quarantined_lines(cfg, **filters)):
-            if args.limit is not None and i >= args.limit:
-                break
+        for line in itertools.islice(quarantined_lines(cfg, **filters), args.limit):
             print(line)
         return 0
     view = quarantined(cfg, **filters, limit=20 if args.limit is None else args.limit)

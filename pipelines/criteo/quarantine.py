@@ -15,6 +15,8 @@ any case). The counts read only the columns they and the filters need.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -44,17 +46,17 @@ def _where(source: str | None, batch: str | None, reason: str | None):
         conds.append(pc.field("ingest_batch") == batch)
     if reason:
         conds.append(pc.match_substring(pc.field("reason"), reason, ignore_case=True))
-    cond = None
-    for c in conds:
-        cond = c if cond is None else cond & c
-    return cond
+    return functools.reduce(operator.and_, conds) if conds else None
 
 
 def _snapshot(cfg):
-    from pipelines.lake import DeltaSnapshot, table_exists
+    from pipelines.lake import DeltaSnapshot
 
     path = tables(cfg)["quarantine"]
-    return path, (DeltaSnapshot(path) if table_exists(path) else None)
+    try:
+        return path, DeltaSnapshot(path)
+    except FileNotFoundError:  # no table yet: nothing was ever quarantined
+        return path, None
 
 
 def quarantined(cfg, *, batch: str | None = None, source: str | None = None, reason: str | None = None,
