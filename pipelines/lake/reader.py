@@ -10,9 +10,10 @@ the snapshot's active files from the log, pyarrow reads them. No JVM, no Spark.
 from __future__ import annotations
 
 import datetime as _dt
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, reduce
 from typing import Any
 
 import pyarrow as pa
@@ -183,13 +184,14 @@ class DeltaSnapshot:
         # such file and returns no rows (delta-io/delta-rs#3032, #3173: the quarantine's
         # `reason` filtered to nothing).
         schema = self.full_schema
+        types = {fld.name: fld.type for fld in schema}
         files = self._files
         return pads.FileSystemDataset.from_paths(
             [path_in_filesystem(f.uri) for f in files], schema=schema, format=pads.ParquetFileFormat(),
-            filesystem=fs, partitions=[self._guarantee(f, schema) for f in files],
+            filesystem=fs, partitions=[self._guarantee(f, types) for f in files],
         )
 
-    def _guarantee(self, f: FileEntry, schema: pa.Schema) -> pc.Expression:
+    def _guarantee(self, f: FileEntry, types: Mapping[str, pa.DataType]) -> pc.Expression:
         """What holds for every row of file ``f``: its partition values (which also fill the
         partition columns, absent from the files), and ``min <= col <= max`` for the integer
         and string columns the log bounds that have no nulls in the file. Anything else (no
@@ -198,13 +200,13 @@ class DeltaSnapshot:
         parts: list[pc.Expression] = []
         for c in self.partition_columns:
             v = f.partition_values.get(c)
-            typ = schema.field(c).type
+            typ = types[c]
             parts.append(pc.field(c).is_null() if v is None else pc.field(c) == partition_scalar(v, typ))
         for c, lo in f.min_values.items():
             hi = f.max_values.get(c)
-            if hi is None or f.null_counts.get(c) != 0 or c not in schema.names:
+            typ = types.get(c)
+            if hi is None or f.null_counts.get(c) != 0 or typ is None:
                 continue
-            typ = schema.field(c).type
             if not (pa.types.is_integer(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ)):
                 continue
             try:
@@ -212,10 +214,7 @@ class DeltaSnapshot:
             except (pa.ArrowException, TypeError, ValueError, OverflowError):
                 continue
             parts += [pc.field(c) >= lo_s, pc.field(c) <= hi_s]
-        out = pc.scalar(True)
-        for e in parts:
-            out = out & e
-        return out
+        return reduce(operator.and_, parts, pc.scalar(True))
 
     def commit_info(self) -> dict:
         for h in self.table.history():
