@@ -119,7 +119,7 @@ def _careful(block: bytes, labeled: bool) -> tuple[pa.Table, list[Reject]]:
     def exact(line_ids) -> None:
         for i in line_ids:
             raw = block[starts[i]:nl[i]]
-            row, reason, n = parse_line(raw, labeled)
+            row, reason, n = _parse_line(raw, labeled)  # CR LF already made LF
             if row is None:
                 rejects.append((raw, reason, n))
             else:
@@ -173,9 +173,12 @@ def _careful(block: bytes, labeled: bool) -> tuple[pa.Table, list[Reject]]:
 def parse_line(raw: bytes, labeled: bool) -> tuple[dict | None, str | None, int]:
     """One line (without its line end: LF, or CR LF) -> (row, None, fields) or (None, reason,
     fields). A final CR is taken as part of a CR LF line end."""
+    return _parse_line(raw[:-1] if raw.endswith(b"\r") else raw, labeled)
+
+
+def _parse_line(raw: bytes, labeled: bool) -> tuple[dict | None, str | None, int]:
+    """:func:`parse_line` of a line without any line end: a CR in it is a bad byte."""
     expected = LABELED_FIELDS if labeled else UNLABELED_FIELDS
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
     n = raw.count(b"\t") + 1
     try:
         text = raw.decode("utf-8")

@@ -38,6 +38,7 @@ BAD = {  # line -> reason
     GOOD.replace("\t68fd1e64", "\t\r68fd1e64", 1): "C1 not 8 hex chars",
     "": "empty line",
     "\r": "empty line",  # CR LF
+    GOOD + "\r\r": "C26 not 8 hex chars",  # CR CR LF: one CR is the line end's, the other a bad byte
 }
 ODD_BUT_VALID = [
     "\t".join(GOOD.split("\t")[:38]),  # stripped trailing TABs
@@ -63,9 +64,9 @@ def _reference(lines: list[str | bytes], labeled: bool = True):
     rows, rejects = [], []
     for ln in lines:
         raw = ln.encode() if isinstance(ln, str) else ln
-        raw = raw.removesuffix(b"\r")  # a rejected line is shown without its line end, LF or CR LF
         row, reason, n = parse_line(raw, labeled)
-        (rows.append(row) if row is not None else rejects.append((raw, reason, n)))
+        # a rejected line is shown without its line end, LF or CR LF
+        (rows.append(row) if row is not None else rejects.append((raw.removesuffix(b"\r"), reason, n)))
     return rows, rejects
 
 
