@@ -622,8 +622,7 @@ def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> I
     rows of this task's slices, as Arrow IPC bytes; memory: about three times each column's
     distinct values in the task's rows (:class:`PartialCounts`)."""
     acc = PartialCounts()
-    unreadable = []
-    for sl in task:
+    for i, sl in enumerate(task):
         if not rule.may_train(sl.day):
             continue
         whole = rule.of_day(sl.day)
@@ -634,12 +633,10 @@ def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> I
                     batch = batch.select(SPARSE).filter(pa.array(keep))
                 for j, c in enumerate(SPARSE):
                     acc.add(j, _value_counts(batch.column(c)))
-        except BronzeFileError as e:
-            unreadable.append(str(e))
-    if unreadable:  # the job fails on the driver; counting the rest would be wasted
-        for problem in unreadable:
-            yield UNREADABLE, problem.encode()
-        return
+        except BronzeFileError as e:  # the job fails on the driver: counting the rest would be wasted
+            for problem in _unreadable_from(e, task[i + 1:]):
+                yield UNREADABLE, problem.encode()
+            return
     for j in acc.columns():
         t = acc.pop(j)
         if pc.max(t.column("count")).as_py() < 1 << 31:  # half the bytes to shuffle for the counts
@@ -819,7 +816,7 @@ def gold_task(task: list[BronzeSlice], spec: GoldSpec) -> dict[str, list]:
             except BronzeFileError as e:  # the job fails on the driver: name this task's other bad files too
                 for w in writers:
                     w.discard()
-                return {"unreadable": [str(e), *_unreadable_footers(sl.uri for sl in task[i + 1:])]}
+                return {"unreadable": _unreadable_from(e, task[i + 1:])}
         return {split: w.close() for split, w in zip(GOLD_SPLITS, writers)}
     except BaseException:
         for w in writers:
@@ -845,6 +842,13 @@ def _gold_slice(sl: BronzeSlice, spec: GoldSpec, values: list | None, writers: l
             rows = np.flatnonzero(codes == k)
             if len(rows):
                 writers[k].write(gold_batch(label.take(pa.array(rows)), dense[rows], sparse[rows]))
+
+
+def _unreadable_from(e: BronzeFileError, rest: list[BronzeSlice]) -> list[str]:
+    """A task's problems once one of its slices could not be read: that error, and the files
+    of its later slices whose footers cannot be read (their rows are not read: the job fails
+    anyway). Each file is opened once, however many slices it has."""
+    return [str(e), *_unreadable_footers(dict.fromkeys(sl.uri for sl in rest))]
 
 
 def _unreadable_footers(uris: Iterable[str]) -> list[str]:
