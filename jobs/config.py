@@ -185,7 +185,12 @@ def dump_config(cfg: BaseModel) -> str:
 
 def config_hash(cfg: BaseModel) -> str:
     """Stable short hash of the resolved config (recorded in Delta commit info and MLflow)."""
-    return hashlib.sha256(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return doc_hash(config_dict(cfg))
+
+
+def doc_hash(doc: Mapping[str, Any]) -> str:
+    """Stable short hash (16 hex digits) of a JSON-able document, whatever its key order."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -903,15 +903,14 @@ def gold_fingerprint(cfg, bronze_version: int) -> str:
     """What the gold tables are a function of: the bronze snapshot, every ``criteo.featurize``
     setting, the vocabulary tables' codec and :data:`GOLD_REVISION`. ``features.json`` records
     it; training settings, ingest settings and the run name are not part of it."""
-    import hashlib
+    from jobs.config import doc_hash
 
-    doc = {
+    return doc_hash({
         "revision": GOLD_REVISION,
         "bronze": {"path": tables(cfg)["bronze"], "version": bronze_version},
         "featurize": cfg.criteo.featurize.model_dump(mode="json", exclude={"bronze_version"}),
         "lake_compression": cfg.lake.compression,
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    })
 
 
 def _latest_version(uri: str) -> int | None:
