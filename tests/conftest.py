@@ -97,6 +97,12 @@ class S3Server:
         return pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key="bigopt-test",
                                  secret_key="bigopt-test", region="us-east-1", allow_bucket_creation=True)
 
+    @property
+    def storage_options(self) -> dict[str, str]:
+        """The server's credentials as explicit storage options (delta-rs and filesystem_for)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "bigopt-test",
+                "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
+
     def bucket(self, name: str) -> str:
         """Create bucket ``name`` (if new); its ``s3://`` URI."""
         self.filesystem().create_dir(name)

@@ -133,8 +133,7 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     assert spec.cardinalities == feat.cardinalities and (spec.valid, spec.test) == (t["valid"], t["test"])
     assert resolve_data(load_config(None, [f"lake.root={bucket}/lake", f"train.test_table={bucket}/none"])).test is None
     # the loader, with the environment's credentials and with explicit delta-rs storage options
-    options = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "bigopt-test",
-               "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
+    options = s3.storage_options
     reads = [list(DeltaTorchLoader(t["train"], columns=["label", "dense", "sparse"], batch_size=512,
                                    shuffle=False, drop_last=False, storage_options=opts))
              for opts in (None, options)]
@@ -195,8 +194,7 @@ def test_one_filesystem_serves_a_bucket(s3):
     assert filesystem_for(f"{a}/lake/criteo/bronze/events/source=day_0/part-0.parquet")[0] is fs
     assert filesystem_for(a.replace("s3://", "s3a://") + "/raw/day_1")[0] is fs
     assert filesystem_for(f"{b}/raw/day_0")[0] is not fs  # another bucket: its own region lookup
-    options = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "bigopt-test",
-               "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
+    options = s3.storage_options
     explicit, epath = filesystem_for(f"{a}/raw/day_0", options)
     assert explicit is not fs and epath == path and filesystem_for(f"{a}/x", options)[0] is explicit
     # the same objects through either
@@ -214,8 +212,7 @@ def test_hadoop_s3_schemes_read_like_s3(s3):
     bucket = s3.bucket("hadoop-schemes")
     with s3.filesystem().open_output_stream("hadoop-schemes/k/w.json") as out:
         out.write(b"{}")
-    options = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ACCESS_KEY_ID": "bigopt-test",
-               "AWS_SECRET_ACCESS_KEY": "bigopt-test", "AWS_REGION": "us-east-1"}
+    options = s3.storage_options
     for scheme in ("s3a", "s3n"):
         uri = bucket.replace("s3://", f"{scheme}://") + "/k/w.json"
         for opts in (None, options):
