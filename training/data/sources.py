@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.lake.fs import filesystem_for
 
+
 def filesystem_for_table(
     table_uri: str,
     storage_options: Mapping[str, str] | None = None,
