@@ -649,8 +649,13 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
         abort_write(qtw)
         raise
     chunks = [r for r in results if r["kind"] == "chunk"]
-    bv, qv = commit_writes([(btw, [a for r in chunks for a in r["bronze"]], info),
-                            (qtw, [a for r in chunks for a in r["quarantine"]], info)])
+    b_adds, q_adds = ([a for r in chunks for a in r[table]] for table in ("bronze", "quarantine"))
+    if q_adds or qtw.read_version is None or rows_by_source(qtw.uri, qtw.read_version, sources):
+        bv, qv = commit_writes([(btw, b_adds, info), (qtw, q_adds, info)])
+    else:  # no rejects, none to replace: a commit would only add an empty version to the quarantine
+        abort_write(qtw)
+        (bv,) = commit_writes([(btw, b_adds, info)])
+        qv = qtw.read_version
     per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
                                  for f in group}
     for r in results:

@@ -500,7 +500,7 @@ def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys, spark
 
     cfg, tmp, paths, ing, feat = pipeline
     t = _bronze(cfg)
-    v = table_version(t["bronze"])
+    v, qv = table_version(t["bronze"]), table_version(t["quarantine"])
     # the CLI on the same config: everything is in the ledger already, nothing is written and
     # Spark is not started
     with spark_forbidden("ingest with nothing to ingest"):
@@ -513,6 +513,8 @@ def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys, spark
     assert forced.ingested == 3 and {f.status for f in forced.files} == {"replaced"}
     snap = DeltaSnapshot(t["bronze"])
     assert snap.num_rows == 12_000  # replaced, never duplicated
+    # no rejects now and none to replace: the quarantine gets no empty commit
+    assert forced.quarantine_version == qv == table_version(t["quarantine"])
     batches = set(snap.to_table(["ingest_batch"]).column("ingest_batch").to_pylist())
     assert batches == {forced.batch_id}
     ledger = read_ledger(t["ledger"])
@@ -631,6 +633,11 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         assert len(capsys.readouterr().out.splitlines()) == 3
         assert main(["quarantine", *conf, "--batch", rep.batch_id]) == 0  # replaced by --force: none left
         assert "0 line(s)" in capsys.readouterr().out
+    # the file fixed and forced in again: its rejects leave the quarantine with it
+    (raw / "day_0").write_text("\n".join([good] * 3) + "\n")
+    fixed = ingest(spark, cfg, force=True)
+    assert (fixed.rows_ok, fixed.rows_rejected, fixed.quarantine_version) == (3, 0, 2)
+    assert DeltaSnapshot(t["quarantine"]).num_rows == 0
 
 
 def test_windows_saved_files_ingest_like_the_originals(spark, criteo_shared, tmp_path):
