@@ -11,9 +11,12 @@ import json
 def add_arguments(parser) -> None:
     parser.add_argument("--action", choices=["history", "vacuum", "optimize", "roundtrip"], default="history")
     parser.add_argument("--table", help="table path or URI (default for roundtrip: <lake.root>/_check/roundtrip)")
-    parser.add_argument("--limit", type=int, default=20, help="history: newest N commits")
+    parser.add_argument("--limit", type=int, default=20, help="history: newest N commits; vacuum: files listed")
     parser.add_argument("--retention-hours", type=int, default=168, help="vacuum: keep files newer than this")
     parser.add_argument("--apply", action="store_true", help="vacuum: actually delete (default: dry run)")
+    parser.add_argument("--no-retention-check", action="store_true",
+                        help="vacuum: allow a retention under the table's minimum (7 days by default); only "
+                             "while no write to the table is running, whose new files it would delete")
     parser.add_argument("--target-mb", type=int, default=256, help="optimize: target file size")
 
 
@@ -30,6 +33,9 @@ def run(cfg, args) -> int:
     if not args.table:
         console.print(styled(("--table is required for this action", "red")))
         return 2
+    if not lake.table_exists(args.table):
+        console.print(styled((f"bigopt lake: no Delta table at {args.table} (it has no _delta_log)", "red")))
+        return 1
     if args.action == "history":
         t = Table(title=f"history of {args.table}")
         for col in ("version", "timestamp", "operation", "job", "rows added", "parameters"):
@@ -48,8 +54,21 @@ def run(cfg, args) -> int:
             )
         console.print(t)
     elif args.action == "vacuum":
-        files = lake.vacuum(args.table, retention_hours=args.retention_hours, dry_run=not args.apply)
-        console.print(f"{'deleted' if args.apply else 'would delete'} {len(files)} file(s)")
+        from deltalake.exceptions import DeltaError
+
+        try:
+            files = lake.vacuum(args.table, retention_hours=args.retention_hours, dry_run=not args.apply,
+                                enforce_retention=not args.no_retention_check)
+        except DeltaError as e:
+            hint = " (add --no-retention-check if no write to the table is running)" if "retention" in str(e) else ""
+            console.print(styled((f"bigopt lake: vacuum {args.table}: {e}{hint}", "red")))
+            return 1
+        console.print(f"{'deleted' if args.apply else 'would delete'} {len(files)} file(s)"
+                      f"{'' if args.apply or not files else ' (dry run: add --apply to delete them)'}")
+        for f in sorted(files)[:args.limit]:
+            console.print(f"  {f}")
+        if len(files) > args.limit:
+            console.print(f"  … and {len(files) - args.limit} more")
     elif args.action == "optimize":
         console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
     return 0

@@ -23,8 +23,12 @@ def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
 
 
 def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_retention: bool = True) -> list[str]:
-    """Delete files no longer referenced by versions newer than ``retention_hours``."""
-    return _table(uri).vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=enforce_retention)
+    """Delete the files older than ``retention_hours`` that no version newer than that
+    references: files removed by later commits, and files no commit ever added (those of a
+    write whose process was killed before it could clean up). A "full" vacuum, as Spark's
+    VACUUM: it lists the table's directory; delta-rs's default looks only at removed files."""
+    return _table(uri).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                              enforce_retention_duration=enforce_retention, full=True)
 
 
 def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> dict[str, Any]:

@@ -276,7 +276,7 @@ def test_schema_errors_are_raised_before_writing(tmp_path):
         prepare_table(path, schema, mode="error", partition_by=[], merge_schema=False, replace_where=None)
 
 
-def test_maintenance_compaction_and_vacuum(spark, tmp_path):
+def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
     path = str(tmp_path / "t")
     for i in range(3):
         write_table(_all_types_df(spark, 10, 10 * i).drop("day"), path)
@@ -286,9 +286,29 @@ def test_maintenance_compaction_and_vacuum(spark, tmp_path):
     assert len(snap.files()) < before and snap.num_rows == 30
     assert metrics["numFilesRemoved"] == before
     assert read_table(spark, path).count() == 30
+    # a write whose process died before it committed or cleaned up: its file is in no commit
+    rows = snap.to_table()
+    orphan = PartitionedFileWriter(path, rows.schema, [], "killed")
+    orphan.write(rows.to_batches()[0])
+    (orphan_add,) = orphan.close()
     removable = vacuum(path, retention_hours=0, dry_run=True, enforce_retention=False)
-    assert len(removable) == before
+    assert len(removable) == before + 1 and orphan_add["path"] in removable
     assert history(path)[0]["operation"] == "OPTIMIZE"
+
+    # the command: a dry run lists them; a retention under the table's minimum is refused clearly
+    from jobs.cli import main
+
+    assert main(["lake", "--action", "vacuum", "--table", path, "--retention-hours", "0", "--no-retention-check"]) == 0
+    out = capsys.readouterr().out
+    assert f"would delete {before + 1} file(s) (dry run" in out and orphan_add["path"] in out
+    assert main(["lake", "--action", "vacuum", "--table", path, "--retention-hours", "0"]) == 1
+    assert "--no-retention-check" in capsys.readouterr().out
+    assert main(["lake", "--action", "vacuum", "--table", path, "--retention-hours", "0", "--no-retention-check",
+                 "--apply"]) == 0
+    assert f"deleted {before + 1} file(s)" in capsys.readouterr().out
+    assert read_table(spark, path).count() == 30 and DeltaSnapshot(path).num_rows == 30
+    assert main(["lake", "--table", str(tmp_path / "none")]) == 1
+    assert "no Delta table at" in capsys.readouterr().out
 
 
 def test_decimal_stats_and_large_values(tmp_path):
