@@ -573,9 +573,13 @@ def current_entries(ledger_rows: list[dict]) -> dict[str, dict]:
     return cur
 
 
-def _plan(files: list[RawFile], current: dict[str, dict], force: bool) -> tuple[list[RawFile], list[FileResult]]:
+def _plan(files: list[RawFile], current: dict[str, dict],
+          force: bool) -> tuple[list[RawFile], list[FileResult], dict[str, str]]:
+    """(files to ingest, results of the files skipped, a note per file to ingest that replaces
+    rows of an earlier batch: why)."""
     todo: list[RawFile] = []
     results: list[FileResult] = []
+    notes: dict[str, str] = {}
     by_content = {(r["size"], r["quick_hash"]): r for r in current.values()}
     for f in files:
         prev = current.get(f.source)
@@ -593,8 +597,12 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool) -> tuple[
             if prev is not None and not same:
                 log.warning("%s: changed since it was ingested (or another file named %s was): replacing its rows",
                             f.path, f.source)
+                what = "size" if prev["size"] != f.size else "path" if prev["path"] != f.path else "content or mtime"
+                notes[f.source] = f"{what} changed since batch {prev['ingest_batch']}"
+            elif prev is not None:
+                notes[f.source] = f"--force: rows of batch {prev['ingest_batch']} replaced"
             todo.append(f)
-    return todo, results
+    return todo, results, notes
 
 
 # ------------------------------------------------------------------------------ writing
@@ -701,7 +709,7 @@ def ingest(
     if misnamed := [(f.path, why) for f in files if (why := _unreadable_as_named(f))]:
         raise CorruptInputError(misnamed)
     current = current_entries(read_ledger(paths["ledger"]))
-    todo, report.files = _plan(files, current, force)
+    todo, report.files, notes = _plan(files, current, force)
     if not todo:
         report.seconds = time.time() - t0
         return report
@@ -728,6 +736,7 @@ def ingest(
                 )
             status = "replaced" if f.source in current else "ingested"
             group_results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, status, lines, n_ok, n_rej, sha,
+                                            notes.get(f.source, ""),
                                             reasons=dict(per_file[f.path]["reasons"].most_common())))
             ledger_rows.append(dict(
                 source=f.source, path=f.path, day=f.day, labeled=f.labeled, gzip=f.gzip, size=f.size,

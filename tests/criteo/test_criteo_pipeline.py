@@ -509,8 +509,10 @@ def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys, spark
     assert rc == 0 and "0 file(s) ingested, 3 skipped" in out
     assert f"bronze unchanged {t['bronze']}" in out and "vNone" not in out
     assert table_version(t["bronze"]) == v and DeltaSnapshot(t["bronze"]).num_rows == 12_000
+    (first,) = {r["ingest_batch"] for r in read_ledger(t["ledger"])}
     forced = ingest(spark, cfg, force=True)
     assert forced.ingested == 3 and {f.status for f in forced.files} == {"replaced"}
+    assert {f.note for f in forced.files} == {f"--force: rows of batch {first} replaced"}
     snap = DeltaSnapshot(t["bronze"])
     assert snap.num_rows == 12_000  # replaced, never duplicated
     # no rejects now and none to replace: the quarantine gets no empty commit
@@ -633,10 +635,13 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         assert len(capsys.readouterr().out.splitlines()) == 3
         assert main(["quarantine", *conf, "--batch", rep.batch_id]) == 0  # replaced by --force: none left
         assert "0 line(s)" in capsys.readouterr().out
-    # the file fixed and forced in again: its rejects leave the quarantine with it
+    # the file fixed: a changed file is ingested again without --force, replacing its rows,
+    # and its rejects leave the quarantine with it
     (raw / "day_0").write_text("\n".join([good] * 3) + "\n")
-    fixed = ingest(spark, cfg, force=True)
+    fixed = ingest(spark, cfg)
     assert (fixed.rows_ok, fixed.rows_rejected, fixed.quarantine_version) == (3, 0, 2)
+    assert [(f.status, f.note) for f in fixed.files] == [("replaced", f"size changed since batch {batch}")]
+    assert DeltaSnapshot(t["bronze"]).num_rows == 3
     assert DeltaSnapshot(t["quarantine"]).num_rows == 0
 
 
