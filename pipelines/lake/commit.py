@@ -183,7 +183,7 @@ def commit(
             parts = list(dt.metadata().partition_columns)
         filters = replace_where_filters(replace_where)
         if filters:
-            outside = [a["path"] for a in adds if not _matches(a["partition_values"], filters)]
+            outside = [rel for rel, a in zip(on_disk, adds) if not _matches(a["partition_values"], filters)]
             if outside:
                 raise ValueError(
                     f"replace_where={dict(replace_where)} but {len(outside)} written file(s) fall outside it "
