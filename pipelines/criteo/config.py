@@ -50,7 +50,7 @@ class IngestConfig(BaseModel):
     )
     unlabeled_globs: list[str] = Field(
         default_factory=lambda: ["*test*"],
-        description="basenames of unlabelled (39-field) files, used when a file's first lines do not tell",
+        description="basenames of unlabelled (39-field, no label) files; every other file is labelled (40 fields)",
     )
     day_regex: str = Field(r"day_(\d+)", description="day number from the basename; no match -> day -1")
     verify: bool = Field(

@@ -146,6 +146,7 @@ class RawFile:
     mtime_ns: int
     quick_hash: str
     foreign: str | None = None  # e.g. "zstd-compressed": a format ingest does not read
+    label_conflict: str | None = None  # its first lines contradict the kind its name gives it
 
 
 @dataclass
@@ -242,16 +243,30 @@ def _first_lines(head: bytes, gz: bool, nbytes: int = 64 << 10) -> list[bytes]:
     return lines[:-1] if len(lines) > 1 else lines
 
 
-def _labeled(lines: list[bytes], name: str, unlabeled_globs: Sequence[str]) -> bool:
-    """Labelled (40 fields) or a test file (39 fields, no label)? Decided from the first lines:
-    any 40-field line means labelled, else any 39-field line means unlabelled; files whose
-    first lines are all shorter (stripped trailing TABs) are decided by name."""
-    counts = [ln.count(b"\t") + 1 for ln in lines if ln]
-    if any(c == LABELED_FIELDS for c in counts):
-        return True
-    if any(c == UNLABELED_FIELDS for c in counts):
-        return False
+def _labeled(name: str, unlabeled_globs: Sequence[str]) -> bool:
+    """Labelled (40 fields) unless the name matches ``unlabeled_globs`` (a test file: 39 fields,
+    no label). The name decides, never a line: a stray line (one TAB too many in a test file, a
+    labelled row whose empty C26 was stripped) must not turn every row of its file into a row
+    shifted by one column."""
     return not any(fnmatch.fnmatch(name, g) for g in unlabeled_globs)
+
+
+def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence[str]) -> str | None:
+    """Why the first lines say the name got the file's kind wrong, or None. Only a clear
+    majority of them counts (and at least 3): a few bad lines are quarantined, not a verdict."""
+    lines = [ln for ln in lines if ln.strip()]
+    if labeled:  # 39 fields and a first field that is no label: rows of a test file
+        odd = sum(ln.count(b"\t") + 1 == UNLABELED_FIELDS and ln.split(b"\t", 1)[0].strip() not in (b"0", b"1")
+                  for ln in lines)
+        why = (f"its name matches no criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as "
+               f"labelled, but {odd} of its first {len(lines)} lines have 39 fields and no 0/1 label, as in a "
+               "test file; add a glob matching its name to criteo.ingest.unlabeled_globs")
+    else:  # 40 fields: rows with a label
+        odd = sum(ln.count(b"\t") + 1 == LABELED_FIELDS for ln in lines)
+        why = (f"its name matches criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as a test "
+               f"file (39 fields, no label), but {odd} of its first {len(lines)} lines have 40 fields, as in a "
+               "labelled file; rename it or change criteo.ingest.unlabeled_globs")
+    return why if odd >= 3 and 2 * odd > len(lines) else None
 
 
 def describe_file(path: str, cfg) -> RawFile:
@@ -267,8 +282,9 @@ def describe_file(path: str, cfg) -> RawFile:
     m = re.search(ing.day_regex, name)
     day = int(m.group(1)) if m else -1
     foreign = next((what for magic, what in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
-    return RawFile(path, name, day, _labeled(_first_lines(head, gz), name, ing.unlabeled_globs), gz,
-                   size, mtime_ns, quick, foreign)
+    labeled = _labeled(name, ing.unlabeled_globs)
+    conflict = None if foreign else _label_conflict(_first_lines(head, gz), labeled, ing.unlabeled_globs)
+    return RawFile(path, name, day, labeled, gz, size, mtime_ns, quick, foreign, conflict)
 
 
 def _unreadable_as_named(f: RawFile) -> str | None:
@@ -280,7 +296,7 @@ def _unreadable_as_named(f: RawFile) -> str | None:
         return "gzip content but the name does not end in .gz"
     if not f.gzip and f.path.endswith(".gz"):
         return "named .gz but not gzip content"
-    return None
+    return f.label_conflict
 
 
 def describe_files(paths: Sequence[str], cfg) -> list[RawFile]:

@@ -730,3 +730,55 @@ def test_files_in_formats_ingest_does_not_read_fail_up_front(tmp_path):
                    "day_3.zip": "a zip archive", "day_4.gz": "zstd-compressed"}
     assert "recompress it with gzip" in str(e.value) and "cannot be ingested, nothing was committed" in str(e.value)
     assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
+
+
+def test_a_file_is_labelled_by_its_name_not_by_a_stray_line(spark, tmp_path):
+    """Whether a file has a label column is decided by its name (``unlabeled_globs``): a
+    stray line must not flip it. Until the twelfth session the first 40-field line made a
+    file labelled (and else a 39-field line unlabelled), so one TAB too many in a test file
+    shifted its every row by a column into bronze, labels and all."""
+    from pipelines.criteo.ingest import ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    ints, cats = ["5"] * 13, ["68fd1e64"] * 26
+
+    def j(*fields):
+        return "\t".join(fields) + "\n"
+
+    # a test file: a line with a stray trailing TAB (40 fields), then a row with I1=1, C1 missing
+    (raw / "test.txt").write_text(j(*ints, *cats, "") + j("1", *ints[1:], "", *cats[1:]))
+    # a labelled row whose I13 is missing and whose empty C26 was stripped: 39 fields
+    (raw / "day_0").write_text(j("1", *ints[:12], "", *cats[:25]))
+    rep = ingest(spark, _cfg(tmp_path))
+    assert {f.source: f.labeled for f in rep.files} == {"test.txt": False, "day_0": True}
+    q = DeltaSnapshot(_bronze(_cfg(tmp_path))["quarantine"]).to_table().to_pylist()
+    assert [(r["source"], r["reason"]) for r in q] == [("test.txt", "too many fields (expected 39, got 40)")]
+    rows = {r["source"]: r for r in DeltaSnapshot(_bronze(_cfg(tmp_path))["bronze"]).to_table().to_pylist()}
+    t, d = rows["test.txt"], rows["day_0"]
+    assert (t["label"], t["I1"], t["I2"], t["C1"], t["C26"]) == (None, 1, 5, None, "68fd1e64")
+    assert (d["label"], d["I1"], d["I13"], d["C25"], d["C26"]) == (1, 5, None, "68fd1e64", None)
+
+
+def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
+    """Most first lines of the other kind (rows of a test file under a day name, labelled rows
+    under a test name) fail before Spark, naming the file and the setting to change."""
+    from pipelines.criteo.ingest import CorruptInputError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    cats = "\t".join(["68fd1e64"] * 26)
+    test_rows = "".join(f"{'' if i % 3 == 0 else i}\t" + "\t".join(["2"] * 12) + f"\t{cats}\n" for i in range(10))
+    labelled_rows = "".join(f"{i % 2}\t" + "\t".join(["2"] * 13) + f"\t{cats}\n" for i in range(10))
+    (raw / "day_0").write_text(test_rows)
+    (raw / "day_1").write_text(labelled_rows)  # fine
+    (raw / "test_2.txt").write_text(labelled_rows)
+    cfg = _cfg(tmp_path)
+    with pytest.raises(CorruptInputError) as e:
+        ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
+    got = {Path(p).name: why for p, why in e.value.problems}
+    assert set(got) == {"day_0", "test_2.txt"}
+    assert "9 of its first 10 lines have 39 fields and no 0/1 label" in got["day_0"]  # I1=1 could be a label
+    assert "add a glob matching its name to criteo.ingest.unlabeled_globs" in got["day_0"]
+    assert "10 of its first 10 lines have 40 fields" in got["test_2.txt"]
+    assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
