@@ -210,18 +210,24 @@ class PartitionedFileWriter:
         self._pending.setdefault(key, []).append(batch)
         self._pending_rows[key] = self._pending_rows.get(key, 0) + batch.num_rows
         if self._pending_rows[key] >= self.row_group_rows:
-            self._flush(key)
+            self._flush(key, whole_groups=True)
 
-    def _flush(self, key: tuple) -> None:
+    def _flush(self, key: tuple, whole_groups: bool = False) -> None:
+        """Write the rows buffered for ``key`` as row groups of ``row_group_rows`` rows (the
+        last one of a file may be shorter). ``whole_groups``: write only full row groups and
+        keep the rest buffered for the next."""
         batches = self._pending.pop(key, [])
-        self._pending_rows.pop(key, None)
+        n = self._pending_rows.pop(key, 0)
         if not batches:
             return
         table = pa.Table.from_batches(batches, schema=self.data_schema)
+        if whole_groups and (rest := n % self.row_group_rows):
+            self._pending[key], self._pending_rows[key] = table.slice(n - rest).to_batches(), rest
+            table = table.slice(0, n - rest)
         f = self._open.get(key)
         if f is None:
             f = self._new_file(key)
-        f.writer.write_table(table, row_group_size=max(table.num_rows, 1))
+        f.writer.write_table(table, row_group_size=self.row_group_rows)
         f.rows += table.num_rows
         f.bytes_in += table.nbytes
         for name in self.data_schema.names:

@@ -113,6 +113,23 @@ def test_write_arrow_checks_the_schema(tmp_path):
     assert sorted(DeltaSnapshot(path).to_table().column("a").to_pylist()) == [1, 2, 3]
 
 
+def test_row_groups_have_row_group_rows_whatever_the_batches(tmp_path):
+    """Row groups hold ``row_group_rows`` rows (the last of a file fewer), however the rows
+    arrive. Until the twelfth session the setting was a minimum: everything buffered when it
+    was passed became one row group (a whole 256 Ki-row featurize batch), so the loader, which
+    shards ranks by row group, could not be given smaller units."""
+    schema = pa.schema([("a", pa.int64()), ("p", pa.int32())])
+    tw = begin_write(str(tmp_path / "t"), schema, partition_by=["p"], row_group_rows=1024)
+    batches = [pa.record_batch({"a": range(i * 700, (i + 1) * 700), "p": [i % 2 for _ in range(700)]}, schema=schema)
+               for i in range(6)] + [pa.record_batch({"a": range(4200, 7200), "p": [0] * 3000}, schema=schema)]
+    commit_write(tw, tw.write_all(batches))
+    groups = {fe.partition_values["p"]: [fe.parquet().metadata.row_group(i).num_rows
+                                         for i in range(fe.parquet().metadata.num_row_groups)]
+              for fe in DeltaSnapshot(str(tmp_path / "t")).files()}
+    assert groups == {0: [1024] * 4 + [1004], 1: [1024, 1024, 52]}
+    assert sorted(DeltaSnapshot(str(tmp_path / "t")).to_table(["a"]).column("a").to_pylist()) == list(range(7200))
+
+
 def test_file_statistics_come_from_every_row_group(tmp_path):
     """minValues / maxValues / nullCount of a file written in several row groups, per type:
     bounds across row groups, all-null row groups skipped, no bound where Delta could not use
