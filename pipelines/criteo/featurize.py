@@ -902,12 +902,21 @@ GOLD_REVISION = 1
 def gold_fingerprint(cfg, bronze_version: int) -> str:
     """What the gold tables are a function of: the bronze snapshot, every ``criteo.featurize``
     setting, the vocabulary tables' codec and :data:`GOLD_REVISION`. ``features.json`` records
-    it; training settings, ingest settings and the run name are not part of it."""
-    from jobs.config import doc_hash
+    it; training settings, ingest settings and the run name are not part of it.
 
+    The snapshot is named by path, version and the table's id (Delta's ``metaData.id``, new
+    for each table created at the path): a bronze deleted and ingested again starts at version
+    0 once more, and gold built from the old one must not pass for current."""
+    from deltalake import DeltaTable
+
+    from jobs.config import doc_hash
+    from pipelines.lake.fs import normalize_uri
+
+    bronze = tables(cfg)["bronze"]
+    table_id = DeltaTable(normalize_uri(bronze), version=bronze_version, without_files=True).metadata().id
     return doc_hash({
         "revision": GOLD_REVISION,
-        "bronze": {"path": tables(cfg)["bronze"], "version": bronze_version},
+        "bronze": {"path": bronze, "version": bronze_version, "table_id": table_id},
         "featurize": cfg.criteo.featurize.model_dump(mode="json", exclude={"bronze_version"}),
         "lake_compression": cfg.lake.compression,
     })
@@ -932,6 +941,8 @@ def current_gold(cfg, bronze_version: int | None) -> FeaturizeReport | None:
     None when anything differs: no bronze or no gold yet, bronze or a setting changed, or a
     table was written since (by another build or by hand). Reads ``features.json`` and the
     tables' logs only; no Spark, no scan of bronze or its ledger."""
+    from deltalake.exceptions import DeltaError
+
     if bronze_version is None:
         return None
     paths = tables(cfg)
@@ -939,7 +950,10 @@ def current_gold(cfg, bronze_version: int | None) -> FeaturizeReport | None:
         doc = read_features(paths["features_json"])
     except (OSError, ValueError):  # never built (or unreadable, or not JSON): build
         return None
-    if doc.get("fingerprint") != gold_fingerprint(cfg, bronze_version):
+    try:
+        if doc.get("fingerprint") != gold_fingerprint(cfg, bronze_version):
+            return None
+    except DeltaError:  # no such bronze version (any more): the build says so
         return None
     recorded = {s: (t["path"], t["version"]) for s, t in doc["tables"].items()}
     for name in ("vocabulary", "vocab_sizes"):
