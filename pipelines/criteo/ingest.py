@@ -608,7 +608,8 @@ def _plan(files: list[RawFile], current: dict[str, dict],
                                       f"already ingested in batch {prev['ingest_batch']}"))
         elif prev is None and twin is not None and not force:
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
-                                      note=f"same content as {twin['path']} (already ingested); --force to ingest"))
+                                      note=f"same content as {twin['path']} ({twin.get('when', 'already ingested')}); "
+                                           "--force to ingest"))
         else:
             if prev is not None and not same:
                 log.warning("%s: changed since it was ingested (or another file named %s was): replacing its rows",
@@ -618,6 +619,7 @@ def _plan(files: list[RawFile], current: dict[str, dict],
             elif prev is not None:
                 notes[f.source] = f"--force: rows of batch {prev['ingest_batch']} replaced"
             todo.append(f)
+            by_content.setdefault((f.size, f.quick_hash), {"path": f.path, "when": "ingested in this run"})
     return todo, results, notes
 
 

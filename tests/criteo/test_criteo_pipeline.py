@@ -794,3 +794,26 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     assert "add a glob matching its name to criteo.ingest.unlabeled_globs" in got["day_0"]
     assert "10 of its first 10 lines have 40 fields" in got["test_2.txt"]
     assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
+
+
+def test_a_copy_is_a_duplicate_whether_its_twin_is_new_or_ingested(spark, tmp_path):
+    """A file with the content of another (size and first/last MiB) is reported, not ingested,
+    whether the other was ingested before or is new in the same run. Until the twelfth session
+    only the ledger was compared, so two copies arriving together both went into bronze."""
+    from pipelines.criteo.ingest import ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [f"{i % 2}\t" + "\t".join([str(i)] * 13) + "\t" + "\t".join([f"{i:08x}"] * 26) for i in range(60)]
+    (raw / "day_0").write_text("\n".join(lines[:50]) + "\n")
+    (raw / "day_1").write_text("\n".join(lines[:50]) + "\n")
+    (raw / "day_2").write_text("\n".join(lines[50:60]) + "\n")
+    cfg = _cfg(tmp_path)
+    rep = ingest(spark, cfg)
+    got = {f.source: (f.status, f.note) for f in rep.files}
+    assert got["day_0"][0] == got["day_2"][0] == "ingested"
+    assert got["day_1"] == ("duplicate", f"same content as {raw / 'day_0'} (ingested in this run); --force to ingest")
+    assert DeltaSnapshot(_bronze(cfg)["bronze"]).num_rows == 60
+    (raw / "day_5").write_bytes((raw / "day_0").read_bytes())
+    later = {f.source: (f.status, f.note) for f in ingest(spark, cfg).files}
+    assert later["day_5"] == ("duplicate", f"same content as {raw / 'day_0'} (already ingested); --force to ingest")
