@@ -5,7 +5,9 @@ URIs; default ``criteo.raw_dir``), plain or
 gzip, Kaggle train/test or 1TB ``day_N`` files, and appends typed rows to the bronze table
 (bad lines to the quarantine table, one ledger row per file). Files already in the ledger
 are skipped; ``--force`` re-ingests them by replacing their rows. Prints the per-file
-accounting ``lines = rows_ok + rows_rejected``; exits 1 on a corrupt input (nothing committed).
+accounting ``lines = rows_ok + rows_rejected``; exits 1 on an unreadable input (a damaged gzip:
+nothing committed for it, the other files ingested; a format or name ingest cannot read:
+found before anything runs, nothing committed).
 
     bigopt ingest conf/criteo.yaml
     spark-submit jobs/ingest.py conf/criteo.yaml criteo.inputs='[/data/criteo/day_*.gz]'
@@ -26,18 +28,27 @@ def run(cfg, args) -> int:
 
     from rich.table import Table
 
+    from jobs.console import styled
     from jobs.spark_step import run_spark_step
-    from pipelines.criteo.ingest import IngestError, ingest
+    from pipelines.criteo.ingest import CorruptInputError, IngestError, ingest
 
-    console, rep = run_spark_step(
-        cfg, "ingest",
-        lambda spark, progress: ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress),
-        errors=(IngestError, FileNotFoundError, ValueError),
-    )
+    unreadable: list[CorruptInputError] = []
+
+    def step(spark, progress):
+        try:
+            return ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress)
+        except CorruptInputError as e:
+            if e.report is None:  # found before anything ran
+                raise
+            unreadable.append(e)  # found while reading: the other files were ingested, show them
+            return e.report
+
+    console, rep = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, ValueError))
     if rep is None:
         return 1
     table = Table(title=f"ingest batch {rep.batch_id}: {rep.ingested} file(s) ingested, "
-                        f"{rep.skipped} skipped, {rep.seconds:.1f}s")
+                        f"{rep.skipped} skipped, " + (f"{rep.failed} failed, " if rep.failed else "")
+                        + f"{rep.seconds:.1f}s")
     for col, just in (("file", "left"), ("day", "right"), ("status", "left"), ("lines", "right"),
                       ("rows_ok", "right"), ("rejected", "right"), ("note", "left")):
         table.add_column(col, justify=just)
@@ -62,7 +73,9 @@ def run(cfg, args) -> int:
                                 ("ledger", rep.ledger_version, rep.ledger)):
         state = "unchanged" if version is None else f"v{version}"
         console.print(f"{name} {state} {path}")
-    return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected else 1
+    for e in unreadable:
+        console.print(styled((f"bigopt ingest: {e}", "red")))
+    return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected and not unreadable else 1
 
 
 if __name__ == "__main__":

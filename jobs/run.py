@@ -81,21 +81,27 @@ def run(cfg, args) -> int:
             timings[name] = time.perf_counter() - t0 - (timings.get("spark start", 0.0) - spark_before)
 
     if not args.skip_data:  # the pipeline's modules are imported only for it
-        from pipelines.criteo.featurize import featurize
-        from pipelines.criteo.ingest import ingest
+        from pipelines.criteo.featurize import FeaturizeError, featurize
+        from pipelines.criteo.ingest import IngestError, ingest
+        from pipelines.lake import CommitConflictError
 
-        if not args.no_generate and needs_generation(cfg):
-            from pipelines.criteo.generate import generate
+        try:
+            if not args.no_generate and needs_generation(cfg):
+                from pipelines.criteo.generate import generate
 
-            with step("generate", f"synthetic raw Criteo -> {cfg.criteo.raw_dir}"):
-                files = generate(cfg)
-            console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
-        with step("ingest", "raw -> bronze"):
-            rep = ingest(spark, cfg, force=args.force_ingest)
-        console.print(f"  {rep.summary()} ({timings['ingest']:.1f} s)")
-        with step("featurize", "bronze -> gold + vocabulary"):
-            rep = featurize(spark, cfg, force=args.force_featurize)
-        console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
+                with step("generate", f"synthetic raw Criteo -> {cfg.criteo.raw_dir}"):
+                    files = generate(cfg)
+                console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
+            with step("ingest", "raw -> bronze"):
+                rep = ingest(spark, cfg, force=args.force_ingest)
+            console.print(f"  {rep.summary()} ({timings['ingest']:.1f} s)")
+            with step("featurize", "bronze -> gold + vocabulary"):
+                rep = featurize(spark, cfg, force=args.force_featurize)
+            console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
+        except (IngestError, FeaturizeError, CommitConflictError, FileNotFoundError) as e:
+            # the steps' own errors name the file or table and the remedy: no traceback
+            console.print(styled((f"bigopt run: {e}", "red")))
+            return 1
 
     try:
         with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)"):

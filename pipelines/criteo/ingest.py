@@ -47,6 +47,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -127,12 +128,17 @@ class IngestError(RuntimeError):
 class CorruptInputError(IngestError):
     """One or more input files cannot be read (a truncated or corrupt gzip, a name that
     contradicts the content, a format such as zstd that ingest does not read); nothing was
-    committed."""
+    committed for them. Found before any Spark job (names, formats): nothing was committed at
+    all. Found while reading (a damaged gzip): the run's other files were ingested, and
+    ``report`` is the run's :class:`IngestReport` (the bad files with status ``failed``)."""
 
-    def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
+    def __init__(self, problems: list[tuple[str, str]], report: IngestReport | None = None):
+        self.problems, self.report = problems, report
         lines = "\n  ".join(f"{p}: {why}" for p, why in problems)
-        super().__init__(f"{len(problems)} input file(s) cannot be ingested, nothing was committed:\n  {lines}")
+        done = report.ingested if report is not None else 0
+        what = (f"nothing was committed for them; the run's {done} other file(s) were ingested"
+                if done else "nothing was committed")
+        super().__init__(f"{len(problems)} input file(s) cannot be ingested, {what}:\n  {lines}")
 
 
 @dataclass
@@ -156,7 +162,7 @@ class FileResult:
     day: int
     labeled: bool
     size: int
-    status: str  # ingested | replaced | skipped | duplicate
+    status: str  # ingested | replaced | skipped | duplicate | failed (unreadable: nothing committed for it)
     lines: int = 0
     rows_ok: int = 0
     rows_rejected: int = 0
@@ -206,7 +212,11 @@ class IngestReport:
 
     @property
     def skipped(self) -> int:
-        return len(self.files) - self.ingested
+        return sum(f.status in ("skipped", "duplicate") for f in self.files)
+
+    @property
+    def failed(self) -> int:
+        return sum(f.status == "failed" for f in self.files)
 
     def summary(self) -> str:
         """One line for logs and ``bigopt run``."""
@@ -641,11 +651,15 @@ def _new_batch_id() -> str:
 
 
 def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info: dict, ing,
-                  compression: str) -> tuple[dict, int, int]:
+                  compression: str) -> tuple[dict, list[tuple[str, str]], int | None, int | None]:
     """One Spark job for ``group``: tasks parse their chunks into bronze and quarantine files;
     the driver then commits bronze and quarantine, each as ONE transaction replacing the
-    group's ``source`` partitions. Returns (per-file results, bronze version, quarantine version)."""
+    ``source`` partitions of the group's readable files. A file found unreadable (a damaged
+    gzip) gets nothing committed: its chunks' files are deleted and its partitions are left
+    as they were. Returns (per-file results of the readable files, the unreadable ones as
+    ``(path, why)``, bronze version, quarantine version; None where nothing was committed)."""
     from pipelines.lake import table_exists
+    from pipelines.lake.files import delete_files
     from pipelines.lake.tasks import abort_write, begin_write, commit_writes
 
     sources = [f.source for f in group]
@@ -667,14 +681,25 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             .map(lambda it: run_item(it, btw, qtw, batch_id, preview, block_bytes))
             .collect()
         )
-        bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
-        if bad:
-            raise CorruptInputError(bad)
     except Exception:
         abort_write(btw)
         abort_write(qtw)
         raise
+    bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
+    unreadable = {p for p, _ in bad}
     chunks = [r for r in results if r["kind"] == "chunk"]
+    for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
+        delete_files(tw.uri, [unquote(a["path"]) for r in chunks if r["path"] in unreadable for a in r[table]])
+    chunks = [r for r in chunks if r["path"] not in unreadable]
+    good = [f for f in group if f.path not in unreadable]
+    if not good:
+        abort_write(btw)
+        abort_write(qtw)
+        return {}, bad, None, None
+    sources = [f.source for f in good]
+    for tw in (btw, qtw):  # leave a bad file's partitions (rows of an earlier batch) as they are
+        if tw.replace_where:
+            tw.replace_where = {"source": sources}
     b_adds, q_adds = ([a for r in chunks for a in r[table]] for table in ("bronze", "quarantine"))
     if q_adds or qtw.read_version is None or rows_by_source(qtw.uri, qtw.read_version, sources):
         bv, qv = commit_writes([(btw, b_adds, info), (qtw, q_adds, info)])
@@ -683,8 +708,10 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
         (bv,) = commit_writes([(btw, b_adds, info)])
         qv = qtw.read_version
     per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
-                                 for f in group}
+                                 for f in good}
     for r in results:
+        if r["path"] in unreadable:
+            continue
         d = per_file[r["path"]]
         if r.get("sha256"):
             d["sha256"] = r["sha256"]
@@ -693,7 +720,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             d["ok"] += r["ok"]
             d["rejected"] += r["rejected"]
             d["reasons"].update(r["reasons"])
-    return per_file, bv, qv
+    return per_file, bad, bv, qv
 
 
 def ingest(
@@ -733,13 +760,21 @@ def ingest(
         return report
 
     spark = session_of(spark)
+    problems: list[tuple[str, str]] = []
     for g0 in range(0, len(todo), ing.files_per_commit):
         group = todo[g0:g0 + ing.files_per_commit]
         sources = [f.source for f in group]
         info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id, "files": ",".join(sources)[:2000]}
         size = sum(f.size for f in group)
         say(f"parsing {len(group)} file(s) ({size / 1e6:,.0f} MB) -> bronze + quarantine")
-        per_file, bv, qv = _commit_group(spark, group, paths, batch_id, info, ing, cfg.lake.compression)
+        per_file, bad, bv, qv = _commit_group(spark, group, paths, batch_id, info, ing, cfg.lake.compression)
+        problems += bad
+        report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed", note=why)
+                         for f in group for p, why in bad if p == f.path]
+        group = [f for f in group if f.path in per_file]
+        if not group:
+            continue
+        sources = [f.source for f in group]
         ok = rows_by_source(paths["bronze"], bv, sources)
         rej = rows_by_source(paths["quarantine"], qv, sources)
         now = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
@@ -769,4 +804,8 @@ def ingest(
         report.files += group_results
         report.bronze_version, report.quarantine_version, report.ledger_version = bv, qv, lv
     report.seconds = time.time() - t0
+    order = {f.path: i for i, f in enumerate(files)}
+    report.files.sort(key=lambda r: order[r.path])  # as the inputs were named
+    if problems:
+        raise CorruptInputError(problems, report)
     return report

@@ -146,9 +146,10 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     assert snap.to_table(["label"]).num_rows == feat.rows["train"]
 
 
-def test_corrupt_gzip_on_s3_fails_clearly_and_commits_nothing(spark, s3, tmp_path):
-    from pipelines.criteo.ingest import CorruptInputError, ingest
+def test_corrupt_gzip_on_s3_fails_clearly_and_commits_nothing_for_it(spark, s3, tmp_path):
+    from pipelines.criteo.ingest import CorruptInputError, ingest, read_ledger, rows_by_source
     from pipelines.criteo.schema import tables
+    from pipelines.lake import table_version
 
     line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
     whole = gzip.compress(("\n".join([line] * 2000) + "\n").encode())
@@ -161,14 +162,15 @@ def test_corrupt_gzip_on_s3_fails_clearly_and_commits_nothing(spark, s3, tmp_pat
     with pytest.raises(CorruptInputError, match=f"{bucket}/raw/day_1.gz"):
         ingest(spark, cfg)
     t = tables(cfg)
-    assert not table_exists(t["bronze"]) and not table_exists(t["ledger"])
-    # no data file, no log; only the abort markers that tell straggling tasks to drop their
-    # output (a task of the failed job may still be closing its file: it then deletes it)
+    assert rows_by_source(t["bronze"], table_version(t["bronze"])) == {"day_0.gz": 2000}
+    assert [r["source"] for r in read_ledger(t["ledger"])] == ["day_0.gz"]
+    # no data file of the bad one; only the abort markers that tell straggling tasks to drop
+    # their output (a task of the job may still be closing its file: it then deletes it)
     deadline = time.monotonic() + 30
     while True:
         written = s3.filesystem().get_file_info(
             pafs.FileSelector(f"{bucket.removeprefix('s3://')}/lake", recursive=True, allow_not_found=True))
-        left = [i.path for i in written if i.type == pafs.FileType.File and "/_bigopt_aborted/" not in i.path]
+        left = [i.path for i in written if i.type == pafs.FileType.File and "source=day_1.gz" in i.path]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)

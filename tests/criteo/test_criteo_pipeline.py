@@ -545,8 +545,8 @@ def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_pa
     raw = tmp_path / "raw"
     raw.mkdir()
     line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
-    for d in (0, 1):
-        (raw / f"day_{d}").write_text("\n".join([line] * 20) + "\n")
+    for d in (0, 1):  # not copies (a copy is a duplicate): their labels differ
+        (raw / f"day_{d}").write_text("\n".join([f"{d}{line[1:]}"] * 20) + "\n")
     cfg = _cfg(tmp_path)
     ingest(spark, cfg)
     t = _bronze(cfg)
@@ -690,26 +690,53 @@ def test_windows_saved_files_ingest_like_the_originals(spark, criteo_shared, tmp
     assert sum(r["label"] is None for r in out["crlf"][2]) == 100
 
 
-def test_corrupt_gzip_fails_clearly_and_commits_nothing(spark, tmp_path):
-    from pipelines.criteo.ingest import IngestError, ingest
+def test_corrupt_gzip_fails_clearly_and_commits_nothing_for_it(spark, tmp_path, capsys):
+    """A damaged gzip is named with its reason and nothing of it is committed (no rows, no
+    ledger entry, an earlier batch's rows of it kept); the run's readable files are ingested.
+    Until the twelfth session the whole group failed and the message said "nothing was
+    committed" although groups before it had been."""
+    from jobs.cli import main
+    from pipelines.criteo.ingest import CorruptInputError, ingest, read_ledger
 
     raw = tmp_path / "raw"
     raw.mkdir()
     line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
-    (raw / "day_0.gz").write_bytes(gzip.compress(("\n".join([line] * 2000) + "\n").encode()))
     whole = gzip.compress(("\n".join([line] * 2000) + "\n").encode())
+    (raw / "day_0.gz").write_bytes(whole)
     (raw / "day_1.gz").write_bytes(whole[: len(whole) // 2])  # truncated
     (raw / "day_2.gz").write_bytes(whole[:4096] + bytes(4096) + whole[8192:])  # damaged inside
-    cfg = _cfg(tmp_path)
-    with pytest.raises(IngestError, match="day_1.gz") as e:
+    (raw / "day_3.gz").write_bytes(gzip.compress(("\n".join([line] * 30) + "\n").encode()))
+    cfg = _cfg(tmp_path, ingest={"files_per_commit": 2})
+    with pytest.raises(CorruptInputError, match="day_1.gz") as e:
         ingest(spark, cfg)
-    # every bad file of the job is named at once, each with its reason; the good one is not
+    # every bad file of the run is named at once, each with its reason; the good ones are not
     assert [(Path(p).name, why.split(":")[0]) for p, why in e.value.problems] == [
         ("day_1.gz", "truncated gzip"), ("day_2.gz", "inflate error")]
+    assert "nothing was committed for them; the run's 2 other file(s) were ingested" in str(e.value)
+    assert {f.source: f.status for f in e.value.report.files} == {
+        "day_0.gz": "ingested", "day_1.gz": "failed", "day_2.gz": "failed", "day_3.gz": "ingested"}
     t = _bronze(cfg)
-    assert not table_exists(t["bronze"]) or DeltaSnapshot(t["bronze"]).num_rows == 0
-    assert not table_exists(t["ledger"]) or DeltaSnapshot(t["ledger"]).num_rows == 0
+    assert rows_by_source_now(t["bronze"]) == {"day_0.gz": 2000, "day_3.gz": 30}
+    assert {r["source"] for r in read_ledger(t["ledger"])} == {"day_0.gz", "day_3.gz"}
+    # no file of the bad ones was left behind in the table's folders
+    on_disk = {p.relative_to(t["bronze"]).parts[1] for p in Path(t["bronze"]).rglob("*.parquet")}
+    assert on_disk == {"source=day_0.gz", "source=day_3.gz"}
+
+    # day_3 damaged after it was ingested: its rows stay, nothing of the damaged copy lands
+    (raw / "day_3.gz").write_bytes(whole[: len(whole) // 3])
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]
+    capsys.readouterr()
+    assert main(["ingest", *conf]) == 1
+    out = capsys.readouterr().out
+    assert "0 file(s) ingested, 1 skipped, 3 failed" in out and "cannot be ingested, nothing was committed:" in out
+    assert rows_by_source_now(t["bronze"]) == {"day_0.gz": 2000, "day_3.gz": 30}
     shutil.rmtree(raw)
+
+
+def rows_by_source_now(path: str) -> dict[str, int]:
+    from pipelines.criteo.ingest import rows_by_source
+
+    return rows_by_source(path, table_version(path))
 
 
 def test_files_in_formats_ingest_does_not_read_fail_up_front(tmp_path):

@@ -66,3 +66,21 @@ def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_sto
     out = capsys.readouterr().out
     assert "0 file(s) ingested, 2 skipped" in out and "up to date" in out and "test AUC" in out
     assert len(client.search_runs([exp.experiment_id])) == 2
+
+
+def test_run_command_stops_clearly_on_a_bad_input(tmp_path, capsys, spark_forbidden):
+    """A raw file ingest cannot read stops ``bigopt run`` with the step's own message (file,
+    reason, fix) and exit code 1, not a traceback; here found before Spark is needed."""
+    from jobs import run as job
+    from jobs.config import load_config
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "day_0.gz").write_bytes(b"not gzip at all\n")
+    cfg = load_config(None, [f"criteo.raw_dir={tmp_path}/raw", f"lake.root={tmp_path}/lake"])
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    with spark_forbidden("bigopt run on an input it cannot read"):
+        assert job.run(cfg, parser.parse_args(["--no-generate"])) == 1
+    out = capsys.readouterr().out
+    assert "bigopt run: 1 input file(s) cannot be ingested, nothing was committed" in out
+    assert "day_0.gz: named .gz but not gzip content" in out
