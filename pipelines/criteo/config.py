@@ -90,7 +90,8 @@ class FeaturizeConfig(BaseModel):
     strategy: Literal["vocab", "hash"] = "vocab"
     freq_threshold: int = Field(3, ge=1, description="vocab: values seen fewer times in train share the rare id")
     max_vocab_size: int | None = Field(None, ge=1, description="vocab: keep at most this many values per column")
-    hash_buckets: int = Field(1 << 18, ge=2, description="hash: ids in [0, hash_buckets); id 0 = missing")
+    hash_buckets: int = Field(1 << 18, ge=2, le=(1 << 31) - 1,
+                              description="hash: ids in [0, hash_buckets); id 0 = missing (gold ids are int32)")
     split: SplitConfig = Field(default_factory=SplitConfig)
     bronze_version: int | None = Field(None, description="pin the bronze snapshot (default: latest)")
     row_group_rows: int = Field(131_072, ge=1024, description="gold Parquet row-group size (loader batch unit)")

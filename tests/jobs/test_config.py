@@ -30,6 +30,9 @@ def test_wrong_type_is_named(tmp_path):
     f.write_text("run:\n  seed: abc\n")
     with pytest.raises(ConfigError, match=r"run\.seed: .*integer.*'abc'"):
         load_config(f)
+    # a value gold's int32 ids cannot hold is refused up front, not after the featurize job
+    with pytest.raises(ConfigError, match=r"criteo\.featurize\.hash_buckets: .*2147483647"):
+        load_config(None, ["criteo.featurize.hash_buckets=4294967296"])
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
