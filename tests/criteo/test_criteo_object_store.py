@@ -15,7 +15,7 @@ import pytest
 
 from jobs.config import load_config
 from pipelines import raw_inputs
-from pipelines.lake import DeltaSnapshot, table_exists
+from pipelines.lake import DeltaSnapshot
 
 pytestmark = pytest.mark.spark
 
