@@ -109,7 +109,12 @@ def write_table(
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
     write_id = new_write_id()
     spark = df.sparkSession
-    if delta_engine(spark) == "native":
+    native = delta_engine(spark) == "native"
+    if not native:  # Delta's own writer keeps a table's partitioning by itself
+        from pipelines.lake.commit import table_partitioning
+
+        partition_by = table_partitioning(uri, partition_by)
+    if native:
         w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode)).option("compression", compression)
         if partition_by:
             w = w.partitionBy(*partition_by)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
 
@@ -21,6 +21,7 @@ from deltalake.transaction import AddAction, CommitProperties, create_table_with
 
 from pipelines.lake.files import delete_files, partition_value_str
 from pipelines.lake.fs import filesystem_for, join, normalize_uri
+from pipelines.lake.reader import check_readable
 from pipelines.lake.schema import check_compatible, to_pyarrow_schema
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ def replace_where_filters(replace_where: Mapping[str, Any] | None) -> list[tuple
         return None
     out = []
     for col, value in replace_where.items():
+        values = value if isinstance(value, (list, tuple, set)) else [value]
+        if any(partition_value_str(v) is None for v in values):
+            raise ValueError(f"replace_where {col}={value!r}: a null partition value cannot be replaced "
+                             "(delta-rs partition filters compare strings); overwrite the table instead")
         if isinstance(value, (list, tuple, set)):
             out.append((col, "in", [partition_value_str(v) for v in value]))
         else:
@@ -62,6 +67,17 @@ def _matches(pv: Mapping[str, str | None], filters: list[tuple]) -> bool:
         if op == "in" and v not in val:
             return False
     return True
+
+
+def table_partitioning(uri: str, partition_by: Sequence[str] | None,
+                       storage_options: Mapping[str, str] | None = None) -> list[str]:
+    """``partition_by``; when none is given, an existing table's own partition columns (as
+    Delta's writers do: a write that names none keeps the table's partitioning; writing its
+    rows unpartitioned would drop their partition values)."""
+    if partition_by or not table_exists(uri, storage_options):
+        return list(partition_by or [])
+    dt = DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}), without_files=True)
+    return list(dt.metadata().partition_columns)
 
 
 def prepare_table(
@@ -83,6 +99,12 @@ def prepare_table(
     missing_parts = [c for c in partition_by if c not in data_schema.names]
     if missing_parts:
         raise ValueError(f"partition column(s) {missing_parts} are not in the data ({data_schema.names})")
+    if partition_by and set(data_schema.names) <= set(partition_by):
+        raise ValueError(f"every column of the data is a partition column ({partition_by}): a Delta table needs "
+                         "at least one other (its files would hold no rows)")
+    if floats := [c for c in partition_by if pa.types.is_floating(data_schema.field(c).type)]:
+        raise ValueError(f"partition column(s) {floats} are floating-point: -0.0 and 0.0, and NaNs, cannot be "
+                         "kept apart in partition values; partition by an integer or string column")
     if not table_exists(uri, storage_options):
         if replace_where:
             raise ValueError(f"replace_where needs an existing table; {uri} has no Delta log")
@@ -90,6 +112,7 @@ def prepare_table(
     if mode in {"error", "errorifexists"}:
         raise TableExistsError(f"Delta table already exists at {uri} (mode='error')")
     dt = DeltaTable(uri, storage_options=dict(storage_options or {}), without_files=True)
+    check_readable(uri, dt.metadata().configuration)  # its files' column names are not ours to write
     if mode == "ignore":
         return "skip", dt.version()
     table_parts = list(dt.metadata().partition_columns)
@@ -99,6 +122,7 @@ def prepare_table(
         bad = [c for c in replace_where if c not in table_parts]
         if bad:
             raise ValueError(f"replace_where column(s) {bad} are not partition columns of {uri} ({table_parts})")
+        replace_where_filters(replace_where)  # a value it cannot express fails here, before any task
     if not (mode == "overwrite" and not replace_where and merge_schema):
         check_compatible(to_pyarrow_schema(dt.schema()), data_schema, merge_schema=merge_schema, table_uri=uri)
     return mode, dt.version()

@@ -190,11 +190,15 @@ class DeltaRsReader(DataSourceReader):
                     out.append(DeltaFilePartition(fe.uri, fe.partition_values, rgs))
             else:
                 out.append(DeltaFilePartition(fe.uri, fe.partition_values, None))
-        return out
+        # no file (an empty table, a partition filter that matches none): Spark then reads ONE
+        # default partition, which is not ours; an empty one of ours reads nothing
+        return out or [DeltaFilePartition("", {}, None)]
 
     def read(self, partition: DeltaFilePartition) -> Iterator[pa.RecordBatch]:
         from pipelines.lake.reader import read_file_batches
 
+        if not getattr(partition, "uri", ""):
+            return
         yield from read_file_batches(
             partition.uri, self.arrow_schema, partition.partition_values,
             self.partition_columns, row_groups=partition.row_groups,

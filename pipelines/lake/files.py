@@ -18,6 +18,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
@@ -53,18 +54,23 @@ def _hive_dir(partition_by: list[str], values: tuple) -> str:
     return "/".join(parts)
 
 
-def _stat_value(v: Any, t: pa.DataType) -> Any:
+def _stat_value(v: Any, t: pa.DataType, side: str) -> Any:
     """A Parquet statistics value of Arrow type ``t`` as Delta writes it in ``minValues`` /
-    ``maxValues`` (None: no usable bound)."""
+    ``maxValues`` (``side``: "min" or "max"; None: no usable bound)."""
     if pa.types.is_timestamp(t):
         if v.tzinfo is not None:
             v = v.astimezone(_dt.timezone.utc).replace(tzinfo=None)
         return v.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     if pa.types.is_date(t):
         return v.isoformat()
-    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+    if pa.types.is_floating(t):
         f = float(v)
         return f if math.isfinite(f) else None  # Parquet leaves NaN out of its min/max, not inf
+    if pa.types.is_decimal(t):  # a JSON number, rounded outwards: a float rounded to nearest
+        f = float(v)            # could exclude the value, and readers then skip the file for it
+        if Decimal(f) != v and (Decimal(f) > v) == (side == "min"):
+            f = math.nextafter(f, -math.inf if side == "min" else math.inf)
+        return f if math.isfinite(f) else None
     if isinstance(v, str) and len(v) > _MAX_STAT_STRING:
         return None
     return v
@@ -105,7 +111,7 @@ def file_min_max(md: pq.FileMetaData, schema: pa.Schema) -> tuple[dict[str, Any]
                 continue  # only nulls: no bound to contribute
             if st is None or not st.has_min_max:
                 break
-            a, b = _stat_value(st.min, f.type), _stat_value(st.max, f.type)
+            a, b = _stat_value(st.min, f.type, "min"), _stat_value(st.max, f.type, "max")
             if a is None or b is None:
                 break
             col_lo = a if col_lo is None else min(col_lo, a)
@@ -258,7 +264,10 @@ class PartitionedFileWriter:
         f._sink.close()  # type: ignore[attr-defined]
         size = self.fs.get_file_info(join(self.root, f.rel_path)).size
         lo, hi = file_min_max(f.writer.writer.metadata, self.data_schema)
-        stats = {"numRecords": f.rows, "minValues": lo, "maxValues": hi, "nullCount": f.nulls}
+        # a struct's nullCount is an object of its fields' counts in Delta; a number there makes
+        # the log entry unreadable to delta-rs, so structs get none (null counts are optional)
+        nulls = {k: n for k, n in f.nulls.items() if not pa.types.is_struct(self.data_schema.field(k).type)}
+        stats = {"numRecords": f.rows, "minValues": lo, "maxValues": hi, "nullCount": nulls}
         self._done.append(
             {
                 # add.path is a URI: escape '%' etc. so readers decode it back to the on-disk name

@@ -77,6 +77,16 @@ def _parse_timestamp(ts: str | _dt.datetime | int) -> _dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.timezone.utc)
 
 
+def check_readable(uri: str, configuration: Mapping[str, str] | None) -> None:
+    """Refuse a table whose data files this engine would misread. With column mapping the
+    files hold physical names (``col-<uuid>``): read by logical name, every column came back
+    null, with no error (delta-rs 1.6's own pyarrow reader does the same)."""
+    mode = (configuration or {}).get("delta.columnMapping.mode", "none")
+    if mode != "none":
+        raise ValueError(f"Delta table {uri} uses column mapping (delta.columnMapping.mode={mode}), which bigopt's "
+                         "delta-rs engine cannot read or write; use Spark with the Delta connector for it")
+
+
 class DeltaSnapshot:
     """A Delta table pinned at one version (latest, ``version`` or ``timestamp``)."""
 
@@ -97,7 +107,9 @@ class DeltaSnapshot:
         if timestamp is not None:
             self.table.load_as_version(_parse_timestamp(timestamp))
         self.version: int = self.table.version()
-        self.partition_columns: list[str] = list(self.table.metadata().partition_columns)
+        meta = self.table.metadata()
+        check_readable(self.uri, meta.configuration)
+        self.partition_columns: list[str] = list(meta.partition_columns)
 
     # -- schema -------------------------------------------------------------------------
     @cached_property

@@ -86,7 +86,9 @@ def check_compatible(table: pa.Schema, data: pa.Schema, *, merge_schema: bool, t
         tf = tfields.get(f.name.lower())
         if tf is None:
             continue
-        if canonical_type(tf.type) != canonical_type(f.type):
+        if tf.name != f.name:  # Delta names are case-insensitive, Parquet readers' are not
+            problems.append(f"column '{f.name}': the table spells it '{tf.name}'")
+        elif canonical_type(tf.type) != canonical_type(f.type):
             problems.append(f"column '{f.name}': table has {canonical_type(tf.type)}, data has {canonical_type(f.type)}")
     data_names = {f.name.lower() for f in data}
     missing = [f.name for f in table if f.name.lower() not in data_names]

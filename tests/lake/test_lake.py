@@ -319,6 +319,35 @@ def test_decimal_stats_and_large_values(tmp_path):
     commit(path, schema, w.close(), mode="append", partition_by=[])
     fe = DeltaSnapshot(path).files()[0]
     assert fe.max_values["big"] == 2**62 and fe.min_values["big"] == -5
+    assert fe.min_values["dec"] == fe.max_values["dec"] == 1.25
+    # a decimal no float holds gets bounds rounded outwards (rounded to nearest, they excluded
+    # the value: delta-rs then skipped the file for `dec = value`); a struct's null count is
+    # not a number (that made the log entry unreadable to delta-rs, and the table with it)
+    path2 = str(tmp_path / "t2")
+    v = Decimal("9007199254740993")
+    schema2 = pa.schema([("dec", pa.decimal128(20, 0)), ("b", pa.bool_()), ("st", pa.struct([("a", pa.int32())]))])
+    w = PartitionedFileWriter(path2, schema2, [], "w")
+    w.write(pa.record_batch([pa.array([v], schema2.field("dec").type), pa.array([True]),
+                             pa.array([{"a": 1}], schema2.field("st").type)], schema=schema2))
+    commit(path2, schema2, w.close(), mode="append", partition_by=[])
+    fe = DeltaSnapshot(path2).files()[0]
+    assert Decimal(fe.min_values["dec"]) < v < Decimal(fe.max_values["dec"])
+    import pyarrow.dataset as ds
+
+    dt = DeltaTable(path2)
+    assert dt.to_pyarrow_dataset().to_table(filter=ds.field("dec") == v).num_rows == 1
+    assert dt.to_pyarrow_table().to_pylist() == [{"dec": v, "b": True, "st": {"a": 1}}]
+
+
+def test_reading_no_file_gives_no_rows(spark, tmp_path):
+    """An empty table, or a partition filter that matches no file, reads as 0 rows (until the
+    twelfth session Spark read its default partition, which the reader could not open)."""
+    path = str(tmp_path / "t")
+    write_table(spark.createDataFrame([], "x long, day int"), path, partition_by=["day"])
+    assert read_table(spark, path).count() == 0
+    write_table(spark.createDataFrame([(1, 0)], "x long, day int"), path)
+    assert read_table(spark, path, partition_filter={"day": 7}).count() == 0
+    assert read_table(spark, path).collect()[0]["day"] == 0  # the table's partitioning kept
 
 
 def test_pushed_filters_do_not_leak_between_queries(spark, tmp_path):

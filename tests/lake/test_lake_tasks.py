@@ -109,6 +109,9 @@ def test_write_arrow_checks_the_schema(tmp_path):
     assert write_arrow(path, pa.table({"a": [1, 2]})) == 0
     with pytest.raises(SchemaMismatchError):
         write_arrow(path, pa.table({"a": ["x"]}))
+    # a name spelt in another case: refused (its Parquet column was read back as nulls)
+    with pytest.raises(SchemaMismatchError, match="the table spells it 'a'"):
+        write_arrow(path, pa.table({"A": [9]}))
     assert write_arrow(path, pa.table({"a": [3]}), commit_info={"k": "v"}) == 1
     assert sorted(DeltaSnapshot(path).to_table().column("a").to_pylist()) == [1, 2, 3]
 
@@ -193,3 +196,43 @@ def test_a_process_that_reads_a_snapshot_and_exits_exits_cleanly(tmp_path):
             f"assert sorted(zip(t['day'].to_pylist(), t['x'].to_pylist())) == [(1, 'a'), (1, 'b'), (2, 'c')]\n")
     rcs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True) for _ in range(6)]
     assert [r.returncode for r in rcs] == [0] * 6, [r.stderr[-300:] for r in rcs if r.returncode]
+
+
+def test_a_write_without_partition_by_keeps_the_tables_partitioning(tmp_path):
+    """Appending to (or overwriting) a partitioned table without naming ``partition_by`` keeps
+    its partitioning, as Delta's writers do. Until the twelfth session such rows were written
+    unpartitioned and read back with the partition column null. Writes whose files could not
+    keep their rows apart are refused up front: only partition columns, or a float one."""
+    path = str(tmp_path / "t")
+    day = pa.int32()
+    write_arrow(path, pa.table({"x": [1, 2], "day": pa.array([0, 1], day)}), partition_by=["day"])
+    write_arrow(path, pa.table({"x": [3], "day": pa.array([5], day)}))
+    assert sorted(DeltaSnapshot(path).to_table().to_pylist(), key=lambda r: r["x"]) == [
+        {"x": 1, "day": 0}, {"x": 2, "day": 1}, {"x": 3, "day": 5}]
+    write_arrow(path, pa.table({"x": [4], "day": pa.array([1], day)}), mode="overwrite", replace_where={"day": 1})
+    assert sorted(DeltaSnapshot(path).to_table().to_pylist(), key=lambda r: r["x"]) == [
+        {"x": 1, "day": 0}, {"x": 3, "day": 5}, {"x": 4, "day": 1}]
+    with pytest.raises(ValueError, match="at least one other"):
+        write_arrow(str(tmp_path / "p"), pa.table({"day": [1, 1, 2]}), partition_by=["day"])
+    with pytest.raises(ValueError, match="floating-point"):
+        write_arrow(str(tmp_path / "f"), pa.table({"x": [1, 2], "k": [0.0, -0.0]}), partition_by=["k"])
+
+
+def test_a_table_with_column_mapping_is_refused_not_read_as_nulls(tmp_path):
+    from deltalake import write_deltalake
+
+    path = str(tmp_path / "t")
+    write_deltalake(path, pa.table({"x": [1, 2]}), configuration={"delta.columnMapping.mode": "name"})
+    with pytest.raises(ValueError, match="column mapping"):
+        DeltaSnapshot(path)
+    with pytest.raises(ValueError, match="column mapping"):
+        write_arrow(path, pa.table({"x": [3]}))
+
+
+def test_replace_where_of_a_null_partition_is_refused_up_front(tmp_path):
+    path = str(tmp_path / "t")
+    write_arrow(path, pa.table({"x": [1, 2], "k": ["a", None]}), partition_by=["k"])
+    with pytest.raises(ValueError, match="null partition value"):
+        begin_write(path, pa.schema([("x", pa.int64()), ("k", pa.string())]), mode="overwrite",
+                    partition_by=["k"], replace_where={"k": ["a", None]})
+    assert table_version(path) == 0
