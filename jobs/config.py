@@ -113,6 +113,10 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict):

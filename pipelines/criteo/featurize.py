@@ -219,6 +219,8 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
     paths = tables(cfg)
     if not table_exists(paths["bronze"]):
         raise FeaturizeError(f"no bronze table at {paths['bronze']}: run `bigopt ingest` first")
+    if version is not None and not 0 <= version <= (latest := _latest_version(paths["bronze"])):
+        raise FeaturizeError(f"bronze has no version {version}: {paths['bronze']} has versions 0..{latest}")
     snap = DeltaSnapshot(paths["bronze"], version=version)
     per_source: dict[str, dict] = {}
     for fe in snap.files():

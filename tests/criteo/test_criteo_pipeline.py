@@ -471,6 +471,11 @@ def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys, spark_for
     assert ingest(spark, again_cfg).bronze_version == grown.bronze_version
     recreated = featurize(spark, cfg)
     assert not recreated.up_to_date and recreated.total_rows == 600
+    # a pinned version bronze does not have: named, with the versions it has
+    from pipelines.criteo.featurize import FeaturizeError
+
+    with pytest.raises(FeaturizeError, match=r"bronze has no version 99: .* has versions 0\.\.1"):
+        featurize(spark, _cfg(tmp_path, **{**settings, "featurize": {"freq_threshold": 2, "bronze_version": 99}}))
 
 
 def test_lake_compression_sets_every_table_codec_but_gold(spark, tmp_path):

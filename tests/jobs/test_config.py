@@ -76,6 +76,11 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(f)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    f.write_bytes(b"run:\n  name: \xff\n")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(f)
 
 
 def test_lake_table_paths():
