@@ -46,6 +46,9 @@ def run(cfg, args) -> int:
         except ValueError as e:
             print(f"bigopt generate: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # raw_dir is a file, or not writable
+            print(f"bigopt generate: cannot write to {cfg.criteo.raw_dir}: {e}", file=sys.stderr)
+            return 1
     secs = time.perf_counter() - t0
     rows = sum(f.rows for f in files)
     table = Table(title=f"generated {rows:,} rows in {len(files)} file(s) in {secs:.1f}s "

@@ -36,7 +36,9 @@ class GenerateConfig(BaseModel):
     )
     zipf_exponent: float = Field(1.05, gt=0.5, le=3.0, description="heavy tail of categorical frequencies")
     final_newline: bool = True
-    chunk_rows: int = Field(500_000, ge=1_000, description="rows generated and written per step")
+    chunk_rows: int = Field(500_000, ge=1_000, le=4_000_000,
+                            description="rows generated and written per step; part of the data's identity "
+                                        "(each chunk has its own random stream), like the seed")
     workers: int = Field(0, ge=0, description="processes (0: one per CPU core, at most one per file)")
 
 
@@ -93,7 +95,7 @@ class FeaturizeConfig(BaseModel):
     hash_buckets: int = Field(1 << 18, ge=2, le=(1 << 31) - 1,
                               description="hash: ids in [0, hash_buckets); id 0 = missing (gold ids are int32)")
     split: SplitConfig = Field(default_factory=SplitConfig)
-    bronze_version: int | None = Field(None, description="pin the bronze snapshot (default: latest)")
+    bronze_version: int | None = Field(None, ge=0, description="pin the bronze snapshot (default: latest)")
     row_group_rows: int = Field(131_072, ge=1024, description="gold Parquet row-group size (loader batch unit)")
     compression: Literal["lz4", "snappy", "zstd", "gzip", "none"] = Field(
         "lz4", description="gold Parquet codec: lz4 decodes fastest (the loader reads gold every epoch); zstd is smaller"

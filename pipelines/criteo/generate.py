@@ -22,6 +22,7 @@ valid gzip file). Output is deterministic for a seed, whatever the number of wor
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import zlib
@@ -35,6 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.criteo.schema import KAGGLE_CARDINALITIES, NUM_DENSE, NUM_SPARSE
+
+log = logging.getLogger(__name__)
 
 # --- per-column statistics ---------------------------------------------------------------
 # dense: (missing rate, log-normal mu, sigma) of (value + 1); shaped after the Kaggle columns
@@ -310,8 +313,24 @@ def generate_files(cfg, progress: Callable[[str, int], None] | None = None) -> l
         "generator": "bigopt.criteo", "seed": gen.seed, "config": gen.model_dump(), "intercept": intercept,
         "cardinalities": list(cards), "files": [r.__dict__ | {"path": os.path.basename(r.path)} for r in results],
     }
+    _remove_earlier_output(out_dir, {os.path.basename(r.path) for r in results})
     (out_dir / "_generated.json").write_text(json.dumps(manifest, indent=1))
     return results
+
+
+def _remove_earlier_output(out_dir: Path, written: set[str]) -> None:
+    """Delete the files an earlier generate wrote here (its ``_generated.json`` lists them)
+    that this one did not write again: left in place, ingest would take their rows along with
+    the new files' (``day_0`` beside a new ``day_0.gz``). Files no manifest names are kept."""
+    try:
+        earlier = json.loads((out_dir / "_generated.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name in sorted({f.get("path") for f in earlier if isinstance(f, dict)} - written - {None}):
+        stale = out_dir / os.path.basename(name)
+        if stale.is_file():
+            stale.unlink()
+            log.info("removed %s: an earlier generate's file this one did not write", stale)
 
 
 def _gzip_without_final_newline(member: bytes, level: int) -> bytes:

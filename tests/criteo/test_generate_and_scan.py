@@ -39,6 +39,17 @@ def test_deterministic_whatever_the_workers(tmp_path):
     assert [f.rows for f in a] == [2500, 2500]
 
 
+def test_regenerating_replaces_an_earlier_generates_files(tmp_path):
+    """Generating again with other settings removes the files the earlier run wrote and this
+    one did not (else ingest took both: day_2 beside a new day_0.gz, 10,000 rows for 4,000);
+    files no generate wrote are kept."""
+    raw = tmp_path / "raw"
+    generate_files(_cfg(raw, days=3, rows_per_day=1000, chunk_rows=1000))
+    (raw / "mine.txt").write_text("kept\n")
+    generate_files(_cfg(raw, days=2, rows_per_day=1000, chunk_rows=1000, gzip=True))
+    assert sorted(p.name for p in raw.iterdir()) == ["_generated.json", "day_0.gz", "day_1.gz", "mine.txt"]
+
+
 def test_raw_format_and_statistics(tmp_path):
     files = generate_files(_cfg(tmp_path, days=1, rows_per_day=40_000, seed=11))
     rows = _fields(Path(files[0].path))
