@@ -14,6 +14,7 @@ table written by one is read by the other.
 from __future__ import annotations
 
 import json
+import re
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -152,7 +153,12 @@ def write_table(
             w = w.option("row_group_rows", str(row_group_rows))
         if target_file_bytes:
             w = w.option("target_file_bytes", str(target_file_bytes))
-        w.save(uri)
+        try:
+            w.save(uri)
+        except Exception as e:  # the data source's commit runs in Spark, which wraps its errors
+            if m := re.search(r"CommitConflictError: (.+)", str(e)):
+                raise CommitConflictError(m.group(1)) from e
+            raise
         if mode == "ignore" and existed:
             return table_version(uri)
     return _version_of_write(uri, write_id)

@@ -213,6 +213,14 @@ def commit(
                     f"replace_where={dict(replace_where)} but {len(outside)} written file(s) fall outside it "
                     f"(e.g. {outside[0]}); nothing was committed"
                 )
+        if effective == "overwrite":
+            # delta-rs lets a concurrent append through an overwrite (it rebases the overwrite
+            # on it), so rows appended after the read version would survive the overwrite:
+            # commits since then must keep to other partitions, else this is a conflict
+            latest = DeltaTable(uri, storage_options=opts, without_files=True).version()
+            if latest > dt.version() and not (filters and _disjoint(uri, opts, dt.version(), latest, filters)):
+                raise CommitFailedError(f"v{dt.version() + 1}..v{latest} were committed since this overwrite's "
+                                        "read version and wrote to what it replaces")
         for attempt in range(_DISJOINT_RETRIES + 1):
             try:
                 dt.create_write_transaction(

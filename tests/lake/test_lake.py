@@ -339,6 +339,29 @@ def test_decimal_stats_and_large_values(tmp_path):
     assert dt.to_pyarrow_table().to_pylist() == [{"dec": v, "b": True, "st": {"a": 1}}]
 
 
+def test_write_table_raises_the_commit_conflict_itself(spark, tmp_path):
+    """A conflict found when the data source commits surfaces as CommitConflictError (Spark
+    wrapped it in an AnalysisException, which callers catching the documented type missed)."""
+    from pyspark.sql import functions as F
+
+    path = str(tmp_path / "t")
+    write_table(spark.createDataFrame([(1, 0)], "x long, day int"), path, partition_by=["day"])
+
+    @F.udf("long")
+    def append_meanwhile(x):  # runs in the write's task, before its commit
+        import pyarrow as pa
+
+        from pipelines.lake.tasks import write_arrow
+
+        write_arrow(path, pa.table({"x": [3], "day": pa.array([0], pa.int32())}))
+        return x
+
+    df = spark.createDataFrame([(10, 0)], "x long, day int").select(append_meanwhile("x").alias("x"), "day")
+    with pytest.raises(CommitConflictError, match="conflicted"):
+        write_table(df, path, mode="overwrite", replace_where={"day": 0})
+    assert sorted(r["x"] for r in read_table(spark, path).collect()) == [1, 3]
+
+
 def test_reading_no_file_gives_no_rows(spark, tmp_path):
     """An empty table, or a partition filter that matches no file, reads as 0 rows (until the
     twelfth session Spark read its default partition, which the reader could not open)."""

@@ -236,3 +236,33 @@ def test_replace_where_of_a_null_partition_is_refused_up_front(tmp_path):
         begin_write(path, pa.schema([("x", pa.int64()), ("k", pa.string())]), mode="overwrite",
                     partition_by=["k"], replace_where={"k": ["a", None]})
     assert table_version(path) == 0
+
+
+def test_an_overwrite_conflicts_with_rows_appended_to_what_it_replaces(tmp_path):
+    """delta-rs lets a concurrent append through an overwrite (rebasing the overwrite on it),
+    so until the twelfth session rows appended after an overwrite's read version survived it.
+    Now such an overwrite fails with CommitConflictError and commits nothing; an append to
+    other partitions does not stop a replace_where overwrite."""
+    from pipelines.lake import CommitConflictError
+
+    path = str(tmp_path / "t")
+    schema = pa.schema([("x", pa.int64()), ("day", pa.int32())])
+
+    def rows(x, day):
+        return pa.table({"x": [x], "day": pa.array([day], pa.int32())})
+
+    write_arrow(path, pa.concat_tables([rows(1, 0), rows(2, 1)]), partition_by=["day"])
+    for replace_where in ({"day": 0}, None):
+        tw = begin_write(path, schema, mode="overwrite", partition_by=["day"], replace_where=replace_where)
+        adds = tw.write_all(rows(10, 0).to_batches())
+        write_arrow(path, rows(3, 0))  # lands first
+        before = table_version(path)
+        with pytest.raises(CommitConflictError):
+            commit_write(tw, adds)
+        assert table_version(path) == before
+    tw = begin_write(path, schema, mode="overwrite", partition_by=["day"], replace_where={"day": 0})
+    adds = tw.write_all(rows(10, 0).to_batches())
+    write_arrow(path, rows(4, 1))  # another partition: no conflict
+    commit_write(tw, adds)
+    assert sorted(DeltaSnapshot(path).to_table().to_pylist(), key=lambda r: r["x"]) == [
+        {"x": 2, "day": 1}, {"x": 4, "day": 1}, {"x": 10, "day": 0}]
