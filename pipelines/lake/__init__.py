@@ -21,6 +21,7 @@ from typing import Any
 
 from pipelines.lake.commit import CommitConflictError, TableExistsError, table_exists
 from pipelines.lake.datasource import FORMAT
+from pipelines.lake.files import partition_value_str
 from pipelines.lake.maintenance import history, optimize, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
 from pipelines.lake.schema import SchemaMismatchError
@@ -148,7 +149,7 @@ def write_table(
             .option("compression", compression)
         )
         if replace_where:
-            w = w.option("replace_where", json.dumps(dict(replace_where)))
+            w = w.option("replace_where", json.dumps(dict(replace_where), default=partition_value_str))
         if row_group_rows:
             w = w.option("row_group_rows", str(row_group_rows))
         if target_file_bytes:
@@ -214,5 +215,7 @@ def read_table(
     if columns:
         r = r.option("columns", json.dumps(list(columns)))
     if partition_filter:
-        r = r.option("partition_filter", json.dumps({k: list(v) if isinstance(v, (list, tuple, set)) else v for k, v in partition_filter.items()}))
+        # dates, timestamps, decimals as their partition-value strings (the form the log holds)
+        r = r.option("partition_filter", json.dumps({k: list(v) if isinstance(v, (list, tuple, set)) else v
+                                                     for k, v in partition_filter.items()}, default=partition_value_str))
     return r.load(uri)

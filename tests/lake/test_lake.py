@@ -362,6 +362,17 @@ def test_write_table_raises_the_commit_conflict_itself(spark, tmp_path):
     assert sorted(r["x"] for r in read_table(spark, path).collect()) == [1, 3]
 
 
+def test_date_partition_values_in_filters_and_replace_where(spark, tmp_path):
+    """A date (or timestamp, decimal) in partition_filter / replace_where is sent to the data
+    source as its partition-value string (a TypeError from json.dumps until the twelfth session)."""
+    path = str(tmp_path / "t")
+    d0, d1 = dt.date(2020, 1, 1), dt.date(2020, 1, 2)
+    write_table(spark.createDataFrame([(1, d0), (2, d1)], "x long, d date"), path, partition_by=["d"])
+    assert [r["x"] for r in read_table(spark, path, partition_filter={"d": d0}).collect()] == [1]
+    write_table(spark.createDataFrame([(9, d0)], "x long, d date"), path, mode="overwrite", replace_where={"d": d0})
+    assert sorted(r["x"] for r in read_table(spark, path).collect()) == [2, 9]
+
+
 def test_reading_no_file_gives_no_rows(spark, tmp_path):
     """An empty table, or a partition filter that matches no file, reads as 0 rows (until the
     twelfth session Spark read its default partition, which the reader could not open)."""
