@@ -43,7 +43,7 @@ def run(cfg, args) -> int:
             unreadable.append(e)  # found while reading: the other files were ingested, show them
             return e.report
 
-    console, rep = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, ValueError))
+    console, rep = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, PermissionError, ValueError))
     if rep is None:
         return 1
     table = Table(title=f"ingest batch {rep.batch_id}: {rep.ingested} file(s) ingested, "

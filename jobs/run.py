@@ -98,7 +98,7 @@ def run(cfg, args) -> int:
             with step("featurize", "bronze -> gold + vocabulary"):
                 rep = featurize(spark, cfg, force=args.force_featurize)
             console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
-        except (IngestError, FeaturizeError, CommitConflictError, FileNotFoundError) as e:
+        except (IngestError, FeaturizeError, CommitConflictError, FileNotFoundError, PermissionError) as e:
             # the steps' own errors name the file or table and the remedy: no traceback
             console.print(styled((f"bigopt run: {e}", "red")))
             return 1

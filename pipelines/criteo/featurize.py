@@ -992,6 +992,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     returned (``up_to_date``); ``force`` rebuilds them anyway. ``spark``: a SparkSession, or
     a callable that starts one, called only for a build (:func:`pipelines.spark.session_of`)."""
     from jobs.config import config_hash
+    from pipelines.lake.fs import check_writable
     from pipelines.lake.tasks import abort_write, begin_write, commit_writes
     from pipelines.spark import session_of
 
@@ -1010,6 +1011,8 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
             done.seconds = time.time() - t0
             return done
     view = bronze_view(cfg, bronze_version)  # the version checked above: a commit since cannot slip in
+    for name in ("vocabulary", "vocab_sizes", *GOLD_SPLITS):  # before Spark: a task would fail obscurely
+        check_writable(paths[name])
     sc = session_of(spark).sparkContext
     sources = view.labeled_sources
     if not sources:

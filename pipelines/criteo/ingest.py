@@ -734,6 +734,7 @@ def ingest(
     ``spark``: a SparkSession, or a callable that starts one, called only when a file needs
     ingesting (:func:`pipelines.spark.session_of`)."""
     from jobs.config import config_hash
+    from pipelines.lake.fs import check_writable
     from pipelines.lake.tasks import write_arrow
     from pipelines.spark import session_of
 
@@ -759,6 +760,8 @@ def ingest(
         report.seconds = time.time() - t0
         return report
 
+    for name in ("bronze", "quarantine", "ledger"):  # before Spark: a task would fail obscurely
+        check_writable(paths[name])
     spark = session_of(spark)
     problems: list[tuple[str, str]] = []
     for g0 in range(0, len(todo), ing.files_per_commit):

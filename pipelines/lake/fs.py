@@ -157,3 +157,20 @@ def read_small_file(uri: str) -> bytes:
     fs, path = filesystem_for(uri)
     with fs.open_input_stream(path, compression=None) as f:
         return f.read()
+
+
+def check_writable(uri: str) -> None:
+    """Raise ``PermissionError`` naming ``uri`` when a file cannot be created there (a lake
+    root that is a file, a read-only folder or bucket). Called by jobs before they start Spark:
+    found by the tasks instead, it surfaced as hundreds of lines of Java and Python traces."""
+    import uuid
+
+    fs, root = filesystem_for(normalize_uri(uri))
+    probe = join(root, f"_bigopt_write_check_{uuid.uuid4().hex}")
+    try:
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(probe):
+            pass
+        fs.delete_file(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write to {uri}: {e}") from e
