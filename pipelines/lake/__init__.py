@@ -157,8 +157,9 @@ def write_table(
         try:
             w.save(uri)
         except Exception as e:  # the data source's commit runs in Spark, which wraps its errors
-            if m := re.search(r"CommitConflictError: (.+)", str(e)):
-                raise CommitConflictError(m.group(1)) from e
+            if m := re.search(r"(CommitConflictError|SchemaMismatchError): (.+)", str(e)):
+                raise {"CommitConflictError": CommitConflictError, "SchemaMismatchError": SchemaMismatchError}[
+                    m.group(1)](m.group(2)) from e
             raise
         if mode == "ignore" and existed:
             return table_version(uri)

@@ -22,7 +22,7 @@ from deltalake.transaction import AddAction, CommitProperties, create_table_with
 from pipelines.lake.files import delete_files, partition_value_str
 from pipelines.lake.fs import filesystem_for, join, normalize_uri
 from pipelines.lake.reader import check_readable
-from pipelines.lake.schema import check_compatible, to_pyarrow_schema
+from pipelines.lake.schema import SchemaMismatchError, check_compatible, to_pyarrow_schema
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def commit(
     # recorded here, so `bigopt lake --action history` can show them
     info = {**dict(commit_info or {}), ROWS_ADDED_KEY: sum(int(a.get("num_records") or 0) for a in adds)}
     props = CommitProperties(custom_metadata=info, max_commit_retries=max_commit_retries)
+    landed = False  # once the commit is in the log its files are the table's: never delete them
     try:
         effective, planned_version = prepare_table(
             uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
@@ -181,8 +182,11 @@ def commit(
                     storage_options=opts or None, commit_properties=props,
                     configuration=dict(configuration) if configuration else None,
                 )
+                landed = True
                 return DeltaTable(uri, storage_options=opts, without_files=True).version()
             except DeltaError as e:
+                if landed:
+                    raise
                 # Lost a creation race: another writer created the table first.
                 if not table_exists(uri, opts) or mode in {"error", "errorifexists"}:
                     raise
@@ -205,6 +209,7 @@ def commit(
                 table_schema = to_pyarrow_schema(dt.schema())
             schema_to_commit = table_schema
             parts = list(dt.metadata().partition_columns)
+        _check_not_null(uri, schema_to_commit, adds)
         filters = replace_where_filters(replace_where)
         if filters:
             outside = [rel for rel, a in zip(on_disk, adds) if not _matches(a["partition_values"], filters)]
@@ -227,6 +232,7 @@ def commit(
                     actions, "overwrite" if effective == "overwrite" else "append", schema_to_commit,
                     partition_by=parts or None, partition_filters=filters, commit_properties=props,
                 )
+                landed = True
                 break
             except CommitFailedError:
                 # delta-rs fails a replace_where overwrite on ANY commit since its read version,
@@ -243,13 +249,33 @@ def commit(
         dt.update_incremental()
         return dt.version()
     except CommitFailedError as e:
+        if landed:
+            raise
         delete_files(uri, on_disk)
         raise CommitConflictError(
             f"commit to {uri} conflicted with a concurrent transaction, so nothing of this write was "
             f"committed (run it again once the other writer is done): {e}") from e
     except BaseException:
-        delete_files(uri, on_disk)
+        if not landed:
+            delete_files(uri, on_disk)
         raise
+
+
+def _check_not_null(uri: str, schema: pa.Schema, adds: list[dict]) -> None:
+    """Refuse nulls in the table's NOT NULL columns, from the files' null counts (Delta's
+    writers enforce the constraint; a null there broke Spark's reads of the whole table)."""
+    required = [f.name for f in schema if not f.nullable]
+    if not required:
+        return
+    nulls: dict[str, int] = {}
+    for a in adds:
+        counts = (json.loads(a["stats"]) if a.get("stats") else {}).get("nullCount") or {}
+        for name in required:
+            if isinstance(counts.get(name), int):
+                nulls[name] = nulls.get(name, 0) + counts[name]
+    if bad := {n: c for n, c in nulls.items() if c}:
+        raise SchemaMismatchError(f"NOT NULL column(s) of Delta table {uri} would get nulls: "
+                                  + ", ".join(f"{n} ({c:,} rows)" for n, c in bad.items()) + "; nothing was committed")
 
 
 def _disjoint(uri: str, opts: Mapping[str, str], since: int, latest: int, filters: list[tuple]) -> bool:

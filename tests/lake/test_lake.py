@@ -373,6 +373,18 @@ def test_date_partition_values_in_filters_and_replace_where(spark, tmp_path):
     assert sorted(r["x"] for r in read_table(spark, path).collect()) == [2, 9]
 
 
+def test_nulls_in_a_not_null_column_are_refused(spark, tmp_path):
+    """A table created NOT NULL (spark.range's id) takes nullable data without nulls, and
+    refuses nulls with nothing committed (until the twelfth session they landed, and Spark
+    then failed reading the whole table)."""
+    path = str(tmp_path / "t")
+    write_table(spark.range(3), path)
+    write_table(spark.createDataFrame([(3,)], "id long"), path)
+    with pytest.raises(SchemaMismatchError, match=r"NOT NULL column\(s\) .* id \(1 rows\)"):
+        write_table(spark.createDataFrame([(4,), (None,)], "id long"), path)
+    assert table_version(path) == 1 and sorted(r["id"] for r in read_table(spark, path).collect()) == [0, 1, 2, 3]
+
+
 def test_reading_no_file_gives_no_rows(spark, tmp_path):
     """An empty table, or a partition filter that matches no file, reads as 0 rows (until the
     twelfth session Spark read its default partition, which the reader could not open)."""

@@ -266,3 +266,27 @@ def test_an_overwrite_conflicts_with_rows_appended_to_what_it_replaces(tmp_path)
     commit_write(tw, adds)
     assert sorted(DeltaSnapshot(path).to_table().to_pylist(), key=lambda r: r["x"]) == [
         {"x": 2, "day": 1}, {"x": 4, "day": 1}, {"x": 10, "day": 0}]
+
+
+def test_files_of_a_commit_that_landed_are_kept_when_reading_its_version_fails(tmp_path, monkeypatch):
+    """A failure after the commit is in the log (reading back its version) must not delete
+    the commit's files: until the twelfth session the cleanup did, leaving a log entry whose
+    files were gone."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    import pipelines.lake.commit as commit_mod
+
+    path = str(tmp_path / "t")
+    tw = begin_write(path, pa.schema([("x", pa.int64())]))
+    adds = tw.write_all(pa.table({"x": [1, 2]}).to_batches())
+
+    class Unreadable(DeltaTable):
+        def __init__(self, *args, **kwargs):
+            raise DeltaError("the log could not be read just now")
+
+    monkeypatch.setattr(commit_mod, "DeltaTable", Unreadable)
+    with pytest.raises(DeltaError):
+        commit_write(tw, adds)
+    monkeypatch.undo()
+    assert DeltaSnapshot(path).to_table().column("x").to_pylist() == [1, 2]
