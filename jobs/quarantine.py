@@ -52,6 +52,12 @@ def run(cfg, args) -> int:
     title = f"quarantine v{view.version}: {view.lines:,} line(s)" + (f" where {where}" if where else "")
     if not view.counts:
         console.print(f"{title}\n{view.table}")
+        if args.source:  # --source takes a file's whole name (day_3.gz, not day_3): say which exist
+            from pipelines.lake import DeltaSnapshot
+
+            names = sorted({fe.partition_values.get("source") for fe in DeltaSnapshot(view.table).files()} - {None})
+            console.print(f"files with quarantined lines: {', '.join(names[:20]) or 'none'}"
+                          + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
         return 0
     console.print(title)  # not the table's title: rich wraps that to the table's width
     counts = Table()

@@ -652,6 +652,8 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         assert len(capsys.readouterr().out.splitlines()) == 3
         assert main(["quarantine", *conf, "--batch", rep.batch_id]) == 0  # replaced by --force: none left
         assert "0 line(s)" in capsys.readouterr().out
+        assert main(["quarantine", *conf, "--source", "day_0.gz"]) == 0  # no such file: the names there are
+        assert "files with quarantined lines: day_0" in capsys.readouterr().out
     # the file fixed: a changed file is ingested again without --force, replacing its rows,
     # and its rejects leave the quarantine with it
     (raw / "day_0").write_text("\n".join([good] * 3) + "\n")
