@@ -6,7 +6,8 @@
 Rules:
 - unknown keys and wrong types are errors that name the key (``train.lr: ...``);
 - ``key.sub=value`` overrides are parsed as YAML scalars (``3`` int, ``0.1`` float,
-  ``true`` bool, ``[1,2]`` list) and applied before validation;
+  ``true`` bool, ``[1,2]`` list) and applied before validation; a string setting given a
+  value YAML reads as a number or boolean (``run.name=2024``) takes the text as typed;
 - ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment in every string;
   an unset variable without a default is an error;
 - ``include: other.yaml`` at the top merges another file underneath (paths relative to the file).
@@ -128,7 +129,9 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def apply_override(data: dict, override: str) -> None:
+def apply_override(data: dict, override: str) -> tuple[tuple[str, ...], str]:
+    """Set ``key.sub=value`` in ``data`` (the value parsed as YAML); returns (the key's parts,
+    the value as typed)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
@@ -149,6 +152,13 @@ def apply_override(data: dict, override: str) -> None:
             raise ConfigError(f"override {key}: '{p}' is not a section")
         node = nxt
     node[parts[-1]] = value
+    return tuple(parts), raw
+
+
+def _set(data: dict, parts: Sequence[str], value: Any) -> None:
+    for p in parts[:-1]:
+        data = data[p]
+    data[parts[-1]] = value
 
 
 def _format_errors(e: ValidationError) -> str:
@@ -169,10 +179,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         raw = _read_yaml(Path(path))
     if data:
         raw = _deep_merge(raw, data)
-    for o in overrides:
-        apply_override(raw, o)
+    typed = dict(apply_override(raw, o) for o in overrides)
     raw = _interpolate(raw, "")
     model = _root_model()
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        # an override YAML read as a number or boolean for a string setting (run.name=2024,
+        # run.name=yes) means the text as typed
+        as_typed = [tuple(err["loc"]) for err in e.errors() if err["type"] == "string_type" and tuple(err["loc"]) in typed]
+        if not as_typed:
+            raise ConfigError(_format_errors(e)) from None
+    for loc in as_typed:
+        _set(raw, loc, _interpolate(typed[loc], ".".join(loc)))
     try:
         return model.model_validate(raw)
     except ValidationError as e:

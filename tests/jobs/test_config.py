@@ -35,6 +35,15 @@ def test_wrong_type_is_named(tmp_path):
         load_config(None, ["criteo.featurize.hash_buckets=4294967296"])
 
 
+def test_an_override_for_a_string_setting_is_the_text_as_typed():
+    """``run.name=2024`` / ``run.name=yes``: YAML reads a number or a boolean, the setting is a
+    string, so the text as typed is meant (a 'valid string' error until the twelfth session)."""
+    cfg = load_config(None, ["run.name=2024", "criteo.raw_dir=007", "run.name=yes"])
+    assert (cfg.run.name, cfg.criteo.raw_dir) == ("yes", "007")
+    with pytest.raises(ConfigError, match="run.seed"):  # a number setting still wants a number
+        load_config(None, ["run.seed=abc"])
+
+
 def test_overrides_are_typed_and_nested(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("run:\n  name: x\n")
