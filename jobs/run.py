@@ -2,7 +2,7 @@
 
 The whole first slice in one command, on one SparkSession (started when a step first needs it):
 
-    generate (synthetic raw Criteo, when no raw input exists) -> ingest (raw -> bronze)
+    generate (synthetic raw Criteo, when no raw input exists or criteo.generate changed) -> ingest (raw -> bronze)
     -> featurize (bronze -> gold + vocabulary) -> train (Horovod-on-Spark, MLflow)
     -> final test-split evaluation -> summary table
 
@@ -31,14 +31,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def needs_generation(cfg) -> bool:
-    """Generate only when no raw input is configured/present (the demo case)."""
+    """Generate when no raw input is configured or present (the demo case), or when the files
+    there are an earlier generate's with other ``criteo.generate`` settings (its
+    ``_generated.json`` says which): a changed setting is not silently ignored. Files no
+    generate wrote are never generated over."""
+    import json
+
     from pipelines.lake.fs import is_local, normalize_uri
 
     raw_dir = normalize_uri(cfg.criteo.raw_dir)
     if cfg.criteo.inputs or not is_local(raw_dir):  # an object store is never generated into
         return False
     raw = Path(raw_dir)
-    return not raw.is_dir() or not any(p.is_file() for p in raw.iterdir())
+    if not raw.is_dir() or not any(p.is_file() for p in raw.iterdir()):
+        return True
+    try:
+        made = json.loads((raw / "_generated.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # not (only) generated files: leave them
+    now = json.loads(json.dumps(cfg.criteo.generate.model_dump()))
+    return {k: v for k, v in made.items() if k != "workers"} != {k: v for k, v in now.items() if k != "workers"}
 
 
 def run(cfg, args) -> int:

@@ -162,3 +162,21 @@ def test_resolve_inputs_dirs_globs_files(tmp_path):
     assert got == ["day_0", "day_1.gz", "train.txt"]
     with pytest.raises(FileNotFoundError):
         resolve_inputs([str(tmp_path / "nope")], [])
+
+
+def test_bigopt_run_generates_again_when_the_generate_settings_changed(tmp_path):
+    """``bigopt run`` generates into an empty raw_dir, and again when the files there are an
+    earlier generate's with other settings (until the twelfth session a changed
+    criteo.generate.* was silently ignored once files existed); never over files no generate
+    wrote, and not for a changed ``workers`` (it does not change the bytes)."""
+    from jobs.run import needs_generation
+
+    raw = tmp_path / "raw"
+    cfg = _cfg(raw, days=2, rows_per_day=1000, chunk_rows=1000)
+    assert needs_generation(cfg)
+    generate_files(cfg)
+    assert not needs_generation(cfg) and not needs_generation(_cfg(raw, days=2, rows_per_day=1000,
+                                                                   chunk_rows=1000, workers=2))
+    assert needs_generation(_cfg(raw, days=3, rows_per_day=1000, chunk_rows=1000))
+    (raw / "_generated.json").unlink()  # files of unknown origin: left alone
+    assert not needs_generation(_cfg(raw, days=3, rows_per_day=1000, chunk_rows=1000))
