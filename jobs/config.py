@@ -141,7 +141,10 @@ def apply_override(data: dict, override: str) -> tuple[tuple[str, ...], str]:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
-        value = raw
+        # not YAML: the text itself; a bracketed list of words whose YAML failed ([*test*]:
+        # '*' starts an alias) is the list of those words
+        inner = raw.strip()
+        value = [w.strip() for w in inner[1:-1].split(",") if w.strip()] if inner[:1] + inner[-1:] == "[]" else raw
     node = data
     parts = key.split(".")
     for p in parts[:-1]:

@@ -42,6 +42,9 @@ def test_an_override_for_a_string_setting_is_the_text_as_typed():
     assert (cfg.run.name, cfg.criteo.raw_dir) == ("yes", "007")
     with pytest.raises(ConfigError, match="run.seed"):  # a number setting still wants a number
         load_config(None, ["run.seed=abc"])
+    # a list of globs YAML cannot read ('*' starts an alias) is the list of those words
+    cfg = load_config(None, ["criteo.ingest.unlabeled_globs=[*test*, *eval*]"])
+    assert cfg.criteo.ingest.unlabeled_globs == ["*test*", "*eval*"]
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
