@@ -213,15 +213,21 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
     """Check bronze (at ``version``) against the ingest ledger using only the Delta log:
     rows per source (file statistics) and the batch id of every file (min/max statistics of
     ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree."""
+    from deltalake.exceptions import DeltaError
+
     from pipelines.criteo.ingest import current_entries, read_ledger
     from pipelines.lake import DeltaSnapshot, table_exists
 
     paths = tables(cfg)
     if not table_exists(paths["bronze"]):
         raise FeaturizeError(f"no bronze table at {paths['bronze']}: run `bigopt ingest` first")
-    if version is not None and not 0 <= version <= (latest := _latest_version(paths["bronze"])):
-        raise FeaturizeError(f"bronze has no version {version}: {paths['bronze']} has versions 0..{latest}")
-    snap = DeltaSnapshot(paths["bronze"], version=version)
+    try:
+        snap = DeltaSnapshot(paths["bronze"], version=version)
+    except (DeltaError, OverflowError):  # a version bronze does not have (OverflowError: negative)
+        if version is None:
+            raise
+        raise FeaturizeError(f"bronze has no version {version}: {paths['bronze']} has versions "
+                             f"0..{_latest_version(paths['bronze'])}") from None
     per_source: dict[str, dict] = {}
     for fe in snap.files():
         src = fe.partition_values.get("source")
@@ -901,7 +907,7 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
 GOLD_REVISION = 1
 
 
-def gold_fingerprint(cfg, bronze_version: int) -> str:
+def gold_fingerprint(cfg, bronze_version: int, bronze_table_id: str) -> str:
     """What the gold tables are a function of: the bronze snapshot, every ``criteo.featurize``
     setting, the vocabulary tables' codec and :data:`GOLD_REVISION`. ``features.json`` records
     it; training settings, ingest settings and the run name are not part of it.
@@ -909,19 +915,29 @@ def gold_fingerprint(cfg, bronze_version: int) -> str:
     The snapshot is named by path, version and the table's id (Delta's ``metaData.id``, new
     for each table created at the path): a bronze deleted and ingested again starts at version
     0 once more, and gold built from the old one must not pass for current."""
-    from deltalake import DeltaTable
-
     from jobs.config import doc_hash
-    from pipelines.lake.fs import normalize_uri
 
-    bronze = tables(cfg)["bronze"]
-    table_id = DeltaTable(normalize_uri(bronze), version=bronze_version, without_files=True).metadata().id
     return doc_hash({
         "revision": GOLD_REVISION,
-        "bronze": {"path": bronze, "version": bronze_version, "table_id": table_id},
+        "bronze": {"path": tables(cfg)["bronze"], "version": bronze_version, "table_id": bronze_table_id},
         "featurize": cfg.criteo.featurize.model_dump(mode="json", exclude={"bronze_version"}),
         "lake_compression": cfg.lake.compression,
     })
+
+
+def _bronze_head(uri: str, version: int | None) -> tuple[int, str] | None:
+    """(version, Delta table id) of bronze at ``version`` (default: latest), from one read of
+    its log; None when there is no table or no such version (the build then says why)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
+    from pipelines.lake.fs import normalize_uri
+
+    try:
+        dt = DeltaTable(normalize_uri(uri), version=version)
+    except (DeltaError, OverflowError):  # TableNotFoundError is a DeltaError
+        return None
+    return dt.version(), dt.metadata().id
 
 
 def _latest_version(uri: str) -> int | None:
@@ -936,26 +952,19 @@ def _latest_version(uri: str) -> int | None:
         return None
 
 
-def current_gold(cfg, bronze_version: int | None) -> FeaturizeReport | None:
+def current_gold(cfg, bronze_version: int, bronze_table_id: str) -> FeaturizeReport | None:
     """The report of the gold tables as they stand, when they are exactly what featurizing
-    bronze ``bronze_version`` with ``cfg`` would build: ``features.json`` records the same
+    bronze ``bronze_version`` (of the table ``bronze_table_id``) with ``cfg`` would build: ``features.json`` records the same
     :func:`gold_fingerprint` and every table it names is still at the version it records.
     None when anything differs: no bronze or no gold yet, bronze or a setting changed, or a
     table was written since (by another build or by hand). Reads ``features.json`` and the
     tables' logs only; no Spark, no scan of bronze or its ledger."""
-    from deltalake.exceptions import DeltaError
-
-    if bronze_version is None:
-        return None
     paths = tables(cfg)
     try:
         doc = read_features(paths["features_json"])
     except (OSError, ValueError):  # never built (or unreadable, or not JSON): build
         return None
-    try:
-        if doc.get("fingerprint") != gold_fingerprint(cfg, bronze_version):
-            return None
-    except DeltaError:  # no such bronze version (any more): the build says so
+    if doc.get("fingerprint") != gold_fingerprint(cfg, bronze_version, bronze_table_id):
         return None
     recorded = {s: (t["path"], t["version"]) for s, t in doc["tables"].items()}
     for name in ("vocabulary", "vocab_sizes"):
@@ -1003,10 +1012,9 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     chash = config_hash(cfg)
 
     bronze_version = fz.bronze_version
-    if not force:  # needs bronze's version only: the ledger check below is for a build
-        if bronze_version is None:
-            bronze_version = _latest_version(paths["bronze"])
-        if (done := current_gold(cfg, bronze_version)) is not None:
+    if not force and (head := _bronze_head(paths["bronze"], bronze_version)):  # the ledger check is for a build
+        bronze_version = head[0]
+        if (done := current_gold(cfg, *head)) is not None:
             say(f"gold is up to date: built from bronze v{bronze_version} with these settings, nothing to rebuild")
             done.seconds = time.time() - t0
             return done
@@ -1089,7 +1097,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
 
     say("writing features.json")
     report.features_json = paths["features_json"]
-    write_features_json(cfg, report, sizes, distinct, plan)
+    write_features_json(cfg, report, sizes, distinct, plan, bronze.table.metadata().id)
     report.seconds = time.time() - t0
     return report
 
@@ -1099,7 +1107,8 @@ def _day(f) -> int | None:
     return None if d is None else int(d)
 
 
-def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dict, plan: SplitPlan) -> dict:
+def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dict, plan: SplitPlan,
+                        bronze_table_id: str) -> dict:
     """The small JSON the training code reads to size embedding tables and find the data
     (next to the gold tables, on the lake's filesystem)."""
     from jobs.config import config_hash
@@ -1110,7 +1119,7 @@ def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dic
         "dataset": cfg.criteo.name,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": config_hash(cfg),
-        "fingerprint": gold_fingerprint(cfg, report.bronze_version),  # what current_gold compares
+        "fingerprint": gold_fingerprint(cfg, report.bronze_version, bronze_table_id),  # what current_gold compares
         "strategy": fz.strategy,
         "freq_threshold": fz.freq_threshold if vocab else None,
         "max_vocab_size": fz.max_vocab_size if vocab else None,
