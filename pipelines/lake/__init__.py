@@ -111,12 +111,7 @@ def write_table(
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
     write_id = new_write_id()
     spark = df.sparkSession
-    native = delta_engine(spark) == "native"
-    if not native:  # Delta's own writer keeps a table's partitioning by itself
-        from pipelines.lake.commit import table_partitioning
-
-        partition_by = table_partitioning(uri, partition_by)
-    if native:
+    if delta_engine(spark) == "native":  # Delta's own writer keeps a table's partitioning by itself
         w = df.write.format("delta").mode({"error": "errorifexists"}.get(mode, mode)).option("compression", compression)
         if partition_by:
             w = w.partitionBy(*partition_by)
@@ -127,14 +122,14 @@ def write_table(
         w = w.option("userMetadata", json.dumps({**dict(commit_info or {}), WRITE_ID_KEY: write_id}))
         w.save(uri)
     else:
-        from pipelines.lake.commit import prepare_table
+        from pipelines.lake.commit import prepare_write
         from pipelines.lake.datasource import register
         from pipelines.lake.schema import spark_to_arrow
 
         register(spark)
         # same checks the writer repeats: raise the project's own errors here, in the caller
-        prepare_table(
-            uri, spark_to_arrow(df.schema), mode=mode, partition_by=list(partition_by or []),
+        _, _, partition_by = prepare_write(
+            uri, spark_to_arrow(df.schema), mode=mode, partition_by=partition_by,
             merge_schema=merge_schema, replace_where=replace_where,
         )
         existed = table_exists(uri)
@@ -157,9 +152,9 @@ def write_table(
         try:
             w.save(uri)
         except Exception as e:  # the data source's commit runs in Spark, which wraps its errors
-            if m := re.search(r"(CommitConflictError|SchemaMismatchError): (.+)", str(e)):
-                raise {"CommitConflictError": CommitConflictError, "SchemaMismatchError": SchemaMismatchError}[
-                    m.group(1)](m.group(2)) from e
+            errors = {c.__name__: c for c in (CommitConflictError, SchemaMismatchError)}
+            if m := re.search(rf"({'|'.join(errors)}): (.+)", str(e)):
+                raise errors[m.group(1)](m.group(2)) from e
             raise
         if mode == "ignore" and existed:
             return table_version(uri)

@@ -48,14 +48,12 @@ def replace_where_filters(replace_where: Mapping[str, Any] | None) -> list[tuple
         return None
     out = []
     for col, value in replace_where.items():
-        values = value if isinstance(value, (list, tuple, set)) else [value]
-        if any(partition_value_str(v) is None for v in values):
+        many = isinstance(value, (list, tuple, set))
+        strs = [partition_value_str(v) for v in (value if many else [value])]
+        if None in strs:
             raise ValueError(f"replace_where {col}={value!r}: a null partition value cannot be replaced "
                              "(delta-rs partition filters compare strings); overwrite the table instead")
-        if isinstance(value, (list, tuple, set)):
-            out.append((col, "in", [partition_value_str(v) for v in value]))
-        else:
-            out.append((col, "=", partition_value_str(value)))
+        out.append((col, "in", strs) if many else (col, "=", strs[0]))
     return out
 
 
@@ -67,17 +65,6 @@ def _matches(pv: Mapping[str, str | None], filters: list[tuple]) -> bool:
         if op == "in" and v not in val:
             return False
     return True
-
-
-def table_partitioning(uri: str, partition_by: Sequence[str] | None,
-                       storage_options: Mapping[str, str] | None = None) -> list[str]:
-    """``partition_by``; when none is given, an existing table's own partition columns (as
-    Delta's writers do: a write that names none keeps the table's partitioning; writing its
-    rows unpartitioned would drop their partition values)."""
-    if partition_by or not table_exists(uri, storage_options):
-        return list(partition_by or [])
-    dt = DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}), without_files=True)
-    return list(dt.metadata().partition_columns)
 
 
 def prepare_table(
@@ -93,9 +80,29 @@ def prepare_table(
     """Checks done on the driver BEFORE any task writes. Returns the effective mode
     ('create', 'append', 'overwrite' or 'skip') and the table version the write is based on
     (its read version: an overwrite conflicts with anything committed after it)."""
+    return prepare_write(uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
+                         replace_where=replace_where, storage_options=storage_options)[:2]
+
+
+def prepare_write(
+    uri: str,
+    data_schema: pa.Schema,
+    *,
+    mode: str,
+    partition_by: Sequence[str] | None,
+    merge_schema: bool,
+    replace_where: Mapping[str, Any] | None,
+    storage_options: Mapping[str, str] | None = None,
+) -> tuple[str, int | None, list[str]]:
+    """:func:`prepare_table`, plus the partition columns the write uses: ``partition_by``, or
+    when none is given an existing table's own (as Delta's writers do: a write that names none
+    keeps the table's partitioning; writing its rows unpartitioned dropped their values)."""
     uri = normalize_uri(uri)
     if mode not in {"append", "overwrite", "error", "errorifexists", "ignore"}:
         raise ValueError(f"unknown save mode {mode!r}; use append, overwrite, error or ignore")
+    dt = (DeltaTable(uri, storage_options=dict(storage_options or {}), without_files=True)
+          if table_exists(uri, storage_options) else None)
+    partition_by = list(partition_by or ([] if dt is None else dt.metadata().partition_columns))
     missing_parts = [c for c in partition_by if c not in data_schema.names]
     if missing_parts:
         raise ValueError(f"partition column(s) {missing_parts} are not in the data ({data_schema.names})")
@@ -105,16 +112,15 @@ def prepare_table(
     if floats := [c for c in partition_by if pa.types.is_floating(data_schema.field(c).type)]:
         raise ValueError(f"partition column(s) {floats} are floating-point: -0.0 and 0.0, and NaNs, cannot be "
                          "kept apart in partition values; partition by an integer or string column")
-    if not table_exists(uri, storage_options):
+    if dt is None:
         if replace_where:
             raise ValueError(f"replace_where needs an existing table; {uri} has no Delta log")
-        return "create", None
+        return "create", None, partition_by
     if mode in {"error", "errorifexists"}:
         raise TableExistsError(f"Delta table already exists at {uri} (mode='error')")
-    dt = DeltaTable(uri, storage_options=dict(storage_options or {}), without_files=True)
     check_readable(uri, dt.metadata().configuration)  # its files' column names are not ours to write
     if mode == "ignore":
-        return "skip", dt.version()
+        return "skip", dt.version(), partition_by
     table_parts = list(dt.metadata().partition_columns)
     if partition_by and table_parts != list(partition_by) and not (mode == "overwrite" and not replace_where):
         raise ValueError(f"table {uri} is partitioned by {table_parts}, write asked for {partition_by}")
@@ -125,7 +131,7 @@ def prepare_table(
         replace_where_filters(replace_where)  # a value it cannot express fails here, before any task
     if not (mode == "overwrite" and not replace_where and merge_schema):
         check_compatible(to_pyarrow_schema(dt.schema()), data_schema, merge_schema=merge_schema, table_uri=uri)
-    return mode, dt.version()
+    return mode, dt.version(), partition_by
 
 
 def commit(
@@ -222,9 +228,9 @@ def commit(
             # delta-rs lets a concurrent append through an overwrite (it rebases the overwrite
             # on it), so rows appended after the read version would survive the overwrite:
             # commits since then must keep to other partitions, else this is a conflict
-            latest = DeltaTable(uri, storage_options=opts, without_files=True).version()
-            if latest > dt.version() and not (filters and _disjoint(uri, opts, dt.version(), latest, filters)):
-                raise CommitFailedError(f"v{dt.version() + 1}..v{latest} were committed since this overwrite's "
+            since = dt.version()
+            if not _move_to_latest_if_disjoint(dt, uri, opts, filters):
+                raise CommitFailedError(f"v{since + 1}..v{dt.version()} were committed since this overwrite's "
                                         "read version and wrote to what it replaces")
         for attempt in range(_DISJOINT_RETRIES + 1):
             try:
@@ -241,8 +247,7 @@ def commit(
                 if not filters or attempt == _DISJOINT_RETRIES:
                     raise
                 since = dt.version()
-                dt.update_incremental()  # the same table object, moved on to the latest version
-                if not _disjoint(uri, opts, since, dt.version(), filters):
+                if not _move_to_latest_if_disjoint(dt, uri, opts, filters):
                     raise
                 log.info("commit to %s: the commits since v%d touched other partitions only; committing on v%d",
                          uri, since, dt.version())
@@ -276,6 +281,15 @@ def _check_not_null(uri: str, schema: pa.Schema, adds: list[dict]) -> None:
     if bad := {n: c for n, c in nulls.items() if c}:
         raise SchemaMismatchError(f"NOT NULL column(s) of Delta table {uri} would get nulls: "
                                   + ", ".join(f"{n} ({c:,} rows)" for n, c in bad.items()) + "; nothing was committed")
+
+
+def _move_to_latest_if_disjoint(dt: DeltaTable, uri: str, opts: Mapping[str, str], filters: list[tuple] | None) -> bool:
+    """Move ``dt`` (the same table object) on to the latest version; True when no commit came
+    since, or when every one kept to partitions outside ``filters`` (never for a full overwrite:
+    no filters)."""
+    since = dt.version()
+    dt.update_incremental()
+    return dt.version() == since or bool(filters) and _disjoint(uri, opts, since, dt.version(), filters)
 
 
 def _disjoint(uri: str, opts: Mapping[str, str], since: int, latest: int, filters: list[tuple]) -> bool:

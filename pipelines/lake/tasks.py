@@ -108,16 +108,14 @@ def begin_write(
 
     ``write_id`` (default: a new one) names the write's files (``part-<write_id>-*``) and is
     recorded in its commit as ``bigopt.writeId``."""
-    from pipelines.lake.commit import prepare_table, table_partitioning
+    from pipelines.lake.commit import prepare_write
     from pipelines.lake.fs import normalize_uri
 
     uri = normalize_uri(uri)
     if replace_where and mode != "overwrite":
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
-    partition_by = table_partitioning(uri, partition_by)
-    effective, read_version = prepare_table(
-        uri, schema, mode=mode, partition_by=list(partition_by), merge_schema=merge_schema,
-        replace_where=replace_where,
+    effective, read_version, partition_by = prepare_write(
+        uri, schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema, replace_where=replace_where,
     )
     return TaskWrite(
         uri, schema, list(partition_by), mode, dict(replace_where) if replace_where else None, merge_schema,
