@@ -47,7 +47,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
 import numpy as np
 import pyarrow as pa
@@ -651,16 +650,16 @@ def _new_batch_id() -> str:
 
 
 def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info: dict, ing,
-                  compression: str) -> tuple[dict, list[tuple[str, str]], int | None, int | None]:
+                  compression: str) -> tuple[dict, list[tuple[str, str]], int | None, int | None, dict[str, int]]:
     """One Spark job for ``group``: tasks parse their chunks into bronze and quarantine files;
     the driver then commits bronze and quarantine, each as ONE transaction replacing the
     ``source`` partitions of the group's readable files. A file found unreadable (a damaged
     gzip) gets nothing committed: its chunks' files are deleted and its partitions are left
     as they were. Returns (per-file results of the readable files, the unreadable ones as
-    ``(path, why)``, bronze version, quarantine version; None where nothing was committed)."""
+    ``(path, why)``, bronze version, quarantine version (None where nothing was committed),
+    the quarantine's rows per readable source at that version, from the log)."""
     from pipelines.lake import table_exists
-    from pipelines.lake.files import delete_files
-    from pipelines.lake.tasks import abort_write, begin_write, commit_writes
+    from pipelines.lake.tasks import abort_write, begin_write, commit_writes, discard_adds
 
     sources = [f.source for f in group]
 
@@ -687,15 +686,15 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
         raise
     bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
     unreadable = {p for p, _ in bad}
-    chunks = [r for r in results if r["kind"] == "chunk"]
-    for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
-        delete_files(tw.uri, [unquote(a["path"]) for r in chunks if r["path"] in unreadable for a in r[table]])
-    chunks = [r for r in chunks if r["path"] not in unreadable]
     good = [f for f in group if f.path not in unreadable]
     if not good:
         abort_write(btw)
         abort_write(qtw)
-        return {}, bad, None, None
+        return {}, bad, None, None, {}
+    chunks = [r for r in results if r["kind"] == "chunk"]
+    for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
+        discard_adds(tw, [a for r in chunks if r["path"] in unreadable for a in r[table]])
+    chunks = [r for r in chunks if r["path"] not in unreadable]
     sources = [f.source for f in good]
     for tw in (btw, qtw):  # leave a bad file's partitions (rows of an earlier batch) as they are
         if tw.replace_where:
@@ -703,10 +702,11 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     b_adds, q_adds = ([a for r in chunks for a in r[table]] for table in ("bronze", "quarantine"))
     if q_adds or qtw.read_version is None or rows_by_source(qtw.uri, qtw.read_version, sources):
         bv, qv = commit_writes([(btw, b_adds, info), (qtw, q_adds, info)])
+        rejected = rows_by_source(qtw.uri, qv, sources)
     else:  # no rejects, none to replace: a commit would only add an empty version to the quarantine
         abort_write(qtw)
         (bv,) = commit_writes([(btw, b_adds, info)])
-        qv = qtw.read_version
+        qv, rejected = qtw.read_version, {}
     per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
                                  for f in good}
     for r in results:
@@ -720,7 +720,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             d["ok"] += r["ok"]
             d["rejected"] += r["rejected"]
             d["reasons"].update(r["reasons"])
-    return per_file, bad, bv, qv
+    return per_file, bad, bv, qv, rejected
 
 
 def ingest(
@@ -770,7 +770,7 @@ def ingest(
         info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id, "files": ",".join(sources)[:2000]}
         size = sum(f.size for f in group)
         say(f"parsing {len(group)} file(s) ({size / 1e6:,.0f} MB) -> bronze + quarantine")
-        per_file, bad, bv, qv = _commit_group(spark, group, paths, batch_id, info, ing, cfg.lake.compression)
+        per_file, bad, bv, qv, rej = _commit_group(spark, group, paths, batch_id, info, ing, cfg.lake.compression)
         problems += bad
         report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed", note=why)
                          for f in group for p, why in bad if p == f.path]
@@ -779,7 +779,6 @@ def ingest(
             continue
         sources = [f.source for f in group]
         ok = rows_by_source(paths["bronze"], bv, sources)
-        rej = rows_by_source(paths["quarantine"], qv, sources)
         now = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
         ledger_rows, group_results = [], []
         for f in group:

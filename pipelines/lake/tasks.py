@@ -159,6 +159,15 @@ def commit_writes(writes: Sequence[tuple[TaskWrite, list[dict], Mapping[str, Any
     return versions
 
 
+def discard_adds(tw: TaskWrite, adds: Iterable[dict]) -> None:
+    """Delete the files of these add actions of ``tw`` (written, never to be committed)."""
+    from urllib.parse import unquote
+
+    from pipelines.lake.files import delete_files
+
+    delete_files(tw.uri, [unquote(a["path"]) for a in adds])  # an add's path is the URI-escaped name
+
+
 def abort_write(tw: TaskWrite) -> int:
     """Delete every file of this write (finished or partial); returns how many were removed."""
     from pipelines.lake.maintenance import remove_write_leftovers
