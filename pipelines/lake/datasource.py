@@ -197,7 +197,7 @@ class DeltaRsReader(DataSourceReader):
     def read(self, partition: DeltaFilePartition) -> Iterator[pa.RecordBatch]:
         from pipelines.lake.reader import read_file_batches
 
-        if not getattr(partition, "uri", ""):
+        if not partition.uri:  # the empty partition of a scan with no file
             return
         yield from read_file_batches(
             partition.uri, self.arrow_schema, partition.partition_values,

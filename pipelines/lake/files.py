@@ -63,14 +63,13 @@ def _stat_value(v: Any, t: pa.DataType, side: str) -> Any:
         return v.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     if pa.types.is_date(t):
         return v.isoformat()
-    if pa.types.is_floating(t):
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
         f = float(v)
-        return f if math.isfinite(f) else None  # Parquet leaves NaN out of its min/max, not inf
-    if pa.types.is_decimal(t):  # a JSON number, rounded outwards: a float rounded to nearest
-        f = float(v)            # could exclude the value, and readers then skip the file for it
-        if Decimal(f) != v and (Decimal(f) > v) == (side == "min"):
+        # a decimal as a JSON number, rounded outwards: a float rounded to nearest could
+        # exclude the value, and readers then skip the file for it
+        if pa.types.is_decimal(t) and Decimal(f) != v and (Decimal(f) > v) == (side == "min"):
             f = math.nextafter(f, -math.inf if side == "min" else math.inf)
-        return f if math.isfinite(f) else None
+        return f if math.isfinite(f) else None  # Parquet leaves NaN out of its min/max, not inf
     if isinstance(v, str) and len(v) > _MAX_STAT_STRING:
         return None
     return v
@@ -171,6 +170,9 @@ class PartitionedFileWriter:
         # ParquetWriter's write_statistics: every column, or the named ones this file holds
         self.write_statistics: bool | list[str] = True if stats_columns is None else [
             c for c in stats_columns if c in self.data_schema.names]
+        # a struct's nullCount is an object of its fields' counts in Delta; a number there makes
+        # the log entry unreadable to delta-rs, so structs get none (null counts are optional)
+        self.null_count_columns = [f.name for f in self.data_schema if not pa.types.is_struct(f.type)]
         self._open: dict[tuple, _OpenFile] = {}
         self._pending: dict[tuple, list[pa.RecordBatch]] = {}
         self._pending_rows: dict[tuple, int] = {}
@@ -236,7 +238,7 @@ class PartitionedFileWriter:
         f.writer.write_table(table, row_group_size=self.row_group_rows)
         f.rows += table.num_rows
         f.bytes_in += table.nbytes
-        for name in self.data_schema.names:
+        for name in self.null_count_columns:
             f.nulls[name] = f.nulls.get(name, 0) + table.column(name).null_count
         if f.bytes_in >= self.target_file_bytes:
             self._close_file(key)
@@ -264,10 +266,7 @@ class PartitionedFileWriter:
         f._sink.close()  # type: ignore[attr-defined]
         size = self.fs.get_file_info(join(self.root, f.rel_path)).size
         lo, hi = file_min_max(f.writer.writer.metadata, self.data_schema)
-        # a struct's nullCount is an object of its fields' counts in Delta; a number there makes
-        # the log entry unreadable to delta-rs, so structs get none (null counts are optional)
-        nulls = {k: n for k, n in f.nulls.items() if not pa.types.is_struct(self.data_schema.field(k).type)}
-        stats = {"numRecords": f.rows, "minValues": lo, "maxValues": hi, "nullCount": nulls}
+        stats = {"numRecords": f.rows, "minValues": lo, "maxValues": hi, "nullCount": f.nulls}
         self._done.append(
             {
                 # add.path is a URI: escape '%' etc. so readers decode it back to the on-disk name

@@ -165,7 +165,7 @@ def check_writable(uri: str) -> None:
     found by the tasks instead, it surfaced as hundreds of lines of Java and Python traces."""
     import uuid
 
-    fs, root = filesystem_for(normalize_uri(uri))
+    fs, root = filesystem_for(uri)
     probe = join(root, f"_bigopt_write_check_{uuid.uuid4().hex}")
     try:
         fs.create_dir(root, recursive=True)
