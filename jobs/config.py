@@ -145,23 +145,22 @@ def apply_override(data: dict, override: str) -> tuple[tuple[str, ...], str]:
         # '*' starts an alias) is the list of those words
         inner = raw.strip()
         value = [w.strip() for w in inner[1:-1].split(",") if w.strip()] if inner[:1] + inner[-1:] == "[]" else raw
-    node = data
     parts = key.split(".")
+    _set(data, parts, value)
+    return tuple(parts), raw
+
+
+def _set(data: dict, parts: Sequence[str], value: Any) -> None:
+    """``data[parts[0]][parts[1]]... = value``, creating missing sections."""
+    node = data
     for p in parts[:-1]:
         nxt = node.get(p)
         if nxt is None:
             nxt = node[p] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {key}: '{p}' is not a section")
+            raise ConfigError(f"override {'.'.join(parts)}: '{p}' is not a section")
         node = nxt
     node[parts[-1]] = value
-    return tuple(parts), raw
-
-
-def _set(data: dict, parts: Sequence[str], value: Any) -> None:
-    for p in parts[:-1]:
-        data = data[p]
-    data[parts[-1]] = value
 
 
 def _format_errors(e: ValidationError) -> str:

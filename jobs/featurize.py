@@ -32,7 +32,7 @@ def run(cfg, args) -> int:
         cfg.criteo.featurize.bronze_version = args.bronze_version
     console, rep = run_spark_step(
         cfg, "featurize", lambda spark, progress: featurize(spark, cfg, progress=progress, force=args.force),
-        errors=(FeaturizeError, PermissionError))
+        errors=(FeaturizeError,))
     if rep is None:
         return 1
     built = "up to date, nothing written (--force rebuilds)" if rep.up_to_date else f"in {rep.seconds:.1f}s"

@@ -32,7 +32,7 @@ def run(cfg, args) -> int:
     from jobs.spark_step import run_spark_step
     from pipelines.criteo.ingest import CorruptInputError, IngestError, ingest
 
-    unreadable: list[CorruptInputError] = []
+    unreadable: CorruptInputError | None = None
 
     def step(spark, progress):
         try:
@@ -40,10 +40,11 @@ def run(cfg, args) -> int:
         except CorruptInputError as e:
             if e.report is None:  # found before anything ran
                 raise
-            unreadable.append(e)  # found while reading: the other files were ingested, show them
+            nonlocal unreadable
+            unreadable = e  # found while reading: the other files were ingested, show them
             return e.report
 
-    console, rep = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, PermissionError, ValueError))
+    console, rep = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, ValueError))
     if rep is None:
         return 1
     table = Table(title=f"ingest batch {rep.batch_id}: {rep.ingested} file(s) ingested, "
@@ -73,9 +74,9 @@ def run(cfg, args) -> int:
                                 ("ledger", rep.ledger_version, rep.ledger)):
         state = "unchanged" if version is None else f"v{version}"
         console.print(f"{name} {state} {path}")
-    for e in unreadable:
-        console.print(styled((f"bigopt ingest: {e}", "red")))
-    return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected and not unreadable else 1
+    if unreadable is not None:
+        console.print(styled((f"bigopt ingest: {unreadable}", "red")))
+    return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected and unreadable is None else 1
 
 
 if __name__ == "__main__":

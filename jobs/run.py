@@ -95,7 +95,7 @@ def run(cfg, args) -> int:
     if not args.skip_data:  # the pipeline's modules are imported only for it
         from pipelines.criteo.featurize import FeaturizeError, featurize
         from pipelines.criteo.ingest import IngestError, ingest
-        from pipelines.lake import CommitConflictError
+        from jobs.spark_step import lake_errors
 
         try:
             if not args.no_generate and needs_generation(cfg):
@@ -110,7 +110,7 @@ def run(cfg, args) -> int:
             with step("featurize", "bronze -> gold + vocabulary"):
                 rep = featurize(spark, cfg, force=args.force_featurize)
             console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
-        except (IngestError, FeaturizeError, CommitConflictError, FileNotFoundError, PermissionError) as e:
+        except (IngestError, FeaturizeError, FileNotFoundError, *lake_errors()) as e:
             # the steps' own errors name the file or table and the remedy: no traceback
             console.print(styled((f"bigopt run: {e}", "red")))
             return 1

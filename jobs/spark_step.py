@@ -22,6 +22,14 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def lake_errors() -> tuple[type[BaseException], ...]:
+    """The errors any step that writes the lake may raise, each with a message that names the
+    table and the remedy: a commit conflict, a lake that cannot be written (checked before Spark)."""
+    from pipelines.lake.commit import CommitConflictError
+
+    return CommitConflictError, PermissionError
+
+
 def run_spark_step(
     cfg,
     command: str,
@@ -30,10 +38,9 @@ def run_spark_step(
 ):
     """Call ``step(start_spark, progress)``; ``start_spark()`` starts the configured
     SparkSession on its first call and returns it on every call. Returns ``(console, result)``;
-    ``result`` is None when ``step`` raised one of ``errors`` or a lake commit conflict
+    ``result`` is None when ``step`` raised one of ``errors`` or of :func:`lake_errors`
     (printed as ``bigopt <command>: <error>``)."""
     from jobs.console import make_console, styled
-    from pipelines.lake.commit import CommitConflictError
     from pipelines.spark import spark_from_config
 
     # log lines: the time and the message (the caller's file:line is noise here); printed text is
@@ -52,6 +59,6 @@ def run_spark_step(
 
         try:
             return console, step(start_spark, progress)
-        except (*errors, CommitConflictError) as e:  # every step commits through the lake
+        except (*errors, *lake_errors()) as e:  # every step writes through the lake
             console.print(styled((f"bigopt {command}: {e}", "red")))
             return console, None
