@@ -18,11 +18,13 @@ imports from ``jobs``.
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import hashlib
 import json
 import os
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,9 +131,11 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def apply_override(data: dict, override: str) -> tuple[tuple[str, ...], str]:
+def apply_override(data: dict, override: str, model: type[BaseModel] | None = None) -> tuple[tuple[str, ...], str]:
     """Set ``key.sub=value`` in ``data`` (the value parsed as YAML); returns (the key's parts,
-    the value as typed)."""
+    the value as typed). With ``model`` (the config's root model), the part of the key after a
+    free-form mapping setting is one key: ``spark.conf.spark.sql.shuffle.partitions=8`` sets
+    ``spark.conf["spark.sql.shuffle.partitions"]``."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
@@ -145,9 +149,24 @@ def apply_override(data: dict, override: str) -> tuple[tuple[str, ...], str]:
         # '*' starts an alias) is the list of those words
         inner = raw.strip()
         value = [w.strip() for w in inner[1:-1].split(",") if w.strip()] if inner[:1] + inner[-1:] == "[]" else raw
-    parts = key.split(".")
+    parts = _key_parts(key, model)
     _set(data, parts, value)
     return tuple(parts), raw
+
+
+def _key_parts(key: str, model: type[BaseModel] | None) -> list[str]:
+    """``key`` split at its dots, up to the first setting that is a free-form mapping (its keys,
+    such as Spark's, may hold dots themselves)."""
+    parts = key.split(".")
+    for i, p in enumerate(parts[:-1]):
+        field = model.model_fields.get(p) if model is not None else None
+        if field is None:
+            break
+        ann = field.annotation
+        if typing.get_origin(ann) in (dict, Mapping, collections.abc.Mapping):
+            return parts[:i + 1] + [".".join(parts[i + 1:])]
+        model = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return parts
 
 
 def _set(data: dict, parts: Sequence[str], value: Any) -> None:
@@ -181,9 +200,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         raw = _read_yaml(Path(path))
     if data:
         raw = _deep_merge(raw, data)
-    typed = dict(apply_override(raw, o) for o in overrides)
-    raw = _interpolate(raw, "")
     model = _root_model()
+    typed = dict(apply_override(raw, o, model) for o in overrides)
+    raw = _interpolate(raw, "")
     try:
         return model.model_validate(raw)
     except ValidationError as e:

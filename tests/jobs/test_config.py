@@ -52,7 +52,11 @@ def test_overrides_are_typed_and_nested(tmp_path):
     f.write_text("run:\n  name: x\n")
     cfg = load_config(f, ["run.seed=7", "spark.conf.spark.sql.shuffle.partitions=4", "spark.ui=false"])
     assert cfg.run.seed == 7 and cfg.run.name == "x" and cfg.spark.ui is False
-    assert cfg.spark.conf == {"spark": {"sql": {"shuffle": {"partitions": 4}}}}
+    # a free-form mapping's keys hold dots themselves: the rest of the key is one key
+    assert cfg.spark.conf == {"spark.sql.shuffle.partitions": 4}
+    cfg = load_config(f, ["tracking.tags.mlflow.note.content=hi", "spark.conf={spark.a.b: 1}",
+                          "spark.conf.spark.c=2"])
+    assert cfg.tracking.tags == {"mlflow.note.content": "hi"} and cfg.spark.conf == {"spark.a.b": 1, "spark.c": 2}
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(f, ["noequals"])
     d: dict = {"a": 1}
