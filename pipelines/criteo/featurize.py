@@ -215,7 +215,7 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
     ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree."""
     from deltalake.exceptions import DeltaError
 
-    from pipelines.criteo.ingest import current_entries, read_ledger
+    from pipelines.criteo.ingest import bronze_sources, current_entries, read_ledger, unconfirmed_sources
     from pipelines.lake import DeltaSnapshot, table_exists
 
     paths = tables(cfg)
@@ -228,38 +228,16 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
             raise
         raise FeaturizeError(f"bronze has no version {version}: {paths['bronze']} has versions "
                              f"0..{_latest_version(paths['bronze'])}") from None
-    per_source: dict[str, dict] = {}
-    for fe in snap.files():
-        src = fe.partition_values.get("source")
-        d = per_source.setdefault(src, {"rows": 0, "batches": set(), "day": fe.partition_values.get("day")})
-        d["rows"] += int(fe.num_records or 0)
-        for b in (fe.min_values.get("ingest_batch"), fe.max_values.get("ingest_batch")):
-            if b is not None:
-                d["batches"].add(b)
-    unchecked = sorted(s for s, d in per_source.items() if d["rows"] and not d["batches"])
-    if unchecked:  # a bronze table from before it declared its statistics columns (ingest.py)
-        log.warning("bronze files of %d source(s) (e.g. %s) carry no ingest_batch statistics: only their row "
-                    "counts are checked against the ledger", len(unchecked), unchecked[0])
+    per_source = bronze_sources(snap)
     current = current_entries([r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version])
-    problems = []
-    out: dict[str, dict] = {}
-    for src in sorted(set(per_source) | set(current)):
-        b, led = per_source.get(src), current.get(src)
-        if led is None:
-            problems.append(f"{src}: {b['rows']} bronze rows but no ledger entry (an interrupted ingest?)")
-            continue
-        rows = b["rows"] if b else 0
-        if rows != led["rows_ok"] or (b and b["batches"] and b["batches"] != {led["ingest_batch"]}):
-            problems.append(
-                f"{src}: bronze has {rows} rows from batch(es) {sorted(b['batches']) if b else []}, "
-                f"the ledger says {led['rows_ok']} rows from {led['ingest_batch']}"
-            )
-            continue
-        out[src] = {"rows": rows, "day": int(led["day"]), "labeled": bool(led["labeled"]), "batch": led["ingest_batch"]}
+    problems = unconfirmed_sources(per_source, current)
+    out = {src: {"rows": led["rows_ok"], "day": int(led["day"]), "labeled": bool(led["labeled"]),
+                 "batch": led["ingest_batch"]}
+           for src, led in sorted(current.items()) if src not in problems}
     if problems:
         raise FeaturizeError(
             f"bronze v{snap.version} and the ingest ledger disagree (re-run `bigopt ingest`, which replaces "
-            "unconfirmed rows):\n  " + "\n  ".join(problems)
+            "unconfirmed rows):\n  " + "\n  ".join(f"{src}: {why}" for src, why in problems.items())
         )
     return BronzeView(snap.version, out, snap)
 

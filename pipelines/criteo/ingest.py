@@ -12,7 +12,7 @@ directories; tasks read their byte ranges straight from the store). Per group of
    range, plus, with ``ingest.verify``, one task per split file computing its sha256 (a file
    read by a single task is hashed on the way).
 2. **Parse** (tasks): the range is read in blocks of complete lines (gzip inflated member by
-   member; a truncated or corrupt file fails the job naming the file) and parsed by
+   member; a truncated or corrupt gzip fails that file alone, naming it) and parsed by
    :func:`pipelines.criteo.parse.parse_block`: a compiled one-pass scanner (vectorised and
    per-line tiers for odd blocks), so the rows never pass through JVM rows or Python
    objects. Short rows (stripped trailing TABs) are padded; unlabelled files (39 fields, may
@@ -20,17 +20,20 @@ directories; tasks read their byte ranges straight from the store). Per group of
 3. **Write** (tasks): good rows to bronze Parquet files, bad lines (raw line, reason) to
    quarantine files; then the driver commits each table as ONE Delta transaction replacing
    the group's ``source`` partitions (``replace_where``), so a re-run never duplicates a
-   file's rows. If any task fails, every file of the job is deleted and nothing is committed.
+   file's rows. Nothing of a file found corrupt is committed (its tasks' files are deleted,
+   its earlier rows stay); if a task fails otherwise, nothing of the job is committed.
 4. **Account**: per file, rows_ok + rows_rejected from the commits' file statistics must equal
    the lines the tasks read (and the tasks' own counts), else :class:`IngestError` and no
    ledger entry.
 5. **Ledger**: one row per file (path, size, mtime, quick hash of the first/last MiB, sha256,
    counts, batch id, table versions), appended last. The ledger is the commit point: a file is
    ingested when its ledger row exists; ``featurize`` refuses bronze rows the ledger does not
-   confirm (left by a run that died between steps 3 and 5; the next ingest replaces them).
+   confirm (left by a run that died between steps 3 and 5); the next ingest compares bronze
+   with the ledger per source and replaces them.
 
 Why not Spark SQL (``spark.read.text`` + ``from_csv``): it was the first implementation, and
-on 1 M rows it spent 11 s where these tasks spend about 2 (docs/criteo.md, "Performance"):
+on 1 M rows it spent ~14 s where these tasks spend about 2 (docs/criteo.md, "Why Arrow in
+the tasks and not Spark SQL"):
 each line became a JVM row, then a Python-bound Arrow batch for the Delta writer.
 """
 from __future__ import annotations
@@ -598,20 +601,62 @@ def current_entries(ledger_rows: list[dict]) -> dict[str, dict]:
     return cur
 
 
-def _plan(files: list[RawFile], current: dict[str, dict],
-          force: bool) -> tuple[list[RawFile], list[FileResult], dict[str, str]]:
+def bronze_sources(snapshot) -> dict[str, dict]:
+    """Per bronze ``source`` partition of ``snapshot`` (a DeltaSnapshot), from the Delta log
+    alone: ``{"rows", "batches" (the ingest_batch ids its files' statistics name), "day"}``."""
+    per_source: dict[str, dict] = {}
+    for fe in snapshot.files():
+        src = fe.partition_values.get("source")
+        d = per_source.setdefault(src, {"rows": 0, "batches": set(), "day": fe.partition_values.get("day")})
+        d["rows"] += int(fe.num_records or 0)
+        for b in (fe.min_values.get("ingest_batch"), fe.max_values.get("ingest_batch")):
+            if b is not None:
+                d["batches"].add(b)
+    unchecked = sorted(s for s, d in per_source.items() if d["rows"] and not d["batches"])
+    if unchecked:  # a bronze table from before it declared its statistics columns
+        log.warning("bronze files of %d source(s) (e.g. %s) carry no ingest_batch statistics: only their row "
+                    "counts are checked against the ledger", len(unchecked), unchecked[0])
+    return per_source
+
+
+def unconfirmed_sources(per_source: dict[str, dict], current: dict[str, dict]) -> dict[str, str]:
+    """The sources whose bronze rows (:func:`bronze_sources`) are not the ones the ledger's
+    current entry (:func:`current_entries`) records, each with why: rows of an ingest that
+    stopped between its bronze commit and its ledger entry, or bronze changed behind the
+    ledger's back."""
+    out: dict[str, str] = {}
+    for src in sorted(set(per_source) | set(current)):
+        b, led = per_source.get(src), current.get(src)
+        if led is None:
+            out[src] = f"{b['rows']} bronze rows but no ledger entry (an interrupted ingest?)"
+            continue
+        rows = b["rows"] if b else 0
+        if rows != led["rows_ok"] or (b and b["batches"] and b["batches"] != {led["ingest_batch"]}):
+            out[src] = (f"bronze has {rows} rows from batch(es) {sorted(b['batches']) if b else []}, "
+                        f"the ledger says {led['rows_ok']} rows from {led['ingest_batch']}")
+    return out
+
+
+def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
+          unconfirmed: dict[str, str] | None = None) -> tuple[list[RawFile], list[FileResult], dict[str, str]]:
     """(files to ingest, results of the files skipped, a note per file to ingest that replaces
-    rows of an earlier batch: why)."""
+    rows of an earlier batch: why). A file the ledger has as ingested is ingested again when its
+    source is in ``unconfirmed`` (:func:`unconfirmed_sources`)."""
     todo: list[RawFile] = []
     results: list[FileResult] = []
     notes: dict[str, str] = {}
+    unconfirmed = unconfirmed or {}
     by_content = {(r["size"], r["quick_hash"]): r for r in current.values()}
     for f in files:
         prev = current.get(f.source)
         same = prev is not None and (prev["path"], prev["size"], prev["mtime_ns"], prev["quick_hash"]) == (
             f.path, f.size, f.mtime_ns, f.quick_hash)
         twin = by_content.get((f.size, f.quick_hash))
-        if same and not force:
+        if same and not force and f.source in unconfirmed:
+            log.warning("%s: bronze and the ledger disagree (%s): replacing its rows", f.path, unconfirmed[f.source])
+            notes[f.source] = f"bronze rows unconfirmed ({unconfirmed[f.source]}): replaced"
+            todo.append(f)
+        elif same and not force:
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "skipped",
                                       prev["lines"], prev["rows_ok"], prev["rows_rejected"], prev["sha256"],
                                       f"already ingested in batch {prev['ingest_batch']}"))
@@ -734,6 +779,7 @@ def ingest(
     ``spark``: a SparkSession, or a callable that starts one, called only when a file needs
     ingesting (:func:`pipelines.spark.session_of`)."""
     from jobs.config import config_hash
+    from pipelines.lake import DeltaSnapshot, table_exists
     from pipelines.lake.fs import check_writable
     from pipelines.lake.tasks import write_arrow
     from pipelines.spark import session_of
@@ -755,7 +801,9 @@ def ingest(
     if misnamed := [(f.path, why) for f in files if (why := _unreadable_as_named(f))]:
         raise CorruptInputError(misnamed)
     current = current_entries(read_ledger(paths["ledger"]))
-    todo, report.files, notes = _plan(files, current, force)
+    unconfirmed = unconfirmed_sources(bronze_sources(DeltaSnapshot(paths["bronze"])), current) if (
+        current and table_exists(paths["bronze"])) else {}
+    todo, report.files, notes = _plan(files, current, force, unconfirmed)
     if not todo:
         report.seconds = time.time() - t0
         return report

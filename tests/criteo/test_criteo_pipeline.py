@@ -542,7 +542,8 @@ def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys, spark
 
 
 def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_path):
-    """Rows committed to bronze by a run that died before its ledger entry are not used."""
+    """Rows committed to bronze by a run that died before its ledger entry are not used; a
+    plain re-run of ingest replaces them."""
     from pipelines.criteo.featurize import FeaturizeError, bronze_view
     from pipelines.criteo.ingest import BRONZE_DDL, PARTITION_BY, ingest
     from pipelines.lake import read_table, write_table
@@ -570,6 +571,14 @@ def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_pa
                 replace_where={"source": "day_0"})
     with pytest.raises(FeaturizeError, match=r"day_0: bronze has 20 rows from batch\(es\) \['b-other'\]"):
         bronze_view(cfg)
+    # a plain re-run replaces what the ledger does not confirm: day_0's file is as the ledger
+    # has it, but its rows are another batch's; day_9's file is the one the crashed run read
+    (raw / "day_9").write_text("\n".join(["0\t" + "\t".join(["5"] * 13) + line[line.index("\t0a"):]] * 7) + "\n")
+    rep = ingest(spark, cfg)
+    by = {f.source: f for f in rep.files}
+    assert by["day_0"].status == "replaced" and "bronze rows unconfirmed" in by["day_0"].note
+    assert by["day_1"].status == "skipped" and by["day_9"].status == "ingested"
+    assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_1": 20, "day_9": 7}
 
 
 def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden):
