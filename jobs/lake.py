@@ -10,7 +10,8 @@ import json
 
 def add_arguments(parser) -> None:
     parser.add_argument("--action", choices=["history", "vacuum", "optimize", "roundtrip"], default="history")
-    parser.add_argument("--table", help="table path or URI (default for roundtrip: <lake.root>/_check/roundtrip)")
+    parser.add_argument("--table",
+                        help="table path or URI (default for roundtrip: <lake.root>/_check/roundtrip/all_types)")
     parser.add_argument("--limit", type=int, default=20, help="history: newest N commits; vacuum: files listed")
     parser.add_argument("--retention-hours", type=int, default=168, help="vacuum: keep files newer than this")
     parser.add_argument("--apply", action="store_true", help="vacuum: actually delete (default: dry run)")
@@ -38,17 +39,19 @@ def run(cfg, args) -> int:
         return 1
     if args.action == "history":
         t = Table(title=f"history of {args.table}")
-        for col in ("version", "timestamp", "operation", "job", "rows added", "parameters"):
+        for col in ("version", "timestamp", "operation", "job", "config", "rows added", "parameters"):
             t.add_column(col)
         import datetime as dt
 
         for h in lake.history(args.table, args.limit):
             m = h.get("operationMetrics") or {}
+            info = _user_metadata(h)
             t.add_row(
                 str(h.get("version")),
                 dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
                 h.get("operation", ""),
-                str(h.get("job", "")),
+                str(info.get("job", "")),
+                str(info.get("config_hash", ""))[:12],
                 str(m.get("num_added_rows", h.get(ROWS_ADDED_KEY, ""))),
                 json.dumps(h.get("operationParameters", {}))[:60],
             )
@@ -74,6 +77,20 @@ def run(cfg, args) -> int:
     return 0
 
 
+def _user_metadata(h: dict) -> dict:
+    """A commit's bigopt info: top-level keys (delta-rs commits), or the JSON the native
+    connector stores as ``userMetadata``."""
+    info = dict(h)
+    if isinstance(h.get("userMetadata"), str):
+        try:
+            extra = json.loads(h["userMetadata"])
+        except ValueError:
+            extra = None
+        if isinstance(extra, dict):
+            info.update(extra)
+    return info
+
+
 def _roundtrip(cfg, args, console) -> int:
     """Write a table with every type the pipelines use, read it back, compare."""
     from pyspark.sql import functions as F
@@ -84,12 +101,16 @@ def _roundtrip(cfg, args, console) -> int:
 
     spark = spark_from_config(cfg.spark)
     path = args.table or cfg.lake.table("_check", "roundtrip", "all_types")
-    df = spark.range(0, 100_000).select(
+    df = spark.range(0, 100_000).select(  # every type the pipelines write, nulls included
         F.col("id"),
         (F.col("id") % 7).cast("int").alias("day"),
         (F.col("id") * 0.5).alias("x"),
+        (F.col("id") * 0.25).cast("float").alias("label"),
         F.when(F.col("id") % 5 == 0, None).otherwise(F.sha1(F.col("id").cast("string")).substr(1, 8)).alias("c"),
+        F.when(F.col("id") % 9 == 0, None).otherwise(F.col("id").cast("string").cast("binary")).alias("raw"),
+        F.when(F.col("id") % 4 == 0, None).otherwise(F.col("id") % 2 == 0).alias("flag"),
         F.array(*[(F.col("id") + i).cast("float") for i in range(3)]).alias("dense"),
+        F.array(*[(F.col("id") - i).cast("int") for i in range(2)]).alias("sparse"),
         F.current_timestamp().alias("ts"),
     )
     v = lake.write_table(df, path, mode="overwrite", partition_by=["day"], compression=cfg.lake.compression,

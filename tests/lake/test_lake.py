@@ -44,10 +44,11 @@ def _all_types_df(spark, n=50, offset=0):
         F.timestamp_seconds(F.lit(1_600_000_000) + F.col("id")).alias("ts"),
         (F.col("id") % 3).cast("int").alias("day"),
         F.when(F.col("id") % 5 == 0, None).otherwise(F.col("id") * 2).alias("nl"),
+        F.when(F.col("id") % 4 == 0, None).otherwise(F.col("id") % 2 == 0).alias("bo"),
     )
 
 
-def test_round_trip_every_type(spark, tmp_path):
+def test_round_trip_every_type(spark, tmp_path, capsys):
     path = str(tmp_path / "t")
     df = _all_types_df(spark)
     v = write_table(df, path, partition_by=["day"], commit_info={"job": "test", "config_hash": "abc"})
@@ -64,6 +65,11 @@ def test_round_trip_every_type(spark, tmp_path):
     # commit metadata recorded
     h = history(path)[0]
     assert h["job"] == "test" and h["config_hash"] == "abc" and h["operation"] in ("WRITE", "CREATE TABLE")
+    from jobs.cli import main
+
+    assert main(["lake", "--table", path]) == 0  # the history command shows both
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip("│ ").startswith("0 "))
+    assert "test" in row and "abc" in row
     # one write id: the commit's is the one in its files' names (what a failed write's clean-up matches)
     if delta_engine(spark) == "deltars":
         names = {f.uri.rsplit("/", 1)[-1] for f in DeltaSnapshot(path).files()}
