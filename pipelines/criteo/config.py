@@ -74,7 +74,8 @@ class IngestConfig(BaseModel):
 class SplitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["auto", "day", "random"] = Field(
-        "auto", description="auto: 'day' when bronze holds >= 2 dated days, else 'random' (Kaggle)"
+        "auto", description="auto: 'day' when bronze's labelled rows all come from dated files "
+        "(day_N) spanning >= 2 days, else 'random' (Kaggle)"
     )
     test_days: list[int] | None = Field(None, description="day mode: held-out days (default: the last day)")
     valid_days: list[int] | None = Field(
