@@ -265,20 +265,30 @@ def _labeled(name: str, unlabeled_globs: Sequence[str]) -> bool:
 
 def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence[str]) -> str | None:
     """Why the first lines say the name got the file's kind wrong, or None. Only a clear
-    majority of them counts (and at least 3): a few bad lines are quarantined, not a verdict."""
+    majority of them counts (and at least 3): a few bad lines are quarantined, not a verdict.
+    Trailing TABs may have been stripped, so a labelled row can have 38-40 fields and a test
+    row 37-39: what tells them apart is a 0/1 label first on every labelled row."""
     lines = [ln for ln in lines if ln.strip()]
-    if labeled:  # 39 fields and a first field that is no label: rows of a test file
-        odd = sum(ln.count(b"\t") + 1 == UNLABELED_FIELDS and ln.split(b"\t", 1)[0].strip() not in (b"0", b"1")
-                  for ln in lines)
+    if lines and lines[0].startswith(_BOM):
+        lines[0] = lines[0][len(_BOM):]
+    n = len(lines)
+    firsts = [ln.split(b"\t", 1)[0].strip() for ln in lines]
+    if labeled:  # at most 39 fields and a first field that is no label: rows of a test file
+        odd = sum(ln.count(b"\t") + 1 <= UNLABELED_FIELDS and f not in (b"0", b"1") for ln, f in zip(lines, firsts))
         why = (f"its name matches no criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as "
-               f"labelled, but {odd} of its first {len(lines)} lines have 39 fields and no 0/1 label, as in a "
-               "test file; add a glob matching its name to criteo.ingest.unlabeled_globs")
-    else:  # 40 fields: rows with a label
-        odd = sum(ln.count(b"\t") + 1 == LABELED_FIELDS for ln in lines)
-        why = (f"its name matches criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as a test "
-               f"file (39 fields, no label), but {odd} of its first {len(lines)} lines have 40 fields, as in a "
-               "labelled file; rename it or change criteo.ingest.unlabeled_globs")
-    return why if odd >= 3 and 2 * odd > len(lines) else None
+               f"labelled, but {odd} of its first {n} lines have at most 39 fields and no 0/1 label first, as "
+               "in a test file; add a glob matching its name to criteo.ingest.unlabeled_globs")
+        return why if odd >= 3 and 2 * odd > n else None
+    # 40 fields: rows with a label. In a labelled file whose trailing TABs were stripped only
+    # some lines keep 40, but (nearly) every line starts with 0/1; I1, first in a test row, is
+    # missing or another number in most lines
+    odd = sum(ln.count(b"\t") + 1 == LABELED_FIELDS for ln in lines)
+    labels = sum(f in (b"0", b"1") for f in firsts)
+    why = (f"its name matches criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as a test "
+           f"file (39 fields, no label), but {odd} of its first {n} lines have 40 fields"
+           + (f" and {labels} start with a 0/1 label" if 2 * odd <= n else "")
+           + ", as in a labelled file; rename it or change criteo.ingest.unlabeled_globs")
+    return why if odd >= 3 and (2 * odd > n or 10 * labels >= 9 * n) else None
 
 
 def describe_file(path: str, cfg) -> RawFile:

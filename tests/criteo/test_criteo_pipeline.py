@@ -828,14 +828,28 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     (raw / "day_0").write_text(test_rows)
     (raw / "day_1").write_text(labelled_rows)  # fine
     (raw / "test_2.txt").write_text(labelled_rows)
+    # trailing TABs stripped (missing C25/C26, as in the real samples): a labelled row keeps 40
+    # fields only when its C26 is there, a test row has 37-39. Until the thirteenth session
+    # only whole lines of 40 (or 39) fields counted, and both files went in shifted by a column
+    cut = [26, 25, 24]
+    stripped_labelled = "".join(f"{i % 2}\t" + "\t".join(["2"] * 13) + "\t" + "\t".join(["68fd1e64"] * cut[i % 3])
+                                + "\n" for i in range(10))
+    stripped_test = "".join(f"{'' if i % 3 == 0 else i + 1}\t" + "\t".join(["2"] * 12) + "\t"
+                            + "\t".join(["68fd1e64"] * cut[i % 3]) + "\n" for i in range(10))
+    (raw / "latest.txt").write_text(stripped_labelled)  # matches *test*
+    (raw / "day_5").write_text(stripped_test)
+    # a real test file keeps its name: 40-field lines are rare, most first fields (I1) no label
+    (raw / "test_6.txt").write_text(stripped_test + "1\t" + "\t".join(["2"] * 13) + f"\t{cats}\n")
     cfg = _cfg(tmp_path)
     with pytest.raises(CorruptInputError) as e:
         ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
     got = {Path(p).name: why for p, why in e.value.problems}
-    assert set(got) == {"day_0", "test_2.txt"}
-    assert "9 of its first 10 lines have 39 fields and no 0/1 label" in got["day_0"]  # I1=1 could be a label
+    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5"}
+    assert "9 of its first 10 lines have at most 39 fields and no 0/1 label" in got["day_0"]  # I1=1 could be a label
     assert "add a glob matching its name to criteo.ingest.unlabeled_globs" in got["day_0"]
     assert "10 of its first 10 lines have 40 fields" in got["test_2.txt"]
+    assert "4 of its first 10 lines have 40 fields and 10 start with a 0/1 label" in got["latest.txt"]
+    assert "10 of its first 10 lines have at most 39 fields" in got["day_5"]
     assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
 
 
