@@ -647,6 +647,10 @@ def unconfirmed_sources(per_source: dict[str, dict], current: dict[str, dict]) -
     return out
 
 
+def _uncompressed_name(source: str) -> str:
+    return source[:-3] if source.endswith(".gz") else source
+
+
 def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
           unconfirmed: dict[str, str] | None = None) -> tuple[list[RawFile], list[FileResult], dict[str, str]]:
     """(files to ingest, results of the files skipped, a note per file to ingest that replaces
@@ -657,11 +661,15 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
     notes: dict[str, str] = {}
     unconfirmed = unconfirmed or {}
     by_content = {(r["size"], r["quick_hash"]): r for r in current.values()}
+    # a file and its gzip'd copy (day_0, day_0.gz side by side after `gzip -k`) differ in
+    # bytes, so only their names can tell: the same name apart from .gz is taken for a copy
+    by_name = {_uncompressed_name(src): r for src, r in current.items()}
     for f in files:
         prev = current.get(f.source)
         same = prev is not None and (prev["path"], prev["size"], prev["mtime_ns"], prev["quick_hash"]) == (
             f.path, f.size, f.mtime_ns, f.quick_hash)
         twin = by_content.get((f.size, f.quick_hash))
+        namesake = by_name.get(_uncompressed_name(f.source))
         if same and not force and f.source in unconfirmed:
             log.warning("%s: bronze and the ledger disagree (%s): replacing its rows", f.path, unconfirmed[f.source])
             notes[f.source] = f"bronze rows unconfirmed ({unconfirmed[f.source]}): replaced"
@@ -674,6 +682,11 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
                                       note=f"same content as {twin['path']} ({twin.get('when', 'already ingested')}); "
                                            "--force to ingest"))
+        elif prev is None and namesake is not None and not force:
+            results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
+                                      note=f"same name apart from .gz as {namesake['path']} "
+                                           f"({namesake.get('when', 'already ingested')}): taken for a compressed "
+                                           "copy; --force to ingest it as a file of its own"))
         else:
             if prev is not None and not same:
                 log.warning("%s: changed since it was ingested (or another file named %s was): replacing its rows",
@@ -684,6 +697,7 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
                 notes[f.source] = f"--force: rows of batch {prev['ingest_batch']} replaced"
             todo.append(f)
             by_content.setdefault((f.size, f.quick_hash), {"path": f.path, "when": "ingested in this run"})
+            by_name.setdefault(_uncompressed_name(f.source), {"path": f.path, "when": "ingested in this run"})
     return todo, results, notes
 
 

@@ -872,8 +872,18 @@ def test_a_copy_is_a_duplicate_whether_its_twin_is_new_or_ingested(spark, tmp_pa
     assert got["day_1"] == ("duplicate", f"same content as {raw / 'day_0'} (ingested in this run); --force to ingest")
     assert DeltaSnapshot(_bronze(cfg)["bronze"]).num_rows == 60
     (raw / "day_5").write_bytes((raw / "day_0").read_bytes())
+    # gzip'd copies (`gzip -k`): other bytes, the same name apart from .gz. Until the thirteenth
+    # session they went into bronze beside their originals, every row twice
+    (raw / "day_2.gz").write_bytes(gzip.compress((raw / "day_2").read_bytes()))
+    (raw / "day_7").write_text("\n".join(lines[5:9]) + "\n")
+    (raw / "day_7.gz").write_bytes(gzip.compress((raw / "day_7").read_bytes()))
     later = {f.source: (f.status, f.note) for f in ingest(spark, cfg).files}
     assert later["day_5"] == ("duplicate", f"same content as {raw / 'day_0'} (already ingested); --force to ingest")
+    copy = "taken for a compressed copy; --force to ingest it as a file of its own"
+    assert later["day_2.gz"] == ("duplicate", f"same name apart from .gz as {raw / 'day_2'} (already ingested): {copy}")
+    assert later["day_7"][0] == "ingested"
+    assert later["day_7.gz"] == ("duplicate", f"same name apart from .gz as {raw / 'day_7'} (ingested in this run): {copy}")
+    assert DeltaSnapshot(_bronze(cfg)["bronze"]).num_rows == 64
 
 
 def test_a_lake_that_cannot_be_written_fails_before_spark(spark, tmp_path, capsys, spark_forbidden):
