@@ -2,13 +2,13 @@
 
 What ingest quarantined, read from the quarantine Delta table without Spark: the number of
 lines per file and reason, then example lines of each (20 in all by default; TABs shown as
-``⇥``). ``--raw`` prints every matching line as it was instead (or ``--limit`` of them), one
-per line, to feed other tools. ``bigopt ingest`` prints this command for its own batch when
+``⇥``). ``--raw`` prints every matching line's exact bytes instead (or ``--limit`` of them),
+one per line, to feed other tools. ``bigopt ingest`` prints this command for its own batch when
 it rejected lines.
 
     bigopt quarantine conf/criteo.yaml
     bigopt quarantine conf/criteo.yaml --batch b20261122-054509-8a451b --reason hex
-    bigopt quarantine conf/criteo.yaml --source day_3 --raw > day_3.bad.txt
+    bigopt quarantine conf/criteo.yaml --source day_3.gz --raw > day_3.bad.txt
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--source", default=None, metavar="FILE", help="only lines of this raw file (its name)")
     parser.add_argument("--reason", default=None, metavar="TEXT", help="only reasons containing TEXT (any case)")
     parser.add_argument("--limit", type=_count, default=None, help="lines to show (default: 20; --raw: all)")
-    parser.add_argument("--raw", action="store_true", help="print the lines as they were, one per line")
+    parser.add_argument("--raw", action="store_true", help="print the lines' exact bytes, one per line")
 
 
 def _count(text: str) -> int:
@@ -39,9 +39,17 @@ def run(cfg, args) -> int:
     from pipelines.criteo.quarantine import quarantined, quarantined_lines
 
     filters = {"batch": args.batch, "source": args.source, "reason": args.reason}
-    if args.raw:
-        for line in itertools.islice(quarantined_lines(cfg, **filters), args.limit):
-            print(line)
+    if args.raw:  # the exact bytes, one line per line (LF ends; a stripped CR is not restored)
+        import sys
+
+        sys.stdout.flush()
+        out, n = sys.stdout.buffer, 0
+        for n, line in enumerate(itertools.islice(quarantined_lines(cfg, **filters), args.limit), 1):
+            out.write(line + b"\n")
+        out.flush()
+        if not n and args.source:
+            print(f"bigopt quarantine: no line of {args.source!r}; {_sources(quarantined(cfg, limit=0).table)}",
+                  file=sys.stderr)
         return 0
     view = quarantined(cfg, **filters, limit=20 if args.limit is None else args.limit)
     console = make_console()
@@ -53,11 +61,7 @@ def run(cfg, args) -> int:
     if not view.counts:
         console.print(f"{title}\n{view.table}")
         if args.source:  # --source takes a file's whole name (day_3.gz, not day_3): say which exist
-            from pipelines.lake import DeltaSnapshot
-
-            names = sorted({fe.partition_values.get("source") for fe in DeltaSnapshot(view.table).files()} - {None})
-            console.print(f"files with quarantined lines: {', '.join(names[:20]) or 'none'}"
-                          + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
+            console.print(_sources(view.table))
         return 0
     console.print(title)  # not the table's title: rich wraps that to the table's width
     counts = Table()
@@ -75,6 +79,16 @@ def run(cfg, args) -> int:
         console.print(lines)
     console.print(view.table)
     return 0
+
+
+def _sources(table: str) -> str:
+    """The files with quarantined lines (``--source`` takes a file's whole name)."""
+    from pipelines.lake import DeltaSnapshot, table_exists
+
+    names = sorted({fe.partition_values.get("source") for fe in DeltaSnapshot(table).files()} - {None}) if (
+        table_exists(table)) else []
+    return (f"files with quarantined lines: {', '.join(names[:20]) or 'none'}"
+            + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
 
 
 if __name__ == "__main__":

@@ -531,13 +531,14 @@ def _rejects_batch(rejects: list, preview: int, batch_id: str) -> pa.Table:
     """The quarantine rows of ``rejects``, without the partition columns (the task passes the
     chunk's (day, source) to the writer, as for bronze rows)."""
     lines, raw_bytes = [], []
-    for raw, _, _ in rejects:
+    for raw, _, _ in rejects:  # the exact bytes too where the text is not the whole line
         try:
-            lines.append(raw.decode("utf-8")[:preview])
-            raw_bytes.append(None)
+            text = raw.decode("utf-8")
+            raw_bytes.append(raw if len(text) > preview else None)
         except UnicodeDecodeError:
-            lines.append(raw.decode("utf-8", "replace")[:preview])
+            text = raw.decode("utf-8", "replace")
             raw_bytes.append(raw)
+        lines.append(text[:preview])
     return pa.table({
         "line": pa.array(lines, pa.string()), "line_bytes": pa.array(raw_bytes, pa.binary()),
         "reason": pa.array([r for _, r, _ in rejects], pa.string()),

@@ -4,7 +4,7 @@
     view.counts    # [(source, reason, lines)], most first
     view.examples  # up to `limit` rows (source, day, reason, num_fields, line, ingest_batch),
                    # spread over the (source, reason) groups, most common first
-    for line in quarantined_lines(cfg, source="day_3"):   # every matching line, streamed
+    for line in quarantined_lines(cfg, source="day_3.gz"):   # every matching line's bytes, streamed
         ...
 
 The quarantine table (``<lake.root>/criteo/bronze/quarantine``, partitioned by day and source)
@@ -86,10 +86,13 @@ def quarantined(cfg, *, batch: str | None = None, source: str | None = None, rea
 
 
 def quarantined_lines(cfg, *, batch: str | None = None, source: str | None = None,
-                      reason: str | None = None) -> Iterator[str]:
-    """Every matching quarantined line as it was (undecodable bytes replaced), streamed."""
+                      reason: str | None = None) -> Iterator[bytes]:
+    """Every matching quarantined line's exact bytes (without its line end), streamed:
+    ``line_bytes`` where the ``line`` text is not the whole line (undecodable bytes, or longer
+    than ``max_line_preview``), else ``line``."""
     _, snap = _snapshot(cfg)
     if snap is None:
         return
-    for b in snap.dataset().to_batches(columns=["line"], filter=_where(source, batch, reason)):
-        yield from b.column(0).to_pylist()
+    for b in snap.dataset().to_batches(columns=["line", "line_bytes"], filter=_where(source, batch, reason)):
+        for text, exact in zip(b.column(0).to_pylist(), b.column(1).to_pylist()):
+            yield exact if exact is not None else text.encode()

@@ -611,20 +611,27 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         good.replace("\t1\t2\t", "\t1\t-2\t", 1),
     ]
     undecodable = good.encode().replace(b"68fd1e64", b"68fd\xff\xfe64", 1)
-    body = "\n".join([good] * 10 + list(bad) + accepted + [good] * 5).encode() + b"\n" + undecodable
+    long = good + "\t" + "x" * 5000  # past max_line_preview (4096)
+    body = "\n".join([good] * 10 + list(bad) + accepted + [long] + [good] * 5).encode() + b"\n" + undecodable
     (raw / "day_0").write_bytes(body)  # no final newline
     cfg = _cfg(tmp_path)
     rep = ingest(spark, cfg)
     t = _bronze(cfg)
-    n_bad = len(bad) + 1
-    assert rep.rows_in == 10 + len(bad) + len(accepted) + 5 + 1
+    n_bad = len(bad) + 2
+    assert rep.rows_in == 10 + len(bad) + len(accepted) + 1 + 5 + 1
     assert rep.rows_ok == 15 + len(accepted) and rep.rows_rejected == n_bad
     q = DeltaSnapshot(t["quarantine"]).to_table().to_pylist()
     assert len(q) == n_bad and all(r["source"] == "day_0" and r["day"] == 0 for r in q)
     got = {r["line"]: r["reason"] for r in q if r["line_bytes"] is None}
     assert got == bad
-    (u,) = [r for r in q if r["line_bytes"] is not None]
-    assert u["line_bytes"] == undecodable and u["reason"] == "undecodable bytes (not UTF-8)"
+    exact = {r["reason"]: r for r in q if r["line_bytes"] is not None}
+    assert exact["undecodable bytes (not UTF-8)"]["line_bytes"] == undecodable
+    # the whole of a long line is kept (until the thirteenth session only its first 4096 chars)
+    lg = exact["too many fields (expected 40, got 41)"]
+    assert lg["line"] == long[:4096] and lg["line_bytes"] == long.encode()
+    from pipelines.criteo.quarantine import quarantined_lines
+
+    assert sorted(quarantined_lines(cfg, reason="undecodable")) == [undecodable]
     rows = DeltaSnapshot(t["bronze"]).to_table().to_pylist()
     assert sum(r["I5"] == 5 and r["C1"] == "68FD1E64" for r in rows) == 1
     assert sum(r["I2"] == -2 for r in rows) == 1
@@ -633,7 +640,7 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
     (led,) = read_ledger(t["ledger"])
     assert (led["lines"], led["rows_ok"], led["rows_rejected"]) == (rep.rows_in, rep.rows_ok, rep.rows_rejected)
     assert led["sha256"] == hashlib.sha256(body).hexdigest() and led["size"] == len(body)
-    want = Counter(bad.values()) + Counter({"undecodable bytes (not UTF-8)": 1})
+    want = Counter(bad.values()) + Counter({"undecodable bytes (not UTF-8)": 1, "too many fields (expected 40, got 41)": 1})
     assert rep.reasons == dict(want.most_common()) == rep.files[0].reasons
 
     # the commands: ingest (again, --force) names the reasons and how to see the lines;
@@ -659,6 +666,11 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         assert sorted(capsys.readouterr().out.split("\n")[:-1]) == sorted(hex_lines)  # one has a CR in it
         assert main(["quarantine", *conf, "--source", "day_0", "--raw", "--limit", "3"]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 3
+        assert main(["quarantine", *conf, "--reason", "too many", "--raw"]) == 0
+        assert sorted(capsys.readouterr().out.split("\n")[:-1]) == sorted([good + "\textra", long])
+        assert main(["quarantine", *conf, "--source", "day_0.gz", "--raw"]) == 0
+        raw_out = capsys.readouterr()
+        assert raw_out.out == "" and "no line of 'day_0.gz'; files with quarantined lines: day_0" in raw_out.err
         assert main(["quarantine", *conf, "--batch", rep.batch_id]) == 0  # replaced by --force: none left
         assert "0 line(s)" in capsys.readouterr().out
         assert main(["quarantine", *conf, "--source", "day_0.gz"]) == 0  # no such file: the names there are
