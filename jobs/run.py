@@ -95,7 +95,7 @@ def run(cfg, args) -> int:
     if not args.skip_data:  # the pipeline's modules are imported only for it
         from pipelines.criteo.featurize import FeaturizeError, featurize
         from pipelines.criteo.ingest import IngestError, ingest
-        from jobs.spark_step import lake_errors
+        from jobs.spark_step import error_text, lake_errors
 
         try:
             if not args.no_generate and needs_generation(cfg):
@@ -112,7 +112,7 @@ def run(cfg, args) -> int:
             console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
         except (IngestError, FeaturizeError, FileNotFoundError, *lake_errors()) as e:
             # the steps' own errors name the file or table and the remedy: no traceback
-            console.print(styled((f"bigopt run: {e}", "red")))
+            console.print(error_text("run", e))
             return 1
 
     try:

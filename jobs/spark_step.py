@@ -15,19 +15,34 @@ the same record.
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def lake_errors() -> tuple[type[BaseException], ...]:
     """The errors any step that writes the lake may raise, each with a message that names the
-    table and the remedy: a commit conflict, a lake that cannot be written (checked before Spark)."""
+    table or file and the remedy: a commit conflict; a lake or input that cannot be written or
+    reached (OSError: read-only, checked before Spark; an object store that does not answer,
+    no credentials). ``bigopt -v`` logs their traceback too."""
     from pipelines.lake.commit import CommitConflictError
 
-    return CommitConflictError, PermissionError
+    return CommitConflictError, OSError
+
+
+def error_text(command: str, e: BaseException):
+    """``bigopt <command>: <error>`` in red, for an error whose message says it all (its
+    traceback is logged at debug level: ``bigopt -v``)."""
+    from jobs.console import styled
+
+    logging.getLogger("bigopt").debug("bigopt %s failed", command, exc_info=e)
+    # delta-rs colours its error chains: the escapes would print as text ("[31m↳[0m")
+    return styled((f"bigopt {command}: {_ANSI.sub('', str(e))}", "red"))
 
 
 def run_spark_step(
@@ -60,5 +75,5 @@ def run_spark_step(
         try:
             return console, step(start_spark, progress)
         except (*errors, *lake_errors()) as e:  # every step writes through the lake
-            console.print(styled((f"bigopt {command}: {e}", "red")))
+            console.print(error_text(command, e))
             return console, None

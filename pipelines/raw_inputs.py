@@ -98,7 +98,8 @@ def _directory_files(name: str, file_globs: Sequence[str]) -> list[str]:
 def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
     """Files named by ``specs``: files, globs, or directories (whose entries matching
     ``file_globs`` are taken, non-recursively), local or remote. In the order of ``specs``,
-    each spec's files sorted, without duplicates."""
+    each spec's files sorted, without duplicates. A spec that names no file (a glob matching
+    none, a directory without a matching file, a path that does not exist) is an error."""
     out: list[str] = []
     for spec in specs:
         name = normalize_uri(spec)  # as the lake's: absolute local path, or the URI
@@ -113,7 +114,10 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
             continue
         kind = _info(name).type
         if kind == pafs.FileType.Directory:
-            out += _directory_files(name, file_globs)
+            found = _directory_files(name, file_globs)
+            if not found:  # as a glob that matches nothing: a wrong folder, or files not there yet
+                raise FileNotFoundError(f"input directory {spec!r} has no file matching {list(file_globs)}")
+            out += found
         elif kind == pafs.FileType.File:
             out.append(name)
         else:

@@ -58,6 +58,12 @@ def test_resolve_stat_and_read_on_s3(s3, tmp_path):
         raw_inputs.resolve([f"{bucket}/raw/nope"], [])
     with pytest.raises(FileNotFoundError, match="matches no file"):
         raw_inputs.resolve([f"{bucket}/raw/nope_*"], [])
+    # a directory without a matching file, as a glob matching none (until the thirteenth session
+    # an ingest of it succeeded with nothing, so a wrong folder went unnoticed)
+    with pytest.raises(FileNotFoundError, match=r"input directory .*/raw/' has no file matching \['\*\.csv'\]"):
+        raw_inputs.resolve([f"{bucket}/raw/"], ["*.csv"])
+    with pytest.raises(FileNotFoundError, match="has no file matching"):
+        raw_inputs.resolve([str(tmp_path)], ["day_*"])
     with pytest.raises(ValueError, match="bucket"):
         raw_inputs.resolve(["s3://bigopt-*/raw/day_0"], [])
     with pytest.raises(ValueError, match="not a filesystem URI"):
@@ -221,3 +227,30 @@ def test_hadoop_s3_schemes_read_like_s3(s3):
             fs, path = filesystem_for(uri, opts)
             assert fs.type_name == "s3" and path == "hadoop-schemes/k/w.json"
         assert read_small_file(uri) == b"{}"
+
+
+def test_an_object_store_that_does_not_answer_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    """Raw inputs or a lake on a store that refuses connections: `bigopt ingest` names the
+    request that failed in one message and exits 1. Until the thirteenth session the OSError
+    came out as a traceback (and delta-rs's colour escapes as text)."""
+    import socket
+
+    from jobs.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+                 "AWS_ACCESS_KEY_ID": "bigopt-test", "AWS_SECRET_ACCESS_KEY": "bigopt-test"}.items():
+        monkeypatch.setenv(k, v)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "day_0").write_text("1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26) + "\n")
+    capsys.readouterr()
+    for conf in ([f"lake.root={tmp_path / 'lake'}", "--input", "s3://bucket/criteo/day_0"],
+                 ["lake.root=s3://bucket/lake", f"criteo.raw_dir={raw}"]):
+        assert main(["ingest", *conf]) == 1
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert "bigopt ingest: " in text and "Traceback" not in text and "\x1b[" not in text
+        assert "127.0.0.1" in text or "Connection refused" in text or "connect" in text.lower()
