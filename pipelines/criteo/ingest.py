@@ -407,6 +407,7 @@ def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
     0.30)."""
     d = _inflate_lib.decompressobj(47)
     member_bytes = 0
+    between = False  # after a member's end: zero padding (tape blocks, as gzip and zcat accept) or a member
     pieces: list[bytes] = []  # inflated bytes not yielded yet, in order
     held = 0
     try:
@@ -418,6 +419,13 @@ def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
                 hasher.update(raw)
             data = raw
             while data:
+                if between:
+                    data = data.lstrip(b"\0")
+                    if not data:
+                        break
+                    if not data.startswith(_GZIP_MAGIC[: len(data)]):
+                        raise zlib.error("trailing garbage after the last gzip member")
+                    between = False
                 out = d.decompress(data)
                 member_bytes += len(data) - len(d.unused_data)
                 if out:
@@ -426,9 +434,7 @@ def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
                 if d.eof:
                     data = d.unused_data
                     d = _inflate_lib.decompressobj(47)
-                    member_bytes = 0
-                    if data and not data.startswith(_GZIP_MAGIC[: len(data)]):
-                        raise zlib.error("trailing garbage after the last gzip member")
+                    member_bytes, between = 0, True
                 else:
                     data = b""
             if held >= block_bytes:

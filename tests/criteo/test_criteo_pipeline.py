@@ -732,7 +732,7 @@ def test_corrupt_gzip_fails_clearly_and_commits_nothing_for_it(spark, tmp_path, 
     whole = gzip.compress(("\n".join([line] * 2000) + "\n").encode())
     (raw / "day_0.gz").write_bytes(whole)
     (raw / "day_1.gz").write_bytes(whole[: len(whole) // 2])  # truncated
-    (raw / "day_2.gz").write_bytes(whole[:4096] + bytes(4096) + whole[8192:])  # damaged inside
+    (raw / "day_2.gz").write_bytes(whole[:1000] + bytes(400) + whole[1400:])  # damaged inside
     (raw / "day_3.gz").write_bytes(gzip.compress(("\n".join([line] * 30) + "\n").encode()))
     cfg = _cfg(tmp_path, ingest={"files_per_commit": 2})
     with pytest.raises(CorruptInputError, match="day_1.gz") as e:
