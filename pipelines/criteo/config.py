@@ -74,8 +74,8 @@ class IngestConfig(BaseModel):
 class SplitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["auto", "day", "random"] = Field(
-        "auto", description="auto: 'day' when bronze's labelled rows all come from dated files "
-        "(day_N) spanning >= 2 days, else 'random' (Kaggle)"
+        "auto", description="auto: 'day' when test_days/valid_days are set or bronze's labelled rows "
+        "all come from dated files (day_N) spanning >= 2 days, else 'random' (Kaggle)"
     )
     test_days: list[int] | None = Field(None, description="day mode: held-out days (default: the last day)")
     valid_days: list[int] | None = Field(
@@ -91,7 +91,8 @@ class FeaturizeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     strategy: Literal["vocab", "hash"] = "vocab"
-    freq_threshold: int = Field(3, ge=1, description="vocab: values seen fewer times in train share the rare id")
+    freq_threshold: int = Field(3, ge=1, le=2**31 - 1,
+                                description="vocab: values seen fewer times in train share the rare id")
     max_vocab_size: int | None = Field(None, ge=1, description="vocab: keep at most this many values per column")
     hash_buckets: int = Field(1 << 18, ge=2, le=(1 << 31) - 1,
                               description="hash: ids in [0, hash_buckets); id 0 = missing (gold ids are int32)")

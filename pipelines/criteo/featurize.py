@@ -254,8 +254,9 @@ def plan_split(cfg, view: BronzeView) -> SplitPlan:
     sp = cfg.criteo.featurize.split
     days = [d for d in view.days() if d >= 0]
     mode = sp.mode
-    if mode == "auto":
-        mode = "day" if len(days) >= 2 and len(days) == len(view.days()) else "random"
+    if mode == "auto":  # held-out days named: a day split, or an error saying why it cannot be one
+        mode = "day" if sp.test_days or sp.valid_days or (len(days) >= 2 and len(days) == len(view.days())) \
+            else "random"
     if mode == "random":
         return SplitPlan("random")
     if len(days) < 2 and not sp.test_days:
@@ -266,7 +267,8 @@ def plan_split(cfg, view: BronzeView) -> SplitPlan:
         raise FeaturizeError(f"split: day(s) {absent} named in split.test_days/valid_days have no labelled rows "
                              f"in bronze v{view.version} (its days: {days}); the split would hold none of them")
     if set(test) & set(valid):
-        raise FeaturizeError(f"split: days {sorted(set(test) & set(valid))} are both test and valid days")
+        default = "" if sp.test_days else " (split.test_days not set: the last day is the test day)"
+        raise FeaturizeError(f"split: days {sorted(set(test) & set(valid))} are both test and valid days{default}")
     if not set(days) - set(test) - set(valid):
         raise FeaturizeError(f"split: no training day left (days {days}, test {test}, valid {valid})")
     return SplitPlan("day", test, valid)
@@ -997,13 +999,13 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
             done.seconds = time.time() - t0
             return done
     view = bronze_view(cfg, bronze_version)  # the version checked above: a commit since cannot slip in
-    for name in ("vocabulary", "vocab_sizes", *GOLD_SPLITS):  # before Spark: a task would fail obscurely
-        check_writable(paths[name])
-    sc = session_of(spark).sparkContext
     sources = view.labeled_sources
     if not sources:
         raise FeaturizeError(f"bronze v{view.version} has no labelled rows to featurize")
-    plan = plan_split(cfg, view)
+    plan = plan_split(cfg, view)  # from the log and the ledger: a bad split fails before Spark starts
+    for name in ("vocabulary", "vocab_sizes", *GOLD_SPLITS):  # before Spark: a task would fail obscurely
+        check_writable(paths[name])
+    sc = session_of(spark).sparkContext
     rule = SplitRule.of(cfg, plan)
     say(f"bronze v{view.version}: {sum(view.sources[s]['rows'] for s in sources):,} labelled rows from "
         f"{len(sources)} file(s); split by {plan.mode}")
@@ -1047,6 +1049,10 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
                      "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
         gold = write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz)
         written += [(split, tw, adds) for split, (tw, adds) in gold.items()]
+        if not sum(int(a["num_records"]) for a in gold["train"][1]):  # nothing to train on (and no vocabulary)
+            raise FeaturizeError(
+                f"the train split of bronze v{view.version}'s {sum(view.sources[s]['rows'] for s in sources):,} "
+                f"labelled rows is empty (split.train_fraction={fz.split.train_fraction}); nothing committed")
         rows = [
             {"column": c, "position": j, "cardinality": cards[j], "kept_values": sizes.get(c, 0) if vocab else None,
              "distinct_in_train": distinct.get(c, 0) if vocab else None, "strategy": fz.strategy,

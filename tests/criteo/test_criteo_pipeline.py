@@ -353,6 +353,16 @@ def test_failed_featurize_commits_nothing(spark, tmp_path, capfd):
             assert sorted(p.name for p in Path(t[s]).rglob("*.parquet")) == files[s], s
         for d in bad:
             by_day[d].write_bytes(saved[d])
+    # a random split whose train share holds no row (until the thirteenth session: committed,
+    # with empty vocabularies and every cardinality 2)
+    cfg.criteo.featurize.split.mode, cfg.criteo.featurize.split.train_fraction = "random", 1e-9
+    with pytest.raises(FeaturizeError, match=r"the train split of bronze v0's 1,200 labelled rows is empty "
+                                             r"\(split.train_fraction=1e-09\); nothing committed"):
+        featurize(spark, cfg, force=True)
+    assert [table_version(t[s]) for s in tables] == [
+        *(rep.versions[s] for s in ("train", "valid", "test")), rep.vocabulary_version, rep.vocab_sizes_version]
+    for s in tables:
+        assert sorted(p.name for p in Path(t[s]).rglob("*.parquet")) == files[s], s
     # the driver reads a large file's footer to cut it into slices: the same error there
     by_day[held].write_bytes(b"not parquet either")
     with pytest.raises(FeaturizeError, match=f"^bronze file {by_day[held]}"):

@@ -210,6 +210,14 @@ def test_plan_split_names_what_is_wrong_with_the_days():
     for split, message in (({"test_days": [99]}, r"day\(s\) \[99\] .* no labelled rows in bronze v3 \(its days: \[0, 1, 2\]\)"),
                            ({"test_days": [2], "valid_days": [5]}, r"day\(s\) \[5\]"),
                            ({"test_days": [1], "valid_days": [1]}, r"days \[1\] are both test and valid"),
-                           ({"test_days": [0, 1, 2]}, "no training day left")):
+                           ({"test_days": [0, 1, 2]}, "no training day left"),
+                           ({"valid_days": [2]}, r"days \[2\] are both test and valid days \(split.test_days not set")):
         with pytest.raises(F.FeaturizeError, match=message):
             plan(**split)
+    # held-out days named under mode auto make a day split even where auto alone would not (one
+    # day; until the thirteenth session test_days was ignored and the split was random)
+    one = F.BronzeView(4, {"day_0": {"rows": 10, "day": 0, "labeled": True, "batch": "b"}})
+    cfg = load_config(data={"criteo": {"featurize": {"split": {"test_days": [0]}}}})
+    with pytest.raises(F.FeaturizeError, match="no training day left"):
+        F.plan_split(cfg, one)
+    assert F.plan_split(load_config(), one).mode == "random"

@@ -33,6 +33,9 @@ def test_wrong_type_is_named(tmp_path):
     # a value gold's int32 ids cannot hold is refused up front, not after the featurize job
     with pytest.raises(ConfigError, match=r"criteo\.featurize\.hash_buckets: .*2147483647"):
         load_config(None, ["criteo.featurize.hash_buckets=4294967296"])
+    # nor one vocab_sizes' int32 column cannot (until the thirteenth session: after both jobs ran)
+    with pytest.raises(ConfigError, match=r"criteo\.featurize\.freq_threshold: .*2147483647"):
+        load_config(None, ["criteo.featurize.freq_threshold=2147483648"])
 
 
 def test_an_override_for_a_string_setting_is_the_text_as_typed():
