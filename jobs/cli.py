@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", nargs="?", default=None, help="YAML config (conf/*.yaml)")
         sp.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
         module.add_arguments(sp)
+        sp.set_defaults(command_parser=sp)  # its usage line for a stray argument
     return p
 
 
@@ -67,8 +68,9 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
     args, extra = parser.parse_known_args(argv)
     late = [a for a in extra if "=" in a and not a.startswith("-")]
     stray = [a for a in extra if a not in late]
+    command_parser = vars(args).pop("command_parser", None) or parser
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if late:
         args.overrides = [*args.overrides, *late]
     return args

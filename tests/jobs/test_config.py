@@ -127,4 +127,6 @@ def test_cli_overrides_may_follow_flags(capsys):
     assert args.overrides == ["run.seed=1", "criteo.ingest.verify=false", "run.seed=2"]  # the last one wins
     with pytest.raises(SystemExit) as e:  # anything else left over is still an error
         parse_command_line(parser, ["ingest", "conf/demo.yaml", "--force", "second.yaml"])
-    assert e.value.code == 2 and "unrecognized arguments: second.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: second.yaml" in err
+    assert err.startswith("usage: bigopt ingest ")  # the command's usage, not bigopt's
