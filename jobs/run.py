@@ -37,6 +37,7 @@ def needs_generation(cfg) -> bool:
     generate wrote are never generated over."""
     import json
 
+    from pipelines.criteo.generate import read_manifest
     from pipelines.lake.fs import is_local, normalize_uri
 
     raw_dir = normalize_uri(cfg.criteo.raw_dir)
@@ -45,10 +46,9 @@ def needs_generation(cfg) -> bool:
     raw = Path(raw_dir)
     if not raw.is_dir() or not any(p.is_file() for p in raw.iterdir()):
         return True
-    try:
-        made = json.loads((raw / "_generated.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+    if (manifest := read_manifest(raw)) is None:
         return False  # not (only) generated files: leave them
+    made = manifest["config"]
     now = json.loads(json.dumps(cfg.criteo.generate.model_dump()))
     return {k: v for k, v in made.items() if k != "workers"} != {k: v for k, v in now.items() if k != "workers"}
 

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from pipelines.criteo.schema import KAGGLE_CARDINALITIES, NUM_DENSE, NUM_SPARSE
 
 log = logging.getLogger(__name__)
+MANIFEST = "_generated.json"  # what a generate wrote, with its settings (read by bigopt run)
 
 # --- per-column statistics ---------------------------------------------------------------
 # dense: (missing rate, log-normal mu, sigma) of (value + 1); shaped after the Kaggle columns
@@ -314,18 +315,27 @@ def generate_files(cfg, progress: Callable[[str, int], None] | None = None) -> l
         "cardinalities": list(cards), "files": [r.__dict__ | {"path": os.path.basename(r.path)} for r in results],
     }
     _remove_earlier_output(out_dir, {os.path.basename(r.path) for r in results})
-    (out_dir / "_generated.json").write_text(json.dumps(manifest, indent=1))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return results
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict | None:
+    """The ``_generated.json`` an earlier generate left in ``out_dir`` (its settings under
+    ``config``, its files under ``files``), or None where there is none readable."""
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and isinstance(manifest.get("config"), dict) and isinstance(
+        manifest.get("files"), list)
+    return manifest if ok else None
 
 
 def _remove_earlier_output(out_dir: Path, written: set[str]) -> None:
     """Delete the files an earlier generate wrote here (its ``_generated.json`` lists them)
     that this one did not write again: left in place, ingest would take their rows along with
     the new files' (``day_0`` beside a new ``day_0.gz``). Files no manifest names are kept."""
-    try:
-        earlier = json.loads((out_dir / "_generated.json").read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
+    earlier = (read_manifest(out_dir) or {}).get("files", [])
     for name in sorted({f.get("path") for f in earlier if isinstance(f, dict)} - written - {None}):
         stale = out_dir / os.path.basename(name)
         if stale.is_file():
