@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import latest_checkpoint, list_checkpoints
+from training.checkpoint import checkpoint_data_versions, latest_checkpoint, list_checkpoints
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
 from training.loop import make_job, train_rank
@@ -68,9 +68,9 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
     if local and cfg.train.num_proc != 1:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_proc": 1})})
     t = cfg.train
-    spec = resolve_data(cfg)
     ckpt_dir = checkpoint_dir_for(cfg)
     run_id = None
+    data_versions = None  # a resumed run reads the data versions it started with
     if resume:
         last = latest_checkpoint(ckpt_dir)
         if last is None:
@@ -81,12 +81,15 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
 
             head = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
             run_id = head.get("run_id")
-            log.info("resuming from %s (step %s, MLflow run %s)", last, head.get("step"), run_id)
+            data_versions = checkpoint_data_versions(head)
+            log.info("resuming from %s (step %s, MLflow run %s, data versions %s)", last, head.get("step"), run_id,
+                     data_versions)
     elif list_checkpoints(ckpt_dir):
         log.info("fresh run: removing %d old checkpoints in %s", len(list_checkpoints(ckpt_dir)), ckpt_dir)
         for p in list_checkpoints(ckpt_dir):
             p.unlink(missing_ok=True)
 
+    spec = resolve_data(cfg, versions=data_versions)
     chash = config_hash(cfg)
     uri = None
     if cfg.tracking.enabled:
@@ -103,6 +106,7 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             "world_size_requested": t.num_proc,
             "config_hash": chash,
             **{f"data.{k}_version": v for k, v in spec.versions.items()},
+            **{f"data.gold.{k}": v for k, v in spec.gold.items()},  # what built the gold read (its commit)
             **{f"lib.{k}": v for k, v in library_versions().items()},
         })
         tags = {"bigopt.model": t.model, "bigopt.optimizer": t.optimizer, "bigopt.config_hash": chash,

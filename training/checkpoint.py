@@ -82,3 +82,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
     return state
+
+
+def checkpoint_data_versions(state: dict[str, Any]) -> dict[str, int] | None:
+    """The gold versions the checkpointed run read (``{"train": v, "valid": v, "test": v}``), so a
+    resume reads the same data; checkpoints from before they were saved give the train loader's
+    version alone (valid and test then follow the train version's build)."""
+    if isinstance(state.get("data_versions"), dict):
+        return {str(k): int(v) for k, v in state["data_versions"].items()}
+    loaders = state.get("loaders") or []
+    version = loaders[0].get("version") if loaders and isinstance(loaders[0], dict) else None
+    return None if version is None else {"train": int(version)}

@@ -36,6 +36,7 @@ class DataSpec:
     cardinalities: list[int] = field(default_factory=list)
     vocabulary: str | None = None
     train_rows: int = 0
+    gold: dict[str, Any] = field(default_factory=dict)  # the featurize build of train's version (commit info)
 
     @property
     def columns(self) -> list[str]:
@@ -188,9 +189,69 @@ def _max_ids(uri: str, version: int | None, spec_cols: list[str], is_array: bool
     return [int(x) for x in out]
 
 
-def resolve_data(cfg) -> DataSpec:
-    """Tables, pinned versions, column layout and embedding sizes for ``cfg``."""
+# what a featurize commit records about its build (pipelines/criteo/featurize.py), kept for MLflow
+_BUILD_INFO = ("bronze_path", "bronze_version", "strategy", "split_mode", "config_hash")
+
+
+def _commit_infos(uri: str) -> dict[int, dict]:
+    """Every commit's info of table ``uri``, by version."""
+    from pipelines.lake import history
+
+    return {int(h["version"]): h for h in history(uri) if h.get("version") is not None}
+
+
+def _snapshot(uri: str, version: int | None, what: str):
+    """``DeltaSnapshot(uri, version)``, a version the table does not have named clearly."""
+    from deltalake.exceptions import DeltaError
+
     from pipelines.lake import DeltaSnapshot
+
+    try:
+        return DeltaSnapshot(uri, version)
+    except (DeltaError, OverflowError):  # no such version (OverflowError: a negative one)
+        if version is None:
+            raise
+        latest = DeltaSnapshot(uri).version
+        raise ValueError(f"{what}: {uri} has no version {version} (it has 0..{latest})") from None
+
+
+def _build_versions(build: str, uris: dict[str, str | None]) -> dict[str, int]:
+    """The version of each table in ``uris`` that featurize build ``build`` committed (newest
+    first: a build commits each table once). Raises naming a table that has none."""
+    from pipelines.criteo.schema import BUILD_KEY
+
+    out = {}
+    for name, uri in uris.items():
+        if not uri:
+            continue
+        hit = next((v for v, info in sorted(_commit_infos(uri).items(), reverse=True)
+                    if info.get(BUILD_KEY) == build), None)
+        if hit is None:
+            raise ValueError(f"gold {name} table {uri} has no commit of featurize build {build} (the one that wrote "
+                             "the train version being read): rebuild gold with `bigopt featurize --force`")
+        out[name] = hit
+    return out
+
+
+def _vocab_sizes_cardinalities(uri: str, version: int, n_sparse: int) -> list[int] | None:
+    """Per-column cardinality from the ``vocab_sizes`` table at ``version``, in column order."""
+    from pipelines.lake import DeltaSnapshot
+
+    rows = sorted(DeltaSnapshot(uri, version).to_table(columns=["position", "cardinality"]).to_pylist(),
+                  key=lambda r: r["position"])
+    return [int(r["cardinality"]) for r in rows] if len(rows) == n_sparse else None
+
+
+def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
+    """Tables, pinned versions, column layout and embedding sizes for ``cfg``. ``versions``
+    (``{"train": v, "valid": v, "test": v}``, a checkpoint's) pins each table it names.
+
+    Gold written by ``bigopt featurize`` is read as one build: the valid and test versions are
+    the ones committed with the train version read (latest, ``train.table_version`` or
+    ``versions``), and the embedding sizes are that build's: ``features.json``'s where it
+    describes exactly those versions, else its ``vocab_sizes`` version, else (tables from
+    elsewhere) the largest ids in the tables."""
+    from pipelines.criteo.schema import BUILD_KEY
 
     t = cfg.train
     ds = cfg.run.dataset
@@ -201,16 +262,33 @@ def resolve_data(cfg) -> DataSpec:
     test = t.test_table or cfg.lake.table(ds, "gold", "test")
     if not _exists(train):
         raise FileNotFoundError(f"gold train table not found at {train} (run `bigopt featurize` first)")
-    valid = valid if _exists(valid) else None
-    test = test if _exists(test) else None
-
-    snap = DeltaSnapshot(train, t.table_version)
-    label, dense, sparse, dense_arr, sparse_arr = _layout(snap.schema())
-    versions = {"train": snap.version}
+    pinned = dict(versions or {})
+    uris = {"valid": valid if _exists(valid) else None, "test": test if _exists(test) else None}
     for split, uri in (("valid", valid), ("test", test)):
-        if uri:
-            versions[split] = DeltaSnapshot(uri).version
+        if uris[split] is None and split in pinned:
+            raise FileNotFoundError(f"gold {split} table not found at {uri} (version {pinned[split]} is pinned)")
+    valid, test = uris["valid"], uris["test"]
 
+    train_version = pinned.get("train", t.table_version)
+    snap = _snapshot(train, train_version, "train.table_version" if "train" not in pinned else "checkpoint")
+    info = _commit_infos(train).get(snap.version, {})
+    build = info.get(BUILD_KEY)
+    gold = {"build": build, **{k: info[k] for k in _BUILD_INFO if k in info}} if build else {}
+    versions = {"train": snap.version}
+    if build:  # the valid/test versions written with this train version, whatever came since
+        versions.update(_build_versions(build, {s: u for s, u in uris.items() if s not in pinned}))
+    else:
+        for split, uri in uris.items():
+            if uri and split not in pinned:
+                versions[split] = _snapshot(uri, None, split).version
+        if train_version is not None and (valid or test):
+            log.warning("gold train v%s carries no featurize build id (written before it was recorded): valid/test "
+                        "are read at their latest versions, which may be another build's", snap.version)
+    for split in ("valid", "test"):
+        if split in pinned and uris[split]:
+            versions[split] = _snapshot(uris[split], pinned[split], "checkpoint").version
+
+    label, dense, sparse, dense_arr, sparse_arr = _layout(snap.schema())
     num_dense = len(dense)
     n_sparse = len(sparse)
     if dense_arr or sparse_arr:
@@ -224,7 +302,21 @@ def resolve_data(cfg) -> DataSpec:
 
     vocab = _find_vocabulary(t.vocabulary, train)
     cards: list[int] = []
-    if vocab:
+    if vocab and not t.vocabulary:  # found next to gold: trusted only for the versions it describes
+        doc_versions, vocab_sizes = _described(vocab)
+        if doc_versions is not None and doc_versions != {k: v for k, v in versions.items() if k in doc_versions}:
+            log.info("%s describes gold versions %s, not the %s being read: sizing embeddings from the build's "
+                     "vocab_sizes", vocab, doc_versions, versions)
+            vocab = None
+            if build and vocab_sizes and _exists(vocab_sizes):
+                try:
+                    (v,) = _build_versions(build, {"vocab_sizes": vocab_sizes}).values()
+                    cards = _vocab_sizes_cardinalities(vocab_sizes, v, n_sparse) or []
+                except ValueError as e:
+                    log.warning("%s", e)
+                if cards:
+                    vocab = f"{vocab_sizes}@v{v}"
+    if vocab and not cards:
         try:
             cards = cardinalities_from_vocabulary(vocab, sparse_names)
         except ValueError as e:
@@ -254,7 +346,22 @@ def resolve_data(cfg) -> DataSpec:
         cardinalities=[max(1, c) for c in cards],
         vocabulary=vocab,
         train_rows=snap.num_rows,
+        gold=gold,
     )
+
+
+def _described(path: str) -> tuple[dict[str, int] | None, str | None]:
+    """The gold versions a ``features.json`` describes (None: not one of featurize's) and the
+    path of its build's ``vocab_sizes`` table."""
+    from pipelines.lake.fs import read_small_file
+
+    try:
+        doc = json.loads(read_small_file(path))
+        described = {s: int(d["version"]) for s, d in doc["tables"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, None
+    vocab_sizes = doc.get("vocab_sizes") if isinstance(doc.get("vocab_sizes"), dict) else {}
+    return described, vocab_sizes.get("path")
 
 
 def batch_to_inputs(batch: dict[str, torch.Tensor], spec: DataSpec, device: torch.device | str = "cpu"):

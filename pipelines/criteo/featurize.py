@@ -66,6 +66,7 @@ import functools
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -75,7 +76,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.criteo.schema import (
-    DENSE, FIRST_VOCAB_ID, GOLD_SPLITS, MISSING_ID, NUM_DENSE, NUM_SPARSE, RARE_ID, SPARSE, tables,
+    BUILD_KEY, DENSE, FIRST_VOCAB_ID, GOLD_SPLITS, MISSING_ID, NUM_DENSE, NUM_SPARSE, RARE_ID, SPARSE, tables,
 )
 from pipelines.criteo.spark_xxhash import valid_mask, word_keys, xxhash64
 
@@ -173,6 +174,7 @@ class FeaturizeReport:
     valid_days: list[int] = field(default_factory=list)
     seconds: float = 0.0
     up_to_date: bool = False  # nothing was written: the gold tables already were this build (current_gold)
+    build: str | None = None  # the id in every commit of the build (schema.BUILD_KEY; None: written before it)
 
     @property
     def total_rows(self) -> int:
@@ -970,7 +972,7 @@ def _report_of(doc: dict, features_json: str) -> FeaturizeReport:
         vocabulary=vocab.get("path"), vocabulary_version=vocab.get("version"),
         vocab_sizes=doc["vocab_sizes"]["path"], vocab_sizes_version=doc["vocab_sizes"]["version"],
         features_json=features_json, test_days=list(split["test_days"]),
-        valid_days=list(split["valid_days"]), up_to_date=True,
+        valid_days=list(split["valid_days"]), up_to_date=True, build=doc.get("build"),
     )
 
 
@@ -1012,7 +1014,10 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     report = FeaturizeReport(fz.strategy, plan.mode, paths["bronze"], view.version,
                              unlabeled_rows=view.unlabeled_rows, test_days=plan.test_days,
                              valid_days=plan.valid_days)
-    info_base = {"job": "featurize", "config_hash": chash, "bronze_path": paths["bronze"],
+    # one id for the commits of this run: training matches a pinned gold/train version to the
+    # valid, test and vocab_sizes versions written with it (training/dataspec.py)
+    report.build = uuid.uuid4().hex
+    info_base = {"job": "featurize", BUILD_KEY: report.build, "config_hash": chash, "bronze_path": paths["bronze"],
                  "bronze_version": str(view.version), "strategy": fz.strategy, "split_mode": plan.mode}
 
     bronze = view.snapshot
@@ -1131,6 +1136,7 @@ def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dic
             "train_fraction": fz.split.train_fraction if plan.mode == "random" else None,
             "seed": fz.split.seed,
         },
+        "build": report.build,
         "tables": {s: {"path": report.tables[s], "version": report.versions[s], "rows": report.rows[s]}
                    for s in report.tables},
         "vocabulary": {"path": report.vocabulary, "version": report.vocabulary_version} if vocab else None,

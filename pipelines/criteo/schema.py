@@ -28,6 +28,10 @@ VOCABULARY = ("gold", "vocabulary")
 VOCAB_SIZES = ("gold", "vocab_sizes")
 FEATURES_JSON = "features.json"
 
+# commit-info key naming the featurize run that wrote a gold, vocabulary or vocab_sizes version
+# (one id for all the tables it commits: what makes a pinned gold version a whole build)
+BUILD_KEY = "bigopt.build"
+
 # ids reserved by the vocabulary strategy (frequent values get 2, 3, ... by descending count)
 MISSING_ID = 0
 RARE_ID = 1

@@ -56,6 +56,7 @@ def test_run_command_on_shared_criteo(spark, criteo_shared, tmp_path, mlflow_sto
     assert run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "1" and "data.train_version" in run.data.params
     assert run.data.params["data.vocabulary"].endswith("features.json")  # embeddings sized from the vocabulary
+    assert run.data.params["data.gold.strategy"] == "vocab" and run.data.params["data.gold.bronze_version"] == "0"
     m = run.data.metrics
     assert 0.0 <= m["test_auc"] <= 1.0 and 0.0 < m["test_logloss"]
     assert "final_valid_auc" in m and "train_loss" in m
@@ -84,3 +85,54 @@ def test_run_command_stops_clearly_on_a_bad_input(tmp_path, capsys, spark_forbid
     out = capsys.readouterr().out
     assert "bigopt run: 1 input file(s) cannot be ingested, nothing was committed" in out
     assert "day_0.gz: named .gz but not gzip content" in out
+
+
+def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog):
+    """A gold/train version is read with the valid, test and embedding sizes of the featurize
+    run that wrote it. Until the thirteenth session `train.table_version` pinned train alone:
+    valid/test came from the latest build (a hash build's ids evaluated a vocab build's model)
+    and the sizes from the latest features.json (an IndexError when they were smaller)."""
+    import json
+    import shutil
+
+    from jobs.config import load_config
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+    from training.checkpoint import checkpoint_data_versions
+    from training.dataspec import resolve_data
+
+    base = [f"criteo.raw_dir={tmp_path}/raw", f"lake.root={tmp_path}/lake", "criteo.generate.days=3",
+            "criteo.generate.rows_per_day=600", "criteo.generate.cardinality_scale=0.001"]
+    cfg = load_config(None, [*base, "criteo.featurize.freq_threshold=2"])
+    generate(cfg)
+    ingest(spark, cfg)
+    a = featurize(spark, cfg)
+    features = a.features_json
+    saved = json.loads(open(features).read())
+    b = featurize(spark, load_config(None, [*base, "criteo.featurize.strategy=hash", "criteo.featurize.hash_buckets=50"]))
+    assert a.build != b.build and a.cardinalities != b.cardinalities
+
+    latest = resolve_data(cfg)
+    assert latest.versions == b.versions and latest.cardinalities == [50] * 26
+    assert latest.gold["build"] == b.build and latest.gold["strategy"] == "hash" and latest.gold["bronze_version"] == "0"
+    pinned = resolve_data(load_config(None, [*base, "train.table_version=0"]))
+    assert pinned.versions == a.versions == {"train": 0, "valid": 0, "test": 0}
+    assert pinned.cardinalities == a.cardinalities and pinned.vocabulary.endswith("vocab_sizes@v0")
+    assert pinned.gold["build"] == a.build and pinned.gold["strategy"] == "vocab"
+    # a checkpoint's versions (a resume) pin the same way; older checkpoints name train's only
+    assert resolve_data(cfg, versions={"train": 0}).versions == a.versions
+    assert checkpoint_data_versions({"loaders": [{"version": 0}]}) == {"train": 0}
+    assert checkpoint_data_versions({"data_versions": {"train": 1, "valid": 1}, "loaders": []}) == {"train": 1, "valid": 1}
+    with pytest.raises(ValueError, match=r"train.table_version: .*gold/train has no version 7 \(it has 0..1\)"):
+        resolve_data(load_config(None, [*base, "train.table_version=7"]))
+    # a features.json that describes other versions (a featurize stopped between its commits and
+    # the JSON) is not trusted: the build's own vocab_sizes size the embeddings
+    shutil.copy(features, f"{features}.b")
+    with open(features, "w") as f:
+        json.dump(saved, f)
+    stale = resolve_data(cfg)
+    assert stale.versions == b.versions and stale.cardinalities == [50] * 26
+    assert stale.vocabulary.endswith("vocab_sizes@v1")
+    shutil.copy(f"{features}.b", features)
+    assert resolve_data(cfg).vocabulary == features
