@@ -58,6 +58,7 @@ def run(cfg, args) -> int:
     from jobs.train import apply_cli_overrides
     from pipelines.spark import spark_from_config
     from training.api import print_summary, run_training
+    from training.dataspec import GoldVersionError
     from training.launch import RankFailure
 
     console = make_console()
@@ -116,9 +117,10 @@ def run(cfg, args) -> int:
             return 1
 
     try:
-        with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {cfg.train.num_proc} rank(s)"):
+        ranks = 1 if args.local else cfg.train.num_proc  # --local: one in-process rank
+        with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"):
             res = run_training(cfg, spark=spark, local=args.local)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, GoldVersionError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     except RankFailure as e:

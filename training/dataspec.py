@@ -21,6 +21,11 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class GoldVersionError(ValueError):
+    """The gold versions asked for cannot be read as one build: a version a table does not
+    have, or a build a table has no commit of (the message names the table and the remedy)."""
+
+
 @dataclass
 class DataSpec:
     train: str
@@ -212,7 +217,7 @@ def _snapshot(uri: str, version: int | None, what: str):
         if version is None:
             raise
         latest = DeltaSnapshot(uri).version
-        raise ValueError(f"{what}: {uri} has no version {version} (it has 0..{latest})") from None
+        raise GoldVersionError(f"{what}: {uri} has no version {version} (it has 0..{latest})") from None
 
 
 def _build_versions(build: str, uris: dict[str, str | None]) -> dict[str, int]:
@@ -227,7 +232,7 @@ def _build_versions(build: str, uris: dict[str, str | None]) -> dict[str, int]:
         hit = next((v for v, info in sorted(_commit_infos(uri).items(), reverse=True)
                     if info.get(BUILD_KEY) == build), None)
         if hit is None:
-            raise ValueError(f"gold {name} table {uri} has no commit of featurize build {build} (the one that wrote "
+            raise GoldVersionError(f"gold {name} table {uri} has no commit of featurize build {build} (the one that wrote "
                              "the train version being read): rebuild gold with `bigopt featurize --force`")
         out[name] = hit
     return out
@@ -267,7 +272,6 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     for split, uri in (("valid", valid), ("test", test)):
         if uris[split] is None and split in pinned:
             raise FileNotFoundError(f"gold {split} table not found at {uri} (version {pinned[split]} is pinned)")
-    valid, test = uris["valid"], uris["test"]
 
     train_version = pinned.get("train", t.table_version)
     snap = _snapshot(train, train_version, "train.table_version" if "train" not in pinned else "checkpoint")
@@ -275,6 +279,11 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     build = info.get(BUILD_KEY)
     gold = {"build": build, **{k: info[k] for k in _BUILD_INFO if k in info}} if build else {}
     versions = {"train": snap.version}
+    for split, uri in (("valid", valid), ("test", test)):
+        if build and uris[split] is None:  # featurize writes all three: this one went missing
+            log.warning("gold %s table not found at %s: training without %s", split, uri,
+                        "validation" if split == "valid" else "a test evaluation")
+    valid, test = uris["valid"], uris["test"]
     if build:  # the valid/test versions written with this train version, whatever came since
         versions.update(_build_versions(build, {s: u for s, u in uris.items() if s not in pinned}))
     else:
@@ -312,7 +321,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
                 try:
                     (v,) = _build_versions(build, {"vocab_sizes": vocab_sizes}).values()
                     cards = _vocab_sizes_cardinalities(vocab_sizes, v, n_sparse) or []
-                except ValueError as e:
+                except GoldVersionError as e:
                     log.warning("%s", e)
                 if cards:
                     vocab = f"{vocab_sizes}@v{v}"

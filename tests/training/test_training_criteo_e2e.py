@@ -87,7 +87,7 @@ def test_run_command_stops_clearly_on_a_bad_input(tmp_path, capsys, spark_forbid
     assert "day_0.gz: named .gz but not gzip content" in out
 
 
-def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog):
+def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     """A gold/train version is read with the valid, test and embedding sizes of the featurize
     run that wrote it. Until the thirteenth session `train.table_version` pinned train alone:
     valid/test came from the latest build (a hash build's ids evaluated a vocab build's model)
@@ -126,6 +126,17 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog):
     assert checkpoint_data_versions({"data_versions": {"train": 1, "valid": 1}, "loaders": []}) == {"train": 1, "valid": 1}
     with pytest.raises(ValueError, match=r"train.table_version: .*gold/train has no version 7 \(it has 0..1\)"):
         resolve_data(load_config(None, [*base, "train.table_version=7"]))
+    from jobs.cli import main
+
+    capsys.readouterr()
+    assert main(["train", *base, "train.table_version=7", "--local"]) == 2  # a message, not a traceback
+    assert "bigopt train: train.table_version: " in capsys.readouterr().err
+    # a table of the build gone: trained without it, and said so
+    shutil.move(f"{tmp_path}/lake/criteo/gold/valid", f"{tmp_path}/valid.away")
+    caplog.clear()
+    assert "valid" not in resolve_data(cfg).versions
+    assert "gold valid table not found at" in caplog.text and "training without validation" in caplog.text
+    shutil.move(f"{tmp_path}/valid.away", f"{tmp_path}/lake/criteo/gold/valid")
     # a features.json that describes other versions (a featurize stopped between its commits and
     # the JSON) is not trusted: the build's own vocab_sizes size the embeddings
     shutil.copy(features, f"{features}.b")
