@@ -26,13 +26,17 @@ Each runs in its own process. Seconds are timed inside it, after interpreter sta
 imports (for (c): after the SparkSession and its Python workers are up, a fixed start-up
 cost printed apart); peak memory (PSS of the whole process tree: for (c) the Python driver,
 the JVM and its Python workers) is sampled from outside. (b) and (c) must
-agree: same cardinalities and the same multiset of ids per column in the train split.
+agree: same cardinalities, the same multiset of ids per column and the same multiset of
+whole rows (label, dense, sparse) in the train split; if not, the script exits 1.
 Finally the gold train table is read the way the training loader does (pyarrow -> torch),
 as written (list columns) and re-laid out as 39 scalar columns, to justify the layout.
 
-Before the last two lines come ``floor_vs_parse_limit`` (d time / a time) and
-``ratio_vs_floor`` (c time / d time). The last two lines are ``ratio_vs_parse_limit: X``
-(c time / a time) and ``speedup_vs_pandas: Y`` (b time / c time).
+The figures come last, one ``name: value`` per line: rows; seconds, rows/s and peak GB of
+(a), (b), (c) and (d); (c)'s ingest, featurize and Spark start-up seconds; the loader's
+read; ``ratio_vs_pandas`` (c time / b time), ``speedup_vs_pandas_with_spark_start`` (b time /
+(c time + Spark start-up)), ``floor_vs_parse_limit`` (d / a), ``ratio_vs_floor`` (c / d);
+and last ``ratio_vs_parse_limit: X`` (c time / a time) and ``speedup_vs_pandas: Y`` (b time /
+c time).
 """
 from __future__ import annotations
 
@@ -53,6 +57,32 @@ SPARSE = [f"C{i}" for i in range(1, 27)]
 NAMES = ["label", *DENSE, *SPARSE]
 THRESHOLD = 3
 PARSE_RUNS = 3
+_MIX = None  # per-column odd 64-bit multipliers of rows_digest, made on first use
+
+
+def rows_digest(label, dense, sparse) -> list[int]:
+    """An order-independent fingerprint of gold rows (label float32 [n], dense float32 [n, 13],
+    sparse int32 [n, 26]): the sum and the xor of a 64-bit hash of each row's 40 values' bits,
+    so two implementations' train splits compare as multisets of whole rows, not per column.
+    Sums of batches' digests add up (mod 2^64), xors xor."""
+    import numpy as np
+
+    global _MIX
+    if _MIX is None:
+        _MIX = np.random.default_rng(12345).integers(1, 2**63, 40, dtype=np.uint64) | np.uint64(1)
+    bits = np.concatenate([np.ascontiguousarray(label, np.float32).reshape(-1, 1).view(np.uint32),
+                           np.ascontiguousarray(dense, np.float32).view(np.uint32),
+                           np.ascontiguousarray(sparse, np.int32).view(np.uint32)], axis=1).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = (bits * _MIX).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(31)
+        h *= np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(29)
+    return [int(h.sum(dtype=np.uint64)), int(np.bitwise_xor.reduce(h)) if len(h) else 0]
+
+
+def _add_digests(a: list[int], b: list[int]) -> list[int]:
+    return [(a[0] + b[0]) % 2**64, a[1] ^ b[1]]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -132,7 +162,8 @@ def stage_pandas(raw: Path, out: Path) -> dict:
         pq.write_table(tbl, out / f"{name}.parquet", compression="zstd", row_group_size=131072)
     secs = time.perf_counter() - t0
     train_hist = [np.bincount(sparse[train, j]).tolist() for j in range(26)]
-    return {"rows": n, "seconds": secs, "split_rows": rows, "cardinalities": cards, "train_hist": train_hist}
+    return {"rows": n, "seconds": secs, "split_rows": rows, "cardinalities": cards, "train_hist": train_hist,
+            "train_digest": rows_digest(label[train], dense[train], sparse[train])}
 
 
 def stage_floor(raw: Path, out: Path) -> dict:
@@ -239,14 +270,23 @@ def stage_spark(raw: Path, lake: Path) -> dict:
     t2 = time.perf_counter()
     feat = featurize(spark, cfg, force=True)  # a fresh lake anyway: always time a build
     t3 = time.perf_counter()
-    sparse = DeltaSnapshot(feat.tables["train"]).to_table(["sparse"]).column("sparse").combine_chunks()
-    ids = sparse.values.to_numpy().reshape(-1, 26)
-    train_hist = [np.bincount(ids[:, j]).tolist() for j in range(26)]
     spark.stop()
+    # the cross-check with (b), batch by batch (a whole-table read would add to (c)'s peak memory)
+    hist = [np.zeros(0, dtype=np.int64) for _ in range(26)]
+    digest = [0, 0]
+    for b in DeltaSnapshot(feat.tables["train"]).dataset(["label", "dense", "sparse"]).to_batches():
+        ids = b.column("sparse").values.to_numpy().reshape(-1, 26)
+        dense = b.column("dense").values.to_numpy().reshape(-1, 13)
+        digest = _add_digests(digest, rows_digest(b.column("label").to_numpy(), dense, ids))
+        for j in range(26):
+            c = np.bincount(ids[:, j])
+            hist[j] = np.pad(hist[j], (0, max(0, len(c) - len(hist[j])))) + np.pad(c, (0, max(0, len(hist[j]) - len(c))))
+    train_hist = [h.tolist() for h in hist]
     return {
         "rows": ing.rows_in, "rows_ok": ing.rows_ok, "rows_rejected": ing.rows_rejected,
         "startup_s": startup, "ingest_s": t2 - t1, "featurize_s": t3 - t2, "split_rows": feat.rows,
         "cardinalities": feat.cardinalities, "train_hist": train_hist, "train_table": feat.tables["train"],
+        "train_digest": digest,
     }
 
 
@@ -405,6 +445,11 @@ def main() -> int:
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
+    for flag, value in (("--rows", a.rows), ("--days", a.days)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if a.rows is not None and a.days is not None and a.rows < a.days:
+        p.error(f"--rows {a.rows} cannot fill --days {a.days} day files")
     if a.stage:
         fn = {"parse": stage_parse, "pandas": stage_pandas, "floor": stage_floor, "spark": stage_spark,
               "loader": stage_loader}[a.stage]
@@ -412,8 +457,8 @@ def main() -> int:
         print(json.dumps(res))
         return 0
 
-    rows = a.rows or (1_000_000 if a.quick else 10_000_000)
-    days = a.days or (2 if a.quick else 4)
+    rows = a.rows if a.rows is not None else (1_000_000 if a.quick else 10_000_000)
+    days = a.days if a.days is not None else (2 if a.quick else 4)
     raw = ensure_data(rows, days, Path(a.data))
     work = Path(a.data) / f"work-{os.getpid()}"
     import shutil
@@ -466,21 +511,41 @@ def main() -> int:
     table.add_row(f"(d) storage floor: parse + Parquet only ({rd['parse_cpu_s']:.1f} + {rd['parquet_cpu_s']:.1f} CPU s)",
                   f"{wd:.1f}", f"{n / wd:,.0f}", f"{md / 1e9:.2f}")
     make_console().print(table)  # a log keeps each row on one line
-    print("seconds: inside each process, after interpreter start and imports (for (c): after the "
-          "SparkSession and its Python workers are up); peak memory: PSS of the whole process tree (for (c): driver, JVM, Python workers)")
+    print("(seconds inside each process, after interpreter start and imports; for (c) after the SparkSession and "
+          "its Python workers are up, whose start is spark_start_s; peak memory: PSS of the whole process tree, "
+          "for (c) the driver, the JVM and the Python workers)")
+    same = True
     if "b" in results:
-        same = rb["cardinalities"] == rc["cardinalities"] and rb["train_hist"] == rc["train_hist"]
-        print(f"cross-check (b) vs (c): cardinalities and per-column train id counts "
-              f"{'identical' if same else 'DIFFER'}; splits b={rb['split_rows']} c={rc['split_rows']}")
-    print(f"loader read of gold train ({loader['rows']:,} rows, CPU s, best of 3): list columns "
-          f"{loader['lists_cpu_s']:.3f} s ({loader['lists_mb']:.0f} MB), 39 scalar columns "
-          f"{loader['columns_cpu_s']:.3f} s ({loader['columns_mb']:.0f} MB)")
-    print(f"floor_vs_parse_limit: {wd / wa:.2f}")
-    print(f"ratio_vs_floor: {tc / wd:.2f}")
-    print(f"ratio_vs_parse_limit: {tc / wa:.2f}")
+        same = (rb["cardinalities"] == rc["cardinalities"] and rb["train_hist"] == rc["train_hist"]
+                and rb["train_digest"] == rc["train_digest"])
+        print(f"(cross-check (b) vs (c): cardinalities, per-column train id counts and the train rows as a multiset "
+              f"{'identical' if same else 'DIFFER'}; split rows b={rb['split_rows']} c={rc['split_rows']}: valid/test "
+              "halves of the held-out day use different row hashes)")
+    figures = {
+        "rows": n,
+        "parse_limit_s": round(wa, 2), "parse_limit_rows_per_s": round(n / wa), "parse_limit_peak_gb": round(ma / 1e9, 2),
+    }
     if "b" in results:
-        print(f"speedup_vs_pandas: {wb / tc:.2f}")
-    return 0
+        figures.update({"pandas_s": round(wb, 2), "pandas_rows_per_s": round(n / wb), "pandas_peak_gb": round(mb / 1e9, 2)})
+    figures.update({
+        "bigopt_s": round(tc, 2), "bigopt_rows_per_s": round(n / tc), "bigopt_peak_gb": round(mc / 1e9, 2),
+        "bigopt_ingest_s": round(rc["ingest_s"], 2), "bigopt_featurize_s": round(rc["featurize_s"], 2),
+        "spark_start_s": round(rc["startup_s"], 2),
+        "floor_s": round(wd, 2), "floor_peak_gb": round(md / 1e9, 2),
+        "loader_list_columns_cpu_s": round(loader["lists_cpu_s"], 3),
+        "loader_scalar_columns_cpu_s": round(loader["columns_cpu_s"], 3),
+    })
+    if "b" in results:
+        figures.update({"ratio_vs_pandas": round(tc / wb, 3),  # c / b
+                        "speedup_vs_pandas_with_spark_start": round(wb / (tc + rc["startup_s"]), 2),
+                        "cross_check_b_vs_c": "identical" if same else "DIFFER"})
+    figures.update({"floor_vs_parse_limit": round(wd / wa, 2), "ratio_vs_floor": round(tc / wd, 2),
+                    "ratio_vs_parse_limit": round(tc / wa, 2)})
+    if "b" in results:
+        figures["speedup_vs_pandas"] = round(wb / tc, 2)
+    for k, v in figures.items():
+        print(f"{k}: {v}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
