@@ -39,10 +39,13 @@ def run(cfg, args) -> int:
     planned = plan_files(gen)
     t0 = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    # refreshed from the callback, not by rich's refresh thread: with a second thread running,
+    # the generator's workers would start by spawn (safe) instead of fork (~1 s faster here)
+    with Progress(*columns, console=console, transient=True, auto_refresh=False) as progress:
         tasks = {name: progress.add_task(name, total=rows) for name, rows, _labeled in planned}
         try:
-            files = generate_files(cfg, progress=lambda name, done: progress.update(tasks[name], completed=done))
+            files = generate_files(cfg, progress=lambda name, done: progress.update(tasks[name], completed=done,
+                                                                                    refresh=True))
         except ValueError as e:
             print(f"bigopt generate: {e}", file=sys.stderr)
             return 2

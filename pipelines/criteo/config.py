@@ -29,7 +29,7 @@ class GenerateConfig(BaseModel):
     test_rows: int = Field(0, ge=0, description="rows of an unlabelled test.txt (39 fields, Kaggle style)")
     gzip: bool = False
     compress_level: int = Field(1, ge=1, le=9, description="gzip level (1 is ~5x faster than 6)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="the data's identity: same seed and settings, same bytes")
     positive_rate: float = Field(0.25, gt=0.0, lt=1.0)
     cardinality_scale: float = Field(
         1.0, gt=0.0, le=4.0, description="scale the Kaggle-like per-column value universes (10 .. 10M)"

@@ -6,8 +6,8 @@ What is realistic about it:
 - categorical values are 8 lowercase hex chars drawn from per-column universes sized like the
   Kaggle columns (3 .. 10 M values) with Zipf-like (power-law) frequencies; the hex string is a
   bijective 32-bit scramble of the value's popularity rank, so values look like hashes;
-- per-column missing rates as in the real data (I12 77 %, C22 81 %, C19/C20/C25/C26 missing
-  together in half the rows, ...);
+- per-column missing rates close to the real data's (I12 77 %, C22 80 %, C19/C20/C25/C26
+  missing together in 45 % of the rows, ...);
 - integers are skewed (discretised log-normal, many zeros, long tails up to millions) and I2
   has occasional negatives (-1, -2, -3);
 - labels come from a hidden logistic model over 4 dense and 6 categorical features (value

@@ -36,6 +36,9 @@ def test_wrong_type_is_named(tmp_path):
     # nor one vocab_sizes' int32 column cannot (until the thirteenth session: after both jobs ran)
     with pytest.raises(ConfigError, match=r"criteo\.featurize\.freq_threshold: .*2147483647"):
         load_config(None, ["criteo.featurize.freq_threshold=2147483648"])
+    # the generator's seed feeds numpy's SeedSequence: a negative one is named, not numpy's error
+    with pytest.raises(ConfigError, match=r"criteo\.generate\.seed: .*greater than or equal to 0"):
+        load_config(None, ["criteo.generate.seed=-1"])
 
 
 def test_an_override_for_a_string_setting_is_the_text_as_typed():
