@@ -734,17 +734,16 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     as they were. Returns (per-file results of the readable files, the unreadable ones as
     ``(path, why)``, bronze version, quarantine version (None where nothing was committed),
     the quarantine's rows per readable source at that version, from the log)."""
-    from pipelines.lake import table_exists
     from pipelines.lake.tasks import abort_write, begin_write, commit_writes, discard_adds
 
     sources = [f.source for f in group]
 
     def plan(path: str, schema: pa.Schema, stats_columns: list[str] | None = None):
-        kw = {"partition_by": PARTITION_BY, "row_group_rows": ing.row_group_rows, "stats_columns": stats_columns,
-              "compression": compression}
-        if table_exists(path):
-            return begin_write(path, schema, mode="overwrite", replace_where={"source": sources}, **kw)
-        return begin_write(path, schema, mode="append", **kw)
+        # replacing the sources' partitions, also where the table is new: two runs racing to
+        # create it then conflict, as on an existing table, instead of both adding their rows
+        return begin_write(path, schema, mode="overwrite", replace_where={"source": sources},
+                           partition_by=PARTITION_BY, row_group_rows=ing.row_group_rows, stats_columns=stats_columns,
+                           compression=compression)
 
     btw = plan(paths["bronze"], BRONZE_SCHEMA, BRONZE_STATS_COLUMNS)
     qtw = plan(paths["quarantine"], QUARANTINE_SCHEMA)

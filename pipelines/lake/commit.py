@@ -113,8 +113,11 @@ def prepare_write(
         raise ValueError(f"partition column(s) {floats} are floating-point: -0.0 and 0.0, and NaNs, cannot be "
                          "kept apart in partition values; partition by an integer or string column")
     if dt is None:
-        if replace_where:
-            raise ValueError(f"replace_where needs an existing table; {uri} has no Delta log")
+        if replace_where:  # nothing to replace yet: the write creates the table
+            if bad := [c for c in replace_where if c not in partition_by]:
+                raise ValueError(f"replace_where column(s) {bad} are not partition columns of the table this "
+                                 f"write creates ({partition_by})")
+            replace_where_filters(replace_where)
         return "create", None, partition_by
     if mode in {"error", "errorifexists"}:
         raise TableExistsError(f"Delta table already exists at {uri} (mode='error')")
@@ -152,8 +155,10 @@ def commit(
     """Commit the task-written files as ONE transaction; return the new table version.
     ``configuration``: table properties of a table this commit creates (ignored otherwise).
 
-    ``read_version`` is the version the write was planned against (see :func:`prepare_table`);
-    commits that landed since are checked for conflicts (appends pass, overwrites fail).
+    ``read_version`` is the version the write was planned against (see :func:`prepare_table`;
+    None: planned when the table did not exist); commits that landed since are checked for
+    conflicts (appends pass, overwrites fail; a replace_where write planned before the table
+    existed fails once another write has created it).
     On any failure the files are deleted before the error propagates.
     """
     uri = normalize_uri(uri)
@@ -176,7 +181,11 @@ def commit(
             uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
             replace_where=replace_where, storage_options=opts,
         )
-        if read_version is None:
+        if read_version is None:  # planned when the table did not exist (or a caller that read none)
+            if replace_where and effective != "create":  # created since: by a write that may have
+                raise CommitFailedError(  # written to what this one replaces
+                    "the table was created by another write after this one was planned, and may hold rows of "
+                    "the partitions this one replaces")
             read_version = planned_version
         if effective == "skip":
             delete_files(uri, on_disk)
@@ -196,6 +205,9 @@ def commit(
                 # Lost a creation race: another writer created the table first.
                 if not table_exists(uri, opts) or mode in {"error", "errorifexists"}:
                     raise
+                if replace_where:  # as above: it may have written to what this write replaces
+                    raise CommitFailedError(f"the table was created concurrently by another write ({e}), which "
+                                            "may hold rows of the partitions this one replaces") from None
                 log.info("table %s was created concurrently (%s); committing as %s", uri, e, mode)
                 effective, read_version = prepare_table(
                     uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,

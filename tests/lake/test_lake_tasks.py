@@ -290,3 +290,24 @@ def test_files_of_a_commit_that_landed_are_kept_when_reading_its_version_fails(t
         commit_write(tw, adds)
     monkeypatch.undo()
     assert DeltaSnapshot(path).to_table().column("x").to_pylist() == [1, 2]
+
+
+def test_a_replace_where_write_that_loses_the_race_to_create_the_table_conflicts(tmp_path):
+    """A replace_where write planned before its table existed creates it; when another write
+    creates it first, the loser fails with CommitConflictError and commits nothing (it cannot
+    know whether the winner wrote to what it replaces). Until the thirteenth session replace_where
+    needed an existing table, so ingest planned a new table's write as an append: two ingests of
+    the same file into a fresh lake both committed their rows."""
+    from pipelines.lake import CommitConflictError
+
+    path = str(tmp_path / "t")
+    first, second = (begin_write(path, SCHEMA, mode="overwrite", partition_by=["day"], replace_where={"day": 0})
+                     for _ in range(2))
+    a, b = _task(first, [1, 2], 0), _task(second, [1, 2], 0)
+    assert commit_write(first, a) == 0
+    with pytest.raises(CommitConflictError):
+        commit_write(second, b)
+    assert table_version(path) == 0 and sorted(DeltaSnapshot(path).to_table().column("x").to_pylist()) == [1, 2]
+    assert len(_parquet_files(tmp_path / "t")) == 1  # the loser's file is gone
+    with pytest.raises(ValueError, match=r"replace_where column\(s\) \['x'\] are not partition columns"):
+        begin_write(str(tmp_path / "u"), SCHEMA, mode="overwrite", partition_by=["day"], replace_where={"x": 1})
