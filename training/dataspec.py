@@ -225,12 +225,16 @@ def _build_versions(build: str, uris: dict[str, str | None]) -> dict[str, int]:
     first: a build commits each table once). Raises naming a table that has none."""
     from pipelines.criteo.schema import BUILD_KEY
 
+    from pipelines.lake import data_version, table_version
+
     out = {}
     for name, uri in uris.items():
         if not uri:
             continue
         hit = next((v for v, info in sorted(_commit_infos(uri).items(), reverse=True)
                     if info.get(BUILD_KEY) == build), None)
+        if hit is not None and data_version(uri) == hit:  # compacted/vacuumed since: its latest files
+            hit = table_version(uri)
         if hit is None:
             raise GoldVersionError(f"gold {name} table {uri} has no commit of featurize build {build} (the one that wrote "
                              "the train version being read): rebuild gold with `bigopt featurize --force`")
@@ -257,6 +261,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     describes exactly those versions, else its ``vocab_sizes`` version, else (tables from
     elsewhere) the largest ids in the tables."""
     from pipelines.criteo.schema import BUILD_KEY
+    from pipelines.lake import data_version
 
     t = cfg.train
     ds = cfg.run.dataset
@@ -275,7 +280,8 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
 
     train_version = pinned.get("train", t.table_version)
     snap = _snapshot(train, train_version, "train.table_version" if "train" not in pinned else "checkpoint")
-    info = _commit_infos(train).get(snap.version, {})
+    # the commit that wrote the data read (a compaction or vacuum of gold/train comes after it)
+    info = _commit_infos(train).get(data_version(train, snap.version), {})
     build = info.get(BUILD_KEY)
     gold = {"build": build, **{k: info[k] for k in _BUILD_INFO if k in info}} if build else {}
     versions = {"train": snap.version}
@@ -313,7 +319,9 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     cards: list[int] = []
     if vocab and not t.vocabulary:  # found next to gold: trusted only for the versions it describes
         doc_versions, vocab_sizes = _described(vocab)
-        if doc_versions is not None and doc_versions != {k: v for k, v in versions.items() if k in doc_versions}:
+        read = {k: data_version(u, versions[k]) for k, u in (("train", train), ("valid", valid), ("test", test))
+                if k in versions and k in (doc_versions or {})}
+        if doc_versions is not None and doc_versions != read:
             log.info("%s describes gold versions %s, not the %s being read: sizing embeddings from the build's "
                      "vocab_sizes", vocab, doc_versions, versions)
             vocab = None

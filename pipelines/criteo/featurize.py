@@ -941,6 +941,8 @@ def current_gold(cfg, bronze_version: int, bronze_table_id: str) -> FeaturizeRep
     None when anything differs: no bronze or no gold yet, bronze or a setting changed, or a
     table was written since (by another build or by hand). Reads ``features.json`` and the
     tables' logs only; no Spark, no scan of bronze or its ledger."""
+    from pipelines.lake import data_version
+
     paths = tables(cfg)
     try:
         doc = read_features(paths["features_json"])
@@ -952,7 +954,8 @@ def current_gold(cfg, bronze_version: int, bronze_table_id: str) -> FeaturizeRep
     for name in ("vocabulary", "vocab_sizes"):
         if doc.get(name):
             recorded[name] = (doc[name]["path"], doc[name]["version"])
-    if any(_latest_version(path) != version for path, version in recorded.values()):
+    # compacting or vacuuming a table adds commits but changes no row: still this build
+    if any(data_version(path) != version for path, version in recorded.values()):
         return None
     try:
         return _report_of(doc, paths["features_json"])
@@ -983,6 +986,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     returned (``up_to_date``); ``force`` rebuilds them anyway. ``spark``: a SparkSession, or
     a callable that starts one, called only for a build (:func:`pipelines.spark.session_of`)."""
     from jobs.config import config_hash
+    from pipelines.lake import data_version
     from pipelines.lake.fs import check_writable
     from pipelines.lake.tasks import abort_write, begin_write, commit_writes
     from pipelines.spark import session_of
@@ -996,7 +1000,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     bronze_version = fz.bronze_version
     if not force and (head := _bronze_head(paths["bronze"], bronze_version)):  # the ledger check is for a build
         bronze_version = head[0]
-        if (done := current_gold(cfg, *head)) is not None:
+        if (done := current_gold(cfg, data_version(paths["bronze"], head[0]), head[1])) is not None:
             say(f"gold is up to date: built from bronze v{bronze_version} with these settings, nothing to rebuild")
             done.seconds = time.time() - t0
             return done
@@ -1101,6 +1105,7 @@ def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dic
     """The small JSON the training code reads to size embedding tables and find the data
     (next to the gold tables, on the lake's filesystem)."""
     from jobs.config import config_hash
+    from pipelines.lake import data_version
 
     fz = cfg.criteo.featurize
     vocab = fz.strategy == "vocab"
@@ -1108,7 +1113,8 @@ def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dic
         "dataset": cfg.criteo.name,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": config_hash(cfg),
-        "fingerprint": gold_fingerprint(cfg, report.bronze_version, bronze_table_id),  # what current_gold compares
+        # what current_gold compares: bronze's data, whatever maintenance commits came after it
+        "fingerprint": gold_fingerprint(cfg, data_version(report.bronze, report.bronze_version), bronze_table_id),
         "strategy": fz.strategy,
         "freq_threshold": fz.freq_threshold if vocab else None,
         "max_vocab_size": fz.max_vocab_size if vocab else None,

@@ -22,7 +22,7 @@ from typing import Any
 from pipelines.lake.commit import CommitConflictError, TableExistsError, table_exists
 from pipelines.lake.datasource import FORMAT
 from pipelines.lake.files import partition_value_str
-from pipelines.lake.maintenance import history, optimize, table_version, vacuum
+from pipelines.lake.maintenance import data_version, history, optimize, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
 from pipelines.lake.schema import SchemaMismatchError
 from pipelines.lake.tasks import WRITE_ID_KEY, new_write_id
@@ -34,6 +34,7 @@ __all__ = [
     "SchemaMismatchError",
     "TableExistsError",
     "delta_engine",
+    "data_version",
     "history",
     "optimize",
     "read_table",

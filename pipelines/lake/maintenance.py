@@ -17,6 +17,34 @@ def table_version(uri: str, storage_options: Mapping[str, str] | None = None) ->
     return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}), without_files=True).version()
 
 
+# commits that change a table's files but not its data (delta-rs's operation names)
+MAINTENANCE_OPERATIONS = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
+
+
+def data_version(uri: str, version: int | None = None, storage_options: Mapping[str, str] | None = None) -> int:
+    """The version (at or before ``version``, default the latest) whose data ``version`` reads:
+    the last commit that is not maintenance (:data:`MAINTENANCE_OPERATIONS`). A compacted or
+    vacuumed table holds the rows it held before, so what was built from it is still current.
+    A commit whose log entry is gone (log clean-up) or names no operation counts as data."""
+    import json
+    import posixpath
+
+    uri = normalize_uri(uri)
+    v = version if version is not None else table_version(uri, storage_options)
+    fs, root = filesystem_for(uri, storage_options)
+    while v > 0:
+        try:
+            with fs.open_input_stream(posixpath.join(root, f"_delta_log/{v:020d}.json")) as f:
+                entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return v
+        ops = [e["commitInfo"].get("operation") for e in entries if isinstance(e.get("commitInfo"), dict)]
+        if not ops or ops[0] not in MAINTENANCE_OPERATIONS:
+            return v
+        v -= 1
+    return v
+
+
 def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
     """Commit infos, newest first (operation, timestamp, our job name/config hash, metrics)."""
     return _table(uri).history(limit)

@@ -14,6 +14,7 @@ from pipelines.lake import (
     CommitConflictError,
     DeltaSnapshot,
     SchemaMismatchError,
+    data_version,
     delta_engine,
     TableExistsError,
     history,
@@ -287,10 +288,13 @@ def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
     for i in range(3):
         write_table(_all_types_df(spark, 10, 10 * i).drop("day"), path)
     before = len(DeltaSnapshot(path).files())
+    written = table_version(path)
     metrics = optimize(path)
     snap = DeltaSnapshot(path)
     assert len(snap.files()) < before and snap.num_rows == 30
     assert metrics["numFilesRemoved"] == before
+    # a compaction commit holds the same data: data_version names the write before it
+    assert snap.version == written + 1 and data_version(path) == written and data_version(path, written) == written
     assert read_table(spark, path).count() == 30
     # a write whose process died before it committed or cleaned up: its file is in no commit
     rows = snap.to_table()
@@ -312,6 +316,7 @@ def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
     assert main(["lake", "--action", "vacuum", "--table", path, "--retention-hours", "0", "--no-retention-check",
                  "--apply"]) == 0
     assert f"deleted {before + 1} file(s)" in capsys.readouterr().out
+    assert table_version(path) == written + 3 and data_version(path) == written  # + VACUUM START, END
     assert read_table(spark, path).count() == 30 and DeltaSnapshot(path).num_rows == 30
     assert main(["lake", "--table", str(tmp_path / "none")]) == 1
     assert "no Delta table at" in capsys.readouterr().out
