@@ -302,6 +302,16 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     for split in ("valid", "test"):
         if split in pinned and uris[split]:
             versions[split] = _snapshot(uris[split], pinned[split], "checkpoint").version
+    from pipelines.lake import DeltaSnapshot, table_version
+
+    for split, uri in (("train", train), *uris.items()):
+        if uri and split in versions and versions[split] != table_version(uri):  # an older version:
+            snap_s = snap if split == "train" else DeltaSnapshot(uri, versions[split])  # still readable?
+            if gone := snap_s.missing_files():
+                raise GoldVersionError(
+                    f"gold {split} v{versions[split]} cannot be read any more: {len(gone)} of its "
+                    f"{len(snap_s.files())} data files are gone (e.g. {gone[0]}), removed by a vacuum after later "
+                    "versions replaced them; read a later version, or rebuild that gold")
 
     label, dense, sparse, dense_arr, sparse_arr = _layout(snap.schema())
     num_dense = len(dense)

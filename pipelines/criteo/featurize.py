@@ -230,6 +230,11 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
             raise
         raise FeaturizeError(f"bronze has no version {version}: {paths['bronze']} has versions "
                              f"0..{_latest_version(paths['bronze'])}") from None
+    if version is not None and (gone := snap.missing_files()):  # an older version a vacuum has emptied
+        raise FeaturizeError(
+            f"bronze v{snap.version} cannot be read any more: {len(gone)} of its {len(snap.files())} data files are "
+            f"gone (e.g. {gone[0]}), removed by a vacuum after later versions replaced them (or by hand); "
+            f"featurize a later version (bronze is at v{_latest_version(paths['bronze'])})")
     per_source = bronze_sources(snap)
     current = current_entries([r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version])
     problems = unconfirmed_sources(per_source, current)

@@ -172,6 +172,17 @@ class DeltaSnapshot:
     def num_rows(self) -> int:
         return sum(int(f.num_records or 0) for f in self._files)
 
+    def missing_files(self) -> list[str]:
+        """The active files of this snapshot that are not there (a vacuum after later versions
+        replaced them, or deleted by hand): an older version whose files a vacuum removed can
+        no longer be read. One metadata lookup per file."""
+        from pyarrow.fs import FileType
+
+        fs, _ = filesystem_for(self.uri, self.storage_options)
+        uris = [f.uri for f in self._files]
+        infos = fs.get_file_info([path_in_filesystem(u) for u in uris])
+        return [u for u, info in zip(uris, infos) if info.type == FileType.NotFound]
+
     def dataset(self, columns: Sequence[str] | None = None) -> pads.Dataset:
         """A pyarrow dataset over exactly this snapshot's active files (partition columns
         included as fields). ``columns`` only checks names here; project when scanning.

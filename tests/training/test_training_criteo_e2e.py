@@ -165,3 +165,18 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     assert after.versions == {"train": table_version(f"{gold}/train"), "valid": table_version(f"{gold}/valid"),
                               "test": b.versions["test"]}
     assert after.gold["build"] == b.build and after.cardinalities == [50] * 26 and after.vocabulary == features
+    # an older version whose files that vacuum removed: named as such (until the thirteenth
+    # session training printed "[Errno 2] Failed to open local file", featurize blamed a damaged
+    # table after starting Spark and running its vocabulary job)
+    from training.dataspec import GoldVersionError
+
+    with pytest.raises(GoldVersionError, match=r"gold train v0 cannot be read any more: \d+ of its \d+ data files "
+                                                r"are gone .*removed by a vacuum"):
+        resolve_data(load_config(None, [*base, "train.table_version=0"]))
+    from pipelines.criteo.featurize import FeaturizeError
+
+    ingest(spark, cfg, force=True)  # bronze v1 replaces v0's files
+    vacuum(f"{tmp_path}/lake/criteo/bronze/events", retention_hours=0, dry_run=False, enforce_retention=False)
+    with pytest.raises(FeaturizeError, match=r"bronze v0 cannot be read any more: 3 of its 3 data files are gone"):
+        featurize(lambda: pytest.fail("Spark started for a version that cannot be read"),
+                  load_config(None, [*base, "criteo.featurize.bronze_version=0"]))
