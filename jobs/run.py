@@ -58,6 +58,7 @@ def run(cfg, args) -> int:
     from jobs.train import apply_cli_overrides
     from pipelines.spark import spark_from_config
     from training.api import print_summary, run_training
+    from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
 
@@ -123,6 +124,9 @@ def run(cfg, args) -> int:
     except (FileNotFoundError, GoldVersionError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
+    except UnreadableDataFileError as e:  # a damaged data file, named
+        print(f"bigopt run: {e}", file=sys.stderr)
+        return 1
     except RankFailure as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 1

@@ -32,6 +32,7 @@ def apply_cli_overrides(cfg, args):
 
 def run(cfg, args) -> int:
     from training.api import print_summary, run_training
+    from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
 
@@ -45,6 +46,9 @@ def run(cfg, args) -> int:
     except (FileNotFoundError, GoldVersionError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
+    except UnreadableDataFileError as e:  # a damaged data file, named
+        print(f"bigopt train: {e}", file=sys.stderr)
+        return 1
     except RankFailure as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 1

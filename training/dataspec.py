@@ -317,7 +317,16 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     num_dense = len(dense)
     n_sparse = len(sparse)
     if dense_arr or sparse_arr:
-        head = snap.dataset([c for c in (dense + sparse) if c in ("dense", "sparse")]).head(1).to_pylist()
+        import pyarrow as pa
+
+        from training.data.loader import UnreadableDataFileError
+
+        try:
+            head = snap.dataset([c for c in (dense + sparse) if c in ("dense", "sparse")]).head(1).to_pylist()
+        except (OSError, pa.ArrowException) as e:  # a damaged first file: name the table and the way out
+            raise UnreadableDataFileError(
+                f"gold train {train} v{snap.version} cannot be read: {type(e).__name__}: {e}; rebuild it "
+                "(bigopt featurize --force) or restore its files") from e
         if head:
             if dense_arr:
                 num_dense = len(head[0]["dense"])

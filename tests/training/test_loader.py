@@ -416,3 +416,22 @@ def test_errors_surface_in_consumer(gold, monkeypatch):
     monkeypatch.setattr(ld, "_read_unit", boom)
     with pytest.raises(OSError, match="disk on fire"):
         list(ld)
+
+
+def test_a_damaged_data_file_is_named(tmp_path):
+    """A row group that cannot be decoded fails the iteration with an error naming the file,
+    the table and version, and the way out (before: pyarrow's bare "Corrupt ... data")."""
+    from pipelines.lake import DeltaSnapshot
+    from training.data.loader import UnreadableDataFileError
+
+    path = str(tmp_path / "gold")
+    write_deltalake(path, gold_table(0, 500), writer_properties=WP)
+    (fe,) = DeltaSnapshot(path).files()
+    f = fe.uri.removeprefix("file://")
+    data = bytearray(open(f, "rb").read())
+    data[len(data) // 3:len(data) // 2] = bytes(len(data) // 2 - len(data) // 3)  # pages, not the footer
+    open(f, "wb").write(bytes(data))
+    with pytest.raises(UnreadableDataFileError, match=rf"{f}.*\(row group \d+, .*gold v0\) cannot be read: .*"
+                                                      r"bigopt featurize --force"):
+        for _ in DeltaTorchLoader(path, COLS, B, shuffle=False):
+            pass

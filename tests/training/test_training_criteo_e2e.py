@@ -180,3 +180,15 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     with pytest.raises(FeaturizeError, match=r"bronze v0 cannot be read any more: 3 of its 3 data files are gone"):
         featurize(lambda: pytest.fail("Spark started for a version that cannot be read"),
                   load_config(None, [*base, "criteo.featurize.bronze_version=0"]))
+    # a damaged gold file: named, with the way out (before: "OSError: Corrupt Lz4 compressed data")
+    from pipelines.lake import DeltaSnapshot
+
+    for fe in DeltaSnapshot(f"{gold}/train").files():
+        path = fe.uri.removeprefix("file://")
+        data = bytearray(open(path, "rb").read())
+        data[4:len(data) // 2] = bytes(len(data) // 2 - 4)  # the data pages, not the footer
+        open(path, "wb").write(bytes(data))
+    capsys.readouterr()
+    assert main(["train", *base, "--local", "train.max_steps=2"]) == 1
+    err = capsys.readouterr().err
+    assert "bigopt train: " in err and "cannot be read" in err and "bigopt featurize --force" in err

@@ -64,6 +64,10 @@ STATE_VERSION = 1
 Batch = dict[str, torch.Tensor]
 
 
+class UnreadableDataFileError(OSError):
+    """A data file of the table that cannot be read (damaged, or gone): the message names it."""
+
+
 class DeltaTorchLoader:
     """Iterate a Delta table (pinned version) as ``dict[str, torch.Tensor]`` batches.
 
@@ -364,9 +368,15 @@ class DeltaTorchLoader:
         file_cols = [self._physical[c] for c in self.columns if c not in self.partition_columns]
         table = None
         if file_cols:
-            with self._fs.open_input_file(self._paths[u.file]) as f:
-                pf = pq.ParquetFile(f, metadata=self._footer(u.file), pre_buffer=not self._local)
-                table = pf.read_row_group(u.row_group, columns=file_cols, use_threads=self.use_threads)
+            try:
+                with self._fs.open_input_file(self._paths[u.file]) as f:
+                    pf = pq.ParquetFile(f, metadata=self._footer(u.file), pre_buffer=not self._local)
+                    table = pf.read_row_group(u.row_group, columns=file_cols, use_threads=self.use_threads)
+            except (OSError, pa.ArrowException) as e:  # damaged or gone: say which file of which table
+                raise UnreadableDataFileError(
+                    f"{fe.uri} (row group {u.row_group}, {self.table_uri} v{self.version}) cannot be read: "
+                    f"{type(e).__name__}: {e}; rebuild the table (gold: bigopt featurize --force) or restore "
+                    "the file") from e
             if table.num_rows != u.num_rows:
                 raise RuntimeError(f"{fe.uri} row group {u.row_group}: {table.num_rows} rows, footer says {u.num_rows}")
         out: Batch = {}
