@@ -211,7 +211,7 @@ class BronzeView:
         return sorted({v["day"] for s, v in self.sources.items() if v["labeled"] and v["rows"]})
 
 
-def bronze_view(cfg, version: int | None = None) -> BronzeView:
+def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> BronzeView:
     """Check bronze (at ``version``) against the ingest ledger using only the Delta log:
     rows per source (file statistics) and the batch id of every file (min/max statistics of
     ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree."""
@@ -230,11 +230,15 @@ def bronze_view(cfg, version: int | None = None) -> BronzeView:
             raise
         raise FeaturizeError(f"bronze has no version {version}: {paths['bronze']} has versions "
                              f"0..{_latest_version(paths['bronze'])}") from None
-    if version is not None and (gone := snap.missing_files()):  # an older version a vacuum has emptied
+    # an older version a vacuum may have emptied (one lookup per file: not for the latest, which
+    # every unpinned build reads)
+    if latest is None:  # ``latest``: bronze's latest version where the caller has read it already
+        latest = _latest_version(paths["bronze"]) if version is not None else snap.version
+    if snap.version != latest and (gone := snap.missing_files()):
         raise FeaturizeError(
             f"bronze v{snap.version} cannot be read any more: {len(gone)} of its {len(snap.files())} data files are "
             f"gone (e.g. {gone[0]}), removed by a vacuum after later versions replaced them (or by hand); "
-            f"featurize a later version (bronze is at v{_latest_version(paths['bronze'])})")
+            f"featurize a later version (bronze is at v{latest})")
     per_source = bronze_sources(snap)
     current = current_entries([r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version])
     problems = unconfirmed_sources(per_source, current)
@@ -921,7 +925,7 @@ def _bronze_head(uri: str, version: int | None) -> tuple[int, str] | None:
     from pipelines.lake.fs import normalize_uri
 
     try:
-        dt = DeltaTable(normalize_uri(uri), version=version)
+        dt = DeltaTable(normalize_uri(uri), version=version, without_files=True)
     except (DeltaError, OverflowError):  # TableNotFoundError is a DeltaError
         return None
     return dt.version(), dt.metadata().id
@@ -1002,14 +1006,18 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     paths = tables(cfg)
     chash = config_hash(cfg)
 
-    bronze_version = fz.bronze_version
+    bronze_version, data_v, latest = fz.bronze_version, None, None
     if not force and (head := _bronze_head(paths["bronze"], bronze_version)):  # the ledger check is for a build
-        bronze_version = head[0]
-        if (done := current_gold(cfg, data_version(paths["bronze"], head[0]), head[1])) is not None:
+        bronze_version, data_v = head[0], data_version(paths["bronze"], head[0])
+        latest = head[0] if fz.bronze_version is None else None
+        if (done := current_gold(cfg, data_v, head[1])) is not None:
             say(f"gold is up to date: built from bronze v{bronze_version} with these settings, nothing to rebuild")
             done.seconds = time.time() - t0
             return done
-    view = bronze_view(cfg, bronze_version)  # the version checked above: a commit since cannot slip in
+    # the version checked above: a commit since cannot slip in
+    view = bronze_view(cfg, bronze_version, latest=latest)
+    if data_v is None:
+        data_v = data_version(paths["bronze"], view.version)
     sources = view.labeled_sources
     if not sources:
         raise FeaturizeError(f"bronze v{view.version} has no labelled rows to featurize")
@@ -1095,7 +1103,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
 
     say("writing features.json")
     report.features_json = paths["features_json"]
-    write_features_json(cfg, report, sizes, distinct, plan, bronze.table.metadata().id)
+    write_features_json(cfg, report, sizes, distinct, plan, bronze.table.metadata().id, data_v)
     report.seconds = time.time() - t0
     return report
 
@@ -1106,11 +1114,10 @@ def _day(f) -> int | None:
 
 
 def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dict, plan: SplitPlan,
-                        bronze_table_id: str) -> dict:
+                        bronze_table_id: str, bronze_data_version: int) -> dict:
     """The small JSON the training code reads to size embedding tables and find the data
     (next to the gold tables, on the lake's filesystem)."""
     from jobs.config import config_hash
-    from pipelines.lake import data_version
 
     fz = cfg.criteo.featurize
     vocab = fz.strategy == "vocab"
@@ -1119,7 +1126,7 @@ def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dic
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_hash": config_hash(cfg),
         # what current_gold compares: bronze's data, whatever maintenance commits came after it
-        "fingerprint": gold_fingerprint(cfg, data_version(report.bronze, report.bronze_version), bronze_table_id),
+        "fingerprint": gold_fingerprint(cfg, bronze_data_version, bronze_table_id),
         "strategy": fz.strategy,
         "freq_threshold": fz.freq_threshold if vocab else None,
         "max_vocab_size": fz.max_vocab_size if vocab else None,
