@@ -766,14 +766,14 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
         abort_write(btw)
         abort_write(qtw)
         return {}, bad, None, None, {}
-    chunks = [r for r in results if r["kind"] == "chunk"]
+    dropped = [r for r in results if r["path"] in unreadable and r["kind"] == "chunk"]
     for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
-        discard_adds(tw, [a for r in chunks if r["path"] in unreadable for a in r[table]])
-    chunks = [r for r in chunks if r["path"] not in unreadable]
+        discard_adds(tw, [a for r in dropped for a in r[table]])
+    results = [r for r in results if r["path"] not in unreadable]
+    chunks = [r for r in results if r["kind"] == "chunk"]
     sources = [f.source for f in good]
-    for tw in (btw, qtw):  # leave a bad file's partitions (rows of an earlier batch) as they are
-        if tw.replace_where:
-            tw.replace_where = {"source": sources}
+    # leave a bad file's partitions (rows of an earlier batch) as they are
+    btw.replace_where = qtw.replace_where = {"source": sources}
     b_adds, q_adds = ([a for r in chunks for a in r[table]] for table in ("bronze", "quarantine"))
     if q_adds or qtw.read_version is None or rows_by_source(qtw.uri, qtw.read_version, sources):
         bv, qv = commit_writes([(btw, b_adds, info), (qtw, q_adds, info)])
@@ -785,8 +785,6 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
                                  for f in good}
     for r in results:
-        if r["path"] in unreadable:
-            continue
         d = per_file[r["path"]]
         if r.get("sha256"):
             d["sha256"] = r["sha256"]
@@ -831,8 +829,9 @@ def ingest(
     if misnamed := [(f.path, why) for f in files if (why := _unreadable_as_named(f))]:
         raise CorruptInputError(misnamed)
     current = current_entries(read_ledger(paths["ledger"]))
+    # --force re-ingests every file anyway: only a plain run needs bronze's side of the ledger
     unconfirmed = unconfirmed_sources(bronze_sources(DeltaSnapshot(paths["bronze"])), current) if (
-        current and table_exists(paths["bronze"])) else {}
+        current and not force and table_exists(paths["bronze"])) else {}
     todo, report.files, notes = _plan(files, current, force, unconfirmed)
     if not todo:
         report.seconds = time.time() - t0
