@@ -220,12 +220,12 @@ def _snapshot(uri: str, version: int | None, what: str):
         raise GoldVersionError(f"{what}: {uri} has no version {version} (it has 0..{latest})") from None
 
 
-def _build_versions(build: str, uris: dict[str, str | None]) -> dict[str, int]:
+def _build_versions(build: str, uris: dict[str, str | None], latest: dict[str, int]) -> dict[str, int]:
     """The version of each table in ``uris`` that featurize build ``build`` committed (newest
-    first: a build commits each table once). Raises naming a table that has none."""
+    first: a build commits each table once), or its latest (``latest``) where only maintenance
+    commits came after. Raises naming a table that has none."""
     from pipelines.criteo.schema import BUILD_KEY
-
-    from pipelines.lake import data_version, table_version
+    from pipelines.lake import data_version
 
     out = {}
     for name, uri in uris.items():
@@ -233,8 +233,8 @@ def _build_versions(build: str, uris: dict[str, str | None]) -> dict[str, int]:
             continue
         hit = next((v for v, info in sorted(_commit_infos(uri).items(), reverse=True)
                     if info.get(BUILD_KEY) == build), None)
-        if hit is not None and data_version(uri) == hit:  # compacted/vacuumed since: its latest files
-            hit = table_version(uri)
+        if hit is not None and data_version(uri, latest[name]) == hit:  # compacted/vacuumed since
+            hit = latest[name]
         if hit is None:
             raise GoldVersionError(f"gold {name} table {uri} has no commit of featurize build {build} (the one that wrote "
                              "the train version being read): rebuild gold with `bigopt featurize --force`")
@@ -261,7 +261,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     describes exactly those versions, else its ``vocab_sizes`` version, else (tables from
     elsewhere) the largest ids in the tables."""
     from pipelines.criteo.schema import BUILD_KEY
-    from pipelines.lake import data_version
+    from pipelines.lake import DeltaSnapshot, data_version, table_version
 
     t = cfg.train
     ds = cfg.run.dataset
@@ -278,6 +278,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
         if uris[split] is None and split in pinned:
             raise FileNotFoundError(f"gold {split} table not found at {uri} (version {pinned[split]} is pinned)")
 
+    latest = {s: table_version(u) for s, u in (("train", train), *uris.items()) if u}  # one log read each
     train_version = pinned.get("train", t.table_version)
     snap = _snapshot(train, train_version, "train.table_version" if "train" not in pinned else "checkpoint")
     # the commit that wrote the data read (a compaction or vacuum of gold/train comes after it)
@@ -291,21 +292,17 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
                         "validation" if split == "valid" else "a test evaluation")
     valid, test = uris["valid"], uris["test"]
     if build:  # the valid/test versions written with this train version, whatever came since
-        versions.update(_build_versions(build, {s: u for s, u in uris.items() if s not in pinned}))
+        versions.update(_build_versions(build, {s: u for s, u in uris.items() if s not in pinned}, latest))
     else:
-        for split, uri in uris.items():
-            if uri and split not in pinned:
-                versions[split] = _snapshot(uri, None, split).version
+        versions.update({s: latest[s] for s, u in uris.items() if u and s not in pinned})
         if train_version is not None and (valid or test):
             log.warning("gold train v%s carries no featurize build id (written before it was recorded): valid/test "
                         "are read at their latest versions, which may be another build's", snap.version)
     for split in ("valid", "test"):
         if split in pinned and uris[split]:
             versions[split] = _snapshot(uris[split], pinned[split], "checkpoint").version
-    from pipelines.lake import DeltaSnapshot, table_version
-
     for split, uri in (("train", train), *uris.items()):
-        if uri and split in versions and versions[split] != table_version(uri):  # an older version:
+        if uri and split in versions and versions[split] != latest[split]:  # an older version:
             snap_s = snap if split == "train" else DeltaSnapshot(uri, versions[split])  # still readable?
             if gone := snap_s.missing_files():
                 raise GoldVersionError(
@@ -346,7 +343,8 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
             vocab = None
             if build and vocab_sizes and _exists(vocab_sizes):
                 try:
-                    (v,) = _build_versions(build, {"vocab_sizes": vocab_sizes}).values()
+                    (v,) = _build_versions(build, {"vocab_sizes": vocab_sizes},
+                                           {"vocab_sizes": table_version(vocab_sizes)}).values()
                     cards = _vocab_sizes_cardinalities(vocab_sizes, v, n_sparse) or []
                 except GoldVersionError as e:
                     log.warning("%s", e)
