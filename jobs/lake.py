@@ -45,7 +45,7 @@ def run(cfg, args) -> int:
 
         for h in lake.history(args.table, args.limit):
             m = h.get("operationMetrics") or {}
-            info = _user_metadata(h)
+            info = lake.commit_metadata(h)
             t.add_row(
                 str(h.get("version")),
                 dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
@@ -75,20 +75,6 @@ def run(cfg, args) -> int:
     elif args.action == "optimize":
         console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
     return 0
-
-
-def _user_metadata(h: dict) -> dict:
-    """A commit's bigopt info: top-level keys (delta-rs commits), or the JSON the native
-    connector stores as ``userMetadata``."""
-    info = dict(h)
-    if isinstance(h.get("userMetadata"), str):
-        try:
-            extra = json.loads(h["userMetadata"])
-        except ValueError:
-            extra = None
-        if isinstance(extra, dict):
-            info.update(extra)
-    return info
 
 
 def _roundtrip(cfg, args, console) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 from pipelines.lake.commit import CommitConflictError, TableExistsError, table_exists
 from pipelines.lake.datasource import FORMAT
 from pipelines.lake.files import partition_value_str
-from pipelines.lake.maintenance import data_version, history, optimize, table_version, vacuum
+from pipelines.lake.maintenance import commit_metadata, data_version, history, optimize, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
 from pipelines.lake.schema import SchemaMismatchError
 from pipelines.lake.tasks import WRITE_ID_KEY, new_write_id
@@ -34,6 +34,7 @@ __all__ = [
     "SchemaMismatchError",
     "TableExistsError",
     "delta_engine",
+    "commit_metadata",
     "data_version",
     "history",
     "optimize",
@@ -129,11 +130,10 @@ def write_table(
 
         register(spark)
         # same checks the writer repeats: raise the project's own errors here, in the caller
-        _, _, partition_by = prepare_write(
+        effective, _, partition_by = prepare_write(
             uri, spark_to_arrow(df.schema), mode=mode, partition_by=partition_by,
             merge_schema=merge_schema, replace_where=replace_where,
         )
-        existed = table_exists(uri)
         w = (
             df.write.format(FORMAT)
             .mode("overwrite" if mode == "overwrite" else "append")
@@ -157,7 +157,7 @@ def write_table(
             if m := re.search(rf"({'|'.join(errors)}): (.+)", str(e)):
                 raise errors[m.group(1)](m.group(2)) from e
             raise
-        if mode == "ignore" and existed:
+        if effective == "skip":  # mode "ignore" on an existing table: nothing written
             return table_version(uri)
     return _version_of_write(uri, write_id)
 
@@ -165,8 +165,7 @@ def write_table(
 def _version_of_write(uri: str, write_id: str) -> int:
     """The version our commit got (other writers may have committed after it)."""
     for h in history(uri, 50):
-        meta = h.get("userMetadata")
-        if h.get(WRITE_ID_KEY) == write_id or (isinstance(meta, str) and write_id in meta):
+        if commit_metadata(h).get(WRITE_ID_KEY) == write_id:
             return int(h["version"])
     return table_version(uri)
 

@@ -20,7 +20,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
 
 from pipelines.lake.files import delete_files, partition_value_str
-from pipelines.lake.fs import filesystem_for, join, normalize_uri
+from pipelines.lake.fs import filesystem_for, normalize_uri
 from pipelines.lake.reader import check_readable
 from pipelines.lake.schema import SchemaMismatchError, check_compatible, to_pyarrow_schema
 
@@ -308,12 +308,11 @@ def _disjoint(uri: str, opts: Mapping[str, str], since: int, latest: int, filter
     """Did every commit in (since, latest] add and remove files of partitions outside
     ``filters`` only, and change no metadata or protocol? False also for a commit whose log
     entry cannot be read."""
+    from pipelines.lake.maintenance import commit_entries
+
     fs, root = filesystem_for(uri, opts)
     for v in range(since + 1, latest + 1):
-        try:
-            with fs.open_input_stream(join(root, f"_delta_log/{v:020d}.json")) as f:
-                entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-        except (OSError, ValueError):
+        if (entries := commit_entries(fs, root, v)) is None:
             return False
         for entry in entries:
             if "metaData" in entry or "protocol" in entry:

@@ -6,7 +6,7 @@ from typing import Any
 
 from deltalake import DeltaTable
 
-from pipelines.lake.fs import filesystem_for, normalize_uri
+from pipelines.lake.fs import filesystem_for, join, normalize_uri
 
 
 def _table(uri: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable:
@@ -15,6 +15,18 @@ def _table(uri: str, storage_options: Mapping[str, str] | None = None) -> DeltaT
 
 def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int:
     return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}), without_files=True).version()
+
+
+def commit_entries(fs, root: str, version: int) -> list[dict] | None:
+    """The actions of commit ``version`` (its ``_delta_log`` JSON, one dict per line) of the
+    table at ``root`` on ``fs``; None when that file cannot be read (cleaned up, or damaged)."""
+    import json
+
+    try:
+        with fs.open_input_stream(join(root, f"_delta_log/{version:020d}.json")) as f:
+            return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
 
 
 # commits that change a table's files but not its data (delta-rs's operation names)
@@ -26,23 +38,33 @@ def data_version(uri: str, version: int | None = None, storage_options: Mapping[
     the last commit that is not maintenance (:data:`MAINTENANCE_OPERATIONS`). A compacted or
     vacuumed table holds the rows it held before, so what was built from it is still current.
     A commit whose log entry is gone (log clean-up) or names no operation counts as data."""
-    import json
-    import posixpath
-
     uri = normalize_uri(uri)
     v = version if version is not None else table_version(uri, storage_options)
     fs, root = filesystem_for(uri, storage_options)
     while v > 0:
-        try:
-            with fs.open_input_stream(posixpath.join(root, f"_delta_log/{v:020d}.json")) as f:
-                entries = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
-        except (OSError, ValueError):
+        if (entries := commit_entries(fs, root, v)) is None:
             return v
         ops = [e["commitInfo"].get("operation") for e in entries if isinstance(e.get("commitInfo"), dict)]
         if not ops or ops[0] not in MAINTENANCE_OPERATIONS:
             return v
         v -= 1
     return v
+
+
+def commit_metadata(h: Mapping[str, Any]) -> dict[str, Any]:
+    """A history entry's commit info with bigopt's keys at the top level: as delta-rs commits
+    store them, or decoded from the JSON the native connector stores as ``userMetadata``."""
+    import json
+
+    info = dict(h)
+    if isinstance(h.get("userMetadata"), str):
+        try:
+            extra = json.loads(h["userMetadata"])
+        except ValueError:
+            extra = None
+        if isinstance(extra, dict):
+            info.update(extra)
+    return info
 
 
 def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
