@@ -28,8 +28,7 @@ def run(cfg, args) -> int:
 
     from rich.table import Table
 
-    from jobs.console import styled
-    from jobs.spark_step import run_spark_step
+    from jobs.spark_step import error_text, run_spark_step
     from pipelines.criteo.ingest import CorruptInputError, IngestError, ingest
 
     unreadable: CorruptInputError | None = None
@@ -75,7 +74,7 @@ def run(cfg, args) -> int:
         state = "unchanged" if version is None else f"v{version}"
         console.print(f"{name} {state} {path}")
     if unreadable is not None:
-        console.print(styled((f"bigopt ingest: {unreadable}", "red")))
+        console.print(error_text("ingest", unreadable))
     return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected and unreadable is None else 1
 
 

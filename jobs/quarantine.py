@@ -48,7 +48,7 @@ def run(cfg, args) -> int:
             out.write(line + b"\n")
         out.flush()
         if not n and args.source:
-            print(f"bigopt quarantine: no line of {args.source!r}; {_sources(quarantined(cfg, limit=0).table)}",
+            print(f"bigopt quarantine: no line of {args.source!r}; {_sources(cfg)}",
                   file=sys.stderr)
         return 0
     view = quarantined(cfg, **filters, limit=20 if args.limit is None else args.limit)
@@ -61,7 +61,7 @@ def run(cfg, args) -> int:
     if not view.counts:
         console.print(f"{title}\n{view.table}")
         if args.source:  # --source takes a file's whole name (day_3.gz, not day_3): say which exist
-            console.print(_sources(view.table))
+            console.print(_sources(cfg))
         return 0
     console.print(title)  # not the table's title: rich wraps that to the table's width
     counts = Table()
@@ -81,12 +81,11 @@ def run(cfg, args) -> int:
     return 0
 
 
-def _sources(table: str) -> str:
+def _sources(cfg) -> str:
     """The files with quarantined lines (``--source`` takes a file's whole name)."""
-    from pipelines.lake import DeltaSnapshot, table_exists
+    from pipelines.criteo.quarantine import quarantined_sources
 
-    names = sorted({fe.partition_values.get("source") for fe in DeltaSnapshot(table).files()} - {None}) if (
-        table_exists(table)) else []
+    names = quarantined_sources(cfg)
     return (f"files with quarantined lines: {', '.join(names[:20]) or 'none'}"
             + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
 

@@ -46,10 +46,7 @@ def run(cfg, args) -> int:
     except (FileNotFoundError, GoldVersionError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
-    except UnreadableDataFileError as e:  # a damaged data file, named
-        print(f"bigopt train: {e}", file=sys.stderr)
-        return 1
-    except RankFailure as e:
+    except (UnreadableDataFileError, RankFailure) as e:  # a damaged data file, named; a rank's error
         print(f"bigopt train: {e}", file=sys.stderr)
         return 1
     print_summary(res, title=f"bigopt train - {cfg.run.name}")

@@ -85,6 +85,12 @@ def quarantined(cfg, *, batch: str | None = None, source: str | None = None, rea
     return view
 
 
+def quarantined_sources(cfg) -> list[str]:
+    """The files (bronze ``source`` names) the quarantine holds lines of, from its log."""
+    _, snap = _snapshot(cfg)
+    return [] if snap is None else sorted({fe.partition_values.get("source") for fe in snap.files()} - {None})
+
+
 def quarantined_lines(cfg, *, batch: str | None = None, source: str | None = None,
                       reason: str | None = None) -> Iterator[bytes]:
     """Every matching quarantined line's exact bytes (without its line end), streamed:
