@@ -164,9 +164,9 @@ def stage_pandas(raw: Path, out: Path) -> dict:
     train_hist = [np.bincount(sparse[train, j]).tolist() for j in range(26)]
     digest = [0, 0]  # in slices, as (c)'s: the cross-check must not raise this stage's peak memory
     for lo in range(0, n, 1 << 18):
-        m = train[lo:lo + (1 << 18)]
-        digest = _add_digests(digest, rows_digest(label[lo:lo + (1 << 18)][m], dense[lo:lo + (1 << 18)][m],
-                                                  sparse[lo:lo + (1 << 18)][m]))
+        part = slice(lo, lo + (1 << 18))
+        m = train[part]
+        digest = _add_digests(digest, rows_digest(label[part][m], dense[part][m], sparse[part][m]))
     return {"rows": n, "seconds": secs, "split_rows": rows, "cardinalities": cards, "train_hist": train_hist,
             "train_digest": digest}
 
@@ -285,7 +285,9 @@ def stage_spark(raw: Path, lake: Path) -> dict:
         digest = _add_digests(digest, rows_digest(b.column("label").to_numpy(), dense, ids))
         for j in range(26):
             c = np.bincount(ids[:, j])
-            hist[j] = np.pad(hist[j], (0, max(0, len(c) - len(hist[j])))) + np.pad(c, (0, max(0, len(hist[j]) - len(c))))
+            if len(c) > len(hist[j]):
+                hist[j] = np.pad(hist[j], (0, len(c) - len(hist[j])))
+            hist[j][:len(c)] += c
     train_hist = [h.tolist() for h in hist]
     return {
         "rows": ing.rows_in, "rows_ok": ing.rows_ok, "rows_rejected": ing.rows_rejected,
