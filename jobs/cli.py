@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util  # not implied by `import importlib` (an editable install's finder imports it)
 import logging
 import sys
 from collections.abc import Sequence

@@ -87,10 +87,11 @@ def _interpolate(value: Any, where: str) -> Any:
     if isinstance(value, str):
         def sub(m: re.Match) -> str:
             var, default = m.group(1), m.group(2)
-            if var in os.environ:
-                return os.environ[var]
-            if default is not None:
-                return default
+            value = os.environ.get(var)
+            if default is not None:  # as in the shell, `:-` also stands in for a variable set but empty
+                return value or default
+            if value is not None:
+                return value
             raise ConfigError(f"{where}: environment variable ${{{var}}} is not set (use ${{{var}:-default}})")
 
         return _ENV.sub(sub, value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SparkConfig(BaseModel):
@@ -26,6 +26,13 @@ class LakeConfig(BaseModel):
         description="Parquet codec of the tables the pipelines write (bronze, quarantine, ledgers, "
         "vocabularies); a table with its own setting (criteo.featurize.compression: gold) uses that",
     )
+
+    @field_validator("root")
+    @classmethod
+    def _root_not_empty(cls, v: str) -> str:
+        if not v.strip():  # '' would put the tables straight into the working directory
+            raise ValueError("must name a directory or URI (got an empty string: an empty ${VAR}?)")
+        return v
 
     def table(self, dataset: str, layer: str, name: str) -> str:
         if "://" in self.root:

@@ -25,6 +25,10 @@ class CompressionSection(BaseModel):
     sparse_as_dense: bool = False
 
 
+# schedules whose decay spans max_steps - warmup_steps (optim.schedules.build_scheduler)
+_DECAYING = ("cosine", "poly", "linear")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -95,6 +99,10 @@ class TrainConfig(BaseModel):
             )
         if self.max_steps <= 0:
             raise ValueError("max_steps must be positive")
+        if self.scheduler.strip().lower() in _DECAYING and self.max_steps <= self.warmup_steps:
+            # caught here, not after ingest and featurize have run (`bigopt run`)
+            raise ValueError(f"scheduler {self.scheduler!r} decays over the steps after warmup: max_steps "
+                             f"({self.max_steps}) must be greater than warmup_steps ({self.warmup_steps})")
         return self
 
     @property

@@ -81,6 +81,27 @@ def test_env_interpolation(tmp_path, monkeypatch):
         load_config(f)
 
 
+def test_env_default_stands_in_for_an_empty_variable(tmp_path, monkeypatch):
+    """As in the shell, ``${VAR:-default}`` takes the default when VAR is set but empty (an
+    empty BIGOPT_DATA once sent the demo's files to /criteo/raw); an empty lake root is an error."""
+    f = tmp_path / "c.yaml"
+    f.write_text("lake:\n  root: ${BIGOPT_TEST_EMPTY:-lake}\nrun:\n  name: x${BIGOPT_TEST_EMPTY}y\n")
+    monkeypatch.setenv("BIGOPT_TEST_EMPTY", "")
+    cfg = load_config(f)
+    assert cfg.lake.root == "lake" and cfg.run.name == "xy"
+    monkeypatch.setenv("BIGOPT_TEST_EMPTY", "/data/lake")
+    assert load_config(f).lake.root == "/data/lake"
+    with pytest.raises(ConfigError, match=r"lake\.root.*empty string"):
+        load_config(data={"lake": {"root": " "}})
+
+
+def test_a_decaying_schedule_needs_more_steps_than_its_warmup():
+    """Checked when the config loads, not after `bigopt run` has ingested and featurized."""
+    with pytest.raises(ConfigError, match=r"max_steps \(10\) must be greater than warmup_steps \(20\)"):
+        load_config(data={"train": {"scheduler": "cosine", "warmup_steps": 20, "max_steps": 10}})
+    assert load_config(data={"train": {"scheduler": "constant", "warmup_steps": 20, "max_steps": 10}})
+
+
 def test_include_and_hash(tmp_path):
     (tmp_path / "base.yaml").write_text("run:\n  name: base\n  seed: 1\n")
     (tmp_path / "top.yaml").write_text("include: base.yaml\nrun:\n  seed: 2\n")
@@ -118,6 +139,21 @@ def test_cli_help_and_config_errors():
     assert bad.returncode == 2 and "run.seed" in bad.stderr
     ok = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "run.seed=5"], capture_output=True, text=True)
     assert ok.returncode == 0 and "seed: 5" in ok.stdout
+
+
+def test_cli_runs_from_a_plain_install():
+    """A wheel install has no setuptools editable finder, which imports importlib.util as a side
+    effect (`bigopt --help` once failed on every non-editable install): ``python -S`` reads no
+    .pth file, so the packages come from plain sys.path entries, as in site-packages."""
+    import site
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = "import sys; sys.path[:0] = sys.argv[1:]; from jobs.cli import main; sys.exit(main(['--help']))"
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(repo), *site.getsitepackages()],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert all(cmd in out.stdout for cmd in ("ingest", "featurize", "train"))
 
 
 def test_cli_overrides_may_follow_flags(capsys):
