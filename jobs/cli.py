@@ -105,7 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bigopt {args.command}: {e}", file=sys.stderr)
         return 2
     module = importlib.import_module(_available()[args.command][0])
-    return int(module.run(cfg, args) or 0)
+    from pipelines.spark import SparkStartError
+
+    try:
+        return int(module.run(cfg, args) or 0)
+    except SparkStartError as e:  # no Java, or Spark's JVM died while starting: no traceback
+        from jobs.spark_step import error_text
+
+        make_console(stderr=True).print(error_text(args.command, e))
+        return 1
 
 
 def submit_main(command: str) -> None:

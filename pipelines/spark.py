@@ -1,14 +1,16 @@
 """The one place SparkSessions are made.
 
 Local runs get ``local[*]`` bound to 127.0.0.1 with Arrow on, shuffle partitions sized to the
-cores, quiet logs and (in tests) no UI. Under spark-submit the master and settings come from
-the submit command and are left alone. Every session gets the project's Delta data source
-registered (see :mod:`pipelines.lake`).
+cores, quiet logs and (in tests) no UI. Under spark-submit, what the submit command set
+(``--master``, ``--name``, ``--conf``, the cluster's ``spark-defaults.conf``) wins over the YAML's
+``spark`` section and bigopt's defaults, which only fill in the settings it left unset. Every
+session gets the project's Delta data source registered (see :mod:`pipelines.lake`).
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -26,10 +28,39 @@ _DEFAULTS: dict[str, str] = {
 }
 
 
+class SparkStartError(RuntimeError):
+    """Spark could not start: no Java, or its JVM exited while starting (its own output, above
+    the error, says why)."""
+
+
+def _check_java() -> None:
+    """Spark's launcher runs ``$JAVA_HOME/bin/java``, else ``java`` on PATH: say so clearly
+    before it fails with a traceback."""
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        where = f"JAVA_HOME={home} has no bin/java" if home else "'java' is not on PATH and JAVA_HOME is not set"
+        raise SparkStartError(f"Spark 4 needs Java 17+: {where} (install openjdk-17-jre-headless, or set "
+                              "JAVA_HOME to a Java 17+ installation)")
+
+
 def _under_spark_submit() -> bool:
-    return "SPARK_SUBMIT_OPTS" in os.environ or os.environ.get("SPARK_ENV_LOADED") == "1" or (
-        "spark.master" in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
-    )
+    # PYSPARK_GATEWAY_PORT: spark-submit started this Python process beside its running JVM
+    return "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ or (
+        os.environ.get("SPARK_ENV_LOADED") == "1") or "spark.master" in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+
+
+def _submitted_settings() -> dict[str, str]:
+    """The settings spark-submit gave this application (its JVM is already running and holds
+    them as system properties, which a fresh ``SparkConf`` loads); empty outside spark-submit.
+    spark-submit always sets ``spark.master`` (``local[*]`` without ``--master``) and
+    ``spark.app.name`` (the script's name without ``--name``)."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return {}
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM: SparkConf() reads it
+    return dict(SparkConf().getAll())
 
 
 def get_spark(
@@ -52,33 +83,54 @@ def get_spark(
         _register(active)
         return active
 
-    builder = SparkSession.builder.appName(app_name)
+    submitted = _submitted_settings()
+    settings: dict[str, str] = {"spark.app.name": app_name}
+    master = submitted.get("spark.master", master)
     local = master is None and not _under_spark_submit() or (master or "").startswith("local")
     if master is not None:
-        builder = builder.master(master)
+        settings["spark.master"] = master
     elif local:
-        builder = builder.master("local[*]")
+        settings["spark.master"] = "local[*]"
     if local:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         # Python workers must run this interpreter (the venv), not whatever python3 is on PATH.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         cores = os.cpu_count() or 2
-        builder = builder.config("spark.sql.shuffle.partitions", str(max(2, 2 * cores)))
-        builder = builder.config("spark.default.parallelism", str(max(2, cores)))
-        builder = builder.config("spark.driver.memory", os.environ.get("BIGOPT_DRIVER_MEMORY", "4g"))
+        settings.update({
+            "spark.driver.host": "127.0.0.1",
+            "spark.driver.bindAddress": "127.0.0.1",
+            "spark.sql.shuffle.partitions": str(max(2, 2 * cores)),
+            "spark.default.parallelism": str(max(2, cores)),
+        })
+        if "PYSPARK_GATEWAY_PORT" not in os.environ:  # under spark-submit the driver JVM runs already
+            settings["spark.driver.memory"] = os.environ.get("BIGOPT_DRIVER_MEMORY", "4g")
         # local workers fork from a daemon that has imported pyarrow/deltalake already (on a
-        # cluster, set it in spark.conf once the project is installed on the executors)
-        builder = builder.config("spark.python.daemon.module", "pipelines.worker_daemon")
+        # cluster, set it in spark.conf once the project is installed on the executors). Not when
+        # the code comes with --py-files: they are not on the daemon's path
+        if not submitted.get("spark.submit.pyFiles"):
+            settings["spark.python.daemon.module"] = "pipelines.worker_daemon"
     if ui is None:
         ui = os.environ.get("BIGOPT_SPARK_UI", "1" if not os.environ.get("PYTEST_CURRENT_TEST") else "0") == "1"
-    builder = builder.config("spark.ui.enabled", "true" if ui else "false")
-    for k, v in _DEFAULTS.items():
-        builder = builder.config(k, v)
-    for k, v in (conf or {}).items():
-        builder = builder.config(k, str(v))
-    spark = builder.getOrCreate()
+    settings["spark.ui.enabled"] = "true" if ui else "false"
+    settings.update(_DEFAULTS)
+    settings.update({k: str(v) for k, v in (conf or {}).items()})
+    overridden = sorted(k for k in settings if k in submitted and settings[k] != submitted[k])
+    if overridden:
+        log.info("spark-submit's settings win over the config's for %s", ", ".join(overridden))
+    builder = SparkSession.builder
+    for k, v in settings.items():
+        if k not in submitted:
+            builder = builder.config(k, v)
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # this process starts the JVM
+        _check_java()
+    try:
+        spark = builder.getOrCreate()
+    except Exception as e:  # noqa: BLE001 - pyspark's error for a JVM that died at start
+        if "JAVA_GATEWAY_EXITED" not in str(e):
+            raise
+        raise SparkStartError("Spark's JVM exited while starting (its output above says why: a wrong "
+                              "JAVA_HOME, a Java older than 17, too little memory for spark.driver.memory)") from e
     spark.sparkContext.setLogLevel(log_level)
     _register(spark)
     return spark

@@ -1,0 +1,67 @@
+"""Starting Spark: what spark-submit sets wins over the config; no Java is a one-line error."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyspark
+
+REPO = Path(__file__).resolve().parents[2]
+SPARK_HOME = Path(pyspark.__file__).parent
+
+_PROBE = """
+import json
+from pipelines.spark import get_spark
+spark = get_spark("from-config", master="local[2]", ui=False,
+                  conf={"spark.sql.shuffle.partitions": 3, "spark.sql.session.timeZone": "Asia/Tokyo"})
+conf = spark.sparkContext.getConf()
+keys = ["spark.master", "spark.app.name", "spark.sql.shuffle.partitions", "spark.sql.session.timeZone",
+        "spark.python.daemon.module"]
+got = {k: conf.get(k, None) for k in keys}
+got["sum"] = spark.sparkContext.parallelize(range(10), 2).map(lambda x: 2 * x).sum()
+print("PROBE", json.dumps(got))
+"""
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "SPARK_HOME": str(SPARK_HOME), "PYSPARK_PYTHON": sys.executable,
+           "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": str(REPO)}
+    env.pop("PYSPARK_SUBMIT_ARGS", None)
+    return {**env, **extra}
+
+
+def test_spark_submit_flags_win_over_the_config(tmp_path):
+    """The config's master once replaced spark-submit's --master (and bigopt's defaults its
+    --conf); with code shipped by --py-files, the local worker daemon (pipelines.worker_daemon,
+    not on the daemon's path then) once killed every Python task."""
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    shipped = tmp_path / "shipped.py"
+    shipped.write_text("X = 1\n")
+    out = subprocess.run(
+        [str(SPARK_HOME / "bin" / "spark-submit"), "--master", "local[1]", "--name", "from-submit",
+         "--conf", "spark.sql.session.timeZone=Europe/Paris", "--py-files", str(shipped), str(script)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")), None)
+    assert out.returncode == 0 and line, out.stderr[-3000:]
+    got = json.loads(line.removeprefix("PROBE "))
+    assert got == {
+        "spark.master": "local[1]", "spark.app.name": "from-submit",  # the submit command's
+        "spark.sql.session.timeZone": "Europe/Paris",
+        "spark.sql.shuffle.partitions": "3",  # the config's, which the submit command left unset
+        "spark.python.daemon.module": None,  # Spark's own daemon: the code came with --py-files
+        "sum": 90,
+    }
+
+
+def test_no_java_is_a_one_line_error(tmp_path):
+    env = _env(JAVA_HOME=str(tmp_path / "no-java"))
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "lake", "--action", "roundtrip", f"lake.root={tmp_path}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert f"bigopt lake: Spark 4 needs Java 17+: JAVA_HOME={tmp_path / 'no-java'} has no bin/java" in text
+    assert "Traceback" not in text
