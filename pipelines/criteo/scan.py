@@ -34,6 +34,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from pipelines.criteo.kernel_cache import cached_njit
 from pipelines.criteo.schema import NUM_DENSE, NUM_SPARSE
 
 _HEX = np.zeros(256, dtype=np.bool_)
@@ -56,7 +57,7 @@ def _crlf(buf, pos):  # pragma: no cover (compiled)
     return buf[pos] == 13 and buf[pos + 1] == 10
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@cached_njit(nogil=True, boundscheck=False)
 def _scan(buf, labeled, label, ints, ivalid, words, cvalid):  # pragma: no cover (compiled)
     """Fill the column arrays from ``buf`` (complete lines, the last ending in a newline).
     Returns the rows scanned, or ``-(1 + i)`` where line ``i`` is not plain."""

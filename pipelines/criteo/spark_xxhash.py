@@ -33,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.criteo.kernel_cache import cached_njit
+
 SPARK_SEED = 42
 
 _U = np.uint64
@@ -79,7 +81,7 @@ def _load(data, pos, width):  # pragma: no cover (compiled)
     return k
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_njit(nogil=True)
 def _word_into(h, values, valid, width):  # pragma: no cover (compiled)
     """``h[i] = hashInt`` (``width`` 4: ``values`` the int32 bit patterns zero-extended) or
     ``hashLong`` (``width`` 8: the int64 bit patterns) of ``values[i]`` with seed ``h[i]``,
@@ -92,7 +94,7 @@ def _word_into(h, values, valid, width):  # pragma: no cover (compiled)
         h[i] = _fmix64(_round_int(x, values[i]) if width == 4 else _round_word(x, values[i]))
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_njit(nogil=True)
 def _bytes_into(h, offsets, data, valid):  # pragma: no cover (compiled)
     """``h[i] = hashUnsafeBytes(data[offsets[i]:offsets[i + 1]], seed=h[i])`` where
     ``valid[i]`` (every row when ``valid`` is empty): 32-byte stripes, then 8-byte words, one
