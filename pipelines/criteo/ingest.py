@@ -345,7 +345,8 @@ class _Corrupt(Exception):
 
 def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytearray]:
     """Blocks of the complete lines that START in [start, end) (a line belongs to the range
-    holding its first byte, so adjacent ranges split a file without loss or overlap).
+    holding its first byte, so adjacent ranges split a file without loss or overlap); the file's
+    last line may lack its newline.
 
     Each block is read straight into a new ``bytearray`` and cut after its last newline; the
     partial line after the cut is read again with the next block (a seek back), so the bytes
@@ -386,8 +387,7 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
                 f.seek(pos)
                 size, tail = size * 2, tail * 2
                 continue
-            cut = n - 1
-            block.append(10)  # the file's last line has no final newline
+            cut = n - 1  # the file's last line has no final newline (iter_line_blocks adds it)
         elif cut + 1 < n:
             del block[cut + 1:]
             f.seek(pos + cut + 1)
@@ -399,7 +399,8 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
 
 
 def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
-    """Blocks of complete lines of a (multi-member) gzip file; a truncated or corrupt file
+    """Blocks of complete lines of a (multi-member) gzip file (the last line may lack its
+    newline); a truncated or corrupt file
     raises :class:`_Corrupt` naming it (whatever was yielded before is then discarded).
     Inflated pieces are kept as they come and joined once per block: one copy of each byte,
     where appending them to a growing ``bytes`` and slicing it copied each byte about three
@@ -450,8 +451,7 @@ def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
     except _INFLATE_ERRORS as e:
         raise _Corrupt(path, str(e) if isinstance(e, EOFError) else f"inflate error: {e}") from None
     if held:
-        buf = b"".join(pieces)
-        yield buf if buf.endswith(b"\n") else buf + b"\n"
+        yield b"".join(pieces)  # without a final newline if the file has none (iter_line_blocks adds it)
 
 
 def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None,
@@ -472,8 +472,22 @@ def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None
             first = next(blocks, None)
             if first is None:
                 return
-            yield first[len(_BOM):] if first.startswith(_BOM) else first
-        yield from blocks
+            if first.startswith(_BOM):  # before a final newline is added: a file of just a BOM has no line
+                first = first[len(_BOM):]
+            if first:
+                yield _terminated(first)
+        for block in blocks:  # only the file's last block may lack its newline
+            yield _terminated(block)
+
+
+def _terminated(block):
+    """``block`` ending in a newline: one is added to a file's last line that has none."""
+    if block.endswith(b"\n"):
+        return block
+    if isinstance(block, bytearray):
+        block.append(10)
+        return block
+    return block + b"\n"
 
 
 def scan_file(path: str, gz: bool) -> dict:

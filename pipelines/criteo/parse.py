@@ -204,8 +204,11 @@ def _parse_line(raw: bytes, labeled: bool) -> tuple[dict | None, str | None, int
             continue
         if not _INT_RE.fullmatch(s):
             return None, f"non-integer in {c}", n
-        v = int(s)
-        if not _INT64_MIN <= v <= _INT64_MAX:
+        # leading zeros dropped first and past 19 digits out of range: int() refuses a string of
+        # more than 4,300 digits (a ValueError that once failed the whole ingest)
+        sign, digits = (s[0], s[1:]) if s[0] in "+-" else ("", s)
+        digits = digits.lstrip("0") or "0"
+        if len(digits) > 19 or not _INT64_MIN <= (v := int(sign + digits)) <= _INT64_MAX:
             return None, f"integer out of range in {c}", n
         row[c] = v
     for c, s in zip(SPARSE, parts[NUM_DENSE:]):
