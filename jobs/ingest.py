@@ -21,6 +21,9 @@ def add_arguments(parser) -> None:
                         help="re-ingest files already in the ledger (replaces their rows, never duplicates)")
     parser.add_argument("--input", action="append", default=None, metavar="PATH",
                         help="file, glob or directory to ingest instead of criteo.inputs (repeatable)")
+    parser.add_argument("--drop-unconfirmed", action="store_true",
+                        help="delete bronze rows no ledger entry confirms (left by an interrupted ingest) of "
+                             "files not among the inputs")
 
 
 def run(cfg, args) -> int:
@@ -28,6 +31,7 @@ def run(cfg, args) -> int:
 
     from rich.table import Table
 
+    from jobs.console import styled
     from jobs.spark_step import error_text, run_spark_step
     from pipelines.criteo.ingest import CorruptInputError, IngestError, ingest
 
@@ -35,7 +39,8 @@ def run(cfg, args) -> int:
 
     def step(spark, progress):
         try:
-            return ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress)
+            return ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress,
+                          drop_unconfirmed=args.drop_unconfirmed)
         except CorruptInputError as e:
             if e.report is None:  # found before anything ran
                 raise
@@ -57,6 +62,13 @@ def run(cfg, args) -> int:
         table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
                       f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
     console.print(table)
+    if rep.dropped:
+        console.print(f"dropped the unconfirmed bronze rows of {len(rep.dropped)} file(s): {', '.join(rep.dropped)}")
+    if rep.unconfirmed:  # featurize refuses bronze until they are ingested again or dropped
+        console.print(styled(("bronze holds rows no ledger entry confirms (an interrupted ingest?) of files not "
+                              "among this run's inputs; featurize refuses bronze until they are dealt with:", "yellow")))
+        for src, why in rep.unconfirmed.items():
+            console.print(f"  {src}: {why}")
     rate = rep.rows_in / rep.seconds if rep.seconds and rep.rows_in else 0
     console.print(
         f"rows_in {rep.rows_in:,} = rows_ok {rep.rows_ok:,} + rows_rejected {rep.rows_rejected:,}"

@@ -184,6 +184,10 @@ class IngestReport:
     quarantine_version: int | None = None
     ledger_version: int | None = None
     seconds: float = 0.0
+    # bronze sources no ledger entry confirms, of files not among this run's inputs: why, and
+    # the remedy (featurize refuses bronze until they are ingested again or dropped)
+    unconfirmed: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # such sources whose rows this run deleted
 
     def _done(self) -> list[FileResult]:
         return [f for f in self.files if f.status in ("ingested", "replaced")]
@@ -668,6 +672,38 @@ def unconfirmed_sources(per_source: dict[str, dict], current: dict[str, dict]) -
     return out
 
 
+def _unconfirmed_elsewhere(unconfirmed: dict[str, str], files: list[RawFile],
+                           current: dict[str, dict]) -> dict[str, str]:
+    """The unconfirmed sources (:func:`unconfirmed_sources`) of files not among ``files``, each
+    with why and the remedy: ingest its file again, or drop rows no ledger entry names."""
+    inputs = {f.source for f in files}
+    out = {}
+    for src, why in unconfirmed.items():
+        if src in inputs:
+            continue
+        led = current.get(src)
+        fix = (f"ingest {led['path']} again (--input)" if led else
+               "ingest its file again (--input), or drop them (--drop-unconfirmed)")
+        out[src] = f"{why}: {fix}"
+    return out
+
+
+def _drop_sources(paths: dict, sources: list[str], chash: str, batch_id: str, compression: str) -> dict[str, int]:
+    """Delete ``sources``' rows from bronze and the quarantine (one commit each where it holds
+    any; no Spark); the versions committed."""
+    from pipelines.lake import table_exists, table_version
+    from pipelines.lake.tasks import write_arrow
+
+    info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id,
+            "dropped_unconfirmed": ",".join(sources)[:2000]}
+    versions = {}
+    for name, schema in (("bronze", BRONZE_SCHEMA), ("quarantine", QUARANTINE_SCHEMA)):
+        if table_exists(paths[name]) and rows_by_source(paths[name], table_version(paths[name]), sources):
+            versions[name] = write_arrow(paths[name], schema.empty_table(), mode="overwrite", partition_by=PARTITION_BY,
+                                         replace_where={"source": sources}, commit_info=info, compression=compression)
+    return versions
+
+
 def _uncompressed_name(source: str) -> str:
     return source[:-3] if source.endswith(".gz") else source
 
@@ -709,7 +745,9 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
                                            f"({namesake.get('when', 'already ingested')}): taken for a compressed "
                                            "copy; --force to ingest it as a file of its own"))
         else:
-            if prev is not None and not same:
+            if prev is None and f.source in unconfirmed:  # rows of a run that died before its ledger entry
+                notes[f.source] = f"bronze rows unconfirmed ({unconfirmed[f.source]}): replaced"
+            elif prev is not None and not same:
                 log.warning("%s: changed since it was ingested (or another file named %s was): replacing its rows",
                             f.path, f.source)
                 what = "size" if prev["size"] != f.size else "path" if prev["path"] != f.path else "content or mtime"
@@ -816,10 +854,16 @@ def ingest(
     force: bool = False,
     inputs: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    drop_unconfirmed: bool = False,
 ) -> IngestReport:
     """Ingest the configured inputs (``cfg.criteo.inputs``, default ``cfg.criteo.raw_dir``).
     ``spark``: a SparkSession, or a callable that starts one, called only when a file needs
-    ingesting (:func:`pipelines.spark.session_of`)."""
+    ingesting (:func:`pipelines.spark.session_of`).
+
+    Bronze rows no ledger entry confirms (a run that died between its bronze commit and its
+    ledger entry) are replaced when their file is among the inputs; of other files they are
+    listed in ``report.unconfirmed``, or, with ``drop_unconfirmed``, deleted from bronze and
+    the quarantine where no ledger entry names them (``report.dropped``)."""
     from jobs.config import config_hash
     from pipelines.lake import DeltaSnapshot, table_exists
     from pipelines.lake.fs import check_writable
@@ -843,10 +887,16 @@ def ingest(
     if misnamed := [(f.path, why) for f in files if (why := _unreadable_as_named(f))]:
         raise CorruptInputError(misnamed)
     current = current_entries(read_ledger(paths["ledger"]))
-    # --force re-ingests every file anyway: only a plain run needs bronze's side of the ledger
     unconfirmed = unconfirmed_sources(bronze_sources(DeltaSnapshot(paths["bronze"])), current) if (
-        current and not force and table_exists(paths["bronze"])) else {}
+        table_exists(paths["bronze"])) else {}
     todo, report.files, notes = _plan(files, current, force, unconfirmed)
+    report.unconfirmed = _unconfirmed_elsewhere(unconfirmed, files, current)
+    if drop_unconfirmed and (drop := sorted(s for s in report.unconfirmed if s not in current)):
+        say(f"dropping the unconfirmed bronze rows of {len(drop)} source(s)")
+        versions = _drop_sources(paths, drop, chash, batch_id, cfg.lake.compression)
+        report.bronze_version, report.quarantine_version = versions.get("bronze"), versions.get("quarantine")
+        report.dropped = drop
+        report.unconfirmed = {s: why for s, why in report.unconfirmed.items() if s not in drop}
     if not todo:
         report.seconds = time.time() - t0
         return report

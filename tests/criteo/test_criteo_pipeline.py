@@ -581,13 +581,33 @@ def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_pa
                 replace_where={"source": "day_0"})
     with pytest.raises(FeaturizeError, match=r"day_0: bronze has 20 rows from batch\(es\) \['b-other'\]"):
         bronze_view(cfg)
-    # a plain re-run replaces what the ledger does not confirm: day_0's file is as the ledger
-    # has it, but its rows are another batch's; day_9's file is the one the crashed run read
-    (raw / "day_9").write_text("\n".join(["0\t" + "\t".join(["5"] * 13) + line[line.index("\t0a"):]] * 7) + "\n")
+    # a plain re-run replaces what the ledger does not confirm of its inputs: day_0's file is as
+    # the ledger has it, but its rows are another batch's. day_9's file is not among them: its
+    # rows are named with the remedy (they were passed over in silence, featurize kept refusing)
     rep = ingest(spark, cfg)
     by = {f.source: f for f in rep.files}
     assert by["day_0"].status == "replaced" and "bronze rows unconfirmed" in by["day_0"].note
-    assert by["day_1"].status == "skipped" and by["day_9"].status == "ingested"
+    assert by["day_1"].status == "skipped" and "day_9" not in by
+    assert rep.unconfirmed == {"day_9": "20 bronze rows but no ledger entry (an interrupted ingest?): ingest its "
+                                        "file again (--input), or drop them (--drop-unconfirmed)"}
+    with pytest.raises(FeaturizeError, match="--drop-unconfirmed"):
+        bronze_view(cfg)
+    # day_9's file, the one the crashed run read, turns up: a plain run ingests it, replacing the rows
+    (raw / "day_9").write_text("\n".join(["0\t" + "\t".join(["5"] * 13) + line[line.index("\t0a"):]] * 7) + "\n")
+    rep = ingest(spark, cfg)
+    by = {f.source: f for f in rep.files}
+    assert by["day_9"].status == "ingested" and "bronze rows unconfirmed" in by["day_9"].note
+    assert rep.unconfirmed == {} and by["day_0"].status == "skipped"
+    assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_1": 20, "day_9": 7}
+    # an orphan whose file is gone for good: --drop-unconfirmed deletes its rows, nothing else
+    gone = read_table(spark, t["bronze"]).where("source = 'day_1'").drop("ingest_batch", "source")
+    gone = gone.selectExpr("*", "'b-crashed' AS ingest_batch", "'day_5' AS source").select(
+        *[c.split()[0] for c in BRONZE_DDL.split(", ")])
+    write_table(gone, t["bronze"], mode="append", partition_by=PARTITION_BY)
+    assert list(ingest(spark, cfg).unconfirmed) == ["day_5"]
+    rep = ingest(spark, cfg, drop_unconfirmed=True)
+    assert rep.dropped == ["day_5"] and rep.unconfirmed == {} and rep.ingested == 0
+    assert rep.bronze_version == bronze_view(cfg).version
     assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_1": 20, "day_9": 7}
 
 
