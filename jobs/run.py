@@ -97,7 +97,7 @@ def run(cfg, args) -> int:
     if not args.skip_data:  # the pipeline's modules are imported only for it
         from pipelines.criteo.featurize import FeaturizeError, featurize
         from pipelines.criteo.ingest import IngestError, ingest
-        from jobs.spark_step import error_text, lake_errors
+        from jobs.spark_step import error_text, step_error
 
         try:
             if not args.no_generate and needs_generation(cfg):
@@ -112,9 +112,11 @@ def run(cfg, args) -> int:
             with step("featurize", "bronze -> gold + vocabulary"):
                 rep = featurize(spark, cfg, force=args.force_featurize)
             console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
-        except (IngestError, FeaturizeError, FileNotFoundError, *lake_errors()) as e:
+        except Exception as e:  # noqa: BLE001 - printed as one line, or raised again
             # the steps' own errors name the file or table and the remedy: no traceback
-            console.print(error_text("run", e))
+            if (shown := step_error(e, (IngestError, FeaturizeError, FileNotFoundError))) is None:
+                raise
+            console.print(error_text("run", shown))
             return 1
 
     try:

@@ -35,6 +35,35 @@ def lake_errors() -> tuple[type[BaseException], ...]:
     return CommitConflictError, OSError
 
 
+def spark_failure(e: BaseException) -> str | None:
+    """What to tell the user when Spark itself failed under a step, else None: its JVM is gone
+    (killed, out of memory: py4j then raises a refused connection, which is no lake error), or
+    a Spark job failed (a task's Python worker crashed, a task failed on every attempt). The
+    step's writes commit only once their job has succeeded, so what it had not committed is
+    not in the lake."""
+    from py4j.protocol import Py4JError, Py4JJavaError
+    from pyspark import SparkContext
+
+    proc = getattr(SparkContext._gateway, "proc", None)  # the JVM this process started
+    if isinstance(e, (Py4JError, OSError)) and proc is not None and proc.poll() is not None:
+        return (f"Spark's JVM exited (exit code {proc.returncode}: killed, or out of memory?) while the step ran; "
+                "what it had not committed is not in the lake: run the command again")
+    if isinstance(e, Py4JJavaError):
+        first = str(e.java_exception).splitlines()[0] if e.java_exception is not None else str(e)
+        return (f"a Spark job failed, nothing of it committed ({first[:600]}); -v shows the whole error. "
+                "Run the command again once the cause is fixed")
+    return None
+
+
+def step_error(e: BaseException, errors: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The error to print as one line (:func:`error_text`) for ``e``, raised by a step whose own
+    errors are ``errors``: ``e`` itself, or what :func:`spark_failure` says; None: raise ``e``."""
+    if (why := spark_failure(e)) is not None:
+        logging.getLogger("bigopt").debug("the Spark error", exc_info=e)
+        return RuntimeError(why)
+    return e if isinstance(e, (*errors, *lake_errors())) else None  # every step writes through the lake
+
+
 def error_text(command: str, e: BaseException):
     """``bigopt <command>: <error>`` in red, for an error whose message says it all (its
     traceback is logged at debug level: ``bigopt -v``)."""
@@ -74,6 +103,8 @@ def run_spark_step(
 
         try:
             return console, step(start_spark, progress)
-        except (*errors, *lake_errors()) as e:  # every step writes through the lake
-            console.print(error_text(command, e))
+        except Exception as e:  # noqa: BLE001 - printed as one line, or raised again
+            if (shown := step_error(e, errors)) is None:
+                raise
+            console.print(error_text(command, shown))
             return console, None

@@ -1,0 +1,39 @@
+"""A step's Spark failures print as one line that says what happened, not as a lake error."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+from jobs.config import load_config
+from jobs.spark_step import run_spark_step, spark_failure
+
+
+def test_a_failed_spark_job_is_one_line(spark, capsys):
+    """A task whose Python worker dies (killed, out of memory) fails its job: once ~240 lines
+    of Py4JJavaError; the traceback is still logged with -v."""
+    cfg = load_config(data={"spark": {"master": "local[2]"}})
+
+    def step(start, progress):
+        return start().sparkContext.parallelize([1], 1).map(lambda x: os._exit(3)).collect()
+
+    _, result = run_spark_step(cfg, "ingest", step, errors=())
+    out = capsys.readouterr().out
+    assert result is None
+    line = next(ln for ln in out.splitlines() if ln.startswith("bigopt ingest: "))
+    assert "a Spark job failed, nothing of it committed" in line and "Python worker exited unexpectedly" in line
+    assert "Traceback" not in out and "Py4JJavaError" not in out
+    assert spark.range(3).count() == 3  # the session lives on
+
+
+def test_a_dead_jvm_is_not_a_lake_error(monkeypatch):
+    """py4j answers a call into a JVM that is gone with a refused connection (an OSError): it
+    was shown as if the lake could not be reached."""
+    from pyspark import SparkContext
+
+    dead = SimpleNamespace(proc=SimpleNamespace(poll=lambda: 137, returncode=137))
+    monkeypatch.setattr(SparkContext, "_gateway", dead)
+    why = spark_failure(ConnectionRefusedError(111, "Connection refused"))
+    assert why.startswith("Spark's JVM exited (exit code 137: killed, or out of memory?)")
+    alive = SimpleNamespace(proc=SimpleNamespace(poll=lambda: None, returncode=None))
+    monkeypatch.setattr(SparkContext, "_gateway", alive)
+    assert spark_failure(ConnectionRefusedError(111, "Connection refused")) is None  # an object store's
