@@ -109,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(module.run(cfg, args) or 0)
+    except BrokenPipeError:  # `bigopt quarantine --raw | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except SparkStartError as e:  # no Java, or Spark's JVM died while starting: no traceback
         from jobs.spark_step import error_text
 

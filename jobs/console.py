@@ -48,6 +48,7 @@ def make_console(**kwargs):
     from rich.console import Console
 
     kwargs.setdefault("markup", False)
+    kwargs.setdefault("emoji", False)  # data as written: ':fire:' in a path or a raw line is no 🔥
     console = Console(**kwargs)
     if not console.is_terminal and "COLUMNS" not in os.environ and "width" not in kwargs:
         stream = kwargs.get("file") or (sys.stderr if kwargs.get("stderr") else sys.stdout)

@@ -2,7 +2,7 @@
 
 What ingest quarantined, read from the quarantine Delta table without Spark: the number of
 lines per file and reason, then example lines of each (20 in all by default; TABs shown as
-``⇥``). ``--raw`` prints every matching line's exact bytes instead (or ``--limit`` of them),
+``⇥``, other control bytes as their Unicode pictures: ``␛``, ``␀``). ``--raw`` prints every matching line's exact bytes instead (or ``--limit`` of them),
 one per line, to feed other tools. ``bigopt ingest`` prints this command for its own batch when
 it rejected lines.
 
@@ -48,8 +48,7 @@ def run(cfg, args) -> int:
             out.write(line + b"\n")
         out.flush()
         if not n and args.source:
-            print(f"bigopt quarantine: no line of {args.source!r}; {_sources(cfg)}",
-                  file=sys.stderr)
+            print(f"bigopt quarantine: {_no_line_of(cfg, args)}", file=sys.stderr)
         return 0
     view = quarantined(cfg, **filters, limit=20 if args.limit is None else args.limit)
     console = make_console()
@@ -61,7 +60,7 @@ def run(cfg, args) -> int:
     if not view.counts:
         console.print(f"{title}\n{view.table}")
         if args.source:  # --source takes a file's whole name (day_3.gz, not day_3): say which exist
-            console.print(_sources(cfg))
+            console.print(_no_line_of(cfg, args))
         return 0
     console.print(title)  # not the table's title: rich wraps that to the table's width
     counts = Table()
@@ -71,22 +70,35 @@ def run(cfg, args) -> int:
         counts.add_row(source, reason, f"{n:,}")
     console.print(counts)
     if view.examples:
-        lines = Table(title=f"{len(view.examples)} of them, a few of each kind")
+        kinds = len({(ex["source"], ex["reason"]) for ex in view.examples})
+        lines = Table(title=f"{len(view.examples)} of them, " + (
+            "a few of each kind" if kinds == len(view.counts) else
+            f"one of each of the first {kinds} of {len(view.counts)} kinds (--limit for more)"))
         for col in ("file", "reason", "fields", "line"):
             lines.add_column(col, justify="right" if col == "fields" else "left", overflow="fold")
         for ex in view.examples:
-            lines.add_row(ex["source"], ex["reason"], str(ex["num_fields"]), ex["line"].replace("\t", "⇥"))
+            lines.add_row(ex["source"], ex["reason"], str(ex["num_fields"]), ex["line"].translate(_SHOWN))
         console.print(lines)
     console.print(view.table)
     return 0
 
 
-def _sources(cfg) -> str:
-    """The files with quarantined lines (``--source`` takes a file's whole name)."""
+# a line's control bytes shown as their Unicode pictures (␛, ␀, ␡), TABs as ⇥: an escape
+# sequence in a bad line would otherwise recolour or clear the operator's terminal
+_SHOWN = {**{i: 0x2400 + i for i in range(32)}, 0x7F: 0x2421, 0x09: "⇥"}
+
+
+def _no_line_of(cfg, args) -> str:
+    """Why ``--source`` found no line: the file has none (``--source`` takes a file's whole
+    name: the files that have some), or the other filters matched none of its lines."""
     from pipelines.criteo.quarantine import quarantined_sources
 
     names = quarantined_sources(cfg)
-    return (f"files with quarantined lines: {', '.join(names[:20]) or 'none'}"
+    if args.source in names:
+        others = [f"--{k} {v!r}" for k, v in (("batch", args.batch), ("reason", args.reason), ("limit", args.limit))
+                  if v is not None]
+        return f"no line of {args.source!r} where {' '.join(others)}"
+    return (f"no line of {args.source!r}; files with quarantined lines: {', '.join(names[:20]) or 'none'}"
             + (f" and {len(names) - 20} more" if len(names) > 20 else ""))
 
 

@@ -629,6 +629,8 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         good.replace("68fd1e64", "zzzz", 1): "C1 not 8 hex chars",
         good.replace("68fd1e64", "68fd1e6g", 1): "C1 not 8 hex chars",
         good.replace("68fd1e64", "[/bold]", 1): "C1 not 8 hex chars",  # printed as is, not as markup
+        good.replace("68fd1e64", ":fire:", 1): "C1 not 8 hex chars",  # nor as an emoji
+        good.replace("68fd1e64", "\x1b[2J", 1): "C1 not 8 hex chars",  # an escape: shown, not obeyed
         "7" + good[1:]: "label not 0/1",
         "\t" + good[2:]: "label not 0/1",  # a labelled file's line may not start with a TAB
         good.replace("\t68fd1e64", "\t68fd\r1e64", 1): "C1 not 8 hex chars",  # a CR not before the LF
@@ -690,7 +692,14 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         assert f"quarantine v1: {n_bad} line(s) where batch {batch!r}" in out
         assert all(reason in out for reason in want) and "0⇥1⇥2⇥3⇥4⇥five⇥6" in out
         assert main(["quarantine", *conf, "--reason", "hex", "--limit", "10"]) == 0
-        assert "13⇥[/bold]⇥68fd1e64" in capsys.readouterr().out  # data, not markup
+        out = capsys.readouterr().out
+        assert "13⇥[/bold]⇥68fd1e64" in out and "13⇥:fire:⇥68fd1e64" in out  # data, not markup or emoji
+        assert "13⇥␛[2J⇥68fd1e64" in out and "\x1b[2J" not in out and "🔥" not in out
+        assert main(["quarantine", *conf, "--limit", "2"]) == 0  # more kinds than lines to show
+        assert f"2 of them, one of each of the first 2 of {len(want)} kinds (--limit for more)" in (
+            capsys.readouterr().out)
+        assert main(["quarantine", *conf, "--source", "day_0", "--reason", "zzz", "--raw"]) == 0
+        assert "no line of 'day_0' where --reason 'zzz'" in capsys.readouterr().err  # day_0 has lines
         assert main(["quarantine", *conf, "--reason", "HEX", "--raw"]) == 0
         hex_lines = [ln for ln, r in bad.items() if "hex" in r]
         assert sorted(capsys.readouterr().out.split("\n")[:-1]) == sorted(hex_lines)  # one has a CR in it
@@ -705,6 +714,15 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
         assert "0 line(s)" in capsys.readouterr().out
         assert main(["quarantine", *conf, "--source", "day_0.gz"]) == 0  # no such file: the names there are
         assert "files with quarantined lines: day_0" in capsys.readouterr().out
+    # `--raw | head`: a reader that stops early is no error worth a traceback
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "jobs.cli", "quarantine", *conf, "--raw"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before it writes a byte
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
     # the file fixed: a changed file is ingested again without --force, replacing its rows,
     # and its rejects leave the quarantine with it
     (raw / "day_0").write_text("\n".join([good] * 3) + "\n")
