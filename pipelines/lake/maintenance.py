@@ -82,8 +82,35 @@ def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_r
 
 
 def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> dict[str, Any]:
-    """Compact small files into ~``target_size`` files (one commit; old files kept until vacuum)."""
-    return _table(uri).optimize.compact(partition_filters=partition_filters, target_size=target_size)
+    """Compact small files into ~``target_size`` files (one commit; old files kept until vacuum),
+    written in the table's own layout (:func:`file_layout`)."""
+    return _table(uri).optimize.compact(partition_filters=partition_filters, target_size=target_size,
+                                        writer_properties=file_layout(uri))
+
+
+def file_layout(uri: str):
+    """``WriterProperties`` that keep the layout of the table's largest data file: its row group
+    size, codec, and whether its columns are dictionary-encoded; None for a table without
+    files. delta-rs's defaults (row groups of ~1 M rows, dictionaries) would undo what the
+    table's writer chose: gold's small row groups are how the loader shards it across ranks
+    (a compacted demo gold/train was one row group, and a second rank got no rows)."""
+    from deltalake import ColumnProperties, WriterProperties
+
+    from pipelines.lake.reader import DeltaSnapshot
+
+    files = DeltaSnapshot(uri).files()
+    if not files:
+        return None
+    meta = max(files, key=lambda fe: fe.size).parquet().metadata
+    chunks = [meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
+    codec = max({ch.compression for ch in chunks}, key=[ch.compression for ch in chunks].count)
+    dictionary = sum(any("DICTIONARY" in e for e in ch.encodings) for ch in chunks) * 2 > len(chunks)
+    return WriterProperties(
+        max_row_group_size=max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
+        # pyarrow's lz4 is LZ4_RAW, which its metadata names LZ4 (the framed, deprecated codec)
+        compression={"LZ4": "LZ4_RAW", "NONE": "UNCOMPRESSED"}.get(codec, codec),
+        default_column_properties=ColumnProperties(dictionary_enabled=dictionary),
+    )
 
 
 def remove_write_leftovers(uri: str, write_id: str) -> int:

@@ -283,6 +283,35 @@ def test_schema_errors_are_raised_before_writing(tmp_path):
         prepare_table(path, schema, mode="error", partition_by=[], merge_schema=False, replace_where=None)
 
 
+def test_compaction_keeps_the_tables_file_layout(tmp_path):
+    """Row group size, codec and dictionary use as the table's writer chose them (gold: small
+    row groups, lz4, no dictionaries). With delta-rs's defaults a compacted gold/train was one
+    row group of zstd with dictionaries, and the loader's second rank got no rows."""
+    from pipelines.lake.tasks import begin_write, commit_write
+
+    path = str(tmp_path / "gold")
+    schema = pa.schema([("label", pa.float32()), ("sparse", pa.list_(pa.int32()))])
+    for part in range(3):  # three small writes: three files
+        table = pa.table({"label": pa.array([float(i % 2) for i in range(1000)], pa.float32()),
+                          "sparse": pa.array([[i + part, i] for i in range(1000)], pa.list_(pa.int32()))})
+        tw = begin_write(path, schema, compression="lz4", row_group_rows=300,
+                         parquet_options={"use_dictionary": False})
+        commit_write(tw, tw.write_all(table.to_batches()))
+    optimize(path)
+    snap = DeltaSnapshot(path)
+    (compacted,) = snap.files()
+    meta = compacted.parquet().metadata
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    assert snap.num_rows == 3000 and [g.num_rows for g in groups] == [300] * 10
+    chunks = [g.column(c) for g in groups for c in range(meta.num_columns)]
+    assert {c.compression for c in chunks} == {"LZ4"}  # pyarrow's name for LZ4_RAW, which it wrote
+    assert not any("DICTIONARY" in e for c in chunks for e in c.encodings)
+    from training.data import DeltaTorchLoader
+
+    shards = [DeltaTorchLoader(path, ["label", "sparse"], 100, rank=r, world_size=2).rank_rows for r in (0, 1)]
+    assert shards[0] == shards[1] == [1500, 1500]
+
+
 def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
     path = str(tmp_path / "t")
     for i in range(3):
@@ -320,6 +349,12 @@ def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
     assert read_table(spark, path).count() == 30 and DeltaSnapshot(path).num_rows == 30
     assert main(["lake", "--table", str(tmp_path / "none")]) == 1
     assert "no Delta table at" in capsys.readouterr().out
+    # out-of-range numbers are usage errors (they were delta-rs tracebacks: ValueError, OverflowError)
+    for bad in (["--action", "optimize", "--target-mb", "0"], ["--action", "optimize", "--target-mb", "-1"],
+                ["--action", "vacuum", "--retention-hours", "-5"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["lake", "--table", path, *bad])
+        assert exit_.value.code == 2 and "expected an integer >=" in capsys.readouterr().err
 
 
 def test_decimal_stats_and_large_values(tmp_path):
