@@ -1012,7 +1012,8 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
         bronze_version, data_v = head[0], data_version(paths["bronze"], head[0])
         latest = head[0] if fz.bronze_version is None else None
         if (done := current_gold(cfg, data_v, head[1])) is not None:
-            say(f"gold is up to date: built from bronze v{bronze_version} with these settings, nothing to rebuild")
+            # the version gold records: bronze's latest may be a later maintenance commit (same data)
+            say(f"gold is up to date: built from bronze v{done.bronze_version} with these settings, nothing to rebuild")
             done.seconds = time.time() - t0
             return done
     # the version checked above: a commit since cannot slip in

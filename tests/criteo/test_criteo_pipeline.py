@@ -967,3 +967,29 @@ def test_a_lake_that_cannot_be_written_fails_before_spark(spark, tmp_path, capsy
     with spark_forbidden("featurize into a gold folder it cannot write"):
         assert main(["featurize", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={raw}"]) == 1
     assert "bigopt featurize: cannot write to" in capsys.readouterr().out
+
+
+def test_up_to_date_names_the_bronze_version_gold_was_built_from(spark, tmp_path, capsys, spark_forbidden):
+    """Bronze compacted after featurize holds the same data: gold stays up to date, and the
+    status line names the version gold was built from, not bronze's latest (the compaction's,
+    which it once named)."""
+    from jobs.cli import main
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+    from pipelines.lake import optimize
+
+    # several bronze files per day (64 KiB chunks of ~150 KB files): something to compact
+    cfg = _cfg(tmp_path, generate={"days": 2, "rows_per_day": 1000, "seed": 3}, ingest={"chunk_bytes": 65536})
+    generate(cfg)
+    ingest(spark, cfg)
+    first = featurize(spark, cfg)
+    t = _bronze(cfg)
+    optimize(t["bronze"])
+    assert table_version(t["bronze"]) > first.bronze_version
+    capsys.readouterr()
+    with spark_forbidden("the up-to-date check"):
+        assert main(["featurize", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert f"gold is up to date: built from bronze v{first.bronze_version} " in out
+    assert f"bronze v{table_version(t['bronze'])} " not in out
