@@ -165,6 +165,11 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     assert after.versions == {"train": table_version(f"{gold}/train"), "valid": table_version(f"{gold}/valid"),
                               "test": b.versions["test"]}
     assert after.gold["build"] == b.build and after.cardinalities == [50] * 26 and after.vocabulary == features
+    # a checkpoint's pins (`--resume`) to the versions the compaction replaced and the vacuum
+    # removed: the same rows, read at the latest versions (it failed: "read a later version")
+    resumed = resolve_data(cfg, versions=b.versions)
+    assert resumed.versions["train"] == after.versions["train"] != b.versions["train"]
+    assert resumed.gold["build"] == b.build and resumed.versions["test"] == b.versions["test"]
     # an older version whose files that vacuum removed: named as such (until the thirteenth
     # session training printed "[Errno 2] Failed to open local file", featurize blamed a damaged
     # table after starting Spark and running its vocabulary job)
