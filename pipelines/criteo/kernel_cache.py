@@ -31,30 +31,30 @@ def _fallback_dir() -> str | None:
     return path if st.st_uid == os.getuid() and not st.st_mode & 0o022 else None
 
 
-def _cacheable(func: Callable, options: dict) -> bool:
-    """Whether Numba finds a place to cache ``func`` (it looks when the decorator runs)."""
+def _cached(func: Callable, options: dict):
+    """``numba.njit(cache=True, **options)(func)``, or None where Numba finds no place to cache
+    it (it looks when the decorator runs)."""
     try:
-        numba.njit(cache=True, **options)(func)
+        return numba.njit(cache=True, **options)(func)
     except RuntimeError as e:
         if "no locator available" not in str(e):
             raise
-        return False
-    return True
+        return None
 
 
 def cached_njit(**options) -> Callable[[Callable], Callable]:
     """``numba.njit(cache=True, **options)`` as a decorator, with the fallbacks above."""
 
     def decorate(func: Callable) -> Callable:
-        if _cacheable(func, options):
-            return numba.njit(cache=True, **options)(func)
+        if (jit := _cached(func, options)) is not None:
+            return jit
         path = None if numba.config.CACHE_DIR else _fallback_dir()
         if path is not None:
             log.warning("Numba cannot cache %s next to its module or in the user's cache directory; "
                         "caching it in %s (set NUMBA_CACHE_DIR to choose)", func.__qualname__, path)
             numba.config.CACHE_DIR = path  # read by Numba's locator whenever it looks for one
-            if _cacheable(func, options):
-                return numba.njit(cache=True, **options)(func)
+            if (jit := _cached(func, options)) is not None:
+                return jit
         log.warning("Numba has nowhere to cache %s: it is compiled in every process that loads it "
                     "(set NUMBA_CACHE_DIR to a writable folder)", func.__qualname__)
         return numba.njit(**options)(func)
