@@ -691,14 +691,14 @@ def _unconfirmed_elsewhere(unconfirmed: dict[str, str], files: list[RawFile],
 def _drop_sources(paths: dict, sources: list[str], chash: str, batch_id: str, compression: str) -> dict[str, int]:
     """Delete ``sources``' rows from bronze and the quarantine (one commit each where it holds
     any; no Spark); the versions committed."""
-    from pipelines.lake import table_exists, table_version
+    from pipelines.lake import table_exists
     from pipelines.lake.tasks import write_arrow
 
     info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id,
             "dropped_unconfirmed": ",".join(sources)[:2000]}
     versions = {}
     for name, schema in (("bronze", BRONZE_SCHEMA), ("quarantine", QUARANTINE_SCHEMA)):
-        if table_exists(paths[name]) and rows_by_source(paths[name], table_version(paths[name]), sources):
+        if table_exists(paths[name]) and rows_by_source(paths[name], None, sources):  # at its latest version
             versions[name] = write_arrow(paths[name], schema.empty_table(), mode="overwrite", partition_by=PARTITION_BY,
                                          replace_where={"source": sources}, commit_info=info, compression=compression)
     return versions
@@ -727,9 +727,11 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
             f.path, f.size, f.mtime_ns, f.quick_hash)
         twin = by_content.get((f.size, f.quick_hash))
         namesake = by_name.get(_uncompressed_name(f.source))
-        if same and not force and f.source in unconfirmed:
+        replaces_unconfirmed = f"bronze rows unconfirmed ({unconfirmed[f.source]}): replaced" if (
+            f.source in unconfirmed) else None
+        if same and not force and replaces_unconfirmed:
             log.warning("%s: bronze and the ledger disagree (%s): replacing its rows", f.path, unconfirmed[f.source])
-            notes[f.source] = f"bronze rows unconfirmed ({unconfirmed[f.source]}): replaced"
+            notes[f.source] = replaces_unconfirmed
             todo.append(f)
         elif same and not force:
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "skipped",
@@ -745,8 +747,8 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
                                            f"({namesake.get('when', 'already ingested')}): taken for a compressed "
                                            "copy; --force to ingest it as a file of its own"))
         else:
-            if prev is None and f.source in unconfirmed:  # rows of a run that died before its ledger entry
-                notes[f.source] = f"bronze rows unconfirmed ({unconfirmed[f.source]}): replaced"
+            if prev is None and replaces_unconfirmed:  # rows of a run that died before its ledger entry
+                notes[f.source] = replaces_unconfirmed
             elif prev is not None and not same:
                 log.warning("%s: changed since it was ingested (or another file named %s was): replacing its rows",
                             f.path, f.source)
@@ -761,8 +763,9 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
 
 
 # ------------------------------------------------------------------------------ writing
-def rows_by_source(path: str, version: int, sources: Sequence[str] | None = None) -> dict[str, int]:
-    """Row counts per ``source`` partition from the Delta log's file statistics (no data read)."""
+def rows_by_source(path: str, version: int | None, sources: Sequence[str] | None = None) -> dict[str, int]:
+    """Row counts per ``source`` partition from the Delta log's file statistics (no data read),
+    at ``version`` (None: the latest)."""
     from pipelines.lake import DeltaSnapshot
 
     out: dict[str, int] = {}
