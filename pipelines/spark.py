@@ -44,19 +44,21 @@ def _check_java() -> None:
                               "JAVA_HOME to a Java 17+ installation)")
 
 
+def _jvm_running() -> bool:
+    """spark-submit started this Python process beside its running JVM (else pyspark starts one)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
 def _under_spark_submit() -> bool:
-    # PYSPARK_GATEWAY_PORT: spark-submit started this Python process beside its running JVM
-    return "PYSPARK_GATEWAY_PORT" in os.environ or "SPARK_SUBMIT_OPTS" in os.environ or (
+    return _jvm_running() or "SPARK_SUBMIT_OPTS" in os.environ or (
         os.environ.get("SPARK_ENV_LOADED") == "1") or "spark.master" in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
 
 
 def _submitted_settings() -> dict[str, str]:
     """The settings spark-submit gave this application (its JVM is already running and holds
-    them as system properties, which a fresh ``SparkConf`` loads); empty outside spark-submit.
-    spark-submit always sets ``spark.master`` (``local[*]`` without ``--master``) and
-    ``spark.app.name`` (the script's name without ``--name``)."""
-    if "PYSPARK_GATEWAY_PORT" not in os.environ:
-        return {}
+    them as system properties, which a fresh ``SparkConf`` loads); call only when
+    :func:`_jvm_running`. spark-submit always sets ``spark.master`` (``local[*]`` without
+    ``--master``) and ``spark.app.name`` (the script's name without ``--name``)."""
     from pyspark import SparkConf, SparkContext
 
     SparkContext._ensure_initialized()  # connects to spark-submit's JVM: SparkConf() reads it
@@ -83,7 +85,8 @@ def get_spark(
         _register(active)
         return active
 
-    submitted = _submitted_settings()
+    attached = _jvm_running()
+    submitted = _submitted_settings() if attached else {}
     settings: dict[str, str] = {"spark.app.name": app_name}
     master = submitted.get("spark.master", master)
     local = master is None and not _under_spark_submit() or (master or "").startswith("local")
@@ -103,7 +106,7 @@ def get_spark(
             "spark.sql.shuffle.partitions": str(max(2, 2 * cores)),
             "spark.default.parallelism": str(max(2, cores)),
         })
-        if "PYSPARK_GATEWAY_PORT" not in os.environ:  # under spark-submit the driver JVM runs already
+        if not attached:  # under spark-submit the driver JVM runs already
             settings["spark.driver.memory"] = os.environ.get("BIGOPT_DRIVER_MEMORY", "4g")
         # local workers fork from a daemon that has imported pyarrow/deltalake already (on a
         # cluster, set it in spark.conf once the project is installed on the executors). Not when
@@ -122,7 +125,7 @@ def get_spark(
     for k, v in settings.items():
         if k not in submitted:
             builder = builder.config(k, v)
-    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # this process starts the JVM
+    if not attached:  # this process starts the JVM
         _check_java()
     try:
         spark = builder.getOrCreate()
