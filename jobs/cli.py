@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def at_least(low: int):
+    """An argparse type for the commands' counts and sizes: an integer >= ``low``, else a usage
+    error (not a traceback from whatever the number reaches)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """``parser.parse_args``, except that ``key=value`` overrides may follow the flags.
 

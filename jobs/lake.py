@@ -9,32 +9,18 @@ import json
 
 
 def add_arguments(parser) -> None:
+    from jobs.cli import at_least
+
     parser.add_argument("--action", choices=["history", "vacuum", "optimize", "roundtrip"], default="history")
     parser.add_argument("--table",
                         help="table path or URI (default for roundtrip: <lake.root>/_check/roundtrip/all_types)")
-    parser.add_argument("--limit", type=_at_least(0), default=20, help="history: newest N commits; vacuum: files listed")
-    parser.add_argument("--retention-hours", type=_at_least(0), default=168, help="vacuum: keep files newer than this")
+    parser.add_argument("--limit", type=at_least(0), default=20, help="history: newest N commits; vacuum: files listed")
+    parser.add_argument("--retention-hours", type=at_least(0), default=168, help="vacuum: keep files newer than this")
     parser.add_argument("--apply", action="store_true", help="vacuum: actually delete (default: dry run)")
     parser.add_argument("--no-retention-check", action="store_true",
                         help="vacuum: allow a retention under the table's minimum (7 days by default); only "
                              "while no write to the table is running, whose new files it would delete")
-    parser.add_argument("--target-mb", type=_at_least(1), default=256, help="optimize: target file size")
-
-
-def _at_least(low: int):
-    """An argparse type: an integer >= ``low`` (else a usage error, not delta-rs's traceback)."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-
-    return parse
+    parser.add_argument("--target-mb", type=at_least(1), default=256, help="optimize: target file size")
 
 
 def run(cfg, args) -> int:

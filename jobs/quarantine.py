@@ -16,20 +16,13 @@ import itertools
 
 
 def add_arguments(parser) -> None:
+    from jobs.cli import at_least
+
     parser.add_argument("--batch", default=None, help="only lines of this ingest batch (as bigopt ingest prints it)")
     parser.add_argument("--source", default=None, metavar="FILE", help="only lines of this raw file (its name)")
     parser.add_argument("--reason", default=None, metavar="TEXT", help="only reasons containing TEXT (any case)")
-    parser.add_argument("--limit", type=_count, default=None, help="lines to show (default: 20; --raw: all)")
+    parser.add_argument("--limit", type=at_least(0), default=None, help="lines to show (default: 20; --raw: all)")
     parser.add_argument("--raw", action="store_true", help="print the lines' exact bytes, one per line")
-
-
-def _count(text: str) -> int:
-    import argparse
-
-    n = int(text) if text.isdigit() else -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a count of lines (0 or more), got {text!r}")
-    return n
 
 
 def run(cfg, args) -> int:
