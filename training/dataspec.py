@@ -220,12 +220,19 @@ def _snapshot(uri: str, version: int | None, what: str):
         raise GoldVersionError(f"{what}: {uri} has no version {version} (it has 0..{latest})") from None
 
 
+def _same_data(uri: str, version: int, latest: int) -> bool:
+    """Only maintenance commits (compactions, vacuums) came after ``version``, up to ``latest``:
+    ``latest`` holds the same rows."""
+    from pipelines.lake import data_version
+
+    return data_version(uri, latest) == data_version(uri, version)
+
+
 def _build_versions(build: str, uris: dict[str, str | None], latest: dict[str, int]) -> dict[str, int]:
     """The version of each table in ``uris`` that featurize build ``build`` committed (newest
     first: a build commits each table once), or its latest (``latest``) where only maintenance
     commits came after. Raises naming a table that has none."""
     from pipelines.criteo.schema import BUILD_KEY
-    from pipelines.lake import data_version
 
     out = {}
     for name, uri in uris.items():
@@ -233,7 +240,7 @@ def _build_versions(build: str, uris: dict[str, str | None], latest: dict[str, i
             continue
         hit = next((v for v, info in sorted(_commit_infos(uri).items(), reverse=True)
                     if info.get(BUILD_KEY) == build), None)
-        if hit is not None and data_version(uri, latest[name]) == hit:  # compacted/vacuumed since
+        if hit is not None and _same_data(uri, hit, latest[name]):  # compacted/vacuumed since
             hit = latest[name]
         if hit is None:
             raise GoldVersionError(f"gold {name} table {uri} has no commit of featurize build {build} (the one that wrote "
@@ -304,7 +311,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     for split, uri in (("train", train), *uris.items()):
         if uri and split in versions and versions[split] != latest[split]:  # an older version:
             snap_s = snap if split == "train" else DeltaSnapshot(uri, versions[split])  # still readable?
-            if (gone := snap_s.missing_files()) and data_version(uri, latest[split]) == data_version(uri, versions[split]):
+            if (gone := snap_s.missing_files()) and _same_data(uri, versions[split], latest[split]):
                 # only compactions and vacuums since (a nightly schedule): the same rows, at the latest
                 # version (a checkpoint's pins once made `--resume` fail here, "read a later version")
                 log.info("gold %s v%s was compacted and its files vacuumed since: reading the same data at v%s",
