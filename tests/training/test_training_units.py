@@ -39,6 +39,19 @@ def test_embedding_columns_are_separate_tables():
     assert z.tolist() == [11.0, 22.0]  # column 1's id 0 is row 2 of the fused table
 
 
+@pytest.mark.parametrize("name", ["logreg", "dlrm", "dcnv2"])
+def test_out_of_range_ids_fail_instead_of_reading_the_next_column(name):
+    # [2, 2]: column 0's id 2 is row 2 of the fused table, which is column 1's id 0
+    m = build_model(name, cardinalities=[2, 2], num_dense=1)
+    dense = torch.zeros(1, 1)
+    for ids, col, value in (([[2, 0]], 0, 2), ([[0, -1]], 1, -1), ([[1, 5]], 1, 5)):
+        with pytest.raises(IndexError, match=f"column {col} has id {value} outside"):
+            m(dense, torch.tensor(ids, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"must be \[batch, 2\]"):
+        m(dense, torch.tensor([[0, 0, 0]]))
+    assert m(dense, torch.tensor([[1, 1]])).shape == (1,)
+
+
 def test_dcnv2_low_rank_parallel_and_bad_hp():
     m = build_model("dcnv2", cardinalities=[4] * 3, num_dense=2, low_rank=4, structure="parallel", deep_mlp=[8])
     assert m(torch.rand(5, 2), torch.zeros(5, 3, dtype=torch.long)).shape == (5,)
