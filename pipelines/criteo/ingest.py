@@ -120,7 +120,6 @@ try:  # ISA-L's inflate: 2.6x less CPU than zlib's for gzip'd day files (docs/cr
     from isal import isal_zlib as _inflate_lib
 except ImportError:  # pragma: no cover (a platform without its wheels): zlib, same results
     _inflate_lib = zlib
-_INFLATE_ERRORS = (zlib.error, _inflate_lib.error, EOFError)
 
 
 class IngestError(RuntimeError):
@@ -248,14 +247,28 @@ def _quick_hash(size: int, head: bytes, f) -> str:
     return h.hexdigest()[:32]
 
 
-def _first_lines(head: bytes, gz: bool, nbytes: int = 64 << 10) -> list[bytes]:
-    raw = head[:nbytes]
-    if gz:
+def _inflate_head(head: bytes, limit: int) -> bytes:
+    """Up to ``limit`` bytes inflated from ``head``, the first bytes of a gzip file, across its
+    members (an empty first member, as ``cat empty.gz day.gz`` makes, hides nothing); what
+    cannot be inflated ends it."""
+    out: list[bytes] = []
+    n = 0
+    while head and n < limit:
+        d = zlib.decompressobj(47)
         try:
-            raw = zlib.decompressobj(47).decompress(raw, nbytes * 4)
+            piece = d.decompress(head, limit - n)
         except zlib.error:
-            return []
-    lines = raw.split(b"\n")
+            break
+        out.append(piece)
+        n += len(piece)
+        if not d.eof:
+            break
+        head = d.unused_data.lstrip(b"\0")
+    return b"".join(out)
+
+
+def _first_lines(text: bytes, nbytes: int = 64 << 10) -> list[bytes]:
+    lines = text[:nbytes].split(b"\n")
     return lines[:-1] if len(lines) > 1 else lines
 
 
@@ -303,13 +316,18 @@ def describe_file(path: str, cfg) -> RawFile:
     with raw_inputs.open_read(path) as f:
         head = f.read(_QUICK)
         quick = _quick_hash(size, head, f)
-    gz = head[:2] == _GZIP_MAGIC
     name = raw_inputs.basename(path)
+    # a .gz of 0 or 1 bytes (a copy in progress) is a truncated gzip: it fails alone when read
+    gz = head[:2] == _GZIP_MAGIC or (name.endswith(".gz") and _GZIP_MAGIC.startswith(head))
     m = re.search(ing.day_regex, name)
     day = int(m.group(1)) if m else -1
+    text = _inflate_head(head, 256 << 10) if gz else head
     foreign = next((what for magic, what in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
+    if gz and not foreign:  # compressed twice (a download's double Content-Encoding), or gzip of a zstd file...
+        inner = {_GZIP_MAGIC: "gzip-compressed twice", **{m: f"{w}, then gzip'd" for m, w in _FOREIGN_MAGIC.items()}}
+        foreign = next((what for magic, what in inner.items() if text.startswith(magic)), None)
     labeled = _labeled(name, ing.unlabeled_globs)
-    conflict = None if foreign else _label_conflict(_first_lines(head, gz), labeled, ing.unlabeled_globs)
+    conflict = None if foreign else _label_conflict(_first_lines(text), labeled, ing.unlabeled_globs)
     return RawFile(path, name, day, labeled, gz, size, mtime_ns, quick, foreign, conflict)
 
 
@@ -404,44 +422,81 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
 
 def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
     """Blocks of complete lines of a (multi-member) gzip file (the last line may lack its
-    newline); a truncated or corrupt file
-    raises :class:`_Corrupt` naming it (whatever was yielded before is then discarded).
+    newline); a truncated or corrupt file raises :class:`_Corrupt` naming it (whatever was
+    yielded before is then discarded).
+
+    Memory is bounded by ``block_bytes`` whatever the compression ratio: each inflate call
+    returns at most ``block_bytes`` (a 2 MB file of one repeated line inflates to 600 MB).
+    ISA-L inflates; where it refuses a file, zlib reads it again from the start and decides
+    (ISA-L 1.9 fails on a valid member header with a header CRC, FHCRC, split across two reads,
+    and names a wrong length "incorrect checksum"): the bytes already yielded are skipped and
+    the sha256 continues where it was, so the result is the same lines and hash."""
+    state = {"emitted": 0, "hashed": 0}  # bytes of lines yielded, stored bytes fed to `hasher`
+    libs = [_inflate_lib] if _inflate_lib is zlib else [_inflate_lib, zlib]
+    for i, lib in enumerate(libs):
+        try:
+            yield from _inflate_lines(f, lib, block_bytes, hasher, state)
+            return
+        except (zlib.error, lib.error) as e:
+            if i + 1 < len(libs):
+                log.info("%s: %s refused it (%s); reading it again with zlib", path, lib.__name__, e)
+                f.seek(0)
+                continue
+            raise _Corrupt(path, f"inflate error: {e}") from None
+        except _BadGzip as e:
+            raise _Corrupt(path, str(e)) from None
+
+
+class _BadGzip(Exception):
+    """A gzip file's structure is wrong whatever inflates it (truncated, trailing garbage)."""
+
+
+def _inflate_lines(f, lib, block_bytes: int, hasher, state: dict) -> Iterator[bytes]:
+    """:func:`_read_gzip`'s work with one inflate library, skipping the first
+    ``state["emitted"]`` bytes of lines and hashing only stored bytes past ``state["hashed"]``.
     Inflated pieces are kept as they come and joined once per block: one copy of each byte,
     where appending them to a growing ``bytes`` and slicing it copied each byte about three
     times (reading 256 MiB of lines: 0.37 CPU-s against 0.46, of which ISA-L's inflate is
     0.30)."""
-    d = _inflate_lib.decompressobj(47)
+    d = lib.decompressobj(47)
+    pos = 0  # stored bytes read
     member_bytes = 0
     between = False  # after a member's end: zero padding (tape blocks, as gzip and zcat accept) or a member
     pieces: list[bytes] = []  # inflated bytes not yielded yet, in order
     held = 0
-    try:
-        while True:
-            raw = f.read(_BLOCK)
-            if not raw:
-                break
-            if hasher is not None:
-                hasher.update(raw)
-            data = raw
-            while data:
-                if between:
-                    data = data.lstrip(b"\0")
-                    if not data:
-                        break
-                    if not data.startswith(_GZIP_MAGIC[: len(data)]):
-                        raise zlib.error("trailing garbage after the last gzip member")
-                    between = False
-                out = d.decompress(data)
-                member_bytes += len(data) - len(d.unused_data)
-                if out:
-                    pieces.append(out)
-                    held += len(out)
-                if d.eof:
-                    data = d.unused_data
-                    d = _inflate_lib.decompressobj(47)
-                    member_bytes, between = 0, True
-                else:
-                    data = b""
+    skip = state["emitted"]
+    while True:
+        raw = f.read(_BLOCK)
+        if not raw:
+            break
+        if hasher is not None and pos + len(raw) > state["hashed"]:
+            hasher.update(memoryview(raw)[max(0, state["hashed"] - pos):])
+            state["hashed"] = pos + len(raw)
+        pos += len(raw)
+        data, more = raw, False  # more: the last call filled its output and may hold more
+        while data or more:
+            if between:
+                data = data.lstrip(b"\0")
+                if not data:
+                    break
+                if not data.startswith(_GZIP_MAGIC[: len(data)]):
+                    raise _BadGzip("trailing garbage after the last gzip member")
+                between = False
+            out = d.decompress(data, block_bytes)
+            member_bytes += len(data) - len(d.unconsumed_tail) - len(d.unused_data)
+            more = len(out) == block_bytes and not d.eof
+            if skip and out:
+                dropped = min(skip, len(out))
+                out, skip = out[dropped:], skip - dropped
+            if out:
+                pieces.append(out)
+                held += len(out)
+            if d.eof:
+                data = d.unused_data
+                d = lib.decompressobj(47)
+                member_bytes, between, more = 0, True, False
+            else:
+                data = d.unconsumed_tail
             if held >= block_bytes:
                 last = pieces[-1]
                 cut = last.rfind(b"\n")
@@ -449,13 +504,15 @@ def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
                     block = b"".join([*pieces[:-1], memoryview(last)[: cut + 1]])
                     rest = last[cut + 1:]
                     pieces, held = ([rest], len(rest)) if rest else ([], 0)
+                    state["emitted"] += len(block)
                     yield block
-        if member_bytes:
-            raise EOFError("truncated gzip: the file ends inside a compressed member")
-    except _INFLATE_ERRORS as e:
-        raise _Corrupt(path, str(e) if isinstance(e, EOFError) else f"inflate error: {e}") from None
+    if member_bytes or pos == 0:
+        raise _BadGzip("truncated gzip: the file ends inside a compressed member" if pos else
+                       "an empty file named .gz: no gzip member (a copy still in progress?)")
     if held:
-        yield b"".join(pieces)  # without a final newline if the file has none (iter_line_blocks adds it)
+        block = b"".join(pieces)
+        state["emitted"] += len(block)
+        yield block  # without a final newline if the file has none (iter_line_blocks adds it)
 
 
 def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None,
@@ -581,8 +638,7 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
     can name every one."""
     kind, what = item
     if kind == "hash":
-        with raw_inputs.open_read(what, sequential=True) as f:
-            return {"kind": "hash", "path": what, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        return {"kind": "hash", "path": what, "sha256": file_sha256(what)}
     from pipelines.criteo.parse import parse_block
 
     c: Chunk = what  # type: ignore[assignment]
@@ -704,6 +760,28 @@ def _drop_sources(paths: dict, sources: list[str], chash: str, batch_id: str, co
     return versions
 
 
+def file_sha256(path: str) -> str:
+    with raw_inputs.open_read(path, sequential=True) as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # type: ignore[arg-type]
+
+
+def _same_bytes(f: RawFile, twin: dict, hashes: dict[str, str]) -> str | None:
+    """Whether ``f`` holds the same bytes as ``twin`` (a ledger row, or a file of this run),
+    which has its size and quick hash (first and last MiB): None if it does not, else how that
+    was established. Only then is each file read whole, on the driver (sha256 at ~1 GB/s;
+    ``hashes``: path -> sha256 computed so far): rare, as two files rarely agree on both
+    unless they are copies."""
+    if f.path not in hashes:
+        hashes[f.path] = file_sha256(f.path)
+    theirs = twin.get("sha256") or hashes.get(twin["path"])
+    if not theirs:
+        try:
+            theirs = hashes[twin["path"]] = file_sha256(twin["path"])
+        except OSError:  # the other file is gone and the ledger has no full hash (verify was off)
+            return "same size, first and last MiB (the whole could not be compared)"
+    return "same content" if hashes[f.path] == theirs else None
+
+
 def _uncompressed_name(source: str) -> str:
     return source[:-3] if source.endswith(".gz") else source
 
@@ -717,7 +795,10 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
     results: list[FileResult] = []
     notes: dict[str, str] = {}
     unconfirmed = unconfirmed or {}
-    by_content = {(r["size"], r["quick_hash"]): r for r in current.values()}
+    hashes: dict[str, str] = {}
+    by_content: dict[tuple, list[dict]] = {}  # (size, quick hash) -> files with them, ingested or of this run
+    for r in current.values():
+        by_content.setdefault((r["size"], r["quick_hash"]), []).append(r)
     # a file and its gzip'd copy (day_0, day_0.gz side by side after `gzip -k`) differ in
     # bytes, so only their names can tell: the same name apart from .gz is taken for a copy
     by_name = {_uncompressed_name(src): r for src, r in current.items()}
@@ -725,7 +806,11 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
         prev = current.get(f.source)
         same = prev is not None and (prev["path"], prev["size"], prev["mtime_ns"], prev["quick_hash"]) == (
             f.path, f.size, f.mtime_ns, f.quick_hash)
-        twin = by_content.get((f.size, f.quick_hash))
+        twin, same_as = None, None
+        for other in by_content.get((f.size, f.quick_hash), []) if prev is None and not force else []:
+            if (same_as := _same_bytes(f, other, hashes)) is not None:
+                twin = other
+                break
         namesake = by_name.get(_uncompressed_name(f.source))
         replaces_unconfirmed = f"bronze rows unconfirmed ({unconfirmed[f.source]}): replaced" if (
             f.source in unconfirmed) else None
@@ -737,9 +822,9 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "skipped",
                                       prev["lines"], prev["rows_ok"], prev["rows_rejected"], prev["sha256"],
                                       f"already ingested in batch {prev['ingest_batch']}"))
-        elif prev is None and twin is not None and not force:
+        elif same_as is not None:
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
-                                      note=f"same content as {twin['path']} ({twin.get('when', 'already ingested')}); "
+                                      note=f"{same_as} as {twin['path']} ({twin.get('when', 'already ingested')}); "
                                            "--force to ingest"))
         elif prev is None and namesake is not None and not force:
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
@@ -757,7 +842,7 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
             elif prev is not None:
                 notes[f.source] = f"--force: rows of batch {prev['ingest_batch']} replaced"
             todo.append(f)
-            by_content.setdefault((f.size, f.quick_hash), {"path": f.path, "when": "ingested in this run"})
+            by_content.setdefault((f.size, f.quick_hash), []).append({"path": f.path, "when": "ingested in this run"})
             by_name.setdefault(_uncompressed_name(f.source), {"path": f.path, "when": "ingested in this run"})
     return todo, results, notes
 

@@ -837,12 +837,18 @@ def test_files_in_formats_ingest_does_not_read_fail_up_front(tmp_path):
         z.writestr("day_3", text)
     (raw / "day_4.gz").write_bytes(zst)
     (raw / "day_5").write_bytes(text)  # fine
+    # inside a gzip (a download's double Content-Encoding): until the fifteenth session only
+    # the stored bytes were looked at, and day_6 went in as one garbage row, ledgered
+    (raw / "day_6.gz").write_bytes(gzip.compress(gzip.compress(text)))
+    (raw / "day_7.gz").write_bytes(gzip.compress(zst))
     cfg = _cfg(tmp_path, ingest={"file_globs": ["day_*"]})
     with pytest.raises(CorruptInputError) as e:
         ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
     got = {Path(p).name: why.split(",")[0] for p, why in e.value.problems}
     assert got == {"day_0.zst": "zstd-compressed", "day_1.bz2": "bzip2-compressed", "day_2.xz": "xz-compressed",
-                   "day_3.zip": "a zip archive", "day_4.gz": "zstd-compressed"}
+                   "day_3.zip": "a zip archive", "day_4.gz": "zstd-compressed", "day_6.gz": "gzip-compressed twice",
+                   "day_7.gz": "zstd-compressed"}
+    assert "zstd-compressed, then gzip'd, not lines of text" in dict(e.value.problems)[str(raw / "day_7.gz")]
     assert "recompress it with gzip" in str(e.value) and "cannot be ingested, nothing was committed" in str(e.value)
     assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
 
@@ -900,11 +906,15 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     (raw / "day_5").write_text(stripped_test)
     # a real test file keeps its name: 40-field lines are rare, most first fields (I1) no label
     (raw / "test_6.txt").write_text(stripped_test + "1\t" + "\t".join(["2"] * 13) + f"\t{cats}\n")
+    # behind an empty first gzip member (`cat empty.gz day.gz`): until the fifteenth session
+    # only the first member was read, and the file went in shifted by a column
+    (raw / "day_8.gz").write_bytes(gzip.compress(b"") + gzip.compress(test_rows.encode()))
     cfg = _cfg(tmp_path)
     with pytest.raises(CorruptInputError) as e:
         ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
     got = {Path(p).name: why for p, why in e.value.problems}
-    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5"}
+    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz"}
+    assert "9 of its first 10 lines have at most 39 fields" in got["day_8.gz"]
     assert "9 of its first 10 lines have at most 39 fields and no 0/1 label" in got["day_0"]  # I1=1 could be a label
     assert "add a glob matching its name to criteo.ingest.unlabeled_globs" in got["day_0"]
     assert "10 of its first 10 lines have 40 fields" in got["test_2.txt"]
@@ -944,6 +954,20 @@ def test_a_copy_is_a_duplicate_whether_its_twin_is_new_or_ingested(spark, tmp_pa
     assert later["day_7"][0] == "ingested"
     assert later["day_7.gz"] == ("duplicate", f"same name apart from .gz as {raw / 'day_7'} (ingested in this run): {copy}")
     assert DeltaSnapshot(_bronze(cfg)["bronze"]).num_rows == 64
+    # the same size, first and last MiB, another middle: a file of its own. Until the fifteenth
+    # session (size, quick hash) alone made it a "duplicate: same content", never ingested
+    big = [lines[i % 60] for i in range(16_000)]  # ~2.7 MB
+    (raw / "day_10").write_text("\n".join(big) + "\n")
+    big[8000] = "1" + big[8000][1:] if big[8000][0] == "0" else "0" + big[8000][1:]
+    (raw / "day_11").write_text("\n".join(big) + "\n")
+    (raw / "day_12").write_bytes((raw / "day_11").read_bytes())  # a true copy, found by its sha256
+    later = {f.source: (f.status, f.note) for f in ingest(spark, cfg).files}
+    assert later["day_10"][0] == later["day_11"][0] == "ingested"
+    assert later["day_12"] == ("duplicate", f"same content as {raw / 'day_11'} (ingested in this run); --force to ingest")
+    (raw / "day_13").write_bytes((raw / "day_10").read_bytes())
+    later = {f.source: (f.status, f.note) for f in ingest(spark, cfg).files}
+    assert later["day_13"] == ("duplicate", f"same content as {raw / 'day_10'} (already ingested); --force to ingest")
+    assert DeltaSnapshot(_bronze(cfg)["bronze"]).num_rows == 64 + 32_000
 
 
 def test_a_lake_that_cannot_be_written_fails_before_spark(spark, tmp_path, capsys, spark_forbidden):
