@@ -43,6 +43,7 @@ def spark_failure(e: BaseException) -> str | None:
     not in the lake."""
     from py4j.protocol import Py4JError, Py4JJavaError
     from pyspark import SparkContext
+    from pyspark.errors import PythonException
 
     proc = getattr(SparkContext._gateway, "proc", None)  # the JVM this process started
     if isinstance(e, (Py4JError, OSError)) and proc is not None and proc.poll() is not None:
@@ -50,9 +51,12 @@ def spark_failure(e: BaseException) -> str | None:
                 "what it had not committed is not in the lake: run the command again")
     if isinstance(e, Py4JJavaError):
         first = str(e.java_exception).splitlines()[0] if e.java_exception is not None else str(e)
-        return (f"a Spark job failed, nothing of it committed ({first[:600]}); -v shows the whole error. "
-                "Run the command again once the cause is fixed")
-    return None
+    elif isinstance(e, PythonException):  # a Python error in a task of a DataFrame job: its last line says it
+        first = next((ln for ln in reversed(str(e).splitlines()) if ln and not ln[0].isspace()), str(e))
+    else:
+        return None
+    return (f"a Spark job failed, nothing of it committed ({first[:600]}); -v shows the whole error. "
+            "Run the command again once the cause is fixed")
 
 
 def step_error(e: BaseException, errors: tuple[type[BaseException], ...]) -> BaseException | None:

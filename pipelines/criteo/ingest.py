@@ -522,6 +522,13 @@ def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None
     gzip files are read whole; a UTF-8 byte order mark at the file's start is dropped.
     ``hasher`` (e.g. ``hashlib.sha256()``) is fed the stored bytes read, which is the whole
     file when the range is."""
+    try:
+        yield from _line_blocks(path, gz, start, end, block_bytes, hasher)
+    except _GONE as e:  # raised by the read alone: the caller's own errors are not sent in here
+        raise _Corrupt(path, _gone(e)) from None
+
+
+def _line_blocks(path: str, gz: bool, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytes]:
     with raw_inputs.open_read(path, sequential=True, stop=end) as f:
         if gz:
             if start or end is not None:
@@ -628,6 +635,15 @@ def _rejects_batch(rejects: list, preview: int, batch_id: str) -> pa.Table:
     }, schema=_QUARANTINE_ROWS)
 
 
+# a file removed (or made unreadable) after it was listed fails alone, as a damaged one does; other
+# read errors (a store's timeout) fail the task, which Spark retries
+_GONE = (FileNotFoundError, PermissionError)
+
+
+def _gone(e: OSError) -> str:
+    return f"could not be read since it was listed ({type(e).__name__}: {e.strerror or e})"
+
+
 def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, preview: int,
              block_bytes: int) -> dict:
     """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file).
@@ -638,7 +654,10 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
     can name every one."""
     kind, what = item
     if kind == "hash":
-        return {"kind": "hash", "path": what, "sha256": file_sha256(what)}
+        try:
+            return {"kind": "hash", "path": what, "sha256": file_sha256(what)}
+        except _GONE as e:
+            return {"kind": "corrupt", "path": what, "reason": _gone(e)}
     from pipelines.criteo.parse import parse_block
 
     c: Chunk = what  # type: ignore[assignment]

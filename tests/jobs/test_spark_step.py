@@ -37,3 +37,25 @@ def test_a_dead_jvm_is_not_a_lake_error(monkeypatch):
     alive = SimpleNamespace(proc=SimpleNamespace(poll=lambda: None, returncode=None))
     monkeypatch.setattr(SparkContext, "_gateway", alive)
     assert spark_failure(ConnectionRefusedError(111, "Connection refused")) is None  # an object store's
+
+
+def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
+    """A Python exception in a task of a DataFrame job (an input file removed after it was
+    listed) surfaces as PythonException, not Py4JJavaError: it printed ~190 lines."""
+    cfg = load_config(data={"spark": {"master": "local[2]"}})
+
+    def gone(batches):
+        for _ in batches:
+            raise FileNotFoundError(2, "No such file or directory", "/raw/day_3")
+        yield from ()
+
+    def step(start, progress):
+        return start().range(1, numPartitions=1).mapInArrow(gone, "id long").collect()
+
+    _, result = run_spark_step(cfg, "ingest", step, errors=())
+    out = capsys.readouterr().out
+    assert result is None
+    line = next(ln for ln in out.splitlines() if ln.startswith("bigopt ingest: "))
+    assert "a Spark job failed, nothing of it committed (FileNotFoundError: [Errno 2] No such file or directory: " \
+           "'/raw/day_3')" in line, line
+    assert "Traceback" not in out
