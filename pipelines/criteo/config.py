@@ -12,9 +12,10 @@ Every field has a default, so ``criteo: {}`` is a valid (small, local) setup.
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class GenerateConfig(BaseModel):
@@ -54,7 +55,19 @@ class IngestConfig(BaseModel):
         default_factory=lambda: ["*test*"],
         description="basenames of unlabelled (39-field, no label) files; every other file is labelled (40 fields)",
     )
-    day_regex: str = Field(r"day_(\d+)", description="day number from the basename; no match -> day -1")
+    day_regex: str = Field(r"day_(\d+)", description="day number from the basename (its first group); no match -> day -1")
+
+    @field_validator("day_regex")
+    @classmethod
+    def _one_group(cls, v: str) -> str:
+        try:
+            groups = re.compile(v).groups
+        except re.error as e:
+            raise ValueError(f"not a regular expression ({e})") from None
+        if not groups:
+            raise ValueError(r"needs a group around the day's digits, as in day_(\d+)")
+        return v
+
     verify: bool = Field(
         True, description="record each file's sha256 in the ledger (split plain files get one extra hashing task)"
     )

@@ -154,6 +154,7 @@ class RawFile:
     quick_hash: str
     foreign: str | None = None  # e.g. "zstd-compressed": a format ingest does not read
     label_conflict: str | None = None  # its first lines contradict the kind its name gives it
+    name_problem: str | None = None  # its name gives no usable day or `source` partition
 
 
 @dataclass
@@ -319,8 +320,7 @@ def describe_file(path: str, cfg) -> RawFile:
     name = raw_inputs.basename(path)
     # a .gz of 0 or 1 bytes (a copy in progress) is a truncated gzip: it fails alone when read
     gz = head[:2] == _GZIP_MAGIC or (name.endswith(".gz") and _GZIP_MAGIC.startswith(head))
-    m = re.search(ing.day_regex, name)
-    day = int(m.group(1)) if m else -1
+    day, name_problem = _day_of(name, ing.day_regex)
     text = _inflate_head(head, 256 << 10) if gz else head
     foreign = next((what for magic, what in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
     if gz and not foreign:  # compressed twice (a download's double Content-Encoding), or gzip of a zstd file...
@@ -328,11 +328,37 @@ def describe_file(path: str, cfg) -> RawFile:
         foreign = next((what for magic, what in inner.items() if text.startswith(magic)), None)
     labeled = _labeled(name, ing.unlabeled_globs)
     conflict = None if foreign else _label_conflict(_first_lines(text), labeled, ing.unlabeled_globs)
-    return RawFile(path, name, day, labeled, gz, size, mtime_ns, quick, foreign, conflict)
+    return RawFile(path, name, day, labeled, gz, size, mtime_ns, quick, foreign, conflict, name_problem)
+
+
+_MAX_DAY = (1 << 31) - 1  # bronze's `day` is an int
+_MAX_DIR_NAME = 255  # bytes in one path component: every local filesystem's limit
+
+
+def _day_of(name: str, day_regex: str) -> tuple[int, str | None]:
+    """(day number from the name, -1 without a match; why the name cannot be ingested, or None)."""
+    from pipelines.lake.files import partition_dir
+
+    folder = partition_dir(["source"], (name,))
+    if len(folder.encode()) > _MAX_DIR_NAME:
+        return -1, (f"its name is too long for bronze's `source` partition folder ({len(folder.encode())} bytes "
+                    f"once escaped, at most {_MAX_DIR_NAME}): rename it")
+    m = re.search(day_regex, name)
+    if not m:
+        return -1, None
+    digits = m.group(1)
+    if not re.fullmatch(r"[0-9]+", digits or ""):
+        return -1, (f"criteo.ingest.day_regex {day_regex!r} takes {digits!r} from its name as the day, which is "
+                    "not a number: change the setting")
+    if int(digits) > _MAX_DAY:
+        return -1, f"its day number {digits} is past bronze's `day` column (at most {_MAX_DAY:,}): rename it"
+    return int(digits), None
 
 
 def _unreadable_as_named(f: RawFile) -> str | None:
     """Why ingest cannot read ``f`` (its content against its name), or None."""
+    if f.name_problem:
+        return f.name_problem
     if f.foreign:
         return (f"{f.foreign}, not lines of text: ingest reads plain or gzip'd files (decompress it, "
                 "or recompress it with gzip)")

@@ -177,6 +177,7 @@ def commit(
     props = CommitProperties(custom_metadata=info, max_commit_retries=max_commit_retries)
     landed = False  # once the commit is in the log its files are the table's: never delete them
     try:
+        _check_partition_values(uri, data_schema, partition_by, adds)
         effective, planned_version = prepare_table(
             uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
             replace_where=replace_where, storage_options=opts,
@@ -276,6 +277,29 @@ def commit(
         if not landed:
             delete_files(uri, on_disk)
         raise
+
+
+_INT_RANGES = {pa.int8(): 7, pa.int16(): 15, pa.int32(): 31, pa.int64(): 63}
+
+
+def _check_partition_values(uri: str, schema: pa.Schema, partition_by: list[str], adds: list[dict]) -> None:
+    """Refuse an integer partition value its column cannot hold (a ``day`` of 2^31 in an
+    ``int`` column): the log would take it, and then every read of the table fails to parse it.
+    Checked before anything is committed."""
+    for col in partition_by:
+        if col not in schema.names or (bits := _INT_RANGES.get(schema.field(col).type)) is None:
+            continue
+        for a in adds:
+            v = (a.get("partition_values") or {}).get(col)
+            if v is None:
+                continue
+            try:
+                ok = -(1 << bits) <= int(v) < (1 << bits)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise SchemaMismatchError(f"partition value {col}={v!r} of Delta table {uri} is not a "
+                                          f"{schema.field(col).type} value; nothing was committed")
 
 
 def _check_not_null(uri: str, schema: pa.Schema, adds: list[dict]) -> None:

@@ -46,7 +46,7 @@ def partition_value_str(value: Any) -> str | None:
     return str(value)
 
 
-def _hive_dir(partition_by: list[str], values: tuple) -> str:
+def partition_dir(partition_by: list[str], values: tuple) -> str:
     parts = []
     for col, v in zip(partition_by, values):
         s = partition_value_str(v)
@@ -247,7 +247,7 @@ class PartitionedFileWriter:
         # the uuid keeps names of two attempts of one task apart
         name = f"part-{self.write_id}-{self.task:05d}-{self._seq:04d}-{uuid.uuid4().hex}.{self.compression}.parquet"
         self._seq += 1
-        rel = f"{_hive_dir(self.partition_by, key)}/{name}" if self.partition_by else name
+        rel = f"{partition_dir(self.partition_by, key)}/{name}" if self.partition_by else name
         full = join(self.root, rel)
         parent = full.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)

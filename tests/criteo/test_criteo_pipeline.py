@@ -884,6 +884,50 @@ def test_files_in_formats_ingest_does_not_read_fail_up_front(tmp_path):
     assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
 
 
+def test_names_without_a_usable_day_or_partition_fail_up_front(tmp_path):
+    """A day number past bronze's int `day`, a day_regex group that is no number, a name too
+    long for its `source` partition folder: each file is named before Spark, nothing committed.
+    Until the fifteenth session day_2147483648 was committed, and every later read of bronze
+    failed to parse its partition value; a long CJK name failed the job with ENAMETOOLONG."""
+    from pipelines.criteo.ingest import CorruptInputError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    text = ("1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26) + "\n") * 3
+    long_name = "day_1_" + "点击日志数据第一天的样本文件用于训练模型测试点击率预估任务数据"  # 99 bytes, 291 escaped
+    for name in ("day_2147483647", "day_2147483648", "day_99999999999", long_name, "holiday_x"):
+        (raw / name).write_text(text)
+    with pytest.raises(CorruptInputError) as e:
+        ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), _cfg(tmp_path))
+    got = {Path(p).name: why for p, why in e.value.problems}
+    assert set(got) == {"day_2147483648", "day_99999999999", long_name}
+    assert got["day_2147483648"] == "its day number 2147483648 is past bronze's `day` column (at most 2,147,483,647): rename it"
+    assert got[long_name].startswith("its name is too long for bronze's `source` partition folder (")
+    cfg = _cfg(tmp_path, ingest={"day_regex": r"(day)_\d+"})
+    with pytest.raises(CorruptInputError, match=r"criteo.ingest.day_regex '\(day\)_\\\\d\+' takes 'day' from its name"):
+        ingest(lambda: pytest.fail("started Spark"), cfg, inputs=[str(raw / "day_2147483647")])
+    for bad, why in ((r"day_\d+", "needs a group around the day's digits"), ("day_(", "not a regular expression")):
+        with pytest.raises(Exception, match=why):
+            _cfg(tmp_path, ingest={"day_regex": bad})
+
+
+def test_an_integer_partition_value_out_of_its_type_is_never_committed(tmp_path):
+    """The lake refuses it before the log: delta-rs took day=2^31 for an int column, and then
+    no read of the table worked (and the error was reported as a lost creation race)."""
+    from pipelines.lake import commit as lake_commit
+    from pipelines.lake.schema import SchemaMismatchError
+    from pipelines.lake.tasks import write_arrow
+
+    schema = pa.schema([("day", pa.int32()), ("x", pa.int64())])
+    t = tmp_path / "t"
+    write_arrow(str(t), pa.table({"day": pa.array([1], pa.int32()), "x": [1]}), partition_by=["day"])
+    adds = [{"path": "day=2147483648/f.parquet", "size": 1, "partition_values": {"day": "2147483648"},
+             "modification_time": 0, "stats": None, "num_records": 1}]
+    with pytest.raises(SchemaMismatchError, match="partition value day='2147483648' .* is not a int32 value"):
+        lake_commit.commit(str(t), schema, adds, mode="append", partition_by=["day"])
+    assert DeltaSnapshot(str(t)).num_rows == 1 and DeltaSnapshot(str(t)).version == 0
+
+
 def test_a_file_is_labelled_by_its_name_not_by_a_stray_line(spark, tmp_path):
     """Whether a file has a label column is decided by its name (``unlabeled_globs``): a
     stray line must not flip it. Until the twelfth session the first 40-field line made a
