@@ -29,9 +29,12 @@ class LakeConfig(BaseModel):
 
     @field_validator("root")
     @classmethod
-    def _root_not_empty(cls, v: str) -> str:
+    def _root_usable(cls, v: str) -> str:
         if not v.strip():  # '' would put the tables straight into the working directory
             raise ValueError("must name a directory or URI (got an empty string: an empty ${VAR}?)")
+        from pipelines.lake.fs import check_table_path
+
+        check_table_path(v)
         return v
 
     def table(self, dataset: str, layer: str, name: str) -> str:

@@ -23,6 +23,7 @@ from pipelines.lake.files import delete_files, partition_value_str
 from pipelines.lake.fs import filesystem_for, normalize_uri
 from pipelines.lake.reader import check_readable
 from pipelines.lake.schema import SchemaMismatchError, check_compatible, to_pyarrow_schema
+from pipelines.lake.tasks import WRITE_ID_KEY
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,8 @@ def commit(
                 landed = True
                 return DeltaTable(uri, storage_options=opts, without_files=True).version()
             except DeltaError as e:
-                if landed:
+                if landed or _created_by(uri, info.get(WRITE_ID_KEY)):
+                    landed = True  # the log has this write's version 0 (reading it back failed): keep its files
                     raise
                 # Lost a creation race: another writer created the table first.
                 if not table_exists(uri, opts) or mode in {"error", "errorifexists"}:
@@ -300,6 +302,25 @@ def _check_partition_values(uri: str, schema: pa.Schema, partition_by: list[str]
             if not ok:
                 raise SchemaMismatchError(f"partition value {col}={v!r} of Delta table {uri} is not a "
                                           f"{schema.field(col).type} value; nothing was committed")
+
+
+def _created_by(uri: str, write_id: str | None) -> bool:
+    """Whether the table's version 0 is the commit of write ``write_id`` (read from the log
+    file itself: a table whose log delta-rs cannot load is still told apart from one another
+    writer created first)."""
+    if not write_id:
+        return False
+    fs, root = filesystem_for(uri)
+    try:
+        with fs.open_input_stream(f"{root}/_delta_log/{0:020d}.json") as f:
+            lines = f.read().decode().splitlines()
+    except (FileNotFoundError, OSError):
+        return False
+    for line in lines:
+        info = json.loads(line).get("commitInfo") if line.strip() else None
+        if info is not None:
+            return info.get(WRITE_ID_KEY) == write_id
+    return False
 
 
 def _check_not_null(uri: str, schema: pa.Schema, adds: list[dict]) -> None:

@@ -7,6 +7,7 @@ possibly other working directories) and delta-rs agree on where the table is.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from urllib.parse import urlparse
@@ -21,6 +22,21 @@ def normalize_uri(path: str | os.PathLike) -> str:
             return os.path.abspath(s[len("file://"):]).rstrip("/") or "/"
         return s.rstrip("/")
     return os.path.abspath(os.path.expanduser(s)).rstrip("/") or "/"
+
+
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def check_table_path(uri: str) -> str:
+    """``uri`` (normalized), or ValueError where delta-rs cannot keep a table: a local path with
+    a ``%XX`` sequence (``a%20b``), which delta-rs decodes (to ``a b``), so its log and its files
+    would be looked for in another folder. Escaping it as a ``file://`` URI does not help: it
+    decodes twice."""
+    uri = normalize_uri(uri)
+    if is_local(uri) and (m := _PERCENT_ESCAPE.search(uri)):
+        raise ValueError(f"a Delta table cannot live under {uri!r}: delta-rs reads the {m.group()!r} in a local "
+                         "path as an escaped character; choose a path without '%' followed by two hex digits")
+    return uri
 
 
 def is_local(uri: str) -> bool:

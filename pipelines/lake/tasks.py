@@ -109,9 +109,9 @@ def begin_write(
     ``write_id`` (default: a new one) names the write's files (``part-<write_id>-*``) and is
     recorded in its commit as ``bigopt.writeId``."""
     from pipelines.lake.commit import prepare_write
-    from pipelines.lake.fs import normalize_uri
+    from pipelines.lake.fs import check_table_path
 
-    uri = normalize_uri(uri)
+    uri = check_table_path(uri)
     if replace_where and mode != "overwrite":
         raise ValueError("replace_where is an overwrite of some partitions: use mode='overwrite'")
     effective, read_version, partition_by = prepare_write(

@@ -311,3 +311,38 @@ def test_a_replace_where_write_that_loses_the_race_to_create_the_table_conflicts
     assert len(_parquet_files(tmp_path / "t")) == 1  # the loser's file is gone
     with pytest.raises(ValueError, match=r"replace_where column\(s\) \['x'\] are not partition columns"):
         begin_write(str(tmp_path / "u"), SCHEMA, mode="overwrite", partition_by=["day"], replace_where={"x": 1})
+
+
+def test_a_create_whose_commit_landed_keeps_its_files_when_reading_it_back_fails(tmp_path, monkeypatch):
+    """delta-rs can write version 0 and then fail loading it: that is this write's commit, not a
+    creation race lost to another writer. Until the fifteenth session it was taken for one: the
+    message said a concurrent writer had created the table, and the cleanup deleted the files
+    the log now names, leaving a table no read could open."""
+    from deltalake.exceptions import DeltaError
+
+    from pipelines.lake import commit as lake_commit
+
+    real = lake_commit.create_table_with_add_actions
+
+    def landed_then_failed(*a, **k):
+        real(*a, **k)
+        raise DeltaError("Kernel error: simulated failure reading the new table back")
+
+    monkeypatch.setattr(lake_commit, "create_table_with_add_actions", landed_then_failed)
+    path = str(tmp_path / "t")
+    tw = begin_write(path, SCHEMA, partition_by=["day"])
+    with pytest.raises(DeltaError, match="simulated failure"):
+        commit_write(tw, _task(tw, [1, 2], 0))
+    monkeypatch.undo()
+    assert sorted(DeltaSnapshot(path).to_table().column("x").to_pylist()) == [1, 2]
+
+
+def test_a_table_path_delta_rs_would_decode_is_refused_before_writing(tmp_path):
+    """delta-rs decodes '%20' in a local path (to ' '): its log went to one folder and the
+    files' checks to another, and every later run failed (fifteenth session)."""
+    path = tmp_path / "pc%20t" / "t"
+    with pytest.raises(ValueError, match="delta-rs reads the '%20' in a local path as an escaped character"):
+        begin_write(str(path), SCHEMA, partition_by=["day"])
+    assert not (tmp_path / "pc%20t").exists() and not (tmp_path / "pc t").exists()
+    write_arrow(str(tmp_path / "100%" / "t"), pa.table({"x": [1], "day": pa.array([0], pa.int32())}))  # a lone % is fine
+    assert DeltaSnapshot(str(tmp_path / "100%" / "t")).num_rows == 1
