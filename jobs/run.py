@@ -39,12 +39,15 @@ def needs_generation(cfg) -> bool:
 
     from pipelines.criteo.generate import read_manifest
     from pipelines.lake.fs import is_local, normalize_uri
+    from pipelines.raw_inputs import resolve as resolve_inputs
 
     raw_dir = normalize_uri(cfg.criteo.raw_dir)
     if cfg.criteo.inputs or not is_local(raw_dir):  # an object store is never generated into
         return False
     raw = Path(raw_dir)
-    if not raw.is_dir() or not any(p.is_file() for p in raw.iterdir()):
+    try:  # "present": what ingest would take from the folder, not any file (.DS_Store, a manifest)
+        resolve_inputs([raw_dir], cfg.criteo.ingest.file_globs, cfg.criteo.ingest.exclude_globs)
+    except (FileNotFoundError, NotADirectoryError):
         return True
     if (manifest := read_manifest(raw)) is None:
         return False  # not (only) generated files: leave them

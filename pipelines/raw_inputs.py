@@ -58,7 +58,12 @@ def _info(name: str) -> pafs.FileInfo:
 
 
 def _files_under(name: str, recursive: bool) -> list[str]:
-    """The files under directory ``name`` (local path or URI), named like it."""
+    """The files under directory ``name`` (local path or URI), named like it. A local folder
+    is listed by Python (a name that is not UTF-8 comes back escaped; pyarrow's listing
+    failed on it, whatever the name, without naming it)."""
+    if is_local(name) and not recursive:
+        with os.scandir(name) as entries:
+            return [f"{name}/{e.name}" for e in entries if e.is_file()]
     fs, root = _fs(name)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
     return [f"{name}/{i.path[len(root):].lstrip('/')}" for i in infos if i.type == pafs.FileType.File]
@@ -86,35 +91,42 @@ def _glob_remote(spec: str) -> list[str]:
     return sorted(out)
 
 
-def _directory_files(name: str, file_globs: Sequence[str]) -> list[str]:
-    """Files directly in directory ``name`` whose basenames match ``file_globs`` (hidden and
-    ``_``-prefixed names skipped: Spark's and Delta's own markers)."""
+def _directory_files(name: str, file_globs: Sequence[str], exclude_globs: Sequence[str]) -> list[str]:
+    """Files directly in directory ``name`` whose basenames match ``file_globs`` and no
+    ``exclude_globs`` (ignoring case); hidden and ``_``-prefixed names skipped: Spark's and
+    Delta's own markers."""
     def wanted(n: str) -> bool:
-        return not n.startswith((".", "_")) and any(fnmatch.fnmatch(n, g) for g in file_globs)
+        return (not n.startswith((".", "_")) and any(fnmatch.fnmatch(n, g) for g in file_globs)
+                and not any(fnmatch.fnmatch(n.lower(), g.lower()) for g in exclude_globs))
 
     return sorted(f for f in _files_under(name, recursive=False) if wanted(basename(f)))
 
 
-def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
+def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequence[str] = ()) -> list[str]:
     """Files named by ``specs``: files, globs, or directories (whose entries matching
-    ``file_globs`` are taken, non-recursively), local or remote. In the order of ``specs``,
+    ``file_globs`` and no ``exclude_globs`` are taken, non-recursively), local or remote. In the order of ``specs``,
     each spec's files sorted, without duplicates. A spec that names no file (a glob matching
     none, a directory without a matching file, a path that does not exist) is an error."""
     out: list[str] = []
     for spec in specs:
         name = normalize_uri(spec)  # as the lake's: absolute local path, or the URI
-        if _has_wildcard(name):
+        # a path that exists is itself, whatever its characters: a folder named raw[1] is no glob
+        if _has_wildcard(name) and not _exists(name):
             if is_remote(name):
                 matches = _glob_remote(name)
             else:
                 matches = [m for m in sorted(glob.glob(name)) if os.path.isfile(m)]
+            # `_`-prefixed names are markers (Spark's _SUCCESS, generate's _generated.json), as
+            # in a folder, unless the pattern itself starts with `_`
+            if not basename(name).startswith("_"):
+                matches = [m for m in matches if not basename(m).startswith("_")]
             if not matches:
                 raise FileNotFoundError(f"input glob {spec!r} matches no file")
             out += matches
             continue
         kind = _info(name).type
         if kind == pafs.FileType.Directory:
-            found = _directory_files(name, file_globs)
+            found = _directory_files(name, file_globs, exclude_globs)
             if not found:  # as a glob that matches nothing: a wrong folder, or files not there yet
                 raise FileNotFoundError(f"input directory {spec!r} has no file matching {list(file_globs)}")
             out += found
@@ -123,7 +135,20 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"input {spec!r} does not exist")
     seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    out = [p for p in out if not (p in seen or seen.add(p))]
+    for p in out:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a byte the filesystem kept that no UTF-8 text holds
+            raise ValueError(f"input file name {os.fsencode(p)!r} is not UTF-8, so it cannot be bronze's `source`: "
+                             "rename it (e.g. `convmv -f latin1 -t utf8`)") from None
+    return out
+
+
+def _exists(name: str) -> bool:
+    if is_local(name):
+        return os.path.exists(name)
+    return _info(name).type != pafs.FileType.NotFound
 
 
 def stat(name: str) -> tuple[int, int]:

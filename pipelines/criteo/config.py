@@ -51,6 +51,10 @@ class IngestConfig(BaseModel):
         default_factory=lambda: ["day_*", "*.txt", "*.txt.gz", "*.tsv", "*.tsv.gz"],
         description="basenames taken when an input is a directory",
     )
+    exclude_globs: list[str] = Field(
+        default_factory=lambda: ["readme*"],
+        description="basenames never taken from a directory, matched ignoring case (the Kaggle archive's readme.txt)",
+    )
     unlabeled_globs: list[str] = Field(
         default_factory=lambda: ["*test*"],
         description="basenames of unlabelled (39-field, no label) files; every other file is labelled (40 fields)",

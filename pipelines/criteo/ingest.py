@@ -290,6 +290,12 @@ def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence
     if lines and lines[0].startswith(_BOM):
         lines[0] = lines[0][len(_BOM):]
     n = len(lines)
+    # not rows at all (a readme.txt beside train.txt): no kind fits, so say that
+    short = sum(ln.count(b"\t") + 1 < 14 for ln in lines)  # no room for a label and I1..I13
+    if short >= 3 and 2 * short > n:
+        return (f"{short} of its first {n} lines have fewer than 14 fields (a Criteo row has 37-40): it does not look "
+                "like a raw Criteo file; leave it out of the inputs (criteo.ingest.file_globs / exclude_globs, or "
+                "name the files)")
     firsts = [ln.split(b"\t", 1)[0].strip() for ln in lines]
     if labeled:  # at most 39 fields and a first field that is no label: rows of a test file
         odd = sum(ln.count(b"\t") + 1 <= UNLABELED_FIELDS and f not in (b"0", b"1") for ln, f in zip(lines, firsts))
@@ -1011,7 +1017,7 @@ def ingest(
     batch_id = _new_batch_id()
     report = IngestReport(batch_id, bronze=paths["bronze"], quarantine=paths["quarantine"], ledger=paths["ledger"])
 
-    names = raw_inputs.resolve(list(inputs) if inputs else cfg.criteo.input_specs(), ing.file_globs)
+    names = raw_inputs.resolve(list(inputs) if inputs else cfg.criteo.input_specs(), ing.file_globs, ing.exclude_globs)
     say(f"describing {len(names)} input file(s)")
     files = describe_files(names, cfg)
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})

@@ -984,11 +984,17 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     # behind an empty first gzip member (`cat empty.gz day.gz`): until the fifteenth session
     # only the first member was read, and the file went in shifted by a column
     (raw / "day_8.gz").write_bytes(gzip.compress(b"") + gzip.compress(test_rows.encode()))
+    # not Criteo rows at all: said so, not "add a glob to unlabeled_globs" (fifteenth session)
+    (raw / "notes.txt").write_text("Display Advertising Challenge\n---\n\nDataset: dac-v1\nsee train.txt\n")
+    # the Kaggle archive's readme.txt beside train.txt / test.txt is not taken from a folder
+    (raw / "README.txt").write_text("Display Advertising Challenge\n---\n\nDataset: dac-v1\n")
     cfg = _cfg(tmp_path)
     with pytest.raises(CorruptInputError) as e:
         ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
     got = {Path(p).name: why for p, why in e.value.problems}
-    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz"}
+    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz", "notes.txt"}
+    assert got["notes.txt"].startswith("4 of its first 4 lines have fewer than 14 fields (a Criteo row has 37-40): "
+                                       "it does not look like a raw Criteo file; leave it out of the inputs")
     assert "9 of its first 10 lines have at most 39 fields" in got["day_8.gz"]
     assert "9 of its first 10 lines have at most 39 fields and no 0/1 label" in got["day_0"]  # I1=1 could be a label
     assert "add a glob matching its name to criteo.ingest.unlabeled_globs" in got["day_0"]

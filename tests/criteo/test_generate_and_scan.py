@@ -192,6 +192,35 @@ def test_resolve_inputs_dirs_globs_files(tmp_path):
     assert got == ["day_0", "day_1.gz", "train.txt"]
     with pytest.raises(FileNotFoundError):
         resolve_inputs([str(tmp_path / "nope")], [])
+    # a glob skips `_` markers as a folder does (`raw/*` took generate's _generated.json)
+    got = [Path(p).name for p in resolve_inputs([str(tmp_path / "*")], [])]
+    assert got == ["PROVENANCE.md", "day_0", "day_1.gz", "train.txt"]
+    assert [Path(p).name for p in resolve_inputs([str(tmp_path / "_gen*")], [])] == ["_generated.json"]
+
+
+def test_resolve_inputs_takes_existing_paths_literally_and_names_non_utf8_names(tmp_path):
+    """Fifteenth session's paths probe: a folder named raw[1] (which generate writes into) was
+    taken for a glob and 'matched no file'; one non-UTF-8 name in a folder failed the whole
+    listing with a UnicodeDecodeError naming nothing."""
+    import os
+
+    for folder in ("raw[1]", "q?m", "st*r"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "day_0").write_text("x")
+        assert [Path(p).name for p in resolve_inputs([str(tmp_path / folder)], ["day_*"])] == ["day_0"], folder
+        assert resolve_inputs([str(tmp_path / folder / "day_0")], []) == [str(tmp_path / folder / "day_0")]
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "day_0").write_text("x")
+    with open(os.path.join(os.fsencode(latin), b"notes\xe9.doc"), "w") as f:  # matches no glob: ignored
+        f.write("x")
+    assert [Path(p).name for p in resolve_inputs([str(latin)], ["day_*"])] == ["day_0"]
+    with open(os.path.join(os.fsencode(latin), b"day_\xe9"), "w") as f:  # taken: named in the error
+        f.write("x")
+    with pytest.raises(ValueError, match=r"input file name b'.*/latin/day_\\xe9' is not UTF-8"):
+        resolve_inputs([str(latin)], ["day_*"])
+    with pytest.raises(ValueError, match="is not UTF-8"):
+        resolve_inputs([str(latin / "day_*")], [])
 
 
 def test_bigopt_run_generates_again_when_the_generate_settings_changed(tmp_path):
@@ -210,3 +239,11 @@ def test_bigopt_run_generates_again_when_the_generate_settings_changed(tmp_path)
     assert needs_generation(_cfg(raw, days=3, rows_per_day=1000, chunk_rows=1000))
     (raw / "_generated.json").unlink()  # files of unknown origin: left alone
     assert not needs_generation(_cfg(raw, days=3, rows_per_day=1000, chunk_rows=1000))
+    # no input file there, only others (a .DS_Store, a manifest whose days were deleted):
+    # nothing to ingest, so generate (until the fifteenth session: "has no file matching")
+    for p in raw.iterdir():
+        p.unlink()
+    (raw / ".DS_Store").write_text("x")
+    (raw / "_generated.json").write_text("{}")
+    assert needs_generation(cfg)
+    assert needs_generation(_cfg(tmp_path / "raw[2]", days=2, rows_per_day=1000))  # not there yet
