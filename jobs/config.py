@@ -145,6 +145,10 @@ def apply_override(data: dict, override: str, model: type[BaseModel] | None = No
         raise ConfigError(f"override {override!r}: bad key {key!r}")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
+        # YAML reads ' #...' (or a leading '#') as a comment and drops it: on a command line
+        # that is text, so 'lake.root=/data/run #2' is '/data/run #2', not '/data/run'
+        if re.search(r"(^|\s)#", raw) and not raw.lstrip().startswith(("'", '"', "[", "{")):
+            value = raw
     except yaml.YAMLError:
         # not YAML: the text itself; a bracketed list of words whose YAML failed ([*test*]:
         # '*' starts an alias) is the list of those words

@@ -51,6 +51,11 @@ def test_an_override_for_a_string_setting_is_the_text_as_typed():
     # a list of globs YAML cannot read ('*' starts an alias) is the list of those words
     cfg = load_config(None, ["criteo.ingest.unlabeled_globs=[*test*, *eval*]"])
     assert cfg.criteo.ingest.unlabeled_globs == ["*test*", "*eval*"]
+    # ' #' is text on a command line, not a YAML comment: the lake went to '/tmp/a' (fifteenth session)
+    cfg = load_config(None, ["lake.root=/tmp/a #b", "run.name=#1", "criteo.raw_dir='/tmp/q #r'"])
+    assert (cfg.lake.root, cfg.run.name, cfg.criteo.raw_dir) == ("/tmp/a #b", "#1", "/tmp/q #r")
+    with pytest.raises(ConfigError, match="run.seed"):  # '5 #x' is no number: an error, not a silent 5
+        load_config(None, ["run.seed=5 #x"])
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
