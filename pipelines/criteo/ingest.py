@@ -98,6 +98,10 @@ QUARANTINE_SCHEMA = pa.schema(
     [pa.field("line", pa.string()), pa.field("line_bytes", pa.binary()), pa.field("reason", pa.string()),
      pa.field("num_fields", pa.int32()), *_BATCH_FIELDS]
 )
+# the raw line (up to max_line_preview characters, past Parquet's statistics size) and its
+# bytes get no bound a reader could use: declared without them, a reader knows there is none
+# (delta-rs's pyarrow path skipped a file for any filter on a column it had no bound for)
+QUARANTINE_STATS_COLUMNS = ["reason", "num_fields", "ingest_batch"]
 _QUARANTINE_ROWS = pa.schema([f for f in QUARANTINE_SCHEMA if f.name not in PARTITION_BY])
 _BLOCK = 4 << 20
 _QUICK = 1 << 20
@@ -937,7 +941,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
                            compression=compression)
 
     btw = plan(paths["bronze"], BRONZE_SCHEMA, BRONZE_STATS_COLUMNS)
-    qtw = plan(paths["quarantine"], QUARANTINE_SCHEMA)
+    qtw = plan(paths["quarantine"], QUARANTINE_SCHEMA, QUARANTINE_STATS_COLUMNS)
     items = plan_chunks(group, ing.chunk_bytes, ing.verify)
     preview, block_bytes = ing.max_line_preview, ing.block_bytes
     try:

@@ -202,7 +202,7 @@ def commit(
                 landed = True
                 return DeltaTable(uri, storage_options=opts, without_files=True).version()
             except DeltaError as e:
-                if landed or _created_by(uri, info.get(WRITE_ID_KEY)):
+                if landed or _in_log(uri, info.get(WRITE_ID_KEY), 0):
                     landed = True  # the log has this write's version 0 (reading it back failed): keep its files
                     raise
                 # Lost a creation race: another writer created the table first.
@@ -276,7 +276,8 @@ def commit(
             f"commit to {uri} conflicted with a concurrent transaction, so nothing of this write was "
             f"committed (run it again once the other writer is done): {e}") from e
     except BaseException:
-        if not landed:
+        # a commit that reached the log (its read-back failed) keeps its files: the log names them
+        if not landed and not _in_log(uri, info.get(WRITE_ID_KEY), (read_version or -1) + 1):
             delete_files(uri, on_disk)
         raise
 
@@ -304,22 +305,33 @@ def _check_partition_values(uri: str, schema: pa.Schema, partition_by: list[str]
                                           f"{schema.field(col).type} value; nothing was committed")
 
 
-def _created_by(uri: str, write_id: str | None) -> bool:
-    """Whether the table's version 0 is the commit of write ``write_id`` (read from the log
-    file itself: a table whose log delta-rs cannot load is still told apart from one another
-    writer created first)."""
+def _in_log(uri: str, write_id: str | None, first_version: int) -> bool:
+    """Whether a commit of write ``write_id`` is in the table's log at ``first_version`` or
+    later, read from the log files themselves: delta-rs can write a commit and then fail
+    loading the table, and a log it cannot load must still be told apart from a commit that
+    never happened (or one another writer made)."""
+    from pyarrow.fs import FileSelector
+
     if not write_id:
         return False
     fs, root = filesystem_for(uri)
     try:
-        with fs.open_input_stream(f"{root}/_delta_log/{0:020d}.json") as f:
-            lines = f.read().decode().splitlines()
-    except (FileNotFoundError, OSError):
+        infos = fs.get_file_info(FileSelector(f"{root}/_delta_log", allow_not_found=True))
+    except OSError:
         return False
-    for line in lines:
-        info = json.loads(line).get("commitInfo") if line.strip() else None
-        if info is not None:
-            return info.get(WRITE_ID_KEY) == write_id
+    for info in infos:
+        name = info.base_name
+        if not (name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) >= first_version):
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                lines = f.read().decode().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            commit_info = json.loads(line).get("commitInfo") if line.strip() else None
+            if commit_info is not None and commit_info.get(WRITE_ID_KEY) == write_id:
+                return True
     return False
 
 

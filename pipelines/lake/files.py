@@ -60,7 +60,7 @@ def _stat_value(v: Any, t: pa.DataType, side: str) -> Any:
     if pa.types.is_timestamp(t):
         if v.tzinfo is not None:
             v = v.astimezone(_dt.timezone.utc).replace(tzinfo=None)
-        return v.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        return v.isoformat(timespec="milliseconds") + "Z"  # strftime's %Y does not pad a year before 1000
     if pa.types.is_date(t):
         return v.isoformat()
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
@@ -71,8 +71,29 @@ def _stat_value(v: Any, t: pa.DataType, side: str) -> Any:
             f = math.nextafter(f, -math.inf if side == "min" else math.inf)
         return f if math.isfinite(f) else None  # Parquet leaves NaN out of its min/max, not inf
     if isinstance(v, str) and len(v) > _MAX_STAT_STRING:
-        return None
+        return _truncated_bound(v, side)
     return v
+
+
+def _truncated_bound(s: str, side: str) -> str | None:
+    """A bound of at most 32 characters for a longer string, as Parquet's truncated statistics
+    are: its prefix is below it; the prefix with its last character incremented is above every
+    string that starts with that prefix (in code point order, which is UTF-8's byte order).
+    Until the fifteenth session such a column got no bound at all, and delta-rs's pyarrow
+    reader then skipped the file for any filter on it (delta-io/delta-rs#3032): rows of the
+    quarantine's `reason` or the ledger's `path` went missing for other readers."""
+    prefix = s[:_MAX_STAT_STRING]
+    if side == "min":
+        return prefix
+    chars = list(prefix)
+    while chars:
+        c = ord(chars[-1]) + 1
+        c = 0xE000 if 0xD800 <= c <= 0xDFFF else c  # no surrogates: not UTF-8
+        if c <= 0x10FFFF:
+            chars[-1] = chr(c)
+            return "".join(chars)
+        chars.pop()  # U+10FFFF has no successor: increment the character before it
+    return None
 
 
 def _min_max_capable(t: pa.DataType) -> bool:

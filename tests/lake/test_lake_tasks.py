@@ -136,7 +136,8 @@ def test_row_groups_have_row_group_rows_whatever_the_batches(tmp_path):
 def test_file_statistics_come_from_every_row_group(tmp_path):
     """minValues / maxValues / nullCount of a file written in several row groups, per type:
     bounds across row groups, all-null row groups skipped, no bound where Delta could not use
-    one (an infinite float, a string over 32 characters, booleans), null counts for nested
+    one (an infinite float, booleans), a string over 32 characters bounded by a 32-character
+    prefix (min) and that prefix incremented (max), null counts for nested
     columns too; and the same numbers with dictionary encoding off."""
     import datetime as dt
     import decimal
@@ -171,10 +172,12 @@ def test_file_statistics_come_from_every_row_group(tmp_path):
         stats = json.loads(adds[0]["stats"])
         assert stats["numRecords"] == 6
         assert stats["minValues"] == {
-            "i": 5, "i8": -3, "f": -0.5, "s": "a", "d": "2023-12-31", "ts": "2024-01-01T12:00:00.000Z", "dec": -2.5,
+            "i": 5, "i8": -3, "f": -0.5, "s": "a", "long": "a", "d": "2023-12-31", "ts": "2024-01-01T12:00:00.000Z",
+            "dec": -2.5,
         }
         assert stats["maxValues"] == {
-            "i": 7, "i8": 100, "f": 1.5, "s": "z", "d": "2024-01-02", "ts": "2024-01-01T13:30:00.250Z", "dec": 9.99,
+            "i": 7, "i8": 100, "f": 1.5, "s": "z", "long": "z", "d": "2024-01-02", "ts": "2024-01-01T13:30:00.250Z",
+            "dec": 9.99,
         }
         assert stats["nullCount"] == {
             "i": 4, "i8": 3, "f": 4, "inf": 0, "s": 2, "long": 0, "b": 4, "d": 3, "ts": 4, "dec": 3, "l": 3, "nul": 6,
@@ -335,6 +338,27 @@ def test_a_create_whose_commit_landed_keeps_its_files_when_reading_it_back_fails
         commit_write(tw, _task(tw, [1, 2], 0))
     monkeypatch.undo()
     assert sorted(DeltaSnapshot(path).to_table().column("x").to_pylist()) == [1, 2]
+    # the same for an append: its files were deleted under the commit that named them
+    real_tx = lake_commit.DeltaTable.create_write_transaction
+
+    def tx_landed_then_failed(self, *a, **k):
+        real_tx(self, *a, **k)
+        raise DeltaError("Kernel error: simulated failure after the append's commit")
+
+    monkeypatch.setattr(lake_commit.DeltaTable, "create_write_transaction", tx_landed_then_failed)
+    tw = begin_write(path, SCHEMA, partition_by=["day"])
+    with pytest.raises(DeltaError, match="after the append's commit"):
+        commit_write(tw, _task(tw, [3], 1))
+    monkeypatch.undo()
+    assert sorted(DeltaSnapshot(path).to_table().column("x").to_pylist()) == [1, 2, 3]
+    # and a write that did not land still removes its files
+    tw = begin_write(path, SCHEMA, partition_by=["day"])
+    adds = _task(tw, [4], 2)
+    monkeypatch.setattr(lake_commit.DeltaTable, "create_write_transaction",
+                        lambda self, *a, **k: (_ for _ in ()).throw(DeltaError("simulated: nothing written")))
+    with pytest.raises(DeltaError, match="nothing written"):
+        commit_write(tw, adds)
+    assert not [p for p in (tmp_path / "t").rglob("*.parquet") if "day=2" in str(p)]
 
 
 def test_a_table_path_delta_rs_would_decode_is_refused_before_writing(tmp_path):
@@ -346,3 +370,37 @@ def test_a_table_path_delta_rs_would_decode_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "pc%20t").exists() and not (tmp_path / "pc t").exists()
     write_arrow(str(tmp_path / "100%" / "t"), pa.table({"x": [1], "day": pa.array([0], pa.int32())}))  # a lone % is fine
     assert DeltaSnapshot(str(tmp_path / "100%" / "t")).num_rows == 1
+
+
+def test_long_strings_and_early_timestamps_get_bounds_every_delta_reader_can_use(tmp_path):
+    """delta-rs's own pyarrow dataset skips a file for any filter on a column the log gives no
+    bound (delta-io/delta-rs#3032): a string over 32 characters had none, so quarantine reasons
+    and ledger paths went missing for readers other than bigopt's. They now get truncated bounds;
+    a timestamp before year 1000 was written with an unpadded year, which delta-rs misread."""
+    import datetime as dt
+    import json
+
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from pipelines.lake.files import _truncated_bound
+
+    long = "/data/criteo/raw/day_0_some_long_name.gz"
+    odd = "\U0010ffff" * 40
+    path = str(tmp_path / "t")
+    ts = [dt.datetime(999, 1, 1, tzinfo=dt.timezone.utc), dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)]
+    write_arrow(path, pa.table({"p": [long, "short"], "o": [odd, "a"], "n": [1, 2],
+                                "t": pa.array(ts, pa.timestamp("us", tz="UTC"))}))
+    add = next(json.loads(ln)["add"] for ln in open(next((tmp_path / "t" / "_delta_log").glob("*.json")))
+               if '"add"' in ln)
+    stats = json.loads(add["stats"])
+    assert stats["minValues"]["p"] == long[:32] and stats["maxValues"]["p"] == "short"
+    assert _truncated_bound(long, "max") == long[:31] + "h"  # ..._lon|g -> ..._lon|h
+    assert stats["minValues"]["t"] == "0999-01-01T00:00:00.000Z"
+    assert "o" not in stats["maxValues"]  # 40 x U+10FFFF: nothing above it fits in 32 characters
+    dt_ds = DeltaTable(path).to_pyarrow_dataset()
+    assert dt_ds.to_table(filter=pc.field("p") == long).column("n").to_pylist() == [1]
+    assert dt_ds.to_table(filter=pc.field("p") > long[:32]).column("n").to_pylist() == [1, 2]
+    assert dt_ds.to_table(filter=pc.field("t") == pa.scalar(ts[0], pa.timestamp("us", tz="UTC"))).num_rows == 1
+    assert _truncated_bound("a" * 31 + "\ud7ff" + "x", "max") == "a" * 31 + "\ue000"
+    assert _truncated_bound("a" * 31 + "\U0010ffff" + "x", "max") == "a" * 30 + "b"
