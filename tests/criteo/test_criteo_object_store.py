@@ -51,9 +51,13 @@ def test_resolve_stat_and_read_on_s3(s3, tmp_path):
     assert names(raw_inputs.resolve([f"{bucket}/raw/day_*", f"{bucket}/raw/train.txt"], [])) == [
         "raw/day_0", "raw/day_1.gz", "raw/train.txt"]
     assert names(raw_inputs.resolve([f"{bucket}/other/*/day_?"], [])) == ["other/x/day_3", "other/y/day_4"]
-    assert names(raw_inputs.resolve([f"{bucket}/raw/*"], [])) == [
-        "raw/PROVENANCE.md", "raw/_generated.json", "raw/day_0", "raw/day_1.gz", "raw/train.txt"]
+    assert names(raw_inputs.resolve([f"{bucket}/raw/*"], [])) == [  # `_` markers only when asked for
+        "raw/PROVENANCE.md", "raw/day_0", "raw/day_1.gz", "raw/train.txt"]
     assert names(raw_inputs.resolve([f"{bucket}/raw/.h*"], [])) == ["raw/.hidden"]
+    assert names(raw_inputs.resolve([f"{bucket}/raw/_*"], [])) == ["raw/_generated.json"]
+    # a key that exists is itself, whatever its characters (no glob)
+    s3.upload(local, f"{bucket}/odd/day_[1]")
+    assert names(raw_inputs.resolve([f"{bucket}/odd/day_[1]"], [])) == ["odd/day_[1]"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         raw_inputs.resolve([f"{bucket}/raw/nope"], [])
     with pytest.raises(FileNotFoundError, match="matches no file"):
