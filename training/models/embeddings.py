@@ -52,8 +52,8 @@ class CategoricalEmbeddings(nn.Module):
         2048 x 26 ids, under 1 % of a DLRM step); on CUDA it is asserted asynchronously, without a host sync."""
         if idx.dim() != 2 or idx.shape[1] != self.num_columns:
             raise ValueError(f"categorical ids must be [batch, {self.num_columns}], got {list(idx.shape)}")
-        if idx.shape[0] == 0:
-            return
+        if idx.shape[0] == 0 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return  # a traced or exported graph (the pt2 model artifact) keeps no data-dependent branch
         lo, hi = torch.aminmax(idx, dim=0)  # per column: 20x cheaper than an elementwise mask
         limits = self.limits.to(idx.dtype)
         bad_col = (lo < 0) | (hi >= limits)
