@@ -101,6 +101,7 @@ def run(cfg, args) -> int:
         from pipelines.criteo.featurize import FeaturizeError, featurize
         from pipelines.criteo.ingest import IngestError, ingest
         from jobs.spark_step import error_text, step_error
+        from pipelines.raw_inputs import InputNameError
 
         try:
             if not args.no_generate and needs_generation(cfg):
@@ -117,7 +118,7 @@ def run(cfg, args) -> int:
             console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
         except Exception as e:  # noqa: BLE001 - printed as one line, or raised again
             # the steps' own errors name the file or table and the remedy: no traceback
-            if (shown := step_error(e, (IngestError, FeaturizeError, FileNotFoundError))) is None:
+            if (shown := step_error(e, (IngestError, FeaturizeError, FileNotFoundError, InputNameError))) is None:
                 raise
             console.print(error_text("run", shown))
             return 1

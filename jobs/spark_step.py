@@ -51,8 +51,12 @@ def spark_failure(e: BaseException) -> str | None:
                 "what it had not committed is not in the lake: run the command again")
     if isinstance(e, Py4JJavaError):
         first = str(e.java_exception).splitlines()[0] if e.java_exception is not None else str(e)
-    elif isinstance(e, PythonException):  # a Python error in a task of a DataFrame job: its last line says it
-        first = next((ln for ln in reversed(str(e).splitlines()) if ln and not ln[0].isspace()), str(e))
+    elif isinstance(e, PythonException):  # a Python error in a task: the lines after its traceback's frames
+        lines = str(e).splitlines()
+        i = max((i for i, ln in enumerate(lines) if ln.startswith('  File "')), default=-1) + 1
+        while 0 < i < len(lines) and lines[i].startswith("    "):  # the frame's source line and ^^^ marks
+            i += 1
+        first = " ".join(ln.strip() for ln in lines[i:] if ln.strip()) or str(e)
     else:
         return None
     return (f"a Spark job failed, nothing of it committed ({first[:600]}); -v shows the whole error. "

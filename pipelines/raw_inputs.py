@@ -33,6 +33,10 @@ from pipelines.lake.fs import filesystem_for, is_local, normalize_uri
 _WILDCARDS = "*?["
 
 
+class InputNameError(ValueError):
+    """An input's name cannot be ingested as it is (not UTF-8)."""
+
+
 def is_remote(name: str) -> bool:
     return not is_local(name)
 
@@ -115,7 +119,7 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequ
             if is_remote(name):
                 matches = _glob_remote(name)
             else:
-                matches = [m for m in sorted(glob.glob(name)) if os.path.isfile(m)]
+                matches = [m for m in sorted(glob.glob(_escape_existing_folders(name))) if os.path.isfile(m)]
             # `_`-prefixed names are markers (Spark's _SUCCESS, generate's _generated.json), as
             # in a folder, unless the pattern itself starts with `_`
             if not basename(name).startswith("_"):
@@ -140,9 +144,21 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequ
         try:
             p.encode("utf-8")
         except UnicodeEncodeError:  # a byte the filesystem kept that no UTF-8 text holds
-            raise ValueError(f"input file name {os.fsencode(p)!r} is not UTF-8, so it cannot be bronze's `source`: "
+            raise InputNameError(f"input file name {os.fsencode(p)!r} is not UTF-8, so it cannot be bronze's `source`: "
                              "rename it (e.g. `convmv -f latin1 -t utf8`)") from None
     return out
+
+
+def _escape_existing_folders(pattern: str) -> str:
+    """``pattern`` with its longest leading folder that exists as written escaped: in
+    ``/data/raw[1]/day_*`` the folder ``raw[1]`` is itself, not a character class matching
+    ``raw1`` (a local glob; the pattern's last component stays a pattern)."""
+    parts = pattern.split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        head = "/".join(parts[:i])
+        if _has_wildcard(head) and os.path.isdir(head):
+            return "/".join([glob.escape(head), *parts[i:]])
+    return pattern
 
 
 def _exists(name: str) -> bool:

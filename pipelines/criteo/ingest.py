@@ -277,6 +277,9 @@ def _first_lines(text: bytes, nbytes: int = 64 << 10) -> list[bytes]:
     return lines[:-1] if len(lines) > 1 else lines
 
 
+_ROW_START = re.compile(rb"\s*-?[0-9]*\s*(\t|$)")  # a label, an integer or an empty field first
+
+
 def _labeled(name: str, unlabeled_globs: Sequence[str]) -> bool:
     """Labelled (40 fields) unless the name matches ``unlabeled_globs`` (a test file: 39 fields,
     no label). The name decides, never a line: a stray line (one TAB too many in a test file, a
@@ -294,12 +297,14 @@ def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence
     if lines and lines[0].startswith(_BOM):
         lines[0] = lines[0][len(_BOM):]
     n = len(lines)
-    # not rows at all (a readme.txt beside train.txt): no kind fits, so say that
-    short = sum(ln.count(b"\t") + 1 < 14 for ln in lines)  # no room for a label and I1..I13
-    if short >= 3 and 2 * short > n:
-        return (f"{short} of its first {n} lines have fewer than 14 fields (a Criteo row has 37-40): it does not look "
-                "like a raw Criteo file; leave it out of the inputs (criteo.ingest.file_globs / exclude_globs, or "
-                "name the files)")
+    # not rows at all (a readme.txt beside train.txt): no kind fits, so say that. A short line
+    # is a row whose empty trailing fields were stripped when it starts with a label or an
+    # integer (I1); one that starts with words is text
+    text = sum(ln.count(b"\t") + 1 < 14 and not _ROW_START.match(ln) for ln in lines)
+    if text >= 3 and 2 * text > n:
+        return (f"{text} of its first {n} lines are text, not rows: fewer than 14 fields (a Criteo row has 37-40) and "
+                "no number first; it does not look like a raw Criteo file: leave it out of the inputs "
+                "(criteo.ingest.file_globs / exclude_globs, or name the files)")
     firsts = [ln.split(b"\t", 1)[0].strip() for ln in lines]
     if labeled:  # at most 39 fields and a first field that is no label: rows of a test file
         odd = sum(ln.count(b"\t") + 1 <= UNLABELED_FIELDS and f not in (b"0", b"1") for ln, f in zip(lines, firsts))
@@ -827,7 +832,10 @@ def _same_bytes(f: RawFile, twin: dict, hashes: dict[str, str]) -> str | None:
     ``hashes``: path -> sha256 computed so far): rare, as two files rarely agree on both
     unless they are copies."""
     if f.path not in hashes:
-        hashes[f.path] = file_sha256(f.path)
+        try:
+            hashes[f.path] = file_sha256(f.path)
+        except _GONE:  # removed since it was listed: its task reports it, alone
+            return None
     theirs = twin.get("sha256") or hashes.get(twin["path"])
     if not theirs:
         try:

@@ -986,6 +986,8 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     (raw / "day_8.gz").write_bytes(gzip.compress(b"") + gzip.compress(test_rows.encode()))
     # not Criteo rows at all: said so, not "add a glob to unlabeled_globs" (fifteenth session)
     (raw / "notes.txt").write_text("Display Advertising Challenge\n---\n\nDataset: dac-v1\nsee train.txt\n")
+    # rows whose empty trailing fields were stripped are rows, however short: they go in
+    (raw / "day_9").write_text("1\t5\t7\n0\t3\n1\t\t9\t1\n0\t1\t2\t3\t4\n")
     # the Kaggle archive's readme.txt beside train.txt / test.txt is not taken from a folder
     (raw / "README.txt").write_text("Display Advertising Challenge\n---\n\nDataset: dac-v1\n")
     cfg = _cfg(tmp_path)
@@ -993,8 +995,8 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
         ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
     got = {Path(p).name: why for p, why in e.value.problems}
     assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz", "notes.txt"}
-    assert got["notes.txt"].startswith("4 of its first 4 lines have fewer than 14 fields (a Criteo row has 37-40): "
-                                       "it does not look like a raw Criteo file; leave it out of the inputs")
+    assert got["notes.txt"].startswith("4 of its first 4 lines are text, not rows: fewer than 14 fields (a Criteo "
+                                       "row has 37-40) and no number first; it does not look like a raw Criteo file")
     assert "9 of its first 10 lines have at most 39 fields" in got["day_8.gz"]
     assert "9 of its first 10 lines have at most 39 fields and no 0/1 label" in got["day_0"]  # I1=1 could be a label
     assert "add a glob matching its name to criteo.ingest.unlabeled_globs" in got["day_0"]
@@ -1002,6 +1004,22 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     assert "4 of its first 10 lines have 40 fields and 10 start with a 0/1 label" in got["latest.txt"]
     assert "10 of its first 10 lines have at most 39 fields" in got["day_5"]
     assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
+
+
+def test_a_twin_removed_before_its_duplicate_check_fails_alone_later(tmp_path):
+    """Two files of the same size and first/last MiB, the second removed between listing and
+    planning: it is planned (its task reports it as gone), not a crash of the whole run
+    (fifteenth session's review)."""
+    from pipelines.criteo.ingest import _plan, describe_files
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("day_0", "day_1"):
+        (raw / name).write_text("1\t2\n" * 10)
+    files = describe_files([str(raw / "day_0"), str(raw / "day_1")], _cfg(tmp_path))
+    (raw / "day_1").unlink()
+    todo, results, _ = _plan(files, {}, False)
+    assert [f.source for f in todo] == ["day_0", "day_1"] and results == []
 
 
 def test_a_copy_is_a_duplicate_whether_its_twin_is_new_or_ingested(spark, tmp_path):

@@ -209,6 +209,11 @@ def test_resolve_inputs_takes_existing_paths_literally_and_names_non_utf8_names(
         (tmp_path / folder / "day_0").write_text("x")
         assert [Path(p).name for p in resolve_inputs([str(tmp_path / folder)], ["day_*"])] == ["day_0"], folder
         assert resolve_inputs([str(tmp_path / folder / "day_0")], []) == [str(tmp_path / folder / "day_0")]
+    # a glob below such a folder: the folder is itself, not the class [1] (which read raw1/)
+    (tmp_path / "raw1").mkdir()
+    (tmp_path / "raw1" / "day_7").write_text("x")
+    assert [str(Path(p).relative_to(tmp_path)) for p in resolve_inputs([str(tmp_path / "raw[1]" / "day_*")], [])] \
+        == ["raw[1]/day_0"]
     latin = tmp_path / "latin"
     latin.mkdir()
     (latin / "day_0").write_text("x")
@@ -217,7 +222,9 @@ def test_resolve_inputs_takes_existing_paths_literally_and_names_non_utf8_names(
     assert [Path(p).name for p in resolve_inputs([str(latin)], ["day_*"])] == ["day_0"]
     with open(os.path.join(os.fsencode(latin), b"day_\xe9"), "w") as f:  # taken: named in the error
         f.write("x")
-    with pytest.raises(ValueError, match=r"input file name b'.*/latin/day_\\xe9' is not UTF-8"):
+    from pipelines.raw_inputs import InputNameError
+
+    with pytest.raises(InputNameError, match=r"input file name b'.*/latin/day_\\xe9' is not UTF-8"):
         resolve_inputs([str(latin)], ["day_*"])
     with pytest.raises(ValueError, match="is not UTF-8"):
         resolve_inputs([str(latin / "day_*")], [])

@@ -49,6 +49,11 @@ def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
             raise FileNotFoundError(2, "No such file or directory", "/raw/day_3")
         yield from ()
 
+    def two_lines(batches):
+        for _ in batches:
+            raise ValueError("line one\nline two")
+        yield from ()
+
     def step(start, progress):
         return start().range(1, numPartitions=1).mapInArrow(gone, "id long").collect()
 
@@ -59,3 +64,8 @@ def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
     assert "a Spark job failed, nothing of it committed (FileNotFoundError: [Errno 2] No such file or directory: " \
            "'/raw/day_3')" in line, line
     assert "Traceback" not in out
+    # an exception of several lines keeps its type and every line (it was only "line two")
+    _, result = run_spark_step(cfg, "ingest", lambda start, p: start().range(1, numPartitions=1).mapInArrow(
+        two_lines, "id long").collect(), errors=())
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bigopt ingest: "))
+    assert "(ValueError: line one line two)" in line, line

@@ -85,6 +85,18 @@ def test_run_command_stops_clearly_on_a_bad_input(tmp_path, capsys, spark_forbid
     out = capsys.readouterr().out
     assert "bigopt run: 1 input file(s) cannot be ingested, nothing was committed" in out
     assert "day_0.gz: named .gz but not gzip content" in out
+    # a file name that is not UTF-8, with or without the generate check (a traceback until the
+    # fifteenth session's review)
+    import os
+
+    (tmp_path / "raw" / "day_0.gz").unlink()
+    with open(os.path.join(os.fsencode(tmp_path / "raw"), b"day_\xff.txt"), "w") as f:
+        f.write("1\t2\n")
+    for flags in (["--no-generate"], []):
+        with spark_forbidden("bigopt run on an input name it cannot take"):
+            assert job.run(cfg, parser.parse_args(flags)) == 1, flags
+        out = capsys.readouterr().out
+        assert "bigopt run: input file name b'" in out and "day_\\xff.txt' is not UTF-8" in out, out
 
 
 def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):

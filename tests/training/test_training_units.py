@@ -45,7 +45,7 @@ def test_out_of_range_ids_fail_instead_of_reading_the_next_column(name):
     m = build_model(name, cardinalities=[2, 2], num_dense=1)
     dense = torch.zeros(1, 1)
     for ids, col, value in (([[2, 0]], 0, 2), ([[0, -1]], 1, -1), ([[1, 5]], 1, 5)):
-        with pytest.raises(IndexError, match=f"column {col} has id {value} outside"):
+        with pytest.raises(IndexError, match=rf"column {col + 1} of 2 \(C{col + 1} in Criteo's naming\) has id {value} outside"):
             m(dense, torch.tensor(ids, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"must be \[batch, 2\]"):
         m(dense, torch.tensor([[0, 0, 0]]))

@@ -64,7 +64,8 @@ class CategoricalEmbeddings(nn.Module):
             bad = (idx < 0) | (idx >= limits)
             row, col = (int(v) for v in bad.nonzero()[0])
             raise IndexError(
-                f"categorical column {col} has id {int(idx[row, col])} outside [0, {self.cardinalities[col]}): "
+                f"categorical column {col + 1} of {self.num_columns} (C{col + 1} in Criteo's naming) has id "
+                f"{int(idx[row, col])} outside [0, {self.cardinalities[col]}): "
                 "the model's vocabulary sizes do not match the data (features.json / vocab_sizes "
                 "of another gold build?)")
 
