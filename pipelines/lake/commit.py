@@ -307,31 +307,19 @@ def _check_partition_values(uri: str, schema: pa.Schema, partition_by: list[str]
 
 def _in_log(uri: str, write_id: str | None, first_version: int) -> bool:
     """Whether a commit of write ``write_id`` is in the table's log at ``first_version`` or
-    later, read from the log files themselves: delta-rs can write a commit and then fail
-    loading the table, and a log it cannot load must still be told apart from a commit that
-    never happened (or one another writer made)."""
-    from pyarrow.fs import FileSelector
+    later, read from the log files themselves (:func:`commit_entries`): delta-rs can write a
+    commit and then fail loading the table, and a log it cannot load must still be told apart
+    from a commit that never happened (or one another writer made)."""
+    from pipelines.lake.maintenance import commit_entries
 
     if not write_id:
         return False
     fs, root = filesystem_for(uri)
-    try:
-        infos = fs.get_file_info(FileSelector(f"{root}/_delta_log", allow_not_found=True))
-    except OSError:
-        return False
-    for info in infos:
-        name = info.base_name
-        if not (name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) >= first_version):
-            continue
-        try:
-            with fs.open_input_stream(info.path) as f:
-                lines = f.read().decode().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            commit_info = json.loads(line).get("commitInfo") if line.strip() else None
-            if commit_info is not None and commit_info.get(WRITE_ID_KEY) == write_id:
-                return True
+    version = first_version
+    while (entries := commit_entries(fs, root, version)) is not None:
+        if any((e.get("commitInfo") or {}).get(WRITE_ID_KEY) == write_id for e in entries):
+            return True
+        version += 1
     return False
 
 
