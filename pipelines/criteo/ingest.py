@@ -346,18 +346,15 @@ def describe_file(path: str, cfg) -> RawFile:
     return RawFile(path, name, day, labeled, gz, size, mtime_ns, quick, foreign, conflict, name_problem)
 
 
-_MAX_DAY = (1 << 31) - 1  # bronze's `day` is an int
-_MAX_DIR_NAME = 255  # bytes in one path component: every local filesystem's limit
-
-
 def _day_of(name: str, day_regex: str) -> tuple[int, str | None]:
-    """(day number from the name, -1 without a match; why the name cannot be ingested, or None)."""
-    from pipelines.lake.files import partition_dir
+    """(day number from the name, -1 without a match; why the name cannot be ingested, or None:
+    it must be a bronze partition, ``day`` within its column's type and ``source`` a folder)."""
+    from pipelines.lake.files import MAX_DIR_NAME, int_range, partition_dir
 
     folder = partition_dir(["source"], (name,))
-    if len(folder.encode()) > _MAX_DIR_NAME:
+    if len(folder.encode()) > MAX_DIR_NAME:
         return -1, (f"its name is too long for bronze's `source` partition folder ({len(folder.encode())} bytes "
-                    f"once escaped, at most {_MAX_DIR_NAME}): rename it")
+                    f"once escaped, at most {MAX_DIR_NAME}): rename it")
     m = re.search(day_regex, name)
     if not m:
         return -1, None
@@ -365,8 +362,8 @@ def _day_of(name: str, day_regex: str) -> tuple[int, str | None]:
     if not re.fullmatch(r"[0-9]+", digits or ""):
         return -1, (f"criteo.ingest.day_regex {day_regex!r} takes {digits!r} from its name as the day, which is "
                     "not a number: change the setting")
-    if int(digits) > _MAX_DAY:
-        return -1, f"its day number {digits} is past bronze's `day` column (at most {_MAX_DAY:,}): rename it"
+    if int(digits) > (top := int_range(BRONZE_SCHEMA.field("day").type)[1]):
+        return -1, f"its day number {digits} is past bronze's `day` column (at most {top:,}): rename it"
     return int(digits), None
 
 

@@ -19,7 +19,7 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
 
-from pipelines.lake.files import delete_files, partition_value_str
+from pipelines.lake.files import delete_files, int_range, partition_value_str
 from pipelines.lake.fs import filesystem_for, normalize_uri
 from pipelines.lake.reader import check_readable
 from pipelines.lake.schema import SchemaMismatchError, check_compatible, to_pyarrow_schema
@@ -282,22 +282,19 @@ def commit(
         raise
 
 
-_INT_RANGES = {pa.int8(): 7, pa.int16(): 15, pa.int32(): 31, pa.int64(): 63}
-
-
 def _check_partition_values(uri: str, schema: pa.Schema, partition_by: list[str], adds: list[dict]) -> None:
     """Refuse an integer partition value its column cannot hold (a ``day`` of 2^31 in an
     ``int`` column): the log would take it, and then every read of the table fails to parse it.
     Checked before anything is committed."""
     for col in partition_by:
-        if col not in schema.names or (bits := _INT_RANGES.get(schema.field(col).type)) is None:
+        if col not in schema.names or (bounds := int_range(schema.field(col).type)) is None:
             continue
         for a in adds:
             v = (a.get("partition_values") or {}).get(col)
             if v is None:
                 continue
             try:
-                ok = -(1 << bits) <= int(v) < (1 << bits)
+                ok = bounds[0] <= int(v) <= bounds[1]
             except ValueError:
                 ok = False
             if not ok:

@@ -46,6 +46,19 @@ def partition_value_str(value: Any) -> str | None:
     return str(value)
 
 
+MAX_DIR_NAME = 255  # bytes in one path component (a partition folder): every local filesystem's limit
+
+
+def int_range(t: pa.DataType) -> tuple[int, int] | None:
+    """(min, max) of an integer Arrow type (a partition value outside it cannot be committed:
+    readers fail to parse it); None for other types."""
+    if not pa.types.is_integer(t):
+        return None
+    if pa.types.is_signed_integer(t):
+        return -(1 << (t.bit_width - 1)), (1 << (t.bit_width - 1)) - 1
+    return 0, (1 << t.bit_width) - 1
+
+
 def partition_dir(partition_by: list[str], values: tuple) -> str:
     parts = []
     for col, v in zip(partition_by, values):
