@@ -272,8 +272,11 @@ def _inflate_head(head: bytes, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _first_lines(text: bytes, nbytes: int = 64 << 10) -> list[bytes]:
-    lines = text[:nbytes].split(b"\n")
+_HEAD_TEXT = 64 << 10  # bytes of a file's first lines checked against its name
+
+
+def _first_lines(text: bytes) -> list[bytes]:
+    lines = text[:_HEAD_TEXT].split(b"\n")
     return lines[:-1] if len(lines) > 1 else lines
 
 
@@ -336,7 +339,7 @@ def describe_file(path: str, cfg) -> RawFile:
     # a .gz of 0 or 1 bytes (a copy in progress) is a truncated gzip: it fails alone when read
     gz = head[:2] == _GZIP_MAGIC or (name.endswith(".gz") and _GZIP_MAGIC.startswith(head))
     day, name_problem = _day_of(name, ing.day_regex)
-    text = _inflate_head(head, 256 << 10) if gz else head
+    text = _inflate_head(head, _HEAD_TEXT) if gz else head  # no more than the checks read
     foreign = next((what for magic, what in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
     if gz and not foreign:  # compressed twice (a download's double Content-Encoding), or gzip of a zstd file...
         inner = {_GZIP_MAGIC: "gzip-compressed twice", **{m: f"{w}, then gzip'd" for m, w in _FOREIGN_MAGIC.items()}}
