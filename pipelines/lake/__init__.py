@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipelines.lake.commit import CommitConflictError, TableExistsError, table_exists
-from pipelines.lake.datasource import FORMAT
 from pipelines.lake.files import partition_value_str
 from pipelines.lake.maintenance import commit_metadata, data_version, history, optimize, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
@@ -125,7 +124,7 @@ def write_table(
         w.save(uri)
     else:
         from pipelines.lake.commit import prepare_write
-        from pipelines.lake.datasource import register
+        from pipelines.lake.datasource import FORMAT, register
         from pipelines.lake.schema import spark_to_arrow
 
         register(spark)
@@ -200,7 +199,7 @@ def read_table(
                 vals = list(v) if isinstance(v, (list, tuple, set)) else [v]
                 df = df.filter(F.col(col).isin(vals))
         return df.select(*columns) if columns else df
-    from pipelines.lake.datasource import register
+    from pipelines.lake.datasource import FORMAT, register
 
     register(spark)
     r = spark.read.format(FORMAT)
