@@ -94,6 +94,14 @@ class CombinedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = eval_closure(closure)
+        for g in self.param_groups:
+            for p in g["params"]:
+                grad = p.grad
+                if grad is not None and grad.is_sparse and grad.is_cuda and not grad.is_coalesced():
+                    # on CUDA, adding an uncoalesced gradient (duplicate rows: one id seen twice in
+                    # a batch) uses atomics, so two runs differ in the last bits; coalescing sums the
+                    # duplicates in a fixed order. (On the CPU that add is already deterministic.)
+                    p.grad = grad.coalesce()
         for inner in self.optimizers:
             inner.step()
         return loss

@@ -50,21 +50,22 @@ class _Spec:
     reg_keys: tuple = ("weight_decay",)            # zeroed for the no_decay group
     layer_adaptation: bool = False                 # understands the layer_adaptation group flag
     sparse: bool = False                           # accepts sparse gradients
-    fused_ok: bool = False                         # torch fused kernel available (CPU and CUDA)
+    fused_devices: tuple = ()                      # device types with a torch fused kernel for it
     single_group: bool = False
     own: bool = False
 
 
+_CPU_CUDA = ("cpu", "cuda")
 _SPECS: dict[str, _Spec] = {
-    "sgd": _Spec(torch.optim.SGD, fused_ok=True),
-    "nesterov": _Spec(torch.optim.SGD, fixed={"nesterov": True}, defaults={"momentum": 0.9}, fused_ok=True),
-    "adagrad": _Spec(torch.optim.Adagrad, sparse=True, fused_ok=True),
+    "sgd": _Spec(torch.optim.SGD, fused_devices=_CPU_CUDA),
+    "nesterov": _Spec(torch.optim.SGD, fixed={"nesterov": True}, defaults={"momentum": 0.9}, fused_devices=_CPU_CUDA),
+    "adagrad": _Spec(torch.optim.Adagrad, sparse=True, fused_devices=("cpu",)),  # torch has no fused CUDA Adagrad,
     "rmsprop": _Spec(torch.optim.RMSprop),
-    "adam": _Spec(torch.optim.Adam, fused_ok=True),
-    "adamw": _Spec(torch.optim.AdamW, fused_ok=True),
+    "adam": _Spec(torch.optim.Adam, fused_devices=_CPU_CUDA),
+    "adamw": _Spec(torch.optim.AdamW, fused_devices=_CPU_CUDA),
     "nadam": _Spec(torch.optim.NAdam),
     "radam": _Spec(torch.optim.RAdam),
-    "amsgrad": _Spec(torch.optim.Adam, fixed={"amsgrad": True}, fused_ok=True),
+    "amsgrad": _Spec(torch.optim.Adam, fixed={"amsgrad": True}, fused_devices=_CPU_CUDA),
     "adafactor": _Spec(torch.optim.Adafactor),
     "lbfgs": _Spec(torch.optim.LBFGS, reg_keys=(), single_group=True),
     "lars": _Spec(LARS, layer_adaptation=True, own=True),
@@ -204,10 +205,11 @@ def param_groups_for(model: nn.Module, name: str, hp: dict[str, Any], *, embeddi
     return dense, sparse
 
 
-def _all_dense_float(groups) -> bool:
+def _fusable(groups, devices: tuple) -> bool:
+    """Every parameter a dense floating tensor on a device type the fused kernel supports."""
     for g in groups:
         for p in g["params"] if isinstance(g, dict) else [g]:
-            if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.device.type not in ("cpu", "cuda"):
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point() or p.device.type not in devices:
                 return False
     return True
 
@@ -255,8 +257,8 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     if "weight_decay" in hp and "weight_decay" not in _valid_hp(spec) and not hp["weight_decay"]:
         hp.pop("weight_decay")
 
-    if spec.fused_ok and "foreach" not in hp and "fused" not in hp and _all_dense_float(groups):
-        hp["fused"] = True  # one fused kernel per step: the fastest torch path on CPU and CUDA
+    if spec.fused_devices and "foreach" not in hp and "fused" not in hp and _fusable(groups, spec.fused_devices):
+        hp["fused"] = True  # one fused kernel per step: the fastest torch path where torch has one
 
     if not sparse_groups:
         return _construct(key, groups, **hp)
@@ -267,6 +269,13 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     lr = hp.get("lr", dense_opt.defaults.get("lr"))
     s_hp = {"lr": lr} if "lr" in _valid_hp(sparse_spec) and lr is not None else {}
     s_hp.update(sparse_hp)
+    if sparse_name == "sgd" and (s_hp.get("momentum") or s_hp.get("nesterov")):
+        raise ValueError(
+            "sparse_optimizer='sgd' with momentum: exact momentum decays every row of the buffer at every "
+            "step, so sparse gradients save nothing, and torch's sparse momentum buffer keeps every batch's "
+            "rows (it grows by one batch of rows per step, without bound). Use dense embeddings "
+            "(sparse=False) for momentum, or sparse_optimizer 'sgd' without momentum, 'adagrad', 'ftrl' or "
+            "'sparse_adam'")
     sparse_opt = _construct(sparse_name, sparse_groups, **s_hp)
     all_groups = []
     for route, opt in ((key, dense_opt), (sparse_name, sparse_opt)):

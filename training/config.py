@@ -41,7 +41,8 @@ class TrainConfig(BaseModel):
     sparse_embeddings: bool | Literal["auto"] = Field(
         "auto",
         description="sparse embedding gradients: auto = when the optimizer's own update supports them "
-        "(sgd/momentum/nesterov/adagrad/ftrl, no weight decay); true = also route to optimizer_params.sparse_optimizer",
+        "(sgd without momentum, adagrad, ftrl; no weight decay); true = also route to "
+        "optimizer_params.sparse_optimizer (momentum/nesterov only with one named)",
     )
     # --- data ---------------------------------------------------------------------------
     train_table: str | None = Field(None, description="gold train table (default: lake/<dataset>/gold/train)")

@@ -83,11 +83,14 @@ def pick_device(local_rank: int) -> torch.device:
 
 def resolve_sparse(t: TrainConfig) -> bool:
     if t.sparse_embeddings == "auto":
-        return supports_sparse(t.optimizer, t.weight_decay)
-    if t.sparse_embeddings and not can_route_sparse(t.optimizer):
+        return supports_sparse(t.optimizer, t.weight_decay, t.optimizer_params)
+    if t.sparse_embeddings and not can_route_sparse(t.optimizer, t.optimizer_params):
+        why = ("momentum has no sparse form (its buffer decays every row at every step); name "
+               "train.optimizer_params.sparse_optimizer to route the embeddings elsewhere, or"
+               if t.optimizer.lower() != "lbfgs" else "it needs a single dense parameter group;")
         raise ValueError(
-            f"train.sparse_embeddings: optimizer {t.optimizer!r} cannot train sparse embeddings; "
-            "use sgd/momentum/nesterov/adagrad/ftrl, or set sparse_embeddings to false/auto"
+            f"train.sparse_embeddings: optimizer {t.optimizer!r} cannot train sparse embeddings: {why} "
+            "use sgd/adagrad/ftrl, or set sparse_embeddings to false/auto"
         )
     return bool(t.sparse_embeddings)
 

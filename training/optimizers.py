@@ -19,8 +19,17 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# optimizers whose own update accepts sparse (COO) gradients (without weight decay)
-_SPARSE_NATIVE = {"sgd", "momentum", "nesterov", "adagrad", "ftrl", "sparse_adam"}
+# optimizers whose own update accepts sparse (COO) gradients (without weight decay) with the
+# maths of the dense one. Not momentum/nesterov: exact momentum decays every row of the buffer at
+# every step (sparse gradients save nothing), and torch's sparse momentum buffer keeps every
+# batch's rows - it held 50 k rows for a 1 k-row table after 50 steps, growing without bound.
+_SPARSE_NATIVE = {"sgd", "adagrad", "ftrl", "sparse_adam"}
+_MOMENTUM = {"momentum", "nesterov"}
+
+
+def _has_momentum(name: str, params: dict[str, Any] | None) -> bool:
+    p = params or {}
+    return name.lower() in _MOMENTUM or bool(p.get("momentum")) or bool(p.get("nesterov"))
 
 
 def _registry():
@@ -31,15 +40,21 @@ def _registry():
     return registry
 
 
-def supports_sparse(name: str, weight_decay: float = 0.0) -> bool:
-    """Whether ``name`` itself updates sparse embedding gradients (same maths as dense)."""
-    return name.lower() in _SPARSE_NATIVE and not weight_decay
+def supports_sparse(name: str, weight_decay: float = 0.0, params: dict[str, Any] | None = None) -> bool:
+    """Whether ``name`` (with ``params``, its ``optimizer_params``) itself updates sparse
+    embedding gradients with the same maths as dense ones."""
+    return name.lower() in _SPARSE_NATIVE and not weight_decay and not _has_momentum(name, params)
 
 
-def can_route_sparse(name: str) -> bool:
+def can_route_sparse(name: str, params: dict[str, Any] | None = None) -> bool:
     """Whether sparse embeddings can be trained at all with ``name``: natively, or by the
-    registry routing them to a sparse optimizer (``optimizer_params.sparse_optimizer``)."""
-    return supports_sparse(name) or (_registry() is not None and name.lower() not in {"lbfgs"})
+    registry routing them to a sparse optimizer (``optimizer_params.sparse_optimizer``; with
+    momentum only when one is named, since momentum has no sparse form)."""
+    if supports_sparse(name, params=params):
+        return True
+    if _registry() is None or name.lower() == "lbfgs":
+        return False
+    return not _has_momentum(name, params) or "sparse_optimizer" in (params or {})
 
 
 def _torch_optimizer(name: str, params: Iterable, lr: float, weight_decay: float, hp: dict[str, Any]):
@@ -95,15 +110,14 @@ def build_optimizer(
     registry = _registry()
     if registry is None:
         return _torch_optimizer(key, model.parameters(), lr, weight_decay, hp)
-    if _has_sparse_embeddings(model) and "sparse_optimizer" not in hp and key in {"sgd", "nesterov", "adagrad", "ftrl"}:
-        route = "sgd" if key in {"sgd", "nesterov"} else key
-        hp["sparse_optimizer"] = route
-        if route == "sgd":
-            mom = hp.get("momentum", 0.9 if key == "nesterov" else 0.0)
-            sparse_hp = {"momentum": mom} if mom else {}
-            if key == "nesterov":
-                sparse_hp["nesterov"] = True
-            hp.setdefault("sparse_hp", sparse_hp)
+    if _has_sparse_embeddings(model) and "sparse_optimizer" not in hp:
+        if _has_momentum(name, hp):
+            raise ValueError(
+                f"optimizer {name!r} has momentum, which has no sparse form (the buffer decays every row "
+                "at every step): train its embeddings dense (train.sparse_embeddings: false or auto), or "
+                "name optimizer_params.sparse_optimizer (sgd without momentum, adagrad, ftrl, sparse_adam)")
+        if key in {"sgd", "adagrad", "ftrl"}:
+            hp["sparse_optimizer"] = key  # the embeddings follow the same update rule
     return registry(key, model, lr=lr, weight_decay=weight_decay, **hp)
 
 

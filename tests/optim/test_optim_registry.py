@@ -225,3 +225,11 @@ def test_clip_grad_norm_dense_and_sparse():
     assert float(t1) == pytest.approx(float(t2)) and float(t1) > 0
     for a, b in zip(dense.parameters(), ref.parameters()):
         assert torch.allclose(a.grad, b.grad)
+
+
+def test_sparse_sgd_route_refuses_momentum():
+    """torch's sparse momentum buffer concatenates every step's rows (unbounded growth)."""
+    with pytest.raises(ValueError, match="momentum"):
+        build_optimizer("adam", Net(sparse=True), lr=0.01, sparse_optimizer="sgd", sparse_hp={"momentum": 0.9})
+    opt = build_optimizer("adam", Net(sparse=True), lr=0.01, sparse_optimizer="sgd")
+    assert opt.routes == ["adam", "sgd"]

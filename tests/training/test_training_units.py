@@ -98,7 +98,7 @@ def test_checkpoint_is_weights_only_and_pruned(tmp_path):
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "adam", "adamw"])
 def test_optimizers_by_name_take_a_step(name):
-    sparse = name in {"sgd", "momentum", "adagrad"}
+    sparse = name in {"sgd", "adagrad"}
     m = build_model("dlrm", cardinalities=[5, 5], num_dense=3, sparse=sparse)
     opt = build_optimizer(name, m, lr=0.1)
     before = [p.detach().clone() for p in m.parameters()]
@@ -162,3 +162,26 @@ def test_tensor_loader_resume_and_eval_mode():
     ev = [TensorLoader(data, 10, rank=r, world_size=2, shuffle=False, drop_last=False) for r in range(2)]
     seen = torch.cat([t["x"] for e in ev for t in e])
     assert sorted(seen.tolist()) == list(range(103))
+
+
+@pytest.mark.parametrize("name,params", [("momentum", {}), ("nesterov", {}), ("sgd", {"momentum": 0.9})])
+def test_momentum_trains_dense_embeddings(name, params):
+    """Momentum has no sparse form: torch's sparse momentum buffer keeps every batch's rows (it
+    grew to 50x the table after 50 steps). auto picks dense embeddings; asking for sparse ones
+    without naming where to route them is refused, naming the reason."""
+    from training.config import TrainConfig
+    from training.loop import resolve_sparse
+
+    t = TrainConfig(optimizer=name, optimizer_params=params)
+    assert resolve_sparse(t) is False
+    with pytest.raises(ValueError, match="momentum has no sparse form"):
+        resolve_sparse(t.model_copy(update={"sparse_embeddings": True}))
+    routed = t.model_copy(update={"sparse_embeddings": True,
+                                  "optimizer_params": {**params, "sparse_optimizer": "adagrad"}})
+    assert resolve_sparse(routed) is True
+    m = build_model("dlrm", cardinalities=[5, 5], num_dense=3, sparse=True)
+    with pytest.raises(ValueError, match="momentum"):
+        build_optimizer(name, m, lr=0.1, params=params)
+    opt = build_optimizer(name, m, lr=0.1, params={**params, "sparse_optimizer": "adagrad"})
+    assert sorted(opt.routes) == ["adagrad", "nesterov" if name == "nesterov" else "sgd"]
+    assert resolve_sparse(TrainConfig(optimizer="sgd")) is True  # plain SGD keeps sparse gradients

@@ -1,0 +1,49 @@
+"""Config helper for the training tests (importable as ``train_helpers``)."""
+from __future__ import annotations
+
+
+def train_cfg(gold: dict, tmp_path, *overrides: str, tracking=False):
+    """A root config training on ``gold`` with everything written under ``tmp_path``.
+
+    ``tracking``: False, True (a store under ``tmp_path``) or ``(uri, artifact_dir)``.
+    """
+    store = tracking if isinstance(tracking, tuple) else (f"sqlite:///{tmp_path}/mlflow.db", f"{tmp_path}/mlruns")
+    from jobs.config import load_config
+
+    ov = [
+        f"train.train_table={gold['train']}",
+        f"train.valid_table={gold['valid']}",
+        f"train.test_table={gold['test']}",
+        f"train.checkpoint_dir={tmp_path}/ckpt",
+        "train.model=dlrm",
+        "train.model_params={embedding_dim: 8, bottom_mlp: [32], top_mlp: [32]}",
+        "train.optimizer=adam",
+        "train.lr=0.003",
+        "train.batch_size=256",
+        "train.max_steps=60",
+        "train.eval_every=0",
+        "train.log_every=5",
+        "train.threads_per_rank=1",
+        "train.shuffle_buffer_rows=4096",
+        f"lake.root={tmp_path}/lake",
+        f"tracking.enabled={'true' if tracking else 'false'}",
+        f"tracking.tracking_uri={store[0]}",
+        f"tracking.artifact_location={store[1]}",
+        "tracking.model_format=pickle",
+        *overrides,
+    ]
+    return load_config(None, ov)
+
+
+def probe_rank(job: dict, dist) -> dict:
+    """A per-rank function for the launcher tests: rank, world size and a collective's result;
+    raises on ``job["fail_rank"]`` after the collective."""
+    import os
+
+    import torch
+
+    total = dist.allreduce_mean(torch.tensor([float(dist.rank + 1)])).item() * dist.size
+    if dist.rank == job.get("fail_rank"):
+        raise RuntimeError(f"probe failure on rank {dist.rank}")
+    return {"rank": dist.rank, "size": dist.size, "sum": total, "x": job["x"],
+            "stall_env": os.environ.get("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")}
