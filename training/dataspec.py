@@ -437,5 +437,5 @@ def batch_to_inputs(batch: dict[str, torch.Tensor], spec: DataSpec, device: torc
         dense.to(device, torch.float32, non_blocking=nb),
         sparse.to(device, sparse.dtype if sparse.dtype in (torch.int32, torch.int64) else torch.long, non_blocking=nb),
         label.reshape(-1).to(device, torch.float32, non_blocking=nb),
-        None if mask is None else mask.reshape(-1).to(device, torch.bool),
+        None if mask is None else mask.reshape(-1).to(device, torch.bool, non_blocking=nb),
     )

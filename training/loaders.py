@@ -121,15 +121,18 @@ def make_loader(
     seed: int = 0,
     shuffle_buffer_rows: int = 200_000,
     prefetch: int = 2,
+    pin_memory: bool = False,
 ):
-    """The training (shuffled, equal ``len`` per rank) or eval (every row once) loader."""
+    """The training (shuffled, equal ``len`` per rank) or eval (every row once) loader;
+    ``pin_memory`` for a CUDA device (asynchronous host-to-GPU copies)."""
     global _warned
     try:
         from training.data import DeltaTorchLoader  # noqa: PLC0415
     except ImportError:
         DeltaTorchLoader = None  # noqa: N806
     if DeltaTorchLoader is not None:
-        kw: dict[str, Any] = dict(version=version, rank=rank, world_size=world_size, seed=seed, prefetch=prefetch)
+        kw: dict[str, Any] = dict(version=version, rank=rank, world_size=world_size, seed=seed, prefetch=prefetch,
+                                  pin_memory=pin_memory)
         if train:
             kw.update(shuffle=True, drop_last=True, shuffle_buffer_rows=shuffle_buffer_rows)
         else:

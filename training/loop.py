@@ -229,7 +229,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     micro = t.micro_batch_size
     loader = make_loader(spec.train, spec.columns, micro, version=spec.versions.get("train"), rank=rank,
                          world_size=world, train=True, seed=job["seed"], shuffle_buffer_rows=t.shuffle_buffer_rows,
-                         prefetch=t.prefetch)
+                         prefetch=t.prefetch, pin_memory=device.type == "cuda")
     micro_per_epoch = len(loader)
     steps_per_epoch = micro_per_epoch // t.grad_accum_steps
     if steps_per_epoch <= 0:
