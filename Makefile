@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench-quick lock horovod clean help
+.PHONY: setup demo test test-cuda test-fast bench-quick lock horovod clean help
 
 help:
 	@echo "make setup        create/refresh .venv (torch, locked deps, horovod) - idempotent"
 	@echo "make demo         set up if needed, then run the demo pipeline end to end"
 	@echo "make test         set up if needed, then run the test suite"
+	@echo "make test-cuda    on a GPU machine: the CUDA-path tests (docs/gpu.md)"
 	@echo "make bench-quick  every benchmark in --quick mode"
 	@echo "make lock         re-resolve requirements.lock with uv"
 
@@ -25,6 +26,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-cuda: setup
+	$(PY) -m pytest -q -rs tests/cuda $(PYTEST_ARGS)
 
 bench-quick: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done

@@ -51,17 +51,18 @@ def pipeline_vs_inmemory(spec, args) -> dict[str, float]:
     from training.models import build_model
     from training.optimizers import build_optimizer
 
+    dev = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.model, cardinalities=spec.cardinalities, num_dense=spec.num_dense)
+    model = build_model(args.model, cardinalities=spec.cardinalities, num_dense=spec.num_dense).to(dev)
     opt = build_optimizer(args.optimizer, model, lr=1e-3)
     step = _step_fn(model, opt)
     loader = DeltaTorchLoader(spec.train, spec.columns, args.batch, version=spec.versions["train"], shuffle=True,
-                              seed=0, prefetch=4)
+                              seed=0, prefetch=4, read_ahead=args.read_ahead, pin_memory=not args.no_pin)
     per_epoch = len(loader)
     # in-memory baseline: the same number of distinct batches, already tensors in the model's dtypes
     mem = []
     for b in loader:
-        mem.append(batch_to_inputs(b, spec)[:3])
+        mem.append(batch_to_inputs(b, spec, dev)[:3])
         if len(mem) >= min(per_epoch, args.steps):
             break
     epoch = [1]
@@ -76,17 +77,25 @@ def pipeline_vs_inmemory(spec, args) -> dict[str, float]:
             b = next(it[0])
         return b
 
+    def sync() -> None:  # a GPU runs behind the host: time what it finished, not what was queued
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     def run_pipeline(n: int) -> float:
+        sync()
         t0 = time.perf_counter()
         for _ in range(n):
-            d, s, y, _m = batch_to_inputs(next_batch(), spec)
+            d, s, y, _m = batch_to_inputs(next_batch(), spec, dev)
             step(d, s, y)
+        sync()
         return n * args.batch / (time.perf_counter() - t0)
 
     def run_memory(n: int) -> float:
+        sync()
         t0 = time.perf_counter()
         for i in range(n):
             step(*mem[i % len(mem)])
+        sync()
         return n * args.batch / (time.perf_counter() - t0)
 
     run_memory(3)
@@ -147,7 +156,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--hvd-steps", type=int, default=None)
     p.add_argument("--no-horovod", action="store_true")
+    p.add_argument("--no-pin", action="store_true", help="CUDA: pageable batches (synchronous host-to-GPU copies)")
+    p.add_argument("--read-ahead", type=int, default=None, help="loader read_ahead (default: by cores)")
+    p.add_argument("--device", default="auto",
+                   help="device of the pipeline-vs-in-memory part: auto (CUDA when present, as training picks), cpu, cuda")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.rows = args.rows or (300_000 if args.quick else 2_000_000)
     args.steps = args.steps or (30 if args.quick else 150)
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -175,7 +190,8 @@ def main(argv=None) -> int:
                                  f"lake.root={work}/lake", *extra])
         spec = resolve_data(cfg)
         print(f"table {spec.train} v{spec.versions['train']}: {spec.train_rows:,} rows, model {args.model}, "
-              f"optimizer {args.optimizer}, batch {args.batch}, torch threads {torch.get_num_threads()}")
+              f"optimizer {args.optimizer}, batch {args.batch}, device {args.device}, "
+              f"torch threads {torch.get_num_threads()}")
         res = pipeline_vs_inmemory(spec, args)
         if not args.no_horovod:
             res.update(horovod_scaling(gold, work, args))

@@ -35,6 +35,22 @@ def train_cfg(gold: dict, tmp_path, *overrides: str, tracking=False):
     return load_config(None, ov)
 
 
+def interrupted_and_full(gold: dict, tmp_path, *variant: str):
+    """(uninterrupted run, run stopped at step 17 of 30 then resumed from its step-10
+    checkpoint) of the same config: a correct resume ends with the same parameters."""
+    import pytest
+
+    from training.api import run_training
+    from training.loop import InjectedFailure
+
+    common = ["train.max_steps=30", "train.checkpoint_every=10", "train.eval_every=15", *variant]
+    full = run_training(train_cfg(gold, tmp_path / "a", *common))
+    cfg_b = train_cfg(gold, tmp_path / "b", *common)
+    with pytest.raises(InjectedFailure):
+        run_training(cfg_b.model_copy(update={"train": cfg_b.train.model_copy(update={"fail_at_step": 17})}))
+    return full, run_training(cfg_b, resume=True)
+
+
 def probe_rank(job: dict, dist) -> dict:
     """A per-rank function for the launcher tests: rank, world size and a collective's result;
     raises on ``job["fail_rank"]`` after the collective."""

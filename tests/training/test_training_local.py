@@ -6,9 +6,8 @@ import json
 import pytest
 import torch
 
-from train_helpers import train_cfg
+from train_helpers import interrupted_and_full, train_cfg
 from training.api import run_training
-from training.loop import InjectedFailure
 
 
 def test_local_training_learns_and_reports(synth_gold, tmp_path):
@@ -38,12 +37,7 @@ def _model_params(res):
     ["train.optimizer=adagrad", "train.model=logreg", "train.model_params={}", "train.lr=0.1", "train.bf16=true"],
 ])
 def test_resume_after_forced_stop_matches_uninterrupted(synth_gold, tmp_path, variant):
-    common = ["train.max_steps=30", "train.checkpoint_every=10", "train.eval_every=15", *variant]
-    full = run_training(train_cfg(synth_gold, tmp_path / "a", *common))
-    cfg_b = train_cfg(synth_gold, tmp_path / "b", *common)
-    with pytest.raises(InjectedFailure):
-        run_training(cfg_b.model_copy(update={"train": cfg_b.train.model_copy(update={"fail_at_step": 17})}))
-    resumed = run_training(cfg_b, resume=True)
+    full, resumed = interrupted_and_full(synth_gold, tmp_path, *variant)
     assert resumed.rank0["step"] == 30
     assert resumed.rank0["fingerprint"] == full.rank0["fingerprint"]  # bit-identical parameters
     assert resumed.valid["auc"] == full.valid["auc"]
