@@ -11,14 +11,14 @@ from training.launch import RankFailure, launch, run_local
 
 pytestmark = pytest.mark.horovod
 
-HERE = Path(__file__).resolve().parent
+HELPERS = Path(__file__).resolve().parents[1]  # tests/: train_helpers.py
 
 
 @pytest.fixture
 def helpers_importable(monkeypatch):
-    """The ranks import ``probe_rank`` by module name: put this folder on their PYTHONPATH."""
+    """The ranks import ``probe_rank`` by module name: put its folder on their PYTHONPATH."""
     pytest.importorskip("horovod.torch")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HELPERS), os.environ.get("PYTHONPATH")])))
 
 
 def test_run_local_runs_every_rank_and_returns_results_in_rank_order(helpers_importable):
