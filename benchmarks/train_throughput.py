@@ -57,7 +57,7 @@ def pipeline_vs_inmemory(spec, args) -> dict[str, float]:
     opt = build_optimizer(args.optimizer, model, lr=1e-3)
     step = _step_fn(model, opt)
     loader = DeltaTorchLoader(spec.train, spec.columns, args.batch, version=spec.versions["train"], shuffle=True,
-                              seed=0, prefetch=4, read_ahead=args.read_ahead, pin_memory=not args.no_pin)
+                              seed=0, prefetch=4, read_ahead=args.read_ahead, pin_memory=dev.type == "cuda" and not args.no_pin)
     per_epoch = len(loader)
     # in-memory baseline: the same number of distinct batches, already tensors in the model's dtypes
     mem = []

@@ -98,9 +98,10 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``: ``optim.build_optimizer`` when present, else torch.optim.
 
-    ``momentum`` is SGD with momentum 0.9. With sparse embeddings and an optimizer that
-    handles sparse gradients itself (sgd/momentum/nesterov/adagrad/ftrl), the embeddings are
-    routed to the same update rule, so sparse and dense runs optimise the same objective.
+    ``momentum`` is SGD with momentum 0.9. With sparse embeddings and sgd/nesterov/adagrad/ftrl
+    (no ``sparse_optimizer`` named), the embeddings are routed to the same update rule, so sparse
+    and dense runs optimise the same objective; the registry refuses that route with momentum,
+    which has no sparse form.
     """
     hp = dict(params or {})
     key = name.strip().lower()
@@ -110,14 +111,12 @@ def build_optimizer(
     registry = _registry()
     if registry is None:
         return _torch_optimizer(key, model.parameters(), lr, weight_decay, hp)
-    if _has_sparse_embeddings(model) and "sparse_optimizer" not in hp:
-        if _has_momentum(name, hp):
-            raise ValueError(
-                f"optimizer {name!r} has momentum, which has no sparse form (the buffer decays every row "
-                "at every step): train its embeddings dense (train.sparse_embeddings: false or auto), or "
-                "name optimizer_params.sparse_optimizer (sgd without momentum, adagrad, ftrl, sparse_adam)")
-        if key in {"sgd", "adagrad", "ftrl"}:
-            hp["sparse_optimizer"] = key  # the embeddings follow the same update rule
+    if _has_sparse_embeddings(model) and "sparse_optimizer" not in hp and key in {"sgd", "nesterov", "adagrad", "ftrl"}:
+        route = "sgd" if key == "nesterov" else key
+        hp["sparse_optimizer"] = route
+        if route == "sgd":
+            mom = hp.get("momentum", 0.9 if key == "nesterov" else 0.0)
+            hp.setdefault("sparse_hp", {"momentum": mom, "nesterov": key == "nesterov"} if mom else {})
     return registry(key, model, lr=lr, weight_decay=weight_decay, **hp)
 
 

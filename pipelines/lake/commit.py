@@ -277,7 +277,7 @@ def commit(
             f"committed (run it again once the other writer is done): {e}") from e
     except BaseException:
         # a commit that reached the log (its read-back failed) keeps its files: the log names them
-        if not landed and not _in_log(uri, info.get(WRITE_ID_KEY), (read_version or -1) + 1):
+        if not landed and not _in_log(uri, info.get(WRITE_ID_KEY), 0 if read_version is None else read_version + 1):
             delete_files(uri, on_disk)
         raise
 
