@@ -19,31 +19,41 @@ import os
 # (docs/criteo.md). Must be set before pyarrow loads; a value in the environment wins.
 os.environ.setdefault("MIMALLOC_PURGE_DELAY", "1000")
 
-try:  # never let a warm-up problem take the workers down
-    import pyarrow.compute  # noqa: F401
-    import pyarrow.csv  # noqa: F401
 
-    import pipelines.criteo.parse  # noqa: F401  (numpy, pyarrow.csv)
-    import pipelines.lake.commit  # noqa: F401  (pyarrow, deltalake)
-    import pipelines.lake.datasource  # noqa: F401  (pyspark.sql.datasource, pandas)
-    import pipelines.lake.files  # noqa: F401
-    import pipelines.lake.reader  # noqa: F401  (pyarrow.dataset)
-    import pipelines.lake.tasks  # noqa: F401
+def warm_up() -> None:
+    """Import the heavy modules and load the compiled kernels once, before workers fork."""
+    try:  # never let a warm-up problem take the workers down
+        import pyarrow.compute  # noqa: F401
+        import pyarrow.csv  # noqa: F401
 
-    # Arrow sets up its compute kernels on the first compute call (~0.6 s of CPU): do it here
-    # once, not in every forked worker
-    pyarrow.compute.less(pyarrow.array([1]), 0)
-    # the compiled kernels (line scanner, Spark's xxhash64): load them from Numba's cache (or
-    # compile them, the first time on a machine) once, not in every worker
-    import pipelines.criteo.scan
-    import pipelines.criteo.spark_xxhash
+        import pipelines.criteo.parse  # noqa: F401  (numpy, pyarrow.csv)
+        import pipelines.lake.commit  # noqa: F401  (pyarrow, deltalake)
+        import pipelines.lake.datasource  # noqa: F401  (pyspark.sql.datasource, pandas)
+        import pipelines.lake.files  # noqa: F401
+        import pipelines.lake.reader  # noqa: F401  (pyarrow.dataset)
+        import pipelines.lake.tasks  # noqa: F401
 
-    pipelines.criteo.scan.warm_up()
-    pipelines.criteo.spark_xxhash.warm_up()
-except Exception:  # noqa: BLE001
-    pass
+        # Arrow sets up its compute kernels on the first compute call (~0.6 s of CPU): do it here
+        # once, not in every forked worker
+        pyarrow.compute.less(pyarrow.array([1]), 0)
+        # the compiled kernels (line scanner, Spark's xxhash64): load them from Numba's cache (or
+        # compile them, the first time on a machine) once, not in every worker
+        import pipelines.criteo.scan
+        import pipelines.criteo.spark_xxhash
 
-from pyspark.daemon import manager
+        pipelines.criteo.scan.warm_up()
+        pipelines.criteo.spark_xxhash.warm_up()
+    except Exception:  # noqa: BLE001
+        pass
+
 
 if __name__ == "__main__":
+    # Only in the daemon itself. A process a worker starts with multiprocessing's "spawn" (as
+    # Horovod's launcher does for every rank, to run its command) re-runs the parent's main
+    # module under the name "__mp_main__": the warm-up there took ~5 s per rank and warmed
+    # nothing it uses.
+    warm_up()
+
+    from pyspark.daemon import manager
+
     manager()

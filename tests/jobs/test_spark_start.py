@@ -65,3 +65,27 @@ def test_no_java_is_a_one_line_error(tmp_path):
     assert out.returncode == 1, text
     assert f"bigopt lake: Spark 4 needs Java 17+: JAVA_HOME={tmp_path / 'no-java'} has no bin/java" in text
     assert "Traceback" not in text
+
+
+
+def test_a_process_spawned_by_a_worker_does_not_warm_up_again(spark):
+    """The worker daemon warms its workers up (imports pyarrow/deltalake, loads the kernels).
+    A process spawned from a worker re-runs the daemon's module as ``__mp_main__``: the warm-up
+    must not run there (it made each Horovod rank start ~5 s later)."""
+
+    def spawn_from_a_worker(_):
+        """Which daemon forked this worker, is it warm, and does a process it starts with
+        multiprocessing's "spawn" (as Horovod's launcher starts each rank's command) import
+        deltalake before it runs anything? The child's exit code says: 3 = it does."""
+        import multiprocessing
+        import sys
+
+        main = sys.modules["__main__"]
+        child = multiprocessing.get_context("spawn").Process(
+            target=exec, args=("import sys; sys.exit(3 if 'deltalake' in sys.modules else 4)",))
+        child.start()
+        child.join()
+        yield (main.__spec__.name if main.__spec__ else None, "deltalake" in sys.modules, child.exitcode)
+
+    got = spark.sparkContext.parallelize([0, 1], 2).mapPartitions(spawn_from_a_worker).collect()
+    assert got == [("pipelines.worker_daemon", True, 4)] * 2
