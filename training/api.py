@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import checkpoint_data_versions, latest_checkpoint, list_checkpoints
+from training.checkpoint import (
+    ResumeError,
+    checkpoint_data_versions,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    resume_conflicts,
+)
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
 from training.loop import make_job, train_rank
@@ -76,10 +83,13 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
         if last is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
             resume = False
-        else:
-            import torch
-
-            head = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+        else:  # every refusal comes before the MLflow run is reopened (it stays as it was)
+            head = read_checkpoint(last)
+            conflicts = resume_conflicts(head, cfg.train.model_dump(mode="json"), cfg.run.seed)
+            if conflicts:
+                raise ResumeError(f"cannot resume {last} with changed settings: " + "; ".join(conflicts)
+                                  + ". Resume with the checkpoint's settings (only when to stop, evaluate, log "
+                                  "and checkpoint may change), or train without --resume")
             run_id = head.get("run_id")
             data_versions = checkpoint_data_versions(head)
             log.info("resuming from %s (step %s, MLflow run %s, data versions %s)", last, head.get("step"), run_id,
@@ -90,6 +100,14 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             p.unlink(missing_ok=True)
 
     spec = resolve_data(cfg, versions=data_versions)
+    if data_versions and "train" in data_versions and spec.versions.get("train") != data_versions["train"]:
+        # resolve_data reads a compacted-and-vacuumed pinned version at the latest one, whose
+        # rows are the same but whose files, and so the loaders' positions, are not
+        raise ResumeError(
+            f"cannot resume {last}: its data position is in gold train v{data_versions['train']}, whose files were "
+            f"compacted and vacuumed since (the same rows are at v{spec.versions.get('train')}, in other files, "
+            "where that position means other rows). Train without --resume, or keep checkpointed runs' versions "
+            "out of vacuum (`bigopt lake --action vacuum` keeps 7 days by default)")
     chash = config_hash(cfg)
     uri = None
     if cfg.tracking.enabled:

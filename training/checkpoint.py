@@ -15,6 +15,8 @@ floats, strings and None only::
       "rng": [torch.get_rng_state() per rank],    # + "cuda_rng" when on GPU
       "progress": {"samples": int, "train_s": float, "wall_s": float, "best_auc": float, ...},
       "run_id": str | None, "config_hash": str,
+      "data_versions": {"train": v, "valid": v, "test": v},
+      "train_config": cfg.train as JSON, "seed": run.seed,   # what a resume must keep (below)
     }
 """
 from __future__ import annotations
@@ -93,3 +95,47 @@ def checkpoint_data_versions(state: dict[str, Any]) -> dict[str, int] | None:
     loaders = state.get("loaders") or []
     version = loaders[0].get("version") if loaders and isinstance(loaders[0], dict) else None
     return None if version is None else {"train": int(version)}
+
+
+class ResumeError(ValueError):
+    """``--resume`` cannot continue this checkpoint; the message says why and what to do."""
+
+
+# train.* settings a resume may change: they decide when the run stops, what it evaluates and
+# logs, and how it is run, not the steps it computes. Every other train.* setting (model,
+# optimizer, schedule, batch, ranks, data, compression...) and run.seed must match the
+# checkpoint, or the resumed run would silently mix two configurations: a changed lr, say, is
+# overridden by the restored scheduler while MLflow records the new config.
+RESUMABLE_CHANGES = frozenset({
+    "max_steps", "epochs", "eval_every", "eval_batch_size", "eval_max_rows", "target_auc", "early_stop",
+    "test_at_end", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "backend", "threads_per_rank",
+    "start_timeout", "stall_shutdown_s", "log_every", "fail_at_step", "prefetch",
+})
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (mmap'd), or :class:`ResumeError` naming the file when it
+    cannot be read (truncated, empty, not a checkpoint)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError...
+        older = [p.name for p in list_checkpoints(path.parent) if p != path]
+        what = f"the older {older[-1]} is then the latest" if older else "there is no older one"
+        reason = "it is empty" if path.stat().st_size == 0 else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise ResumeError(f"checkpoint {path} is damaged ({reason}); remove it to resume from an older "
+                          f"checkpoint ({what}), or train without --resume") from None
+
+
+def resume_conflicts(state: dict[str, Any], train: dict[str, Any], seed: int) -> list[str]:
+    """Settings of ``train`` (cfg.train as JSON) and ``seed`` that differ from the checkpoint's,
+    as ``"train.lr: 0.002 in the checkpoint, 0.05 now"``; [] when it may be resumed (also for
+    checkpoints from before the settings were saved)."""
+    saved = state.get("train_config")
+    if not isinstance(saved, dict):
+        return []
+    out = [f"train.{k}: {saved.get(k)!r} in the checkpoint, {train.get(k)!r} now"
+           for k in sorted(set(saved) | set(train))
+           if k not in RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(train.get(k))]
+    if "seed" in state and int(state["seed"]) != int(seed):
+        out.append(f"run.seed: {state['seed']} in the checkpoint, {seed} now")
+    return out

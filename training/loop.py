@@ -319,6 +319,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 "run_id": job["run_id"],
                 "config_hash": job["config_hash"],
                 "data_versions": dict(spec.versions),  # a resume reads these (training/api.py)
+                "train_config": job["train"], "seed": job["seed"],  # and keeps these (checkpoint.py)
             }
             save_checkpoint(ckpt_dir, step, state, keep=t.keep_checkpoints)
 

@@ -135,3 +135,89 @@ def test_batch_size_command(synth_gold, tmp_path, capsys):
     assert job.run(cfg, argparse.Namespace(sizes="32,64,128", memory_budget_gb=4.0, steps=1)) == 0
     out = capsys.readouterr().out
     assert "measured" in out and "memory(b)" in out and "time(b)" in out
+
+
+def _finished_run_with_checkpoint(gold, tmp_path, mlflow_store, *extra):
+    cfg = train_cfg(gold, tmp_path, "train.max_steps=20", "train.checkpoint_every=10", "run.name=resume-check",
+                    *extra, tracking=mlflow_store)
+    res = run_training(cfg)
+    return cfg, res
+
+
+def _run_status(res) -> str:
+    import mlflow
+
+    return mlflow.tracking.MlflowClient(res.tracking_uri).get_run(res.run_id).info.status
+
+
+def test_resume_refuses_changed_settings_and_leaves_the_run_as_it_was(synth_gold, tmp_path, mlflow_store, capsys):
+    """A resume that changes what the run computes (lr, optimizer, batch, ranks, model...) is one
+    clear refusal naming each change, before anything starts: until the seventeenth session a
+    changed lr was silently overridden by the restored scheduler while the checkpoint recorded
+    the new config, and a changed optimizer or batch size ended in a traceback that marked the
+    finished MLflow run FAILED. Changing only when to stop is a resume."""
+    import argparse
+
+    from jobs.train import run as train_command
+    from training.checkpoint import ResumeError
+
+    cfg, first = _finished_run_with_checkpoint(synth_gold, tmp_path, mlflow_store)
+    assert _run_status(first) == "FINISHED"
+    for changes, named in [(["train.lr=0.05", "train.optimizer=adamw"], ["train.lr: 0.003", "train.optimizer: 'adam'"]),
+                           (["train.batch_size=512"], ["train.batch_size: 256 in the checkpoint, 512 now"]),
+                           (["train.model_params.embedding_dim=4"], ["train.model_params"]),
+                           (["run.seed=99"], ["run.seed"])]:
+        changed = train_cfg(synth_gold, tmp_path, "train.max_steps=30", "train.checkpoint_every=10",
+                            "run.name=resume-check", *changes, tracking=mlflow_store)
+        with pytest.raises(ResumeError) as ei:
+            run_training(changed, resume=True)
+        assert all(n in str(ei.value) for n in named), (changes, str(ei.value))
+        assert "max_steps" not in str(ei.value)  # a resumable change is not named
+        assert _run_status(first) == "FINISHED"
+        # the command: one line, exit 2
+        rc = train_command(changed, argparse.Namespace(resume=True, local=True, num_proc=None))
+        err = capsys.readouterr().err
+        assert rc == 2 and "\nbigopt train: cannot resume" in f"\n{err}" and "Traceback" not in err
+    more = train_cfg(synth_gold, tmp_path, "train.max_steps=30", "train.checkpoint_every=10", "train.eval_every=15",
+                     "run.name=resume-check", tracking=mlflow_store)
+    resumed = run_training(more, resume=True)
+    assert resumed.rank0["step"] == 30 and resumed.run_id == first.run_id and _run_status(resumed) == "FINISHED"
+
+
+def test_resume_names_a_damaged_checkpoint(synth_gold, tmp_path, mlflow_store):
+    """A truncated or empty newest checkpoint is named as damaged, with the older one to fall
+    back on, instead of torch's zip-reader or mmap error."""
+    from training.checkpoint import ResumeError, list_checkpoints
+
+    cfg, first = _finished_run_with_checkpoint(synth_gold, tmp_path, mlflow_store)
+    older, newest = list_checkpoints(first.checkpoint_dir)
+    data = newest.read_bytes()
+    for damaged, reason in [(data[: len(data) // 2], "damaged ("), (b"", "damaged (it is empty)")]:
+        newest.write_bytes(damaged)
+        with pytest.raises(ResumeError) as ei:
+            run_training(cfg, resume=True)
+        msg = str(ei.value)
+        assert str(newest) in msg and reason in msg and older.name in msg and "Traceback" not in msg
+    assert _run_status(first) == "FINISHED"
+
+
+def test_resume_refuses_a_position_in_files_a_vacuum_removed(synth_gold, tmp_path):
+    """The checkpoint's gold train version was compacted and vacuumed since: the same rows are
+    at the latest version, but in other files, where the saved loader position means other
+    rows. One clear refusal (until the seventeenth session: a ValueError traceback from the
+    loader)."""
+    import shutil
+
+    from pipelines.lake.maintenance import optimize, vacuum
+    from training.checkpoint import ResumeError
+
+    gold = {k: str(tmp_path / "gold" / k) for k in ("train", "valid", "test")}
+    for k in gold:
+        shutil.copytree(synth_gold[k], gold[k])
+    gold = {**synth_gold, **gold}
+    cfg = train_cfg(gold, tmp_path, "train.max_steps=20", "train.checkpoint_every=10")
+    run_training(cfg)
+    optimize(gold["train"])
+    vacuum(gold["train"], retention_hours=0, dry_run=False, enforce_retention=False)
+    with pytest.raises(ResumeError, match=r"gold train v\d+, whose files were compacted and vacuumed since"):
+        run_training(train_cfg(gold, tmp_path, "train.max_steps=30", "train.checkpoint_every=10"), resume=True)
