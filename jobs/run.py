@@ -64,6 +64,7 @@ def run(cfg, args) -> int:
     from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
+    from training.loop import TrainSettingsError
 
     console = make_console()
     if cfg.run.dataset != "criteo" or getattr(cfg, "criteo", None) is None:
@@ -127,7 +128,7 @@ def run(cfg, args) -> int:
         ranks = 1 if args.local else cfg.train.num_proc  # --local: one in-process rank
         with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"):
             res = run_training(cfg, spark=spark, local=args.local)
-    except (FileNotFoundError, GoldVersionError) as e:
+    except (FileNotFoundError, GoldVersionError, TrainSettingsError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     except (UnreadableDataFileError, RankFailure) as e:  # a damaged data file, named; a rank's error

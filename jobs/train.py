@@ -33,6 +33,7 @@ def apply_cli_overrides(cfg, args):
 def run(cfg, args) -> int:
     from training.api import print_summary, run_training
     from training.checkpoint import ResumeError
+    from training.loop import TrainSettingsError
     from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
@@ -44,7 +45,7 @@ def run(cfg, args) -> int:
         return 2
     try:  # starts Spark only for Horovod-on-Spark ranks
         res = run_training(cfg, resume=args.resume, local=args.local)
-    except (FileNotFoundError, GoldVersionError, ResumeError) as e:
+    except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
     except (UnreadableDataFileError, RankFailure) as e:  # a damaged data file, named; a rank's error

@@ -21,7 +21,7 @@ from training.checkpoint import (
 )
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
-from training.loop import make_job, train_rank
+from training.loop import check_settings, make_job, train_rank
 from training.tracking import end_run, experiment_name, library_versions, start_run, ui_command
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             p.unlink(missing_ok=True)
 
     spec = resolve_data(cfg, versions=data_versions)
+    check_settings(t, len(spec.cardinalities), spec.num_dense)
     if data_versions and "train" in data_versions and spec.versions.get("train") != data_versions["train"]:
         # resolve_data reads a compacted-and-vacuumed pinned version at the latest one, whose
         # rows are the same but whose files, and so the loaders' positions, are not

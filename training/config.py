@@ -100,6 +100,9 @@ class TrainConfig(BaseModel):
             )
         if self.max_steps <= 0:
             raise ValueError("max_steps must be positive")
+        if self.backend == "local" and self.num_proc != 1:
+            raise ValueError(f"backend 'local' runs exactly one rank in this process: num_proc must be 1, not "
+                             f"{self.num_proc} (backend 'horovod' runs several)")
         if self.scheduler.strip().lower() in _DECAYING and self.max_steps <= self.warmup_steps:
             # caught here, not after ingest and featurize have run (`bigopt run`)
             raise ValueError(f"scheduler {self.scheduler!r} decays over the steps after warmup: max_steps "

@@ -173,6 +173,29 @@ def evaluate(model, loader, spec: DataSpec, dist, device, *, bf16: bool = False,
     return binary_metrics(z.numpy(), y.numpy())
 
 
+class TrainSettingsError(ValueError):
+    """train.* settings the model, optimizer, compressor or scheduler builders refuse."""
+
+
+def check_settings(t: TrainConfig, num_sparse: int, num_dense: int) -> None:
+    """Build what each rank builds from ``t`` (model, optimizer, compressor, scheduler), on a
+    tiny model on the CPU, so a bad setting (an unknown optimizer, model hyper-parameters of
+    another model, a bad compressor parameter...) is one error before anything starts, not a
+    traceback from every rank after the Spark job and the MLflow run have started."""
+    try:
+        model = build_model(t.model, cardinalities=[2] * num_sparse, num_dense=num_dense, sparse=resolve_sparse(t),
+                            **t.model_params)
+        opt = build_optimizer(t.optimizer, model, lr=t.lr, weight_decay=t.weight_decay, params=t.optimizer_params)
+        if t.compression.name != "none":
+            from optim.compression import build_compressor
+
+            build_compressor(t.compression.name, **t.compression.params)
+        build_scheduler(opt, name=t.scheduler, total_steps=t.max_steps, warmup_steps=t.warmup_steps,
+                        min_lr_ratio=t.min_lr_ratio, params=t.scheduler_params, base_lr=t.lr)
+    except (ValueError, TypeError, KeyError) as e:
+        raise TrainSettingsError(f"train settings: {e}") from None
+
+
 def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     """Train on this rank; returns a small result dict (rank 0's carries the history)."""
     t = TrainConfig.model_validate(job["train"])

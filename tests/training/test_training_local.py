@@ -221,3 +221,38 @@ def test_resume_refuses_a_position_in_files_a_vacuum_removed(synth_gold, tmp_pat
     vacuum(gold["train"], retention_hours=0, dry_run=False, enforce_retention=False)
     with pytest.raises(ResumeError, match=r"gold train v\d+, whose files were compacted and vacuumed since"):
         run_training(train_cfg(gold, tmp_path, "train.max_steps=30", "train.checkpoint_every=10"), resume=True)
+
+
+def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp_path, mlflow_store, capsys):
+    """An unknown optimizer, another model's hyper-parameters, a bad compressor parameter: one
+    line from `bigopt train` (exit 2) before the ranks or an MLflow run start. Until the
+    seventeenth session each passed `bigopt config`, then failed in every rank with a traceback
+    and left an MLflow run marked FAILED. A local backend with 2 ranks fails as config."""
+    import argparse
+
+    import mlflow
+
+    from jobs.config import ConfigError, load_config
+    from jobs.train import run as train_command
+    from training.loop import TrainSettingsError
+
+    for bad, said in [(["train.optimizer=nosuch"], "unknown optimizer 'nosuch'"),
+                      (["train.model=logreg"], "model logreg: bad hyper-parameters"),
+                      (["train.compression.name=topk", "train.compression.params={ratio: 7}"], "train settings: "),
+                      (["train.optimizer=momentum", "train.sparse_embeddings=true"], "train settings: ")]:
+        cfg = train_cfg(synth_gold, tmp_path, "run.name=bad-settings", *bad, tracking=mlflow_store)
+        with pytest.raises(TrainSettingsError, match="^train settings: ") as ei:
+            run_training(cfg)
+        assert said in str(ei.value), str(ei.value)
+        rc = train_command(cfg, argparse.Namespace(resume=False, local=True, num_proc=None))
+        err = capsys.readouterr().err
+        assert rc == 2 and "bigopt train: train settings: " in err and "Traceback" not in err
+    mlflow.set_tracking_uri(mlflow_store[0])
+    from training.tracking import experiment_name
+
+    exp = mlflow.get_experiment_by_name(experiment_name(cfg))
+    if exp is not None:
+        runs = mlflow.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'bad-settings'")
+        assert len(runs) == 0
+    with pytest.raises((ConfigError, ValueError), match="backend 'local' runs exactly one rank"):
+        load_config(None, ["train.backend=local", "train.num_proc=2", "train.batch_size=512"])
