@@ -11,10 +11,24 @@ import argparse
 import sys
 
 
+def batch_sizes(text: str) -> list[int]:
+    """``--sizes``: at least two distinct positive integers, comma-separated (the fits need two)."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if len(set(sizes)) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least two distinct positive batch sizes, e.g. 256,1024")
+    return sizes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default=None, help="comma-separated per-rank batch sizes (default: around train.batch_size)")
+    from jobs.cli import at_least
+
+    parser.add_argument("--sizes", type=batch_sizes, default=None,
+                        help="comma-separated per-rank batch sizes, at least two (default: around train.batch_size)")
     parser.add_argument("--memory-budget-gb", type=float, default=None, help="memory per rank (default: none)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per size")
+    parser.add_argument("--steps", type=at_least(1), default=3, help="timed steps per size")
 
 
 def default_sizes(micro: int) -> list[int]:
@@ -39,7 +53,7 @@ def run(cfg, args) -> int:
     except FileNotFoundError as e:
         print(f"bigopt batch-size: {e}", file=sys.stderr)
         return 2
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else default_sizes(t.micro_batch_size)
+    sizes = args.sizes or default_sizes(t.micro_batch_size)
     rows = table_to_tensors(spec.train, spec.versions.get("train"), spec.columns)
     n = next(iter(rows.values())).shape[0]
     sparse = resolve_sparse(t)

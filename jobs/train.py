@@ -20,13 +20,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_cli_overrides(cfg, args):
-    """``--num-proc`` -> ``train.num_proc`` (re-validated: batch_size must divide)."""
+    """``--num-proc`` -> ``train.num_proc`` (re-validated: batch_size must divide). A
+    ValueError says what is wrong in one line."""
     n = getattr(args, "num_proc", None)
     if n is None:
         return cfg
+    if getattr(args, "local", False) and n != 1:
+        raise ValueError(f"--local runs one rank in this process, --num-proc {n} asks for {n}: give one of them")
+    from pydantic import ValidationError
+
     from training.config import TrainConfig
 
-    train = TrainConfig.model_validate({**cfg.train.model_dump(), "num_proc": n})
+    try:
+        train = TrainConfig.model_validate({**cfg.train.model_dump(), "num_proc": n})
+    except ValidationError as e:
+        raise ValueError(f"--num-proc {n}: " + "; ".join(err["msg"].removeprefix("Value error, ")
+                                                          for err in e.errors())) from None
     return cfg.model_copy(update={"train": train})
 
 

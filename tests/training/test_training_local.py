@@ -108,6 +108,11 @@ def test_train_command_prints_summary(synth_gold, tmp_path, capsys):
     assert "valid AUC" in out and "samples/s" in out and "1 x cpu" in out
     bad = argparse.Namespace(resume=False, local=True, num_proc=3)
     assert job.run(cfg, bad) == 2
+    assert "bigopt train: --local runs one rank in this process, --num-proc 3" in capsys.readouterr().err
+    indivisible = argparse.Namespace(resume=False, local=False, num_proc=3)  # 256 rows a step over 3 ranks
+    assert job.run(cfg, indivisible) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigopt train: --num-proc 3: batch_size 256 must be divisible") and "pydantic" not in err
 
 
 def test_compression_hook_in_process(synth_gold, tmp_path, mlflow_store):
@@ -132,9 +137,17 @@ def test_batch_size_command(synth_gold, tmp_path, capsys):
     from jobs import batch_size as job
 
     cfg = train_cfg(synth_gold, tmp_path)
-    assert job.run(cfg, argparse.Namespace(sizes="32,64,128", memory_budget_gb=4.0, steps=1)) == 0
+    assert job.run(cfg, argparse.Namespace(sizes=[32, 64, 128], memory_budget_gb=4.0, steps=1)) == 0
     out = capsys.readouterr().out
     assert "measured" in out and "memory(b)" in out and "time(b)" in out
+    # bad arguments are usage errors (exit 2), not tracebacks from the fits (seventeenth session)
+    from jobs.cli import main
+
+    for bad in (["--sizes", "abc"], ["--sizes", "0"], ["--sizes", "64"], ["--sizes", "16,32", "--steps", "0"]):
+        with pytest.raises(SystemExit) as ei:
+            main(["batch-size", "conf/demo.yaml", *bad])
+        err = capsys.readouterr().err
+        assert ei.value.code == 2 and "Traceback" not in err and ("batch sizes" in err or "integer >= 1" in err), err
 
 
 def _finished_run_with_checkpoint(gold, tmp_path, mlflow_store, *extra):
