@@ -134,7 +134,7 @@ def resume_conflicts(state: dict[str, Any], train: dict[str, Any], seed: int) ->
     if not isinstance(saved, dict):
         return []
     out = [f"train.{k}: {saved.get(k)!r} in the checkpoint, {train.get(k)!r} now"
-           for k in sorted(set(saved) | set(train))
+           for k in sorted(set(saved) & set(train))  # a setting added or removed since is not a change
            if k not in RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(train.get(k))]
     if "seed" in state and int(state["seed"]) != int(seed):
         out.append(f"run.seed: {state['seed']} in the checkpoint, {seed} now")
