@@ -43,9 +43,7 @@ def run(cfg, args) -> int:
     from optim.large_batch import measure_batch_size_bounds
     from training.dataspec import batch_to_inputs, resolve_data
     from training.loaders import table_to_tensors
-    from training.loop import resolve_sparse
-    from training.models import build_model
-    from training.optimizers import build_optimizer
+    from training.loop import model_for, optimizer_for
 
     t = cfg.train
     try:
@@ -56,12 +54,10 @@ def run(cfg, args) -> int:
     sizes = args.sizes or default_sizes(t.micro_batch_size)
     rows = table_to_tensors(spec.train, spec.versions.get("train"), spec.columns)
     n = next(iter(rows.values())).shape[0]
-    sparse = resolve_sparse(t)
 
     def model_factory():
         torch.manual_seed(cfg.run.seed)
-        return build_model(t.model, cardinalities=spec.cardinalities, num_dense=spec.num_dense, sparse=sparse,
-                           **t.model_params)
+        return model_for(t, spec.cardinalities, spec.num_dense)
 
     def batch_factory(b: int):
         idx = torch.arange(b) % n
@@ -73,12 +69,9 @@ def run(cfg, args) -> int:
             z = model(dense, sp)
         return F.binary_cross_entropy_with_logits(z.float(), label)
 
-    def optimizer_factory(model):
-        return build_optimizer(t.optimizer, model, lr=t.lr, weight_decay=t.weight_decay, params=t.optimizer_params)
-
     budget = args.memory_budget_gb * 2**30 if args.memory_budget_gb else None
     report = measure_batch_size_bounds(model_factory, batch_factory, sizes, budget, loss_fn=loss_fn,
-                                       optimizer_factory=optimizer_factory, timed_steps=args.steps)
+                                       optimizer_factory=lambda model: optimizer_for(t, model), timed_steps=args.steps)
     print(f"bigopt batch-size: {t.model} / {t.optimizer}, table {spec.train} v{spec.versions.get('train')}, "
           f"per-rank batch sizes {sizes}")
     print(report.to_table())

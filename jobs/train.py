@@ -42,10 +42,10 @@ def apply_cli_overrides(cfg, args):
 def run(cfg, args) -> int:
     from training.api import print_summary, run_training
     from training.checkpoint import ResumeError
-    from training.loop import TrainSettingsError
     from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
+    from training.loop import TrainSettingsError
 
     try:
         cfg = apply_cli_overrides(cfg, args)

@@ -16,7 +16,7 @@ from training.checkpoint import (
     checkpoint_data_versions,
     latest_checkpoint,
     list_checkpoints,
-    read_checkpoint,
+    load_checkpoint,
     resume_conflicts,
 )
 from training.dataspec import DataSpec, resolve_data
@@ -84,7 +84,7 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
             resume = False
         else:  # every refusal comes before the MLflow run is reopened (it stays as it was)
-            head = read_checkpoint(last)
+            head = load_checkpoint(last, mmap=True)
             conflicts = resume_conflicts(head, cfg.train.model_dump(mode="json"), cfg.run.seed)
             if conflicts:
                 raise ResumeError(f"cannot resume {last} with changed settings: " + "; ".join(conflicts)

@@ -32,6 +32,10 @@ FORMAT = 1
 _NAME = re.compile(r"step-(\d+)\.pt$")
 
 
+class ResumeError(ValueError):
+    """``--resume`` cannot continue this checkpoint; the message says why and what to do."""
+
+
 def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
     return Path(directory) / f"step-{step:08d}.pt"
 
@@ -79,10 +83,21 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict[str, An
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path`` (``mmap``: tensors mapped, not read), or :class:`ResumeError`
+    naming the file when it cannot be read (truncated, empty, not a checkpoint) or has another
+    format."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError...
+        older = [p.name for p in list_checkpoints(path.parent) if p != path]
+        what = f"the older {older[-1]} is then the latest" if older else "there is no older one"
+        reason = "it is empty" if path.stat().st_size == 0 else f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        raise ResumeError(f"checkpoint {path} is damaged ({reason}); remove it to resume from an older "
+                          f"checkpoint ({what}), or train without --resume") from None
     if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
+        raise ResumeError(f"{path}: checkpoint format {state.get('format')!r}, expected {FORMAT}")
     return state
 
 
@@ -97,10 +112,6 @@ def checkpoint_data_versions(state: dict[str, Any]) -> dict[str, int] | None:
     return None if version is None else {"train": int(version)}
 
 
-class ResumeError(ValueError):
-    """``--resume`` cannot continue this checkpoint; the message says why and what to do."""
-
-
 # train.* settings a resume may change: they decide when the run stops, what it evaluates and
 # logs, and how it is run, not the steps it computes. Every other train.* setting (model,
 # optimizer, schedule, batch, ranks, data, compression...) and run.seed must match the
@@ -111,19 +122,6 @@ RESUMABLE_CHANGES = frozenset({
     "test_at_end", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "backend", "threads_per_rank",
     "start_timeout", "stall_shutdown_s", "log_every", "fail_at_step", "prefetch",
 })
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` (mmap'd), or :class:`ResumeError` naming the file when it
-    cannot be read (truncated, empty, not a checkpoint)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError...
-        older = [p.name for p in list_checkpoints(path.parent) if p != path]
-        what = f"the older {older[-1]} is then the latest" if older else "there is no older one"
-        reason = "it is empty" if path.stat().st_size == 0 else f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        raise ResumeError(f"checkpoint {path} is damaged ({reason}); remove it to resume from an older "
-                          f"checkpoint ({what}), or train without --resume") from None
 
 
 def resume_conflicts(state: dict[str, Any], train: dict[str, Any], seed: int) -> list[str]:

@@ -173,6 +173,22 @@ def evaluate(model, loader, spec: DataSpec, dist, device, *, bf16: bool = False,
     return binary_metrics(z.numpy(), y.numpy())
 
 
+def model_for(t: TrainConfig, cardinalities, num_dense: int) -> torch.nn.Module:
+    """The model ``t`` describes (``t.model`` with ``t.model_params``, sparse embeddings as
+    :func:`resolve_sparse` decides), on the CPU."""
+    return build_model(t.model, cardinalities=cardinalities, num_dense=num_dense, sparse=resolve_sparse(t),
+                       **t.model_params)
+
+
+def optimizer_for(t: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return build_optimizer(t.optimizer, model, lr=t.lr, weight_decay=t.weight_decay, params=t.optimizer_params)
+
+
+def scheduler_for(t: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
+    return build_scheduler(opt, name=t.scheduler, total_steps=total_steps, warmup_steps=t.warmup_steps,
+                           min_lr_ratio=t.min_lr_ratio, params=t.scheduler_params, base_lr=t.lr)
+
+
 class TrainSettingsError(ValueError):
     """train.* settings the model, optimizer, compressor or scheduler builders refuse."""
 
@@ -183,15 +199,12 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int) -> None:
     another model, a bad compressor parameter...) is one error before anything starts, not a
     traceback from every rank after the Spark job and the MLflow run have started."""
     try:
-        model = build_model(t.model, cardinalities=[2] * num_sparse, num_dense=num_dense, sparse=resolve_sparse(t),
-                            **t.model_params)
-        opt = build_optimizer(t.optimizer, model, lr=t.lr, weight_decay=t.weight_decay, params=t.optimizer_params)
+        opt = optimizer_for(t, model_for(t, [2] * num_sparse, num_dense))
         if t.compression.name != "none":
             from optim.compression import build_compressor
 
             build_compressor(t.compression.name, **t.compression.params)
-        build_scheduler(opt, name=t.scheduler, total_steps=t.max_steps, warmup_steps=t.warmup_steps,
-                        min_lr_ratio=t.min_lr_ratio, params=t.scheduler_params, base_lr=t.lr)
+        scheduler_for(t, opt, t.max_steps)
     except (ValueError, TypeError, KeyError) as e:
         raise TrainSettingsError(f"train settings: {e}") from None
 
@@ -210,9 +223,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
 
     # ---- model, optimizer (wrapped for Horovod), resume ------------------------------------
     sparse = resolve_sparse(t)
-    model = build_model(t.model, cardinalities=spec.cardinalities, num_dense=spec.num_dense, sparse=sparse,
-                        **t.model_params).to(device)
-    opt = build_optimizer(t.optimizer, model, lr=t.lr, weight_decay=t.weight_decay, params=t.optimizer_params)
+    model = model_for(t, spec.cardinalities, spec.num_dense).to(device)
+    opt = optimizer_for(t, model)
     comm = None
     hvd_opt = False
     if t.compression.name != "none":  # the compression hook: plain optimizer + communicator
@@ -273,8 +285,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
 
     valid_loader = eval_loader_for("valid")
 
-    sched = build_scheduler(opt, name=t.scheduler, total_steps=total_steps, warmup_steps=t.warmup_steps,
-                            min_lr_ratio=t.min_lr_ratio, params=t.scheduler_params, base_lr=t.lr)
+    sched = scheduler_for(t, opt, total_steps)
     if meta is not None:
         sched.load_state_dict(meta["scheduler"])
         for g, lr in zip(opt.param_groups, sched.get_last_lr()):
