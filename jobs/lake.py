@@ -88,14 +88,21 @@ def run(cfg, args) -> int:
 
 def _roundtrip(cfg, args, console) -> int:
     """Write a table with every type the pipelines use, read it back, compare."""
+    from jobs.config import config_hash
+    from jobs.console import styled
+    from pipelines import lake
+
+    path = args.table or cfg.lake.table("_check", "roundtrip", "all_types")
+    refusal = _not_a_roundtrip_table(path)
+    if refusal:
+        console.print(styled((f"bigopt lake: roundtrip overwrites its own check table; {path} {refusal}: "
+                              "give --table a new path, or leave it out", "red")))
+        return 2
     from pyspark.sql import functions as F
 
-    from jobs.config import config_hash
-    from pipelines import lake
     from pipelines.spark import spark_from_config
 
     spark = spark_from_config(cfg.spark)
-    path = args.table or cfg.lake.table("_check", "roundtrip", "all_types")
     df = spark.range(0, 100_000).select(  # every type the pipelines write, nulls included
         F.col("id"),
         (F.col("id") % 7).cast("int").alias("day"),
@@ -114,6 +121,25 @@ def _roundtrip(cfg, args, console) -> int:
     n, diff = back.count(), df.drop("ts").exceptAll(back.drop("ts").select(*[c for c in df.columns if c != "ts"])).count()
     console.print(f"engine={lake.delta_engine(spark)} table={path} version={v} rows={n} mismatched_rows={diff}")
     return 0 if n == 100_000 and diff == 0 else 1
+
+
+def _not_a_roundtrip_table(path: str) -> str | None:
+    """Why ``path`` must not be overwritten by the check (None: it is free, or the check's own
+    table): a Delta table some other job wrote, or a directory holding something else."""
+    import os
+
+    from pipelines import lake
+    from pipelines.lake.fs import normalize_uri
+
+    if lake.table_exists(path):
+        jobs = {str(lake.commit_metadata(h).get("job", "")) for h in lake.history(path)
+                if h.get("operation") not in ("VACUUM START", "VACUUM END", "OPTIMIZE")}
+        others = sorted(jobs - {"lake-roundtrip"})
+        return f"is a Delta table written by {', '.join(o or 'another writer' for o in others)}" if others else None
+    local = normalize_uri(path)  # a local path comes back absolute, a remote URI keeps its scheme
+    if "://" not in local and os.path.isdir(local) and os.listdir(local):
+        return "is a directory with files in it and no Delta table"
+    return None
 
 
 if __name__ == "__main__":

@@ -357,6 +357,25 @@ def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
         assert exit_.value.code == 2 and "expected an integer >=" in capsys.readouterr().err
 
 
+def test_roundtrip_refuses_a_table_that_is_not_its_own(spark, tmp_path, capsys):
+    """``lake --action roundtrip`` overwrites its check table: pointed at another job's table (it
+    ended in a SchemaMismatchError traceback) or a folder of other files, it refuses up front."""
+    from jobs.cli import main
+
+    path = str(tmp_path / "bronze")
+    write_table(_all_types_df(spark, 10), path, commit_info={"job": "ingest"})
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("keep me\n")
+    for table, why in ((path, "is a Delta table written by ingest"),
+                       (str(folder), "is a directory with files in it and no Delta table")):
+        assert main(["lake", "--action", "roundtrip", "--table", table, f"lake.root={tmp_path / 'lake'}"]) == 2
+        out = capsys.readouterr().out
+        assert why in out and "give --table a new path" in out, out
+    assert table_version(path) == 0 and read_table(spark, path).count() == 10
+    assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
+
+
 def test_decimal_stats_and_large_values(tmp_path):
     path = str(tmp_path / "t")
     schema = pa.schema([("big", pa.int64()), ("dec", pa.decimal128(10, 2))])
