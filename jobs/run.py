@@ -76,6 +76,14 @@ def run(cfg, args) -> int:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"test_at_end": True})})
+    try:  # bad train.* settings are one line now, not after minutes of ingest and featurize
+        from pipelines.criteo.schema import NUM_DENSE, NUM_SPARSE
+        from training.loop import check_settings
+
+        check_settings(cfg.train, NUM_SPARSE, NUM_DENSE)
+    except TrainSettingsError as e:
+        print(f"bigopt run: {e}", file=sys.stderr)
+        return 2
     timings: dict[str, float] = {}
 
     @functools.cache

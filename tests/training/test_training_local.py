@@ -269,3 +269,23 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
         assert len(runs) == 0
     with pytest.raises((ConfigError, ValueError), match="backend 'local' runs exactly one rank"):
         load_config(None, ["train.backend=local", "train.num_proc=2", "train.batch_size=512"])
+
+
+def test_bigopt_run_checks_train_settings_before_the_data_steps(tmp_path, capsys):
+    """`bigopt run` with a bad train.* setting is the same one line, before it generates,
+    ingests or featurizes anything (it used to fail only after those steps had run)."""
+    import argparse
+    from pathlib import Path
+
+    from jobs.config import load_config
+    from jobs.run import run as run_command
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "demo.yaml"
+    cfg = load_config(conf, [f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={tmp_path / 'raw'}",
+                             "train.optimizer=nosuch"])
+    args = argparse.Namespace(no_generate=False, force_ingest=False, force_featurize=False, skip_data=False,
+                              local=True, num_proc=None)
+    assert run_command(cfg, args) == 2
+    err = capsys.readouterr().err
+    assert "bigopt run: train settings: " in err and "unknown optimizer 'nosuch'" in err and "Traceback" not in err
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "lake").exists()
