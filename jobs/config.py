@@ -112,7 +112,12 @@ def _deep_merge(base: dict, top: Mapping) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping with its ``include:`` files merged under it (``including``: the
+    files whose includes led here, to refuse a cycle)."""
+    if path.resolve() in including:
+        cycle = including[including.index(path.resolve()):]
+        raise ConfigError("include cycle: " + " -> ".join(str(p) for p in (*cycle, cycle[0])))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError as e:
@@ -126,9 +131,12 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     inc = data.pop("include", None)
-    if inc:
-        for rel in [inc] if isinstance(inc, str) else inc:
-            data = _deep_merge(_read_yaml((path.parent / rel).resolve()), data)
+    incs = [inc] if isinstance(inc, str) else inc if isinstance(inc, list) else None
+    if inc is not None and (incs is None or not all(isinstance(i, str) and i for i in incs)):
+        raise ConfigError(f"{path}: include: must be a path or a list of paths, got {inc!r}")
+    for rel in incs or []:  # a path may use ${ENV_VAR} as any string setting may
+        rel = Path(os.path.expanduser(_interpolate(rel, f"{path}: include")))
+        data = _deep_merge(_read_yaml((path.parent / rel).resolve(), (*including, path.resolve())), data)
     return data
 
 

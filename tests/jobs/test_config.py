@@ -117,6 +117,31 @@ def test_include_and_hash(tmp_path):
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
 
 
+def test_bad_includes_are_one_clear_error(tmp_path, monkeypatch):
+    """An include cycle (it was a RecursionError traceback), an include that is not a path
+    (a TypeError traceback, or a mapping read as its keys' file names); ${ENV} in a path."""
+    (tmp_path / "a.yaml").write_text("include: b.yaml\nrun: {name: a}\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
+    (tmp_path / "self.yaml").write_text("include: ./self.yaml\n")
+    a, b, me = (str((tmp_path / f).resolve()) for f in ("a.yaml", "b.yaml", "self.yaml"))
+    with pytest.raises(ConfigError, match=f"^include cycle: {a} -> {b} -> {a}$"):
+        load_config(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match=f"^include cycle: {me} -> {me}$"):
+        load_config(tmp_path / "self.yaml")
+    for bad in ("[1]", "[base.yaml, null]", "{a: 1}", "''", "7"):
+        (tmp_path / "i.yaml").write_text(f"include: {bad}\n")
+        with pytest.raises(ConfigError, match="include: must be a path or a list of paths"):
+            load_config(tmp_path / "i.yaml")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "base.yaml").write_text("run: {name: from-env}\n")
+    (tmp_path / "top.yaml").write_text("include: ${CONF_DIR:-nowhere}/base.yaml\n")
+    monkeypatch.setenv("CONF_DIR", str(tmp_path / "conf"))
+    assert load_config(tmp_path / "top.yaml").run.name == "from-env"
+    monkeypatch.delenv("CONF_DIR")
+    with pytest.raises(ConfigError, match="config file not found: .*/nowhere/base.yaml"):
+        load_config(tmp_path / "top.yaml")
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("run: [unclosed\n")
