@@ -88,7 +88,7 @@ def get_spark(
     attached = _jvm_running()
     submitted = _submitted_settings() if attached else {}
     settings: dict[str, str] = {"spark.app.name": app_name}
-    master = submitted.get("spark.master", master)
+    asked, master = master, submitted.get("spark.master", master)
     local = master is None and not _under_spark_submit() or (master or "").startswith("local")
     if master is not None:
         settings["spark.master"] = master
@@ -118,7 +118,8 @@ def get_spark(
     settings["spark.ui.enabled"] = "true" if ui else "false"
     settings.update(_DEFAULTS)
     settings.update({k: str(v) for k, v in (conf or {}).items()})
-    overridden = sorted(k for k in settings if k in submitted and settings[k] != submitted[k])
+    overridden = sorted({k for k in settings if k in submitted and settings[k] != submitted[k]}
+                        | ({"spark.master"} if asked is not None and asked != master else set()))
     if overridden:
         log.info("spark-submit's settings win over the config's for %s", ", ".join(overridden))
     builder = SparkSession.builder

@@ -14,6 +14,8 @@ SPARK_HOME = Path(pyspark.__file__).parent
 
 _PROBE = """
 import json
+import logging
+logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
 from pipelines.spark import get_spark
 spark = get_spark("from-config", master="local[2]", ui=False,
                   conf={"spark.sql.shuffle.partitions": 3, "spark.sql.session.timeZone": "Asia/Tokyo"})
@@ -55,6 +57,10 @@ def test_spark_submit_flags_win_over_the_config(tmp_path):
         "spark.python.daemon.module": None,  # Spark's own daemon: the code came with --py-files
         "sum": 90,
     }
+    # the log names every config setting the submit command overrode, the master too (it once
+    # compared the master with itself)
+    assert ("LOG spark-submit's settings win over the config's for spark.app.name, spark.master, "
+            "spark.sql.session.timeZone\n") in out.stdout + out.stderr, out.stderr[-3000:]
 
 
 def test_no_java_is_a_one_line_error(tmp_path):
