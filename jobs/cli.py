@@ -15,6 +15,7 @@ import argparse
 import importlib
 import importlib.util  # not implied by `import importlib` (an editable install's finder imports it)
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -100,11 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parse_command_line(parser, argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=make_console(), show_path=False, rich_tracebacks=False)],
-    )
+    handler = RichHandler(console=make_console(), show_path=False, rich_tracebacks=False)
+    handler.addFilter(_not_py4j_on_an_interrupt)  # Ctrl-C / SIGTERM during a call: said once, below
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler])
     logging.getLogger("py4j").setLevel(logging.WARNING)
     if not args.command:
         parser.print_help()
@@ -123,8 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(_available()[args.command][0])
     from pipelines.spark import SparkStartError
 
+    previous = _stop_cleanly_on_sigterm()
     try:
         return int(module.run(cfg, args) or 0)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Airflow stopping a task): the `finally`s ran
+        by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"bigopt {args.command}: stopped by {by}; what it had not committed was removed", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # `bigopt quarantine --raw | head`: the reader has what it wanted
         import os
 
@@ -135,6 +140,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         make_console(stderr=True).print(error_text(args.command, e))
         return 1
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _not_py4j_on_an_interrupt(record: logging.LogRecord) -> bool:
+    """False for the tracebacks py4j logs (to the root logger) when Ctrl-C or SIGTERM interrupts
+    a call to the JVM ("KeyboardInterrupt while sending command", and its retry's error)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if error is None or f"{os.sep}py4j{os.sep}" not in record.pathname:
+        return True
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return False
+        error = error.__context__
+    return True
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so the same clean-up
+    runs (a generator's temporary files, a write's uncommitted Parquet files)."""
+
+
+def _stop_cleanly_on_sigterm():
+    """Make SIGTERM raise :class:`Terminated`; returns the handler it replaced (None when not
+    in the main thread, where no handler can be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
 
 
 def submit_main(command: str) -> None:

@@ -156,3 +156,14 @@ def session_of(spark) -> Any:
     Pipeline steps take either, so a step with nothing to do (every input file already
     ingested, gold already built) returns without starting Spark when given a starter."""
     return spark() if callable(spark) else spark
+
+
+def cancel_jobs_if_stopping(sc, error: BaseException) -> None:
+    """On Ctrl-C or SIGTERM (a KeyboardInterrupt) while the driver waits for a job: cancel the
+    session's running jobs, so their tasks stop writing files before the write is aborted (its
+    files deleted). Other errors failed the job already. Best effort: the driver is stopping."""
+    if isinstance(error, KeyboardInterrupt):
+        try:
+            sc.cancelAllJobs()
+        except Exception:  # noqa: BLE001 - a gateway already gone: its JVM's tasks go with it
+            log.debug("could not cancel the running Spark jobs", exc_info=True)

@@ -938,6 +938,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     ``(path, why)``, bronze version, quarantine version (None where nothing was committed),
     the quarantine's rows per readable source at that version, from the log)."""
     from pipelines.lake.tasks import abort_write, begin_write, commit_writes, discard_adds
+    from pipelines.spark import cancel_jobs_if_stopping
 
     sources = [f.source for f in group]
 
@@ -958,7 +959,8 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             .map(lambda it: run_item(it, btw, qtw, batch_id, preview, block_bytes))
             .collect()
         )
-    except Exception:
+    except BaseException as e:  # a failed task, or Ctrl-C / SIGTERM: nothing of the batch stays
+        cancel_jobs_if_stopping(spark.sparkContext, e)
         abort_write(btw)
         abort_write(qtw)
         raise

@@ -299,6 +299,10 @@ class PartitionedFileWriter:
         f.writer.close()
         f._sink.close()  # type: ignore[attr-defined]
         size = self.fs.get_file_info(join(self.root, f.rel_path)).size
+        if size is None:  # deleted under us: by the driver's abort of this write (Ctrl-C, SIGTERM, a failure)
+            if write_aborted(self.table_uri, self.write_id):
+                raise WriteAbortedError(f"write {self.write_id} to {self.table_uri} was aborted; its files were removed")
+            raise FileNotFoundError(f"{join(self.root, f.rel_path)} disappeared as its writer closed it")
         lo, hi = file_min_max(f.writer.writer.metadata, self.data_schema)
         stats = {"numRecords": f.rows, "minValues": lo, "maxValues": hi, "nullCount": f.nulls}
         self._done.append(

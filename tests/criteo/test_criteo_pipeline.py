@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -808,6 +809,46 @@ def test_corrupt_gzip_fails_clearly_and_commits_nothing_for_it(spark, tmp_path, 
     assert "0 file(s) ingested, 1 skipped, 3 failed" in out and "cannot be ingested, nothing was committed:" in out
     assert rows_by_source_now(t["bronze"]) == {"day_0.gz": 2000, "day_3.gz": 30}
     shutil.rmtree(raw)
+
+
+def test_sigterm_during_ingest_leaves_no_file_and_a_rerun_ingests_all(spark, tmp_path):
+    """SIGTERM (how Airflow stops a task) while the Spark tasks write bronze: exit 143 with one
+    line, no Parquet file of the write left in the lake, nothing committed; a re-run ingests
+    every line. Until the eighteenth session the driver died at once (its Parquet files stayed,
+    for a vacuum to find) and Ctrl-C printed py4j's tracebacks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.criteo.ingest import ingest
+
+    repo = Path(__file__).resolve().parents[2]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for day in (0, 1):  # not copies of each other (a copy is skipped as a duplicate)
+        line = f"{day}\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26) + "\n"
+        (raw / f"day_{day}").write_text(line * 200_000)
+    lake = tmp_path / "lake"
+    conf = [f"lake.root={lake}", f"criteo.raw_dir={raw}", "spark.master=local[2]", "criteo.ingest.chunk_bytes=2097152"]
+    env = {**os.environ, "PYTHONPATH": str(repo), "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "ingest", *conf], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(lake.rglob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, out + err
+    # no traceback of the driver (py4j's, ours); Spark's log may show its cancelled tasks' errors
+    assert "bigopt ingest: stopped by SIGTERM" in err and "KeyboardInterrupt" not in out + err, out + err
+    assert not re.search(r"^\s*Traceback \(most recent call last\)", out + err, re.M), out + err
+    assert not list(lake.rglob("*.parquet")) and not list(lake.rglob("_delta_log/*.json"))
+    rep = ingest(spark, _cfg(tmp_path))
+    assert rows_by_source_now(_bronze(_cfg(tmp_path))["bronze"]) == {"day_0": 200_000, "day_1": 200_000}, rep.summary()
 
 
 def rows_by_source_now(path: str) -> dict[str, int]:
