@@ -249,6 +249,9 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
     from jobs.train import run as train_command
     from training.loop import TrainSettingsError
 
+    kept = tmp_path / "ckpt" / "step-00000005.pt"  # an earlier run's: a refused command keeps it
+    kept.parent.mkdir()
+    kept.write_bytes(b"an earlier run's checkpoint")
     for bad, said in [(["train.optimizer=nosuch"], "unknown optimizer 'nosuch'"),
                       (["train.model=logreg"], "model logreg: bad hyper-parameters"),
                       (["train.compression.name=topk", "train.compression.params={ratio: 7}"], "train settings: "),
@@ -260,6 +263,7 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
         rc = train_command(cfg, argparse.Namespace(resume=False, local=True, num_proc=None))
         err = capsys.readouterr().err
         assert rc == 2 and "bigopt train: train settings: " in err and "Traceback" not in err
+        assert kept.read_bytes() == b"an earlier run's checkpoint"  # it was deleted before the check
     mlflow.set_tracking_uri(mlflow_store[0])
     from training.tracking import experiment_name
 
