@@ -189,6 +189,24 @@ def scheduler_for(t: TrainConfig, opt: torch.optim.Optimizer, total_steps: int):
                            min_lr_ratio=t.min_lr_ratio, params=t.scheduler_params, base_lr=t.lr)
 
 
+def sophia_of(opt: torch.optim.Optimizer):
+    """The Sophia optimizer inside ``opt`` (itself, Horovod's wrapper of it, or the dense route
+    of a combined optimizer), whose Hessian estimate the loop refreshes; None for others."""
+    from optim.sophia import Sophia
+
+    return next((o for o in (opt, *getattr(opt, "optimizers", ())) if isinstance(o, Sophia)), None)
+
+
+def refresh_hessian(sophia, logits: torch.Tensor, loss: torch.Tensor) -> None:
+    """Sophia's diagonal Hessian estimate with its configured estimator, on this forward pass
+    (its graph kept for the backward that follows): Gauss-Newton-Bartlett with labels sampled
+    from the model's own click probabilities, or Hutchinson's on the loss."""
+    if sophia.param_groups[0]["estimator"] == "hutchinson":
+        sophia.update_hessian_hutchinson(loss, retain_graph=True)
+    else:
+        sophia.update_hessian_gnb(logits.float(), "bernoulli", retain_graph=True)
+
+
 class TrainSettingsError(ValueError):
     """train.* settings the model, optimizer, compressor or scheduler builders refuse."""
 
@@ -242,6 +260,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             opt, named_parameters=model.named_parameters(), backward_passes_per_step=t.grad_accum_steps
         )
         hvd_opt = True
+    sophia = sophia_of(opt)
 
     meta: dict[str, Any] | None = None
     ckpt_dir = job["checkpoint_dir"]
@@ -383,6 +402,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             wait = 0.0
             opt.zero_grad()
             got = 0
+            hessian_due = sophia is not None and sophia.hessian_due()
             for _ in range(t.grad_accum_steps):
                 tw = time.perf_counter()
                 batch = next(it, None)
@@ -395,6 +415,9 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 with autocast:
                     logits = model(dense, sparse_ids_t)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), label)
+                if hessian_due:  # Sophia's h, from this step's first micro-batch (averaged over the ranks)
+                    refresh_hessian(sophia, logits, loss)
+                    hessian_due = False
                 (loss / t.grad_accum_steps).backward()
                 win_loss += loss.detach().double()
                 win_micro += 1

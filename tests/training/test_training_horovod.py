@@ -36,6 +36,17 @@ def test_two_ranks_learn_and_end_identical(runs):
     assert two.rank0["step"] == two.ranks[1]["step"] == 60 and two.rank0["samples"] == 60 * 256
 
 
+def test_sophia_on_two_ranks_keeps_one_hessian(spark, synth_gold, tmp_path):
+    """Sophia's Hessian estimate (each rank's own micro-batch and sampled labels) is averaged
+    over the ranks, so both end with the same parameters, and it learns."""
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=24", "train.eval_every=24", "train.num_proc=2",
+                    "train.optimizer=sophia", "train.lr=0.01", "train.weight_decay=0",
+                    "train.optimizer_params={update_interval: 10}")
+    two = run_training(cfg, spark=spark)
+    assert two.ranks[0]["fingerprint"] == two.ranks[1]["fingerprint"]
+    assert two.valid["auc"] > 0.6, two.valid
+
+
 def test_one_and_two_ranks_agree_on_the_loss_trajectory(runs):
     one, two = runs
     l1 = np.array([h["loss"] for h in one.rank0["history"]["train"]])

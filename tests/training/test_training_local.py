@@ -24,6 +24,33 @@ def test_local_training_learns_and_reports(synth_gold, tmp_path):
     assert r["bytes_sent_per_step"] == sum(p.numel() * 4 for p in _model_params(res))
 
 
+@pytest.mark.parametrize("estimator", ["gnb", "hutchinson"])
+def test_sophia_trains_with_its_hessian_refreshed_every_k_steps(synth_gold, tmp_path, monkeypatch, estimator):
+    """`train.optimizer=sophia`: the loop refreshes the Hessian EMA on steps 1, k+1, 2k+1, ...
+    with the configured estimator. Until the eighteenth session nothing did: h stayed 0 and
+    "Sophia" trained as sign-momentum."""
+    import torch
+
+    from optim.sophia import Sophia
+
+    seen = []
+    update = Sophia.update_hessian
+
+    def counted(self, estimates, params=None):
+        seen.append(self.steps_done + 1)  # the step this estimate is for
+        return update(self, estimates, params)
+
+    monkeypatch.setattr(Sophia, "update_hessian", counted)
+    cfg = train_cfg(synth_gold, tmp_path, "train.optimizer=sophia", "train.lr=0.01", "train.weight_decay=0",
+                    "train.max_steps=24", "train.checkpoint_every=24", "train.eval_every=24",
+                    f"train.optimizer_params={{update_interval: 10, estimator: {estimator}}}")
+    res = run_training(cfg)
+    assert seen == [1, 11, 21]
+    state = torch.load(tmp_path / "ckpt" / "step-00000024.pt", weights_only=False)["optimizer"]["state"]
+    assert all(float(st["hessian"].abs().max()) > 0 for st in state.values())
+    assert res.valid["auc"] > 0.6, res.valid
+
+
 def _model_params(res):
     from training.models import build_model
 
