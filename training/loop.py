@@ -218,6 +218,10 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int) -> None:
     traceback from every rank after the Spark job and the MLflow run have started."""
     try:
         opt = optimizer_for(t, model_for(t, [2] * num_sparse, num_dense))
+        if needs := _needs_a_closure(opt):
+            raise ValueError(f"train.optimizer={t.optimizer} {needs}, which bigopt train's loop (one step per "
+                             "batch, from backward's gradients) does not drive: use it from your own loop "
+                             "(docs/optim.md), or choose another optimizer")
         if t.compression.name != "none":
             from optim.compression import build_compressor
 
@@ -225,6 +229,22 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int) -> None:
         scheduler_for(t, opt, t.max_steps)
     except (ValueError, TypeError, KeyError) as e:
         raise TrainSettingsError(f"train settings: {e}") from None
+
+
+def _needs_a_closure(opt: torch.optim.Optimizer) -> str | None:
+    """What ``opt`` needs beyond ``step()`` after ``backward()``, or None: the variance-reduced
+    strategies (SVRG, SAGA) evaluate the loss themselves and need an epoch hook; L-BFGS (and
+    any optimizer whose ``step`` has no default closure) re-evaluates the loss in ``step``."""
+    import inspect
+
+    from optim._vr import VarianceReduced
+
+    if isinstance(opt, VarianceReduced):
+        return "needs a loss closure at every step and a full-gradient pass at every epoch"
+    closure = inspect.signature(opt.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        return "needs a closure that re-evaluates the loss inside step()"
+    return None
 
 
 def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:

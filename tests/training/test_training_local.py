@@ -282,7 +282,12 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
     for bad, said in [(["train.optimizer=nosuch"], "unknown optimizer 'nosuch'"),
                       (["train.model=logreg"], "model logreg: bad hyper-parameters"),
                       (["train.compression.name=topk", "train.compression.params={ratio: 7}"], "train settings: "),
-                      (["train.optimizer=momentum", "train.sparse_embeddings=true"], "train settings: ")]:
+                      (["train.optimizer=momentum", "train.sparse_embeddings=true"], "train settings: "),
+                      # these crashed every rank at the first step (a closure / an epoch hook)
+                      (["train.optimizer=svrg"], "train.optimizer=svrg needs a loss closure at every step"),
+                      (["train.optimizer=saga", "train.optimizer_params={num_components: 10}"],
+                       "train.optimizer=saga needs a loss closure at every step"),
+                      (["train.optimizer=lbfgs"], "train.optimizer=lbfgs needs a closure that re-evaluates")]:
         cfg = train_cfg(synth_gold, tmp_path, "run.name=bad-settings", *bad, tracking=mlflow_store)
         with pytest.raises(TrainSettingsError, match="^train settings: ") as ei:
             run_training(cfg)
