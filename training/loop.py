@@ -395,6 +395,9 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 "train_config": job["train"], "seed": job["seed"],  # and keeps these (checkpoint.py)
             }
             save_checkpoint(ckpt_dir, step, state, keep=t.keep_checkpoints)
+            # what was logged up to the checkpoint reaches MLflow with it: a resume restarts here
+            # and logs only the later steps (buffered metrics were lost with a crashed process)
+            tracker.flush()
 
     # ---- loop ----------------------------------------------------------------------------
     wall0 = time.perf_counter() - float(progress["wall_s"])

@@ -224,6 +224,27 @@ def test_resume_refuses_changed_settings_and_leaves_the_run_as_it_was(synth_gold
     assert resumed.rank0["step"] == 30 and resumed.run_id == first.run_id and _run_status(resumed) == "FINISHED"
 
 
+def test_a_resumed_run_keeps_the_metrics_logged_before_the_crash(synth_gold, tmp_path, mlflow_store):
+    """Metrics are buffered for MLflow; a crash lost what the buffer held, and a resume, which
+    restarts at the checkpoint, never logged those steps again (here: the step-10 evaluation and
+    the time-to-accuracy). The buffer is flushed with every checkpoint now."""
+    import mlflow
+
+    from training.loop import InjectedFailure
+
+    cfg = train_cfg(synth_gold, tmp_path, "run.name=crash-resume", "train.max_steps=20", "train.eval_every=10",
+                    "train.checkpoint_every=10", "train.target_auc=0.5", "train.early_stop=false",
+                    tracking=mlflow_store)
+    failing = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fail_at_step": 15})})
+    with pytest.raises(InjectedFailure):
+        run_training(failing)
+    res = run_training(cfg, resume=True)
+    client = mlflow.MlflowClient(mlflow_store[0])
+    assert [m.step for m in client.get_metric_history(res.run_id, "valid_auc")] == [10, 20]
+    assert [m.step for m in client.get_metric_history(res.run_id, "tta_samples")] == [10]
+    assert sorted({m.step for m in client.get_metric_history(res.run_id, "train_loss")}) == list(range(5, 21, 5))
+
+
 def test_resume_names_a_damaged_checkpoint(synth_gold, tmp_path, mlflow_store):
     """A truncated or empty newest checkpoint is named as damaged, with the older one to fall
     back on, instead of torch's zip-reader or mmap error."""
