@@ -98,6 +98,13 @@ def _roundtrip(cfg, args, console) -> int:
         console.print(styled((f"bigopt lake: roundtrip overwrites its own check table; {path} {refusal}: "
                               "give --table a new path, or leave it out", "red")))
         return 2
+    from pipelines.lake.fs import check_writable
+
+    try:  # before Spark: found by the tasks, a lake root that is a file was pages of traces
+        check_writable(path)
+    except PermissionError as e:
+        console.print(styled((f"bigopt lake: roundtrip: {e}", "red")))
+        return 1
     from pyspark.sql import functions as F
 
     from pipelines.spark import spark_from_config

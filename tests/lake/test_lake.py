@@ -374,6 +374,10 @@ def test_roundtrip_refuses_a_table_that_is_not_its_own(spark, tmp_path, capsys):
         assert why in out and "give --table a new path" in out, out
     assert table_version(path) == 0 and read_table(spark, path).count() == 10
     assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
+    (tmp_path / "afile").write_text("")  # a lake root that is a file: one line, before Spark
+    assert main(["lake", "--action", "roundtrip", f"lake.root={tmp_path / 'afile'}"]) == 1
+    out = capsys.readouterr().out
+    assert "bigopt lake: roundtrip: cannot write to" in out and "Traceback" not in out, out
 
 
 def test_decimal_stats_and_large_values(tmp_path):
