@@ -22,8 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", action="append", default=None, metavar="PATH",
                         help="file, glob or directory to ingest instead of criteo.inputs (repeatable)")
     parser.add_argument("--drop-unconfirmed", action="store_true",
-                        help="delete bronze rows no ledger entry confirms (left by an interrupted ingest) of "
-                             "files not among the inputs")
+                        help="delete bronze and quarantine rows no ledger entry confirms (left by an interrupted "
+                             "ingest) of files not among the inputs; a file the ledger has (its confirmed rows were "
+                             "replaced by those) is dropped from the ledger too")
 
 
 def run(cfg, args) -> int:
@@ -64,6 +65,9 @@ def run(cfg, args) -> int:
     console.print(table)
     if rep.dropped:
         console.print(f"dropped the unconfirmed bronze rows of {len(rep.dropped)} file(s): {', '.join(rep.dropped)}")
+    for src in rep.forgotten:
+        console.print(f"  {src}: the rows its ledger entry confirmed had been replaced by those, so it is dropped from "
+                      "the ledger too (ingest it again to have its rows back)")
     if rep.unconfirmed:  # featurize refuses bronze until they are ingested again or dropped
         console.print(styled(("bronze holds rows no ledger entry confirms (an interrupted ingest?) of files not "
                               "among this run's inputs; featurize refuses bronze until they are dealt with:", "yellow")))

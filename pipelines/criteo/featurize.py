@@ -248,7 +248,7 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
     if problems:
         raise FeaturizeError(
             f"bronze v{snap.version} and the ingest ledger disagree (re-run `bigopt ingest` with these files "
-            "among its inputs: it replaces unconfirmed rows; rows of a file with no ledger entry that is gone: "
+            "among its inputs: it replaces unconfirmed rows; rows of a file that is gone: "
             "`bigopt ingest --drop-unconfirmed`):\n  " + "\n  ".join(f"{src}: {why}" for src, why in problems.items())
         )
     return BronzeView(snap.version, out, snap)

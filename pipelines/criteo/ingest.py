@@ -192,6 +192,9 @@ class IngestReport:
     # the remedy (featurize refuses bronze until they are ingested again or dropped)
     unconfirmed: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)  # such sources whose rows this run deleted
+    # of them, files the ledger has: bronze no longer held the rows their entries confirm (the
+    # unconfirmed ones replaced them), so they were dropped from the ledger too
+    forgotten: list[str] = field(default_factory=list)
 
     def _done(self) -> list[FileResult]:
         return [f for f in self.files if f.status in ("ingested", "replaced")]
@@ -745,11 +748,12 @@ def read_ledger(path: str) -> list[dict]:
 
 
 def current_entries(ledger_rows: list[dict]) -> dict[str, dict]:
-    """The latest ledger row per source."""
+    """The latest ledger row per source; none for a source whose latest row records its drop
+    (no ``size``: :func:`_drop_sources`)."""
     cur: dict[str, dict] = {}
     for r in sorted(ledger_rows, key=lambda r: (r["ingested_at"], r["ingest_batch"])):
         cur[r["source"]] = r
-    return cur
+    return {s: r for s, r in cur.items() if r["size"] is not None}
 
 
 def bronze_sources(snapshot) -> dict[str, dict]:
@@ -798,25 +802,40 @@ def _unconfirmed_elsewhere(unconfirmed: dict[str, str], files: list[RawFile],
         if src in inputs:
             continue
         led = current.get(src)
-        fix = (f"ingest {led['path']} again (--input)" if led else
-               "ingest its file again (--input), or drop them (--drop-unconfirmed)")
+        fix = (f"ingest {led['path']} again (--input), or drop the file: its rows and its ledger entry "
+               "(--drop-unconfirmed)" if led else "ingest its file again (--input), or drop them (--drop-unconfirmed)")
         out[src] = f"{why}: {fix}"
     return out
 
 
-def _drop_sources(paths: dict, sources: list[str], chash: str, batch_id: str, compression: str) -> dict[str, int]:
+def _drop_sources(paths: dict, sources: list[str], forget: list[dict], chash: str, batch_id: str,
+                  compression: str) -> dict[str, int]:
     """Delete ``sources``' rows from bronze and the quarantine (one commit each where it holds
-    any; no Spark); the versions committed."""
-    from pipelines.lake import table_exists
+    any; no Spark), then append a ledger row recording the drop of each file of ``forget``
+    (current ledger entries of some of ``sources``), after which :func:`current_entries` has
+    none for it; the versions committed. Appended, not deleted: featurize of a bronze version
+    from before the drop still finds the entries that confirm its rows."""
+    from pipelines.lake import table_exists, table_version
     from pipelines.lake.tasks import write_arrow
 
     info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id,
             "dropped_unconfirmed": ",".join(sources)[:2000]}
-    versions = {}
+    versions, at = {}, {}  # the versions committed; each table's version once they are gone
     for name, schema in (("bronze", BRONZE_SCHEMA), ("quarantine", QUARANTINE_SCHEMA)):
-        if table_exists(paths[name]) and rows_by_source(paths[name], None, sources):  # at its latest version
+        if not table_exists(paths[name]):
+            continue
+        if rows_by_source(paths[name], None, sources):  # at its latest version
             versions[name] = write_arrow(paths[name], schema.empty_table(), mode="overwrite", partition_by=PARTITION_BY,
                                          replace_where={"source": sources}, commit_info=info, compression=compression)
+        at[name] = versions[name] if name in versions else table_version(paths[name])
+    if forget:
+        now = _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+        rows = [{**r, "size": None, "mtime_ns": None, "quick_hash": None, "sha256": None, "lines": 0, "rows_ok": 0,
+                 "rows_rejected": 0, "ingest_batch": batch_id, "bronze_version": at.get("bronze"),
+                 "quarantine_version": at.get("quarantine"), "forced": False, "ingested_at": now,
+                 "config_hash": chash} for r in forget]
+        versions["ledger"] = write_arrow(paths["ledger"], pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA),
+                                         mode="append", commit_info=info, compression=compression)
     return versions
 
 
@@ -1016,7 +1035,8 @@ def ingest(
     Bronze rows no ledger entry confirms (a run that died between its bronze commit and its
     ledger entry) are replaced when their file is among the inputs; of other files they are
     listed in ``report.unconfirmed``, or, with ``drop_unconfirmed``, deleted from bronze and
-    the quarantine where no ledger entry names them (``report.dropped``)."""
+    the quarantine (``report.dropped``); a file whose ledger entry's rows they replaced is
+    dropped from the ledger too (``report.forgotten``)."""
     from jobs.config import config_hash
     from pipelines.lake import DeltaSnapshot, table_exists
     from pipelines.lake.fs import check_writable
@@ -1044,12 +1064,17 @@ def ingest(
         table_exists(paths["bronze"])) else {}
     todo, report.files, notes = _plan(files, current, force, unconfirmed)
     report.unconfirmed = _unconfirmed_elsewhere(unconfirmed, files, current)
-    if drop_unconfirmed and (drop := sorted(s for s in report.unconfirmed if s not in current)):
+    if drop_unconfirmed and (drop := sorted(report.unconfirmed)):
         say(f"dropping the unconfirmed bronze rows of {len(drop)} source(s)")
-        versions = _drop_sources(paths, drop, chash, batch_id, cfg.lake.compression)
-        report.bronze_version, report.quarantine_version = versions.get("bronze"), versions.get("quarantine")
-        report.dropped = drop
-        report.unconfirmed = {s: why for s, why in report.unconfirmed.items() if s not in drop}
+        # a file the ledger has: bronze no longer holds the rows its entry confirms (the
+        # interrupted ingest replaced the file's whole partition), so nothing of it is left
+        # and its entry must go too. Taking those rows back from an older bronze version is no
+        # remedy: a vacuum may have deleted them, and of a changed file they are stale
+        forget = [current[s] for s in drop if s in current]
+        versions = _drop_sources(paths, drop, forget, chash, batch_id, cfg.lake.compression)
+        report.bronze_version, report.quarantine_version, report.ledger_version = (
+            versions.get(t) for t in ("bronze", "quarantine", "ledger"))
+        report.dropped, report.forgotten, report.unconfirmed = drop, [r["source"] for r in forget], {}
     if not todo:
         report.seconds = time.time() - t0
         return report

@@ -613,6 +613,55 @@ def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_pa
     assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_1": 20, "day_9": 7}
 
 
+def test_drop_unconfirmed_drops_a_ledgered_file_whose_rows_were_replaced(spark, tmp_path, capsys):
+    """A changed file's re-ingest died before its ledger entry, and the file is gone since: its
+    rows replaced the ones the ledger confirms, so --drop-unconfirmed drops the file, bronze and
+    quarantine rows and ledger entry, and featurize takes bronze again. Until the eighteenth
+    session it passed such a file over (it has a ledger entry), asked for the gone file to be
+    ingested again, and featurize refused bronze for good."""
+    from jobs.cli import main
+    from pipelines.criteo.featurize import bronze_view
+    from pipelines.criteo.ingest import current_entries, ingest, read_ledger
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
+    for d in (0, 1):  # a bad line each, so both have quarantine rows
+        (raw / f"day_{d}").write_text("\n".join([f"{d}{line[1:]}"] * 20 + ["2\tbad"]) + "\n")
+    cfg = _cfg(tmp_path)
+    ingest(spark, cfg)
+    t = _bronze(cfg)
+    with open(raw / "day_1", "a") as f:  # changed: ingested again, its rows replaced
+        f.write("\n".join([f"1{line[1:]}"] * 5 + ["3\tbad"]) + "\n")
+    assert [f.status for f in ingest(spark, cfg).files] == ["skipped", "replaced"]
+    (Path(t["ledger"]) / "_delta_log" / f"{1:020d}.json").unlink()  # died before its ledger entry
+    (raw / "day_1").unlink()  # and the file is gone since
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]
+    assert main(["ingest", *conf]) == 0
+    assert "day_1: bronze has 25 rows" in capsys.readouterr().out.replace("\n", "")
+    rep = ingest(spark, cfg)
+    assert rep.unconfirmed["day_1"].endswith(f"ingest {raw / 'day_1'} again (--input), or drop the file: its rows "
+                                             "and its ledger entry (--drop-unconfirmed)")
+    assert main(["ingest", *conf, "--drop-unconfirmed"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped the unconfirmed bronze rows of 1 file(s): day_1" in out
+    assert "day_1: the rows its ledger entry confirmed had been replaced by those, so it is dropped" in out
+    assert "bronze v2" in out and "quarantine v2" in out and "ledger v1" in out
+    view = bronze_view(cfg)  # featurize takes it: day_0 alone, as it was
+    assert {s: d["rows"] for s, d in view.sources.items()} == {"day_0": 20} and view.version == 2
+    assert set(current_entries(read_ledger(t["ledger"]))) == {"day_0"}
+    assert {r["source"] for r in DeltaSnapshot(t["quarantine"]).to_table().to_pylist()} == {"day_0"}
+    # the ledger is appended to, not rewritten: bronze v0 is still confirmed by it
+    assert {s: d["rows"] for s, d in bronze_view(cfg, 0).sources.items()} == {"day_0": 20, "day_1": 20}
+    rep = ingest(spark, cfg)
+    assert rep.unconfirmed == {} and rep.dropped == [] and rep.bronze_version is None
+    # the file back: ingested as a new one
+    (raw / "day_1").write_text(f"1{line[1:]}\n" * 4)
+    rep = ingest(spark, cfg)
+    assert [(f.source, f.status, f.note) for f in rep.files if f.status != "skipped"] == [("day_1", "ingested", "")]
+    assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_1": 4}
+
+
 def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden):
     import hashlib
     import re
