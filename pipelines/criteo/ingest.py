@@ -185,7 +185,7 @@ class IngestReport:
     quarantine: str = ""
     ledger: str = ""
     bronze_version: int | None = None  # the version this run committed; None: nothing committed
-    quarantine_version: int | None = None
+    quarantine_version: int | None = None  # the same: a run of clean files commits none
     ledger_version: int | None = None
     seconds: float = 0.0
     # bronze sources no ledger entry confirms, of files not among this run's inputs: why, and
@@ -948,14 +948,17 @@ def _new_batch_id() -> str:
 
 
 def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info: dict, ing,
-                  compression: str) -> tuple[dict, list[tuple[str, str]], int | None, int | None, dict[str, int]]:
+                  compression: str) -> tuple[dict, list[tuple[str, str]], int | None, int | None, int | None,
+                                             dict[str, int]]:
     """One Spark job for ``group``: tasks parse their chunks into bronze and quarantine files;
     the driver then commits bronze and quarantine, each as ONE transaction replacing the
     ``source`` partitions of the group's readable files. A file found unreadable (a damaged
     gzip) gets nothing committed: its chunks' files are deleted and its partitions are left
     as they were. Returns (per-file results of the readable files, the unreadable ones as
     ``(path, why)``, bronze version, quarantine version (None where nothing was committed),
-    the quarantine's rows per readable source at that version, from the log)."""
+    the quarantine version holding the readable files' rejects (the one read where nothing was
+    committed: it has none of theirs), the quarantine's rows per readable source there, from
+    the log)."""
     from pipelines.lake.tasks import abort_write, begin_write, commit_writes, discard_adds
     from pipelines.spark import cancel_jobs_if_stopping
 
@@ -989,7 +992,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     if not good:
         abort_write(btw)
         abort_write(qtw)
-        return {}, bad, None, None, {}
+        return {}, bad, None, None, None, {}
     dropped = [r for r in results if r["path"] in unreadable and r["kind"] == "chunk"]
     for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
         discard_adds(tw, [a for r in dropped for a in r[table]])
@@ -1005,7 +1008,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     else:  # no rejects, none to replace: a commit would only add an empty version to the quarantine
         abort_write(qtw)
         (bv,) = commit_writes([(btw, b_adds, info)])
-        qv, rejected = qtw.read_version, {}
+        qv, rejected = None, {}
     per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
                                  for f in good}
     for r in results:
@@ -1017,7 +1020,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             d["ok"] += r["ok"]
             d["rejected"] += r["rejected"]
             d["reasons"].update(r["reasons"])
-    return per_file, bad, bv, qv, rejected
+    return per_file, bad, bv, qv, qtw.read_version if qv is None else qv, rejected
 
 
 def ingest(
@@ -1089,7 +1092,8 @@ def ingest(
         info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id, "files": ",".join(sources)[:2000]}
         size = sum(f.size for f in group)
         say(f"parsing {len(group)} file(s) ({size / 1e6:,.0f} MB) -> bronze + quarantine")
-        per_file, bad, bv, qv, rej = _commit_group(spark, group, paths, batch_id, info, ing, cfg.lake.compression)
+        per_file, bad, bv, qv, q_at, rej = _commit_group(spark, group, paths, batch_id, info, ing,
+                                                         cfg.lake.compression)
         problems += bad
         report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed", note=why)
                          for f in group for p, why in bad if p == f.path]
@@ -1116,14 +1120,16 @@ def ingest(
                 source=f.source, path=f.path, day=f.day, labeled=f.labeled, gzip=f.gzip, size=f.size,
                 mtime_ns=f.mtime_ns, quick_hash=f.quick_hash, sha256=sha, lines=lines,
                 rows_ok=n_ok, rows_rejected=n_rej, ingest_batch=batch_id, bronze_version=bv,
-                quarantine_version=qv, forced=bool(force), ingested_at=now, config_hash=chash,
+                quarantine_version=q_at, forced=bool(force), ingested_at=now, config_hash=chash,
             ))
         say(f"recording {len(group)} file(s) in the ledger")
         lv = write_arrow(paths["ledger"], pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA), mode="append",
                          commit_info={"job": "ingest", "config_hash": chash, "ingest_batch": batch_id},
                          compression=cfg.lake.compression)
         report.files += group_results
-        report.bronze_version, report.quarantine_version, report.ledger_version = bv, qv, lv
+        report.bronze_version, report.ledger_version = bv, lv
+        if qv is not None:  # an earlier group's (or the drop's) commit stays the one reported
+            report.quarantine_version = qv
     report.seconds = time.time() - t0
     order = {f.path: i for i, f in enumerate(files)}
     report.files.sort(key=lambda r: order[r.path])  # as the inputs were named
