@@ -113,6 +113,11 @@ _FOREIGN_MAGIC = {
     b"\x28\xb5\x2f\xfd": "zstd-compressed", b"BZh": "bzip2-compressed", b"\xfd7zXZ\x00": "xz-compressed",
     b"\x04\x22\x4d\x18": "lz4-compressed", b"PK\x03\x04": "a zip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive",
     b"PAR1": "a Parquet file",
+    # text in another encoding (Windows tools' "Unicode" is UTF-16): its byte order mark. Every
+    # line would be quarantined as undecodable and the file then ledgered. UTF-32 LE's mark
+    # starts with UTF-16 LE's, so it comes first
+    b"\xff\xfe\x00\x00": "UTF-32 text", b"\x00\x00\xfe\xff": "UTF-32 text",
+    b"\xff\xfe": "UTF-16 text", b"\xfe\xff": "UTF-16 text",
 }
 # task cost estimates relative to parsing one plain byte (ordering only): gzip inflates ~4x;
 # sha256 of a byte costs ~1/10 of parsing it
@@ -132,9 +137,9 @@ class IngestError(RuntimeError):
 
 class CorruptInputError(IngestError):
     """One or more input files cannot be read (a truncated or corrupt gzip, a name that
-    contradicts the content, a format such as zstd that ingest does not read); nothing was
-    committed for them. Found before any Spark job (names, formats): nothing was committed at
-    all. Found while reading (a damaged gzip): the run's other files were ingested, and
+    contradicts the content, a format such as zstd or UTF-16 that ingest does not read);
+    nothing was committed for them. Found before any Spark job (names, formats): nothing was
+    committed at all. Found while reading (a damaged gzip): the run's other files were ingested, and
     ``report`` is the run's :class:`IngestReport` (the bad files with status ``failed``)."""
 
     def __init__(self, problems: list[tuple[str, str]], report: IngestReport | None = None):
@@ -156,7 +161,7 @@ class RawFile:
     size: int
     mtime_ns: int
     quick_hash: str
-    foreign: str | None = None  # e.g. "zstd-compressed": a format ingest does not read
+    foreign: str | None = None  # e.g. "zstd-compressed", "UTF-16 text": a format ingest does not read
     label_conflict: str | None = None  # its first lines contradict the kind its name gives it
     name_problem: str | None = None  # its name gives no usable day or `source` partition
 
@@ -377,6 +382,10 @@ def _unreadable_as_named(f: RawFile) -> str | None:
     """Why ingest cannot read ``f`` (its content against its name), or None."""
     if f.name_problem:
         return f.name_problem
+    if f.foreign and f.foreign.startswith("UTF-"):
+        enc = f.foreign.split()[0]
+        return (f"{f.foreign} (by its byte order mark): ingest reads UTF-8; convert it to UTF-8 "
+                f"(iconv -f {enc} -t UTF-8)")
     if f.foreign:
         return (f"{f.foreign}, not lines of text: ingest reads plain or gzip'd files (decompress it, "
                 "or recompress it with gzip)")

@@ -976,6 +976,34 @@ def test_files_in_formats_ingest_does_not_read_fail_up_front(tmp_path):
     assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
 
 
+def test_text_in_utf16_or_utf32_fails_up_front(tmp_path):
+    """A raw file saved as UTF-16 or UTF-32 (Windows tools' "Unicode"; known by its byte order
+    mark, gzip'd too) fails before anything runs, named, with the fix; a UTF-8 mark is no
+    problem. Until the eighteenth session such a file was ingested as lines of undecodable
+    bytes, every one quarantined, and the ledger then skipped it."""
+    from pipelines.criteo.ingest import CorruptInputError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    text = ("1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26) + "\n") * 20
+    (raw / "day_0").write_bytes(text.encode("utf-16"))  # the mark in native (little-endian) order
+    (raw / "day_1").write_bytes(b"\xfe\xff" + text.encode("utf-16-be"))
+    (raw / "day_2").write_bytes(text.encode("utf-32"))
+    (raw / "day_3").write_bytes(b"\x00\x00\xfe\xff" + text.encode("utf-32-be"))
+    (raw / "day_4.gz").write_bytes(gzip.compress(text.encode("utf-16")))
+    (raw / "day_5").write_bytes(text.encode("utf-8-sig"))  # fine
+    cfg = _cfg(tmp_path)
+    with pytest.raises(CorruptInputError) as e:
+        ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
+    got = {Path(p).name: why for p, why in e.value.problems}
+    assert sorted(got) == ["day_0", "day_1", "day_2", "day_3", "day_4.gz"]
+    assert got["day_0"] == got["day_1"] == ("UTF-16 text (by its byte order mark): ingest reads UTF-8; convert it to "
+                                            "UTF-8 (iconv -f UTF-16 -t UTF-8)")
+    assert got["day_2"] == got["day_3"] and got["day_2"].startswith("UTF-32 text (by its byte order mark)")
+    assert got["day_4.gz"].startswith("UTF-16 text, then gzip'd (by its byte order mark)")
+    assert not table_exists(_bronze(cfg)["bronze"]) and not table_exists(_bronze(cfg)["ledger"])
+
+
 def test_names_without_a_usable_day_or_partition_fail_up_front(tmp_path):
     """A day number past bronze's int `day`, a day_regex group that is no number, a name too
     long for its `source` partition folder: each file is named before Spark, nothing committed.
