@@ -138,12 +138,12 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
                    config_hash=chash)
     kw: dict[str, Any] = {}
     backend = t.backend
-    if t.num_proc > 1 and backend == "horovod":
-        from pipelines.spark import session_of, spark_from_config
+    try:  # from here on the MLflow run is open: whatever stops the command marks it FAILED
+        if t.num_proc > 1 and backend == "horovod":
+            from pipelines.spark import session_of, spark_from_config
 
-        spark = spark_from_config(cfg.spark) if spark is None else session_of(spark)
-        kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s}
-    try:
+            spark = spark_from_config(cfg.spark) if spark is None else session_of(spark)
+            kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s}
         ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
     except BaseException:
         if uri and run_id:

@@ -134,6 +134,11 @@ def resume_conflicts(state: dict[str, Any], train: dict[str, Any], seed: int) ->
     out = [f"train.{k}: {saved.get(k)!r} in the checkpoint, {train.get(k)!r} now"
            for k in sorted(set(saved) & set(train))  # a setting added or removed since is not a change
            if k not in RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(train.get(k))]
+    if saved.get("scheduler", "constant") != "constant":  # its length is the run's: a torch schedule
+        # restored with its old length does not stretch to a new one (cosine climbs back up)
+        out += [f"train.{k}: {saved.get(k)!r} in the checkpoint, {train.get(k)!r} now (the {saved['scheduler']} "
+                "schedule's length)" for k in ("max_steps", "epochs")
+                if k in saved and k in train and _plain(saved[k]) != _plain(train[k])]
     if "seed" in state and int(state["seed"]) != int(seed):
         out.append(f"run.seed: {state['seed']} in the checkpoint, {seed} now")
     return out

@@ -21,6 +21,7 @@ rank wrapper builds a ``torch.distributed`` ``Dist``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -125,10 +126,11 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
     for h in logging.getLogger().handlers:
         h.addFilter(quiet)
     try:
-        reports = horovod.spark.run(
-            _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(stall_shutdown_s),
-            start_timeout=start_timeout, verbose=verbose,
-        )
+        with _stop_signals_passed_on():
+            reports = horovod.spark.run(
+                _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(stall_shutdown_s),
+                start_timeout=start_timeout, verbose=verbose,
+            )
     except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
         raise _process_died(e) from e
     finally:
@@ -136,6 +138,48 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         for h in logging.getLogger().handlers:
             h.removeFilter(quiet)
     return _results(reports)
+
+
+@contextlib.contextmanager
+def _stop_signals_passed_on():
+    """Horovod's launcher replaces the SIGINT/SIGTERM handlers with its own (which stop the
+    ranks) and never puts the old ones back, so a stopped launch looked like a rank failure
+    (exit 1) and later signals reached only Horovod. Here its handlers also note the signal;
+    afterwards ours are put back and the noted signal is sent again, to reach them (the
+    `bigopt` command then stops with one line, exit 143 / 130)."""
+    import signal
+    import threading
+
+    from horovod.runner import gloo_run
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in stops}
+    seen: list[int] = []
+    register = gloo_run.register_shutdown_event
+
+    def register_noting():
+        event = threading.Event()
+
+        def on_signal(signum, frame):
+            seen.append(signum)
+            event.set()
+
+        for s in stops:
+            signal.signal(s, on_signal)
+        return event
+
+    gloo_run.register_shutdown_event = register_noting
+    try:
+        yield
+    finally:
+        gloo_run.register_shutdown_event = register
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if seen:
+            os.kill(os.getpid(), seen[0])
 
 
 def _process_died(e: Exception) -> RankFailure:

@@ -346,7 +346,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         if device.type == "cuda" and meta.get("cuda_rng"):
             torch.cuda.set_rng_state(meta["cuda_rng"][rank])
 
-    tracker = MetricLogger(job["tracking_uri"], job["run_id"], job["flush_every_s"]) if rank == 0 else MetricLogger(None, None)
+    tracker = (MetricLogger(job["tracking_uri"], job["run_id"], job["flush_every_s"], resumed=meta is not None)
+               if rank == 0 else MetricLogger(None, None))
     trainable = [p for p in model.parameters() if p.requires_grad]
     sparse_names = sparse_parameters(model)
     sparse_ids = {id(p) for n, p in model.named_parameters() if n in sparse_names}

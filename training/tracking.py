@@ -77,6 +77,15 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
     uri = tracking_uri(cfg.tracking)
     client = _client(uri)
     if run_id:
+        from mlflow.exceptions import MlflowException
+
+        from training.checkpoint import ResumeError
+
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise ResumeError(f"cannot resume: the checkpoint's MLflow run {run_id} is not in the tracking store "
+                              f"{uri}; resume with the store it was logged to (tracking.tracking_uri)") from None
         client.update_run(run_id, status="RUNNING")
         return uri, run_id
     name = experiment_name(cfg)
@@ -107,16 +116,24 @@ def end_run(uri: str, run_id: str, status: str) -> None:
 class MetricLogger:
     """Buffers metrics and sends them with ``log_batch`` (<= 1000 per call) every few seconds."""
 
-    def __init__(self, uri: str | None, run_id: str | None, flush_every_s: float = 5.0):
+    def __init__(self, uri: str | None, run_id: str | None, flush_every_s: float = 5.0, resumed: bool = False):
         self.enabled = bool(uri and run_id)
         self.uri, self.run_id = uri, run_id
         self.flush_every_s = flush_every_s
         self._buf: list = []
         self._last = time.monotonic()
         self._client = _client(uri) if self.enabled else None
+        # a resumed run restarts at its checkpoint, but the run may hold later steps already
+        # (flushed before a crash, or a finished run's end): those steps are not logged again
+        self.logged_through = self._last_step() if self.enabled and resumed else None
+
+    def _last_step(self) -> int | None:
+        data = self._client.get_run(self.run_id).data
+        steps = [m.step for k in data.metrics for m in self._client.get_metric_history(self.run_id, k)]
+        return max(steps, default=None)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.enabled:
+        if not self.enabled or (self.logged_through is not None and step <= self.logged_through):
             return
         from mlflow.entities import Metric
 

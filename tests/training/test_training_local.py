@@ -222,6 +222,19 @@ def test_resume_refuses_changed_settings_and_leaves_the_run_as_it_was(synth_gold
                      "run.name=resume-check", tracking=mlflow_store)
     resumed = run_training(more, resume=True)
     assert resumed.rank0["step"] == 30 and resumed.run_id == first.run_id and _run_status(resumed) == "FINISHED"
+    # max_steps is the length of any schedule but a constant one: a restored cosine schedule
+    # climbed back up to its peak past its old end
+    cosine = train_cfg(synth_gold, tmp_path, "train.max_steps=40", "train.checkpoint_every=10",
+                       "run.name=resume-check", "train.scheduler=cosine", tracking=mlflow_store)
+    run_training(cosine.model_copy(update={"train": cosine.train.model_copy(update={"max_steps": 20})}))
+    with pytest.raises(ResumeError, match=r"train.max_steps: 20 in the checkpoint, 40 now \(the cosine schedule"):
+        run_training(cosine, resume=True)
+    # the checkpoint's MLflow run is not in this store: one line (it was an MlflowException traceback)
+    elsewhere = cosine.model_copy(update={"train": cosine.train.model_copy(update={"max_steps": 20}),
+                                          "tracking": cosine.tracking.model_copy(
+                                              update={"tracking_uri": f"sqlite:///{tmp_path}/other.db"})})
+    with pytest.raises(ResumeError, match="checkpoint's MLflow run .* is not in the tracking store"):
+        run_training(elsewhere, resume=True)
 
 
 def test_a_resumed_run_keeps_the_metrics_logged_before_the_crash(synth_gold, tmp_path, mlflow_store):
@@ -242,7 +255,22 @@ def test_a_resumed_run_keeps_the_metrics_logged_before_the_crash(synth_gold, tmp
     client = mlflow.MlflowClient(mlflow_store[0])
     assert [m.step for m in client.get_metric_history(res.run_id, "valid_auc")] == [10, 20]
     assert [m.step for m in client.get_metric_history(res.run_id, "tta_samples")] == [10]
-    assert sorted({m.step for m in client.get_metric_history(res.run_id, "train_loss")}) == list(range(5, 21, 5))
+    assert [m.step for m in client.get_metric_history(res.run_id, "train_loss")] == list(range(5, 21, 5))
+
+    # a crashed run that had sent steps after its checkpoint (every log flushed at once), and a
+    # resume of a finished run: no step is logged twice (they were: train_loss, valid_auc, the
+    # final and test metrics, tta_* with new timings)
+    cfg = train_cfg(synth_gold, tmp_path, "run.name=crash-resume-2", "train.max_steps=40", "train.eval_every=10",
+                    "train.checkpoint_every=20", "train.target_auc=0.5", "train.early_stop=false",
+                    "train.checkpoint_dir=" + str(tmp_path / "ckpt2"), "tracking.flush_every_s=0",
+                    "train.test_at_end=true", tracking=mlflow_store)
+    with pytest.raises(InjectedFailure):
+        run_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"fail_at_step": 35})}))
+    res = run_training(cfg, resume=True)
+    run_training(cfg, resume=True)  # after the end: nothing new
+    for key, steps in [("train_loss", list(range(5, 41, 5))), ("valid_auc", [10, 20, 30, 40]),
+                       ("tta_samples", [10]), ("test_auc", [40]), ("final_valid_auc", [40])]:
+        assert [m.step for m in client.get_metric_history(res.run_id, key)] == steps, key
 
 
 def test_resume_names_a_damaged_checkpoint(synth_gold, tmp_path, mlflow_store):
