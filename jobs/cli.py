@@ -121,11 +121,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bigopt {args.command}: {e}", file=sys.stderr)
         return 2
     module = importlib.import_module(_available()[args.command][0])
-    from pipelines.spark import SparkStartError
+    from pipelines.spark import SparkStartError, stop_behind
 
     previous = _stop_cleanly_on_sigterm()
     try:
-        return int(module.run(cfg, args) or 0)
+        try:
+            return int(module.run(cfg, args) or 0)
+        except Exception as e:  # an error raised while a stop unwound (py4j's, its connection cut) is the stop
+            if (stop := stop_behind(e)) is None:
+                raise
+            raise stop from None
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Airflow stopping a task): the `finally`s ran
         by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
         print(f"bigopt {args.command}: stopped by {by}; what it had not committed was removed", file=sys.stderr)
@@ -151,13 +156,9 @@ def _not_py4j_on_an_interrupt(record: logging.LogRecord) -> bool:
     """False for the tracebacks py4j logs (to the root logger) when Ctrl-C or SIGTERM interrupts
     a call to the JVM ("KeyboardInterrupt while sending command", and its retry's error)."""
     error = record.exc_info[1] if record.exc_info else None
-    if error is None or f"{os.sep}py4j{os.sep}" not in record.pathname:
-        return True
-    while error is not None:
-        if isinstance(error, KeyboardInterrupt):
-            return False
-        error = error.__context__
-    return True
+    from pipelines.spark import stop_behind
+
+    return error is None or f"{os.sep}py4j{os.sep}" not in record.pathname or stop_behind(error) is None
 
 
 class Terminated(KeyboardInterrupt):
@@ -175,6 +176,9 @@ def _stop_cleanly_on_sigterm():
         return None
 
     def terminated(signum, frame):
+        # once: a second SIGTERM (Airflow may send more) must not cut short the clean-up the
+        # first one started; SIGKILL still ends the process
+        signal.signal(signal.SIGTERM, lambda *_: None)
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, terminated)

@@ -95,3 +95,32 @@ def test_a_process_spawned_by_a_worker_does_not_warm_up_again(spark):
 
     got = spark.sparkContext.parallelize([0, 1], 2).mapPartitions(spawn_from_a_worker).collect()
     assert got == [("pipelines.worker_daemon", True, 4)] * 2
+
+
+def test_stop_signals_during_spark_start_wait_for_it_and_a_second_sigterm_is_ignored():
+    """A SIGTERM while PySpark launches the JVM used to be raised inside ``launch_gateway``,
+    whose clean-up deleted the folder of the JVM's connection file: the JVM ran on, orphaned.
+    Now it is delivered once the launch is done. After the first SIGTERM, more are ignored (they
+    cut the write's abort short, leaving Parquet files). An error raised while a stop unwound
+    (py4j's, its connection cut) counts as the stop."""
+    import signal
+
+    from jobs.cli import Terminated, _stop_cleanly_on_sigterm
+    from pipelines.spark import _stop_signals_deferred, stop_behind
+
+    previous = _stop_cleanly_on_sigterm()
+    try:
+        went_on = []
+        try:
+            with _stop_signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                went_on.append(True)
+        except Terminated:
+            went_on.append("stopped after")
+        assert went_on == [True, "stopped after"]
+        os.kill(os.getpid(), signal.SIGTERM)  # the second: ignored, no exception
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    cut = RuntimeError("Answer from Java side is empty")
+    cut.__context__ = Terminated()
+    assert isinstance(stop_behind(cut), Terminated) and stop_behind(RuntimeError("other")) is None
