@@ -129,3 +129,17 @@ class TrackingConfig(BaseModel):
     )
     flush_every_s: float = Field(5.0, description="metrics are buffered and sent with log_batch")
     tags: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _no_file_store(self):
+        """MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE=true: say so here, not
+        in a traceback once training (after ingest and featurize, in `bigopt run`) starts."""
+        import os
+
+        uri = self.tracking_uri or ""
+        file_store = uri.startswith(("file:", "/", "./", "../", "~"))  # a path is the file store too
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
+        if self.enabled and file_store and not allowed:
+            raise ValueError(f"{uri!r} is MLflow's file store, which MLflow 3 refuses unless "
+                             "MLFLOW_ALLOW_FILE_STORE=true: use a database, e.g. sqlite:///mlflow.db")
+        return self

@@ -199,3 +199,17 @@ def test_cli_overrides_may_follow_flags(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unrecognized arguments: second.yaml" in err
     assert err.startswith("usage: bigopt ingest ")  # the command's usage, not bigopt's
+
+
+def test_mlflow_file_store_is_a_config_error(monkeypatch):
+    """MLflow 3 refuses its file store (unless MLFLOW_ALLOW_FILE_STORE=true): a config error
+    up front, not a traceback once training starts (in `bigopt run`, after ingest and featurize)."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("file:/tmp/x/mlruns", "/tmp/x/mlruns", "./mlruns"):
+        with pytest.raises(ConfigError, match="MLflow's file store, which MLflow 3 refuses"):
+            load_config(None, [f"tracking.tracking_uri={uri}"])
+    assert load_config(None, ["tracking.tracking_uri=file:/tmp/x", "tracking.enabled=false"])
+    for uri in ("sqlite:////tmp/x.db", "http://127.0.0.1:5000", "databricks"):
+        assert load_config(None, [f"tracking.tracking_uri={uri}"]).tracking.tracking_uri == uri
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert load_config(None, ["tracking.tracking_uri=file:/tmp/x"])
