@@ -133,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise stop from None
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Airflow stopping a task): the `finally`s ran
         by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        print(f"bigopt {args.command}: stopped by {by}; what it had not committed was removed", file=sys.stderr)
+        after = ("its checkpoints are kept: --resume continues from the last" if args.command == "train"
+                 else "what it had not committed was removed")
+        print(f"bigopt {args.command}: stopped by {by}; {after}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # `bigopt quarantine --raw | head`: the reader has what it wanted
         import os
