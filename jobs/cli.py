@@ -121,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bigopt {args.command}: {e}", file=sys.stderr)
         return 2
     module = importlib.import_module(_available()[args.command][0])
-    from pipelines.spark import SparkStartError, stop_behind
+    from pipelines.spark import SparkStartError
+    from pipelines.stopping import stop_behind
 
     previous = _stop_cleanly_on_sigterm()
     try:
@@ -158,9 +159,11 @@ def _not_py4j_on_an_interrupt(record: logging.LogRecord) -> bool:
     """False for the tracebacks py4j logs (to the root logger) when Ctrl-C or SIGTERM interrupts
     a call to the JVM ("KeyboardInterrupt while sending command", and its retry's error)."""
     error = record.exc_info[1] if record.exc_info else None
-    from pipelines.spark import stop_behind
+    if error is None or f"{os.sep}py4j{os.sep}" not in record.pathname:
+        return True
+    from pipelines.stopping import stop_behind  # only for py4j's tracebacks, not every record
 
-    return error is None or f"{os.sep}py4j{os.sep}" not in record.pathname or stop_behind(error) is None
+    return stop_behind(error) is None
 
 
 class Terminated(KeyboardInterrupt):

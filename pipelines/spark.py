@@ -8,13 +8,14 @@ session gets the project's Delta data source registered (see :mod:`pipelines.lak
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import sys
 from collections.abc import Mapping
 from typing import Any
+
+from pipelines.stopping import held_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,10 @@ def get_spark(
     if not attached:  # this process starts the JVM
         _check_java()
     try:
-        with _stop_signals_deferred():  # a SIGTERM mid-launch orphaned the JVM (see there)
+        # a SIGTERM raised inside launch_gateway made it delete the folder where the JVM was about
+        # to write its connection file: the JVM never watched for this process's exit and ran
+        # on, orphaned. Held until it is connected, the JVM ends with this process
+        with held_stop_signals():
             spark = builder.getOrCreate()
     except Exception as e:  # noqa: BLE001 - pyspark's error for a JVM that died at start
         if "JAVA_GATEWAY_EXITED" not in str(e):
@@ -158,51 +162,3 @@ def session_of(spark) -> Any:
     Pipeline steps take either, so a step with nothing to do (every input file already
     ingested, gold already built) returns without starting Spark when given a starter."""
     return spark() if callable(spark) else spark
-
-
-@contextlib.contextmanager
-def _stop_signals_deferred():
-    """Hold SIGTERM / Ctrl-C while PySpark launches the JVM and connects to it, then deliver
-    them. Raised inside ``launch_gateway``, the stop made it delete the folder where the JVM was
-    about to write its connection file: the JVM then never watched for its parent's exit and
-    ran on, orphaned. Once connected, the JVM ends with this process."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stops = (signal.SIGINT, signal.SIGTERM)
-    seen: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in stops}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if seen:
-            os.kill(os.getpid(), seen[0])
-
-
-def stop_behind(error: BaseException | None) -> KeyboardInterrupt | None:
-    """The Ctrl-C / SIGTERM (a KeyboardInterrupt) in ``error``'s chain of causes (an error
-    raised while a stop unwound, e.g. py4j's once its connection was cut), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def cancel_jobs_if_stopping(sc, error: BaseException) -> None:
-    """On Ctrl-C or SIGTERM while the driver waits for a job: cancel the session's running jobs,
-    so their tasks stop writing files before the write is aborted (its files deleted). Other
-    errors failed the job already. Best effort: the driver is stopping, and a second signal
-    must not skip the abort that follows."""
-    if stop_behind(error) is not None:
-        try:
-            sc.cancelAllJobs()
-        except BaseException:  # noqa: BLE001 - a gateway already gone: its JVM's tasks go with it
-            log.debug("could not cancel the running Spark jobs", exc_info=True)

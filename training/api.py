@@ -105,10 +105,10 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             f"compacted and vacuumed since (the same rows are at v{spec.versions.get('train')}, in other files, "
             "where that position means other rows). Train without --resume, or keep checkpointed runs' versions "
             "out of vacuum (`bigopt lake --action vacuum` keeps 7 days by default)")
-    if not resume and list_checkpoints(ckpt_dir):  # only once the settings and data are known good: a
-        # refused command must not destroy the checkpoints an earlier run could be resumed from
-        log.info("fresh run: removing %d old checkpoints in %s", len(list_checkpoints(ckpt_dir)), ckpt_dir)
-        for p in list_checkpoints(ckpt_dir):
+    if not resume and (old := list_checkpoints(ckpt_dir)):  # only once the settings and data are known
+        # good: a refused command must not destroy the checkpoints an earlier run could be resumed from
+        log.info("fresh run: removing %d old checkpoints in %s", len(old), ckpt_dir)
+        for p in old:
             p.unlink(missing_ok=True)
     chash = config_hash(cfg)
     uri = None

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipelines.stopping import held_stop_signals
 from training.dist import HorovodDist, LocalDist
 
 log = logging.getLogger(__name__)
@@ -142,44 +143,22 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
 
 @contextlib.contextmanager
 def _stop_signals_passed_on():
-    """Horovod's launcher replaces the SIGINT/SIGTERM handlers with its own (which stop the
-    ranks) and never puts the old ones back, so a stopped launch looked like a rank failure
-    (exit 1) and later signals reached only Horovod. Here its handlers also note the signal;
-    afterwards ours are put back and the noted signal is sent again, to reach them (the
-    `bigopt` command then stops with one line, exit 143 / 130)."""
-    import signal
+    """Horovod's launcher replaces the SIGINT/SIGTERM handlers with its own, which set an event
+    that stops the ranks, and never puts the old ones back: a stopped launch looked like a rank
+    failure (exit 1) and later signals reached only Horovod. Here the signals are held (noted,
+    and the launcher's event set), then sent again to our handlers (the `bigopt` command stops
+    with one line, exit 143 / 130)."""
     import threading
 
     from horovod.runner import gloo_run
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in stops}
-    seen: list[int] = []
-    register = gloo_run.register_shutdown_event
-
-    def register_noting():
-        event = threading.Event()
-
-        def on_signal(signum, frame):
-            seen.append(signum)
-            event.set()
-
-        for s in stops:
-            signal.signal(s, on_signal)
-        return event
-
-    gloo_run.register_shutdown_event = register_noting
+    event, register = threading.Event(), gloo_run.register_shutdown_event
+    gloo_run.register_shutdown_event = lambda: event
     try:
-        yield
+        with held_stop_signals(also=event.set):
+            yield
     finally:
         gloo_run.register_shutdown_event = register
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if seen:
-            os.kill(os.getpid(), seen[0])
 
 
 def _process_died(e: Exception) -> RankFailure:

@@ -723,7 +723,7 @@ def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, pa
     On failure the job's files are deleted."""
     from pipelines.lake.fs import file_uri
     from pipelines.lake.tasks import abort_write, begin_write
-    from pipelines.spark import cancel_jobs_if_stopping
+    from pipelines.stopping import cancel_jobs_if_stopping
 
     tw = begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"], compression=compression)
     # one reduce task per column at most; fewer on a small cluster, where a task's fixed cost
@@ -871,7 +871,7 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
     """The gold job: returns ``{split: (write, add actions)}``, written and NOT committed; on
     failure every file of the three writes is deleted."""
     from pipelines.lake.tasks import abort_write, begin_write
-    from pipelines.spark import cancel_jobs_if_stopping
+    from pipelines.stopping import cancel_jobs_if_stopping
 
     writes = tuple(
         begin_write(paths[s], GOLD_SCHEMA, mode="overwrite", row_group_rows=fz.row_group_rows,

@@ -969,7 +969,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     committed: it has none of theirs), the quarantine's rows per readable source there, from
     the log)."""
     from pipelines.lake.tasks import abort_write, begin_write, commit_writes, discard_adds
-    from pipelines.spark import cancel_jobs_if_stopping
+    from pipelines.stopping import cancel_jobs_if_stopping
 
     sources = [f.source for f in group]
 

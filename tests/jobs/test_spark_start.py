@@ -106,13 +106,13 @@ def test_stop_signals_during_spark_start_wait_for_it_and_a_second_sigterm_is_ign
     import signal
 
     from jobs.cli import Terminated, _stop_cleanly_on_sigterm
-    from pipelines.spark import _stop_signals_deferred, stop_behind
+    from pipelines.stopping import held_stop_signals, stop_behind
 
     previous = _stop_cleanly_on_sigterm()
     try:
         went_on = []
         try:
-            with _stop_signals_deferred():
+            with held_stop_signals():
                 os.kill(os.getpid(), signal.SIGTERM)
                 went_on.append(True)
         except Terminated:

@@ -1,0 +1,68 @@
+"""Stopping a command cleanly on Ctrl-C or SIGTERM (how Airflow stops a task).
+
+The ``bigopt`` command turns SIGTERM into a KeyboardInterrupt (``jobs.cli.Terminated``), so
+the same ``except BaseException`` / ``finally`` clean-up runs as for Ctrl-C: a job's Spark
+jobs are cancelled and its write's files deleted. Here: telling a stop apart from other errors,
+cancelling the jobs, and holding the signals through stretches a stop must not interrupt.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def held_stop_signals(also: Callable[[], None] | None = None):
+    """Note SIGINT / SIGTERM instead of acting on them (calling ``also`` for each), then put the
+    previous handlers back and send the first noted signal again, so it reaches them. Outside
+    the main thread, where no handler can be set, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+
+    def note(signum, frame):
+        seen.append(signum)
+        if also is not None:
+            also()
+
+    previous = {s: signal.signal(s, note) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if seen:
+            os.kill(os.getpid(), seen[0])
+
+
+def stop_behind(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl-C / SIGTERM (a KeyboardInterrupt) in ``error``'s chain of causes (an error
+    raised while a stop unwound, e.g. py4j's once its connection was cut), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def cancel_jobs_if_stopping(sc, error: BaseException) -> None:
+    """On Ctrl-C or SIGTERM while the driver waits for a job: cancel the session's running jobs,
+    so their tasks stop writing files before the write is aborted (its files deleted). Other
+    errors failed the job already. Best effort: the driver is stopping, and a second signal
+    must not skip the abort that follows."""
+    if stop_behind(error) is not None:
+        try:
+            sc.cancelAllJobs()
+        except BaseException:  # noqa: BLE001 - a gateway already gone: its JVM's tasks go with it
+            log.debug("could not cancel the running Spark jobs", exc_info=True)
