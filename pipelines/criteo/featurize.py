@@ -50,7 +50,9 @@ are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks
 Only when both jobs have succeeded does the driver commit, one transaction per table:
 vocabulary, train, valid, test, then the 26-row ``vocab_sizes`` summary
 (:func:`pipelines.lake.tasks.commit_writes`). A failed job (a task error, an unreadable
-bronze file) leaves every table as it was and deletes the files it wrote.
+bronze file), an error or a stop (Ctrl-C, SIGTERM) at any point before the commits leaves
+every table as it was and deletes the files it wrote
+(:class:`pipelines.lake.tasks.UncommittedWrites`).
 
 Only bronze rows the ingest ledger confirms are used (see :mod:`pipelines.criteo.ingest`);
 unlabelled rows (Kaggle ``test.txt``) are left out of gold. Every gold commit records the
@@ -715,26 +717,26 @@ def merge_column(index: int, counts: pa.Table, tw, threshold: int,
     return index, distinct, n, adds
 
 
-def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, path: str,
+def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, path: str, guard,
                      compression: str = "zstd") -> tuple[TaskWrite, list[dict], dict[str, int], dict[str, int], tuple]:
     """The vocabulary job (see the module docstring) over the bronze ``files`` that can hold
     train rows. Returns (the vocabulary write, its add actions: written, NOT committed; kept
     values per column, distinct train values per column, per column the URIs of its files).
-    On failure the job's files are deleted."""
+    The write is added to ``guard`` (:class:`pipelines.lake.tasks.UncommittedWrites`), which
+    deletes its files on a failure."""
     from pipelines.lake.fs import file_uri
-    from pipelines.lake.tasks import abort_write, begin_write
-    from pipelines.stopping import cancel_jobs_if_stopping
+    from pipelines.lake.tasks import begin_write
 
-    tw = begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"], compression=compression)
+    tw = guard.add(begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"], compression=compression))
     # one reduce task per column at most; fewer on a small cluster, where a task's fixed cost
     # (about 60 ms of CPU in PySpark) would outweigh the merge of a small column
     reducers = min(NUM_SPARSE, 2 * max(1, sc.defaultParallelism))
     threshold, max_size = fz.freq_threshold, fz.max_vocab_size
     tasks = bronze_tasks(files, sc.defaultParallelism)
     results: list = []
-    try:
-        if tasks:
-            sc.setJobDescription("featurize: vocabulary (count train values, merge per column)")
+    if tasks:
+        sc.setJobDescription("featurize: vocabulary (count train values, merge per column)")
+        try:
             results = (
                 sc.parallelize(tasks, len(tasks))
                 .flatMap(functools.partial(count_task, schema=schema, rule=rule))
@@ -742,14 +744,9 @@ def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, pa
                 .mapPartitions(lambda pairs: merge_partition(pairs, tw, threshold, max_size))
                 .collect()
             )
-    except BaseException as e:
-        cancel_jobs_if_stopping(sc, e)
-        abort_write(tw)
-        raise
-    finally:
-        sc.setJobDescription(None)
+        finally:
+            sc.setJobDescription(None)
     if unreadable := [p for j, _, _, problems in results if j == UNREADABLE for p in problems]:
-        abort_write(tw)
         raise UnreadableBronzeError(unreadable)
     distinct = {SPARSE[j]: d for j, d, _, _ in results}
     sizes = {SPARSE[j]: k for j, _, k, _ in results}
@@ -866,34 +863,29 @@ def _unreadable_footers(uris: Iterable[str]) -> list[str]:
     return out
 
 
-def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
-               fz) -> dict[str, tuple[TaskWrite, list[dict]]]:
-    """The gold job: returns ``{split: (write, add actions)}``, written and NOT committed; on
-    failure every file of the three writes is deleted."""
-    from pipelines.lake.tasks import abort_write, begin_write
-    from pipelines.stopping import cancel_jobs_if_stopping
+def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict, fz,
+               guard) -> dict[str, tuple[TaskWrite, list[dict]]]:
+    """The gold job: returns ``{split: (write, add actions)}``, written and NOT committed. The
+    three writes are added to ``guard`` (:class:`pipelines.lake.tasks.UncommittedWrites`),
+    which deletes their files on a failure."""
+    from pipelines.lake.tasks import begin_write
 
     writes = tuple(
-        begin_write(paths[s], GOLD_SCHEMA, mode="overwrite", row_group_rows=fz.row_group_rows,
-                    compression=fz.compression, parquet_options=GOLD_PARQUET_OPTIONS, stats_columns=GOLD_STATS_COLUMNS)
+        guard.add(begin_write(paths[s], GOLD_SCHEMA, mode="overwrite", row_group_rows=fz.row_group_rows,
+                              compression=fz.compression, parquet_options=GOLD_PARQUET_OPTIONS,
+                              stats_columns=GOLD_STATS_COLUMNS))
         for s in GOLD_SPLITS
     )
     spec = GoldSpec(writes=writes, **spec_args)
-    try:
-        results: list[dict] = []
-        if tasks:
-            sc.setJobDescription("featurize: gold train/valid/test")
-            try:
-                results = sc.parallelize(tasks, len(tasks)).map(functools.partial(gold_task, spec=spec)).collect()
-            finally:
-                sc.setJobDescription(None)
-        if unreadable := [p for r in results for p in r.get("unreadable", ())]:
-            raise UnreadableBronzeError(unreadable)  # aborts the three writes below
-    except BaseException as e:
-        cancel_jobs_if_stopping(sc, e)
-        for tw in writes:
-            abort_write(tw)
-        raise
+    results: list[dict] = []
+    if tasks:
+        sc.setJobDescription("featurize: gold train/valid/test")
+        try:
+            results = sc.parallelize(tasks, len(tasks)).map(functools.partial(gold_task, spec=spec)).collect()
+        finally:
+            sc.setJobDescription(None)
+    if unreadable := [p for r in results for p in r.get("unreadable", ())]:
+        raise UnreadableBronzeError(unreadable)
     return {split: (tw, [a for r in results for a in r[split]]) for split, tw in zip(GOLD_SPLITS, writes)}
 
 
@@ -1002,8 +994,9 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     from jobs.config import config_hash
     from pipelines.lake import data_version
     from pipelines.lake.fs import check_writable
-    from pipelines.lake.tasks import abort_write, begin_write, commit_writes
+    from pipelines.lake.tasks import UncommittedWrites, begin_write, commit_writes
     from pipelines.spark import session_of
+    from pipelines.stopping import cancel_jobs_if_stopping
 
     t0 = time.time()
     say = progress or (lambda msg: log.info(msg))
@@ -1052,30 +1045,33 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     vocab_files: tuple = ()
     written: list[tuple[str, TaskWrite, list[dict]]] = []  # committed once every job has succeeded
     vocab = fz.strategy == "vocab"
-    if vocab:
-        say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
-        train_files = [f for f in files if rule.may_train(_day(f))]
-        vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
-        try:
-            vtw, vadds, sizes, distinct, vocab_files = build_vocabulary(
-                sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"], cfg.lake.compression,
-            )
-        except UnreadableBronzeError as e:  # name the held-out days' bad files too, not one job's at a time
-            train_uris = {f.uri for f in train_files}
-            rest = _unreadable_footers(f.uri for f in files if f.uri not in train_uris)
-            raise UnreadableBronzeError(e.problems + rest) from None
-        written.append(("vocabulary", vtw, vadds))
-        cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
-        say(f"vocabulary: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
-    else:
-        cards = [fz.hash_buckets] * NUM_SPARSE
-    report.cardinalities = cards
+    # a failed job, an error, or Ctrl-C / SIGTERM anywhere up to the commits: no file of an
+    # uncommitted write stays (the commits that landed keep theirs)
+    with UncommittedWrites(on_error=functools.partial(cancel_jobs_if_stopping, sc)) as guard:
+        if vocab:
+            say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
+            train_files = [f for f in files if rule.may_train(_day(f))]
+            vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
+            try:
+                vtw, vadds, sizes, distinct, vocab_files = build_vocabulary(
+                    sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"], guard,
+                    cfg.lake.compression,
+                )
+            except UnreadableBronzeError as e:  # name the held-out days' bad files too, not one job's at a time
+                train_uris = {f.uri for f in train_files}
+                rest = _unreadable_footers(f.uri for f in files if f.uri not in train_uris)
+                raise UnreadableBronzeError(e.problems + rest) from None
+            written.append(("vocabulary", vtw, vadds))
+            cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
+            say(f"vocabulary: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
+        else:
+            cards = [fz.hash_buckets] * NUM_SPARSE
+        report.cardinalities = cards
 
-    try:
         say("writing gold " + "/".join(GOLD_SPLITS))
         spec_args = {"rule": rule, "schema": bronze.schema(ROW_COLUMNS), "strategy": fz.strategy,
                      "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
-        gold = write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz)
+        gold = write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz, guard)
         written += [(split, tw, adds) for split, (tw, adds) in gold.items()]
         if not sum(int(a["num_records"]) for a in gold["train"][1]):  # nothing to train on (and no vocabulary)
             raise FeaturizeError(
@@ -1089,17 +1085,14 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
              "rare_id": RARE_ID if vocab else None}
             for j, c in enumerate(SPARSE)
         ]
-        stw = begin_write(paths["vocab_sizes"], VOCAB_SIZES_SCHEMA, mode="overwrite", compression=cfg.lake.compression)
+        stw = guard.add(begin_write(paths["vocab_sizes"], VOCAB_SIZES_SCHEMA, mode="overwrite",
+                                    compression=cfg.lake.compression))
         written.append(("vocab_sizes", stw, stw.write_all(  # 26 rows: written by the driver, no Spark job
             pa.Table.from_pylist(rows, schema=VOCAB_SIZES_SCHEMA).to_batches())))
-    except BaseException:
-        for _, tw, _ in written:
-            abort_write(tw)
-        raise
 
-    say("committing " + ", ".join(name for name, _, _ in written))
-    versions = dict(zip((name for name, _, _ in written), commit_writes(
-        [(tw, adds, {**info_base, "table": name}) for name, tw, adds in written])))
+        say("committing " + ", ".join(name for name, _, _ in written))
+        versions = dict(zip((name for name, _, _ in written), commit_writes(
+            [(tw, adds, {**info_base, "table": name}) for name, tw, adds in written])))
     if vocab:
         report.vocabulary, report.vocabulary_version = paths["vocabulary"], versions["vocabulary"]
     for split, (_, adds) in gold.items():

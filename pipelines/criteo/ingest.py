@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import functools
 import hashlib
 import logging
 import re
@@ -968,7 +969,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     the quarantine version holding the readable files' rejects (the one read where nothing was
     committed: it has none of theirs), the quarantine's rows per readable source there, from
     the log)."""
-    from pipelines.lake.tasks import abort_write, begin_write, commit_writes, discard_adds
+    from pipelines.lake.tasks import UncommittedWrites, abort_write, begin_write, commit_writes, discard_adds
     from pipelines.stopping import cancel_jobs_if_stopping
 
     sources = [f.source for f in group]
@@ -980,44 +981,40 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
                            partition_by=PARTITION_BY, row_group_rows=ing.row_group_rows, stats_columns=stats_columns,
                            compression=compression)
 
-    btw = plan(paths["bronze"], BRONZE_SCHEMA, BRONZE_STATS_COLUMNS)
-    qtw = plan(paths["quarantine"], QUARANTINE_SCHEMA, QUARANTINE_STATS_COLUMNS)
-    items = plan_chunks(group, ing.chunk_bytes, ing.verify)
-    preview, block_bytes = ing.max_line_preview, ing.block_bytes
-    try:
+    # a failed task, an error, or Ctrl-C / SIGTERM anywhere up to the commits: nothing of the batch stays
+    with UncommittedWrites(on_error=functools.partial(cancel_jobs_if_stopping, spark.sparkContext)) as writes:
+        btw = writes.add(plan(paths["bronze"], BRONZE_SCHEMA, BRONZE_STATS_COLUMNS))
+        qtw = writes.add(plan(paths["quarantine"], QUARANTINE_SCHEMA, QUARANTINE_STATS_COLUMNS))
+        items = plan_chunks(group, ing.chunk_bytes, ing.verify)
+        preview, block_bytes = ing.max_line_preview, ing.block_bytes
         results = (
             spark.sparkContext.parallelize(items, len(items))
             .map(lambda it: run_item(it, btw, qtw, batch_id, preview, block_bytes))
             .collect()
         )
-    except BaseException as e:  # a failed task, or Ctrl-C / SIGTERM: nothing of the batch stays
-        cancel_jobs_if_stopping(spark.sparkContext, e)
-        abort_write(btw)
-        abort_write(qtw)
-        raise
-    bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
-    unreadable = {p for p, _ in bad}
-    good = [f for f in group if f.path not in unreadable]
-    if not good:
-        abort_write(btw)
-        abort_write(qtw)
-        return {}, bad, None, None, None, {}
-    dropped = [r for r in results if r["path"] in unreadable and r["kind"] == "chunk"]
-    for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
-        discard_adds(tw, [a for r in dropped for a in r[table]])
-    results = [r for r in results if r["path"] not in unreadable]
-    chunks = [r for r in results if r["kind"] == "chunk"]
-    sources = [f.source for f in good]
-    # leave a bad file's partitions (rows of an earlier batch) as they are
-    btw.replace_where = qtw.replace_where = {"source": sources}
-    b_adds, q_adds = ([a for r in chunks for a in r[table]] for table in ("bronze", "quarantine"))
-    if q_adds or qtw.read_version is None or rows_by_source(qtw.uri, qtw.read_version, sources):
-        bv, qv = commit_writes([(btw, b_adds, info), (qtw, q_adds, info)])
-        rejected = rows_by_source(qtw.uri, qv, sources)
-    else:  # no rejects, none to replace: a commit would only add an empty version to the quarantine
-        abort_write(qtw)
-        (bv,) = commit_writes([(btw, b_adds, info)])
-        qv, rejected = None, {}
+        bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
+        unreadable = {p for p, _ in bad}
+        good = [f for f in group if f.path not in unreadable]
+        if not good:
+            abort_write(btw)
+            abort_write(qtw)
+            return {}, bad, None, None, None, {}
+        dropped = [r for r in results if r["path"] in unreadable and r["kind"] == "chunk"]
+        for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
+            discard_adds(tw, [a for r in dropped for a in r[table]])
+        results = [r for r in results if r["path"] not in unreadable]
+        chunks = [r for r in results if r["kind"] == "chunk"]
+        sources = [f.source for f in good]
+        # leave a bad file's partitions (rows of an earlier batch) as they are
+        btw.replace_where = qtw.replace_where = {"source": sources}
+        b_adds, q_adds = ([a for r in chunks for a in r[table]] for table in ("bronze", "quarantine"))
+        if q_adds or qtw.read_version is None or rows_by_source(qtw.uri, qtw.read_version, sources):
+            bv, qv = commit_writes([(btw, b_adds, info), (qtw, q_adds, info)])
+            rejected = rows_by_source(qtw.uri, qv, sources)
+        else:  # no rejects, none to replace: a commit would only add an empty version to the quarantine
+            abort_write(qtw)
+            (bv,) = commit_writes([(btw, b_adds, info)])
+            qv, rejected = None, {}
     per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
                                  for f in good}
     for r in results:

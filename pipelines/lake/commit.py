@@ -202,7 +202,7 @@ def commit(
                 landed = True
                 return DeltaTable(uri, storage_options=opts, without_files=True).version()
             except DeltaError as e:
-                if landed or _in_log(uri, info.get(WRITE_ID_KEY), 0):
+                if landed or write_in_log(uri, info.get(WRITE_ID_KEY), 0):
                     landed = True  # the log has this write's version 0 (reading it back failed): keep its files
                     raise
                 # Lost a creation race: another writer created the table first.
@@ -277,7 +277,8 @@ def commit(
             f"committed (run it again once the other writer is done): {e}") from e
     except BaseException:
         # a commit that reached the log (its read-back failed) keeps its files: the log names them
-        if not landed and not _in_log(uri, info.get(WRITE_ID_KEY), 0 if read_version is None else read_version + 1):
+        first = 0 if read_version is None else read_version + 1
+        if not landed and not write_in_log(uri, info.get(WRITE_ID_KEY), first):
             delete_files(uri, on_disk)
         raise
 
@@ -302,7 +303,7 @@ def _check_partition_values(uri: str, schema: pa.Schema, partition_by: list[str]
                                           f"{schema.field(col).type} value; nothing was committed")
 
 
-def _in_log(uri: str, write_id: str | None, first_version: int) -> bool:
+def write_in_log(uri: str, write_id: str | None, first_version: int) -> bool:
     """Whether a commit of write ``write_id`` is in the table's log at ``first_version`` or
     later, read from the log files themselves (:func:`commit_entries`): delta-rs can write a
     commit and then fail loading the table, and a log it cannot load must still be told apart

@@ -9,12 +9,10 @@ Such a job writes its Parquet files from the task and lets the driver commit the
                      replace_where={"day": [3]})                 # driver: checks, read version
     def task(item):                                               # Spark task
         return tw.write_all(produce(item))                        # add actions (dicts)
-    try:
+    with UncommittedWrites() as writes:                           # an error or a stop in the
+        writes.add(tw)                                            # block deletes its files
         adds = [a for r in sc.parallelize(items).map(task).collect() for a in r]
-    except BaseException:
-        abort_write(tw)                                           # delete what tasks wrote
-        raise
-    version = commit_write(tw, adds, commit_info={"job": "..."})  # ONE Delta transaction
+        version = commit_write(tw, adds, commit_info={"job": "..."})  # ONE Delta transaction
 
 The guarantees are those of :func:`pipelines.lake.write_table` (same file writer, same
 commit): one write = one commit, conflicting overwrites fail, and a failed write leaves the
@@ -23,12 +21,15 @@ removed by :func:`abort_write`.
 """
 from __future__ import annotations
 
+import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 WRITE_ID_KEY = "bigopt.writeId"
 STATS_COLUMNS_KEY = "delta.dataSkippingStatsColumns"
@@ -175,6 +176,56 @@ def abort_write(tw: TaskWrite) -> int:
     return remove_write_leftovers(tw.uri, tw.write_id)
 
 
+def write_committed(tw: TaskWrite) -> bool:
+    """Whether ``tw``'s commit is in its table's log (read from the log files, so also a
+    commit whose caller was stopped before it returned)."""
+    from pipelines.lake.commit import write_in_log
+
+    return write_in_log(tw.uri, tw.write_id, 0 if tw.read_version is None else tw.read_version + 1)
+
+
+class UncommittedWrites:
+    """The driver side of a job that writes tables from tasks, as one block::
+
+        with UncommittedWrites(on_error=stop_jobs) as writes:
+            tw = writes.add(begin_write(...))
+            ... run the tasks, the driver's own steps, then the commits ...
+
+    When the block ends in an error or a stop (Ctrl-C, SIGTERM), ``on_error(error)`` runs first
+    (e.g. cancel the session's Spark jobs, so their tasks stop writing), then every added write
+    whose commit is not in its table's log is aborted (its files deleted); a write that was
+    committed keeps its files, also one committed just before the stop. Covering the whole
+    block, not only its jobs, leaves no instant (between a job's end and its commit, between
+    two commits) where a stop leaves files behind."""
+
+    def __init__(self, on_error: Callable[[BaseException], None] | None = None):
+        self.on_error = on_error
+        self.writes: list[TaskWrite] = []
+
+    def add(self, tw: TaskWrite) -> TaskWrite:
+        self.writes.append(tw)
+        return tw
+
+    def __enter__(self) -> UncommittedWrites:
+        return self
+
+    def __exit__(self, exc_type, error, tb) -> bool:
+        if error is None:
+            return False
+        if self.on_error is not None:
+            self.on_error(error)
+        for tw in self.writes:
+            try:
+                committed = write_committed(tw)
+            except Exception:  # noqa: BLE001 - a log it cannot read: keep the files (a vacuum finds them)
+                log.warning("could not tell whether write %s to %s was committed; its files are kept",
+                            tw.write_id, tw.uri, exc_info=True)
+                continue
+            if not committed:
+                abort_write(tw)
+        return False
+
+
 def write_arrow(
     uri: str,
     table: pa.Table,
@@ -188,6 +239,7 @@ def write_arrow(
     """Write a small Arrow table from this process (no Spark job) as ONE commit; return the
     version. For driver-side bookkeeping tables (ledgers, summaries) where starting Spark tasks
     would cost more than the write itself."""
-    tw = begin_write(uri, table.schema, mode=mode, partition_by=partition_by, replace_where=replace_where,
-                     compression=compression)
-    return commit_write(tw, tw.write_all(table.to_batches()), commit_info)
+    with UncommittedWrites() as writes:  # a stop between the file and its commit leaves no file
+        tw = writes.add(begin_write(uri, table.schema, mode=mode, partition_by=partition_by,
+                                    replace_where=replace_where, compression=compression))
+        return commit_write(tw, tw.write_all(table.to_batches()), commit_info)

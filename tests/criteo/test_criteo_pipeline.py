@@ -902,6 +902,52 @@ def test_sigterm_during_ingest_leaves_no_file_and_a_rerun_ingests_all(spark, tmp
     assert rows_by_source_now(_bronze(_cfg(tmp_path))["bronze"]) == {"day_0": 200_000, "day_1": 200_000}, rep.summary()
 
 
+def test_a_stop_between_the_jobs_and_the_commits_leaves_no_file(spark, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM after the Spark jobs wrote their files but before the driver committed
+    them: ingest and featurize delete every file of the uncommitted writes; a stop just after
+    the commits landed deletes nothing the log names. Until the nineteenth session only the
+    jobs themselves were guarded, and a stop between a job's end and its commit left the job's
+    Parquet files in the lake (for a vacuum to find)."""
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+    from pipelines.lake import tasks
+
+    cfg = _cfg(tmp_path, generate={"days": 2, "rows_per_day": 300, "seed": 3})
+    generate(cfg)
+    t = _bronze(cfg)
+    real_commit_writes = tasks.commit_writes
+
+    def stopped_before(writes):
+        raise KeyboardInterrupt
+
+    def stopped_after(writes):
+        real_commit_writes(writes)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks, "commit_writes", stopped_before)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(spark, cfg)
+    assert not list((tmp_path / "lake").rglob("*.parquet")), "uncommitted bronze/quarantine files left"
+    monkeypatch.setattr(tasks, "commit_writes", real_commit_writes)
+    ingest(spark, cfg)
+    assert rows_by_source_now(t["bronze"]) == {"day_0": 300, "day_1": 300}
+    gold = ("train", "valid", "test", "vocabulary", "vocab_sizes")
+    monkeypatch.setattr(tasks, "commit_writes", stopped_before)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(spark, cfg)
+    assert not any(Path(t[s]).exists() and list(Path(t[s]).rglob("*.parquet")) for s in gold)
+    assert not any(table_exists(t[s]) for s in gold)
+    monkeypatch.setattr(tasks, "commit_writes", stopped_after)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(spark, cfg)
+    for s in gold:  # committed: every file the log names is there, and nothing else
+        snap = DeltaSnapshot(t[s])
+        on_disk = {p.resolve() for p in Path(t[s]).rglob("*.parquet")}
+        assert {Path(f.uri.removeprefix("file://")).resolve() for f in snap.files()} == on_disk, s
+    assert sum(DeltaSnapshot(t[s]).to_table().num_rows for s in ("train", "valid", "test")) == 600
+
+
 def rows_by_source_now(path: str) -> dict[str, int]:
     from pipelines.criteo.ingest import rows_by_source
 

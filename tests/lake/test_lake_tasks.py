@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.lake import DeltaSnapshot, table_exists, table_version
 from pipelines.lake.files import WriteAbortedError
-from pipelines.lake.tasks import abort_write, begin_write, commit_write, commit_writes, write_arrow
+from pipelines.lake.tasks import UncommittedWrites, abort_write, begin_write, commit_write, commit_writes, write_arrow
 
 SCHEMA = pa.schema([pa.field("x", pa.int64()), pa.field("day", pa.int32())])
 
@@ -61,6 +61,33 @@ def test_commit_writes_in_order_and_abort_the_rest_when_one_fails(tmp_path):
     assert table_version(a) == 0 and table_version(b) == 1 and not table_exists(c)
     assert DeltaSnapshot(b).to_table().column("x").to_pylist() == [9]
     assert _parquet_files(tmp_path / "c") == [] and len(_parquet_files(tmp_path / "b")) == len(b_files) - 1
+
+
+def test_uncommitted_writes_abort_only_what_the_log_does_not_name(tmp_path):
+    """An error or a stop anywhere in the block: on_error runs first, then each added write
+    whose commit is not in the log loses its files; a committed one keeps them, and so does a
+    write another table's commit cannot be confused with."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    seen = []
+    with pytest.raises(KeyboardInterrupt), UncommittedWrites(on_error=seen.append) as writes:
+        ta = writes.add(begin_write(str(a), SCHEMA, partition_by=["day"]))
+        tb = writes.add(begin_write(str(b), SCHEMA, partition_by=["day"]))
+        adds_a, adds_b = _task(ta, [1], 0), _task(tb, [2], 0)
+        commit_write(ta, adds_a)
+        raise KeyboardInterrupt  # stopped between the two commits
+    assert [type(e) for e in seen] == [KeyboardInterrupt]
+    assert DeltaSnapshot(str(a)).to_table().column("x").to_pylist() == [1] and len(_parquet_files(a)) == 1
+    assert not table_exists(str(b)) and _parquet_files(b) == [] and adds_b
+    # on an existing table: the write planned at v0 is told apart from v0's own commit
+    with pytest.raises(ValueError), UncommittedWrites() as writes:
+        tc = writes.add(begin_write(str(a), SCHEMA, partition_by=["day"]))
+        _task(tc, [3], 1)
+        raise ValueError("failed after its tasks")
+    assert table_version(str(a)) == 0 and len(_parquet_files(a)) == 1
+    with UncommittedWrites() as writes:  # no error: nothing is touched
+        td = writes.add(begin_write(str(a), SCHEMA, partition_by=["day"]))
+        commit_write(td, _task(td, [4], 1))
+    assert sorted(DeltaSnapshot(str(a)).to_table().column("x").to_pylist()) == [1, 4]
 
 
 def test_a_task_that_finishes_after_the_abort_removes_its_files(tmp_path):
