@@ -267,19 +267,6 @@ def _demo_config(path: str | None, overrides: list[str]):
     return load_config(path, list(overrides))
 
 
-def _criteo_pipeline_complete() -> tuple[bool, str]:
-    if not (REPO / "pipelines" / "criteo" / "featurize.py").exists():
-        return False, "pipelines/criteo/featurize.py does not exist yet"
-    try:
-        from jobs.run import _stage
-
-        for s in ("generate", "ingest", "featurize"):
-            _stage(s)
-    except Exception as e:  # noqa: BLE001 - any import problem means: not usable
-        return False, f"the Criteo pipeline does not import: {type(e).__name__}: {e}"
-    return True, ""
-
-
 def _demo_spec(args, build: bool):
     """DataSpec of the Criteo demo gold tables; builds them (Spark) when ``build`` and missing."""
     from training.dataspec import resolve_data
@@ -290,15 +277,18 @@ def _demo_spec(args, build: bool):
     except FileNotFoundError:
         if not build:
             raise
-    from jobs.run import _stage, needs_generation
+    from jobs.run import needs_generation
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
     from pipelines.spark import spark_from_config
 
     print("building the Criteo demo gold tables (generate -> ingest -> featurize)", flush=True)
     spark = spark_from_config(cfg.spark)
     if needs_generation(cfg):
-        _stage("generate")(cfg)
-    _stage("ingest")(spark, cfg, force=False)
-    _stage("featurize")(spark, cfg)
+        generate(cfg)
+    ingest(spark, cfg, force=False)
+    featurize(spark, cfg)
     return resolve_data(cfg), "criteo demo gold tables (built now)"
 
 
@@ -322,16 +312,12 @@ def _synthetic_spec(args, work: Path):
 def resolve_spec(args, work: Path):
     if args.data == "synthetic":
         return _synthetic_spec(args, work)
-    ok, why = _criteo_pipeline_complete()
     if args.data == "demo":
-        if not ok:
-            raise SystemExit(f"--data demo: {why}")
         return _demo_spec(args, build=True)
-    if ok:  # auto: the demo tables if they are already there (building them takes minutes)
-        try:
-            return _demo_spec(args, build=False)
-        except FileNotFoundError as e:
-            why = f"no demo gold tables yet ({e}); `bigopt run conf/demo.yaml` or --data demo builds them"
+    try:  # auto: the demo tables if they are already there (building them takes minutes)
+        return _demo_spec(args, build=False)
+    except FileNotFoundError as e:
+        why = f"no demo gold tables yet ({e}); `bigopt run conf/demo.yaml` or --data demo builds them"
     print(f"data: falling back to synthetic tables: {why}", flush=True)
     return _synthetic_spec(args, work)
 

@@ -53,3 +53,23 @@ def test_summary_pairs_each_method_with_dense_of_the_same_seed():
     assert rows["none"]["auc_gap"] == 0.0
     line = bench._goal_line("goal", t, 50.0, 0.002)
     assert line.startswith("goal topk: NOT MET") and "(>= 50: not met)" in line and "undecided" in line
+
+
+def test_data_auto_uses_the_demo_tables_when_they_exist(tmp_path):
+    """``--data auto`` trains on the config's gold tables when they are there. Until the
+    nineteenth session it imported a helper ``jobs.run`` no longer has, so ``auto`` always fell
+    back to synthetic tables and ``--data demo`` always failed."""
+    import argparse
+
+    from pipelines.criteo.schema import KAGGLE_CARDINALITIES
+    from training.synthetic import make_gold
+
+    gold = make_gold(tmp_path / "gold", rows={"train": 600, "valid": 200, "test": 200},
+                     cardinalities=[min(c, 50) for c in KAGGLE_CARDINALITIES], seed=0)
+    overrides = [f"lake.root={tmp_path}/lake", f"train.train_table={gold['train']}",
+                 f"train.valid_table={gold['valid']}", f"train.test_table={gold['test']}",
+                 f"train.vocabulary={gold['vocabulary']}"]
+    args = argparse.Namespace(data="auto", config=None, set=overrides)
+    spec, what = bench.resolve_spec(args, tmp_path / "work")
+    assert what == "criteo demo gold tables"
+    assert spec.train == gold["train"] and spec.train_rows == 600
