@@ -105,6 +105,12 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             f"compacted and vacuumed since (the same rows are at v{spec.versions.get('train')}, in other files, "
             "where that position means other rows). Train without --resume, or keep checkpointed runs' versions "
             "out of vacuum (`bigopt lake --action vacuum` keeps 7 days by default)")
+    if t.num_proc > 1 and t.backend == "horovod":  # Spark before MLflow: too few task slots is one line
+        from pipelines.spark import session_of, spark_from_config
+        from training.launch import check_task_slots
+
+        spark = spark_from_config(cfg.spark) if spark is None else session_of(spark)
+        check_task_slots(spark.sparkContext, t.num_proc)
     if not resume and (old := list_checkpoints(ckpt_dir)):  # only once the settings and data are known
         # good: a refused command must not destroy the checkpoints an earlier run could be resumed from
         log.info("fresh run: removing %d old checkpoints in %s", len(old), ckpt_dir)
@@ -140,9 +146,6 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
     backend = t.backend
     try:  # from here on the MLflow run is open: whatever stops the command marks it FAILED
         if t.num_proc > 1 and backend == "horovod":
-            from pipelines.spark import session_of, spark_from_config
-
-            spark = spark_from_config(cfg.spark) if spark is None else session_of(spark)
             kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s}
         ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
     except BaseException:

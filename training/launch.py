@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import traceback
 import unittest.mock
@@ -108,6 +109,37 @@ def _launch_local(fn: Callable, job: Any, num_proc: int, **_: Any) -> list[Any]:
     return [fn(job, LocalDist())]
 
 
+def local_task_slots(master: str) -> int | None:
+    """How many tasks a local master runs at once (``local``: 1, ``local[N]`` / ``local[N,F]``:
+    N, ``local[*]``: the cores, ``local-cluster[W,C,M]``: W x C); None for a cluster manager,
+    whose executors can come and go."""
+    if m := re.fullmatch(r"local(?:\[(\*|\d+)(?:,\s*\d+)?\])?", master.strip()):
+        n = m.group(1)
+        return 1 if n is None else (os.cpu_count() or 1) if n == "*" else int(n)
+    if m := re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master.strip()):
+        return int(m.group(1)) * int(m.group(2))
+    return None
+
+
+def check_task_slots(sc, num_proc: int) -> None:
+    """Horovod-on-Spark runs each rank as a Spark task, and every rank must be running before
+    any can train: on a local master with fewer task slots than ranks they never all start
+    (Horovod waited ``start_timeout``, then failed with Spark's stack traces), so that is a
+    :class:`~training.loop.TrainSettingsError` at once. A cluster manager may add executors:
+    there it is a warning."""
+    slots = local_task_slots(sc.master)
+    if slots is not None and num_proc > slots:
+        from training.loop import TrainSettingsError
+
+        raise TrainSettingsError(
+            f"train.num_proc={num_proc} ranks need {num_proc} Spark tasks running at once, but spark.master="
+            f"{sc.master} runs {slots} at a time: lower train.num_proc (--num-proc) to {slots} or less, or give "
+            f"the master more task slots (e.g. spark.master=local[{num_proc}])")
+    if slots is None and num_proc > sc.defaultParallelism:
+        log.warning("num_proc=%d > spark.default.parallelism=%d: ranks may wait for task slots",
+                    num_proc, sc.defaultParallelism)
+
+
 def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_timeout: int = 180,
                     stall_shutdown_s: int = 0, verbose: int = 1, **_: Any) -> list[Any]:
     import horovod.spark
@@ -118,10 +150,7 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         spark = SparkSession.getActiveSession()
         if spark is None:
             raise RuntimeError("the horovod backend needs an active SparkSession (pipelines.spark.get_spark)")
-    sc = spark.sparkContext
-    slots = sc.defaultParallelism
-    if num_proc > slots:
-        log.warning("num_proc=%d > spark.default.parallelism=%d: ranks may wait for task slots", num_proc, slots)
+    check_task_slots(spark.sparkContext, num_proc)
     quiet = _QuietHorovod()
     logging.getLogger().addFilter(quiet)
     for h in logging.getLogger().handlers:

@@ -1,6 +1,7 @@
 """Horovod-on-Spark (gloo, 2 ranks on local[2]) runs of the real per-rank loop."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -45,6 +46,26 @@ def test_sophia_on_two_ranks_keeps_one_hessian(spark, synth_gold, tmp_path):
     two = run_training(cfg, spark=spark)
     assert two.ranks[0]["fingerprint"] == two.ranks[1]["fingerprint"]
     assert two.valid["auc"] > 0.6, two.valid
+
+
+def test_more_ranks_than_local_task_slots_is_one_settings_error(spark, synth_gold, tmp_path):
+    """On local[2] four ranks can never all run: a settings error at once, before MLflow opens
+    a run or the old checkpoints go. Until the nineteenth session it warned, waited
+    start_timeout (180 s), then failed with Spark's stack traces."""
+    import mlflow
+
+    from training.launch import local_task_slots
+    from training.loop import TrainSettingsError
+
+    assert [local_task_slots(m) for m in ("local", "local[2]", "local[3, 2]", "local-cluster[2,3,1024]",
+                                          "yarn", "spark://h:7077")] == [1, 2, 3, 6, None, None]
+    assert local_task_slots("local[*]") == os.cpu_count()
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=4", "train.num_proc=4", tracking=True)
+    with pytest.raises(TrainSettingsError, match=r"train.num_proc=4 ranks need 4 Spark tasks running at once, "
+                                                 r"but spark.master=local\[2\] runs 2 at a time"):
+        run_training(cfg, spark=spark)
+    assert not mlflow.MlflowClient(cfg.tracking.tracking_uri).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(cfg.tracking.tracking_uri).search_experiments()])
 
 
 def test_one_and_two_ranks_agree_on_the_loss_trajectory(runs):
