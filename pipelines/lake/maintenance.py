@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deltalake import DeltaTable
+from pyarrow.fs import FileType
 
 from pipelines.lake.fs import filesystem_for, join, normalize_uri
 
@@ -67,9 +68,62 @@ def commit_metadata(h: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def history(uri: str, limit: int | None = None) -> list[dict[str, Any]]:
-    """Commit infos, newest first (operation, timestamp, our job name/config hash, metrics)."""
-    return _table(uri).history(limit)
+def history(uri: str, limit: int | None = None, storage_options: Mapping[str, str] | None = None
+            ) -> list[dict[str, Any]]:
+    """Commit infos, newest first (operation, timestamp, our job name/config hash, metrics), as
+    delta-rs's ``DeltaTable.history`` shapes them: each commit's ``commitInfo`` with its
+    ``version``. Read from the log's JSON here: delta-rs 1.6.6 returned no entries at all for
+    a local table whose path has a ``#`` or ``?`` (and labelled the commit before one without
+    ``commitInfo`` with that commit's version). A commit whose log entry was cleaned up ends
+    the history; one that cannot be parsed is a ``ValueError``."""
+    uri = normalize_uri(uri)
+    latest = table_version(uri, storage_options)  # a missing table or an unreadable log: delta-rs's DeltaError
+    fs, root = filesystem_for(uri, storage_options)
+    out: list[dict[str, Any]] = []
+    v = latest
+    while v >= 0 and (limit is None or len(out) < limit):
+        info = commit_info_at(fs, root, v)
+        if info is None:  # older entries were cleaned up (log retention): the history ends here
+            break
+        out.append(info)
+        v -= 1
+    return out
+
+
+def commit_info_at(fs, root: str, version: int) -> dict[str, Any] | None:
+    """Commit ``version``'s ``commitInfo`` with its ``version`` (a history entry), None when
+    its log entry is not there; ``ValueError`` for one that cannot be parsed. A commit
+    without a ``commitInfo``, or one that names no timestamp, gets its log file's modification
+    time, the commit time the Delta protocol defines."""
+    import json
+
+    path = join(root, f"_delta_log/{version:020d}.json")
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        return None
+    except OSError:  # some filesystems say "not found" as a plain OSError
+        if fs.get_file_info(path).type == FileType.NotFound:
+            return None
+        raise
+    info: dict[str, Any] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"the Delta log entry {path} cannot be read (line {n}: {e})") from None
+        if isinstance(entry, dict) and isinstance(entry.get("commitInfo"), dict):
+            info = dict(entry["commitInfo"])
+            break
+    if not isinstance(info.get("timestamp"), (int, float)):
+        mtime = fs.get_file_info(path).mtime
+        if mtime is not None:
+            info["timestamp"] = int(mtime.timestamp() * 1000)
+    info["version"] = version
+    return info
 
 
 def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_retention: bool = True) -> list[str]:

@@ -240,10 +240,13 @@ class DeltaSnapshot:
         return reduce(operator.and_, parts, pc.scalar(True))
 
     def commit_info(self) -> dict:
-        for h in self.table.history():
-            if h.get("version") == self.version:
-                return h
-        return {}
+        """This version's commit info (a history entry: ``commitInfo`` and ``version``), read
+        from its log entry ({} when log clean-up removed it). Not delta-rs's ``history()``,
+        which returned nothing for a local table whose path has a ``#`` or ``?``."""
+        from pipelines.lake.maintenance import commit_info_at
+
+        fs, root = filesystem_for(self.uri, self.storage_options)
+        return commit_info_at(fs, root, self.version) or {}
 
     def to_table(self, columns: Sequence[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         return self.dataset(columns).to_table(columns=list(columns) if columns else None, filter=filter)

@@ -1,0 +1,56 @@
+"""Table history, commit info and `bigopt lake` on tables written without Spark (write_arrow)."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipelines.lake import DeltaSnapshot, history
+from pipelines.lake.tasks import write_arrow
+
+
+def _history_rows(out: str) -> list[str]:
+    """The body rows of the `bigopt lake --table` history table."""
+    return [ln for ln in out.splitlines() if ln.startswith("│")]
+
+
+@pytest.mark.parametrize("folder", ["lake dir/ünï #1", "run?2", "plain"])
+def test_history_and_commit_info_whatever_the_path(tmp_path, capsys, spark_forbidden, folder):
+    """delta-rs's ``history()`` returned no entries for a local table whose path has a ``#`` or
+    ``?``: `bigopt lake --table` showed an empty history, ``commit_info()`` was {}, the
+    roundtrip let itself overwrite another job's table, and training lost gold's build id."""
+    from jobs.cli import main
+    from training.dataspec import _commit_infos
+
+    path = str(tmp_path / folder / "t")
+    write_arrow(path, pa.table({"x": [1, 2]}), commit_info={"job": "ingest", "config_hash": "0123456789abcdef"})
+    write_arrow(path, pa.table({"x": [3]}), commit_info={"job": "featurize"})
+    assert [(h["version"], h["job"], h["bigopt.rowsAdded"]) for h in history(path)] == [
+        (1, "featurize", 1), (0, "ingest", 2)]
+    assert [h["version"] for h in history(path, 1)] == [1] and history(path, 0) == []
+    assert all(isinstance(h["timestamp"], int) and h["operation"] for h in history(path))
+    assert DeltaSnapshot(path, version=0).commit_info()["job"] == "ingest"
+    assert DeltaSnapshot(path).commit_info()["version"] == 1
+    assert {v: h["job"] for v, h in _commit_infos(path).items()} == {0: "ingest", 1: "featurize"}
+    with spark_forbidden("bigopt lake history / a refused roundtrip"):
+        assert main(["lake", "--table", path]) == 0
+        rows = _history_rows(capsys.readouterr().out)
+        assert len(rows) == 2 and "featurize" in rows[0] and "ingest" in rows[1] and "0123456789ab" in rows[1]
+        assert main(["lake", "--action", "roundtrip", "--table", path, f"lake.root={tmp_path / 'lake'}"]) == 2
+        assert "is a Delta table written by featurize, ingest" in capsys.readouterr().out
+
+
+def test_history_of_a_commit_without_commit_info(tmp_path):
+    """A commit whose log entry has no ``commitInfo`` (other writers need not write one) is in
+    the history under its own version, with its log file's time; delta-rs left it out and gave
+    its version to the commit before it."""
+    import json
+    import os
+
+    path = tmp_path / "t"
+    write_arrow(str(path), pa.table({"x": [1]}), commit_info={"job": "ingest"})
+    write_arrow(str(path), pa.table({"x": [2]}))
+    log = path / "_delta_log" / f"{1:020d}.json"
+    log.write_text("".join(ln + "\n" for ln in log.read_text().splitlines() if "commitInfo" not in json.loads(ln)))
+    (v1, v0) = history(str(path))
+    assert v1 == {"version": 1, "timestamp": int(os.stat(log).st_mtime * 1000)}
+    assert v0["version"] == 0 and v0["job"] == "ingest"
