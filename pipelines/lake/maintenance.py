@@ -130,9 +130,25 @@ def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_r
     """Delete the files older than ``retention_hours`` that no version newer than that
     references: files removed by later commits, and files no commit ever added (those of a
     write whose process was killed before it could clean up). A "full" vacuum, as Spark's
-    VACUUM: it lists the table's directory; delta-rs's default looks only at removed files."""
-    return _table(uri).vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                              enforce_retention_duration=enforce_retention, full=True)
+    VACUUM: it lists the table's directory; delta-rs's default looks only at removed files.
+
+    Returns the files' paths relative to the table (deleted, or that a dry run would delete).
+    Only files that are there count: delta-rs's list also names the files of the log's
+    tombstones that an earlier vacuum already deleted (until the tombstones expire), so every
+    run reported them as deleted again and added another VACUUM START/END pair of commits.
+    When nothing is there to delete, delta-rs is not called to delete: it commits nothing for
+    an empty list either."""
+    table = _table(uri)
+    kw = dict(retention_hours=retention_hours, enforce_retention_duration=enforce_retention, full=True)
+    fs, root = filesystem_for(normalize_uri(uri))
+    rel = table.vacuum(dry_run=True, **kw)
+    infos = fs.get_file_info([join(root, r) for r in rel]) if rel else []
+    there = [r for r, info in zip(rel, infos) if info.type != FileType.NotFound]
+    if dry_run or not there:
+        return there
+    table.vacuum(dry_run=False, **kw)
+    infos = fs.get_file_info([join(root, r) for r in there])
+    return [r for r, info in zip(there, infos) if info.type == FileType.NotFound]
 
 
 def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> dict[str, Any]:

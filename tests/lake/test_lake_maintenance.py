@@ -54,3 +54,28 @@ def test_history_of_a_commit_without_commit_info(tmp_path):
     (v1, v0) = history(str(path))
     assert v1 == {"version": 1, "timestamp": int(os.stat(log).st_mtime * 1000)}
     assert v0["version"] == 0 and v0["job"] == "ingest"
+
+
+def test_vacuum_counts_only_files_that_are_there(tmp_path, capsys):
+    """delta-rs lists the files of the log's tombstones whether or not they are still there: a
+    vacuum reported the file an earlier one deleted as deleted again on every run, committed
+    another VACUUM START/END pair each time, and its dry run kept listing it."""
+    from jobs.cli import main
+    from pipelines.lake import table_version, vacuum
+
+    path = str(tmp_path / "t")
+    write_arrow(path, pa.table({"x": [1]}))
+    write_arrow(path, pa.table({"x": [2]}), mode="overwrite")  # version 0's file: removed, still there
+    (old,) = vacuum(path, retention_hours=0, enforce_retention=False)
+    assert (tmp_path / "t" / old).is_file()
+    vacuum_cmd = ["lake", "--table", path, "--action", "vacuum", "--retention-hours", "0", "--no-retention-check"]
+    assert main([*vacuum_cmd, "--apply"]) == 0
+    assert "deleted 1 file(s)" in capsys.readouterr().out and not (tmp_path / "t" / old).exists()
+    assert table_version(path) == 3  # VACUUM START, VACUUM END
+    for _ in range(2):
+        assert main([*vacuum_cmd, "--apply"]) == 0
+        assert "deleted 0 file(s)" in capsys.readouterr().out
+    assert main(vacuum_cmd) == 0
+    out = capsys.readouterr().out
+    assert "would delete 0 file(s)" in out and old not in out
+    assert table_version(path) == 3 and DeltaSnapshot(path).to_table().column("x").to_pylist() == [2]
