@@ -37,7 +37,10 @@ def run(cfg, args) -> int:
         console.print(styled(("--table is required for this action", "red")))
         return 2
     if not lake.table_exists(args.table):
-        console.print(styled((f"bigopt lake: no Delta table at {args.table} (it has no _delta_log)", "red")))
+        import os
+
+        why = "it is a file" if os.path.isfile(args.table) else "it has no _delta_log"
+        console.print(styled((f"bigopt lake: no Delta table at {args.table} ({why})", "red")))
         return 1
     if args.action == "history":
         t = Table(title=f"history of {args.table}")

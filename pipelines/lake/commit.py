@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -20,7 +21,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
 
 from pipelines.lake.files import delete_files, int_range, partition_value_str
-from pipelines.lake.fs import filesystem_for, normalize_uri
+from pipelines.lake.fs import filesystem_for, is_local, normalize_uri
 from pipelines.lake.reader import check_readable
 from pipelines.lake.schema import SchemaMismatchError, check_compatible, to_pyarrow_schema
 from pipelines.lake.tasks import WRITE_ID_KEY
@@ -40,7 +41,12 @@ class TableExistsError(FileExistsError):
 
 
 def table_exists(uri: str, storage_options: Mapping[str, str] | None = None) -> bool:
-    return DeltaTable.is_deltatable(normalize_uri(uri), storage_options=dict(storage_options or {}))
+    """Whether ``uri`` holds a Delta table. A local path that is not a folder (a file, or a
+    path under one) holds none: delta-rs raised ``OSError: Not a directory`` for it."""
+    uri = normalize_uri(uri)
+    if is_local(uri) and not os.path.isdir(uri):
+        return False
+    return DeltaTable.is_deltatable(uri, storage_options=dict(storage_options or {}))
 
 
 def replace_where_filters(replace_where: Mapping[str, Any] | None) -> list[tuple] | None:

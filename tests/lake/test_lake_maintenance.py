@@ -79,3 +79,24 @@ def test_vacuum_counts_only_files_that_are_there(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "would delete 0 file(s)" in out and old not in out
     assert table_version(path) == 3 and DeltaSnapshot(path).to_table().column("x").to_pylist() == [2]
+
+
+def test_lake_command_on_a_file_is_one_line(tmp_path, capsys, spark_forbidden):
+    """`bigopt lake --table` naming a regular file (or a path under one) was an ``OSError: Not
+    a directory`` traceback from delta-rs, whatever the action."""
+    from jobs.cli import main
+    from pipelines.lake import table_exists
+
+    (tmp_path / "afile").write_text("not a table\n")
+    for path in (tmp_path / "afile", tmp_path / "afile" / "t"):
+        assert not table_exists(str(path))
+        for action in ("history", "vacuum", "optimize"):
+            assert main(["lake", "--table", str(path), "--action", action]) == 1
+            out = capsys.readouterr().out
+            assert out.startswith(f"bigopt lake: no Delta table at {path}") and len(out.splitlines()) == 1, out
+        with spark_forbidden("a roundtrip onto a file"):
+            assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 1
+        out = capsys.readouterr().out
+        assert "bigopt lake: roundtrip: cannot write to" in out and "Traceback" not in out, out
+    assert main(["lake", "--table", str(tmp_path / "afile")]) == 1
+    assert "(it is a file)" in capsys.readouterr().out
