@@ -42,18 +42,33 @@ def run(cfg, args) -> int:
         why = "it is a file" if os.path.isfile(args.table) else "it has no _delta_log"
         console.print(styled((f"bigopt lake: no Delta table at {args.table} ({why})", "red")))
         return 1
+    from deltalake.exceptions import DeltaError
+
+    try:  # a damaged log, said as such (not as a compaction that met a concurrent write)
+        lake.table_version(args.table)
+    except DeltaError as e:
+        console.print(styled((f"bigopt lake: {args.action} {args.table}: its log cannot be read: {_error_line(e)}",
+                              "red")))
+        return 1
     if args.action == "history":
+        try:  # an older entry's commitInfo damaged (ValueError), or the log damaged since the check
+            history = lake.history(args.table, args.limit)
+        except (DeltaError, ValueError) as e:
+            console.print(styled((f"bigopt lake: history {args.table}: {_error_line(e)}", "red")))
+            return 1
         t = Table(title=f"history of {args.table}")
         for col in ("version", "timestamp", "operation", "job", "config", "rows added", "parameters"):
             t.add_column(col)
         import datetime as dt
 
-        for h in lake.history(args.table, args.limit):
+        for h in history:
             m = h.get("operationMetrics") or {}
             info = lake.commit_metadata(h)
+            ts = h.get("timestamp")
+            when = "" if ts is None else dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc)
             t.add_row(
                 str(h.get("version")),
-                dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc).isoformat(timespec="seconds"),
+                when and when.isoformat(timespec="seconds"),
                 h.get("operation", ""),
                 str(info.get("job", "")),
                 str(info.get("config_hash", ""))[:12],
@@ -62,14 +77,12 @@ def run(cfg, args) -> int:
             )
         console.print(t)
     elif args.action == "vacuum":
-        from deltalake.exceptions import DeltaError
-
         try:
             files = lake.vacuum(args.table, retention_hours=args.retention_hours, dry_run=not args.apply,
                                 enforce_retention=not args.no_retention_check)
         except DeltaError as e:
             hint = " (add --no-retention-check if no write to the table is running)" if "retention" in str(e) else ""
-            console.print(styled((f"bigopt lake: vacuum {args.table}: {e}{hint}", "red")))
+            console.print(styled((f"bigopt lake: vacuum {args.table}: {_error_line(e)}{hint}", "red")))
             return 1
         console.print(f"{'deleted' if args.apply else 'would delete'} {len(files)} file(s)"
                       f"{'' if args.apply or not files else ' (dry run: add --apply to delete them)'}")
@@ -78,15 +91,21 @@ def run(cfg, args) -> int:
         if len(files) > args.limit:
             console.print(f"  … and {len(files) - args.limit} more")
     elif args.action == "optimize":
-        from deltalake.exceptions import DeltaError
-
         try:
             console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
         except DeltaError as e:  # e.g. a write committed while it compacted: nothing changed, run it again
-            console.print(styled((f"bigopt lake: optimize {args.table}: {e} (nothing was committed: run it again "
-                                  "once no write to the table is running)", "red")))
+            console.print(styled((f"bigopt lake: optimize {args.table}: {_error_line(e)} (nothing was committed: run "
+                                  "it again once no write to the table is running)", "red")))
             return 1
     return 0
+
+
+def _error_line(e: BaseException) -> str:
+    """A delta-rs error's message without the Rust backtrace it carries when ``RUST_BACKTRACE``
+    is set (lines ``   0: <unknown>`` ... after the message)."""
+    import re
+
+    return re.split(r"\n\s*0: ", str(e), maxsplit=1)[0].strip()
 
 
 def _roundtrip(cfg, args, console) -> int:
@@ -142,7 +161,13 @@ def _not_a_roundtrip_table(path: str) -> str | None:
     from pipelines.lake.fs import normalize_uri
 
     if lake.table_exists(path):
-        jobs = {str(lake.commit_metadata(h).get("job", "")) for h in lake.history(path)
+        from deltalake.exceptions import DeltaError
+
+        try:
+            history = lake.history(path)
+        except (DeltaError, ValueError) as e:  # a damaged log: whose table it is cannot be told
+            return f"is a Delta table whose log cannot be read ({_error_line(e)})"
+        jobs = {str(lake.commit_metadata(h).get("job", "")) for h in history
                 if h.get("operation") not in ("VACUUM START", "VACUUM END", "OPTIMIZE")}
         others = sorted(jobs - {"lake-roundtrip"})
         return f"is a Delta table written by {', '.join(o or 'another writer' for o in others)}" if others else None

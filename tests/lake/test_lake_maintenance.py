@@ -100,3 +100,25 @@ def test_lake_command_on_a_file_is_one_line(tmp_path, capsys, spark_forbidden):
         assert "bigopt lake: roundtrip: cannot write to" in out and "Traceback" not in out, out
     assert main(["lake", "--table", str(tmp_path / "afile")]) == 1
     assert "(it is a file)" in capsys.readouterr().out
+
+
+def test_lake_command_on_a_damaged_log_is_one_line(tmp_path, capsys, spark_forbidden):
+    """A table whose latest log entry is damaged: the history was a DeltaError traceback
+    (vacuum and optimize already said it in a line, followed by delta-rs's Rust backtrace
+    where RUST_BACKTRACE is set); the roundtrip's guard was a traceback too."""
+    from jobs.cli import main
+
+    path = tmp_path / "t"
+    write_arrow(str(path), pa.table({"x": [1]}), commit_info={"job": "ingest"})
+    write_arrow(str(path), pa.table({"x": [2]}))
+    with open(path / "_delta_log" / f"{1:020d}.json", "a") as f:
+        f.write('{"add":{broken\n')
+    for action in ("history", "vacuum", "optimize"):
+        assert main(["lake", "--table", str(path), "--action", action]) == 1
+        out = " ".join(capsys.readouterr().out.split())  # the console wraps at 80 columns
+        assert out == f"bigopt lake: {action} {path}: its log cannot be read: Kernel error: Json error: " \
+                      "Encountered unexpected 'b' whilst parsing object", out
+    with spark_forbidden("a roundtrip onto a damaged table"):
+        assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 2
+    out = capsys.readouterr().out
+    assert "is a Delta table whose log cannot be read" in out and "Traceback" not in out, out
