@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
-from pipelines.lake.fs import file_uri, filesystem_for, normalize_uri, path_in_filesystem
+from pipelines.lake.fs import file_uri, filesystem_for, join, normalize_uri, path_in_filesystem
 from pipelines.lake.schema import to_pyarrow_schema
 
 
@@ -105,11 +105,39 @@ class DeltaSnapshot:
             raise FileNotFoundError(f"no Delta table at {self.uri}")
         self.table = DeltaTable(self.uri, version=version, storage_options=self.storage_options)
         if timestamp is not None:
-            self.table.load_as_version(_parse_timestamp(timestamp))
+            when = _parse_timestamp(timestamp)
+            self.table.load_as_version(when)
+            self._check_not_before_first_commit(when)
         self.version: int = self.table.version()
         meta = self.table.metadata()
         check_readable(self.uri, meta.configuration)
         self.partition_columns: list[str] = list(meta.partition_columns)
+
+    def _check_not_before_first_commit(self, when: _dt.datetime) -> None:
+        """``ValueError`` when ``when`` is before the table's earliest commit, as Delta's
+        ``timestampAsOf`` says: delta-rs loads the latest version committed at or before
+        ``when`` and, when there is none, quietly its earliest. That version's commit time
+        is its log file's modification time (what delta-rs compares), or, when earlier, the
+        time in its ``commitInfo`` (the one the history shows), so that time reads it."""
+        from pyarrow.fs import FileType
+
+        from pipelines.lake.maintenance import commit_info_at
+
+        v = self.table.version()
+        fs, root = filesystem_for(self.uri, self.storage_options)
+        log_file = fs.get_file_info(join(root, f"_delta_log/{v:020d}.json"))
+        if log_file.type == FileType.NotFound or log_file.mtime is None:
+            return  # only its checkpoint is left: nothing to compare with
+        when_ms = int(when.timestamp() * 1000)
+        if when_ms >= int(log_file.mtime.timestamp() * 1000):
+            return
+        info = commit_info_at(fs, root, v) or {}
+        times = [t for k in ("timestamp", "inCommitTimestamp") if isinstance(t := info.get(k), int)]
+        first = min([int(log_file.mtime.timestamp() * 1000), *times])
+        if when_ms < first:
+            at = _dt.datetime.fromtimestamp(first / 1000, _dt.timezone.utc).isoformat(timespec="milliseconds")
+            raise ValueError(f"Delta table {self.uri} has no version at {when.isoformat()}: that is before its "
+                             f"earliest commit (version {v}, {at}); give a timestamp at or after it, or a version")
 
     # -- schema -------------------------------------------------------------------------
     @cached_property

@@ -138,6 +138,9 @@ def test_time_travel(spark, tmp_path):
     assert read_table(spark, path, timestamp=between).count() == 25
     assert DeltaSnapshot(path, timestamp=between).version == 1
     assert DeltaSnapshot(path, version=1).num_rows == 25
+    # before the first commit: refused, as Delta's timestampAsOf (delta-rs quietly read version 0)
+    with pytest.raises(Exception, match="before its earliest commit"):
+        read_table(spark, path, timestamp="2020-01-01T00:00:00Z").count()
 
 
 def test_projection_and_partition_pruning(spark, tmp_path):

@@ -122,3 +122,24 @@ def test_lake_command_on_a_damaged_log_is_one_line(tmp_path, capsys, spark_forbi
         assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 2
     out = capsys.readouterr().out
     assert "is a Delta table whose log cannot be read" in out and "Traceback" not in out, out
+
+
+def test_time_travel_before_the_first_commit_is_refused(tmp_path):
+    """delta-rs loads its earliest version for a timestamp before the table's first commit;
+    Delta's timestampAsOf refuses it. A pinned timestamp read version 0's rows instead."""
+    import datetime as dt
+
+    path = str(tmp_path / "t")
+    write_arrow(path, pa.table({"x": [1]}))
+    write_arrow(path, pa.table({"x": [2]}))
+    (_, v0) = history(path)
+    # version 0's time: its log file's (what delta-rs compares) or its commitInfo's (the history's), the earlier
+    mtime_ms = int((tmp_path / "t" / "_delta_log" / f"{0:020d}.json").stat().st_mtime * 1000)
+    first = dt.datetime.fromtimestamp(min(v0["timestamp"], mtime_ms) / 1000, dt.timezone.utc)
+    for before in ("2020-01-01T00:00:00Z", first - dt.timedelta(milliseconds=1)):
+        with pytest.raises(ValueError, match=r"that is before its earliest commit \(version 0, 20") as e:
+            DeltaSnapshot(path, timestamp=before)
+        assert first.isoformat(timespec="milliseconds") in str(e.value)
+    for at in (first, dt.datetime.fromtimestamp(v0["timestamp"] / 1000, dt.timezone.utc)):
+        assert DeltaSnapshot(path, timestamp=at).version == 0
+    assert DeltaSnapshot(path, timestamp=dt.datetime.now(dt.timezone.utc)).version == 1
