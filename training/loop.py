@@ -395,10 +395,13 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 "data_versions": dict(spec.versions),  # a resume reads these (training/api.py)
                 "train_config": job["train"], "seed": job["seed"],  # and keeps these (checkpoint.py)
             }
-            save_checkpoint(ckpt_dir, step, state, keep=t.keep_checkpoints)
-            # what was logged up to the checkpoint reaches MLflow with it: a resume restarts here
-            # and logs only the later steps (buffered metrics were lost with a crashed process)
+            # what was logged up to the checkpoint reaches MLflow before the checkpoint exists: a
+            # resume restarts there and logs only later steps, so metrics still buffered when the
+            # process died just after the rename were never logged (flushed first, a death between
+            # the two costs nothing: the resume restarts at the older checkpoint and skips the
+            # steps the run already holds)
             tracker.flush()
+            save_checkpoint(ckpt_dir, step, state, keep=t.keep_checkpoints)
 
     # ---- loop ----------------------------------------------------------------------------
     wall0 = time.perf_counter() - float(progress["wall_s"])

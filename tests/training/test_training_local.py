@@ -273,6 +273,35 @@ def test_a_resumed_run_keeps_the_metrics_logged_before_the_crash(synth_gold, tmp
         assert [m.step for m in client.get_metric_history(res.run_id, key)] == steps, key
 
 
+def test_metrics_up_to_a_checkpoint_are_in_mlflow_once_it_exists(synth_gold, tmp_path, mlflow_store, monkeypatch):
+    """A process that dies right after a checkpoint's rename: every metric up to that step is in
+    MLflow already (the resume restarts there and logs only later steps). The buffer was flushed
+    after the rename, so a death in between lost the step-10 metrics for good."""
+    import mlflow
+
+    import training.loop as loop
+
+    class Died(RuntimeError):
+        pass
+
+    def save_then_die(*a, **kw):
+        loop_save(*a, **kw)
+        raise Died("killed just after the checkpoint's rename")
+
+    loop_save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    cfg = train_cfg(synth_gold, tmp_path, "run.name=die-after-checkpoint", "train.max_steps=20",
+                    "train.eval_every=10", "train.checkpoint_every=10", "tracking.flush_every_s=3600",
+                    tracking=mlflow_store)
+    with pytest.raises(Died):
+        run_training(cfg)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000010.pt"]
+    client = mlflow.MlflowClient(mlflow_store[0])
+    run_id = torch.load(tmp_path / "ckpt" / "step-00000010.pt", weights_only=True)["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [5, 10]
+    assert [m.step for m in client.get_metric_history(run_id, "valid_auc")] == [10]
+
+
 def test_resume_names_a_damaged_checkpoint(synth_gold, tmp_path, mlflow_store):
     """A truncated or empty newest checkpoint is named as damaged, with the older one to fall
     back on, instead of torch's zip-reader or mmap error."""
