@@ -21,7 +21,7 @@ class CompressionSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("none", description="none | fp16 | bf16 | topk | randomk | qsgd | signsgd | powersgd ...")
     params: dict[str, Any] = Field(default_factory=dict, description="compressor hyper-parameters")
-    min_compress_numel: int = 1024
+    min_compress_numel: int = Field(1024, ge=0)
     sparse_as_dense: bool = False
 
 
@@ -49,9 +49,9 @@ class TrainConfig(BaseModel):
     valid_table: str | None = None
     test_table: str | None = None
     vocabulary: str | None = Field(None, description="vocabulary JSON (default: found next to the gold tables)")
-    table_version: int | None = Field(None, description="pin the train table's Delta version")
-    shuffle_buffer_rows: int = 200_000
-    prefetch: int = 2
+    table_version: int | None = Field(None, ge=0, description="pin the train table's Delta version")
+    shuffle_buffer_rows: int = Field(200_000, ge=0)
+    prefetch: int = Field(2, ge=0, description="batches kept ready per loader (0: none)")
     # --- optimisation -------------------------------------------------------------------
     optimizer: str = Field("adam", description="sgd | momentum | nesterov | adagrad | adam | adamw | ... (optim/)")
     lr: float = 1e-3
@@ -59,34 +59,35 @@ class TrainConfig(BaseModel):
     optimizer_params: dict[str, Any] = Field(default_factory=dict, description="extra optimizer kwargs")
     scheduler: str = Field("constant", description="constant | cosine | linear | poly | step | multistep | exponential")
     scheduler_params: dict[str, Any] = Field(default_factory=dict, description="e.g. step_size, gamma, power")
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     batch_size: int = Field(512, description="GLOBAL samples per optimizer step (all ranks x accumulation)")
     grad_accum_steps: int = 1
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = Field(None, ge=0, description="global L2 norm to clip to (None or 0: off)")
     bf16: bool = False
     max_steps: int = 1000
-    epochs: int | None = Field(None, description="stop after this many passes (None: max_steps only)")
+    epochs: int | None = Field(None, ge=1, description="stop after this many passes (None: max_steps only)")
     compression: CompressionSection = Field(default_factory=CompressionSection)
     # --- evaluation / stopping ----------------------------------------------------------
-    eval_every: int = Field(200, description="evaluate on the valid split every N steps (0: only at the end)")
-    eval_batch_size: int = 8192
-    eval_max_rows: int | None = Field(None, description="cap rows per evaluation (None: the whole split)")
-    target_auc: float | None = Field(None, description="time-to-accuracy target on valid AUC")
+    eval_every: int = Field(200, ge=0, description="evaluate on the valid split every N steps (0: only at the end)")
+    eval_batch_size: int = Field(8192, ge=1)
+    eval_max_rows: int | None = Field(None, ge=1, description="cap rows per evaluation (None: the whole split)")
+    target_auc: float | None = Field(None, ge=0, le=1, description="time-to-accuracy target on valid AUC")
     early_stop: bool = Field(True, description="stop when target_auc is reached")
     test_at_end: bool = Field(False, description="evaluate the test split after training")
     # --- checkpoints --------------------------------------------------------------------
     checkpoint_dir: str = Field("artifacts/checkpoints/{run}", description="{run} = run.name")
-    checkpoint_every: int = Field(0, description="steps between checkpoints (0: none)")
-    keep_checkpoints: int = 2
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: none)")
+    keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept (0: all)")
     # --- launch -------------------------------------------------------------------------
     backend: Literal["horovod", "local"] = Field("horovod", description="horovod = horovod.spark.run")
     num_proc: int = Field(1, description="ranks; 1 runs in-process without Horovod")
-    threads_per_rank: int | None = Field(None, description="torch threads per rank (None: cores / num_proc - 1, at least 1)")
-    start_timeout: int = 180
-    stall_shutdown_s: int = Field(900, description="Horovod stall shutdown: a collective not joined by every rank "
-                                  "within this many seconds fails the job instead of hanging (0: off)")
-    log_every: int = 10
+    threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank "
+                                         "(None: cores / num_proc - 1, at least 1)")
+    start_timeout: int = Field(180, ge=1, description="seconds for every rank to start")
+    stall_shutdown_s: int = Field(900, ge=0, description="Horovod stall shutdown: a collective not joined by every "
+                                  "rank within this many seconds fails the job instead of hanging (0: off)")
+    log_every: int = Field(10, ge=1, description="log train metrics every N steps")
     fail_at_step: int | None = Field(None, description="testing: raise in rank 0 at this step")
 
     @model_validator(mode="after")
@@ -127,7 +128,7 @@ class TrackingConfig(BaseModel):
     model_format: Literal["pt2", "pickle"] = Field(
         "pt2", description="pt2: torch.export graph (safe to load, ~10 s to export); pickle: fast"
     )
-    flush_every_s: float = Field(5.0, description="metrics are buffered and sent with log_batch")
+    flush_every_s: float = Field(5.0, ge=0, description="metrics are buffered and sent with log_batch")
     tags: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -185,3 +185,35 @@ def test_momentum_trains_dense_embeddings(name, params):
     opt = build_optimizer(name, m, lr=0.1, params={**params, "sparse_optimizer": "adagrad"})
     assert sorted(opt.routes) == ["adagrad", "nesterov" if name == "nesterov" else "sgd"]
     assert resolve_sparse(TrainConfig(optimizer="sgd")) is True  # plain SGD keeps sparse gradients
+
+
+@pytest.mark.parametrize("override", [
+    "train.log_every=0", "train.eval_batch_size=0", "train.epochs=0", "train.epochs=-1", "train.eval_every=-5",
+    "train.checkpoint_every=-10", "train.keep_checkpoints=-1", "train.eval_max_rows=0", "train.threads_per_rank=0",
+    "train.start_timeout=0", "train.stall_shutdown_s=-1", "train.prefetch=-1", "train.shuffle_buffer_rows=-1",
+    "train.warmup_steps=-1", "train.min_lr_ratio=2", "train.clip_grad_norm=-1", "train.target_auc=1.5",
+    "train.table_version=-1", "train.compression.min_compress_numel=-1", "tracking.flush_every_s=-1",
+])
+def test_train_numbers_out_of_range_are_config_errors(override, capsys):
+    """A train.* interval, count or size that cannot work is a config error (`bigopt train`: exit 2,
+    before an MLflow run opens). Until the nineteenth session log_every=0 was a ZeroDivisionError
+    and eval_batch_size=0 a loader ValueError in the ranks (the MLflow run left FAILED), epochs=0
+    or -1 a scheduler traceback (cosine) or a silent 0-step FINISHED run (constant), and a
+    negative clip_grad_norm flipped every gradient's sign."""
+    from jobs.cli import main
+    from jobs.config import ConfigError, load_config
+
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}: Input should be (greater|less) than"):
+        load_config(None, [override])
+    assert main(["train", override, "--local"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigopt train: invalid config:") and key in err and "Traceback" not in err
+
+
+def test_zero_means_off_where_it_is_documented():
+    from jobs.config import load_config
+
+    t = load_config(None, ["train.eval_every=0", "train.checkpoint_every=0", "train.stall_shutdown_s=0",
+                           "train.keep_checkpoints=0", "train.clip_grad_norm=0", "train.prefetch=0"]).train
+    assert (t.eval_every, t.checkpoint_every, t.stall_shutdown_s, t.keep_checkpoints) == (0, 0, 0, 0)
