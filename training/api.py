@@ -21,7 +21,7 @@ from training.checkpoint import (
 )
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
-from training.loop import check_settings, make_job, train_rank
+from training.loop import check_settings, make_job, run_steps, train_rank
 from training.tracking import end_run, experiment_name, library_versions, start_run, ui_command
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,9 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
                      data_versions)
 
     spec = resolve_data(cfg, versions=data_versions)
-    check_settings(t, len(spec.cardinalities), spec.num_dense)
+    # the ranks' own step count, from the table's metadata: a table too small for one step and a
+    # schedule longer than the epochs allow are said here, before the ranks and the MLflow run
+    check_settings(t, len(spec.cardinalities), spec.num_dense, steps_per_epoch=run_steps(t, spec))
     if data_versions and "train" in data_versions and spec.versions.get("train") != data_versions["train"]:
         # resolve_data reads a compacted-and-vacuumed pinned version at the latest one, whose
         # rows are the same but whose files, and so the loaders' positions, are not

@@ -109,6 +109,36 @@ class TensorLoader:
 _warned = False
 
 
+def _delta_loader():
+    """``training.data.DeltaTorchLoader``, or None where it is not available."""
+    try:
+        from training.data import DeltaTorchLoader  # noqa: PLC0415
+    except ImportError:
+        return None
+    return DeltaTorchLoader
+
+
+def train_batches_per_rank(uri: str, columns: Sequence[str], batch_size: int, *, version: int | None,
+                           world_size: int) -> int:
+    """``len()`` of the training loader :func:`make_loader` gives each of ``world_size`` ranks
+    (equal on every rank): from the table's metadata (the Parquet footers that shard it), no rows
+    read, so the driver knows a run's steps per epoch before any rank starts."""
+    import warnings
+
+    if _delta_loader() is None:  # TensorLoader: an equal share of the rows per rank, full batches
+        from pipelines.lake import DeltaSnapshot
+
+        return DeltaSnapshot(uri, version).num_rows // world_size // batch_size
+    with warnings.catch_warnings():  # "every epoch is empty": the caller says it in its own words
+        warnings.simplefilter("ignore")
+        loader = make_loader(uri, columns, batch_size, version=version, rank=0, world_size=world_size, train=True,
+                             prefetch=0)
+    try:
+        return len(loader)
+    finally:
+        loader.close()
+
+
 def make_loader(
     uri: str,
     columns: Sequence[str],
@@ -126,10 +156,7 @@ def make_loader(
     """The training (shuffled, equal ``len`` per rank) or eval (every row once) loader;
     ``pin_memory`` for a CUDA device (asynchronous host-to-GPU copies)."""
     global _warned
-    try:
-        from training.data import DeltaTorchLoader  # noqa: PLC0415
-    except ImportError:
-        DeltaTorchLoader = None  # noqa: N806
+    DeltaTorchLoader = _delta_loader()  # noqa: N806
     if DeltaTorchLoader is not None:
         kw: dict[str, Any] = dict(version=version, rank=rank, world_size=world_size, seed=seed, prefetch=prefetch,
                                   pin_memory=pin_memory)

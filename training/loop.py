@@ -211,11 +211,46 @@ class TrainSettingsError(ValueError):
     """train.* settings the model, optimizer, compressor or scheduler builders refuse."""
 
 
-def check_settings(t: TrainConfig, num_sparse: int, num_dense: int) -> None:
+def steps_per_epoch_of(t: TrainConfig, micro_per_epoch: int, world: int) -> int:
+    """Optimizer steps per epoch for a training loader of ``micro_per_epoch`` micro-batches per
+    rank; :class:`TrainSettingsError` when that is not one step."""
+    steps = micro_per_epoch // t.grad_accum_steps
+    if steps <= 0:
+        shards = ("The loader shards whole row groups across ranks: a table with fewer (or very unequal) row "
+                  "groups than ranks leaves a rank (almost) empty - write smaller row groups "
+                  "(criteo.featurize.row_group_rows) or lower train.batch_size" if world > 1
+                  else "Lower train.batch_size")
+        raise TrainSettingsError(
+            f"train table too small for {world} rank(s): {micro_per_epoch} micro-batches of {t.micro_batch_size} "
+            f"rows (train.batch_size={t.batch_size}) on the smallest rank's shard, need >= "
+            f"grad_accum_steps={t.grad_accum_steps}. {shards}")
+    return steps
+
+
+def total_steps_of(t: TrainConfig, steps_per_epoch: int) -> int:
+    """The run's length in optimizer steps: ``max_steps``, or fewer when ``epochs`` end it first."""
+    return t.max_steps if t.epochs is None else min(t.max_steps, t.epochs * steps_per_epoch)
+
+
+def run_steps(t: TrainConfig, spec: DataSpec) -> int:
+    """Optimizer steps per epoch of a run of ``t`` on ``spec``, exactly as each rank's loader
+    will count them (from the train table's metadata): :class:`TrainSettingsError` when the
+    table holds no step, so that is said on the driver before the ranks or an MLflow run start."""
+    from training.loaders import train_batches_per_rank
+
+    micro = train_batches_per_rank(spec.train, spec.columns, t.micro_batch_size, version=spec.versions.get("train"),
+                                   world_size=t.num_proc)
+    return steps_per_epoch_of(t, micro, t.num_proc)
+
+
+def check_settings(t: TrainConfig, num_sparse: int, num_dense: int, steps_per_epoch: int | None = None) -> None:
     """Build what each rank builds from ``t`` (model, optimizer, compressor, scheduler), on a
     tiny model on the CPU, so a bad setting (an unknown optimizer, model hyper-parameters of
     another model, a bad compressor parameter...) is one error before anything starts, not a
-    traceback from every rank after the Spark job and the MLflow run have started."""
+    traceback from every rank after the Spark job and the MLflow run have started.
+    ``steps_per_epoch`` (known once the data is): the schedule spans the run's real length,
+    which ``epochs`` may make shorter than ``max_steps``."""
+    total = t.max_steps if steps_per_epoch is None else total_steps_of(t, steps_per_epoch)
     try:
         opt = optimizer_for(t, model_for(t, [2] * num_sparse, num_dense))
         if needs := _needs_a_closure(opt):
@@ -226,7 +261,14 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int) -> None:
             from optim.compression import build_compressor
 
             build_compressor(t.compression.name, **t.compression.params)
-        scheduler_for(t, opt, t.max_steps)
+        try:
+            scheduler_for(t, opt, total)
+        except ValueError as e:
+            if total == t.max_steps:
+                raise
+            raise ValueError(f"{e}: the run is {total} steps, train.epochs={t.epochs} x {steps_per_epoch} steps "
+                             f"per epoch (global batches of {t.batch_size} rows), fewer than "
+                             f"train.max_steps={t.max_steps}") from None
     except (ValueError, TypeError, KeyError) as e:
         raise TrainSettingsError(f"train settings: {e}") from None
 
@@ -304,16 +346,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     loader = make_loader(spec.train, spec.columns, micro, version=spec.versions.get("train"), rank=rank,
                          world_size=world, train=True, seed=job["seed"], shuffle_buffer_rows=t.shuffle_buffer_rows,
                          prefetch=t.prefetch, pin_memory=device.type == "cuda")
-    micro_per_epoch = len(loader)
-    steps_per_epoch = micro_per_epoch // t.grad_accum_steps
-    if steps_per_epoch <= 0:
-        raise ValueError(
-            f"train table too small for {world} rank(s): {micro_per_epoch} micro-batches of {micro} rows on the "
-            f"smallest rank's shard, need >= grad_accum_steps={t.grad_accum_steps}. The loader shards whole "
-            "row groups across ranks: a table with fewer (or very unequal) row groups than ranks leaves a rank "
-            "(almost) empty - write smaller row groups (criteo.featurize.row_group_rows) or lower train.batch_size"
-        )
-    total_steps = t.max_steps if t.epochs is None else min(t.max_steps, t.epochs * steps_per_epoch)
+    steps_per_epoch = steps_per_epoch_of(t, len(loader), world)
+    total_steps = total_steps_of(t, steps_per_epoch)
 
     def eval_loader_for(split: str):
         uri = spec.table(split)

@@ -385,6 +385,54 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
         load_config(None, ["train.backend=local", "train.num_proc=2", "train.batch_size=512"])
 
 
+def test_a_run_the_data_cannot_hold_is_one_error_before_mlflow(synth_gold, tmp_path, mlflow_store, capsys):
+    """The driver counts each rank's steps per epoch as the ranks' loaders will (from the train
+    table's footers), so a table too small for one step, and a decaying schedule longer than
+    train.epochs allow, are one line before Spark, the ranks or an MLflow run start. Until the
+    nineteenth session the first was a ValueError traceback from the rank (exit 1, the MLflow run
+    FAILED) and the second the scheduler's ValueError there (the check used max_steps)."""
+    import argparse
+
+    import mlflow
+
+    from jobs.train import run as train_command
+    from training.dataspec import resolve_data
+    from training.loaders import make_loader
+    from training.loop import TrainSettingsError
+
+    def no_spark():
+        raise AssertionError("Spark started")
+
+    name = "run.name=too-small"
+    for bad, said in [(["train.batch_size=16384"], "train table too small for 1 rank(s): 0 micro-batches of 16384"),
+                      (["train.batch_size=16384", "train.num_proc=2"], "too small for 2 rank(s): 0 micro-batches of "
+                                                                       "8192 rows"),
+                      (["train.epochs=1", "train.scheduler=cosine", "train.warmup_steps=100", "train.max_steps=200"],
+                       "needs total_steps > warmup_steps (got total_steps=62, warmup_steps=100): the run is 62 "
+                       "steps, train.epochs=1 x 62 steps per epoch")]:
+        cfg = train_cfg(synth_gold, tmp_path, name, *bad, tracking=mlflow_store)
+        with pytest.raises(TrainSettingsError) as ei:
+            run_training(cfg, spark=no_spark)
+        assert said in str(ei.value), str(ei.value)
+        if cfg.train.num_proc == 1:
+            rc = train_command(cfg, argparse.Namespace(resume=False, local=True, num_proc=None))
+            err = capsys.readouterr().err
+            assert rc == 2 and f"bigopt train: {str(ei.value)[:40]}" in err and "Traceback" not in err
+    exp = mlflow.MlflowClient(mlflow_store[0]).get_experiment_by_name("bigopt-criteo")
+    assert exp is None or not mlflow.MlflowClient(mlflow_store[0]).search_runs(
+        [exp.experiment_id], filter_string="tags.mlflow.runName = 'too-small'")
+    # the driver's count is each rank's loader's
+    from training.loop import run_steps
+
+    for ranks, batch, accum in [(1, 256, 1), (2, 512, 2), (2, 6000, 1)]:
+        cfg = train_cfg(synth_gold, tmp_path, f"train.num_proc={ranks}", f"train.batch_size={batch}",
+                        f"train.grad_accum_steps={accum}")
+        spec, t = resolve_data(cfg), cfg.train
+        lens = {len(make_loader(spec.train, spec.columns, t.micro_batch_size, version=spec.versions["train"], rank=r,
+                                world_size=ranks, train=True)) for r in range(ranks)}
+        assert {run_steps(t, spec)} == {n // accum for n in lens}
+
+
 def test_bigopt_run_checks_train_settings_before_the_data_steps(tmp_path, capsys):
     """`bigopt run` with a bad train.* setting is the same one line, before it generates,
     ingests or featurizes anything (it used to fail only after those steps had run)."""
