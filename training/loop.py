@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import resource
 import sys
@@ -145,14 +144,17 @@ def _optimizer_state_mb(opt: torch.optim.Optimizer) -> float:
 
 
 def evaluate(model, loader, spec: DataSpec, dist, device, *, bf16: bool = False, max_rows: int | None = None) -> dict[str, float]:
-    """Exact metrics over the split: every rank scores its shard, scores/labels are allgathered."""
+    """Exact metrics over the split: every rank scores its shard, scores/labels are allgathered
+    (the ranks' counts may differ). ``max_rows`` caps the total: rank ``r`` of ``W`` scores at
+    most ``max_rows // W`` rows, one more when ``r < max_rows % W`` (a ceiling per rank went past
+    the cap, by up to ``W - 1`` rows)."""
     was_training = model.training
     model.eval()
-    cap = math.ceil(max_rows / dist.size) if max_rows else None
+    cap = max_rows // dist.size + (dist.rank < max_rows % dist.size) if max_rows else None
     zs, ys, rows = [], [], 0
     loader.set_epoch(0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in loader:
+        for batch in loader if cap != 0 else ():
             dense, sparse, label, mask = batch_to_inputs(batch, spec, device)
             z = model(dense, sparse).float()
             if mask is not None:
