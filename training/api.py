@@ -21,7 +21,7 @@ from training.checkpoint import (
 )
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
-from training.loop import check_settings, make_job, run_steps, train_rank
+from training.loop import check_settings, make_job, run_steps, total_steps_of, train_rank
 from training.tracking import end_run, experiment_name, library_versions, start_run, ui_command
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
     spec = resolve_data(cfg, versions=data_versions)
     # the ranks' own step count, from the table's metadata: a table too small for one step and a
     # schedule longer than the epochs allow are said here, before the ranks and the MLflow run
-    check_settings(t, len(spec.cardinalities), spec.num_dense, steps_per_epoch=run_steps(t, spec))
+    steps_per_epoch = run_steps(t, spec)
+    check_settings(t, len(spec.cardinalities), spec.num_dense, steps_per_epoch=steps_per_epoch)
     if data_versions and "train" in data_versions and spec.versions.get("train") != data_versions["train"]:
         # resolve_data reads a compacted-and-vacuumed pinned version at the latest one, whose
         # rows are the same but whose files, and so the loaders' positions, are not
@@ -132,6 +133,8 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
             "data.embedding_rows": sum(spec.cardinalities),
             "data.train_rows": spec.train_rows,
             "world_size_requested": t.num_proc,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps_of(t, steps_per_epoch),  # a resume may change it (max_steps, epochs)
             "config_hash": chash,
             **{f"data.{k}_version": v for k, v in spec.versions.items()},
             **{f"data.gold.{k}": v for k, v in spec.gold.items()},  # what built the gold read (its commit)
@@ -139,7 +142,8 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
         })
         tags = {"bigopt.model": t.model, "bigopt.optimizer": t.optimizer, "bigopt.config_hash": chash,
                 "bigopt.compression": t.compression.name}
-        uri, run_id = start_run(cfg, params, tags, run_id=run_id if resume else None)
+        uri, run_id = start_run(cfg, params, tags, run_id=run_id if resume else None,
+                                resume_step=head.get("step") if resume else None)
         log.info("MLflow run %s (%s)", run_id, uri)
 
     job = make_job(cfg, spec, checkpoint_dir=ckpt_dir, resume=resume, tracking_uri=uri, run_id=run_id,

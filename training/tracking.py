@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,8 +71,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = None, run_id: str | None = None) -> tuple[str, str]:
-    """Create (or reopen, for ``--resume``) the run on the driver; returns ``(uri, run_id)``."""
+def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = None, run_id: str | None = None,
+              resume_step: int | None = None) -> tuple[str, str]:
+    """Create (or reopen, for ``--resume`` from the checkpoint of ``resume_step``) the run on the
+    driver; returns ``(uri, run_id)``. A reopened run keeps its params (MLflow's are immutable)
+    and gets the resume's: :func:`resume_params`."""
     from mlflow.entities import Param, RunTag
 
     uri = tracking_uri(cfg.tracking)
@@ -82,11 +86,14 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
         from training.checkpoint import ResumeError
 
         try:
-            client.get_run(run_id)
+            existing = client.get_run(run_id).data.params
         except MlflowException:
             raise ResumeError(f"cannot resume: the checkpoint's MLflow run {run_id} is not in the tracking store "
                               f"{uri}; resume with the store it was logged to (tracking.tracking_uri)") from None
         client.update_run(run_id, status="RUNNING")
+        items = [Param(k, v) for k, v in resume_params(existing, params, resume_step).items()]
+        for i in range(0, len(items), 100):
+            client.log_batch(run_id, params=items[i:i + 100])
         return uri, run_id
     name = experiment_name(cfg)
     exp = client.get_experiment_by_name(name)
@@ -99,6 +106,25 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
         client.log_batch(rid, params=items[i:i + 100])
     client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
     return uri, rid
+
+
+_RESUME_KEY = re.compile(r"resume\.(\d+)\.(.+)")
+
+
+def resume_params(existing: Mapping[str, str], params: Mapping[str, Any], step: int | None) -> dict[str, str]:
+    """The params that record the ``n``-th resume of a run whose params are ``existing``:
+    ``resume.<n>.from_step`` (the checkpoint's step) and ``resume.<n>.<key>`` for each of the
+    resumed command's ``params`` whose value differs from the run's until then (its first
+    command's, as earlier resumes changed them), e.g. ``resume.1.train.max_steps = 45``."""
+    current = dict(existing)
+    done = sorted((int(m.group(1)), m.group(2), v) for k, v in existing.items() if (m := _RESUME_KEY.fullmatch(k)))
+    for _, key, v in done:  # in resume order: each resume's values replace the earlier ones
+        current[key] = v
+    n = (done[-1][0] if done else 0) + 1
+    out = {f"resume.{n}.from_step": str(step)}
+    out.update({f"resume.{n}.{k}": _param_value(v) for k, v in sorted(params.items())
+                if current.get(k) != _param_value(v)})
+    return out
 
 
 def _param_value(v: Any) -> str:

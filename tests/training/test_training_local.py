@@ -302,6 +302,30 @@ def test_metrics_up_to_a_checkpoint_are_in_mlflow_once_it_exists(synth_gold, tmp
     assert [m.step for m in client.get_metric_history(run_id, "valid_auc")] == [10]
 
 
+def test_a_resume_records_what_its_command_changed(synth_gold, tmp_path, mlflow_store):
+    """MLflow params are immutable, so a resumed run's params are its first command's: after a
+    resume with a longer max_steps they said train.max_steps=20 for a 30-step run. Each resume
+    adds resume.<n>.from_step and resume.<n>.<param> for each param its command changed."""
+    import mlflow
+
+    cfg, first = _finished_run_with_checkpoint(synth_gold, tmp_path, mlflow_store, "train.eval_every=0")
+    client = mlflow.MlflowClient(mlflow_store[0])
+    assert client.get_run(first.run_id).data.params["total_steps"] == "20"
+    for n, steps, changed in [(1, 30, {"train.max_steps": "30", "total_steps": "30"}), (2, 30, {}),
+                              (3, 40, {"train.max_steps": "40", "total_steps": "40"})]:
+        more = train_cfg(synth_gold, tmp_path, f"train.max_steps={steps}", "train.checkpoint_every=10",
+                         "train.eval_every=0", "run.name=resume-check", tracking=mlflow_store)
+        res = run_training(more, resume=True)
+        assert res.run_id == first.run_id
+        p = client.get_run(res.run_id).data.params
+        assert p["train.max_steps"] == "20" and p["total_steps"] == "20"  # the first command's
+        mine = {k.removeprefix(f"resume.{n}."): v for k, v in p.items() if k.startswith(f"resume.{n}.")}
+        from_step = mine.pop("from_step")
+        assert from_step == str(first.rank0["step"] if n == 1 else 30), from_step
+        assert (mine.pop("config_hash", None) is not None) == bool(changed)  # the command's config's
+        assert mine == changed, (n, mine)
+
+
 def test_resume_names_a_damaged_checkpoint(synth_gold, tmp_path, mlflow_store):
     """A truncated or empty newest checkpoint is named as damaged, with the older one to fall
     back on, instead of torch's zip-reader or mmap error."""
