@@ -43,10 +43,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="1M rows, 2 repeats (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="500k rows, 2 repeats (< 2 min)")
     args = ap.parse_args()
     if args.quick:
-        args.rows, args.repeats = 1_000_000, 2
+        args.rows, args.repeats = 500_000, 2
 
     from pipelines.lake import read_table, write_table
     from pipelines.spark import get_spark
