@@ -82,6 +82,22 @@ def group_tensors(*tensor_lists: list[torch.Tensor]):
         yield indices, lists
 
 
+def split_by_step(steps: Sequence[float], indices: Sequence[int], *lists: list[torch.Tensor]):
+    """Split one ``group_tensors`` bucket by step count (``steps[indices[j]]``): yields ``(t, lists)``.
+
+    Bias corrections depend on each parameter's own step; a parameter whose gradient was ``None``
+    on some steps lags behind the others. When all steps agree (the usual case) the bucket is
+    yielded whole, so the multi-tensor fast path is unchanged.
+    """
+    ts = [steps[i] for i in indices]
+    if all(t == ts[0] for t in ts):
+        yield ts[0], lists
+        return
+    for t in dict.fromkeys(ts):
+        sel = [j for j, x in enumerate(ts) if x == t]
+        yield t, tuple([lst[j] for j in sel] for lst in lists)
+
+
 def bump_steps(states) -> None:
     """``state['step'] += 1`` for many parameters in one multi-tensor call."""
     steps = [st["step"] for st in states]

@@ -27,8 +27,8 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._utils import (eval_closure, TrustRatioLogging, ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors,
-                     param_name)
+from ._utils import (eval_closure, TrustRatioLogging, ScratchBuffers, adam_direction_, bump_steps, check_betas,
+                     check_range, collect, group_tensors, param_name, split_by_step)
 
 __all__ = ["LAMB"]
 
@@ -124,44 +124,25 @@ class LAMB(TrustRatioLogging, Optimizer):
                 raise RuntimeError("LAMB does not support sparse gradients; route sparse embeddings to "
                                    "SparseAdam/Adagrad/FTRL (build_optimizer does this for nn.Module inputs)")
             self._init_state(params)
-            # all tensors of a group share the step count (they are created together)
-            step_t = self.state[params[0]]["step"]
+            # each tensor's own step count: one whose grad was None on some steps lags behind the others
             bump_steps([self.state[p] for p in params])
-            t = float(step_t)
             if group["foreach"] is False:
-                self._step_single(gi, group, idx, params, grads, t)
+                self._step_single(gi, group, idx, params, grads)
             else:
                 self._step_foreach(gi, group, idx, params, grads)
         return loss
 
     # -- multi-tensor path -----------------------------------------------------------------------
     def _step_foreach(self, gi, group, idx, params, grads):
-        b1, b2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]
         m_list = [self.state[p]["exp_avg"] for p in params]
         v_list = [self.state[p]["exp_avg_sq"] for p in params]
         u_list = self._scratch.many(params)
         steps = [float(self.state[p]["step"]) for p in params]
         for b_idx, (bp, bg, bm, bv, bu) in group_tensors(params, grads, m_list, v_list, u_list):
-            t = steps[b_idx[0]]
-            # u = r = m_hat / (sqrt(v_hat) + eps), moments updated in the same (fused) pass
-            if group["grad_averaging"]:
-                adam_direction_(bu, bg, bm, bv, t, b1, b2, eps, maximize=group["maximize"],
-                                bias_correction=group["bias_correction"])
-            else:
-                g = torch._foreach_neg(bg) if group["maximize"] else bg
-                torch._foreach_mul_(bm, b1)
-                torch._foreach_add_(bm, g)
-                bc1 = 1.0 - b1**t if group["bias_correction"] else 1.0
-                bc2_sqrt = math.sqrt(1.0 - b2**t) if group["bias_correction"] else 1.0
-                torch._foreach_mul_(bv, b2)
-                torch._foreach_addcmul_(bv, g, g, 1.0 - b2)
-                torch._foreach_copy_(bu, bv)
-                torch._foreach_sqrt_(bu)
-                torch._foreach_add_(bu, eps * bc2_sqrt)
-                torch._foreach_reciprocal_(bu)
-                torch._foreach_mul_(bu, bm)
-                torch._foreach_mul_(bu, bc2_sqrt / bc1)
+            # bias corrections from each tensor's own step: one sub-bucket per distinct step count
+            for t, (sg, sm, sv, su) in split_by_step(steps, b_idx, bg, bm, bv, bu):
+                self._direction_(group, su, sg, sm, sv, t)
             adapted = [self._adapted(group, p) for p in bp]
             wds = [wd if (a or not (group["exclude_1d"] and p.ndim <= 1)) else 0.0 for a, p in zip(adapted, bp)]
             # u <- r + wd * w
@@ -184,14 +165,38 @@ class LAMB(TrustRatioLogging, Optimizer):
             else:
                 torch._foreach_add_(bp, bu, alpha=-lr)
 
+    @staticmethod
+    def _direction_(group, u, grads, m, v, t):
+        """u <- r = m_hat / (sqrt(v_hat) + eps) for one bucket at step t, moments updated in the same (fused) pass."""
+        b1, b2 = group["betas"]
+        eps = group["eps"]
+        if group["grad_averaging"]:
+            adam_direction_(u, grads, m, v, t, b1, b2, eps, maximize=group["maximize"],
+                            bias_correction=group["bias_correction"])
+            return
+        g = torch._foreach_neg(grads) if group["maximize"] else grads
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, g)
+        bc1 = 1.0 - b1**t if group["bias_correction"] else 1.0
+        bc2_sqrt = math.sqrt(1.0 - b2**t) if group["bias_correction"] else 1.0
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, g, g, 1.0 - b2)
+        torch._foreach_copy_(u, v)
+        torch._foreach_sqrt_(u)
+        torch._foreach_add_(u, eps * bc2_sqrt)
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, m)
+        torch._foreach_mul_(u, bc2_sqrt / bc1)
+
     # -- reference per-tensor path ---------------------------------------------------------------
-    def _step_single(self, gi, group, idx, params, grads, t):
+    def _step_single(self, gi, group, idx, params, grads):
         b1, b2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         for i, p, g in zip(idx, params, grads):
             if group["maximize"]:
                 g = -g
             st = self.state[p]
+            t = float(st["step"])
             m, v = st["exp_avg"], st["exp_avg_sq"]
             m.mul_(b1).add_(g, alpha=(1.0 - b1) if group["grad_averaging"] else 1.0)
             v.mul_(b2).addcmul_(g, g, value=1.0 - b2)

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from ._utils import eval_closure, ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect, group_tensors
+from ._utils import (eval_closure, ScratchBuffers, adam_direction_, bump_steps, check_betas, check_range, collect,
+                     group_tensors, split_by_step)
 
 __all__ = ["Shampoo", "matrix_inverse_root"]
 
@@ -278,38 +279,39 @@ class Shampoo(Optimizer):
         ms = [st["exp_avg"] for st in states]
         ds = self._scratch.many(params, "d")
         vs = [st["exp_avg_sq"] for st in states] if graft in ("adam", "adagrad") else ms
-        for b_idx, (bg, bm, bv, bd) in group_tensors(grads, ms, vs, ds):
-            t = steps[b_idx[0]]
-            bc1 = 1.0 - b1**t if b1 > 0 else 1.0
-            if graft == "adam":  # D = m_hat / (sqrt(v_hat) + eps): one fused pass
-                adam_direction_(bd, bg, bm, bv, t, b1, b2, eps)
-                continue
-            torch._foreach_lerp_(bm, bg, 1.0 - b1)
-            if graft == "adagrad":  # D = m_hat / (sqrt(sum g^2) + eps)
-                torch._foreach_addcmul_(bv, bg, bg, 1.0)
-                torch._foreach_copy_(bd, bv)
-                torch._foreach_sqrt_(bd)
-                torch._foreach_add_(bd, eps)
-                torch._foreach_reciprocal_(bd)
-                torch._foreach_mul_(bd, bm)
-                if bc1 != 1.0:
-                    torch._foreach_mul_(bd, 1.0 / bc1)
-            else:  # sgd / none: D = m_hat
-                torch._foreach_copy_(bd, bm)
-                if bc1 != 1.0:
-                    torch._foreach_mul_(bd, 1.0 / bc1)
+        for b_idx, bucket in group_tensors(grads, ms, vs, ds):
+            # bias corrections from each tensor's own step (a tensor whose grad was None on some steps lags)
+            for t, (bg, bm, bv, bd) in split_by_step(steps, b_idx, *bucket):
+                bc1 = 1.0 - b1**t if b1 > 0 else 1.0
+                if graft == "adam":  # D = m_hat / (sqrt(v_hat) + eps): one fused pass
+                    adam_direction_(bd, bg, bm, bv, t, b1, b2, eps)
+                    continue
+                torch._foreach_lerp_(bm, bg, 1.0 - b1)
+                if graft == "adagrad":  # D = m_hat / (sqrt(sum g^2) + eps)
+                    torch._foreach_addcmul_(bv, bg, bg, 1.0)
+                    torch._foreach_copy_(bd, bv)
+                    torch._foreach_sqrt_(bd)
+                    torch._foreach_add_(bd, eps)
+                    torch._foreach_reciprocal_(bd)
+                    torch._foreach_mul_(bd, bm)
+                    if bc1 != 1.0:
+                        torch._foreach_mul_(bd, 1.0 / bc1)
+                else:  # sgd / none: D = m_hat
+                    torch._foreach_copy_(bd, bm)
+                    if bc1 != 1.0:
+                        torch._foreach_mul_(bd, 1.0 / bc1)
         # 2) statistics, 3) inverse roots every k steps, 4) preconditioned + grafted direction, written
         #    into D (batched over the blocks of a tensor; no parameter-sized allocation when unpadded)
         a = 1.0 if group["stat_decay"] == 1.0 else 1.0 - group["stat_decay"]
         beta = group["stat_decay"]
         k, start = group["precondition_interval"], group["start_preconditioning_step"]
-        t = steps[0]
-        stats_due = t % group["statistics_interval"] == 0
-        roots_due = t >= start and (t - start) % k == 0
-        bc1 = 1.0 - b1**t if b1 > 0 else 1.0
-        for p, g, plan, st, d in zip(params, grads, plans, states, ds):
+        for p, g, plan, st, d, t in zip(params, grads, plans, states, ds, steps):
             if not plan.any:
                 continue
+            # statistics and roots are due by the tensor's own step count
+            stats_due = t % group["statistics_interval"] == 0
+            roots_due = t >= start and (t - start) % k == 0
+            bc1 = 1.0 - b1**t if b1 > 0 else 1.0
             pad = self._pad_buffer(p, plan) if plan.padded else None
             if stats_due:
                 gb = plan.blocks(g.reshape(plan.m, plan.n), pad)
