@@ -11,7 +11,8 @@ Per coordinate i, with gradient ``g``::
 ``alpha`` is ``lr``. The L1 term produces exact zeros, which is the point of FTRL for sparse logistic
 regression. Sparse gradients (``nn.Embedding(sparse=True)``/``EmbeddingBag``, or a COO gradient of
 a hashed feature weight vector) update only the touched rows -- the lazy form of the algorithm:
-untouched coordinates keep ``(z, n)`` and therefore ``w``. Dense gradients go through a
+untouched coordinates keep ``(z, n)`` and therefore ``w`` (with ``beta = l2 = 0`` the formula is 0/0 at
+``n = 0``: such coordinates keep ``w``). Dense gradients go through a
 multi-tensor path with persistent scratch buffers.
 """
 
@@ -52,8 +53,9 @@ class FTRL(Optimizer):
             st["step"] = torch.tensor(0.0)
             # warm start: z0 with w(z0, n=0) == p, so the first iterate is the initialisation and
             # coordinates never touched by a (sparse) gradient keep it (z0 = 0 for p = 0)
+            # (beta = l2 = 0: no z0 gives w(z0, 0) = p; z0 = -sign(p) * l1 is the limit beta -> 0)
             c = group["beta"] / group["lr"] + group["l2"]
-            st["z"] = (p * c + torch.sign(p) * group["l1"]).neg_() if c > 0 else torch.zeros_like(p)
+            st["z"] = (p * c + torch.sign(p) * group["l1"]).neg_()
             st["n"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return st
 
@@ -65,10 +67,12 @@ class FTRL(Optimizer):
         return bufs[k]
 
     @staticmethod
-    def _weights(z, sqrt_n, lr, beta, l1, l2):
-        """w from (z, sqrt(n)) for one tensor (reference formula, also used for sparse rows)."""
+    def _weights(z, sqrt_n, w, lr, beta, l1, l2):
+        """w from (z, sqrt(n)) for one tensor (reference formula, also used for sparse rows). With
+        ``beta = l2 = 0`` the denominator is 0 where ``n = 0`` (never touched): those keep ``w``."""
         denom = (beta + sqrt_n) / lr + l2
-        return (z.clamp(-l1, l1) - z) / denom
+        new = (z.clamp(-l1, l1) - z) / denom
+        return torch.where(denom > 0, new, w) if not (beta or l2) else new
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -91,7 +95,7 @@ class FTRL(Optimizer):
                     sqrt_new = n.sqrt()
                     sigma = (sqrt_new - sqrt_old) / lr
                     z.add_(g).sub_(sigma * p)
-                    p.copy_(self._weights(z, sqrt_new, lr, beta, l1, l2))
+                    p.copy_(self._weights(z, sqrt_new, p, lr, beta, l1, l2))
                 else:
                     dense_p.append(p)
                     dense_g.append(g)
@@ -125,7 +129,11 @@ class FTRL(Optimizer):
             torch._foreach_clamp_max_(so, l1)
             torch._foreach_sub_(so, bz)
             torch._foreach_div_(so, sn)
-            torch._foreach_copy_(bp, so)
+            if beta or l2:
+                torch._foreach_copy_(bp, so)
+                continue
+            for w, w_new, d in zip(bp, so, sn):  # beta = l2 = 0: coordinates with n = 0 keep w (0/0 otherwise)
+                torch.where(d > 0, w_new, w, out=w)
 
     def _sparse_update(self, p, g, st, lr, beta, l1, l2):
         g = g.coalesce()
@@ -140,7 +148,7 @@ class FTRL(Optimizer):
             n[mask] += g[mask] ** 2
             sqrt_new = n[mask].sqrt()
             z[mask] += g[mask] - (sqrt_new - sqrt_old) / lr * p[mask]
-            p[mask] = self._weights(z[mask], sqrt_new, lr, beta, l1, l2)
+            p[mask] = self._weights(z[mask], sqrt_new, p[mask], lr, beta, l1, l2)
             return
         rows = idx[0]
         z_r = st["z"].index_select(0, rows)
@@ -152,7 +160,7 @@ class FTRL(Optimizer):
         z_r.add_(vals).sub_((sqrt_new - sqrt_old).div_(lr).mul_(w_r))
         st["z"].index_copy_(0, rows, z_r)
         st["n"].index_copy_(0, rows, n_r)
-        p.index_copy_(0, rows, self._weights(z_r, sqrt_new, lr, beta, l1, l2))
+        p.index_copy_(0, rows, self._weights(z_r, sqrt_new, w_r, lr, beta, l1, l2))
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)

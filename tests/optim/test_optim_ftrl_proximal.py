@@ -83,6 +83,38 @@ def test_ftrl_sparse_gradients_equal_dense_and_touch_only_rows():
     assert torch.equal(e_sparse.weight[10:], init[10:])
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("l1", [0.0, 0.05])
+def test_ftrl_beta0_keeps_untouched_coordinates_and_is_the_small_beta_limit(foreach, l1):
+    """beta = l2 = 0 makes the denominator (beta + sqrt(n))/alpha + l2 zero where n = 0: coordinates
+    never touched keep their initial value (no 0/0 NaN), dense and sparse; touched ones equal the
+    beta -> 0 limit of the warm-started update."""
+    torch.manual_seed(0)
+    w0 = torch.randn(6, 3, dtype=torch.float64)
+    w0[1] = 0.0
+    runs = {}
+    for beta in (0.0, 1e-9):
+        e_sparse = torch.nn.Embedding(6, 3, sparse=True, dtype=torch.float64)
+        e_dense = torch.nn.Embedding(6, 3, dtype=torch.float64)
+        for e in (e_sparse, e_dense):
+            e.weight.data.copy_(w0)
+        opts = [FTRL(e.parameters(), lr=0.3, beta=beta, l1=l1, foreach=foreach) for e in (e_sparse, e_dense)]
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            ids = torch.randint(0, 4, (5,), generator=gen)  # rows 4, 5 never touched
+            for e, o in zip((e_sparse, e_dense), opts):
+                o.zero_grad()
+                (e(ids) * torch.arange(1.0, 4.0, dtype=torch.float64)).sum().backward()
+                o.step()
+        assert e_sparse.weight.grad.is_sparse
+        for e in (e_sparse, e_dense):
+            assert torch.isfinite(e.weight).all()
+            torch.testing.assert_close(e.weight.detach()[4:], w0[4:], rtol=0, atol=0 if beta == 0 else 1e-6)
+        torch.testing.assert_close(e_sparse.weight.detach(), e_dense.weight.detach(), rtol=0, atol=1e-8)
+        runs[beta] = e_dense.weight.detach()
+    torch.testing.assert_close(runs[0.0], runs[1e-9], rtol=0, atol=1e-6)
+
+
 def test_ftrl_l1_logistic_regression_recovers_support():
     """Sparse logistic regression: the L1 term zeroes the irrelevant features, loss approaches the fit."""
     rng = np.random.default_rng(0)
