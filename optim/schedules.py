@@ -49,7 +49,8 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
 
     Warmup (``warmup_steps = W > 1``): step t < W uses ``lr * (start + (1 - start) * t / (W - 1))``
     with ``start = warmup_start_factor``; the default ``start = 1/W`` gives Goyal et al.'s gradual
-    warmup ``lr * (t + 1) / W``, reaching ``lr`` at t = W - 1 (``W <= 1``: no warmup).
+    warmup ``lr * (t + 1) / W``, reaching ``lr`` at t = W - 1. ``W = 1``: step 0 uses ``lr * start``
+    (``lr`` by default); ``W = 0``: no warmup.
     After warmup, with ``s = t - W`` and ``T = total_steps - W``:
 
     * ``constant``: ``lr``
@@ -100,12 +101,16 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
             raise ValueError("schedule 'exponential' needs gamma")
         main = lr_scheduler.ExponentialLR(optimizer, gamma=hp["gamma"])
 
-    if warmup_steps <= 1:
+    if warmup_steps == 0:
         return main
     start = 1.0 / warmup_steps if warmup_start_factor is None else float(warmup_start_factor)
     if not 0.0 < start <= 1.0:
         raise ValueError(f"warmup_start_factor must be in (0, 1], got {start}")
-    warm = lr_scheduler.LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warmup_steps - 1)
+    # W = 1 is one warmup step too: the decay above spans total_steps - W and must start at t = W
+    if warmup_steps == 1:
+        warm = lr_scheduler.ConstantLR(optimizer, factor=start, total_iters=1)
+    else:
+        warm = lr_scheduler.LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warmup_steps - 1)
     return lr_scheduler.SequentialLR(optimizer, schedulers=[warm, main], milestones=[warmup_steps])
 
 

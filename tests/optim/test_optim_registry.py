@@ -196,6 +196,36 @@ def test_schedules_match_closed_forms():
     assert got == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1])
 
 
+_DECAYS = {  # docstring closed forms after warmup: s = t - W, T = total_steps - W
+    "constant": ({}, lambda s, T: 1.0),
+    "cosine": ({"min_lr": 0.1}, lambda s, T: 0.1 + 0.9 * (1 + math.cos(math.pi * s / T)) / 2),
+    "step": ({"step_size": 3, "gamma": 0.5}, lambda s, T: 0.5 ** (s // 3)),
+    "multistep": ({"milestones": [2, 5], "gamma": 0.5}, lambda s, T: 0.5 ** sum(m <= s for m in (2, 5))),
+    "poly": ({"power": 2.0}, lambda s, T: (1 - min(s, T) / T) ** 2),
+    "linear": ({}, lambda s, T: 1 - min(s, T) / T),
+    "exponential": ({"gamma": 0.8}, lambda s, T: 0.8**s),
+}
+_ENDS = {"constant": 1.0, "cosine": 0.1, "poly": 0.0, "linear": 0.0}
+
+
+@pytest.mark.parametrize("name", sorted(_DECAYS))
+@pytest.mark.parametrize("w, start", [(0, None), (1, None), (1, 0.25), (2, None), (2, 0.25)])
+def test_every_schedule_follows_its_closed_form_for_small_warmups(name, w, start):
+    """W = 1 is a one-step warmup like W >= 2 (lr * start at t = 0), and the decay starts at t = W and
+    spans T = total_steps - W: the decaying schedules reach their end value at t = total_steps, not
+    one step early (W = 1 used to start the decay at t = 0 over T = total_steps - 1)."""
+    hp, decay = _DECAYS[name]
+    total = 10
+    got = _lrs(name, total + 1, warmup_steps=w, total_steps=total, warmup_start_factor=start, **hp)
+    first = (1.0 / w if start is None else start) if w else None
+    warm = [first + (1 - first) * t / (w - 1) if w > 1 else first for t in range(w)]
+    want = warm + [decay(t - w, total - w) for t in range(w, total + 1)]
+    assert got == pytest.approx(want, abs=1e-12)
+    if name in _ENDS:
+        assert got[-1] == pytest.approx(_ENDS[name], abs=1e-12)
+        assert min(got[:-1]) > got[-1] or name == "constant"
+
+
 def test_scale_lr_rules():
     assert scale_lr(0.1, 8192, 256) == pytest.approx(3.2)  # Goyal et al.: linear
     assert scale_lr(1e-3, 1024, 256, rule="sqrt") == pytest.approx(2e-3)
