@@ -257,14 +257,18 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     if "weight_decay" in hp and "weight_decay" not in _valid_hp(spec) and not hp["weight_decay"]:
         hp.pop("weight_decay")
 
-    if spec.fused_devices and "foreach" not in hp and "fused" not in hp and _fusable(groups, spec.fused_devices):
+    if (spec.fused_devices and groups and "foreach" not in hp and "fused" not in hp
+            and _fusable(groups, spec.fused_devices)):
         hp["fused"] = True  # one fused kernel per step: the fastest torch path where torch has one
 
     if not sparse_groups:
         return _construct(key, groups, **hp)
 
-    # dense + sparse: one CombinedOptimizer; each group names its inner optimizer ('route')
-    dense_opt = _construct(key, groups, **hp)  # validates hp and fills the group defaults
+    # dense + sparse: one CombinedOptimizer; each group names its inner optimizer ('route').
+    # The dense optimizer validates hp and fills the group defaults; a model of sparse=True embeddings
+    # only has no dense parameters, so it is built on a throwaway tensor and left out (torch refuses
+    # an empty parameter list)
+    dense_opt = _construct(key, groups or [nn.Parameter(torch.zeros(1))], **hp)
     sparse_spec = _spec(sparse_name)
     lr = hp.get("lr", dense_opt.defaults.get("lr"))
     s_hp = {"lr": lr} if "lr" in _valid_hp(sparse_spec) and lr is not None else {}
@@ -279,6 +283,8 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     sparse_opt = _construct(sparse_name, sparse_groups, **s_hp)
     all_groups = []
     for route, opt in ((key, dense_opt), (sparse_name, sparse_opt)):
+        if opt is dense_opt and not groups:
+            continue
         for g in opt.param_groups:
             g["route"] = route
             all_groups.append(g)

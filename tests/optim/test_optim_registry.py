@@ -12,6 +12,7 @@ from torch import nn
 
 from optim import (LAMB, LARS, CombinedOptimizer, available_optimizers, build_optimizer, build_scheduler,
                    clip_grad_norm_, scale_lr)
+from optim.registry import _construct
 
 REQUIRED = ["sgd", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "radam", "amsgrad", "adafactor",
             "lbfgs", "lars", "lamb", "sophia", "shampoo", "ftrl", "ista", "fista"]
@@ -136,6 +137,56 @@ def test_sparse_embeddings_routed_to_sparse_optimizer(sparse_optimizer):
     # rebuild from param_groups alone (what hvd.DistributedOptimizer does)
     clone = CombinedOptimizer(opt2.param_groups)
     assert [type(o).__name__ for o in clone.optimizers] == [type(o).__name__ for o in opt2.optimizers]
+
+
+@pytest.mark.parametrize("name, sparse_optimizer", [("ftrl", "ftrl"), ("ftrl", None), ("adam", None),
+                                                     ("sgd", "adagrad")])
+def test_model_with_only_sparse_embeddings_gets_the_sparse_route_alone(name, sparse_optimizer):
+    """A hashed-feature logistic regression (one sparse=True EmbeddingBag) has no dense parameters:
+    the result is a CombinedOptimizer with only the sparse route (it was "empty parameter list"),
+    whose step equals the sparse optimizer's, and state_dict, schedulers and the rebuild still work."""
+    kw = {"sparse_optimizer": sparse_optimizer} if sparse_optimizer else {}
+    route = sparse_optimizer or "sparse_adam"
+
+    def make():
+        torch.manual_seed(0)
+        return nn.EmbeddingBag(50, 1, mode="sum", sparse=True)
+
+    def train(model, opt, sched, steps):
+        gen = torch.Generator().manual_seed(steps)
+        for _ in range(steps):
+            opt.zero_grad()
+            ids = torch.randint(0, 40, (8, 3), generator=gen)  # rows 40.. never touched
+            torch.sigmoid(model(ids)).sum().backward()
+            opt.step()
+            sched.step()
+
+    model = make()
+    opt = build_optimizer(name, model, lr=0.1, **kw)
+    assert isinstance(opt, CombinedOptimizer) and opt.routes == [route]
+    assert [g["group"] for g in opt.param_groups] == ["sparse_embedding"] and opt.param_groups[0]["lr"] == 0.1
+    ref_model = make()
+    ref = _construct(route, [ref_model.weight], lr=0.1)  # as the route builds it (build_optimizer would fuse adagrad)
+    w0 = model.weight.detach().clone()
+    train(model, opt, build_scheduler(opt, "step", step_size=1, gamma=0.5), 3)
+    train(ref_model, ref, build_scheduler(ref, "step", step_size=1, gamma=0.5), 3)
+    assert torch.equal(model.weight, ref_model.weight) and not torch.equal(model.weight, w0)
+    assert torch.equal(model.weight[40:], w0[40:])
+    buf = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)
+    model2 = make()
+    model2.load_state_dict(saved["m"])
+    opt2 = build_optimizer(name, model2, lr=0.1, **kw)
+    opt2.load_state_dict(saved["o"])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.0125)
+    train(model, opt, build_scheduler(opt, "constant"), 2)
+    train(model2, opt2, build_scheduler(opt2, "constant"), 2)
+    assert torch.equal(model.weight, model2.weight)
+    assert CombinedOptimizer(opt2.param_groups).routes == [route]
+    with pytest.raises(ValueError, match="unknown hyperparameter"):  # the dense hp are still checked
+        build_optimizer(name, make(), lr=0.1, lrr=0.1, **kw)
 
 
 def test_errors_list_valid_options():
