@@ -151,7 +151,7 @@ def _construct(name: str, params, **hp) -> Optimizer:
     kwargs = {**spec.defaults, **hp, **spec.fixed}
     try:
         return spec.cls(params, **kwargs)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, IndexError) as e:  # IndexError: a too-short tuple (betas=(0.9,), trust_clip=(1,))
         raise ValueError(f"bad hyperparameters for optimizer {name!r} ({e}); valid hyperparameters: "
                          f"{', '.join(valid)}") from e
 

@@ -198,6 +198,11 @@ def test_errors_list_valid_options():
         build_optimizer("adam", Net(), lr=-1.0)
     with pytest.raises(ValueError, match=r"betas\[0\]"):
         build_optimizer("lamb", Net(), betas=(1.5, 0.9))
+    # too-short tuples: torch (and the trust_clip unpacking here) index them, an IndexError
+    for name, hp in (("adam", {"betas": (0.9,)}), ("adamw", {"betas": ()}), ("nadam", {"betas": (0.9,)}),
+                     ("lars", {"trust_clip": (1.0,)}), ("lamb", {"trust_clip": (1.0,)})):
+        with pytest.raises(ValueError, match=f"bad hyperparameters for optimizer '{name}'.*valid hyperparameters"):
+            build_optimizer(name, nn.Linear(2, 2), **hp)
     with pytest.raises(ValueError, match="graft"):
         build_optimizer("shampoo", Net(), graft="kfac")
     with pytest.raises(ValueError, match="sparse_optimizer"):
