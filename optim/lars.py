@@ -5,7 +5,7 @@ For every adapted parameter tensor ("layer") ``w`` with gradient ``g``::
     trust  = eta * ||w|| / (||g|| + wd * ||w|| + eps)      (1 if ||w|| == 0 or the denominator is 0)
     trust  = clamp(trust, *trust_clip)                       (optional trust-ratio clipping)
     d      = lr * trust * (g + wd * w)
-    v      = momentum * v + (1 - dampening) * d
+    v      = momentum * v + (1 - dampening) * d          (first step: v = d, as torch.optim.SGD)
     w      = w - v                      (or w - (momentum * v + d) with nesterov=True)
 
 The learning rate sits inside the momentum buffer, as in Algorithm 1 of the paper and in the
@@ -99,13 +99,20 @@ class LARS(TrustRatioLogging, Optimizer):
     def _adapted(group, p: torch.Tensor) -> bool:
         return bool(group["layer_adaptation"]) and not (group["exclude_1d"] and p.ndim <= 1)
 
-    def _init_state(self, params, momentum: float):
+    def _init_state(self, params, momentum: float) -> list[bool]:
+        """Creates missing state; returns per parameter whether its momentum buffer is new. As in
+        torch.optim.SGD, a new buffer takes the first update undamped (``v = d``); a buffer in the
+        state (also from an old checkpoint) means the parameter has taken a momentum step."""
+        fresh = []
         for p in params:
             st = self.state[p]
             if "step" not in st:
                 st["step"] = torch.tensor(0.0)
-                if momentum > 0:
-                    st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            new = momentum > 0 and "momentum_buffer" not in st
+            if new:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            fresh.append(new)
+        return fresh
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -120,16 +127,16 @@ class LARS(TrustRatioLogging, Optimizer):
                     raise RuntimeError("LARS does not support sparse gradients; route sparse embeddings to "
                                        "SparseAdam/Adagrad/FTRL (build_optimizer does this for nn.Module inputs)")
             mom = group["momentum"]
-            self._init_state(params, mom)
+            fresh = self._init_state(params, mom)
             bump_steps([self.state[p] for p in params])
             if group["foreach"] is False:
-                self._step_single(gi, group, idx, params, grads)
+                self._step_single(gi, group, idx, params, grads, fresh)
             else:
-                self._step_foreach(gi, group, idx, params, grads)
+                self._step_foreach(gi, group, idx, params, grads, fresh)
         return loss
 
     # -- multi-tensor path -----------------------------------------------------------------------
-    def _step_foreach(self, gi, group, idx, params, grads):
+    def _step_foreach(self, gi, group, idx, params, grads, fresh):
         """Allocation-free: the per-tensor factor ``lr * trust`` enters through addcmul with 0-d
         tensors, so no scaled copy of the gradient is materialised and nothing syncs with the device."""
         lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
@@ -159,11 +166,17 @@ class LARS(TrustRatioLogging, Optimizer):
                     torch._foreach_mul_(bp, [1.0 - lr * x for x in wd_trust])
                 torch._foreach_addcmul_(bp, bg, trust, value=-lr)
                 continue
-            # v <- m v + (1 - damp) lr trust (g + wd w)
+            # v <- m v + (1 - damp) lr trust (g + wd w); a fresh (zero) buffer takes it undamped, as torch SGD
             torch._foreach_mul_(bb, mom)
-            torch._foreach_addcmul_(bb, bg, trust, value=lr * (1.0 - damp))
-            if has_wd:
-                torch._foreach_addcmul_(bb, bp, wd_trust, value=lr * (1.0 - damp))
+            if damp and any(fresh[k] for k in b_idx):
+                scale = [lr if fresh[k] else lr * (1.0 - damp) for k in b_idx]
+                torch._foreach_addcmul_(bb, bg, trust, scale)
+                if has_wd:
+                    torch._foreach_addcmul_(bb, bp, wd_trust, scale)
+            else:
+                torch._foreach_addcmul_(bb, bg, trust, value=lr * (1.0 - damp))
+                if has_wd:
+                    torch._foreach_addcmul_(bb, bp, wd_trust, value=lr * (1.0 - damp))
             if group["nesterov"]:  # w <- w - (m v + lr trust (g + wd w))
                 if has_wd:
                     torch._foreach_mul_(bp, [1.0 - lr * x for x in wd_trust])
@@ -173,9 +186,9 @@ class LARS(TrustRatioLogging, Optimizer):
                 torch._foreach_sub_(bp, bb)
 
     # -- reference per-tensor path ---------------------------------------------------------------
-    def _step_single(self, gi, group, idx, params, grads):
+    def _step_single(self, gi, group, idx, params, grads, fresh):
         lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        for i, p, g in zip(idx, params, grads):
+        for i, p, g, new in zip(idx, params, grads, fresh):
             if group["maximize"]:
                 g = -g
             if self._adapted(group, p):
@@ -191,7 +204,7 @@ class LARS(TrustRatioLogging, Optimizer):
                 p.sub_(d)
                 continue
             buf = self.state[p]["momentum_buffer"]
-            buf.mul_(mom).add_(d, alpha=1.0 - damp)
+            buf.mul_(mom).add_(d, alpha=1.0 if new else 1.0 - damp)
             if group["nesterov"]:
                 p.sub_(d + mom * buf)
             else:

@@ -78,6 +78,29 @@ def test_lars_formula_lr_inside_momentum_and_exclusions():
 
 
 @pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("momentum, dampening, nesterov, weight_decay",
+                         [(0.0, 0.0, False, 0.0), (0.0, 0.0, False, 0.01), (0.9, 0.0, False, 0.01),
+                          (0.9, 0.5, False, 0.0), (0.9, 0.5, False, 0.01), (0.8, 1.0, False, 0.01),
+                          (0.9, 0.0, True, 0.0), (0.9, 0.0, True, 0.01)])
+def test_lars_without_layer_adaptation_is_torch_sgd(foreach, momentum, dampening, nesterov, weight_decay):
+    """layer_adaptation=False is momentum SGD, dampening as in torch (the first step takes the
+    gradient undamped: buf = g; LARS applied (1 - dampening) from the start), over 10 steps with a
+    state_dict round trip after 5 (a buffer in the state means the undamped step was taken)."""
+    kw = dict(lr=0.1, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
+    grads = _grads(_params(torch.float64), 10)
+    want, _ = _run(lambda p: torch.optim.SGD(p, **kw), _params(torch.float64), grads)
+    params = _params(torch.float64)
+    _, opt = _run(lambda p: LARS(p, layer_adaptation=False, exclude_1d=False, foreach=foreach, **kw), params, grads[:5])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = LARS(params, layer_adaptation=False, exclude_1d=False, foreach=foreach, **kw)
+    opt2.load_state_dict(torch.load(buf))
+    got, _ = _run(lambda p: opt2, params, grads[5:])
+    assert _maxdiff(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("foreach", [True, False])
 def test_lamb_matches_pytorch_optimizer_without_bias_correction(foreach):
     grads = _grads(_params(), 6)
     a, _ = _run(lambda p: LAMB(p, lr=0.01, weight_decay=0.01, bias_correction=False, weight_norm_clip=(0, 10),
