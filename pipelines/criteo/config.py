@@ -33,14 +33,15 @@ class GenerateConfig(BaseModel):
     seed: int = Field(0, ge=0, description="the data's identity: same seed and settings, same bytes")
     positive_rate: float = Field(0.25, gt=0.0, lt=1.0)
     cardinality_scale: float = Field(
-        1.0, gt=0.0, le=4.0, description="scale the Kaggle-like per-column value universes (10 .. 10M)"
+        1.0, gt=0.0, le=4.0, description="scale the Kaggle-like per-column value universes (3 .. 10M values)"
     )
     zipf_exponent: float = Field(1.05, gt=0.5, le=3.0, description="heavy tail of categorical frequencies")
     final_newline: bool = True
     chunk_rows: int = Field(500_000, ge=1_000, le=4_000_000,
                             description="rows generated and written per step; part of the data's identity "
                                         "(each chunk has its own random stream), like the seed")
-    workers: int = Field(0, ge=0, description="processes (0: one per CPU core, at most one per file)")
+    workers: int = Field(0, ge=0, description="processes (0: one per CPU core, at most one per chunk; "
+                                              "the bytes do not depend on it)")
 
 
 class IngestConfig(BaseModel):
