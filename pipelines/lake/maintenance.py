@@ -18,14 +18,33 @@ def table_version(uri: str, storage_options: Mapping[str, str] | None = None) ->
     return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}), without_files=True).version()
 
 
+def _log_entry_path(root: str, version: int) -> str:
+    return join(root, f"_delta_log/{version:020d}.json")
+
+
+def _log_entry_text(fs, root: str, version: int) -> str | None:
+    """The text of commit ``version``'s ``_delta_log`` JSON, None when it is not there (cleaned
+    up, or never written); other read errors propagate."""
+    path = _log_entry_path(root, version)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
+    except OSError:  # some filesystems say "not found" as a plain OSError
+        if fs.get_file_info(path).type == FileType.NotFound:
+            return None
+        raise
+
+
 def commit_entries(fs, root: str, version: int) -> list[dict] | None:
     """The actions of commit ``version`` (its ``_delta_log`` JSON, one dict per line) of the
     table at ``root`` on ``fs``; None when that file cannot be read (cleaned up, or damaged)."""
     import json
 
     try:
-        with fs.open_input_stream(join(root, f"_delta_log/{version:020d}.json")) as f:
-            return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        text = _log_entry_text(fs, root, version)
+        return None if text is None else [json.loads(line) for line in text.splitlines() if line.strip()]
     except (OSError, ValueError):
         return None
 
@@ -97,16 +116,9 @@ def commit_info_at(fs, root: str, version: int) -> dict[str, Any] | None:
     time, the commit time the Delta protocol defines."""
     import json
 
-    path = join(root, f"_delta_log/{version:020d}.json")
-    try:
-        with fs.open_input_stream(path) as f:
-            text = f.read().decode()
-    except FileNotFoundError:
+    path = _log_entry_path(root, version)
+    if (text := _log_entry_text(fs, root, version)) is None:
         return None
-    except OSError:  # some filesystems say "not found" as a plain OSError
-        if fs.get_file_info(path).type == FileType.NotFound:
-            return None
-        raise
     info: dict[str, Any] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
