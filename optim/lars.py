@@ -168,15 +168,11 @@ class LARS(TrustRatioLogging, Optimizer):
                 continue
             # v <- m v + (1 - damp) lr trust (g + wd w); a fresh (zero) buffer takes it undamped, as torch SGD
             torch._foreach_mul_(bb, mom)
-            if damp and any(fresh[k] for k in b_idx):
-                scale = [lr if fresh[k] else lr * (1.0 - damp) for k in b_idx]
-                torch._foreach_addcmul_(bb, bg, trust, scale)
-                if has_wd:
-                    torch._foreach_addcmul_(bb, bp, wd_trust, scale)
-            else:
-                torch._foreach_addcmul_(bb, bg, trust, value=lr * (1.0 - damp))
-                if has_wd:
-                    torch._foreach_addcmul_(bb, bp, wd_trust, value=lr * (1.0 - damp))
+            scale = ([lr if fresh[k] else lr * (1.0 - damp) for k in b_idx] if damp and any(fresh[k] for k in b_idx)
+                     else lr * (1.0 - damp))
+            torch._foreach_addcmul_(bb, bg, trust, scale)
+            if has_wd:
+                torch._foreach_addcmul_(bb, bp, wd_trust, scale)
             if group["nesterov"]:  # w <- w - (m v + lr trust (g + wd w))
                 if has_wd:
                     torch._foreach_mul_(bp, [1.0 - lr * x for x in wd_trust])

@@ -152,7 +152,8 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
     backend = t.backend
     try:  # from here on the MLflow run is open: whatever stops the command marks it FAILED
         if t.num_proc > 1 and backend == "horovod":
-            kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s}
+            kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s,
+                  "check_slots": False}
         ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
     except BaseException:
         if uri and run_id:

@@ -141,7 +141,7 @@ def check_task_slots(sc, num_proc: int) -> None:
 
 
 def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_timeout: int = 180,
-                    stall_shutdown_s: int = 0, verbose: int = 1, **_: Any) -> list[Any]:
+                    stall_shutdown_s: int = 0, verbose: int = 1, check_slots: bool = True, **_: Any) -> list[Any]:
     import horovod.spark
 
     if spark is None:
@@ -150,7 +150,8 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         spark = SparkSession.getActiveSession()
         if spark is None:
             raise RuntimeError("the horovod backend needs an active SparkSession (pipelines.spark.get_spark)")
-    check_task_slots(spark.sparkContext, num_proc)
+    if check_slots:  # run_training checked them before the MLflow run opened
+        check_task_slots(spark.sparkContext, num_proc)
     quiet = _QuietHorovod()
     logging.getLogger().addFilter(quiet)
     for h in logging.getLogger().handlers:

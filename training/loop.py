@@ -394,8 +394,6 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         tracker.log_params({
             "world_size": world,
             "micro_batch_size": micro,
-            "steps_per_epoch": steps_per_epoch,
-            "total_steps": total_steps,
             "device": str(device),
             "threads_per_rank": threads,
             "sparse_embeddings_resolved": sparse,

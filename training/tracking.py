@@ -91,9 +91,7 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
             raise ResumeError(f"cannot resume: the checkpoint's MLflow run {run_id} is not in the tracking store "
                               f"{uri}; resume with the store it was logged to (tracking.tracking_uri)") from None
         client.update_run(run_id, status="RUNNING")
-        items = [Param(k, v) for k, v in resume_params(existing, params, resume_step).items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[i:i + 100])
+        _log_params(client, run_id, [Param(k, v) for k, v in resume_params(existing, params, resume_step).items()])
         return uri, run_id
     name = experiment_name(cfg)
     exp = client.get_experiment_by_name(name)
@@ -101,11 +99,15 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
     all_tags = {"bigopt.dataset": cfg.run.dataset, **(tags or {}), **cfg.tracking.tags}
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.run.name, tags=all_tags)
     rid = run.info.run_id
-    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):
-        client.log_batch(rid, params=items[i:i + 100])
+    _log_params(client, rid, [Param(k, _param_value(v)) for k, v in sorted(params.items())])
     client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
     return uri, rid
+
+
+def _log_params(client, run_id: str, items: list) -> None:
+    """Log ``Param`` items in batches of 100 (MLflow's limit per ``log_batch``)."""
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
 
 
 _RESUME_KEY = re.compile(r"resume\.(\d+)\.(.+)")
@@ -189,9 +191,8 @@ class MetricLogger:
         from mlflow.entities import Param
 
         existing = self._client.get_run(self.run_id).data.params
-        items = [Param(k, _param_value(v)) for k, v in params.items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self._client.log_batch(self.run_id, params=items[i:i + 100])
+        _log_params(self._client, self.run_id, [Param(k, _param_value(v)) for k, v in params.items()
+                                                 if k not in existing])
 
     def log_dict(self, d: dict, artifact_file: str) -> None:
         if self.enabled:
