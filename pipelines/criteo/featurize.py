@@ -922,7 +922,7 @@ def _bronze_head(uri: str, version: int | None) -> tuple[int, str] | None:
     from pipelines.lake.fs import normalize_uri
 
     try:
-        dt = DeltaTable(normalize_uri(uri), version=version, without_files=True)
+        dt = DeltaTable(normalize_uri(uri), version=version)
     except (DeltaError, OverflowError):  # TableNotFoundError is a DeltaError
         return None
     return dt.version(), dt.metadata().id

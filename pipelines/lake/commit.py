@@ -107,7 +107,7 @@ def prepare_write(
     uri = normalize_uri(uri)
     if mode not in {"append", "overwrite", "error", "errorifexists", "ignore"}:
         raise ValueError(f"unknown save mode {mode!r}; use append, overwrite, error or ignore")
-    dt = (DeltaTable(uri, storage_options=dict(storage_options or {}), without_files=True)
+    dt = (DeltaTable(uri, storage_options=dict(storage_options or {}))
           if table_exists(uri, storage_options) else None)
     partition_by = list(partition_by or ([] if dt is None else dt.metadata().partition_columns))
     missing_parts = [c for c in partition_by if c not in data_schema.names]
@@ -197,7 +197,7 @@ def commit(
             read_version = planned_version
         if effective == "skip":
             delete_files(uri, on_disk)
-            return DeltaTable(uri, storage_options=opts, without_files=True).version()
+            return DeltaTable(uri, storage_options=opts).version()
         if effective == "create":
             try:
                 create_table_with_add_actions(
@@ -206,7 +206,7 @@ def commit(
                     configuration=dict(configuration) if configuration else None,
                 )
                 landed = True
-                return DeltaTable(uri, storage_options=opts, without_files=True).version()
+                return DeltaTable(uri, storage_options=opts).version()
             except DeltaError as e:
                 if landed or write_in_log(uri, info.get(WRITE_ID_KEY), 0):
                     landed = True  # the log has this write's version 0 (reading it back failed): keep its files

@@ -15,7 +15,7 @@ def _table(uri: str, storage_options: Mapping[str, str] | None = None) -> DeltaT
 
 
 def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int:
-    return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}), without_files=True).version()
+    return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {})).version()
 
 
 def _log_entry_path(root: str, version: int) -> str:
