@@ -940,6 +940,31 @@ def _latest_version(uri: str) -> int | None:
         return None
 
 
+def _holds_build(path: str, version: int, build: str | None) -> bool:
+    """Whether table ``path`` still reads the rows commit ``version`` of build ``build`` wrote.
+    Compacting or vacuuming a table adds commits but changes no row (:func:`data_version`): still
+    that build. A table deleted since, or made again by hand up to the same version number, is
+    not: its commit at ``version`` is gone, or carries no (another) build id. A commit whose log
+    entry was cleaned up, or a ``features.json`` written before builds had ids, is taken on its
+    version number alone."""
+    from deltalake.exceptions import DeltaError
+
+    from pipelines.lake import data_version
+    from pipelines.lake.fs import filesystem_for
+    from pipelines.lake.maintenance import commit_info_at, commit_metadata
+
+    try:
+        if data_version(path) != version:
+            return False
+        if build is None:
+            return True
+        fs, root = filesystem_for(path)
+        info = commit_info_at(fs, root, version)
+    except (DeltaError, OSError, ValueError):  # gone, unreadable or damaged: build it again
+        return False
+    return info is None or commit_metadata(info).get(BUILD_KEY) == build
+
+
 def current_gold(cfg, bronze_version: int, bronze_table_id: str) -> FeaturizeReport | None:
     """The report of the gold tables as they stand, when they are exactly what featurizing
     bronze ``bronze_version`` (of the table ``bronze_table_id``) with ``cfg`` would build: ``features.json`` records the same
@@ -947,8 +972,6 @@ def current_gold(cfg, bronze_version: int, bronze_table_id: str) -> FeaturizeRep
     None when anything differs: no bronze or no gold yet, bronze or a setting changed, or a
     table was written since (by another build or by hand). Reads ``features.json`` and the
     tables' logs only; no Spark, no scan of bronze or its ledger."""
-    from pipelines.lake import data_version
-
     paths = tables(cfg)
     try:
         doc = read_features(paths["features_json"])
@@ -960,8 +983,7 @@ def current_gold(cfg, bronze_version: int, bronze_table_id: str) -> FeaturizeRep
     for name in ("vocabulary", "vocab_sizes"):
         if doc.get(name):
             recorded[name] = (doc[name]["path"], doc[name]["version"])
-    # compacting or vacuuming a table adds commits but changes no row: still this build
-    if any(data_version(path) != version for path, version in recorded.values()):
+    if not all(_holds_build(path, version, doc.get("build")) for path, version in recorded.values()):
         return None
     try:
         return _report_of(doc, paths["features_json"])

@@ -454,6 +454,20 @@ def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys, spark_for
     fixed = featurize(spark, cfg)
     assert not fixed.up_to_date and DeltaSnapshot(t["valid"]).num_rows == first.rows["valid"]
 
+    # a gold table deleted since (by hand, a cleanup): rebuilt, not a TableNotFoundError
+    import shutil
+
+    shutil.rmtree(t["test"])
+    assert not featurize(spark, cfg).up_to_date and DeltaSnapshot(t["test"]).num_rows == first.rows["test"]
+    # one made again by hand up to the version features.json records: not this build's rows
+    current = featurize(spark, cfg)
+    assert current.up_to_date
+    shutil.rmtree(t["valid"])
+    for _ in range(current.versions["valid"] + 1):
+        write_deltalake(t["valid"], valid.slice(0, 1), mode="append")
+    assert table_version(t["valid"]) == current.versions["valid"]
+    assert not featurize(spark, cfg).up_to_date and DeltaSnapshot(t["valid"]).num_rows == first.rows["valid"]
+
     # force: rebuilt with nothing changed
     assert not featurize(spark, cfg, force=True).up_to_date
     # a features.json this code cannot read (damaged, or another layout): rebuilt, not an error
@@ -474,8 +488,6 @@ def test_featurize_skips_gold_that_is_current(spark, tmp_path, capsys, spark_for
 
     # bronze deleted and ingested again from changed files, reaching the same version number:
     # another table (Delta's table id), so rebuilt
-    import shutil
-
     for name in ("bronze", "quarantine", "ledger"):
         shutil.rmtree(t[name])
     (tmp_path / "raw" / "day_1").write_text("".join(lines[:100]))
