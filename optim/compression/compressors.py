@@ -223,12 +223,17 @@ class QSGDCompressor(Compressor):
 
     def state_dict(self):
         g = self._gen
-        return {"rng": g.get_state()} if g is not None and g.device.type == "cpu" else {}
+        if g is not None:
+            return {"rng": g.get_state()} if g.device.type == "cpu" else {}
+        # loaded but not used yet (the generator is created at the first compress()): the pending
+        # state is the RNG's state, so a checkpoint written right after a resume, and configure()
+        # (the adaptive controller re-initialises the compressor), keep it
+        return {} if self._gen_state is None else {"rng": self._gen_state.clone()}
 
     def load_state_dict(self, state):
         if "rng" in state:
             self._gen = None
-            self._gen_state = state["rng"]
+            self._gen_state = state["rng"].clone()
 
 
 def _k_for(ratio: float, n: int) -> int:

@@ -126,12 +126,23 @@ def _mlp_and_table(seed=0):
     return nn.ModuleDict({"emb": nn.Embedding(500, 8), "mlp": _mlp(seed)})
 
 
-@pytest.mark.parametrize("name,hp,model", [("topk", {"ratio": 0.05}, _mlp), ("powersgd", {"rank": 2}, _mlp),
-                                           ("qsgd", {"bits": 4, "error_feedback": True}, _mlp),
-                                           ("randomk", {"ratio": 0.1}, _mlp), ("signum_vote", {"momentum": 0.9}, _mlp),
-                                           ("powersgd", {"rank": 2}, _mlp_and_table)],  # + the table's top-k EF
-                         ids=["topk", "powersgd", "qsgd", "randomk", "signum_vote", "powersgd_table_topk"])
-def test_state_dict_resume_is_bitwise_identical(name, hp, model):
+@pytest.mark.parametrize("name,hp,model,adaptive", [
+    ("topk", {"ratio": 0.05}, _mlp, None), ("powersgd", {"rank": 2}, _mlp, None),
+    ("qsgd", {"bits": 4, "error_feedback": True}, _mlp, None), ("randomk", {"ratio": 0.1}, _mlp, None),
+    ("signum_vote", {"momentum": 0.9}, _mlp, None),
+    ("powersgd", {"rank": 2}, _mlp_and_table, None),  # + the table's top-k EF
+    ("qsgd", {"bits": 4}, _mlp, {"interval": 2, "eta": 0.05}),  # load -> apply() -> configure()
+    ("topk", {"ratio": 0.05}, _mlp, {"interval": 2, "eta": 0.05}),
+    ("powersgd", {"rank": 2}, _mlp, {"interval": 3, "eta": 0.05}),
+], ids=["topk", "powersgd", "qsgd", "randomk", "signum_vote", "powersgd_table_topk", "qsgd_adaptive",
+        "topk_adaptive", "powersgd_adaptive"])
+def test_state_dict_resume_is_bitwise_identical(name, hp, model, adaptive):
+    """4 steps, checkpoint, a resume that saves again before any step (what `bigopt train --resume`
+    does when the checkpoint is already at max_steps), a resume from that checkpoint, 4 more steps:
+    bitwise the 8 steps of an uninterrupted run. Until the twentieth session a QSGD communicator
+    reported no RNG between a load and its first compress(), so the second checkpoint had none and
+    the last 4 steps differed; adaptive QSGD lost it even with one resume (the controller's load
+    re-initialises the compressor through configure())."""
     def run(steps, comm, m, start=0):
         out = []
         for s in range(start, start + steps):
@@ -140,24 +151,39 @@ def test_state_dict_resume_is_bitwise_identical(name, hp, model):
             out.append([p.grad.clone() for p in m.parameters()])
         return out
 
+    def comm_for(m):
+        return GradientCommunicator(build_compressor(name, **hp), m.named_parameters(), min_compress_numel=0,
+                                    adaptive=adaptive)
+
+    def saved(comm):
+        buf = io.BytesIO()
+        torch.save(comm.state_dict(), buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
     m1 = model()
-    straight = run(8, GradientCommunicator(build_compressor(name, **hp), m1.named_parameters(), min_compress_numel=0), m1)
+    c1 = comm_for(m1)
+    straight = run(8, c1, m1)
     m2 = model()
-    c2 = GradientCommunicator(build_compressor(name, **hp), m2.named_parameters(), min_compress_numel=0)
+    c2 = comm_for(m2)
     first = run(4, c2, m2)
-    buf = io.BytesIO()
-    torch.save(c2.state_dict(), buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=False)
+    state = saved(c2)
     assert ("emb.weight" in state["memory"]) == (model is _mlp_and_table)  # the table's residual is saved
-    c3 = GradientCommunicator(build_compressor(name, **hp), m2.named_parameters(), min_compress_numel=0)
+    c3 = comm_for(m2)
     c3.load_state_dict(state)
-    second = run(4, c3, m2, start=4)
+    again = saved(c3)  # nothing ran since the load: the same state
+    assert again["compressor"].keys() == state["compressor"].keys()
+    c4 = comm_for(m2)
+    c4.load_state_dict(again)
+    second = run(4, c4, m2, start=4)
     for a, b in zip(straight, first + second):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert c3.totals()["steps"] == 8
+    assert c4.totals()["steps"] == 8
+    if adaptive is not None:
+        decisions = [(h["norm"], h["critical"]) for h in c1.adaptive.history]
+        assert [(h["norm"], h["critical"]) for h in c4.adaptive.history] == decisions
     with pytest.raises(ValueError, match="checkpoint is for compressor"):
-        GradientCommunicator("fp16", m2.named_parameters()).load_state_dict(c3.state_dict())
+        GradientCommunicator("fp16", m2.named_parameters()).load_state_dict(c4.state_dict())
 
 
 def test_powersgd_hyperparameter_rank_survives_worker_rank():

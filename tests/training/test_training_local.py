@@ -73,6 +73,26 @@ def test_resume_after_forced_stop_matches_uninterrupted(synth_gold, tmp_path, va
     assert a == pytest.approx(b, rel=1e-6)
 
 
+def test_qsgd_resume_that_only_saves_keeps_the_rng(synth_gold, tmp_path):
+    """`--resume` of a run whose checkpoint is already at max_steps writes that checkpoint again;
+    a later resume to more steps from it ends bit-identical to an uninterrupted run. Until the
+    twentieth session the re-saved checkpoint held no QSGD RNG state (the communicator reported
+    none between a load and its first compress()), so the rounding noise restarted from the seed."""
+    from training.checkpoint import checkpoint_path, load_checkpoint
+
+    common = ["train.compression.name=qsgd", "train.compression.params={bits: 4}",
+              "train.compression.min_compress_numel=0", "train.checkpoint_every=10"]
+    full = run_training(train_cfg(synth_gold, tmp_path / "a", "train.max_steps=30", *common))
+    run_training(train_cfg(synth_gold, tmp_path / "b", "train.max_steps=20", *common))
+    first = load_checkpoint(checkpoint_path(tmp_path / "b" / "ckpt", 20))["compressor"][0]["compressor"]
+    run_training(train_cfg(synth_gold, tmp_path / "b", "train.max_steps=20", *common), resume=True)
+    again = load_checkpoint(checkpoint_path(tmp_path / "b" / "ckpt", 20))["compressor"][0]["compressor"]
+    assert list(again) == ["rng"] and torch.equal(again["rng"], first["rng"])
+    resumed = run_training(train_cfg(synth_gold, tmp_path / "b", "train.max_steps=30", *common), resume=True)
+    assert resumed.rank0["step"] == 30
+    assert resumed.rank0["fingerprint"] == full.rank0["fingerprint"]
+
+
 def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
