@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .base import CompressionConfigError, Compressor
+from .base import CompressionConfigError, Compressor, _exact_ratio
 
 __all__ = ["AccordionController", "build_adaptive", "default_levels"]
 
@@ -40,7 +40,7 @@ def default_levels(comp: Compressor) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     v = getattr(comp, p)
     if p == "ratio":
-        return {p: v}, {p: min(1.0, 10.0 * v)}
+        return {p: v}, {p: float(min(1, 10 * _exact_ratio(v)))}  # 10 x 0.07 is 0.7, not 0.7000000000000001
     if p == "rank":
         return {p: v}, {p: 4 * v}
     if p == "bits":

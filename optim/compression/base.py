@@ -20,9 +20,11 @@ Error feedback (:class:`ResidualMemory`) is kept by the communicator per paramet
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from enum import Enum
+from fractions import Fraction
 from typing import Any, Callable
 
 import torch
@@ -170,6 +172,14 @@ def _check_int(owner: str, key: str, value: Any, lo: int | None = None, hi: int 
         raise CompressionConfigError(f"{owner}: {key} must be >= {lo}, got {value}")
     if hi is not None and value > hi:
         raise CompressionConfigError(f"{owner}: {key} must be <= {hi}, got {value}")
+
+
+@functools.lru_cache(maxsize=256)
+def _exact_ratio(value: float) -> Fraction:
+    """A ratio as the decimal number it is written as (its shortest repr), exactly: 0.07 is 7/100,
+    not the binary double just above it, so 0.07 * 100 is 7 (the double product is
+    7.000000000000001, whose ceiling made top-k / random-k send one element too many)."""
+    return Fraction(repr(float(value)))
 
 
 def _check_ratio(owner: str, key: str, value: Any) -> None:

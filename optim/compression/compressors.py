@@ -29,6 +29,7 @@ from .base import (
     Compressor,
     _check_int,
     _check_ratio,
+    _exact_ratio,
     register,
 )
 from .packing import bits_for, pack_bits, packed_nbytes, unpack_bits
@@ -237,7 +238,9 @@ class QSGDCompressor(Compressor):
 
 
 def _k_for(ratio: float, n: int) -> int:
-    return min(n, max(1, math.ceil(ratio * n)))
+    """k = ceil(ratio * n) in exact arithmetic (:func:`_exact_ratio`), at least 1, at most n: the one
+    count the payload (compress) and its size (payload_nbytes) both use."""
+    return min(n, max(1, math.ceil(_exact_ratio(ratio) * n)))
 
 
 @register("topk", defaults={"error_feedback": True},

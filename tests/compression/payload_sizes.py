@@ -4,12 +4,15 @@ test_compression_embedding_policy.py, hvd_worker.py)."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 
 def analytic_nbytes(name, hp, shape) -> int:
     """Bytes of ``name``'s payload for a tensor of ``shape``, written out independently of the
     implementation (docs/compression.md)."""
     n = math.prod(shape)
+    # k = ceil(ratio * n) of the ratio as written (0.07 * 100 = 7), not of the double product
+    k = min(n, max(1, math.ceil(Fraction(str(hp["ratio"])) * n))) if "ratio" in hp else None
     if name == "none":
         return 4 * n
     if name in ("fp16", "bf16"):
@@ -20,10 +23,9 @@ def analytic_nbytes(name, hp, shape) -> int:
         bucket = hp.get("bucket_size", 512) or n
         return 4 * math.ceil(n / min(bucket, n)) + math.ceil(n * b / 8)
     if name == "topk":
-        k = min(n, max(1, math.ceil(hp["ratio"] * n)))
         return 4 * k + math.ceil(k * max(1, math.ceil(math.log2(n))) / 8)
     if name == "randomk":
-        return 4 * min(n, max(1, math.ceil(hp["ratio"] * n)))
+        return 4 * k
     if name in ("signsgd", "efsignsgd", "signum_vote"):
         return 4 + math.ceil(n / 8)
     if name == "powersgd":

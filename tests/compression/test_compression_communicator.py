@@ -217,6 +217,17 @@ def test_adaptive_rejects_methods_without_a_level(name):
         GradientCommunicator(name, _mlp().named_parameters(), adaptive=True)
 
 
+def test_adaptive_default_critical_ratio_is_exactly_ten_times():
+    """10 x 0.07 is 0.7 (the double product 0.7000000000000001 made critical top-k keep 71 of 100)."""
+    w = nn.Parameter(torch.zeros(100))
+    comm = GradientCommunicator(build_compressor("topk", ratio=0.07), [("w", w)], min_compress_numel=0,
+                                adaptive={"interval": 2})
+    assert comm.adaptive.critical_cfg == {"ratio": 0.7} and comm.adaptive.normal == {"ratio": 0.07}
+    w.grad = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    st = comm.synchronize()  # starts critical: k = 70 values + 70 indices of 7 bits
+    assert st.critical and st.bytes_sent == 4 * 70 + math.ceil(70 * 7 / 8)
+
+
 def test_adaptive_bad_options():
     with pytest.raises(CompressionConfigError, match="unknown option"):
         GradientCommunicator("topk", _mlp().named_parameters(), adaptive={"intervall": 3})

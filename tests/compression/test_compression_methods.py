@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -86,12 +87,12 @@ def test_qsgd_zero_tensor():
 
 
 # --- sparsification ---------------------------------------------------------------------------
-@pytest.mark.parametrize("ratio,n", [(0.01, 5000), (0.1, 999), (1.0, 64), (1e-6, 300)])
+@pytest.mark.parametrize("ratio,n", [(0.01, 5000), (0.1, 999), (1.0, 64), (1e-6, 300), (0.07, 100), (0.56, 100)])
 def test_topk_keeps_exactly_the_k_largest(ratio, n):
     c = build_compressor("topk", ratio=ratio)
     x = _x(n, seed=5)
     y = c.decompress(*c.compress(x, "w"))
-    k = min(n, max(1, math.ceil(ratio * n)))
+    k = min(n, max(1, math.ceil(Fraction(str(ratio)) * n)))  # exact: 0.07 * 100 = 7 (the doubles give 8)
     kept = (y != 0).nonzero().flatten()
     assert kept.numel() == k
     assert set(kept.tolist()) == set(x.abs().argsort(descending=True)[:k].tolist())
@@ -118,6 +119,17 @@ def test_randomk_indices_shared_across_ranks_and_fresh_each_step():
     ia2 = a.compress(_x(500), "w")[1]["idx"]
     assert not torch.equal(ia1, ia2)
     assert ia1.numel() == 50 and ia1.unique().numel() == 50
+
+
+@pytest.mark.parametrize("ratio,k", [(0.07, 7), (0.14, 14), (0.28, 28), (0.55, 55), (0.56, 56), (0.57, 57)])
+def test_k_is_the_ceiling_of_the_ratio_as_written(ratio, k):
+    """k = ceil(ratio * n) with ratio the decimal number written: float products such as
+    0.07 * 100 = 7.000000000000001 made k one too large until the twentieth session."""
+    for name in ("topk", "randomk"):
+        c = build_compressor(name, ratio=ratio, error_feedback=False)
+        payload, ctx = c.compress(_x(100), "w")
+        assert payload[0].numel() == k
+        assert c.payload_nbytes((100,)) == sum(t.numel() * t.element_size() for t in payload)
 
 
 def test_randomk_rescale_is_unbiased():

@@ -36,6 +36,7 @@ CASES = [
     ("none", {}), ("fp16", {}), ("bf16", {}),
     ("qsgd", {"bits": 8}), ("qsgd", {"bits": 4, "bucket_size": 128}), ("qsgd", {"levels": 5, "bucket_size": None}),
     ("topk", {"ratio": 0.01}), ("topk", {"ratio": 0.3}), ("randomk", {"ratio": 0.05}),
+    ("topk", {"ratio": 0.07}), ("randomk", {"ratio": 0.14}),  # ratio * 100 is a hair above an integer
     ("signsgd", {}), ("efsignsgd", {}), ("signum_vote", {}),
     ("powersgd", {"rank": 4}), ("powersgd", {"rank": 1}),
 ]
@@ -46,7 +47,7 @@ def test_every_method_has_a_size_case():
 
 
 @pytest.mark.parametrize("name,hp", CASES)
-@pytest.mark.parametrize("shape", [(1000,), (64, 129), (7, 3, 5), (4096, 16)])
+@pytest.mark.parametrize("shape", [(1000,), (64, 129), (7, 3, 5), (4096, 16), (10, 10)])
 def test_payload_bytes_equal_analytic(name, hp, shape):
     comp = build_compressor(name, **hp)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
