@@ -22,7 +22,8 @@ class CompressionSection(BaseModel):
     name: str = Field("none", description="none | fp16 | bf16 | topk | randomk | qsgd | signsgd | powersgd ...")
     params: dict[str, Any] = Field(default_factory=dict, description="compressor hyper-parameters")
     min_compress_numel: int = Field(1024, ge=0)
-    sparse_as_dense: bool = False
+    sparse_as_dense: bool = Field(False, description="densify sparse embedding gradients for the exchange "
+                                  "(none: hvd.DistributedOptimizer's sparse_as_dense; else the communicator's)")
 
 
 # schedules whose decay spans max_steps - warmup_steps (optim.schedules.build_scheduler)

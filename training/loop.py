@@ -7,8 +7,9 @@ pickles to Spark executors.
 
 Per optimizer step: ``grad_accum_steps`` micro-batches of ``batch_size / (world *
 accum)`` rows, forward (optionally under bf16 autocast), BCE-with-logits / accum, backward;
-then the gradient exchange - ``hvd.DistributedOptimizer`` (``compression.name: none``) or
-``GradientCommunicator.synchronize()`` (any other compressor); clipping; step; LR schedule.
+then the gradient exchange - ``hvd.DistributedOptimizer`` (``compression.name: none``, with
+``compression.sparse_as_dense``) or ``GradientCommunicator.synchronize()`` (any other compressor);
+clipping; step; LR schedule.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from training.config import TrainConfig
 from training.dataspec import DataSpec, batch_to_inputs
 from training.loaders import make_loader
 from training.metrics import binary_metrics
-from training.models import build_model, memory_report, sparse_parameters
+from training.models import build_model, memory_report
 from training.optimizers import build_optimizer, build_scheduler, can_route_sparse, supports_sparse
 from training.tracking import MetricLogger
 
@@ -259,10 +260,11 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int, steps_per_ep
             raise ValueError(f"train.optimizer={t.optimizer} {needs}, which bigopt train's loop (one step per "
                              "batch, from backward's gradients) does not drive: use it from your own loop "
                              "(docs/optim.md), or choose another optimizer")
-        if t.compression.name != "none":
-            from optim.compression import build_compressor
+        from optim.compression import build_compressor
 
-            build_compressor(t.compression.name, **t.compression.params)
+        # `none` too: its params are the library's (error_feedback is refused there, an unknown
+        # key such as ratio is not taken), not silently dropped for hvd.DistributedOptimizer
+        build_compressor(t.compression.name, **t.compression.params)
         try:
             scheduler_for(t, opt, total)
         except ValueError as e:
@@ -273,6 +275,21 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int, steps_per_ep
                              f"train.max_steps={t.max_steps}") from None
     except (ValueError, TypeError, KeyError) as e:
         raise TrainSettingsError(f"train settings: {e}") from None
+
+
+def none_exchange_bytes(params: list[torch.nn.Parameter], sparse_as_dense: bool) -> int:
+    """Bytes one rank hands to collectives when ``hvd.DistributedOptimizer`` exchanges these
+    gradients (``compression.name: none``), as Horovod sends them: every dense gradient allreduced
+    (a missing one as zeros of the parameter's size); a sparse gradient's indices (int64) and values
+    allgathered as they are (uncoalesced), or, with ``sparse_as_dense``, densified and allreduced."""
+    total = 0
+    for p in params:
+        g = p.grad
+        if g is not None and g.is_sparse and not sparse_as_dense:
+            total += g._indices().nbytes + g._values().nbytes
+        else:
+            total += p.numel() * (g if g is not None else p).element_size()
+    return total
 
 
 def _needs_a_closure(opt: torch.optim.Optimizer) -> str | None:
@@ -309,11 +326,12 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     opt = optimizer_for(t, model)
     comm = None
     hvd_opt = False
-    if t.compression.name != "none":  # the compression hook: plain optimizer + communicator
-        from optim.compression import GradientCommunicator, build_compressor
+    from optim.compression import GradientCommunicator, build_compressor
 
+    compressor = build_compressor(t.compression.name, **t.compression.params)  # `none`'s params checked too
+    if t.compression.name != "none":  # the compression hook: plain optimizer + communicator
         comm = GradientCommunicator(
-            build_compressor(t.compression.name, **t.compression.params),
+            compressor,
             model,  # the module itself: embedding tables are found by type (nn.Embedding*), not by name
             backend=dist.hvd,
             min_compress_numel=t.compression.min_compress_numel,
@@ -321,7 +339,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         )
     elif dist.hvd is not None:
         opt = dist.hvd.DistributedOptimizer(
-            opt, named_parameters=model.named_parameters(), backward_passes_per_step=t.grad_accum_steps
+            opt, named_parameters=model.named_parameters(), backward_passes_per_step=t.grad_accum_steps,
+            sparse_as_dense=t.compression.sparse_as_dense,  # sparse embedding gradients allreduced dense
         )
         hvd_opt = True
     sophia = sophia_of(opt)
@@ -385,9 +404,6 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     tracker = (MetricLogger(job["tracking_uri"], job["run_id"], job["flush_every_s"], resumed=meta is not None)
                if rank == 0 else MetricLogger(None, None))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    sparse_names = sparse_parameters(model)
-    sparse_ids = {id(p) for n, p in model.named_parameters() if n in sparse_names}
-    dense_grad_bytes = sum(p.numel() * p.element_size() for p in trainable if id(p) not in sparse_ids)
     full_grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
     mem = memory_report(model)
     if rank == 0 and meta is None:
@@ -492,11 +508,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 stats = comm.synchronize()
                 sent = float(stats.bytes_sent)
                 last_comm = {k: float(v) for k, v in stats.as_metrics().items()}
-            else:
-                sent = float(dense_grad_bytes)
-                for p in trainable:
-                    if id(p) in sparse_ids and p.grad is not None and p.grad.is_sparse:
-                        sent += p.grad._nnz() * (p.grad.shape[1] * p.grad.element_size() + 8)
+            else:  # what hvd.DistributedOptimizer sends (counted with one rank too)
+                sent = float(none_exchange_bytes(trainable, t.compression.sparse_as_dense))
             if t.clip_grad_norm:
                 if hvd_opt:
                     opt.synchronize()

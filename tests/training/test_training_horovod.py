@@ -121,3 +121,15 @@ def test_compressed_resume_restores_each_ranks_error_feedback(spark, synth_gold,
     assert [r["step"] for r in resumed.ranks] == [40, 40]
     assert {r["fingerprint"] for r in resumed.ranks} == {full.rank0["fingerprint"]}
     assert resumed.valid["auc"] == full.valid["auc"]
+
+
+def test_none_with_sparse_as_dense_allreduces_the_tables_dense(spark, synth_gold, tmp_path):
+    """compression.name=none with sparse embedding gradients (adagrad) and sparse_as_dense:
+    hvd.DistributedOptimizer densifies and allreduces them, both ranks end identical, the run
+    learns, and bytes_sent_per_step is the whole model's gradient (a dense exchange)."""
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=20", "train.eval_every=20", "train.num_proc=2",
+                    "train.optimizer=adagrad", "train.lr=0.01", "train.compression.sparse_as_dense=true")
+    two = run_training(cfg, spark=spark)
+    assert two.ranks[0]["fingerprint"] == two.ranks[1]["fingerprint"]
+    assert two.valid["auc"] > 0.6, two.valid
+    assert [r["bytes_sent_per_step"] for r in two.ranks] == [4.0 * two.rank0["memory"]["params_total"]] * 2

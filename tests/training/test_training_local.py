@@ -178,6 +178,37 @@ def test_compression_hook_in_process(synth_gold, tmp_path, mlflow_store):
     assert m["dense_grad_bytes"] == dense
 
 
+def test_none_gives_sparse_as_dense_to_horovod_and_counts_what_it_sends(synth_gold, tmp_path, monkeypatch):
+    """compression.name=none: hvd.DistributedOptimizer gets train.compression.sparse_as_dense, and
+    bytes_sent_per_step is what it then sends: the dense gradients plus the sparse table's
+    (uncoalesced) int64 indices and rows, or, densified, every parameter's bytes. Until the
+    twentieth session sparse_as_dense was not passed (and the bytes were the rows' either way)."""
+    from training.dist import LocalDist
+
+    made = []
+
+    class FakeHvd:  # records the wrapper's arguments; one rank: the exchange is the identity
+        @staticmethod
+        def DistributedOptimizer(opt, **kwargs):
+            made.append(kwargs)
+            return opt
+
+    monkeypatch.setattr(LocalDist, "hvd", FakeHvd)
+    common = ("train.optimizer=adagrad", "train.lr=0.01", "train.max_steps=4", "train.log_every=2")
+    rows = run_training(train_cfg(synth_gold, tmp_path / "rows", *common))
+    dense = run_training(train_cfg(synth_gold, tmp_path / "dense", *common, "train.compression.sparse_as_dense=true"))
+    assert [m["sparse_as_dense"] for m in made] == [False, True]
+    from training.models import build_model
+
+    named = dict(build_model("dlrm", cardinalities=rows.spec.cardinalities, embedding_dim=8, bottom_mlp=[32],
+                             top_mlp=[32]).named_parameters())
+    full = sum(p.numel() * 4 for p in named.values())
+    table = named["emb.table.weight"].numel() * 4  # one table for all columns, rows of 8
+    lookups = 256 * len(rows.spec.cardinalities)  # one row id per column per example
+    assert rows.rank0["bytes_sent_per_step"] == full - table + lookups * (8 + 8 * 4)
+    assert dense.rank0["bytes_sent_per_step"] == full
+
+
 def test_batch_size_command(synth_gold, tmp_path, capsys):
     import argparse
 
@@ -404,6 +435,9 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
     for bad, said in [(["train.optimizer=nosuch"], "unknown optimizer 'nosuch'"),
                       (["train.model=logreg"], "model logreg: bad hyper-parameters"),
                       (["train.compression.name=topk", "train.compression.params={ratio: 7}"], "train settings: "),
+                      # `none` (hvd.DistributedOptimizer) took any params and ignored them
+                      (["train.compression.params={error_feedback: true}"], "error_feedback is meaningless"),
+                      (["train.compression.params={ratio: 0.1}"], "compressor 'none' does not take ['ratio']"),
                       (["train.optimizer=momentum", "train.sparse_embeddings=true"], "train settings: "),
                       # these crashed every rank at the first step (a closure / an epoch hook)
                       (["train.optimizer=svrg"], "train.optimizer=svrg needs a loss closure at every step"),
