@@ -5,9 +5,9 @@
     with open_read(names[0]) as f:      # read / readinto / seek, in the driver or in a task
         head = f.read(1 << 20)
 
-A name is an absolute local path (``file://`` is stripped) or a URI pyarrow understands:
-``s3://``, ``gs://``, ``hdfs://``, ``abfs://`` ... Remote files are read through
-``pyarrow.fs`` with the credentials of the environment, as the lake's tables are (on S3:
+A name is an absolute local path (a ``file://`` URI becomes its percent-decoded path) or a URI
+pyarrow understands: ``s3://``, ``gs://``, ``hdfs://``, ``abfs://`` ... Remote files are read
+through ``pyarrow.fs`` with the credentials of the environment, as the lake's tables are (on S3:
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_REGION``, ``AWS_ENDPOINT_URL`` for an
 S3-compatible store, or the instance's role); on a cluster the executors need them too, e.g.
 ``spark.executorEnv.AWS_REGION``. Local files keep Python's own file objects, so the local

@@ -10,18 +10,32 @@ import os
 import re
 from collections.abc import Mapping
 from functools import lru_cache
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
 
 def normalize_uri(path: str | os.PathLike) -> str:
+    """A local path made absolute (its characters literal: ``a%20b`` is a folder of that name),
+    a ``file://`` URI turned into its local path (percent-decoded, RFC 8089: what
+    ``Path.as_uri()`` writes, ``file:///data/sp%20ace``, is ``/data/sp ace``), any other URI as
+    it is, its key literal (see :func:`path_in_filesystem`)."""
     s = os.fspath(path)
     if "://" in s:
-        if s.startswith("file://"):
-            return os.path.abspath(s[len("file://"):]).rstrip("/") or "/"
+        if s[:7].lower() == "file://":
+            return _file_uri_path(s)
         return s.rstrip("/")
     return os.path.abspath(os.path.expanduser(s)).rstrip("/") or "/"
+
+
+def _file_uri_path(uri: str) -> str:
+    """``file:///a/b%20c`` (or ``file://localhost/...``) -> ``/a/b c``. ``#`` and ``?`` stay
+    characters of the path: taken for a fragment or a query they would name another file."""
+    host, sep, path = uri[len("file://"):].partition("/")
+    if host and host.lower() != "localhost":
+        raise ValueError(f"{uri!r}: a file:// URI names a file of this machine (file:///path); "
+                         f"{host!r} is read as a host")
+    return os.path.abspath(unquote(sep + path)).rstrip("/") or "/"
 
 
 _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
@@ -30,8 +44,10 @@ _PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 def check_table_path(uri: str) -> str:
     """``uri`` (normalized), or ValueError where delta-rs cannot keep a table: a local path with
     a ``%XX`` sequence (``a%20b``), which delta-rs decodes (to ``a b``), so its log and its files
-    would be looked for in another folder. Escaping it as a ``file://`` URI does not help: it
-    decodes twice."""
+    would be looked for in another folder. A ``file://`` URI is decoded first (to its local
+    path, :func:`normalize_uri`), so ``file:///data/a%20b`` is the folder ``a b`` and is fine,
+    and the escape for a real ``%20``, ``file:///data/a%2520b``, is the refused path ``a%20b``
+    (delta-rs has no spelling of it)."""
     uri = normalize_uri(uri)
     if is_local(uri) and (m := _PERCENT_ESCAPE.search(uri)):
         raise ValueError(f"a Delta table cannot live under {uri!r}: delta-rs reads the {m.group()!r} in a local "
@@ -57,7 +73,7 @@ def path_in_filesystem(uri: str) -> str:
     p = urlparse(uri)
     scheme = p.scheme.lower()
     if scheme == "file":
-        return p.path
+        return _file_uri_path(uri)
     if scheme in _BUCKET_SCHEMES:
         return f"{p.netloc}{p.path}"
     if scheme in _AZURE_SCHEMES:
@@ -139,8 +155,6 @@ def join(root: str, rel: str) -> str:
 
 def file_uri(table_uri: str, rel: str) -> str:
     """Absolute location of a table-relative data file path (as stored in the Delta log)."""
-    from urllib.parse import unquote
-
     if "://" in rel or rel.startswith("/"):
         return rel
     return join(normalize_uri(table_uri), unquote(rel))

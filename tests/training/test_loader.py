@@ -391,6 +391,17 @@ def test_uri_and_explicit_filesystem(gold):
     assert h.opened and all(p.endswith(".parquet") for p in h.opened)
 
 
+def test_a_percent_escaped_file_uri_reads_its_table(gold, tmp_path):
+    """``Path.as_uri()`` of a folder with a space (``sp%20ace``): the loader said "no Delta
+    table at .../sp%20ace/t" until the twentieth session (the URI was not decoded)."""
+    import shutil
+
+    shutil.copytree(gold, tmp_path / "sp ace" / "t")
+    ld = make((tmp_path / "sp ace" / "t").as_uri(), shuffle=False, drop_last=False)
+    assert ld.table_uri == str(tmp_path / "sp ace" / "t")
+    np.testing.assert_array_equal(ids_of(list(ld)), ids_of(list(make(gold, shuffle=False, drop_last=False))))
+
+
 def test_early_break_stops_prefetch_thread(gold):
     def producers():
         return [t for t in threading.enumerate() if t.name.startswith("delta-loader")]
