@@ -919,10 +919,10 @@ def _bronze_head(uri: str, version: int | None) -> tuple[int, str] | None:
     from deltalake import DeltaTable
     from deltalake.exceptions import DeltaError
 
-    from pipelines.lake.fs import normalize_uri
+    from pipelines.lake.fs import delta_uri
 
     try:
-        dt = DeltaTable(normalize_uri(uri), version=version)
+        dt = DeltaTable(delta_uri(uri), version=version)
     except (DeltaError, OverflowError):  # TableNotFoundError is a DeltaError
         return None
     return dt.version(), dt.metadata().id

@@ -21,7 +21,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
 
 from pipelines.lake.files import delete_files, int_range, partition_value_str
-from pipelines.lake.fs import filesystem_for, is_local, normalize_uri
+from pipelines.lake.fs import delta_uri, filesystem_for, is_local, normalize_uri
 from pipelines.lake.reader import check_readable
 from pipelines.lake.schema import SchemaMismatchError, check_compatible, to_pyarrow_schema
 from pipelines.lake.tasks import WRITE_ID_KEY
@@ -46,7 +46,7 @@ def table_exists(uri: str, storage_options: Mapping[str, str] | None = None) -> 
     uri = normalize_uri(uri)
     if is_local(uri) and not os.path.isdir(uri):
         return False
-    return DeltaTable.is_deltatable(uri, storage_options=dict(storage_options or {}))
+    return DeltaTable.is_deltatable(delta_uri(uri), storage_options=dict(storage_options or {}))
 
 
 def replace_where_filters(replace_where: Mapping[str, Any] | None) -> list[tuple] | None:
@@ -107,7 +107,7 @@ def prepare_write(
     uri = normalize_uri(uri)
     if mode not in {"append", "overwrite", "error", "errorifexists", "ignore"}:
         raise ValueError(f"unknown save mode {mode!r}; use append, overwrite, error or ignore")
-    dt = (DeltaTable(uri, storage_options=dict(storage_options or {}))
+    dt = (DeltaTable(delta_uri(uri), storage_options=dict(storage_options or {}))
           if table_exists(uri, storage_options) else None)
     partition_by = list(partition_by or ([] if dt is None else dt.metadata().partition_columns))
     missing_parts = [c for c in partition_by if c not in data_schema.names]
@@ -197,16 +197,16 @@ def commit(
             read_version = planned_version
         if effective == "skip":
             delete_files(uri, on_disk)
-            return DeltaTable(uri, storage_options=opts).version()
+            return DeltaTable(delta_uri(uri), storage_options=opts).version()
         if effective == "create":
             try:
                 create_table_with_add_actions(
-                    uri, Schema.from_arrow(data_schema), actions, mode="error", partition_by=partition_by or None,
+                    delta_uri(uri), Schema.from_arrow(data_schema), actions, mode="error", partition_by=partition_by or None,
                     storage_options=opts or None, commit_properties=props,
                     configuration=dict(configuration) if configuration else None,
                 )
                 landed = True
-                return DeltaTable(uri, storage_options=opts).version()
+                return DeltaTable(delta_uri(uri), storage_options=opts).version()
             except DeltaError as e:
                 if landed or write_in_log(uri, info.get(WRITE_ID_KEY), 0):
                     landed = True  # the log has this write's version 0 (reading it back failed): keep its files
@@ -222,7 +222,7 @@ def commit(
                     uri, data_schema, mode=mode, partition_by=partition_by, merge_schema=merge_schema,
                     replace_where=replace_where, storage_options=opts,
                 )
-        dt = DeltaTable(uri, storage_options=opts, version=read_version)
+        dt = DeltaTable(delta_uri(uri), storage_options=opts, version=read_version)
         table_schema = to_pyarrow_schema(dt.schema())
         if effective == "overwrite" and not replace_where:
             schema_to_commit = data_schema if merge_schema else table_schema
@@ -232,7 +232,7 @@ def commit(
             if new_cols:
                 # Schema evolution is its own (metadata-only) commit; readers see nulls for old files.
                 dt.alter.add_columns([_delta_field(f) for f in new_cols])
-                dt = DeltaTable(uri, storage_options=opts, version=read_version + 1)
+                dt = DeltaTable(delta_uri(uri), storage_options=opts, version=read_version + 1)
                 table_schema = to_pyarrow_schema(dt.schema())
             schema_to_commit = table_schema
             parts = list(dt.metadata().partition_columns)

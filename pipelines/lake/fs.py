@@ -49,10 +49,24 @@ def check_table_path(uri: str) -> str:
     and the escape for a real ``%20``, ``file:///data/a%2520b``, is the refused path ``a%20b``
     (delta-rs has no spelling of it)."""
     uri = normalize_uri(uri)
-    if is_local(uri) and (m := _PERCENT_ESCAPE.search(uri)):
-        raise ValueError(f"a Delta table cannot live under {uri!r}: delta-rs reads the {m.group()!r} in a local "
-                         "path as an escaped character; choose a path without '%' followed by two hex digits")
+    if m := _PERCENT_ESCAPE.search(uri if is_local(uri) else _split(uri)[2]):
+        where = "a local path" if is_local(uri) else "an object's key"
+        raise ValueError(f"a Delta table cannot live under {uri!r}: delta-rs reads the {m.group()!r} in {where} "
+                         "as an escaped character; choose a path without '%' followed by two hex digits")
     return uri
+
+
+def delta_uri(uri: str) -> str:
+    """What delta-rs is given for table ``uri``: :func:`normalize_uri`'s, with a remote key's
+    ``#`` escaped (``%23``, which delta-rs decodes). delta-rs parses a remote URI as a URL, so a
+    ``#`` in the key ended it: a table under ``s3://b/runs#2/`` had its log written under
+    ``s3://b/runs``, its files (pyarrow's, literal) under ``runs#2``. A local path delta-rs
+    converts itself."""
+    uri = normalize_uri(uri)
+    if is_local(uri):
+        return uri
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{rest.replace('#', '%23')}"
 
 
 def is_local(uri: str) -> bool:
@@ -65,21 +79,35 @@ _AZURE_SCHEMES = {"abfs", "abfss", "az", "adl", "azure"}
 _HADOOP_S3 = {"s3a", "s3n"}  # Hadoop's names for S3, which pyarrow does not know
 
 
+def _split(uri: str) -> tuple[str, str, str]:
+    """(scheme in lower case, authority, the rest from its ``/``) of a URI, the rest as written."""
+    scheme, rest = uri.split("://", 1)
+    authority, slash, path = rest.partition("/")
+    return scheme.lower(), authority, slash + path
+
+
+def _split_options(uri: str) -> tuple[str, str]:
+    """(``uri`` without its query, the query: options for ``FileSystem.from_uri``, or '')."""
+    base, _, query = uri.partition("?")
+    return base, query
+
+
 def path_in_filesystem(uri: str) -> str:
     """A file's URI -> the path its pyarrow filesystem takes (``s3://b/k`` -> ``b/k``,
-    ``hdfs://nn:8020/a/b`` -> ``/a/b``; a local path stays as it is)."""
+    ``hdfs://nn:8020/a/b`` -> ``/a/b``; a local path stays as it is). The path is the URI's text
+    after the authority as written: an object's key may hold ``#`` (until the twentieth session
+    it was cut there as a URL's fragment, so ``s3://b/day_12#v2`` was read from ``b/day_12``);
+    only pyarrow's options (a query) are no part of it."""
     if "://" not in uri:
         return uri
-    p = urlparse(uri)
-    scheme = p.scheme.lower()
-    if scheme == "file":
+    if uri[:7].lower() == "file://":
         return _file_uri_path(uri)
+    scheme, authority, path = _split(_split_options(uri)[0])
     if scheme in _BUCKET_SCHEMES:
-        return f"{p.netloc}{p.path}"
+        return authority.rpartition("@")[2] + path  # s3://key:secret@bucket/k -> bucket/k
     if scheme in _AZURE_SCHEMES:
-        container = p.netloc.split("@", 1)[0]
-        return f"{container}{p.path}"
-    return p.path  # hdfs://namenode:8020/a/b -> /a/b
+        return authority.partition("@")[0] + path  # abfs://container@account.../k -> container/k
+    return path  # hdfs://namenode:8020/a/b -> /a/b
 
 
 def filesystem_for(uri: str, storage_options: Mapping[str, str] | None = None) -> tuple[pafs.FileSystem, str]:
@@ -104,18 +132,18 @@ def filesystem_for(uri: str, storage_options: Mapping[str, str] | None = None) -
     scheme = scheme.lower()
     if scheme in _HADOOP_S3:
         scheme, uri = "s3", f"s3://{rest}"
-    if "?" in uri:
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path.rstrip("/")
-    authority = rest.split("/", 1)[0]
-    return _filesystem_of(scheme, authority, opts), path_in_filesystem(uri).rstrip("/")
+    base, query = _split_options(uri)
+    return _filesystem_of(scheme, _split(base)[1], opts, query), path_in_filesystem(base).rstrip("/")
 
 
 _LOCAL = pafs.LocalFileSystem()
 
 
 @lru_cache(maxsize=64)
-def _filesystem_of(scheme: str, authority: str, options: tuple[tuple[str, str], ...]) -> pafs.FileSystem:
+def _filesystem_of(scheme: str, authority: str, options: tuple[tuple[str, str], ...],
+                   query: str = "") -> pafs.FileSystem:
+    if query:  # from_uri's own options; the path is ours, as written
+        return pafs.FileSystem.from_uri(f"{scheme}://{authority}/?{query}")[0]
     if scheme == "s3" and options:
         return _s3_filesystem(dict(options))
     return pafs.FileSystem.from_uri(f"{scheme}://{authority}/")[0]

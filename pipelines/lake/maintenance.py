@@ -7,15 +7,15 @@ from typing import Any
 from deltalake import DeltaTable
 from pyarrow.fs import FileType
 
-from pipelines.lake.fs import filesystem_for, join, normalize_uri
+from pipelines.lake.fs import delta_uri, filesystem_for, join, normalize_uri
 
 
 def _table(uri: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable:
-    return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {}))
+    return DeltaTable(delta_uri(uri), storage_options=dict(storage_options or {}))
 
 
 def table_version(uri: str, storage_options: Mapping[str, str] | None = None) -> int:
-    return DeltaTable(normalize_uri(uri), storage_options=dict(storage_options or {})).version()
+    return DeltaTable(delta_uri(uri), storage_options=dict(storage_options or {})).version()
 
 
 def _log_entry_path(root: str, version: int) -> str:
