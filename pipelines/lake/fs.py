@@ -58,15 +58,16 @@ def check_table_path(uri: str) -> str:
 
 def delta_uri(uri: str) -> str:
     """What delta-rs is given for table ``uri``: :func:`normalize_uri`'s, with a remote key's
-    ``#`` escaped (``%23``, which delta-rs decodes). delta-rs parses a remote URI as a URL, so a
-    ``#`` in the key ended it: a table under ``s3://b/runs#2/`` had its log written under
-    ``s3://b/runs``, its files (pyarrow's, literal) under ``runs#2``. A local path delta-rs
-    converts itself."""
+    ``#`` and ``?`` escaped (``%23``, ``%3F``, which delta-rs decodes) and pyarrow's options
+    (:func:`_split_options`) left out (delta-rs takes its own from storage options and the
+    environment). delta-rs parses a remote URI as a URL, so a ``#`` or ``?`` in the key ended
+    it: a table under ``s3://b/runs#2/`` had its log written under ``s3://b/runs``, its files
+    (pyarrow's, literal) under ``runs#2``. A local path delta-rs converts itself."""
     uri = normalize_uri(uri)
     if is_local(uri):
         return uri
-    scheme, rest = uri.split("://", 1)
-    return f"{scheme}://{rest.replace('#', '%23')}"
+    scheme, rest = _split_options(uri)[0].split("://", 1)
+    return f"{scheme}://{rest.replace('#', '%23').replace('?', '%3F')}"
 
 
 def is_local(uri: str) -> bool:
@@ -86,9 +87,32 @@ def _split(uri: str) -> tuple[str, str, str]:
     return scheme.lower(), authority, slash + path
 
 
+# The names pyarrow's FileSystem.from_uri takes from an object store URI's query (pyarrow 25's
+# S3Options / GcsOptions / AzureOptions::FromUri; an unknown one is an error there). Other
+# schemes (hdfs://, where any name is a Hadoop setting) take any name=value.
+_S3_OPTIONS = frozenset({"region", "scheme", "endpoint_override", "allow_bucket_creation", "allow_bucket_deletion",
+                         "tls_ca_file_path", "tls_verify_certificates", "allow_delayed_open"})
+_URI_OPTIONS = {
+    **dict.fromkeys(("s3", "s3a", "s3n"), _S3_OPTIONS),
+    **dict.fromkeys(("gs", "gcs"), frozenset({"scheme", "endpoint_override", "retry_limit_seconds", "project_id"})),
+    **dict.fromkeys(("abfs", "abfss", "az", "adl", "azure"), frozenset({
+        "blob_storage_authority", "dfs_storage_authority", "enable_tls", "credential_kind", "tenant_id",
+        "client_id", "client_secret", "background_writes"})),
+}
+_OPTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=[^&/]*")
+
+
 def _split_options(uri: str) -> tuple[str, str]:
-    """(``uri`` without its query, the query: options for ``FileSystem.from_uri``, or '')."""
-    base, _, query = uri.partition("?")
+    """(``uri`` without its query, the query: options for ``FileSystem.from_uri``, or ''). An
+    object's key may hold ``?`` (and a glob does: ``s3://b/criteo/*/day_?.gz``), so only a last
+    ``?`` followed by ``name=value`` pairs, each an option pyarrow knows for the store
+    (``s3://b/k?region=eu-west-1``), begins a query; any other ``?`` is a character of the key."""
+    base, sep, query = uri.rpartition("?")
+    if not sep or not all(_OPTION.fullmatch(o) for o in query.split("&")):
+        return uri, ""
+    known = _URI_OPTIONS.get(uri.split("://", 1)[0].lower())
+    if known is not None and any(o.partition("=")[0] not in known for o in query.split("&")):
+        return uri, ""
     return base, query
 
 
@@ -96,8 +120,8 @@ def path_in_filesystem(uri: str) -> str:
     """A file's URI -> the path its pyarrow filesystem takes (``s3://b/k`` -> ``b/k``,
     ``hdfs://nn:8020/a/b`` -> ``/a/b``; a local path stays as it is). The path is the URI's text
     after the authority as written: an object's key may hold ``#`` (until the twentieth session
-    it was cut there as a URL's fragment, so ``s3://b/day_12#v2`` was read from ``b/day_12``);
-    only pyarrow's options (a query) are no part of it."""
+    it was cut there as a URL's fragment, so ``s3://b/day_12#v2`` was read from ``b/day_12``)
+    and ``?``; only pyarrow's options (:func:`_split_options`) are no part of it."""
     if "://" not in uri:
         return uri
     if uri[:7].lower() == "file://":
@@ -122,8 +146,9 @@ def filesystem_for(uri: str, storage_options: Mapping[str, str] | None = None) -
 
     One filesystem per process serves every URI of a bucket (or host) with the same options:
     ``from_uri`` on ``s3://`` asks S3 for the bucket's region (a HeadBucket request) and builds
-    a new client each time, and the pipeline opens one URI per raw or bronze file. A URI with a
-    query (``s3://b/k?region=...``, ``from_uri``'s own options) gets a filesystem of its own."""
+    a new client each time, and the pipeline opens one URI per raw or bronze file. A URI ending
+    in options for ``from_uri`` (``s3://b/k?region=...``, :func:`_split_options`) gets the
+    filesystem of its bucket and options, which they configure (``storage_options`` unused)."""
     uri = normalize_uri(uri)
     if is_local(uri):
         return _LOCAL, uri

@@ -91,3 +91,37 @@ def test_an_object_key_with_a_hash_is_that_object(s3, tmp_path):
     # a '%XX' in the key: delta-rs would decode it (its log elsewhere than pyarrow's files): refused
     with pytest.raises(ValueError, match=r"delta-rs reads the '%20' in an object's key"):
         check_table_path(f"{bucket}/a%20b/t")
+
+
+def test_a_question_mark_in_an_object_uri_is_the_key_s_unless_it_starts_pyarrow_options(s3, tmp_path):
+    """'?' is a glob's wildcard and a character an object's key may hold. Until the twentieth
+    session any '?' started a query for pyarrow's FileSystem.from_uri: the documented glob
+    `s3://bucket/criteo/*/day_?.gz` failed ("Unexpected query parameter in S3 URI: '.gz'"), and a
+    key with '?' was unreadable. Only a last '?' followed by options pyarrow knows for the store
+    (`?region=...`, the form docs/lake.md gives) is still a query."""
+    from pipelines.lake.fs import delta_uri, filesystem_for
+
+    bucket = _bucket(s3)
+    name = bucket.removeprefix("s3://")
+    (tmp_path / "f").write_text("1\t2\n")
+    for key in ("criteo/x/day_1.gz", "criteo/y/day_2.gz", "criteo/y/day_10.gz", "criteo/x/day_1", "q/what?x",
+                "q/page?id=3", "q/page"):
+        s3.upload(tmp_path / "f", f"{bucket}/{key}")
+    names = lambda uris: [u.removeprefix(bucket + "/") for u in uris]  # noqa: E731
+    assert names(raw_inputs.resolve([f"{bucket}/criteo/*/day_?.gz"], [])) == ["criteo/x/day_1.gz", "criteo/y/day_2.gz"]
+    assert names(raw_inputs.resolve([f"{bucket}/criteo/x/day_?"], [])) == ["criteo/x/day_1"]
+    assert names(raw_inputs.resolve([f"{bucket}/q/what?x", f"{bucket}/q/page?id=3"], [])) == ["q/what?x", "q/page?id=3"]
+    assert names(raw_inputs.resolve([f"{bucket}/q/"], ["*"])) == ["q/page", "q/page?id=3", "q/what?x"]
+    with raw_inputs.open_read(f"{bucket}/q/what?x") as f:
+        assert f.read() == b"1\t2\n"
+    # pyarrow's own options: the object `q/page`, on a filesystem they configure
+    fs, path = filesystem_for(f"{bucket}/q/page?region=us-east-1")
+    assert path == f"{name}/q/page" and fs is not filesystem_for(f"{bucket}/q/page")[0]
+    assert raw_inputs.stat(f"{bucket}/q/page?region=us-east-1")[0] == 4
+    assert path_in_filesystem(f"{bucket}/q/page?id=3") == f"{name}/q/page?id=3"
+    # a table under a key with '?': delta-rs gets it escaped, pyarrow's options not at all
+    uri = f"{bucket}/lake?1/t"
+    write_arrow(uri, pa.table({"x": [1, 2]}))
+    assert DeltaSnapshot(uri).num_rows == 2
+    assert {k.split("/")[0] for k in _keys(s3, bucket) if "_delta_log" in k} == {"lake?1"}
+    assert delta_uri(f"{bucket}/lake?1/t?region=us-east-1") == f"{bucket}/lake%3F1/t"
