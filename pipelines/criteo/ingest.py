@@ -108,6 +108,7 @@ _BLOCK = 4 << 20
 _QUICK = 1 << 20
 _TAIL = 64 << 10  # bytes read past a range's end for its last line (more if that line is longer)
 _GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_MIN_BYTES = 20  # the smallest gzip member: 10 bytes of header, an empty block, 8 of trailer
 # formats a raw file is sometimes stored in that ingest does not read: their magic bytes, so
 # such a file fails up front instead of being "ingested" as lines of undecodable bytes
 _FOREIGN_MAGIC = {
@@ -898,8 +899,12 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
         prev = current.get(f.source)
         same = prev is not None and (prev["path"], prev["size"], prev["mtime_ns"], prev["quick_hash"]) == (
             f.path, f.size, f.mtime_ns, f.quick_hash)
+        # a gzip too short to hold a member (0 or 1 bytes: a copy in progress) fails alone when
+        # read, so it is a copy of nothing: until the twentieth session an empty .gz was the
+        # "duplicate" of any empty file ingested before (same size and hash), and reported so
+        truncated = f.gzip and f.size < _GZIP_MIN_BYTES
         twin, same_as = None, None
-        for other in by_content.get((f.size, f.quick_hash), []) if prev is None and not force else []:
+        for other in by_content.get((f.size, f.quick_hash), []) if prev is None and not force and not truncated else []:
             if (same_as := _same_bytes(f, other, hashes)) is not None:
                 twin = other
                 break
@@ -918,7 +923,7 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
                                       note=f"{same_as} as {twin['path']} ({twin.get('when', 'already ingested')}); "
                                            "--force to ingest"))
-        elif prev is None and namesake is not None and not force:
+        elif prev is None and namesake is not None and not force and not truncated:
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
                                       note=f"same name apart from .gz as {namesake['path']} "
                                            f"({namesake.get('when', 'already ingested')}): taken for a compressed "
@@ -934,8 +939,10 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
             elif prev is not None:
                 notes[f.source] = f"--force: rows of batch {prev['ingest_batch']} replaced"
             todo.append(f)
-            by_content.setdefault((f.size, f.quick_hash), []).append({"path": f.path, "when": "ingested in this run"})
-            by_name.setdefault(_uncompressed_name(f.source), {"path": f.path, "when": "ingested in this run"})
+            if not truncated:  # nothing of it lands: no file is its copy
+                here = {"path": f.path, "when": "ingested in this run"}
+                by_content.setdefault((f.size, f.quick_hash), []).append(here)
+                by_name.setdefault(_uncompressed_name(f.source), here)
     return todo, results, notes
 
 

@@ -1200,6 +1200,38 @@ def test_a_twin_removed_before_its_duplicate_check_fails_alone_later(tmp_path):
     assert [f.source for f in todo] == ["day_0", "day_1"] and results == []
 
 
+def test_a_gz_too_short_for_a_member_is_no_duplicate_and_has_none(tmp_path):
+    """A .gz of 0 or 1 bytes (a copy in progress) is a truncated gzip that fails alone when read
+    (docs/criteo.md). Until the twentieth session an empty .gz was planned as the "duplicate" of
+    an empty file ingested before or in the same run (same size and content), and the run
+    succeeded; a plain file could likewise be called a copy of a .gz that then failed."""
+    import hashlib
+
+    from pipelines.criteo.ingest import _plan, describe_files
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, blob in (("day_40", b""), ("day_40.gz", b""), ("day_41.gz", b""), ("day_42.gz", b"\x1f"),
+                       ("day_43.gz", b""), ("day_43", b"")):
+        (raw / name).write_bytes(blob)
+    files = describe_files([str(raw / n) for n in ("day_40", "day_40.gz", "day_41.gz", "day_42.gz", "day_43.gz",
+                                                   "day_43")], _cfg(tmp_path))
+    assert [f.gzip for f in files] == [False, True, True, True, True, False]
+    empty = files[0]
+    ingested = {"day_40": {"source": "day_40", "path": empty.path, "size": 0, "mtime_ns": empty.mtime_ns,
+                           "quick_hash": empty.quick_hash, "sha256": hashlib.sha256(b"").hexdigest(),
+                           "ingest_batch": "b1", "lines": 0, "rows_ok": 0, "rows_rejected": 0}}
+    todo, results, _ = _plan(files[1:], ingested, False)  # the empty plain day_43 is a copy, no .gz is
+    assert [f.source for f in todo] == ["day_40.gz", "day_41.gz", "day_42.gz", "day_43.gz"]
+    assert [(r.source, r.status, r.note) for r in results] == [
+        ("day_43", "duplicate", f"same content as {empty.path} (already ingested); --force to ingest")]
+    # in one run: the empty plain files are copies of each other, no .gz is one, nor has one
+    todo, results, _ = _plan(files, {}, False)
+    assert [f.source for f in todo] == ["day_40", "day_40.gz", "day_41.gz", "day_42.gz", "day_43.gz"]
+    assert [(r.source, r.status) for r in results] == [("day_43", "duplicate")]
+    assert results[0].note.startswith(f"same content as {empty.path} (ingested in this run)")
+
+
 def test_a_copy_is_a_duplicate_whether_its_twin_is_new_or_ingested(spark, tmp_path):
     """A file with the content of another (size and first/last MiB) is reported, not ingested,
     whether the other was ingested before or is new in the same run. Until the twelfth session
