@@ -189,8 +189,8 @@ def summary_rows(res: TrainResult) -> list[tuple[str, str]]:
                  ("test rows", f"{int(res.test.get('rows', 0)):,}")]
     tta = res.tta
     target = (r.get("history") or {}).get("target_auc")
-    rows.append((f"time to AUC {target}" if target else "time to target AUC",
-                 "no train.target_auc set" if not target else "not reached" if not tta else
+    rows.append((f"time to AUC {target}" if target is not None else "time to target AUC",  # 0 is a target
+                 "no train.target_auc set" if target is None else "not reached" if not tta else
                  f"{tta['tta_wall_s']:.1f} s wall / {int(tta['tta_samples']):,} samples"))
     rows.append(("bytes sent / step", f"{r['bytes_sent_per_step']:,.0f}"))
     mem = r.get("memory", {})

@@ -273,7 +273,7 @@ def loss_auc_figure(history: dict):
     if ev:
         a2.plot([r["wall_s"] for r in ev], [r["auc"] for r in ev], marker="o")
     target = history.get("target_auc")
-    if target:
+    if target is not None:  # 0 is a target (every AUC reaches it), not "none set"
         a2.axhline(target, color="gray", ls="--", lw=1, label=f"target {target}")
         a2.legend()
     a2.set_xlabel("wall seconds")

@@ -217,3 +217,28 @@ def test_zero_means_off_where_it_is_documented():
     t = load_config(None, ["train.eval_every=0", "train.checkpoint_every=0", "train.stall_shutdown_s=0",
                            "train.keep_checkpoints=0", "train.clip_grad_norm=0", "train.prefetch=0"]).train
     assert (t.eval_every, t.checkpoint_every, t.stall_shutdown_s, t.keep_checkpoints) == (0, 0, 0, 0)
+
+
+def test_target_auc_zero_is_a_target_in_the_summary_and_plot():
+    """`train.target_auc=0` (valid: [0, 1]) is reached at the first evaluation. Until the
+    twentieth session the summary said "no train.target_auc set" for it and the plot drew no
+    target line (`if not target` read 0 as unset), though the run stopped on it."""
+    import matplotlib.pyplot as plt
+
+    from training.api import TrainResult, summary_rows
+    from training.tracking import loss_auc_figure
+
+    history = {"train": [{"wall_s": 1.0, "loss": 0.6}], "eval": [{"wall_s": 1.0, "auc": 0.55}], "target_auc": 0.0}
+    rank = {"world_size": 1, "device": "cpu", "step": 10, "stop_reason": "target_auc", "samples": 2560,
+            "train_s": 1.0, "samples_per_s": 2560.0, "valid": {"auc": 0.55}, "bytes_sent_per_step": 0,
+            "history": history, "tta": {"tta_wall_s": 1.0, "tta_samples": 2560}}
+    rows = dict(summary_rows(TrainResult(ranks=[rank], spec=type("Spec", (), {"versions": {"train": 0}})())))
+    assert rows["time to AUC 0.0"] == "1.0 s wall / 2,560 samples"
+    fig = loss_auc_figure(history)
+    try:
+        assert [ln.get_label() for ln in fig.axes[1].lines][-1] == "target 0.0"
+    finally:
+        plt.close(fig)
+    rank = {**rank, "history": {**history, "target_auc": None}, "tta": None}
+    rows = dict(summary_rows(TrainResult(ranks=[rank], spec=type("Spec", (), {"versions": {"train": 0}})())))
+    assert rows["time to target AUC"] == "no train.target_auc set"
