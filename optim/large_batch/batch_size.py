@@ -141,12 +141,35 @@ class BatchSizeReport:
         return int(math.ceil(f / (1.0 - f) * t0 / t1))
 
     @property
-    def recommended_batch(self) -> int | None:
-        """Knee batch capped by the memory bound (what to try first)."""
-        cands = [b for b in (self.knee_batch, self.max_batch_for_budget) if b is not None]
-        if not cands:
-            return self.best_measured_batch
-        return max(1, min(cands))
+    def recommended_batch(self) -> int:
+        """What to try first: the knee capped by the memory bound; without a knee, the measured
+        size with the highest samples/s among those within the bound (:attr:`recommended_because`)."""
+        return self._recommendation()[0]
+
+    @property
+    def recommended_because(self) -> str:
+        """Why :attr:`recommended_batch` is what it is, in words (the printed report's last line)."""
+        return self._recommendation()[1]
+
+    def _recommendation(self) -> tuple[int, str]:
+        knee, bound = self.knee_batch, self.max_batch_for_budget
+        if knee is not None:
+            if bound is not None and bound < knee:
+                return max(1, bound), f"the knee {knee} capped by the memory bound {bound}"
+            return knee, "the knee" + ("" if bound is None else f", within the memory bound {bound}")
+        # No knee: the time fit is no model of a fixed cost plus a cost per sample, and its
+        # predictions (a budget bound's throughput among them) are no better than the measurements
+        # (until the twentieth session the budget bound was recommended: 41048 at a predicted
+        # 588 samples/s where 256 measured 1347).
+        t0, t1 = self.time_fit.intercept, self.time_fit.slope
+        why = (f"the time fit has no positive slope ({t1 * 1e3:.5f} ms/sample)" if t1 <= 0 else
+               f"the time fit has no positive intercept ({t0 * 1e3:.3f} ms)") + ", so no knee"
+        within = [m for m in self.measurements if bound is None or m.batch_size <= bound]
+        if not within:
+            return max(1, bound), f"{why}, and no measured size is within the memory bound: the bound"
+        best = max(within, key=lambda m: m.samples_per_s)
+        where = "" if bound is None else " within the memory bound"
+        return best.batch_size, f"{why}: the measured size with the most samples/s{where} ({best.samples_per_s:.0f})"
 
     # -- presentation --------------------------------------------------------------------------------
     def rows(self) -> list[dict]:
@@ -192,6 +215,7 @@ class BatchSizeReport:
             "knee_batch": self.knee_batch,
             "asymptotic_samples_per_s": self.asymptotic_samples_per_s,
             "recommended_batch": self.recommended_batch,
+            "recommended_because": self.recommended_because,
         }
 
     def to_table(self) -> str:
@@ -216,7 +240,8 @@ class BatchSizeReport:
         budget = "-" if s["memory_budget_mb"] is None else f"{s['memory_budget_mb']:.0f} MB"
         lines.append(f"budget {budget}: max batch {s['max_batch_for_budget']}; best measured {s['best_measured_batch']}; "
                      f"knee ({self.knee_fraction:.0%} of {s['asymptotic_samples_per_s']:.0f} samples/s) "
-                     f"{s['knee_batch']}; recommended {s['recommended_batch']}")
+                     f"{s['knee_batch']}")
+        lines.append(f"recommended {s['recommended_batch']}: {s['recommended_because']}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:

@@ -40,6 +40,30 @@ def test_linear_models_recover_synthetic_relation_and_predict_bounds():
     assert rep.to_dict()["summary"]["max_batch_for_budget"] == rep.max_batch_for_budget
 
 
+def test_without_a_knee_the_best_measured_size_within_the_budget_is_recommended():
+    """A time fit with a negative intercept (a step time growing faster than linearly, as here
+    on a shared CPU) has no knee. Until the twentieth session the recommendation then fell back
+    to the memory bound: 41048, at a predicted 588 samples/s, where 256 measured 1347."""
+    sizes, mem, tim = [64, 256, 1024], [479e6, 482e6, 493e6], [0.050, 0.190, 1.624]
+    rep = BatchSizeReport.from_measurements(sizes, mem, tim, memory_budget_bytes=2**30)
+    assert rep.time_fit.intercept < 0 and rep.knee_batch is None and rep.max_batch_for_budget > 40_000
+    assert rep.recommended_batch == rep.best_measured_batch == 256
+    last = rep.to_table().splitlines()[-1]
+    assert last.startswith("recommended 256: the time fit has no positive intercept") and "1347" in last
+    assert rep.summary()["recommended_batch"] == 256
+    # a budget the best size does not fit: the best of those it fits
+    tight = BatchSizeReport.from_measurements(sizes, mem, tim, memory_budget_bytes=480.5e6)
+    assert tight.max_batch_for_budget < 256 and tight.recommended_batch == 64
+    assert "within the memory bound" in tight.recommended_because
+    # no measured size fits: the bound; no budget: the best measured
+    assert BatchSizeReport.from_measurements(sizes, mem, tim, memory_budget_bytes=478.5e6).recommended_batch < 64
+    assert BatchSizeReport.from_measurements(sizes, mem, tim).recommended_batch == 256
+    # a step time falling with the batch (no positive slope): the best measured too, not the bound
+    flat = BatchSizeReport.from_measurements(sizes, mem, [0.05, 0.04, 0.03], memory_budget_bytes=2**30)
+    assert flat.knee_batch is None and flat.recommended_batch == 1024
+    assert "no positive slope" in flat.recommended_because
+
+
 def test_fit_linear_exact_and_errors():
     f = fit_linear([1, 2, 3], [5, 7, 9])
     assert (f.slope, f.intercept, f.r2, f.rmse) == pytest.approx((2.0, 3.0, 1.0, 0.0))
