@@ -76,7 +76,9 @@ def _root_model() -> type[BaseModel]:
         "lake": (LakeConfig, LakeConfig()),
     }
     for name, model in _section_models().items():
-        fields[name] = (model, model())
+        # validated like a given section, when absent too: a section's check of the environment
+        # (tracking: $MLFLOW_TRACKING_URI) is a config error, not one at import of the model
+        fields[name] = (model, Field(default_factory=dict, validate_default=True))
     return create_model("BigoptConfig", __config__=ConfigDict(extra="forbid"), **fields)
 
 

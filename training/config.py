@@ -135,13 +135,30 @@ class TrackingConfig(BaseModel):
     @model_validator(mode="after")
     def _no_file_store(self):
         """MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE=true: say so here, not
-        in a traceback once training (after ingest and featurize, in `bigopt run`) starts."""
+        in a traceback once training (after ingest and featurize, in `bigopt run`) starts. The
+        store is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI`` (checked the same way)."""
         import os
 
-        uri = self.tracking_uri or ""
-        file_store = uri.startswith(("file:", "/", "./", "../", "~"))  # a path is the file store too
+        if not self.enabled:
+            return self
+        env = not self.tracking_uri and bool(os.environ.get("MLFLOW_TRACKING_URI"))
+        uri = os.environ["MLFLOW_TRACKING_URI"] if env else self.tracking_uri
         allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
-        if self.enabled and file_store and not allowed:
-            raise ValueError(f"{uri!r} is MLflow's file store, which MLflow 3 refuses unless "
+        if uri and is_file_store(uri) and not allowed:
+            what = f"$MLFLOW_TRACKING_URI={uri!r}" if env else repr(uri)
+            raise ValueError(f"{what} is MLflow's file store, which MLflow 3 refuses unless "
                              "MLFLOW_ALLOW_FILE_STORE=true: use a database, e.g. sqlite:///mlflow.db")
         return self
+
+
+def is_file_store(uri: str) -> bool:
+    """Whether MLflow reads ``uri`` as its file store: ``file:`` or no scheme at all, i.e. a path
+    (``mlruns``, ``./mlruns``, ``/x/mlruns``, ``~/mlruns``; a Windows drive letter is no scheme),
+    as ``mlflow.utils.uri.get_uri_scheme`` does. ``databricks`` (and ``databricks-uc``, ``uc``)
+    alone is MLflow's name of a store, not a path."""
+    from urllib.parse import urlparse
+
+    if uri in ("databricks", "databricks-uc", "uc"):
+        return False
+    scheme = urlparse(uri).scheme.lower()
+    return len(scheme) <= 1 or scheme == "file"

@@ -213,3 +213,32 @@ def test_mlflow_file_store_is_a_config_error(monkeypatch):
         assert load_config(None, [f"tracking.tracking_uri={uri}"]).tracking.tracking_uri == uri
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     assert load_config(None, ["tracking.tracking_uri=file:/tmp/x"])
+
+
+def test_any_path_and_the_env_fallback_are_checked_as_file_stores(monkeypatch, capsys):
+    """MLflow reads any URI without a scheme as a path to its file store. Until the twentieth
+    session only paths starting with / ./ ../ ~ were caught (`tracking.tracking_uri=mlruns` was
+    MLflow's "maintenance mode" traceback), and $MLFLOW_TRACKING_URI, the documented fallback,
+    was never checked."""
+    from jobs.cli import main
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for uri in ("mlruns_rel", "mlruns/sub", "FILE:///tmp/x", "C:/mlruns"):
+        with pytest.raises(ConfigError, match="MLflow's file store, which MLflow 3 refuses"):
+            load_config(None, [f"tracking.tracking_uri={uri}"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/fs3")
+    with pytest.raises(ConfigError, match=r"\$MLFLOW_TRACKING_URI='file:///tmp/fs3' is MLflow's file store"):
+        load_config(None, [])
+    assert main(["train", "--local"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigopt train: ") and "$MLFLOW_TRACKING_URI" in err and "Traceback" not in err
+    # the config's own URI wins over the variable; tracking off needs no store
+    assert load_config(None, ["tracking.tracking_uri=sqlite:////tmp/x.db"]).tracking.tracking_uri
+    assert load_config(None, ["tracking.enabled=false"]).tracking.enabled is False
+    for uri in ("sqlite:///rel.db", "postgresql+psycopg2://u@h/db", "https://mlflow.example", "databricks", "uc"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert load_config(None, []).tracking.tracking_uri is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlruns")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "1")
+    assert load_config(None, []).tracking.enabled
