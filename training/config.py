@@ -10,6 +10,8 @@ with the same config see the same optimisation problem. Per rank and micro-step:
 """
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -133,6 +135,18 @@ class TrackingConfig(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
+    def _mlflow_names(self):
+        """The tag keys and the experiment name MLflow would refuse, said here: a bad tag key was
+        MLflow's traceback once the run existed, leaving it RUNNING without params."""
+        for key in self.tags:
+            if why := bad_tag_key(key):
+                raise ValueError(f"tracking.tags key {key!r}: {why}")
+        if self.experiment is not None and len(self.experiment) > _MLFLOW_EXPERIMENT_NAME_MAX:
+            raise ValueError(f"tracking.experiment is {len(self.experiment)} characters; MLflow takes at most "
+                             f"{_MLFLOW_EXPERIMENT_NAME_MAX}")
+        return self
+
+    @model_validator(mode="after")
     def _no_file_store(self):
         """MLflow 3 refuses its file store unless MLFLOW_ALLOW_FILE_STORE=true: say so here, not
         in a traceback once training (after ingest and featurize, in `bigopt run`) starts. The
@@ -149,6 +163,26 @@ class TrackingConfig(BaseModel):
             raise ValueError(f"{what} is MLflow's file store, which MLflow 3 refuses unless "
                              "MLFLOW_ALLOW_FILE_STORE=true: use a database, e.g. sqlite:///mlflow.db")
         return self
+
+
+# MLflow's rules (mlflow.utils.validation, not imported here: it imports all of mlflow, seconds)
+_MLFLOW_KEY = re.compile(r"[/\w.\- :]*")
+_MLFLOW_KEY_MAX = 250
+_MLFLOW_EXPERIMENT_NAME_MAX = 500
+
+
+def bad_tag_key(key: str) -> str | None:
+    """Why MLflow refuses ``key`` as a run tag's key (None: it takes it), as
+    ``mlflow.utils.validation._validate_tag_name`` and its length limit decide."""
+    if not _MLFLOW_KEY.fullmatch(key):
+        return ("MLflow's keys may only contain alphanumerics, underscores (_), dashes (-), periods (.), "
+                "spaces ( ), colons (:) and slashes (/)")
+    norm = posixpath.normpath(key)
+    if norm != key or norm == "." or norm.startswith(("..", "/")):
+        return f"MLflow refuses a key that is empty, starts with / or .., or reads as another path ({norm!r})"
+    if len(key) > _MLFLOW_KEY_MAX:
+        return f"{len(key)} characters; MLflow takes at most {_MLFLOW_KEY_MAX}"
+    return None
 
 
 def is_file_store(uri: str) -> bool:

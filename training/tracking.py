@@ -17,6 +17,7 @@ with artifacts in ``<cwd>/mlruns``; ``mlflow ui --backend-store-uri <uri> --host
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -91,7 +92,8 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
             raise ResumeError(f"cannot resume: the checkpoint's MLflow run {run_id} is not in the tracking store "
                               f"{uri}; resume with the store it was logged to (tracking.tracking_uri)") from None
         client.update_run(run_id, status="RUNNING")
-        _log_params(client, run_id, [Param(k, v) for k, v in resume_params(existing, params, resume_step).items()])
+        with _failed_on_error(uri, run_id):
+            _log_params(client, run_id, [Param(k, v) for k, v in resume_params(existing, params, resume_step).items()])
         return uri, run_id
     name = experiment_name(cfg)
     exp = client.get_experiment_by_name(name)
@@ -99,9 +101,20 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
     all_tags = {"bigopt.dataset": cfg.run.dataset, **(tags or {}), **cfg.tracking.tags}
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.run.name, tags=all_tags)
     rid = run.info.run_id
-    _log_params(client, rid, [Param(k, _param_value(v)) for k, v in sorted(params.items())])
-    client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
+    with _failed_on_error(uri, rid):
+        _log_params(client, rid, [Param(k, _param_value(v)) for k, v in sorted(params.items())])
+        client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
     return uri, rid
+
+
+@contextlib.contextmanager
+def _failed_on_error(uri: str, run_id: str):
+    """The run exists (RUNNING): whatever stops the block marks it FAILED, not left RUNNING."""
+    try:
+        yield
+    except BaseException:
+        end_run(uri, run_id, "FAILED")
+        raise
 
 
 def _log_params(client, run_id: str, items: list) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -461,6 +462,42 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
         assert len(runs) == 0
     with pytest.raises((ConfigError, ValueError), match="backend 'local' runs exactly one rank"):
         load_config(None, ["train.backend=local", "train.num_proc=2", "train.batch_size=512"])
+
+
+def test_bad_mlflow_tag_keys_are_config_errors_and_a_run_that_fails_to_start_is_failed(
+        synth_gold, tmp_path, mlflow_store, monkeypatch, capsys):
+    """A tag key MLflow refuses is a config error (exit 2). Until the twentieth session MLflow
+    took it at create_run, refused it at the first log_batch (a traceback), and the run stayed
+    RUNNING with no params: nothing marked a run FAILED before the ranks were launched."""
+    import mlflow
+
+    from jobs.cli import main
+    from jobs.config import ConfigError, load_config
+
+    for key, said in [("a!b", "MLflow's keys may only contain alphanumerics"), ("/abs", "starts with / or .."),
+                      ("a/../b", "reads as another path ('b')"), ("k" * 251, "MLflow takes at most 250")]:
+        with pytest.raises(ConfigError, match=f"tracking.tags key '{key}': .*{re.escape(said)}"):
+            load_config(None, [f'tracking.tags={{"{key}": x}}'])
+    assert main(["train", 'tracking.tags={"a!b": x}', "--local"]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.tags key 'a!b'" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="tracking.experiment is 501 characters; MLflow takes at most 500"):
+        load_config(None, ["tracking.experiment=" + "e" * 501])
+    assert load_config(None, ['tracking.tags={"team/x": a, "mlflow.note.content": b, "k 1:v-2_z": c}'])
+
+    def store_gone(client, run_id, items):
+        raise RuntimeError("the store went away")
+
+    import training.tracking
+
+    monkeypatch.setattr(training.tracking, "_log_params", store_gone)
+    cfg = train_cfg(synth_gold, tmp_path, "run.name=params-fail", tracking=mlflow_store)
+    with pytest.raises(RuntimeError, match="the store went away"):
+        run_training(cfg)
+    client = mlflow.MlflowClient(mlflow_store[0])
+    exp = client.get_experiment_by_name("bigopt-criteo")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.runName = 'params-fail'")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_a_run_the_data_cannot_hold_is_one_error_before_mlflow(synth_gold, tmp_path, mlflow_store, capsys):
