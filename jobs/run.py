@@ -65,6 +65,7 @@ def run(cfg, args) -> int:
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
     from training.loop import TrainSettingsError
+    from training.tracking import TrackingStoreError, check_store, tracking_uri
 
     console = make_console()
     if cfg.run.dataset != "criteo" or getattr(cfg, "criteo", None) is None:
@@ -81,7 +82,9 @@ def run(cfg, args) -> int:
         from training.loop import check_settings
 
         check_settings(cfg.train, NUM_SPARSE, NUM_DENSE)
-    except TrainSettingsError as e:
+        if cfg.tracking.enabled:  # and an unreachable tracking store
+            check_store(tracking_uri(cfg.tracking))
+    except (TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     timings: dict[str, float] = {}
@@ -136,7 +139,7 @@ def run(cfg, args) -> int:
         ranks = 1 if args.local else cfg.train.num_proc  # --local: one in-process rank
         with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"):
             res = run_training(cfg, spark=spark, local=args.local)
-    except (FileNotFoundError, GoldVersionError, TrainSettingsError) as e:
+    except (FileNotFoundError, GoldVersionError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     except (UnreadableDataFileError, RankFailure) as e:  # a damaged data file, named; a rank's error

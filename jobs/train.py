@@ -46,6 +46,7 @@ def run(cfg, args) -> int:
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
     from training.loop import TrainSettingsError
+    from training.tracking import TrackingStoreError
 
     try:
         cfg = apply_cli_overrides(cfg, args)
@@ -54,7 +55,7 @@ def run(cfg, args) -> int:
         return 2
     try:  # starts Spark only for Horovod-on-Spark ranks
         res = run_training(cfg, resume=args.resume, local=args.local)
-    except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError) as e:
+    except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
     except (UnreadableDataFileError, RankFailure) as e:  # a damaged data file, named; a rank's error

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,16 @@ from training.checkpoint import (
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
 from training.loop import check_settings, make_job, run_steps, total_steps_of, train_rank
-from training.tracking import end_run, experiment_name, library_versions, start_run, ui_command
+from training.tracking import (
+    check_store,
+    end_run,
+    experiment_name,
+    failed_on_error,
+    library_versions,
+    start_run,
+    tracking_uri,
+    ui_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,8 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
 
     if local and cfg.train.num_proc != 1:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_proc": 1})})
+    if cfg.tracking.enabled:  # an unreachable store is one line now, not minutes of MLflow's retries later
+        check_store(tracking_uri(cfg.tracking))
     t = cfg.train
     ckpt_dir = checkpoint_dir_for(cfg)
     run_id = None
@@ -114,11 +126,6 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
 
         spark = spark_from_config(cfg.spark) if spark is None else session_of(spark)
         check_task_slots(spark.sparkContext, t.num_proc)
-    if not resume and (old := list_checkpoints(ckpt_dir)):  # only once the settings and data are known
-        # good: a refused command must not destroy the checkpoints an earlier run could be resumed from
-        log.info("fresh run: removing %d old checkpoints in %s", len(old), ckpt_dir)
-        for p in old:
-            p.unlink(missing_ok=True)
     chash = config_hash(cfg)
     uri = None
     if cfg.tracking.enabled:
@@ -146,19 +153,22 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
                                 resume_step=head.get("step") if resume else None)
         log.info("MLflow run %s (%s)", run_id, uri)
 
-    job = make_job(cfg, spec, checkpoint_dir=ckpt_dir, resume=resume, tracking_uri=uri, run_id=run_id,
-                   config_hash=chash)
-    kw: dict[str, Any] = {}
-    backend = t.backend
-    try:  # from here on the MLflow run is open: whatever stops the command marks it FAILED
+    # from here on the MLflow run is open: whatever stops the command marks it FAILED
+    with failed_on_error(uri, run_id) if uri and run_id else contextlib.nullcontext():
+        if not resume and (old := list_checkpoints(ckpt_dir)):  # once the settings, data and run are known
+            # good: a refused command (a bad setting, an unreachable tracking store) must not
+            # destroy the checkpoints an earlier run could be resumed from
+            log.info("fresh run: removing %d old checkpoints in %s", len(old), ckpt_dir)
+            for p in old:
+                p.unlink(missing_ok=True)
+        job = make_job(cfg, spec, checkpoint_dir=ckpt_dir, resume=resume, tracking_uri=uri, run_id=run_id,
+                       config_hash=chash)
+        kw: dict[str, Any] = {}
+        backend = t.backend
         if t.num_proc > 1 and backend == "horovod":
             kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s,
                   "check_slots": False}
         ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
-    except BaseException:
-        if uri and run_id:
-            end_run(uri, run_id, "FAILED")
-        raise
     if uri and run_id:
         end_run(uri, run_id, "FINISHED")
     return TrainResult(ranks=ranks, spec=spec, run_id=run_id, tracking_uri=uri,

@@ -59,6 +59,122 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+class TrackingStoreError(Exception):
+    """The tracking store cannot be opened or reached, or MLflow refused to start the run there:
+    one line (exit 2), said before a checkpoint is removed or, in `bigopt run`, ingest starts."""
+
+
+_CHECK_TIMEOUT_S = 10  # one request / connection attempt, no retries
+
+
+def check_store(uri: str, timeout_s: float = _CHECK_TIMEOUT_S) -> None:
+    """A cheap check that MLflow can use the store at ``uri``, so that an unreachable one is one
+    line up front and not minutes of MLflow's retries and a traceback (its sqlite engine retries
+    for ~110 s, its REST client ~260 s): a sqlite database is opened (created, with its folder,
+    as MLflow would) and a write lock tried; another database gets one connection attempt; an
+    http(s) server one request (``GET /api/2.0/mlflow/experiments/search``) without retries.
+    Raises :class:`TrackingStoreError`."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme.lower()
+    if scheme == "sqlite":
+        _check_sqlite(uri, timeout_s)
+    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        _check_database(uri, scheme.split("+")[0], timeout_s)
+    elif scheme in ("http", "https"):
+        _check_http(uri, timeout_s)
+    else:  # databricks, a plugin's scheme: only whether MLflow has a store for it
+        try:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        except ImportError:  # pragma: no cover - MLflow moved it: leave the check to MLflow
+            return
+        try:
+            _tracking_store_registry.get_store_builder(uri)
+        except MlflowException:
+            raise TrackingStoreError(f"MLflow has no tracking store for {uri!r} (scheme {scheme!r}): use sqlite:///"
+                                     "<path>.db, postgresql://..., http(s)://<server> or databricks") from None
+
+
+def _check_sqlite(uri: str, timeout_s: float) -> None:
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    db = make_url(uri).database
+    if not db or db == ":memory:":
+        return
+    path = Path(db)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does before it opens the file
+    except OSError as e:
+        raise TrackingStoreError(f"cannot create the folder of the MLflow tracking store {uri}: {_said(e)}") from None
+    try:
+        con = sqlite3.connect(path, timeout=timeout_s)
+    except sqlite3.Error as e:
+        raise TrackingStoreError(f"cannot open the MLflow tracking store {uri}: {_said(e)}") from None
+    try:
+        con.execute("PRAGMA schema_version")  # reads the header: a file that is no database fails
+        con.execute("BEGIN IMMEDIATE")  # a write lock: a read-only file or folder fails
+        con.rollback()
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e):  # another process writing it: it works
+            raise TrackingStoreError(f"cannot write the MLflow tracking store {uri}: {_said(e)}") from None
+    except sqlite3.Error as e:
+        raise TrackingStoreError(f"cannot use the MLflow tracking store {uri}: {_said(e)}") from None
+    finally:
+        con.close()
+
+
+def _check_database(uri: str, dialect: str, timeout_s: float) -> None:
+    import sqlalchemy
+
+    args = {"mssql": {"timeout": int(timeout_s)}}.get(dialect, {"connect_timeout": int(timeout_s)})
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as e:  # noqa: BLE001 - the driver's own errors (missing, refused, denied)
+        raise TrackingStoreError(f"cannot connect to the MLflow tracking store {_no_password(uri)}: "
+                                 f"{_said(e)}") from None
+
+
+def _check_http(uri: str, timeout_s: float) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    endpoint = "/api/2.0/mlflow/experiments/search"
+    try:
+        resp = http_request(get_default_host_creds(uri), endpoint, "GET", max_retries=0, backoff_factor=0,
+                            timeout=timeout_s, raise_on_status=False, params={"max_results": 1})
+    except Exception as e:  # noqa: BLE001 - refused, timed out, TLS, DNS: all one line
+        raise TrackingStoreError(f"cannot reach the MLflow tracking server {_no_password(uri)}: {_said(e)} "
+                                 f"(one request, {timeout_s:g} s timeout)") from None
+    if resp.status_code != 200:
+        raise TrackingStoreError(f"the MLflow tracking server {_no_password(uri)} answered {resp.status_code} "
+                                 f"{resp.reason or ''} to GET {endpoint}: is it an MLflow server, and may "
+                                 "this user use it?".replace("  ", " "))
+
+
+def _said(e: BaseException) -> str:
+    """An error's gist in one line: the OS's or driver's words (``[Errno 111] Connection
+    refused``, ``unable to open database file``), not the wrappers' repr chains."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e)
+    if m := re.search(r"\[Errno -?\d+\] [^'\")\]]+", text):
+        return m.group(0).strip()
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _no_password(uri: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+
+
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
@@ -92,23 +208,29 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
             raise ResumeError(f"cannot resume: the checkpoint's MLflow run {run_id} is not in the tracking store "
                               f"{uri}; resume with the store it was logged to (tracking.tracking_uri)") from None
         client.update_run(run_id, status="RUNNING")
-        with _failed_on_error(uri, run_id):
+        with failed_on_error(uri, run_id):
             _log_params(client, run_id, [Param(k, v) for k, v in resume_params(existing, params, resume_step).items()])
         return uri, run_id
+    from mlflow.exceptions import MlflowException
+
     name = experiment_name(cfg)
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location(cfg.tracking))
     all_tags = {"bigopt.dataset": cfg.run.dataset, **(tags or {}), **cfg.tracking.tags}
-    run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.run.name, tags=all_tags)
+    try:  # MLflow's refusal (a deleted experiment of that name, a tag it will not take): one line
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            name, artifact_location=artifact_location(cfg.tracking))
+        run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.run.name, tags=all_tags)
+    except MlflowException as e:
+        raise TrackingStoreError(f"MLflow did not start the run (experiment {name!r}) in {uri}: {e.message}") from None
     rid = run.info.run_id
-    with _failed_on_error(uri, rid):
+    with failed_on_error(uri, rid):
         _log_params(client, rid, [Param(k, _param_value(v)) for k, v in sorted(params.items())])
         client.log_batch(rid, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
     return uri, rid
 
 
 @contextlib.contextmanager
-def _failed_on_error(uri: str, run_id: str):
+def failed_on_error(uri: str, run_id: str):
     """The run exists (RUNNING): whatever stops the block marks it FAILED, not left RUNNING."""
     try:
         yield

@@ -575,21 +575,81 @@ def test_eval_max_rows_caps_the_rows_of_all_ranks_together(synth_gold, tmp_path,
     assert max(counted) - min(counted) <= 1
 
 
-def test_bigopt_run_checks_train_settings_before_the_data_steps(tmp_path, capsys):
-    """`bigopt run` with a bad train.* setting is the same one line, before it generates,
-    ingests or featurizes anything (it used to fail only after those steps had run)."""
+@pytest.mark.parametrize("override, said", [
+    ("train.optimizer=nosuch", "bigopt run: train settings: unknown optimizer 'nosuch'"),
+    ("tracking.tracking_uri=sqlite:////proc/bigopt-no.db",
+     "bigopt run: cannot open the MLflow tracking store sqlite:////proc/bigopt-no.db: "),
+])
+def test_bigopt_run_checks_train_settings_before_the_data_steps(tmp_path, capsys, monkeypatch, override, said):
+    """`bigopt run` with a bad train.* setting, or a tracking store MLflow cannot use, is the
+    same one line, before it generates, ingests or featurizes anything (it used to fail only
+    after those steps had run; the store, until the twentieth session, after MLflow's retries too)."""
     import argparse
     from pathlib import Path
 
+    import jobs.run
     from jobs.config import load_config
     from jobs.run import run as run_command
 
+    def data_step(cfg):
+        raise AssertionError("a data step started before the check")
+
+    monkeypatch.setattr(jobs.run, "needs_generation", data_step)
     conf = Path(__file__).resolve().parents[2] / "conf" / "demo.yaml"
-    cfg = load_config(conf, [f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={tmp_path / 'raw'}",
-                             "train.optimizer=nosuch"])
+    cfg = load_config(conf, [f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={tmp_path / 'raw'}", override])
     args = argparse.Namespace(no_generate=False, force_ingest=False, force_featurize=False, skip_data=False,
                               local=True, num_proc=None)
     assert run_command(cfg, args) == 2
     err = capsys.readouterr().err
-    assert "bigopt run: train settings: " in err and "unknown optimizer 'nosuch'" in err and "Traceback" not in err
+    assert err.startswith(said) and "Traceback" not in err, err
     assert not (tmp_path / "raw").exists() and not (tmp_path / "lake").exists()
+
+
+def test_an_unusable_tracking_store_is_one_line_before_any_checkpoint_is_removed(synth_gold, tmp_path, mlflow_store,
+                                                                                  capsys):
+    """A tracking store MLflow cannot open or reach is one line (exit 2) from a cheap check
+    (open the sqlite file; one request to the server), and old checkpoints are removed only once
+    the MLflow run has started. Until the twentieth session the checkpoints were removed first,
+    then MLflow retried (~110 s for sqlite, ~260 s for a server) and ended in a traceback (exit 1)."""
+    import argparse
+    import socket
+    import time
+
+    import mlflow
+
+    from jobs.train import run as train_command
+
+    kept = tmp_path / "ckpt" / "step-00000005.pt"  # an earlier run's: a refused command keeps it
+    kept.parent.mkdir()
+    kept.write_bytes(b"an earlier run's checkpoint")
+    (tmp_path / "afile").write_text("not a folder")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for uri, said in [("sqlite:////proc/no.db", "cannot open the MLflow tracking store sqlite:////proc/no.db: "),
+                      (f"sqlite:///{tmp_path}/afile/x.db", "cannot create the folder of the MLflow tracking store"),
+                      (f"http://127.0.0.1:{port}", f"cannot reach the MLflow tracking server http://127.0.0.1:{port}"),
+                      ("nosuch:store", "MLflow has no tracking store for 'nosuch:store'")]:
+        cfg = train_cfg(synth_gold, tmp_path, "run.name=no-store", tracking=(uri, f"{tmp_path}/mlruns"))
+        t0 = time.monotonic()
+        rc = train_command(cfg, argparse.Namespace(resume=False, local=True, num_proc=None))
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"bigopt train: {said}") and err.count("\n") == 1, err
+        assert time.monotonic() - t0 < 60  # no retries
+        assert kept.read_bytes() == b"an earlier run's checkpoint"
+    # a store that works but where MLflow will not start the run (a deleted experiment of that
+    # name): one line too, and the checkpoints are still there
+    client = mlflow.MlflowClient(mlflow_store[0])
+    client.delete_experiment(client.create_experiment("bigopt-deleted", artifact_location=mlflow_store[1]))
+    cfg = train_cfg(synth_gold, tmp_path, "run.name=deleted-exp", "tracking.experiment=bigopt-deleted",
+                    tracking=mlflow_store)
+    assert train_command(cfg, argparse.Namespace(resume=False, local=True, num_proc=None)) == 2
+    err = capsys.readouterr().err
+    assert "\nbigopt train: MLflow did not start the run (experiment 'bigopt-deleted') in sqlite:" in f"\n{err}"
+    assert "must be in the 'active' state" in err and "Traceback" not in err
+    assert kept.read_bytes() == b"an earlier run's checkpoint"
+    # once the run has started they go (a fresh run)
+    res = run_training(train_cfg(synth_gold, tmp_path, "train.max_steps=10", "train.checkpoint_every=10",
+                                 "run.name=store-ok", tracking=mlflow_store))
+    assert not kept.exists() and _run_status(res) == "FINISHED"
+
