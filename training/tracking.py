@@ -129,7 +129,7 @@ def _check_sqlite(uri: str, timeout_s: float) -> None:
 def _check_database(uri: str, dialect: str, timeout_s: float) -> None:
     import sqlalchemy
 
-    args = {"mssql": {"timeout": int(timeout_s)}}.get(dialect, {"connect_timeout": int(timeout_s)})
+    args = {"connect_timeout": int(timeout_s)} if dialect in ("postgresql", "mysql") else {}
     try:
         engine = sqlalchemy.create_engine(uri, connect_args=args)
         try:
@@ -154,9 +154,9 @@ def _check_http(uri: str, timeout_s: float) -> None:
         raise TrackingStoreError(f"cannot reach the MLflow tracking server {_no_password(uri)}: {_said(e)} "
                                  f"(one request, {timeout_s:g} s timeout)") from None
     if resp.status_code != 200:
-        raise TrackingStoreError(f"the MLflow tracking server {_no_password(uri)} answered {resp.status_code} "
-                                 f"{resp.reason or ''} to GET {endpoint}: is it an MLflow server, and may "
-                                 "this user use it?".replace("  ", " "))
+        answer = f"{resp.status_code} {resp.reason}" if resp.reason else str(resp.status_code)
+        raise TrackingStoreError(f"the MLflow tracking server {_no_password(uri)} answered {answer} to GET {endpoint}: "
+                                 "is it an MLflow server, and may this user use it?")
 
 
 def _said(e: BaseException) -> str:
@@ -221,7 +221,8 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
             name, artifact_location=artifact_location(cfg.tracking))
         run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.run.name, tags=all_tags)
     except MlflowException as e:
-        raise TrackingStoreError(f"MLflow did not start the run (experiment {name!r}) in {uri}: {e.message}") from None
+        raise TrackingStoreError(f"MLflow did not start the run (experiment {name!r}) in {_no_password(uri)}: "
+                                 f"{e.message}") from None
     rid = run.info.run_id
     with failed_on_error(uri, rid):
         _log_params(client, rid, [Param(k, _param_value(v)) for k, v in sorted(params.items())])

@@ -242,3 +242,47 @@ def test_target_auc_zero_is_a_target_in_the_summary_and_plot():
     rank = {**rank, "history": {**history, "target_auc": None}, "tta": None}
     rows = dict(summary_rows(TrainResult(ranks=[rank], spec=type("Spec", (), {"versions": {"train": 0}})())))
     assert rows["time to target AUC"] == "no train.target_auc set"
+
+
+def test_check_store_opens_sqlite_and_asks_a_server_once(tmp_path):
+    """`training.tracking.check_store`: what MLflow would fail on after minutes of retries is
+    one TrackingStoreError at once; a usable store passes (an MLflow server answering 200, a
+    sqlite file created with its folder, an in-memory database)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from training.tracking import TrackingStoreError, check_store
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            ok = self.path.startswith("/mlflow/api/2.0/mlflow/experiments/search?max_results=1")
+            body = b'{"experiments": []}' if ok else b"no such page"
+            self.send_response(200 if ok else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        check_store(f"{base}/mlflow")
+        with pytest.raises(TrackingStoreError, match=f"the MLflow tracking server {base}/other answered 404 Not "
+                                                     "Found to GET /api/2.0/mlflow/experiments/search"):
+            check_store(f"{base}/other")
+    finally:
+        server.shutdown()
+        server.server_close()
+    check_store(f"sqlite:///{tmp_path}/new/folder/mlflow.db")
+    assert (tmp_path / "new" / "folder" / "mlflow.db").exists()
+    check_store("sqlite://")
+    (tmp_path / "text.db").write_text("not a database, " * 100)
+    with pytest.raises(TrackingStoreError, match="cannot use the MLflow tracking store .*file is not a database"):
+        check_store(f"sqlite:///{tmp_path}/text.db")
+    with pytest.raises(TrackingStoreError, match=r"cannot connect to the MLflow tracking store "
+                                                 r"postgresql://u:\*\*\*@127.0.0.1:1/x: "):
+        check_store("postgresql://u:secret@127.0.0.1:1/x")
+    check_store("databricks")  # MLflow has a store for it (its credentials are MLflow's to check)
