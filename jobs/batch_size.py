@@ -8,6 +8,7 @@ memory/time fits, the largest batch for the memory budget and the throughput kne
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -22,12 +23,22 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def positive_gb(text: str) -> float:
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = math.nan
+    if not math.isfinite(gb) or gb <= 0:  # before: a negative budget was taken ("max batch 0; recommended 1")
+        raise argparse.ArgumentTypeError(f"{text!r}: give the memory per rank in GB, a positive number")
+    return gb
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jobs.cli import at_least
 
     parser.add_argument("--sizes", type=batch_sizes, default=None,
                         help="comma-separated per-rank batch sizes, at least two (default: around train.batch_size)")
-    parser.add_argument("--memory-budget-gb", type=float, default=None, help="memory per rank (default: none)")
+    parser.add_argument("--memory-budget-gb", type=positive_gb, default=None, help="memory per rank (default: none)")
     parser.add_argument("--steps", type=at_least(1), default=3, help="timed steps per size")
 
 
@@ -69,7 +80,7 @@ def run(cfg, args) -> int:
             z = model(dense, sp)
         return F.binary_cross_entropy_with_logits(z.float(), label)
 
-    budget = args.memory_budget_gb * 2**30 if args.memory_budget_gb else None
+    budget = None if args.memory_budget_gb is None else args.memory_budget_gb * 2**30
     report = measure_batch_size_bounds(model_factory, batch_factory, sizes, budget, loss_fn=loss_fn,
                                        optimizer_factory=lambda model: optimizer_for(t, model), timed_steps=args.steps)
     print(f"bigopt batch-size: {t.model} / {t.optimizer}, table {spec.train} v{spec.versions.get('train')}, "

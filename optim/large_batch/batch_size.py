@@ -111,12 +111,17 @@ class BatchSizeReport:
     # -- predictions -----------------------------------------------------------------------------
     @property
     def max_batch_for_budget(self) -> int | None:
-        """Largest b with predicted peak memory <= budget (None without budget, or if unbounded)."""
+        """Largest b with predicted peak memory <= budget (None without budget, or if unbounded;
+        0: none fits). A memory fit without a positive slope (RSS noise on a CPU, where a few
+        hundred samples' activations are lost in the process's size) bounds nothing, unless
+        the measured peaks are already over the budget: then no size fits (until the twentieth
+        session that was "unbounded", and a batch predicted at twice the budget was recommended)."""
         if self.memory_budget_bytes is None:
             return None
+        if self.memory_fit.slope <= 0:
+            over = all(m.peak_memory_bytes > self.memory_budget_bytes for m in self.measurements)
+            return 0 if over else None
         b = self.memory_fit.solve(self.memory_budget_bytes)
-        if math.isinf(b):
-            return None
         return max(int(math.floor(b)), 0)
 
     @property
@@ -141,9 +146,10 @@ class BatchSizeReport:
         return int(math.ceil(f / (1.0 - f) * t0 / t1))
 
     @property
-    def recommended_batch(self) -> int:
+    def recommended_batch(self) -> int | None:
         """What to try first: the knee capped by the memory bound; without a knee, the measured
-        size with the highest samples/s among those within the bound (:attr:`recommended_because`)."""
+        size with the highest samples/s among those within the bound (:attr:`recommended_because`).
+        None when no batch size fits the memory budget."""
         return self._recommendation()[0]
 
     @property
@@ -151,11 +157,16 @@ class BatchSizeReport:
         """Why :attr:`recommended_batch` is what it is, in words (the printed report's last line)."""
         return self._recommendation()[1]
 
-    def _recommendation(self) -> tuple[int, str]:
+    def _recommendation(self) -> tuple[int | None, str]:
         knee, bound = self.knee_batch, self.max_batch_for_budget
+        if bound == 0:
+            need = self.memory_fit.predict(1) if self.memory_fit.slope > 0 else \
+                min(m.peak_memory_bytes for m in self.measurements)
+            return None, (f"no batch size fits the memory budget ({self.memory_budget_bytes / 2**20:.0f} MB): "
+                          f"{need / 2**20:.0f} MB predicted or measured at the smallest")
         if knee is not None:
             if bound is not None and bound < knee:
-                return max(1, bound), f"the knee {knee} capped by the memory bound {bound}"
+                return bound, f"the knee {knee} capped by the memory bound {bound}"
             return knee, "the knee" + ("" if bound is None else f", within the memory bound {bound}")
         # No knee: the time fit is no model of a fixed cost plus a cost per sample, and its
         # predictions (a budget bound's throughput among them) are no better than the measurements
@@ -166,7 +177,7 @@ class BatchSizeReport:
                f"the time fit has no positive intercept ({t0 * 1e3:.3f} ms)") + ", so no knee"
         within = [m for m in self.measurements if bound is None or m.batch_size <= bound]
         if not within:
-            return max(1, bound), f"{why}, and no measured size is within the memory bound: the bound"
+            return bound, f"{why}, and no measured size is within the memory bound: the bound"
         best = max(within, key=lambda m: m.samples_per_s)
         where = "" if bound is None else " within the memory bound"
         return best.batch_size, f"{why}: the measured size with the most samples/s{where} ({best.samples_per_s:.0f})"

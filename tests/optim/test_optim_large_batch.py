@@ -64,6 +64,38 @@ def test_without_a_knee_the_best_measured_size_within_the_budget_is_recommended(
     assert "no positive slope" in flat.recommended_because
 
 
+def test_no_batch_fits_a_budget_the_measurements_are_already_over():
+    """A memory fit with a slightly negative slope (RSS noise on a CPU) bounded nothing, so with
+    every measured peak over the budget the report recommended 129, predicted at ~2 GB against
+    a 1 GB budget; a positive slope whose bound is 0 recommended 1 ("capped by the bound 0")."""
+    noisy = BatchSizeReport.from_measurements([64, 128, 256], [2.02e9, 2.01e9, 2.0e9], [0.011, 0.02, 0.038],
+                                              memory_budget_bytes=1e9)
+    assert noisy.memory_fit.slope < 0 and noisy.max_batch_for_budget == 0
+    assert noisy.recommended_batch is None and "no batch size fits the memory budget" in noisy.recommended_because
+    assert noisy.to_table().splitlines()[-1].startswith("recommended None: no batch size fits")
+    # the same noisy fit under a budget the measurements are within: no bound from the fit
+    roomy = BatchSizeReport.from_measurements([64, 128, 256], [2.02e9, 2.01e9, 2.0e9], [0.011, 0.02, 0.038],
+                                              memory_budget_bytes=3e9)
+    assert roomy.max_batch_for_budget is None and roomy.recommended_batch == roomy.knee_batch
+    growing = BatchSizeReport.from_measurements([64, 128, 256], [2.0e9, 2.1e9, 2.3e9], [0.011, 0.02, 0.038],
+                                                memory_budget_bytes=1e9)
+    assert growing.max_batch_for_budget == 0 and growing.recommended_batch is None
+
+
+def test_batch_size_cli_refuses_a_budget_that_is_not_positive(capsys):
+    import argparse
+
+    from jobs.batch_size import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--memory-budget-gb", "1.5"]).memory_budget_gb == 1.5
+    for bad in ("-2", "0", "nan", "lots"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--memory-budget-gb", bad])
+        assert "a positive number" in capsys.readouterr().err
+
+
 def test_fit_linear_exact_and_errors():
     f = fit_linear([1, 2, 3], [5, 7, 9])
     assert (f.slope, f.intercept, f.r2, f.rmse) == pytest.approx((2.0, 3.0, 1.0, 0.0))
