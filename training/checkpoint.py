@@ -131,6 +131,8 @@ def resume_conflicts(state: dict[str, Any], train: dict[str, Any], seed: int) ->
     saved = state.get("train_config")
     if not isinstance(saved, dict):
         return []
+    if isinstance(saved.get("scheduler"), str):  # checkpoints from before the name was lower-cased
+        saved = {**saved, "scheduler": saved["scheduler"].strip().lower()}
     out = [f"train.{k}: {saved.get(k)!r} in the checkpoint, {train.get(k)!r} now"
            for k in sorted(set(saved) & set(train))  # a setting added or removed since is not a change
            if k not in RESUMABLE_CHANGES and _plain(saved.get(k)) != _plain(train.get(k))]

@@ -14,7 +14,7 @@ import posixpath
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class CompressionSection(BaseModel):
@@ -93,6 +93,14 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1, description="log train metrics every N steps")
     fail_at_step: int | None = Field(None, description="testing: raise in rank 0 at this step")
 
+    @field_validator("scheduler")
+    @classmethod
+    def _canonical_scheduler(cls, name: str) -> str:
+        """The schedule's name as every comparison downstream spells it (``Cosine`` -> ``cosine``):
+        ``min_lr_ratio`` was applied, and a resume's new ``max_steps`` accepted for ``constant``,
+        only when written in lower case, while ``optim`` took any case."""
+        return name.strip().lower()
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.batch_size <= 0 or self.grad_accum_steps <= 0 or self.num_proc <= 0:
@@ -107,7 +115,7 @@ class TrainConfig(BaseModel):
         if self.backend == "local" and self.num_proc != 1:
             raise ValueError(f"backend 'local' runs exactly one rank in this process: num_proc must be 1, not "
                              f"{self.num_proc} (backend 'horovod' runs several)")
-        if self.scheduler.strip().lower() in _DECAYING and self.max_steps <= self.warmup_steps:
+        if self.scheduler in _DECAYING and self.max_steps <= self.warmup_steps:
             # caught here, not after ingest and featurize have run (`bigopt run`)
             raise ValueError(f"scheduler {self.scheduler!r} decays over the steps after warmup: max_steps "
                              f"({self.max_steps}) must be greater than warmup_steps ({self.warmup_steps})")

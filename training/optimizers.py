@@ -137,6 +137,7 @@ def build_scheduler(
     ``LambdaLR`` over :func:`lr_factor`. Both have plain ``state_dict``s (checkpoint-safe).
     """
     hp = dict(params or {})
+    name = name.strip().lower()
     try:
         from optim import build_scheduler as registry  # noqa: PLC0415
     except ImportError:

@@ -123,6 +123,39 @@ def test_lr_warmup_then_decay():
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and lrs[-1] < lrs[4]
 
 
+def _lrs_of(t, steps: int, opt=None) -> list[list[float]]:
+    """Each step's per-group LRs (the one it ran at) under ``t``'s schedule over ``steps`` steps."""
+    from training.loop import scheduler_for
+
+    opt = opt or torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched = scheduler_for(t, opt, steps)
+    out = []
+    for _ in range(steps + 1):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_a_schedule_name_in_any_case_is_the_schedule():
+    """`train.scheduler=Cosine` is `cosine` everywhere: optim took any case, but min_lr_ratio was
+    applied, and a resume's new max_steps accepted for a constant schedule, only in lower case
+    (`Cosine` decayed to 0 whatever min_lr_ratio said; `Constant` refused max_steps 6 -> 9)."""
+    from jobs.config import load_config
+    from training.checkpoint import resume_conflicts
+
+    t = load_config(None, ["train.scheduler=Cosine", "train.min_lr_ratio=0.5", "train.lr=0.01"]).train
+    assert t.scheduler == "cosine"
+    assert _lrs_of(t, 10)[-1] == pytest.approx([0.005])
+    old, new = (load_config(None, ["train.scheduler= Constant", f"train.max_steps={n}"]).train.model_dump(mode="json")
+                for n in (6, 9))
+    assert resume_conflicts({"train_config": old}, new, seed=0) == []
+    # a checkpoint written before the name was lower-cased keeps its run resumable
+    assert resume_conflicts({"train_config": {**old, "scheduler": "Constant"}}, new, seed=0) == []
+    assert resume_conflicts({"train_config": {**old, "scheduler": "Cosine"}}, {**new, "scheduler": "cosine"},
+                            seed=0) == ["train.max_steps: 6 in the checkpoint, 9 now (the cosine schedule's length)"]
+
+
 @pytest.mark.parametrize("layout", ["array", "scalar"])
 def test_dataspec_both_gold_layouts(tmp_path, layout):
     from jobs.config import load_config
