@@ -43,8 +43,62 @@ def scale_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str = 
     raise ValueError(f"unknown scaling rule {rule!r}; valid: linear, sqrt, none")
 
 
+class _CosineToFloor(lr_scheduler.LRScheduler):
+    """Cosine decay of every param group from its initial LR to ``min_lr_ratio`` times it, over
+    ``T_max`` steps (then held there): ``lr_g * (r + (1 - r) * (1 + cos(pi * min(s, T) / T)) / 2)``.
+
+    One multiplicative factor for all groups, so an ``embedding_lr`` below ``lr`` decays to its own
+    floor; ``CosineAnnealingLR``'s single absolute ``eta_min`` drew every group to the same LR (a
+    lower group's LR rose). Closed form, so a restored state continues exactly; a
+    ``CosineAnnealingLR`` state (checkpoints from before this class) loads too, its ``eta_min``
+    left aside for the ratio the schedule is built with.
+    """
+
+    def __init__(self, optimizer: Optimizer, T_max: int, min_lr_ratio: float = 0.0, last_epoch: int = -1):
+        self.T_max = int(T_max)
+        self.min_lr_ratio = float(min_lr_ratio)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        s = min(max(self.last_epoch, 0), self.T_max)
+        r = self.min_lr_ratio
+        factor = r + (1.0 - r) * (1.0 + math.cos(math.pi * s / self.T_max)) / 2.0
+        return [base * factor for base in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "eta_min"})
+
+
+def _cosine_floor_ratio(optimizer: Optimizer, hp: dict, base_lr: float | None) -> float:
+    """The cosine schedule's floor as a fraction of each group's initial LR: ``min_lr_ratio``, or
+    ``min_lr`` (the floor of the base LR) over the base LR."""
+    if "min_lr" in hp and "min_lr_ratio" in hp:
+        raise ValueError("schedule 'cosine' takes min_lr or min_lr_ratio, not both")
+    if "min_lr_ratio" in hp:
+        ratio = hp["min_lr_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"schedule 'cosine': min_lr_ratio must be a number in [0, 1], got {ratio!r}")
+        return float(ratio)
+    min_lr = hp.get("min_lr", 0.0)
+    if isinstance(min_lr, bool) or not isinstance(min_lr, int | float) or not 0.0 <= min_lr < math.inf:
+        raise ValueError(f"schedule 'cosine': min_lr must be a number >= 0, got {min_lr!r}")
+    if min_lr == 0:
+        return 0.0
+    if base_lr is None:
+        base_lr = optimizer.defaults.get("lr") if isinstance(getattr(optimizer, "defaults", None), dict) else None
+        if not isinstance(base_lr, int | float):
+            base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+    if not 0 < min_lr <= base_lr:
+        raise ValueError(f"schedule 'cosine': min_lr ({min_lr}) must be at most the base LR ({base_lr}), "
+                         "the LR it decays from")
+    return min_lr / base_lr
+
+
 def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, total_steps: int | None = None,
-                    warmup_start_factor: float | None = None, **hp) -> lr_scheduler.LRScheduler:
+                    warmup_start_factor: float | None = None, base_lr: float | None = None,
+                    **hp) -> lr_scheduler.LRScheduler:
     """LR scheduler stepped once per optimizer step.
 
     Warmup (``warmup_steps = W > 1``): step t < W uses ``lr * (start + (1 - start) * t / (W - 1))``
@@ -54,7 +108,7 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
     After warmup, with ``s = t - W`` and ``T = total_steps - W``:
 
     * ``constant``: ``lr``
-    * ``cosine``: ``min_lr + (lr - min_lr) * (1 + cos(pi * s / T)) / 2``      (hp: ``min_lr=0``)
+    * ``cosine``: ``lr * (r + (1 - r) * (1 + cos(pi * min(s, T) / T)) / 2)``  (hp: ``min_lr_ratio=r``, or ``min_lr``)
     * ``step``: ``lr * gamma ** (s // step_size)``                               (hp: ``step_size``, ``gamma=0.1``)
     * ``multistep``: ``lr * gamma ** (number of milestones <= s)``             (hp: ``milestones``, ``gamma=0.1``)
     * ``poly``: ``lr * (1 - min(s, T) / T) ** power``                           (hp: ``power=1.0``)
@@ -62,6 +116,11 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
     * ``exponential``: ``lr * gamma ** s``                                       (hp: ``gamma``)
 
     ``cosine``, ``poly`` and ``linear`` need ``total_steps``; milestones count post-warmup steps.
+
+    Each param group follows these with its own initial ``lr`` (e.g. ``embedding_lr``): the cosine
+    floor is ``r`` times each group's LR, ``min_lr_ratio=r``; ``min_lr`` is the floor of the base
+    LR (``base_lr``: by default the optimizer's ``lr``, else the first group's), so
+    ``r = min_lr / base_lr`` for every group.
     """
     key = name.strip().lower()
     if key not in _SCHEDULES:
@@ -73,7 +132,7 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
         raise ValueError(f"schedule {key!r} needs total_steps > warmup_steps (got total_steps={total_steps}, "
                          f"warmup_steps={warmup_steps})")
     decay_steps = (total_steps - warmup_steps) if total_steps is not None else None
-    allowed = {"constant": set(), "cosine": {"min_lr"}, "step": {"step_size", "gamma"},
+    allowed = {"constant": set(), "cosine": {"min_lr", "min_lr_ratio"}, "step": {"step_size", "gamma"},
                "multistep": {"milestones", "gamma"}, "poly": {"power"}, "linear": set(),
                "exponential": {"gamma"}}[key]
     unknown = set(hp) - allowed
@@ -84,7 +143,7 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
     if key == "constant":
         main = lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     elif key == "cosine":
-        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=decay_steps, eta_min=hp.get("min_lr", 0.0))
+        main = _CosineToFloor(optimizer, T_max=decay_steps, min_lr_ratio=_cosine_floor_ratio(optimizer, hp, base_lr))
     elif key == "step":
         if "step_size" not in hp:
             raise ValueError("schedule 'step' needs step_size")

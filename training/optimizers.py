@@ -135,6 +135,8 @@ def build_scheduler(
     ``optim.build_scheduler`` when present (``constant``, ``cosine``, ``linear``, ``poly``,
     ``step``, ``multistep``, ``exponential``; options in ``train.scheduler_params``), else a
     ``LambdaLR`` over :func:`lr_factor`. Both have plain ``state_dict``s (checkpoint-safe).
+    ``min_lr_ratio`` (cosine): each param group decays to its own initial LR times the ratio;
+    ``scheduler_params.min_lr`` is the floor of ``base_lr`` (``train.lr``), other groups scaled alike.
     """
     hp = dict(params or {})
     name = name.strip().lower()
@@ -143,9 +145,13 @@ def build_scheduler(
     except ImportError:
         registry = None
     if registry is not None:
-        if name == "cosine" and min_lr_ratio and "min_lr" not in hp:
-            hp["min_lr"] = (base_lr or optimizer.param_groups[0]["lr"]) * min_lr_ratio
-        return registry(optimizer, name, warmup_steps=warmup_steps, total_steps=total_steps, **hp)
+        if name == "cosine" and min_lr_ratio:
+            if "min_lr" in hp or "min_lr_ratio" in hp:
+                given = "min_lr" if "min_lr" in hp else "min_lr_ratio"
+                raise ValueError(f"train.min_lr_ratio={min_lr_ratio} and train.scheduler_params.{given} both set "
+                                 "the cosine schedule's floor: give one")
+            hp["min_lr_ratio"] = min_lr_ratio  # each group's floor: its own initial lr x the ratio
+        return registry(optimizer, name, warmup_steps=warmup_steps, total_steps=total_steps, base_lr=base_lr, **hp)
     lr_factor(0, total_steps=total_steps, warmup_steps=warmup_steps, schedule=name)  # validate the name
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,

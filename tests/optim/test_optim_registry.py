@@ -282,6 +282,66 @@ def test_every_schedule_follows_its_closed_form_for_small_warmups(name, w, start
         assert min(got[:-1]) > got[-1] or name == "constant"
 
 
+def _group_lrs(opt, sched, steps):
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+def _two_groups():
+    """SGD with lr 1.0 and a second group (an embedding_lr) at 0.01."""
+    return torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]},
+                            {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.01}], lr=1.0)
+
+
+def test_cosine_floor_is_each_groups_own():
+    """The cosine schedule scales every param group alike: each decays to its own initial LR times
+    the floor ratio. CosineAnnealingLR's one absolute eta_min drew a group below it (an
+    embedding_lr) up to it: 0.01 rose to 0.1 over the run."""
+    w, total = 2, 12
+    for hp in ({"min_lr_ratio": 0.1}, {"min_lr": 0.1}, {"min_lr": 0.01, "base_lr": 0.1}):
+        opt = _two_groups()
+        got = _group_lrs(opt, build_scheduler(opt, "cosine", warmup_steps=w, total_steps=total, **hp), total + 1)
+        factor = [(t + 1) / w for t in range(w)] + [0.1 + 0.9 * (1 + math.cos(math.pi * s / (total - w))) / 2
+                                                  for s in range(total - w + 1)]
+        assert sum(got, []) == pytest.approx([x for f in factor for x in (f, 0.01 * f)], abs=1e-15), hp
+        assert got[-1] == pytest.approx([0.1, 0.001])
+    # past its end the schedule stays at the floor (CosineAnnealingLR climbed back up)
+    opt = _two_groups()
+    assert sum(_group_lrs(opt, build_scheduler(opt, "cosine", total_steps=4, min_lr_ratio=0.5), 8)[4:], []) == \
+        pytest.approx([0.5, 0.005] * 4)
+    for hp, said in [({"min_lr": -0.5}, "min_lr must be a number >= 0"), ({"min_lr": 2.0}, "at most the base LR"),
+                     ({"min_lr_ratio": 1.5}, r"min_lr_ratio must be a number in \[0, 1\]"),
+                     ({"min_lr": float("nan")}, "min_lr must be"), ({"min_lr": "0.1"}, "min_lr must be"),
+                     ({"min_lr": 0.1, "min_lr_ratio": 0.1}, "not both")]:
+        with pytest.raises(ValueError, match=said):
+            build_scheduler(_two_groups(), "cosine", total_steps=10, **hp)
+
+
+def test_a_cosine_annealing_state_resumes_on_the_closed_form():
+    """Checkpoints from before hold a SequentialLR(LinearLR, CosineAnnealingLR) state: it loads,
+    and the run goes on along the same schedule."""
+    from torch.optim import lr_scheduler
+
+    w, total, done = 2, 12, 5
+    old_opt = _two_groups()
+    warm = lr_scheduler.LinearLR(old_opt, start_factor=0.5, end_factor=1.0, total_iters=w - 1)
+    cos = lr_scheduler.CosineAnnealingLR(old_opt, T_max=total - w, eta_min=0.0)
+    old = lr_scheduler.SequentialLR(old_opt, schedulers=[warm, cos], milestones=[w])
+    before = _group_lrs(old_opt, old, done)
+    opt = _two_groups()
+    sched = build_scheduler(opt, "cosine", warmup_steps=w, total_steps=total)
+    sched.load_state_dict(old.state_dict())
+    for g, lr in zip(opt.param_groups, sched.get_last_lr()):
+        g["lr"] = lr
+    ref_opt = _two_groups()
+    ref = _group_lrs(ref_opt, build_scheduler(ref_opt, "cosine", warmup_steps=w, total_steps=total), total + 1)
+    assert sum(before + _group_lrs(opt, sched, total + 1 - done), []) == pytest.approx(sum(ref, []), abs=1e-12)
+
+
 def test_scale_lr_rules():
     assert scale_lr(0.1, 8192, 256) == pytest.approx(3.2)  # Goyal et al.: linear
     assert scale_lr(1e-3, 1024, 256, rule="sqrt") == pytest.approx(2e-3)

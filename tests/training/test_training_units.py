@@ -156,6 +156,29 @@ def test_a_schedule_name_in_any_case_is_the_schedule():
                             seed=0) == ["train.max_steps: 6 in the checkpoint, 9 now (the cosine schedule's length)"]
 
 
+def test_min_lr_ratio_floors_each_param_group_at_its_own_lr():
+    """`train.min_lr_ratio` is a ratio for every group: an `embedding_lr` below `lr` decays to its
+    own floor. It was turned into one absolute floor from `lr` (0.001 here), so the 1e-4 embedding
+    LR rose to 0.00055 at mid-run and 0.001 at the end."""
+    from training.config import TrainConfig
+    from training.loop import model_for, optimizer_for
+
+    t = TrainConfig(optimizer="adam", lr=0.01, optimizer_params={"embedding_lr": 1e-4}, scheduler="cosine",
+                    min_lr_ratio=0.1, max_steps=100)
+    opt = optimizer_for(t, model_for(t, [5, 5], 3))
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 0.01]
+    lrs = _lrs_of(t, 100, opt)
+    for i, g in enumerate(opt.param_groups):
+        mine = [step[i] for step in lrs]
+        assert all(b <= a for a, b in zip(mine, mine[1:]))  # never rises
+        assert mine[-1] == pytest.approx(0.1 * mine[0])
+    # scheduler_params.min_lr is the floor of train.lr, the other groups scaled alike; not both
+    t2 = t.model_copy(update={"min_lr_ratio": 0.0, "scheduler_params": {"min_lr": 0.001}})
+    assert _lrs_of(t2, 100, optimizer_for(t2, model_for(t2, [5, 5], 3)))[-1] == pytest.approx(lrs[-1])
+    with pytest.raises(ValueError, match="both set the cosine schedule's floor"):
+        _lrs_of(t2.model_copy(update={"min_lr_ratio": 0.1}), 100)
+
+
 @pytest.mark.parametrize("layout", ["array", "scalar"])
 def test_dataspec_both_gold_layouts(tmp_path, layout):
     from jobs.config import load_config
