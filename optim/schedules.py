@@ -71,19 +71,41 @@ class _CosineToFloor(lr_scheduler.LRScheduler):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "eta_min"})
 
 
+def _hp(schedule: str, key: str, value, ok, what: str, integer: bool = False):
+    """``value`` of the schedule option ``key`` as a float (``integer``: an int) when it is a
+    finite number (integral with ``integer``) for which ``ok`` holds, else a ValueError saying
+    it must be ``what`` - not a ZeroDivisionError at some later step, or a negative LR."""
+    good = (not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+            and (not integer or value == int(value)) and ok(value))
+    if not good:
+        raise ValueError(f"schedule {schedule!r}: {key} must be {what}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _gamma(schedule: str, hp: dict, default: float | None = 0.1) -> float:
+    return _hp(schedule, "gamma", hp.get("gamma", default), lambda g: 0 < g <= 1,
+               "a number in (0, 1], the factor of each decay")
+
+
+def _milestones(hp: dict) -> list[int]:
+    ms = hp["milestones"]
+    if not isinstance(ms, list | tuple) or not ms:
+        raise ValueError(f"schedule 'multistep': milestones must be a list of steps, got {ms!r}")
+    out = [_hp("multistep", "milestones", m, lambda m: m >= 1, "integers >= 1 (steps after warmup)", integer=True)
+           for m in ms]
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"schedule 'multistep': milestones must be increasing, got {list(ms)!r}")
+    return out
+
+
 def _cosine_floor_ratio(optimizer: Optimizer, hp: dict, base_lr: float | None) -> float:
     """The cosine schedule's floor as a fraction of each group's initial LR: ``min_lr_ratio``, or
     ``min_lr`` (the floor of the base LR) over the base LR."""
     if "min_lr" in hp and "min_lr_ratio" in hp:
         raise ValueError("schedule 'cosine' takes min_lr or min_lr_ratio, not both")
     if "min_lr_ratio" in hp:
-        ratio = hp["min_lr_ratio"]
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"schedule 'cosine': min_lr_ratio must be a number in [0, 1], got {ratio!r}")
-        return float(ratio)
-    min_lr = hp.get("min_lr", 0.0)
-    if isinstance(min_lr, bool) or not isinstance(min_lr, int | float) or not 0.0 <= min_lr < math.inf:
-        raise ValueError(f"schedule 'cosine': min_lr must be a number >= 0, got {min_lr!r}")
+        return _hp("cosine", "min_lr_ratio", hp["min_lr_ratio"], lambda r: 0 <= r <= 1, "a number in [0, 1]")
+    min_lr = _hp("cosine", "min_lr", hp.get("min_lr", 0.0), lambda v: v >= 0, "a number >= 0")
     if min_lr == 0:
         return 0.0
     if base_lr is None:
@@ -116,6 +138,9 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
     * ``exponential``: ``lr * gamma ** s``                                       (hp: ``gamma``)
 
     ``cosine``, ``poly`` and ``linear`` need ``total_steps``; milestones count post-warmup steps.
+    Options are checked here (ValueError): ``step_size`` an integer >= 1, ``gamma`` in (0, 1] (a
+    decay; <= 0 flips or zeroes the LR), ``milestones`` increasing integers >= 1, ``power`` >= 0,
+    ``min_lr`` >= 0 and at most the base LR, ``min_lr_ratio`` in [0, 1].
 
     Each param group follows these with its own initial ``lr`` (e.g. ``embedding_lr``): the cosine
     floor is ``r`` times each group's LR, ``min_lr_ratio=r``; ``min_lr`` is the floor of the base
@@ -147,18 +172,19 @@ def build_scheduler(optimizer: Optimizer, name: str, *, warmup_steps: int = 0, t
     elif key == "step":
         if "step_size" not in hp:
             raise ValueError("schedule 'step' needs step_size")
-        main = lr_scheduler.StepLR(optimizer, step_size=int(hp["step_size"]), gamma=hp.get("gamma", 0.1))
+        step_size = _hp("step", "step_size", hp["step_size"], lambda n: n >= 1, "an integer >= 1", integer=True)
+        main = lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=_gamma(key, hp))
     elif key == "multistep":
         if "milestones" not in hp:
             raise ValueError("schedule 'multistep' needs milestones")
-        main = lr_scheduler.MultiStepLR(optimizer, milestones=list(hp["milestones"]), gamma=hp.get("gamma", 0.1))
+        main = lr_scheduler.MultiStepLR(optimizer, milestones=_milestones(hp), gamma=_gamma(key, hp))
     elif key in ("poly", "linear"):
-        power = 1.0 if key == "linear" else float(hp.get("power", 1.0))
+        power = 1.0 if key == "linear" else _hp(key, "power", hp.get("power", 1.0), lambda p: p >= 0, "a number >= 0")
         main = lr_scheduler.PolynomialLR(optimizer, total_iters=decay_steps, power=power)
     else:
         if "gamma" not in hp:
             raise ValueError("schedule 'exponential' needs gamma")
-        main = lr_scheduler.ExponentialLR(optimizer, gamma=hp["gamma"])
+        main = lr_scheduler.ExponentialLR(optimizer, gamma=_gamma(key, hp))
 
     if warmup_steps == 0:
         return main

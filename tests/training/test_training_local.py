@@ -444,7 +444,10 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
                       (["train.optimizer=svrg"], "train.optimizer=svrg needs a loss closure at every step"),
                       (["train.optimizer=saga", "train.optimizer_params={num_components: 10}"],
                        "train.optimizer=saga needs a loss closure at every step"),
-                      (["train.optimizer=lbfgs"], "train.optimizer=lbfgs needs a closure that re-evaluates")]:
+                      (["train.optimizer=lbfgs"], "train.optimizer=lbfgs needs a closure that re-evaluates"),
+                      # a ZeroDivisionError traceback at the first step / a run at a negative LR
+                      (["train.scheduler=step", "train.scheduler_params.step_size=0"], "step_size must be"),
+                      (["train.scheduler=exponential", "train.scheduler_params.gamma=-1"], "gamma must be")]:
         cfg = train_cfg(synth_gold, tmp_path, "run.name=bad-settings", *bad, tracking=mlflow_store)
         with pytest.raises(TrainSettingsError, match="^train settings: ") as ei:
             run_training(cfg)

@@ -179,6 +179,32 @@ def test_min_lr_ratio_floors_each_param_group_at_its_own_lr():
         _lrs_of(t2.model_copy(update={"min_lr_ratio": 0.1}), 100)
 
 
+@pytest.mark.parametrize("overrides, said", [
+    (["train.scheduler=step", "train.scheduler_params.step_size=0"], "step_size must be an integer >= 1, got 0"),
+    (["train.scheduler=step", "train.scheduler_params.step_size=2.5"], "step_size must be an integer >= 1"),
+    (["train.scheduler=step", "train.scheduler_params={step_size: 2, gamma: 0}"], "gamma must be a number in (0, 1]"),
+    (["train.scheduler=exponential", "train.scheduler_params.gamma=-1"], "gamma must be a number in (0, 1]"),
+    (["train.scheduler=exponential", "train.scheduler_params.gamma=10"], "gamma must be a number in (0, 1]"),
+    (["train.scheduler=poly", "train.scheduler_params.power=-1"], "power must be a number >= 0"),
+    (["train.scheduler=multistep", "train.scheduler_params.milestones=[5, 3]"], "milestones must be increasing"),
+    (["train.scheduler=multistep", "train.scheduler_params.milestones=[0, 3]"], "milestones must be integers >= 1"),
+    (["train.scheduler=cosine", "train.scheduler_params.min_lr=-0.5"], "min_lr must be a number >= 0"),
+])
+def test_bad_schedule_options_are_settings_errors(overrides, said):
+    """Schedule options that cannot make a schedule are one `train settings:` line before
+    anything starts (optim.build_scheduler refuses them). They were a ZeroDivisionError traceback
+    at the first step (step_size 0) or the last (poly power -1, after the whole run), or a run
+    with a negative LR: gradient ascent (exponential gamma -1: +-lr alternately; cosine min_lr
+    -0.5: the LR went to -0.5)."""
+    from jobs.config import load_config
+    from training.loop import TrainSettingsError, check_settings
+
+    t = load_config(None, ["train.max_steps=20", "train.model=logreg", *overrides]).train
+    with pytest.raises(TrainSettingsError, match="^train settings: schedule ") as ei:
+        check_settings(t, num_sparse=2, num_dense=3)
+    assert said in str(ei.value)
+
+
 @pytest.mark.parametrize("layout", ["array", "scalar"])
 def test_dataspec_both_gold_layouts(tmp_path, layout):
     from jobs.config import load_config
