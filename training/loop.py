@@ -518,6 +518,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                     opt.step()
             else:
                 opt.step()
+            step_lr = opt.param_groups[0]["lr"]  # the LR this step used: sched.step() sets the next one
             sched.step()
             step += 1
             progress["samples"] += t.batch_size
@@ -538,7 +539,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 wall = time.perf_counter() - wall0
                 m = {
                     "train_loss": loss_avg,
-                    "lr": opt.param_groups[0]["lr"],
+                    "lr": step_lr,
                     "samples_per_s": win_steps * t.batch_size / max(win_train_s, 1e-9),
                     "step_time_s": win_train_s / win_steps,
                     "data_wait_frac": win_wait_s / max(win_train_s, 1e-9),

@@ -242,6 +242,22 @@ def _run_status(res) -> str:
     return mlflow.tracking.MlflowClient(res.tracking_uri).get_run(res.run_id).info.status
 
 
+def test_the_lr_logged_at_a_step_is_the_one_it_used(synth_gold, tmp_path, mlflow_store):
+    """MLflow's `lr` at step k is the LR step k ran at. It was read after sched.step(), the next
+    step's: with 2 warmup steps step 1's 0.5 * lr never appeared and the last step showed 0."""
+    import math
+
+    from mlflow import MlflowClient
+
+    cfg = train_cfg(synth_gold, tmp_path, "train.lr=0.01", "train.scheduler=cosine", "train.warmup_steps=2",
+                    "train.max_steps=10", "train.log_every=1", "run.name=lr-logged", tracking=mlflow_store)
+    res = run_training(cfg)
+    hist = MlflowClient(res.tracking_uri).get_metric_history(res.run_id, "lr")
+    want = [0.005, 0.01] + [0.01 * (1 + math.cos(math.pi * s / 8)) / 2 for s in range(8)]
+    assert [h.step for h in hist] == list(range(1, 11))
+    assert [h.value for h in hist] == pytest.approx(want)
+
+
 def test_resume_refuses_changed_settings_and_leaves_the_run_as_it_was(synth_gold, tmp_path, mlflow_store, capsys):
     """A resume that changes what the run computes (lr, optimizer, batch, ranks, model...) is one
     clear refusal naming each change, before anything starts: until the seventeenth session a
