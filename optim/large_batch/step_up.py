@@ -12,9 +12,12 @@ intervals::
 and the step-up multiplies the large-batch gradient by ``alpha`` (2-16) outside critical phases and
 leaves it unchanged inside them. The first interval (no history) counts as critical. With
 ``interval=1`` the decision for step t uses the norm of step t's own gradient; with ``interval > 1``
-the decision made at the end of an interval holds for the next one. (Accordion takes the norm of
-the gradient accumulated over the interval; the mean per-step norm used here needs no extra
-memory and equals it for ``interval=1``.)
+the decision made at the end of an interval holds for the next one: every step of interval k+1,
+and none of interval k, whose last step completes N_k (so intervals 1 and 2 are critical). That is
+Accordion's Algorithm 1: the level is chosen once an epoch's gradients have been accumulated and
+applied, and used for the following ``k`` epochs. (Accordion takes the norm of the gradient
+accumulated over the interval; the mean per-step norm used here needs no extra memory and equals
+it for ``interval=1``.)
 
 Under Horovod the norm must be the one of the averaged gradient (identical on all ranks):
 :meth:`GradientStepUp.step` synchronises a ``hvd.DistributedOptimizer`` first.
@@ -48,14 +51,18 @@ class CriticalPhaseDetector:
         self._acc = 0.0
         self._count = 0
         self.metric: float = math.nan          # last completed metric_k
-        self.critical: bool = True             # decision in force
+        self.critical: bool = True             # decision in force for the steps to come
         self.steps = 0
 
     def update(self, grad_norm: float) -> bool:
-        """Feed one step's gradient norm; returns whether this step is in a critical phase."""
+        """Feed one step's gradient norm; returns whether this step is in a critical phase: by its
+        own norm with ``interval=1``, else by the decision of the last completed interval (the
+        step that completes one still uses the one before; its own decision holds from the next
+        step on, for a whole interval)."""
         self.steps += 1
         self._acc += float(grad_norm)
         self._count += 1
+        in_force = self.critical
         if self._count == self.interval:
             n_k = self._acc / self._count
             if self.prev_norm is None:
@@ -66,7 +73,9 @@ class CriticalPhaseDetector:
                 self.critical = self.metric >= self.eta
             self.prev_norm = n_k
             self._acc, self._count = 0.0, 0
-        return self.critical
+            if self.interval == 1:
+                in_force = self.critical
+        return in_force
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("eta", "interval", "prev_norm", "_acc", "_count", "metric",
@@ -96,12 +105,13 @@ class GradientStepUp:
         self.detector = detector or CriticalPhaseDetector(eta, interval)
         self.factor = 1.0
         self.grad_norm = math.nan
+        self.critical = True  # the last step's decision (the detector's may already be the next one's)
 
     def factor_for(self, grad_norm: float) -> float:
         """Update the detector with ``grad_norm`` and return the factor for this step."""
         self.grad_norm = float(grad_norm)
-        critical = self.detector.update(self.grad_norm)
-        self.factor = 1.0 if critical else self.alpha
+        self.critical = self.detector.update(self.grad_norm)
+        self.factor = 1.0 if self.critical else self.alpha
         return self.factor
 
     @torch.no_grad()
@@ -134,14 +144,15 @@ class GradientStepUp:
         return {
             "step_up/factor": self.factor,
             "step_up/metric": self.detector.metric,
-            "step_up/critical": float(self.detector.critical),
+            "step_up/critical": float(self.critical),
             "step_up/grad_norm": self.grad_norm,
         }
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha, "factor": self.factor, "grad_norm": self.grad_norm,
+        return {"alpha": self.alpha, "factor": self.factor, "grad_norm": self.grad_norm, "critical": self.critical,
                 "detector": self.detector.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
         self.alpha, self.factor, self.grad_norm = sd["alpha"], sd["factor"], sd["grad_norm"]
+        self.critical = sd.get("critical", sd["detector"]["critical"])  # older states: the detector's was it
         self.detector.load_state_dict(sd["detector"])

@@ -136,8 +136,32 @@ def test_detector_fires_exactly_where_rate_crosses_eta():
 def test_detector_with_intervals_uses_interval_means():
     det = CriticalPhaseDetector(eta=0.5, interval=2)
     flags = [det.update(n) for n in [4, 4, 4, 4, 1, 1, 1, 1.2]]
-    # interval means 4, 4, 1, 1.1; decisions at the end of intervals 2 (0%), 3 (75%), 4 (10%)
-    assert flags == [True, True, True, False, False, True, True, False]
+    # interval means 4, 4, 1, 1.1; decisions at the end of intervals 1 (first: critical), 2 (0%),
+    # 3 (75%), each holding for the whole next interval
+    assert flags == [True, True, True, True, False, False, True, True]
+    assert det.critical is False and det.metric == pytest.approx(0.1)  # interval 4's (10%), for interval 5
+
+
+def test_an_intervals_decision_holds_for_the_whole_next_interval():
+    """As documented and as in Accordion (the level chosen once an epoch is done is used for the
+    following epochs): the step that completes an interval used that interval's own decision, which
+    then held for only interval - 1 steps of the next."""
+    det = CriticalPhaseDetector(eta=0.5, interval=4)
+    flags = "".join("C" if det.update(n) else "." for n in [10] * 4 + [1] * 8 + [5] * 4)
+    # ends of intervals: 1 (first: critical), 2 (10 -> 1: 90%), 3 (0%), 4 (400%)
+    assert flags == "CCCCCCCCCCCC...."
+    assert det.critical is True
+    su = GradientStepUp(alpha=4.0, eta=0.5, interval=2)
+    assert [su.factor_for(1.0) for _ in range(6)] == [1.0, 1.0, 1.0, 1.0, 4.0, 4.0]
+    su = GradientStepUp(alpha=4.0, eta=0.5, interval=2)
+    for _ in range(4):
+        su.factor_for(1.0)
+    # step 4 ran critical (interval 1's decision), interval 2's (not critical) is for steps 5-6
+    assert su.diagnostics()["step_up/critical"] == 1.0 and su.diagnostics()["step_up/factor"] == 1.0
+    assert su.detector.critical is False
+    su2 = GradientStepUp(alpha=4.0, eta=0.5, interval=2)
+    su2.load_state_dict(su.state_dict())
+    assert su2.diagnostics() == su.diagnostics() and su2.factor_for(1.0) == 4.0
 
 
 def test_step_up_scales_gradients_outside_critical_phases():
