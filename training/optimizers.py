@@ -145,6 +145,9 @@ def build_scheduler(
     except ImportError:
         registry = None
     if registry is not None:
+        if min_lr_ratio and name != "cosine":  # before: silently ignored
+            raise ValueError(f"train.min_lr_ratio={min_lr_ratio} is the cosine schedule's floor; train.scheduler="
+                             f"{name} has none: leave min_lr_ratio at 0 or use scheduler=cosine")
         if name == "cosine" and min_lr_ratio:
             if "min_lr" in hp or "min_lr_ratio" in hp:
                 given = "min_lr" if "min_lr" in hp else "min_lr_ratio"

@@ -189,6 +189,8 @@ def test_min_lr_ratio_floors_each_param_group_at_its_own_lr():
     (["train.scheduler=multistep", "train.scheduler_params.milestones=[5, 3]"], "milestones must be increasing"),
     (["train.scheduler=multistep", "train.scheduler_params.milestones=[0, 3]"], "milestones must be integers >= 1"),
     (["train.scheduler=cosine", "train.scheduler_params.min_lr=-0.5"], "min_lr must be a number >= 0"),
+    # the cosine floor given to a schedule without one (was silently ignored)
+    (["train.scheduler=linear", "train.min_lr_ratio=0.1"], "is the cosine schedule's floor; train.scheduler=linear"),
 ])
 def test_bad_schedule_options_are_settings_errors(overrides, said):
     """Schedule options that cannot make a schedule are one `train settings:` line before
@@ -200,7 +202,7 @@ def test_bad_schedule_options_are_settings_errors(overrides, said):
     from training.loop import TrainSettingsError, check_settings
 
     t = load_config(None, ["train.max_steps=20", "train.model=logreg", *overrides]).train
-    with pytest.raises(TrainSettingsError, match="^train settings: schedule ") as ei:
+    with pytest.raises(TrainSettingsError, match="^train settings: ") as ei:
         check_settings(t, num_sparse=2, num_dense=3)
     assert said in str(ei.value)
 
