@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from training.models.embeddings import CategoricalEmbeddings, dense_transform, mlp
+from training.models.embeddings import CategoricalEmbeddings, check_dense_transform, dense_transform, mlp
 
 
 class CrossLayer(nn.Module):
@@ -48,7 +48,7 @@ class DCNv2(nn.Module):
         super().__init__()
         if structure not in {"stacked", "parallel"}:
             raise ValueError("structure must be stacked or parallel")
-        self.dense_transform = dense_transform
+        self.dense_transform = check_dense_transform(dense_transform)
         self.structure = structure
         self.emb = CategoricalEmbeddings(cardinalities, embedding_dim, sparse=sparse)
         d0 = num_dense + self.emb.num_columns * int(embedding_dim)

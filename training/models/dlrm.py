@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from training.models.embeddings import CategoricalEmbeddings, dense_transform, mlp
+from training.models.embeddings import CategoricalEmbeddings, check_dense_transform, dense_transform, mlp
 
 
 class DLRM(nn.Module):
@@ -29,7 +29,7 @@ class DLRM(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.dense_transform = dense_transform
+        self.dense_transform = check_dense_transform(dense_transform)
         d = int(embedding_dim)
         self.bottom = mlp([num_dense, *bottom_mlp, d])
         self.emb = CategoricalEmbeddings(cardinalities, d, sparse=sparse)

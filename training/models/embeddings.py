@@ -8,6 +8,7 @@ the allreduce.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,6 +85,17 @@ def mlp(sizes: Sequence[int], *, final_activation: bool = True, dropout: float =
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+DENSE_TRANSFORMS = ("none", "log1p")
+
+
+def check_dense_transform(kind: Any) -> str:
+    """``kind`` when it is one of :data:`DENSE_TRANSFORMS`: checked when the model is built
+    (``check_settings`` builds it before a run starts), not at its first forward pass."""
+    if not isinstance(kind, str) or kind not in DENSE_TRANSFORMS:
+        raise ValueError(f"dense_transform must be none or log1p, not {kind!r}")
+    return kind
 
 
 def dense_transform(x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from training.models.embeddings import CategoricalEmbeddings, dense_transform
+from training.models.embeddings import CategoricalEmbeddings, check_dense_transform, dense_transform
 
 
 class LogisticRegression(nn.Module):
@@ -25,7 +25,7 @@ class LogisticRegression(nn.Module):
         dense_transform: str = "none",
     ):
         super().__init__()
-        self.dense_transform = dense_transform
+        self.dense_transform = check_dense_transform(dense_transform)
         self.dense = nn.Linear(num_dense, 1) if num_dense else None
         self.emb = CategoricalEmbeddings(cardinalities, 1, sparse=sparse, init_scale=0.0) if cardinalities else None
         self.bias = nn.Parameter(torch.zeros(1))
