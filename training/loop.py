@@ -273,7 +273,7 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int, steps_per_ep
             raise ValueError(f"{e}: the run is {total} steps, train.epochs={t.epochs} x {steps_per_epoch} steps "
                              f"per epoch (global batches of {t.batch_size} rows), fewer than "
                              f"train.max_steps={t.max_steps}") from None
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # RuntimeError: torch refusing a size
         raise TrainSettingsError(f"train settings: {e}") from None
 
 

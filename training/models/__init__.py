@@ -33,6 +33,8 @@ def build_model(name: str, *, cardinalities: Sequence[int], num_dense: int = 13,
         return cls(num_dense, list(cardinalities), **hp)
     except TypeError as e:
         raise ValueError(f"model {name}: bad hyper-parameters {sorted(hp)}: {e}") from None
+    except ValueError as e:  # a value the model refuses (its constructor names the parameter)
+        raise ValueError(f"model {name}: {e}") from None
 
 
 def sparse_parameters(model: nn.Module) -> set[str]:

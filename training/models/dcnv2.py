@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from training.models.embeddings import CategoricalEmbeddings, check_dense_transform, dense_transform, mlp
+from training.models.embeddings import (
+    CategoricalEmbeddings, check_dense_transform, check_dropout, check_size, check_sizes, dense_transform, mlp)
 
 
 class CrossLayer(nn.Module):
@@ -46,12 +47,18 @@ class DCNv2(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if structure not in {"stacked", "parallel"}:
-            raise ValueError("structure must be stacked or parallel")
+        if structure not in ("stacked", "parallel"):
+            raise ValueError(f"structure must be stacked or parallel, not {structure!r}")
         self.dense_transform = check_dense_transform(dense_transform)
         self.structure = structure
+        embedding_dim = check_size("embedding_dim", embedding_dim)
+        cross_layers = check_size("cross_layers", cross_layers, minimum=0)  # 0: the deep network alone
+        if low_rank is not None:  # None: full-rank cross layers (0 was taken for None)
+            low_rank = check_size("low_rank", low_rank)
+        deep_mlp = check_sizes("deep_mlp", deep_mlp)
+        dropout = check_dropout(dropout)
         self.emb = CategoricalEmbeddings(cardinalities, embedding_dim, sparse=sparse)
-        d0 = num_dense + self.emb.num_columns * int(embedding_dim)
+        d0 = num_dense + self.emb.num_columns * embedding_dim
         self.cross = nn.ModuleList(CrossLayer(d0, low_rank) for _ in range(cross_layers))
         self.deep = mlp([d0, *deep_mlp], dropout=dropout) if deep_mlp else nn.Identity()
         deep_out = deep_mlp[-1] if deep_mlp else d0

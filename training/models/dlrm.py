@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from training.models.embeddings import CategoricalEmbeddings, check_dense_transform, dense_transform, mlp
+from training.models.embeddings import (
+    CategoricalEmbeddings, check_dense_transform, check_dropout, check_size, check_sizes, dense_transform, mlp)
 
 
 class DLRM(nn.Module):
@@ -30,7 +31,9 @@ class DLRM(nn.Module):
     ):
         super().__init__()
         self.dense_transform = check_dense_transform(dense_transform)
-        d = int(embedding_dim)
+        d = check_size("embedding_dim", embedding_dim)
+        bottom_mlp, top_mlp = check_sizes("bottom_mlp", bottom_mlp), check_sizes("top_mlp", top_mlp)
+        dropout = check_dropout(dropout)
         self.bottom = mlp([num_dense, *bottom_mlp, d])
         self.emb = CategoricalEmbeddings(cardinalities, d, sparse=sparse)
         n = self.emb.num_columns + 1

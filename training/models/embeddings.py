@@ -7,6 +7,7 @@ the allreduce.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +97,36 @@ def check_dense_transform(kind: Any) -> str:
     if not isinstance(kind, str) or kind not in DENSE_TRANSFORMS:
         raise ValueError(f"dense_transform must be none or log1p, not {kind!r}")
     return kind
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and (isinstance(value, numbers.Integral) or float(value).is_integer()) and value >= minimum)
+
+
+def check_size(name: str, value: Any, *, minimum: int = 1) -> int:
+    """``value`` as an ``int >= minimum``, else a ValueError naming ``name``: a bool, a string,
+    a float with a fraction (``int()`` truncated 4.5 to 4 while MLflow recorded 4.5) or a
+    smaller number (torch refuses a negative size with a RuntimeError and takes 0 silently, as a
+    model without embeddings; a negative count of layers was none)."""
+    if not _is_count(value, minimum):
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, not {value!r}")
+    return int(value)
+
+
+def check_sizes(name: str, value: Any) -> list[int]:
+    """Layer widths: a list (possibly empty) of positive integers, else a ValueError naming ``name``."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not all(_is_count(v, 1) for v in value):
+        raise ValueError(f"{name} must be a list of positive integers, not {value!r}")
+    return [int(v) for v in value]
+
+
+def check_dropout(value: Any) -> float:
+    """A dropout probability in ``[0, 1)`` (a negative one was silently no dropout)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), not {value!r}")
+    return float(value)
 
 
 def dense_transform(x: torch.Tensor, kind: str) -> torch.Tensor:
