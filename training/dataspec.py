@@ -9,7 +9,6 @@ Handles both gold layouts the Criteo featurizer may write:
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import re
@@ -97,10 +96,13 @@ def _layout(schema) -> tuple[str, list[str], list[str], bool, bool]:
     return label, dense, sparse, dense_arr, sparse_arr
 
 
-# where a vocabulary JSON is looked for, in this order, in the train table's directory, its
-# parent and its grandparent (featurize writes features.json next to the gold tables)
-_VOCAB_PATTERNS = ("features.json", "vocabulary.json", "vocab.json", "_vocabulary.json", "*vocab*.json",
-                   "*/vocabulary.json")
+# the vocabulary JSONs bigopt writes next to the gold tables, looked for in this order in the
+# folder holding the train table: featurize's <lake>/<name>/gold/features.json, make_gold's
+# <root>/vocabulary.json. Nowhere else: the folders around hold other datasets (until the
+# twentieth session the search also looked inside the train table and in the folder above
+# the gold folder, for `*vocab*.json` and `*/vocabulary.json` too, and sized the embeddings
+# from a sibling dataset's vocabulary when the gold had none)
+_VOCAB_FILES = ("features.json", "vocabulary.json")
 
 
 def _parent(uri: str) -> str:
@@ -112,7 +114,7 @@ def _parent(uri: str) -> str:
 
 def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
     """The vocabulary JSON for the train table: ``explicit``, else the first of
-    ``_VOCAB_PATTERNS`` (glob's rules) found near it, on whatever filesystem it lives."""
+    :data:`_VOCAB_FILES` next to it (in its folder), on whatever filesystem it lives."""
     import pyarrow.fs as pafs
 
     from pipelines.lake.fs import exists, filesystem_for, normalize_uri
@@ -121,20 +123,11 @@ def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
         if not exists(explicit):
             raise FileNotFoundError(f"train.vocabulary: {explicit} does not exist")
         return explicit
-    d = normalize_uri(train_uri)
-    for _ in range(3):
-        fs, root = filesystem_for(d)
-        entries = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-                   if not i.base_name.startswith(".")]  # as glob: no hidden names for wildcards
-        files = sorted(i.base_name for i in entries if i.type == pafs.FileType.File)
-        dirs = sorted(i.base_name for i in entries if i.type == pafs.FileType.Directory)
-        for pat in _VOCAB_PATTERNS:
-            sub, _, leaf = pat.rpartition("/")
-            hits = ([f"{s}/{leaf}" for s in fnmatch.filter(dirs, sub) if exists(f"{d}/{s}/{leaf}")] if sub
-                    else fnmatch.filter(files, pat))
-            if hits:
-                return f"{d}/{hits[0]}"
-        d = _parent(d)
+    d = _parent(normalize_uri(train_uri)).rstrip("/")
+    for name in _VOCAB_FILES:
+        fs, path = filesystem_for(f"{d}/{name}")
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            return f"{d}/{name}"
     return None
 
 
