@@ -22,7 +22,7 @@ from training.checkpoint import (
 )
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
-from training.loop import check_settings, make_job, run_steps, total_steps_of, train_rank
+from training.loop import TrainSettingsError, check_settings, make_job, run_steps, total_steps_of, train_rank
 from training.tracking import (
     check_store,
     end_run,
@@ -110,7 +110,19 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) 
     spec = resolve_data(cfg, versions=data_versions)
     # the ranks' own step count, from the table's metadata: a table too small for one step and a
     # schedule longer than the epochs allow are said here, before the ranks and the MLflow run
-    steps_per_epoch = run_steps(t, spec)
+    try:
+        steps_per_epoch = run_steps(t, spec)
+    except TrainSettingsError as e:
+        from training.launch import local_task_slots
+
+        slots = local_task_slots(cfg.spark.master or "") if t.num_proc > 1 and t.backend == "horovod" else None
+        if slots is None or t.num_proc <= slots:
+            raise
+        # the data is judged first (no Spark yet), but here the ranks could not all run either:
+        # the remedy that answers both is fewer ranks, which the task-slot check would have said
+        raise TrainSettingsError(f"{e}. Also, spark.master={cfg.spark.master} runs {slots} Spark task(s) at a time, "
+                                 f"fewer than train.num_proc={t.num_proc}: lower train.num_proc (--num-proc) to "
+                                 f"{slots} or less") from None
     check_settings(t, len(spec.cardinalities), spec.num_dense, steps_per_epoch=steps_per_epoch)
     if data_versions and "train" in data_versions and spec.versions.get("train") != data_versions["train"]:
         # resolve_data reads a compacted-and-vacuumed pinned version at the latest one, whose

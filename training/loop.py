@@ -220,8 +220,8 @@ def steps_per_epoch_of(t: TrainConfig, micro_per_epoch: int, world: int) -> int:
     steps = micro_per_epoch // t.grad_accum_steps
     if steps <= 0:
         shards = ("The loader shards whole row groups across ranks: a table with fewer (or very unequal) row "
-                  "groups than ranks leaves a rank (almost) empty - write smaller row groups "
-                  "(criteo.featurize.row_group_rows) or lower train.batch_size" if world > 1
+                  "groups than ranks leaves a rank (almost) empty - use fewer ranks (train.num_proc, --num-proc), "
+                  "write smaller row groups (criteo.featurize.row_group_rows) or lower train.batch_size" if world > 1
                   else "Lower train.batch_size")
         raise TrainSettingsError(
             f"train table too small for {world} rank(s): {micro_per_epoch} micro-batches of {t.micro_batch_size} "
