@@ -138,7 +138,7 @@ def run(cfg, args) -> int:
     try:
         ranks = 1 if args.local else cfg.train.num_proc  # --local: one in-process rank
         with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"):
-            res = run_training(cfg, spark=spark, local=args.local)
+            res = run_training(cfg, spark=spark, local=args.local, store_checked=True)  # checked above
     except (FileNotFoundError, GoldVersionError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2

@@ -76,15 +76,17 @@ def checkpoint_dir_for(cfg) -> str:
     return str(Path(cfg.train.checkpoint_dir.format(run=cfg.run.name)).expanduser().resolve())
 
 
-def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False) -> TrainResult:
+def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
+                 store_checked: bool = False) -> TrainResult:
     """Train per ``cfg.train``; returns every rank's result (rank 0 first). ``spark``: a
     SparkSession or a callable that starts one (:func:`pipelines.spark.session_of`), used only
-    when the ranks run on Horovod-on-Spark; None: the session ``cfg.spark`` describes."""
+    when the ranks run on Horovod-on-Spark; None: the session ``cfg.spark`` describes.
+    ``store_checked``: the caller already ran :func:`check_store` (``bigopt run``, before ingest)."""
     from jobs.config import config_dict, config_hash, flatten
 
     if local and cfg.train.num_proc != 1:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_proc": 1})})
-    if cfg.tracking.enabled:  # an unreachable store is one line now, not minutes of MLflow's retries later
+    if cfg.tracking.enabled and not store_checked:  # an unreachable store is one line, not minutes of retries
         check_store(tracking_uri(cfg.tracking))
     t = cfg.train
     ckpt_dir = checkpoint_dir_for(cfg)
