@@ -82,8 +82,8 @@ def _hp(schedule: str, key: str, value, ok, what: str, integer: bool = False):
     return int(value) if integer else float(value)
 
 
-def _gamma(schedule: str, hp: dict, default: float | None = 0.1) -> float:
-    return _hp(schedule, "gamma", hp.get("gamma", default), lambda g: 0 < g <= 1,
+def _gamma(schedule: str, hp: dict) -> float:
+    return _hp(schedule, "gamma", hp.get("gamma", 0.1), lambda g: 0 < g <= 1,
                "a number in (0, 1], the factor of each decay")
 
 
@@ -109,7 +109,7 @@ def _cosine_floor_ratio(optimizer: Optimizer, hp: dict, base_lr: float | None) -
     if min_lr == 0:
         return 0.0
     if base_lr is None:
-        base_lr = optimizer.defaults.get("lr") if isinstance(getattr(optimizer, "defaults", None), dict) else None
+        base_lr = optimizer.defaults.get("lr")  # every torch Optimizer has its defaults dict
         if not isinstance(base_lr, int | float):
             base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
     if not 0 < min_lr <= base_lr:

@@ -161,10 +161,12 @@ class TrackingConfig(BaseModel):
         store is ``tracking_uri``, else ``$MLFLOW_TRACKING_URI`` (checked the same way)."""
         import os
 
+        from training.tracking import tracking_uri
+
         if not self.enabled:
             return self
         env = not self.tracking_uri and bool(os.environ.get("MLFLOW_TRACKING_URI"))
-        uri = os.environ["MLFLOW_TRACKING_URI"] if env else self.tracking_uri
+        uri = tracking_uri(self)  # the store MLflow will be given (the default sqlite one is no file store)
         allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true")
         if uri and is_file_store(uri) and not allowed:
             what = f"$MLFLOW_TRACKING_URI={uri!r}" if env else repr(uri)

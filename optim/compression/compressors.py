@@ -17,6 +17,7 @@ powersgd       2x allreduce  P (n x r) and Q (m x r) per matrix           4r(n+m
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any
@@ -237,6 +238,7 @@ class QSGDCompressor(Compressor):
             self._gen_state = state["rng"].clone()
 
 
+@functools.lru_cache(maxsize=4096)  # per tensor per step: the same few (ratio, size) pairs
 def _k_for(ratio: float, n: int) -> int:
     """k = ceil(ratio * n) in exact arithmetic (:func:`_exact_ratio`), at least 1, at most n: the one
     count the payload (compress) and its size (payload_nbytes) both use."""

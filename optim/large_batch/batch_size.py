@@ -126,7 +126,12 @@ class BatchSizeReport:
 
     @property
     def best_measured_batch(self) -> int:
-        return max(self.measurements, key=lambda m: m.samples_per_s).batch_size
+        return self._best_measured().batch_size
+
+    def _best_measured(self, bound: int | None = None) -> BatchMeasurement | None:
+        """The measurement with the most samples/s among sizes <= ``bound`` (None: all)."""
+        within = [m for m in self.measurements if bound is None or m.batch_size <= bound]
+        return max(within, key=lambda m: m.samples_per_s) if within else None
 
     def predicted_samples_per_s(self, b: float) -> float | None:
         t = float(self.time_fit.predict(b))
@@ -175,10 +180,9 @@ class BatchSizeReport:
         t0, t1 = self.time_fit.intercept, self.time_fit.slope
         why = (f"the time fit has no positive slope ({t1 * 1e3:.5f} ms/sample)" if t1 <= 0 else
                f"the time fit has no positive intercept ({t0 * 1e3:.3f} ms)") + ", so no knee"
-        within = [m for m in self.measurements if bound is None or m.batch_size <= bound]
-        if not within:
+        best = self._best_measured(bound)
+        if best is None:
             return bound, f"{why}, and no measured size is within the memory bound: the bound"
-        best = max(within, key=lambda m: m.samples_per_s)
         where = "" if bound is None else " within the memory bound"
         return best.batch_size, f"{why}: the measured size with the most samples/s{where} ({best.samples_per_s:.0f})"
 
