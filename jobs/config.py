@@ -4,7 +4,9 @@
     print(dump_config(cfg))      # the fully resolved config; this is what gets logged
 
 Rules:
-- unknown keys and wrong types are errors that name the key (``train.lr: ...``);
+- unknown keys and wrong types are errors that name the key (``train.lr: ...``), a boolean
+  for a number setting and an infinite or NaN number included (:class:`pipelines.config.Section`,
+  the base of every section);
 - ``key.sub=value`` overrides are parsed as YAML scalars (``3`` int, ``0.1`` float,
   ``true`` bool, ``[1,2]`` list) and applied before validation; a string setting given a
   value YAML reads as a number or boolean (``run.name=2024``) takes the text as typed;
@@ -30,19 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from pipelines.config import LakeConfig, SparkConfig
+from pipelines.config import LakeConfig, Section, SparkConfig
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
-class RunConfig(BaseModel):
+class RunConfig(Section):
     """What a run is called and where its outputs go."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = "bigopt"
     dataset: str = Field("criteo", description="criteo | commoncrawl | ogb; one MLflow experiment each")
     seed: int = 0
@@ -79,7 +80,7 @@ def _root_model() -> type[BaseModel]:
         # validated like a given section, when absent too: a section's check of the environment
         # (tracking: $MLFLOW_TRACKING_URI) is a config error, not one at import of the model
         fields[name] = (model, Field(default_factory=dict, validate_default=True))
-    return create_model("BigoptConfig", __config__=ConfigDict(extra="forbid"), **fields)
+    return create_model("BigoptConfig", __base__=Section, **fields)
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

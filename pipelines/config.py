@@ -1,14 +1,72 @@
-"""Config sections shared by every pipeline: the Spark session and the lake layout."""
+"""Config sections shared by every pipeline: the Spark session and the lake layout, and
+:class:`Section`, the base of every section model (here, the layer below all the others)."""
 from __future__ import annotations
 
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
-class SparkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Section(BaseModel):
+    """Base of every config section: an unknown key is an error, and so are a boolean for a
+    number setting and an infinite or NaN number. Pydantic's lax mode reads ``true`` as 1 / 1.0
+    (``train.lr=true`` ran with lr 1.0), and its JSON dump writes inf and NaN as null, so
+    ``bigopt config`` and MLflow showed ``lr: null`` for the ``.inf`` that ran. Text such as
+    ``"3"`` (an ``${ENV_VAR}``) still reads as a number, and 1 as 1.0."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        members = _members(cls.model_fields[info.field_name].annotation)
+        if any(isinstance(m, type) and issubclass(m, BaseModel) for m in members):
+            return value  # a section: its own fields are checked, each under its own key
+        if _bool_for_number(members, value):
+            raise PydanticCustomError("bool_for_number", "Input should be a number, not a boolean")
+        if (where := _non_finite(value)) == "":
+            raise PydanticCustomError("finite_number", "Input should be a finite number")
+        if where is not None:  # free-form mappings (train.optimizer_params, spark.conf): logged alike
+            raise PydanticCustomError("finite_number", "{key} should be a finite number", {"key": where})
+        return value
+
+
+def _members(ann: Any) -> tuple[Any, ...]:
+    """The types a union annotation allows (``(float, NoneType)`` for ``float | None``)."""
+    return typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+
+
+def _bool_for_number(members: tuple[Any, ...], value: Any) -> bool:
+    """Whether ``value`` holds a boolean where the setting (of the types ``members``) wants a
+    number and no boolean (``int``, ``float | None``, the items of ``list[int]``)."""
+    if isinstance(value, bool):
+        return bool not in members and any(m in (int, float) for m in members)
+    if isinstance(value, list):
+        items = [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list and typing.get_args(m)]
+        return any(_bool_for_number(_members(item), v) for item in items for v in value)
+    return False
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The path (``''``: the value itself) of the first infinite or NaN float in ``value``,
+    descending into mappings and lists; None when there is none."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        found = (_non_finite(v, f"{where}.{k}" if where else str(k)) for k, v in value.items())
+    elif isinstance(value, list):
+        found = (_non_finite(v, f"{where}[{i}]") for i, v in enumerate(value))
+    else:
+        return None
+    return next((w for w in found if w is not None), None)
+
+
+class SparkConfig(Section):
     master: str | None = Field(None, description="None: spark-submit's master, else local[*]")
     app_name: str = "bigopt"
     conf: dict[str, Any] = Field(default_factory=dict, description="extra spark.* settings")
@@ -16,10 +74,9 @@ class SparkConfig(BaseModel):
     ui: bool | None = None
 
 
-class LakeConfig(BaseModel):
+class LakeConfig(Section):
     """Where the Delta tables live: ``<root>/<dataset>/<layer>/<table>``."""
 
-    model_config = ConfigDict(extra="forbid")
     root: str = "lake"
     compression: Literal["zstd", "lz4", "snappy", "gzip", "none"] = Field(
         "zstd",

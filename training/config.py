@@ -14,13 +14,14 @@ import posixpath
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from pipelines.config import Section
 
 
-class CompressionSection(BaseModel):
+class CompressionSection(Section):
     """Gradient compression hook (``optim.compression``). ``none`` = ``hvd.DistributedOptimizer``."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field("none", description="none | fp16 | bf16 | topk | randomk | qsgd | signsgd | powersgd ...")
     params: dict[str, Any] = Field(default_factory=dict, description="compressor hyper-parameters")
     min_compress_numel: int = Field(1024, ge=0)
@@ -32,8 +33,8 @@ class CompressionSection(BaseModel):
 _DECAYING = ("cosine", "poly", "linear")
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class TrainConfig(Section):
+    model_config = ConfigDict(protected_namespaces=())  # and Section's
 
     # --- model --------------------------------------------------------------------------
     model: Literal["logreg", "dlrm", "dcnv2"] = "dlrm"
@@ -126,8 +127,7 @@ class TrainConfig(BaseModel):
         return self.batch_size // (self.num_proc * self.grad_accum_steps)
 
 
-class TrackingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db"

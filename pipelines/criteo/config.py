@@ -15,13 +15,14 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from pipelines.config import Section
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(Section):
     """Synthetic click logs in exactly the raw Criteo format."""
 
-    model_config = ConfigDict(extra="forbid")
     layout: Literal["days", "kaggle"] = Field(
         "days", description="days: day_0..day_{N-1} (1TB layout); kaggle: one train.txt with all rows"
     )
@@ -44,10 +45,9 @@ class GenerateConfig(BaseModel):
                                               "the bytes do not depend on it)")
 
 
-class IngestConfig(BaseModel):
+class IngestConfig(Section):
     """Raw files -> bronze Delta table (+ quarantine, ledger)."""
 
-    model_config = ConfigDict(extra="forbid")
     file_globs: list[str] = Field(
         default_factory=lambda: ["day_*", "*.txt", "*.txt.gz", "*.tsv", "*.tsv.gz"],
         description="basenames taken when an input is a directory",
@@ -89,8 +89,7 @@ class IngestConfig(BaseModel):
     max_line_preview: int = Field(4096, ge=64, description="quarantine keeps at most this many chars of a line")
 
 
-class SplitConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SplitConfig(Section):
     mode: Literal["auto", "day", "random"] = Field(
         "auto", description="auto: 'day' when test_days/valid_days are set or bronze's labelled rows "
         "all come from dated files (day_N) spanning >= 2 days, else 'random' (Kaggle)"
@@ -104,10 +103,9 @@ class SplitConfig(BaseModel):
     seed: int = 0
 
 
-class FeaturizeConfig(BaseModel):
+class FeaturizeConfig(Section):
     """Bronze -> gold train/valid/test + vocabulary."""
 
-    model_config = ConfigDict(extra="forbid")
     strategy: Literal["vocab", "hash"] = "vocab"
     freq_threshold: int = Field(3, ge=1, le=2**31 - 1,
                                 description="vocab: values seen fewer times in train share the rare id")
@@ -122,8 +120,7 @@ class FeaturizeConfig(BaseModel):
     )
 
 
-class CriteoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class CriteoConfig(Section):
     name: str = Field("criteo", pattern=r"^[A-Za-z0-9_.-]+$", description="dataset name in the lake")
     raw_dir: str = "data/criteo/raw"
     inputs: list[str] = Field(default_factory=list, description="files/globs/dirs to ingest; empty: raw_dir")

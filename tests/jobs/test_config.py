@@ -41,6 +41,51 @@ def test_wrong_type_is_named(tmp_path):
         load_config(None, ["criteo.generate.seed=-1"])
 
 
+def _refused(pattern: str, *overrides: str, path=None) -> None:
+    """Loading ``path`` with ``overrides`` is a ConfigError matching ``pattern``."""
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(path, list(overrides))
+
+
+def test_a_boolean_is_no_number(tmp_path, monkeypatch):
+    """Pydantic's lax mode read ``true`` as 1 / 1.0: ``train.lr=true`` ran (and was logged) with
+    lr 1.0. A boolean for a number setting is an error naming the key, in every section, from
+    an override or the file; text and integers still read as numbers."""
+    for key in ("train.lr", "train.weight_decay", "train.batch_size", "train.clip_grad_norm", "run.seed",
+                "tracking.flush_every_s", "criteo.generate.days", "criteo.generate.positive_rate",
+                "criteo.ingest.chunk_bytes", "criteo.featurize.split.valid_share"):
+        _refused(rf"{key}: Input should be a number, not a boolean \(got True\)", f"{key}=true")
+    _refused(r"criteo\.featurize\.split\.test_days: .*not a boolean", "criteo.featurize.split.test_days=[3, false]")
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: yes\n")
+    _refused(r"train\.lr: .*not a boolean", path=f)
+    # what stays: booleans where a boolean is meant (free-form mappings included), numbers from
+    # text (an ${ENV_VAR}), an integer for a float
+    monkeypatch.setenv("BIGOPT_TEST_SEED", "3")
+    cfg = load_config(None, ["train.sparse_embeddings=true", "spark.ui=false", "train.optimizer_params.foreach=false",
+                             "train.lr=1", "run.seed=${BIGOPT_TEST_SEED}", "train.max_steps='50'"])
+    assert (cfg.train.sparse_embeddings, cfg.spark.ui, cfg.train.optimizer_params) == (True, False, {"foreach": False})
+    assert (cfg.train.lr, cfg.run.seed, cfg.train.max_steps) == (1.0, 3, 50) and isinstance(cfg.train.lr, float)
+
+
+def test_numbers_are_finite(tmp_path):
+    """``train.lr=.inf`` was taken, and printed (and logged to MLflow) as ``lr: null``: no
+    setting gives inf or NaN a meaning, so each is an error naming the key, in every section
+    and in the free-form mappings, whose numbers are logged alike."""
+    for override in ("train.lr=.inf", "train.lr=.nan", "train.clip_grad_norm=-.inf", "train.lr='inf'",
+                     "train.weight_decay=.NaN", "tracking.flush_every_s=.inf", "criteo.generate.zipf_exponent=.nan",
+                     "criteo.featurize.split.valid_share=.nan", "train.target_auc=.nan"):
+        _refused(rf"{override.split('=')[0]}: Input should be a finite number", override)
+    _refused(r"train\.optimizer_params: eps should be a finite number", "train.optimizer_params.eps=.inf")
+    _refused(r"train\.model_params: top_mlp\[1\] should be a finite number", "train.model_params.top_mlp=[8, .nan]")
+    f = tmp_path / "c.yaml"
+    f.write_text("spark:\n  conf:\n    spark.x: .inf\n")
+    _refused(r"spark\.conf: spark\.x should be a finite number", path=f)
+    # what is printed is what ran
+    cfg = load_config(None, ["train.lr=0.01", "train.optimizer_params.eps=1.0e-8"])
+    assert "  lr: 0.01\n" in dump_config(cfg) and "  eps: 1.0e-08\n" in dump_config(cfg)
+
+
 def test_an_override_for_a_string_setting_is_the_text_as_typed():
     """``run.name=2024`` / ``run.name=yes``: YAML reads a number or a boolean, the setting is a
     string, so the text as typed is meant (a 'valid string' error until the twelfth session)."""
