@@ -7,7 +7,7 @@ Rules:
 - unknown keys and wrong types are errors that name the key (``train.lr: ...``), a boolean
   for a number setting and an infinite or NaN number included (:class:`pipelines.config.Section`,
   the base of every section);
-- ``key.sub=value`` overrides are parsed as YAML scalars (``3`` int, ``0.1`` float,
+- ``key.sub=value`` overrides are parsed as YAML scalars (``3`` int, ``0.1`` and ``1e-8`` float,
   ``true`` bool, ``[1,2]`` list) and applied before validation; a string setting given a
   value YAML reads as a number or boolean (``run.name=2024``) takes the text as typed;
 - ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment in every string;
@@ -115,6 +115,23 @@ def _deep_merge(base: dict, top: Mapping) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: 1.1 wants a dot, so ``1e-8`` was the text
+    '1e-8' - harmless in a typed setting (pydantic reads it), but passed on as text in the
+    free-form ones (``train.optimizer_params: {eps: 1e-8}``), where the optimizer refused it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict:
     """The file's mapping with its ``include:`` files merged under it (``including``: the
     files whose includes led here, to refuse a cycle)."""
@@ -122,7 +139,7 @@ def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict:
         cycle = including[including.index(path.resolve()):]
         raise ConfigError("include cycle: " + " -> ".join(str(p) for p in (*cycle, cycle[0])))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
     except IsADirectoryError as e:
@@ -155,7 +172,7 @@ def apply_override(data: dict, override: str, model: type[BaseModel] | None = No
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {override!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml(raw) if raw != "" else ""
         # YAML reads ' #...' (or a leading '#') as a comment and drops it: on a command line
         # that is text, so 'lake.root=/data/run #2' is '/data/run #2', not '/data/run'
         if re.search(r"(^|\s)#", raw) and not raw.lstrip().startswith(("'", '"', "[", "{")):

@@ -120,6 +120,21 @@ def test_overrides_are_typed_and_nested(tmp_path):
         apply_override(d, "a.b=2")
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads ``1e-8`` (no dot) as text: a free-form setting passed it on as '1e-8'
+    and the optimizer refused it."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  optimizer_params: {eps: 1e-8, betas: [0.9, 9.99E-1]}\n")
+    cfg = load_config(f, ["train.model_params={dropout: 5e-1}", "run.name=1e5"])
+    assert cfg.train.optimizer_params == {"eps": 1e-8, "betas": [0.9, 0.999]}
+    assert cfg.train.model_params == {"dropout": 0.5}
+    assert cfg.run.name == "1e5"  # a string setting keeps the text as typed
+    from training.optimizers import build_optimizer
+    import torch
+    opt = build_optimizer("adam", torch.nn.Linear(2, 1), lr=1e-3, params=cfg.train.optimizer_params)
+    assert opt.param_groups[0]["eps"] == 1e-8
+
+
 def test_env_interpolation(tmp_path, monkeypatch):
     f = tmp_path / "c.yaml"
     f.write_text("lake:\n  root: ${BIGOPT_TEST_ROOT}/lake\nrun:\n  name: ${BIGOPT_TEST_UNSET:-fallback}\n")
