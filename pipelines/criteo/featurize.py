@@ -63,6 +63,7 @@ inputs, so featurizing the same bronze version with the same settings again writ
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
@@ -1018,7 +1019,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     from pipelines.lake.fs import check_writable
     from pipelines.lake.tasks import UncommittedWrites, begin_write, commit_writes
     from pipelines.spark import session_of
-    from pipelines.stopping import cancel_jobs_if_stopping
+    from pipelines.stopping import cancel_jobs_if_stopping, held_stop_signals
 
     t0 = time.time()
     say = progress or (lambda msg: log.info(msg))
@@ -1067,64 +1068,68 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     vocab_files: tuple = ()
     written: list[tuple[str, TaskWrite, list[dict]]] = []  # committed once every job has succeeded
     vocab = fz.strategy == "vocab"
-    # a failed job, an error, or Ctrl-C / SIGTERM anywhere up to the commits: no file of an
-    # uncommitted write stays (the commits that landed keep theirs)
-    with UncommittedWrites(on_error=functools.partial(cancel_jobs_if_stopping, sc)) as guard:
+    with contextlib.ExitStack() as held:  # stop signals held from the first commit on (below)
+        # a failed job, an error, or Ctrl-C / SIGTERM anywhere up to the commits: no file of an
+        # uncommitted write stays (the commits that landed keep theirs)
+        with UncommittedWrites(on_error=functools.partial(cancel_jobs_if_stopping, sc)) as guard:
+            if vocab:
+                say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
+                train_files = [f for f in files if rule.may_train(_day(f))]
+                vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
+                try:
+                    vtw, vadds, sizes, distinct, vocab_files = build_vocabulary(
+                        sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"], guard,
+                        cfg.lake.compression,
+                    )
+                except UnreadableBronzeError as e:  # name the held-out days' bad files too, not one job's at a time
+                    train_uris = {f.uri for f in train_files}
+                    rest = _unreadable_footers(f.uri for f in files if f.uri not in train_uris)
+                    raise UnreadableBronzeError(e.problems + rest) from None
+                written.append(("vocabulary", vtw, vadds))
+                cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
+                say(f"vocabulary: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
+            else:
+                cards = [fz.hash_buckets] * NUM_SPARSE
+            report.cardinalities = cards
+
+            say("writing gold " + "/".join(GOLD_SPLITS))
+            spec_args = {"rule": rule, "schema": bronze.schema(ROW_COLUMNS), "strategy": fz.strategy,
+                         "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
+            gold = write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz, guard)
+            written += [(split, tw, adds) for split, (tw, adds) in gold.items()]
+            if not sum(int(a["num_records"]) for a in gold["train"][1]):  # nothing to train on (and no vocabulary)
+                raise FeaturizeError(
+                    f"the train split of bronze v{view.version}'s {sum(view.sources[s]['rows'] for s in sources):,} "
+                    f"labelled rows is empty (split.train_fraction={fz.split.train_fraction}); nothing committed")
+            rows = [
+                {"column": c, "position": j, "cardinality": cards[j], "kept_values": sizes.get(c, 0) if vocab else None,
+                 "distinct_in_train": distinct.get(c, 0) if vocab else None, "strategy": fz.strategy,
+                 "freq_threshold": fz.freq_threshold if vocab else None,
+                 "hash_buckets": None if vocab else fz.hash_buckets, "missing_id": MISSING_ID,
+                 "rare_id": RARE_ID if vocab else None}
+                for j, c in enumerate(SPARSE)
+            ]
+            stw = guard.add(begin_write(paths["vocab_sizes"], VOCAB_SIZES_SCHEMA, mode="overwrite",
+                                        compression=cfg.lake.compression))
+            written.append(("vocab_sizes", stw, stw.write_all(  # 26 rows: written by the driver, no Spark job
+                pa.Table.from_pylist(rows, schema=VOCAB_SIZES_SCHEMA).to_batches())))
+
+            say("committing " + ", ".join(name for name, _, _ in written))
+            # Ctrl-C / SIGTERM from the first commit to features.json is held, then acted on: a
+            # stop between two commits left gold train on the new build and valid/test on the old
+            held.enter_context(held_stop_signals())
+            versions = dict(zip((name for name, _, _ in written), commit_writes(
+                [(tw, adds, {**info_base, "table": name}) for name, tw, adds in written])))
         if vocab:
-            say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
-            train_files = [f for f in files if rule.may_train(_day(f))]
-            vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
-            try:
-                vtw, vadds, sizes, distinct, vocab_files = build_vocabulary(
-                    sc, train_files, bronze.schema(vocab_columns), rule, fz, paths["vocabulary"], guard,
-                    cfg.lake.compression,
-                )
-            except UnreadableBronzeError as e:  # name the held-out days' bad files too, not one job's at a time
-                train_uris = {f.uri for f in train_files}
-                rest = _unreadable_footers(f.uri for f in files if f.uri not in train_uris)
-                raise UnreadableBronzeError(e.problems + rest) from None
-            written.append(("vocabulary", vtw, vadds))
-            cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
-            say(f"vocabulary: {sum(sizes.values()):,} values kept of {sum(distinct.values()):,} distinct in train")
-        else:
-            cards = [fz.hash_buckets] * NUM_SPARSE
-        report.cardinalities = cards
+            report.vocabulary, report.vocabulary_version = paths["vocabulary"], versions["vocabulary"]
+        for split, (_, adds) in gold.items():
+            report.tables[split], report.versions[split] = paths[split], versions[split]
+            report.rows[split] = sum(int(a["num_records"]) for a in adds)
+        report.vocab_sizes, report.vocab_sizes_version = paths["vocab_sizes"], versions["vocab_sizes"]
 
-        say("writing gold " + "/".join(GOLD_SPLITS))
-        spec_args = {"rule": rule, "schema": bronze.schema(ROW_COLUMNS), "strategy": fz.strategy,
-                     "hash_buckets": fz.hash_buckets, "vocab_files": vocab_files}
-        gold = write_gold(sc, bronze_tasks(files, parallelism), spec_args, paths, fz, guard)
-        written += [(split, tw, adds) for split, (tw, adds) in gold.items()]
-        if not sum(int(a["num_records"]) for a in gold["train"][1]):  # nothing to train on (and no vocabulary)
-            raise FeaturizeError(
-                f"the train split of bronze v{view.version}'s {sum(view.sources[s]['rows'] for s in sources):,} "
-                f"labelled rows is empty (split.train_fraction={fz.split.train_fraction}); nothing committed")
-        rows = [
-            {"column": c, "position": j, "cardinality": cards[j], "kept_values": sizes.get(c, 0) if vocab else None,
-             "distinct_in_train": distinct.get(c, 0) if vocab else None, "strategy": fz.strategy,
-             "freq_threshold": fz.freq_threshold if vocab else None,
-             "hash_buckets": None if vocab else fz.hash_buckets, "missing_id": MISSING_ID,
-             "rare_id": RARE_ID if vocab else None}
-            for j, c in enumerate(SPARSE)
-        ]
-        stw = guard.add(begin_write(paths["vocab_sizes"], VOCAB_SIZES_SCHEMA, mode="overwrite",
-                                    compression=cfg.lake.compression))
-        written.append(("vocab_sizes", stw, stw.write_all(  # 26 rows: written by the driver, no Spark job
-            pa.Table.from_pylist(rows, schema=VOCAB_SIZES_SCHEMA).to_batches())))
-
-        say("committing " + ", ".join(name for name, _, _ in written))
-        versions = dict(zip((name for name, _, _ in written), commit_writes(
-            [(tw, adds, {**info_base, "table": name}) for name, tw, adds in written])))
-    if vocab:
-        report.vocabulary, report.vocabulary_version = paths["vocabulary"], versions["vocabulary"]
-    for split, (_, adds) in gold.items():
-        report.tables[split], report.versions[split] = paths[split], versions[split]
-        report.rows[split] = sum(int(a["num_records"]) for a in adds)
-    report.vocab_sizes, report.vocab_sizes_version = paths["vocab_sizes"], versions["vocab_sizes"]
-
-    say("writing features.json")
-    report.features_json = paths["features_json"]
-    write_features_json(cfg, report, sizes, distinct, plan, bronze.table.metadata().id, data_v)
+        say("writing features.json")
+        report.features_json = paths["features_json"]
+        write_features_json(cfg, report, sizes, distinct, plan, bronze.table.metadata().id, data_v)
     report.seconds = time.time() - t0
     return report
 

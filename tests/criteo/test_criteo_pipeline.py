@@ -960,6 +960,45 @@ def test_a_stop_between_the_jobs_and_the_commits_leaves_no_file(spark, tmp_path,
     assert sum(DeltaSnapshot(t[s]).to_table().num_rows for s in ("train", "valid", "test")) == 600
 
 
+def test_a_stop_signal_between_two_gold_commits_waits_for_features_json(spark, tmp_path, monkeypatch):
+    """SIGINT while featurize commits its five tables, one transaction each: the signal is held
+    until the last commit and features.json are written, then acted on. Until the twenty-first
+    session a stop after the second commit left gold train on the new build and valid / test
+    on the old one, which training refuses until featurize runs again."""
+    import json
+    import os
+    import signal
+
+    from pipelines.criteo.featurize import BUILD_KEY, featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+    from pipelines.lake import tasks
+
+    cfg = _cfg(tmp_path, generate={"days": 2, "rows_per_day": 300, "seed": 4})
+    generate(cfg)
+    ingest(spark, cfg)
+    first = featurize(spark, cfg)
+    t = _bronze(cfg)
+    real_commit_write = tasks.commit_write
+    calls = []
+
+    def commit_then_stop(tw, adds, info=None, *a, **kw):
+        v = real_commit_write(tw, adds, info, *a, **kw)
+        calls.append(info.get("table") if info else None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return v
+
+    monkeypatch.setattr(tasks, "commit_write", commit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(spark, cfg, force=True)
+    assert len(calls) == 5, calls  # every table committed before the stop was acted on
+    builds = {s: DeltaSnapshot(t[s]).table.history(1)[0].get(BUILD_KEY)
+              for s in ("train", "valid", "test", "vocabulary", "vocab_sizes")}
+    assert len(set(builds.values())) == 1 and first.build not in builds.values(), builds
+    assert json.loads(Path(t["features_json"]).read_text())["build"] == builds["train"]
+
+
 def rows_by_source_now(path: str) -> dict[str, int]:
     from pipelines.criteo.ingest import rows_by_source
 
