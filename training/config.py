@@ -75,7 +75,7 @@ class TrainConfig(Section):
     # --- evaluation / stopping ----------------------------------------------------------
     eval_every: int = Field(200, ge=0, description="evaluate on the valid split every N steps (0: only at the end)")
     eval_batch_size: int = Field(8192, ge=1)
-    eval_max_rows: int | None = Field(None, ge=1, description="cap rows per evaluation (None: the whole split)")
+    eval_max_rows: int | None = Field(None, ge=1, description="cap rows per evaluation, over all ranks together (None: the whole split)")
     target_auc: float | None = Field(None, ge=0, le=1, description="time-to-accuracy target on valid AUC")
     early_stop: bool = Field(True, description="stop when target_auc is reached")
     test_at_end: bool = Field(False, description="evaluate the test split after training")

@@ -77,6 +77,14 @@ class TensorLoader:
             return perm[self.rank * per:(self.rank + 1) * per] if self.shuffle else perm[self.rank::self.world_size][:per]
         return perm[self.rank::self.world_size]
 
+    @property
+    def rank_rows(self) -> list[int]:
+        """Rows each rank's shard yields per epoch (the Delta loader's attribute of that name):
+        what :func:`training.loop.eval_quotas` splits a capped evaluation by."""
+        if self.drop_last:
+            return [self.n // self.world_size] * self.world_size
+        return [len(range(r, self.n, self.world_size)) for r in range(self.world_size)]
+
     def __len__(self) -> int:
         if self.drop_last:
             return (self.n // self.world_size) // self.batch_size

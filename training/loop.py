@@ -144,14 +144,29 @@ def _optimizer_state_mb(opt: torch.optim.Optimizer) -> float:
     return total / 2**20
 
 
+def eval_quotas(rank_rows: list[int], max_rows: int | None) -> list[int]:
+    """Rows each rank scores when an evaluation is capped at ``max_rows`` over all ranks together:
+    its whole shard when the split fits (every row scored, whatever the rank count), else shares
+    proportional to the shards (largest remainders, ties to the lower rank) that add up to
+    ``max_rows``. An equal ``max_rows // W`` per rank dropped rows of a larger shard even when
+    the split was under the cap (1,941 rows on 2 ranks: 1,917 scored)."""
+    total = sum(rank_rows)
+    if max_rows is None or total <= max_rows:
+        return list(rank_rows)
+    quotas = [max_rows * n // total for n in rank_rows]
+    left = max_rows - sum(quotas)  # the remainders' sum: at most one more row each, never past a shard
+    for r in sorted(range(len(rank_rows)), key=lambda r: (-(max_rows * rank_rows[r] % total), r))[:left]:
+        quotas[r] += 1
+    return quotas
+
+
 def evaluate(model, loader, spec: DataSpec, dist, device, *, bf16: bool = False, max_rows: int | None = None) -> dict[str, float]:
     """Exact metrics over the split: every rank scores its shard, scores/labels are allgathered
-    (the ranks' counts may differ). ``max_rows`` caps the total: rank ``r`` of ``W`` scores at
-    most ``max_rows // W`` rows, one more when ``r < max_rows % W`` (a ceiling per rank went past
-    the cap, by up to ``W - 1`` rows)."""
+    (the ranks' counts may differ). ``max_rows`` caps the total over all ranks: rank ``r`` scores
+    the first ``eval_quotas(loader.rank_rows, max_rows)[r]`` rows of its shard."""
     was_training = model.training
     model.eval()
-    cap = max_rows // dist.size + (dist.rank < max_rows % dist.size) if max_rows else None
+    cap = eval_quotas(list(loader.rank_rows), max_rows)[dist.rank] if max_rows else None
     zs, ys, rows = [], [], 0
     loader.set_epoch(0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

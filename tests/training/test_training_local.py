@@ -573,16 +573,19 @@ def test_a_run_the_data_cannot_hold_is_one_error_before_mlflow(synth_gold, tmp_p
         assert {run_steps(t, spec)} == {n // accum for n in lens}
 
 
-@pytest.mark.parametrize("max_rows, ranks, want", [(1001, 2, 1001), (1001, 3, 1001), (1, 2, 1), (4001, 2, 4000)])
+@pytest.mark.parametrize("max_rows, ranks, want", [(1001, 2, 1001), (1001, 3, 1001), (1, 2, 1), (4001, 2, 4000),
+                                                    (3999, 3, 3999), (4000, 3, 4000)])
 def test_eval_max_rows_caps_the_rows_of_all_ranks_together(synth_gold, tmp_path, max_rows, ranks, want):
     """train.eval_max_rows is the rows of an evaluation over all ranks: each rank scored
-    ceil(max_rows / ranks), so 2 ranks and 1001 scored 1002. Each rank's eval loader (padded
-    to equal batch counts, as on Horovod) under a dist whose allgather returns the rank's own
-    rows: their counts add up to the cap (or the split, when smaller)."""
+    ceil(max_rows / ranks), so 2 ranks and 1001 scored 1002; then max_rows // ranks, so unequal
+    shards (3 ranks: 2000, 1000, 1000 rows) of a split under the cap lost rows. Each rank's eval
+    loader (padded to equal batch counts, as on Horovod) under a dist whose allgather returns the
+    rank's own rows: their counts add up to the cap (or the split, when smaller), each rank's
+    proportional to its shard."""
     from training.dataspec import resolve_data
     from training.dist import LocalDist
     from training.loaders import make_loader
-    from training.loop import evaluate, model_for
+    from training.loop import eval_quotas, evaluate, model_for
 
     class OneOf(LocalDist):
         def __init__(self, rank):
@@ -591,13 +594,15 @@ def test_eval_max_rows_caps_the_rows_of_all_ranks_together(synth_gold, tmp_path,
     cfg = train_cfg(synth_gold, tmp_path)
     spec = resolve_data(cfg)
     model = model_for(cfg.train, spec.cardinalities, spec.num_dense)
-    counted = []
+    counted, shards = [], None
     for r in range(ranks):
         loader = make_loader(spec.valid, spec.columns, 256, version=spec.versions["valid"], rank=r, world_size=ranks,
                              train=False, prefetch=0)
+        shards = loader.rank_rows
         counted.append(evaluate(model, loader, spec, OneOf(r), torch.device("cpu"), max_rows=max_rows)["rows"])
     assert sum(counted) == want, counted
-    assert max(counted) - min(counted) <= 1
+    assert counted == eval_quotas(shards, max_rows)
+    assert all(abs(c - max_rows * n / sum(shards)) < 1 or c == n for c, n in zip(counted, shards)), (counted, shards)
 
 
 @pytest.mark.parametrize("override, said", [
