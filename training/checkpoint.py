@@ -14,6 +14,8 @@ floats, strings and None only::
       "loaders": [loader.state_dict() per rank],
       "rng": [torch.get_rng_state() per rank],    # + "cuda_rng" when on GPU
       "progress": {"samples": int, "train_s": float, "wall_s": float, "best_auc": float, ...},
+      "history": {"train": [...], "eval": [...], "target_auc": float | None},
+      "stop_reason": str,                         # "" before the stop; "target_auc" keeps a resume stopped
       "run_id": str | None, "config_hash": str,
       "data_versions": {"train": v, "valid": v, "test": v},
       "train_config": cfg.train as JSON, "seed": run.seed,   # what a resume must keep (below)

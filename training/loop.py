@@ -250,6 +250,25 @@ def total_steps_of(t: TrainConfig, steps_per_epoch: int) -> int:
     return t.max_steps if t.epochs is None else min(t.max_steps, t.epochs * steps_per_epoch)
 
 
+def length_stop_reason(t: TrainConfig, total_steps: int) -> str:
+    """Why a run that reached ``total_steps`` stopped: its ``epochs`` when they end it before ``max_steps``."""
+    return "epochs" if total_steps < t.max_steps else "max_steps"
+
+
+def resume_stop_reason(t: TrainConfig, meta: dict[str, Any] | None, step: int, total_steps: int) -> str:
+    """Why a run restored at ``step`` (from checkpoint ``meta``) has nothing left to do, "" when
+    it goes on. A run that stopped early at ``target_auc`` stays stopped while this command would
+    still stop there (``early_stop`` on, the target set and reached by the best AUC): resumed
+    from its last checkpoint it trained on to ``max_steps``, since the target had been logged
+    already and never fired again. A resume that turns ``early_stop`` off goes on, as one that
+    raises ``max_steps`` does."""
+    if meta is not None and meta.get("stop_reason") == "target_auc" and t.early_stop and t.target_auc is not None:
+        best = (meta.get("progress") or {}).get("best_auc")
+        if best is not None and best >= t.target_auc:
+            return "target_auc"
+    return length_stop_reason(t, total_steps) if step >= total_steps else ""
+
+
 def run_steps(t: TrainConfig, spec: DataSpec) -> int:
     """Optimizer steps per epoch of a run of ``t`` on ``spec``, exactly as each rank's loader
     will count them (from the train table's metadata): :class:`TrainSettingsError` when the
@@ -455,6 +474,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 "cuda_rng": cuda_rngs,
                 "progress": progress,
                 "history": history,
+                "stop_reason": stop_reason,  # "" before the stop; target_auc keeps a resume stopped
                 "run_id": job["run_id"],
                 "config_hash": job["config_hash"],
                 "data_versions": dict(spec.versions),  # a resume reads these (training/api.py)
@@ -480,8 +500,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     last_eval_step = -1
     resumed_mid_epoch = meta is not None
     example = None
-    done = step >= total_steps
-    stop_reason = "max_steps" if done else ""
+    stop_reason = resume_stop_reason(t, meta, step, total_steps)
+    done = bool(stop_reason)
 
     while not done:
         if not resumed_mid_epoch:
@@ -592,7 +612,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 checkpoint()
             if step >= total_steps:
-                done, stop_reason = True, stop_reason or ("epochs" if total_steps < t.max_steps else "max_steps")
+                done, stop_reason = True, stop_reason or length_stop_reason(t, total_steps)
             if done:
                 break
         if not done:

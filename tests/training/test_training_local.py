@@ -94,6 +94,26 @@ def test_qsgd_resume_that_only_saves_keeps_the_rng(synth_gold, tmp_path):
     assert resumed.rank0["fingerprint"] == full.rank0["fingerprint"]
 
 
+def test_resume_of_an_early_stopped_run_stays_stopped(synth_gold, tmp_path):
+    """A run stopped at target_auc (step 5 of 30) and resumed: nothing more is trained, as for a
+    run that stopped at max_steps (the tracker then logs nothing it holds). It trained on to
+    max_steps: the target had been logged already and never fired again, so the MLflow run got
+    final_valid_auc at steps 5 and 30. A resume that turns early_stop off goes on."""
+    from training.checkpoint import latest_checkpoint, load_checkpoint
+
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=30", "train.eval_every=5", "train.target_auc=0.5",
+                    "train.early_stop=true", "train.checkpoint_every=100")
+    first = run_training(cfg)
+    assert (first.rank0["step"], first.rank0["stop_reason"]) == (5, "target_auc")
+    again = run_training(cfg, resume=True)
+    assert (again.rank0["step"], again.rank0["stop_reason"]) == (5, "target_auc")
+    assert again.rank0["fingerprint"] == first.rank0["fingerprint"]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "ckpt"))["stop_reason"] == "target_auc"  # re-saved: kept
+    on = cfg.model_copy(update={"train": cfg.train.model_copy(update={"early_stop": False})})
+    more = run_training(on, resume=True)
+    assert (more.rank0["step"], more.rank0["stop_reason"]) == (30, "max_steps")
+
+
 def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path, mlflow_store):
     from mlflow import MlflowClient
 
