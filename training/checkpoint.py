@@ -16,6 +16,7 @@ floats, strings and None only::
       "progress": {"samples": int, "train_s": float, "wall_s": float, "best_auc": float, ...},
       "history": {"train": [...], "eval": [...], "target_auc": float | None},
       "stop_reason": str,                         # "" before the stop; "target_auc" keeps a resume stopped
+      "window": [{"loss", "micro", "steps", "train_s", "wait_s", "bytes"} per rank],  # open log window
       "run_id": str | None, "config_hash": str,
       "data_versions": {"train": v, "valid": v, "test": v},
       "train_config": cfg.train as JSON, "seed": run.seed,   # what a resume must keep (below)

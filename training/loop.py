@@ -462,6 +462,9 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         rngs = dist.allgather_object(torch.get_rng_state())
         cuda_rngs = dist.allgather_object(torch.cuda.get_rng_state()) if device.type == "cuda" else None
         comms = dist.allgather_object(comm.state_dict()) if comm is not None else None
+        # the open train_loss window, per rank (each sums its own losses): a resume continues it
+        windows = dist.allgather_object({"loss": float(win_loss), "micro": win_micro, "steps": win_steps,
+                                         "train_s": win_train_s, "wait_s": win_wait_s, "bytes": win_bytes})
         if rank == 0:
             state = {
                 "epoch": epoch,
@@ -474,6 +477,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 "cuda_rng": cuda_rngs,
                 "progress": progress,
                 "history": history,
+                "window": windows,
                 "stop_reason": stop_reason,  # "" before the stop; target_auc keeps a resume stopped
                 "run_id": job["run_id"],
                 "config_hash": job["config_hash"],
@@ -496,6 +500,11 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     win_micro = win_steps = 0
     win_train_s = win_wait_s = 0.0
     win_bytes = 0.0
+    if meta is not None and meta.get("window"):  # the log window the checkpoint cut (older ones: none)
+        w = meta["window"][rank]
+        win_loss.fill_(float(w["loss"]))  # a float64 sum restored exactly: the next log is bit-identical
+        win_micro, win_steps = int(w["micro"]), int(w["steps"])
+        win_train_s, win_wait_s, win_bytes = float(w["train_s"]), float(w["wait_s"]), float(w["bytes"])
     last_comm: dict[str, float] = {}
     last_eval_step = -1
     resumed_mid_epoch = meta is not None

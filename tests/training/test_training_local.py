@@ -94,6 +94,37 @@ def test_qsgd_resume_that_only_saves_keeps_the_rng(synth_gold, tmp_path):
     assert resumed.rank0["fingerprint"] == full.rank0["fingerprint"]
 
 
+def test_resume_mid_log_window_logs_the_same_train_loss(synth_gold, tmp_path):
+    """A checkpoint that cuts a train_loss window (step 14, logged every 10) holds each rank's
+    window sums: the resumed run's step-20 loss averages steps 11-20 as the uninterrupted run's
+    does, bit for bit (it averaged 15-20 only). A checkpoint from before the window was saved
+    still resumes, to the same parameters."""
+    import shutil
+
+    from training.checkpoint import checkpoint_path, load_checkpoint
+    from training.loop import InjectedFailure
+
+    common = ["train.max_steps=30", "train.scheduler=constant", "train.warmup_steps=0", "train.log_every=10",
+              "train.checkpoint_every=7", "train.keep_checkpoints=0"]
+    full = run_training(train_cfg(synth_gold, tmp_path / "a", *common))
+    cfg = train_cfg(synth_gold, tmp_path / "b", *common)
+    with pytest.raises(InjectedFailure):
+        run_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"fail_at_step": 17})}))
+    old_dir = tmp_path / "old"
+    shutil.copytree(tmp_path / "b" / "ckpt", old_dir)
+    resumed = run_training(cfg, resume=True)
+    losses = [(h["step"], h["loss"]) for h in full.rank0["history"]["train"]]
+    assert [(h["step"], h["loss"]) for h in resumed.rank0["history"]["train"]] == losses  # exact, not approx
+    assert resumed.rank0["fingerprint"] == full.rank0["fingerprint"]
+    state = load_checkpoint(checkpoint_path(old_dir, 14))
+    assert [w["micro"] for w in state["window"]] == [4]  # steps 11-14, one rank
+    del state["window"], state["stop_reason"]  # as written before they were saved
+    torch.save(state, checkpoint_path(old_dir, 14))
+    old = run_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"checkpoint_dir": str(old_dir)})}),
+                       resume=True)
+    assert old.rank0["step"] == 30 and old.rank0["fingerprint"] == full.rank0["fingerprint"]
+
+
 def test_resume_of_an_early_stopped_run_stays_stopped(synth_gold, tmp_path):
     """A run stopped at target_auc (step 5 of 30) and resumed: nothing more is trained, as for a
     run that stopped at max_steps (the tracker then logs nothing it holds). It trained on to
