@@ -100,7 +100,8 @@ class SplitConfig(Section):
     )
     valid_share: float = Field(0.5, ge=0.0, le=1.0, description="share of held-out rows that go to valid")
     train_fraction: float = Field(6 / 7, gt=0.0, lt=1.0, description="random mode: DLRM Kaggle uses 6/7")
-    seed: int = 0
+    # the seed is a literal of Spark's xxhash64 over each row: a bigint
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="random mode: the split's hash seed (a 64-bit integer)")
 
 
 class FeaturizeConfig(Section):

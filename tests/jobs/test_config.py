@@ -39,6 +39,10 @@ def test_wrong_type_is_named(tmp_path):
     # the generator's seed feeds numpy's SeedSequence: a negative one is named, not numpy's error
     with pytest.raises(ConfigError, match=r"criteo\.generate\.seed: .*greater than or equal to 0"):
         load_config(None, ["criteo.generate.seed=-1"])
+    # the split's seed is a literal of Spark's xxhash64: past a bigint it failed in the tasks
+    with pytest.raises(ConfigError, match=r"criteo\.featurize\.split\.seed: .*9223372036854775807"):
+        load_config(None, ["criteo.featurize.split.seed=9223372036854775808"])
+    assert load_config(None, ["criteo.featurize.split.seed=-9223372036854775808"]).criteo.featurize.split.seed == -2**63
 
 
 def _refused(pattern: str, *overrides: str, path=None) -> None:
