@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -64,5 +65,22 @@ def cancel_jobs_if_stopping(sc, error: BaseException) -> None:
     if stop_behind(error) is not None:
         try:
             sc.cancelAllJobs()
+            wait_for_tasks(sc)
         except BaseException:  # noqa: BLE001 - a gateway already gone: its JVM's tasks go with it
             log.debug("could not cancel the running Spark jobs", exc_info=True)
+
+
+def wait_for_tasks(sc, timeout: float = 10.0, poll: float = 0.05) -> bool:
+    """Wait (at most ``timeout`` s) until no executor runs a task; True when none does.
+    ``cancelAllJobs`` returns at once while the killed tasks run on for a moment (a Python
+    worker is interrupted, then killed after ``spark.python.task.killTimeout``): files the
+    abort deletes meanwhile made them fail reading, and print their tracebacks after the
+    command had said it stopped."""
+    tracker = sc._jsc.sc().statusTracker()
+    deadline = time.monotonic() + timeout
+    while True:
+        if not sum(int(e.numRunningTasks()) for e in tracker.getExecutorInfos()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)

@@ -124,3 +124,44 @@ def test_stop_signals_during_spark_start_wait_for_it_and_a_second_sigterm_is_ign
     cut = RuntimeError("Answer from Java side is empty")
     cut.__context__ = Terminated()
     assert isinstance(stop_behind(cut), Terminated) and stop_behind(RuntimeError("other")) is None
+
+
+def test_cancelling_on_a_stop_waits_for_the_killed_tasks(spark):
+    """``cancelAllJobs`` returns while the killed tasks still run: the abort that follows then
+    deleted files they were reading, and their tracebacks came after the command's "stopped"
+    line. On a stop, the jobs are cancelled and their tasks waited for; other errors cancel
+    nothing."""
+    import threading
+    import time
+
+    from jobs.cli import Terminated
+    from pipelines.stopping import cancel_jobs_if_stopping
+
+    sc = spark.sparkContext
+    tracker = sc._jsc.sc().statusTracker()
+
+    def running() -> int:
+        return sum(int(e.numRunningTasks()) for e in tracker.getExecutorInfos())
+
+    ended = []
+    job = threading.Thread(target=lambda: ended.append(
+        _fails(lambda: sc.parallelize(range(2), 2).map(lambda x: time.sleep(60)).collect())))
+    job.start()
+    deadline = time.monotonic() + 60
+    while running() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == 2
+    cancel_jobs_if_stopping(sc, RuntimeError("a task failed"))  # not a stop: nothing cancelled
+    assert running() == 2
+    cancel_jobs_if_stopping(sc, Terminated())
+    assert running() == 0
+    job.join(30)
+    assert ended == [True]
+
+
+def _fails(fn) -> bool:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the cancelled job's error
+        return True
+    return False
