@@ -22,6 +22,7 @@ Each group carries ``param_names`` so optimizers can report per-layer diagnostic
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +230,11 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     sparse_name = hp.pop("sparse_optimizer", "sparse_adam")
     sparse_hp = dict(hp.pop("sparse_hp", None) or {})
     group_rules = hp.pop("group_rules", True)
+    # per-group values go into the groups as given: torch validates only the constructor's
+    # defaults, so a negative embedding_lr trained the embeddings by gradient ascent
+    for option, v in (("embedding_lr", embedding_lr), ("embedding_weight_decay", embedding_wd)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise ValueError(f"invalid {option}={v!r}: a finite number >= 0")
     if sparse_name not in _SPARSE_ROUTES:
         raise ValueError(f"invalid sparse_optimizer={sparse_name!r}; valid: {', '.join(_SPARSE_ROUTES)}")
 

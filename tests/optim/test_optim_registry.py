@@ -379,3 +379,17 @@ def test_sparse_sgd_route_refuses_momentum():
         build_optimizer("adam", Net(sparse=True), lr=0.01, sparse_optimizer="sgd", sparse_hp={"momentum": 0.9})
     opt = build_optimizer("adam", Net(sparse=True), lr=0.01, sparse_optimizer="sgd")
     assert opt.routes == ["adam", "sgd"]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("option, value", [("embedding_lr", -0.1), ("embedding_lr", float("nan")),
+                                           ("embedding_lr", "0.1"), ("embedding_weight_decay", -1e-4)])
+def test_per_group_overrides_are_validated(option, value, sparse):
+    """embedding_lr / embedding_weight_decay go into their groups as given, where torch checks
+    nothing (it validates the constructor's defaults): a negative embedding_lr trained the
+    embeddings by gradient ascent, where a negative lr is refused."""
+    with pytest.raises(ValueError, match=f"invalid {option}=.*a finite number >= 0"):
+        build_optimizer("adagrad" if sparse else "adam", Net(sparse=sparse), lr=0.1, **{option: value})
+    opt = build_optimizer("adam", Net(sparse=sparse), lr=0.1, **{option: 0.0})  # 0 (frozen, no decay) is valid
+    assert {g["group"] for g in opt.param_groups} >= {"decay", "no_decay"}
+
