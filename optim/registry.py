@@ -21,8 +21,12 @@ Each group carries ``param_names`` so optimizers can report per-layer diagnostic
 
 from __future__ import annotations
 
+import ast
+import functools
 import inspect
 import math
+import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +129,11 @@ def _spec(name: str) -> _Spec:
         except NotImplementedError as e:
             raise ValueError(f"unknown pytorch_optimizer optimizer {name!r}; valid: "
                              f"{', '.join(_external_names())}") from e
+        first = next(iter(list(inspect.signature(cls.__init__).parameters)[1:]), None)
+        if first == "model":  # LOMO/AdaLOMO update inside their own backward, AdamMini groups by module names
+            raise ValueError(f"optimizer {name!r} is built on the model itself ({cls.__name__}(model, ...)), not on "
+                             "parameters: the registry builds optimizers over parameter groups and cannot build it; "
+                             "use it from a loop of your own")
         return _Spec(cls)
     spec = _SPECS.get(key) if isinstance(key, str) else None
     if spec is None:
@@ -133,10 +142,71 @@ def _spec(name: str) -> _Spec:
     return spec
 
 
+def _is_name(node: ast.AST, name: str) -> bool:
+    return isinstance(node, ast.Name) and node.id == name
+
+
+def _str_arg(node: ast.Call) -> str | None:
+    arg = node.args[0] if node.args else None
+    return arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None
+
+
+@functools.cache
+def _kwargs_keys(cls: type) -> tuple[str, ...]:
+    """The keys a pytorch_optimizer class really takes through its ``**kwargs``, which most of them
+    declare and many ignore: keys its ``__init__`` reads from them (``kwargs.get('use_palm')``), the
+    optional group flags its steps read (``group.get('adanorm')``, ``use_gc``, ``cautious``...)
+    when ``__init__`` puts the kwargs into the group defaults, and the hyperparameters of an
+    optimizer class it builds from them (Magma: AdamW). Read from the source, so that a misspelt
+    key is refused instead of silently ignored (or stored as a group key no step reads)."""
+    var = next((p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.VAR_KEYWORD), None)
+    if var is None:
+        return ()
+    try:
+        init = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    except (OSError, TypeError, SyntaxError):  # pragma: no cover - no source: take no extra key
+        return ()
+    module = sys.modules.get(cls.__init__.__module__)
+    keys: set[str] = set()
+    into_defaults = False
+    for node in ast.walk(init):
+        if isinstance(node, ast.Subscript) and _is_name(node.value, var) and isinstance(node.slice, ast.Constant):
+            keys.add(str(node.slice.value))
+        elif isinstance(node, ast.Dict) and any(k is None and _is_name(v, var) for k, v in zip(node.keys, node.values)):
+            into_defaults = True  # {'lr': lr, ..., **kwargs}: extra group defaults
+        elif isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Attribute) and _is_name(node.func.value, var) and node.func.attr == "get":
+                if (k := _str_arg(node)) is not None:
+                    keys.add(k)
+            elif any(kw.arg is None and _is_name(kw.value, var) for kw in node.keywords):
+                built = [getattr(module, a.id, None) for a in node.args if isinstance(a, ast.Name)]
+                built = [c for c in built if isinstance(c, type) and issubclass(c, Optimizer)]
+                if built:
+                    keys.update(_valid_hp(_Spec(built[0])))
+                else:
+                    into_defaults = True  # super().__init__(params, **kwargs) and the like
+    if into_defaults:
+        for klass in cls.__mro__:
+            if not klass.__module__.startswith("pytorch_optimizer"):
+                continue
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            except (OSError, TypeError, SyntaxError):  # pragma: no cover
+                continue
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("group")
+                        and (k := _str_arg(node)) is not None):
+                    keys.add(k)
+    return tuple(sorted(keys))
+
+
 def _valid_hp(spec: _Spec) -> list[str]:
     sig = inspect.signature(spec.cls.__init__)
     names = [n for n, p in sig.parameters.items()
              if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if spec.cls.__module__.startswith("pytorch_optimizer"):
+        names += [k for k in _kwargs_keys(spec.cls) if k not in names and k not in ("self", "params")]
     return [n for n in names if n not in spec.fixed]
 
 
@@ -144,10 +214,10 @@ def _construct(name: str, params, **hp) -> Optimizer:
     """Instantiate registry entry ``name`` on ``params`` (groups or tensors), validating ``hp``."""
     spec = _spec(name)
     valid = _valid_hp(spec)
-    accepts_kwargs = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(spec.cls.__init__).parameters.values())
     unknown = [k for k in hp if k not in valid]
-    if unknown and not (accepts_kwargs and spec.cls.__module__.startswith("pytorch_optimizer")):
-        raise ValueError(f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for optimizer {name!r}; "
+    if unknown:
+        why = " (it takes no learning rate: it sets its own step size)" if "lr" in unknown else ""
+        raise ValueError(f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for optimizer {name!r}{why}; "
                          f"valid: {', '.join(valid)}; registry options: {', '.join(REGISTRY_OPTIONS)}")
     kwargs = {**spec.defaults, **hp, **spec.fixed}
     try:
@@ -155,6 +225,8 @@ def _construct(name: str, params, **hp) -> Optimizer:
     except (ValueError, TypeError, IndexError) as e:  # IndexError: a too-short tuple (betas=(0.9,), trust_clip=(1,))
         raise ValueError(f"bad hyperparameters for optimizer {name!r} ({e}); valid hyperparameters: "
                          f"{', '.join(valid)}") from e
+    except ImportError as e:  # pytorch_optimizer's optional dependencies (po:demo: einops)
+        raise ValueError(f"optimizer {name!r} needs a package that is not installed: {e}") from e
 
 
 def _module_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -393,3 +393,46 @@ def test_per_group_overrides_are_validated(option, value, sparse):
     opt = build_optimizer("adam", Net(sparse=sparse), lr=0.1, **{option: 0.0})  # 0 (frozen, no decay) is valid
     assert {g["group"] for g in opt.param_groups} >= {"decay", "no_decay"}
 
+
+def test_po_hyperparameters_are_checked_against_what_the_class_reads():
+    """Most pytorch_optimizer classes declare **kwargs: a misspelt key was taken silently (Adan
+    put it into its group defaults, where no step reads it). Keys the class really takes through
+    **kwargs stay valid: group flags its step reads (Adan's adanorm), keys its __init__ reads
+    (schedule-free's use_palm), the hyperparameters of the optimizer it builds (Magma: AdamW)."""
+    lin = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) 'betaz' for optimizer 'po:adan'; "
+                                         r"valid: lr, betas, .*adanorm"):
+        build_optimizer("po:adan", lin, lr=1e-3, betaz=(0.1, 0.1, 0.1))
+    opt = build_optimizer("po:adan", lin, lr=1e-3, adanorm=True)
+    assert all(g["adanorm"] is True for g in opt.param_groups)
+    assert build_optimizer("po:schedulefreeadamw", lin, lr=1e-3, use_palm=True).param_groups[0]["use_palm"] is True
+    assert build_optimizer("po:magma", lin, lr=1e-3, betas=(0.8, 0.9)).optimizer.param_groups[0]["betas"] == (0.8, 0.9)
+    with pytest.raises(ValueError, match="unknown hyperparameter.*'betaz' for optimizer 'po:magma'"):
+        build_optimizer("po:magma", lin, lr=1e-3, betaz=(0.8, 0.9))
+    # AliG has no lr (it sets its own step size): said, not a bare "'lr'" KeyError later
+    with pytest.raises(ValueError, match="'lr' for optimizer 'po:alig' \\(it takes no learning rate"):
+        build_optimizer("po:alig", lin, lr=1e-3)
+
+
+@pytest.mark.parametrize("name", ["po:lomo", "po:adalomo", "po:adammini"])
+def test_po_optimizers_built_on_the_model_are_refused_by_name(name):
+    """LOMO/AdaLOMO/AdamMini take the model itself: the registry handed them parameter groups and
+    they failed with "'list' object has no attribute 'named_parameters'"."""
+    with pytest.raises(ValueError, match=f"optimizer '{name}' is built on the model itself"):
+        build_optimizer(name, Net(), lr=1e-3)
+
+
+def test_po_missing_optional_package_is_a_value_error(monkeypatch):
+    """po:demo needs einops: its ImportError (a traceback past every settings check) is a ValueError."""
+    import pytorch_optimizer
+
+    class NeedsAPackage(torch.optim.SGD):
+        __module__ = "pytorch_optimizer.optimizer.test_stub"
+
+        def __init__(self, params, lr=1e-3):
+            raise ImportError("You need to install `einops` to use `TransformDCT`")
+
+    monkeypatch.setattr(pytorch_optimizer, "load_optimizer", lambda name: NeedsAPackage)
+    with pytest.raises(ValueError, match="optimizer 'po:demo' needs a package that is not installed: You need to "
+                                         "install `einops`"):
+        build_optimizer("po:demo", Net(), lr=1e-3)
