@@ -282,18 +282,28 @@ def run_steps(t: TrainConfig, spec: DataSpec) -> int:
 
 def check_settings(t: TrainConfig, num_sparse: int, num_dense: int, steps_per_epoch: int | None = None) -> None:
     """Build what each rank builds from ``t`` (model, optimizer, compressor, scheduler), on a
-    tiny model on the CPU, so a bad setting (an unknown optimizer, model hyper-parameters of
-    another model, a bad compressor parameter...) is one error before anything starts, not a
+    tiny model on the CPU, and take one optimizer step with it as a rank does, so a bad setting
+    (an unknown optimizer, model hyper-parameters of another model, a bad compressor parameter,
+    optimizer settings its first step refuses...) is one error before anything starts, not a
     traceback from every rank after the Spark job and the MLflow run have started.
     ``steps_per_epoch`` (known once the data is): the schedule spans the run's real length,
     which ``epochs`` may make shorter than ``max_steps``."""
     total = t.max_steps if steps_per_epoch is None else total_steps_of(t, steps_per_epoch)
     try:
-        opt = optimizer_for(t, model_for(t, [2] * num_sparse, num_dense))
-        if needs := _needs_a_closure(opt):
-            raise ValueError(f"train.optimizer={t.optimizer} {needs}, which bigopt train's loop (one step per "
-                             "batch, from backward's gradients) does not drive: use it from your own loop "
-                             "(docs/optim.md), or choose another optimizer")
+        # forked: the tiny model's init and the step's sampling (Sophia's labels, Hutchinson's
+        # probes) leave the caller's random state as it was
+        with torch.random.fork_rng(devices=[]):
+            model = model_for(t, [2] * num_sparse, num_dense)
+            opt = _settings_optimizer(t, model)
+            if needs := _needs_a_closure(opt):
+                raise ValueError(f"train.optimizer={t.optimizer} {needs}, which bigopt train's loop (one step per "
+                                 "batch, from backward's gradients) does not drive: use it from your own loop "
+                                 "(docs/optim.md), or choose another optimizer")
+            if any("lr" not in g for g in opt.param_groups):
+                raise ValueError(f"train.optimizer={t.optimizer} has no learning rate in its param groups (it sets "
+                                 "its own step size), which train.lr and train.scheduler drive: choose another "
+                                 "optimizer")
+            _first_step(t, num_sparse)
         from optim.compression import build_compressor
 
         # `none` too: its params are the library's (error_feedback is refused there, an unknown
@@ -309,6 +319,69 @@ def check_settings(t: TrainConfig, num_sparse: int, num_dense: int, steps_per_ep
                              f"train.max_steps={t.max_steps}") from None
     except (ValueError, TypeError, KeyError, RuntimeError) as e:  # RuntimeError: torch refusing a size
         raise TrainSettingsError(f"train settings: {e}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _settings_optimizer(t: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``optimizer_for``, with whatever a third-party optimizer's constructor raises (an
+    AttributeError, a missing optional package...) said as a settings error naming it."""
+    try:
+        return optimizer_for(t, model)
+    except (ValueError, TypeError, KeyError, RuntimeError):
+        raise
+    except Exception as e:  # noqa: BLE001 - one line instead of every rank's traceback
+        raise ValueError(f"train.optimizer={t.optimizer} cannot be built: {_one_line(e)}") from None
+
+
+class _StandIn(torch.nn.Module):
+    """A few dozen parameters of every kind the optimizer registry groups (an embedding table,
+    sparse when the run's are; linear weights; biases; a norm layer's weight and bias), whose
+    one step costs milliseconds for any optimizer, where the run's model (its MLP widths are
+    the run's even with 2-row tables) made some first steps take minutes (po:kron)."""
+
+    def __init__(self, num_sparse: int, sparse: bool):
+        super().__init__()
+        self.emb = torch.nn.Embedding(4, 3, sparse=sparse) if num_sparse else None
+        self.lin = torch.nn.Linear(2 + (3 if num_sparse else 0), 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        x = dense if self.emb is None else torch.cat([dense, self.emb(ids).mean(1)], dim=1)
+        return self.out(torch.relu(self.norm(self.lin(x)))).squeeze(-1)
+
+
+def _first_step(t: TrainConfig, num_sparse: int) -> None:
+    """One optimizer step of ``t``'s optimizer as a rank takes it (forward under the run's
+    autocast, BCE loss, Sophia's Hessian refresh, backward, clipping, ``step()``), on a
+    :class:`_StandIn` and 4 fixed rows: settings that only fail when the optimizer first updates
+    (three ``betas`` for Adam, an optimizer that needs ``backward(create_graph=True)`` or only
+    takes 2-D parameters) are refused here, with the optimizer and the cause."""
+    model = _StandIn(num_sparse, resolve_sparse(t))
+    opt = _settings_optimizer(t, model)
+    dense = torch.linspace(0.0, 1.0, 8).reshape(4, 2)
+    ids = (torch.arange(8) % 4).reshape(4, 2)
+    label = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):
+            logits = model(dense, ids)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), label)
+        sophia = sophia_of(opt)
+        if sophia is not None and sophia.hessian_due():
+            refresh_hessian(sophia, logits, loss)
+        (loss / t.grad_accum_steps).backward()
+        if t.clip_grad_norm:
+            clip_grad_norm(list(model.parameters()), t.clip_grad_norm)
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - whatever the optimizer raises is its settings' fault here
+        hint = ("; it differentiates the gradients again, which needs backward(create_graph=True): bigopt train's "
+                "loop does not keep that graph" if "does not require grad" in str(e) else "")
+        raise ValueError(f"train.optimizer={t.optimizer} (optimizer_params {t.optimizer_params}) fails at its first "
+                         f"step: {_one_line(e)}{hint}") from None
 
 
 def none_exchange_bytes(params: list[torch.nn.Parameter], sparse_as_dense: bool) -> int:
@@ -329,7 +402,8 @@ def none_exchange_bytes(params: list[torch.nn.Parameter], sparse_as_dense: bool)
 def _needs_a_closure(opt: torch.optim.Optimizer) -> str | None:
     """What ``opt`` needs beyond ``step()`` after ``backward()``, or None: the variance-reduced
     strategies (SVRG, SAGA) evaluate the loss themselves and need an epoch hook; L-BFGS (and
-    any optimizer whose ``step`` has no default closure) re-evaluates the loss in ``step``."""
+    any optimizer whose ``step`` has no default closure) re-evaluates the loss in ``step``, and
+    so do ISTA/FISTA with ``line_search=True`` (they backtrack on the loss)."""
     import inspect
 
     from optim._vr import VarianceReduced
@@ -339,6 +413,8 @@ def _needs_a_closure(opt: torch.optim.Optimizer) -> str | None:
     closure = inspect.signature(opt.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
         return "needs a closure that re-evaluates the loss inside step()"
+    if any(g.get("line_search") for g in opt.param_groups):
+        return "with line_search=True needs a closure that re-evaluates the loss inside step() (to backtrack the lr)"
     return None
 
 

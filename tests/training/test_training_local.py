@@ -38,7 +38,7 @@ def test_sophia_trains_with_its_hessian_refreshed_every_k_steps(synth_gold, tmp_
     update = Sophia.update_hessian
 
     def counted(self, estimates, params=None):
-        seen.append(self.steps_done + 1)  # the step this estimate is for
+        seen.append((self, self.steps_done + 1))  # the step this estimate is for (self kept: no id reuse)
         return update(self, estimates, params)
 
     monkeypatch.setattr(Sophia, "update_hessian", counted)
@@ -46,7 +46,8 @@ def test_sophia_trains_with_its_hessian_refreshed_every_k_steps(synth_gold, tmp_
                     "train.max_steps=24", "train.checkpoint_every=24", "train.eval_every=24",
                     f"train.optimizer_params={{update_interval: 10, estimator: {estimator}}}")
     res = run_training(cfg)
-    assert seen == [1, 11, 21]
+    # the settings check's one step on its stand-in model (its own Sophia), then the run's
+    assert len(seen) == 4 and seen[0][1] == 1 and [s for o, s in seen if o is seen[-1][0]] == [1, 11, 21]
     state = torch.load(tmp_path / "ckpt" / "step-00000024.pt", weights_only=False)["optimizer"]["state"]
     assert all(float(st["hessian"].abs().max()) > 0 for st in state.values())
     assert res.valid["auc"] > 0.6, res.valid
@@ -512,6 +513,12 @@ def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp
                       (["train.optimizer=saga", "train.optimizer_params={num_components: 10}"],
                        "train.optimizer=saga needs a loss closure at every step"),
                       (["train.optimizer=lbfgs"], "train.optimizer=lbfgs needs a closure that re-evaluates"),
+                      # settings only the optimizer's first step refused (a traceback from every rank), and a
+                      # misspelt pytorch_optimizer key (taken and ignored: the run trained on the defaults)
+                      (["train.optimizer=adam", "train.optimizer_params={betas: [0.9, 0.999, 0.5]}"],
+                       "train.optimizer=adam (optimizer_params {'betas': [0.9, 0.999, 0.5]}) fails at its first step"),
+                      (["train.optimizer=po:adan", "train.optimizer_params={betaz: [0.1, 0.1, 0.1]}"],
+                       "unknown hyperparameter(s) 'betaz' for optimizer 'po:adan'"),
                       # a ZeroDivisionError traceback at the first step / a run at a negative LR
                       (["train.scheduler=step", "train.scheduler_params.step_size=0"], "step_size must be"),
                       (["train.scheduler=exponential", "train.scheduler_params.gamma=-1"], "gamma must be")]:
