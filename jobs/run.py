@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,21 @@ def needs_generation(cfg) -> bool:
     made = manifest["config"]
     now = json.loads(json.dumps(cfg.criteo.generate.model_dump()))
     return {k: v for k, v in made.items() if k != "workers"} != {k: v for k, v in now.items() if k != "workers"}
+
+
+def generate_replacing(cfg) -> tuple[list[str], list[str]]:
+    """Generate into ``criteo.raw_dir``; return the files written and the file names (bronze
+    ``source`` keys) an earlier generate wrote there and this one did not, which it removed:
+    their rows, ingested before, are dropped from bronze, or featurize would still take them
+    (with ``criteo.generate.days`` 3 -> 2 the test split stayed the removed ``day_2``)."""
+    from pipelines.criteo.generate import generate, read_manifest
+    from pipelines.lake.fs import normalize_uri
+
+    raw = Path(normalize_uri(cfg.criteo.raw_dir))
+    earlier = {os.path.basename(f["path"]) for f in (read_manifest(raw) or {}).get("files", [])
+               if isinstance(f, dict) and isinstance(f.get("path"), str)}
+    files = generate(cfg)
+    return files, sorted(earlier - {os.path.basename(p) for p in files})
 
 
 def run(cfg, args) -> int:
@@ -116,14 +132,14 @@ def run(cfg, args) -> int:
         from pipelines.raw_inputs import InputNameError
 
         try:
+            stale: list[str] = []
             if not args.no_generate and needs_generation(cfg):
-                from pipelines.criteo.generate import generate
-
                 with step("generate", f"synthetic raw Criteo -> {cfg.criteo.raw_dir}"):
-                    files = generate(cfg)
+                    files, stale = generate_replacing(cfg)
                 console.print(f"  {len(files)} file(s) in {timings['generate']:.1f} s")
             with step("ingest", "raw -> bronze"):
-                rep = ingest(spark, cfg, force=args.force_ingest)
+                # the files the new settings no longer make (days 3 -> 2: day_2) leave bronze too
+                rep = ingest(spark, cfg, force=args.force_ingest, drop_sources=stale)
             console.print(f"  {rep.summary()} ({timings['ingest']:.1f} s)")
             with step("featurize", "bronze -> gold + vocabulary"):
                 rep = featurize(spark, cfg, force=args.force_featurize)

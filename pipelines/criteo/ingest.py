@@ -244,6 +244,7 @@ class IngestReport:
             f"{self.ingested} file(s) ingested, {self.skipped} skipped; rows_in {self.rows_in:,} = "
             f"ok {self.rows_ok:,} + rejected {self.rows_rejected:,}; bronze "
             + ("unchanged" if self.bronze_version is None else f"v{self.bronze_version}")
+            + (f"; dropped the rows of {', '.join(self.dropped)}" if self.dropped else "")
         )
 
 
@@ -820,7 +821,7 @@ def _unconfirmed_elsewhere(unconfirmed: dict[str, str], files: list[RawFile],
 
 
 def _drop_sources(paths: dict, sources: list[str], forget: list[dict], chash: str, batch_id: str,
-                  compression: str) -> dict[str, int]:
+                  compression: str, why: str = "dropped_unconfirmed") -> dict[str, int]:
     """Delete ``sources``' rows from bronze and the quarantine (one commit each where it holds
     any; no Spark), then append a ledger row recording the drop of each file of ``forget``
     (current ledger entries of some of ``sources``), after which :func:`current_entries` has
@@ -830,7 +831,7 @@ def _drop_sources(paths: dict, sources: list[str], forget: list[dict], chash: st
     from pipelines.lake.tasks import write_arrow
 
     info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id,
-            "dropped_unconfirmed": ",".join(sources)[:2000]}
+            why: ",".join(sources)[:2000]}
     versions, at = {}, {}  # the versions committed; each table's version once they are gone
     for name, schema in (("bronze", BRONZE_SCHEMA), ("quarantine", QUARANTINE_SCHEMA)):
         if not table_exists(paths[name]):
@@ -1043,6 +1044,7 @@ def ingest(
     inputs: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
     drop_unconfirmed: bool = False,
+    drop_sources: Sequence[str] = (),
 ) -> IngestReport:
     """Ingest the configured inputs (``cfg.criteo.inputs``, default ``cfg.criteo.raw_dir``).
     ``spark``: a SparkSession, or a callable that starts one, called only when a file needs
@@ -1052,7 +1054,11 @@ def ingest(
     ledger entry) are replaced when their file is among the inputs; of other files they are
     listed in ``report.unconfirmed``, or, with ``drop_unconfirmed``, deleted from bronze and
     the quarantine (``report.dropped``); a file whose ledger entry's rows they replaced is
-    dropped from the ledger too (``report.forgotten``)."""
+    dropped from the ledger too (``report.forgotten``).
+
+    ``drop_sources``: sources (file names) whose rows and ledger entries go, when they are not
+    among the inputs: the files a generate with other settings removed (``bigopt run``), whose
+    rows featurize would otherwise still take from bronze."""
     from jobs.config import config_hash
     from pipelines.lake import DeltaSnapshot, table_exists
     from pipelines.lake.fs import check_writable
@@ -1091,6 +1097,16 @@ def ingest(
         report.bronze_version, report.quarantine_version, report.ledger_version = (
             versions.get(t) for t in ("bronze", "quarantine", "ledger"))
         report.dropped, report.forgotten, report.unconfirmed = drop, [r["source"] for r in forget], {}
+    held = bronze_sources(DeltaSnapshot(paths["bronze"])) if drop_sources and table_exists(paths["bronze"]) else {}
+    if gone := sorted((set(drop_sources) & (set(held) | set(current))) - {f.source for f in files}):
+        say(f"dropping the bronze rows of {len(gone)} source(s) no longer generated: {', '.join(gone)}")
+        forget = [current[s] for s in gone if s in current]
+        versions = _drop_sources(paths, gone, forget, chash, batch_id, cfg.lake.compression, why="dropped_stale")
+        for t in ("bronze", "quarantine", "ledger"):
+            if t in versions:
+                setattr(report, f"{t}_version", versions[t])
+        report.dropped = sorted({*report.dropped, *gone})
+        report.forgotten = sorted({*report.forgotten, *(r["source"] for r in forget)})
     if not todo:
         report.seconds = time.time() - t0
         return report

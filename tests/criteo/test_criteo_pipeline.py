@@ -999,6 +999,30 @@ def test_a_stop_signal_between_two_gold_commits_waits_for_features_json(spark, t
     assert json.loads(Path(t["features_json"]).read_text())["build"] == builds["train"]
 
 
+def test_bigopt_run_drops_the_rows_of_days_a_new_generate_no_longer_makes(spark, tmp_path):
+    """``criteo.generate.days`` 3 -> 2 on a reused lake: the generator removes ``day_2``, and its
+    rows, ingested before, leave bronze, the quarantine and the ledger too. Until the
+    twenty-first session featurize still took them (the test split was the removed day)."""
+    from jobs.run import generate_replacing
+    from pipelines.criteo.ingest import current_entries, ingest, read_ledger
+
+    three = _cfg(tmp_path, generate={"days": 3, "rows_per_day": 200, "seed": 5})
+    files, stale = generate_replacing(three)
+    assert len(files) == 3 and stale == []
+    ingest(spark, three)
+    t = _bronze(three)
+    assert set(rows_by_source_now(t["bronze"])) == {"day_0", "day_1", "day_2"}
+    two = _cfg(tmp_path, generate={"days": 2, "rows_per_day": 200, "seed": 5})
+    files, stale = generate_replacing(two)
+    assert stale == ["day_2"] and not (tmp_path / "raw" / "day_2").exists()
+    rep = ingest(spark, two, drop_sources=stale)
+    assert rep.dropped == ["day_2"] and rep.forgotten == ["day_2"]
+    assert rows_by_source_now(t["bronze"]) == {"day_0": 200, "day_1": 200}
+    assert set(current_entries(read_ledger(t["ledger"]))) == {"day_0", "day_1"}
+    again = ingest(spark, two, drop_sources=stale)  # nothing left to drop: no commit
+    assert again.dropped == [] and table_version(t["bronze"]) == rep.bronze_version
+
+
 def rows_by_source_now(path: str) -> dict[str, int]:
     from pipelines.criteo.ingest import rows_by_source
 
