@@ -12,7 +12,9 @@ Rules:
   value YAML reads as a number or boolean (``run.name=2024``) takes the text as typed;
 - ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment in every string;
   an unset variable without a default is an error;
-- ``include: other.yaml`` at the top merges another file underneath (paths relative to the file).
+- ``include: other.yaml`` (or ``include: [a.yaml, b.yaml]``) at the top merges other files
+  underneath (paths relative to the file): a later include overrides an earlier one, as a
+  later ``key=value`` override does, and the including file overrides all its includes.
 
 Each layer owns its section model next to its code (``pipelines/criteo/config.py``,
 ``training/config.py``, ...); this module only composes them, so data-layer code never
@@ -154,10 +156,12 @@ def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict:
     incs = [inc] if isinstance(inc, str) else inc if isinstance(inc, list) else None
     if inc is not None and (incs is None or not all(isinstance(i, str) and i for i in incs)):
         raise ConfigError(f"{path}: include: must be a path or a list of paths, got {inc!r}")
+    base: dict = {}
     for rel in incs or []:  # a path may use ${ENV_VAR} as any string setting may
         rel = Path(os.path.expanduser(_interpolate(rel, f"{path}: include")))
-        data = _deep_merge(_read_yaml((path.parent / rel).resolve(), (*including, path.resolve())), data)
-    return data
+        # each include over the ones before it, as a later override over an earlier one
+        base = _deep_merge(base, _read_yaml((path.parent / rel).resolve(), (*including, path.resolve())))
+    return _deep_merge(base, data)  # the file itself over all its includes
 
 
 def apply_override(data: dict, override: str, model: type[BaseModel] | None = None) -> tuple[tuple[str, ...], str]:

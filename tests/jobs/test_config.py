@@ -181,6 +181,23 @@ def test_include_and_hash(tmp_path):
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
 
 
+def test_later_includes_override_earlier_ones(tmp_path):
+    """In ``include: [a.yaml, b.yaml]`` the first file won (512), the reverse of the command
+    line's "the last one wins"; the including file still overrides every include."""
+    (tmp_path / "a.yaml").write_text("train: {batch_size: 512, lr: 0.5}\nrun: {name: a, seed: 1}\n")
+    (tmp_path / "b.yaml").write_text("train: {batch_size: 1024}\nrun: {name: b}\n")
+    (tmp_path / "top.yaml").write_text("include: [a.yaml, b.yaml]\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.run.name, cfg.run.seed) == (1024, 0.5, "b", 1)  # merged, b on top
+    (tmp_path / "top.yaml").write_text("include: [a.yaml, b.yaml]\ntrain: {batch_size: 256}\n")
+    assert load_config(tmp_path / "top.yaml").train.batch_size == 256
+    # an include's own includes stay under it: b.yaml over a.yaml over c.yaml
+    (tmp_path / "c.yaml").write_text("run: {name: c, seed: 3}\n")
+    (tmp_path / "a.yaml").write_text("include: c.yaml\nrun: {name: a}\n")
+    (tmp_path / "top.yaml").write_text("include: [a.yaml, b.yaml]\n")
+    assert (load_config(tmp_path / "top.yaml").run.name, load_config(tmp_path / "top.yaml").run.seed) == ("b", 3)
+
+
 def test_bad_includes_are_one_clear_error(tmp_path, monkeypatch):
     """An include cycle (it was a RecursionError traceback), an include that is not a path
     (a TypeError traceback, or a mapping read as its keys' file names); ${ENV} in a path."""
