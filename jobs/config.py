@@ -134,6 +134,27 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def _yaml_error(e: yaml.YAMLError, text: str) -> str:
+    """``at line L, column C: <problem> (<context> at line l, column c)``, one line. PyYAML's own
+    message is several lines, quotes the source with a caret under it and names the text it
+    parsed ``"<unicode string>"``, not the file."""
+    def at(mark) -> str:
+        return f"at line {mark.line + 1}, column {mark.column + 1}"
+
+    if isinstance(e, yaml.MarkedYAMLError) and (e.problem or e.context):
+        where = at(e.problem_mark or e.context_mark) + ": " if (e.problem_mark or e.context_mark) else ""
+        said = e.problem or e.context
+        if e.problem and e.context:  # what it was in the middle of, and where that began
+            said += f" ({e.context}{' ' + at(e.context_mark) if e.context_mark else ''})"
+        return f"{where}{said}" + (f"; {e.note}" if e.note else "")
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow: the offset in `text`
+        line = text.count("\n", 0, e.position)
+        column = e.position - (text.rfind("\n", 0, e.position) + 1)
+        char = f"#x{e.character:04x}" if isinstance(e.character, int) else repr(e.character)
+        return f"at line {line + 1}, column {column + 1}: {e.reason} ({char})"
+    return ": " + " ".join(str(e).split())
+
+
 def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict:
     """The file's mapping with its ``include:`` files merged under it (``including``: the
     files whose includes led here, to refuse a cycle)."""
@@ -141,15 +162,17 @@ def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict:
         cycle = including[including.index(path.resolve()):]
         raise ConfigError("include cycle: " + " -> ".join(str(p) for p in (*cycle, cycle[0])))
     try:
-        data = _yaml(path.read_text()) or {}
+        text = path.read_text()
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
     except IsADirectoryError as e:
         raise ConfigError(f"config path is a directory, not a YAML file: {path}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
+    try:
+        data = _yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(f"{path}: invalid YAML {_yaml_error(e, text)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     inc = data.pop("include", None)

@@ -1,6 +1,7 @@
 """Configuration: validation names the key, overrides, env interpolation, includes, CLI."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -235,6 +236,31 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     f.write_bytes(b"run:\n  name: \xff\n")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(f)
+
+
+def test_invalid_yaml_is_one_line_naming_the_file(tmp_path, capsys):
+    """PyYAML's message was 9 lines naming ``"<unicode string>"``, with the source quoted and
+    a caret under it: now one line with the file, the line and column, and the problem."""
+    from jobs.cli import main
+
+    f = tmp_path / "s.yaml"
+    f.write_text("train: [1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == (f"{f}: invalid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>' "
+                            "(while parsing a flow sequence at line 1, column 8)")
+    assert main(["config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bigopt config: {e.value}\n"
+    for text, said in (("a: 1\n a: 2\n", "at line 2, column 3: mapping values are not allowed here"),
+                       ("x: 1\ny: [b, \x07]\n", "at line 2, column 8: special characters are not allowed (#x0007)"),
+                       ("a: !foo 1\n", "at line 1, column 4: could not determine a constructor for the tag '!foo'")):
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'{f}: invalid YAML {said}')}$"):
+            load_config(f)
+    (tmp_path / "top.yaml").write_text("include: s.yaml\n")  # an include's error names the include
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(f.resolve()))}: invalid YAML at line 1, column 4: "):
+        load_config(tmp_path / "top.yaml")
 
 
 def test_lake_table_paths():
