@@ -97,7 +97,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
 def main(argv: Sequence[str] | None = None) -> int:
     from rich.logging import RichHandler
 
-    from jobs.console import make_console
+    from jobs.console import make_console, print_error
 
     parser = build_parser()
     args = parse_command_line(parser, argv)
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparkStartError as e:  # no Java, or Spark's JVM died while starting: no traceback
         from jobs.spark_step import error_text
 
-        make_console(stderr=True).print(error_text(args.command, e))
+        print_error(error_text(args.command, e))
         return 1
     finally:
         if previous is not None:

@@ -11,12 +11,20 @@ from the quarantine, error messages naming them), and rich took any ``[...]`` in
 style: ``day [copy].txt`` printed as ``day .txt`` and a quarantined line holding ``[/x]``
 stopped ``bigopt quarantine`` with a MarkupError. Style with :func:`styled` (or
 ``rich.text.Text``) instead.
+
+A command's progress and results go to stdout; its ``bigopt <command>: <error>`` lines go to
+stderr, every command's alike (:func:`print_error`), so ``2>/dev/null`` hides only errors and
+``>/dev/null`` (or a pipe: ``bigopt quarantine --raw | ...``) still shows them.
 """
 from __future__ import annotations
 
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 LOG_WIDTH = 200
 _PADDING = re.compile(r"[ \t]+(?=\n)")
@@ -42,6 +50,15 @@ def styled(*parts):
     from rich.text import Text
 
     return Text.assemble(*parts)
+
+
+def print_error(line: str | Text) -> None:
+    """Print a ``bigopt <command>: <error>`` line to stderr: a ``str`` in red, or a line
+    already styled (``jobs.spark_step.error_text``). Never hard-wrapped: it stays one line,
+    a path in it whole."""
+    from rich.text import Text
+
+    make_console(stderr=True, soft_wrap=True).print(line if isinstance(line, Text) else styled((line, "red")))
 
 
 def make_console(**kwargs):

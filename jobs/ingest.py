@@ -32,7 +32,7 @@ def run(cfg, args) -> int:
 
     from rich.table import Table
 
-    from jobs.console import styled
+    from jobs.console import print_error, styled
     from jobs.spark_step import error_text, run_spark_step
     from pipelines.criteo.ingest import CorruptInputError, IngestError, ingest
 
@@ -90,7 +90,7 @@ def run(cfg, args) -> int:
         state = "unchanged" if version is None else f"v{version}"
         console.print(f"{name} {state} {path}")
     if unreadable is not None:
-        console.print(error_text("ingest", unreadable))
+        print_error(error_text("ingest", unreadable))
     return 0 if rep.rows_in == rep.rows_ok + rep.rows_rejected and unreadable is None else 1
 
 

@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 def run(cfg, args) -> int:
     from rich.table import Table
 
-    from jobs.console import make_console, styled
+    from jobs.console import make_console, print_error
     from pipelines import lake
     from pipelines.lake.commit import ROWS_ADDED_KEY
 
@@ -34,27 +34,26 @@ def run(cfg, args) -> int:
     if args.action == "roundtrip":
         return _roundtrip(cfg, args, console)
     if not args.table:
-        console.print(styled(("--table is required for this action", "red")))
+        print_error(f"bigopt lake: --table is required for --action {args.action}")
         return 2
     if not lake.table_exists(args.table):
         import os
 
         why = "it is a file" if os.path.isfile(args.table) else "it has no _delta_log"
-        console.print(styled((f"bigopt lake: no Delta table at {args.table} ({why})", "red")))
+        print_error(f"bigopt lake: no Delta table at {args.table} ({why})")
         return 1
     from deltalake.exceptions import DeltaError
 
     try:  # a damaged log, said as such (not as a compaction that met a concurrent write)
         lake.table_version(args.table)
     except DeltaError as e:
-        console.print(styled((f"bigopt lake: {args.action} {args.table}: its log cannot be read: {_error_line(e)}",
-                              "red")))
+        print_error(f"bigopt lake: {args.action} {args.table}: its log cannot be read: {_error_line(e)}")
         return 1
     if args.action == "history":
         try:  # an older entry's commitInfo damaged (ValueError), or the log damaged since the check
             history = lake.history(args.table, args.limit)
         except (DeltaError, ValueError) as e:
-            console.print(styled((f"bigopt lake: history {args.table}: {_error_line(e)}", "red")))
+            print_error(f"bigopt lake: history {args.table}: {_error_line(e)}")
             return 1
         t = Table(title=f"history of {args.table}")
         for col in ("version", "timestamp", "operation", "job", "config", "rows added", "parameters"):
@@ -82,7 +81,7 @@ def run(cfg, args) -> int:
                                 enforce_retention=not args.no_retention_check)
         except DeltaError as e:
             hint = " (add --no-retention-check if no write to the table is running)" if "retention" in str(e) else ""
-            console.print(styled((f"bigopt lake: vacuum {args.table}: {_error_line(e)}{hint}", "red")))
+            print_error(f"bigopt lake: vacuum {args.table}: {_error_line(e)}{hint}")
             return 1
         console.print(f"{'deleted' if args.apply else 'would delete'} {len(files)} file(s)"
                       f"{'' if args.apply or not files else ' (dry run: add --apply to delete them)'}")
@@ -94,8 +93,8 @@ def run(cfg, args) -> int:
         try:
             console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
         except DeltaError as e:  # e.g. a write committed while it compacted: nothing changed, run it again
-            console.print(styled((f"bigopt lake: optimize {args.table}: {_error_line(e)} (nothing was committed: run "
-                                  "it again once no write to the table is running)", "red")))
+            print_error(f"bigopt lake: optimize {args.table}: {_error_line(e)} (nothing was committed: run "
+                        "it again once no write to the table is running)")
             return 1
     return 0
 
@@ -111,21 +110,21 @@ def _error_line(e: BaseException) -> str:
 def _roundtrip(cfg, args, console) -> int:
     """Write a table with every type the pipelines use, read it back, compare."""
     from jobs.config import config_hash
-    from jobs.console import styled
+    from jobs.console import print_error
     from pipelines import lake
 
     path = args.table or cfg.lake.table("_check", "roundtrip", "all_types")
     refusal = _not_a_roundtrip_table(path)
     if refusal:
-        console.print(styled((f"bigopt lake: roundtrip overwrites its own check table; {path} {refusal}: "
-                              "give --table a new path, or leave it out", "red")))
+        print_error(f"bigopt lake: roundtrip overwrites its own check table; {path} {refusal}: "
+                    "give --table a new path, or leave it out")
         return 2
     from pipelines.lake.fs import check_writable
 
     try:  # before Spark: found by the tasks, a lake root that is a file was pages of traces
         check_writable(path)
     except PermissionError as e:
-        console.print(styled((f"bigopt lake: roundtrip: {e}", "red")))
+        print_error(f"bigopt lake: roundtrip: {e}")
         return 1
     from pyspark.sql import functions as F
 

@@ -73,7 +73,7 @@ def generate_replacing(cfg) -> tuple[list[str], list[str]]:
 
 
 def run(cfg, args) -> int:
-    from jobs.console import make_console, styled
+    from jobs.console import make_console, print_error, styled
     from jobs.train import apply_cli_overrides
     from pipelines.spark import spark_from_config
     from training.api import print_summary, run_training
@@ -148,7 +148,7 @@ def run(cfg, args) -> int:
             # the steps' own errors name the file or table and the remedy: no traceback
             if (shown := step_error(e, (IngestError, FeaturizeError, FileNotFoundError, InputNameError))) is None:
                 raise
-            console.print(error_text("run", shown))
+            print_error(error_text("run", shown))
             return 1
 
     try:

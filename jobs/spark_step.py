@@ -91,8 +91,8 @@ def run_spark_step(
     """Call ``step(start_spark, progress)``; ``start_spark()`` starts the configured
     SparkSession on its first call and returns it on every call. Returns ``(console, result)``;
     ``result`` is None when ``step`` raised one of ``errors`` or of :func:`lake_errors`
-    (printed as ``bigopt <command>: <error>``)."""
-    from jobs.console import make_console, styled
+    (printed as ``bigopt <command>: <error>``, to stderr)."""
+    from jobs.console import make_console, print_error, styled
     from pipelines.spark import spark_from_config
 
     # log lines: the time and the message (the caller's file:line is noise here); printed text is
@@ -114,5 +114,5 @@ def run_spark_step(
         except Exception as e:  # noqa: BLE001 - printed as one line, or raised again
             if (shown := step_error(e, errors)) is None:
                 raise
-            console.print(error_text(command, shown))
-            return console, None
+    print_error(error_text(command, shown))  # once the status line is gone
+    return console, None

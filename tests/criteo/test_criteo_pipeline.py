@@ -868,8 +868,9 @@ def test_corrupt_gzip_fails_clearly_and_commits_nothing_for_it(spark, tmp_path, 
     conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]
     capsys.readouterr()
     assert main(["ingest", *conf]) == 1
-    out = capsys.readouterr().out
-    assert "0 file(s) ingested, 1 skipped, 3 failed" in out and "cannot be ingested, nothing was committed:" in out
+    out = capsys.readouterr()  # the table on stdout, the error line on stderr
+    assert "0 file(s) ingested, 1 skipped, 3 failed" in out.out
+    assert out.err.startswith("bigopt ingest: ") and "cannot be ingested, nothing was committed:" in out.err
     assert rows_by_source_now(t["bronze"]) == {"day_0.gz": 2000, "day_3.gz": 30}
     shutil.rmtree(raw)
 
@@ -1356,13 +1357,13 @@ def test_a_lake_that_cannot_be_written_fails_before_spark(spark, tmp_path, capsy
     (tmp_path / "file").write_text("not a folder")
     with spark_forbidden("ingest into a lake it cannot write"):
         assert main(["ingest", f"lake.root={tmp_path / 'file'}", f"criteo.raw_dir={raw}"]) == 1
-    assert "bigopt ingest: cannot write to" in capsys.readouterr().out
+    assert "bigopt ingest: cannot write to" in capsys.readouterr().err
     cfg = _cfg(tmp_path)
     ingest(spark, cfg)
     (tmp_path / "lake" / "criteo" / "gold").write_text("a file where gold goes")
     with spark_forbidden("featurize into a gold folder it cannot write"):
         assert main(["featurize", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={raw}"]) == 1
-    assert "bigopt featurize: cannot write to" in capsys.readouterr().out
+    assert "bigopt featurize: cannot write to" in capsys.readouterr().err
 
 
 def test_up_to_date_names_the_bronze_version_gold_was_built_from(spark, tmp_path, capsys, spark_forbidden):

@@ -50,3 +50,26 @@ def test_data_is_printed_as_it_is_never_as_markup():
     text = out.getvalue()
     for shown in ("day [copy].txt", "1[/bold]", "[red]x", "/tmp/[a]/lake", "bad line [/x]", "ingest raw [1] -> bronze"):
         assert shown in text, shown
+
+
+def test_error_lines_go_to_stderr_for_every_command(tmp_path, capsys, spark_forbidden):
+    """ingest, featurize and lake printed their ``bigopt <command>: <error>`` line on stdout,
+    config, train, generate and quarantine on stderr: ``bigopt ingest ... >/dev/null`` showed
+    nothing and exited 1, ``bigopt lake ... 2>/dev/null`` still showed the error. Every error
+    line is on stderr now, one line, with stdout left to progress and results."""
+    from jobs.cli import main
+
+    lake = f"lake.root={tmp_path / 'lake'}"
+    cases = (
+        (["lake", "--table", str(tmp_path / "nowhere")], f"bigopt lake: no Delta table at {tmp_path / 'nowhere'} "),
+        (["lake", "--action", "vacuum"], "bigopt lake: --table is required for --action vacuum"),
+        (["ingest", "--input", str(tmp_path / "nowhere"), lake], "bigopt ingest: input "),
+        (["featurize", lake], "bigopt featurize: no bronze table at "),
+    )
+    for argv, said in cases:
+        capsys.readouterr()
+        with spark_forbidden(" ".join(argv)):
+            assert main(argv) != 0, argv
+        out, err = capsys.readouterr()
+        assert "bigopt " not in out, (argv, out)
+        assert err.startswith(said) and len(err.splitlines()) == 1, (argv, err)

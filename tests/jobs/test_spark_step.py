@@ -17,7 +17,7 @@ def test_a_failed_spark_job_is_one_line(spark, capsys):
         return start().sparkContext.parallelize([1], 1).map(lambda x: os._exit(3)).collect()
 
     _, result = run_spark_step(cfg, "ingest", step, errors=())
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert result is None
     line = next(ln for ln in out.splitlines() if ln.startswith("bigopt ingest: "))
     assert "a Spark job failed, nothing of it committed" in line and "Python worker exited unexpectedly" in line
@@ -58,7 +58,7 @@ def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
         return start().range(1, numPartitions=1).mapInArrow(gone, "id long").collect()
 
     _, result = run_spark_step(cfg, "ingest", step, errors=())
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert result is None
     line = next(ln for ln in out.splitlines() if ln.startswith("bigopt ingest: "))
     assert "a Spark job failed, nothing of it committed (FileNotFoundError: [Errno 2] No such file or directory: " \
@@ -67,5 +67,5 @@ def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
     # an exception of several lines keeps its type and every line (it was only "line two")
     _, result = run_spark_step(cfg, "ingest", lambda start, p: start().range(1, numPartitions=1).mapInArrow(
         two_lines, "id long").collect(), errors=())
-    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("bigopt ingest: "))
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bigopt ingest: "))
     assert "(ValueError: line one line two)" in line, line

@@ -344,14 +344,14 @@ def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"would delete {before + 1} file(s) (dry run" in out and orphan_add["path"] in out
     assert main(["lake", "--action", "vacuum", "--table", path, "--retention-hours", "0"]) == 1
-    assert "--no-retention-check" in capsys.readouterr().out
+    assert "--no-retention-check" in capsys.readouterr().err
     assert main(["lake", "--action", "vacuum", "--table", path, "--retention-hours", "0", "--no-retention-check",
                  "--apply"]) == 0
     assert f"deleted {before + 1} file(s)" in capsys.readouterr().out
     assert table_version(path) == written + 3 and data_version(path) == written  # + VACUUM START, END
     assert read_table(spark, path).count() == 30 and DeltaSnapshot(path).num_rows == 30
     assert main(["lake", "--table", str(tmp_path / "none")]) == 1
-    assert "no Delta table at" in capsys.readouterr().out
+    assert "no Delta table at" in capsys.readouterr().err
     # out-of-range numbers are usage errors (they were delta-rs tracebacks: ValueError, OverflowError)
     for bad in (["--action", "optimize", "--target-mb", "0"], ["--action", "optimize", "--target-mb", "-1"],
                 ["--action", "vacuum", "--retention-hours", "-5"]):
@@ -373,13 +373,13 @@ def test_roundtrip_refuses_a_table_that_is_not_its_own(spark, tmp_path, capsys):
     for table, why in ((path, "is a Delta table written by ingest"),
                        (str(folder), "is a directory with files in it and no Delta table")):
         assert main(["lake", "--action", "roundtrip", "--table", table, f"lake.root={tmp_path / 'lake'}"]) == 2
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err
         assert why in out and "give --table a new path" in out, out
     assert table_version(path) == 0 and read_table(spark, path).count() == 10
     assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
     (tmp_path / "afile").write_text("")  # a lake root that is a file: one line, before Spark
     assert main(["lake", "--action", "roundtrip", f"lake.root={tmp_path / 'afile'}"]) == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "bigopt lake: roundtrip: cannot write to" in out and "Traceback" not in out, out
 
 

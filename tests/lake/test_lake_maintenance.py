@@ -36,7 +36,7 @@ def test_history_and_commit_info_whatever_the_path(tmp_path, capsys, spark_forbi
         rows = _history_rows(capsys.readouterr().out)
         assert len(rows) == 2 and "featurize" in rows[0] and "ingest" in rows[1] and "0123456789ab" in rows[1]
         assert main(["lake", "--action", "roundtrip", "--table", path, f"lake.root={tmp_path / 'lake'}"]) == 2
-        assert "is a Delta table written by featurize, ingest" in capsys.readouterr().out
+        assert "is a Delta table written by featurize, ingest" in capsys.readouterr().err
 
 
 def test_history_of_a_commit_without_commit_info(tmp_path):
@@ -92,14 +92,14 @@ def test_lake_command_on_a_file_is_one_line(tmp_path, capsys, spark_forbidden):
         assert not table_exists(str(path))
         for action in ("history", "vacuum", "optimize"):
             assert main(["lake", "--table", str(path), "--action", action]) == 1
-            out = capsys.readouterr().out
+            out = capsys.readouterr().err
             assert out.startswith(f"bigopt lake: no Delta table at {path}") and len(out.splitlines()) == 1, out
         with spark_forbidden("a roundtrip onto a file"):
             assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 1
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err
         assert "bigopt lake: roundtrip: cannot write to" in out and "Traceback" not in out, out
     assert main(["lake", "--table", str(tmp_path / "afile")]) == 1
-    assert "(it is a file)" in capsys.readouterr().out
+    assert "(it is a file)" in capsys.readouterr().err
 
 
 def test_lake_command_on_a_damaged_log_is_one_line(tmp_path, capsys, spark_forbidden):
@@ -115,12 +115,12 @@ def test_lake_command_on_a_damaged_log_is_one_line(tmp_path, capsys, spark_forbi
         f.write('{"add":{broken\n')
     for action in ("history", "vacuum", "optimize"):
         assert main(["lake", "--table", str(path), "--action", action]) == 1
-        out = " ".join(capsys.readouterr().out.split())  # the console wraps at 80 columns
-        assert out == f"bigopt lake: {action} {path}: its log cannot be read: Kernel error: Json error: " \
-                      "Encountered unexpected 'b' whilst parsing object", out
+        err = capsys.readouterr().err  # one line, never wrapped
+        assert err == f"bigopt lake: {action} {path}: its log cannot be read: Kernel error: Json error: " \
+                      "Encountered unexpected 'b' whilst parsing object\n", err
     with spark_forbidden("a roundtrip onto a damaged table"):
         assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "is a Delta table whose log cannot be read" in out and "Traceback" not in out, out
 
 

@@ -82,9 +82,9 @@ def test_run_command_stops_clearly_on_a_bad_input(tmp_path, capsys, spark_forbid
     job.add_arguments(parser)
     with spark_forbidden("bigopt run on an input it cannot read"):
         assert job.run(cfg, parser.parse_args(["--no-generate"])) == 1
-    out = capsys.readouterr().out
-    assert "bigopt run: 1 input file(s) cannot be ingested, nothing was committed" in out
-    assert "day_0.gz: named .gz but not gzip content" in out
+    err = capsys.readouterr().err  # the error line on stderr, as every command's
+    assert "bigopt run: 1 input file(s) cannot be ingested, nothing was committed" in err
+    assert "day_0.gz: named .gz but not gzip content" in err
     # a file name that is not UTF-8, with or without the generate check (a traceback until the
     # fifteenth session's review)
     import os
@@ -95,8 +95,8 @@ def test_run_command_stops_clearly_on_a_bad_input(tmp_path, capsys, spark_forbid
     for flags in (["--no-generate"], []):
         with spark_forbidden("bigopt run on an input name it cannot take"):
             assert job.run(cfg, parser.parse_args(flags)) == 1, flags
-        out = capsys.readouterr().out
-        assert "bigopt run: input file name b'" in out and "day_\\xff.txt' is not UTF-8" in out, out
+        err = capsys.readouterr().err
+        assert "bigopt run: input file name b'" in err and "day_\\xff.txt' is not UTF-8" in err, err
 
 
 def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
