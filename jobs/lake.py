@@ -27,6 +27,7 @@ def run(cfg, args) -> int:
     from rich.table import Table
 
     from jobs.console import make_console, print_error
+    from jobs.spark_step import error_line
     from pipelines import lake
     from pipelines.lake.commit import ROWS_ADDED_KEY
 
@@ -47,13 +48,13 @@ def run(cfg, args) -> int:
     try:  # a damaged log, said as such (not as a compaction that met a concurrent write)
         lake.table_version(args.table)
     except DeltaError as e:
-        print_error(f"bigopt lake: {args.action} {args.table}: its log cannot be read: {_error_line(e)}")
+        print_error(f"bigopt lake: {args.action} {args.table}: its log cannot be read: {error_line(e)}")
         return 1
     if args.action == "history":
         try:  # an older entry's commitInfo damaged (ValueError), or the log damaged since the check
             history = lake.history(args.table, args.limit)
         except (DeltaError, ValueError) as e:
-            print_error(f"bigopt lake: history {args.table}: {_error_line(e)}")
+            print_error(f"bigopt lake: history {args.table}: {error_line(e)}")
             return 1
         t = Table(title=f"history of {args.table}")
         for col in ("version", "timestamp", "operation", "job", "config", "rows added", "parameters"):
@@ -81,7 +82,7 @@ def run(cfg, args) -> int:
                                 enforce_retention=not args.no_retention_check)
         except DeltaError as e:
             hint = " (add --no-retention-check if no write to the table is running)" if "retention" in str(e) else ""
-            print_error(f"bigopt lake: vacuum {args.table}: {_error_line(e)}{hint}")
+            print_error(f"bigopt lake: vacuum {args.table}: {error_line(e)}{hint}")
             return 1
         console.print(f"{'deleted' if args.apply else 'would delete'} {len(files)} file(s)"
                       f"{'' if args.apply or not files else ' (dry run: add --apply to delete them)'}")
@@ -93,18 +94,10 @@ def run(cfg, args) -> int:
         try:
             console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
         except DeltaError as e:  # e.g. a write committed while it compacted: nothing changed, run it again
-            print_error(f"bigopt lake: optimize {args.table}: {_error_line(e)} (nothing was committed: run "
+            print_error(f"bigopt lake: optimize {args.table}: {error_line(e)} (nothing was committed: run "
                         "it again once no write to the table is running)")
             return 1
     return 0
-
-
-def _error_line(e: BaseException) -> str:
-    """A delta-rs error's message without the Rust backtrace it carries when ``RUST_BACKTRACE``
-    is set (lines ``   0: <unknown>`` ... after the message)."""
-    import re
-
-    return re.split(r"\n\s*0: ", str(e), maxsplit=1)[0].strip()
 
 
 def _roundtrip(cfg, args, console) -> int:
@@ -162,10 +155,12 @@ def _not_a_roundtrip_table(path: str) -> str | None:
     if lake.table_exists(path):
         from deltalake.exceptions import DeltaError
 
+        from jobs.spark_step import error_line
+
         try:
             history = lake.history(path)
         except (DeltaError, ValueError) as e:  # a damaged log: whose table it is cannot be told
-            return f"is a Delta table whose log cannot be read ({_error_line(e)})"
+            return f"is a Delta table whose log cannot be read ({error_line(e)})"
         jobs = {str(lake.commit_metadata(h).get("job", "")) for h in history
                 if h.get("operation") not in ("VACUUM START", "VACUUM END", "OPTIMIZE")}
         others = sorted(jobs - {"lake-roundtrip"})

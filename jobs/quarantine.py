@@ -26,6 +26,18 @@ def add_arguments(parser) -> None:
 
 
 def run(cfg, args) -> int:
+    from jobs.console import print_error
+    from jobs.spark_step import error_text
+    from pipelines.criteo.quarantine import QuarantineError
+
+    try:
+        return _show(cfg, args)
+    except QuarantineError as e:  # a damaged log: one line, not a traceback
+        print_error(error_text("quarantine", e))
+        return 1
+
+
+def _show(cfg, args) -> int:
     from rich.table import Table
 
     from jobs.console import make_console

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RUST_BACKTRACE = re.compile(r"\n\s*0: ")  # the first frame of the backtrace after a delta-rs error's message
 
 
 def lake_errors() -> tuple[type[BaseException], ...]:
@@ -72,14 +73,21 @@ def step_error(e: BaseException, errors: tuple[type[BaseException], ...]) -> Bas
     return e if isinstance(e, (*errors, *lake_errors())) else None  # every step writes through the lake
 
 
+def error_line(e: BaseException) -> str:
+    """``e``'s message as it is to be read, from a delta-rs error too: without the colour
+    escapes of its error chains (they would print as text, "[31m↳[0m") and without the Rust
+    backtrace it carries when ``RUST_BACKTRACE`` is set (lines ``   0: <unknown>`` ... after
+    the message)."""
+    return _RUST_BACKTRACE.split(_ANSI.sub("", str(e)), maxsplit=1)[0].strip()
+
+
 def error_text(command: str, e: BaseException):
     """``bigopt <command>: <error>`` in red, for an error whose message says it all (its
     traceback is logged at debug level: ``bigopt -v``)."""
     from jobs.console import styled
 
     logging.getLogger("bigopt").debug("bigopt %s failed", command, exc_info=e)
-    # delta-rs colours its error chains: the escapes would print as text ("[31m↳[0m")
-    return styled((f"bigopt {command}: {_ANSI.sub('', str(e))}", "red"))
+    return styled((f"bigopt {command}: {error_line(e)}", "red"))
 
 
 def run_spark_step(

@@ -11,7 +11,8 @@ The quarantine table (``<lake.root>/criteo/bronze/quarantine``, partitioned by d
 holds the bad lines of every file as last ingested: ``--force`` replaces a file's rows there
 as in bronze. Filters: ``source`` (a file's name: only its partition's files are read),
 ``batch`` (an ingest batch id, as ``bigopt ingest`` prints it) and ``reason`` (a substring,
-any case). The counts read only the columns they and the filters need.
+any case). The counts read only the columns they and the filters need. A quarantine table whose
+log cannot be read (a damaged ``_delta_log/*.json``) is a :class:`QuarantineError` naming it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 
 from pipelines.criteo.schema import tables
+
+
+class QuarantineError(RuntimeError):
+    """The quarantine table cannot be read; the message names it and says why."""
 
 
 @dataclass
@@ -50,6 +55,8 @@ def _where(source: str | None, batch: str | None, reason: str | None):
 
 
 def _snapshot(cfg):
+    from deltalake.exceptions import DeltaError
+
     from pipelines.lake import DeltaSnapshot
 
     path = tables(cfg)["quarantine"]
@@ -57,6 +64,8 @@ def _snapshot(cfg):
         return path, DeltaSnapshot(path)
     except FileNotFoundError:  # no table yet: nothing was ever quarantined
         return path, None
+    except DeltaError as e:  # a damaged log: said as `bigopt lake` says it, not a traceback
+        raise QuarantineError(f"{path}: its log cannot be read: {e}") from e
 
 
 def quarantined(cfg, *, batch: str | None = None, source: str | None = None, reason: str | None = None,

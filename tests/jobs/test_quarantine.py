@@ -1,0 +1,40 @@
+"""``bigopt quarantine`` on a quarantine table it cannot read: one line, as ``bigopt lake`` says it."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from jobs.config import load_config
+from jobs.spark_step import error_line
+from pipelines.criteo.schema import tables
+from pipelines.lake.tasks import write_arrow
+
+
+def test_a_damaged_quarantine_log_is_one_line(tmp_path, capsys, monkeypatch, spark_forbidden):
+    """The quarantine's log damaged: `bigopt quarantine` was a ~40-line DeltaError traceback
+    through DeltaSnapshot (and the Rust backtrace, RUST_BACKTRACE being set); now the line
+    `bigopt lake --table` gives for the same table, on stderr, exit 1 - with --raw too."""
+    from jobs.cli import main
+
+    monkeypatch.setenv("RUST_BACKTRACE", "1")
+    lake = f"lake.root={tmp_path / 'lake'}"
+    path = tables(load_config(None, [lake]))["quarantine"]
+    write_arrow(path, pa.table({"source": ["day_0"], "reason": ["hex"], "line": ["x"]}))
+    (tmp_path / "lake" / "criteo" / "bronze" / "quarantine" / "_delta_log" / f"{0:020d}.json").write_text("garbage\n")
+    want = (f"{path}: its log cannot be read: Kernel error: Json error: Encountered unexpected 'g' whilst parsing "
+            "value")
+    with spark_forbidden("bigopt quarantine"):
+        for flags in ([], ["--raw"], ["--source", "day_0", "--raw"]):
+            assert main(["quarantine", lake, *flags]) == 1, flags
+            out, err = capsys.readouterr()
+            assert (out, err) == ("", f"bigopt quarantine: {want}\n"), flags
+    assert main(["lake", "--table", path]) == 1
+    assert capsys.readouterr().err == f"bigopt lake: history {want}\n"
+
+
+def test_error_line_drops_delta_rs_colours_and_rust_backtrace():
+    """What delta-rs's errors carry (its colours; the backtrace where RUST_BACKTRACE is set) is
+    left out of every ``bigopt <command>:`` line, not only `bigopt lake`'s."""
+    e = RuntimeError("Kernel error: \x1b[31m↳\x1b[0m Json error: bad\n   0: <unknown>\n  12: start_thread\n"
+                     "             at ./nptl/pthread_create.c:442:8")
+    assert error_line(e) == "Kernel error: ↳ Json error: bad"
+    assert error_line(ValueError("two\nlines")) == "two\nlines"  # a message of its own is kept whole
