@@ -185,10 +185,54 @@ def _stop_signals_passed_on():
     event, register = threading.Event(), gloo_run.register_shutdown_event
     gloo_run.register_shutdown_event = lambda: event
     try:
-        with held_stop_signals(also=event.set):
+        with held_stop_signals(also=event.set), _cancelled_spark_job_unsaid(event):
             yield
     finally:
         gloo_run.register_shutdown_event = register
+
+
+_CANCELLED_JOB = re.compile(r"SPARK_JOB_CANCELLED|\bJob \d+ cancelled\b")
+
+
+@contextlib.contextmanager
+def _cancelled_spark_job_unsaid(stopping):
+    """On a stop, ``horovod.spark.run`` cancels its Spark job group, and its ``run_spark``
+    thread (whose ``collect`` waited for the ranks' tasks) dies of the cancelled job: Python's
+    ``threading.excepthook`` printed that Py4JJavaError with ~35 lines of Java stack before the
+    command's one "stopped" line. While ``stopping`` is set, that one error of that one thread is
+    not printed; any other thread's error, any other error, and every error of a launch not
+    being stopped still reach the previous hook. ``horovod.spark.run`` joins the thread before
+    it returns, so the hook is back before the stop is acted on."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not (stopping.is_set() and _in_horovod_spark_thread(args.exc_traceback)
+                and _CANCELLED_JOB.search(_text_of(args.exc_value))):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+def _in_horovod_spark_thread(tb) -> bool:
+    """Whether a thread's traceback passes through Horovod's ``run_spark`` (horovod.spark.runner)."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "run_spark" and tb.tb_frame.f_globals.get("__name__") == "horovod.spark.runner":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _text_of(error: BaseException | None) -> str:
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - a Py4JJavaError asks the JVM for its text
+        return ""
 
 
 def _process_died(e: Exception) -> RankFailure:

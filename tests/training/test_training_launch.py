@@ -35,3 +35,68 @@ def test_run_local_names_the_failing_rank(helpers_importable):
         launch(probe_rank, {"x": 1, "fail_rank": 1}, num_proc=2, backend="runner")
     assert ei.value.rank == 1
     assert "probe failure on rank 1" in ei.value.error and "probe_rank" in ei.value.rank_traceback
+
+
+def _horovod_spark_thread_fails_with(error: Exception) -> None:
+    """Run Horovod's own ``run_spark`` thread (horovod.spark.runner) on a stand-in SparkContext
+    whose ``collect`` raises ``error``, as Spark's does for a job the launcher cancelled."""
+    from types import SimpleNamespace
+
+    from horovod.spark import runner
+
+    def collect():
+        raise error
+
+    ctx = SimpleNamespace(setJobGroup=lambda *a, **k: None,
+                          range=lambda *a, **k: SimpleNamespace(mapPartitionsWithIndex=lambda f: SimpleNamespace(
+                              collect=collect)))
+    driver = SimpleNamespace(addresses=lambda: {}, notify_spark_job_failed=lambda: None)
+    settings = SimpleNamespace(key=b"k", elastic=False, num_proc=2, max_num_proc=2)
+    runner._make_spark_thread(ctx, "horovod.spark.run.0", driver, None, settings, True, False).join(10)
+
+
+def test_a_stopped_launch_does_not_print_horovods_cancelled_spark_job(monkeypatch):
+    """On Ctrl-C / SIGTERM Horovod cancels its Spark job group, and its run_spark thread died of
+    the cancelled job: Python printed that Py4JJavaError, ~35 lines of Java stack, before the
+    command's one "stopped" line. While a launch is being stopped, that error of that thread is
+    not printed; other errors, other threads, and a launch not being stopped still are, and the
+    hook is put back after the launch."""
+    import signal
+    import threading
+
+    from training.launch import _stop_signals_passed_on
+
+    pytest.importorskip("horovod.spark")
+    call = "An error occurred while calling o55.collectAndServe.\n: org.apache.spark.SparkException: "
+    cancelled = call + "[SPARK_JOB_CANCELLED] Job 0 cancelled part of cancelled job group horovod.spark.run.0"
+    failed = call + "Job aborted due to stage failure: Task 1 in stage 0.0 failed 1 times"  # a rank's task died
+    printed: list[str] = []
+
+    def recorder(args):
+        printed.append(str(args.exc_value))
+
+    monkeypatch.setattr(threading, "excepthook", recorder)
+    with _stop_signals_passed_on():  # not stopped: the cancelled job is said
+        _horovod_spark_thread_fails_with(RuntimeError(cancelled))  # py4j's Py4JJavaError, as str() gives it
+    assert printed == [cancelled]
+
+    printed.clear()
+    stops: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stops.append(signum))
+    try:
+        with _stop_signals_passed_on():
+            os.kill(os.getpid(), signal.SIGTERM)  # held: noted, Horovod's shutdown event set
+            _horovod_spark_thread_fails_with(RuntimeError(cancelled))  # the stop's own consequence: not said
+            _horovod_spark_thread_fails_with(RuntimeError(failed))  # another error: said
+
+            def elsewhere():
+                raise RuntimeError(cancelled)
+
+            other = threading.Thread(target=elsewhere)  # another thread's: said
+            other.start()
+            other.join(10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stops == [signal.SIGTERM]  # sent again to the handler the launch found
+    assert printed == [failed, cancelled]
+    assert threading.excepthook is recorder
