@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobs.console import make_console, print_error
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command_line(parser, argv)
     handler = RichHandler(console=make_console(), show_path=False, rich_tracebacks=False)
     handler.addFilter(_not_py4j_on_an_interrupt)  # Ctrl-C / SIGTERM during a call: said once, below
@@ -134,9 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise stop from None
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Airflow stopping a task): the `finally`s ran
         by = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        after = ("its checkpoints are kept: --resume continues from the last" if args.command == "train"
-                 else "what it had not committed was removed")
-        print(f"bigopt {args.command}: stopped by {by}; {after}", file=sys.stderr)
+        print(f"bigopt {args.command}: stopped by {by}; {_after_a_stop(e, argv)}", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:  # `bigopt quarantine --raw | head`: the reader has what it wanted
         import os
@@ -153,6 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             import signal
 
             signal.signal(signal.SIGTERM, previous)
+
+
+def _after_a_stop(stop: KeyboardInterrupt, argv: list[str]) -> str:
+    """What a stop left: a stopped training (``jobs.train.resumable_on_a_stop``: ``bigopt train``,
+    or ``bigopt run`` in its train step) its checkpoints, and the command that continues from
+    them is this one with ``--resume``; any other step deleted what it had not committed."""
+    if not getattr(stop, "resumable", False):
+        return "what it had not committed was removed"
+    import shlex
+
+    again = shlex.join(["bigopt", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"its checkpoints are kept: {again} continues from the last"
 
 
 def _not_py4j_on_an_interrupt(record: logging.LogRecord) -> bool:

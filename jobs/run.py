@@ -1,4 +1,4 @@
-"""bigopt run <conf.yaml> [k=v ...] [--no-generate] [--force-ingest] [--force-featurize] [--local] [--num-proc N]
+"""bigopt run <conf.yaml> [k=v ...] [--no-generate] [--force-ingest] [--force-featurize] [--resume] [--local] [--num-proc N]
 
 The whole first slice in one command, on one SparkSession (started when a step first needs it):
 
@@ -6,7 +6,10 @@ The whole first slice in one command, on one SparkSession (started when a step f
     -> featurize (bronze -> gold + vocabulary) -> train (Horovod-on-Spark, MLflow)
     -> final test-split evaluation -> summary table
 
-``make demo`` = ``bigopt run conf/demo.yaml``.
+``make demo`` = ``bigopt run conf/demo.yaml``. Stopped (Ctrl-C, SIGTERM) in its train step, the
+command keeps its checkpoints and says so; the same command with ``--resume`` runs the data steps
+again (up to date: nothing to do) and continues training from the last checkpoint, as
+``bigopt train --resume`` does, then evaluates the test split.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force-ingest", action="store_true", help="re-ingest files already in bronze")
     parser.add_argument("--force-featurize", action="store_true", help="rebuild gold even when it is up to date")
     parser.add_argument("--skip-data", action="store_true", help="train on the existing gold tables only")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training from the last checkpoint (same MLflow run), as bigopt train --resume")
     parser.add_argument("--local", action="store_true", help="train in-process (one rank, no Horovod)")
     parser.add_argument("--num-proc", type=int, default=None, help="override train.num_proc")
 
@@ -74,9 +79,10 @@ def generate_replacing(cfg) -> tuple[list[str], list[str]]:
 
 def run(cfg, args) -> int:
     from jobs.console import make_console, print_error, styled
-    from jobs.train import apply_cli_overrides
+    from jobs.train import apply_cli_overrides, resumable_on_a_stop
     from pipelines.spark import spark_from_config
     from training.api import print_summary, run_training
+    from training.checkpoint import ResumeError
     from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
     from training.launch import RankFailure
@@ -153,9 +159,10 @@ def run(cfg, args) -> int:
 
     try:
         ranks = 1 if args.local else cfg.train.num_proc  # --local: one in-process rank
-        with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"):
-            res = run_training(cfg, spark=spark, local=args.local, store_checked=True)  # checked above
-    except (FileNotFoundError, GoldVersionError, TrainSettingsError, TrackingStoreError) as e:
+        with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"), resumable_on_a_stop():
+            res = run_training(cfg, spark=spark, resume=args.resume, local=args.local,
+                               store_checked=True)  # checked above
+    except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     except (UnreadableDataFileError, RankFailure) as e:  # a damaged data file, named; a rank's error

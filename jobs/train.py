@@ -7,6 +7,7 @@ summary table. Under spark-submit: ``spark-submit jobs/train.py conf/criteo.yaml
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -39,6 +40,23 @@ def apply_cli_overrides(cfg, args):
     return cfg.model_copy(update={"train": train})
 
 
+@contextlib.contextmanager
+def resumable_on_a_stop():
+    """Mark a Ctrl-C / SIGTERM that stops training (``resumable = True`` on the
+    KeyboardInterrupt, also one behind an error raised while it unwound): rank 0 writes each
+    checkpoint atomically and a stop removes none, so `bigopt` says that the same command with
+    ``--resume`` continues, not that uncommitted files were removed (ingest's and featurize's
+    case). ``bigopt run`` stopped in its train step is marked too, and only there."""
+    from pipelines.stopping import stop_behind
+
+    try:
+        yield
+    except BaseException as e:
+        if (stop := stop_behind(e)) is not None:
+            stop.resumable = True
+        raise
+
+
 def run(cfg, args) -> int:
     from training.api import print_summary, run_training
     from training.checkpoint import ResumeError
@@ -54,7 +72,8 @@ def run(cfg, args) -> int:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
     try:  # starts Spark only for Horovod-on-Spark ranks
-        res = run_training(cfg, resume=args.resume, local=args.local)
+        with resumable_on_a_stop():
+            res = run_training(cfg, resume=args.resume, local=args.local)
     except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2

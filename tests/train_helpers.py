@@ -7,10 +7,15 @@ def train_cfg(gold: dict, tmp_path, *overrides: str, tracking=False):
 
     ``tracking``: False, True (a store under ``tmp_path``) or ``(uri, artifact_dir)``.
     """
-    store = tracking if isinstance(tracking, tuple) else (f"sqlite:///{tmp_path}/mlflow.db", f"{tmp_path}/mlruns")
     from jobs.config import load_config
 
-    ov = [
+    return load_config(None, train_overrides(gold, tmp_path, *overrides, tracking=tracking))
+
+
+def train_overrides(gold: dict, tmp_path, *overrides: str, tracking=False) -> list[str]:
+    """:func:`train_cfg`'s ``key=value`` overrides, for a ``bigopt`` command line."""
+    store = tracking if isinstance(tracking, tuple) else (f"sqlite:///{tmp_path}/mlflow.db", f"{tmp_path}/mlruns")
+    return [
         f"train.train_table={gold['train']}",
         f"train.valid_table={gold['valid']}",
         f"train.test_table={gold['test']}",
@@ -32,7 +37,6 @@ def train_cfg(gold: dict, tmp_path, *overrides: str, tracking=False):
         "tracking.model_format=pickle",
         *overrides,
     ]
-    return load_config(None, ov)
 
 
 def interrupted_and_full(gold: dict, tmp_path, *variant: str):

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from train_helpers import interrupted_and_full, train_cfg
+from train_helpers import interrupted_and_full, train_cfg, train_overrides
 from training.api import run_training
 
 
@@ -213,6 +213,76 @@ def test_train_command_prints_summary(synth_gold, tmp_path, capsys):
     assert job.run(cfg, indivisible) == 2
     err = capsys.readouterr().err
     assert err.startswith("bigopt train: --num-proc 3: batch_size 256 must be divisible") and "pydantic" not in err
+
+
+def _stop_at_batch(monkeypatch, n: int, stop: type[KeyboardInterrupt]) -> None:
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (jobs.cli.Terminated) once, as the loop reads its
+    ``n``-th batch; the calls after it go on."""
+    import training.loop
+
+    real, calls = training.loop.batch_to_inputs, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise stop()
+        return real(*a, **k)
+
+    monkeypatch.setattr(training.loop, "batch_to_inputs", counted)
+
+
+def test_run_stopped_while_training_keeps_its_checkpoints_and_its_resume_continues(synth_gold, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """`bigopt run` stopped in its train step said "what it had not committed was removed" (the
+    checkpoints are kept) and had no --resume: a re-run cleared the checkpoints and started
+    over. Now it names the command that continues (the same one with --resume), and that
+    command ends with the parameters and test metrics of an uninterrupted run. A stop in its
+    data steps, and `bigopt train`'s, are said as before."""
+    import shlex
+
+    from jobs.cli import Terminated, main
+
+    def argv(command: str, where, *flags: str) -> list[str]:
+        return [command, *train_overrides(synth_gold, where, "train.max_steps=30", "train.checkpoint_every=10",
+                                          "train.eval_every=15"), *flags, "--local"]
+
+    assert main(argv("run", tmp_path / "a", "--skip-data")) == 0
+    full = capsys.readouterr().out
+    _stop_at_batch(monkeypatch, 17, Terminated)  # after the step-10 checkpoint
+    stopped = argv("run", tmp_path / "b", "--skip-data")
+    assert main(stopped) == 143
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    again = shlex.join(["bigopt", *stopped, "--resume"])
+    assert err == f"bigopt run: stopped by SIGTERM; its checkpoints are kept: {again} continues from the last"
+    assert [p.name for p in (tmp_path / "b" / "ckpt").iterdir()] == ["step-00000010.pt"]
+    assert main(shlex.split(again)[1:]) == 0  # the command it names, as it names it
+    resumed = capsys.readouterr().out
+
+    def last(where) -> dict:
+        return torch.load(where / "ckpt" / "step-00000030.pt", weights_only=True)["model"]
+
+    a, b = last(tmp_path / "a"), last(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical parameters
+
+    def test_line(out: str) -> str:
+        return next(line for line in out.splitlines() if "test AUC" in line)
+
+    assert test_line(resumed) == test_line(full)
+
+    _stop_at_batch(monkeypatch, 1, KeyboardInterrupt)
+    assert main(argv("train", tmp_path / "c")) == 130
+    again = shlex.join(["bigopt", *argv("train", tmp_path / "c"), "--resume"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"bigopt train: stopped by Ctrl-C; its checkpoints are kept: {again} continues from the last")
+    import pipelines.criteo.ingest
+
+    def stopped_ingest(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines.criteo.ingest, "ingest", stopped_ingest)
+    assert main(argv("run", tmp_path / "d", "--no-generate")) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "bigopt run: stopped by Ctrl-C; what it had not committed was removed")
 
 
 def test_compression_hook_in_process(synth_gold, tmp_path, mlflow_store):
