@@ -52,14 +52,18 @@ def run(cfg, args) -> int:
     import torch.nn.functional as F
 
     from optim.large_batch import measure_batch_size_bounds
-    from training.dataspec import batch_to_inputs, resolve_data
+    from training.dataspec import GoldVersionError, batch_to_inputs, resolve_data
     from training.loaders import table_to_tensors
-    from training.loop import model_for, optimizer_for
+    from training.loop import TrainSettingsError, check_settings, model_for, optimizer_for
 
     t = cfg.train
     try:
         spec = resolve_data(cfg)
-    except FileNotFoundError as e:
+        # the model and optimizer are built from train.* as bigopt train builds them: a bad
+        # setting is the same one line (exit 2), before the train table is read, not a
+        # traceback from the first size's model or optimizer
+        check_settings(t, len(spec.cardinalities), spec.num_dense)
+    except (FileNotFoundError, GoldVersionError, TrainSettingsError) as e:
         print(f"bigopt batch-size: {e}", file=sys.stderr)
         return 2
     sizes = args.sizes or default_sizes(t.micro_batch_size)

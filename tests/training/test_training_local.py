@@ -351,6 +351,24 @@ def test_batch_size_command(synth_gold, tmp_path, capsys):
         assert ei.value.code == 2 and "Traceback" not in err and ("batch sizes" in err or "integer >= 1" in err), err
 
 
+@pytest.mark.parametrize("bad", [["train.optimizer=nonexistent"], ["train.model_params.embedding_dim=0"],
+                                 ["train.optimizer=sophia", "train.optimizer_params.bogus=1"]])
+def test_batch_size_command_checks_the_train_settings_first(synth_gold, tmp_path, capsys, bad):
+    """Bad train.* settings are bigopt train's one line and exit 2, before the train table is
+    read. batch-size did not check them: the first size's model or optimizer raised a
+    traceback (exit 1)."""
+    from jobs.cli import main
+    from training.loop import TrainSettingsError, check_settings
+
+    cfg = train_cfg(synth_gold, tmp_path, *bad)
+    with pytest.raises(TrainSettingsError) as ei:
+        check_settings(cfg.train, 26, 13)
+    capsys.readouterr()
+    assert main(["batch-size", *train_overrides(synth_gold, tmp_path, *bad), "--sizes", "64,128", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"bigopt batch-size: {ei.value}\n"
+
+
 def _finished_run_with_checkpoint(gold, tmp_path, mlflow_store, *extra):
     cfg = train_cfg(gold, tmp_path, "train.max_steps=20", "train.checkpoint_every=10", "run.name=resume-check",
                     *extra, tracking=mlflow_store)
