@@ -12,15 +12,18 @@ holds the bad lines of every file as last ingested: ``--force`` replaces a file'
 as in bronze. Filters: ``source`` (a file's name: only its partition's files are read),
 ``batch`` (an ingest batch id, as ``bigopt ingest`` prints it) and ``reason`` (a substring,
 any case). The counts read only the columns they and the filters need. A quarantine table whose
-log cannot be read (a damaged ``_delta_log/*.json``) is a :class:`QuarantineError` naming it.
+log cannot be read (a damaged ``_delta_log/*.json``), or one of whose data files cannot, is a
+:class:`QuarantineError` naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.criteo.schema import tables
@@ -68,6 +71,16 @@ def _snapshot(cfg):
         raise QuarantineError(f"{path}: its log cannot be read: {e}") from e
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+    """A damaged or missing data file of the table (its log names it): a QuarantineError
+    naming the table and the cause, not pyarrow's traceback."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        raise QuarantineError(f"{path}: a data file cannot be read: {type(e).__name__}: {e}") from e
+
+
 def quarantined(cfg, *, batch: str | None = None, source: str | None = None, reason: str | None = None,
                 limit: int = 20) -> QuarantineView:
     """The quarantined lines matching every filter given (see the module docstring)."""
@@ -76,9 +89,10 @@ def quarantined(cfg, *, batch: str | None = None, source: str | None = None, rea
         return QuarantineView(path, None)
     view = QuarantineView(path, snap.version)
     cond = _where(source, batch, reason)
-    ds = snap.dataset()
-    counts = ds.to_table(columns=["source", "reason"], filter=cond).group_by(["source", "reason"]).aggregate(
-        [("reason", "count")])
+    with _reading(path):
+        ds = snap.dataset()
+        counts = ds.to_table(columns=["source", "reason"], filter=cond).group_by(["source", "reason"]).aggregate(
+            [("reason", "count")])
     view.counts = sorted(
         zip(counts.column("source").to_pylist(), counts.column("reason").to_pylist(),
             counts.column("reason_count").to_pylist()),
@@ -90,7 +104,8 @@ def quarantined(cfg, *, batch: str | None = None, source: str | None = None, rea
             break
         group = (pc.field("source") == src) & (pc.field("reason") == rsn)
         take = min(per_group, limit - len(view.examples))
-        view.examples += ds.head(take, columns=cols, filter=group if cond is None else cond & group).to_pylist()
+        with _reading(path):
+            view.examples += ds.head(take, columns=cols, filter=group if cond is None else cond & group).to_pylist()
     return view
 
 
@@ -105,9 +120,11 @@ def quarantined_lines(cfg, *, batch: str | None = None, source: str | None = Non
     """Every matching quarantined line's exact bytes (without its line end), streamed:
     ``line_bytes`` where the ``line`` text is not the whole line (undecodable bytes, or longer
     than ``max_line_preview``), else ``line``."""
-    _, snap = _snapshot(cfg)
+    path, snap = _snapshot(cfg)
     if snap is None:
         return
-    for b in snap.dataset().to_batches(columns=["line", "line_bytes"], filter=_where(source, batch, reason)):
-        for text, exact in zip(b.column(0).to_pylist(), b.column(1).to_pylist()):
-            yield exact if exact is not None else text.encode()
+    with _reading(path):
+        batches = snap.dataset().to_batches(columns=["line", "line_bytes"], filter=_where(source, batch, reason))
+        for b in batches:
+            for text, exact in zip(b.column(0).to_pylist(), b.column(1).to_pylist()):
+                yield exact if exact is not None else text.encode()

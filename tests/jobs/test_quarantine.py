@@ -31,6 +31,25 @@ def test_a_damaged_quarantine_log_is_one_line(tmp_path, capsys, monkeypatch, spa
     assert capsys.readouterr().err == f"bigopt lake: history {want}\n"
 
 
+def test_a_damaged_quarantine_data_file_is_one_line(tmp_path, capsys, spark_forbidden):
+    """A quarantine data file damaged (or gone) behind the log: one line naming the table,
+    on stderr, exit 1, for the counts and for --raw alike; pyarrow's traceback before."""
+    from jobs.cli import main
+
+    lake = f"lake.root={tmp_path / 'lake'}"
+    path = tables(load_config(None, [lake]))["quarantine"]
+    write_arrow(path, pa.table({"source": ["day_0"], "reason": ["hex"], "line": ["x"],
+                                "line_bytes": pa.array([None], pa.binary())}))
+    for f in (tmp_path / "lake").rglob("*.parquet"):
+        f.write_bytes(b"PAR1 damaged")
+    with spark_forbidden("bigopt quarantine"):
+        for flags in ([], ["--raw"]):
+            assert main(["quarantine", lake, *flags]) == 1, flags
+            out, err = capsys.readouterr()
+            assert err.startswith(f"bigopt quarantine: {path}: a data file cannot be read: ") and err.count("\n") == 1
+            assert "Traceback" not in out + err, flags
+
+
 def test_error_line_drops_delta_rs_colours_and_rust_backtrace():
     """What delta-rs's errors carry (its colours; the backtrace where RUST_BACKTRACE is set) is
     left out of every ``bigopt <command>:`` line, not only `bigopt lake`'s."""
