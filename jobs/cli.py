@@ -157,12 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _after_a_stop(stop: KeyboardInterrupt, argv: list[str]) -> str:
     """What a stop left: a stopped training (``jobs.train.resumable_on_a_stop``: ``bigopt train``,
     or ``bigopt run`` in its train step) its checkpoints, and the command that continues from
-    them is this one with ``--resume``; any other step deleted what it had not committed."""
+    them is this one with ``--resume`` (without ``run``'s --force-* data flags: its data steps
+    are done); any other step deleted what it had not committed."""
     if not getattr(stop, "resumable", False):
         return "what it had not committed was removed"
     import shlex
 
-    again = shlex.join(["bigopt", *argv, *([] if "--resume" in argv else ["--resume"])])
+    # a stop in `bigopt run`'s train step comes after its data steps: forcing them again would
+    # re-ingest and rebuild gold for nothing (or abbreviated, as argparse accepts: --force-i)
+    rerun = ("--force-ingest", "--force-featurize") if argv[:1] == ["run"] else ()
+    kept = [a for a in argv if not (a.startswith("--force-") and any(f.startswith(a) for f in rerun))]
+    again = shlex.join(["bigopt", *kept, *([] if "--resume" in kept else ["--resume"])])
     return f"its checkpoints are kept: {again} continues from the last"
 
 
