@@ -582,7 +582,9 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         win_micro, win_steps = int(w["micro"]), int(w["steps"])
         win_train_s, win_wait_s, win_bytes = float(w["train_s"]), float(w["wait_s"]), float(w["bytes"])
     last_comm: dict[str, float] = {}
-    last_eval_step = -1
+    # a resume at the last step (nothing left to train) has its final evaluation in the history
+    # already: evaluating again would append it twice
+    last_eval_step = int(history["eval"][-1]["step"]) if history["eval"] else -1
     resumed_mid_epoch = meta is not None
     example = None
     stop_reason = resume_stop_reason(t, meta, step, total_steps)

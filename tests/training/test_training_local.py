@@ -95,6 +95,19 @@ def test_qsgd_resume_that_only_saves_keeps_the_rng(synth_gold, tmp_path):
     assert resumed.rank0["fingerprint"] == full.rank0["fingerprint"]
 
 
+def test_a_resume_with_nothing_left_to_train_does_not_evaluate_again(synth_gold, tmp_path):
+    """`--resume` of a run already at max_steps trains nothing; its final evaluation is in the
+    last checkpoint's history (written after it, at step 20). It evaluated again and appended a
+    second step-20 entry to the history (history.json, the loss/AUC plot); now the history is
+    the one the run ended with."""
+    cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=20", "train.eval_every=0", "train.checkpoint_every=15")
+    first = run_training(cfg)
+    again = run_training(cfg, resume=True)
+    assert [e["step"] for e in first.rank0["history"]["eval"]] == [20]
+    assert again.rank0["history"]["eval"] == first.rank0["history"]["eval"]
+    assert again.valid == first.valid and again.rank0["step"] == 20
+
+
 def test_resume_mid_log_window_logs_the_same_train_loss(synth_gold, tmp_path):
     """A checkpoint that cuts a train_loss window (step 14, logged every 10) holds each rank's
     window sums: the resumed run's step-20 loss averages steps 11-20 as the uninterrupted run's
