@@ -57,12 +57,19 @@ def interrupted_and_full(gold: dict, tmp_path, *variant: str):
 
 def probe_rank(job: dict, dist) -> dict:
     """A per-rank function for the launcher tests: rank, world size and a collective's result;
-    raises on ``job["fail_rank"]`` after the collective."""
+    raises on ``job["fail_rank"]`` after the collective. On ``job["exit_rank"]`` the process
+    ends with ``job["exit_code"]``: at once (``job["exit_when"] == "now"``: no report), or after
+    reporting, as a crash in Horovod's C++ teardown does (an exit handler that runs first)."""
+    import atexit
     import os
 
     import torch
 
     total = dist.allreduce_mean(torch.tensor([float(dist.rank + 1)])).item() * dist.size
+    if dist.rank == job.get("exit_rank"):
+        if job.get("exit_when") == "now":
+            os._exit(job["exit_code"])
+        atexit.register(os._exit, job["exit_code"])
     if dist.rank == job.get("fail_rank"):
         raise RuntimeError(f"probe failure on rank {dist.rank}")
     return {"rank": dist.rank, "size": dist.size, "sum": total, "x": job["x"],

@@ -157,7 +157,7 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
     for h in logging.getLogger().handlers:
         h.addFilter(quiet)
     try:
-        with _stop_signals_passed_on():
+        with _stop_signals_passed_on() as stopping, _reports_kept_after_a_failed_exit(stopping) as exited:
             reports = horovod.spark.run(
                 _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(stall_shutdown_s),
                 start_timeout=start_timeout, verbose=verbose,
@@ -168,7 +168,41 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         logging.getLogger().removeFilter(quiet)
         for h in logging.getLogger().handlers:
             h.removeFilter(quiet)
-    return _results(reports)
+    if exited and len(reports) != num_proc:  # a rank died before it told the driver its rank
+        raise _process_died(exited[0]) from exited[0]
+    return _results(reports, exited)
+
+
+_EXITED_NONZERO = "Horovod detected that one or more processes exited with non-zero status"
+
+
+@contextlib.contextmanager
+def _reports_kept_after_a_failed_exit(stopping):
+    """Keep the ranks' reports when a rank process exits non-zero. Horovod's launcher waits for
+    every rank process, then raises if one exited non-zero and cancels its Spark job, whose
+    tasks were about to return what each rank reported: a failing rank that reported its error
+    and then died in Horovod's C++ teardown (gloo: "terminate called without an active
+    exception", exit 134) was said as "rank -1 failed", its error lost. Here that one error is
+    noted instead (yielded list), the tasks return the reports, and :func:`_results` says the
+    rank that failed; a rank that never reported is named by its place. Not while stopping: a
+    stop's ended ranks go on as before (the job cancelled, the stop passed on)."""
+    from horovod.spark import runner
+
+    launch_job, exited = runner._launch_job, []
+
+    def reported(*args, **kwargs):
+        try:
+            return launch_job(*args, **kwargs)
+        except RuntimeError as e:
+            if stopping.is_set() or _EXITED_NONZERO not in str(e):
+                raise
+            exited.append(e)  # every rank process has ended here: the Spark tasks return their reports
+
+    runner._launch_job = reported
+    try:
+        yield exited
+    finally:
+        runner._launch_job = launch_job
 
 
 @contextlib.contextmanager
@@ -186,7 +220,7 @@ def _stop_signals_passed_on():
     gloo_run.register_shutdown_event = lambda: event
     try:
         with held_stop_signals(also=event.set), _cancelled_spark_job_unsaid(event):
-            yield
+            yield event  # set once a stop came
     finally:
         gloo_run.register_shutdown_event = register
 
@@ -240,15 +274,28 @@ def _process_died(e: Exception) -> RankFailure:
                        "see the rank's stderr above)")
 
 
-def _results(reports: list[dict[str, Any]]) -> list[Any]:
+def _results(reports: list[dict[str, Any] | None], exited: list[Exception] | None = None) -> list[Any]:
     """The ranks' results in rank order, or :class:`RankFailure` for the rank that failed first
-    (not a peer whose collective was aborted because of it)."""
-    reports = sorted(reports, key=lambda r: r.get("rank", 0))
+    (not a peer whose collective was aborted because of it). ``reports`` come in rank order;
+    None is a rank whose process ended without reporting (killed, OOM, a crash) and ``exited``
+    the launcher's error for a rank process's non-zero exit: a rank that reported an error
+    comes first, then one that never reported, then a peer's aborted collective. When every
+    rank reported success a non-zero exit came after the work (Horovod's teardown): a warning."""
+    silent = [rank for rank, r in enumerate(reports) if r is None]
+    reports = sorted((r for r in reports if r is not None), key=lambda r: r.get("rank", 0))
     failed = [r for r in reports if not r["ok"]]
+    primary = next((r for r in failed if not r.get("secondary")), None)
+    if primary is None and silent:
+        why = f"{type(exited[0]).__name__}: {exited[0]}" if exited else "it ended without reporting"
+        raise RankFailure(silent[0], why, "(no Python traceback: the rank process exited; see the rank's stderr "
+                          "above)", failed)
     if failed:
-        primary = next((r for r in failed if not r.get("secondary")), failed[0])
+        primary = primary or failed[0]
         raise RankFailure(primary["rank"], primary["error"], primary["traceback"],
                           [r for r in failed if r is not primary])
+    if exited:
+        log.warning("every rank reported its result, then a rank process exited non-zero (Horovod's shutdown): %s",
+                    " ".join(str(exited[0]).split()))
     return [r["result"] for r in reports]
 
 

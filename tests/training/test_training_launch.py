@@ -1,4 +1,5 @@
-"""training.launch.run_local: N local Horovod ranks (horovod.runner.run, gloo) without Spark."""
+"""training.launch: N local Horovod ranks (horovod.runner.run, gloo) without Spark, and how the
+Horovod-on-Spark launch reports ranks whose processes exit non-zero."""
 from __future__ import annotations
 
 import os
@@ -100,3 +101,33 @@ def test_a_stopped_launch_does_not_print_horovods_cancelled_spark_job(monkeypatc
     assert stops == [signal.SIGTERM]  # sent again to the handler the launch found
     assert printed == [failed, cancelled]
     assert threading.excepthook is recorder
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("case", ["failed, then died in teardown", "succeeded, then died in teardown",
+                                  "died without reporting"])
+def test_a_rank_process_exiting_non_zero_keeps_what_the_ranks_reported(spark, helpers_importable, case, caplog):
+    """A rank that reported its error and then died in Horovod's C++ teardown (gloo's "terminate
+    called without an active exception", exit 134: seen in the full suite) was said as "rank -1
+    failed", its error lost: Horovod's launcher raised for the exit code and cancelled the Spark
+    job that carried the reports. Now the failing rank and its error are said; a run whose ranks
+    all reported success returns their results with a warning; a rank that never reported is
+    named by its rank."""
+    job = {"x": 1, "exit_rank": 1, "exit_code": 134}
+    if case.startswith("failed"):
+        job["fail_rank"] = 1
+    elif case.startswith("died"):
+        job.update(exit_when="now", exit_code=137)
+    if case.startswith("succeeded"):
+        res = launch(probe_rank, job, num_proc=2, backend="horovod", spark=spark, start_timeout=60)
+        assert [r["rank"] for r in res] == [0, 1] and [r["sum"] for r in res] == [3.0, 3.0]
+        assert "rank process exited non-zero" in caplog.text and "Exit code: 134" in caplog.text
+        return
+    with pytest.raises(RankFailure) as ei:
+        launch(probe_rank, job, num_proc=2, backend="horovod", spark=spark, start_timeout=60)
+    assert ei.value.rank == 1
+    if case.startswith("failed"):
+        assert ei.value.error == "RuntimeError: probe failure on rank 1"
+        assert "probe failure on rank 1" in ei.value.rank_traceback
+    else:
+        assert "exited with non-zero status" in ei.value.error and "Exit code: 137" in ei.value.error
