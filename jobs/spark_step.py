@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_RUST_BACKTRACE = re.compile(r"\n\s*0: ")  # the first frame of the backtrace after a delta-rs error's message
 
 
 def lake_errors() -> tuple[type[BaseException], ...]:
@@ -74,11 +71,12 @@ def step_error(e: BaseException, errors: tuple[type[BaseException], ...]) -> Bas
 
 
 def error_line(e: BaseException) -> str:
-    """``e``'s message as it is to be read, from a delta-rs error too: without the colour
-    escapes of its error chains (they would print as text, "[31m↳[0m") and without the Rust
-    backtrace it carries when ``RUST_BACKTRACE`` is set (lines ``   0: <unknown>`` ... after
-    the message)."""
-    return _RUST_BACKTRACE.split(_ANSI.sub("", str(e)), maxsplit=1)[0].strip()
+    """``e``'s message as it is to be read, from a delta-rs error too: one line for its error
+    chain, without its colour escapes and Rust backtrace (:func:`pipelines.lake.commit.readable_error`;
+    a message of the project's own that lists several lines keeps them)."""
+    from pipelines.lake.commit import readable_error
+
+    return readable_error(e)
 
 
 def error_text(command: str, e: BaseException):

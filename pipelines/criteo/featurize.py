@@ -1069,6 +1069,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     written: list[tuple[str, TaskWrite, list[dict]]] = []  # committed once every job has succeeded
     vocab = fz.strategy == "vocab"
     with contextlib.ExitStack() as held:  # stop signals held from the first commit on (below)
+        held.enter_context(_commit_errors(paths))  # a table that cannot be written or committed: which, what stays
         # a failed job, an error, or Ctrl-C / SIGTERM anywhere up to the commits: no file of an
         # uncommitted write stays (the commits that landed keep theirs)
         with UncommittedWrites(on_error=functools.partial(cancel_jobs_if_stopping, sc)) as guard:
@@ -1129,9 +1130,52 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
 
         say("writing features.json")
         report.features_json = paths["features_json"]
-        write_features_json(cfg, report, sizes, distinct, plan, bronze.table.metadata().id, data_v)
+        try:
+            write_features_json(cfg, report, sizes, distinct, plan, bronze.table.metadata().id, data_v)
+        except OSError as e:  # a full disk, a folder that cannot be written: after every commit
+            raise _commit_failed(paths["features_json"], e, [(paths[n], versions[n]) for n, _, _ in written],
+                                 paths) from e
     report.seconds = time.time() - t0
     return report
+
+
+@contextlib.contextmanager
+def _commit_errors(paths: dict) -> Iterator[None]:
+    """Turn a :class:`~pipelines.lake.commit.TableWriteError` (a gold table that cannot be
+    written or committed: its log, a full disk) into the :func:`_commit_failed` error."""
+    from pipelines.lake.commit import TableWriteError
+
+    try:
+        yield
+    except TableWriteError as e:
+        stays = [*e.committed, *([(e.table, None)] if e.landed else [])]
+        raise _commit_failed(e.table, e, stays, paths) from e
+
+
+def _commit_failed(what: str, e: OSError, stays: list[tuple[str, int | None]], paths: dict) -> FeaturizeError:
+    """The error for a gold table (or ``features.json``) that could not be written or
+    committed, for a reason outside the data: which and why (on one line), the tables of this
+    build that stay committed (``stays``, ``(path, version)``: Delta has no transaction across
+    tables, and the commits run in order) and what to do. A re-run rebuilds: ``features.json``
+    still describes the previous build, whose tables (some now at this build's versions) no
+    longer match it (:func:`current_gold`)."""
+    from pipelines.lake.commit import TableWriteError, readable_error
+
+    names = {uri: name for name, uri in paths.items()}
+    msg = str(e) if isinstance(e, TableWriteError) else f"writing {what} failed: {readable_error(e)}"
+    if not stays:
+        held = "nothing of this build was committed"
+    elif what == paths["features_json"]:
+        held = f"every table of this build is committed ({_versions(stays, names)}), its features.json not"
+    else:
+        held = (f"{_versions(stays, names)} of this build stay committed, the rest of it and features.json not "
+                "(features.json still describes the previous build, if any)")
+    return FeaturizeError(f"{msg}; {held}: run the same command again once that is fixed: it rebuilds gold")
+
+
+def _versions(stays: list[tuple[str, int | None]], names: dict[str, str]) -> str:
+    """``vocabulary v3, train v3`` for ``[(path, version), ...]`` (a path by its table's name)."""
+    return ", ".join(names.get(t, t) + ("" if v is None else f" v{v}") for t, v in stays)
 
 
 def _day(f) -> int | None:

@@ -1037,6 +1037,27 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     return per_file, bad, bv, qv, qtw.read_version if qv is None else qv, rejected
 
 
+def _commit_failed(e: OSError, n_files: int, stays: list[tuple[str, int | None]], paths: dict,
+                   ingested_before: int) -> IngestError:
+    """The error for a commit (or a driver-side write) of a group of ``n_files`` files that
+    failed for a reason outside the data (``e``, a :class:`~pipelines.lake.commit.TableWriteError`:
+    a log that cannot be written, a full disk):
+    which table and why, what stays committed (``stays``: Delta has no transaction across
+    tables), and what a re-run does. Rows in bronze without their ledger entries are
+    unconfirmed: featurize refuses them and the next ingest of their files replaces them
+    (:func:`_plan`), so running the same command again is the remedy, whatever failed."""
+    names = {paths[t]: t for t in ("bronze", "quarantine", "ledger")}
+    if stays:
+        what = " and ".join(names.get(t, t) + ("" if v is None else f" v{v}") for t, v in stays)
+        held = (f"{what} {'stays' if len(stays) == 1 else 'stay'} committed with the rows of the {n_files} file(s) being ingested, which no ledger "
+                "entry confirms (featurize refuses them)")
+        again = "it ingests those files again, replacing their rows"
+    else:
+        held, again = f"nothing of the {n_files} file(s) being ingested was committed", "it ingests them"
+    before = f" (the run's {ingested_before} file(s) before them were ingested)" if ingested_before else ""
+    return IngestError(f"{e}; {held}{before}: run the same command again once that is fixed: {again}")
+
+
 def ingest(
     spark,
     cfg,
@@ -1061,6 +1082,7 @@ def ingest(
     rows featurize would otherwise still take from bronze."""
     from jobs.config import config_hash
     from pipelines.lake import DeltaSnapshot, table_exists
+    from pipelines.lake.commit import TableWriteError
     from pipelines.lake.fs import check_writable
     from pipelines.lake.tasks import write_arrow
     from pipelines.spark import session_of
@@ -1121,8 +1143,12 @@ def ingest(
         info = {"job": "ingest", "config_hash": chash, "ingest_batch": batch_id, "files": ",".join(sources)[:2000]}
         size = sum(f.size for f in group)
         say(f"parsing {len(group)} file(s) ({size / 1e6:,.0f} MB) -> bronze + quarantine")
-        per_file, bad, bv, qv, q_at, rej = _commit_group(spark, group, paths, batch_id, info, ing,
-                                                         cfg.lake.compression)
+        try:
+            per_file, bad, bv, qv, q_at, rej = _commit_group(spark, group, paths, batch_id, info, ing,
+                                                             cfg.lake.compression)
+        except TableWriteError as e:
+            stays = [*e.committed, *([(e.table, None)] if e.landed else [])]
+            raise _commit_failed(e, len(group), stays, paths, report.ingested) from e
         problems += bad
         report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed", note=why)
                          for f in group for p, why in bad if p == f.path]
@@ -1152,9 +1178,15 @@ def ingest(
                 quarantine_version=q_at, forced=bool(force), ingested_at=now, config_hash=chash,
             ))
         say(f"recording {len(group)} file(s) in the ledger")
-        lv = write_arrow(paths["ledger"], pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA), mode="append",
-                         commit_info={"job": "ingest", "config_hash": chash, "ingest_batch": batch_id},
-                         compression=cfg.lake.compression)
+        try:
+            lv = write_arrow(paths["ledger"], pa.Table.from_pylist(ledger_rows, schema=LEDGER_SCHEMA), mode="append",
+                             commit_info={"job": "ingest", "config_hash": chash, "ingest_batch": batch_id},
+                             compression=cfg.lake.compression)
+        except TableWriteError as e:
+            if e.landed:  # the entries are in the ledger's log: the files are ingested, as the error says
+                raise
+            stays = [(paths["bronze"], bv), *([(paths["quarantine"], qv)] if qv is not None else [])]
+            raise _commit_failed(e, len(group), stays, paths, report.ingested) from e
         report.files += group_results
         report.bronze_version, report.ledger_version = bv, lv
         if qv is not None:  # an earlier group's (or the drop's) commit stays the one reported

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipelines.lake.commit import CommitConflictError, TableExistsError, table_exists
+from pipelines.lake.commit import CommitConflictError, TableExistsError, TableWriteError, table_exists
 from pipelines.lake.files import partition_value_str
 from pipelines.lake.maintenance import commit_metadata, data_version, history, optimize, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
@@ -32,6 +32,7 @@ __all__ = [
     "FileEntry",
     "SchemaMismatchError",
     "TableExistsError",
+    "TableWriteError",
     "delta_engine",
     "commit_metadata",
     "data_version",

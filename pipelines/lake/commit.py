@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -38,6 +39,49 @@ class CommitConflictError(RuntimeError):
 
 class TableExistsError(FileExistsError):
     """mode='error' and the table already exists."""
+
+
+class TableWriteError(OSError):
+    """Writing or committing to a Delta table failed for a reason outside the data: a log or a
+    folder that cannot be written, a full disk, a file-size limit, a store that fails. Its
+    message names the table and the cause on one line (delta-rs's own is several lines and
+    names only a file); nothing of this write was committed, unless ``landed`` (the commit is
+    in the log, reading the table back failed). ``committed``: the writes of the same
+    :func:`pipelines.lake.tasks.commit_writes` committed before this one, ``(table, version)``
+    (Delta has no transaction across tables: they stay), for the job to say what to do."""
+
+    def __init__(self, table: str, cause: str, *, action: str = "commit to", landed: bool = False):
+        self.table, self.cause, self.action, self.landed = table, cause, action, landed
+        self.committed: list[tuple[str, int]] = []
+        if landed:
+            super().__init__(f"{action} Delta table {table} is in its log, but reading the table back failed: {cause}")
+        else:
+            super().__init__(f"{action} Delta table {table} failed: {cause}")
+
+    def __reduce__(self):  # picklable (raised in a Spark task's writer too)
+        return type(self), (self.table, self.cause), {"action": self.action, "landed": self.landed,
+                                                      "committed": self.committed, "args": self.args}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RUST_BACKTRACE = re.compile(r"\n\s*0: ")  # the first frame of the backtrace after a delta-rs error's message
+_CHAIN = re.compile(r":?\s*\n\s*↳\s*")  # the next error of a delta-rs error chain, on a line of its own
+
+
+def readable_error(e: BaseException) -> str:
+    """``e``'s message as it is to be read, from a delta-rs error too: without the colour
+    escapes of its error chains (they would print as text, "[31m↳[0m"), without the Rust
+    backtrace it carries when ``RUST_BACKTRACE`` is set (lines ``   0: <unknown>`` ... after the
+    message), and its chain on one line ("Generic LocalFileSystem error: Unable to open file
+    …: Permission denied (os error 13)", not three lines, the last two starting "↳")."""
+    text = _RUST_BACKTRACE.split(_ANSI.sub("", str(e)), maxsplit=1)[0].strip()
+    return _CHAIN.sub(": ", text)
+
+
+def _environment_error(e: BaseException) -> bool:
+    """An error of delta-rs or of the file system (not of the data, nor one this module raises
+    itself with its own message), which :class:`TableWriteError` names the table for."""
+    return isinstance(e, (DeltaError, OSError)) and not isinstance(e, (TableExistsError, TableWriteError))
 
 
 def table_exists(uri: str, storage_options: Mapping[str, str] | None = None) -> bool:
@@ -281,11 +325,13 @@ def commit(
         raise CommitConflictError(
             f"commit to {uri} conflicted with a concurrent transaction, so nothing of this write was "
             f"committed (run it again once the other writer is done): {e}") from e
-    except BaseException:
+    except BaseException as e:
         # a commit that reached the log (its read-back failed) keeps its files: the log names them
         first = 0 if read_version is None else read_version + 1
-        if not landed and not write_in_log(uri, info.get(WRITE_ID_KEY), first):
+        if not landed and not (landed := write_in_log(uri, info.get(WRITE_ID_KEY), first)):
             delete_files(uri, on_disk)
+        if _environment_error(e):
+            raise TableWriteError(uri, readable_error(e), landed=landed) from e
         raise
 
 

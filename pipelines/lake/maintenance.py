@@ -1,6 +1,7 @@
 """Table maintenance through delta-rs: history, vacuum, compaction, leftovers of failed writes."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -8,6 +9,8 @@ from deltalake import DeltaTable
 from pyarrow.fs import FileType
 
 from pipelines.lake.fs import delta_uri, filesystem_for, join, normalize_uri
+
+log = logging.getLogger(__name__)
 
 
 def _table(uri: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable:
@@ -200,13 +203,18 @@ def remove_write_leftovers(uri: str, write_id: str) -> int:
 
     Only files of that write are touched, never committed data of another writer. The write
     is first marked aborted, so a task that creates a file after this listing deletes it
-    itself (:meth:`pipelines.lake.files.PartitionedFileWriter.close`)."""
+    itself (:meth:`pipelines.lake.files.PartitionedFileWriter.close`). A mark that cannot be
+    written (a full disk: often why the write failed) does not stop the deleting, which frees
+    the space."""
     from pyarrow.fs import FileSelector, FileType
 
     from pipelines.lake.files import mark_aborted
 
     uri = normalize_uri(uri)
-    mark_aborted(uri, write_id)
+    try:
+        mark_aborted(uri, write_id)
+    except OSError as e:
+        log.debug("could not mark write %s to %s aborted (%s); deleting its files all the same", write_id, uri, e)
     fs, root = filesystem_for(uri)
     try:
         infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))

@@ -72,12 +72,23 @@ class TaskWrite:
 
     def write_all(self, batches: Iterable[pa.RecordBatch], partition_values: tuple | None = None) -> list[dict]:
         """Write ``batches`` through one writer and return its add actions; on any failure
-        the files it started are removed before the error propagates."""
+        the files it started are removed before the error propagates. A file that cannot be
+        written (a full disk, a file-size limit) is a
+        :class:`~pipelines.lake.commit.TableWriteError` naming the table: pyarrow's own error
+        names neither it nor the file."""
+        from pipelines.lake.commit import TableWriteError, readable_error
+
         w = self.open()
         try:
             for batch in batches:
-                w.write(batch, partition_values)
-            return w.close()
+                try:
+                    w.write(batch, partition_values)
+                except OSError as e:
+                    raise TableWriteError(self.uri, readable_error(e), action="writing a data file of") from e
+            try:
+                return w.close()
+            except OSError as e:
+                raise TableWriteError(self.uri, readable_error(e), action="writing a data file of") from e
         except BaseException:
             w.discard()
             raise
@@ -148,14 +159,20 @@ def commit_writes(writes: Sequence[tuple[TaskWrite, list[dict], Mapping[str, Any
     transaction each; return their versions. A job that writes several tables runs all its
     tasks first and commits only once every one has succeeded, so a failed task leaves every
     table as it was. Delta has no transaction across tables: if a commit itself fails, the
-    writes before it stay committed and those after it are aborted (their files deleted)."""
+    writes before it stay committed and those after it are aborted (their files deleted); a
+    :class:`~pipelines.lake.commit.TableWriteError` lists the ones that stay (``committed``),
+    for the job to say so."""
+    from pipelines.lake.commit import TableWriteError
+
     versions: list[int] = []
     for i, (tw, adds, info) in enumerate(writes):
         try:
             versions.append(commit_write(tw, adds, info))
-        except BaseException:
+        except BaseException as e:
             for later, _, _ in writes[i + 1:]:
-                abort_write(later)
+                _abort_quietly(later)
+            if isinstance(e, TableWriteError):
+                e.committed = [(w.uri, v) for (w, _, _), v in zip(writes, versions)]
             raise
     return versions
 
@@ -222,8 +239,18 @@ class UncommittedWrites:
                             tw.write_id, tw.uri, exc_info=True)
                 continue
             if not committed:
-                abort_write(tw)
+                _abort_quietly(tw)  # the error that ended the block is the one to raise
         return False
+
+
+def _abort_quietly(tw: TaskWrite) -> None:
+    """:func:`abort_write`, for a write aborted because of another error: its own failure
+    (the disk or the store that failed the write) is logged, never raised in that error's place."""
+    try:
+        abort_write(tw)
+    except Exception:  # noqa: BLE001 - the files stay for a vacuum to find
+        log.warning("could not delete the files of write %s to %s; `bigopt lake --action vacuum` removes them",
+                    tw.write_id, tw.uri, exc_info=True)
 
 
 def write_arrow(

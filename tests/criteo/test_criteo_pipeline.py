@@ -1390,3 +1390,62 @@ def test_up_to_date_names_the_bronze_version_gold_was_built_from(spark, tmp_path
     out = capsys.readouterr().out
     assert f"gold is up to date: built from bronze v{first.bronze_version} " in out
     assert f"bronze v{table_version(t['bronze'])} " not in out
+
+
+def test_a_table_that_cannot_be_committed_is_one_line_naming_it_and_what_stays(spark, tmp_path, capsys, monkeypatch):
+    """A commit delta-rs cannot write (a read-only ``_delta_log``, a full disk, a file-size
+    limit) was several lines of delta-rs's text naming a log file: not the table, not that the
+    tables before it had committed, nor what to do (until this was fixed). It is one
+    line naming the table, the cause and what a re-run does, and a re-run does it: ingest
+    replaces the rows the ledger never confirmed, featurize rebuilds gold."""
+    from jobs.cli import main
+    from pipelines.lake import commit as lake_commit
+
+    cfg = _cfg(tmp_path, generate={"days": 2, "rows_per_day": 300, "seed": 5})
+    t = _bronze(cfg)
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}", "spark.master=local[2]",
+            "criteo.generate.days=2", "criteo.generate.rows_per_day=300", "criteo.generate.seed=5"]
+    assert main(["generate", "criteo", *conf]) == 0
+    assert main(["ingest", *conf]) == 0
+    real_tx = lake_commit.DeltaTable.create_write_transaction
+    failing = {}
+
+    def log_not_writable(self, *args, **kwargs):
+        if self.table_uri.removeprefix("file://").rstrip("/") == failing.get("table"):
+            raise OSError(f"Generic LocalFileSystem error\n   \x1b[31m↳\x1b[0m Unable to open file {failing['table']}"
+                          "/_delta_log/00000000000000000001.json#1\n    \x1b[31m↳\x1b[0m Permission denied (os error 13)\n")
+        return real_tx(self, *args, **kwargs)
+
+    monkeypatch.setattr(lake_commit.DeltaTable, "create_write_transaction", log_not_writable)
+    failing["table"] = t["ledger"]
+    capsys.readouterr()
+    assert main(["ingest", *conf, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.strip() == (
+        f"bigopt ingest: commit to Delta table {t['ledger']} failed: Generic LocalFileSystem error: Unable to open file "
+        f"{t['ledger']}/_delta_log/00000000000000000001.json#1: Permission denied (os error 13); bronze v1 stays "
+        "committed with the rows of the 2 file(s) being ingested, which no ledger entry confirms (featurize refuses "
+        "them): run the same command again once that is fixed: it ingests those files again, replacing their rows")
+    assert table_version(t["bronze"]) == 1 and table_version(t["ledger"]) == 0
+    failing.clear()
+    assert main(["ingest", *conf]) == 0  # the same command (without --force too): the rows are replaced
+    assert "bronze rows unconfirmed" in capsys.readouterr().out
+    assert table_version(t["bronze"]) == 2 and table_version(t["ledger"]) == 1
+
+    assert main(["featurize", *conf]) == 0
+    failing["table"] = t["test"]
+    capsys.readouterr()
+    assert main(["featurize", *conf, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"bigopt featurize: commit to Delta table {t['test']} failed: Generic LocalFileSystem "
+                          f"error: Unable to open file {t['test']}/_delta_log/")
+    assert err.strip().endswith(
+        "Permission denied (os error 13); vocabulary v1, train v1, valid v1 of this build stay committed, the rest of "
+        "it and features.json not (features.json still describes the previous build, if any): run the same command "
+        "again once that is fixed: it rebuilds gold")
+    assert [table_version(t[s]) for s in ("vocabulary", "train", "valid", "test", "vocab_sizes")] == [1, 1, 1, 0, 0]
+    failing.clear()
+    assert main(["featurize", *conf]) == 0  # not "up to date": rebuilt
+    assert [table_version(t[s]) for s in ("vocabulary", "train", "valid", "test", "vocab_sizes")] == [2, 2, 2, 1, 1]

@@ -318,8 +318,9 @@ def test_files_of_a_commit_that_landed_are_kept_when_reading_its_version_fails(t
             raise DeltaError("the log could not be read just now")
 
     monkeypatch.setattr(commit_mod, "DeltaTable", Unreadable)
-    with pytest.raises(DeltaError):
+    with pytest.raises(commit_mod.TableWriteError, match="is in its log, but reading the table back failed") as e:
         commit_write(tw, adds)
+    assert isinstance(e.value.__cause__, DeltaError) and e.value.landed
     monkeypatch.undo()
     assert DeltaSnapshot(path).to_table().column("x").to_pylist() == [1, 2]
 
@@ -363,7 +364,7 @@ def test_a_create_whose_commit_landed_keeps_its_files_when_reading_it_back_fails
     monkeypatch.setattr(lake_commit, "create_table_with_add_actions", landed_then_failed)
     path = str(tmp_path / "t")
     tw = begin_write(path, SCHEMA, partition_by=["day"])
-    with pytest.raises(DeltaError, match="simulated failure"):
+    with pytest.raises(lake_commit.TableWriteError, match="is in its log.*simulated failure"):
         commit_write(tw, _task(tw, [1, 2], 0))
     monkeypatch.undo()
     assert sorted(DeltaSnapshot(path).to_table().column("x").to_pylist()) == [1, 2]
@@ -376,7 +377,7 @@ def test_a_create_whose_commit_landed_keeps_its_files_when_reading_it_back_fails
 
     monkeypatch.setattr(lake_commit.DeltaTable, "create_write_transaction", tx_landed_then_failed)
     tw = begin_write(path, SCHEMA, partition_by=["day"])
-    with pytest.raises(DeltaError, match="after the append's commit"):
+    with pytest.raises(lake_commit.TableWriteError, match="is in its log.*after the append's commit"):
         commit_write(tw, _task(tw, [3], 1))
     monkeypatch.undo()
     assert sorted(DeltaSnapshot(path).to_table().column("x").to_pylist()) == [1, 2, 3]
@@ -385,7 +386,7 @@ def test_a_create_whose_commit_landed_keeps_its_files_when_reading_it_back_fails
     adds = _task(tw, [4], 2)
     monkeypatch.setattr(lake_commit.DeltaTable, "create_write_transaction",
                         lambda self, *a, **k: (_ for _ in ()).throw(DeltaError("simulated: nothing written")))
-    with pytest.raises(DeltaError, match="nothing written"):
+    with pytest.raises(lake_commit.TableWriteError, match=r"^commit to Delta table .* failed: simulated: nothing"):
         commit_write(tw, adds)
     assert not [p for p in (tmp_path / "t").rglob("*.parquet") if "day=2" in str(p)]
 
@@ -433,3 +434,63 @@ def test_long_strings_and_early_timestamps_get_bounds_every_delta_reader_can_use
     assert dt_ds.to_table(filter=pc.field("t") == pa.scalar(ts[0], pa.timestamp("us", tz="UTC"))).num_rows == 1
     assert _truncated_bound("a" * 31 + "\ud7ff" + "x", "max") == "a" * 31 + "\ue000"
     assert _truncated_bound("a" * 31 + "\U0010ffff" + "x", "max") == "a" * 30 + "b"
+
+
+def _delta_rs_error(log_dir) -> OSError:
+    """What delta-rs raises for a ``_delta_log`` it may not write: a plain OSError whose message
+    is its error chain, one coloured "↳" line per cause."""
+    return OSError(f"Generic LocalFileSystem error\n          \x1b[31m↳\x1b[0m Unable to open file "
+                   f"{log_dir}/00000000000000000001.json#1\n           \x1b[31m↳\x1b[0m Permission denied (os error 13)\n")
+
+
+def test_a_commit_delta_rs_cannot_write_names_the_table_on_one_line(tmp_path, monkeypatch):
+    """A table whose log cannot be written (a read-only ``_delta_log``; a full disk, a file-size
+    limit alike) failed its commit with delta-rs's three-line message naming one log file, not
+    the table, nor which tables of a job's commits had already committed (until this
+    was fixed). It is a TableWriteError: the table, the cause on one line, and
+    (from commit_writes) the tables committed before it; the failed write's files are gone."""
+    from pipelines.lake import commit as lake_commit
+    from pipelines.lake.commit import TableWriteError
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for path in (a, b):
+        write_arrow(path, pa.table({"x": [0], "day": pa.array([0], pa.int32())}), partition_by=["day"])
+    real_tx = lake_commit.DeltaTable.create_write_transaction
+
+    def log_not_writable(self, *args, **kwargs):
+        if self.table_uri.rstrip("/").endswith("/b"):
+            raise _delta_rs_error(f"{b}/_delta_log")
+        return real_tx(self, *args, **kwargs)
+
+    monkeypatch.setattr(lake_commit.DeltaTable, "create_write_transaction", log_not_writable)
+    ta, tb = (begin_write(p, SCHEMA, partition_by=["day"]) for p in (a, b))
+    with pytest.raises(TableWriteError) as e:
+        commit_writes([(ta, _task(ta, [1], 1), None), (tb, _task(tb, [2], 1), None)])
+    assert str(e.value) == (f"commit to Delta table {b} failed: Generic LocalFileSystem error: Unable to open file "
+                            f"{b}/_delta_log/00000000000000000001.json#1: Permission denied (os error 13)")
+    assert e.value.table == b and e.value.committed == [(a, 1)] and not e.value.landed
+    assert isinstance(e.value, OSError) and isinstance(e.value.__cause__, OSError)
+    assert table_version(a) == 1 and table_version(b) == 0
+    assert not list((tmp_path / "b").rglob("day=1/*.parquet"))  # the failed write's file is deleted
+
+
+def test_a_data_file_the_disk_cannot_take_names_its_table(tmp_path, monkeypatch):
+    """A full disk while the driver writes a small table's file (the ingest ledger) was pyarrow's
+    "[Errno 28] Error writing bytes to file" naming no table; and the clean-up that followed,
+    failing on the same full disk (its abort mark), raised its own error in its place."""
+    from pipelines.lake import files as lake_files
+    from pipelines.lake.commit import TableWriteError
+
+    def disk_full(self, key):
+        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    def no_mark(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lake_files.PartitionedFileWriter, "_close_file", disk_full)
+    monkeypatch.setattr(lake_files, "mark_aborted", no_mark)
+    path = str(tmp_path / "ledger")
+    with pytest.raises(TableWriteError, match=rf"^writing a data file of Delta table {path} failed: \[Errno 28\] "
+                                              "Error writing bytes to file. Detail: .*No space left on device$"):
+        write_arrow(path, pa.table({"x": [1]}))
+    assert not table_exists(path) and not list((tmp_path / "ledger").rglob("*.parquet"))
