@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_command_line(parser, argv)
     handler = RichHandler(console=make_console(), show_path=False, rich_tracebacks=False)
-    handler.addFilter(_not_py4j_on_an_interrupt)  # Ctrl-C / SIGTERM during a call: said once, below
+    handler.addFilter(Py4jNoise(verbose=args.verbose))  # a dead JVM, Ctrl-C / SIGTERM: said once, below
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         handlers=[handler])
     logging.getLogger("py4j").setLevel(logging.WARNING)
@@ -171,15 +171,28 @@ def _after_a_stop(stop: KeyboardInterrupt, argv: list[str]) -> str:
     return f"its checkpoints are kept: {again} continues from the last"
 
 
-def _not_py4j_on_an_interrupt(record: logging.LogRecord) -> bool:
-    """False for the tracebacks py4j logs (to the root logger) when Ctrl-C or SIGTERM interrupts
-    a call to the JVM ("KeyboardInterrupt while sending command", and its retry's error)."""
-    error = record.exc_info[1] if record.exc_info else None
-    if error is None or f"{os.sep}py4j{os.sep}" not in record.pathname:
-        return True
-    from pipelines.stopping import stop_behind  # only for py4j's tracebacks, not every record
+class Py4jNoise(logging.Filter):
+    """Drops what py4j logs to the ROOT logger (``logging.info(...)`` in its java_gateway.py, so
+    the ``py4j`` logger's level does not reach it): its INFO "Exception while sending command."
+    with a Py4JNetworkError traceback when the JVM died (the step then says so in one line),
+    kept under ``-v``; and the tracebacks it logs when Ctrl-C or SIGTERM interrupts a call to
+    the JVM ("KeyboardInterrupt while sending command", and its retry's error)."""
 
-    return stop_behind(error) is None
+    def __init__(self, verbose: bool = False):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}py4j{os.sep}" not in record.pathname:
+            return True
+        if record.name == "root" and record.levelno < logging.WARNING and not self.verbose:
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None:
+            return True
+        from pipelines.stopping import stop_behind  # only for py4j's tracebacks, not every record
+
+        return stop_behind(error) is None
 
 
 class Terminated(KeyboardInterrupt):

@@ -137,13 +137,35 @@ def get_spark(
         with held_stop_signals():
             spark = builder.getOrCreate()
     except Exception as e:  # noqa: BLE001 - pyspark's error for a JVM that died at start
-        if "JAVA_GATEWAY_EXITED" not in str(e):
+        code = None if "JAVA_GATEWAY_EXITED" in str(e) else _jvm_exit_code()
+        if code is None and "JAVA_GATEWAY_EXITED" not in str(e):
             raise
-        raise SparkStartError("Spark's JVM exited while starting (its output above says why: a wrong "
-                              "JAVA_HOME, a Java older than 17, too little memory for spark.driver.memory)") from e
+        raise SparkStartError(
+            "Spark's JVM exited while starting" + ("" if code is None else f" (exit code {code})")
+            + "; its output above says why: a wrong JAVA_HOME, a Java older than 17, too little memory for "
+            "spark.driver.memory, an address it cannot bind (SPARK_LOCAL_IP, spark.driver.host)") from e
     spark.sparkContext.setLogLevel(log_level)
     _register(spark)
     return spark
+
+
+def _jvm_exit_code(wait_s: float = 5.0) -> int | None:
+    """The exit code of the JVM this process launched, once it has exited (waiting up to
+    ``wait_s``: py4j's "Answer from Java side is empty" comes as the JVM goes), else None.
+    A JVM that dies while the SparkContext starts (its UI or driver cannot bind
+    ``SPARK_LOCAL_IP``) fails ``getOrCreate`` with py4j's network error, not pyspark's
+    JAVA_GATEWAY_EXITED: it was reported as a JVM "killed, or out of memory?" in the step."""
+    import subprocess
+
+    from pyspark import SparkContext
+
+    proc = getattr(SparkContext._gateway, "proc", None)
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:  # alive: another error
+        return None
 
 
 def _register(spark) -> None:

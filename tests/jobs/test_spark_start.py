@@ -74,6 +74,46 @@ def test_no_java_is_a_one_line_error(tmp_path):
 
 
 
+def test_a_jvm_that_dies_while_starting_is_one_line_without_py4js_traceback(tmp_path):
+    """Spark's JVM exiting as the SparkContext starts (its UI cannot bind SPARK_LOCAL_IP) printed
+    py4j's "INFO Exception while sending command." and a Py4JNetworkError traceback on stdout
+    (py4j logs it through the root logger, past the `py4j` logger's level), then blamed a JVM
+    "killed, or out of memory?". Now: one line saying it exited while starting, pointing at its
+    own output (which names the address it could not bind)."""
+    env = _env(SPARK_LOCAL_IP="10.254.254.254")
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "lake", "--action", "roundtrip", f"lake.root={tmp_path}",
+                          "spark.master=local[1]", "spark.ui=true"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+    assert "Exception while sending command" not in out.stdout and "Traceback" not in out.stdout, out.stdout
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("bigopt lake: Spark's JVM exited while starting (exit code 1); its output above says why:")
+    assert "an address it cannot bind (SPARK_LOCAL_IP, spark.driver.host)" in last
+    assert "10.254.254.254" in out.stderr  # Spark's own line, above
+
+
+def test_py4j_records_on_the_root_logger_are_shown_only_with_verbose():
+    """py4j's java_gateway.py logs "Exception while sending command." with ``logging.info`` (the
+    root logger): the CLI's handler drops it, and keeps it under -v; other records stay."""
+    import logging
+
+    import py4j.java_gateway
+
+    from jobs.cli import Py4jNoise
+
+    def record(name: str, level: int, path: str) -> logging.LogRecord:
+        try:
+            raise OSError("Answer from Java side is empty")
+        except OSError:
+            return logging.LogRecord(name, level, path, 1056, "Exception while sending command.", (), sys.exc_info())
+
+    gateway = py4j.java_gateway.__file__
+    assert not Py4jNoise().filter(record("root", logging.INFO, gateway))
+    assert Py4jNoise(verbose=True).filter(record("root", logging.INFO, gateway))
+    assert Py4jNoise().filter(record("root", logging.ERROR, gateway))  # as the py4j logger's WARNING level
+    assert Py4jNoise().filter(record("root", logging.INFO, "/repo/jobs/ingest.py"))
+
+
 def test_a_process_spawned_by_a_worker_does_not_warm_up_again(spark):
     """The worker daemon warms its workers up (imports pyarrow/deltalake, loads the kernels).
     A process spawned from a worker re-runs the daemon's module as ``__mp_main__``: the warm-up
