@@ -6,8 +6,8 @@ gzip, Kaggle train/test or 1TB ``day_N`` files, and appends typed rows to the br
 (bad lines to the quarantine table, one ledger row per file). Files already in the ledger
 are skipped; ``--force`` re-ingests them by replacing their rows. Prints the per-file
 accounting ``lines = rows_ok + rows_rejected``; exits 1 on an unreadable input (a damaged gzip:
-nothing committed for it, the other files ingested; a format or name ingest cannot read:
-found before anything runs, nothing committed).
+nothing committed for it, the other files ingested; a format or name ingest cannot read, a
+symbolic link whose target is missing, a FIFO: found before anything runs, nothing committed).
 
     bigopt ingest conf/criteo.yaml
     spark-submit jobs/ingest.py conf/criteo.yaml criteo.inputs='[/data/criteo/day_*.gz]'

@@ -23,6 +23,7 @@ import fnmatch
 import glob
 import os
 import posixpath
+import stat as _stat
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -35,6 +36,12 @@ _WILDCARDS = "*?["
 
 class InputNameError(ValueError):
     """An input's name cannot be ingested as it is (not UTF-8)."""
+
+
+class InputNotAFileError(OSError):
+    """An input, named or found in a folder or by a glob, that is no regular file to read: a
+    symbolic link whose target is missing (storage not mounted?), a FIFO, a socket, a device.
+    Not a FileNotFoundError: ``bigopt run`` takes that for "no raw data yet" and generates."""
 
 
 def is_remote(name: str) -> bool:
@@ -66,8 +73,8 @@ def _files_under(name: str, recursive: bool) -> list[str]:
     is listed by Python (a name that is not UTF-8 comes back escaped; pyarrow's listing
     failed on it, whatever the name, without naming it)."""
     if is_local(name) and not recursive:
-        with os.scandir(name) as entries:
-            return [f"{name}/{e.name}" for e in entries if e.is_file()]
+        with os.scandir(name) as entries:  # a broken link or a FIFO too: the caller checks what it takes
+            return [f"{name}/{e.name}" for e in entries if not e.is_dir()]
     fs, root = _fs(name)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
     return [f"{name}/{i.path[len(root):].lstrip('/')}" for i in infos if i.type == pafs.FileType.File]
@@ -103,14 +110,46 @@ def _directory_files(name: str, file_globs: Sequence[str], exclude_globs: Sequen
         return (not n.startswith((".", "_")) and any(fnmatch.fnmatch(n, g) for g in file_globs)
                 and not any(fnmatch.fnmatch(n.lower(), g.lower()) for g in exclude_globs))
 
-    return sorted(f for f in _files_under(name, recursive=False) if wanted(basename(f)))
+    return _regular(sorted(f for f in _files_under(name, recursive=False) if wanted(basename(f))))
+
+
+def _regular(names: list[str]) -> list[str]:
+    """``names``, or :class:`InputNotAFileError` for the first local one that is not a regular
+    file (or a link to one). Listing or globbing kept only regular files, so a day whose link
+    pointed at storage not mounted was left out of the run without a word."""
+    bad = [f"{n!r} {why}" for n in names if is_local(n) and (why := _not_a_file(n)) is not None]
+    if len(bad) == 1:
+        raise InputNotAFileError(f"input {bad[0]}")
+    if bad:  # every one, on one line: a storage not mounted breaks all its days' links at once
+        raise InputNotAFileError(f"{len(bad)} inputs cannot be read as files: " + "; ".join(bad))
+    return names
+
+
+def _not_a_file(path: str) -> str | None:
+    """Why local ``path`` cannot be read as a raw file, or None: a regular file (a link to one
+    too) or a directory (which its callers take apart)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)!r}, which does not exist (storage not mounted?)"
+        return "does not exist"
+    except OSError as e:  # a link loop, a folder on the way that cannot be searched
+        return f"cannot be reached ({e.strerror or e})"
+    if _stat.S_ISREG(st.st_mode) or _stat.S_ISDIR(st.st_mode):
+        return None
+    kind = ("a FIFO" if _stat.S_ISFIFO(st.st_mode) else "a socket" if _stat.S_ISSOCK(st.st_mode)
+            else "a device" if _stat.S_ISCHR(st.st_mode) or _stat.S_ISBLK(st.st_mode) else "of another kind")
+    return f"is not a regular file ({kind})"
 
 
 def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequence[str] = ()) -> list[str]:
     """Files named by ``specs``: files, globs, or directories (whose entries matching
     ``file_globs`` and no ``exclude_globs`` are taken, non-recursively), local or remote. In the order of ``specs``,
     each spec's files sorted, without duplicates. A spec that names no file (a glob matching
-    none, a directory without a matching file, a path that does not exist) is an error."""
+    none, a directory without a matching file, a path that does not exist) is an error; so is
+    a local input, named or taken from a folder or a glob, that is no regular file: a symbolic
+    link whose target is missing, a FIFO (:class:`InputNotAFileError`, naming every one)."""
     out: list[str] = []
     for spec in specs:
         name = normalize_uri(spec)  # as the lake's: absolute local path, or the URI
@@ -119,11 +158,12 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequ
             if is_remote(name):
                 matches = _glob_remote(name)
             else:
-                matches = [m for m in sorted(glob.glob(_escape_existing_folders(name))) if os.path.isfile(m)]
+                matches = [m for m in sorted(glob.glob(_escape_existing_folders(name))) if not os.path.isdir(m)]
             # `_`-prefixed names are markers (Spark's _SUCCESS, generate's _generated.json), as
             # in a folder, unless the pattern itself starts with `_`
             if not basename(name).startswith("_"):
                 matches = [m for m in matches if not basename(m).startswith("_")]
+            _regular(matches)  # a broken link or a FIFO that matches fails the run, named
             if not matches:
                 raise FileNotFoundError(f"input glob {spec!r} matches no file")
             out += matches
@@ -136,6 +176,8 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequ
             out += found
         elif kind == pafs.FileType.File:
             out.append(name)
+        elif is_local(name) and os.path.lexists(name):  # a broken link, a FIFO: it exists, as what
+            raise InputNotAFileError(f"input {spec!r} {_not_a_file(name) or 'is not a regular file'}")
         else:
             raise FileNotFoundError(f"input {spec!r} does not exist")
     seen: set[str] = set()

@@ -42,6 +42,49 @@ def test_a_file_uri_is_its_percent_decoded_local_path(tmp_path):
             check_table_path(refused)
 
 
+def test_a_broken_link_or_a_fifo_among_the_inputs_fails_the_run_naming_it(tmp_path, capsys, spark_forbidden):
+    """A day whose symbolic link points at storage not mounted was left out in silence (the
+    folder listing and the glob kept regular files only) and the run exited 0 without it; a
+    FIFO named with --input "did not exist". Each fails the run before anything is read, named
+    on one line, as an unreadable file does; what the globs do not take is no concern."""
+    import os
+    import re
+
+    from jobs.cli import main
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
+    (raw / "day_0").write_text(line + "\n")
+    os.symlink(tmp_path / "unmounted" / "day_9", raw / "day_9")
+    os.symlink(tmp_path / "unmounted" / "x", raw / "_marker")  # never an input: no error
+    os.symlink(tmp_path / "unmounted" / "y", raw / "notes.md")
+    os.symlink(raw / "day_0", raw / "day_1")  # a link to a file is that file
+    gone = f"input '{raw / 'day_9'}' is a symbolic link to '{tmp_path / 'unmounted' / 'day_9'}', which does not exist"
+    for spec in (str(raw), str(raw / "day_*"), str(raw / "day_9")):
+        with pytest.raises(raw_inputs.InputNotAFileError, match="^" + re.escape(gone)):
+            raw_inputs.resolve([spec], ["day_*"])
+    (raw / "day_9").unlink()
+    assert raw_inputs.resolve([str(raw)], ["day_*"]) == [str(raw / "day_0"), str(raw / "day_1")]
+    os.mkfifo(raw / "day_7")
+    fifo = f"input '{raw / 'day_7'}' is not a regular file (a FIFO)"
+    for spec in (str(raw), str(raw / "day_*"), str(raw / "day_7")):
+        with pytest.raises(raw_inputs.InputNotAFileError) as e:
+            raw_inputs.resolve([spec], ["day_*"])
+        assert str(e.value) == fifo
+    os.symlink(tmp_path / "unmounted" / "day_9", raw / "day_9")
+    with pytest.raises(raw_inputs.InputNotAFileError, match=r"^2 inputs cannot be read as files: .*day_7' is not a "
+                                                            r"regular file \(a FIFO\); .*day_9' is a symbolic link"):
+        raw_inputs.resolve([str(raw)], ["day_*"])
+    # `bigopt ingest`: exit 1, one line, before Spark and before anything is written
+    for flags in ([], ["--input", str(raw / "day_9")]):
+        with spark_forbidden("an ingest whose inputs cannot all be read"):
+            assert main(["ingest", f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={raw}", *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("bigopt ingest: ") and err.count("\n") == 1 and "day_9" in err, err
+    assert not (tmp_path / "lake").exists()
+
+
 def _bucket(s3) -> str:
     return s3.bucket(f"bigopt-uris-{uuid.uuid4().hex[:8]}")
 
