@@ -37,23 +37,28 @@ def run(cfg, args) -> int:
     if not args.table:
         print_error(f"bigopt lake: --table is required for --action {args.action}")
         return 2
-    if not lake.table_exists(args.table):
+    from deltalake.exceptions import DeltaError
+
+    # a damaged log (DeltaError), or one delta-rs cannot list or open (OSError: no permission, a
+    # store that does not answer), said as such: not as a traceback, nor as a compaction that met
+    # a concurrent write
+    try:
+        exists = lake.table_exists(args.table)
+        if exists:
+            lake.table_version(args.table)
+    except (DeltaError, OSError) as e:
+        print_error(f"bigopt lake: {args.action} {args.table}: its log cannot be read: {error_line(e)}")
+        return 1
+    if not exists:
         import os
 
         why = "it is a file" if os.path.isfile(args.table) else "it has no _delta_log"
         print_error(f"bigopt lake: no Delta table at {args.table} ({why})")
         return 1
-    from deltalake.exceptions import DeltaError
-
-    try:  # a damaged log, said as such (not as a compaction that met a concurrent write)
-        lake.table_version(args.table)
-    except DeltaError as e:
-        print_error(f"bigopt lake: {args.action} {args.table}: its log cannot be read: {error_line(e)}")
-        return 1
     if args.action == "history":
         try:  # an older entry's commitInfo damaged (ValueError), or the log damaged since the check
             history = lake.history(args.table, args.limit)
-        except (DeltaError, ValueError) as e:
+        except (DeltaError, ValueError, OSError) as e:
             print_error(f"bigopt lake: history {args.table}: {error_line(e)}")
             return 1
         t = Table(title=f"history of {args.table}")
@@ -152,14 +157,18 @@ def _not_a_roundtrip_table(path: str) -> str | None:
     from pipelines import lake
     from pipelines.lake.fs import normalize_uri
 
-    if lake.table_exists(path):
-        from deltalake.exceptions import DeltaError
+    from deltalake.exceptions import DeltaError
 
-        from jobs.spark_step import error_line
+    from jobs.spark_step import error_line
 
+    try:
+        exists = lake.table_exists(path)
+    except OSError as e:  # its _delta_log cannot be listed (no permission): whether it is a table cannot be told
+        return f"is a folder whose Delta log cannot be read ({error_line(e)})"
+    if exists:
         try:
             history = lake.history(path)
-        except (DeltaError, ValueError) as e:  # a damaged log: whose table it is cannot be told
+        except (DeltaError, ValueError, OSError) as e:  # a damaged log: whose table it is cannot be told
             return f"is a Delta table whose log cannot be read ({error_line(e)})"
         jobs = {str(lake.commit_metadata(h).get("job", "")) for h in history
                 if h.get("operation") not in ("VACUUM START", "VACUUM END", "OPTIMIZE")}

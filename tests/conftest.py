@@ -78,6 +78,20 @@ def spark_forbidden():
     return _spark_forbidden
 
 
+def _delta_rs_os_error(*causes: str) -> OSError:
+    lines = ["Generic LocalFileSystem error"] + [f"{' ' * (10 + i)}\x1b[31m↳\x1b[0m {c}" for i, c in enumerate(causes)]
+    return OSError("\n".join(lines))
+
+
+@pytest.fixture
+def delta_rs_os_error():
+    """``delta_rs_os_error("Unable to walk dir", "Permission denied (os error 13)")``: an
+    ``OSError`` as delta-rs raises it for a local filesystem error, each cause on a line of its
+    own after a red ``↳``. Tests raise it where a permission error is meant: the tests run as
+    root, whom chmod does not stop."""
+    return _delta_rs_os_error
+
+
 @pytest.fixture
 def criteo_shared() -> Path:
     return shared_dir("criteo")

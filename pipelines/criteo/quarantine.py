@@ -12,8 +12,8 @@ holds the bad lines of every file as last ingested: ``--force`` replaces a file'
 as in bronze. Filters: ``source`` (a file's name: only its partition's files are read),
 ``batch`` (an ingest batch id, as ``bigopt ingest`` prints it) and ``reason`` (a substring,
 any case). The counts read only the columns they and the filters need. A quarantine table whose
-log cannot be read (a damaged ``_delta_log/*.json``), or one of whose data files cannot, is a
-:class:`QuarantineError` naming it.
+log cannot be read (a damaged ``_delta_log/*.json``, a ``_delta_log`` without read permission),
+or one of whose data files cannot, is a :class:`QuarantineError` naming it.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _snapshot(cfg):
         return path, DeltaSnapshot(path)
     except FileNotFoundError:  # no table yet: nothing was ever quarantined
         return path, None
-    except DeltaError as e:  # a damaged log: said as `bigopt lake` says it, not a traceback
+    except (DeltaError, OSError) as e:  # a damaged log, or one it may not list: as `bigopt lake` says it
         raise QuarantineError(f"{path}: its log cannot be read: {e}") from e
 
 

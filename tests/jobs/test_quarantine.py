@@ -31,6 +31,30 @@ def test_a_damaged_quarantine_log_is_one_line(tmp_path, capsys, monkeypatch, spa
     assert capsys.readouterr().err == f"bigopt lake: history {want}\n"
 
 
+def test_a_quarantine_log_it_may_not_read_is_one_line(tmp_path, capsys, monkeypatch, spark_forbidden,
+                                                      delta_rs_os_error):
+    """A quarantine _delta_log without read permission: delta-rs's ``OSError`` (its causes on
+    lines of their own, in colour) was a traceback; now the one line a damaged log gets."""
+    from deltalake import DeltaTable
+
+    from jobs.cli import main
+
+    lake = f"lake.root={tmp_path / 'lake'}"
+    path = tables(load_config(None, [lake]))["quarantine"]
+    write_arrow(path, pa.table({"source": ["day_0"], "reason": ["hex"], "line": ["x"]}))
+
+    def unreadable(*args, **kwargs):
+        raise delta_rs_os_error("Unable to walk dir", "Permission denied (os error 13)")
+
+    monkeypatch.setattr(DeltaTable, "is_deltatable", staticmethod(unreadable))
+    want = (f"bigopt quarantine: {path}: its log cannot be read: Generic LocalFileSystem error ↳ Unable to walk "
+            "dir ↳ Permission denied (os error 13)\n")
+    with spark_forbidden("bigopt quarantine"):
+        for flags in ([], ["--raw"]):
+            assert main(["quarantine", lake, *flags]) == 1, flags
+            assert capsys.readouterr() == ("", want), flags
+
+
 def test_a_damaged_quarantine_data_file_is_one_line(tmp_path, capsys, spark_forbidden):
     """A quarantine data file damaged (or gone) behind the log: one line naming the table,
     on stderr, exit 1, for the counts and for --raw alike; pyarrow's traceback before."""
@@ -56,4 +80,7 @@ def test_error_line_drops_delta_rs_colours_and_rust_backtrace():
     e = RuntimeError("Kernel error: \x1b[31m↳\x1b[0m Json error: bad\n   0: <unknown>\n  12: start_thread\n"
                      "             at ./nptl/pthread_create.c:442:8")
     assert error_line(e) == "Kernel error: ↳ Json error: bad"
+    chain = OSError("Generic LocalFileSystem error\n          \x1b[31m↳\x1b[0m Unable to walk dir\n"
+                    "           \x1b[31m↳\x1b[0m Permission denied (os error 13)\n   0: <unknown>")
+    assert error_line(chain) == "Generic LocalFileSystem error ↳ Unable to walk dir ↳ Permission denied (os error 13)"
     assert error_line(ValueError("two\nlines")) == "two\nlines"  # a message of its own is kept whole

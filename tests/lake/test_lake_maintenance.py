@@ -124,6 +124,35 @@ def test_lake_command_on_a_damaged_log_is_one_line(tmp_path, capsys, spark_forbi
     assert "is a Delta table whose log cannot be read" in out and "Traceback" not in out, out
 
 
+def test_lake_command_on_an_unreadable_log_is_one_line(tmp_path, capsys, monkeypatch, spark_forbidden,
+                                                       delta_rs_os_error):
+    """A table whose _delta_log delta-rs may not list (chmod 000; monkeypatched, root reads it
+    anyway): every action was an ``OSError`` traceback from ``table_exists``, its colour codes
+    printed as text; now the line a damaged log gets, exit 1, the causes on one line."""
+    from deltalake import DeltaTable
+
+    from jobs.cli import main
+
+    path = tmp_path / "t"
+    write_arrow(str(path), pa.table({"x": [1]}), commit_info={"job": "ingest"})
+    log = path / "_delta_log"
+
+    def unreadable(*args, **kwargs):
+        raise delta_rs_os_error("Unable to walk dir", f"IO error for operation on {log}", "Permission denied (os error 13)")
+
+    monkeypatch.setattr(DeltaTable, "is_deltatable", staticmethod(unreadable))
+    cause = (f"Generic LocalFileSystem error ↳ Unable to walk dir ↳ IO error for operation on {log} ↳ "
+             "Permission denied (os error 13)")
+    for action in ("history", "vacuum", "optimize"):
+        assert main(["lake", "--table", str(path), "--action", action]) == 1
+        assert capsys.readouterr().err == f"bigopt lake: {action} {path}: its log cannot be read: {cause}\n"
+    with spark_forbidden("a roundtrip onto a table whose log cannot be read"):
+        assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 2
+    assert capsys.readouterr().err == (f"bigopt lake: roundtrip overwrites its own check table; {path} is a folder "
+                                       f"whose Delta log cannot be read ({cause}): give --table a new path, or "
+                                       "leave it out\n")
+
+
 def test_time_travel_before_the_first_commit_is_refused(tmp_path):
     """delta-rs loads its earliest version for a timestamp before the table's first commit;
     Delta's timestampAsOf refuses it. A pinned timestamp read version 0's rows instead."""
