@@ -96,11 +96,17 @@ def run(cfg, args) -> int:
         if len(files) > args.limit:
             console.print(f"  … and {len(files) - args.limit} more")
     elif args.action == "optimize":
-        try:
+        from deltalake.exceptions import CommitFailedError
+
+        try:  # a failed compaction commits nothing and deletes the files it wrote (lake.optimize)
             console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
-        except DeltaError as e:  # e.g. a write committed while it compacted: nothing changed, run it again
-            print_error(f"bigopt lake: optimize {args.table}: {error_line(e)} (nothing was committed: run "
-                        "it again once no write to the table is running)")
+        except CommitFailedError as e:  # a write committed while it compacted: run it again
+            # the first line: the "Help:" after it is delta-rs's advice to its API's callers
+            print_error(f"bigopt lake: optimize {args.table}: {error_line(e).splitlines()[0]} (nothing was "
+                        "committed: run it again once no write to the table is running)")
+            return 1
+        except (DeltaError, OSError) as e:  # a log or folder it may not write, a file it cannot read
+            print_error(f"bigopt lake: optimize {args.table}: {error_line(e)} (nothing was committed)")
             return 1
     return 0
 

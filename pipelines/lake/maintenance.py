@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,9 @@ from pyarrow.fs import FileType
 from pipelines.lake.fs import delta_uri, filesystem_for, join, normalize_uri
 
 log = logging.getLogger(__name__)
+
+# how delta-rs names the data files it writes (bigopt's own writers: part-<write_id>-...)
+_DELTA_RS_FILE = re.compile(r"part-\d{5}-[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}-c\d{3}\.[^/]*parquet")
 
 
 def _table(uri: str, storage_options: Mapping[str, str] | None = None) -> DeltaTable:
@@ -168,9 +172,62 @@ def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_r
 
 def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> dict[str, Any]:
     """Compact small files into ~``target_size`` files (one commit; old files kept until vacuum),
-    written in the table's own layout (:func:`file_layout`)."""
-    return _table(uri).optimize.compact(partition_filters=partition_filters, target_size=target_size,
-                                        writer_properties=file_layout(uri))
+    written in the table's own layout (:func:`file_layout`).
+
+    A compaction that fails (a write committed while it ran: delta-rs's ``CommitFailedError``; a
+    log it may not write: ``OSError``; a stop) commits nothing, and the files it wrote are deleted
+    (:func:`_delete_compaction_files`): delta-rs leaves them in the table's folder, where they
+    stayed until a vacuum, one more set per attempt."""
+    uri = normalize_uri(uri)
+    layout = file_layout(uri)
+    fs, root = filesystem_for(uri)
+    before = _data_files(fs, root)
+    try:
+        return _table(uri).optimize.compact(partition_filters=partition_filters, target_size=target_size,
+                                            writer_properties=layout)
+    except BaseException:
+        _delete_compaction_files(uri, fs, root, before)
+        raise
+
+
+def _data_files(fs, root: str) -> set[str]:
+    """The paths (on ``fs``) of the Parquet files in the table's folder, its log left out."""
+    from pyarrow.fs import FileSelector
+
+    infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path for i in infos
+            if i.type == FileType.File and i.path.endswith(".parquet") and "/_delta_log/" not in i.path}
+
+
+def _delete_compaction_files(uri: str, fs, root: str, before: set[str]) -> None:
+    """Delete the files of a compaction that failed: the Parquet files that appeared in the
+    table's folder while it ran (not in ``before``), named as delta-rs names its files, written
+    by delta-rs's Parquet writer (a concurrent Spark write's files are named alike, but written
+    by parquet-mr; bigopt's writers name theirs ``part-<write_id>-``), and referenced by no
+    commit (a commit that landed keeps its files). What cannot be told or deleted is left to
+    a vacuum, with a warning."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from urllib.parse import unquote
+
+    def written_by_delta_rs(path: str) -> bool:
+        try:
+            return (pq.ParquetFile(fs.open_input_file(path)).metadata.created_by or "").startswith("parquet-rs")
+        except (OSError, pa.ArrowException):  # still being written, by someone else
+            return False
+
+    try:
+        new = [p for p in _data_files(fs, root) - before if _DELTA_RS_FILE.fullmatch(p.rsplit("/", 1)[-1])]
+        if not new:
+            return
+        adds = pa.table(_table(uri).get_add_actions(flatten=False)).column("path").to_pylist()
+        committed = {join(root, unquote(rel)) for rel in adds}
+        for path in new:
+            if path not in committed and written_by_delta_rs(path):
+                fs.delete_file(path)
+    except Exception:  # noqa: BLE001 - the compaction's own error is the one to raise
+        log.warning("the files the failed compaction of %s wrote could not all be deleted: a vacuum will",
+                    uri, exc_info=True)
 
 
 def file_layout(uri: str):

@@ -153,6 +153,62 @@ def test_lake_command_on_an_unreadable_log_is_one_line(tmp_path, capsys, monkeyp
                                        "leave it out\n")
 
 
+@pytest.mark.parametrize("failure", ["conflict", "log not writable", "folder read-only"])
+def test_a_failed_optimize_is_one_line_and_deletes_what_it_wrote(tmp_path, capsys, monkeypatch, delta_rs_os_error,
+                                                                  failure):
+    """delta-rs's compaction writes its files, then fails to commit (a write committed while it
+    ran; a _delta_log it may not write): its files stayed in the table's folder, one more set
+    per attempt, and the log it may not write was an OSError traceback. Now one line each, and
+    only the table's own files and a concurrent writer's (named as delta-rs names its files, but
+    not written by it) are left. Only a conflict says to run it again once no write is running
+    (a read-only folder said so too)."""
+    import uuid
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+    from deltalake.exceptions import CommitFailedError, DeltaError
+    from deltalake.table import TableOptimizer
+
+    from jobs.cli import main
+    from pipelines.lake import table_version
+
+    path = tmp_path / "t"
+    for x in (1, 2):
+        write_arrow(str(path), pa.table({"x": [x]}))
+    appends = {f.name for f in path.glob("*.parquet")}
+    foreign = path / f"part-00000-{uuid.uuid4()}-c000.snappy.parquet"  # another engine's write, in flight
+    compact = TableOptimizer.compact
+
+    def racing_compact(self, *args, **kwargs):
+        write_arrow(str(path), pa.table({"x": [3]}), mode="overwrite")  # commits on the snapshot it compacts
+        pq.write_table(pa.table({"x": [4]}), foreign)
+        try:
+            return compact(self, *args, **kwargs)
+        except CommitFailedError as e:
+            if failure == "conflict":
+                raise
+            if failure == "folder read-only":  # delta-rs's error for its own file it may not create
+                raise DeltaError(f"Failed to parse parquet: External: Generic LocalFileSystem error: Unable to open "
+                                 f"file {path}/part-0.parquet#1: Permission denied (os error 13)") from e
+            raise delta_rs_os_error(f"Unable to open file {path}/_delta_log/{3:020d}.json#1",
+                                    "Permission denied (os error 13)") from e
+
+    monkeypatch.setattr(TableOptimizer, "compact", racing_compact)
+    assert main(["lake", "--table", str(path), "--action", "optimize"]) == 1
+    cause, hint = {
+        "conflict": ("Failed to commit transaction: Commit failed: a concurrent transaction deleted data this "
+                     "operation read.", "nothing was committed: run it again once no write to the table is running"),
+        "log not writable": (f"Generic LocalFileSystem error ↳ Unable to open file {path}/_delta_log/{3:020d}.json#1 "
+                             "↳ Permission denied (os error 13)", "nothing was committed"),
+        "folder read-only": (f"Failed to parse parquet: External: Generic LocalFileSystem error: Unable to open file "
+                             f"{path}/part-0.parquet#1: Permission denied (os error 13)", "nothing was committed"),
+    }[failure]
+    assert capsys.readouterr().err == f"bigopt lake: optimize {path}: {cause} ({hint})\n"
+    assert table_version(str(path)) == 2  # the overwrite's commit, no compaction's
+    overwrite = {Path(f.uri).name for f in DeltaSnapshot(str(path)).files()}
+    assert {f.name for f in path.glob("*.parquet")} == appends | overwrite | {foreign.name}
+
+
 def test_time_travel_before_the_first_commit_is_refused(tmp_path):
     """delta-rs loads its earliest version for a timestamp before the table's first commit;
     Delta's timestampAsOf refuses it. A pinned timestamp read version 0's rows instead."""
