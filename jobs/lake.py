@@ -44,8 +44,7 @@ def run(cfg, args) -> int:
     # a concurrent write
     try:
         exists = lake.table_exists(args.table)
-        if exists:
-            lake.table_version(args.table)
+        version = lake.table_version(args.table) if exists else -1
     except (DeltaError, OSError) as e:
         print_error(f"bigopt lake: {args.action} {args.table}: its log cannot be read: {error_line(e)}")
         return 1
@@ -89,6 +88,9 @@ def run(cfg, args) -> int:
             hint = " (add --no-retention-check if no write to the table is running)" if "retention" in str(e) else ""
             print_error(f"bigopt lake: vacuum {args.table}: {error_line(e)}{hint}")
             return 1
+        except OSError as e:  # a file it may not delete, a log it may not write
+            print_error(f"bigopt lake: vacuum {args.table}: {error_line(e)} ({_after_a_failed_vacuum(args, version)})")
+            return 1
         console.print(f"{'deleted' if args.apply else 'would delete'} {len(files)} file(s)"
                       f"{'' if args.apply or not files else ' (dry run: add --apply to delete them)'}")
         for f in sorted(files)[:args.limit]:
@@ -109,6 +111,25 @@ def run(cfg, args) -> int:
             print_error(f"bigopt lake: optimize {args.table}: {error_line(e)} (nothing was committed)")
             return 1
     return 0
+
+
+def _after_a_failed_vacuum(args, version: int) -> str:
+    """What a vacuum of the table at ``version`` that raised an ``OSError`` left: with
+    ``--apply``, delta-rs stops at the first file it may not delete, after its VACUUM START
+    commit, with no VACUUM END (a log it may not write stops it before that commit)."""
+    from deltalake.exceptions import DeltaError
+
+    from pipelines.lake.maintenance import vacuum_unfinished
+
+    if args.apply:
+        try:
+            stopped = vacuum_unfinished(args.table, since=version)
+        except (DeltaError, OSError, ValueError):  # cannot tell: say what it may have done
+            stopped = True
+        if stopped:
+            return ("the vacuum stopped part-way: delta-rs committed its VACUUM START, may have deleted some of the "
+                    "files, and committed no VACUUM END; run it again once the cause is fixed")
+    return "nothing was deleted"
 
 
 def _roundtrip(cfg, args, console) -> int:

@@ -156,7 +156,8 @@ def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_r
     tombstones that an earlier vacuum already deleted (until the tombstones expire), so every
     run reported them as deleted again and added another VACUUM START/END pair of commits.
     When nothing is there to delete, delta-rs is not called to delete: it commits nothing for
-    an empty list either."""
+    an empty list either. A file it may not delete stops delta-rs's vacuum with an ``OSError``
+    after its ``VACUUM START`` commit (:func:`vacuum_unfinished`)."""
     table = _table(uri)
     kw = dict(retention_hours=retention_hours, enforce_retention_duration=enforce_retention, full=True)
     fs, root = filesystem_for(normalize_uri(uri))
@@ -168,6 +169,19 @@ def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_r
     table.vacuum(dry_run=False, **kw)
     infos = fs.get_file_info([join(root, r) for r in there])
     return [r for r, info in zip(there, infos) if info.type == FileType.NotFound]
+
+
+def vacuum_unfinished(uri: str, since: int, storage_options: Mapping[str, str] | None = None) -> bool:
+    """Whether the table's latest commit, newer than version ``since``, is a ``VACUUM START``
+    without its ``VACUUM END``: delta-rs commits the start, deletes the files, then commits the
+    end, and a vacuum that failed to delete a file (no permission) stops between the two.
+    Nothing needs mending: what it deleted no version within the retention referenced, and a
+    vacuum run again deletes the rest and commits a pair of its own."""
+    uri = normalize_uri(uri)
+    fs, root = filesystem_for(uri, storage_options)
+    latest = table_version(uri, storage_options)
+    info = commit_info_at(fs, root, latest) if latest > since else None
+    return info is not None and info.get("operation") == "VACUUM START"
 
 
 def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> dict[str, Any]:

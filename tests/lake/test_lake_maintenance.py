@@ -81,6 +81,52 @@ def test_vacuum_counts_only_files_that_are_there(tmp_path, capsys):
     assert table_version(path) == 3 and DeltaSnapshot(path).to_table().column("x").to_pylist() == [2]
 
 
+@pytest.mark.parametrize("stops", ["deleting", "committing its start"])
+def test_a_failed_vacuum_is_one_line(tmp_path, capsys, monkeypatch, delta_rs_os_error, stops):
+    """A vacuum --apply that may not delete a file (a read-only table folder) was an OSError
+    traceback; delta-rs had committed its VACUUM START and stopped before its VACUUM END. Now
+    one line that says so, and that it can be run again; with a log it may not write, delta-rs
+    stops before that commit, and the line says nothing was deleted."""
+    import json
+
+    from deltalake import DeltaTable
+
+    from jobs.cli import main
+    from pipelines.lake import table_version, vacuum
+
+    path = tmp_path / "t"
+    write_arrow(str(path), pa.table({"x": [1]}))
+    write_arrow(str(path), pa.table({"x": [2]}), mode="overwrite")  # version 0's file: to vacuum
+    (old,) = vacuum(str(path), retention_hours=0, enforce_retention=False)
+    real = DeltaTable.vacuum
+
+    def failing(self, *args, dry_run=True, **kwargs):
+        if dry_run:
+            return real(self, *args, dry_run=dry_run, **kwargs)
+        if stops == "deleting":  # delta-rs's first commit, then the file it may not delete
+            start = {"commitInfo": {"timestamp": 1, "operation": "VACUUM START", "operationParameters": {}}}
+            (path / "_delta_log" / f"{2:020d}.json").write_text(json.dumps(start) + "\n")
+            raise delta_rs_os_error(f"Unable to delete file {path / old}", "Permission denied (os error 13)")
+        raise delta_rs_os_error(f"Unable to open file {path}/_delta_log/{2:020d}.json#1", "Permission denied (os error 13)")
+
+    monkeypatch.setattr(DeltaTable, "vacuum", failing)
+    assert main(["lake", "--table", str(path), "--action", "vacuum", "--apply", "--retention-hours", "0",
+                 "--no-retention-check"]) == 1
+    err = capsys.readouterr().err
+    if stops == "deleting":
+        assert err == (f"bigopt lake: vacuum {path}: Generic LocalFileSystem error ↳ Unable to delete file {path / old} "
+                       "↳ Permission denied (os error 13) (the vacuum stopped part-way: delta-rs committed its VACUUM "
+                       "START, may have deleted some of the files, and committed no VACUUM END; run it again once "
+                       "the cause is fixed)\n")
+        assert table_version(str(path)) == 2
+    else:
+        assert err.endswith("Permission denied (os error 13) (nothing was deleted)\n") and err.count("\n") == 1
+        assert table_version(str(path)) == 1
+    monkeypatch.setattr(DeltaTable, "vacuum", real)  # run again: it finishes
+    assert vacuum(str(path), retention_hours=0, dry_run=False, enforce_retention=False) == [old]
+    assert [h["operation"] for h in history(str(path), 2)] == ["VACUUM END", "VACUUM START"]
+
+
 def test_lake_command_on_a_file_is_one_line(tmp_path, capsys, spark_forbidden):
     """`bigopt lake --table` naming a regular file (or a path under one) was an ``OSError: Not
     a directory`` traceback from delta-rs, whatever the action."""
