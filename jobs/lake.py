@@ -33,7 +33,7 @@ def run(cfg, args) -> int:
 
     console = make_console()
     if args.action == "roundtrip":
-        return _roundtrip(cfg, args, console)
+        return _roundtrip(cfg, args)
     if not args.table:
         print_error(f"bigopt lake: --table is required for --action {args.action}")
         return 2
@@ -132,7 +132,7 @@ def _after_a_failed_vacuum(args, version: int) -> str:
     return "nothing was deleted"
 
 
-def _roundtrip(cfg, args, console) -> int:
+def _roundtrip(cfg, args) -> int:
     """Write a table with every type the pipelines use, read it back, compare."""
     from jobs.config import config_hash
     from jobs.console import print_error
@@ -151,28 +151,38 @@ def _roundtrip(cfg, args, console) -> int:
     except PermissionError as e:
         print_error(f"bigopt lake: roundtrip: {e}")
         return 1
-    from pyspark.sql import functions as F
+    from jobs.spark_step import run_spark_step
 
-    from pipelines.spark import spark_from_config
+    def step(start_spark, progress):
+        from pyspark.sql import functions as F
 
-    spark = spark_from_config(cfg.spark)
-    df = spark.range(0, 100_000).select(  # every type the pipelines write, nulls included
-        F.col("id"),
-        (F.col("id") % 7).cast("int").alias("day"),
-        (F.col("id") * 0.5).alias("x"),
-        (F.col("id") * 0.25).cast("float").alias("label"),
-        F.when(F.col("id") % 5 == 0, None).otherwise(F.sha1(F.col("id").cast("string")).substr(1, 8)).alias("c"),
-        F.when(F.col("id") % 9 == 0, None).otherwise(F.col("id").cast("string").cast("binary")).alias("raw"),
-        F.when(F.col("id") % 4 == 0, None).otherwise(F.col("id") % 2 == 0).alias("flag"),
-        F.array(*[(F.col("id") + i).cast("float") for i in range(3)]).alias("dense"),
-        F.array(*[(F.col("id") - i).cast("int") for i in range(2)]).alias("sparse"),
-        F.current_timestamp().alias("ts"),
-    )
-    v = lake.write_table(df, path, mode="overwrite", partition_by=["day"], compression=cfg.lake.compression,
-                         commit_info={"job": "lake-roundtrip", "config_hash": config_hash(cfg)})
-    back = lake.read_table(spark, path, version=v)
-    n, diff = back.count(), df.drop("ts").exceptAll(back.drop("ts").select(*[c for c in df.columns if c != "ts"])).count()
-    console.print(f"engine={lake.delta_engine(spark)} table={path} version={v} rows={n} mismatched_rows={diff}")
+        spark = start_spark()
+        df = spark.range(0, 100_000).select(  # every type the pipelines write, nulls included
+            F.col("id"),
+            (F.col("id") % 7).cast("int").alias("day"),
+            (F.col("id") * 0.5).alias("x"),
+            (F.col("id") * 0.25).cast("float").alias("label"),
+            F.when(F.col("id") % 5 == 0, None).otherwise(F.sha1(F.col("id").cast("string")).substr(1, 8)).alias("c"),
+            F.when(F.col("id") % 9 == 0, None).otherwise(F.col("id").cast("string").cast("binary")).alias("raw"),
+            F.when(F.col("id") % 4 == 0, None).otherwise(F.col("id") % 2 == 0).alias("flag"),
+            F.array(*[(F.col("id") + i).cast("float") for i in range(3)]).alias("dense"),
+            F.array(*[(F.col("id") - i).cast("int") for i in range(2)]).alias("sparse"),
+            F.current_timestamp().alias("ts"),
+        )
+        progress(f"writing {path}")
+        v = lake.write_table(df, path, mode="overwrite", partition_by=["day"], compression=cfg.lake.compression,
+                             commit_info={"job": "lake-roundtrip", "config_hash": config_hash(cfg)})
+        progress(f"reading {path} back")
+        back = lake.read_table(spark, path, version=v)
+        diff = df.drop("ts").exceptAll(back.drop("ts").select(*[c for c in df.columns if c != "ts"])).count()
+        return lake.delta_engine(spark), v, back.count(), diff
+
+    # a Spark that cannot start (spark.master=local[0]) or a job that fails: one line, as every step's
+    console, result = run_spark_step(cfg, "lake", step, errors=())
+    if result is None:
+        return 1
+    engine, v, n, diff = result
+    console.print(f"engine={engine} table={path} version={v} rows={n} mismatched_rows={diff}")
     return 0 if n == 100_000 and diff == 0 else 1
 
 

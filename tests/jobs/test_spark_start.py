@@ -114,6 +114,19 @@ def test_py4j_records_on_the_root_logger_are_shown_only_with_verbose():
     assert Py4jNoise().filter(record("root", logging.INFO, "/repo/jobs/ingest.py"))
 
 
+def test_a_master_spark_refuses_is_a_one_line_error_for_the_roundtrip_too(tmp_path):
+    """``spark.master=local[0]``: `bigopt ingest` said it in one line, the roundtrip (which
+    started Spark itself, outside ``run_spark_step``) printed the whole Py4JJavaError traceback."""
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "lake", "--action", "roundtrip", f"lake.root={tmp_path}",
+                          "spark.master=local[0]"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert ("bigopt lake: a Spark job failed, nothing of it committed (org.apache.spark.SparkException: Asked to run "
+            "locally with 0 threads)") in out.stderr, text
+    assert "Traceback" not in text and "Py4JJavaError" not in text
+
+
 def test_a_process_spawned_by_a_worker_does_not_warm_up_again(spark):
     """The worker daemon warms its workers up (imports pyarrow/deltalake, loads the kernels).
     A process spawned from a worker re-runs the daemon's module as ``__mp_main__``: the warm-up
