@@ -47,8 +47,8 @@ def test_a_quarantine_log_it_may_not_read_is_one_line(tmp_path, capsys, monkeypa
         raise delta_rs_os_error("Unable to walk dir", "Permission denied (os error 13)")
 
     monkeypatch.setattr(DeltaTable, "is_deltatable", staticmethod(unreadable))
-    want = (f"bigopt quarantine: {path}: its log cannot be read: Generic LocalFileSystem error ↳ Unable to walk "
-            "dir ↳ Permission denied (os error 13)\n")
+    want = (f"bigopt quarantine: {path}: its log cannot be read: Generic LocalFileSystem error: Unable to walk "
+            "dir: Permission denied (os error 13)\n")
     with spark_forbidden("bigopt quarantine"):
         for flags in ([], ["--raw"]):
             assert main(["quarantine", lake, *flags]) == 1, flags
@@ -82,5 +82,5 @@ def test_error_line_drops_delta_rs_colours_and_rust_backtrace():
     assert error_line(e) == "Kernel error: ↳ Json error: bad"
     chain = OSError("Generic LocalFileSystem error\n          \x1b[31m↳\x1b[0m Unable to walk dir\n"
                     "           \x1b[31m↳\x1b[0m Permission denied (os error 13)\n   0: <unknown>")
-    assert error_line(chain) == "Generic LocalFileSystem error ↳ Unable to walk dir ↳ Permission denied (os error 13)"
+    assert error_line(chain) == "Generic LocalFileSystem error: Unable to walk dir: Permission denied (os error 13)"
     assert error_line(ValueError("two\nlines")) == "two\nlines"  # a message of its own is kept whole

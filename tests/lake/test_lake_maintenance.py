@@ -114,8 +114,8 @@ def test_a_failed_vacuum_is_one_line(tmp_path, capsys, monkeypatch, delta_rs_os_
                  "--no-retention-check"]) == 1
     err = capsys.readouterr().err
     if stops == "deleting":
-        assert err == (f"bigopt lake: vacuum {path}: Generic LocalFileSystem error ↳ Unable to delete file {path / old} "
-                       "↳ Permission denied (os error 13) (the vacuum stopped part-way: delta-rs committed its VACUUM "
+        assert err == (f"bigopt lake: vacuum {path}: Generic LocalFileSystem error: Unable to delete file {path / old}"
+                       ": Permission denied (os error 13) (the vacuum stopped part-way: delta-rs committed its VACUUM "
                        "START, may have deleted some of the files, and committed no VACUUM END; run it again once "
                        "the cause is fixed)\n")
         assert table_version(str(path)) == 2
@@ -187,7 +187,7 @@ def test_lake_command_on_an_unreadable_log_is_one_line(tmp_path, capsys, monkeyp
         raise delta_rs_os_error("Unable to walk dir", f"IO error for operation on {log}", "Permission denied (os error 13)")
 
     monkeypatch.setattr(DeltaTable, "is_deltatable", staticmethod(unreadable))
-    cause = (f"Generic LocalFileSystem error ↳ Unable to walk dir ↳ IO error for operation on {log} ↳ "
+    cause = (f"Generic LocalFileSystem error: Unable to walk dir: IO error for operation on {log}: "
              "Permission denied (os error 13)")
     for action in ("history", "vacuum", "optimize"):
         assert main(["lake", "--table", str(path), "--action", action]) == 1
@@ -244,8 +244,8 @@ def test_a_failed_optimize_is_one_line_and_deletes_what_it_wrote(tmp_path, capsy
     cause, hint = {
         "conflict": ("Failed to commit transaction: Commit failed: a concurrent transaction deleted data this "
                      "operation read.", "nothing was committed: run it again once no write to the table is running"),
-        "log not writable": (f"Generic LocalFileSystem error ↳ Unable to open file {path}/_delta_log/{3:020d}.json#1 "
-                             "↳ Permission denied (os error 13)", "nothing was committed"),
+        "log not writable": (f"Generic LocalFileSystem error: Unable to open file {path}/_delta_log/{3:020d}.json#1"
+                             ": Permission denied (os error 13)", "nothing was committed"),
         "folder read-only": (f"Failed to parse parquet: External: Generic LocalFileSystem error: Unable to open file "
                              f"{path}/part-0.parquet#1: Permission denied (os error 13)", "nothing was committed"),
     }[failure]
