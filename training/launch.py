@@ -22,6 +22,7 @@ rank wrapper builds a ``torch.distributed`` ``Dist``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -157,7 +158,8 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
     for h in logging.getLogger().handlers:
         h.addFilter(quiet)
     try:
-        with _stop_signals_passed_on() as stopping, _reports_kept_after_a_failed_exit(stopping) as exited:
+        with _stop_signals_passed_on() as stopping, _reports_kept_after_a_failed_exit(stopping) as exited, \
+                _task_lifetime_from_command_start():
             reports = horovod.spark.run(
                 _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(stall_shutdown_s),
                 start_timeout=start_timeout, verbose=verbose,
@@ -171,6 +173,26 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
     if exited and len(reports) != num_proc:  # a rank died before it told the driver its rank
         raise _process_died(exited[0]) from exited[0]
     return _results(reports, exited)
+
+
+@contextlib.contextmanager
+def _task_lifetime_from_command_start():
+    """Horovod's Spark tasks, each wrapped in :func:`training.horovod_task.mapper_with_lifetime_from_start`:
+    a task then waits 3 s from its rank's start, not from its end (3 s less per launch)."""
+    from horovod.spark import runner
+
+    from training.horovod_task import mapper_with_lifetime_from_start
+
+    make_mapper = runner._make_mapper
+
+    def make(*args, **kwargs):
+        return functools.partial(mapper_with_lifetime_from_start, make_mapper(*args, **kwargs))
+
+    runner._make_mapper = make
+    try:
+        yield
+    finally:
+        runner._make_mapper = make_mapper
 
 
 _EXITED_NONZERO = "Horovod detected that one or more processes exited with non-zero status"

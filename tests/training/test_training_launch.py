@@ -131,3 +131,34 @@ def test_a_rank_process_exiting_non_zero_keeps_what_the_ranks_reported(spark, he
         assert "probe failure on rank 1" in ei.value.rank_traceback
     else:
         assert "exited with non-zero status" in ei.value.error and "Exit code: 137" in ei.value.error
+
+
+def test_horovods_spark_task_counts_its_minimum_lifetime_from_the_commands_start(monkeypatch):
+    """Horovod's SparkTaskService keeps a task at least 3 s "after the command started" (so the
+    driver can fetch the exit code) but set that clock when the command had ended: every launch
+    waited 3 s more after its ranks were done. Patched in each task (training.horovod_task), the
+    clock runs from the start; the launcher wraps Horovod's mapper only during a launch."""
+    pytest.importorskip("horovod.spark")
+    from horovod.runner.common.service.task_service import BasicTaskService
+    from horovod.spark import runner
+    from horovod.spark.task.task_service import SparkTaskService
+
+    from training.horovod_task import lifetime_from_command_start, mapper_with_lifetime_from_start
+    from training.launch import _task_lifetime_from_command_start
+
+    monkeypatch.setattr(SparkTaskService, "_run_command", SparkTaskService._run_command)  # put back afterwards
+    monkeypatch.setattr(SparkTaskService, "_lifetime_from_command_start", False, raising=False)
+    clock_while_running: list = []
+    monkeypatch.setattr(BasicTaskService, "_run_command",
+                        lambda self, *a, **k: clock_while_running.append(self._minimum_command_lifetime))
+    lifetime_from_command_start()
+    task = SparkTaskService.__new__(SparkTaskService)  # no service started: only the two attributes
+    task._minimum_command_lifetime_s, task._minimum_command_lifetime = 3, None
+    task._run_command(["rank"], {}, None)
+    assert clock_while_running[0] is not None and clock_while_running[0] is task._minimum_command_lifetime
+
+    original = runner._make_mapper
+    with _task_lifetime_from_command_start():
+        wrapped = runner._make_mapper({}, type("S", (), {"key": b"k"})(), True, False)
+    assert runner._make_mapper is original
+    assert wrapped.func is mapper_with_lifetime_from_start
