@@ -137,8 +137,13 @@ def get_spark(
         with held_stop_signals():
             spark = builder.getOrCreate()
     except Exception as e:  # noqa: BLE001 - pyspark's error for a JVM that died at start
-        code = None if "JAVA_GATEWAY_EXITED" in str(e) else _jvm_exit_code()
-        if code is None and "JAVA_GATEWAY_EXITED" not in str(e):
+        from py4j.protocol import Py4JJavaError
+
+        gateway_exited = "JAVA_GATEWAY_EXITED" in str(e)
+        # a Java exception (spark.master=local[0]) came from a JVM that is alive and answered:
+        # only py4j's own errors (the connection lost) wait for the JVM's exit code
+        code = None if gateway_exited or isinstance(e, Py4JJavaError) else _jvm_exit_code()
+        if code is None and not gateway_exited:
             raise
         raise SparkStartError(
             "Spark's JVM exited while starting" + ("" if code is None else f" (exit code {code})")
