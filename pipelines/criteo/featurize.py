@@ -1148,8 +1148,7 @@ def _commit_errors(paths: dict) -> Iterator[None]:
     try:
         yield
     except TableWriteError as e:
-        stays = [*e.committed, *([(e.table, None)] if e.landed else [])]
-        raise _commit_failed(e.table, e, stays, paths) from e
+        raise _commit_failed(e.table, e, e.stays, paths) from e
 
 
 def _commit_failed(what: str, e: OSError, stays: list[tuple[str, int | None]], paths: dict) -> FeaturizeError:

@@ -1147,8 +1147,7 @@ def ingest(
             per_file, bad, bv, qv, q_at, rej = _commit_group(spark, group, paths, batch_id, info, ing,
                                                              cfg.lake.compression)
         except TableWriteError as e:
-            stays = [*e.committed, *([(e.table, None)] if e.landed else [])]
-            raise _commit_failed(e, len(group), stays, paths, report.ingested) from e
+            raise _commit_failed(e, len(group), e.stays, paths, report.ingested) from e
         problems += bad
         report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed", note=why)
                          for f in group for p, why in bad if p == f.path]

@@ -58,6 +58,12 @@ class TableWriteError(OSError):
         else:
             super().__init__(f"{action} Delta table {table} failed: {cause}")
 
+    @property
+    def stays(self) -> list[tuple[str, int | None]]:
+        """The tables this error leaves committed, ``(table, version or None)``: the writes
+        committed before it, and its own table when its commit landed."""
+        return [*self.committed, *([(self.table, None)] if self.landed else [])]
+
     def __reduce__(self):  # picklable (raised in a Spark task's writer too)
         return type(self), (self.table, self.cause), {"action": self.action, "landed": self.landed,
                                                       "committed": self.committed, "args": self.args}

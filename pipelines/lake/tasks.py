@@ -80,12 +80,9 @@ class TaskWrite:
 
         w = self.open()
         try:
-            for batch in batches:
-                try:
-                    w.write(batch, partition_values)
-                except OSError as e:
-                    raise TableWriteError(self.uri, readable_error(e), action="writing a data file of") from e
             try:
+                for batch in batches:
+                    w.write(batch, partition_values)
                 return w.close()
             except OSError as e:
                 raise TableWriteError(self.uri, readable_error(e), action="writing a data file of") from e
