@@ -188,11 +188,8 @@ def _task_lifetime_from_command_start():
     def make(*args, **kwargs):
         return functools.partial(mapper_with_lifetime_from_start, make_mapper(*args, **kwargs))
 
-    runner._make_mapper = make
-    try:
+    with unittest.mock.patch.object(runner, "_make_mapper", make):
         yield
-    finally:
-        runner._make_mapper = make_mapper
 
 
 _EXITED_NONZERO = "Horovod detected that one or more processes exited with non-zero status"
@@ -220,11 +217,8 @@ def _reports_kept_after_a_failed_exit(stopping):
                 raise
             exited.append(e)  # every rank process has ended here: the Spark tasks return their reports
 
-    runner._launch_job = reported
-    try:
+    with unittest.mock.patch.object(runner, "_launch_job", reported):
         yield exited
-    finally:
-        runner._launch_job = launch_job
 
 
 @contextlib.contextmanager
@@ -291,9 +285,11 @@ def _text_of(error: BaseException | None) -> str:
         return ""
 
 
-def _process_died(e: Exception) -> RankFailure:
-    return RankFailure(-1, f"{type(e).__name__}: {e}", "(no Python traceback: the rank process exited; "
-                       "see the rank's stderr above)")
+def _process_died(e: Exception | None, rank: int = -1, others: list[dict] | None = None) -> RankFailure:
+    """A rank whose process ended without a report (``rank`` -1: which one is not known)."""
+    why = "it ended without reporting" if e is None else f"{type(e).__name__}: {e}"
+    return RankFailure(rank, why, "(no Python traceback: the rank process exited; see the rank's stderr above)",
+                       others)
 
 
 def _results(reports: list[dict[str, Any] | None], exited: list[Exception] | None = None) -> list[Any]:
@@ -308,9 +304,7 @@ def _results(reports: list[dict[str, Any] | None], exited: list[Exception] | Non
     failed = [r for r in reports if not r["ok"]]
     primary = next((r for r in failed if not r.get("secondary")), None)
     if primary is None and silent:
-        why = f"{type(exited[0]).__name__}: {exited[0]}" if exited else "it ended without reporting"
-        raise RankFailure(silent[0], why, "(no Python traceback: the rank process exited; see the rank's stderr "
-                          "above)", failed)
+        raise _process_died(exited[0] if exited else None, silent[0], failed)
     if failed:
         primary = primary or failed[0]
         raise RankFailure(primary["rank"], primary["error"], primary["traceback"],
