@@ -31,8 +31,49 @@ _DEFAULTS: dict[str, str] = {
 
 
 class SparkStartError(RuntimeError):
-    """Spark could not start: no Java, or its JVM exited while starting (its own output, above
-    the error, says why)."""
+    """Spark could not start: no Java, its JVM exited while starting (its own output, above
+    the error, says why), or no standalone master answers at ``spark.master``."""
+
+
+MASTER_CONNECT_TIMEOUT_S = 5.0
+
+
+def _master_addresses(master: str) -> list[tuple[str, int]]:
+    """``spark://host:port[,host2:port2...]`` (standalone, with standby masters) as addresses;
+    ``[v6]`` hosts unbracketed. The port defaults to 7077, as Spark's own parser has it."""
+    out = []
+    for part in master[len("spark://"):].split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or host.endswith(":") or "]" in port:  # no port (an IPv6 host alone)
+            host, port = part.strip(), "7077"
+        try:
+            out.append((host.strip("[]"), int(port)))
+        except ValueError:
+            raise SparkStartError(f"spark.master {master!r}: {port!r} is not a port number") from None
+    return out
+
+
+def _check_master_reachable(master: str, timeout_s: float = MASTER_CONNECT_TIMEOUT_S) -> None:
+    """A standalone master that nothing answers at: Spark's client retries its registration
+    for about a minute (3 tries of 20 s, fixed in StandaloneAppClient), prints a Java stack
+    trace per try, then stops the SparkContext, and the step failed with "Cannot call methods
+    on a stopped SparkContext". One TCP connection per address tells the same in seconds."""
+    import socket
+
+    problems = []
+    for host, port in _master_addresses(master):
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                return  # one live master (the others may be standbys)
+        except socket.gaierror as e:
+            problems.append(f"{host}: unknown host ({e.strerror})")
+        except TimeoutError:
+            problems.append(f"{host}:{port}: no answer in {timeout_s:g} s")
+        except OSError as e:
+            problems.append(f"{host}:{port}: {e.strerror or e}")
+    raise SparkStartError(
+        f"no Spark master answers at {master} ({'; '.join(problems)}): is the master running, and is "
+        "spark.master (the config's, or spark-submit's --master) its address?")
 
 
 def _check_java() -> None:
@@ -130,6 +171,10 @@ def get_spark(
             builder = builder.config(k, v)
     if not attached:  # this process starts the JVM
         _check_java()
+    master = submitted.get("spark.master") or settings.get("spark.master") or ""
+    deploy = submitted.get("spark.submit.deployMode") or settings.get("spark.submit.deployMode") or "client"
+    if master.startswith("spark://") and deploy == "client":  # this process's SparkContext registers
+        _check_master_reachable(master)
     try:
         # a SIGTERM raised inside launch_gateway made it delete the folder where the JVM was about
         # to write its connection file: the JVM never watched for this process's exit and ran
@@ -139,6 +184,14 @@ def get_spark(
     except Exception as e:  # noqa: BLE001 - pyspark's error for a JVM that died at start
         from py4j.protocol import Py4JJavaError
 
+        if master.startswith("spark://") and "stopped SparkContext" in str(e):
+            # something accepted the connection but no master registered the application: Spark
+            # gave up ("All masters are unresponsive!") and stopped the context it was making
+            raise SparkStartError(
+                f"the Spark master at {master} never registered this application (Spark gave up after "
+                "its 3 tries of 20 s; its log above says why): is a Spark master of a compatible version "
+                "listening there, and is spark.master (the config's, or spark-submit's --master) its "
+                "address?") from e
         gateway_exited = "JAVA_GATEWAY_EXITED" in str(e)
         # a Java exception (spark.master=local[0]) came from a JVM that is alive and answered:
         # only py4j's own errors (the connection lost) wait for the JVM's exit code

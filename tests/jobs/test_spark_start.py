@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pyspark
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SPARK_HOME = Path(pyspark.__file__).parent
@@ -218,3 +219,68 @@ def _fails(fn) -> bool:
     except Exception:  # noqa: BLE001 - the cancelled job's error
         return True
     return False
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: a connection to it is refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_standalone_master_nothing_answers_at_is_one_line_in_seconds(tmp_path):
+    """``spark.master=spark://host:port`` with no master there: Spark's client retried its
+    registration for a minute, printed a Java stack trace per try, and the step failed with
+    "Cannot call methods on a stopped SparkContext". Now one TCP connection per address says
+    it before the JVM starts."""
+    import time
+
+    port = _closed_port()
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "lake", "--action", "roundtrip", f"lake.root={tmp_path}",
+                          f"spark.master=spark://127.0.0.1:{port},nosuchhost.invalid:7077"],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"bigopt lake: no Spark master answers at spark://127.0.0.1:{port},nosuchhost.invalid:7077 "
+        f"(127.0.0.1:{port}: Connection refused; nosuchhost.invalid: unknown host (Name or service not known)): "
+        "is the master running, and is spark.master (the config's, or spark-submit's --master) its address?"), text
+    assert "Traceback" not in text and "Exception" not in text
+    assert time.monotonic() - t0 < 30  # no JVM was started (it took ~70 s)
+
+
+_NOT_REGISTERED = """
+import socket, sys
+import pyspark.sql
+from pipelines.spark import SparkStartError, get_spark
+server = socket.create_server(("127.0.0.1", 0))  # accepts, as a proxy or another service would
+port = server.getsockname()[1]
+def stopped(self):  # what getOrCreate raises once Spark gave up registering (after ~60 s)
+    raise RuntimeError("An error occurred while calling None.org.apache.spark.sql.classic.SparkSession.\\n"
+                       ": java.lang.IllegalStateException: Cannot call methods on a stopped SparkContext.")
+pyspark.sql.SparkSession.Builder.getOrCreate = stopped
+try:
+    get_spark("x", master=f"spark://127.0.0.1:{port}")
+except SparkStartError as e:
+    print("ERROR", str(e).replace(str(port), "PORT"))
+"""
+
+
+def test_a_master_that_never_registers_the_application_is_named(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _NOT_REGISTERED], cwd=tmp_path, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert ("ERROR the Spark master at spark://127.0.0.1:PORT never registered this application (Spark gave up "
+            "after its 3 tries of 20 s; its log above says why)") in out.stdout, out.stdout + out.stderr[-3000:]
+
+
+def test_master_addresses():
+    from pipelines.spark import SparkStartError, _master_addresses
+
+    assert _master_addresses("spark://a:7077,b:7078") == [("a", 7077), ("b", 7078)]
+    assert _master_addresses("spark://host") == [("host", 7077)]
+    assert _master_addresses("spark://[::1]:7000") == [("::1", 7000)]
+    assert _master_addresses("spark://[::1]") == [("::1", 7077)]
+    with pytest.raises(SparkStartError, match="'x7' is not a port number"):
+        _master_addresses("spark://a:x7")
