@@ -350,12 +350,20 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
                      "vocab_sizes", vocab, doc_versions, versions)
             vocab = None
             if build and vocab_sizes and _exists(vocab_sizes):
+                import pyarrow as pa
+
                 try:
                     (v,) = _build_versions(build, {"vocab_sizes": vocab_sizes},
                                            {"vocab_sizes": table_version(vocab_sizes)}).values()
                     cards = _vocab_sizes_cardinalities(vocab_sizes, v, n_sparse) or []
                 except GoldVersionError as e:
                     log.warning("%s", e)
+                except (OSError, pa.ArrowException) as e:  # its files vacuumed after a later build replaced it
+                    from pipelines.lake.commit import readable_error
+
+                    log.warning("%s v%s (featurize build %s) cannot be read any more (%s): sizing the embeddings "
+                                "from a scan of the ids the gold tables hold", vocab_sizes, v, build,
+                                readable_error(e))
                 if cards:
                     vocab = f"{vocab_sizes}@v{v}"
     if vocab and not cards:
