@@ -1,10 +1,12 @@
-"""``bigopt ingest <conf> [k=v ...] [--force] [--input PATH ...]``: raw Criteo -> bronze Delta.
+"""``bigopt ingest <conf> [k=v ...] [--force] [--input PATH ...] [--drop-source NAME ...]``: raw Criteo -> bronze Delta.
 
 Reads ``criteo.inputs`` (files, globs or directories, local or ``s3://``/``gs://``/``hdfs://``
 URIs; default ``criteo.raw_dir``), plain or
 gzip, Kaggle train/test or 1TB ``day_N`` files, and appends typed rows to the bronze table
 (bad lines to the quarantine table, one ledger row per file). Files already in the ledger
-are skipped; ``--force`` re-ingests them by replacing their rows. Prints the per-file
+are skipped; ``--force`` re-ingests them by replacing their rows; ``--drop-source`` deletes
+the rows of a file that is gone (a day re-delivered under another name: the run names such
+files). Prints the per-file
 accounting ``lines = rows_ok + rows_rejected``; exits 1 on an unreadable input (a damaged gzip:
 nothing committed for it, the other files ingested; a format or name ingest cannot read, a
 symbolic link whose target is missing, a FIFO: found before anything runs, nothing committed).
@@ -18,7 +20,12 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true",
-                        help="re-ingest files already in the ledger (replaces their rows, never duplicates)")
+                        help="re-ingest files the ledger has under the same name, replacing their rows (never "
+                             "duplicating them); a copy under another name is ingested as a source of its own")
+    parser.add_argument("--drop-source", action="append", default=[], metavar="NAME",
+                        help="delete the bronze and quarantine rows and the ledger entry of the source (file name) "
+                             "NAME, whose file is no longer among the inputs: a day re-delivered under another "
+                             "name (repeatable)")
     parser.add_argument("--input", action="append", default=None, metavar="PATH",
                         help="file, glob or directory to ingest instead of criteo.inputs (repeatable)")
     parser.add_argument("--drop-unconfirmed", action="store_true",
@@ -41,7 +48,8 @@ def run(cfg, args) -> int:
     def step(spark, progress):
         try:
             return ingest(spark, cfg, force=args.force, inputs=args.input, progress=progress,
-                          drop_unconfirmed=args.drop_unconfirmed)
+                          drop_unconfirmed=args.drop_unconfirmed, drop_sources=args.drop_source,
+                          drop_unknown_ok=False)
         except CorruptInputError as e:
             if e.report is None:  # found before anything ran
                 raise
@@ -64,7 +72,7 @@ def run(cfg, args) -> int:
                       f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
     console.print(table)
     if rep.dropped:
-        console.print(f"dropped the unconfirmed bronze rows of {len(rep.dropped)} file(s): {', '.join(rep.dropped)}")
+        console.print(f"dropped the bronze rows of {len(rep.dropped)} file(s): {', '.join(rep.dropped)}")
     for src in rep.forgotten:
         console.print(f"  {src}: the rows its ledger entry confirmed had been replaced by those, so it is dropped from "
                       "the ledger too (ingest it again to have its rows back)")
@@ -73,6 +81,16 @@ def run(cfg, args) -> int:
                               "among this run's inputs; featurize refuses bronze until they are dealt with:", "yellow")))
         for src, why in rep.unconfirmed.items():
             console.print(f"  {src}: {why}")
+    if rep.gone:  # a day renamed or re-delivered under another name: its rows twice in bronze
+        same_lake = [a for a in (args.config, *args.overrides) if a]
+        console.print(styled((f"bronze still holds the rows of {len(rep.gone)} file(s) the ledger has that are gone "
+                              "(renamed, re-delivered under another name, deleted); where another file now holds "
+                              "those rows, they are in bronze twice:", "yellow")))
+        for src, r in sorted(rep.gone.items()):
+            day = f"day {r['day']}, " if r["day"] is not None and r["day"] >= 0 else ""
+            console.print(f"  {src} ({day}{r['rows_ok']:,} rows, was {r['path']})")
+        console.print("  to drop them: " + shlex.join(["bigopt", "ingest", *same_lake,
+                                                        *(a for src in sorted(rep.gone) for a in ("--drop-source", src))]))
     rate = rep.rows_in / rep.seconds if rep.seconds and rep.rows_in else 0
     console.print(
         f"rows_in {rep.rows_in:,} = rows_ok {rep.rows_ok:,} + rows_rejected {rep.rows_rejected:,}"

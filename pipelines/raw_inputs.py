@@ -154,7 +154,7 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequ
     for spec in specs:
         name = normalize_uri(spec)  # as the lake's: absolute local path, or the URI
         # a path that exists is itself, whatever its characters: a folder named raw[1] is no glob
-        if _has_wildcard(name) and not _exists(name):
+        if _has_wildcard(name) and not exists(name):
             if is_remote(name):
                 matches = _glob_remote(name)
             else:
@@ -203,7 +203,8 @@ def _escape_existing_folders(pattern: str) -> str:
     return pattern
 
 
-def _exists(name: str) -> bool:
+def exists(name: str) -> bool:
+    """Whether a local path or URI names something (a file, a folder)."""
     if is_local(name):
         return os.path.exists(name)
     return _info(name).type != pafs.FileType.NotFound

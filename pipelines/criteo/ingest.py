@@ -202,6 +202,10 @@ class IngestReport:
     # of them, files the ledger has: bronze no longer held the rows their entries confirm (the
     # unconfirmed ones replaced them), so they were dropped from the ledger too
     forgotten: list[str] = field(default_factory=list)
+    # ledger sources not among this run's inputs whose files are gone (renamed, re-delivered
+    # under another name, deleted): source -> its current ledger entry. Bronze still holds
+    # their rows: where another file now has them, they are there twice
+    gone: dict[str, dict] = field(default_factory=dict)
 
     def _done(self) -> list[FileResult]:
         return [f for f in self.files if f.status in ("ingested", "replaced")]
@@ -245,6 +249,8 @@ class IngestReport:
             f"ok {self.rows_ok:,} + rejected {self.rows_rejected:,}; bronze "
             + ("unchanged" if self.bronze_version is None else f"v{self.bronze_version}")
             + (f"; dropped the rows of {', '.join(self.dropped)}" if self.dropped else "")
+            + (f"; bronze still holds the rows of {len(self.gone)} file(s) that are gone ({', '.join(sorted(self.gone))}:"
+               " `bigopt ingest --drop-source NAME` drops them)" if self.gone else "")
         )
 
 
@@ -880,6 +886,28 @@ def _uncompressed_name(source: str) -> str:
     return source[:-3] if source.endswith(".gz") else source
 
 
+def _file_gone(path: str) -> bool:
+    """Whether a file the ledger has is gone; one the store cannot be asked about (no
+    credentials, a network error) is not taken for gone."""
+    try:
+        return not raw_inputs.exists(path)
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def _check_drops(drop: Sequence[str], files: list[RawFile], held: set[str]) -> None:
+    """``bigopt ingest --drop-source``: each name must be a source bronze or the ledger has,
+    and not one of this run's inputs (whose rows it would ingest again)."""
+    inputs = {f.source: f.path for f in files}
+    problems = [f"{s} is among the inputs ({inputs[s]}): move the file away first, or re-ingest it with --force"
+                for s in drop if s in inputs]
+    if unknown := [s for s in drop if s not in inputs and s not in held]:
+        problems.append(f"bronze and the ledger hold no source named {', '.join(unknown)} (sources are file names, "
+                        f"e.g. {', '.join(sorted(held)[:4]) or 'none yet'})")
+    if problems:
+        raise IngestError("--drop-source: " + "; ".join(problems) + "; nothing dropped or ingested")
+
+
 def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
           unconfirmed: dict[str, str] | None = None) -> tuple[list[RawFile], list[FileResult], dict[str, str]]:
     """(files to ingest, results of the files skipped, a note per file to ingest that replaces
@@ -1066,6 +1094,7 @@ def ingest(
     progress: Callable[[str], None] | None = None,
     drop_unconfirmed: bool = False,
     drop_sources: Sequence[str] = (),
+    drop_unknown_ok: bool = True,
 ) -> IngestReport:
     """Ingest the configured inputs (``cfg.criteo.inputs``, default ``cfg.criteo.raw_dir``).
     ``spark``: a SparkSession, or a callable that starts one, called only when a file needs
@@ -1079,7 +1108,12 @@ def ingest(
 
     ``drop_sources``: sources (file names) whose rows and ledger entries go, when they are not
     among the inputs: the files a generate with other settings removed (``bigopt run``), whose
-    rows featurize would otherwise still take from bronze."""
+    rows featurize would otherwise still take from bronze; ``bigopt ingest --drop-source``:
+    a file replaced by one of another name). ``drop_unknown_ok=False``: a source among the
+    inputs, or one neither bronze nor the ledger has, is an :class:`IngestError` before
+    anything runs.
+
+    ``report.gone``: the ledger's sources not among the inputs whose files no longer exist."""
     from jobs.config import config_hash
     from pipelines.lake import DeltaSnapshot, table_exists
     from pipelines.lake.commit import TableWriteError
@@ -1106,7 +1140,15 @@ def ingest(
     current = current_entries(read_ledger(paths["ledger"]))
     unconfirmed = unconfirmed_sources(bronze_sources(DeltaSnapshot(paths["bronze"])), current) if (
         table_exists(paths["bronze"])) else {}
-    todo, report.files, notes = _plan(files, current, force, unconfirmed)
+    held = bronze_sources(DeltaSnapshot(paths["bronze"])) if drop_sources and table_exists(paths["bronze"]) else {}
+    if drop_sources and not drop_unknown_ok:
+        _check_drops(drop_sources, files, set(held) | set(current))
+    # a source being dropped is no file's earlier copy: a day renamed, its old name dropped in
+    # the same run, is ingested under the new one without --force
+    todo, report.files, notes = _plan(files, {s: r for s, r in current.items() if s not in drop_sources}, force,
+                                      unconfirmed)
+    named = {f.source for f in files} | set(drop_sources)
+    report.gone = {s: r for s, r in current.items() if s not in named and _file_gone(r["path"])}
     report.unconfirmed = _unconfirmed_elsewhere(unconfirmed, files, current)
     if drop_unconfirmed and (drop := sorted(report.unconfirmed)):
         say(f"dropping the unconfirmed bronze rows of {len(drop)} source(s)")
@@ -1119,9 +1161,9 @@ def ingest(
         report.bronze_version, report.quarantine_version, report.ledger_version = (
             versions.get(t) for t in ("bronze", "quarantine", "ledger"))
         report.dropped, report.forgotten, report.unconfirmed = drop, [r["source"] for r in forget], {}
-    held = bronze_sources(DeltaSnapshot(paths["bronze"])) if drop_sources and table_exists(paths["bronze"]) else {}
     if gone := sorted((set(drop_sources) & (set(held) | set(current))) - {f.source for f in files}):
-        say(f"dropping the bronze rows of {len(gone)} source(s) no longer generated: {', '.join(gone)}")
+        say(f"dropping the bronze and quarantine rows and the ledger entries of {len(gone)} source(s): "
+            f"{', '.join(gone)}")
         forget = [current[s] for s in gone if s in current]
         versions = _drop_sources(paths, gone, forget, chash, batch_id, cfg.lake.compression, why="dropped_stale")
         for t in ("bronze", "quarantine", "ledger"):

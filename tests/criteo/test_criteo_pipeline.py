@@ -658,7 +658,7 @@ def test_drop_unconfirmed_drops_a_ledgered_file_whose_rows_were_replaced(spark, 
                                              "and its ledger entry (--drop-unconfirmed)")
     assert main(["ingest", *conf, "--drop-unconfirmed"]) == 0
     out = capsys.readouterr().out
-    assert "dropped the unconfirmed bronze rows of 1 file(s): day_1" in out
+    assert "dropped the bronze rows of 1 file(s): day_1" in out
     assert "day_1: the rows its ledger entry confirmed had been replaced by those, so it is dropped" in out
     assert "bronze v2" in out and "quarantine v2" in out and "ledger v1" in out
     view = bronze_view(cfg)  # featurize takes it: day_0 alone, as it was
@@ -674,6 +674,53 @@ def test_drop_unconfirmed_drops_a_ledgered_file_whose_rows_were_replaced(spark, 
     rep = ingest(spark, cfg)
     assert [(f.source, f.status, f.note) for f in rep.files if f.status != "skipped"] == [("day_1", "ingested", "")]
     assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_1": 4}
+
+
+def test_a_day_re_delivered_under_another_name_is_named_and_its_old_source_dropped(spark, tmp_path, capsys):
+    """A corrected day under a versioned name (day_0 -> day_0_v2) and a renamed one (day_1 ->
+    day_1.tsv): bronze kept the old sources' rows beside the new ones, nothing said so, and no
+    command removed them (found by the incremental-operations probe). Now ingest names the gone
+    files with the command that drops them, and `--drop-source` drops them (the renamed copy is
+    then ingested without --force)."""
+    import shlex
+
+    from jobs.cli import main
+    from pipelines.criteo.featurize import bronze_view
+    from pipelines.criteo.ingest import current_entries, read_ledger
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    line = "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
+    for d in (0, 1):
+        (raw / f"day_{d}").write_text("\n".join([f"{d}\t{line}"] * 20 + ["2\tbad"]) + "\n")
+    cfg = _cfg(tmp_path)
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]
+    assert main(["ingest", *conf]) == 0
+    (raw / "day_0").unlink()
+    (raw / "day_0_v2").write_text(f"0\t{line}\n" * 15)
+    (raw / "day_1").rename(raw / "day_1.tsv")
+    capsys.readouterr()
+    assert main(["ingest", *conf]) == 0
+    out = capsys.readouterr().out
+    assert "day_1.tsv" in out and "duplicate" in out  # a content twin of day_1: not ingested
+    assert "bronze still holds the rows of 2 file(s) the ledger has that are gone" in out, out
+    assert f"day_0 (day 0, 20 rows, was {raw / 'day_0'})" in out and f"day_1 (day 1, 20 rows, was {raw / 'day_1'})" in out
+    cmd = out.split("to drop them: ", 1)[1].split("\n", 1)[0]
+    assert shlex.split(cmd) == ["bigopt", "ingest", *conf, "--drop-source", "day_0", "--drop-source", "day_1"]
+    assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_0_v2": 15, "day_1": 20}
+    # a name that is no source, or one of the inputs: one line, nothing dropped or ingested
+    before = bronze_view(cfg).version
+    assert main(["ingest", *conf, "--drop-source", "day_7", "--drop-source", "day_0_v2"]) == 1
+    err = capsys.readouterr().err
+    assert ("--drop-source: day_0_v2 is among the inputs (" in err and "bronze and the ledger hold no source named day_7"
+            in err and "nothing dropped or ingested" in err), err
+    assert bronze_view(cfg).version == before
+    assert main(["ingest", *conf, "--drop-source", "day_0", "--drop-source", "day_1"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped the bronze rows of 2 file(s): day_0, day_1" in out and "still holds" not in out
+    assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0_v2": 15, "day_1.tsv": 20}
+    assert set(current_entries(read_ledger(_bronze(cfg)["ledger"]))) == {"day_0_v2", "day_1.tsv"}
+    assert {r["source"] for r in DeltaSnapshot(_bronze(cfg)["quarantine"]).to_table().to_pylist()} == {"day_1.tsv"}
 
 
 def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden):
