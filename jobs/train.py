@@ -62,7 +62,7 @@ def run(cfg, args) -> int:
     from training.checkpoint import ResumeError
     from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
-    from training.launch import RankFailure
+    from training.launch import RankFailure, RanksNotStartedError
     from training.loop import TrainSettingsError
     from training.tracking import TrackingStoreError
 
@@ -77,7 +77,7 @@ def run(cfg, args) -> int:
     except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
-    except (UnreadableDataFileError, RankFailure) as e:  # a damaged data file, named; a rank's error
+    except (UnreadableDataFileError, RankFailure, RanksNotStartedError) as e:  # a damaged file; a rank's error
         print(f"bigopt train: {e}", file=sys.stderr)
         return 1
     print_summary(res, title=f"bigopt train - {cfg.run.name}")

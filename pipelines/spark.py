@@ -171,6 +171,14 @@ def get_spark(
             builder = builder.config(k, v)
     if not attached:  # this process starts the JVM
         _check_java()
+        if not local and "PYSPARK_PYTHON" not in os.environ:
+            # pyspark takes the executors' Python from PYSPARK_PYTHON only (else `python3` on their
+            # PATH, which lacked pyarrow: "No module named 'pyarrow'"): the config's
+            # spark.pyspark.python, else this interpreter, whose path the executors must have
+            python = settings.get("spark.pyspark.python") or sys.executable
+            os.environ["PYSPARK_PYTHON"] = python
+            log.info("the executors run %s (PYSPARK_PYTHON; set it, or spark.conf's spark.pyspark.python, where "
+                     "their Python is elsewhere)", python)
     master = submitted.get("spark.master") or settings.get("spark.master") or ""
     deploy = submitted.get("spark.submit.deployMode") or settings.get("spark.submit.deployMode") or "client"
     if master.startswith("spark://") and deploy == "client":  # this process's SparkContext registers

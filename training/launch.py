@@ -29,7 +29,7 @@ import re
 import sys
 import traceback
 import unittest.mock
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,11 @@ from training.dist import HorovodDist, LocalDist
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RanksNotStartedError(RuntimeError):
+    """Horovod-on-Spark gave up waiting for every rank's Spark task to start: too few task
+    slots on the cluster (no rank ran)."""
 
 
 class RankFailure(RuntimeError):
@@ -77,11 +82,16 @@ def _is_secondary(e: BaseException) -> bool:
     return name == "HorovodInternalError" or "shut down" in text or "Connection closed by peer" in text
 
 
-def rank_env(stall_shutdown_s: int = 0) -> dict[str, str]:
+def rank_env(stall_shutdown_s: int = 0, py_files: Sequence[str] = ()) -> dict[str, str]:
     """Environment added to every rank: the repo on PYTHONPATH, thread counts left to the loop,
     and Horovod's stall shutdown (a collective some ranks never join fails after that long
-    instead of hanging; 0 = off)."""
-    paths = [str(REPO_ROOT)]
+    instead of hanging; 0 = off).
+
+    ``py_files``: spark-submit's ``--py-files`` (``spark.submit.pyFiles``). Horovod replaces
+    the executor's PYTHONPATH with this one, whose paths are the driver's: on a cluster
+    without bigopt installed the ranks found no ``training`` module. Spark copies those files
+    into the executor's working folder, the ranks' too, so their names come first."""
+    paths = [os.path.basename(p.rstrip("/")) for p in py_files if p.strip()] + [str(REPO_ROOT)]
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     env = {"PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
@@ -151,8 +161,10 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         spark = SparkSession.getActiveSession()
         if spark is None:
             raise RuntimeError("the horovod backend needs an active SparkSession (pipelines.spark.get_spark)")
+    sc = spark.sparkContext
+    stderr_at = stderr_where(sc.master)
     if check_slots:  # run_training checked them before the MLflow run opened
-        check_task_slots(spark.sparkContext, num_proc)
+        check_task_slots(sc, num_proc)
     quiet = _QuietHorovod()
     logging.getLogger().addFilter(quiet)
     for h in logging.getLogger().handlers:
@@ -161,18 +173,38 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         with _stop_signals_passed_on() as stopping, _reports_kept_after_a_failed_exit(stopping) as exited, \
                 _task_lifetime_from_command_start():
             reports = horovod.spark.run(
-                _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True, env=rank_env(stall_shutdown_s),
-                start_timeout=start_timeout, verbose=verbose,
+                _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True,
+                env=rank_env(stall_shutdown_s, submitted_py_files(sc)), start_timeout=start_timeout, verbose=verbose,
             )
     except Exception as e:  # a rank process died without reporting (killed, segfault, OOM)
-        raise _process_died(e) from e
+        if type(e).__name__ == "TimeoutException" and "tasks to start" in str(e):
+            raise RanksNotStartedError(
+                f"the {num_proc} ranks did not all get a Spark task slot within train.start_timeout={start_timeout} s "
+                f"(spark.master={sc.master}, spark.default.parallelism={sc.defaultParallelism}); no rank ran: lower "
+                "train.num_proc (--num-proc), give the cluster more executor cores, or raise train.start_timeout"
+            ) from e
+        raise _process_died(e, stderr_at=stderr_at) from e
     finally:
         logging.getLogger().removeFilter(quiet)
         for h in logging.getLogger().handlers:
             h.removeFilter(quiet)
     if exited and len(reports) != num_proc:  # a rank died before it told the driver its rank
-        raise _process_died(exited[0]) from exited[0]
-    return _results(reports, exited)
+        raise _process_died(exited[0], stderr_at=stderr_at) from exited[0]
+    return _results(reports, exited, stderr_at=stderr_at)
+
+
+def submitted_py_files(sc) -> list[str]:
+    """spark-submit's ``--py-files`` of this application (``spark.submit.pyFiles``)."""
+    return [p.strip() for p in (sc.getConf().get("spark.submit.pyFiles") or "").split(",") if p.strip()]
+
+
+def stderr_where(master: str) -> str:
+    """Where a rank process's stderr went: this terminal on a local master, its executor's log
+    on a cluster."""
+    if local_task_slots(master) is not None:
+        return "see the rank's stderr above"
+    return ("its stderr is in its executor's log: the Spark UI's Executors tab (stderr), or on a standalone worker "
+            "<worker work dir>/<app id>/<executor id>/stderr")
 
 
 @contextlib.contextmanager
@@ -235,7 +267,7 @@ def _stop_signals_passed_on():
     event, register = threading.Event(), gloo_run.register_shutdown_event
     gloo_run.register_shutdown_event = lambda: event
     try:
-        with held_stop_signals(also=event.set), _cancelled_spark_job_unsaid(event):
+        with held_stop_signals(also=event.set), _cancelled_spark_job_unsaid():
             yield event  # set once a stop came
     finally:
         gloo_run.register_shutdown_event = register
@@ -245,21 +277,21 @@ _CANCELLED_JOB = re.compile(r"SPARK_JOB_CANCELLED|\bJob \d+ cancelled\b")
 
 
 @contextlib.contextmanager
-def _cancelled_spark_job_unsaid(stopping):
-    """On a stop, ``horovod.spark.run`` cancels its Spark job group, and its ``run_spark``
-    thread (whose ``collect`` waited for the ranks' tasks) dies of the cancelled job: Python's
-    ``threading.excepthook`` printed that Py4JJavaError with ~35 lines of Java stack before the
-    command's one "stopped" line. While ``stopping`` is set, that one error of that one thread is
-    not printed; any other thread's error, any other error, and every error of a launch not
-    being stopped still reach the previous hook. ``horovod.spark.run`` joins the thread before
-    it returns, so the hook is back before the stop is acted on."""
+def _cancelled_spark_job_unsaid():
+    """On a stop, or when its ranks' tasks did not all start in time, ``horovod.spark.run``
+    cancels its Spark job group, and its ``run_spark`` thread (whose ``collect`` waited for the
+    ranks' tasks) dies of the cancelled job: Python's ``threading.excepthook`` printed that
+    Py4JJavaError with ~35 lines of Java stack before the command's one line. That one error of
+    that one thread is not printed (the launch raises its own: the stop, or
+    :class:`RanksNotStartedError`); any other thread's error, and any other error, still reach
+    the previous hook. ``horovod.spark.run`` joins the thread before it returns, so the hook is
+    back before the launch's error is acted on."""
     import threading
 
     previous = threading.excepthook
 
     def hook(args) -> None:
-        if not (stopping.is_set() and _in_horovod_spark_thread(args.exc_traceback)
-                and _CANCELLED_JOB.search(_text_of(args.exc_value))):
+        if not (_in_horovod_spark_thread(args.exc_traceback) and _CANCELLED_JOB.search(_text_of(args.exc_value))):
             previous(args)
 
     threading.excepthook = hook
@@ -285,14 +317,16 @@ def _text_of(error: BaseException | None) -> str:
         return ""
 
 
-def _process_died(e: Exception | None, rank: int = -1, others: list[dict] | None = None) -> RankFailure:
-    """A rank whose process ended without a report (``rank`` -1: which one is not known)."""
+def _process_died(e: Exception | None, rank: int = -1, others: list[dict] | None = None,
+                  stderr_at: str = "see the rank's stderr above") -> RankFailure:
+    """A rank whose process ended without a report (``rank`` -1: which one is not known);
+    ``stderr_at``: where its stderr is (:func:`stderr_where`)."""
     why = "it ended without reporting" if e is None else f"{type(e).__name__}: {e}"
-    return RankFailure(rank, why, "(no Python traceback: the rank process exited; see the rank's stderr above)",
-                       others)
+    return RankFailure(rank, why, f"(no Python traceback: the rank process exited; {stderr_at})", others)
 
 
-def _results(reports: list[dict[str, Any] | None], exited: list[Exception] | None = None) -> list[Any]:
+def _results(reports: list[dict[str, Any] | None], exited: list[Exception] | None = None,
+             stderr_at: str = "see the rank's stderr above") -> list[Any]:
     """The ranks' results in rank order, or :class:`RankFailure` for the rank that failed first
     (not a peer whose collective was aborted because of it). ``reports`` come in rank order;
     None is a rank whose process ended without reporting (killed, OOM, a crash) and ``exited``
@@ -304,7 +338,7 @@ def _results(reports: list[dict[str, Any] | None], exited: list[Exception] | Non
     failed = [r for r in reports if not r["ok"]]
     primary = next((r for r in failed if not r.get("secondary")), None)
     if primary is None and silent:
-        raise _process_died(exited[0] if exited else None, silent[0], failed)
+        raise _process_died(exited[0] if exited else None, silent[0], failed, stderr_at)
     if failed:
         primary = primary or failed[0]
         raise RankFailure(primary["rank"], primary["error"], primary["traceback"],

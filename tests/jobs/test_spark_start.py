@@ -284,3 +284,33 @@ def test_master_addresses():
     assert _master_addresses("spark://[::1]") == [("::1", 7077)]
     with pytest.raises(SparkStartError, match="'x7' is not a port number"):
         _master_addresses("spark://a:x7")
+
+
+_EXECUTOR_PYTHON = """
+import os, socket, sys
+import pyspark.sql
+from pipelines.spark import get_spark
+server = socket.create_server(("127.0.0.1", 0))
+def started(self):  # the JVM would start here: what it is given
+    print("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON"))
+    raise SystemExit(0)
+pyspark.sql.SparkSession.Builder.getOrCreate = started
+conf = {"spark.pyspark.python": sys.argv[1]} if len(sys.argv) > 1 else {}
+get_spark("x", master=f"spark://127.0.0.1:{server.getsockname()[1]}", conf=conf)
+"""
+
+
+def test_a_cluster_s_executors_run_the_venv_s_python_or_the_configured_one(tmp_path):
+    """`bigopt ingest ... spark.master=spark://...`: PYSPARK_PYTHON was set for local masters
+    only, so the executors ran `python3` on their PATH ("No module named 'pyarrow'"), and the
+    config's spark.pyspark.python did nothing (pyspark reads the environment variable only;
+    found by the standalone-cluster probe)."""
+    env = _env()
+    env.pop("PYSPARK_PYTHON")
+    for extra, want in (([], sys.executable), (["/opt/conda/bin/python"], "/opt/conda/bin/python")):
+        out = subprocess.run([sys.executable, "-c", _EXECUTOR_PYTHON, *extra], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert f"PYSPARK_PYTHON {want}\n" in out.stdout, out.stdout + out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", _EXECUTOR_PYTHON], cwd=tmp_path, env={**env, "PYSPARK_PYTHON": "/x/py"},
+                         capture_output=True, text=True, timeout=120)
+    assert "PYSPARK_PYTHON /x/py\n" in out.stdout  # the user's own setting stays

@@ -59,9 +59,10 @@ def _horovod_spark_thread_fails_with(error: Exception) -> None:
 def test_a_stopped_launch_does_not_print_horovods_cancelled_spark_job(monkeypatch):
     """On Ctrl-C / SIGTERM Horovod cancels its Spark job group, and its run_spark thread died of
     the cancelled job: Python printed that Py4JJavaError, ~35 lines of Java stack, before the
-    command's one "stopped" line. While a launch is being stopped, that error of that thread is
-    not printed; other errors, other threads, and a launch not being stopped still are, and the
-    hook is put back after the launch."""
+    command's one "stopped" line. That error of that thread is not printed (nor when Horovod
+    cancels the job because the ranks' tasks did not start in time: the launch raises its own
+    error then, found by the standalone-cluster probe); other errors and other threads' still
+    are, and the hook is put back after the launch."""
     import signal
     import threading
 
@@ -77,9 +78,10 @@ def test_a_stopped_launch_does_not_print_horovods_cancelled_spark_job(monkeypatc
         printed.append(str(args.exc_value))
 
     monkeypatch.setattr(threading, "excepthook", recorder)
-    with _stop_signals_passed_on():  # not stopped: the cancelled job is said
+    with _stop_signals_passed_on():  # not stopped (the start timed out): the launch raises its own error
         _horovod_spark_thread_fails_with(RuntimeError(cancelled))  # py4j's Py4JJavaError, as str() gives it
-    assert printed == [cancelled]
+        _horovod_spark_thread_fails_with(RuntimeError(failed))
+    assert printed == [failed]
 
     printed.clear()
     stops: list[int] = []
@@ -162,3 +164,41 @@ def test_horovods_spark_task_counts_its_minimum_lifetime_from_the_commands_start
         wrapped = runner._make_mapper({}, type("S", (), {"key": b"k"})(), True, False)
     assert runner._make_mapper is original
     assert wrapped.func is mapper_with_lifetime_from_start
+
+
+def test_ranks_find_the_submitted_py_files_first_and_a_cluster_rank_s_stderr_is_placed():
+    """spark-submit --py-files bigopt.zip on a cluster without bigopt: Horovod replaces the
+    executor's PYTHONPATH with the ranks' (the driver's paths), so the ranks found no
+    `training` module, and the failure said "see the rank's stderr above", which only a local
+    master prints (both found by the standalone-cluster probe)."""
+    from training.launch import REPO_ROOT, _process_died, rank_env, stderr_where
+
+    env = rank_env(0, ["/home/u/dist/bigopt.zip", "hdfs://nn/lib/deps.zip", " "])
+    assert env["PYTHONPATH"].split(os.pathsep)[:3] == ["bigopt.zip", "deps.zip", str(REPO_ROOT)]
+    assert rank_env(0)["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)
+    assert stderr_where("local[2]") == "see the rank's stderr above"
+    cluster = stderr_where("spark://10.0.0.1:7077")
+    assert cluster.startswith("its stderr is in its executor's log: the Spark UI's Executors tab")
+    assert str(_process_died(None, 1, stderr_at=cluster)).endswith(f"(no Python traceback: the rank process exited; "
+                                                                   f"{cluster})")
+
+
+@pytest.mark.spark
+def test_ranks_that_never_get_a_task_slot_are_one_clear_error(spark, monkeypatch):
+    """More ranks than a cluster's free cores: Horovod's start timed out and the command said
+    "rank -1 failed: TimeoutException ... the rank process exited", with a 25-line traceback of
+    the cancelled job before it. Now one error naming the settings to change."""
+    horovod_spark = pytest.importorskip("horovod.spark")
+    from horovod.runner.common.util.timeout import TimeoutException
+
+    from training.launch import RanksNotStartedError, _launch_horovod
+
+    def timed_out(*args, **kwargs):
+        raise TimeoutException("Timed out waiting for Spark tasks to start. Please check that you have enough "
+                               "resources to run all Horovod processes.")
+
+    monkeypatch.setattr(horovod_spark, "run", timed_out)
+    with pytest.raises(RanksNotStartedError, match=r"^the 4 ranks did not all get a Spark task slot within "
+                                                   r"train.start_timeout=30 s \(spark.master=local\[2\].*no rank ran: "
+                                                   r"lower train.num_proc \(--num-proc\)"):
+        _launch_horovod(print, None, 4, spark=spark, start_timeout=30, check_slots=False)
