@@ -189,6 +189,30 @@ def _max_ids(uri: str, version: int | None, spec_cols: list[str], is_array: bool
 
 # what a featurize commit records about its build (pipelines/criteo/featurize.py), kept for MLflow
 _BUILD_INFO = ("bronze_path", "bronze_version", "strategy", "split_mode", "config_hash")
+# the settings a build records (pipelines.criteo.featurize.build_settings; builds from before
+# the twenty-third session have none): criteo.featurize.<key>, or .split.<key>
+_BUILD_SETTINGS = {"freq_threshold": "freq_threshold", "max_vocab_size": "max_vocab_size",
+                   "hash_buckets": "hash_buckets", "test_days": "split.test_days", "valid_days": "split.valid_days",
+                   "valid_share": "split.valid_share", "train_fraction": "split.train_fraction",
+                   "split_seed": "split.seed"}
+
+
+def _settings_not_gold_s(cfg, info: dict) -> list[str]:
+    """The command's ``criteo.featurize`` settings that differ from those the gold build read
+    was made with (as ``key=command's (gold: build's)``), of the settings the build records."""
+    fz = getattr(getattr(cfg, "criteo", None), "featurize", None)
+    if fz is None or info.get("strategy") is None:
+        return []
+    out = [] if fz.strategy == info["strategy"] else [f"strategy={fz.strategy} (gold: {info['strategy']})"]
+    for key, path in _BUILD_SETTINGS.items():
+        if key not in info or fz.strategy != info["strategy"]:
+            continue
+        mine: Any = fz
+        for part in path.split("."):
+            mine = getattr(mine, part)
+        if mine is not None and json.dumps(mine) != info[key] and str(mine) != info[key]:
+            out.append(f"{path}={json.dumps(mine)} (gold: {info[key]})")
+    return out
 
 
 def _commit_infos(uri: str) -> dict[int, dict]:
@@ -284,7 +308,11 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     # the commit that wrote the data read (a compaction or vacuum of gold/train comes after it)
     info = _commit_infos(train).get(data_version(train, snap.version), {})
     build = info.get(BUILD_KEY)
-    gold = {"build": build, **{k: info[k] for k in _BUILD_INFO if k in info}} if build else {}
+    gold = {"build": build, **{k: info[k] for k in (*_BUILD_INFO, *_BUILD_SETTINGS) if k in info}} if build else {}
+    if build and (differ := _settings_not_gold_s(cfg, info)):
+        log.warning("gold train v%s (featurize build %s) was built with other criteo.featurize settings than this "
+                    "command's: %s; the run's data.gold.* params record the build's (`bigopt featurize` rebuilds "
+                    "gold with this command's)", snap.version, build, ", ".join(differ))
     versions = {"train": snap.version}
     for split, uri in (("valid", valid), ("test", test)):
         if build and uris[split] is None:  # featurize writes all three: this one went missing

@@ -896,6 +896,24 @@ def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict,
 GOLD_REVISION = 1
 
 
+def build_settings(fz, plan: SplitPlan) -> dict[str, str]:
+    """The settings a gold build was made with, as its commits record them (strings, those
+    that apply): training logs them as ``data.gold.*``, which the command's own
+    ``criteo.featurize.*`` need not be (gold built earlier, with other settings)."""
+    vocab = fz.strategy == "vocab"
+    out = {
+        "freq_threshold": fz.freq_threshold if vocab else None,
+        "max_vocab_size": fz.max_vocab_size if vocab else None,
+        "hash_buckets": None if vocab else fz.hash_buckets,
+        "test_days": plan.test_days if plan.mode == "day" else None,
+        "valid_days": plan.valid_days if plan.mode == "day" and plan.valid_days else None,
+        "valid_share": fz.split.valid_share if not (plan.mode == "day" and plan.valid_days) else None,
+        "train_fraction": fz.split.train_fraction if plan.mode == "random" else None,
+        "split_seed": fz.split.seed if plan.mode == "random" else None,
+    }
+    return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in out.items() if v is not None}
+
+
 def gold_fingerprint(cfg, bronze_version: int, bronze_table_id: str) -> str:
     """What the gold tables are a function of: the bronze snapshot, every ``criteo.featurize``
     setting, the vocabulary tables' codec and :data:`GOLD_REVISION`. ``features.json`` records
@@ -1057,7 +1075,8 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     # valid, test and vocab_sizes versions written with it (training/dataspec.py)
     report.build = uuid.uuid4().hex
     info_base = {"job": "featurize", BUILD_KEY: report.build, "config_hash": chash, "bronze_path": paths["bronze"],
-                 "bronze_version": str(view.version), "strategy": fz.strategy, "split_mode": plan.mode}
+                 "bronze_version": str(view.version), "strategy": fz.strategy, "split_mode": plan.mode,
+                 **build_settings(fz, plan)}
 
     bronze = view.snapshot
     files = bronze.files({"source": sources})

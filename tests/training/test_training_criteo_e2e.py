@@ -125,10 +125,19 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     b = featurize(spark, load_config(None, [*base, "criteo.featurize.strategy=hash", "criteo.featurize.hash_buckets=50"]))
     assert a.build != b.build and a.cardinalities != b.cardinalities
 
+    caplog.clear()
     latest = resolve_data(cfg)
     assert latest.versions == b.versions and latest.cardinalities == [50] * 26
     assert latest.gold["build"] == b.build and latest.gold["strategy"] == "hash" and latest.gold["bronze_version"] == "0"
+    # the settings the build was made with are the run's data.gold.* params, and a command whose
+    # own differ is told (MLflow showed the command's criteo.featurize.* alone: probe finding)
+    assert latest.gold["hash_buckets"] == "50" and "freq_threshold" not in latest.gold
+    assert latest.gold["test_days"] == "[2]" and latest.gold["valid_share"] == "0.5"
+    assert "was built with other criteo.featurize settings than this command's: strategy=vocab (gold: hash)" in caplog.text
+    caplog.clear()
     pinned = resolve_data(load_config(None, [*base, "train.table_version=0"]))
+    assert pinned.gold["freq_threshold"] == "2" and "hash_buckets" not in pinned.gold
+    assert "this command's: freq_threshold=3 (gold: 2)" in caplog.text, caplog.text
     assert pinned.versions == a.versions == {"train": 0, "valid": 0, "test": 0}
     assert pinned.cardinalities == a.cardinalities and pinned.vocabulary.endswith("vocab_sizes@v0")
     assert pinned.gold["build"] == a.build and pinned.gold["strategy"] == "vocab"
