@@ -286,7 +286,21 @@ def plan_split(cfg, view: BronzeView) -> SplitPlan:
         raise FeaturizeError(f"split: days {sorted(set(test) & set(valid))} are both test and valid days{default}")
     if not set(days) - set(test) - set(valid):
         raise FeaturizeError(f"split: no training day left (days {days}, test {test}, valid {valid})")
+    _warn_day_layout(view.version, days, test, valid)
     return SplitPlan("day", test, valid)
+
+
+def _warn_day_layout(version: int, days: list[int], test: list[int], valid: list[int]) -> None:
+    """Legal splits that are seldom meant: a day missing among bronze's days (a delivery that
+    has not arrived, or a day all quarantined), and training days later than a test day (the
+    model learns from the days it is tested before: the 1TB protocol trains on the past)."""
+    if gaps := sorted(set(range(min(days), max(days) + 1)) - set(days)):
+        log.warning("split: bronze v%s has no labelled rows of day(s) %s (its days: %s): a day not delivered yet, "
+                    "or all its lines quarantined? gold is built without it", version, gaps, days)
+    if later := sorted(d for d in set(days) - set(test) - set(valid) if d > min(test)):
+        log.warning("split: training day(s) %s come after test day %s: the model is trained on later days than it "
+                    "is tested on (split.test_days names the held-out days; the 1TB protocol holds out the last)",
+                    later, min(test))
 
 
 @dataclass(frozen=True)

@@ -221,3 +221,26 @@ def test_plan_split_names_what_is_wrong_with_the_days():
     with pytest.raises(F.FeaturizeError, match="no training day left"):
         F.plan_split(cfg, one)
     assert F.plan_split(load_config(), one).mode == "random"
+
+
+def test_plan_split_warns_of_a_missing_day_and_of_training_after_the_test_day(caplog):
+    """Splits that are legal but seldom meant are said, not refused: a day missing among
+    bronze's days (day_5 ingested before day_4 arrived) and training days later than the test
+    day (test_days set to a middle day). Before, both built gold in silence."""
+    import logging
+
+    from jobs.config import load_config
+
+    def warnings_for(days, **split):
+        view = F.BronzeView(7, {f"day_{d}": {"rows": 10, "day": d, "labeled": True, "batch": "b"} for d in days})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=F.__name__):
+            F.plan_split(load_config(data={"criteo": {"featurize": {"split": split}}}), view)
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    assert warnings_for((0, 1, 2)) == [] and warnings_for((3, 4, 5), test_days=[5], valid_days=[4]) == []
+    (gap,) = warnings_for((0, 1, 2, 3, 5))
+    assert "no labelled rows of day(s) [4] (its days: [0, 1, 2, 3, 5])" in gap and "bronze v7" in gap
+    (later,) = warnings_for((0, 1, 2, 3), test_days=[1])
+    assert "training day(s) [2, 3] come after test day 1" in later
+    assert len(warnings_for((0, 2, 3), test_days=[2])) == 2  # a gap and a later training day
