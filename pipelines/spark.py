@@ -212,6 +212,10 @@ def get_spark(
             "spark.driver.memory, an address it cannot bind (SPARK_LOCAL_IP, spark.driver.host)") from e
     spark.sparkContext.setLogLevel(log_level)
     _register(spark)
+    if not spark.sparkContext.master.startswith("local"):  # a lost worker's wait is said, not silent
+        from pipelines.executor_watch import watch_executors
+
+        watch_executors(spark)
     return spark
 
 
