@@ -18,6 +18,7 @@ powersgd       2x allreduce  P (n x r) and Q (m x r) per matrix           4r(n+m
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import zlib
 from typing import Any
@@ -34,6 +35,8 @@ from .base import (
     register,
 )
 from .packing import bits_for, pack_bits, packed_nbytes, unpack_bits
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "NoneCompressor",
@@ -162,7 +165,7 @@ class QSGDCompressor(Compressor):
         self.bits = self.code_bits if levels is not None else bits
         self.bucket_size = bucket_size
         self._gen: torch.Generator | None = None
-        self._gen_state: torch.Tensor | None = None
+        self._gen_state: tuple[str, torch.Tensor] | None = None  # (device type, state) loaded, not used yet
 
     def set_rank(self, rank, world_size):
         super().set_rank(rank, world_size)
@@ -171,9 +174,15 @@ class QSGDCompressor(Compressor):
     def _rng(self, device) -> torch.Generator:
         if self._gen is None or self._gen.device != torch.device(device):
             self._gen = _generator(device, stable_hash("qsgd", self.seed, self.worker_rank))
-            if self._gen_state is not None and self._gen.device.type == "cpu":
-                self._gen.set_state(self._gen_state)
+            if self._gen_state is not None:
+                kind, state = self._gen_state
                 self._gen_state = None
+                if kind == self._gen.device.type:  # a CPU state (Mersenne Twister) is no CUDA one (Philox)
+                    self._gen.set_state(state)
+                else:
+                    log.warning("qsgd: the checkpoint's rounding RNG is a %s generator's and this run compresses "
+                                "on %s: its noise is drawn afresh (the resumed run is not bit-identical to an "
+                                "uninterrupted one)", kind, self._gen.device.type)
         return self._gen
 
     def _buckets(self, n: int) -> tuple[int, int]:
@@ -225,17 +234,22 @@ class QSGDCompressor(Compressor):
 
     def state_dict(self):
         g = self._gen
-        if g is not None:
-            return {"rng": g.get_state()} if g.device.type == "cpu" else {}
+        if g is not None:  # a CUDA generator's state too (its seed and offset): until the twenty-fourth
+            # session only the CPU's was kept, so a resumed GPU run drew other rounding noise
+            return {"rng": g.get_state(), "rng_device": g.device.type}
         # loaded but not used yet (the generator is created at the first compress()): the pending
         # state is the RNG's state, so a checkpoint written right after a resume, and configure()
         # (the adaptive controller re-initialises the compressor), keep it
-        return {} if self._gen_state is None else {"rng": self._gen_state.clone()}
+        if self._gen_state is None:
+            return {}
+        return {"rng": self._gen_state[1].clone(), "rng_device": self._gen_state[0]}
 
     def load_state_dict(self, state):
         if "rng" in state:
             self._gen = None
-            self._gen_state = state["rng"].clone()
+            # a checkpoint from before the device was recorded holds a CPU state; set_state takes a
+            # CPU tensor whatever the generator's device (a checkpoint may be loaded to a GPU)
+            self._gen_state = (state.get("rng_device", "cpu"), state["rng"].detach().cpu().clone())
 
 
 @functools.lru_cache(maxsize=4096)  # per tensor per step: the same few (ratio, size) pairs

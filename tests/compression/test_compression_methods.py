@@ -86,6 +86,34 @@ def test_qsgd_zero_tensor():
     assert torch.equal(c.decompress(*c.compress(z, "w")), z)
 
 
+def test_qsgd_rng_state_names_its_device_and_a_mismatch_draws_afresh(caplog):
+    """The rounding RNG's state is checkpointed with its device type: a CPU state resumes
+    bit-identically; one from before the device was recorded is a CPU state; a CUDA state
+    (Philox: 16 bytes) resumed on a CPU-only host cannot feed the CPU generator, so the noise
+    is drawn afresh with a warning, not a set_state error. (Until the twenty-fourth session a
+    CUDA generator's state was not kept at all.)"""
+    import logging
+
+    x = _x(4096)
+    c = build_compressor("qsgd", bits=4)
+    c.compress(x, "w")
+    state = c.state_dict()
+    assert state["rng_device"] == "cpu"
+    want = c.compress(x, "w")[0][1]
+    for saved in (state, {"rng": state["rng"]}):  # with and without the device
+        r = build_compressor("qsgd", bits=4)
+        r.load_state_dict(saved)
+        assert r.state_dict()["rng_device"] == "cpu"  # pending, kept by a checkpoint right after a resume
+        assert torch.equal(r.compress(x, "w")[0][1], want)
+    fresh = build_compressor("qsgd", bits=4).compress(x, "w")[0][1]
+    r = build_compressor("qsgd", bits=4)
+    r.load_state_dict({"rng": torch.zeros(16, dtype=torch.uint8), "rng_device": "cuda"})
+    with caplog.at_level(logging.WARNING, logger="optim.compression.compressors"):
+        got = r.compress(x, "w")[0][1]
+    assert torch.equal(got, fresh)
+    assert "the checkpoint's rounding RNG is a cuda generator's and this run compresses on cpu" in caplog.text
+
+
 # --- sparsification ---------------------------------------------------------------------------
 @pytest.mark.parametrize("ratio,n", [(0.01, 5000), (0.1, 999), (1.0, 64), (1e-6, 300), (0.07, 100), (0.56, 100)])
 def test_topk_keeps_exactly_the_k_largest(ratio, n):

@@ -319,6 +319,8 @@ def test_training_on_cuda_learns(synth_gold, tmp_path):
     ["train.optimizer=adam", "train.compression.name=topk", "train.compression.params={ratio: 0.05}"],
     # sparse SGD: an uncoalesced gradient's rows were added with atomics, and runs differed
     ["train.optimizer=sgd", "train.lr=0.1", "train.sparse_embeddings=true"],
+    # QSGD's rounding noise comes from the CUDA generator, whose state the checkpoint keeps
+    ["train.optimizer=sgd", "train.lr=0.1", "train.compression.name=qsgd", "train.compression.params={bits: 4}"],
 ])
 def test_resume_on_cuda_matches_uninterrupted(synth_gold, tmp_path, variant):
     """A checkpoint taken on the GPU restores model, optimizer, compressor residuals, loader
