@@ -180,6 +180,34 @@ def test_stop_signals_during_spark_start_wait_for_it_and_a_second_sigterm_is_ign
     assert isinstance(stop_behind(cut), Terminated) and stop_behind(RuntimeError("other")) is None
 
 
+def test_an_ignored_stop_signal_stays_ignored_while_held():
+    """A command started by a parent that ignores SIGINT (``trap '' INT``) inherits SIG_IGN,
+    which PySpark's SparkContext replaces by its own handler inside get_spark's hold. The hold
+    put SIG_IGN back; a launch's hold then noted a Ctrl-C (stopping the Horovod ranks through
+    ``also``) and sent it again to SIG_IGN: `bigopt run` said "rank -1 failed", exit 1 (checked
+    by hand: now "stopped by Ctrl-C", exit 130). An ignored signal is now left alone, and a
+    handler set for it while held stays; a handled one is still held."""
+    import signal
+
+    from pipelines.stopping import held_stop_signals
+
+    stopped, previous = [], signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with held_stop_signals(also=lambda: stopped.append(True)):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with held_stop_signals():  # as SparkContext does inside get_spark's hold
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(KeyboardInterrupt):
+            with held_stop_signals(also=lambda: stopped.append(True)):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert stopped == [True]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_cancelling_on_a_stop_waits_for_the_killed_tasks(spark):
     """``cancelAllJobs`` returns while the killed tasks still run: the abort that follows then
     deleted files they were reading, and their tracebacks came after the command's "stopped"
