@@ -22,7 +22,15 @@ from training.checkpoint import (
 )
 from training.dataspec import DataSpec, resolve_data
 from training.launch import launch
-from training.loop import TrainSettingsError, check_settings, make_job, run_steps, total_steps_of, train_rank
+from training.loop import (
+    TrainSettingsError,
+    check_settings,
+    make_job,
+    run_steps,
+    total_steps_of,
+    train_rank,
+    unused_settings,
+)
 from training.tracking import (
     check_store,
     end_run,
@@ -126,6 +134,8 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
                                  f"fewer than train.num_proc={t.num_proc}: lower train.num_proc (--num-proc) to "
                                  f"{slots} or less") from None
     check_settings(t, len(spec.cardinalities), spec.num_dense, steps_per_epoch=steps_per_epoch)
+    for unused in unused_settings(t):
+        log.warning("%s", unused)
     if data_versions and "train" in data_versions and spec.versions.get("train") != data_versions["train"]:
         # resolve_data reads a compacted-and-vacuumed pinned version at the latest one, whose
         # rows are the same but whose files, and so the loaders' positions, are not

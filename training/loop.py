@@ -280,6 +280,23 @@ def run_steps(t: TrainConfig, spec: DataSpec) -> int:
     return steps_per_epoch_of(t, micro, t.num_proc)
 
 
+def unused_settings(t: TrainConfig) -> list[str]:
+    """Settings given (in the YAML or an override, not defaults) that the run does not use, each
+    said with why: the run goes on (a sweep's shared YAML may set them for every method)."""
+    from optim.compression import build_compressor
+
+    unused = []
+    if "min_compress_numel" in t.compression.model_fields_set:
+        if t.compression.name == "none":
+            unused.append(f"train.compression.min_compress_numel={t.compression.min_compress_numel} has no effect with "
+                          "train.compression.name=none: every gradient is allreduced uncompressed")
+        elif not build_compressor(t.compression.name, **t.compression.params).respects_threshold:
+            unused.append(f"train.compression.min_compress_numel={t.compression.min_compress_numel} has no effect with "
+                          f"train.compression.name={t.compression.name}: a cast has no per-tensor overhead, so every "
+                          "gradient is cast (docs/compression.md, Small layers)")
+    return unused
+
+
 def check_settings(t: TrainConfig, num_sparse: int, num_dense: int, steps_per_epoch: int | None = None) -> None:
     """Build what each rank builds from ``t`` (model, optimizer, compressor, scheduler), on a
     tiny model on the CPU, and take one optimizer step with it as a rank does, so a bad setting

@@ -480,3 +480,23 @@ def test_check_store_opens_sqlite_and_asks_a_server_once(tmp_path):
                                                  r"postgresql://u:\*\*\*@127.0.0.1:1/x: "):
         check_store("postgresql://u:secret@127.0.0.1:1/x")
     check_store("databricks")  # MLflow has a store for it (its credentials are MLflow's to check)
+
+
+def test_a_given_setting_the_run_does_not_use_is_said():
+    """train.compression.min_compress_numel given with none, fp16 or bf16 did nothing, silently
+    (the casts ignore it by design); now it is named with why, and the run goes on. The
+    default, or the setting with a compressor that uses it, says nothing."""
+    from jobs.config import load_config
+    from training.loop import unused_settings
+
+    def said(*overrides):
+        return unused_settings(load_config(None, list(overrides)).train)
+
+    assert said() == [] and said("train.compression.name=fp16") == []
+    assert said("train.compression.name=topk", "train.compression.min_compress_numel=64") == []
+    (fp16,) = said("train.compression.name=fp16", "train.compression.min_compress_numel=64")
+    assert fp16.startswith("train.compression.min_compress_numel=64 has no effect with train.compression.name=fp16: "
+                           "a cast has no per-tensor overhead")
+    assert "bf16" in said("train.compression.name=bf16", "train.compression.min_compress_numel=0")[0]
+    (none,) = said("train.compression.min_compress_numel=4096")
+    assert none.endswith("with train.compression.name=none: every gradient is allreduced uncompressed")
