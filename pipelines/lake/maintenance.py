@@ -5,6 +5,7 @@ import logging
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from deltalake import DeltaTable
 from pyarrow.fs import FileType
@@ -157,7 +158,12 @@ def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_r
     run reported them as deleted again and added another VACUUM START/END pair of commits.
     When nothing is there to delete, delta-rs is not called to delete: it commits nothing for
     an empty list either. A file it may not delete stops delta-rs's vacuum with an ``OSError``
-    after its ``VACUUM START`` commit (:func:`vacuum_unfinished`)."""
+    after its ``VACUUM START`` commit (:func:`vacuum_unfinished`).
+
+    The deleted files are those of delta-rs's own list that were in the folder just before it
+    ran and are gone after: a file that became deletable between the dry run and the delete (a
+    retention boundary passed, a commit removed it) is counted too; until the twenty-fourth
+    session only the dry run's files were, so such a file was deleted unreported."""
     table = _table(uri)
     kw = dict(retention_hours=retention_hours, enforce_retention_duration=enforce_retention, full=True)
     fs, root = filesystem_for(normalize_uri(uri))
@@ -166,9 +172,20 @@ def vacuum(uri: str, retention_hours: int = 168, dry_run: bool = True, enforce_r
     there = [r for r, info in zip(rel, infos) if info.type != FileType.NotFound]
     if dry_run or not there:
         return there
-    table.vacuum(dry_run=False, **kw)
-    infos = fs.get_file_info([join(root, r) for r in there])
-    return [r for r, info in zip(there, infos) if info.type == FileType.NotFound]
+    before = _files_in(fs, root)
+    deleted = table.vacuum(dry_run=False, **kw)
+    infos = fs.get_file_info([join(root, r) for r in deleted]) if deleted else []
+    return [r for r, info in zip(deleted, infos)
+            if info.type == FileType.NotFound and (r in before or unquote(r) in before)]
+
+
+def _files_in(fs, root: str) -> set[str]:
+    """The table's files, relative to its folder (its log left out)."""
+    from pyarrow.fs import FileSelector
+
+    infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    cut = len(root.rstrip("/")) + 1
+    return {i.path[cut:] for i in infos if i.type == FileType.File and not i.path[cut:].startswith("_delta_log/")}
 
 
 def vacuum_unfinished(uri: str, since: int, storage_options: Mapping[str, str] | None = None) -> bool:
@@ -206,11 +223,7 @@ def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> 
 
 def _data_files(fs, root: str) -> set[str]:
     """The paths (on ``fs``) of the Parquet files in the table's folder, its log left out."""
-    from pyarrow.fs import FileSelector
-
-    infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
-    return {i.path for i in infos
-            if i.type == FileType.File and i.path.endswith(".parquet") and "/_delta_log/" not in i.path}
+    return {join(root, r) for r in _files_in(fs, root) if r.endswith(".parquet")}
 
 
 def _delete_compaction_files(uri: str, fs, root: str, before: set[str]) -> None:
@@ -222,7 +235,6 @@ def _delete_compaction_files(uri: str, fs, root: str, before: set[str]) -> None:
     a vacuum, with a warning."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from urllib.parse import unquote
 
     def written_by_delta_rs(path: str) -> bool:
         try:

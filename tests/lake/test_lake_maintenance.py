@@ -274,3 +274,30 @@ def test_time_travel_before_the_first_commit_is_refused(tmp_path):
     for at in (first, dt.datetime.fromtimestamp(v0["timestamp"] / 1000, dt.timezone.utc)):
         assert DeltaSnapshot(path, timestamp=at).version == 0
     assert DeltaSnapshot(path, timestamp=dt.datetime.now(dt.timezone.utc)).version == 1
+
+
+def test_vacuum_counts_a_file_that_became_deletable_after_its_dry_run(tmp_path, monkeypatch):
+    """Vacuum lists (dry run), then deletes: a file that became deletable between the two (a
+    retention boundary passed, a commit removed it) was deleted but left out of the report,
+    which counted the dry run's files only. The report is delta-rs's own list of the delete,
+    less the files that were not there (tombstones an earlier vacuum deleted)."""
+    from deltalake import DeltaTable
+
+    from pipelines.lake import vacuum
+
+    path = str(tmp_path / "t")
+    write_arrow(path, pa.table({"x": [1]}))
+    write_arrow(path, pa.table({"x": [2]}), mode="overwrite")
+    write_arrow(path, pa.table({"x": [3]}), mode="overwrite")  # versions 0 and 1's files: removed
+    a, b = sorted(vacuum(path, retention_hours=0, enforce_retention=False))
+    real = DeltaTable.vacuum
+
+    def late(self, *args, dry_run=True, **kwargs):  # b becomes deletable only after the dry run
+        got = real(self, *args, dry_run=dry_run, **kwargs)
+        return [r for r in got if r != b] if dry_run else got
+
+    monkeypatch.setattr(DeltaTable, "vacuum", late)
+    assert sorted(vacuum(path, retention_hours=0, enforce_retention=False, dry_run=False)) == [a, b]
+    assert not (tmp_path / "t" / a).exists() and not (tmp_path / "t" / b).exists()
+    monkeypatch.undo()
+    assert vacuum(path, retention_hours=0, enforce_retention=False, dry_run=False) == []  # tombstones: not again
