@@ -24,13 +24,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def held_stop_signals(also: Callable[[], None] | None = None):
     """Note SIGINT / SIGTERM instead of acting on them (calling ``also`` for each), then put the
     previous handlers back and send the first noted signal again, so it reaches them. Outside
-    the main thread, where no handler can be set, nothing is held. A signal the process ignores
-    on entry (``SIG_IGN``, inherited from a parent that ignores it: ``trap '' INT``) is left
-    alone, and so is a handler set for it meanwhile: PySpark's SparkContext sets its own SIGINT
-    handler (cancel the jobs, raise KeyboardInterrupt) even then. Until the twenty-fourth session
-    the hold around the Spark start put SIG_IGN back over it, and the hold around a Horovod
-    launch then noted a Ctrl-C, stopped the ranks (``also``) and sent the signal again to
-    SIG_IGN: "rank -1 failed", exit 1, instead of a stop (exit 130)."""
+    the main thread, where no handler can be set, nothing is held.
+
+    A signal the process ignores on entry (``SIG_IGN``, inherited from a parent that ignores it:
+    a background job of a shell, ``trap '' INT``) stays ignored: it is not noted, and it is
+    ignored again on exit even where a handler was set for it meanwhile (PySpark's SparkContext
+    sets its own SIGINT handler whatever the parent chose). Until the twenty-fourth session the
+    hold around a Horovod launch noted it, stopped the ranks (``also``) and sent it again into
+    SIG_IGN: "rank -1 failed", exit 1, for a run its parent meant to shield from Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -41,12 +42,15 @@ def held_stop_signals(also: Callable[[], None] | None = None):
         if also is not None:
             also()
 
-    previous = {s: signal.signal(s, note) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    ignored = [s for s in STOP_SIGNALS if signal.getsignal(s) is signal.SIG_IGN]
+    previous = {s: signal.signal(s, note) for s in STOP_SIGNALS if s not in ignored}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for s in ignored:
+            signal.signal(s, signal.SIG_IGN)
         if seen:
             os.kill(os.getpid(), seen[0])
 
