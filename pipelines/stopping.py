@@ -71,9 +71,12 @@ def cancel_jobs_if_stopping(sc, error: BaseException) -> None:
     """On Ctrl-C or SIGTERM while the driver waits for a job: cancel the session's running jobs,
     so their tasks stop writing files before the write is aborted (its files deleted). Other
     errors failed the job already. Best effort: the driver is stopping, and a second signal
-    must not skip the abort that follows."""
+    must not skip the abort that follows. Spark's WARN lines for the killed tasks (one per task:
+    "Lost task ... TaskKilled (Stage cancelled ...)", after the command's one "stopped" line) are
+    not printed: the log level is ERROR from here on."""
     if stop_behind(error) is not None:
         try:
+            sc.setLogLevel("ERROR")
             sc.cancelAllJobs()
             wait_for_tasks(sc)
         except BaseException:  # noqa: BLE001 - a gateway already gone: its JVM's tasks go with it
