@@ -296,11 +296,25 @@ def _warn_day_layout(version: int, days: list[int], test: list[int], valid: list
     model learns from the days it is tested before: the 1TB protocol trains on the past)."""
     if gaps := sorted(set(range(min(days), max(days) + 1)) - set(days)):
         log.warning("split: bronze v%s has no labelled rows of day(s) %s (its days: %s): a day not delivered yet, "
-                    "or all its lines quarantined? gold is built without it", version, gaps, days)
+                    "or all its lines quarantined? gold is built without it", version, day_spans(gaps),
+                    day_spans(days))
     if later := sorted(d for d in set(days) - set(test) - set(valid) if d > min(test)):
         log.warning("split: training day(s) %s come after test day %s: the model is trained on later days than it "
                     "is tested on (split.test_days names the held-out days; the 1TB protocol holds out the last)",
-                    later, min(test))
+                    day_spans(later), min(test))
+
+
+def day_spans(days: list[int]) -> str:
+    """Sorted days as runs, so a long list stays one short line: ``0-3, 5, 9-700 (697 days)``."""
+    runs: list[list[int]] = []
+    for d in days:
+        if runs and d == runs[-1][1] + 1:
+            runs[-1][1] = d
+        else:
+            runs.append([d, d])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:8])
+    more = f", ... ({len(runs) - 8} more runs)" if len(runs) > 8 else ""
+    return f"[{text}{more}]" + (f" ({len(days)} days)" if len(days) > 3 else "")
 
 
 @dataclass(frozen=True)

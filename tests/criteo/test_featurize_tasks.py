@@ -240,7 +240,11 @@ def test_plan_split_warns_of_a_missing_day_and_of_training_after_the_test_day(ca
 
     assert warnings_for((0, 1, 2)) == [] and warnings_for((3, 4, 5), test_days=[5], valid_days=[4]) == []
     (gap,) = warnings_for((0, 1, 2, 3, 5))
-    assert "no labelled rows of day(s) [4] (its days: [0, 1, 2, 3, 5])" in gap and "bronze v7" in gap
+    assert "no labelled rows of day(s) [4] (its days: [0-3, 5] (5 days))" in gap and "bronze v7" in gap
     (later,) = warnings_for((0, 1, 2, 3), test_days=[1])
-    assert "training day(s) [2, 3] come after test day 1" in later
+    assert "training day(s) [2-3] come after test day 1" in later
     assert len(warnings_for((0, 2, 3), test_days=[2])) == 2  # a gap and a later training day
+    # days 0-299 and 1000: one short line, not the 700 missing days and the 301 days listed
+    (gap,) = warnings_for((*range(300), 1000))
+    assert "day(s) [300-999] (700 days) (its days: [0-299, 1000] (301 days))" in gap and len(gap) < 300
+    assert F.day_spans(list(range(0, 40, 2))) == "[0, 2, 4, 6, 8, 10, 12, 14, ... (12 more runs)] (20 days)"
