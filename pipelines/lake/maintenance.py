@@ -11,6 +11,7 @@ from deltalake import DeltaTable
 from pyarrow.fs import FileType
 
 from pipelines.lake.fs import delta_uri, filesystem_for, join, normalize_uri
+from pipelines.lake.tasks import ROW_GROUP_ROWS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -257,28 +258,45 @@ def _delete_compaction_files(uri: str, fs, root: str, before: set[str]) -> None:
 
 
 def file_layout(uri: str):
-    """``WriterProperties`` that keep the layout of the table's largest data file: its row group
-    size, codec, and whether its columns are dictionary-encoded; None for a table without
-    files. delta-rs's defaults (row groups of ~1 M rows, dictionaries) would undo what the
-    table's writer chose: gold's small row groups are how the loader shards it across ranks
-    (a compacted demo gold/train was one row group, and a second rank got no rows)."""
+    """``WriterProperties`` that keep the layout of the table's writer: its row group size (as
+    its latest commit that recorded one says, else the largest row group of the largest data
+    file), and the largest file's codec and whether its columns are dictionary-encoded; None
+    for a table without files. delta-rs's defaults (row groups of ~1 M rows, dictionaries)
+    would undo what the writer chose: gold's small row groups are how the loader shards it
+    across ranks (a compacted demo gold/train was one row group, and a second rank got no
+    rows). A file smaller than one row group shows only its own rows: a ledger of one-row
+    files was compacted into one-row row groups (1.5 MB of footer for 701 rows) until the
+    writers recorded their size."""
     from deltalake import ColumnProperties, WriterProperties
 
     from pipelines.lake.reader import DeltaSnapshot
 
-    files = DeltaSnapshot(uri).files()
+    snap = DeltaSnapshot(uri)
+    files = snap.files()
     if not files:
         return None
     meta = max(files, key=lambda fe: fe.size).parquet().metadata
     chunks = [meta.row_group(g).column(c) for g in range(meta.num_row_groups) for c in range(meta.num_columns)]
     codec = max({ch.compression for ch in chunks}, key=[ch.compression for ch in chunks].count)
     dictionary = sum(any("DICTIONARY" in e for e in ch.encodings) for ch in chunks) * 2 > len(chunks)
+    recorded = _recorded_row_group_rows(uri, snap.version)
     return WriterProperties(
-        max_row_group_size=max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
+        max_row_group_size=recorded or max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)),
         # pyarrow's lz4 is LZ4_RAW, which its metadata names LZ4 (the framed, deprecated codec)
         compression={"LZ4": "LZ4_RAW", "NONE": "UNCOMPRESSED"}.get(codec, codec),
         default_column_properties=ColumnProperties(dictionary_enabled=dictionary),
     )
+
+
+def _recorded_row_group_rows(uri: str, version: int) -> int | None:
+    """The row group size the newest commit at or before ``version`` that records one says
+    (a compaction's own commit does not)."""
+    fs, root = filesystem_for(normalize_uri(uri))
+    while version >= 0 and (info := commit_info_at(fs, root, version)) is not None:
+        if info.get(ROW_GROUP_ROWS_KEY):
+            return int(info[ROW_GROUP_ROWS_KEY])
+        version -= 1
+    return None
 
 
 def remove_write_leftovers(uri: str, write_id: str) -> int:

@@ -32,6 +32,7 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 WRITE_ID_KEY = "bigopt.writeId"
+ROW_GROUP_ROWS_KEY = "bigopt.rowGroupRows"  # commit info: the writer's row group size (compaction keeps it)
 STATS_COLUMNS_KEY = "delta.dataSkippingStatsColumns"
 
 
@@ -137,10 +138,11 @@ def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any]
                  max_commit_retries: int = 15) -> int:
     """Commit the tasks' files as ONE transaction; return the table version (on failure the
     files are deleted and the error propagates). The commit records the write's id as
-    ``bigopt.writeId``."""
+    ``bigopt.writeId`` and its row group size as ``bigopt.rowGroupRows`` (a file smaller than one
+    row group does not show it; :func:`pipelines.lake.maintenance.file_layout` reads it)."""
     from pipelines.lake.commit import commit
 
-    info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id}
+    info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id, ROW_GROUP_ROWS_KEY: tw.row_group_rows}
     configuration = None
     if tw.stats_columns is not None:
         configuration = {STATS_COLUMNS_KEY: ",".join(tw.stats_columns)}
