@@ -73,6 +73,8 @@ def run(cfg, args) -> int:
     console.print(table)
     if rep.dropped:
         console.print(f"dropped the bronze rows of {len(rep.dropped)} file(s): {', '.join(rep.dropped)}")
+    for src, batch in sorted(rep.already_dropped.items()):  # a repeated --drop-source (a retry)
+        console.print(f"{src}: already dropped, by batch {batch}: nothing to do")
     for src in rep.forgotten:
         console.print(f"  {src}: the rows its ledger entry confirmed had been replaced by those, so it is dropped from "
                       "the ledger too (ingest it again to have its rows back)")
@@ -82,7 +84,9 @@ def run(cfg, args) -> int:
         for src, why in rep.unconfirmed.items():
             console.print(f"  {src}: {why}")
     if rep.gone:  # a day renamed or re-delivered under another name: its rows twice in bronze
-        same_lake = [a for a in (args.config, *args.overrides) if a]
+        # the same lake and inputs: without this run's --input the command ingests raw_dir
+        same_lake = [a for a in (args.config, *args.overrides) if a] + [
+            a for path in args.input or () for a in ("--input", path)]
         console.print(styled((f"bronze still holds the rows of {len(rep.gone)} file(s) the ledger has that are gone "
                               "(renamed, re-delivered under another name, deleted); where another file now holds "
                               "those rows, they are in bronze twice:", "yellow")))

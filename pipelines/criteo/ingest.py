@@ -48,7 +48,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -206,6 +206,9 @@ class IngestReport:
     # under another name, deleted): source -> its current ledger entry. Bronze still holds
     # their rows: where another file now has them, they are there twice
     gone: dict[str, dict] = field(default_factory=dict)
+    # --drop-source names whose drop the ledger records already (source -> that batch): a
+    # repeated drop (a retried task) has nothing to do
+    already_dropped: dict[str, str] = field(default_factory=dict)
 
     def _done(self) -> list[FileResult]:
         return [f for f in self.files if f.status in ("ingested", "replaced")]
@@ -895,13 +898,14 @@ def _file_gone(path: str) -> bool:
         return False
 
 
-def _check_drops(drop: Sequence[str], files: list[RawFile], held: set[str]) -> None:
+def _check_drops(drop: Sequence[str], files: list[RawFile], held: set[str], dropped: Mapping[str, str]) -> None:
     """``bigopt ingest --drop-source``: each name must be a source bronze or the ledger has,
-    and not one of this run's inputs (whose rows it would ingest again)."""
+    or one whose drop the ledger records (``dropped``: nothing to do), and not one of this
+    run's inputs (whose rows it would ingest again)."""
     inputs = {f.source: f.path for f in files}
     problems = [f"{s} is among the inputs ({inputs[s]}): move the file away first, or re-ingest it with --force"
                 for s in drop if s in inputs]
-    if unknown := [s for s in drop if s not in inputs and s not in held]:
+    if unknown := [s for s in drop if s not in inputs and s not in held and s not in dropped]:
         problems.append(f"bronze and the ledger hold no source named {', '.join(unknown)} (sources are file names, "
                         f"e.g. {', '.join(sorted(held)[:4]) or 'none yet'})")
     if problems:
@@ -1137,12 +1141,17 @@ def ingest(
         raise IngestError(f"several inputs share the file name(s) {dupes}; the name is the bronze `source` key")
     if misnamed := [(f.path, why) for f in files if (why := _unreadable_as_named(f))]:
         raise CorruptInputError(misnamed)
-    current = current_entries(read_ledger(paths["ledger"]))
+    ledger_rows = read_ledger(paths["ledger"])
+    current = current_entries(ledger_rows)
     unconfirmed = unconfirmed_sources(bronze_sources(DeltaSnapshot(paths["bronze"])), current) if (
         table_exists(paths["bronze"])) else {}
     held = bronze_sources(DeltaSnapshot(paths["bronze"])) if drop_sources and table_exists(paths["bronze"]) else {}
+    was_dropped = {r["source"]: r["ingest_batch"] for r in sorted(ledger_rows, key=lambda r: r["ingested_at"])
+                   if r["size"] is None and r["source"] not in current}
     if drop_sources and not drop_unknown_ok:
-        _check_drops(drop_sources, files, set(held) | set(current))
+        _check_drops(drop_sources, files, set(held) | set(current), was_dropped)
+    report.already_dropped = {s: was_dropped[s] for s in drop_sources
+                              if s in was_dropped and s not in held and s not in {f.source for f in files}}
     # a source being dropped is no file's earlier copy: a day renamed, its old name dropped in
     # the same run, is ingested under the new one without --force
     todo, report.files, notes = _plan(files, {s: r for s, r in current.items() if s not in drop_sources}, force,
@@ -1170,7 +1179,6 @@ def ingest(
             if t in versions:
                 setattr(report, f"{t}_version", versions[t])
         report.dropped = sorted({*report.dropped, *gone})
-        report.forgotten = sorted({*report.forgotten, *(r["source"] for r in forget)})
     if not todo:
         report.seconds = time.time() - t0
         return report

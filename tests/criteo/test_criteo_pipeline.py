@@ -715,10 +715,21 @@ def test_a_day_re_delivered_under_another_name_is_named_and_its_old_source_dropp
     assert ("--drop-source: day_0_v2 is among the inputs (" in err and "bronze and the ledger hold no source named day_7"
             in err and "nothing dropped or ingested" in err), err
     assert bronze_view(cfg).version == before
-    assert main(["ingest", *conf, "--drop-source", "day_0", "--drop-source", "day_1"]) == 0
+    # the printed command repeats the run's --input: without it, it ingested criteo.raw_dir
+    assert main(["ingest", *conf, "--input", str(raw)]) == 0
+    cmd = capsys.readouterr().out.split("to drop them: ", 1)[1].split("\n", 1)[0]
+    assert shlex.split(cmd) == ["bigopt", "ingest", *conf, "--input", str(raw), "--drop-source", "day_0",
+                                "--drop-source", "day_1"]
+    assert main(shlex.split(cmd)[1:]) == 0
     out = capsys.readouterr().out
     assert "dropped the bronze rows of 2 file(s): day_0, day_1" in out and "still holds" not in out
+    assert "ingest it again" not in out  # --drop-unconfirmed's text, which told to undo the drop
     assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0_v2": 15, "day_1.tsv": 20}
+    version = bronze_view(cfg).version
+    # a repeated drop (an Airflow retry) has nothing to do: it failed, "no source named day_0"
+    assert main(["ingest", *conf, "--drop-source", "day_0"]) == 0
+    assert re.search(r"day_0: already dropped, by batch b\S+: nothing to do", capsys.readouterr().out)
+    assert bronze_view(cfg).version == version
     assert set(current_entries(read_ledger(_bronze(cfg)["ledger"]))) == {"day_0_v2", "day_1.tsv"}
     assert {r["source"] for r in DeltaSnapshot(_bronze(cfg)["quarantine"]).to_table().to_pylist()} == {"day_1.tsv"}
 
@@ -1066,7 +1077,7 @@ def test_bigopt_run_drops_the_rows_of_days_a_new_generate_no_longer_makes(spark,
     files, stale = generate_replacing(two)
     assert stale == ["day_2"] and not (tmp_path / "raw" / "day_2").exists()
     rep = ingest(spark, two, drop_sources=stale)
-    assert rep.dropped == ["day_2"] and rep.forgotten == ["day_2"]
+    assert rep.dropped == ["day_2"] and rep.forgotten == []  # forgotten: --drop-unconfirmed's only
     assert rows_by_source_now(t["bronze"]) == {"day_0": 200, "day_1": 200}
     assert set(current_entries(read_ledger(t["ledger"]))) == {"day_0", "day_1"}
     again = ingest(spark, two, drop_sources=stale)  # nothing left to drop: no commit
