@@ -199,20 +199,29 @@ _BUILD_SETTINGS = {"freq_threshold": "freq_threshold", "max_vocab_size": "max_vo
 
 def _settings_not_gold_s(cfg, info: dict) -> list[str]:
     """The command's ``criteo.featurize`` settings that differ from those the gold build read
-    was made with (as ``key=command's (gold: build's)``), of the settings the build records."""
+    was made with (as ``key=command's (gold: build's)``), of the settings the build records.
+    The command's split is planned on the bronze version gold was built from (the ledger's
+    days), so an unset ``test_days`` (the last day) or ``split.mode=auto`` is compared as what
+    it resolves to; until the twenty-fourth session they, an added ``valid_days`` or
+    ``max_vocab_size``, and the split mode were never said to differ."""
+    from pipelines.criteo.featurize import FeaturizeError, build_settings, ledger_view, plan_split
+    from pipelines.criteo.schema import tables
+
     fz = getattr(getattr(cfg, "criteo", None), "featurize", None)
     if fz is None or info.get("strategy") is None:
         return []
-    out = [] if fz.strategy == info["strategy"] else [f"strategy={fz.strategy} (gold: {info['strategy']})"]
-    for key, path in _BUILD_SETTINGS.items():
-        if key not in info or fz.strategy != info["strategy"]:
-            continue
-        mine: Any = fz
-        for part in path.split("."):
-            mine = getattr(mine, part)
-        if mine is not None and json.dumps(mine) != info[key] and str(mine) != info[key]:
-            out.append(f"{path}={json.dumps(mine)} (gold: {info[key]})")
-    return out
+    if fz.strategy != info["strategy"]:  # every other setting follows from the strategy
+        return [f"strategy={fz.strategy} (gold: {info['strategy']})"]
+    if info.get("bronze_path") not in (None, tables(cfg)["bronze"]) or "bronze_version" not in info:
+        return []  # gold of another lake's bronze: the command's split cannot be planned on it
+    try:
+        plan = plan_split(cfg, ledger_view(cfg, int(info["bronze_version"])), warn=False)
+    except FeaturizeError as e:  # the command's split names days that bronze version lacks
+        return [f"split ({e})"]
+    mine = {**build_settings(fz, plan), "split_mode": plan.mode}
+    keys = ["split_mode"] + (list(_BUILD_SETTINGS) if any(k in info for k in _BUILD_SETTINGS) else [])
+    return [f"{_BUILD_SETTINGS.get(k, 'split.mode')}={mine.get(k, 'unset')} (gold: {info.get(k, 'unset')})"
+            for k in keys if mine.get(k) != info.get(k)]
 
 
 def _commit_infos(uri: str) -> dict[int, dict]:

@@ -245,9 +245,7 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
     per_source = bronze_sources(snap)
     current = current_entries([r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version])
     problems = unconfirmed_sources(per_source, current)
-    out = {src: {"rows": led["rows_ok"], "day": int(led["day"]), "labeled": bool(led["labeled"]),
-                 "batch": led["ingest_batch"]}
-           for src, led in sorted(current.items()) if src not in problems}
+    out = {src: v for src, v in _view_sources(current).items() if src not in problems}
     if problems:
         raise FeaturizeError(
             f"bronze v{snap.version} and the ingest ledger disagree (re-run `bigopt ingest` with these files "
@@ -265,7 +263,22 @@ class SplitPlan:
     valid_days: list[int] = field(default_factory=list)
 
 
-def plan_split(cfg, view: BronzeView) -> SplitPlan:
+def ledger_view(cfg, version: int) -> BronzeView:
+    """Bronze's labelled days and sources at ``version`` as the ledger alone records them (no
+    bronze log read, no check): enough to plan the split a build of that version had."""
+    from pipelines.criteo.ingest import current_entries, read_ledger
+
+    rows = [r for r in read_ledger(tables(cfg)["ledger"]) if (r["bronze_version"] or 0) <= version]
+    return BronzeView(version, _view_sources(current_entries(rows)))
+
+
+def _view_sources(current: dict[str, dict]) -> dict[str, dict]:
+    """A view's sources from the ledger's current entries."""
+    return {src: {"rows": led["rows_ok"], "day": int(led["day"]), "labeled": bool(led["labeled"]),
+                  "batch": led["ingest_batch"]} for src, led in sorted(current.items())}
+
+
+def plan_split(cfg, view: BronzeView, warn: bool = True) -> SplitPlan:
     sp = cfg.criteo.featurize.split
     days = [d for d in view.days() if d >= 0]
     mode = sp.mode
@@ -286,7 +299,8 @@ def plan_split(cfg, view: BronzeView) -> SplitPlan:
         raise FeaturizeError(f"split: days {sorted(set(test) & set(valid))} are both test and valid days{default}")
     if not set(days) - set(test) - set(valid):
         raise FeaturizeError(f"split: no training day left (days {days}, test {test}, valid {valid})")
-    _warn_day_layout(view.version, days, test, valid)
+    if warn:
+        _warn_day_layout(view.version, days, test, valid)
     return SplitPlan("day", test, valid)
 
 

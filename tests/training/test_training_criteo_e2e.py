@@ -138,6 +138,24 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     pinned = resolve_data(load_config(None, [*base, "train.table_version=0"]))
     assert pinned.gold["freq_threshold"] == "2" and "hash_buckets" not in pinned.gold
     assert "this command's: freq_threshold=3 (gold: 2)" in caplog.text, caplog.text
+    # the command's split is compared as it resolves on the build's bronze: unset test_days is
+    # the last day (2, as gold's); before, an added max_vocab_size or valid_days, another mode
+    # or an unset test_days against gold's [1] were never said to differ (docs walkthrough probe)
+    from training.dataspec import _commit_infos, _settings_not_gold_s
+
+    info = _commit_infos(f"{tmp_path}/lake/criteo/gold/train")[0]
+    assert info["test_days"] == "[2]" and info["split_mode"] == "day"
+
+    def differ(*overrides):
+        return _settings_not_gold_s(load_config(None, [*base, "criteo.featurize.freq_threshold=2", *overrides]), info)
+
+    assert differ() == [] and differ("criteo.featurize.split.test_days=[2]") == []
+    assert differ("criteo.featurize.split.test_days=[1]") == ["split.test_days=[1] (gold: [2])"]
+    assert differ("criteo.featurize.max_vocab_size=1000") == ["max_vocab_size=1000 (gold: unset)"]
+    assert differ("criteo.featurize.split.valid_days=[1]") == [
+        "split.valid_days=[1] (gold: unset)", "split.valid_share=unset (gold: 0.5)"]
+    assert differ("criteo.featurize.split.mode=random")[0] == "split.mode=random (gold: day)"
+    assert differ("criteo.featurize.split.test_days=[7]")[0].startswith("split (split: day(s) [7] named in")
     assert pinned.versions == a.versions == {"train": 0, "valid": 0, "test": 0}
     assert pinned.cardinalities == a.cardinalities and pinned.vocabulary.endswith("vocab_sizes@v0")
     assert pinned.gold["build"] == a.build and pinned.gold["strategy"] == "vocab"
