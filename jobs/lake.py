@@ -80,6 +80,10 @@ def run(cfg, args) -> int:
                 json.dumps(h.get("operationParameters", {}))[:60],
             )
         console.print(t)
+        oldest = history[-1].get("version") if history else None
+        if oldest and (args.limit is None or len(history) < args.limit):  # the log entries before it are gone
+            console.print(f"(no older entries: the log entries before version {oldest} were cleaned up; Delta keeps "
+                          "them delta.logRetentionDuration, 30 days by default)")
     elif args.action == "vacuum":
         try:
             files = lake.vacuum(args.table, retention_hours=args.retention_hours, dry_run=not args.apply,

@@ -242,8 +242,9 @@ def _snapshot(uri: str, version: int | None, what: str):
     except (DeltaError, OverflowError):  # no such version (OverflowError: a negative one)
         if version is None:
             raise
-        latest = DeltaSnapshot(uri).version
-        raise GoldVersionError(f"{what}: {uri} has no version {version} (it has 0..{latest})") from None
+        from pipelines.lake.maintenance import versions_held
+
+        raise GoldVersionError(f"{what}: {uri} has no version {version} (it has {versions_held(uri)})") from None
 
 
 def _same_data(uri: str, version: int, latest: int) -> bool:

@@ -231,8 +231,10 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
     except (DeltaError, OverflowError):  # a version bronze does not have (OverflowError: negative)
         if version is None:
             raise
+        from pipelines.lake.maintenance import versions_held
+
         raise FeaturizeError(f"bronze has no version {version}: {paths['bronze']} has versions "
-                             f"0..{_latest_version(paths['bronze'])}") from None
+                             f"{versions_held(paths['bronze'])}") from None
     # an older version a vacuum may have emptied (one lookup per file: not for the latest, which
     # every unpinned build reads)
     if latest is None:  # ``latest``: bronze's latest version where the caller has read it already

@@ -27,6 +27,26 @@ def table_version(uri: str, storage_options: Mapping[str, str] | None = None) ->
     return DeltaTable(delta_uri(uri), storage_options=dict(storage_options or {})).version()
 
 
+def versions_held(uri: str, storage_options: Mapping[str, str] | None = None) -> str:
+    """The versions a table can be read at, for an error naming a version it cannot:
+    ``0..latest``, or from its oldest checkpoint where older log entries are gone. delta-rs
+    deletes the log entries older than ``delta.logRetentionDuration`` (30 days by default)
+    when it writes a checkpoint (every 100 commits), and a table is read at a version only from
+    a checkpoint at or before it or from version 0."""
+    from pyarrow.fs import FileSelector
+
+    uri = normalize_uri(uri)
+    latest = table_version(uri, storage_options)
+    fs, root = filesystem_for(uri, storage_options)
+    names = [i.base_name for i in fs.get_file_info(FileSelector(join(root, "_delta_log"), allow_not_found=True))]
+    commits = {int(n[:20]) for n in names if n[:20].isdigit() and n.endswith(".json")}
+    checkpoints = sorted(int(n[:20]) for n in names if n[:20].isdigit() and ".checkpoint." in n)
+    if 0 in commits or not checkpoints:
+        return f"0..{latest}"
+    return (f"{checkpoints[0]}..{latest}: the log entries of older versions were cleaned up (Delta keeps them "
+            "delta.logRetentionDuration, 30 days by default)")
+
+
 def _log_entry_path(root: str, version: int) -> str:
     return join(root, f"_delta_log/{version:020d}.json")
 

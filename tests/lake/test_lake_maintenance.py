@@ -301,3 +301,36 @@ def test_vacuum_counts_a_file_that_became_deletable_after_its_dry_run(tmp_path, 
     assert not (tmp_path / "t" / a).exists() and not (tmp_path / "t" / b).exists()
     monkeypatch.undo()
     assert vacuum(path, retention_hours=0, enforce_retention=False, dry_run=False) == []  # tombstones: not again
+
+
+def test_a_version_whose_log_entry_was_cleaned_up_names_the_versions_left(tmp_path, capsys):
+    """delta-rs deletes log entries older than delta.logRetentionDuration when it writes a
+    checkpoint: a pinned version from before then cannot be read, and the error said the table
+    had versions 0..latest (found by the lake-longevity probe). It names the oldest readable
+    version and why."""
+    from deltalake import DeltaTable
+
+    from pipelines.lake.maintenance import versions_held
+    from training.dataspec import GoldVersionError, _snapshot
+
+    path = tmp_path / "t"
+    for i in range(4):
+        write_arrow(str(path), pa.table({"x": [i]}))
+    assert versions_held(str(path)) == "0..3"
+    DeltaTable(str(path)).create_checkpoint()  # at version 3
+    for v in (0, 1, 2):
+        (path / "_delta_log" / f"{v:020d}.json").unlink()
+    held = versions_held(str(path))
+    assert held.startswith("3..3: the log entries of older versions were cleaned up (Delta keeps them "
+                           "delta.logRetentionDuration"), held
+    with pytest.raises(GoldVersionError, match=r"train.table_version: .* has no version 1 \(it has 3\.\.3: the log"):
+        _snapshot(str(path), 1, "train.table_version")
+    assert DeltaSnapshot(str(path)).to_table().num_rows == 4
+    from jobs.cli import main
+
+    assert main(["lake", "--table", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(no older entries: the log entries before version 3 were cleaned up;" in out
+    write_arrow(str(path), pa.table({"x": [9]}))
+    assert main(["lake", "--table", str(path), "--limit", "1"]) == 0  # the limit ends it: nothing to say
+    assert "no older entries" not in capsys.readouterr().out
