@@ -982,14 +982,23 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
 # ------------------------------------------------------------------------------ writing
 def rows_by_source(path: str, version: int | None, sources: Sequence[str] | None = None) -> dict[str, int]:
     """Row counts per ``source`` partition from the Delta log's file statistics (no data read),
-    at ``version`` (None: the latest)."""
+    at ``version`` (None: the latest). From the log's add actions as one Arrow table, filtered
+    there: an ingest calls this up to three times per group, and building every file's entry
+    (:meth:`DeltaSnapshot.files`) of a 2,000-file bronze took ~12 s of a 2,000-file run."""
+    import pyarrow.compute as pc
+
     from pipelines.lake import DeltaSnapshot
 
+    actions = pa.table(DeltaSnapshot(path, version=version).table.get_add_actions(flatten=True))
+    if not actions.num_rows:
+        return {}
+    src, n = actions.column("partition.source"), actions.column("num_records")
+    if sources is not None:
+        keep = pc.is_in(src, value_set=pa.array(list(sources), pa.string()))
+        src, n = src.filter(keep), n.filter(keep)
     out: dict[str, int] = {}
-    for fe in DeltaSnapshot(path, version=version).files():
-        s = fe.partition_values.get("source")
-        if sources is None or s in sources:
-            out[s] = out.get(s, 0) + int(fe.num_records or 0)
+    for s, k in zip(src.to_pylist(), n.to_pylist()):
+        out[s] = out.get(s, 0) + int(k or 0)
     return out
 
 
