@@ -18,6 +18,9 @@ symbolic link whose target is missing, a FIFO: found before anything runs, nothi
 from __future__ import annotations
 
 
+SKIPPED_ROWS_SHOWN = 20  # more files skipped as already ingested are one row of totals
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="re-ingest files the ledger has under the same name, replacing their rows (never "
@@ -66,10 +69,21 @@ def run(cfg, args) -> int:
     for col, just in (("file", "left"), ("day", "right"), ("status", "left"), ("lines", "right"),
                       ("rows_ok", "right"), ("rejected", "right"), ("note", "left")):
         table.add_column(col, justify=just)
+    # files skipped as already ingested: one row each while few; a daily run over a folder of
+    # months of days printed a row for every one of them (2,010 lines for 2,000 files)
+    skipped = [f for f in rep.files if f.status == "skipped"]
+    collapse = len(skipped) > SKIPPED_ROWS_SHOWN
     for f in rep.files:
+        if collapse and f.status == "skipped":
+            continue
         day = "-" if f.day < 0 else str(f.day)  # -1: no day_N in the file name
         table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
                       f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
+    if collapse:
+        days = sorted({f.day for f in skipped if f.day >= 0})
+        table.add_row(f"{len(skipped):,} files", f"{days[0]}-{days[-1]}" if days else "-", "skipped",
+                      f"{sum(f.lines for f in skipped):,}", f"{sum(f.rows_ok for f in skipped):,}",
+                      f"{sum(f.rows_rejected for f in skipped):,}", "already ingested, unchanged")
     console.print(table)
     if rep.dropped:
         console.print(f"dropped the bronze rows of {len(rep.dropped)} file(s): {', '.join(rep.dropped)}")
