@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument(lead, help=lead_help)
         sp.add_argument("config", nargs="?", default=None, help="YAML config (conf/*.yaml)")
         sp.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides")
+        # after the command too (`bigopt train conf.yaml -v` was "unrecognized arguments: -v");
+        # SUPPRESS: when not given here, the one before the command stands
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         module.add_arguments(sp)
         sp.set_defaults(command_parser=sp)  # its usage line for a stray argument
     return p

@@ -248,6 +248,8 @@ def _format_errors(e: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown key")
+        elif isinstance(err.get("input"), Mapping):  # a section's own check: its message names the values
+            lines.append(f"{loc}: {err['msg']}")
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

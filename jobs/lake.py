@@ -105,7 +105,7 @@ def run(cfg, args) -> int:
         from deltalake.exceptions import CommitFailedError
 
         try:  # a failed compaction commits nothing and deletes the files it wrote (lake.optimize)
-            console.print(lake.optimize(args.table, target_size=args.target_mb << 20))
+            console.print(_compaction_said(lake.optimize(args.table, target_size=args.target_mb << 20)))
         except CommitFailedError as e:  # a write committed while it compacted: run it again
             # the first line: the "Help:" after it is delta-rs's advice to its API's callers
             print_error(f"bigopt lake: optimize {args.table}: {error_line(e).splitlines()[0]} (nothing was "
@@ -225,3 +225,20 @@ if __name__ == "__main__":
     from jobs.cli import submit_main
 
     submit_main("lake")
+
+
+def _compaction_said(metrics: dict) -> str:
+    """delta-rs's compaction metrics as one line (they were printed as its dict)."""
+    def size(key: str) -> int:
+        try:
+            return int(json.loads(metrics.get(key) or "{}").get("totalSize", 0))
+        except (ValueError, AttributeError):
+            return 0
+
+    added, removed = metrics.get("numFilesAdded", 0), metrics.get("numFilesRemoved", 0)
+    considered, skipped = metrics.get("totalConsideredFiles", 0), metrics.get("totalFilesSkipped", 0)
+    if not removed:
+        return f"nothing to compact: {considered} file(s), each alone in its partition or already large enough"
+    return (f"compacted {removed} file(s) ({size('filesRemoved') / 1e6:,.1f} MB) into {added} "
+            f"({size('filesAdded') / 1e6:,.1f} MB) in {metrics.get('partitionsOptimized', 0)} partition(s); "
+            f"{skipped} file(s) left as they were (the old files stay until a vacuum)")

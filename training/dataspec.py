@@ -305,6 +305,11 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     valid = t.valid_table or cfg.lake.table(ds, "gold", "valid")
     test = t.test_table or cfg.lake.table(ds, "gold", "test")
     if not _exists(train):
+        if t.train_table is None and ds != getattr(getattr(cfg, "criteo", None), "name", ds):
+            # `bigopt featurize` writes the Criteo pipeline's gold only: its remedy does not apply
+            raise FileNotFoundError(f"gold train table not found at {train}: run.dataset={cfg.run.dataset} has no "
+                                    "pipeline in bigopt (the Criteo one writes its gold with run.dataset=criteo); "
+                                    "for tables of your own set train.train_table")
         raise FileNotFoundError(f"gold train table not found at {train} (run `bigopt featurize` first)")
     pinned = dict(versions or {})
     uris = {"valid": valid if _exists(valid) else None, "test": test if _exists(test) else None}

@@ -193,7 +193,12 @@ def evaluate(model, loader, spec: DataSpec, dist, device, *, bf16: bool = False,
 
 def model_for(t: TrainConfig, cardinalities, num_dense: int) -> torch.nn.Module:
     """The model ``t`` describes (``t.model`` with ``t.model_params``, sparse embeddings as
-    :func:`resolve_sparse` decides), on the CPU."""
+    :func:`resolve_sparse` decides), on the CPU. With sparse embeddings, PyTorch's sparse
+    invariant checks are explicitly off, as they are by default: torch 2.13 warned "Sparse
+    invariant checks are implicitly disabled. Memory errors (e.g. SEGFAULT) will occur..." once
+    per process (driver and each rank) at Adagrad's first sparse step."""
+    if resolve_sparse(t):
+        torch.sparse.check_sparse_tensor_invariants.disable()
     return build_model(t.model, cardinalities=cardinalities, num_dense=num_dense, sparse=resolve_sparse(t),
                        **t.model_params)
 

@@ -1142,7 +1142,15 @@ def ingest(
     batch_id = _new_batch_id()
     report = IngestReport(batch_id, bronze=paths["bronze"], quarantine=paths["quarantine"], ledger=paths["ledger"])
 
-    names = raw_inputs.resolve(list(inputs) if inputs else cfg.criteo.input_specs(), ing.file_globs, ing.exclude_globs)
+    try:
+        names = raw_inputs.resolve(list(inputs) if inputs else cfg.criteo.input_specs(), ing.file_globs,
+                                   ing.exclude_globs)
+    except FileNotFoundError as e:  # the config's inputs: say where they come from
+        if inputs:
+            raise
+        where = "criteo.inputs" if cfg.criteo.inputs else "criteo.raw_dir"
+        raise FileNotFoundError(f"{e} ({where}; conf/criteo.yaml takes it from CRITEO_DIR; --input names others)"
+                                ) from None
     say(f"describing {len(names)} input file(s)")
     files = describe_files(names, cfg)
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})
