@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-cuda test-fast bench-quick lock horovod clean help
+.PHONY: setup demo test test-cuda bench-quick lock horovod clean help
 
 help:
 	@echo "make setup        create/refresh .venv (torch, locked deps, horovod) - idempotent"
@@ -14,6 +14,7 @@ help:
 	@echo "make test-cuda    on a GPU machine: the CUDA-path tests (docs/gpu.md)"
 	@echo "make bench-quick  every benchmark in --quick mode"
 	@echo "make lock         re-resolve requirements.lock with uv"
+	@echo "make clean        DELETE the local lake, data, mlruns and mlflow.db in this folder (no prompt)"
 
 setup:
 	@scripts/setup_env.sh
