@@ -55,7 +55,7 @@ def shared_dir(name: str) -> Path:
     """A folder of ../shared/data, or skip the test with the reason."""
     d = SHARED_DATA / name
     if not d.is_dir():
-        pytest.skip(f"real data samples not present at {d} (see DEVELOPERS.md 'Data')")
+        pytest.skip(f"real data samples not present at {d} (the samples in ../shared/data beside the checkout: README, 'Development')")
     return d
 
 
