@@ -249,7 +249,7 @@ def _format_errors(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown key")
         elif isinstance(err.get("input"), Mapping):  # a section's own check: its message names the values
-            lines.append(f"{loc}: {err['msg']}")
+            lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

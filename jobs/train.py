@@ -33,7 +33,9 @@ def apply_cli_overrides(cfg, args):
     from training.config import TrainConfig
 
     try:
-        train = TrainConfig.model_validate({**cfg.train.model_dump(), "num_proc": n})
+        # only the fields the config set: a full dump marks every default as given (unused_settings
+        # then warned of a min_compress_numel nobody set)
+        train = TrainConfig.model_validate({**cfg.train.model_dump(exclude_unset=True), "num_proc": n})
     except ValidationError as e:
         raise ValueError(f"--num-proc {n}: " + "; ".join(err["msg"].removeprefix("Value error, ")
                                                           for err in e.errors())) from None

@@ -204,7 +204,7 @@ def _settings_not_gold_s(cfg, info: dict) -> list[str]:
     days), so an unset ``test_days`` (the last day) or ``split.mode=auto`` is compared as what
     it resolves to; until the twenty-fourth session they, an added ``valid_days`` or
     ``max_vocab_size``, and the split mode were never said to differ."""
-    from pipelines.criteo.featurize import FeaturizeError, build_settings, ledger_view, plan_split
+    from pipelines.criteo.featurize import FeaturizeError, SplitPlan, build_settings, ledger_view, plan_split
     from pipelines.criteo.schema import tables
 
     fz = getattr(getattr(cfg, "criteo", None), "featurize", None)
@@ -212,16 +212,25 @@ def _settings_not_gold_s(cfg, info: dict) -> list[str]:
         return []
     if fz.strategy != info["strategy"]:  # every other setting follows from the strategy
         return [f"strategy={fz.strategy} (gold: {info['strategy']})"]
+    recorded = any(k in info for k in _BUILD_SETTINGS)
     if info.get("bronze_path") not in (None, tables(cfg)["bronze"]) or "bronze_version" not in info:
-        return []  # gold of another lake's bronze: the command's split cannot be planned on it
-    try:
-        plan = plan_split(cfg, ledger_view(cfg, int(info["bronze_version"])), warn=False)
-    except FeaturizeError as e:  # the command's split names days that bronze version lacks
-        return [f"split ({e})"]
+        # gold of another lake's bronze (a lake copied or moved, train.train_table elsewhere): the
+        # command's split cannot be planned on it, the settings that do not depend on it still count
+        plan = SplitPlan(info.get("split_mode", "random"), json.loads(info.get("test_days", "[]")),
+                         json.loads(info.get("valid_days", "[]")))
+        keys = [k for k in _BUILD_SETTINGS if k not in _SPLIT_DAYS] if recorded else []
+    else:
+        try:
+            plan = plan_split(cfg, ledger_view(cfg, int(info["bronze_version"])), warn=False)
+        except FeaturizeError as e:  # the command's split names days that bronze version lacks
+            return [f"split ({e})"]
+        keys = ["split_mode"] + (list(_BUILD_SETTINGS) if recorded else [])
     mine = {**build_settings(fz, plan), "split_mode": plan.mode}
-    keys = ["split_mode"] + (list(_BUILD_SETTINGS) if any(k in info for k in _BUILD_SETTINGS) else [])
     return [f"{_BUILD_SETTINGS.get(k, 'split.mode')}={mine.get(k, 'unset')} (gold: {info.get(k, 'unset')})"
             for k in keys if mine.get(k) != info.get(k)]
+
+
+_SPLIT_DAYS = ("test_days", "valid_days")  # resolved against bronze's days
 
 
 def _commit_infos(uri: str) -> dict[int, dict]:

@@ -142,7 +142,9 @@ def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any]
     row group does not show it; :func:`pipelines.lake.maintenance.file_layout` reads it)."""
     from pipelines.lake.commit import commit
 
-    info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id, ROW_GROUP_ROWS_KEY: tw.row_group_rows}
+    info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id}
+    if adds:  # a commit that adds no file (a drop) tells nothing of the table's files
+        info[ROW_GROUP_ROWS_KEY] = tw.row_group_rows
     configuration = None
     if tw.stats_columns is not None:
         configuration = {STATS_COLUMNS_KEY: ",".join(tw.stats_columns)}

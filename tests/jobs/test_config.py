@@ -359,6 +359,7 @@ def test_a_sections_own_check_is_said_without_the_whole_section():
     with pytest.raises(ConfigError) as ei:
         load_config(None, ["train.max_steps=20", "train.warmup_steps=20", "train.scheduler=cosine"])
     assert str(ei.value).endswith("max_steps (20) must be greater than warmup_steps (20)") and "(got" not in str(ei.value)
+    assert "train: scheduler 'cosine' decays" in str(ei.value)  # without pydantic's "Value error, "
     with pytest.raises(ConfigError, match=r"train.lr: .* \(got 'fast'\)"):  # a field's own: its input said
         load_config(None, ["train.lr=fast"])
 
@@ -391,3 +392,16 @@ def test_docs_name_every_criteo_setting():
     for model in (c.CriteoConfig, c.GenerateConfig, c.IngestConfig, c.FeaturizeConfig, c.SplitConfig):
         missing = [k for k in model.model_fields if not re.search(rf"\b{k}\b", section)]
         assert not missing, (model.__name__, missing)
+
+
+def test_num_proc_keeps_which_settings_the_config_gave():
+    """--num-proc re-validated the train section from a full dump, so every default counted as
+    given: `bigopt train conf/demo.yaml --num-proc 1` warned of a min_compress_numel nobody set."""
+    from jobs.train import apply_cli_overrides
+    from training.loop import unused_settings
+
+    cfg = load_config("conf/demo.yaml")
+    args = type("Args", (), {"num_proc": 1, "local": False})()
+    again = apply_cli_overrides(cfg, args)
+    assert again.train.num_proc == 1 and unused_settings(again.train) == []
+    assert "min_compress_numel" not in again.train.compression.model_fields_set

@@ -578,3 +578,13 @@ def test_compaction_of_files_smaller_than_a_row_group_keeps_the_writers_size(tmp
     optimize(path)  # the newest commit is a compaction's: the writes' before it still say the size
     (compacted,) = DeltaSnapshot(path).files()
     assert (compacted.parquet().metadata.num_row_groups, DeltaSnapshot(path).num_rows) == (1, 25)
+    # a commit that adds no file (ingest's --drop-source) records no size: it said 131,072 over
+    # the ingest's configured one (found by the probe of these fixes)
+    from pipelines.lake.maintenance import _recorded_row_group_rows
+    from pipelines.lake.tasks import begin_write, commit_write
+
+    tw = begin_write(path, DeltaSnapshot(path).full_schema, row_group_rows=7)
+    commit_write(tw, tw.write_all(pa.table({"source": ["x"], "rows": [1]}).to_batches()))
+    tw = begin_write(path, DeltaSnapshot(path).full_schema, row_group_rows=131_072)
+    v = commit_write(tw, [])
+    assert ROW_GROUP_ROWS_KEY not in DeltaSnapshot(path).commit_info() and _recorded_row_group_rows(path, v) == 7

@@ -156,6 +156,13 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
         "split.valid_days=[1] (gold: unset)", "split.valid_share=unset (gold: 0.5)"]
     assert differ("criteo.featurize.split.mode=random")[0] == "split.mode=random (gold: day)"
     assert differ("criteo.featurize.split.test_days=[7]")[0].startswith("split (split: day(s) [7] named in")
+    # gold of a lake copied elsewhere: the split's days cannot be planned, the rest still counts
+    # (the first version of this check said nothing at all there)
+    moved = {**info, "bronze_path": "/elsewhere/criteo/bronze/events"}
+    assert _settings_not_gold_s(load_config(None, [*base, "criteo.featurize.freq_threshold=5"]), moved) == [
+        "freq_threshold=5 (gold: 2)"]
+    assert _settings_not_gold_s(load_config(None, [*base, "criteo.featurize.freq_threshold=2",
+                                                   "criteo.featurize.split.test_days=[1]"]), moved) == []
     assert pinned.versions == a.versions == {"train": 0, "valid": 0, "test": 0}
     assert pinned.cardinalities == a.cardinalities and pinned.vocabulary.endswith("vocab_sizes@v0")
     assert pinned.gold["build"] == a.build and pinned.gold["strategy"] == "vocab"
