@@ -80,8 +80,10 @@ def run(cfg, args) -> int:
         table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
                       f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
     if collapse:
+        from pipelines.criteo.featurize import day_spans
+
         days = sorted({f.day for f in skipped if f.day >= 0})
-        table.add_row(f"{len(skipped):,} files", f"{days[0]}-{days[-1]}" if days else "-", "skipped",
+        table.add_row(f"{len(skipped):,} files", day_spans(days).split(" (")[0].strip("[]") if days else "-", "skipped",
                       f"{sum(f.lines for f in skipped):,}", f"{sum(f.rows_ok for f in skipped):,}",
                       f"{sum(f.rows_rejected for f in skipped):,}", "already ingested, unchanged")
     console.print(table)
@@ -109,6 +111,11 @@ def run(cfg, args) -> int:
             console.print(f"  {src} ({day}{r['rows_ok']:,} rows, was {r['path']})")
         console.print("  to drop them: " + shlex.join(["bigopt", "ingest", *same_lake,
                                                         *(a for src in sorted(rep.gone) for a in ("--drop-source", src))]))
+    for folder, srcs in sorted(rep.synthetic.items()):  # a demo's lake reused for real data
+        console.print(styled((f"bronze holds generated (synthetic) files of {folder} ({', '.join(srcs[:6])}"
+                              f"{', ...' if len(srcs) > 6 else ''}) beside real ones: featurize would mix them into "
+                              "one gold; drop them (--drop-source) or give the real data its own lake.root or "
+                              "criteo.name", "yellow")))
     rate = rep.rows_in / rep.seconds if rep.seconds and rep.rows_in else 0
     console.print(
         f"rows_in {rep.rows_in:,} = rows_ok {rep.rows_ok:,} + rows_rejected {rep.rows_rejected:,}"

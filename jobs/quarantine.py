@@ -134,7 +134,8 @@ def _no_line_of_batch(cfg, args) -> str | None:
         if r["size"] is None:
             fates.append(f"{r['source']}: dropped by this batch (--drop-source quarantines nothing)")
         elif cur is None:
-            fates.append(f"{r['source']}: dropped since (--drop-source), with its quarantined lines")
+            fates.append(f"{r['source']}: dropped since (--drop-source)"
+                         + (", with its quarantined lines" if r["rows_rejected"] else "; it had no line quarantined"))
         elif cur["ingest_batch"] != args.batch:
             fates.append(f"{r['source']}: ingested again in batch {cur['ingest_batch']} "
                          f"({cur['ingested_at']:%Y-%m-%d %H:%M} UTC), whose rows replaced this batch's: "

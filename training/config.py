@@ -49,7 +49,7 @@ class TrainConfig(Section):
         "optimizer_params.sparse_optimizer (momentum/nesterov only with one named)",
     )
     # --- data ---------------------------------------------------------------------------
-    train_table: str | None = Field(None, description="gold train table (default: lake/<dataset>/gold/train)")
+    train_table: str | None = Field(None, description="gold train table (default: <lake.root>/<criteo.name>/gold/train)")
     valid_table: str | None = None
     test_table: str | None = None
     vocabulary: str | None = Field(None, description="vocabulary JSON (default: found next to the gold tables)")

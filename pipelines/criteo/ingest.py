@@ -209,6 +209,10 @@ class IngestReport:
     # --drop-source names whose drop the ledger records already (source -> that batch): a
     # repeated drop (a retried task) has nothing to do
     already_dropped: dict[str, str] = field(default_factory=dict)
+    # generated (synthetic) sources in bronze beside real ones: folder -> its sources, where
+    # bronze (with this run) holds files of folders with a generate manifest and of folders
+    # without (a lake of an earlier `make demo` under conf/criteo.yaml's tables)
+    synthetic: dict[str, list[str]] = field(default_factory=dict)
 
     def _done(self) -> list[FileResult]:
         return [f for f in self.files if f.status in ("ingested", "replaced")]
@@ -898,6 +902,24 @@ def _file_gone(path: str) -> bool:
         return False
 
 
+def _synthetic_beside_real(held: Mapping[str, str], files: list[RawFile]) -> dict[str, list[str]]:
+    """Folder -> sources, of the sources (ledger ``held``: source -> path, and this run's
+    ``files``) in local folders with a generate manifest, when others come from folders
+    without one: synthetic rows about to share bronze and gold with real ones. Empty when
+    all are of one kind."""
+    import os
+
+    from pipelines.criteo.generate import MANIFEST
+
+    by_dir: dict[str, list[str]] = {}
+    for src, path in [*held.items(), *((f.source, f.path) for f in files)]:
+        if "://" in path and not path.startswith("file://"):
+            continue  # object stores: no manifest is looked for
+        by_dir.setdefault(os.path.dirname(path.removeprefix("file://")), []).append(src)
+    made = {d: sorted(set(srcs)) for d, srcs in by_dir.items() if os.path.exists(os.path.join(d, MANIFEST))}
+    return made if made and len(made) < len(by_dir) else {}
+
+
 def _check_drops(drop: Sequence[str], files: list[RawFile], held: set[str], dropped: Mapping[str, str]) -> None:
     """``bigopt ingest --drop-source``: each name must be a source bronze or the ledger has,
     or one whose drop the ledger records (``dropped``: nothing to do), and not one of this
@@ -1148,9 +1170,9 @@ def ingest(
     except FileNotFoundError as e:  # the config's inputs: say where they come from
         if inputs:
             raise
-        where = "criteo.inputs" if cfg.criteo.inputs else "criteo.raw_dir"
-        raise FileNotFoundError(f"{e} ({where}; conf/criteo.yaml takes it from CRITEO_DIR; --input names others)"
-                                ) from None
+        where = ("criteo.inputs; conf/criteo.yaml takes it from CRITEO_DIR" if cfg.criteo.inputs else
+                 "criteo.raw_dir; conf/demo.yaml's is $BIGOPT_DATA/criteo/raw, where `bigopt generate criteo` writes")
+        raise FileNotFoundError(f"{e} ({where}; --input names others)") from None
     say(f"describing {len(names)} input file(s)")
     files = describe_files(names, cfg)
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})
@@ -1175,6 +1197,8 @@ def ingest(
                                       unconfirmed)
     named = {f.source for f in files} | set(drop_sources)
     report.gone = {s: r for s, r in current.items() if s not in named and _file_gone(r["path"])}
+    report.synthetic = _synthetic_beside_real({s: r["path"] for s, r in current.items() if s not in drop_sources},
+                                              files)
     report.unconfirmed = _unconfirmed_elsewhere(unconfirmed, files, current)
     if drop_unconfirmed and (drop := sorted(report.unconfirmed)):
         say(f"dropping the unconfirmed bronze rows of {len(drop)} source(s)")

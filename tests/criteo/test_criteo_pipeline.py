@@ -1536,3 +1536,25 @@ def test_a_run_over_many_ingested_files_says_them_in_one_row(spark, tmp_path, ca
     assert rows[0].split("│")[1].strip() == f"day_{n}" and "ingested" in rows[0]
     cells = [c.strip() for c in rows[1].split("│")[1:-1]]
     assert cells[:6] == [f"{n} files", f"0-{n - 1}", "skipped", f"{3 * n}", f"{3 * n}", "0"]
+
+
+def test_generated_files_beside_real_ones_in_bronze_are_said(spark, tmp_path, capsys):
+    """A lake of an earlier `make demo` (its tables were `lake/criteo`, as conf/criteo.yaml's are)
+    then given real files: bronze mixed the synthetic days with the real ones, and gold took
+    them all, with nothing said (found by the probe of this session's fixes). Ingest now names
+    the generated folder's files when bronze holds them beside files of a folder without a
+    generate manifest."""
+    from jobs.cli import main
+    from pipelines.criteo.generate import generate
+
+    conf = [f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={tmp_path / 'gen'}", "criteo.generate.days=2",
+            "criteo.generate.rows_per_day=50"]
+    generate(load_config(None, conf))
+    assert main(["ingest", *conf]) == 0
+    assert "generated (synthetic)" not in capsys.readouterr().out  # all of one kind
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "day_5").write_text("1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26) + "\n")
+    assert main(["ingest", *conf, "--input", str(real)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"bronze holds generated (synthetic) files of {tmp_path / 'gen'} (day_0, day_1) beside real ones" in out, out
