@@ -170,6 +170,8 @@ def _after_a_stop(stop: KeyboardInterrupt, argv: list[str]) -> str:
     # re-ingest and rebuild gold for nothing (or abbreviated, as argparse accepts: --force-i)
     rerun = ("--force-ingest", "--force-featurize") if argv[:1] == ["run"] else ()
     kept = [a for a in argv if not (a.startswith("--force-") and any(f.startswith(a) for f in rerun))]
+    if not getattr(stop, "checkpointed", True):  # stopped before its first checkpoint
+        return "it had written no checkpoint yet (train.checkpoint_every): the same command starts again from step 0"
     again = shlex.join(["bigopt", *kept, *([] if "--resume" in kept else ["--resume"])])
     return f"its checkpoints are kept: {again} continues from the last"
 

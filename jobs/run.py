@@ -159,7 +159,7 @@ def run(cfg, args) -> int:
 
     try:
         ranks = 1 if args.local else cfg.train.num_proc  # --local: one in-process rank
-        with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"), resumable_on_a_stop():
+        with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"), resumable_on_a_stop(cfg):
             res = run_training(cfg, spark=spark, resume=args.resume, local=args.local,
                                store_checked=True)  # checked above
     except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:

@@ -43,12 +43,14 @@ def apply_cli_overrides(cfg, args):
 
 
 @contextlib.contextmanager
-def resumable_on_a_stop():
+def resumable_on_a_stop(cfg=None):
     """Mark a Ctrl-C / SIGTERM that stops training (``resumable = True`` on the
     KeyboardInterrupt, also one behind an error raised while it unwound): rank 0 writes each
     checkpoint atomically and a stop removes none, so `bigopt` says that the same command with
     ``--resume`` continues, not that uncommitted files were removed (ingest's and featurize's
-    case). ``bigopt run`` stopped in its train step is marked too, and only there."""
+    case). ``bigopt run`` stopped in its train step is marked too, and only there. With
+    ``cfg``, a stop before the first checkpoint is marked ``checkpointed = False``: the same
+    command then starts again from step 0 (the line promised checkpoints that did not exist)."""
     from pipelines.stopping import stop_behind
 
     try:
@@ -56,6 +58,11 @@ def resumable_on_a_stop():
     except BaseException as e:
         if (stop := stop_behind(e)) is not None:
             stop.resumable = True
+            if cfg is not None:
+                from training.api import checkpoint_dir_for
+                from training.checkpoint import latest_checkpoint
+
+                stop.checkpointed = latest_checkpoint(checkpoint_dir_for(cfg)) is not None
         raise
 
 
@@ -74,7 +81,7 @@ def run(cfg, args) -> int:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
     try:  # starts Spark only for Horovod-on-Spark ranks
-        with resumable_on_a_stop():
+        with resumable_on_a_stop(cfg):
             res = run_training(cfg, resume=args.resume, local=args.local)
     except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
