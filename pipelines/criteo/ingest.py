@@ -1182,9 +1182,11 @@ def ingest(
         raise CorruptInputError(misnamed)
     ledger_rows = read_ledger(paths["ledger"])
     current = current_entries(ledger_rows)
-    unconfirmed = unconfirmed_sources(bronze_sources(DeltaSnapshot(paths["bronze"])), current) if (
-        table_exists(paths["bronze"])) else {}
-    held = bronze_sources(DeltaSnapshot(paths["bronze"])) if drop_sources and table_exists(paths["bronze"]) else {}
+    # bronze's sources from its log, read once: what the ledger does not confirm, and what a drop may name
+    bronze = table_exists(paths["bronze"])
+    per_source = bronze_sources(DeltaSnapshot(paths["bronze"])) if bronze else {}
+    unconfirmed = unconfirmed_sources(per_source, current) if bronze else {}
+    held = per_source if drop_sources else {}
     was_dropped = {r["source"]: r["ingest_batch"] for r in sorted(ledger_rows, key=lambda r: r["ingested_at"])
                    if r["size"] is None and r["source"] not in current}
     if drop_sources and not drop_unknown_ok:
