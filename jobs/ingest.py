@@ -80,10 +80,10 @@ def run(cfg, args) -> int:
         table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
                       f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
     if collapse:
-        from pipelines.criteo.featurize import day_spans
+        from pipelines.criteo.featurize import day_runs
 
         days = sorted({f.day for f in skipped if f.day >= 0})
-        table.add_row(f"{len(skipped):,} files", day_spans(days).split(" (")[0].strip("[]") if days else "-", "skipped",
+        table.add_row(f"{len(skipped):,} files", day_runs(days) if days else "-", "skipped",
                       f"{sum(f.lines for f in skipped):,}", f"{sum(f.rows_ok for f in skipped):,}",
                       f"{sum(f.rows_rejected for f in skipped):,}", "already ingested, unchanged")
     console.print(table)

@@ -321,7 +321,12 @@ def _warn_day_layout(version: int, days: list[int], test: list[int], valid: list
 
 
 def day_spans(days: list[int]) -> str:
-    """Sorted days as runs, so a long list stays one short line: ``0-3, 5, 9-700 (697 days)``."""
+    """Sorted days as runs, so a long list stays one short line: ``[0-3, 5, 9-700] (697 days)``."""
+    return f"[{day_runs(days)}]" + (f" ({len(days)} days)" if len(days) > 3 else "")
+
+
+def day_runs(days: list[int]) -> str:
+    """Sorted days as runs of consecutive days, the first 8: ``0-3, 5, 9-700``."""
     runs: list[list[int]] = []
     for d in days:
         if runs and d == runs[-1][1] + 1:
@@ -329,8 +334,7 @@ def day_spans(days: list[int]) -> str:
         else:
             runs.append([d, d])
     text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:8])
-    more = f", ... ({len(runs) - 8} more runs)" if len(runs) > 8 else ""
-    return f"[{text}{more}]" + (f" ({len(days)} days)" if len(days) > 3 else "")
+    return text + (f", ... ({len(runs) - 8} more runs)" if len(runs) > 8 else "")
 
 
 @dataclass(frozen=True)
