@@ -80,7 +80,7 @@ def run(cfg, args) -> int:
         table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
                       f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
     if collapse:
-        from pipelines.criteo.featurize import day_runs
+        from pipelines.criteo.split import day_runs
 
         days = sorted({f.day for f in skipped if f.day >= 0})
         table.add_row(f"{len(skipped):,} files", day_runs(days) if days else "-", "skipped",

@@ -189,12 +189,6 @@ def _max_ids(uri: str, version: int | None, spec_cols: list[str], is_array: bool
 
 # what a featurize commit records about its build (pipelines/criteo/featurize.py), kept for MLflow
 _BUILD_INFO = ("bronze_path", "bronze_version", "strategy", "split_mode", "config_hash")
-# the settings a build records (pipelines.criteo.featurize.build_settings; builds from before
-# the twenty-third session have none): criteo.featurize.<key>, or .split.<key>
-_BUILD_SETTINGS = {"freq_threshold": "freq_threshold", "max_vocab_size": "max_vocab_size",
-                   "hash_buckets": "hash_buckets", "test_days": "split.test_days", "valid_days": "split.valid_days",
-                   "valid_share": "split.valid_share", "train_fraction": "split.train_fraction",
-                   "split_seed": "split.seed"}
 
 
 def _settings_not_gold_s(cfg, info: dict) -> list[str]:
@@ -204,7 +198,14 @@ def _settings_not_gold_s(cfg, info: dict) -> list[str]:
     days), so an unset ``test_days`` (the last day) or ``split.mode=auto`` is compared as what
     it resolves to; until the twenty-fourth session they, an added ``valid_days`` or
     ``max_vocab_size``, and the split mode were never said to differ."""
-    from pipelines.criteo.featurize import FeaturizeError, SplitPlan, build_settings, ledger_view, plan_split
+    from pipelines.criteo.split import (
+        BUILD_SETTINGS,
+        FeaturizeError,
+        SplitPlan,
+        build_settings,
+        ledger_view,
+        plan_split,
+    )
     from pipelines.criteo.schema import tables
 
     fz = getattr(getattr(cfg, "criteo", None), "featurize", None)
@@ -212,21 +213,21 @@ def _settings_not_gold_s(cfg, info: dict) -> list[str]:
         return []
     if fz.strategy != info["strategy"]:  # every other setting follows from the strategy
         return [f"strategy={fz.strategy} (gold: {info['strategy']})"]
-    recorded = any(k in info for k in _BUILD_SETTINGS)
+    recorded = any(k in info for k in BUILD_SETTINGS)
     if info.get("bronze_path") not in (None, tables(cfg)["bronze"]) or "bronze_version" not in info:
         # gold of another lake's bronze (a lake copied or moved, train.train_table elsewhere): the
         # command's split cannot be planned on it, the settings that do not depend on it still count
         plan = SplitPlan(info.get("split_mode", "random"), json.loads(info.get("test_days", "[]")),
                          json.loads(info.get("valid_days", "[]")))
-        keys = [k for k in _BUILD_SETTINGS if k not in _SPLIT_DAYS] if recorded else []
+        keys = [k for k in BUILD_SETTINGS if k not in _SPLIT_DAYS] if recorded else []
     else:
         try:
             plan = plan_split(cfg, ledger_view(cfg, int(info["bronze_version"])), warn=False)
         except FeaturizeError as e:  # the command's split names days that bronze version lacks
             return [f"split ({e})"]
-        keys = ["split_mode"] + (list(_BUILD_SETTINGS) if recorded else [])
+        keys = ["split_mode"] + (list(BUILD_SETTINGS) if recorded else [])
     mine = {**build_settings(fz, plan), "split_mode": plan.mode}
-    return [f"{_BUILD_SETTINGS.get(k, 'split.mode')}={mine.get(k, 'unset')} (gold: {info.get(k, 'unset')})"
+    return [f"{BUILD_SETTINGS.get(k, 'split.mode')}={mine.get(k, 'unset')} (gold: {info.get(k, 'unset')})"
             for k in keys if mine.get(k) != info.get(k)]
 
 
@@ -304,6 +305,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     describes exactly those versions, else its ``vocab_sizes`` version, else (tables from
     elsewhere) the largest ids in the tables."""
     from pipelines.criteo.schema import BUILD_KEY
+    from pipelines.criteo.split import BUILD_SETTINGS
     from pipelines.lake import DeltaSnapshot, data_version, table_version
 
     t = cfg.train
@@ -332,7 +334,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     # the commit that wrote the data read (a compaction or vacuum of gold/train comes after it)
     info = _commit_infos(train).get(data_version(train, snap.version), {})
     build = info.get(BUILD_KEY)
-    gold = {"build": build, **{k: info[k] for k in (*_BUILD_INFO, *_BUILD_SETTINGS) if k in info}} if build else {}
+    gold = {"build": build, **{k: info[k] for k in (*_BUILD_INFO, *BUILD_SETTINGS) if k in info}} if build else {}
     if build and (differ := _settings_not_gold_s(cfg, info)):
         log.warning("gold train v%s (featurize build %s) was built with other criteo.featurize settings than this "
                     "command's: %s; the run's data.gold.* params record the build's (`bigopt featurize` rebuilds "
