@@ -197,9 +197,9 @@ def model_for(t: TrainConfig, cardinalities, num_dense: int) -> torch.nn.Module:
     invariant checks are explicitly off, as they are by default: torch 2.13 warned "Sparse
     invariant checks are implicitly disabled. Memory errors (e.g. SEGFAULT) will occur..." once
     per process (driver and each rank) at Adagrad's first sparse step."""
-    if resolve_sparse(t):
+    if sparse := resolve_sparse(t):
         torch.sparse.check_sparse_tensor_invariants.disable()
-    return build_model(t.model, cardinalities=cardinalities, num_dense=num_dense, sparse=resolve_sparse(t),
+    return build_model(t.model, cardinalities=cardinalities, num_dense=num_dense, sparse=sparse,
                        **t.model_params)
 
 
