@@ -189,7 +189,7 @@ def stage_floor(raw: Path, out: Path) -> dict:
     from pipelines.config import LakeConfig
     from pipelines.criteo.config import FeaturizeConfig, IngestConfig
     from pipelines.criteo.featurize import GOLD_PARQUET_OPTIONS, GOLD_SCHEMA, GOLD_STATS_COLUMNS, dense_matrix, gold_batch
-    from pipelines.criteo.ingest import BRONZE_STATS_COLUMNS
+    from pipelines.criteo.bronze import BRONZE_STATS_COLUMNS
     from pipelines.criteo.parse import ROW_SCHEMA
 
     files = sorted(raw.glob("day_*"), key=lambda p: int(p.name.split("_")[1]))

@@ -5,7 +5,7 @@
 
 One core's share of an ingest, as a Spark task does it: the file is cut into
 ``ingest.chunk_bytes`` ranges, each range read in ``ingest.block_bytes`` blocks of whole lines
-(``pipelines.criteo.ingest.iter_line_blocks``), parsed (``parse_block``) and written as zstd
+(``pipelines.criteo.raw_lines.iter_line_blocks``), parsed (``parse_block``) and written as zstd
 Parquet to memory (the bronze write's CPU). Three ways to get the bytes:
 
   local        the file on local disk, in the page cache (the CPU-bound baseline);
@@ -96,9 +96,10 @@ def one_core_ingest(path: Path, mode: str, latency_s: float, bytes_per_s: float)
 
     from pipelines import raw_inputs
     from pipelines.config import LakeConfig
-    from pipelines.criteo import ingest
+    from pipelines.criteo.bronze import BRONZE_STATS_COLUMNS
     from pipelines.criteo.config import IngestConfig
     from pipelines.criteo.parse import parse_block
+    from pipelines.criteo.raw_lines import iter_line_blocks
 
     ing, codec = IngestConfig(), LakeConfig().compression  # bigopt's defaults: what ingest runs with
     stores: list[EmulatedObject] = []
@@ -117,9 +118,9 @@ def one_core_ingest(path: Path, mode: str, latency_s: float, bytes_per_s: float)
     try:
         for start in range(0, size, ing.chunk_bytes):
             end = min(start + ing.chunk_bytes, size)
-            for block in ingest.iter_line_blocks(str(path), False, start, end, ing.block_bytes):
+            for block in iter_line_blocks(str(path), False, start, end, ing.block_bytes):
                 table, _rejects = parse_block(block, True, block.count(b"\n"))
-                stats = [c for c in ingest.BRONZE_STATS_COLUMNS if c in table.column_names]
+                stats = [c for c in BRONZE_STATS_COLUMNS if c in table.column_names]
                 pq.write_table(table, pa.BufferOutputStream(), compression=codec,
                                row_group_size=ing.row_group_rows, write_statistics=stats)
                 rows += table.num_rows

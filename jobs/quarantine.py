@@ -113,7 +113,7 @@ def _no_line_of_batch(cfg, args) -> str | None:
     its files have none now: each file's fate since (ingested again in a later batch, whose
     rows replaced its lines; dropped) or none quarantined. None: the batch's lines are there
     and the other filters matched none."""
-    from pipelines.criteo.ingest import current_entries, read_ledger
+    from pipelines.criteo.bronze import current_entries, read_ledger
     from pipelines.criteo.schema import tables
 
     rows = read_ledger(tables(cfg)["ledger"])

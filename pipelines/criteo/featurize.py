@@ -54,7 +54,7 @@ bronze file), an error or a stop (Ctrl-C, SIGTERM) at any point before the commi
 every table as it was and deletes the files it wrote
 (:class:`pipelines.lake.tasks.UncommittedWrites`).
 
-Only bronze rows the ingest ledger confirms are used (see :mod:`pipelines.criteo.ingest`);
+Only bronze rows the ingest ledger confirms are used (see :mod:`pipelines.criteo.bronze`);
 unlabelled rows (Kaggle ``test.txt``) are left out of gold. Every gold commit records the
 bronze version it was built from; ``features.json`` next to the gold tables names the table
 versions and per-column cardinalities the training code needs, and the fingerprint of gold's
@@ -202,7 +202,7 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
     ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree."""
     from deltalake.exceptions import DeltaError
 
-    from pipelines.criteo.ingest import bronze_sources, current_entries, read_ledger, unconfirmed_sources
+    from pipelines.criteo.bronze import bronze_sources, current_entries, read_ledger, unconfirmed_sources
     from pipelines.lake import DeltaSnapshot, table_exists
 
     paths = tables(cfg)

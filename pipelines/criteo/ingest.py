@@ -31,6 +31,13 @@ directories; tasks read their byte ranges straight from the store). Per group of
    confirm (left by a run that died between steps 3 and 5); the next ingest compares bronze
    with the ledger per source and replaces them.
 
+The pieces it is made of, each in its own module: what an input file is
+(:mod:`pipelines.criteo.raw_files`: described and checked before any Spark job), reading its
+lines (:mod:`pipelines.criteo.raw_lines`), parsing them (:mod:`pipelines.criteo.parse`), and
+the three tables it writes, with what their logs say per source
+(:mod:`pipelines.criteo.bronze`). This module plans the run against the ledger (skip, replace,
+duplicate, drop), runs the tasks and commits.
+
 Why not Spark SQL (``spark.read.text`` + ``from_csv``): it was the first implementation, and
 on 1 M rows it spent ~14 s where these tasks spend about 2 (docs/criteo.md, "Why Arrow in
 the tasks and not Spark SQL"):
@@ -39,98 +46,43 @@ each line became a JVM row, then a Python-bound Arrow batch for the Delta writer
 from __future__ import annotations
 
 import datetime as _dt
-import fnmatch
 import functools
 import hashlib
 import logging
-import re
 import time
 import uuid
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import raw_inputs
-from pipelines.criteo.parse import ROW_SCHEMA
-from pipelines.criteo.schema import DENSE, LABELED_FIELDS, SPARSE, UNLABELED_FIELDS, tables
+from pipelines.criteo.bronze import (
+    BRONZE_SCHEMA,
+    BRONZE_STATS_COLUMNS,
+    LEDGER_SCHEMA,
+    PARTITION_BY,
+    QUARANTINE_SCHEMA,
+    QUARANTINE_STATS_COLUMNS,
+    bronze_sources,
+    current_entries,
+    read_ledger,
+    rows_by_source,
+    unconfirmed_sources,
+)
+from pipelines.criteo.raw_files import GZIP_MIN_BYTES, RawFile, describe_files, unreadable_as_named
+from pipelines.criteo.raw_lines import GONE, ReadFailure, file_sha256, gone_reason, iter_line_blocks
+from pipelines.criteo.schema import tables
 
 log = logging.getLogger(__name__)
 
-PARTITION_BY = ["day", "source"]
-BRONZE_DDL = (
-    "label int, "
-    + ", ".join(f"{c} bigint" for c in DENSE)
-    + ", "
-    + ", ".join(f"{c} string" for c in SPARSE)
-    + ", ingest_batch string, day int, source string"
-)
-QUARANTINE_DDL = (
-    "line string, line_bytes binary, reason string, num_fields int, ingest_batch string, day int, source string"
-)
-LEDGER_DDL = (
-    "source string, path string, day int, labeled boolean, gzip boolean, size bigint, mtime_ns bigint, "
-    "quick_hash string, sha256 string, lines bigint, rows_ok bigint, rows_rejected bigint, "
-    "ingest_batch string, bronze_version bigint, quarantine_version bigint, forced boolean, "
-    "ingested_at timestamp, config_hash string"
-)
-# Parquet statistics (and so Delta min/max) only where a reader can use them: min/max of
-# random 8-hex categoricals skip nothing, and computing them cost 15% of the bronze write
-# (0.08 of 0.56 CPU-s per 128 MiB chunk). ingest_batch's are how featurize checks bronze
-# against the ledger: it is column 41, past the 32 whose statistics Delta readers parse by
-# default, so the table declares these (delta.dataSkippingStatsColumns).
-BRONZE_STATS_COLUMNS = ["label", *DENSE, "ingest_batch"]
-_BATCH_FIELDS = [pa.field("ingest_batch", pa.string()), pa.field("day", pa.int32()), pa.field("source", pa.string())]
-BRONZE_SCHEMA = pa.schema(list(ROW_SCHEMA) + _BATCH_FIELDS)  # = BRONZE_DDL (tested)
-LEDGER_SCHEMA = pa.schema(  # = LEDGER_DDL (tested)
-    [pa.field(n, t) for n, t in [
-        ("source", pa.string()), ("path", pa.string()), ("day", pa.int32()), ("labeled", pa.bool_()),
-        ("gzip", pa.bool_()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("quick_hash", pa.string()),
-        ("sha256", pa.string()), ("lines", pa.int64()), ("rows_ok", pa.int64()), ("rows_rejected", pa.int64()),
-        ("ingest_batch", pa.string()), ("bronze_version", pa.int64()), ("quarantine_version", pa.int64()),
-        ("forced", pa.bool_()), ("ingested_at", pa.timestamp("us", tz="UTC")), ("config_hash", pa.string()),
-    ]]
-)
-QUARANTINE_SCHEMA = pa.schema(
-    [pa.field("line", pa.string()), pa.field("line_bytes", pa.binary()), pa.field("reason", pa.string()),
-     pa.field("num_fields", pa.int32()), *_BATCH_FIELDS]
-)
-# the raw line (up to max_line_preview characters, past Parquet's statistics size) and its
-# bytes get no bound a reader could use: declared without them, a reader knows there is none
-# (delta-rs's pyarrow path skipped a file for any filter on a column it had no bound for)
-QUARANTINE_STATS_COLUMNS = ["reason", "num_fields", "ingest_batch"]
 _QUARANTINE_ROWS = pa.schema([f for f in QUARANTINE_SCHEMA if f.name not in PARTITION_BY])
-_BLOCK = 4 << 20
-_QUICK = 1 << 20
-_TAIL = 64 << 10  # bytes read past a range's end for its last line (more if that line is longer)
-_GZIP_MAGIC = b"\x1f\x8b"
-_GZIP_MIN_BYTES = 20  # the smallest gzip member: 10 bytes of header, an empty block, 8 of trailer
-# formats a raw file is sometimes stored in that ingest does not read: their magic bytes, so
-# such a file fails up front instead of being "ingested" as lines of undecodable bytes
-_FOREIGN_MAGIC = {
-    b"\x28\xb5\x2f\xfd": "zstd-compressed", b"BZh": "bzip2-compressed", b"\xfd7zXZ\x00": "xz-compressed",
-    b"\x04\x22\x4d\x18": "lz4-compressed", b"PK\x03\x04": "a zip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive",
-    b"PAR1": "a Parquet file",
-    # text in another encoding (Windows tools' "Unicode" is UTF-16): its byte order mark. Every
-    # line would be quarantined as undecodable and the file then ledgered. UTF-32 LE's mark
-    # starts with UTF-16 LE's, so it comes first
-    b"\xff\xfe\x00\x00": "UTF-32 text", b"\x00\x00\xfe\xff": "UTF-32 text",
-    b"\xff\xfe": "UTF-16 text", b"\xfe\xff": "UTF-16 text",
-}
 # task cost estimates relative to parsing one plain byte (ordering only): gzip inflates ~4x;
 # sha256 of a byte costs ~1/10 of parsing it
 _GZIP_EXPANSION = 4
 _HASH_COST = 0.1
-
-
-try:  # ISA-L's inflate: 2.6x less CPU than zlib's for gzip'd day files (docs/criteo.md)
-    from isal import isal_zlib as _inflate_lib
-except ImportError:  # pragma: no cover (a platform without its wheels): zlib, same results
-    _inflate_lib = zlib
 
 
 class IngestError(RuntimeError):
@@ -151,21 +103,6 @@ class CorruptInputError(IngestError):
         what = (f"nothing was committed for them; the run's {done} other file(s) were ingested"
                 if done else "nothing was committed")
         super().__init__(f"{len(problems)} input file(s) cannot be ingested, {what}:\n  {lines}")
-
-
-@dataclass
-class RawFile:
-    path: str
-    source: str
-    day: int
-    labeled: bool
-    gzip: bool
-    size: int
-    mtime_ns: int
-    quick_hash: str
-    foreign: str | None = None  # e.g. "zstd-compressed", "UTF-16 text": a format ingest does not read
-    label_conflict: str | None = None  # its first lines contradict the kind its name gives it
-    name_problem: str | None = None  # its name gives no usable day or `source` partition
 
 
 @dataclass
@@ -261,562 +198,7 @@ class IngestReport:
         )
 
 
-# ------------------------------------------------------------------------------ inputs
-def _quick_hash(size: int, head: bytes, f) -> str:
-    """sha256 of the size, the first MiB (``head``: the file's first min(size, 1 MiB) bytes)
-    and the last MiB (read from ``f``), truncated to 32 hex digits."""
-    h = hashlib.sha256(str(size).encode())
-    h.update(head)
-    if size > 2 * _QUICK:
-        f.seek(size - _QUICK)
-        h.update(f.read(_QUICK))
-    elif size > _QUICK:
-        f.seek(_QUICK)
-        h.update(f.read())
-    return h.hexdigest()[:32]
-
-
-def _inflate_head(head: bytes, limit: int) -> bytes:
-    """Up to ``limit`` bytes inflated from ``head``, the first bytes of a gzip file, across its
-    members (an empty first member, as ``cat empty.gz day.gz`` makes, hides nothing); what
-    cannot be inflated ends it."""
-    out: list[bytes] = []
-    n = 0
-    while head and n < limit:
-        d = zlib.decompressobj(47)
-        try:
-            piece = d.decompress(head, limit - n)
-        except zlib.error:
-            break
-        out.append(piece)
-        n += len(piece)
-        if not d.eof:
-            break
-        head = d.unused_data.lstrip(b"\0")
-    return b"".join(out)
-
-
-_HEAD_TEXT = 64 << 10  # bytes of a file's first lines checked against its name
-
-
-def _first_lines(text: bytes) -> list[bytes]:
-    lines = text[:_HEAD_TEXT].split(b"\n")
-    return lines[:-1] if len(lines) > 1 else lines
-
-
-_ROW_START = re.compile(rb"\s*-?[0-9]*\s*(\t|$)")  # a label, an integer or an empty field first
-
-
-def _labeled(name: str, unlabeled_globs: Sequence[str]) -> bool:
-    """Labelled (40 fields) unless the name matches ``unlabeled_globs`` (a test file: 39 fields,
-    no label). The name decides, never a line: a stray line (one TAB too many in a test file, a
-    labelled row whose empty C26 was stripped) must not turn every row of its file into a row
-    shifted by one column."""
-    return not any(fnmatch.fnmatch(name, g) for g in unlabeled_globs)
-
-
-def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence[str]) -> str | None:
-    """Why the first lines say the name got the file's kind wrong, or None. Only a clear
-    majority of them counts (and at least 3): a few bad lines are quarantined, not a verdict.
-    Trailing TABs may have been stripped, so a labelled row can have 38-40 fields and a test
-    row 37-39: what tells them apart is a 0/1 label first on every labelled row."""
-    lines = [ln for ln in lines if ln.strip()]
-    if lines and lines[0].startswith(_BOM):
-        lines[0] = lines[0][len(_BOM):]
-    n = len(lines)
-    # not rows at all (a readme.txt beside train.txt): no kind fits, so say that. A short line
-    # is a row whose empty trailing fields were stripped when it starts with a label or an
-    # integer (I1); one that starts with words is text
-    text = sum(ln.count(b"\t") + 1 < 14 and not _ROW_START.match(ln) for ln in lines)
-    if text >= 3 and 2 * text > n:
-        return (f"{text} of its first {n} lines are text, not rows: fewer than 14 fields (a Criteo row has 37-40) and "
-                "no number first; it does not look like a raw Criteo file: leave it out of the inputs "
-                "(criteo.ingest.file_globs / exclude_globs, or name the files)")
-    firsts = [ln.split(b"\t", 1)[0].strip() for ln in lines]
-    if labeled:  # at most 39 fields and a first field that is no label: rows of a test file
-        odd = sum(ln.count(b"\t") + 1 <= UNLABELED_FIELDS and f not in (b"0", b"1") for ln, f in zip(lines, firsts))
-        why = (f"its name matches no criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as "
-               f"labelled, but {odd} of its first {n} lines have at most 39 fields and no 0/1 label first, as "
-               "in a test file; add a glob matching its name to criteo.ingest.unlabeled_globs")
-        return why if odd >= 3 and 2 * odd > n else None
-    # 40 fields: rows with a label. In a labelled file whose trailing TABs were stripped only
-    # some lines keep 40, but (nearly) every line starts with 0/1; I1, first in a test row, is
-    # missing or another number in most lines
-    odd = sum(ln.count(b"\t") + 1 == LABELED_FIELDS for ln in lines)
-    labels = sum(f in (b"0", b"1") for f in firsts)
-    why = (f"its name matches criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as a test "
-           f"file (39 fields, no label), but {odd} of its first {n} lines have 40 fields"
-           + (f" and {labels} start with a 0/1 label" if 2 * odd <= n else "")
-           + ", as in a labelled file; rename it or change criteo.ingest.unlabeled_globs")
-    return why if odd >= 3 and (2 * odd > n or 10 * labels >= 9 * n) else None
-
-
-def describe_file(path: str, cfg) -> RawFile:
-    """Size, mtime, gzip or not, labelled or not, quick hash: one open of the file (on an
-    object store: one metadata request and two or three ranged reads)."""
-    ing = cfg.criteo.ingest
-    size, mtime_ns = raw_inputs.stat(path)
-    with raw_inputs.open_read(path) as f:
-        head = f.read(_QUICK)
-        quick = _quick_hash(size, head, f)
-    name = raw_inputs.basename(path)
-    # a .gz of 0 or 1 bytes (a copy in progress) is a truncated gzip: it fails alone when read
-    gz = head[:2] == _GZIP_MAGIC or (name.endswith(".gz") and _GZIP_MAGIC.startswith(head))
-    day, name_problem = _day_of(name, ing.day_regex)
-    text = _inflate_head(head, _HEAD_TEXT) if gz else head  # no more than the checks read
-    foreign = next((what for magic, what in _FOREIGN_MAGIC.items() if head.startswith(magic)), None)
-    if gz and not foreign:  # compressed twice (a download's double Content-Encoding), or gzip of a zstd file...
-        inner = {_GZIP_MAGIC: "gzip-compressed twice", **{m: f"{w}, then gzip'd" for m, w in _FOREIGN_MAGIC.items()}}
-        foreign = next((what for magic, what in inner.items() if text.startswith(magic)), None)
-    labeled = _labeled(name, ing.unlabeled_globs)
-    conflict = None if foreign else _label_conflict(_first_lines(text), labeled, ing.unlabeled_globs)
-    return RawFile(path, name, day, labeled, gz, size, mtime_ns, quick, foreign, conflict, name_problem)
-
-
-def _day_of(name: str, day_regex: str) -> tuple[int, str | None]:
-    """(day number from the name, -1 without a match; why the name cannot be ingested, or None:
-    it must be a bronze partition, ``day`` within its column's type and ``source`` a folder)."""
-    from pipelines.lake.files import MAX_DIR_NAME, int_range, partition_dir
-
-    folder = partition_dir(["source"], (name,))
-    if len(folder.encode()) > MAX_DIR_NAME:
-        return -1, (f"its name is too long for bronze's `source` partition folder ({len(folder.encode())} bytes "
-                    f"once escaped, at most {MAX_DIR_NAME}): rename it")
-    m = re.search(day_regex, name)
-    if not m:
-        return -1, None
-    digits = m.group(1)
-    if not re.fullmatch(r"[0-9]+", digits or ""):
-        return -1, (f"criteo.ingest.day_regex {day_regex!r} takes {digits!r} from its name as the day, which is "
-                    "not a number: change the setting")
-    if int(digits) > (top := int_range(BRONZE_SCHEMA.field("day").type)[1]):
-        return -1, f"its day number {digits} is past bronze's `day` column (at most {top:,}): rename it"
-    return int(digits), None
-
-
-def _unreadable_as_named(f: RawFile) -> str | None:
-    """Why ingest cannot read ``f`` (its content against its name), or None."""
-    if f.name_problem:
-        return f.name_problem
-    if f.foreign and f.foreign.startswith("UTF-"):
-        enc = f.foreign.split()[0]
-        return (f"{f.foreign} (by its byte order mark): ingest reads UTF-8; convert it to UTF-8 "
-                f"(iconv -f {enc} -t UTF-8)")
-    if f.foreign:
-        return (f"{f.foreign}, not lines of text: ingest reads plain or gzip'd files (decompress it, "
-                "or recompress it with gzip)")
-    if f.gzip and not f.path.endswith(".gz"):
-        return "gzip content but the name does not end in .gz"
-    if not f.gzip and f.path.endswith(".gz"):
-        return "named .gz but not gzip content"
-    return f.label_conflict
-
-
-def describe_files(paths: Sequence[str], cfg) -> list[RawFile]:
-    """:func:`describe_file` of each path, in order; remote files in parallel (each costs a few
-    round trips)."""
-    if not any(raw_inputs.is_remote(p) for p in paths) or len(paths) < 2:
-        return [describe_file(p, cfg) for p in paths]
-    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as ex:
-        return list(ex.map(lambda p: describe_file(p, cfg), paths))
-
-
-# ------------------------------------------------------------------------------ reading
-_BOM = b"\xef\xbb\xbf"
-
-
-class _Corrupt(Exception):
-    """An unreadable input file, found while reading it. A task returns it as a result
-    (:func:`run_item`) and the driver raises :class:`CorruptInputError`."""
-
-    def __init__(self, path: str, why: str):
-        super().__init__(f"{path}: {why}")
-        self.path, self.why = path, why
-
-
-def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytearray]:
-    """Blocks of the complete lines that START in [start, end) (a line belongs to the range
-    holding its first byte, so adjacent ranges split a file without loss or overlap); the file's
-    last line may lack its newline.
-
-    Each block is read straight into a new ``bytearray`` and cut after its last newline; the
-    partial line after the cut is read again with the next block (a seek back), so the bytes
-    are copied once, by the read. A line longer than ``block_bytes`` grows its block."""
-    if start > 0:
-        f.seek(start - 1)
-        pos = start - 1
-        while True:  # skip the partial line that began before the range
-            piece = f.read(1 << 16)
-            if not piece:
-                return
-            cut = piece.find(b"\n")
-            if cut >= 0:
-                pos += cut + 1
-                break
-            pos += len(piece)
-        if end is not None and pos >= end:
-            return  # no line starts in this range
-        f.seek(pos)
-    else:
-        pos = 0
-    size, tail = block_bytes, _TAIL
-    while end is None or pos < end:
-        # near `end`, read only what the range's last line needs (it ends within `tail` bytes
-        # past end, or the read is repeated with more): a full block there was up to
-        # block_bytes read for nothing, on an object store a transfer
-        want = size if end is None else min(size, end - pos + tail)
-        block = bytearray(want)
-        n = f.readinto(block)
-        if n < want:
-            del block[n:]
-        if not n:
-            return
-        # the last line starting before `end` ends at the first newline at or after end - 1
-        cut = block.find(b"\n", end - 1 - pos) if end is not None and pos + n >= end else block.rfind(b"\n")
-        if cut < 0:
-            if n == want:  # no newline where one was due: a very long line, read more of it
-                f.seek(pos)
-                size, tail = size * 2, tail * 2
-                continue
-            cut = n - 1  # the file's last line has no final newline (iter_line_blocks adds it)
-        elif cut + 1 < n:
-            del block[cut + 1:]
-            f.seek(pos + cut + 1)
-        if hasher is not None:
-            hasher.update(memoryview(block)[: cut + 1])
-        pos += cut + 1
-        size, tail = block_bytes, _TAIL
-        yield block
-
-
-def _read_gzip(f, path: str, block_bytes: int, hasher) -> Iterator[bytes]:
-    """Blocks of complete lines of a (multi-member) gzip file (the last line may lack its
-    newline); a truncated or corrupt file raises :class:`_Corrupt` naming it (whatever was
-    yielded before is then discarded).
-
-    Memory is bounded by ``block_bytes`` whatever the compression ratio: each inflate call
-    returns at most ``block_bytes`` (a 2 MB file of one repeated line inflates to 600 MB).
-    ISA-L inflates; where it refuses a file, zlib reads it again from the start and decides
-    (ISA-L 1.9 fails on a valid member header with a header CRC, FHCRC, split across two reads,
-    and names a wrong length "incorrect checksum"): the bytes already yielded are skipped and
-    the sha256 continues where it was, so the result is the same lines and hash."""
-    state = {"emitted": 0, "hashed": 0}  # bytes of lines yielded, stored bytes fed to `hasher`
-    libs = [_inflate_lib] if _inflate_lib is zlib else [_inflate_lib, zlib]
-    for i, lib in enumerate(libs):
-        try:
-            yield from _inflate_lines(f, lib, block_bytes, hasher, state)
-            return
-        except (zlib.error, lib.error) as e:
-            if i + 1 < len(libs):
-                log.info("%s: %s refused it (%s); reading it again with zlib", path, lib.__name__, e)
-                f.seek(0)
-                continue
-            raise _Corrupt(path, f"inflate error: {e}") from None
-        except _BadGzip as e:
-            raise _Corrupt(path, str(e)) from None
-
-
-class _BadGzip(Exception):
-    """A gzip file's structure is wrong whatever inflates it (truncated, trailing garbage)."""
-
-
-def _inflate_lines(f, lib, block_bytes: int, hasher, state: dict) -> Iterator[bytes]:
-    """:func:`_read_gzip`'s work with one inflate library, skipping the first
-    ``state["emitted"]`` bytes of lines and hashing only stored bytes past ``state["hashed"]``.
-    Inflated pieces are kept as they come and joined once per block: one copy of each byte,
-    where appending them to a growing ``bytes`` and slicing it copied each byte about three
-    times (reading 256 MiB of lines: 0.37 CPU-s against 0.46, of which ISA-L's inflate is
-    0.30)."""
-    d = lib.decompressobj(47)
-    pos = 0  # stored bytes read
-    member_bytes = 0
-    between = False  # after a member's end: zero padding (tape blocks, as gzip and zcat accept) or a member
-    pieces: list[bytes] = []  # inflated bytes not yielded yet, in order
-    held = 0
-    skip = state["emitted"]
-    while True:
-        raw = f.read(_BLOCK)
-        if not raw:
-            break
-        if hasher is not None and pos + len(raw) > state["hashed"]:
-            hasher.update(memoryview(raw)[max(0, state["hashed"] - pos):])
-            state["hashed"] = pos + len(raw)
-        pos += len(raw)
-        data, more = raw, False  # more: the last call filled its output and may hold more
-        while data or more:
-            if between:
-                data = data.lstrip(b"\0")
-                if not data:
-                    break
-                if not data.startswith(_GZIP_MAGIC[: len(data)]):
-                    raise _BadGzip("trailing garbage after the last gzip member")
-                between = False
-            out = d.decompress(data, block_bytes)
-            member_bytes += len(data) - len(d.unconsumed_tail) - len(d.unused_data)
-            more = len(out) == block_bytes and not d.eof
-            if skip and out:
-                dropped = min(skip, len(out))
-                out, skip = out[dropped:], skip - dropped
-            if out:
-                pieces.append(out)
-                held += len(out)
-            if d.eof:
-                data = d.unused_data
-                d = lib.decompressobj(47)
-                member_bytes, between, more = 0, True, False
-            else:
-                data = d.unconsumed_tail
-            if held >= block_bytes:
-                last = pieces[-1]
-                cut = last.rfind(b"\n")
-                if cut >= 0:  # else wait for a piece with a newline
-                    block = b"".join([*pieces[:-1], memoryview(last)[: cut + 1]])
-                    rest = last[cut + 1:]
-                    pieces, held = ([rest], len(rest)) if rest else ([], 0)
-                    state["emitted"] += len(block)
-                    yield block
-    if member_bytes or pos == 0:
-        raise _BadGzip("truncated gzip: the file ends inside a compressed member" if pos else
-                       "an empty file named .gz: no gzip member (a copy still in progress?)")
-    if held:
-        block = b"".join(pieces)
-        state["emitted"] += len(block)
-        yield block  # without a final newline if the file has none (iter_line_blocks adds it)
-
-
-def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None,
-                     block_bytes: int = 32 << 20, hasher=None) -> Iterator[bytes]:
-    """Blocks of complete lines (each ending in a newline, one added to a last line that has
-    none) of a raw file: for plain files, the lines starting in the byte range [start, end);
-    gzip files are read whole; a UTF-8 byte order mark at the file's start is dropped.
-    ``hasher`` (e.g. ``hashlib.sha256()``) is fed the stored bytes read, which is the whole
-    file when the range is."""
-    try:
-        yield from _line_blocks(path, gz, start, end, block_bytes, hasher)
-    except _GONE as e:  # raised by the read alone: the caller's own errors are not sent in here
-        raise _Corrupt(path, _gone(e)) from None
-
-
-def _line_blocks(path: str, gz: bool, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytes]:
-    with raw_inputs.open_read(path, sequential=True, stop=end) as f:
-        if gz:
-            if start or end is not None:
-                raise ValueError("gzip files cannot be split into byte ranges")
-            blocks = _read_gzip(f, path, block_bytes, hasher)
-        else:
-            blocks = _read_plain(f, start, end, block_bytes, hasher)
-        if start == 0:  # a UTF-8 byte order mark (a file saved by some Windows tools) is no data
-            first = next(blocks, None)
-            if first is None:
-                return
-            if first.startswith(_BOM):  # before a final newline is added: a file of just a BOM has no line
-                first = first[len(_BOM):]
-            if first:
-                yield _terminated(first)
-        for block in blocks:  # only the file's last block may lack its newline
-            yield _terminated(block)
-
-
-def _terminated(block):
-    """``block`` ending in a newline: one is added to a file's last line that has none."""
-    if block.endswith(b"\n"):
-        return block
-    if isinstance(block, bytearray):
-        block.append(10)
-        return block
-    return block + b"\n"
-
-
-def scan_file(path: str, gz: bool) -> dict:
-    """sha256 of the stored bytes, line count (as a line reader counts them) and, for gzip,
-    integrity of every member: ``{"path", "sha256", "lines", "error"}``."""
-    h = hashlib.sha256()
-    lines, error = 0, None
-    try:
-        for block in iter_line_blocks(path, gz, hasher=h):
-            lines += block.count(b"\n")
-    except _Corrupt as e:
-        error = e.why
-    except OSError as e:
-        error = f"{type(e).__name__}: {e}"
-    return {"path": path, "sha256": h.hexdigest(), "lines": lines, "error": error}
-
-
-# ------------------------------------------------------------------------------ tasks
-@dataclass(frozen=True)
-class Chunk:
-    """One Spark task's share of a raw file: the lines starting in [start, end)."""
-
-    path: str
-    source: str
-    day: int
-    labeled: bool
-    gzip: bool
-    start: int = 0
-    end: int | None = None
-    hash_file: bool = False  # the range is the whole file: compute its sha256 on the way
-
-
-def plan_chunks(files: Sequence[RawFile], chunk_bytes: int, verify: bool) -> list[tuple[str, object]]:
-    """Task items: ("chunk", Chunk) per byte range (gzip files: one per file), plus ("hash",
-    path) for plain files split into several ranges when ``verify`` asks for their sha256."""
-    items: list[tuple[float, int, tuple[str, object]]] = []  # (estimated cost, order, item)
-    for f in files:
-        if f.gzip or f.size <= chunk_bytes:
-            cost = f.size * (_GZIP_EXPANSION if f.gzip else 1)
-            items.append((cost, len(items), ("chunk", Chunk(f.path, f.source, f.day, f.labeled, f.gzip,
-                                                            hash_file=verify))))
-            continue
-        for s in range(0, f.size, chunk_bytes):
-            e = min(s + chunk_bytes, f.size)
-            items.append((e - s, len(items), ("chunk", Chunk(f.path, f.source, f.day, f.labeled, False, s, e))))
-        if verify:
-            items.append((f.size * _HASH_COST, len(items), ("hash", f.path)))
-    # longest first: Spark starts tasks in partition order, so short ones fill the tail
-    return [it for _, _, it in sorted(items, key=lambda x: (-x[0], x[1]))]
-
-
-def constant_strings(value: str, n: int) -> pa.Array:
-    """``n`` copies of ``value`` as an Arrow string array, built from buffers (no Python list)."""
-    data = value.encode()
-    offsets = np.arange(0, (n + 1) * len(data), len(data) or 1, dtype=np.int32)[: n + 1] if data else \
-        np.zeros(n + 1, dtype=np.int32)
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data * n))
-
-
-def _rejects_batch(rejects: list, preview: int, batch_id: str) -> pa.Table:
-    """The quarantine rows of ``rejects``, without the partition columns (the task passes the
-    chunk's (day, source) to the writer, as for bronze rows)."""
-    lines, raw_bytes = [], []
-    for raw, _, _ in rejects:  # the exact bytes too where the text is not the whole line
-        try:
-            text = raw.decode("utf-8")
-            raw_bytes.append(raw if len(text) > preview else None)
-        except UnicodeDecodeError:
-            text = raw.decode("utf-8", "replace")
-            raw_bytes.append(raw)
-        lines.append(text[:preview])
-    return pa.table({
-        "line": pa.array(lines, pa.string()), "line_bytes": pa.array(raw_bytes, pa.binary()),
-        "reason": pa.array([r for _, r, _ in rejects], pa.string()),
-        "num_fields": pa.array([k for _, _, k in rejects], pa.int32()),
-        "ingest_batch": constant_strings(batch_id, len(rejects)),
-    }, schema=_QUARANTINE_ROWS)
-
-
-# a file removed (or made unreadable) after it was listed fails alone, as a damaged one does; other
-# read errors (a store's timeout) fail the task, which Spark retries
-_GONE = (FileNotFoundError, PermissionError)
-
-
-def _gone(e: OSError) -> str:
-    return f"could not be read since it was listed ({type(e).__name__}: {e.strerror or e})"
-
-
-def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, preview: int,
-             block_bytes: int) -> dict:
-    """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file).
-
-    A corrupt input is a result (``kind: corrupt``), not a task failure: Spark would retry a
-    failed task (``spark.task.maxFailures``: 4 reads of a bad file on a cluster) and print
-    each attempt's traceback, and the job would stop at the first bad file where the driver
-    can name every one."""
-    kind, what = item
-    if kind == "hash":
-        try:
-            return {"kind": "hash", "path": what, "sha256": file_sha256(what)}
-        except _GONE as e:
-            return {"kind": "corrupt", "path": what, "reason": _gone(e)}
-    from pipelines.criteo.parse import parse_block
-
-    c: Chunk = what  # type: ignore[assignment]
-    hasher = hashlib.sha256() if c.hash_file else None
-    bw, qw = bronze_tw.open(), quarantine_tw.open()
-    lines = ok = rejected = 0
-    reasons: Counter[str] = Counter()
-    try:
-        for block in iter_line_blocks(c.path, c.gzip, c.start, c.end, block_bytes, hasher):
-            n = block.count(b"\n")
-            rows, rejects = parse_block(block, c.labeled, n)
-            if rows.num_rows + len(rejects) != n:  # parse_block's contract; never expected
-                raise IngestError(f"{c.path}: {n} lines parsed into {rows.num_rows} rows + {len(rejects)} rejects")
-            lines, ok, rejected = lines + n, ok + rows.num_rows, rejected + len(rejects)
-            # one partition per chunk (day, source): the writer needs no per-row grouping
-            rows = rows.append_column("ingest_batch", constant_strings(batch_id, rows.num_rows))
-            for b in rows.to_batches():
-                bw.write(b, (c.day, c.source))
-            if rejects:
-                reasons.update(reason for _, reason, _ in rejects)
-                for b in _rejects_batch(rejects, preview, batch_id).to_batches():
-                    qw.write(b, (c.day, c.source))
-        return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
-                "rejected": rejected, "reasons": dict(reasons), "bronze": bw.close(), "quarantine": qw.close(),
-                "sha256": hasher.hexdigest() if hasher is not None else None}
-    except _Corrupt as e:
-        bw.discard()
-        qw.discard()
-        return {"kind": "corrupt", "path": e.path, "reason": e.why}
-    except BaseException:
-        bw.discard()
-        qw.discard()
-        raise
-
-
-
-# ------------------------------------------------------------------------------ ledger
-def read_ledger(path: str) -> list[dict]:
-    from pipelines.lake import DeltaSnapshot, table_exists
-
-    if not table_exists(path):
-        return []
-    return DeltaSnapshot(path).to_table().to_pylist()
-
-
-def current_entries(ledger_rows: list[dict]) -> dict[str, dict]:
-    """The latest ledger row per source; none for a source whose latest row records its drop
-    (no ``size``: :func:`_drop_sources`)."""
-    cur: dict[str, dict] = {}
-    for r in sorted(ledger_rows, key=lambda r: (r["ingested_at"], r["ingest_batch"])):
-        cur[r["source"]] = r
-    return {s: r for s, r in cur.items() if r["size"] is not None}
-
-
-def bronze_sources(snapshot) -> dict[str, dict]:
-    """Per bronze ``source`` partition of ``snapshot`` (a DeltaSnapshot), from the Delta log
-    alone: ``{"rows", "batches" (the ingest_batch ids its files' statistics name), "day"}``."""
-    per_source: dict[str, dict] = {}
-    for fe in snapshot.files():
-        src = fe.partition_values.get("source")
-        d = per_source.setdefault(src, {"rows": 0, "batches": set(), "day": fe.partition_values.get("day")})
-        d["rows"] += int(fe.num_records or 0)
-        for b in (fe.min_values.get("ingest_batch"), fe.max_values.get("ingest_batch")):
-            if b is not None:
-                d["batches"].add(b)
-    unchecked = sorted(s for s, d in per_source.items() if d["rows"] and not d["batches"])
-    if unchecked:  # a bronze table from before it declared its statistics columns
-        log.warning("bronze files of %d source(s) (e.g. %s) carry no ingest_batch statistics: only their row "
-                    "counts are checked against the ledger", len(unchecked), unchecked[0])
-    return per_source
-
-
-def unconfirmed_sources(per_source: dict[str, dict], current: dict[str, dict]) -> dict[str, str]:
-    """The sources whose bronze rows (:func:`bronze_sources`) are not the ones the ledger's
-    current entry (:func:`current_entries`) records, each with why: rows of an ingest that
-    stopped between its bronze commit and its ledger entry, or bronze changed behind the
-    ledger's back."""
-    out: dict[str, str] = {}
-    for src in sorted(set(per_source) | set(current)):
-        b, led = per_source.get(src), current.get(src)
-        if led is None:
-            out[src] = f"{b['rows']} bronze rows but no ledger entry (an interrupted ingest?)"
-            continue
-        rows = b["rows"] if b else 0
-        if rows != led["rows_ok"] or (b and b["batches"] and b["batches"] != {led["ingest_batch"]}):
-            out[src] = (f"bronze has {rows} rows from batch(es) {sorted(b['batches']) if b else []}, "
-                        f"the ledger says {led['rows_ok']} rows from {led['ingest_batch']}")
-    return out
-
-
+# ---------------------------------------------------------------- plan (against the ledger)
 def _unconfirmed_elsewhere(unconfirmed: dict[str, str], files: list[RawFile],
                            current: dict[str, dict]) -> dict[str, str]:
     """The unconfirmed sources (:func:`unconfirmed_sources`) of files not among ``files``, each
@@ -864,11 +246,6 @@ def _drop_sources(paths: dict, sources: list[str], forget: list[dict], chash: st
     return versions
 
 
-def file_sha256(path: str) -> str:
-    with raw_inputs.open_read(path, sequential=True) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()  # type: ignore[arg-type]
-
-
 def _same_bytes(f: RawFile, twin: dict, hashes: dict[str, str]) -> str | None:
     """Whether ``f`` holds the same bytes as ``twin`` (a ledger row, or a file of this run),
     which has its size and quick hash (first and last MiB): None if it does not, else how that
@@ -878,7 +255,7 @@ def _same_bytes(f: RawFile, twin: dict, hashes: dict[str, str]) -> str | None:
     if f.path not in hashes:
         try:
             hashes[f.path] = file_sha256(f.path)
-        except _GONE:  # removed since it was listed: its task reports it, alone
+        except GONE:  # removed since it was listed: its task reports it, alone
             return None
     theirs = twin.get("sha256") or hashes.get(twin["path"])
     if not theirs:
@@ -957,7 +334,7 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
         # a gzip too short to hold a member (0 or 1 bytes: a copy in progress) fails alone when
         # read, so it is a copy of nothing: until the twentieth session an empty .gz was the
         # "duplicate" of any empty file ingested before (same size and hash), and reported so
-        truncated = f.gzip and f.size < _GZIP_MIN_BYTES
+        truncated = f.gzip and f.size < GZIP_MIN_BYTES
         twin, same_as = None, None
         for other in by_content.get((f.size, f.quick_hash), []) if prev is None and not force and not truncated else []:
             if (same_as := _same_bytes(f, other, hashes)) is not None:
@@ -1001,29 +378,118 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
     return todo, results, notes
 
 
+# ------------------------------------------------------------------------------ tasks
+@dataclass(frozen=True)
+class Chunk:
+    """One Spark task's share of a raw file: the lines starting in [start, end)."""
+
+    path: str
+    source: str
+    day: int
+    labeled: bool
+    gzip: bool
+    start: int = 0
+    end: int | None = None
+    hash_file: bool = False  # the range is the whole file: compute its sha256 on the way
+
+
+def plan_chunks(files: Sequence[RawFile], chunk_bytes: int, verify: bool) -> list[tuple[str, object]]:
+    """Task items: ("chunk", Chunk) per byte range (gzip files: one per file), plus ("hash",
+    path) for plain files split into several ranges when ``verify`` asks for their sha256."""
+    items: list[tuple[float, int, tuple[str, object]]] = []  # (estimated cost, order, item)
+    for f in files:
+        if f.gzip or f.size <= chunk_bytes:
+            cost = f.size * (_GZIP_EXPANSION if f.gzip else 1)
+            items.append((cost, len(items), ("chunk", Chunk(f.path, f.source, f.day, f.labeled, f.gzip,
+                                                            hash_file=verify))))
+            continue
+        for s in range(0, f.size, chunk_bytes):
+            e = min(s + chunk_bytes, f.size)
+            items.append((e - s, len(items), ("chunk", Chunk(f.path, f.source, f.day, f.labeled, False, s, e))))
+        if verify:
+            items.append((f.size * _HASH_COST, len(items), ("hash", f.path)))
+    # longest first: Spark starts tasks in partition order, so short ones fill the tail
+    return [it for _, _, it in sorted(items, key=lambda x: (-x[0], x[1]))]
+
+
+def constant_strings(value: str, n: int) -> pa.Array:
+    """``n`` copies of ``value`` as an Arrow string array, built from buffers (no Python list)."""
+    data = value.encode()
+    offsets = np.arange(0, (n + 1) * len(data), len(data) or 1, dtype=np.int32)[: n + 1] if data else \
+        np.zeros(n + 1, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(data * n))
+
+
+def _rejects_batch(rejects: list, preview: int, batch_id: str) -> pa.Table:
+    """The quarantine rows of ``rejects``, without the partition columns (the task passes the
+    chunk's (day, source) to the writer, as for bronze rows)."""
+    lines, raw_bytes = [], []
+    for raw, _, _ in rejects:  # the exact bytes too where the text is not the whole line
+        try:
+            text = raw.decode("utf-8")
+            raw_bytes.append(raw if len(text) > preview else None)
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", "replace")
+            raw_bytes.append(raw)
+        lines.append(text[:preview])
+    return pa.table({
+        "line": pa.array(lines, pa.string()), "line_bytes": pa.array(raw_bytes, pa.binary()),
+        "reason": pa.array([r for _, r, _ in rejects], pa.string()),
+        "num_fields": pa.array([k for _, _, k in rejects], pa.int32()),
+        "ingest_batch": constant_strings(batch_id, len(rejects)),
+    }, schema=_QUARANTINE_ROWS)
+
+
+def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, preview: int,
+             block_bytes: int) -> dict:
+    """One Spark task: parse a chunk into bronze/quarantine Parquet files (or hash a file).
+
+    A corrupt input is a result (``kind: corrupt``), not a task failure: Spark would retry a
+    failed task (``spark.task.maxFailures``: 4 reads of a bad file on a cluster) and print
+    each attempt's traceback, and the job would stop at the first bad file where the driver
+    can name every one."""
+    kind, what = item
+    if kind == "hash":
+        try:
+            return {"kind": "hash", "path": what, "sha256": file_sha256(what)}
+        except GONE as e:
+            return {"kind": "corrupt", "path": what, "reason": gone_reason(e)}
+    from pipelines.criteo.parse import parse_block
+
+    c: Chunk = what  # type: ignore[assignment]
+    hasher = hashlib.sha256() if c.hash_file else None
+    bw, qw = bronze_tw.open(), quarantine_tw.open()
+    lines = ok = rejected = 0
+    reasons: Counter[str] = Counter()
+    try:
+        for block in iter_line_blocks(c.path, c.gzip, c.start, c.end, block_bytes, hasher):
+            n = block.count(b"\n")
+            rows, rejects = parse_block(block, c.labeled, n)
+            if rows.num_rows + len(rejects) != n:  # parse_block's contract; never expected
+                raise IngestError(f"{c.path}: {n} lines parsed into {rows.num_rows} rows + {len(rejects)} rejects")
+            lines, ok, rejected = lines + n, ok + rows.num_rows, rejected + len(rejects)
+            # one partition per chunk (day, source): the writer needs no per-row grouping
+            rows = rows.append_column("ingest_batch", constant_strings(batch_id, rows.num_rows))
+            for b in rows.to_batches():
+                bw.write(b, (c.day, c.source))
+            if rejects:
+                reasons.update(reason for _, reason, _ in rejects)
+                for b in _rejects_batch(rejects, preview, batch_id).to_batches():
+                    qw.write(b, (c.day, c.source))
+        return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
+                "rejected": rejected, "reasons": dict(reasons), "bronze": bw.close(), "quarantine": qw.close(),
+                "sha256": hasher.hexdigest() if hasher is not None else None}
+    except ReadFailure as e:
+        bw.discard()
+        qw.discard()
+        return {"kind": "corrupt", "path": e.path, "reason": e.why}
+    except BaseException:
+        bw.discard()
+        qw.discard()
+        raise
+
+
 # ------------------------------------------------------------------------------ writing
-def rows_by_source(path: str, version: int | None, sources: Sequence[str] | None = None) -> dict[str, int]:
-    """Row counts per ``source`` partition from the Delta log's file statistics (no data read),
-    at ``version`` (None: the latest). From the log's add actions as one Arrow table, filtered
-    there: an ingest calls this up to three times per group, and building every file's entry
-    (:meth:`DeltaSnapshot.files`) of a 2,000-file bronze took ~12 s of a 2,000-file run."""
-    import pyarrow.compute as pc
-
-    from pipelines.lake import DeltaSnapshot
-
-    actions = pa.table(DeltaSnapshot(path, version=version).table.get_add_actions(flatten=True))
-    if not actions.num_rows:
-        return {}
-    src, n = actions.column("partition.source"), actions.column("num_records")
-    if sources is not None:
-        keep = pc.is_in(src, value_set=pa.array(list(sources), pa.string()))
-        src, n = src.filter(keep), n.filter(keep)
-    out: dict[str, int] = {}
-    for s, k in zip(src.to_pylist(), n.to_pylist()):
-        out[s] = out.get(s, 0) + int(k or 0)
-    return out
-
-
 def _new_batch_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("b%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 
@@ -1178,7 +644,7 @@ def ingest(
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})
     if dupes:
         raise IngestError(f"several inputs share the file name(s) {dupes}; the name is the bronze `source` key")
-    if misnamed := [(f.path, why) for f in files if (why := _unreadable_as_named(f))]:
+    if misnamed := [(f.path, why) for f in files if (why := unreadable_as_named(f))]:
         raise CorruptInputError(misnamed)
     ledger_rows = read_ledger(paths["ledger"])
     current = current_entries(ledger_rows)

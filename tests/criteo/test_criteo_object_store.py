@@ -91,7 +91,8 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     loader reads from S3."""
     from pipelines.criteo.featurize import featurize, read_features
     from pipelines.criteo.generate import generate
-    from pipelines.criteo.ingest import ingest, read_ledger
+    from pipelines.criteo.bronze import read_ledger
+    from pipelines.criteo.ingest import ingest
     from pipelines.criteo.schema import tables
     import torch
 
@@ -157,7 +158,8 @@ def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
 
 
 def test_corrupt_gzip_on_s3_fails_clearly_and_commits_nothing_for_it(spark, s3, tmp_path):
-    from pipelines.criteo.ingest import CorruptInputError, ingest, read_ledger, rows_by_source
+    from pipelines.criteo.bronze import read_ledger, rows_by_source
+    from pipelines.criteo.ingest import CorruptInputError, ingest
     from pipelines.criteo.schema import tables
     from pipelines.lake import table_version
 

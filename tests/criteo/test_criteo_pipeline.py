@@ -89,7 +89,8 @@ def test_chunking_changes_nothing(spark, criteo_shared, tmp_path):
     exactly the rows of one task per file, and the sha256 is still the whole file's."""
     import hashlib
 
-    from pipelines.criteo.ingest import ingest, read_ledger
+    from pipelines.criteo.bronze import read_ledger
+    from pipelines.criteo.ingest import ingest
 
     src = [criteo_shared / "kaggle_dac_train_head1000_trailing_tabs_stripped.txt",
            criteo_shared / "kaggle_dac_test_head100.txt"]
@@ -107,7 +108,7 @@ def test_chunking_changes_nothing(spark, criteo_shared, tmp_path):
 def test_arrow_schemas_match_the_ddl(spark):
     from pyspark.sql.types import StructType
 
-    from pipelines.criteo.ingest import BRONZE_DDL, BRONZE_SCHEMA, LEDGER_DDL, LEDGER_SCHEMA, QUARANTINE_DDL, \
+    from pipelines.criteo.bronze import BRONZE_DDL, BRONZE_SCHEMA, LEDGER_DDL, LEDGER_SCHEMA, QUARANTINE_DDL, \
         QUARANTINE_SCHEMA
     from pipelines.lake.schema import spark_to_arrow
 
@@ -152,7 +153,7 @@ def test_bronze_and_gold_counts(pipeline):
     assert ing.rows_in == ing.rows_ok == 12_000 and ing.rows_rejected == 0
     assert DeltaSnapshot(t["bronze"]).num_rows == 12_000
     # Delta min/max where skipping can use them (label, I1..I13, the batch id), not for C1..C26
-    from pipelines.criteo.ingest import BRONZE_STATS_COLUMNS
+    from pipelines.criteo.bronze import BRONZE_STATS_COLUMNS
 
     for fe in DeltaSnapshot(t["bronze"]).files():
         assert set(fe.min_values) == set(fe.max_values) == set(BRONZE_STATS_COLUMNS), fe.min_values
@@ -537,7 +538,8 @@ def test_lake_compression_sets_every_table_codec_but_gold(spark, tmp_path):
 def test_reingest_adds_nothing_and_force_replaces(spark, pipeline, capsys, spark_forbidden):
     from jobs.cli import main
     from pipelines.criteo.featurize import bronze_view
-    from pipelines.criteo.ingest import current_entries, ingest, read_ledger
+    from pipelines.criteo.bronze import current_entries, read_ledger
+    from pipelines.criteo.ingest import ingest
 
     cfg, tmp, paths, ing, feat = pipeline
     t = _bronze(cfg)
@@ -571,7 +573,8 @@ def test_featurize_refuses_bronze_rows_the_ledger_does_not_confirm(spark, tmp_pa
     """Rows committed to bronze by a run that died before its ledger entry are not used; a
     plain re-run of ingest replaces them."""
     from pipelines.criteo.featurize import FeaturizeError, bronze_view
-    from pipelines.criteo.ingest import BRONZE_DDL, PARTITION_BY, ingest
+    from pipelines.criteo.bronze import BRONZE_DDL, PARTITION_BY
+    from pipelines.criteo.ingest import ingest
     from pipelines.lake import read_table, write_table
 
     raw = tmp_path / "raw"
@@ -635,7 +638,8 @@ def test_drop_unconfirmed_drops_a_ledgered_file_whose_rows_were_replaced(spark, 
     ingested again, and featurize refused bronze for good."""
     from jobs.cli import main
     from pipelines.criteo.featurize import bronze_view
-    from pipelines.criteo.ingest import current_entries, ingest, read_ledger
+    from pipelines.criteo.bronze import current_entries, read_ledger
+    from pipelines.criteo.ingest import ingest
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -686,7 +690,7 @@ def test_a_day_re_delivered_under_another_name_is_named_and_its_old_source_dropp
 
     from jobs.cli import main
     from pipelines.criteo.featurize import bronze_view
-    from pipelines.criteo.ingest import current_entries, read_ledger
+    from pipelines.criteo.bronze import current_entries, read_ledger
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -739,7 +743,8 @@ def test_bad_lines_quarantined_exactly(spark, tmp_path, capsys, spark_forbidden)
     import re
     from collections import Counter
 
-    from pipelines.criteo.ingest import ingest, read_ledger
+    from pipelines.criteo.bronze import read_ledger
+    from pipelines.criteo.ingest import ingest
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -897,7 +902,8 @@ def test_corrupt_gzip_fails_clearly_and_commits_nothing_for_it(spark, tmp_path, 
     Until the twelfth session the whole group failed and the message said "nothing was
     committed" although groups before it had been."""
     from jobs.cli import main
-    from pipelines.criteo.ingest import CorruptInputError, ingest, read_ledger
+    from pipelines.criteo.bronze import read_ledger
+    from pipelines.criteo.ingest import CorruptInputError, ingest
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -1065,7 +1071,8 @@ def test_bigopt_run_drops_the_rows_of_days_a_new_generate_no_longer_makes(spark,
     rows, ingested before, leave bronze, the quarantine and the ledger too. Until the
     twenty-first session featurize still took them (the test split was the removed day)."""
     from jobs.run import generate_replacing
-    from pipelines.criteo.ingest import current_entries, ingest, read_ledger
+    from pipelines.criteo.bronze import current_entries, read_ledger
+    from pipelines.criteo.ingest import ingest
 
     three = _cfg(tmp_path, generate={"days": 3, "rows_per_day": 200, "seed": 5})
     files, stale = generate_replacing(three)
@@ -1085,7 +1092,7 @@ def test_bigopt_run_drops_the_rows_of_days_a_new_generate_no_longer_makes(spark,
 
 
 def rows_by_source_now(path: str) -> dict[str, int]:
-    from pipelines.criteo.ingest import rows_by_source
+    from pipelines.criteo.bronze import rows_by_source
 
     return rows_by_source(path, table_version(path))
 
@@ -1312,7 +1319,8 @@ def test_a_twin_removed_before_its_duplicate_check_fails_alone_later(tmp_path):
     """Two files of the same size and first/last MiB, the second removed between listing and
     planning: it is planned (its task reports it as gone), not a crash of the whole run
     (fifteenth session's review)."""
-    from pipelines.criteo.ingest import _plan, describe_files
+    from pipelines.criteo.ingest import _plan
+    from pipelines.criteo.raw_files import describe_files
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -1331,7 +1339,8 @@ def test_a_gz_too_short_for_a_member_is_no_duplicate_and_has_none(tmp_path):
     succeeded; a plain file could likewise be called a copy of a .gz that then failed."""
     import hashlib
 
-    from pipelines.criteo.ingest import _plan, describe_files
+    from pipelines.criteo.ingest import _plan
+    from pipelines.criteo.raw_files import describe_files
 
     raw = tmp_path / "raw"
     raw.mkdir()

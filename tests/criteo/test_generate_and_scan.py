@@ -12,7 +12,8 @@ import pytest
 
 from jobs.config import load_config
 from pipelines.criteo.generate import generate_files
-from pipelines.criteo.ingest import describe_file, scan_file
+from pipelines.criteo.raw_files import describe_file
+from pipelines.criteo.raw_lines import scan_file
 from pipelines.raw_inputs import resolve as resolve_inputs
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.criteo import parse
-from pipelines.criteo.ingest import iter_line_blocks
+from pipelines.criteo.raw_lines import iter_line_blocks
 from pipelines.criteo.parse import parse_block, parse_line
 
 GOOD = "0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t10\t11\t12\t13\t" + "\t".join(["68fd1e64"] * 26)
@@ -228,9 +228,9 @@ def _ranges(path: Path, size: int, chunk: int, block: int) -> list[bytes]:
 @pytest.mark.parametrize("final_newline", [True, False])
 @pytest.mark.parametrize("tail", [64 << 10, 1, 5])  # bytes read past a range's end (grown when short)
 def test_byte_ranges_cover_every_line_once(tmp_path, monkeypatch, final_newline, tail):
-    from pipelines.criteo import ingest
+    from pipelines.criteo import raw_lines
 
-    monkeypatch.setattr(ingest, "_TAIL", tail)
+    monkeypatch.setattr(raw_lines, "_TAIL", tail)
     rng = random.Random(1)
     lines = [("x" * rng.randrange(0, 90)) for _ in range(500)]  # includes empty lines
     body = "\n".join(lines) + ("\n" if final_newline else "")
@@ -364,7 +364,7 @@ def test_gzip_with_header_crcs_split_across_reads(tmp_path, monkeypatch):
     pass of zlib. Until the fifteenth session such a file failed as "Incorrect checksum"."""
     import hashlib
 
-    from pipelines.criteo import ingest
+    from pipelines.criteo import raw_lines
 
     body = b"".join(b"%d\t%d\n" % (i, i * 7) for i in range(3000))
     blob = b"".join(_fhcrc_member(body[i:i + 997], i) for i in range(0, len(body), 997))
@@ -372,7 +372,7 @@ def test_gzip_with_header_crcs_split_across_reads(tmp_path, monkeypatch):
     p.write_bytes(blob)
     assert gzip.decompress(blob) == body
     for read in (7, 64, 1000, 1 << 20):
-        monkeypatch.setattr(ingest, "_BLOCK", read)
+        monkeypatch.setattr(raw_lines, "_BLOCK", read)
         for block in (1 << 10, 1 << 16):
             h = hashlib.sha256()
             assert b"".join(iter_line_blocks(str(p), True, block_bytes=block, hasher=h)) == body, (read, block)
@@ -380,7 +380,7 @@ def test_gzip_with_header_crcs_split_across_reads(tmp_path, monkeypatch):
     # a damaged file is still damaged, now with zlib's words: a wrong length is no "checksum"
     bad_len = blob[:-1] + bytes([blob[-1] ^ 1])
     p.write_bytes(bad_len)
-    with pytest.raises(ingest._Corrupt, match="incorrect length check"):
+    with pytest.raises(raw_lines.ReadFailure, match="incorrect length check"):
         b"".join(iter_line_blocks(str(p), True))
 
 
@@ -388,12 +388,12 @@ def test_an_empty_file_named_gz_is_a_truncated_gzip(tmp_path):
     """0 or 1 bytes (a copy in progress) fail as that file's own read error; until the
     fifteenth session a 0-byte .gz stopped the whole run before Spark ("named .gz but not
     gzip content") and a valid gzip of nothing is still 0 lines."""
-    from pipelines.criteo import ingest
+    from pipelines.criteo import raw_lines
 
     p = tmp_path / "day_3.gz"
     for blob in (b"", b"\x1f"):
         p.write_bytes(blob)
-        with pytest.raises(ingest._Corrupt, match="empty file named .gz|truncated gzip"):
+        with pytest.raises(raw_lines.ReadFailure, match="empty file named .gz|truncated gzip"):
             list(iter_line_blocks(str(p), True))
     p.write_bytes(gzip.compress(b""))
     assert list(iter_line_blocks(str(p), True)) == []

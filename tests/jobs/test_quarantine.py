@@ -94,7 +94,7 @@ def test_a_batch_without_lines_now_says_what_became_of_its_files(tmp_path, capsy
     import datetime as dt
 
     from jobs.cli import main
-    from pipelines.criteo.ingest import LEDGER_SCHEMA, QUARANTINE_SCHEMA
+    from pipelines.criteo.bronze import LEDGER_SCHEMA, QUARANTINE_SCHEMA
 
     lake = f"lake.root={tmp_path / 'lake'}"
     paths = tables(load_config(None, [lake]))

@@ -103,7 +103,8 @@ def test_an_object_key_with_a_hash_is_that_object(s3, tmp_path):
     day_12, or with --force put day_12's rows under its name), a '#' key alone was "not found",
     and a table under such a prefix had its log in one place and its files in another."""
     from jobs.config import load_config
-    from pipelines.criteo.ingest import _plan, describe_files
+    from pipelines.criteo.ingest import _plan
+    from pipelines.criteo.raw_files import describe_files
 
     bucket = _bucket(s3)
     (tmp_path / "a").write_text("1\t2\n" * 10)
