@@ -210,6 +210,49 @@ def exists(name: str) -> bool:
     return _info(name).type != pafs.FileType.NotFound
 
 
+def gone(names: Sequence[str], list_from: int = 32) -> set[str]:
+    """The names (local paths or URIs) that no longer exist. One the store cannot be asked
+    about (no credentials, a network error) is not taken for gone.
+
+    Remote names are looked up a few at a time, one request each, except that a folder
+    holding ``list_from`` or more of them is listed once instead: an object store lists 1,000
+    keys per request, so a ledger of thousands of files in a few folders costs a few requests,
+    not one per file, while a handful of files in a folder of millions is not a listing of it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = {n for n in names if is_local(n) and not os.path.exists(n)}
+    by_dir: dict[str, list[str]] = {}
+    for n in dict.fromkeys(names):
+        if not is_local(n):  # a URI with options (s3://b/k?region=...) is looked up alone
+            by_dir.setdefault(n if "?" in n else n.rstrip("/").rsplit("/", 1)[0], []).append(n)
+
+    def listed(folder: str, members: list[str]) -> set[str]:
+        try:
+            fs, root = _fs(folder)
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        except OSError:
+            return set()
+        held = {posixpath.basename(i.path.rstrip("/")) for i in infos}
+        return {n for n in members if basename(n) not in held}
+
+    def looked_up(name: str) -> set[str]:
+        try:
+            return {name} if _info(name).type == pafs.FileType.NotFound else set()
+        except (OSError, ValueError):
+            return set()
+
+    many = {d for d, m in by_dir.items() if len(m) >= list_from and "?" not in d}
+    work = [(listed, (d, by_dir[d])) for d in many]
+    work += [(looked_up, (n,)) for d, m in by_dir.items() if d not in many for n in m]
+    if len(work) == 1:
+        return out | work[0][0](*work[0][1])
+    if work:
+        with ThreadPoolExecutor(max_workers=min(16, len(work))) as ex:
+            for found in ex.map(lambda w: w[0](*w[1]), work):
+                out |= found
+    return out
+
+
 def stat(name: str) -> tuple[int, int]:
     """(size in bytes, modification time in ns; 0 where the filesystem keeps none)."""
     info = _info(name)

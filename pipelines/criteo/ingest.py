@@ -270,15 +270,6 @@ def _uncompressed_name(source: str) -> str:
     return source[:-3] if source.endswith(".gz") else source
 
 
-def _file_gone(path: str) -> bool:
-    """Whether a file the ledger has is gone; one the store cannot be asked about (no
-    credentials, a network error) is not taken for gone."""
-    try:
-        return not raw_inputs.exists(path)
-    except (OSError, pa.ArrowException):
-        return False
-
-
 def _synthetic_beside_real(held: Mapping[str, str], files: list[RawFile]) -> dict[str, list[str]]:
     """Folder -> sources, of the sources (ledger ``held``: source -> path, and this run's
     ``files``) in local folders with a generate manifest, when others come from folders
@@ -664,7 +655,9 @@ def ingest(
     todo, report.files, notes = _plan(files, {s: r for s, r in current.items() if s not in drop_sources}, force,
                                       unconfirmed)
     named = {f.source for f in files} | set(drop_sources)
-    report.gone = {s: r for s, r in current.items() if s not in named and _file_gone(r["path"])}
+    others = {s: r for s, r in current.items() if s not in named}
+    missing = raw_inputs.gone([r["path"] for r in others.values()])  # a listing per folder, not a request per file
+    report.gone = {s: r for s, r in others.items() if r["path"] in missing}
     report.synthetic = _synthetic_beside_real({s: r["path"] for s, r in current.items() if s not in drop_sources},
                                               files)
     report.unconfirmed = _unconfirmed_elsewhere(unconfirmed, files, current)

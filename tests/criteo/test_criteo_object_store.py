@@ -84,6 +84,40 @@ def test_resolve_stat_and_read_on_s3(s3, tmp_path):
         assert hashlib.file_digest(f, "sha256").hexdigest() == hashlib.sha256(body).hexdigest()
 
 
+def test_gone_lists_a_folder_once_for_many_names(s3, tmp_path, monkeypatch):
+    """Which of the ledger's files are gone: a folder holding many of them is listed once (one
+    request per 1,000 keys), a few names are looked up one by one, and a name the store cannot
+    be asked about is not gone. Until the twenty-fifth session each name cost a request per
+    ingest run."""
+    bucket = _bucket(s3)
+    f = tmp_path / "f"
+    f.write_bytes(b"1\t2\n")
+    for i in range(40):
+        s3.upload(f, f"{bucket}/many/day_{i}")
+    for i in range(3):
+        s3.upload(f, f"{bucket}/few/day_{i}")
+    many = [f"{bucket}/many/day_{i}" for i in range(45)]  # 5 of them gone
+    few = [f"{bucket}/few/day_{i}" for i in range(5)]  # 2 of them gone
+    local = [str(f), str(tmp_path / "nope")]
+    calls: list[object] = []
+    real_fs = raw_inputs._fs
+
+    class Counting:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def get_file_info(self, what):
+            calls.append(what)
+            return self.fs.get_file_info(what)
+
+    monkeypatch.setattr(raw_inputs, "_fs", lambda uri: (lambda fs, p: (Counting(fs), p))(*real_fs(uri)))
+    assert raw_inputs.gone(many + few + local) == {*many[40:], *few[3:], str(tmp_path / "nope")}
+    assert sum(isinstance(c, pafs.FileSelector) for c in calls) == 1  # the folder of 45 names, once
+    assert len(calls) == 1 + len(few)
+    # a URI no filesystem can open: not taken for gone (nor is a store that does not answer)
+    assert raw_inputs.gone(["nosuchscheme://x/y"]) == set()
+
+
 def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
     """Raw day files (one gzip'd) on S3, split into several ranged-read tasks, ingested into a
     lake on S3: bronze equals the local run's row for row, the ledger holds the URIs and the
