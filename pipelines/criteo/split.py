@@ -58,7 +58,7 @@ class SplitPlan:
 def ledger_view(cfg, version: int) -> BronzeView:
     """Bronze's labelled days and sources at ``version`` as the ledger alone records them (no
     bronze log read, no check): enough to plan the split a build of that version had."""
-    from pipelines.criteo.ingest import current_entries, read_ledger
+    from pipelines.criteo.bronze import current_entries, read_ledger
 
     rows = [r for r in read_ledger(tables(cfg)["ledger"]) if (r["bronze_version"] or 0) <= version]
     return BronzeView(version, view_sources(current_entries(rows)))
@@ -99,7 +99,9 @@ def plan_split(cfg, view: BronzeView, warn: bool = True) -> SplitPlan:
 def _warn_day_layout(version: int, days: list[int], test: list[int], valid: list[int]) -> None:
     """Legal splits that are seldom meant: a day missing among bronze's days (a delivery that
     has not arrived, or a day all quarantined), and training days later than a test day (the
-    model learns from the days it is tested before: the 1TB protocol trains on the past)."""
+    model learns from the days it is tested before: the 1TB protocol trains on the past), and
+    validation days earlier than a training day (the model is then chosen on days it trains
+    after: valid AUC overstates what the test days will show)."""
     if gaps := sorted(set(range(min(days), max(days) + 1)) - set(days)):
         log.warning("split: bronze v%s has no labelled rows of day(s) %s (its days: %s): a day not delivered yet, "
                     "or all its lines quarantined? gold is built without it", version, day_spans(gaps),
@@ -108,6 +110,11 @@ def _warn_day_layout(version: int, days: list[int], test: list[int], valid: list
         log.warning("split: training day(s) %s come after test day %s: the model is trained on later days than it "
                     "is tested on (split.test_days names the held-out days; the 1TB protocol holds out the last)",
                     day_spans(later), min(test))
+    train = set(days) - set(test) - set(valid)
+    if early := sorted(d for d in valid if d < max(train)):
+        log.warning("split: validation day(s) %s come before training day %s: the model is chosen on days earlier "
+                    "than some it is trained on (split.valid_days names the validation days; the 1TB protocol "
+                    "validates on a day after the training days)", day_spans(early), max(train))
 
 
 def day_spans(days: list[int]) -> str:

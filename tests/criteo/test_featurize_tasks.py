@@ -223,10 +223,11 @@ def test_plan_split_names_what_is_wrong_with_the_days():
     assert F.plan_split(load_config(), one).mode == "random"
 
 
-def test_plan_split_warns_of_a_missing_day_and_of_training_after_the_test_day(caplog):
+def test_plan_split_warns_of_a_missing_day_of_training_after_the_test_day_and_of_early_validation(caplog):
     """Splits that are legal but seldom meant are said, not refused: a day missing among
     bronze's days (day_5 ingested before day_4 arrived) and training days later than the test
-    day (test_days set to a middle day). Before, both built gold in silence."""
+    day (test_days set to a middle day), validation days before a training day. Before, all
+    built gold in silence (the last until the twenty-fifth session)."""
     import logging
 
     from jobs.config import load_config
@@ -244,6 +245,10 @@ def test_plan_split_warns_of_a_missing_day_and_of_training_after_the_test_day(ca
     (later,) = warnings_for((0, 1, 2, 3), test_days=[1])
     assert "training day(s) [2-3] come after test day 1" in later
     assert len(warnings_for((0, 2, 3), test_days=[2])) == 2  # a gap and a later training day
+    # validation before training days (valid_days=[0] of days 0-5): chosen on the past
+    (early,) = warnings_for((0, 1, 2, 3, 4, 5), test_days=[5], valid_days=[0])
+    assert "validation day(s) [0] come before training day 4" in early
+    assert warnings_for((0, 1, 2, 3, 4, 5), test_days=[5], valid_days=[4]) == []
     # days 0-299 and 1000: one short line, not the 700 missing days and the 301 days listed
     (gap,) = warnings_for((*range(300), 1000))
     assert "day(s) [300-999] (700 days) (its days: [0-299, 1000] (301 days))" in gap and len(gap) < 300
