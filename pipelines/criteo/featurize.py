@@ -22,7 +22,10 @@ Gold rows are ``label float, dense array<float> (13), sparse array<int> (26)``:
 What runs where. Spark distributes; the per-row work is vectorised Arrow/NumPy code inside
 Spark tasks, reading and writing Parquet directly (the rows never become JVM rows). The unit
 of work is a bronze *slice* (a file, or a range of its row groups when it is large); slices
-are packed into about two tasks per core, balanced by bytes (:func:`bronze_tasks`).
+are packed into about two tasks per core, balanced by bytes
+(:func:`pipelines.criteo.bronze_slices.bronze_tasks`). The split's rule per row is
+:class:`pipelines.criteo.split.SplitRule`; categorical ids, the vocabulary job included, are
+:mod:`pipelines.criteo.vocabulary`.
 
 1. **Vocabulary** (strategy ``vocab``), one RDD job with one shuffle. Map: each task reads
    C1..C26 of its slices that can hold train rows, dictionary-encoded (plus label/I1..I13
@@ -70,26 +73,40 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from pipelines.criteo.bronze_slices import (
+    BronzeFileError,
+    BronzeSlice,
+    UnreadableBronzeError,
+    bronze_tasks,
+    day_of,
+    read_slice,
+    unreadable_footers,
+    unreadable_from,
+)
 from pipelines.criteo.schema import (
     BUILD_KEY, DENSE, FIRST_VOCAB_ID, GOLD_SPLITS, MISSING_ID, NUM_DENSE, NUM_SPARSE, RARE_ID, SPARSE, tables,
 )
 from pipelines.criteo.split import (  # the split is planned from the log and ledger alone: no Numba for it
+    ROW_COLUMNS,
+    TEST,
+    TRAIN,
+    VALID,
     BronzeView,
     FeaturizeError,
     SplitPlan,
+    SplitRule,
     build_settings,
     plan_split,
     view_sources,
 )
-from pipelines.criteo.spark_xxhash import valid_mask, word_keys, xxhash64
+from pipelines.criteo.vocabulary import build_vocabulary, hashed_ids, load_vocabulary, vocab_ids
 
 if TYPE_CHECKING:
     from pipelines.lake.tasks import TaskWrite
@@ -105,12 +122,6 @@ GOLD_SCHEMA = pa.schema([
     pa.field("dense", DENSE_TYPE, nullable=False),
     pa.field("sparse", SPARSE_TYPE, nullable=False),
 ])
-VOCAB_SCHEMA = pa.schema([
-    pa.field("column", pa.string()),
-    pa.field("value", pa.string()),
-    pa.field("id", pa.int32(), nullable=False),
-    pa.field("count", pa.int64(), nullable=False),
-])
 VOCAB_SIZES_SCHEMA = pa.schema([
     pa.field("column", pa.string()), pa.field("position", pa.int32()), pa.field("cardinality", pa.int32()),
     pa.field("kept_values", pa.int64()), pa.field("distinct_in_train", pa.int64()), pa.field("strategy", pa.string()),
@@ -119,44 +130,11 @@ VOCAB_SIZES_SCHEMA = pa.schema([
 ])
 GOLD_LAYOUT = {"label": "float", "dense": f"array<float>[{NUM_DENSE}]", "sparse": f"array<int>[{NUM_SPARSE}]"}
 
-TRAIN, VALID, TEST = 0, 1, 2  # positions in GOLD_SPLITS
-BATCH_ROWS = 1 << 18  # rows a task transforms at a time
-SLICE_BYTES = 128 << 20  # a bronze file bigger than this (or than its share of the cores) is cut
-TASK_BYTES = 512 << 20  # at most this much bronze Parquet per task (a task streams it by batch)
-FOLD_ROWS = 1 << 23  # vocabulary: partial-count rows a column may pile up (map or reduce side) before they are summed
-ROW_COLUMNS = ["label", *DENSE, *SPARSE]  # what the row hash covers, in Spark's argument order
 # gold Parquet: no dictionary encoding (the sparse ids are mostly distinct per row group, so
 # Parquet would build and then drop a dictionary: writing is ~20% cheaper without, the files ~8%
 # larger); statistics for the label only (Delta keeps no min/max for list columns: 6% of the write)
 GOLD_PARQUET_OPTIONS = {"use_dictionary": False}
 GOLD_STATS_COLUMNS = ["label"]
-
-
-class BronzeFileError(RuntimeError):
-    """A bronze data file that cannot be read (missing, not Parquet, damaged pages); its
-    message is ``"<uri> (<error>)"``. The tasks that read bronze return it as a result, so
-    the job runs to its end, names every such file and Spark neither retries nor logs it."""
-
-
-UNREADABLE = -1  # vocabulary job: the shuffle key under which map tasks send unreadable files
-
-
-def _problem(uri: str, e: BaseException) -> str:
-    first = str(e).splitlines()[0] if str(e) else ""
-    return f"{uri} ({type(e).__name__}: {first})"
-
-
-class UnreadableBronzeError(FeaturizeError):
-    """Bronze files that cannot be read: which (``problems``), and what to do about it."""
-
-    def __init__(self, problems: Iterable[str]):
-        self.problems = sorted(set(problems))
-        n = len(self.problems)
-        what = f"bronze file {self.problems[0]}" if n == 1 else f"{n} bronze files"
-        them = ("the file", "its source", "that source's") if n == 1 else ("them", "their sources", "those sources'")
-        msg = (f"{what} cannot be read; the table is damaged there: restore {them[0]}, or re-ingest {them[1]} "
-               f"with `bigopt ingest --force`, which replaces {them[2]} rows")
-        super().__init__(msg if n == 1 else msg + ":\n  " + "\n  ".join(self.problems))
 
 
 @dataclass
@@ -239,61 +217,6 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
     return BronzeView(snap.version, out, snap)
 
 
-@dataclass(frozen=True)
-class SplitRule:
-    """The split of a bronze row, evaluated on Arrow batches inside tasks (picklable). Same
-    decisions as the Spark SQL expression it replaced::
-
-        day mode:    CASE WHEN day IN test_days THEN (valid_days given ? 'test' :
-                                                      u < valid_share ? 'valid' : 'test')
-                          WHEN day IN valid_days THEN 'valid' ELSE 'train' END
-        random mode: u < train_fraction ? 'train' : u < cut ? 'valid' : 'test'
-
-    with ``u = pmod(xxhash64(seed, label, I1..I13, C1..C26), 2^30) / 2^30`` and
-    ``cut = train_fraction + (1 - train_fraction) * valid_share``."""
-
-    mode: str
-    test_days: tuple[int, ...] = ()
-    valid_days: tuple[int, ...] = ()
-    valid_share: float = 0.5
-    train_fraction: float = 6 / 7
-    seed: int = 0
-
-    @classmethod
-    def of(cls, cfg, plan: SplitPlan) -> SplitRule:
-        sp = cfg.criteo.featurize.split
-        return cls(plan.mode, tuple(plan.test_days), tuple(plan.valid_days), sp.valid_share, sp.train_fraction, sp.seed)
-
-    def of_day(self, day: int | None) -> int | None:
-        """The split of every row of a file of ``day``; None when it depends on the row."""
-        if self.mode == "random":
-            return None
-        if day in self.test_days:
-            return TEST if self.valid_days else None
-        if day in self.valid_days:
-            return VALID
-        return TRAIN
-
-    def may_train(self, day: int | None) -> bool:
-        """Can a file of ``day`` hold train rows?"""
-        return self.mode == "random" or (day not in self.test_days and day not in self.valid_days)
-
-    def of_rows(self, batch: pa.RecordBatch) -> np.ndarray:
-        """Per row (int8: TRAIN/VALID/TEST), for slices where :meth:`of_day` is None."""
-        u = row_hash_unit(batch, self.seed)
-        if self.mode == "random":
-            tf = self.train_fraction
-            cut = tf + (1.0 - tf) * self.valid_share
-            return np.where(u < tf, TRAIN, np.where(u < cut, VALID, TEST)).astype(np.int8)
-        return np.where(u < self.valid_share, VALID, TEST).astype(np.int8)
-
-
-def row_hash_unit(batch: pa.RecordBatch, seed: int) -> np.ndarray:
-    """Spark's ``pmod(xxhash64(lit(seed), label, I1..I13, C1..C26), 2^30) / 2^30`` per row."""
-    h = xxhash64([seed, *[batch.column(c) for c in ROW_COLUMNS]])
-    return (h & ((1 << 30) - 1)).astype(np.float64) / float(1 << 30)
-
-
 # ------------------------------------------------------------- row transforms (in tasks)
 def dense_matrix(batch: pa.RecordBatch) -> np.ndarray:
     """``log1p(max(coalesce(x, 0), 0))`` of I1..I13 as an (n, 13) float32 matrix."""
@@ -301,70 +224,6 @@ def dense_matrix(batch: pa.RecordBatch) -> np.ndarray:
     for j, c in enumerate(DENSE):
         x = np.maximum(batch.column(c).fill_null(0).to_numpy(), 0)
         out[:, j] = np.log1p(x.astype(np.float64))
-    return out
-
-
-def hashed_ids(col: pa.Array, buckets: int) -> np.ndarray:
-    """``0`` for null, else Spark's ``1 + pmod(xxhash64(value), buckets - 1)`` (int32)."""
-    def ids(values: pa.Array) -> np.ndarray:
-        return (np.mod(xxhash64([values]), buckets - 1) + 1).astype(np.int32)
-
-    return _ids_per_row(col, ids)
-
-
-class VocabLookup:
-    """Positions of values in one column's vocabulary (value i has id 2 + i; -1: absent).
-
-    Criteo categoricals are 8-byte strings: those are looked up as uint64 keys (their bytes)
-    in a pandas hash index built once per vocabulary and worker. ``pc.index_in`` rebuilds a
-    hash table of the whole vocabulary on every call; at 10 M rows (vocabularies of up to
-    ~400 k values) that rebuild per batch made the lookups ~3x slower. Other values (any
-    length but 8 bytes) go through ``pc.index_in``."""
-
-    def __init__(self, values: pa.Array):
-        import pandas as pd
-
-        self.values = values
-        keys = word_keys(values)
-        self.index = pd.Index(keys) if keys is not None else None
-
-    def positions(self, col: pa.Array) -> np.ndarray:
-        """Per row of ``col``: its position, -1 when absent (null rows: unspecified)."""
-        keys = word_keys(col) if self.index is not None else None
-        if keys is not None:
-            return self.index.get_indexer(keys)
-        return pc.index_in(col, value_set=self.values).fill_null(-1).to_numpy()
-
-
-def vocab_ids(col: pa.Array, lookup: VocabLookup) -> np.ndarray:
-    """Ids of ``col`` against a column's vocabulary: null -> 0 (missing), not in the
-    vocabulary -> 1 (rare or unseen), else 2 + its position."""
-
-    def ids(values: pa.Array) -> np.ndarray:
-        pos = lookup.positions(values)
-        return np.where(pos >= 0, pos + FIRST_VOCAB_ID, RARE_ID).astype(np.int32)
-
-    return _ids_per_row(col, ids)
-
-
-def _ids_per_row(col: pa.Array, ids_of: Callable[[pa.Array], np.ndarray]) -> np.ndarray:
-    """Per row of ``col``: ``ids_of``'s int32 id of its value, ``MISSING_ID`` for null. For a
-    dictionary column (how bronze's categoricals are read) ``ids_of`` runs on the distinct
-    values only and the rows gather from that (nulls from an extra entry): two passes over
-    the rows, whatever ``ids_of`` costs."""
-    if pa.types.is_dictionary(col.type):
-        d = col.dictionary
-        table = np.empty(len(d) + 1, np.int32)
-        if len(d):
-            table[:-1] = ids_of(d)
-        if d.null_count:
-            table[:-1][~valid_mask(d)] = MISSING_ID
-        table[-1] = MISSING_ID
-        idx = col.indices.fill_null(len(d)) if col.indices.null_count else col.indices
-        return table[idx.to_numpy()]
-    out = ids_of(col)
-    if col.null_count:
-        out[~valid_mask(col)] = MISSING_ID
     return out
 
 
@@ -381,363 +240,6 @@ def gold_batch(label: pa.Array, dense: np.ndarray, sparse: np.ndarray) -> pa.Rec
         ],
         schema=GOLD_SCHEMA,
     )
-
-
-# ------------------------------------------------------------------------ bronze slices
-@dataclass(frozen=True)
-class BronzeSlice:
-    """A piece of a task's work: one bronze file, or a contiguous range of its row groups."""
-
-    uri: str
-    day: int | None
-    row_groups: tuple[int, ...] | None = None  # None: the whole file
-    size: int = 0  # Parquet bytes (estimated for a range)
-
-
-def bronze_slices(files: list, parallelism: int, max_bytes: int = SLICE_BYTES) -> list[BronzeSlice]:
-    """Cut ``files`` (:class:`~pipelines.lake.FileEntry`) into slices of at most ``max_bytes``
-    and small enough that there are about two per core; a file is cut only at row groups."""
-    total = sum(f.size for f in files)
-    target = max(1, min(max_bytes, -(-total // (2 * max(1, parallelism)))))
-    out, unreadable = [], []
-    for f in files:
-        day = _day(f)
-        parts = -(-f.size // target)
-        if parts <= 1 or f.size <= target * 3 // 2:
-            out.append(BronzeSlice(f.uri, day, None, f.size))
-            continue
-        try:
-            md = f.metadata
-        except (OSError, pa.ArrowException) as e:
-            unreadable.append(_problem(f.uri, e))
-            continue
-        rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
-        if len(rows) <= 1:
-            out.append(BronzeSlice(f.uri, day, None, f.size))
-            continue
-        # contiguous ranges of about equal rows: cut where the running total passes k/parts
-        ends = np.cumsum(rows)
-        bounds = np.searchsorted(ends, np.arange(1, parts) * ends[-1] / parts, side="left") + 1
-        edges = sorted({0, *bounds.tolist(), len(rows)})
-        out.extend(
-            BronzeSlice(f.uri, day, tuple(range(a, b)), int(f.size * rows[a:b].sum() // ends[-1]))
-            for a, b in zip(edges, edges[1:]) if b > a
-        )
-    if unreadable:
-        raise UnreadableBronzeError(unreadable)
-    return out
-
-
-def bronze_tasks(files: list, parallelism: int, task_bytes: int = TASK_BYTES) -> list[list[BronzeSlice]]:
-    """The slices of ``files`` packed into tasks: two per core (more if a task would exceed
-    ``task_bytes``), balanced by bytes (largest slice first, into the lightest task). Few big
-    tasks: a PySpark task costs ~60 ms of CPU to start, and a task's output (gold files,
-    vocabulary partials) shrinks with the number of tasks, not of slices."""
-    slices = bronze_slices(files, parallelism)
-    total = sum(s.size for s in slices)
-    n = min(len(slices), max(2 * max(1, parallelism), -(-total // task_bytes)))
-    tasks: list[list[BronzeSlice]] = [[] for _ in range(n)]
-    load = [0] * n
-    for sl in sorted(slices, key=lambda s: -s.size):
-        i = load.index(min(load))
-        tasks[i].append(sl)
-        load[i] += sl.size
-    return tasks
-
-
-def read_slice(sl: BronzeSlice, schema: pa.Schema, dictionary: Iterable[str] = ()) -> Iterator[pa.RecordBatch]:
-    """The slice's rows in batches of ``BATCH_ROWS``, columns of ``schema`` (``dictionary``:
-    columns read dictionary-encoded, as Parquet stores them)."""
-    from pipelines.lake.reader import open_parquet
-
-    try:
-        pf = open_parquet(sl.uri, read_dictionary=list(dictionary) or None)
-        yield from pf.iter_batches(
-            batch_size=BATCH_ROWS, row_groups=list(sl.row_groups) if sl.row_groups is not None else None,
-            columns=schema.names, use_threads=False,
-        )
-    except (OSError, pa.ArrowException) as e:  # missing, not Parquet, damaged pages
-        raise BronzeFileError(_problem(sl.uri, e)) from None
-
-
-# --------------------------------------------------------------------- vocabulary job
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _sum_counts(parts: list[pa.Table]) -> pa.Table:
-    """Partial counts -> one table with the counts of equal values added. A partial is
-    ``(key uint64, count)`` when all its values are 8 bytes (the key holds them big-endian,
-    so key order is the values' byte order, Spark's string order), else ``(value string,
-    count)``; mixed partials are merged as strings. Key partials are kept sorted by key (a
-    merge of sorted runs: ~3x cheaper than hashing the keys again)."""
-    if any("value" in p.column_names for p in parts):
-        parts = [_as_values(p) for p in parts]
-    if parts[0].column_names[0] == "key":
-        keys = np.concatenate([p.column("key").to_numpy() for p in parts])
-        counts = np.concatenate([p.column("count").to_numpy() for p in parts]).astype(np.int64)  # int32 on the wire
-        order = np.argsort(keys, kind="stable")  # timsort: linear-ish on the sorted runs of the partials
-        keys = keys[order]
-        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        return pa.table({"key": keys[first], "count": np.add.reduceat(counts[order], first) if len(first) else counts})
-    parts = [p.set_column(1, "count", p.column("count").cast(pa.int64())) for p in parts]
-    g = pa.concat_tables(parts).group_by("value", use_threads=False).aggregate([("count", "sum")])
-    return pa.table({"value": g.column("value"), "count": g.column("count_sum")})
-
-
-def _partial(values: pa.Array, counts: np.ndarray) -> pa.Table:
-    keys = word_keys(values)
-    if keys is None:
-        return pa.table({"value": values, "count": counts})
-    return _key_partial(keys, counts)
-
-
-def _key_partial(words: np.ndarray, counts: np.ndarray) -> pa.Table:
-    """A key partial from 8-byte values' little-endian words (see :func:`_sum_counts`)."""
-    keys = words.byteswap()
-    order = np.argsort(keys)
-    return pa.table({"key": keys[order], "count": counts[order]})
-
-
-def _as_values(t: pa.Table) -> pa.Table:
-    if "value" in t.column_names:
-        return t
-    return pa.table({"value": _key_strings(t.column("key")), "count": t.column("count")})
-
-
-def _key_strings(keys: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """Big-endian uint64 keys back to their 8-byte strings."""
-    k = np.ascontiguousarray(keys.to_numpy()).byteswap()
-    offsets = np.arange(0, 8 * len(k) + 1, 8, dtype=np.int32)
-    return pa.Array.from_buffers(pa.string(), len(k), [None, pa.py_buffer(offsets), pa.py_buffer(k.view(np.uint8))])
-
-
-def _value_counts(col: pa.Array) -> pa.Table:
-    """Partial counts (see :func:`_sum_counts`) of the non-null values of ``col``; a
-    dictionary column (how bronze's categoricals are read) is counted by its indices,
-    without hashing a string per row."""
-    if pa.types.is_dictionary(col.type):
-        d = col.dictionary
-        counts = np.bincount(pc.drop_null(col.indices).to_numpy(), minlength=len(d))
-        seen = counts > 0
-        d_valid = valid_mask(d)
-        if d_valid is not None:
-            seen &= d_valid  # a null held in the dictionary is a null row
-        counts = counts[seen].astype(np.int32)
-        words = word_keys(d)
-        if words is not None:  # 8-byte values: keys straight from the dictionary, no string filter
-            return _key_partial(words[seen], counts)
-        return pa.table({"value": d.filter(pa.array(seen)), "count": counts})
-    vc = pc.value_counts(col)
-    values, counts = vc.field("values"), vc.field("counts")
-    if values.null_count:
-        valid = pc.is_valid(values)
-        values, counts = values.filter(valid), counts.filter(valid)
-    return _partial(values, counts.to_numpy().astype(np.int32))
-
-
-class PartialCounts:
-    """Partial counts (see :func:`_sum_counts`) per column index, summed whenever a column's
-    pile passes ``FOLD_ROWS`` rows (then twice what the last sum left), so that memory stays
-    within about three times the column's distinct values however many partials arrive."""
-
-    def __init__(self) -> None:
-        self._parts: dict[int, list[pa.Table]] = {}
-        self._rows: dict[int, int] = {}
-        self._limit: dict[int, int] = {}
-
-    def add(self, j: int, t: pa.Table) -> None:
-        if not t.num_rows:
-            return
-        parts = self._parts.setdefault(j, [])
-        parts.append(t)
-        self._rows[j] = self._rows.get(j, 0) + t.num_rows
-        if len(parts) > 1 and self._rows[j] > self._limit.get(j, FOLD_ROWS):
-            summed = _sum_counts(parts)
-            self._parts[j], self._rows[j] = [summed], summed.num_rows
-            self._limit[j] = max(FOLD_ROWS, 2 * summed.num_rows)
-
-    def columns(self) -> list[int]:
-        return sorted(self._parts)
-
-    def pop(self, j: int) -> pa.Table:
-        """Column ``j``'s counts, summed; forgotten here."""
-        self._rows.pop(j, None)
-        self._limit.pop(j, None)
-        return _sum_counts(self._parts.pop(j))
-
-
-def count_task(task: list[BronzeSlice], schema: pa.Schema, rule: SplitRule) -> Iterator[tuple[int, bytes]]:
-    """Map side: per column index, the partial counts (see :func:`_sum_counts`) of the train
-    rows of this task's slices, as Arrow IPC bytes; memory: about three times each column's
-    distinct values in the task's rows (:class:`PartialCounts`)."""
-    acc = PartialCounts()
-    for i, sl in enumerate(task):
-        if not rule.may_train(sl.day):
-            continue
-        whole = rule.of_day(sl.day)
-        try:
-            for batch in read_slice(sl, schema, dictionary=SPARSE):
-                if whole is None:
-                    keep = rule.of_rows(batch) == TRAIN
-                    batch = batch.select(SPARSE).filter(pa.array(keep))
-                for j, c in enumerate(SPARSE):
-                    acc.add(j, _value_counts(batch.column(c)))
-        except BronzeFileError as e:  # the job fails on the driver: counting the rest would be wasted
-            for problem in _unreadable_from(e, task[i + 1:]):
-                yield UNREADABLE, problem.encode()
-            return
-    for j in acc.columns():
-        t = acc.pop(j)
-        if pc.max(t.column("count")).as_py() < 1 << 31:  # half the bytes to shuffle for the counts
-            t = t.set_column(1, "count", t.column("count").cast(pa.int32()))
-        yield j, _ipc(t)
-
-
-def column_partitions(files: list, reducers: int) -> list[int]:
-    """The reduce partition of each categorical column: columns spread over ``reducers`` by
-    their Parquet bytes in up to 8 of the bronze ``files`` (footers: a proxy for the distinct
-    values a reducer merges; a high-cardinality column is ~100x a small one), largest first
-    into the lightest partition. ``column % reducers`` would pile the large columns onto a
-    few reducers."""
-    weight = np.ones(NUM_SPARSE)
-    for f in files[:: max(1, -(-len(files) // 8))]:
-        try:
-            md = f.metadata
-        except (OSError, pa.ArrowException):  # an unreadable file: the map task that reads it reports it
-            continue
-        for i in range(md.num_row_groups):
-            rg = md.row_group(i)
-            for k in range(rg.num_columns):
-                c = rg.column(k)
-                if c.path_in_schema in SPARSE:
-                    weight[SPARSE.index(c.path_in_schema)] += c.total_uncompressed_size
-    load = [0.0] * reducers
-    out = [0] * NUM_SPARSE
-    for j in np.argsort(-weight, kind="stable"):
-        out[j] = load.index(min(load))
-        load[out[j]] += weight[j]
-    return out
-
-
-def merge_partition(pairs: Iterable[tuple[int, bytes]], tw, threshold: int,
-                    max_size: int | None) -> Iterator[tuple[int, int, int, list[dict]]]:
-    """Reduce side: the ``(column index, partial counts as IPC bytes)`` pairs of this
-    partition's columns, in any order, summed per column as they arrive; then each column
-    through :func:`merge_column`."""
-    acc = PartialCounts()
-    unreadable: list[str] = []
-    for j, blob in pairs:
-        if j == UNREADABLE:
-            unreadable.append(blob.decode())
-            continue
-        acc.add(j, pa.ipc.open_stream(blob).read_all())
-    if unreadable:
-        yield UNREADABLE, 0, 0, unreadable
-        return
-    for j in acc.columns():
-        yield merge_column(j, acc.pop(j), tw, threshold, max_size)
-
-
-def merge_column(index: int, counts: pa.Table, tw, threshold: int,
-                 max_size: int | None) -> tuple[int, int, int, list[dict]]:
-    """Column ``SPARSE[index]``'s summed train ``counts`` -> its vocabulary: keep values seen
-    ``threshold``+ times (at most ``max_size``), number them 2, 3, ... by count desc then value
-    asc, write the column's vocabulary files. Returns (index, distinct values in train, kept
-    values, add actions)."""
-    distinct = counts.num_rows
-    kept = counts.filter(pc.greater_equal(counts.column("count"), threshold))
-    by = kept.column_names[0]
-    order = pc.sort_indices(kept, sort_keys=[("count", "descending"), (by, "ascending")])
-    if max_size is not None:
-        order = order.slice(0, max_size)
-    kept = _as_values(kept.take(order))
-    n = kept.num_rows
-    adds: list[dict] = []
-    if n:
-        batch = pa.RecordBatch.from_arrays(
-            [pa.repeat(pa.scalar(SPARSE[index], pa.string()), n), kept.column("value").combine_chunks(),
-             pa.array(np.arange(FIRST_VOCAB_ID, FIRST_VOCAB_ID + n, dtype=np.int32)),
-             kept.column("count").combine_chunks().cast(pa.int64())],
-            schema=VOCAB_SCHEMA,
-        )
-        adds = tw.write_all([batch])
-    return index, distinct, n, adds
-
-
-def build_vocabulary(sc, files: list, schema: pa.Schema, rule: SplitRule, fz, path: str, guard,
-                     compression: str = "zstd") -> tuple[TaskWrite, list[dict], dict[str, int], dict[str, int], tuple]:
-    """The vocabulary job (see the module docstring) over the bronze ``files`` that can hold
-    train rows. Returns (the vocabulary write, its add actions: written, NOT committed; kept
-    values per column, distinct train values per column, per column the URIs of its files).
-    The write is added to ``guard`` (:class:`pipelines.lake.tasks.UncommittedWrites`), which
-    deletes its files on a failure."""
-    from pipelines.lake.fs import file_uri
-    from pipelines.lake.tasks import begin_write
-
-    tw = guard.add(begin_write(path, VOCAB_SCHEMA, mode="overwrite", partition_by=["column"], compression=compression))
-    # one reduce task per column at most; fewer on a small cluster, where a task's fixed cost
-    # (about 60 ms of CPU in PySpark) would outweigh the merge of a small column
-    reducers = min(NUM_SPARSE, 2 * max(1, sc.defaultParallelism))
-    threshold, max_size = fz.freq_threshold, fz.max_vocab_size
-    tasks = bronze_tasks(files, sc.defaultParallelism)
-    results: list = []
-    if tasks:
-        sc.setJobDescription("featurize: vocabulary (count train values, merge per column)")
-        try:
-            results = (
-                sc.parallelize(tasks, len(tasks))
-                .flatMap(functools.partial(count_task, schema=schema, rule=rule))
-                .partitionBy(reducers, column_partitions(files, reducers).__getitem__)
-                .mapPartitions(lambda pairs: merge_partition(pairs, tw, threshold, max_size))
-                .collect()
-            )
-        finally:
-            sc.setJobDescription(None)
-    if unreadable := [p for j, _, _, problems in results if j == UNREADABLE for p in problems]:
-        raise UnreadableBronzeError(unreadable)
-    distinct = {SPARSE[j]: d for j, d, _, _ in results}
-    sizes = {SPARSE[j]: k for j, _, k, _ in results}
-    uris = {j: tuple(file_uri(tw.uri, a["path"]) for a in adds) for j, _, _, adds in results}
-    return (tw, [a for r in results for a in r[3]], {c: sizes.get(c, 0) for c in SPARSE},
-            {c: distinct.get(c, 0) for c in SPARSE}, tuple(uris.get(j, ()) for j in range(NUM_SPARSE)))
-
-
-_VOCAB_CACHE: dict[tuple, list[VocabLookup]] = {}
-
-
-def load_vocabulary(files_by_column: tuple[tuple[str, ...], ...]) -> list[VocabLookup]:
-    """Per column, a lookup of its vocabulary values ordered by id (value i has id 2 + i),
-    read from the vocabulary table's files; cached in the worker process (the key is the file
-    list, which is unique to one vocabulary write)."""
-    import pyarrow.parquet as pq
-
-    from pipelines.lake.fs import filesystem_for
-
-    key = files_by_column
-    hit = _VOCAB_CACHE.get(key)
-    if hit is not None:
-        return hit
-    _VOCAB_CACHE.clear()
-    out = []
-    for c, files in zip(SPARSE, files_by_column):
-        parts = []
-        for uri in files:
-            fs, path = filesystem_for(uri)
-            parts.append(pq.read_table(path, filesystem=fs, columns=["value", "id"], use_threads=False))
-        if not parts:
-            out.append(VocabLookup(pa.array([], pa.string())))
-            continue
-        t = pa.concat_tables(parts).sort_by("id")
-        ids = t.column("id").to_numpy()
-        if not np.array_equal(ids, np.arange(FIRST_VOCAB_ID, FIRST_VOCAB_ID + len(ids))):
-            raise FeaturizeError(f"vocabulary of {c} at {files[0]}: ids are not consecutive from {FIRST_VOCAB_ID}")
-        out.append(VocabLookup(t.column("value").combine_chunks()))
-    _VOCAB_CACHE[key] = out
-    return out
 
 
 # --------------------------------------------------------------------------- gold job
@@ -766,7 +268,7 @@ def gold_task(task: list[BronzeSlice], spec: GoldSpec) -> dict[str, list]:
             except BronzeFileError as e:  # the job fails on the driver: name this task's other bad files too
                 for w in writers:
                     w.discard()
-                return {"unreadable": _unreadable_from(e, task[i + 1:])}
+                return {"unreadable": unreadable_from(e, task[i + 1:])}
         return {split: w.close() for split, w in zip(GOLD_SPLITS, writers)}
     except BaseException:
         for w in writers:
@@ -792,26 +294,6 @@ def _gold_slice(sl: BronzeSlice, spec: GoldSpec, values: list | None, writers: l
             rows = np.flatnonzero(codes == k)
             if len(rows):
                 writers[k].write(gold_batch(label.take(pa.array(rows)), dense[rows], sparse[rows]))
-
-
-def _unreadable_from(e: BronzeFileError, rest: list[BronzeSlice]) -> list[str]:
-    """A task's problems once one of its slices could not be read: that error, and the files
-    of its later slices whose footers cannot be read (their rows are not read: the job fails
-    anyway). Each file is opened once, however many slices it has."""
-    return [str(e), *_unreadable_footers(dict.fromkeys(sl.uri for sl in rest))]
-
-
-def _unreadable_footers(uris: Iterable[str]) -> list[str]:
-    """The files that cannot even be opened (their footer read), as problem strings."""
-    from pipelines.lake.reader import open_parquet
-
-    out = []
-    for uri in uris:
-        try:
-            open_parquet(uri)
-        except (OSError, pa.ArrowException) as e:
-            out.append(_problem(uri, e))
-    return out
 
 
 def write_gold(sc, tasks: list[list[BronzeSlice]], spec_args: dict, paths: dict, fz,
@@ -1026,7 +508,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
         with UncommittedWrites(on_error=functools.partial(cancel_jobs_if_stopping, sc)) as guard:
             if vocab:
                 say(f"vocabulary: counting values in the train split (threshold {fz.freq_threshold})")
-                train_files = [f for f in files if rule.may_train(_day(f))]
+                train_files = [f for f in files if rule.may_train(day_of(f))]
                 vocab_columns = ROW_COLUMNS if plan.mode == "random" else SPARSE  # the split needs the row hash
                 try:
                     vtw, vadds, sizes, distinct, vocab_files = build_vocabulary(
@@ -1035,7 +517,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
                     )
                 except UnreadableBronzeError as e:  # name the held-out days' bad files too, not one job's at a time
                     train_uris = {f.uri for f in train_files}
-                    rest = _unreadable_footers(f.uri for f in files if f.uri not in train_uris)
+                    rest = unreadable_footers(f.uri for f in files if f.uri not in train_uris)
                     raise UnreadableBronzeError(e.problems + rest) from None
                 written.append(("vocabulary", vtw, vadds))
                 cards = [sizes[c] + FIRST_VOCAB_ID for c in SPARSE]
@@ -1126,11 +608,6 @@ def _commit_failed(what: str, e: OSError, stays: list[tuple[str, int | None]], p
 def _versions(stays: list[tuple[str, int | None]], names: dict[str, str]) -> str:
     """``vocabulary v3, train v3`` for ``[(path, version), ...]`` (a path by its table's name)."""
     return ", ".join(names.get(t, t) + ("" if v is None else f" v{v}") for t, v in stays)
-
-
-def _day(f) -> int | None:
-    d = f.partition_values.get("day")
-    return None if d is None else int(d)
 
 
 def write_features_json(cfg, report: FeaturizeReport, sizes: dict, distinct: dict, plan: SplitPlan,

@@ -4,6 +4,7 @@ ledger alone (no Spark, no data read, no Numba), and the settings a build record
     plan = plan_split(cfg, bronze_view(cfg))        # featurize: day or random, held-out days
     plan = plan_split(cfg, ledger_view(cfg, 7), warn=False)   # training: what a build of v7 had
     build_settings(cfg.criteo.featurize, plan)      # the strings its commits record
+    rule = SplitRule.of(cfg, plan); rule.of_rows(batch)   # featurize's tasks: each row's split
 
 Training imports this to compare its command's settings with a build's: the featurize module
 loads the Numba kernels (~0.4 s and ~150 MB) it does not need.
@@ -15,9 +16,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pipelines.criteo.schema import tables
+import numpy as np
+
+from pipelines.criteo.schema import DENSE, SPARSE, tables
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from pipelines.lake import DeltaSnapshot
 
 log = logging.getLogger(__name__)
@@ -157,3 +162,65 @@ def build_settings(fz, plan: SplitPlan) -> dict[str, str]:
         "split_seed": fz.split.seed if plan.mode == "random" else None,
     }
     return {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in out.items() if v is not None}
+
+
+# ------------------------------------------------------------------- the rule per row (tasks)
+TRAIN, VALID, TEST = 0, 1, 2  # positions in GOLD_SPLITS
+ROW_COLUMNS = ["label", *DENSE, *SPARSE]  # what the row hash covers, in Spark's argument order
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """The split of a bronze row, evaluated on Arrow batches inside tasks (picklable). Same
+    decisions as the Spark SQL expression it replaced::
+
+        day mode:    CASE WHEN day IN test_days THEN (valid_days given ? 'test' :
+                                                      u < valid_share ? 'valid' : 'test')
+                          WHEN day IN valid_days THEN 'valid' ELSE 'train' END
+        random mode: u < train_fraction ? 'train' : u < cut ? 'valid' : 'test'
+
+    with ``u = pmod(xxhash64(seed, label, I1..I13, C1..C26), 2^30) / 2^30`` and
+    ``cut = train_fraction + (1 - train_fraction) * valid_share``."""
+
+    mode: str
+    test_days: tuple[int, ...] = ()
+    valid_days: tuple[int, ...] = ()
+    valid_share: float = 0.5
+    train_fraction: float = 6 / 7
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg, plan: SplitPlan) -> SplitRule:
+        sp = cfg.criteo.featurize.split
+        return cls(plan.mode, tuple(plan.test_days), tuple(plan.valid_days), sp.valid_share, sp.train_fraction, sp.seed)
+
+    def of_day(self, day: int | None) -> int | None:
+        """The split of every row of a file of ``day``; None when it depends on the row."""
+        if self.mode == "random":
+            return None
+        if day in self.test_days:
+            return TEST if self.valid_days else None
+        if day in self.valid_days:
+            return VALID
+        return TRAIN
+
+    def may_train(self, day: int | None) -> bool:
+        """Can a file of ``day`` hold train rows?"""
+        return self.mode == "random" or (day not in self.test_days and day not in self.valid_days)
+
+    def of_rows(self, batch: pa.RecordBatch) -> np.ndarray:
+        """Per row (int8: TRAIN/VALID/TEST), for slices where :meth:`of_day` is None."""
+        u = row_hash_unit(batch, self.seed)
+        if self.mode == "random":
+            tf = self.train_fraction
+            cut = tf + (1.0 - tf) * self.valid_share
+            return np.where(u < tf, TRAIN, np.where(u < cut, VALID, TEST)).astype(np.int8)
+        return np.where(u < self.valid_share, VALID, TEST).astype(np.int8)
+
+
+def row_hash_unit(batch: pa.RecordBatch, seed: int) -> np.ndarray:
+    """Spark's ``pmod(xxhash64(lit(seed), label, I1..I13, C1..C26), 2^30) / 2^30`` per row."""
+    from pipelines.criteo.spark_xxhash import xxhash64  # Numba: only where rows are split, not for planning
+
+    h = xxhash64([seed, *[batch.column(c) for c in ROW_COLUMNS]])
+    return (h & ((1 << 30) - 1)).astype(np.float64) / float(1 << 30)

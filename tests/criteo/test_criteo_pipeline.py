@@ -286,7 +286,7 @@ def test_featurize_equals_the_spark_sql_expressions(spark, tmp_path, split_mode,
     generate(cfg)
     ingest(spark, cfg)
     rep = featurize(spark, cfg)
-    from pipelines.criteo.featurize import SplitPlan
+    from pipelines.criteo.split import SplitPlan
 
     want, vocab = _spark_sql_reference(spark, cfg, SplitPlan(rep.split_mode, rep.test_days, rep.valid_days))
     assert rep.split_mode == split_mode and sum(len(v) for v in want.values()) == 4500
@@ -318,7 +318,8 @@ def test_failed_featurize_commits_nothing(spark, tmp_path, capfd):
     such file of the failing job and the remedy, without Spark task failures (no retries, no
     Java/Python tracebacks); no table gets a commit and no file of the failed writes is left,
     also when only the gold job fails, after the vocabulary job has written its files."""
-    from pipelines.criteo.featurize import FeaturizeError, bronze_slices, featurize
+    from pipelines.criteo.bronze_slices import bronze_slices
+    from pipelines.criteo.featurize import FeaturizeError, featurize
     from pipelines.criteo.generate import generate
     from pipelines.criteo.ingest import ingest
 

@@ -10,7 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.criteo import featurize as F
+from pipelines.criteo import bronze_slices as B
+from pipelines.criteo import spark_xxhash as X
+from pipelines.criteo import split as S
+from pipelines.criteo import vocabulary as V
 from pipelines.criteo.schema import SPARSE
 
 HEX = [f"{i * 2654435761 % (1 << 32):08x}" for i in range(300)]
@@ -27,9 +30,9 @@ def _merge(tmp_path, partials, threshold=2, max_size=None):
     from pipelines.lake import DeltaSnapshot
     from pipelines.lake.tasks import begin_write, commit_write
 
-    tw = begin_write(str(tmp_path / "vocab"), F.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
-    blobs = [F._ipc(F._sum_counts([p])) for p in partials]
-    [(index, distinct, kept, adds)] = F.merge_partition([(2, b) for b in blobs], tw, threshold, max_size)
+    tw = begin_write(str(tmp_path / "vocab"), V.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
+    blobs = [V._ipc(V._sum_counts([p])) for p in partials]
+    [(index, distinct, kept, adds)] = V.merge_partition([(2, b) for b in blobs], tw, threshold, max_size)
     commit_write(tw, adds)
     rows = DeltaSnapshot(str(tmp_path / "vocab")).to_table().to_pylist()
     return distinct, kept, sorted((r["id"], r["value"], r["count"], r["column"]) for r in rows)
@@ -50,7 +53,7 @@ def test_vocabulary_merge_equals_counting(tmp_path, pool):
                                                pa.array(uniq, pa.string()))
     assert arrays[2].dictionary.null_count == 1 and arrays[2].indices.null_count == 0
     batches[3] = batches[3][7:]
-    partials = [F._value_counts(a) for a in arrays]
+    partials = [V._value_counts(a) for a in arrays]
     kinds = [p.column_names[0] for p in partials]
     assert kinds == ["key"] * 4 if pool is HEX else kinds[0] == "key" and "value" in kinds
     counts = Counter(v for b in batches for v in b if v is not None)
@@ -64,33 +67,33 @@ def test_vocabulary_merge_equals_counting(tmp_path, pool):
 
 def test_key_strings_round_trip():
     a = pa.array(HEX[:20] + ["\x00" * 8, "ÿÿÿÿ"], pa.string())
-    keys = F.word_keys(a)
+    keys = X.word_keys(a)
     assert keys is not None
-    assert F._key_strings(pa.array(keys.byteswap())).to_pylist() == a.to_pylist()
-    assert F.word_keys(pa.array(["abcdefgh", "abc"])) is None
-    assert F.word_keys(pa.array(["abcdefgh", None, "12345678"])).tolist()[1] == 0
+    assert V._key_strings(pa.array(keys.byteswap())).to_pylist() == a.to_pylist()
+    assert X.word_keys(pa.array(["abcdefgh", "abc"])) is None
+    assert X.word_keys(pa.array(["abcdefgh", None, "12345678"])).tolist()[1] == 0
 
 
 @pytest.mark.parametrize("pool", [HEX, MIXED], ids=["8-byte", "mixed-lengths"])
 def test_vocab_ids_fast_and_general_paths_agree(pool):
     vocab = pa.array(pool[::2], pa.string())
-    lookup = F.VocabLookup(vocab)
+    lookup = V.VocabLookup(vocab)
     assert (lookup.index is not None) == (pool is HEX)
     col = pa.array(_values(pool, 5000, 9) + ["zzzzzzzz", "not-in-it"], pa.string())
     pos = {v: i for i, v in enumerate(vocab.to_pylist())}
     want = [0 if v is None else 2 + pos[v] if v in pos else 1 for v in col.to_pylist()]
-    assert F.vocab_ids(col, lookup).tolist() == want
-    assert F.vocab_ids(col.dictionary_encode(), lookup).tolist() == want
-    assert F.vocab_ids(col.slice(100), lookup).tolist() == want[100:]
-    empty = F.VocabLookup(pa.array([], pa.string()))
-    assert set(F.vocab_ids(col, empty).tolist()) == {0, 1}
+    assert V.vocab_ids(col, lookup).tolist() == want
+    assert V.vocab_ids(col.dictionary_encode(), lookup).tolist() == want
+    assert V.vocab_ids(col.slice(100), lookup).tolist() == want[100:]
+    empty = V.VocabLookup(pa.array([], pa.string()))
+    assert set(V.vocab_ids(col, empty).tolist()) == {0, 1}
 
 
 def test_hashed_ids_dictionary_equals_plain():
     col = pa.array(_values(MIXED, 2000, 3), pa.string())
-    ids = F.hashed_ids(col, 1000)
+    ids = V.hashed_ids(col, 1000)
     assert ids.min() >= 0 and ids.max() < 1000 and (ids == 0).sum() == col.null_count
-    assert F.hashed_ids(col.dictionary_encode(), 1000).tolist() == ids.tolist()
+    assert V.hashed_ids(col.dictionary_encode(), 1000).tolist() == ids.tolist()
 
 
 def test_bronze_slices_and_tasks(tmp_path):
@@ -104,22 +107,22 @@ def test_bronze_slices_and_tasks(tmp_path):
     pq.write_table(t.slice(0, 500), small)
     files = [FileEntry(str(big), big.stat().st_size, 10_000, {"day": 3}),
              FileEntry(str(small), small.stat().st_size, 500, {"day": None})]
-    slices = F.bronze_slices(files, parallelism=2)
+    slices = B.bronze_slices(files, parallelism=2)
     cut = [s for s in slices if s.uri == str(big)]
     assert len(cut) > 1 and all(s.day == 3 for s in cut)
     assert [g for s in cut for g in s.row_groups] == list(range(10))  # contiguous, each once
     assert abs(sum(s.size for s in cut) - big.stat().st_size) < len(cut)
     (whole,) = [s for s in slices if s.uri == str(small)]
     assert whole.row_groups is None and whole.day is None
-    rows = sum(b.num_rows for s in cut for b in F.read_slice(s, t.schema, dictionary=SPARSE[:1]))
+    rows = sum(b.num_rows for s in cut for b in B.read_slice(s, t.schema, dictionary=SPARSE[:1]))
     assert rows == 10_000
 
-    tasks = F.bronze_tasks(files, parallelism=2)
+    tasks = B.bronze_tasks(files, parallelism=2)
     assert len(tasks) == min(4, len(slices)) and all(tasks)
     assert sorted(map(repr, (s for task in tasks for s in task))) == sorted(map(repr, slices))
     loads = [sum(s.size for s in task) for task in tasks]
     assert max(loads) - min(loads) <= max(s.size for s in slices)
-    assert len(F.bronze_tasks(files, parallelism=2, task_bytes=1)) == len(slices)  # size cap: one slice a task
+    assert len(B.bronze_tasks(files, parallelism=2, task_bytes=1)) == len(slices)  # size cap: one slice a task
 
 
 def test_count_task_folds_and_merges(tmp_path, monkeypatch):
@@ -129,8 +132,8 @@ def test_count_task_folds_and_merges(tmp_path, monkeypatch):
     from pipelines.lake import FileEntry
     from pipelines.lake.tasks import begin_write
 
-    monkeypatch.setattr(F, "FOLD_ROWS", 50)
-    monkeypatch.setattr(F, "BATCH_ROWS", 700)
+    monkeypatch.setattr(V, "FOLD_ROWS", 50)
+    monkeypatch.setattr(B, "BATCH_ROWS", 700)
     cols = {c: _values(HEX if j % 2 else MIXED, 3000, j) for j, c in enumerate(SPARSE)}
     files = []
     for day in (0, 1):
@@ -138,18 +141,18 @@ def test_count_task_folds_and_merges(tmp_path, monkeypatch):
         pq.write_table(pa.table({c: pa.array(v[day * 1500:(day + 1) * 1500], pa.string()) for c, v in cols.items()}),
                        path, row_group_size=400)
         files.append(FileEntry(str(path), path.stat().st_size, 1500, {"day": day}))
-    rule = F.SplitRule("day", test_days=(1,))
-    task = F.bronze_slices(files, parallelism=1)
+    rule = S.SplitRule("day", test_days=(1,))
+    task = B.bronze_slices(files, parallelism=1)
     assert len(task) == 2
     blobs: dict[int, list[bytes]] = {}
-    for j, blob in F.count_task(task, pa.schema([(c, pa.string()) for c in SPARSE]), rule):
+    for j, blob in V.count_task(task, pa.schema([(c, pa.string()) for c in SPARSE]), rule):
         blobs.setdefault(j, []).append(blob)
     assert sorted(blobs) == list(range(26)) and all(len(b) == 1 for b in blobs.values())
     # one reduce partition holding every column, each column's partial twice (as from two map
     # tasks), columns interleaved: with FOLD_ROWS = 50 the partials are summed on arrival
-    tw = begin_write(str(tmp_path / "vocab"), F.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
+    tw = begin_write(str(tmp_path / "vocab"), V.VOCAB_SCHEMA, mode="overwrite", partition_by=["column"])
     pairs = [(j, b) for _ in range(2) for j in sorted(blobs) for b in blobs[j]]
-    results = {r[0]: r for r in F.merge_partition(pairs, tw, 1, None)}
+    results = {r[0]: r for r in V.merge_partition(pairs, tw, 1, None)}
     assert sorted(results) == list(range(26))
     for j in (0, 1, 21):
         counts = Counter(v for v in cols[SPARSE[j]][:1500] if v is not None)
@@ -162,17 +165,17 @@ def test_count_task_folds_and_merges(tmp_path, monkeypatch):
 def test_partial_counts_fold_bounds_the_pile(monkeypatch):
     """Partials of one column are summed once the pile passes FOLD_ROWS (then twice what the
     sum left): the pile never holds much more than the distinct values, and the sum is exact."""
-    monkeypatch.setattr(F, "FOLD_ROWS", 100)
-    acc, want = F.PartialCounts(), Counter()
+    monkeypatch.setattr(V, "FOLD_ROWS", 100)
+    acc, want = V.PartialCounts(), Counter()
     rng = np.random.default_rng(0)
     for _ in range(40):
         vals = [HEX[i] for i in rng.integers(0, 150, 60)]
         want.update(vals)
-        acc.add(7, F._value_counts(pa.array(vals, pa.string())))
-        acc.add(3, F._value_counts(pa.array([], pa.string())))  # empty partials are dropped
+        acc.add(7, V._value_counts(pa.array(vals, pa.string())))
+        acc.add(3, V._value_counts(pa.array([], pa.string())))  # empty partials are dropped
         assert acc._rows[7] <= 3 * 150 + 60
     assert acc.columns() == [7]
-    got = F._as_values(acc.pop(7))
+    got = V._as_values(acc.pop(7))
     assert dict(zip(got.column("value").to_pylist(), got.column("count").to_pylist())) == want
     assert acc.columns() == []
 
@@ -189,7 +192,7 @@ def test_column_partitions_spread_the_large_columns(tmp_path):
     pq.write_table(t, path, row_group_size=1000)
     from pipelines.lake import FileEntry
 
-    parts = F.column_partitions([FileEntry(str(path), path.stat().st_size, 5000, {"day": 0})], reducers=4)
+    parts = V.column_partitions([FileEntry(str(path), path.stat().st_size, 5000, {"day": 0})], reducers=4)
     assert len(parts) == 26 and set(parts) <= set(range(4))
     assert sorted(parts[SPARSE.index(c)] for c in large) == [0, 1, 2, 3]
 
@@ -200,10 +203,10 @@ def test_plan_split_names_what_is_wrong_with_the_days():
     empty test split."""
     from jobs.config import load_config
 
-    view = F.BronzeView(3, {f"day_{d}": {"rows": 10, "day": d, "labeled": True, "batch": "b"} for d in (0, 1, 2)})
+    view = S.BronzeView(3, {f"day_{d}": {"rows": 10, "day": d, "labeled": True, "batch": "b"} for d in (0, 1, 2)})
 
     def plan(**split):
-        return F.plan_split(load_config(data={"criteo": {"featurize": {"split": split}}}), view)
+        return S.plan_split(load_config(data={"criteo": {"featurize": {"split": split}}}), view)
 
     assert (plan().mode, plan().test_days, plan().valid_days) == ("day", [2], [])
     assert (plan(test_days=[2], valid_days=[1]).test_days, plan(test_days=[2], valid_days=[1]).valid_days) == ([2], [1])
@@ -212,15 +215,15 @@ def test_plan_split_names_what_is_wrong_with_the_days():
                            ({"test_days": [1], "valid_days": [1]}, r"days \[1\] are both test and valid"),
                            ({"test_days": [0, 1, 2]}, "no training day left"),
                            ({"valid_days": [2]}, r"days \[2\] are both test and valid days \(split.test_days not set")):
-        with pytest.raises(F.FeaturizeError, match=message):
+        with pytest.raises(S.FeaturizeError, match=message):
             plan(**split)
     # held-out days named under mode auto make a day split even where auto alone would not (one
     # day; until the thirteenth session test_days was ignored and the split was random)
-    one = F.BronzeView(4, {"day_0": {"rows": 10, "day": 0, "labeled": True, "batch": "b"}})
+    one = S.BronzeView(4, {"day_0": {"rows": 10, "day": 0, "labeled": True, "batch": "b"}})
     cfg = load_config(data={"criteo": {"featurize": {"split": {"test_days": [0]}}}})
-    with pytest.raises(F.FeaturizeError, match="no training day left"):
-        F.plan_split(cfg, one)
-    assert F.plan_split(load_config(), one).mode == "random"
+    with pytest.raises(S.FeaturizeError, match="no training day left"):
+        S.plan_split(cfg, one)
+    assert S.plan_split(load_config(), one).mode == "random"
 
 
 def test_plan_split_warns_of_a_missing_day_of_training_after_the_test_day_and_of_early_validation(caplog):
@@ -233,10 +236,10 @@ def test_plan_split_warns_of_a_missing_day_of_training_after_the_test_day_and_of
     from jobs.config import load_config
 
     def warnings_for(days, **split):
-        view = F.BronzeView(7, {f"day_{d}": {"rows": 10, "day": d, "labeled": True, "batch": "b"} for d in days})
+        view = S.BronzeView(7, {f"day_{d}": {"rows": 10, "day": d, "labeled": True, "batch": "b"} for d in days})
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=F.__name__):
-            F.plan_split(load_config(data={"criteo": {"featurize": {"split": split}}}), view)
+        with caplog.at_level(logging.WARNING, logger=S.__name__):
+            S.plan_split(load_config(data={"criteo": {"featurize": {"split": split}}}), view)
         return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
     assert warnings_for((0, 1, 2)) == [] and warnings_for((3, 4, 5), test_days=[5], valid_days=[4]) == []
