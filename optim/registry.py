@@ -278,6 +278,10 @@ def param_groups_for(model: nn.Module, name: str, hp: dict[str, Any], *, embeddi
     return dense, sparse
 
 
+# how an optimizer runs, not what it computes: not passed from a dense optimizer to its sparse route
+_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def _fusable(groups, devices: tuple) -> bool:
     """Every parameter a dense floating tensor on a device type the fused kernel supports."""
     for g in groups:
@@ -350,6 +354,13 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     sparse_spec = _spec(sparse_name)
     lr = hp.get("lr", dense_opt.defaults.get("lr"))
     s_hp = {"lr": lr} if "lr" in _valid_hp(sparse_spec) and lr is not None else {}
+    if sparse_name == key:  # the tables follow the same rule: with the same hyperparameters (l1/l2, beta,
+        # eps, initial_accumulator_value...), as dense tables in the dense optimizer's `embedding` group have
+        # them; until the twenty-fifth session they got the sparse optimizer's defaults (FTRL without L1)
+        s_hp.update({k: v for k, v in dense_opt.defaults.items()
+                     if k in _valid_hp(sparse_spec) and k not in _IMPLEMENTATION_KEYS and k != "lr"})
+        if embedding_wd is not None and "weight_decay" in s_hp:
+            s_hp["weight_decay"] = embedding_wd
     s_hp.update(sparse_hp)
     if sparse_name == "sgd" and (s_hp.get("momentum") or s_hp.get("nesterov")):
         raise ValueError(

@@ -440,6 +440,18 @@ def _needs_a_closure(opt: torch.optim.Optimizer) -> str | None:
     return None
 
 
+def horovod_optimizer(hvd, opt: torch.optim.Optimizer, model: torch.nn.Module, **kw) -> torch.optim.Optimizer:
+    """``hvd.DistributedOptimizer(opt)`` (``kw``: ``backward_passes_per_step``, ``sparse_as_dense``:
+    sparse embedding gradients allreduced dense), with ``opt``'s state. Horovod re-runs the
+    optimizer's ``__init__`` on its param groups alone, so state that an ``__init__`` fills from
+    its arguments was lost: Adagrad's sums restarted from 0 whatever ``initial_accumulator_value``
+    said (until the twenty-fifth session)."""
+    made = opt.state_dict()
+    wrapped = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), **kw)
+    wrapped.load_state_dict(made)
+    return wrapped
+
+
 def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     """Train on this rank; returns a small result dict (rank 0's carries the history)."""
     t = TrainConfig.model_validate(job["train"])
@@ -470,10 +482,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             sparse_as_dense=t.compression.sparse_as_dense,
         )
     elif dist.hvd is not None:
-        opt = dist.hvd.DistributedOptimizer(
-            opt, named_parameters=model.named_parameters(), backward_passes_per_step=t.grad_accum_steps,
-            sparse_as_dense=t.compression.sparse_as_dense,  # sparse embedding gradients allreduced dense
-        )
+        opt = horovod_optimizer(dist.hvd, opt, model, backward_passes_per_step=t.grad_accum_steps,
+                                sparse_as_dense=t.compression.sparse_as_dense)
         hvd_opt = True
     sophia = sophia_of(opt)
 

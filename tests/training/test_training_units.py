@@ -517,3 +517,33 @@ def test_sparse_embeddings_train_without_torchs_invariant_warning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert "invariant" not in out.stderr, out.stderr
+
+
+def test_horovod_optimizer_keeps_the_state_an_init_made(tmp_path):
+    """hvd.DistributedOptimizer re-runs the optimizer's __init__ on its param groups alone:
+    Adagrad's sums, which its __init__ fills with initial_accumulator_value, restarted from 0
+    (plain Adagrad, and the CombinedOptimizer of a model with sparse tables). Until the
+    twenty-fifth session training with `compression.name: none` on Horovod ran Adagrad so.
+    In a subprocess: hvd.init() holds process-wide state."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("horovod.torch")
+    script = tmp_path / "wrap.py"
+    script.write_text(
+        "import torch, horovod.torch as hvd\n"
+        "from training.loop import horovod_optimizer\n"
+        "from training.optimizers import build_optimizer\n"
+        "hvd.init()\n"
+        "for sparse in (False, True):\n"
+        "    m = torch.nn.Sequential(torch.nn.EmbeddingBag(10, 2, mode='sum', sparse=sparse), torch.nn.Linear(2, 1))\n"
+        "    opt = build_optimizer('adagrad', m, lr=0.1, params={'initial_accumulator_value': 0.5})\n"
+        "    for name, o in (('plain', torch.optim.Adagrad(m.parameters(), lr=0.1, initial_accumulator_value=0.5)),\n"
+        "                    ('registry', opt)):\n"
+        "        w = horovod_optimizer(hvd, o, m)\n"
+        "        print(sparse, name, sorted({float(w.state[p]['sum'].to_dense().min()) for p in m.parameters()}))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(line.endswith("[0.5]") for line in lines), out.stdout
