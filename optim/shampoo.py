@@ -62,8 +62,11 @@ def matrix_inverse_root(mats: torch.Tensor, p: float, eps: float, dtype=torch.fl
 
 def _refresh_root_(inv: torch.Tensor, stats: torch.Tensor, p: float, eps: float) -> None:
     """``inv <- stats^(-1/p)`` per block; blocks with non-finite statistics or a failed
-    eigendecomposition keep their previous inverse root (as the reference implementations do)."""
-    finite = torch.isfinite(stats).flatten(1).all(dim=1)
+    eigendecomposition keep their previous inverse root (as the reference implementations do),
+    and so do blocks whose statistics are all zero (no gradient seen yet): their root would be
+    the ridge's, ``(1e-30)^(-1/p) I``."""
+    flat = stats.flatten(1)
+    finite = torch.isfinite(flat).all(dim=1) & (flat.abs().amax(dim=1) > 0)
     if bool(finite.all()):
         try:
             inv.copy_(matrix_inverse_root(stats, p, eps))
@@ -310,7 +313,9 @@ class Shampoo(Optimizer):
                 continue
             # statistics and roots are due by the tensor's own step count
             stats_due = t % group["statistics_interval"] == 0
-            roots_due = t >= start and (t - start) % k == 0
+            # due every k steps from `start`; and at each step until the tensor has roots (a root
+            # refused for want of statistics is tried again as soon as there are some)
+            roots_due = t >= start and ((t - start) % k == 0 or (p not in self._rooted and not bool(st["has_roots"])))
             bc1 = 1.0 - b1**t if b1 > 0 else 1.0
             pad = self._pad_buffer(p, plan) if plan.padded else None
             if stats_due:
@@ -350,6 +355,13 @@ class Shampoo(Optimizer):
             torch._foreach_add_(bp, bd, alpha=-lr)
 
     def _refresh(self, p, st, plan: _Plan, group) -> None:
+        if not bool(st["has_roots"]) and any(
+                bool((st[side].flatten(1).abs().amax(dim=1) == 0).any()) for side in ("L", "R") if side in st):
+            # a block without statistics yet (a zero gradient so far, or statistics_interval > 1 at the first
+            # root): no root, and the step stays grafted until one exists. Until the twenty-fifth session its
+            # root was the ridge's (1e-30)^(-1/p) I, kept as valid until the next refresh: with graft=none a
+            # step of lr=0.01 took the weights to ~1e13, with the Adam graft nothing was preconditioned
+            return
         if plan.row:
             _refresh_root_(st["L_inv"], st["L"], plan.p_l, group["matrix_eps"])
         if plan.col:

@@ -161,6 +161,37 @@ def test_nonfinite_statistics_keep_previous_root():
     assert torch.equal(opt.state[w]["L_inv"], prev)
 
 
+@pytest.mark.parametrize("graft", ["none", "adam"])
+def test_no_root_from_statistics_that_saw_no_gradient(graft):
+    """A first step with a zero gradient (the layer before a zero-initialised one), or a root due
+    before the first statistics (statistics_interval > 1): the tensor stays grafted, without
+    roots, and gets them at the next step with statistics. Until the twenty-fifth session the
+    root of zero statistics was the ridge's (1e-30)^(-1/4) I = 3e7 I, kept until the next
+    refresh 100 steps later: with graft=none one step of lr=0.01 took the weights to ~3e13;
+    with the Adam graft the update stayed parallel to the raw gradient (no preconditioning)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    opt = Shampoo([p], lr=0.01, graft=graft, betas=(0.0, 0.999))
+    p.grad = torch.zeros(6, 5)
+    opt.step()
+    assert not bool(opt.state[p]["has_roots"])
+    g, before = torch.randn(6, 5), p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    assert bool(opt.state[p]["has_roots"]) and opt.state[p]["L_inv"].abs().max() < 100
+    step = (before - p.detach()).reshape(-1)
+    assert step.abs().max() < 0.1  # lr-sized, not ~1e13
+    cos = torch.nn.functional.cosine_similarity(step, g.reshape(-1), dim=0)
+    assert cos < 0.99  # preconditioned: not the raw gradient's direction
+    # statistics every 2 steps: no root at step 1, one at step 2 when the first statistics arrive
+    q = torch.nn.Parameter(torch.randn(6, 5))
+    opt = Shampoo([q], lr=0.01, graft=graft, statistics_interval=2)
+    for t in (1, 2):
+        q.grad = torch.randn(6, 5)
+        opt.step()
+        assert bool(opt.state[q]["has_roots"]) == (t == 2) and q.detach().abs().max() < 10
+
+
 def test_state_dict_roundtrip_resumes_identically():
     def run(split):
         torch.manual_seed(0)
