@@ -122,9 +122,7 @@ class ISTA(Optimizer):
             for p in ps:
                 self._state(p)["step"] += 1
         if not needs_ls:
-            for group, ps in groups:
-                if ps:
-                    self._fast_step(group, ps)
+            self._fast_step([(group, ps) for group, ps in groups if ps])
             return loss
         ys = [[p.detach().clone() for p in ps] for _, ps in groups]
         gs = [[p.grad.detach().clone() for p in ps] for _, ps in groups]
@@ -155,79 +153,109 @@ class ISTA(Optimizer):
             if all(group["lr"] < 1e-20 for group, _ in groups):
                 raise RuntimeError("line search failed: step size underflow (is the closure's loss smooth?)")
 
-        for (group, ps), x, y in zip(groups, xs, ys):
-            if not ps:
-                continue
-            if not self._momentum:
-                torch._foreach_copy_(ps, x)
-                continue
-            self._fista_update(group, ps, x, y)
+        if not self._momentum:
+            for (_, ps), x in zip(groups, xs):
+                if ps:
+                    torch._foreach_copy_(ps, x)
+            return loss
+        self._fista_update([(ps, x, y) for (_, ps), x, y in zip(groups, xs, ys) if ps],
+                           any(g["restart"] for g, ps in groups if ps))
         return loss
 
-    def _fast_step(self, group, ps):
-        """Allocation-free step without line search (persistent scratch buffers, x swapped in)."""
-        lr, l1, l2 = group["lr"], group["l1"], group["l2"]
-        grads = [p.grad for p in ps]
-        clip = self._scratch.many(ps, "clip")
+    def _fast_step(self, groups):
+        """Allocation-free step without line search (persistent scratch buffers, x swapped in).
+        FISTA's momentum sequence ``t`` and its restart test belong to the whole iterate, every
+        group's parameters together (until the twenty-fifth session each group had its own, so
+        the biases' group, which ``build_optimizer`` always makes, restarted on its own)."""
+        x_new_of = []
+        for group, ps in groups:
+            lr, l1, l2 = group["lr"], group["l1"], group["l2"]
+            grads = [p.grad for p in ps]
+            clip = self._scratch.many(ps, "clip")
+            if not self._momentum:
+                for _, (bp, bg, bc) in group_tensors(ps, grads, clip):
+                    torch._foreach_add_(bp, bg, alpha=-lr)
+                    _prox_(bp, bc, lr * l1, 1.0 + lr * l2)
+                continue
+            x_old = [self.state[p]["x"] for p in ps]
+            x_new = self._scratch.many(ps, "x_new")
+            for _, (by, bg, bc, bxo, bxn) in group_tensors(ps, grads, clip, x_old, x_new):
+                torch._foreach_copy_(bxn, by)
+                torch._foreach_add_(bxn, bg, alpha=-lr)
+                _prox_(bxn, bc, lr * l1, 1.0 + lr * l2)
+            x_new_of.append((ps, x_new, x_old))
         if not self._momentum:
-            for _, (bp, bg, bc) in group_tensors(ps, grads, clip):
-                torch._foreach_add_(bp, bg, alpha=-lr)
-                _prox_(bp, bc, lr * l1, 1.0 + lr * l2)
             return
-        states = [self.state[p] for p in ps]
-        x_old = [st["x"] for st in states]
-        x_new = self._scratch.many(ps, "x_new")
-        t = float(states[0]["t"])
+        t = self._t()
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        for _, (by, bg, bc, bxo, bxn) in group_tensors(ps, grads, clip, x_old, x_new):
-            torch._foreach_copy_(bxn, by)
-            torch._foreach_add_(bxn, bg, alpha=-lr)
-            _prox_(bxn, bc, lr * l1, 1.0 + lr * l2)
         restart = False
-        if group["restart"]:  # gradient restart: <y - x_new, x_new - x_old> > 0
+        if any(group["restart"] for group, _ in groups):  # gradient restart: <y - x_new, x_new - x_old> > 0
             dot = 0.0
-            for y, xn, xo in zip(ps, x_new, x_old):
-                dot += float(torch.dot((y - xn).flatten(), (xn - xo).flatten()))
+            for ps, x_new, x_old in x_new_of:
+                for y, xn, xo in zip(ps, x_new, x_old):
+                    dot += float(torch.dot((y - xn).flatten(), (xn - xo).flatten()))
             restart = dot > 0
         coef = 0.0 if restart else (t - 1.0) / t_next
         t_next = 1.0 if restart else t_next
-        for _, (by, bxo, bxn) in group_tensors(ps, x_old, x_new):
-            torch._foreach_copy_(by, bxn)            # y = x_new + coef (x_new - x_old)
-            if coef:
-                torch._foreach_mul_(by, 1.0 + coef)
-                torch._foreach_add_(by, bxo, alpha=-coef)
-        for p, st, xn, xo in zip(ps, states, x_new, x_old):
-            st["x"] = xn                              # swap buffers instead of copying
-            self._scratch.put(p, "x_new", xo)
-            st["t"].fill_(t_next)
+        for ps, x_new, x_old in x_new_of:
+            for _, (by, bxo, bxn) in group_tensors(ps, x_old, x_new):
+                torch._foreach_copy_(by, bxn)            # y = x_new + coef (x_new - x_old)
+                if coef:
+                    torch._foreach_mul_(by, 1.0 + coef)
+                    torch._foreach_add_(by, bxo, alpha=-coef)
+            for p, xn, xo in zip(ps, x_new, x_old):
+                self.state[p]["x"] = xn                   # swap buffers instead of copying
+                self._scratch.put(p, "x_new", xo)
+        self._set_t(t_next)
+
+    def _t(self) -> float:
+        """FISTA's ``t``, one for the whole iterate (kept in every parameter's state: a parameter
+        whose state is new this step starts at 1, below the others)."""
+        return max((float(st["t"]) for st in self.state.values() if "t" in st), default=1.0)
+
+    def _set_t(self, value: float) -> None:
+        for st in self.state.values():
+            if "t" in st:
+                st["t"].fill_(value)
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self._scratch.clear()
+        # torch casts every state tensor but `step` to its parameter's dtype: FISTA's float64 `t`
+        # came back float32 (resumed runs differed from uninterrupted ones in the 8th digit)
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        mine = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved, mine):
+            t = state_dict["state"].get(i, {}).get("t")
+            if t is not None and p in self.state:
+                self.state[p]["t"] = torch.as_tensor(t).detach().clone().to(torch.float64)
 
-    def _fista_update(self, group, ps, x_new, y):
-        states = [self.state[p] for p in ps]
-        x_old = [st["x"] for st in states]
-        t = float(states[0]["t"])
+    def _fista_update(self, groups, restart_on: bool):
+        """The line-search path's momentum step over every group (``(params, x_new, y)``), with
+        one ``t`` and one restart test, as :meth:`_fast_step`."""
+        t = self._t()
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         restart = False
-        if group["restart"]:
+        if restart_on:
             # gradient restart: <y - x_new, x_new - x_old> > 0
-            a = torch._foreach_sub(y, x_new)
-            b = torch._foreach_sub(x_new, x_old)
-            restart = sum(float((u * v).sum()) for u, v in zip(a, b)) > 0
-        if restart:
-            t_next = 1.0
-            torch._foreach_copy_(ps, x_new)
-        else:
-            coef = (t - 1.0) / t_next
-            y_new = torch._foreach_sub(x_new, x_old)
-            torch._foreach_mul_(y_new, coef)
-            torch._foreach_add_(y_new, x_new)
-            torch._foreach_copy_(ps, y_new)
-        torch._foreach_copy_(x_old, x_new)
-        for st in states:
-            st["t"].fill_(t_next)
+            dot = 0.0
+            for ps, x_new, y in groups:
+                a = torch._foreach_sub(y, x_new)
+                b = torch._foreach_sub(x_new, [self.state[p]["x"] for p in ps])
+                dot += sum(float((u * v).sum()) for u, v in zip(a, b))
+            restart = dot > 0
+        for ps, x_new, _ in groups:
+            x_old = [self.state[p]["x"] for p in ps]
+            if restart:
+                torch._foreach_copy_(ps, x_new)
+            else:
+                coef = (t - 1.0) / t_next
+                y_new = torch._foreach_sub(x_new, x_old)
+                torch._foreach_mul_(y_new, coef)
+                torch._foreach_add_(y_new, x_new)
+                torch._foreach_copy_(ps, y_new)
+            torch._foreach_copy_(x_old, x_new)
+        self._set_t(1.0 if restart else t_next)
 
     def primal_iterates(self) -> list[torch.Tensor]:
         """The proximal iterates x (sparse; equal to the parameters for ISTA)."""
