@@ -91,6 +91,13 @@ def hutchinson_hessian(loss: torch.Tensor, params, n_samples: int = 1, *, retain
     return [out[id(p)] for p in params]
 
 
+def _floor(eps: float, dtype: torch.dtype) -> float:
+    """The denominator's floor ``eps``, at least the dtype's smallest normal number: in float16
+    the default 1e-15 is 0, and ``m / max(rho h, 0)`` was 0/0 = NaN wherever m was 0 (until the
+    twenty-fifth session every float16 step wrote NaN into such weights)."""
+    return max(eps, torch.finfo(dtype).tiny) if dtype.is_floating_point else eps
+
+
 class Sophia(Optimizer):
     """Sophia with an external diagonal Hessian EMA refreshed every ``update_interval`` steps.
 
@@ -214,7 +221,7 @@ class Sophia(Optimizer):
             if c is None or c[0] != rho or c[1] != eps:
                 h = self._state_for(p)["hessian"]
                 inv = c[2] if c is not None else torch.empty_like(h)
-                torch.mul(h, rho, out=inv).clamp_(min=eps).reciprocal_()
+                torch.mul(h, rho, out=inv).clamp_(min=_floor(eps, h.dtype)).reciprocal_()
                 c = (rho, eps, inv)
                 self._inv_cache[p] = c
             out.append(c[2])
@@ -251,7 +258,7 @@ class Sophia(Optimizer):
                         p.mul_(1.0 - lr * wd)
                     m.lerp_(g, 1.0 - b1)
                     h = self.state[p]["hessian"]
-                    ratio = (m.abs() / (rho * h).clamp(min=eps)).clamp(max=1.0)
+                    ratio = (m.abs() / (rho * h).clamp(min=_floor(eps, h.dtype))).clamp(max=1.0)
                     p.addcmul_(m.sign(), ratio, value=-lr)
                 continue
             invs = self._inv_denoms(params, rho, eps)
@@ -279,7 +286,7 @@ class Sophia(Optimizer):
                 st = self.state.get(p)
                 if not st or "exp_avg" not in st:
                     continue
-                denom = (st["hessian"] * group["rho"]).clamp_(min=group["eps"])
+                denom = (st["hessian"] * group["rho"]).clamp_(min=_floor(group["eps"], st["hessian"].dtype))
                 clipped += int((st["exp_avg"].abs() >= denom).sum())
                 total += p.numel()
                 h_sum += float(st["hessian"].sum())

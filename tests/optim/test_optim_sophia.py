@@ -179,3 +179,18 @@ def test_diagnostics_report_clip_fraction():
     opt.step()
     d = opt.diagnostics()
     assert 0.0 <= d["sophia/clip_fraction"] < 1.0 and d["sophia/hessian_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_steps_stay_finite_where_momentum_is_zero(foreach, dtype):
+    """eps=1e-15 is 0 in float16: 1/max(rho h, eps) was inf and 0 * inf NaN (0/0 per tensor),
+    so every coordinate with zero momentum became NaN (until the twenty-fifth session). The
+    floor is now at least the dtype's smallest normal number."""
+    p = torch.nn.Parameter(torch.ones(2, 3, dtype=dtype))
+    opt = Sophia([p], lr=1e-2, weight_decay=0.0, foreach=foreach)
+    p.grad = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.5]], dtype=dtype)
+    opt.step()
+    assert torch.isfinite(p).all() and torch.equal(p[0], torch.ones(3, dtype=dtype))
+    assert torch.equal(torch.sign(1 - p[1].float()), torch.tensor([1.0, -1.0, 1.0]))
+    assert 0.0 <= opt.diagnostics()["sophia/clip_fraction"] <= 1.0
