@@ -129,16 +129,27 @@ class GradientStepUp:
         return factor
 
     def step(self, optimizer, closure=None):
-        """Synchronise (hvd.DistributedOptimizer), scale the averaged gradient, then step."""
+        """Synchronise (hvd.DistributedOptimizer), scale the averaged gradient, then step.
+
+        A ``closure`` is evaluated here, once, before the scaling, and the optimizer steps
+        without it: given to ``optimizer.step`` it ran backward again and overwrote the scaled
+        gradients (until the twenty-fifth session ``factor`` said 4 and 1 was applied). An
+        optimizer whose step must evaluate the closure itself (LBFGS, a line search) cannot
+        take scaled gradients."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            self.step(optimizer)
+            return loss
         params = [p for g in optimizer.param_groups for p in g["params"]]
         sync = getattr(optimizer, "synchronize", None)
         if sync is not None and hasattr(optimizer, "skip_synchronize"):
             sync()
             self.scale_(params)
             with optimizer.skip_synchronize():
-                return optimizer.step(closure)
+                return optimizer.step()
         self.scale_(params)
-        return optimizer.step(closure)
+        return optimizer.step()
 
     def diagnostics(self) -> dict[str, float]:
         return {

@@ -184,6 +184,30 @@ def test_step_up_scales_gradients_outside_critical_phases():
         GradientStepUp(alpha=0.5)
 
 
+def test_step_up_with_a_closure_applies_the_factor_it_reports():
+    """step(optimizer, closure): the closure runs once, before the scaling. Until the
+    twenty-fifth session optimizer.step(closure) ran backward again over the scaled gradients:
+    factor 4 reported, 1 applied."""
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    su = GradientStepUp(alpha=4.0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        before, g = w.detach().clone(), 2 * w.detach()
+        loss = su.step(opt, closure)
+        assert float(loss) == pytest.approx(float((before ** 2).sum()))
+        torch.testing.assert_close((before - w.detach()) / (0.1 * g), torch.full((2,), su.factor))
+    assert len(calls) == 3 and su.factor == 1.0  # once a step; factors 1, 4, 1 as the norm moved
+
+
 # ------------------------------------------------------------------------------------ noise scale
 def test_noise_scale_estimators_are_exact_in_expectation():
     g2, s = 4.0, 200.0  # |G|^2 and tr(Sigma)
