@@ -94,6 +94,12 @@ def run(cfg, args) -> int:
     for src in rep.forgotten:
         console.print(f"  {src}: the rows its ledger entry confirmed had been replaced by those, so it is dropped from "
                       "the ledger too (ingest it again to have its rows back)")
+    if rep.in_flight:  # an ingest between its bronze commit and its ledger entry
+        console.print(f"bronze holds rows of {len(rep.in_flight)} file(s) that an ingest committed moments ago and "
+                      "has not recorded in the ledger yet (still running?); left alone:")
+        for src, (batch, ago) in sorted(rep.in_flight.items()):
+            console.print(f"  {src}: batch {batch}, {ago:.0f} s ago (criteo.ingest.in_flight_s: after that, an "
+                          "interrupted ingest's rows)")
     if rep.unconfirmed:  # featurize refuses bronze until they are ingested again or dropped
         console.print(styled(("bronze holds rows no ledger entry confirms (an interrupted ingest?) of files not "
                               "among this run's inputs; featurize refuses bronze until they are dealt with:", "yellow")))

@@ -13,7 +13,8 @@ bronze rows and batches per source from the log's file statistics, and where the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
@@ -138,4 +139,30 @@ def rows_by_source(path: str, version: int | None, sources: Sequence[str] | None
     out: dict[str, int] = {}
     for s, k in zip(src.to_pylist(), n.to_pylist()):
         out[s] = out.get(s, 0) + int(k or 0)
+    return out
+
+
+def in_flight(path: str, batches: Mapping[str, set[str]], within_s: float, limit: int = 100) -> dict[str, tuple[str, float]]:
+    """Of ``batches`` (source -> the ingest batches of its unconfirmed bronze rows,
+    :func:`bronze_sources`), the sources a batch committed to bronze less than ``within_s``
+    seconds ago: source -> (batch, seconds ago). Between its bronze commit and its ledger entry
+    an ingest's rows look exactly like an interrupted one's; a drop must not take them (nor
+    featurize refuse bronze for them). From the commit infos of the newest ``limit`` commits,
+    read newest first until one is older than ``within_s``."""
+    if not within_s or not any(batches.values()):
+        return {}
+    from pipelines.lake.maintenance import history
+
+    now, recent = time.time(), {}
+    for info in history(path, limit):
+        age = now - float(info.get("timestamp") or 0) / 1000.0
+        if age > within_s:
+            break
+        if b := info.get("ingest_batch"):
+            recent.setdefault(b, max(age, 0.0))
+    out = {}
+    for src, bs in batches.items():
+        young = sorted((recent[b], b) for b in bs if b in recent)
+        if young:
+            out[src] = (young[0][1], young[0][0])
     return out

@@ -87,6 +87,11 @@ class IngestConfig(Section):
     )
     row_group_rows: int = Field(131_072, ge=1024, description="bronze Parquet row-group size")
     max_line_preview: int = Field(4096, ge=64, description="quarantine keeps at most this many chars of a line")
+    in_flight_s: float = Field(
+        600, ge=0, description="bronze rows no ledger entry confirms yet, committed less than this many seconds ago, "
+        "are taken for an ingest still recording them: --drop-unconfirmed leaves them, featurize builds from the "
+        "latest bronze version the ledger confirms (0: every such row is an interrupted ingest's)"
+    )
 
 
 class SplitConfig(Section):

@@ -180,7 +180,7 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
     ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree."""
     from deltalake.exceptions import DeltaError
 
-    from pipelines.criteo.bronze import bronze_sources, current_entries, read_ledger, unconfirmed_sources
+    from pipelines.criteo.bronze import bronze_sources, current_entries, in_flight, read_ledger, unconfirmed_sources
     from pipelines.lake import DeltaSnapshot, table_exists
 
     paths = tables(cfg)
@@ -205,9 +205,27 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
             f"gone (e.g. {gone[0]}), removed by a vacuum after later versions replaced them (or by hand); "
             f"featurize a later version (bronze is at v{latest})")
     per_source = bronze_sources(snap)
-    current = current_entries([r for r in read_ledger(paths["ledger"]) if r["bronze_version"] <= snap.version])
+    ledger = read_ledger(paths["ledger"])
+    current = current_entries([r for r in ledger if r["bronze_version"] <= snap.version])
     problems = unconfirmed_sources(per_source, current)
     out = {src: v for src, v in view_sources(current).items() if src not in problems}
+    if problems and version is None:
+        # an ingest between its bronze commit and its ledger entry (criteo.ingest.in_flight_s): build
+        # from the latest version the ledger confirms (until the twenty-fifth session featurize failed
+        # there, and sent the user to --drop-unconfirmed, which then deleted the running ingest's rows)
+        young = in_flight(paths["bronze"], {s: per_source[s]["batches"] for s in problems if s in per_source},
+                          cfg.criteo.ingest.in_flight_s)
+        confirmed = max((r["bronze_version"] for r in ledger if r["bronze_version"] is not None), default=None)
+        if young and set(young) == set(problems):
+            which = ", ".join(f"{s}: batch {b}, {a:.0f} s ago" for s, (b, a) in sorted(young.items()))
+            if confirmed is None or confirmed >= snap.version:  # a later ingest committed past them
+                raise FeaturizeError(f"bronze v{snap.version} holds rows an ingest committed moments ago and is still "
+                                     f"recording in the ledger ({which}), and no earlier version the ledger confirms "
+                                     "leaves them out: run featurize again once that ingest has finished")
+            log.warning("bronze v%s holds rows an ingest committed moments ago and is still recording in the ledger "
+                        "(%s): building from bronze v%s, the latest version the ledger confirms",
+                        snap.version, which, confirmed)
+            return bronze_view(cfg, version=confirmed, latest=snap.version)
     if problems:
         raise FeaturizeError(
             f"bronze v{snap.version} and the ingest ledger disagree (re-run `bigopt ingest` with these files "

@@ -68,6 +68,7 @@ from pipelines.criteo.bronze import (
     QUARANTINE_STATS_COLUMNS,
     bronze_sources,
     current_entries,
+    in_flight,
     read_ledger,
     rows_by_source,
     unconfirmed_sources,
@@ -135,6 +136,9 @@ class IngestReport:
     # bronze sources no ledger entry confirms, of files not among this run's inputs: why, and
     # the remedy (featurize refuses bronze until they are ingested again or dropped)
     unconfirmed: dict[str, str] = field(default_factory=dict)
+    # of those, the ones an ingest committed moments ago (criteo.ingest.in_flight_s) and may
+    # still be recording in the ledger: source -> (its batch, seconds ago); never dropped
+    in_flight: dict[str, tuple[str, float]] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)  # such sources whose rows this run deleted
     # of them, files the ledger has: bronze no longer held the rows their entries confirm (the
     # unconfirmed ones replaced them), so they were dropped from the ledger too
@@ -661,6 +665,12 @@ def ingest(
     report.synthetic = _synthetic_beside_real({s: r["path"] for s, r in current.items() if s not in drop_sources},
                                               files)
     report.unconfirmed = _unconfirmed_elsewhere(unconfirmed, files, current)
+    # rows committed moments ago by an ingest that has not written its ledger entries yet look
+    # like an interrupted one's: left alone (until the twenty-fifth session a --drop-unconfirmed
+    # in that gap deleted a running ingest's rows, and the ingest reported success)
+    report.in_flight = in_flight(paths["bronze"], {s: per_source[s]["batches"] for s in report.unconfirmed
+                                                   if s in per_source}, ing.in_flight_s)
+    report.unconfirmed = {s: why for s, why in report.unconfirmed.items() if s not in report.in_flight}
     if drop_unconfirmed and (drop := sorted(report.unconfirmed)):
         say(f"dropping the unconfirmed bronze rows of {len(drop)} source(s)")
         # a file the ledger has: bronze no longer holds the rows its entry confirms (the
@@ -738,6 +748,15 @@ def ingest(
                 raise
             stays = [(paths["bronze"], bv), *([(paths["quarantine"], qv)] if qv is not None else [])]
             raise _commit_failed(e, len(group), stays, paths, report.ingested) from e
+        # a --drop-unconfirmed or --drop-source of another process that took these rows between
+        # the bronze commit and the ledger entry (one that ignored criteo.ingest.in_flight_s)
+        now_rows = rows_by_source(paths["bronze"], None, sources)
+        if lost := [f.source for f in group if ok.get(f.source, 0) and not now_rows.get(f.source, 0)]:
+            raise IngestError(
+                f"bronze no longer holds the rows of {', '.join(lost)}: another process dropped them after this "
+                f"ingest committed them (bronze v{bv}) and before it recorded them in the ledger (v{lv}); the ledger "
+                "now names rows bronze lacks, so featurize refuses bronze: run the same ingest again, which "
+                "replaces them")
         report.files += group_results
         report.bronze_version, report.ledger_version = bv, lv
         if qv is not None:  # an earlier group's (or the drop's) commit stays the one reported

@@ -647,7 +647,7 @@ def test_drop_unconfirmed_drops_a_ledgered_file_whose_rows_were_replaced(spark, 
     line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
     for d in (0, 1):  # a bad line each, so both have quarantine rows
         (raw / f"day_{d}").write_text("\n".join([f"{d}{line[1:]}"] * 20 + ["2\tbad"]) + "\n")
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, ingest={"in_flight_s": 0})  # the crash below was long ago
     ingest(spark, cfg)
     t = _bronze(cfg)
     with open(raw / "day_1", "a") as f:  # changed: ingested again, its rows replaced
@@ -655,7 +655,7 @@ def test_drop_unconfirmed_drops_a_ledgered_file_whose_rows_were_replaced(spark, 
     assert [f.status for f in ingest(spark, cfg).files] == ["skipped", "replaced"]
     (Path(t["ledger"]) / "_delta_log" / f"{1:020d}.json").unlink()  # died before its ledger entry
     (raw / "day_1").unlink()  # and the file is gone since
-    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}", "criteo.ingest.in_flight_s=0"]
     assert main(["ingest", *conf]) == 0
     assert "day_1: bronze has 25 rows" in capsys.readouterr().out.replace("\n", "")
     rep = ingest(spark, cfg)
@@ -679,6 +679,66 @@ def test_drop_unconfirmed_drops_a_ledgered_file_whose_rows_were_replaced(spark, 
     rep = ingest(spark, cfg)
     assert [(f.source, f.status, f.note) for f in rep.files if f.status != "skipped"] == [("day_1", "ingested", "")]
     assert {s: d["rows"] for s, d in bronze_view(cfg).sources.items()} == {"day_0": 20, "day_1": 4}
+
+
+def test_rows_an_ingest_is_still_recording_are_neither_dropped_nor_refused(spark, tmp_path, capsys, caplog,
+                                                                              monkeypatch):
+    """Between its bronze commit and its ledger entry an ingest's rows look like an interrupted
+    one's (concurrency probe): a --drop-unconfirmed in that gap deleted them and the running
+    ingest still reported success, and a featurize there failed, sending the user to that drop.
+    Rows committed less than criteo.ingest.in_flight_s ago are now left alone by the drop,
+    featurize builds from the latest version the ledger confirms, and an ingest whose rows were
+    dropped anyway says so."""
+    import logging
+
+    from jobs.cli import main
+    from pipelines.criteo import ingest as ing
+    from pipelines.criteo.featurize import FeaturizeError, bronze_view
+    from pipelines.criteo.ingest import IngestError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
+    (raw / "day_0").write_text(f"0{line[1:]}\n" * 20)
+    cfg = _cfg(tmp_path)
+    ingest(spark, cfg)
+    t = _bronze(cfg)
+    (raw / "day_1").write_text(f"1{line[1:]}\n" * 30)
+    assert ingest(spark, cfg).bronze_version == 1
+    (Path(t["ledger"]) / "_delta_log" / f"{1:020d}.json").unlink()  # its ledger entry not written yet
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={raw}", "--input", str(raw / "day_0")]  # another run
+    assert main(["ingest", *conf, "--drop-unconfirmed"]) == 0
+    out = capsys.readouterr().out
+    assert "rows of 1 file(s) that an ingest committed moments ago" in out and "day_1: batch b" in out
+    assert "dropped" not in out and rows_by_source_now(t["bronze"]) == {"day_0": 20, "day_1": 30}
+    with caplog.at_level(logging.WARNING):
+        view = bronze_view(cfg)
+    assert view.version == 0 and set(view.sources) == {"day_0"}
+    assert "building from bronze v0, the latest version the ledger confirms" in caplog.text
+    # once in_flight_s has passed, they are an interrupted ingest's: refused, and dropped on request
+    late = _cfg(tmp_path, ingest={"in_flight_s": 0})
+    with pytest.raises(FeaturizeError, match="day_1: 30 bronze rows but no ledger entry"):
+        bronze_view(late)
+    assert main(["ingest", *conf, "criteo.ingest.in_flight_s=0", "--drop-unconfirmed"]) == 0
+    assert "dropped the bronze rows of 1 file(s): day_1" in capsys.readouterr().out
+    # a drop that ignores the grace and lands in the gap anyway: the running ingest fails, saying so
+    import pipelines.lake.tasks
+
+    real = pipelines.lake.tasks.write_arrow
+
+    def drop_then_write(path, *a, **k):
+        if path == t["ledger"]:
+            ing._drop_sources(t, ["day_1"], [], "h", "b-other", cfg.lake.compression)
+        return real(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(pipelines.lake.tasks, "write_arrow", drop_then_write)
+        with pytest.raises(IngestError, match="bronze no longer holds the rows of day_1: another process dropped "
+                                              "them after this ingest committed them"):
+            ingest(spark, cfg, force=True)
+    rep = ingest(spark, late)  # the remedy it names: the same ingest again
+    assert [(f.source, f.status) for f in rep.files] == [("day_0", "skipped"), ("day_1", "replaced")]
+    assert {s: d["rows"] for s, d in bronze_view(late).sources.items()} == {"day_0": 20, "day_1": 30}
 
 
 def test_a_day_re_delivered_under_another_name_is_named_and_its_old_source_dropped(spark, tmp_path, capsys):
