@@ -19,7 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--apply", action="store_true", help="vacuum: actually delete (default: dry run)")
     parser.add_argument("--no-retention-check", action="store_true",
                         help="vacuum: allow a retention under the table's minimum (7 days by default); only "
-                             "while no write to the table is running, whose new files it would delete")
+                             "while no write to the table is running, whose new files it would delete, and no job "
+                             "reads an older version of it (featurize, training), whose files it would delete")
     parser.add_argument("--target-mb", type=at_least(1), default=256, help="optimize: target file size")
 
 
@@ -89,7 +90,8 @@ def run(cfg, args) -> int:
             files = lake.vacuum(args.table, retention_hours=args.retention_hours, dry_run=not args.apply,
                                 enforce_retention=not args.no_retention_check)
         except DeltaError as e:
-            hint = " (add --no-retention-check if no write to the table is running)" if "retention" in str(e) else ""
+            hint = (" (add --no-retention-check if no write to the table is running and no job reads an older version "
+                    "of it)" if "retention" in str(e) else "")
             print_error(f"bigopt lake: vacuum {args.table}: {error_line(e)}{hint}")
             return 1
         except OSError as e:  # a file it may not delete, a log it may not write

@@ -520,6 +520,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
     written: list[tuple[str, TaskWrite, list[dict]]] = []  # committed once every job has succeeded
     vocab = fz.strategy == "vocab"
     with contextlib.ExitStack() as held:  # stop signals held from the first commit on (below)
+        held.enter_context(_vacuumed_errors(view))  # bronze files a vacuum took while this run read them
         held.enter_context(_commit_errors(paths))  # a table that cannot be written or committed: which, what stays
         # a failed job, an error, or Ctrl-C / SIGTERM anywhere up to the commits: no file of an
         # uncommitted write stays (the commits that landed keep theirs)
@@ -588,6 +589,23 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
                                  paths) from e
     report.seconds = time.time() - t0
     return report
+
+
+@contextlib.contextmanager
+def _vacuumed_errors(view: BronzeView) -> Iterator[None]:
+    """Bronze files that could not be read because a vacuum removed them while this run read
+    ``view``'s version (a later version replaced them): said so, with the remedy (a run again),
+    not as damage to restore or re-ingest (until the twenty-fifth session)."""
+    try:
+        yield
+    except UnreadableBronzeError as e:
+        vacuumed = view.snapshot.vacuumed_since() if view.snapshot is not None else None
+        if not vacuumed:
+            raise
+        raise FeaturizeError(
+            f"{len(vacuumed[1])} of bronze v{view.version}'s files were removed by a vacuum while featurize read them "
+            f"(v{vacuumed[0]} replaced them; a vacuum with --no-retention-check deletes files a reader of an older "
+            f"version still needs); bronze is not damaged: run featurize again") from e
 
 
 @contextlib.contextmanager

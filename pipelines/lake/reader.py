@@ -211,6 +211,20 @@ class DeltaSnapshot:
         infos = fs.get_file_info([path_in_filesystem(u) for u in uris])
         return [u for u, info in zip(uris, infos) if info.type == FileType.NotFound]
 
+    def vacuumed_since(self) -> tuple[int, list[str]] | None:
+        """(the table's latest version, this snapshot's files that are gone) when a vacuum
+        removed them after a later version replaced them: a job reading this version when it
+        happened lost them then, and the table is not damaged (the latest version does not
+        have them). None otherwise. One metadata lookup per file, and the latest log: an error
+        path's check."""
+        gone = self.missing_files()
+        if not gone:
+            return None
+        latest = DeltaSnapshot(self.uri, storage_options=self.storage_options)
+        if latest.version <= self.version or set(gone) & {f.uri for f in latest.files()}:
+            return None
+        return latest.version, gone
+
     def dataset(self, columns: Sequence[str] | None = None) -> pads.Dataset:
         """A pyarrow dataset over exactly this snapshot's active files (partition columns
         included as fields). ``columns`` only checks names here; project when scanning.

@@ -449,6 +449,45 @@ def test_a_damaged_data_file_is_named(tmp_path):
             pass
 
 
+def test_files_a_vacuum_took_while_reading_are_not_called_damage(tmp_path):
+    """A vacuum (retention 0, --no-retention-check) that removes the files of the version a run
+    is reading, after a later version replaced them: the run fails saying so, with the remedy
+    (a run on the latest version), not "rebuild the table or restore the file" (concurrency
+    probe). A file gone that the latest version still has is damage, as before."""
+    from deltalake import DeltaTable
+
+    from pipelines.criteo.bronze_slices import UnreadableBronzeError
+    from pipelines.criteo.featurize import FeaturizeError, _vacuumed_errors
+    from pipelines.criteo.split import BronzeView
+    from pipelines.lake import DeltaSnapshot
+    from training.data.loader import UnreadableDataFileError
+
+    path = str(tmp_path / "gold")
+    write_deltalake(path, gold_table(0, 500), writer_properties=WP)
+    ld = DeltaTorchLoader(path, COLS, B, shuffle=False)  # reads v0
+    write_deltalake(path, gold_table(1, 500), mode="overwrite", writer_properties=WP)  # v1 replaces its file
+    DeltaTable(path).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    with pytest.raises(UnreadableDataFileError, match=r"is gone: a vacuum removed 1 of v0's files while this run read "
+                                                      r"it \(v\d+ replaced them.*not damaged: run again on v\d+"):
+        list(ld)
+    old = DeltaSnapshot(path, version=0)
+    with pytest.raises(FeaturizeError, match="1 of bronze v0's files were removed by a vacuum while featurize read "
+                                             "them .*bronze is not damaged: run featurize again"):
+        with _vacuumed_errors(BronzeView(0, {}, old)):
+            raise UnreadableBronzeError(["x (FileNotFoundError: gone)"])
+    # the latest version's own file deleted by hand: damage, as before
+    ld = DeltaTorchLoader(path, COLS, B, shuffle=False)
+    (fe,) = DeltaSnapshot(path).files()
+    import os
+
+    os.remove(fe.uri.removeprefix("file://"))
+    with pytest.raises(UnreadableDataFileError, match="cannot be read: .*bigopt featurize --force"):
+        list(ld)
+    with pytest.raises(UnreadableBronzeError):
+        with _vacuumed_errors(BronzeView(1, {}, DeltaSnapshot(path))):
+            raise UnreadableBronzeError(["x (FileNotFoundError: gone)"])
+
+
 def test_read_ahead_scales_with_cores():
     """Decoding is most of the loader's time: a many-core GPU host decodes 4 row groups at once
     (2.2 -> 4.3 M rows/s on 16 cores), a 2-core box leaves the other core to the model."""

@@ -367,6 +367,25 @@ class DeltaTorchLoader:
                 f"{self.num_rows}, batches={self._len}, shuffle={self.shuffle})")
 
     # ------------------------------------------------------------------ reading
+    def _unreadable(self, uri: str, row_group: int, e: BaseException) -> str:
+        """Why a data file could not be read. A file a vacuum removed while this loader read its
+        version (a later version had replaced it) is no damage, and a run again on the latest
+        version is the remedy (until the twenty-fifth session: "rebuild the table ... or restore")."""
+        where = f"{uri} (row group {row_group}, {self.table_uri} v{self.version})"
+        if isinstance(e, FileNotFoundError):
+            try:
+                vacuumed = DeltaSnapshot(self.table_uri, version=self.version,
+                                         storage_options=self.storage_options).vacuumed_since()
+            except Exception:  # noqa: BLE001 - the log itself unreadable: the plain message below
+                vacuumed = None
+            if vacuumed:
+                return (f"{where} is gone: a vacuum removed {len(vacuumed[1])} of v{self.version}'s files while this "
+                        f"run read it (v{vacuumed[0]} replaced them; a vacuum with --no-retention-check deletes "
+                        "files a reader of an older version still needs); the table is not damaged: run again on "
+                        f"v{vacuumed[0]}")
+        return (f"{where} cannot be read: {type(e).__name__}: {e}; rebuild the table (gold: bigopt featurize --force) "
+                "or restore the file")
+
     def _read_unit(self, u: RowGroup) -> Batch:
         """One row group -> ``{column: tensor}`` (decoded once; zero-copy where possible)."""
         fe = self._files[u.file]
@@ -378,10 +397,7 @@ class DeltaTorchLoader:
                     pf = pq.ParquetFile(f, metadata=self._footer(u.file), pre_buffer=not self._local)
                     table = pf.read_row_group(u.row_group, columns=file_cols, use_threads=self.use_threads)
             except (OSError, pa.ArrowException) as e:  # damaged or gone: say which file of which table
-                raise UnreadableDataFileError(
-                    f"{fe.uri} (row group {u.row_group}, {self.table_uri} v{self.version}) cannot be read: "
-                    f"{type(e).__name__}: {e}; rebuild the table (gold: bigopt featurize --force) or restore "
-                    "the file") from e
+                raise UnreadableDataFileError(self._unreadable(fe.uri, u.row_group, e)) from e
             if table.num_rows != u.num_rows:
                 raise RuntimeError(f"{fe.uri} row group {u.row_group}: {table.num_rows} rows, footer says {u.num_rows}")
         out: Batch = {}
