@@ -37,6 +37,7 @@ from training.tracking import (
     experiment_name,
     failed_on_error,
     library_versions,
+    repeat_group,
     start_run,
     tracking_uri,
     ui_command,
@@ -167,12 +168,17 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps_of(t, steps_per_epoch),  # a resume may change it (max_steps, epochs)
             "config_hash": chash,
+            "repeat_group": repeat_group(t, spec),  # the same for repeats that differ only in seed, name...
             **{f"data.{k}_version": v for k, v in spec.versions.items()},
+            **{f"data.{k}_version_requested": v for k, v in spec.requested.items()},  # read at another (compacted)
+            **{f"data.{k}_table_id": v for k, v in spec.table_ids.items()},
             **{f"data.gold.{k}": v for k, v in spec.gold.items()},  # what built the gold read (its commit)
             **{f"lib.{k}": v for k, v in library_versions().items()},
         })
         tags = {"bigopt.model": t.model, "bigopt.optimizer": t.optimizer, "bigopt.config_hash": chash,
-                "bigopt.compression": t.compression.name}
+                "bigopt.compression": t.compression.name, "bigopt.repeat_group": params["repeat_group"]}
+        if git := params.get("lib.bigopt_git"):
+            tags["mlflow.source.git.commit"] = git.removesuffix("-dirty")  # what the MLflow UI shows as the run's code
         uri, run_id = start_run(cfg, params, tags, run_id=run_id if resume else None,
                                 resume_step=head.get("step") if resume else None)
         log.info("MLflow run %s (%s)", run_id, uri)

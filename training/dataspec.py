@@ -41,6 +41,9 @@ class DataSpec:
     vocabulary: str | None = None
     train_rows: int = 0
     gold: dict[str, Any] = field(default_factory=dict)  # the featurize build of train's version (commit info)
+    # split -> the version asked for, where it is read at another (compacted and vacuumed since)
+    requested: dict[str, int] = field(default_factory=dict)
+    table_ids: dict[str, str] = field(default_factory=dict)  # split -> its Delta table id (metaData.id)
 
     @property
     def columns(self) -> list[str]:
@@ -355,14 +358,19 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     for split in ("valid", "test"):
         if split in pinned and uris[split]:
             versions[split] = _snapshot(uris[split], pinned[split], "checkpoint").version
+    requested: dict[str, int] = {}
     for split, uri in (("train", train), *uris.items()):
         if uri and split in versions and versions[split] != latest[split]:  # an older version:
             snap_s = snap if split == "train" else DeltaSnapshot(uri, versions[split])  # still readable?
             if (gone := snap_s.missing_files()) and _same_data(uri, versions[split], latest[split]):
                 # only compactions and vacuums since (a nightly schedule): the same rows, at the latest
                 # version (a checkpoint's pins once made `--resume` fail here, "read a later version")
-                log.info("gold %s v%s was compacted and its files vacuumed since: reading the same data at v%s",
-                         split, versions[split], latest[split])
+                log.warning("gold %s v%s was compacted and its files vacuumed since: reading the same rows at v%s, in "
+                            "other files and so in another order: results will not match runs that read v%s (the "
+                            "run records data.%s_version_requested; `bigopt featurize criteo.featurize.bronze_version="
+                            "<its data.gold.bronze_version> --force` rebuilds that gold, files and order alike)",
+                            split, versions[split], latest[split], versions[split], split)
+                requested[split] = versions[split]
                 versions[split] = latest[split]
                 if split == "train":
                     snap = DeltaSnapshot(uri, latest[split])
@@ -451,6 +459,8 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
         vocabulary=vocab,
         train_rows=snap.num_rows,
         gold=gold,
+        requested=requested,
+        table_ids={"train": snap.table.metadata().id},  # a lake rebuilt at the same path has a v0 again
     )
 
 

@@ -800,6 +800,9 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             "total_samples": float(progress["samples"]),
             "avg_samples_per_s": result["samples_per_s"],
             **{f"final_valid_{k}": v for k, v in final.items() if k != "rows"},
+            # with a target: 1/0, so averages of tta_* over repeats can count the runs that missed
+            # it (they log no tta_*: a mean over the others alone is biased; until the twenty-fifth session)
+            **({"tta_reached": float(progress["tta"] is not None)} if t.target_auc is not None else {}),
             "mem.optimizer_state_mb": result["memory"]["optimizer_state_mb"],
             "mem.param_mb": mem["param_mb"],
             "mem.embedding_mb": mem["embedding_mb"],

@@ -175,6 +175,28 @@ def _no_password(uri: str) -> str:
     return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
 
 
+# train settings that do not decide a run's result: how it is checkpointed, logged, watched,
+# where its tables are named (the data is named by what was read: versions and table ids)
+_NOT_RESULT = frozenset({
+    "train_table", "valid_table", "test_table", "vocabulary", "table_version", "checkpoint_dir", "checkpoint_every",
+    "keep_checkpoints", "start_timeout", "stall_shutdown_s", "log_every", "fail_at_step", "test_at_end",
+    "threads_per_rank", "prefetch",
+})
+
+
+def repeat_group(train: Any, spec: Any) -> str:
+    """A hash of what decides a run's result but its seed: the train settings (less
+    :data:`_NOT_RESULT`) and the data read (each split's version and Delta table id, and the
+    featurize build). Runs with one ``repeat_group`` are repeats of one experiment, whatever
+    their ``run.name``, ``run.seed``, tracking or checkpoint settings; ``config_hash`` covers all
+    of those and tells two repeats apart."""
+    from jobs.config import doc_hash
+
+    settings = {k: v for k, v in train.model_dump(mode="json").items() if k not in _NOT_RESULT}
+    data = {"versions": dict(spec.versions), "table_ids": dict(spec.table_ids), "build": spec.gold.get("build")}
+    return doc_hash({"train": settings, "data": data})
+
+
 def library_versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
@@ -185,7 +207,29 @@ def library_versions() -> dict[str, str]:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
+    if commit := code_version():
+        out["bigopt_git"] = commit
     return out
+
+
+def code_version() -> str | None:
+    """The git commit of the bigopt checkout running, ``-dirty`` with uncommitted changes to
+    tracked files; None outside a git checkout (an installed wheel). The package version alone
+    does not tell two sessions' code apart, and their metrics may differ."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if head and dirty else head or None
 
 
 def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = None, run_id: str | None = None,

@@ -173,6 +173,13 @@ def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path, mlflow_st
     assert p["train.lr"] == "0.003" and p["train.model"] == "dlrm" and p["run.name"] == "mlflow-test"
     assert p["data.train_version"] == str(res.spec.versions["train"]) and p["world_size"] == "1"
     assert "lib.torch" in p and "lib.mlflow" in p and "model.params_total" in p
+    assert p["data.train_table_id"] == res.spec.table_ids["train"] and "data.train_version_requested" not in p
+    assert run.data.tags["bigopt.repeat_group"] == p["repeat_group"] != p["config_hash"]
+    from training.tracking import code_version
+
+    if code_version():  # a git checkout: the commit, also where the MLflow UI shows a run's code
+        assert p["lib.bigopt_git"] == code_version()
+        assert run.data.tags["mlflow.source.git.commit"] == code_version().removesuffix("-dirty")
     m = run.data.metrics
     for k in ("train_loss", "lr", "samples_per_s", "step_time_s", "bytes_sent_per_step", "valid_auc",
               "valid_logloss", "valid_accuracy", "tta_wall_s", "tta_samples", "final_valid_auc"):
@@ -180,7 +187,7 @@ def test_mlflow_run_has_params_metrics_artifacts(synth_gold, tmp_path, mlflow_st
     hist = client.get_metric_history(res.run_id, "train_loss")
     # early stop at the first evaluation reaching the target (step 20 or 40)
     stop = res.rank0["step"]
-    assert res.rank0["stop_reason"] == "target_auc" and m["tta_step"] == stop
+    assert res.rank0["stop_reason"] == "target_auc" and m["tta_step"] == stop and m["tta_reached"] == 1.0
     assert [h.step for h in hist] == list(range(5, stop + 1, 5))
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "bigopt-criteo"
@@ -585,6 +592,56 @@ def test_resume_refuses_a_position_in_files_a_vacuum_removed(synth_gold, tmp_pat
     vacuum(gold["train"], retention_hours=0, dry_run=False, enforce_retention=False)
     with pytest.raises(ResumeError, match=r"gold train v\d+, whose files were compacted and vacuumed since"):
         run_training(train_cfg(gold, tmp_path, "train.max_steps=30", "train.checkpoint_every=10"), resume=True)
+
+
+def test_a_pinned_version_read_at_another_says_so_and_is_recorded(synth_gold, tmp_path, caplog):
+    """A pinned gold version compacted and vacuumed since is read at the latest version (the
+    same rows, in other files: another order, other results). Until the twenty-fifth session
+    that was an INFO line, and MLflow recorded only the version read (reproducibility probe)."""
+    import logging
+    import shutil
+
+    from deltalake import DeltaTable
+
+    from pipelines.lake.maintenance import optimize, vacuum
+    from training.dataspec import resolve_data
+
+    gold = {k: str(tmp_path / "gold" / k) for k in ("train", "valid", "test")}
+    for k in gold:
+        shutil.copytree(synth_gold[k], gold[k])
+    gold = {**synth_gold, **gold}
+    pin = DeltaTable(gold["train"]).version()
+    optimize(gold["train"], target_size=1 << 30)
+    vacuum(gold["train"], retention_hours=0, dry_run=False, enforce_retention=False)
+    assert DeltaTable(gold["train"]).version() > pin
+    with caplog.at_level(logging.WARNING):
+        spec = resolve_data(train_cfg(gold, tmp_path, f"train.table_version={pin}"))
+    assert spec.requested == {"train": pin} and spec.versions["train"] == DeltaTable(gold["train"]).version()
+    assert f"results will not match runs that read v{pin}" in caplog.text
+    assert spec.table_ids == {"train": DeltaTable(gold["train"]).metadata().id}
+    assert resolve_data(train_cfg(gold, tmp_path)).requested == {}
+
+
+def test_repeat_group_groups_runs_that_differ_only_in_seed_name_and_bookkeeping(synth_gold, tmp_path):
+    """config_hash covers every setting (run.name, tracking, checkpoints...), so two repeats of
+    one experiment never shared one (reproducibility probe): repeat_group hashes what decides
+    the result but the seed, the data read included."""
+    from training.dataspec import resolve_data
+    from training.tracking import repeat_group
+
+    def group(*overrides):
+        cfg = train_cfg(synth_gold, tmp_path, *overrides)
+        return repeat_group(cfg.train, resolve_data(cfg))
+
+    base = group()
+    assert group("run.seed=7", "run.name=again", "train.log_every=3", f"train.checkpoint_dir={tmp_path}/c2",
+                 "train.threads_per_rank=1", "train.test_at_end=false") == base
+    assert group("train.lr=0.01") != base and group("train.optimizer=lamb") != base
+    assert group("train.num_proc=1") != group("train.num_proc=2")  # the world size decides the batches
+    from deltalake import DeltaTable
+
+    latest = DeltaTable(synth_gold["train"]).version()
+    assert group(f"train.table_version={latest - 1}") != base  # other data
 
 
 def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp_path, mlflow_store, capsys):
