@@ -55,6 +55,9 @@ class TrainConfig(Section):
     vocabulary: str | None = Field(None, description="vocabulary JSON (default: found next to the gold tables)")
     table_version: int | None = Field(None, ge=0, description="pin the train table's Delta version")
     shuffle_buffer_rows: int = Field(200_000, ge=0)
+    data_seed: int | None = Field(
+        None, ge=0, description="seed of the data order (the loaders' shuffle); default run.seed, which also seeds "
+        "the model's initialisation: set it to vary one of the two across repeats and keep the other")
     prefetch: int = Field(2, ge=0, description="batches kept ready per loader (0: none)")
     # --- optimisation -------------------------------------------------------------------
     optimizer: str = Field("adam", description="sgd | momentum | nesterov | adagrad | adam | adamw | ... (optim/)")

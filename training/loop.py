@@ -507,7 +507,8 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
     # ---- data ----------------------------------------------------------------------------
     micro = t.micro_batch_size
     loader = make_loader(spec.train, spec.columns, micro, version=spec.versions.get("train"), rank=rank,
-                         world_size=world, train=True, seed=job["seed"], shuffle_buffer_rows=t.shuffle_buffer_rows,
+                         world_size=world, train=True, seed=job["seed"] if t.data_seed is None else t.data_seed,
+                         shuffle_buffer_rows=t.shuffle_buffer_rows,
                          prefetch=t.prefetch, pin_memory=device.type == "cuda")
     steps_per_epoch = steps_per_epoch_of(t, len(loader), world)
     total_steps = total_steps_of(t, steps_per_epoch)

@@ -180,7 +180,7 @@ def _no_password(uri: str) -> str:
 _NOT_RESULT = frozenset({
     "train_table", "valid_table", "test_table", "vocabulary", "table_version", "checkpoint_dir", "checkpoint_every",
     "keep_checkpoints", "start_timeout", "stall_shutdown_s", "log_every", "fail_at_step", "test_at_end",
-    "threads_per_rank", "prefetch",
+    "threads_per_rank", "prefetch", "data_seed",  # (a seed, as run.seed: repeats vary it)
 })
 
 

@@ -644,6 +644,33 @@ def test_repeat_group_groups_runs_that_differ_only_in_seed_name_and_bookkeeping(
     assert group(f"train.table_version={latest - 1}") != base  # other data
 
 
+def test_data_seed_orders_the_data_apart_from_the_model_seed(synth_gold, tmp_path, monkeypatch):
+    """run.seed seeded both the model's initialisation and the data order, so repeats could
+    not vary one and keep the other (reproducibility probe); train.data_seed seeds the
+    loaders' shuffle alone (default: run.seed), and repeats varying it share a repeat_group."""
+    import training.loop
+    from training.dataspec import resolve_data
+    from training.tracking import repeat_group
+
+    seeds = []
+    real = training.loop.make_loader
+
+    def spy(*a, **k):
+        if k.get("train"):
+            seeds.append(k["seed"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(training.loop, "make_loader", spy)
+    fingerprints = []
+    for overrides in (("run.seed=3",), ("run.seed=3", "train.data_seed=11"), ("run.seed=4", "train.data_seed=11")):
+        res = run_training(train_cfg(synth_gold, tmp_path / str(len(seeds)), "train.max_steps=2", *overrides))
+        fingerprints.append(res.rank0["fingerprint"])
+    assert seeds == [3, 11, 11]
+    assert len(set(fingerprints)) == 3  # the same init and other data; the same data and another init
+    cfgs = [train_cfg(synth_gold, tmp_path, f"train.data_seed={d}") for d in (1, 2)]
+    assert repeat_group(cfgs[0].train, resolve_data(cfgs[0])) == repeat_group(cfgs[1].train, resolve_data(cfgs[1]))
+
+
 def test_bad_train_settings_are_one_error_before_anything_starts(synth_gold, tmp_path, mlflow_store, capsys):
     """An unknown optimizer, another model's hyper-parameters, a bad compressor parameter: one
     line from `bigopt train` (exit 2) before the ranks or an MLflow run start. Until the
