@@ -97,7 +97,7 @@ def run(cfg, args) -> int:
     if rep.in_flight:  # an ingest between its bronze commit and its ledger entry
         console.print(f"bronze holds rows of {len(rep.in_flight)} file(s) that an ingest committed moments ago and "
                       "has not recorded in the ledger yet (still running?); left alone:")
-        for src, (batch, ago) in sorted(rep.in_flight.items()):
+        for src, (batch, ago, _) in sorted(rep.in_flight.items()):
             console.print(f"  {src}: batch {batch}, {ago:.0f} s ago (criteo.ingest.in_flight_s: after that, an "
                           "interrupted ingest's rows)")
     if rep.unconfirmed:  # featurize refuses bronze until they are ingested again or dropped

@@ -77,7 +77,7 @@ def read_ledger(path: str) -> list[dict]:
 
 def current_entries(ledger_rows: list[dict]) -> dict[str, dict]:
     """The latest ledger row per source; none for a source whose latest row records its drop
-    (no ``size``: :func:`_drop_sources`)."""
+    (no ``size``: :func:`pipelines.criteo.ingest._drop_sources`)."""
     cur: dict[str, dict] = {}
     for r in sorted(ledger_rows, key=lambda r: (r["ingested_at"], r["ingest_batch"])):
         cur[r["source"]] = r
@@ -123,7 +123,7 @@ def unconfirmed_sources(per_source: dict[str, dict], current: dict[str, dict]) -
 def rows_by_source(path: str, version: int | None, sources: Sequence[str] | None = None) -> dict[str, int]:
     """Row counts per ``source`` partition from the Delta log's file statistics (no data read),
     at ``version`` (None: the latest). From the log's add actions as one Arrow table, filtered
-    there: an ingest calls this up to three times per group, and building every file's entry
+    there: an ingest calls this up to four times per group, and building every file's entry
     (:meth:`DeltaSnapshot.files`) of a 2,000-file bronze took ~12 s of a 2,000-file run."""
     import pyarrow.compute as pc
 
@@ -142,10 +142,12 @@ def rows_by_source(path: str, version: int | None, sources: Sequence[str] | None
     return out
 
 
-def in_flight(path: str, batches: Mapping[str, set[str]], within_s: float, limit: int = 100) -> dict[str, tuple[str, float]]:
+def in_flight(path: str, batches: Mapping[str, set[str]], within_s: float,
+              limit: int = 100) -> dict[str, tuple[str, float, int]]:
     """Of ``batches`` (source -> the ingest batches of its unconfirmed bronze rows,
     :func:`bronze_sources`), the sources a batch committed to bronze less than ``within_s``
-    seconds ago: source -> (batch, seconds ago). Between its bronze commit and its ledger entry
+    seconds ago: source -> (batch, seconds ago, the version it committed). Between its bronze
+    commit and its ledger entry
     an ingest's rows look exactly like an interrupted one's; a drop must not take them (nor
     featurize refuse bronze for them). From the commit infos of the newest ``limit`` commits,
     read newest first until one is older than ``within_s``."""
@@ -159,10 +161,11 @@ def in_flight(path: str, batches: Mapping[str, set[str]], within_s: float, limit
         if age > within_s:
             break
         if b := info.get("ingest_batch"):
-            recent.setdefault(b, max(age, 0.0))
+            recent.setdefault(b, (max(age, 0.0), int(info["version"])))
     out = {}
     for src, bs in batches.items():
         young = sorted((recent[b], b) for b in bs if b in recent)
         if young:
-            out[src] = (young[0][1], young[0][0])
+            (age, version), b = young[0]
+            out[src] = (b, age, version)
     return out

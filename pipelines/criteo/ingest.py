@@ -137,8 +137,8 @@ class IngestReport:
     # the remedy (featurize refuses bronze until they are ingested again or dropped)
     unconfirmed: dict[str, str] = field(default_factory=dict)
     # of those, the ones an ingest committed moments ago (criteo.ingest.in_flight_s) and may
-    # still be recording in the ledger: source -> (its batch, seconds ago); never dropped
-    in_flight: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # still be recording in the ledger: source -> (its batch, seconds ago, bronze version); never dropped
+    in_flight: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)  # such sources whose rows this run deleted
     # of them, files the ledger has: bronze no longer held the rows their entries confirm (the
     # unconfirmed ones replaced them), so they were dropped from the ledger too

@@ -698,12 +698,16 @@ def test_rows_an_ingest_is_still_recording_are_neither_dropped_nor_refused(spark
 
     raw = tmp_path / "raw"
     raw.mkdir()
-    line = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(["0a1b2c3d"] * 26)
-    (raw / "day_0").write_text(f"0{line[1:]}\n" * 20)
+    rest = "\t".join(["3"] * 12) + "\t" + "\t".join(["0a1b2c3d"] * 26)
+
+    def rows(label, n):  # distinct rows: the random split's hash sends duplicates one way
+        return "".join(f"{label}\t{i}\t{rest}\n" for i in range(n))
+
+    (raw / "day_0").write_text(rows(0, 20))
     cfg = _cfg(tmp_path)
     ingest(spark, cfg)
     t = _bronze(cfg)
-    (raw / "day_1").write_text(f"1{line[1:]}\n" * 30)
+    (raw / "day_1").write_text(rows(1, 30))
     assert ingest(spark, cfg).bronze_version == 1
     (Path(t["ledger"]) / "_delta_log" / f"{1:020d}.json").unlink()  # its ledger entry not written yet
     conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={raw}", "--input", str(raw / "day_0")]  # another run
@@ -715,6 +719,13 @@ def test_rows_an_ingest_is_still_recording_are_neither_dropped_nor_refused(spark
         view = bronze_view(cfg)
     assert view.version == 0 and set(view.sources) == {"day_0"}
     assert "building from bronze v0, the latest version the ledger confirms" in caplog.text
+    # and so does featurize itself, which names the latest version it checks (until the attack
+    # probe only --force reached the fallback); gold records v0, so a featurize once the ingest has
+    # recorded its rows builds again
+    from pipelines.criteo.featurize import featurize
+
+    built = featurize(spark, cfg)
+    assert built.bronze_version == 0 and built.total_rows == 20
     # once in_flight_s has passed, they are an interrupted ingest's: refused, and dropped on request
     late = _cfg(tmp_path, ingest={"in_flight_s": 0})
     with pytest.raises(FeaturizeError, match="day_1: 30 bronze rows but no ledger entry"):
@@ -739,6 +750,8 @@ def test_rows_an_ingest_is_still_recording_are_neither_dropped_nor_refused(spark
     rep = ingest(spark, late)  # the remedy it names: the same ingest again
     assert [(f.source, f.status) for f in rep.files] == [("day_0", "skipped"), ("day_1", "replaced")]
     assert {s: d["rows"] for s, d in bronze_view(late).sources.items()} == {"day_0": 20, "day_1": 30}
+    again = featurize(spark, late)  # gold of v0 is not taken for current: day_1 is in
+    assert not again.up_to_date and again.total_rows == 50
 
 
 def test_a_day_re_delivered_under_another_name_is_named_and_its_old_source_dropped(spark, tmp_path, capsys):
