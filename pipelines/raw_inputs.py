@@ -230,7 +230,7 @@ def gone(names: Sequence[str], list_from: int = 32) -> set[str]:
         try:
             fs, root = _fs(folder)
             infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        except OSError:
+        except (OSError, ValueError, ImportError):  # ImportError: a scheme's optional package (hf://)
             return set()
         held = {posixpath.basename(i.path.rstrip("/")) for i in infos}
         return {n for n in members if basename(n) not in held}
@@ -238,7 +238,7 @@ def gone(names: Sequence[str], list_from: int = 32) -> set[str]:
     def looked_up(name: str) -> set[str]:
         try:
             return {name} if _info(name).type == pafs.FileType.NotFound else set()
-        except (OSError, ValueError):
+        except (OSError, ValueError, ImportError):
             return set()
 
     many = {d for d, m in by_dir.items() if len(m) >= list_from and "?" not in d}

@@ -116,6 +116,7 @@ def test_gone_lists_a_folder_once_for_many_names(s3, tmp_path, monkeypatch):
     assert len(calls) == 1 + len(few)
     # a URI no filesystem can open: not taken for gone (nor is a store that does not answer)
     assert raw_inputs.gone(["nosuchscheme://x/y"]) == set()
+    assert raw_inputs.gone([f"nosuchscheme://x/y{i}" for i in range(40)]) == set()  # listed: a ValueError (probe)
 
 
 def test_ingest_featurize_and_load_on_s3_equal_local(spark, s3, tmp_path):
