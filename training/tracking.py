@@ -254,6 +254,9 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
         client.update_run(run_id, status="RUNNING")
         with failed_on_error(uri, run_id):
             _log_params(client, run_id, [Param(k, v) for k, v in resume_params(existing, params, resume_step).items()])
+            if tags:  # tags are mutable: they say what the run is now (a resume to more steps is another
+                # repeat_group; a run from before a tag existed gets it)
+                client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         return uri, run_id
     from mlflow.exceptions import MlflowException
 

@@ -552,7 +552,10 @@ def test_a_resume_records_what_its_command_changed(synth_gold, tmp_path, mlflow_
         from_step = mine.pop("from_step")
         assert from_step == str(first.rank0["step"] if n == 1 else 30), from_step
         assert (mine.pop("config_hash", None) is not None) == bool(changed)  # the command's config's
-        assert mine == changed, (n, mine)
+        group = mine.pop("repeat_group", None)  # a run of another length: another experiment's repeat
+        assert (group is not None) == bool(changed) and mine == changed, (n, mine)
+        if group:  # the tag says what the run is now (tags are mutable)
+            assert client.get_run(res.run_id).data.tags["bigopt.repeat_group"] == group
 
 
 def test_resume_names_a_damaged_checkpoint(synth_gold, tmp_path, mlflow_store):
