@@ -203,7 +203,7 @@ def test_step_up_with_a_closure_applies_the_factor_it_reports():
     for _ in range(3):
         before, g = w.detach().clone(), 2 * w.detach()
         loss = su.step(opt, closure)
-        assert float(loss) == pytest.approx(float((before ** 2).sum()))
+        assert float(loss.detach()) == pytest.approx(float((before ** 2).sum()))
         torch.testing.assert_close((before - w.detach()) / (0.1 * g), torch.full((2,), su.factor))
     assert len(calls) == 3 and su.factor == 1.0  # once a step; factors 1, 4, 1 as the norm moved
 
