@@ -63,7 +63,7 @@ class CombinedOptimizer(Optimizer):
     """Optimizer whose param groups are served by different inner optimizers (``group['route']``)."""
 
     def __init__(self, params, defaults: dict[str, Any] | None = None):
-        from .registry import _IMPLEMENTATION_KEYS, _construct, _spec, _valid_hp  # registry imports this module
+        from .registry import _construct, constructor_args  # local import: registry imports this module
 
         groups = list(params)
         if not groups or not all(isinstance(g, dict) and "route" in g for g in groups):
@@ -77,11 +77,7 @@ class CombinedOptimizer(Optimizer):
             # the groups hold every hyperparameter, but some optimizers use a constructor argument
             # in __init__ itself (Adagrad fills its state with initial_accumulator_value): built
             # from the groups alone, the sums started at 0 (until the twenty-fifth session)
-            # (not lr: per group by design, and a group's own lr, such as embedding_lr=0, need not pass
-            # the constructor's check)
-            made = {k: mine[0][k] for k in _valid_hp(_spec(route))
-                    if k in mine[0] and k not in _IMPLEMENTATION_KEYS and k != "lr"}
-            inner = _construct(route, mine, **made)
+            inner = _construct(route, mine, **constructor_args(route, mine[0]))
             # torch re-uses the given dicts as its param_groups: check the sharing we rely on
             assert all(a is b for a, b in zip(inner.param_groups, mine))
             self.optimizers.append(inner)

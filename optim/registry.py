@@ -27,6 +27,7 @@ import inspect
 import math
 import sys
 import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,6 +283,16 @@ def param_groups_for(model: nn.Module, name: str, hp: dict[str, Any], *, embeddi
 _IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
+def constructor_args(name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Of ``values`` (an optimizer's defaults, or a param group), the hyperparameters optimizer
+    ``name``'s constructor takes, less ``lr`` (per group by design: a group's own, such as
+    ``embedding_lr=0``, need not pass the constructor's check) and how it runs
+    (:data:`_IMPLEMENTATION_KEYS`). Some constructors use them beyond the group defaults
+    (Adagrad fills its state with ``initial_accumulator_value``)."""
+    return {k: values[k] for k in _valid_hp(_spec(name))
+            if k in values and k not in _IMPLEMENTATION_KEYS and k != "lr"}
+
+
 def _fusable(groups, devices: tuple) -> bool:
     """Every parameter a dense floating tensor on a device type the fused kernel supports."""
     for g in groups:
@@ -357,8 +368,7 @@ def build_optimizer(name: str, params, **hp) -> Optimizer:
     if sparse_name == key:  # the tables follow the same rule: with the same hyperparameters (l1/l2, beta,
         # eps, initial_accumulator_value...), as dense tables in the dense optimizer's `embedding` group have
         # them; until the twenty-fifth session they got the sparse optimizer's defaults (FTRL without L1)
-        s_hp.update({k: v for k, v in dense_opt.defaults.items()
-                     if k in _valid_hp(sparse_spec) and k not in _IMPLEMENTATION_KEYS and k != "lr"})
+        s_hp.update(constructor_args(sparse_name, dense_opt.defaults))
         if embedding_wd is not None and "weight_decay" in s_hp:
             s_hp["weight_decay"] = embedding_wd
     s_hp.update(sparse_hp)
