@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -142,15 +142,16 @@ def rows_by_source(path: str, version: int | None, sources: Sequence[str] | None
     return out
 
 
-def in_flight(path: str, batches: Mapping[str, set[str]], within_s: float,
+def in_flight(path: str, per_source: Mapping[str, dict], sources: Iterable[str], within_s: float,
               limit: int = 100) -> dict[str, tuple[str, float, int]]:
-    """Of ``batches`` (source -> the ingest batches of its unconfirmed bronze rows,
-    :func:`bronze_sources`), the sources a batch committed to bronze less than ``within_s``
+    """Of ``sources`` (unconfirmed ones: :func:`unconfirmed_sources`), those whose bronze rows
+    (``per_source``: :func:`bronze_sources`) a batch committed less than ``within_s``
     seconds ago: source -> (batch, seconds ago, the version it committed). Between its bronze
-    commit and its ledger entry
-    an ingest's rows look exactly like an interrupted one's; a drop must not take them (nor
+    commit and its ledger entry an ingest's rows look exactly like an interrupted one's; a drop
+    must not take them (nor
     featurize refuse bronze for them). From the commit infos of the newest ``limit`` commits,
     read newest first until one is older than ``within_s``."""
+    batches = {src: per_source[src]["batches"] for src in sources if src in per_source}
     if not within_s or not any(batches.values()):
         return {}
     from pipelines.lake.maintenance import history

@@ -174,19 +174,19 @@ class FeaturizeReport:
 
 
 # ------------------------------------------------------------------------- bronze view
-def bronze_view(cfg, version: int | None = None, latest: int | None = None,
-                pinned: bool | None = None) -> BronzeView:
+def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> BronzeView:
     """Check bronze (at ``version``) against the ingest ledger using only the Delta log:
     rows per source (file statistics) and the batch id of every file (min/max statistics of
-    ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree.
-    ``pinned``: ``version`` is the user's (default: whenever one is given); an unpinned view
-    whose only disagreements are rows an ingest is still recording is the version before them."""
+    ``ingest_batch``). Raises :class:`FeaturizeError` naming the sources that disagree. A view
+    of the latest version (``version`` None, or the ``latest`` the caller checked) whose only
+    disagreements are rows an ingest is still recording is the version before them."""
     from deltalake.exceptions import DeltaError
 
     from pipelines.criteo.bronze import bronze_sources, current_entries, in_flight, read_ledger, unconfirmed_sources
     from pipelines.lake import DeltaSnapshot, table_exists
 
     paths = tables(cfg)
+    latest_asked = version in (None, latest)  # not a pin: the in-flight fallback below may apply
     if not table_exists(paths["bronze"]):
         raise FeaturizeError(f"no bronze table at {paths['bronze']}: run `bigopt ingest` first")
     try:
@@ -212,12 +212,11 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None,
     current = current_entries([r for r in ledger if r["bronze_version"] <= snap.version])
     problems = unconfirmed_sources(per_source, current)
     out = {src: v for src, v in view_sources(current).items() if src not in problems}
-    if problems and not (version is not None if pinned is None else pinned):
+    if problems and latest_asked:
         # an ingest between its bronze commit and its ledger entry (criteo.ingest.in_flight_s): build
         # from the latest version the ledger confirms (until the twenty-fifth session featurize failed
         # there, and sent the user to --drop-unconfirmed, which then deleted the running ingest's rows)
-        young = in_flight(paths["bronze"], {s: per_source[s]["batches"] for s in problems if s in per_source},
-                          cfg.criteo.ingest.in_flight_s)
+        young = in_flight(paths["bronze"], per_source, problems, cfg.criteo.ingest.in_flight_s)
         if young and set(young) == set(problems):
             which = ", ".join(f"{s}: batch {b}, {a:.0f} s ago" for s, (b, a, _) in sorted(young.items()))
             # the version before their first commit (maintenance commits before it included); a
@@ -230,7 +229,7 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None,
             log.warning("bronze v%s holds rows an ingest committed moments ago and is still recording in the ledger "
                         "(%s): building from bronze v%s, the latest version the ledger confirms",
                         snap.version, which, confirmed)
-            return bronze_view(cfg, version=confirmed, latest=snap.version, pinned=True)
+            return bronze_view(cfg, version=confirmed, latest=snap.version)
     if problems:
         raise FeaturizeError(
             f"bronze v{snap.version} and the ingest ledger disagree (re-run `bigopt ingest` with these files "
@@ -492,7 +491,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
             done.seconds = time.time() - t0
             return done
     # the version checked above: a commit since cannot slip in
-    view = bronze_view(cfg, bronze_version, latest=latest, pinned=fz.bronze_version is not None)
+    view = bronze_view(cfg, bronze_version, latest=latest)
     if data_v is None or view.version != bronze_version:  # (the version before an ingest still recording its rows)
         data_v = data_version(paths["bronze"], view.version)
     sources = view.labeled_sources

@@ -668,8 +668,7 @@ def ingest(
     # rows committed moments ago by an ingest that has not written its ledger entries yet look
     # like an interrupted one's: left alone (until the twenty-fifth session a --drop-unconfirmed
     # in that gap deleted a running ingest's rows, and the ingest reported success)
-    report.in_flight = in_flight(paths["bronze"], {s: per_source[s]["batches"] for s in report.unconfirmed
-                                                   if s in per_source}, ing.in_flight_s)
+    report.in_flight = in_flight(paths["bronze"], per_source, report.unconfirmed, ing.in_flight_s)
     report.unconfirmed = {s: why for s, why in report.unconfirmed.items() if s not in report.in_flight}
     if drop_unconfirmed and (drop := sorted(report.unconfirmed)):
         say(f"dropping the unconfirmed bronze rows of {len(drop)} source(s)")
