@@ -220,7 +220,7 @@ def gone(names: Sequence[str], list_from: int = 32) -> set[str]:
     not one per file, while a handful of files in a folder of millions is not a listing of it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    out = {n for n in names if is_local(n) and not os.path.exists(n)}
+    out = {n for n in names if is_local(n) and not exists(n)}
     by_dir: dict[str, list[str]] = {}
     for n in dict.fromkeys(names):
         if not is_local(n):  # a URI with options (s3://b/k?region=...) is looked up alone
@@ -237,7 +237,7 @@ def gone(names: Sequence[str], list_from: int = 32) -> set[str]:
 
     def looked_up(name: str) -> set[str]:
         try:
-            return {name} if _info(name).type == pafs.FileType.NotFound else set()
+            return set() if exists(name) else {name}
         except (OSError, ValueError, ImportError):
             return set()
 
