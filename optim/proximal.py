@@ -186,17 +186,7 @@ class ISTA(Optimizer):
             x_new_of.append((ps, x_new, x_old))
         if not self._momentum:
             return
-        t = self._t()
-        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        restart = False
-        if any(group["restart"] for group, _ in groups):  # gradient restart: <y - x_new, x_new - x_old> > 0
-            dot = 0.0
-            for ps, x_new, x_old in x_new_of:
-                for y, xn, xo in zip(ps, x_new, x_old):
-                    dot += float(torch.dot((y - xn).flatten(), (xn - xo).flatten()))
-            restart = dot > 0
-        coef = 0.0 if restart else (t - 1.0) / t_next
-        t_next = 1.0 if restart else t_next
+        coef, t_next = self._extrapolation(any(group["restart"] for group, _ in groups), x_new_of)
         for ps, x_new, x_old in x_new_of:
             for _, (by, bxo, bxn) in group_tensors(ps, x_old, x_new):
                 torch._foreach_copy_(by, bxn)            # y = x_new + coef (x_new - x_old)
@@ -207,6 +197,19 @@ class ISTA(Optimizer):
                 self.state[p]["x"] = xn                   # swap buffers instead of copying
                 self._scratch.put(p, "x_new", xo)
         self._set_t(t_next)
+
+    def _extrapolation(self, restart_on: bool, iterates) -> tuple[float, float]:
+        """(the extrapolation coefficient, the next ``t``) of the whole iterate (``iterates``:
+        ``(y, x_new, x_old)`` lists per group), with the gradient restart
+        ``<y - x_new, x_new - x_old> > 0`` when ``restart_on``: then ``(0, 1)``."""
+        t = self._t()
+        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        if restart_on:
+            dot = sum(float(torch.dot((y - xn).flatten(), (xn - xo).flatten()))
+                      for ys, x_new, x_old in iterates for y, xn, xo in zip(ys, x_new, x_old))
+            if dot > 0:
+                return 0.0, 1.0
+        return (t - 1.0) / t_next, t_next
 
     def _t(self) -> float:
         """FISTA's ``t``, one for the whole iterate (kept in every parameter's state: a parameter
@@ -233,29 +236,19 @@ class ISTA(Optimizer):
     def _fista_update(self, groups, restart_on: bool):
         """The line-search path's momentum step over every group (``(params, x_new, y)``), with
         one ``t`` and one restart test, as :meth:`_fast_step`."""
-        t = self._t()
-        t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-        restart = False
-        if restart_on:
-            # gradient restart: <y - x_new, x_new - x_old> > 0
-            dot = 0.0
-            for ps, x_new, y in groups:
-                a = torch._foreach_sub(y, x_new)
-                b = torch._foreach_sub(x_new, [self.state[p]["x"] for p in ps])
-                dot += sum(float((u * v).sum()) for u, v in zip(a, b))
-            restart = dot > 0
+        coef, t_next = self._extrapolation(restart_on, [(y, x_new, [self.state[p]["x"] for p in ps])
+                                                   for ps, x_new, y in groups])
         for ps, x_new, _ in groups:
             x_old = [self.state[p]["x"] for p in ps]
-            if restart:
-                torch._foreach_copy_(ps, x_new)
-            else:
-                coef = (t - 1.0) / t_next
+            if coef:  # y = x_new + coef (x_new - x_old)
                 y_new = torch._foreach_sub(x_new, x_old)
                 torch._foreach_mul_(y_new, coef)
                 torch._foreach_add_(y_new, x_new)
                 torch._foreach_copy_(ps, y_new)
+            else:  # a restart (or t = 1): y = x_new
+                torch._foreach_copy_(ps, x_new)
             torch._foreach_copy_(x_old, x_new)
-        self._set_t(1.0 if restart else t_next)
+        self._set_t(t_next)
 
     def primal_iterates(self) -> list[torch.Tensor]:
         """The proximal iterates x (sparse; equal to the parameters for ISTA)."""
