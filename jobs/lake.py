@@ -223,12 +223,6 @@ def _not_a_roundtrip_table(path: str) -> str | None:
     return None
 
 
-if __name__ == "__main__":
-    from jobs.cli import submit_main
-
-    submit_main("lake")
-
-
 def _compaction_said(metrics: dict) -> str:
     """delta-rs's compaction metrics as one line (they were printed as its dict)."""
     def size(key: str) -> int:
@@ -244,3 +238,9 @@ def _compaction_said(metrics: dict) -> str:
     return (f"compacted {removed} file(s) ({size('filesRemoved') / 1e6:,.1f} MB) into {added} "
             f"({size('filesAdded') / 1e6:,.1f} MB) in {metrics.get('partitionsOptimized', 0)} partition(s); "
             f"{skipped} file(s) left as they were (the old files stay until a vacuum)")
+
+
+if __name__ == "__main__":
+    from jobs.cli import submit_main
+
+    submit_main("lake")
