@@ -21,7 +21,8 @@ from typing import Any
 
 from pipelines.lake.commit import CommitConflictError, TableExistsError, TableWriteError, table_exists
 from pipelines.lake.files import partition_value_str
-from pipelines.lake.maintenance import commit_metadata, data_version, history, optimize, table_version, vacuum
+from pipelines.lake.compaction import optimize
+from pipelines.lake.maintenance import commit_metadata, data_version, history, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
 from pipelines.lake.schema import SchemaMismatchError
 from pipelines.lake.tasks import WRITE_ID_KEY, new_write_id

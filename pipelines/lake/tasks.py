@@ -139,7 +139,7 @@ def commit_write(tw: TaskWrite, adds: list[dict], commit_info: Mapping[str, Any]
     """Commit the tasks' files as ONE transaction; return the table version (on failure the
     files are deleted and the error propagates). The commit records the write's id as
     ``bigopt.writeId`` and its row group size as ``bigopt.rowGroupRows`` (a file smaller than one
-    row group does not show it; :func:`pipelines.lake.maintenance.file_layout` reads it)."""
+    row group does not show it; :func:`pipelines.lake.compaction.file_layout` reads it)."""
     from pipelines.lake.commit import commit
 
     info = {**dict(commit_info or {}), WRITE_ID_KEY: tw.write_id}

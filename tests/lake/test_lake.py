@@ -580,7 +580,7 @@ def test_compaction_of_files_smaller_than_a_row_group_keeps_the_writers_size(tmp
     assert (compacted.parquet().metadata.num_row_groups, DeltaSnapshot(path).num_rows) == (1, 25)
     # a commit that adds no file (ingest's --drop-source) records no size: it said 131,072 over
     # the ingest's configured one (found by the probe of these fixes)
-    from pipelines.lake.maintenance import _recorded_row_group_rows
+    from pipelines.lake.compaction import _recorded_row_group_rows
     from pipelines.lake.tasks import begin_write, commit_write
 
     tw = begin_write(path, DeltaSnapshot(path).full_schema, row_group_rows=7)

@@ -255,6 +255,65 @@ def test_a_failed_optimize_is_one_line_and_deletes_what_it_wrote(tmp_path, capsy
     assert {f.name for f in path.glob("*.parquet")} == appends | overwrite | {foreign.name}
 
 
+@pytest.mark.parametrize("other", ["running", "died", "none"])
+def test_a_failed_optimize_leaves_a_running_compactions_files(tmp_path, monkeypatch, caplog, other):
+    """A second compaction of the table, running when the first fails, has written files named
+    and written as the first's: until the twenty-sixth session the failed one deleted them, and
+    the second's commit then named files that were gone. Each compaction holds a lease while it
+    runs; a failed one that finds another's deletes nothing. A lease whose process is gone is a
+    compaction that died: it is deleted, and so are the files."""
+    import json
+    import logging
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from deltalake.exceptions import CommitFailedError
+    from deltalake.table import TableOptimizer
+    from pyarrow.fs import LocalFileSystem
+
+    from pipelines.lake import compaction, optimize
+
+    path = tmp_path / "t"
+    for x in (1, 2):
+        write_arrow(str(path), pa.table({"x": [x]}))
+    for x in (5, 6):  # a file as delta-rs's compaction writes one
+        write_arrow(str(tmp_path / "scratch"), pa.table({"x": [x]}))
+    optimize(str(tmp_path / "scratch"))
+    (scratch,) = (tmp_path / "scratch").glob("part-0000*-c000.*parquet")
+    theirs = path / f"part-00001-{uuid.uuid4()}-c000.zstd.parquet"
+    leases = path / compaction.LEASE_DIR
+    compact = TableOptimizer.compact
+
+    def racing_compact(self, *args, **kwargs):
+        write_arrow(str(path), pa.table({"x": [3]}), mode="overwrite")  # fails this compaction
+        if other == "running":
+            compaction._take_lease(LocalFileSystem(), str(path))  # this process: alive
+        elif other == "died":
+            gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True, check=True)
+            (leases / "dead.json").write_text(json.dumps({"host": compaction.socket.gethostname(),
+                                                          "pid": int(gone.stdout), "started": time.time()}))
+        if other != "none":  # the other compaction's file, not committed yet
+            shutil.copy(scratch, theirs)
+        return compact(self, *args, **kwargs)
+
+    monkeypatch.setattr(TableOptimizer, "compact", racing_compact)
+    with caplog.at_level(logging.WARNING, logger="pipelines.lake.compaction"), pytest.raises(CommitFailedError):
+        optimize(str(path))
+    ours = {f for f in path.glob("part-0000*-c000.*parquet") if f != theirs}
+    if other == "running":
+        assert theirs.exists() and ours  # its own, too: left to a vacuum
+        assert "another compaction of the table is running (pid" in caplog.text
+        assert len(list(leases.glob("*.json"))) == 1  # the running one's; this one's is gone
+    else:
+        assert not ours and not theirs.exists() and not list(leases.glob("*.json"))
+        assert "left to a vacuum" not in caplog.text
+    assert DeltaSnapshot(str(path)).to_table().column("x").to_pylist() == [3]
+
+
 def test_time_travel_before_the_first_commit_is_refused(tmp_path):
     """delta-rs loads its earliest version for a timestamp before the table's first commit;
     Delta's timestampAsOf refuses it. A pinned timestamp read version 0's rows instead."""

@@ -582,7 +582,7 @@ def test_resume_refuses_a_position_in_files_a_vacuum_removed(synth_gold, tmp_pat
     loader)."""
     import shutil
 
-    from pipelines.lake.maintenance import optimize, vacuum
+    from pipelines.lake import optimize, vacuum
     from training.checkpoint import ResumeError
 
     gold = {k: str(tmp_path / "gold" / k) for k in ("train", "valid", "test")}
@@ -606,7 +606,7 @@ def test_a_pinned_version_read_at_another_says_so_and_is_recorded(synth_gold, tm
 
     from deltalake import DeltaTable
 
-    from pipelines.lake.maintenance import optimize, vacuum
+    from pipelines.lake import optimize, vacuum
     from training.dataspec import resolve_data
 
     gold = {k: str(tmp_path / "gold" / k) for k in ("train", "valid", "test")}
