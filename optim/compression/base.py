@@ -33,6 +33,7 @@ __all__ = [
     "Collective",
     "Compressor",
     "ResidualMemory",
+    "keep_finite",
     "CompressionConfigError",
     "register",
     "build_compressor",
@@ -137,8 +138,21 @@ class Compressor:
         return f"{type(self).__name__}({hp})"
 
 
+def keep_finite(new: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+    """``new`` where it is finite, else ``old`` (zero without one): state a compressor keeps
+    across steps (a residual, a momentum) must not take in one step's inf or NaN gradient,
+    which would otherwise stay in it for good, while the step itself (what is sent) keeps it, so
+    that it can be skipped (AMP's loss scaler). Elementwise, so no device-to-host sync."""
+    new = new.detach()
+    return torch.where(torch.isfinite(new), new, torch.zeros_like(new) if old is None else old)
+
+
 class ResidualMemory:
-    """Per-parameter error-feedback residuals (Stich et al. 2018; Karimireddy et al. 2019)."""
+    """Per-parameter error-feedback residuals (Stich et al. 2018; Karimireddy et al. 2019).
+
+    A residual entry that would be inf or NaN (the step's gradient was) keeps its previous
+    value (:func:`keep_finite`): until the twenty-sixth session one such gradient made every
+    later step of that parameter inf or NaN, even when the step was skipped."""
 
     def __init__(self) -> None:
         self.residuals: dict[str, torch.Tensor] = {}
@@ -149,7 +163,11 @@ class ResidualMemory:
         return tensor.clone() if r is None else tensor + r
 
     def store(self, name: str, residual: torch.Tensor) -> None:
-        self.residuals[name] = residual.detach()
+        self.residuals[name] = keep_finite(residual, self.residuals.get(name))
+
+    def pop(self, name: str) -> torch.Tensor | None:
+        """Remove and return the residual (a tensor sent exactly this step takes it in)."""
+        return self.residuals.pop(name, None)
 
     def get(self, name: str) -> torch.Tensor | None:
         return self.residuals.get(name)

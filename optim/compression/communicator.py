@@ -45,6 +45,8 @@ from .powersgd import PowerSGDCompressor
 
 __all__ = ["GradientCommunicator"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class _Timer:
     def __init__(self) -> None:
@@ -182,6 +184,11 @@ class GradientCommunicator:
         be = self.backend
         if be.supports_allreduce(flat.dtype):
             self._account(st, "allreduce", flat.nbytes)
+            if op == AVERAGE and flat.dtype in _HALF and self.world_size > 1:
+                # divide, then sum (torch's fp16 hook's order): Horovod's average sums first, so
+                # a half-precision sum of N entries each below 65,504 overflowed to inf above
+                # 65,504 / N (until the twenty-sixth session)
+                flat, op = flat / self.world_size, SUM
             return _Pending(be, be.allreduce_async(flat, op, f"{self.name}.{tag}"), lambda out: out)
         # e.g. bfloat16 on Horovod 0.28: gather the raw bits, reduce locally in fp32
         world, dtype, numel = self.world_size, flat.dtype, flat.numel()
@@ -253,6 +260,9 @@ class GradientCommunicator:
                 else:
                     g = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 p.grad = g
+            if g.numel() == 0:  # nothing to compress (top-k cannot pick from none)
+                dense.append((name, p))
+                continue
             if g.is_sparse:
                 if self.sparse_as_dense:
                     g = g.to_dense()
@@ -294,6 +304,11 @@ class GradientCommunicator:
                 interval_metric = self.adaptive.observe([p.grad for _, p in dense + compressed + emb])
             for _, p in dense + compressed + emb + rows:
                 st.dense_bytes += p.grad.numel() * p.grad.element_size()
+            for name, p in dense:  # sent exactly this step (warm-up, an adaptive switch to a rank the
+                # matrix is too small for): its residual goes with it, not held back until it is
+                # compressed again (until the twenty-sixth session, maybe hundreds of steps later)
+                if (r := self.memory.pop(name)) is not None:
+                    p.grad.add_(r.to(p.grad.dtype))
 
             # 1. dense-exact gradients and sparse rows: launch first, they need (almost) no compute
             with tm("compress"):  # dense tables sent as rows: their non-zero rows only

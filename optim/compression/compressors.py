@@ -32,6 +32,7 @@ from .base import (
     _check_int,
     _check_ratio,
     _exact_ratio,
+    keep_finite,
     register,
 )
 from .packing import bits_for, pack_bits, packed_nbytes, unpack_bits
@@ -190,24 +191,37 @@ class QSGDCompressor(Compressor):
         b = max(b, 1)
         return b, (n + b - 1) // b
 
+    @staticmethod
+    def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+        """float64 for float64 gradients (their norms, sent as float64, too), float32 otherwise."""
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
     def compress(self, tensor, name):
-        flat = tensor.detach().reshape(-1).to(torch.float32)
+        dt = self._math_dtype(tensor.dtype)
+        flat = tensor.detach().reshape(-1).to(dt)
         n = flat.numel()
         b, nb = self._buckets(n)
         if nb * b == n:
             mat = flat.view(nb, b)
         else:
-            mat = torch.zeros(nb * b, dtype=torch.float32, device=flat.device)
+            mat = torch.zeros(nb * b, dtype=dt, device=flat.device)
             mat[:n] = flat
             mat = mat.view(nb, b)
-        norms = torch.linalg.vector_norm(mat, dim=1)
+        # the norm of each bucket scaled by its largest entry, so that squares neither overflow
+        # (3e19 gave inf, then NaN everywhere) nor underflow (3e-24 gave a norm of 0, all zero)
+        amax = mat.abs().amax(dim=1, keepdim=True)
+        unit = torch.where(amax > 0, amax, torch.ones_like(amax))
+        norms = (torch.linalg.vector_norm(mat / unit, dim=1) * unit.squeeze(1))
+        # a bucket with an inf or NaN decodes to NaN (its values were a sign-flipped inf and NaN):
+        # not finite, so the step can be skipped, and no finite-looking value
+        norms = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, math.nan))
         scale = (self.s / torch.where(norms > 0, norms, torch.ones_like(norms))).unsqueeze(1)
         r = mat.abs().mul_(scale)  # in [0, s]
         level = torch.floor(r)
         frac = r.sub_(level)
-        u = torch.rand(frac.shape, generator=self._rng(frac.device), device=frac.device)
+        u = torch.rand(frac.shape, generator=self._rng(frac.device), device=frac.device, dtype=dt)
         level += u < frac  # round up with probability frac: E[level] = |x| s / ||x||
-        level.clamp_(max=self.s)
+        level = torch.nan_to_num_(level, nan=0.0).clamp_(min=0, max=self.s)
         code = torch.where(mat < 0, -level, level).add_(self.s).reshape(-1)[:n]  # in [0, 2s]
         code = code.to(torch.uint8 if self.code_bits <= 8 else torch.int64)
         packed = pack_bits(code, self.code_bits)
@@ -217,16 +231,17 @@ class QSGDCompressor(Compressor):
         norms, packed = payload
         n = ctx["n"]
         b, nb = self._buckets(n)
-        level = (unpack_bits(packed, self.code_bits, n) - self.s).to(torch.float32)
-        padded = torch.zeros(nb * b, dtype=torch.float32, device=level.device)
+        dt = self._math_dtype(ctx["dtype"])
+        level = (unpack_bits(packed, self.code_bits, n) - self.s).to(dt)
+        padded = torch.zeros(nb * b, dtype=dt, device=level.device)
         padded[:n] = level
-        out = padded.view(nb, b) * (norms.to(torch.float32) / self.s).unsqueeze(1)
+        out = padded.view(nb, b) * (norms.to(dt) / self.s).unsqueeze(1)
         return out.reshape(-1)[:n].view(ctx["shape"]).to(ctx["dtype"])
 
     def payload_nbytes(self, shape, dtype=torch.float32):
         n = _numel(shape)
         _, nb = self._buckets(n)
-        return 4 * nb + packed_nbytes(n, self.code_bits)
+        return torch.empty((), dtype=self._math_dtype(dtype)).element_size() * nb + packed_nbytes(n, self.code_bits)
 
     def variance_bound(self, d: int) -> float:
         """QSGD Lemma 3.1: E||Q(v)-v||^2 <= min(d/s^2, sqrt(d)/s) ||v||^2 (per bucket of d)."""
@@ -314,7 +329,7 @@ class TopKCompressor(Compressor):
 class RandomKCompressor(Compressor):
     """Random-k: every rank picks the same k indices (seed, parameter name, step), so only the
     values travel and they can be allreduced. ``rescale=True`` multiplies by n/k (unbiased,
-    for use without error feedback)."""
+    only without error feedback: with it the residual grows by 1 - n/k a step, and is refused)."""
 
     name = "randomk"
     collective = Collective.ALLREDUCE
@@ -333,6 +348,11 @@ class RandomKCompressor(Compressor):
         _check_ratio(self.name, "ratio", ratio)
         if not isinstance(rescale, bool):
             raise CompressionConfigError(f"randomk: rescale must be a bool, got {rescale!r}")
+        if rescale and error_feedback:  # accepted until the twenty-sixth session: inf in ~300 steps
+            raise CompressionConfigError(
+                "randomk: rescale=true (values times n/k, unbiased) diverges with error feedback: the residual of a "
+                "sent entry is (1 - n/k) times it, -99x at 1 %; give error_feedback: false with rescale, or leave "
+                "rescale out")
         self.ratio = float(ratio)
         self.rescale = rescale
         if not hasattr(self, "_calls"):
@@ -451,10 +471,11 @@ class SignumVoteCompressor(Compressor):
     def compress(self, tensor, name):
         x = tensor.detach()
         if self.momentum > 0:
-            m = self._m.get(name)
-            m = (1 - self.momentum) * x if m is None else self.momentum * m + (1 - self.momentum) * x
-            self._m[name] = m
-            x = m
+            old = self._m.get(name)
+            x = (1 - self.momentum) * x if old is None else self.momentum * old + (1 - self.momentum) * x
+            # what is sent keeps an inf or NaN (so a step can be skipped on it); the momentum keeps
+            # its last finite values there (else one such gradient poisoned it for good)
+            self._m[name] = keep_finite(x, old)
         scale, packed = _sign_payload(x)
         return [scale, packed], {"shape": tensor.shape, "dtype": tensor.dtype, "n": tensor.numel()}
 

@@ -152,6 +152,14 @@ class PowerSGDCompressor(Compressor):
             q = self._initial_q(name, m, r, M.device, M.dtype)
         else:
             q = q.to(M.device).clone()
+            # a column that is zero (a step whose gradient was zero: Gram-Schmidt leaves a zero
+            # column at zero, so P = M 0 and Q = M^T P = 0 for good) or not finite (a step with an
+            # inf gradient) is drawn again from the first draw; the stored Q is the same on every
+            # rank, and so is the redraw. Until the twenty-sixth session such a matrix was never
+            # sent again (P = 0) while its error-feedback residual grew.
+            dead = (q == 0).all(dim=0) | ~torch.isfinite(q).all(dim=0)
+            if dead.any():
+                q[:, dead] = self._initial_q(name, m, r, M.device, M.dtype)[:, dead]
         self._calls[name] = self._calls.get(name, 0) + 1
         orthogonalize(q, self.orthogonalization_epsilon)
         p = M @ q
