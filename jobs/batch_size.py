@@ -67,7 +67,10 @@ def run(cfg, args) -> int:
         print(f"bigopt batch-size: {e}", file=sys.stderr)
         return 2
     sizes = args.sizes or default_sizes(t.micro_batch_size)
-    rows = table_to_tensors(spec.train, spec.versions.get("train"), spec.columns)
+    # the rows of the largest batch, not the table: training streams the table, and the memory
+    # measured is the process's (until the twenty-sixth session the whole train table was read,
+    # so the memory model's intercept grew with the table: 1.4 GB at 2 M rows, "no batch fits")
+    rows = table_to_tensors(spec.train, spec.versions.get("train"), spec.columns, max_rows=max(sizes))
     n = next(iter(rows.values())).shape[0]
 
     def model_factory():
@@ -90,6 +93,10 @@ def run(cfg, args) -> int:
     print(f"bigopt batch-size: {t.model} / {t.optimizer}, table {spec.train} v{spec.versions.get('train')}, "
           f"per-rank batch sizes {sizes}")
     print(report.to_table())
+    if (b := report.recommended_batch) is not None:  # the sizes are per rank; train.batch_size is global
+        ranks = t.num_proc * t.grad_accum_steps
+        print(f"per rank and micro-step: train.batch_size={b * ranks} with train.num_proc={t.num_proc} and "
+              f"train.grad_accum_steps={t.grad_accum_steps}")
     return 0
 
 

@@ -19,15 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def table_to_tensors(uri: str, version: int | None, columns: Sequence[str], max_rows: int | None = None) -> dict[str, torch.Tensor]:
-    """Read a Delta table (pinned version) fully into tensors; list columns become 2-D."""
+    """Read a Delta table (pinned version) into tensors, all of it or its first ``max_rows`` rows
+    (read only as far as they go); list columns become 2-D."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from pipelines.lake import DeltaSnapshot
 
-    table = DeltaSnapshot(uri, version).to_table(list(columns))
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
+    snap = DeltaSnapshot(uri, version)
+    if max_rows is None:
+        table = snap.to_table(list(columns))
+    else:  # until the twenty-sixth session the whole table was read, then sliced
+        table = snap.dataset(columns).head(max_rows, columns=list(columns))
     out: dict[str, torch.Tensor] = {}
     n = table.num_rows
     for c in columns:

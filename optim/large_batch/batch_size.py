@@ -39,6 +39,11 @@ import torch.nn.functional as F
 
 __all__ = ["LinearFit", "BatchMeasurement", "BatchSizeReport", "fit_linear", "measure_batch_size_bounds"]
 
+# a knee is recommended only from a time fit with at least this R^2, and at most this many times
+# the largest size measured (else the measured size with the most samples/s, saying why)
+MIN_TIME_R2 = 0.8
+MAX_EXTRAPOLATION = 2
+
 
 @dataclass(frozen=True)
 class LinearFit:
@@ -152,9 +157,11 @@ class BatchSizeReport:
 
     @property
     def recommended_batch(self) -> int | None:
-        """What to try first: the knee capped by the memory bound; without a knee, the measured
-        size with the highest samples/s among those within the bound (:attr:`recommended_because`).
-        None when no batch size fits the memory budget."""
+        """What to try first: the knee capped by the memory bound; without a knee, or one the
+        time fit does not support (R^2 below ``MIN_TIME_R2``, more than ``MAX_EXTRAPOLATION``
+        times the largest size measured), the measured size with the highest samples/s among
+        those within the bound (:attr:`recommended_because`). None when no batch size fits the
+        memory budget. Per rank and micro-step, as the sizes measured."""
         return self._recommendation()[0]
 
     @property
@@ -169,17 +176,28 @@ class BatchSizeReport:
                 min(m.peak_memory_bytes for m in self.measurements)
             return None, (f"no batch size fits the memory budget ({self.memory_budget_bytes / 2**20:.0f} MB): "
                           f"{need / 2**20:.0f} MB predicted or measured at the smallest")
-        if knee is not None:
+        largest = self.measurements[-1].batch_size
+        if knee is not None and self.time_fit.r2 < MIN_TIME_R2:
+            why = (f"the time fit explains little of the step times (R^2 {self.time_fit.r2:.2f} < {MIN_TIME_R2}), "
+                   f"so its knee ({knee}) is no guide; measure with more --steps")
+        elif knee is not None and knee > MAX_EXTRAPOLATION * largest and (bound is None or bound > largest):
+            why = (f"the knee {knee} lies {knee / largest:.0f}x beyond the largest size measured ({largest}), too far "
+                   f"to trust the fit; measure sizes up to it with --sizes")
+        elif knee is not None:
             if bound is not None and bound < knee:
                 return bound, f"the knee {knee} capped by the memory bound {bound}"
-            return knee, "the knee" + ("" if bound is None else f", within the memory bound {bound}")
-        # No knee: the time fit is no model of a fixed cost plus a cost per sample, and its
-        # predictions (a budget bound's throughput among them) are no better than the measurements
-        # (until the twentieth session the budget bound was recommended: 41048 at a predicted
-        # 588 samples/s where 256 measured 1347).
-        t0, t1 = self.time_fit.intercept, self.time_fit.slope
-        why = (f"the time fit has no positive slope ({t1 * 1e3:.5f} ms/sample)" if t1 <= 0 else
-               f"the time fit has no positive intercept ({t0 * 1e3:.3f} ms)") + ", so no knee"
+            past = f" (beyond the largest size measured, {largest}: extrapolated)" if knee > largest else ""
+            return knee, "the knee" + past + ("" if bound is None else f", within the memory bound {bound}")
+        else:
+            # No knee: the time fit is no model of a fixed cost plus a cost per sample, and its
+            # predictions (a budget bound's throughput among them) are no better than the
+            # measurements (until the twentieth session the budget bound was recommended: 41048
+            # at a predicted 588 samples/s where 256 measured 1347).
+            t0, t1 = self.time_fit.intercept, self.time_fit.slope
+            why = (f"the time fit has no positive slope ({t1 * 1e3:.5f} ms/sample)" if t1 <= 0 else
+                   f"the time fit has no positive intercept ({t0 * 1e3:.3f} ms)") + ", so no knee"
+        # until the twenty-sixth session a knee from any fit was recommended: 24737 from an R^2 of
+        # 0.07, 48x the largest size measured, and 592 to 24742 over three identical runs
         best = self._best_measured(bound)
         if best is None:
             return bound, f"{why}, and no measured size is within the memory bound: the bound"
@@ -253,9 +271,10 @@ class BatchSizeReport:
         lines.append(f"time(b)   = {tm['intercept_ms']:.3f} ms + {tm['ms_per_sample']:.5f} ms*b   "
                      f"(R^2 {tm['r2']:.4f}, RMSE {tm['rmse_ms']:.3f} ms, max rel err {tm['max_rel_err']:.2%})")
         budget = "-" if s["memory_budget_mb"] is None else f"{s['memory_budget_mb']:.0f} MB"
+        knee = (f"knee ({self.knee_fraction:.0%} of {s['asymptotic_samples_per_s']:.0f} samples/s) {s['knee_batch']}"
+                if s["knee_batch"] is not None else "no knee")
         lines.append(f"budget {budget}: max batch {s['max_batch_for_budget']}; best measured {s['best_measured_batch']}; "
-                     f"knee ({self.knee_fraction:.0%} of {s['asymptotic_samples_per_s']:.0f} samples/s) "
-                     f"{s['knee_batch']}")
+                     f"{knee}")
         lines.append(f"recommended {s['recommended_batch']}: {s['recommended_because']}")
         return "\n".join(lines)
 

@@ -31,11 +31,13 @@ __all__ = ["noise_scale_estimates", "GradientNoiseScale", "estimate_noise_scale"
 
 
 def sq_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """Squared L2 norm of a list of (dense) tensors, multi-tensor."""
-    tensors = [t for t in tensors if t is not None]
+    """Squared L2 norm of a list of tensors, multi-tensor; a sparse tensor (a sparse embedding's
+    gradient) counts its coalesced values (until the twenty-sixth session it raised
+    NotImplementedError: no sparse ``linalg_vector_norm``)."""
+    tensors = [(t.coalesce().values() if t.is_sparse else t).detach() for t in tensors if t is not None]
     if not tensors:
         return 0.0
-    norms = torch._foreach_norm([t.detach() for t in tensors])
+    norms = torch._foreach_norm(tensors)
     return float(torch.stack([n.double() for n in norms]).square().sum())
 
 
@@ -131,7 +133,8 @@ def estimate_noise_scale(model: torch.nn.Module, loss_fn: Callable, batch, n_chu
         grads = torch.autograd.grad(loss_fn(model, c), params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         small += sq_norm(grads)
-        torch._foreach_add_(acc, grads)
+        for a, g in zip(acc, grads):  # a sparse gradient (sparse embeddings) added into a dense sum
+            a.add_(g)
     small /= len(chunks)
     torch._foreach_div_(acc, float(len(chunks)))
     big = sq_norm(acc)

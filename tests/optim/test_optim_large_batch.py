@@ -64,6 +64,30 @@ def test_without_a_knee_the_best_measured_size_within_the_budget_is_recommended(
     assert "no positive slope" in flat.recommended_because
 
 
+def test_a_knee_the_fit_does_not_support_is_not_recommended():
+    """A real run's step times on a shared 2-core host: the time fit explains 7 % of them, and its
+    knee (24737) is 48x the largest size measured. It was recommended, and three identical runs
+    gave 24742, 7941 and 592. Now the best measured size, saying why; a knee up to twice the
+    largest size is still recommended, marked as extrapolated."""
+    mb = 2**20
+    noisy = BatchSizeReport.from_measurements([32, 64, 128, 256, 512], [470.6 * mb, 471.3 * mb, 472.3 * mb,
+                                                                        474.0 * mb, 477.2 * mb],
+                                              [0.07256, 0.08914, 0.04583, 0.06382, 0.08709])
+    assert noisy.time_fit.r2 < 0.1 and noisy.knee_batch > 20_000
+    assert noisy.recommended_batch == 512  # 5879 samples/s, the most measured
+    assert noisy.recommended_because.startswith("the time fit explains little of the step times (R^2 0.07 < 0.8)")
+    # a clean fit whose knee is far past the sizes: 4 ms + 0.001 ms/sample -> knee 36000
+    sizes = [32, 64, 128, 256]
+    far = BatchSizeReport.from_measurements(sizes, [1e9] * 4, [0.004 + 1e-6 * b for b in sizes])
+    assert far.knee_batch == 36000 and far.recommended_batch == 256
+    assert "lies 141x beyond the largest size measured (256)" in far.recommended_because
+    near = BatchSizeReport.from_measurements(sizes, [1e9] * 4, [0.004 + 1e-4 * b for b in sizes])
+    assert near.knee_batch == 360 and near.recommended_batch == 360
+    assert near.recommended_because == "the knee (beyond the largest size measured, 256: extrapolated)"
+    flat = BatchSizeReport.from_measurements(sizes, [1e9] * 4, [0.05, 0.04, 0.03, 0.02])
+    assert "; no knee" in flat.to_table() and "inf samples/s" not in flat.to_table()
+
+
 def test_no_batch_fits_a_budget_the_measurements_are_already_over():
     """A memory fit with a slightly negative slope (RSS noise on a CPU) bounded nothing, so with
     every measured peak over the budget the report recommended 129, predicted at ~2 GB against
@@ -213,6 +237,34 @@ def test_noise_scale_estimators_are_exact_in_expectation():
     g2, s = 4.0, 200.0  # |G|^2 and tr(Sigma)
     small, big = g2 + s / 8, g2 + s / 128
     assert noise_scale_estimates(small, big, 8, 128) == pytest.approx((g2, s))
+
+
+def test_noise_scale_with_sparse_embedding_gradients():
+    """`sparse_embeddings: auto` gives sgd, adagrad and ftrl sparse embedding gradients:
+    estimate_noise_scale and sq_norm raised NotImplementedError (no sparse vector norm). They now
+    give what the same model with dense embedding gradients gives."""
+    import torch.nn.functional as F
+
+    from optim.large_batch import sq_norm
+    from training.models import build_model
+
+    def loss(m, c):
+        return F.binary_cross_entropy_with_logits(m(c[0], c[1]), c[2])
+
+    torch.manual_seed(0)
+    batch = (torch.rand(64, 13), torch.randint(0, 10, (64, 26)), torch.randint(0, 2, (64,)).float())
+    est = {}
+    for sparse in (False, True):
+        torch.manual_seed(1)
+        m = build_model("dlrm", cardinalities=[10] * 26, num_dense=13, sparse=sparse, embedding_dim=8,
+                        bottom_mlp=[16], top_mlp=[16])
+        est[sparse] = estimate_noise_scale(m, loss, batch, n_chunks=4)
+        m.zero_grad()
+        loss(m, batch).backward()
+        est[sparse]["sq_norm"] = sq_norm([p.grad for p in m.parameters()])
+    assert any(p.grad.is_sparse for p in m.parameters())
+    for k in ("small_sq", "big_sq", "grad_sq", "trace_cov", "sq_norm"):
+        assert est[True][k] == pytest.approx(est[False][k], rel=1e-5), k
 
 
 def test_noise_scale_matches_analytic_value_for_known_covariance():

@@ -358,10 +358,21 @@ def test_batch_size_command(synth_gold, tmp_path, capsys):
 
     from jobs import batch_size as job
 
-    cfg = train_cfg(synth_gold, tmp_path)
-    assert job.run(cfg, argparse.Namespace(sizes=[32, 64, 128], memory_budget_gb=4.0, steps=1)) == 0
+    from training import loaders
+
+    read = []
+    real = loaders.table_to_tensors
+    cfg = train_cfg(synth_gold, tmp_path, "train.num_proc=2")
+    with pytest.MonkeyPatch.context() as mp:  # the rows of the largest size, not the whole table
+        mp.setattr(loaders, "table_to_tensors", lambda *a, **k: read.append(real(*a, **k)) or read[-1])
+        assert job.run(cfg, argparse.Namespace(sizes=[32, 64, 128], memory_budget_gb=4.0, steps=1)) == 0
+    assert [len(r["label"]) for r in read] == [128]
     out = capsys.readouterr().out
     assert "measured" in out and "memory(b)" in out and "time(b)" in out
+    # the sizes are per rank; train.batch_size is global
+    b = int(re.search(r"^recommended (\d+):", out, re.M).group(1))
+    assert f"per rank and micro-step: train.batch_size={2 * b} with train.num_proc=2 and train.grad_accum_steps=1" \
+        in out
     # bad arguments are usage errors (exit 2), not tracebacks from the fits (seventeenth session)
     from jobs.cli import main
 
