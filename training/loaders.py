@@ -82,11 +82,19 @@ class TensorLoader:
 
     @property
     def rank_rows(self) -> list[int]:
-        """Rows each rank's shard yields per epoch (the Delta loader's attribute of that name):
-        what :func:`training.loop.eval_quotas` splits a capped evaluation by."""
+        """Rows each rank's shard yields per epoch (the Delta loader's attribute of that name)."""
         if self.drop_last:
             return [self.n // self.world_size] * self.world_size
         return [len(range(r, self.n, self.world_size)) for r in range(self.world_size)]
+
+    def global_positions(self):
+        """The rows an unshuffled epoch of this rank yields, as positions in the tensors (the
+        Delta loader's method of that name)."""
+        import numpy as np
+
+        if self.shuffle:
+            raise ValueError("global_positions: the loader is shuffled (its order changes every epoch)")
+        return self._rows().numpy().astype(np.int64)
 
     def __len__(self) -> int:
         if self.drop_last:

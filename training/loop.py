@@ -144,44 +144,34 @@ def _optimizer_state_mb(opt: torch.optim.Optimizer) -> float:
     return total / 2**20
 
 
-def eval_quotas(rank_rows: list[int], max_rows: int | None) -> list[int]:
-    """Rows each rank scores when an evaluation is capped at ``max_rows`` over all ranks together:
-    its whole shard when the split fits (every row scored, whatever the rank count), else shares
-    proportional to the shards (largest remainders, ties to the lower rank) that add up to
-    ``max_rows``. An equal ``max_rows // W`` per rank dropped rows of a larger shard even when
-    the split was under the cap (1,941 rows on 2 ranks: 1,917 scored)."""
-    total = sum(rank_rows)
-    if max_rows is None or total <= max_rows:
-        return list(rank_rows)
-    quotas = [max_rows * n // total for n in rank_rows]
-    left = max_rows - sum(quotas)  # the remainders' sum: at most one more row each, never past a shard
-    for r in sorted(range(len(rank_rows)), key=lambda r: (-(max_rows * rank_rows[r] % total), r))[:left]:
-        quotas[r] += 1
-    return quotas
-
-
 def evaluate(model, loader, spec: DataSpec, dist, device, *, bf16: bool = False, max_rows: int | None = None) -> dict[str, float]:
     """Exact metrics over the split: every rank scores its shard, scores/labels are allgathered
-    (the ranks' counts may differ). ``max_rows`` caps the total over all ranks: rank ``r`` scores
-    the first ``eval_quotas(loader.rank_rows, max_rows)[r]`` rows of its shard."""
+    (the ranks' counts may differ). ``max_rows`` caps the total over all ranks at the split's
+    first ``max_rows`` rows (``loader.global_positions()``): the same rows, so the same metrics,
+    on any number of ranks. Until the twenty-sixth session each rank scored the first rows of its
+    own shard (a share proportional to it), so which rows were scored, and a capped AUC,
+    depended on the rank count (0.4945 on 1 rank, 0.5140 on 2, for one model and a cap of 1001)."""
     was_training = model.training
     model.eval()
-    cap = eval_quotas(list(loader.rank_rows), max_rows)[dist.rank] if max_rows else None
-    zs, ys, rows = [], [], 0
+    keep = None  # per row of this rank's shard, in the order it is read: among the first max_rows?
+    if max_rows is not None and sum(loader.rank_rows) > max_rows:
+        keep = torch.from_numpy(loader.global_positions() < max_rows)
+    end = None if keep is None else (int(keep.nonzero().max()) + 1 if bool(keep.any()) else 0)
+    zs, ys, pos = [], [], 0
     loader.set_epoch(0)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for batch in loader if cap != 0 else ():
+        for batch in loader if end != 0 else ():
             dense, sparse, label, mask = batch_to_inputs(batch, spec, device)
             z = model(dense, sparse).float()
             if mask is not None:
                 z, label = z[mask], label[mask]
-            if cap is not None and rows + z.shape[0] > cap:
-                keep = cap - rows
-                z, label = z[:keep], label[:keep]
+            if keep is not None:
+                k = keep[pos:pos + z.shape[0]].to(z.device)
+                pos += z.shape[0]
+                z, label = z[k], label[k]
             zs.append(z.cpu())
             ys.append(label.cpu())
-            rows += z.shape[0]
-            if cap is not None and rows >= cap:
+            if end is not None and pos >= end:
                 break
     z = torch.cat(zs) if zs else torch.zeros(0)
     y = torch.cat(ys) if ys else torch.zeros(0)

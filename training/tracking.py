@@ -186,14 +186,17 @@ _NOT_RESULT = frozenset({
 
 def repeat_group(train: Any, spec: Any) -> str:
     """A hash of what decides a run's result but its seed: the train settings (less
-    :data:`_NOT_RESULT`) and the data read (each split's version and Delta table id, and the
-    featurize build). Runs with one ``repeat_group`` are repeats of one experiment, whatever
-    their ``run.name``, ``run.seed``, tracking or checkpoint settings; ``config_hash`` covers all
-    of those and tells two repeats apart."""
+    :data:`_NOT_RESULT`) and the data read (each split's version and Delta table id, the
+    featurize build, and the embedding sizes and dense width the model is built with). Runs with
+    one ``repeat_group`` are repeats of one experiment, whatever their ``run.name``,
+    ``run.seed``, tracking or checkpoint settings; ``config_hash`` covers all of those and tells
+    two repeats apart. (Until the twenty-sixth session the embedding sizes were left out: a run
+    given another ``train.vocabulary``, a model 3x the size, was grouped as a repeat.)"""
     from jobs.config import doc_hash
 
     settings = {k: v for k, v in train.model_dump(mode="json").items() if k not in _NOT_RESULT}
-    data = {"versions": dict(spec.versions), "table_ids": dict(spec.table_ids), "build": spec.gold.get("build")}
+    data = {"versions": dict(spec.versions), "table_ids": dict(spec.table_ids), "build": spec.gold.get("build"),
+            "cardinalities": [int(c) for c in spec.cardinalities], "num_dense": int(spec.num_dense)}
     return doc_hash({"train": settings, "data": data})
 
 
@@ -335,22 +338,24 @@ class MetricLogger:
         self._last = time.monotonic()
         self._client = _client(uri) if self.enabled else None
         # a resumed run restarts at its checkpoint, but the run may hold later steps already
-        # (flushed before a crash, or a finished run's end): those steps are not logged again
-        self.logged_through = self._last_step() if self.enabled and resumed else None
+        # (flushed before a crash, or a finished run's end): those are not logged again, per
+        # metric. A flush is timed, so it can split one step's metrics: until the twenty-sixth
+        # session the whole step was skipped up to the run's latest step of any metric, so a
+        # `tta_*` still buffered at a crash, next to its flushed `valid_*`, was lost for good
+        self.logged_through: dict[str, int] = self._last_steps() if self.enabled and resumed else {}
 
-    def _last_step(self) -> int | None:
+    def _last_steps(self) -> dict[str, int]:
         data = self._client.get_run(self.run_id).data
-        steps = [m.step for k in data.metrics for m in self._client.get_metric_history(self.run_id, k)]
-        return max(steps, default=None)
+        return {k: max(m.step for m in self._client.get_metric_history(self.run_id, k)) for k in data.metrics}
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self.enabled or (self.logged_through is not None and step <= self.logged_through):
+        if not self.enabled:
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
-            if v is None:
+            if v is None or step <= self.logged_through.get(k, -1):
                 continue
             fv = float(v)
             if fv != fv:  # NaN: MLflow accepts it but plots poorly; skip

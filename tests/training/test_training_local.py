@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -513,6 +514,34 @@ def test_a_resumed_run_keeps_the_metrics_logged_before_the_crash(synth_gold, tmp
         assert [m.step for m in client.get_metric_history(res.run_id, key)] == steps, key
 
 
+def test_a_resume_logs_a_steps_metrics_a_flush_left_out(mlflow_store):
+    """Flushes are timed, so one step's metrics can be split by one: the step-25 evaluation sent,
+    its tta_* still buffered at a crash. The resume skipped whole steps up to the run's latest
+    step of any metric, so the recomputed tta_* were dropped for good (tta_reached=1 with no
+    tta_*). It now skips per metric."""
+    import mlflow
+
+    from training.tracking import MetricLogger
+
+    uri = mlflow_store[0]
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment(f"split-flush-{time.time_ns()}")).info.run_id
+    before = MetricLogger(uri, run_id, flush_every_s=3600)
+    before.log({"train_loss": 0.5}, 24)
+    before.log({"valid_auc": 0.64}, 25)
+    before.flush()
+    before.log({"tta_step": 25.0, "tta_samples": 6400.0}, 25)  # buffered: the process dies here
+    after = MetricLogger(uri, run_id, flush_every_s=3600, resumed=True)  # restarts at the step-20 checkpoint
+    for step in range(21, 27):
+        after.log({"train_loss": 0.4}, step)
+    after.log({"valid_auc": 0.65}, 25)
+    after.log({"tta_step": 25.0, "tta_samples": 6400.0}, 25)
+    after.flush()
+    steps = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in ("train_loss", "valid_auc", "tta_step")}
+    assert steps == {"train_loss": [24, 25, 26], "valid_auc": [25], "tta_step": [25]}
+    assert client.get_metric_history(run_id, "valid_auc")[0].value == 0.64  # the first, not logged twice
+
+
 def test_metrics_up_to_a_checkpoint_are_in_mlflow_once_it_exists(synth_gold, tmp_path, mlflow_store, monkeypatch):
     """A process that dies right after a checkpoint's rename: every metric up to that step is in
     MLflow already (the resume restarts there and logs only later steps). The buffer was flushed
@@ -656,6 +685,14 @@ def test_repeat_group_groups_runs_that_differ_only_in_seed_name_and_bookkeeping(
 
     latest = DeltaTable(synth_gold["train"]).version()
     assert group(f"train.table_version={latest - 1}") != base  # other data
+    # another vocabulary: embedding tables 4x the size, another model (grouped as a repeat until
+    # the twenty-sixth session)
+    doc = json.loads(open(synth_gold["vocabulary"]).read())
+    for col in doc["columns"].values():
+        col["cardinality"] *= 4
+    (tmp_path / "big.json").write_text(json.dumps(doc))
+    assert group(f"train.vocabulary={tmp_path / 'big.json'}") != base
+    assert group(f"train.vocabulary={synth_gold['vocabulary']}") == base  # the same sizes, named
 
 
 def test_data_seed_orders_the_data_apart_from_the_model_seed(synth_gold, tmp_path, monkeypatch):
@@ -831,36 +868,50 @@ def test_a_run_the_data_cannot_hold_is_one_error_before_mlflow(synth_gold, tmp_p
         assert {run_steps(t, spec)} == {n // accum for n in lens}
 
 
-@pytest.mark.parametrize("max_rows, ranks, want", [(1001, 2, 1001), (1001, 3, 1001), (1, 2, 1), (4001, 2, 4000),
-                                                    (3999, 3, 3999), (4000, 3, 4000)])
-def test_eval_max_rows_caps_the_rows_of_all_ranks_together(synth_gold, tmp_path, max_rows, ranks, want):
-    """train.eval_max_rows is the rows of an evaluation over all ranks: each rank scored
-    ceil(max_rows / ranks), so 2 ranks and 1001 scored 1002; then max_rows // ranks, so unequal
-    shards (3 ranks: 2000, 1000, 1000 rows) of a split under the cap lost rows. Each rank's eval
-    loader (padded to equal batch counts, as on Horovod) under a dist whose allgather returns the
-    rank's own rows: their counts add up to the cap (or the split, when smaller), each rank's
-    proportional to its shard."""
+@pytest.mark.parametrize("max_rows", [1, 1001, 3999, 4000, 5000])
+def test_eval_max_rows_scores_the_splits_first_rows_on_any_number_of_ranks(synth_gold, tmp_path, monkeypatch,
+                                                                            max_rows):
+    """train.eval_max_rows caps an evaluation over all ranks together at the split's first rows.
+    Each rank scored ceil(max_rows / ranks) (2 ranks and 1001: 1002), then max_rows // ranks
+    (unequal shards of a split under the cap lost rows), then a share proportional to its shard,
+    taken from its shard's start: the right count, but which rows, and so a capped AUC, depended
+    on the rank count (metrics probe: 0.4945 on 1 rank, 0.5140 on 2). Each rank's eval loader
+    (padded to equal batch counts, as on Horovod) under a dist whose allgather returns the rank's
+    own rows: together they score the same rows, with the same scores, on 1, 2 and 3 ranks."""
+    import numpy as np
+
+    import training.loop as loop
     from training.dataspec import resolve_data
     from training.dist import LocalDist
     from training.loaders import make_loader
-    from training.loop import eval_quotas, evaluate, model_for
-
-    class OneOf(LocalDist):
-        def __init__(self, rank):
-            self.rank, self.size = rank, ranks
 
     cfg = train_cfg(synth_gold, tmp_path)
     spec = resolve_data(cfg)
-    model = model_for(cfg.train, spec.cardinalities, spec.num_dense)
-    counted, shards = [], None
-    for r in range(ranks):
-        loader = make_loader(spec.valid, spec.columns, 256, version=spec.versions["valid"], rank=r, world_size=ranks,
-                             train=False, prefetch=0)
-        shards = loader.rank_rows
-        counted.append(evaluate(model, loader, spec, OneOf(r), torch.device("cpu"), max_rows=max_rows)["rows"])
-    assert sum(counted) == want, counted
-    assert counted == eval_quotas(shards, max_rows)
-    assert all(abs(c - max_rows * n / sum(shards)) < 1 or c == n for c, n in zip(counted, shards)), (counted, shards)
+    model = loop.model_for(cfg.train, spec.cardinalities, spec.num_dense)
+    scored: list = []
+    real = loop.binary_metrics
+    monkeypatch.setattr(loop, "binary_metrics", lambda z, y: scored.append((z, y)) or real(z, y))
+    seen = {}
+    for ranks in (1, 2, 3):
+        class OneOf(LocalDist):
+            def __init__(self, rank):
+                self.rank, self.size = rank, ranks
+
+        scored.clear()
+        positions = []
+        for r in range(ranks):
+            loader = make_loader(spec.valid, spec.columns, 256, version=spec.versions["valid"], rank=r,
+                                 world_size=ranks, train=False, prefetch=0)
+            total = sum(loader.rank_rows)
+            positions.append(loader.global_positions())
+            loop.evaluate(model, loader, spec, OneOf(r), torch.device("cpu"), max_rows=max_rows)
+        want = min(max_rows, total)
+        assert sum(len(z) for z, _ in scored) == want
+        assert sorted(np.concatenate(positions).tolist()) == list(range(total))  # every row once, whatever the ranks
+        seen[ranks] = np.sort(np.concatenate([z for z, _ in scored])), np.concatenate([y for _, y in scored]).sum()
+    for ranks in (2, 3):
+        np.testing.assert_array_equal(seen[ranks][0], seen[1][0])  # the same rows scored alike
+        assert seen[ranks][1] == seen[1][1]
 
 
 @pytest.mark.parametrize("override, said", [

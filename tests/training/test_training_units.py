@@ -332,32 +332,6 @@ def test_tensor_loader_resume_and_eval_mode():
     assert ev[0].rank_rows == [52, 51] and a.rank_rows == [51, 51]  # what yields: every row / drop_last's
 
 
-@pytest.mark.parametrize("rank_rows, cap, want", [
-    ([1024, 917], 2000, [1024, 917]),  # the split fits: every row (an equal 1000 each scored 1917)
-    ([1024, 917], 1941, [1024, 917]),
-    ([1024, 917], 1000, [528, 472]),  # proportional: 527.55.. and 472.44..
-    ([2000, 1000, 1000], 1001, [501, 250, 250]),
-    ([5, 5, 5], 4, [2, 1, 1]),  # equal remainders: the lower ranks first
-    ([0, 10], 3, [0, 3]),  # an empty shard scores nothing
-    ([0, 0], 5, [0, 0]),
-    ([7, 3], None, [7, 3]),
-])
-def test_eval_quotas_add_up_to_the_cap_over_all_ranks(rank_rows, cap, want):
-    """train.eval_max_rows caps an evaluation over all ranks together: each rank's share is
-    proportional to its shard and the shares add up to min(rows, cap). Until the twenty-first
-    session each rank took cap // W, so a split under the cap lost rows of its larger shard."""
-    from training.loop import eval_quotas
-
-    got = eval_quotas(rank_rows, cap)
-    assert got == want
-    assert sum(got) == min(sum(rank_rows), cap if cap is not None else sum(rank_rows))
-    assert all(0 <= q <= n for q, n in zip(got, rank_rows))
-    for rows in ([3, 1, 4, 1, 5, 9, 2, 6], [1000] * 7, [1, 999]):  # any cap: the same invariants
-        for c in range(1, sum(rows) + 2):
-            q = eval_quotas(rows, c)
-            assert sum(q) == min(c, sum(rows)) and all(0 <= a <= n for a, n in zip(q, rows)), (rows, c)
-
-
 @pytest.mark.parametrize("name,params", [("momentum", {}), ("nesterov", {}), ("sgd", {"momentum": 0.9})])
 def test_momentum_trains_dense_embeddings(name, params):
     """Momentum has no sparse form: torch's sparse momentum buffer keeps every batch's rows (it

@@ -240,6 +240,8 @@ class DeltaTorchLoader:
             self.rank_rows = [sum(u.num_rows for u in s) for s in shards]
             self._units = shards[self.rank]
             self.num_rows = sum(u.num_rows for u in all_units)
+            starts = np.concatenate([[0], np.cumsum([u.num_rows for u in all_units])])
+            self._unit_starts = [int(starts[j]) for j in assign[self.rank]]
         else:
             unknown = [i for i, f in enumerate(self._files) if f.num_records is None]
             self._load_footers(unknown)
@@ -252,6 +254,13 @@ class DeltaTorchLoader:
             self._load_footers(assign[self.rank])
             self._units = [u for i in assign[self.rank] for u in self._file_row_groups(i)]
             self.num_rows = sum(file_rows)
+            file_starts = np.concatenate([[0], np.cumsum(file_rows)])
+            self._unit_starts = []
+            for i in assign[self.rank]:
+                at = int(file_starts[i])
+                for u in self._file_row_groups(i):
+                    self._unit_starts.append(at)
+                    at += u.num_rows
         self.shard_rows = self.rank_rows[self.rank]
         if sum(u.num_rows for u in self._units) != self.shard_rows:
             raise RuntimeError("Delta num_records disagrees with the Parquet footers of this shard")
@@ -270,6 +279,18 @@ class DeltaTorchLoader:
         self._real_batches = math.ceil(self.shard_rows / B)
 
     # ------------------------------------------------------------------ public API
+    def global_positions(self) -> np.ndarray:
+        """Each row of this rank's shard, in the order an unshuffled epoch yields it, as its
+        position in the snapshot (files in the log's order, row groups and rows in file order):
+        the same row has the same position whatever the rank count, so a capped evaluation can
+        score the snapshot's first rows on any number of ranks (:func:`training.loop.evaluate`)."""
+        if self.shuffle:
+            raise ValueError("global_positions: the loader is shuffled (its order changes every epoch)")
+        if not self._units:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(a, a + u.num_rows, dtype=np.int64)
+                               for u, a in zip(self._units, self._unit_starts)])
+
     def __len__(self) -> int:
         return self._len
 
