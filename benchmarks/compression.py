@@ -463,13 +463,16 @@ def _figure(rows: list[dict[str, Any]]):
 
 def log_mlflow(args, rows, results, meta, table_md: str) -> tuple[str, str]:
     from jobs.config import load_config
-    from training.tracking import _client, end_run, start_run
+    from training.tracking import _client, end_run, library_versions, source_tags, start_run
 
     cfg = load_config(None, [f"tracking.experiment={args.experiment}",
                              f"run.name=compression-{'quick' if args.quick else 'full'}"])
     params = {k: v for k, v in meta.items() if not isinstance(v, dict | list)}
     params["methods"] = ",".join(r["method"] for r in rows)
-    uri, run_id = start_run(cfg, params, {"bigopt.benchmark": "compression"})
+    # which code and libraries measured it, as a training run records (missing until the
+    # twenty-sixth session: two benchmark runs of different code looked alike)
+    params.update({f"lib.{k}": v for k, v in library_versions().items()})
+    uri, run_id = start_run(cfg, params, {"bigopt.benchmark": "compression", **source_tags(params)})
     client = _client(uri)
     try:
         from mlflow.entities import Metric
@@ -498,6 +501,12 @@ def log_mlflow(args, rows, results, meta, table_md: str) -> tuple[str, str]:
         raise
     end_run(uri, run_id, "FINISHED")
     return uri, run_id
+
+
+def with_baseline(methods: list[str]) -> list[str]:
+    """``none`` first, and always: every AUC gap is paired with its run of the same seed (until
+    the twenty-sixth session --methods without it printed "UNDECIDED" and `auc_gap_<m>: nan`)."""
+    return ["none"] + [m for m in methods if m != "none"]
 
 
 def main(argv=None) -> int:
@@ -545,8 +554,9 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if "none" in methods:  # the baseline first: the gaps are relative to it
-        methods = ["none"] + [m for m in methods if m != "none"]
+    if "none" not in methods:
+        print("--methods: adding `none`, the baseline every AUC gap is measured against", flush=True)
+    methods = with_baseline(methods)
     if args.batch_size % args.np:
         p.error("--batch-size must be divisible by --np")
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -572,9 +582,10 @@ def main(argv=None) -> int:
               f"global batch {args.batch_size} on {args.np} rank(s), DLRM dim {args.embedding_dim}, "
               f"{args.optimizer} lr {args.lr}", flush=True)
         if args.quick:
+            ci = ("with one repeat there is no confidence interval, so no AUC goal can be decided (run without "
+                  "--quick for that)" if args.repeats == 1 else "confidence intervals from few steps and repeats")
             print(f"--quick: a smoke test - {len(methods)} of {len(METHODS)} methods, {args.steps} steps, "
-                  f"{args.repeats} repeat(s); with one repeat there is no confidence interval, so no AUC goal "
-                  "can be decided (run without --quick for that)", flush=True)
+                  f"{args.repeats} repeat(s); {ci}", flush=True)
         fn = importlib.import_module("benchmarks.compression").rank_main  # pickled by reference
         t_launch = time.perf_counter()
         ranks = _launch(fn, job, args)

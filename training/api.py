@@ -38,6 +38,7 @@ from training.tracking import (
     failed_on_error,
     library_versions,
     repeat_group,
+    source_tags,
     start_run,
     tracking_uri,
     ui_command,
@@ -177,8 +178,7 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
         })
         tags = {"bigopt.model": t.model, "bigopt.optimizer": t.optimizer, "bigopt.config_hash": chash,
                 "bigopt.compression": t.compression.name, "bigopt.repeat_group": params["repeat_group"]}
-        if git := params.get("lib.bigopt_git"):
-            tags["mlflow.source.git.commit"] = git.removesuffix("-dirty")  # what the MLflow UI shows as the run's code
+        tags.update(source_tags(params))  # what the MLflow UI shows as the run's code
         uri, run_id = start_run(cfg, params, tags, run_id=run_id if resume else None,
                                 resume_step=head.get("step") if resume else None)
         log.info("MLflow run %s (%s)", run_id, uri)

@@ -605,6 +605,38 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
         win_micro, win_steps = int(w["micro"]), int(w["steps"])
         win_train_s, win_wait_s, win_bytes = float(w["train_s"]), float(w["wait_s"]), float(w["bytes"])
     last_comm: dict[str, float] = {}
+    last_lr: float | None = None
+
+    def log_window(lr: float) -> None:
+        """Log the window of steps since the last log (train loss over ranks and micro-batches,
+        throughput, bytes) at ``step``, and start a new one."""
+        nonlocal win_micro, win_steps, win_train_s, win_wait_s, win_bytes
+        loss_avg = float(dist.allreduce_mean(torch.tensor([float(win_loss) / max(1, win_micro)]))[0])
+        wall = time.perf_counter() - wall0
+        m = {
+            "train_loss": loss_avg,
+            "lr": lr,
+            "samples_per_s": win_steps * t.batch_size / max(win_train_s, 1e-9),
+            "step_time_s": win_train_s / win_steps,
+            "data_wait_frac": win_wait_s / max(win_train_s, 1e-9),
+            "bytes_sent_per_step": win_bytes / win_steps,
+            "dense_grad_bytes": float(full_grad_bytes),
+            "epoch": float(epoch),
+            **last_comm,
+        }
+        tracker.log(m, step)
+        history["train"].append({"step": step, "wall_s": wall, "train_s": progress["train_s"],
+                                 "samples": progress["samples"], "loss": loss_avg, "samples_per_s": m["samples_per_s"]})
+        win_loss.zero_()
+        win_micro = win_steps = 0
+        win_train_s = win_wait_s = win_bytes = 0.0
+
+    def tta_now(wall: float) -> dict[str, float]:
+        """The time-to-accuracy metrics, now: wall and train seconds, global samples, the step,
+        and the bytes this rank has sent (the gradient exchange's, per rank)."""
+        return {"tta_wall_s": wall, "tta_train_s": progress["train_s"], "tta_samples": float(progress["samples"]),
+                "tta_step": float(step), "tta_bytes_sent": float(progress.get("bytes_sent", 0.0))}
+
     # a resume at the last step (nothing left to train) has its final evaluation in the history
     # already: evaluating again would append it twice
     last_eval_step = int(history["eval"][-1]["step"]) if history["eval"] else -1
@@ -663,7 +695,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                     opt.step()
             else:
                 opt.step()
-            step_lr = opt.param_groups[0]["lr"]  # the LR this step used: sched.step() sets the next one
+            step_lr = last_lr = opt.param_groups[0]["lr"]  # the LR this step used: sched.step() sets the next one
             sched.step()
             step += 1
             progress["samples"] += t.batch_size
@@ -680,26 +712,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 raise InjectedFailure(f"train.fail_at_step={t.fail_at_step} reached on rank {rank}")
 
             if step % t.log_every == 0 or step >= total_steps:
-                loss_avg = float(dist.allreduce_mean(torch.tensor([float(win_loss) / max(1, win_micro)]))[0])
-                wall = time.perf_counter() - wall0
-                m = {
-                    "train_loss": loss_avg,
-                    "lr": step_lr,
-                    "samples_per_s": win_steps * t.batch_size / max(win_train_s, 1e-9),
-                    "step_time_s": win_train_s / win_steps,
-                    "data_wait_frac": win_wait_s / max(win_train_s, 1e-9),
-                    "bytes_sent_per_step": win_bytes / win_steps,
-                    "dense_grad_bytes": float(full_grad_bytes),
-                    "epoch": float(epoch),
-                    **last_comm,
-                }
-                tracker.log(m, step)
-                history["train"].append({"step": step, "wall_s": wall, "train_s": progress["train_s"],
-                                         "samples": progress["samples"], "loss": loss_avg,
-                                         "samples_per_s": m["samples_per_s"]})
-                win_loss.zero_()
-                win_micro = win_steps = 0
-                win_train_s = win_wait_s = win_bytes = 0.0
+                log_window(step_lr)
 
             if valid_loader is not None and t.eval_every and step % t.eval_every == 0:
                 ev = evaluate(model, valid_loader, spec, dist, device, bf16=t.bf16, max_rows=t.eval_max_rows)
@@ -712,8 +725,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 if auc == auc and (progress["best_auc"] is None or auc > progress["best_auc"]):
                     progress["best_auc"] = auc
                 if t.target_auc is not None and progress["tta"] is None and auc == auc and auc >= t.target_auc:
-                    progress["tta"] = {"tta_wall_s": wall, "tta_train_s": progress["train_s"],
-                                       "tta_samples": float(progress["samples"]), "tta_step": float(step)}
+                    progress["tta"] = tta_now(wall)
                     tracker.log(progress["tta"], step)
                     if t.early_stop:
                         done, stop_reason = True, "target_auc"
@@ -730,6 +742,10 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             if t.epochs is not None and epoch >= t.epochs:
                 done, stop_reason = True, "epochs"
 
+    if win_steps:  # the steps since the last log (an early stop between two logs: until the
+        # twenty-sixth session they were never logged)
+        log_window(float(opt.param_groups[0]["lr"]) if last_lr is None else last_lr)
+
     # ---- end: final evaluation, test split, checkpoint, artifacts --------------------------
     final: dict[str, float] = {}
     if valid_loader is not None:
@@ -742,8 +758,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                                     "samples": progress["samples"], **final})
             log_eval(final)
             if t.target_auc is not None and progress["tta"] is None and final["auc"] >= t.target_auc:
-                progress["tta"] = {"tta_wall_s": wall, "tta_train_s": progress["train_s"],
-                                   "tta_samples": float(progress["samples"]), "tta_step": float(step)}
+                progress["tta"] = tta_now(wall)
                 tracker.log(progress["tta"], step)
     test: dict[str, float] = {}
     if t.test_at_end:
@@ -790,6 +805,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
             "total_wall_s": progress["wall_s"],
             "total_samples": float(progress["samples"]),
             "avg_samples_per_s": result["samples_per_s"],
+            "total_bytes_sent": result["bytes_sent_total"],  # this rank's gradient exchange, the whole run
             **{f"final_valid_{k}": v for k, v in final.items() if k != "rows"},
             # with a target: 1/0, so averages of tta_* over repeats can count the runs that missed
             # it (they log no tta_*: a mean over the others alone is biased; until the twenty-fifth session)

@@ -8,8 +8,9 @@ Layout of a run::
     metrics    per logging window (step = optimizer step): train_loss, lr, samples_per_s,
                step_time_s, bytes_sent_per_step, comm/* (compression) ...
                per evaluation: valid_auc, valid_logloss, valid_accuracy
-               once: tta_wall_s, tta_train_s, tta_samples, tta_step (valid AUC >= target)
-               at the end: final_valid_*, test_* (``train.test_at_end``), total_train_s
+               once: tta_wall_s, tta_train_s, tta_samples, tta_step, tta_bytes_sent (valid AUC >= target)
+               at the end: final_valid_*, test_* (``train.test_at_end``), total_train_s,
+               total_bytes_sent, tta_reached (with a target)
     artifacts  plots/loss_auc_vs_time.png, history.json, and the model (``mlflow.pytorch``)
 
 Where: ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``
@@ -213,6 +214,13 @@ def library_versions() -> dict[str, str]:
     if commit := code_version():
         out["bigopt_git"] = commit
     return out
+
+
+def source_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """The MLflow tag the UI shows as a run's code (``mlflow.source.git.commit``), from the
+    ``lib.bigopt_git`` param of :func:`library_versions` (none outside a git checkout)."""
+    git = params.get("lib.bigopt_git")
+    return {"mlflow.source.git.commit": str(git).removesuffix("-dirty")} if git else {}
 
 
 def code_version() -> str | None:

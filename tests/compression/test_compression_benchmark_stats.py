@@ -73,3 +73,30 @@ def test_data_auto_uses_the_demo_tables_when_they_exist(tmp_path):
     spec, what = bench.resolve_spec(args, tmp_path / "work")
     assert what == "criteo demo gold tables"
     assert spec.train == gold["train"] and spec.train_rows == 600
+
+
+def test_the_baseline_is_always_run_and_the_mlflow_run_names_the_code(monkeypatch):
+    """--methods without `none` gave every method an AUC gap of nan ("UNDECIDED"); the MLflow run
+    recorded no code or library version, so two runs of different code looked alike."""
+    import argparse
+
+    import training.tracking as tracking
+
+    assert bench.with_baseline(["topk_1pct_ef", "powersgd"]) == ["none", "topk_1pct_ef", "powersgd"]
+    assert bench.with_baseline(["powersgd", "none"]) == ["none", "powersgd"]
+
+    class Logged(Exception):
+        pass
+
+    def start_run(cfg, params, tags=None, **kw):
+        raise Logged(params, tags)
+
+    monkeypatch.setattr(tracking, "start_run", start_run)
+    monkeypatch.setattr(tracking, "code_version", lambda: "0123abcd-dirty")
+    rows = bench.summarize([_run("none", 0, 0.8, 1000), _run("topk", 0, 0.79, 20)])
+    args = argparse.Namespace(experiment="e", quick=True)
+    with pytest.raises(Logged) as ei:
+        bench.log_mlflow(args, rows, [], {"steps": 100, "bench_wall_s": 1.0}, "")
+    params, tags = ei.value.args
+    assert params["lib.bigopt_git"] == "0123abcd-dirty" and "lib.torch" in params and params["steps"] == 100
+    assert tags == {"bigopt.benchmark": "compression", "mlflow.source.git.commit": "0123abcd"}

@@ -514,6 +514,24 @@ def test_a_resumed_run_keeps_the_metrics_logged_before_the_crash(synth_gold, tmp
         assert [m.step for m in client.get_metric_history(res.run_id, key)] == steps, key
 
 
+def test_an_early_stop_logs_its_last_window_and_the_bytes_sent(synth_gold, tmp_path, mlflow_store):
+    """An early stop between two logs (step 10 with log_every 7): steps 8-10 had no train_loss,
+    samples_per_s or bytes; the bytes sent in all and up to the target were not in MLflow."""
+    import mlflow
+
+    cfg = train_cfg(synth_gold, tmp_path, "run.name=early-window", "train.max_steps=40", "train.eval_every=10",
+                    "train.log_every=7", "train.target_auc=0.3", "train.early_stop=true", tracking=mlflow_store)
+    res = run_training(cfg)
+    assert res.rank0["stop_reason"] == "target_auc" and res.rank0["step"] == 10
+    client = mlflow.MlflowClient(mlflow_store[0])
+    assert [m.step for m in client.get_metric_history(res.run_id, "train_loss")] == [7, 10]
+    assert [m.step for m in client.get_metric_history(res.run_id, "bytes_sent_per_step")] == [7, 10]
+    m = client.get_run(res.run_id).data.metrics
+    per_step = res.rank0["bytes_sent_per_step"]
+    assert m["total_bytes_sent"] == res.rank0["bytes_sent_total"] == 10 * per_step > 0
+    assert m["tta_bytes_sent"] == 10 * per_step and m["tta_step"] == 10
+
+
 def test_a_resume_logs_a_steps_metrics_a_flush_left_out(mlflow_store):
     """Flushes are timed, so one step's metrics can be split by one: the step-25 evaluation sent,
     its tta_* still buffered at a crash. The resume skipped whole steps up to the run's latest
