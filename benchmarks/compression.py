@@ -324,16 +324,10 @@ def resolve_spec(args, work: Path):
 
 def paired_gap_ci(gaps: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """Mean of paired differences and its two-sided ``level`` confidence interval (Student t,
-    n-1 degrees of freedom). One difference: (mean, nan, nan) - no interval."""
-    n = len(gaps)
-    mean = sum(gaps) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    from scipy.stats import t as student_t
+    n-1 degrees of freedom; ``bigopt compare``'s). One difference: (mean, nan, nan) - no interval."""
+    from training.compare import mean_ci
 
-    sd = math.sqrt(sum((g - mean) ** 2 for g in gaps) / (n - 1))
-    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    return mean_ci(gaps, level)
 
 
 def gap_verdict(n: int, lo: float, hi: float, max_gap: float = MAX_GAP) -> str:

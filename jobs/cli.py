@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "featurize": ("jobs.featurize", "bronze -> gold train/valid/test Delta tables + vocabulary"),
     "train": ("jobs.train", "train a model on gold tables with Horovod-on-Spark, tracked in MLflow"),
     "run": ("jobs.run", "the whole pipeline: generate (demo) -> ingest -> featurize -> train -> test"),
+    "compare": ("jobs.compare", "compare the runs of an MLflow experiment: repeats, confidence intervals, paired gaps"),
     "batch-size": ("jobs.batch_size", "measure memory/time vs batch size and predict the bounds"),
     "lake": ("jobs.lake", "Delta table maintenance: history, vacuum, optimize, roundtrip check"),
     "config": ("jobs.show_config", "print the fully resolved configuration"),
