@@ -695,7 +695,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                     opt.step()
             else:
                 opt.step()
-            step_lr = last_lr = opt.param_groups[0]["lr"]  # the LR this step used: sched.step() sets the next one
+            last_lr = opt.param_groups[0]["lr"]  # the LR this step used: sched.step() sets the next one
             sched.step()
             step += 1
             progress["samples"] += t.batch_size
@@ -712,7 +712,7 @@ def train_rank(job: dict[str, Any], dist) -> dict[str, Any]:
                 raise InjectedFailure(f"train.fail_at_step={t.fail_at_step} reached on rank {rank}")
 
             if step % t.log_every == 0 or step >= total_steps:
-                log_window(step_lr)
+                log_window(last_lr)
 
             if valid_loader is not None and t.eval_every and step % t.eval_every == 0:
                 ev = evaluate(model, valid_loader, spec, dist, device, bf16=t.bf16, max_rows=t.eval_max_rows)
