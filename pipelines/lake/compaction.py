@@ -54,24 +54,31 @@ def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> 
         _drop_lease(fs, lease)
 
 
-def _take_lease(fs, root: str) -> str:
-    """Write this compaction's lease; returns its path."""
+def _take_lease(fs, root: str) -> str | None:
+    """Write this compaction's lease; returns its path, or None where it cannot be written (a
+    table folder it may not write: the compaction then fails on its own, with its own error)."""
     path = join(root, f"{LEASE_DIR}/{uuid.uuid4()}.json")
-    fs.create_dir(join(root, LEASE_DIR), recursive=True)
     body = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(body).encode())
+    try:
+        fs.create_dir(join(root, LEASE_DIR), recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(json.dumps(body).encode())
+    except OSError:
+        log.debug("could not write the compaction lease %s", path, exc_info=True)
+        return None
     return path
 
 
-def _drop_lease(fs, path: str) -> None:
+def _drop_lease(fs, path: str | None) -> None:
+    if path is None:
+        return
     try:
         fs.delete_file(path)
     except OSError:  # a lease left behind only makes other compactions' clean-ups more careful
         log.debug("could not delete the compaction lease %s", path, exc_info=True)
 
 
-def _other_compactions(fs, root: str, own: str) -> list[str]:
+def _other_compactions(fs, root: str, own: str | None) -> list[str]:
     """The leases of the table's other compactions that may still be running, as text for a
     message. A lease of this host whose process is gone, or older than ``LEASE_EXPIRES_S``, is
     a compaction that died: it is deleted and not counted. One that cannot be read (being
@@ -114,7 +121,7 @@ def _data_files(fs, root: str) -> set[str]:
     return {join(root, r) for r in _files_in(fs, root) if r.endswith(".parquet")}
 
 
-def _delete_compaction_files(uri: str, fs, root: str, before: set[str], lease: str) -> None:
+def _delete_compaction_files(uri: str, fs, root: str, before: set[str], lease: str | None) -> None:
     """Delete the files of a compaction that failed: the Parquet files that appeared in the
     table's folder while it ran (not in ``before``), named as delta-rs names its files, written
     by delta-rs's Parquet writer (a concurrent Spark write's files are named alike, but written
