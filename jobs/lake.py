@@ -108,6 +108,9 @@ def run(cfg, args) -> int:
 
         try:  # a failed compaction commits nothing and deletes the files it wrote (lake.optimize)
             console.print(_compaction_said(lake.optimize(args.table, target_size=args.target_mb << 20)))
+        except lake.CompactionRunningError as e:
+            print_error(f"bigopt lake: optimize {args.table}: {e}")
+            return 1
         except CommitFailedError as e:  # a write committed while it compacted: run it again
             # the first line: the "Help:" after it is delta-rs's advice to its API's callers
             print_error(f"bigopt lake: optimize {args.table}: {error_line(e).splitlines()[0]} (nothing was "

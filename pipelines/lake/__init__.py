@@ -21,7 +21,7 @@ from typing import Any
 
 from pipelines.lake.commit import CommitConflictError, TableExistsError, TableWriteError, table_exists
 from pipelines.lake.files import partition_value_str
-from pipelines.lake.compaction import optimize
+from pipelines.lake.compaction import CompactionRunningError, optimize
 from pipelines.lake.maintenance import commit_metadata, data_version, history, table_version, vacuum
 from pipelines.lake.reader import DeltaSnapshot, FileEntry
 from pipelines.lake.schema import SchemaMismatchError
@@ -29,6 +29,7 @@ from pipelines.lake.tasks import WRITE_ID_KEY, new_write_id
 
 __all__ = [
     "CommitConflictError",
+    "CompactionRunningError",
     "DeltaSnapshot",
     "FileEntry",
     "SchemaMismatchError",

@@ -28,21 +28,34 @@ LEASE_DIR = "_bigopt_compacting"
 LEASE_EXPIRES_S = 7 * 24 * 3600
 
 
+class CompactionRunningError(RuntimeError):
+    """Another compaction of the table holds a lease: this one did nothing."""
+
+
 def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> dict[str, Any]:
     """Compact small files into ~``target_size`` files (one commit; old files kept until vacuum),
     written in the table's own layout (:func:`file_layout`).
 
+    One compaction of a table at a time: it holds a lease (``<table>/_bigopt_compacting/<id>.json``)
+    while it runs and refuses to start (:class:`CompactionRunningError`) while another's lease is
+    there (of two that start together, the one whose lease is older goes on). delta-rs 1.6.6 lets
+    two compactions of the same files both commit, so every row was in the table twice (until the
+    twenty-sixth session: the attack probe's two `bigopt lake --action optimize` at once).
+
     A compaction that fails (a write committed while it ran: delta-rs's ``CommitFailedError``; a
     log it may not write: ``OSError``; a stop) commits nothing, and the files it wrote are deleted
     (:func:`_delete_compaction_files`): delta-rs leaves them in the table's folder, where they
-    stayed until a vacuum, one more set per attempt. The compaction holds a lease
-    (``<table>/_bigopt_compacting/<id>.json``) while it runs, so that one that fails leaves alone
-    the files of another still running (:func:`_other_compactions`)."""
+    stayed until a vacuum, one more set per attempt."""
     uri = normalize_uri(uri)
     layout = file_layout(uri)
     fs, root = filesystem_for(uri)
     lease = _take_lease(fs, root)
     try:
+        if lease is not None and (ahead := _other_compactions(fs, root, lease, older_than=lease)):
+            raise CompactionRunningError(
+                f"another compaction of {uri} is running ({'; '.join(ahead)}); nothing was done. If it is not running "
+                f"(its process was killed on another host), delete its lease in {join(root, LEASE_DIR)} and run this "
+                "again")
         before = _data_files(fs, root)
         try:
             return _table(uri).optimize.compact(partition_filters=partition_filters, target_size=target_size,
@@ -78,13 +91,16 @@ def _drop_lease(fs, path: str | None) -> None:
         log.debug("could not delete the compaction lease %s", path, exc_info=True)
 
 
-def _other_compactions(fs, root: str, own: str | None) -> list[str]:
+def _other_compactions(fs, root: str, own: str | None, older_than: str | None = None) -> list[str]:
     """The leases of the table's other compactions that may still be running, as text for a
-    message. A lease of this host whose process is gone, or older than ``LEASE_EXPIRES_S``, is
-    a compaction that died: it is deleted and not counted. One that cannot be read (being
-    written) counts; so does one of another host, whose process cannot be checked."""
+    message; with ``older_than`` (this compaction's lease), only those that started before it
+    (ties: the smaller lease name), which go first. A lease of this host whose process is gone,
+    or older than ``LEASE_EXPIRES_S``, is a compaction that died: it is deleted and not counted.
+    One that cannot be read (being written) counts; so does one of another host, whose process
+    cannot be checked."""
     from pyarrow.fs import FileSelector, FileType
 
+    mine = _lease_start(fs, older_than) if older_than is not None else None
     running = []
     infos = fs.get_file_info(FileSelector(join(root, LEASE_DIR), allow_not_found=True))
     for info in infos:
@@ -102,8 +118,15 @@ def _other_compactions(fs, root: str, own: str | None) -> list[str]:
         if time.time() - started > LEASE_EXPIRES_S or (host == socket.gethostname() and not _alive(pid)):
             _drop_lease(fs, info.path)
             continue
+        if mine is not None and (started, info.path) > (mine, older_than):
+            continue  # started after this one: it gives way
         running.append(f"pid {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}")
     return running
+
+
+def _lease_start(fs, path: str) -> float:
+    with fs.open_input_stream(path) as f:
+        return float(json.loads(f.read())["started"])
 
 
 def _alive(pid: int) -> bool:

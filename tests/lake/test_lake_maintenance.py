@@ -314,6 +314,43 @@ def test_a_failed_optimize_leaves_a_running_compactions_files(tmp_path, monkeypa
     assert DeltaSnapshot(str(path)).to_table().column("x").to_pylist() == [3]
 
 
+def test_one_compaction_of_a_table_at_a_time(tmp_path, capsys):
+    """delta-rs 1.6.6 lets two compactions of the same files both commit: two `bigopt lake
+    --action optimize` at once left every row in the table twice (attack probe, 2 of 2 tries).
+    A compaction now refuses to start while another's lease is there, in one line; of two run
+    at once as processes, the table keeps its rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pyarrow.fs import LocalFileSystem
+
+    from jobs.cli import main
+    from pipelines.lake import CompactionRunningError, compaction, optimize, table_version
+
+    path = tmp_path / "t"
+    for x in range(40):
+        write_arrow(str(path), pa.table({"x": list(range(x * 50, x * 50 + 50))}))
+    other = compaction._take_lease(LocalFileSystem(), str(path))  # this process: alive
+    with pytest.raises(CompactionRunningError, match=r"another compaction of .* is running \(pid \d+ on "):
+        optimize(str(path))
+    assert table_version(str(path)) == 39 and [p.name for p in (path / compaction.LEASE_DIR).iterdir()] == [
+        Path(other).name]  # nothing done; its own lease gone
+    assert main(["lake", "--table", str(path), "--action", "optimize"]) == 1
+    assert "nothing was done. If it is not running" in capsys.readouterr().err
+    compaction._drop_lease(LocalFileSystem(), other)
+
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "jobs.cli", "lake", "--table", str(path), "--action", "optimize", "--target-mb", "1"]
+    procs = [subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in (1, 2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert sorted(p.returncode for p in procs) in ([0, 0], [0, 1]), outs
+    table = DeltaSnapshot(str(path)).to_table()
+    assert sorted(table.column("x").to_pylist()) == list(range(2000))  # every row once
+    compactions = [h for h in history(str(path)) if h["operation"] == "OPTIMIZE"]
+    assert len({h.get("readVersion") for h in compactions}) == len(compactions)  # none planned on the same version
+
+
 def test_time_travel_before_the_first_commit_is_refused(tmp_path):
     """delta-rs loads its earliest version for a timestamp before the table's first commit;
     Delta's timestampAsOf refuses it. A pinned timestamp read version 0's rows instead."""
