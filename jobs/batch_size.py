@@ -93,11 +93,28 @@ def run(cfg, args) -> int:
     print(f"bigopt batch-size: {t.model} / {t.optimizer}, table {spec.train} v{spec.versions.get('train')}, "
           f"per-rank batch sizes {sizes}")
     print(report.to_table())
+    if n < max(sizes):  # batch_factory cycles the rows it has
+        print(f"the train table has {n:,} rows: the sizes above that measured its rows repeated")
     if (b := report.recommended_batch) is not None:  # the sizes are per rank; train.batch_size is global
-        ranks = t.num_proc * t.grad_accum_steps
-        print(f"per rank and micro-step: train.batch_size={b * ranks} with train.num_proc={t.num_proc} and "
-              f"train.grad_accum_steps={t.grad_accum_steps}")
+        print(global_batch_line(t, spec, b))
     return 0
+
+
+def global_batch_line(t, spec, b: int) -> str:
+    """The recommended per-rank size ``b`` as the global ``train.batch_size`` it means, or why
+    ``bigopt train`` would refuse that (the train table holds no step of it on some rank: until
+    the twenty-sixth session that batch size was printed all the same)."""
+    from training.loop import TrainSettingsError, run_steps
+
+    size = b * t.num_proc * t.grad_accum_steps
+    line = f"per rank and micro-step: train.batch_size={size} with train.num_proc={t.num_proc} and " \
+           f"train.grad_accum_steps={t.grad_accum_steps}"
+    try:
+        run_steps(t.model_copy(update={"batch_size": size}), spec)
+    except TrainSettingsError:
+        return (f"{line} is more than the train table's {spec.train_rows:,} rows give each rank for one step: "
+                "bigopt train would refuse it; measure sizes up to the table's rows per rank")
+    return line
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ NO_GROUP = "(no repeat_group)"  # runs from before the twenty-fifth session reco
 # what two runs may differ in and still be repeats: their bookkeeping and seeds
 _NOT_A_SETTING = ("run.", "tracking.", "lake.", "spark.", "resume.", "lib.", "mem.", "model.", "criteo.")
 _SEED_PARAMS = ("run.seed", "train.data_seed")
+# where a run ran and the paths it read (``repeat_group`` has the tables' ids and versions): said apart
+_NOT_A_SETTING_NAMES = ("device", "data.train_table", "data.valid_table", "data.test_table", "data.vocabulary")
 
 
 @dataclass(frozen=True)
@@ -135,23 +137,39 @@ def group_runs(runs: Iterable[RunRecord], by: str = "repeat_group") -> dict[str,
     return groups
 
 
+def is_setting(param: str) -> bool:
+    """Whether a param is a setting that decides a run's result (what ``repeat_group`` hashes):
+    not the run's bookkeeping, seeds, library versions or derived sizes, nor the train settings
+    ``repeat_group`` leaves out (``train.fail_at_step``, ``train.log_every``, ...)."""
+    from training.tracking import NOT_RESULT
+
+    if param.startswith(_NOT_A_SETTING) or param in ("repeat_group", "config_hash", *_SEED_PARAMS,
+                                                     *_NOT_A_SETTING_NAMES):
+        return False
+    return not (param.startswith("train.") and param.removeprefix("train.").split(".")[0] in NOT_RESULT)
+
+
+def _one_value(runs: Sequence[RunRecord]) -> tuple[dict[str, str], list[str]]:
+    """The settings the runs share (one value each), and those they differ in."""
+    one, differ = {}, []
+    for p in sorted(set().union(*(r.params for r in runs))):
+        if not is_setting(p):
+            continue
+        values = {r.params[p] for r in runs if p in r.params}  # a run that failed early lacks rank 0's
+        if len(values) == 1:
+            one[p] = values.pop()
+        else:
+            differ.append(p)
+    return one, differ
+
+
 def labels(groups: Mapping[str, list[RunRecord]], by: str) -> dict[str, str]:
-    """A name per group from the settings that tell the groups apart: the params (bookkeeping
-    and seeds left out) whose value is one within each group and differs between groups, e.g.
+    """A name per group from the settings that tell the groups apart: the settings
+    (:func:`is_setting`) whose value is one within each group and differs between groups, e.g.
     ``optimizer=lamb lr=0.01``; the key itself when nothing does (or grouped by a param)."""
     if by != "repeat_group":
         return {k: f"{by}={k}" for k in groups}
-    common: dict[str, dict[str, str]] = {}
-    for key, runs in groups.items():
-        keys = set().union(*(r.params for r in runs))
-        one = {}
-        for p in keys:
-            if p.startswith(_NOT_A_SETTING) or p in ("repeat_group", "config_hash", *_SEED_PARAMS):
-                continue
-            values = {r.params[p] for r in runs if p in r.params}  # a run that failed early lacks rank 0's
-            if len(values) == 1:
-                one[p] = values.pop()
-        common[key] = one
+    common = {key: _one_value(runs)[0] for key, runs in groups.items()}
     varying = sorted({p for one in common.values() for p in one
                       if len({c.get(p) for c in common.values()}) > 1})
     out = {}
@@ -216,6 +234,10 @@ def _notes(s: GroupSummary) -> list[str]:
     seeds = [r.seeds for r in s.finished]
     if len(set(seeds)) < len(seeds):
         notes.append("repeats share a seed (not independent)")
+    if differ := _one_value(s.finished)[1]:  # runs without a repeat_group, or grouped --by a param
+        shown = ", ".join(p.removeprefix("train.") for p in differ[:6]) + (" ..." if len(differ) > 6 else "")
+        notes.append(f"its runs differ in {shown}: not repeats of one setting, so its mean and interval mix them "
+                     "(group by repeat_group, or --by one of those)")
     for p, what in (("device", "devices"), ("lib.bigopt_git", "code versions")):
         values = {r.params.get(p) for r in s.finished if r.params.get(p)}
         if len(values) > 1:

@@ -178,7 +178,7 @@ def _no_password(uri: str) -> str:
 
 # train settings that do not decide a run's result: how it is checkpointed, logged, watched,
 # where its tables are named (the data is named by what was read: versions and table ids)
-_NOT_RESULT = frozenset({
+NOT_RESULT = frozenset({
     "train_table", "valid_table", "test_table", "vocabulary", "table_version", "checkpoint_dir", "checkpoint_every",
     "keep_checkpoints", "start_timeout", "stall_shutdown_s", "log_every", "fail_at_step", "test_at_end",
     "threads_per_rank", "prefetch", "data_seed",  # (a seed, as run.seed: repeats vary it)
@@ -187,7 +187,7 @@ _NOT_RESULT = frozenset({
 
 def repeat_group(train: Any, spec: Any) -> str:
     """A hash of what decides a run's result but its seed: the train settings (less
-    :data:`_NOT_RESULT`) and the data read (each split's version and Delta table id, the
+    :data:`NOT_RESULT`) and the data read (each split's version and Delta table id, the
     featurize build, and the embedding sizes and dense width the model is built with). Runs with
     one ``repeat_group`` are repeats of one experiment, whatever their ``run.name``,
     ``run.seed``, tracking or checkpoint settings; ``config_hash`` covers all of those and tells
@@ -195,7 +195,7 @@ def repeat_group(train: Any, spec: Any) -> str:
     given another ``train.vocabulary``, a model 3x the size, was grouped as a repeat.)"""
     from jobs.config import doc_hash
 
-    settings = {k: v for k, v in train.model_dump(mode="json").items() if k not in _NOT_RESULT}
+    settings = {k: v for k, v in train.model_dump(mode="json").items() if k not in NOT_RESULT}
     data = {"versions": dict(spec.versions), "table_ids": dict(spec.table_ids), "build": spec.gold.get("build"),
             "cardinalities": [int(c) for c in spec.cardinalities], "num_dense": int(spec.num_dense)}
     return doc_hash({"train": settings, "data": data})

@@ -110,3 +110,26 @@ def test_mixed_devices_code_and_shared_seeds_are_said(mlflow_store):
     assert "2 devices (cpu, cuda:0): times not comparable" in g.notes
     assert "2 code versions (abc, def): times not comparable" in g.notes
     assert math.isnan(g.gap)  # no baseline
+
+
+def test_runs_that_are_not_repeats_are_said_and_labels_name_settings_only(mlflow_store):
+    """Runs without a repeat_group (from before the twenty-fifth session) form one group: adam
+    and lamb were averaged together without a word. A group whose runs differ in a setting now
+    says so. Labels were built from any param, so a failed run's train.fail_at_step named a group."""
+    from training.compare import group_runs, labels, load_runs, summarize
+
+    uri = mlflow_store[0]
+    old = [_run(f"r{i}", None, opt, i, auc) for i, (opt, auc) in enumerate([("adam", 0.7), ("adam", 0.72),
+                                                                            ("lamb", 0.6)])]
+    for r in old:
+        del r["params"]["repeat_group"]
+    (g,) = summarize(group_runs(load_runs(uri, _experiment(uri, old))))
+    assert g.key == "(no repeat_group)" and g.label == "(no repeat_group)"
+    assert any(n.startswith("its runs differ in optimizer: not repeats of one setting") for n in g.notes)
+    runs = [_run("a0", "ga", "adam", 0, 0.7), _run("a1", "ga", "adam", 1, 0.71),
+            _run("l0", "gl", "lamb", 0, 0.6), _run("l1", "gl", "lamb", 1, 0.61, status="FAILED")]
+    runs[3]["params"]["train.fail_at_step"] = 12
+    runs[0]["params"]["train.fail_at_step"] = "None"
+    groups = group_runs(load_runs(uri, _experiment(uri, runs)))
+    assert labels(groups, "repeat_group") == {"ga": "optimizer=adam", "gl": "optimizer=lamb"}
+    assert not any("differ" in n for s in summarize(groups) for n in s.notes)  # true repeats

@@ -384,6 +384,29 @@ def test_batch_size_command(synth_gold, tmp_path, capsys):
         assert ei.value.code == 2 and "Traceback" not in err and ("batch sizes" in err or "integer >= 1" in err), err
 
 
+def test_batch_size_says_what_the_table_cannot_hold(synth_gold, tmp_path, capsys):
+    """The recommended size as train.batch_size was printed even when bigopt train refuses it
+    (twice the whole table: "train table too small"), and sizes above the table's rows were
+    measured on its rows repeated, unsaid (attack probe)."""
+    import argparse
+
+    from jobs import batch_size as job
+    from training.dataspec import resolve_data
+    from training.synthetic import make_gold
+
+    cfg = train_cfg(synth_gold, tmp_path, "train.num_proc=2")
+    spec = resolve_data(cfg)
+    assert job.global_batch_line(cfg.train, spec, 64) == (
+        "per rank and micro-step: train.batch_size=128 with train.num_proc=2 and train.grad_accum_steps=1")
+    assert job.global_batch_line(cfg.train, spec, 16384).endswith(
+        "train.grad_accum_steps=1 is more than the train table's 16,000 rows give each rank for one step: "
+        "bigopt train would refuse it; measure sizes up to the table's rows per rank")
+    small = make_gold(tmp_path / "small", rows={"train": 100, "valid": 50, "test": 50}, files_per_table=1, seed=2)
+    assert job.run(train_cfg(small, tmp_path), argparse.Namespace(sizes=[32, 128], memory_budget_gb=None,
+                                                                  steps=1)) == 0
+    assert "the train table has 100 rows: the sizes above that measured its rows repeated" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("bad", [["train.optimizer=nonexistent"], ["train.model_params.embedding_dim=0"],
                                  ["train.optimizer=sophia", "train.optimizer_params.bogus=1"]])
 def test_batch_size_command_checks_the_train_settings_first(synth_gold, tmp_path, capsys, bad):
