@@ -70,7 +70,9 @@ def run(cfg, args) -> int:
         else:
             vs = _f(s.gap, "+.4f") + (f" n={s.pairs}" if s.pairs else "")
         reached = "-" if s.tta_reached is None else f"{s.tta_reached} of {s.tta_runs}"
-        table.add_row(f"{s.label} ({s.key[:8]})" if s.label != s.key[:12] else s.key[:12], runs_text,
+        # a label of settings, with the start of its repeat_group; the key alone where it is the label
+        name = s.label if s.label in (s.key, s.key[:12]) or s.key.startswith("(no ") else f"{s.label} ({s.key[:8]})"
+        table.add_row(name, runs_text,
                       _f(s.mean, ".4f"), _ci(s.ci_lo, s.ci_hi, ".4f"), vs, reached, _f(s.tta_samples, ",.0f"),
                       _f(s.samples_per_s, ",.0f"), _f(s.bytes_sent, ",.0f"))
     console.print(table)

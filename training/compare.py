@@ -133,8 +133,13 @@ def group_runs(runs: Iterable[RunRecord], by: str = "repeat_group") -> dict[str,
     :data:`NO_GROUP`."""
     groups: dict[str, list[RunRecord]] = {}
     for r in runs:
-        groups.setdefault(r.params.get(by, NO_GROUP), []).append(r)
+        groups.setdefault(r.params.get(by, _missing(by)), []).append(r)
     return groups
+
+
+def _missing(by: str) -> str:
+    """The group of runs without param ``by`` (:data:`NO_GROUP` for ``repeat_group``)."""
+    return f"(no {by})"
 
 
 def is_setting(param: str) -> bool:
@@ -168,14 +173,17 @@ def labels(groups: Mapping[str, list[RunRecord]], by: str) -> dict[str, str]:
     (:func:`is_setting`) whose value is one within each group and differs between groups, e.g.
     ``optimizer=lamb lr=0.01``; the key itself when nothing does (or grouped by a param)."""
     if by != "repeat_group":
-        return {k: f"{by}={k}" for k in groups}
+        return {k: k if k == _missing(by) else f"{by}={k}" for k in groups}
     common = {key: _one_value(runs)[0] for key, runs in groups.items()}
     varying = sorted({p for one in common.values() for p in one
                       if len({c.get(p) for c in common.values()}) > 1})
     out = {}
     for key, one in common.items():
+        if key == NO_GROUP:
+            out[key] = key
+            continue
         parts = [f"{p.removeprefix('train.')}={one[p]}" for p in varying if one.get(p) is not None]
-        out[key] = " ".join(parts) if parts and key != NO_GROUP else (key if key == NO_GROUP else key[:12])
+        out[key] = " ".join(parts) or key[:12]
     return out
 
 

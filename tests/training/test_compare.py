@@ -112,7 +112,7 @@ def test_mixed_devices_code_and_shared_seeds_are_said(mlflow_store):
     assert math.isnan(g.gap)  # no baseline
 
 
-def test_runs_that_are_not_repeats_are_said_and_labels_name_settings_only(mlflow_store):
+def test_runs_that_are_not_repeats_are_said_and_labels_name_settings_only(mlflow_store, capsys):
     """Runs without a repeat_group (from before the twenty-fifth session) form one group: adam
     and lamb were averaged together without a word. A group whose runs differ in a setting now
     says so. Labels were built from any param, so a failed run's train.fail_at_step named a group."""
@@ -123,8 +123,16 @@ def test_runs_that_are_not_repeats_are_said_and_labels_name_settings_only(mlflow
                                                                             ("lamb", 0.6)])]
     for r in old:
         del r["params"]["repeat_group"]
-    (g,) = summarize(group_runs(load_runs(uri, _experiment(uri, old))))
+    name = _experiment(uri, old)
+    (g,) = summarize(group_runs(load_runs(uri, name)))
     assert g.key == "(no repeat_group)" and g.label == "(no repeat_group)"
+    from jobs.cli import main
+
+    assert main(["compare", f"tracking.tracking_uri={uri}", "--experiment", name]) == 0
+    out = capsys.readouterr().out
+    assert "│ (no repeat_group) │" in out and "((no repe" not in out  # the name once, not cut
+    assert main(["compare", f"tracking.tracking_uri={uri}", "--experiment", name, "--by", "train.lr"]) == 0
+    assert "train.lr=0.01" in capsys.readouterr().out
     assert any(n.startswith("its runs differ in optimizer: not repeats of one setting") for n in g.notes)
     runs = [_run("a0", "ga", "adam", 0, 0.7), _run("a1", "ga", "adam", 1, 0.71),
             _run("l0", "gl", "lamb", 0, 0.6), _run("l1", "gl", "lamb", 1, 0.61, status="FAILED")]
