@@ -46,7 +46,9 @@ def table_to_tensors(uri: str, version: int | None, columns: Sequence[str], max_
 
 
 class TensorLoader:
-    """Batches of in-memory tensors, sharded over ranks like the Delta loader."""
+    """Batches of in-memory tensors, sharded over ranks like the Delta loader: the fallback where
+    ``training.data`` cannot be imported. Unlike the Delta loader, its eval mode
+    (``drop_last=False``) does not pad: ``len()`` may differ by one between ranks."""
 
     def __init__(
         self,

@@ -200,6 +200,55 @@ class DeltaSnapshot:
     def num_rows(self) -> int:
         return sum(int(f.num_records or 0) for f in self._files)
 
+    def deletion_vector_files(self) -> list[str] | None:
+        """This snapshot's active files that carry a deletion vector (their URIs), read from the
+        log itself: its newest checkpoint at or before the version, then the JSON commits after
+        it (delta-rs 1.6.6 does not expose an add action's ``deletionVector``). None when the
+        log cannot be read so (a checkpoint in a layout not known here, a commit gone)."""
+        from urllib.parse import unquote
+
+        from pyarrow.fs import FileSelector, FileType
+
+        from pipelines.lake.maintenance import commit_entries
+
+        fs, root = filesystem_for(self.uri, self.storage_options)
+        log_dir = join(root, "_delta_log")
+        checkpoints: dict[int, list[str]] = {}
+        for info in fs.get_file_info(FileSelector(log_dir)):
+            name = info.base_name
+            if info.type == FileType.File and ".checkpoint." in name and name.endswith(".parquet"):
+                v = int(name.split(".", 1)[0])
+                if v <= self.version:
+                    checkpoints.setdefault(v, []).append(info.path)
+        dv: dict[str, bool] = {}
+        start = 0
+        if checkpoints:
+            start = max(checkpoints)
+            try:
+                for path in checkpoints[start]:
+                    with fs.open_input_file(path) as f:
+                        adds = pq.read_table(f, columns=["add"]).column("add").to_pylist()
+                    for a in adds:
+                        if a:
+                            dv[unquote(a["path"])] = bool(a.get("deletionVector"))
+            except (OSError, KeyError, pa.ArrowException):
+                return None
+            start += 1
+        for v in range(start, self.version + 1):
+            entries = commit_entries(fs, root, v)
+            if entries is None:
+                return None
+            # a commit's removes first: a DELETE with deletion vectors removes a file and adds it
+            # again, by the same path, with its vector
+            for e in entries:
+                if isinstance(e.get("remove"), dict):
+                    dv.pop(unquote(e["remove"]["path"]), None)
+            for e in entries:
+                if isinstance(e.get("add"), dict):
+                    dv[unquote(e["add"]["path"])] = bool(e["add"].get("deletionVector"))
+        active = {f.uri for f in self._files}
+        return sorted(u for u in (file_uri(self.uri, p) for p, has in dv.items() if has) if u in active)
+
     def missing_files(self) -> list[str]:
         """The active files of this snapshot that are not there (a vacuum after later versions
         replaced them, or deleted by hand): an older version whose files a vacuum removed can

@@ -195,28 +195,46 @@ class DeltaTorchLoader:
             features = []
         if "deletionVectors" not in features:
             return
-        actions = pa.table(snap.table.get_add_actions(flatten=True))
-        dv_cols = [c for c in actions.column_names if c.lower().startswith("deletion")]
-        if any(actions.column(c).null_count < len(actions) for c in dv_cols):
+        # from the log itself: delta-rs 1.6.6's add actions carry no deletionVector field, so
+        # until the twenty-sixth session this only warned ("cannot verify") and read the files
+        # whole, deleted rows included (loader probe)
+        with_dv = snap.deletion_vector_files()
+        if with_dv is None:
             raise NotImplementedError(
-                f"{self.table_uri}@{self.version} has deletion vectors; reading the raw Parquet files would "
-                "resurrect deleted rows. Run OPTIMIZE/REORG (purge) on the table first."
+                f"{self.table_uri}@{self.version} has the deletionVectors reader feature and its log could not be "
+                "read to tell which files carry one; reading the raw Parquet files could resurrect deleted rows. "
+                "Run REORG TABLE ... APPLY (PURGE) on the table first."
             )
-        if not dv_cols:
-            warnings.warn(
-                "table has the deletionVectors reader feature; cannot verify that no file has one",
-                stacklevel=3,
+        if with_dv:
+            raise NotImplementedError(
+                f"{self.table_uri}@{self.version} has deletion vectors on {len(with_dv)} file(s) (e.g. {with_dv[0]}); "
+                "reading the raw Parquet files would resurrect deleted rows. Run REORG TABLE ... APPLY (PURGE) on "
+                "the table first."
             )
 
     def _footer(self, i: int) -> pq.FileMetaData:
-        md = self._footers.get(i)
-        if md is None:
-            md = self._footers[i] = read_footers(self._fs, [self._paths[i]])[0]
-        return md
+        self._load_footers([i])
+        return self._footers[i]
 
     def _load_footers(self, idx: Sequence[int]) -> None:
+        """Read the footers of files ``idx`` not read yet. One that cannot be read is
+        :class:`UnreadableDataFileError` naming the file, the table and its version, as a row
+        group that cannot be read is (until the twenty-sixth session the footers read while the
+        loader was built gave pyarrow's bare error: "Parquet magic bytes not found", or a
+        FileNotFoundError without the vacuum that removed the file)."""
         todo = [i for i in idx if i not in self._footers]
-        for i, md in zip(todo, read_footers(self._fs, [self._paths[i] for i in todo])):
+        if not todo:
+            return
+        try:
+            footers = read_footers(self._fs, [self._paths[i] for i in todo])
+        except (OSError, pa.ArrowException):
+            for i in todo:  # which one (read in threads together)
+                try:
+                    read_footers(self._fs, [self._paths[i]])
+                except (OSError, pa.ArrowException) as e:
+                    raise UnreadableDataFileError(self._unreadable(self._files[i].uri, None, e)) from e
+            raise
+        for i, md in zip(todo, footers):
             self._footers[i] = md
 
     def _file_row_groups(self, i: int) -> list[RowGroup]:
@@ -388,11 +406,12 @@ class DeltaTorchLoader:
                 f"{self.num_rows}, batches={self._len}, shuffle={self.shuffle})")
 
     # ------------------------------------------------------------------ reading
-    def _unreadable(self, uri: str, row_group: int, e: BaseException) -> str:
+    def _unreadable(self, uri: str, row_group: int | None, e: BaseException) -> str:
         """Why a data file could not be read. A file a vacuum removed while this loader read its
         version (a later version had replaced it) is no damage, and a run again on the latest
         version is the remedy (until the twenty-fifth session: "rebuild the table ... or restore")."""
-        where = f"{uri} (row group {row_group}, {self.table_uri} v{self.version})"
+        part = "its footer" if row_group is None else f"row group {row_group}"
+        where = f"{uri} ({part}, {self.table_uri} v{self.version})"
         if isinstance(e, FileNotFoundError):
             try:
                 vacuumed = DeltaSnapshot(self.table_uri, version=self.version,
