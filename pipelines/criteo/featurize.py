@@ -515,6 +515,7 @@ def featurize(spark, cfg, progress: Callable[[str], None] | None = None, force: 
                  **build_settings(fz, plan)}
 
     bronze = view.snapshot
+    bronze.check_no_deletion_vectors()  # a bronze table Spark deleted from with vectors: not read whole
     files = bronze.files({"source": sources})
     parallelism = sc.defaultParallelism
 

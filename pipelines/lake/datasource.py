@@ -176,6 +176,7 @@ class DeltaRsReader(DataSourceReader):
     def __init__(self, snapshot, schema: StructType, split_bytes: int, partition_filter: dict | None) -> None:
         from pipelines.lake.schema import spark_to_arrow
 
+        snapshot.check_no_deletion_vectors()  # read whole, such files bring deleted rows back
         # keep only picklable state: the reader is shipped to the tasks
         self.partition_columns = list(snapshot.partition_columns)
         self.files = snapshot.files(partition_filter)

@@ -200,6 +200,30 @@ class DeltaSnapshot:
     def num_rows(self) -> int:
         return sum(int(f.num_records or 0) for f in self._files)
 
+    def check_no_deletion_vectors(self, what: str = "reading its raw Parquet files") -> None:
+        """Refuse (NotImplementedError) to read a snapshot whose files carry deletion vectors:
+        read whole, they would bring deleted rows back. Only a table with the
+        ``deletionVectors`` reader feature is looked at (:meth:`deletion_vector_files`); one
+        with the feature on and no vector is read. Checked once per snapshot."""
+        if getattr(self, "_dv_checked", False):
+            return
+        try:
+            features = self.table.protocol().reader_features or []
+        except Exception:  # noqa: BLE001 - no protocol features: none to check
+            features = []
+        if "deletionVectors" in features:
+            with_dv = self.deletion_vector_files()
+            if with_dv is None:
+                raise NotImplementedError(
+                    f"{self.uri}@{self.version} has the deletionVectors reader feature and its log could not be read "
+                    f"to tell which files carry one; {what} could resurrect deleted rows. Run REORG TABLE ... APPLY "
+                    "(PURGE) on the table first.")
+            if with_dv:
+                raise NotImplementedError(
+                    f"{self.uri}@{self.version} has deletion vectors on {len(with_dv)} file(s) (e.g. {with_dv[0]}); "
+                    f"{what} would resurrect deleted rows. Run REORG TABLE ... APPLY (PURGE) on the table first.")
+        self._dv_checked = True
+
     def deletion_vector_files(self) -> list[str] | None:
         """This snapshot's active files that carry a deletion vector (their URIs), read from the
         log itself: its newest checkpoint at or before the version, then the JSON commits after
@@ -279,7 +303,10 @@ class DeltaSnapshot:
         included as fields). ``columns`` only checks names here; project when scanning.
 
         Each file carries what the log knows of it as its guarantee (:meth:`_guarantee`), so
-        a filter skips files by partition value and by min/max without opening them."""
+        a filter skips files by partition value and by min/max without opening them. Files with
+        deletion vectors are refused (:meth:`check_no_deletion_vectors`; until the twenty-sixth
+        session they were read whole, deleted rows included)."""
+        self.check_no_deletion_vectors()
         if columns is not None:
             self.schema(columns)
         # pyarrow's own filesystem, not delta-rs's default (a PyFileSystem whose reads call back

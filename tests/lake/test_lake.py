@@ -588,3 +588,19 @@ def test_compaction_of_files_smaller_than_a_row_group_keeps_the_writers_size(tmp
     tw = begin_write(path, DeltaSnapshot(path).full_schema, row_group_rows=131_072)
     v = commit_write(tw, [])
     assert ROW_GROUP_ROWS_KEY not in DeltaSnapshot(path).commit_info() and _recorded_row_group_rows(path, v) == 7
+
+
+def test_spark_reads_refuse_files_with_deletion_vectors(spark, tmp_path):
+    """The Spark data source read a table's files whole: rows a Spark DELETE with deletion
+    vectors had removed came back (the loader had its own check, which could not see them
+    either). Reads refuse such files; the version before the DELETE reads."""
+    import numpy as np
+    from deltalake import write_deltalake
+    from lake_helpers import with_deletion_vector
+
+    path = str(tmp_path / "dv")
+    write_deltalake(path, pa.table({"id": np.arange(20, dtype=np.int64)}))
+    with_deletion_vector(path, dv=True)
+    with pytest.raises(Exception, match="has deletion vectors on 1 file"):
+        read_table(spark, path).count()
+    assert read_table(spark, path, version=0).count() == 20

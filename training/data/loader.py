@@ -167,7 +167,7 @@ class DeltaTorchLoader:
             given = (dtypes or {}).get(f.name)
             self.dtypes[f.name] = torch_dtype(given) if given is not None else default_torch_dtype(f.type, f.name)
         self._physical = _physical_names(snap, self.columns)
-        self._check_deletion_vectors(snap)
+        snap.check_no_deletion_vectors()  # read whole, such files bring deleted rows back
 
         self._fs = filesystem_for_table(self.table_uri, self.storage_options, filesystem)
         self._local = "://" not in self.table_uri and filesystem is None
@@ -188,30 +188,6 @@ class DeltaTorchLoader:
         self._active: weakref.ReferenceType[_EpochIterator] | None = None
 
     # ------------------------------------------------------------------ setup
-    def _check_deletion_vectors(self, snap: DeltaSnapshot) -> None:
-        try:
-            features = snap.table.protocol().reader_features or []
-        except Exception:  # noqa: BLE001
-            features = []
-        if "deletionVectors" not in features:
-            return
-        # from the log itself: delta-rs 1.6.6's add actions carry no deletionVector field, so
-        # until the twenty-sixth session this only warned ("cannot verify") and read the files
-        # whole, deleted rows included (loader probe)
-        with_dv = snap.deletion_vector_files()
-        if with_dv is None:
-            raise NotImplementedError(
-                f"{self.table_uri}@{self.version} has the deletionVectors reader feature and its log could not be "
-                "read to tell which files carry one; reading the raw Parquet files could resurrect deleted rows. "
-                "Run REORG TABLE ... APPLY (PURGE) on the table first."
-            )
-        if with_dv:
-            raise NotImplementedError(
-                f"{self.table_uri}@{self.version} has deletion vectors on {len(with_dv)} file(s) (e.g. {with_dv[0]}); "
-                "reading the raw Parquet files would resurrect deleted rows. Run REORG TABLE ... APPLY (PURGE) on "
-                "the table first."
-            )
-
     def _footer(self, i: int) -> pq.FileMetaData:
         self._load_footers([i])
         return self._footers[i]
