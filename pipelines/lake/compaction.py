@@ -10,6 +10,7 @@ import re
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -51,7 +52,7 @@ def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> 
     fs, root = filesystem_for(uri)
     lease = _take_lease(fs, root)
     try:
-        if lease is not None and (ahead := _other_compactions(fs, root, lease, older_than=lease)):
+        if lease is not None and (ahead := _other_compactions(fs, root, lease, ahead_only=True)):
             raise CompactionRunningError(
                 f"another compaction of {uri} is running ({'; '.join(ahead)}); nothing was done. If it is not running "
                 f"(its process was killed on another host), delete its lease in {join(root, LEASE_DIR)} and run this "
@@ -64,22 +65,28 @@ def optimize(uri: str, target_size: int = 256 << 20, partition_filters=None) -> 
             _delete_compaction_files(uri, fs, root, before, lease)
             raise
     finally:
-        _drop_lease(fs, lease)
+        _drop_lease(fs, lease and lease.path)
 
 
-def _take_lease(fs, root: str) -> str | None:
-    """Write this compaction's lease; returns its path, or None where it cannot be written (a
-    table folder it may not write: the compaction then fails on its own, with its own error)."""
-    path = join(root, f"{LEASE_DIR}/{uuid.uuid4()}.json")
-    body = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+@dataclass(frozen=True)
+class _Lease:
+    path: str
+    started: float
+
+
+def _take_lease(fs, root: str) -> _Lease | None:
+    """Write this compaction's lease, or None where it cannot be written (a table folder it may
+    not write: the compaction then fails on its own, with its own error)."""
+    lease = _Lease(join(root, f"{LEASE_DIR}/{uuid.uuid4()}.json"), time.time())
+    body = {"host": socket.gethostname(), "pid": os.getpid(), "started": lease.started}
     try:
         fs.create_dir(join(root, LEASE_DIR), recursive=True)
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(lease.path) as f:
             f.write(json.dumps(body).encode())
     except OSError:
-        log.debug("could not write the compaction lease %s", path, exc_info=True)
+        log.debug("could not write the compaction lease %s", lease.path, exc_info=True)
         return None
-    return path
+    return lease
 
 
 def _drop_lease(fs, path: str | None) -> None:
@@ -91,20 +98,19 @@ def _drop_lease(fs, path: str | None) -> None:
         log.debug("could not delete the compaction lease %s", path, exc_info=True)
 
 
-def _other_compactions(fs, root: str, own: str | None, older_than: str | None = None) -> list[str]:
+def _other_compactions(fs, root: str, own: _Lease | None, ahead_only: bool = False) -> list[str]:
     """The leases of the table's other compactions that may still be running, as text for a
-    message; with ``older_than`` (this compaction's lease), only those that started before it
-    (ties: the smaller lease name), which go first. A lease of this host whose process is gone,
-    or older than ``LEASE_EXPIRES_S``, is a compaction that died: it is deleted and not counted.
-    One that cannot be read (being written) counts; so does one of another host, whose process
-    cannot be checked."""
+    message; with ``ahead_only``, only those that started before ``own`` (ties: the smaller
+    lease name), which go first. A lease of this host whose process is gone, or older than
+    ``LEASE_EXPIRES_S``, is a compaction that died: it is deleted and not counted. One that
+    cannot be read (being written) counts; so does one of another host, whose process cannot be
+    checked."""
     from pyarrow.fs import FileSelector, FileType
 
-    mine = _lease_start(fs, older_than) if older_than is not None else None
     running = []
     infos = fs.get_file_info(FileSelector(join(root, LEASE_DIR), allow_not_found=True))
     for info in infos:
-        if info.type != FileType.File or info.path == own or not info.path.endswith(".json"):
+        if info.type != FileType.File or (own is not None and info.path == own.path) or not info.path.endswith(".json"):
             continue
         try:
             with fs.open_input_stream(info.path) as f:
@@ -118,15 +124,10 @@ def _other_compactions(fs, root: str, own: str | None, older_than: str | None = 
         if time.time() - started > LEASE_EXPIRES_S or (host == socket.gethostname() and not _alive(pid)):
             _drop_lease(fs, info.path)
             continue
-        if mine is not None and (started, info.path) > (mine, older_than):
+        if ahead_only and own is not None and (started, info.path) > (own.started, own.path):
             continue  # started after this one: it gives way
         running.append(f"pid {pid} on {host} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}")
     return running
-
-
-def _lease_start(fs, path: str) -> float:
-    with fs.open_input_stream(path) as f:
-        return float(json.loads(f.read())["started"])
 
 
 def _alive(pid: int) -> bool:
@@ -144,7 +145,7 @@ def _data_files(fs, root: str) -> set[str]:
     return {join(root, r) for r in _files_in(fs, root) if r.endswith(".parquet")}
 
 
-def _delete_compaction_files(uri: str, fs, root: str, before: set[str], lease: str | None) -> None:
+def _delete_compaction_files(uri: str, fs, root: str, before: set[str], lease: _Lease | None) -> None:
     """Delete the files of a compaction that failed: the Parquet files that appeared in the
     table's folder while it ran (not in ``before``), named as delta-rs names its files, written
     by delta-rs's Parquet writer (a concurrent Spark write's files are named alike, but written

@@ -335,10 +335,10 @@ def test_one_compaction_of_a_table_at_a_time(tmp_path, capsys):
     with pytest.raises(CompactionRunningError, match=r"another compaction of .* is running \(pid \d+ on "):
         optimize(str(path))
     assert table_version(str(path)) == 39 and [p.name for p in (path / compaction.LEASE_DIR).iterdir()] == [
-        Path(other).name]  # nothing done; its own lease gone
+        Path(other.path).name]  # nothing done; its own lease gone
     assert main(["lake", "--table", str(path), "--action", "optimize"]) == 1
     assert "nothing was done. If it is not running" in capsys.readouterr().err
-    compaction._drop_lease(LocalFileSystem(), other)
+    compaction._drop_lease(LocalFileSystem(), other.path)
 
     repo = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "jobs.cli", "lake", "--table", str(path), "--action", "optimize", "--target-mb", "1"]
