@@ -200,7 +200,7 @@ class DeltaSnapshot:
     def num_rows(self) -> int:
         return sum(int(f.num_records or 0) for f in self._files)
 
-    def check_no_deletion_vectors(self, what: str = "reading its raw Parquet files") -> None:
+    def check_no_deletion_vectors(self) -> None:
         """Refuse (NotImplementedError) to read a snapshot whose files carry deletion vectors:
         read whole, they would bring deleted rows back. Only a table with the
         ``deletionVectors`` reader feature is looked at (:meth:`deletion_vector_files`); one
@@ -216,12 +216,13 @@ class DeltaSnapshot:
             if with_dv is None:
                 raise NotImplementedError(
                     f"{self.uri}@{self.version} has the deletionVectors reader feature and its log could not be read "
-                    f"to tell which files carry one; {what} could resurrect deleted rows. Run REORG TABLE ... APPLY "
-                    "(PURGE) on the table first.")
+                    "to tell which files carry one; reading its raw Parquet files could resurrect deleted rows. Run "
+                    "REORG TABLE ... APPLY (PURGE) on the table first.")
             if with_dv:
                 raise NotImplementedError(
                     f"{self.uri}@{self.version} has deletion vectors on {len(with_dv)} file(s) (e.g. {with_dv[0]}); "
-                    f"{what} would resurrect deleted rows. Run REORG TABLE ... APPLY (PURGE) on the table first.")
+                    "reading its raw Parquet files would resurrect deleted rows. Run REORG TABLE ... APPLY (PURGE) on "
+                    "the table first.")
         self._dv_checked = True
 
     def deletion_vector_files(self) -> list[str] | None:
