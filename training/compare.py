@@ -187,7 +187,9 @@ def labels(groups: Mapping[str, list[RunRecord]], by: str) -> dict[str, str]:
     return out
 
 
-def _mean(values: Sequence[float]) -> float:
+def _metric_mean(runs: Sequence[RunRecord], metric: str) -> float:
+    """The mean of ``metric`` over the runs that logged it (nan when none did)."""
+    values = [r.metrics[metric] for r in runs if metric in r.metrics]
     return sum(values) / len(values) if values else math.nan
 
 
@@ -213,11 +215,11 @@ def summarize(groups: Mapping[str, list[RunRecord]], metric: str = "final_valid_
         if with_target:
             reached = [r for r in with_target if r.metrics["tta_reached"] >= 1]
             s.tta_reached, s.tta_runs = len(reached), len(with_target)
-            s.tta_samples = _mean([r.metrics["tta_samples"] for r in reached if "tta_samples" in r.metrics])
-            s.tta_wall_s = _mean([r.metrics["tta_wall_s"] for r in reached if "tta_wall_s" in r.metrics])
-            s.tta_bytes_sent = _mean([r.metrics["tta_bytes_sent"] for r in reached if "tta_bytes_sent" in r.metrics])
-        s.samples_per_s = _mean([r.metrics["avg_samples_per_s"] for r in done if "avg_samples_per_s" in r.metrics])
-        s.bytes_sent = _mean([r.metrics["total_bytes_sent"] for r in done if "total_bytes_sent" in r.metrics])
+            s.tta_samples = _metric_mean(reached, "tta_samples")
+            s.tta_wall_s = _metric_mean(reached, "tta_wall_s")
+            s.tta_bytes_sent = _metric_mean(reached, "tta_bytes_sent")
+        s.samples_per_s = _metric_mean(done, "avg_samples_per_s")
+        s.bytes_sent = _metric_mean(done, "total_bytes_sent")
         if base_key is not None and key != base_key:
             gaps = [r.metrics[metric] - base_by_seed[r.seeds] for r in done
                     if metric in r.metrics and r.seeds in base_by_seed]
