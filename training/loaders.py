@@ -92,8 +92,6 @@ class TensorLoader:
     def global_positions(self):
         """The rows an unshuffled epoch of this rank yields, as positions in the tensors (the
         Delta loader's method of that name)."""
-        import numpy as np
-
         if self.shuffle:
             raise ValueError("global_positions: the loader is shuffled (its order changes every epoch)")
         return self._rows().numpy().astype(np.int64)
