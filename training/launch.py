@@ -171,7 +171,7 @@ def _launch_horovod(fn: Callable, job: Any, num_proc: int, *, spark=None, start_
         h.addFilter(quiet)
     try:
         with _stop_signals_passed_on() as stopping, _reports_kept_after_a_failed_exit(stopping) as exited, \
-                _task_lifetime_from_command_start():
+                _horovod_task_fixes():
             reports = horovod.spark.run(
                 _rank_entry, args=(fn, job), num_proc=num_proc, use_gloo=True,
                 env=rank_env(stall_shutdown_s, submitted_py_files(sc)), start_timeout=start_timeout, verbose=verbose,
@@ -208,17 +208,18 @@ def stderr_where(master: str) -> str:
 
 
 @contextlib.contextmanager
-def _task_lifetime_from_command_start():
-    """Horovod's Spark tasks, each wrapped in :func:`training.horovod_task.mapper_with_lifetime_from_start`:
-    a task then waits 3 s from its rank's start, not from its end (3 s less per launch)."""
+def _horovod_task_fixes():
+    """Horovod's Spark tasks, each wrapped in :func:`training.horovod_task.mapper_with_task_fixes`:
+    a task then waits 3 s from its rank's start, not from its end (3 s less per launch), and
+    releases its command's semaphores as the command returns."""
     from horovod.spark import runner
 
-    from training.horovod_task import mapper_with_lifetime_from_start
+    from training.horovod_task import mapper_with_task_fixes
 
     make_mapper = runner._make_mapper
 
     def make(*args, **kwargs):
-        return functools.partial(mapper_with_lifetime_from_start, make_mapper(*args, **kwargs))
+        return functools.partial(mapper_with_task_fixes, make_mapper(*args, **kwargs))
 
     with unittest.mock.patch.object(runner, "_make_mapper", make):
         yield
