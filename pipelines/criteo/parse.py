@@ -27,7 +27,8 @@ themselves:
 Rules (the same in every tier): label ``0``/``1`` (absent in unlabelled files, whose lines
 may start with a TAB); integers ``[+-]?[0-9]+`` within int64; categoricals 8 hex characters
 (either case, kept as written); empty field = missing; fewer fields than expected = missing
-trailing fields; more = rejected; empty or non-UTF-8 lines are rejected.
+trailing fields; more = rejected; empty or non-UTF-8 lines are rejected, and so is a line of
+an unlabelled file with no value at all (only TABs: it would be a row of nulls).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ _HEX_RE = re.compile(r"[0-9a-fA-F]{8}")
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 Reject = tuple[bytes, str, int]
+NO_VALUES = "no values (every field empty)"  # a line of only TABs in an unlabelled file
 
 
 def _names(labeled: bool) -> list[str]:
@@ -159,6 +161,11 @@ def _careful(block: bytes, labeled: bool) -> tuple[pa.Table, list[Reject]]:
         for c in SPARSE:
             m = pc.match_substring_regex(t.column(c), r"^[0-9a-fA-F]{8}$")
             ok &= pc.fill_null(m, True).to_numpy(zero_copy_only=False)
+        if not labeled:  # a line of only TABs: no value, not a row (the exact tier says why)
+            has_value = np.zeros(t.num_rows, dtype=bool)
+            for c in DENSE + SPARSE:
+                has_value |= t.column(c).is_valid().to_numpy(zero_copy_only=False)
+            ok &= has_value
         exact(ids[~ok])
         if ok.any():
             mask = pa.array(ok)
@@ -224,4 +231,6 @@ def _parse_line(raw: bytes, labeled: bool) -> tuple[dict | None, str | None, int
             row[c] = s
         else:
             return None, f"{c} not 8 hex chars", n
+    if not labeled and not any(s != "" for s in parts):
+        return None, NO_VALUES, n
     return row, None, n

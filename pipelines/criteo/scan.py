@@ -16,6 +16,7 @@ tier handles the block):
 - integers ``[+-]?[0-9]{1,18}`` (so always within int64), or empty;
 - categoricals exactly 8 characters of ``[0-9a-fA-F]`` (kept as written), or empty;
 - at most the expected fields (40 labelled, 39 unlabelled); fewer are missing trailing fields;
+- in an unlabelled file, at least one value (a line of only TABs is not plain);
 - lines end in LF or CR LF (a CR anywhere else is not plain).
 
 These are the rules of :func:`pipelines.criteo.parse.parse_line`, restricted: a line the
@@ -167,6 +168,8 @@ def scan_block(block: bytes, labeled: bool, lines: int, schema: pa.Schema) -> pa
     cvalid = np.empty((NUM_SPARSE, lines), dtype=np.bool_)
     if _scan(a, labeled, label, ints, ivalid, words, cvalid) != lines:
         return None
+    if not labeled and not (ivalid.any(axis=0) | cvalid.any(axis=0)).all():
+        return None  # a line of only TABs: no value, rejected by the careful tier
     cols = [pa.array(label) if labeled else pa.nulls(lines, pa.int32())]
     cols += [
         pa.Array.from_buffers(pa.int64(), lines, [_validity(ivalid[j]), pa.py_buffer(ints[j])])

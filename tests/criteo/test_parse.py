@@ -165,6 +165,24 @@ def test_unlabelled_lines_may_start_with_a_tab():
     assert [r[1] for r in rejects] == ["too many fields (expected 39, got 40)"]
 
 
+@pytest.mark.parametrize("line", ["\t", "\t" * 38, "\t" * 38 + "\r", "\t\t\t"])
+def test_an_unlabelled_line_of_only_tabs_is_no_row(line):
+    """A line of an unlabelled file with no value at all is rejected in every tier, as an
+    empty line is; in a labelled file its empty label rejects it. Until the twenty-seventh
+    session it went into bronze as a row of nulls (the ingest probe)."""
+    test_line = GOOD.split("\t", 1)[1]
+    assert parse_line(line.encode(), False)[1] == parse.NO_VALUES
+    assert parse_line(line.encode(), True)[1] == "label not 0/1"
+    block = _block([test_line, line])
+    assert parse._fast(block, False, 2) is None
+    for lines in ([test_line, line, test_line], [line], [test_line, "x", line]):
+        rows, rejects = _assert_like_reference(lines, labeled=False)
+        assert [r[1] for r in rejects if r[1] != "C1 not 8 hex chars" and r[1] != "non-integer in I1"] == [
+            parse.NO_VALUES]
+    # one value anywhere is a row (a test row with only C26, say)
+    _assert_like_reference([test_line, "\t" * 38 + "68fd1e64", "5" + "\t" * 38], labeled=False)
+
+
 def test_real_samples_like_reference(criteo_shared):
     for p in sorted(criteo_shared.glob("*.txt")):
         labeled = "test" not in p.name
@@ -202,7 +220,8 @@ def test_fast_path_fuzz_takes_plain_lines_and_never_differs_from_reference():
 
     for labeled in (True, False):
         lines = [plain(labeled) for _ in range(300)]
-        lines = [(ln or "0") + rng.choice(["", "", "\r"]) for ln in lines]  # an empty line is never plain
+        # an empty line, or an unlabelled one of only TABs, is never plain
+        lines = [(ln if ln.strip("\t") else "0" + ln) + rng.choice(["", "", "\r"]) for ln in lines]
         block = _block(lines)
         fast = parse._fast(block, labeled, len(lines))
         assert fast is not None
