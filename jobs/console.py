@@ -44,6 +44,17 @@ class _TrimmedLines:
         return getattr(self._stream, name)
 
 
+# control characters shown as their Unicode pictures (␛, ␀, ␊, ␡), TABs as ⇥: an escape
+# sequence in a quarantined line or a file name would otherwise recolour or clear the
+# operator's terminal, and a newline in a name split its table row in two
+_SHOWN = {**{i: 0x2400 + i for i in range(32)}, 0x7F: 0x2421, 0x09: "⇥"}
+
+
+def shown(text: str) -> str:
+    """``text`` (a raw line, a file name) safe to print: its control characters as pictures."""
+    return text.translate(_SHOWN)
+
+
 def styled(*parts):
     """A line of plain strings and ``(text, style)`` pairs, e.g.
     ``styled(("ingest", "bold"), " raw -> bronze")``; the strings are never read as markup."""

@@ -42,7 +42,7 @@ def run(cfg, args) -> int:
 
     from rich.table import Table
 
-    from jobs.console import print_error, styled
+    from jobs.console import print_error, shown, styled
     from jobs.spark_step import error_text, run_spark_step
     from pipelines.criteo.ingest import CorruptInputError, IngestError, ingest
 
@@ -77,8 +77,8 @@ def run(cfg, args) -> int:
         if collapse and f.status == "skipped":
             continue
         day = "-" if f.day < 0 else str(f.day)  # -1: no day_N in the file name
-        table.add_row(f.source + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
-                      f"{f.rows_ok:,}", f"{f.rows_rejected:,}", f.note)
+        table.add_row(shown(f.source) + ("" if f.labeled else " (unlabelled)"), day, f.status, f"{f.lines:,}",
+                      f"{f.rows_ok:,}", f"{f.rows_rejected:,}", shown(f.note))
     if collapse:
         from pipelines.criteo.split import day_runs
 

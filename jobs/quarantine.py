@@ -41,7 +41,7 @@ def run(cfg, args) -> int:
 def _show(cfg, args) -> int:
     from rich.table import Table
 
-    from jobs.console import make_console
+    from jobs.console import make_console, shown
     from pipelines.criteo.quarantine import quarantined, quarantined_lines
 
     filters = {"batch": args.batch, "source": args.source, "reason": args.reason}
@@ -73,7 +73,7 @@ def _show(cfg, args) -> int:
     for col, just in (("file", "left"), ("reason", "left"), ("lines", "right")):
         counts.add_column(col, justify=just)
     for source, reason, n in view.counts:
-        counts.add_row(source, reason, f"{n:,}")
+        counts.add_row(shown(source), reason, f"{n:,}")
     console.print(counts)
     if view.examples:
         kinds = len({(ex["source"], ex["reason"]) for ex in view.examples})
@@ -83,15 +83,11 @@ def _show(cfg, args) -> int:
         for col in ("file", "reason", "fields", "line"):
             lines.add_column(col, justify="right" if col == "fields" else "left", overflow="fold")
         for ex in view.examples:
-            lines.add_row(ex["source"], ex["reason"], str(ex["num_fields"]), ex["line"].translate(_SHOWN))
+            lines.add_row(shown(ex["source"]), ex["reason"], str(ex["num_fields"]), shown(ex["line"]))
         console.print(lines)
     console.print(view.table)
     return 0
 
-
-# a line's control bytes shown as their Unicode pictures (␛, ␀, ␡), TABs as ⇥: an escape
-# sequence in a bad line would otherwise recolour or clear the operator's terminal
-_SHOWN = {**{i: 0x2400 + i for i in range(32)}, 0x7F: 0x2421, 0x09: "⇥"}
 
 
 def _why_no_line(cfg, args) -> str:

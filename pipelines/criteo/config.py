@@ -87,6 +87,11 @@ class IngestConfig(Section):
     )
     row_group_rows: int = Field(131_072, ge=1024, description="bronze Parquet row-group size")
     max_line_preview: int = Field(4096, ge=64, description="quarantine keeps at most this many chars of a line")
+    max_rejected_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="a file more than this share of whose lines are bad is not ingested (nothing "
+        "committed for it, no ledger entry, exit 1, named with its main reasons): it is not in Criteo's raw format, "
+        "and quarantining all of it lost it without an error; 1: never"
+    )
     in_flight_s: float = Field(
         600, ge=0, description="bronze rows no ledger entry confirms yet, committed less than this many seconds ago, "
         "are taken for an ingest still recording them: --drop-unconfirmed leaves them, featurize builds from the "

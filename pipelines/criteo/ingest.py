@@ -20,8 +20,9 @@ directories; tasks read their byte ranges straight from the store). Per group of
 3. **Write** (tasks): good rows to bronze Parquet files, bad lines (raw line, reason) to
    quarantine files; then the driver commits each table as ONE Delta transaction replacing
    the group's ``source`` partitions (``replace_where``), so a re-run never duplicates a
-   file's rows. Nothing of a file found corrupt is committed (its tasks' files are deleted,
-   its earlier rows stay); if a task fails otherwise, nothing of the job is committed.
+   file's rows. Nothing of a file found corrupt, or more than ``ingest.max_rejected_share``
+   of whose lines are bad (not Criteo's raw format), is committed (its tasks' files are
+   deleted, its earlier rows stay); if a task fails otherwise, nothing of the job is committed.
 4. **Account**: per file, rows_ok + rows_rejected from the commits' file statistics must equal
    the lines the tasks read (and the tasks' own counts), else :class:`IngestError` and no
    ledger entry.
@@ -91,10 +92,11 @@ class IngestError(RuntimeError):
 
 
 class CorruptInputError(IngestError):
-    """One or more input files cannot be read (a truncated or corrupt gzip, a name that
-    contradicts the content, a format such as zstd or UTF-16 that ingest does not read);
-    nothing was committed for them. Found before any Spark job (names, formats): nothing was
-    committed at all. Found while reading (a damaged gzip): the run's other files were ingested, and
+    """One or more input files cannot be ingested (a truncated or corrupt gzip, a name that
+    contradicts the content, a format such as zstd or UTF-16 that ingest does not read, more
+    than ``criteo.ingest.max_rejected_share`` of its lines bad); nothing was committed for
+    them. Found before any Spark job (names, formats): nothing was committed at all. Found
+    while reading (a damaged gzip, the bad lines): the run's other files were ingested, and
     ``report`` is the run's :class:`IngestReport` (the bad files with status ``failed``)."""
 
     def __init__(self, problems: list[tuple[str, str]], report: IngestReport | None = None):
@@ -456,6 +458,7 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
     bw, qw = bronze_tw.open(), quarantine_tw.open()
     lines = ok = rejected = 0
     reasons: Counter[str] = Counter()
+    first_reject: bytes | None = None  # the chunk's first bad line: an example, if its file is mostly bad
     try:
         for block in iter_line_blocks(c.path, c.gzip, c.start, c.end, block_bytes, hasher):
             n = block.count(b"\n")
@@ -469,10 +472,13 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
                 bw.write(b, (c.day, c.source))
             if rejects:
                 reasons.update(reason for _, reason, _ in rejects)
+                if first_reject is None:
+                    first_reject = bytes(rejects[0][0][:preview])
                 for b in _rejects_batch(rejects, preview, batch_id).to_batches():
                     qw.write(b, (c.day, c.source))
         return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
-                "rejected": rejected, "reasons": dict(reasons), "bronze": bw.close(), "quarantine": qw.close(),
+                "rejected": rejected, "reasons": dict(reasons), "first_reject": first_reject,
+                "bronze": bw.close(), "quarantine": qw.close(),
                 "sha256": hasher.hexdigest() if hasher is not None else None}
     except ReadFailure as e:
         bw.discard()
@@ -524,7 +530,9 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             .map(lambda it: run_item(it, btw, qtw, batch_id, preview, block_bytes))
             .collect()
         )
-        bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"})
+        per_file = _per_file(group, results)
+        bad = sorted({(r["path"], r["reason"]) for r in results if r["kind"] == "corrupt"}
+                     | set(mostly_rejected(per_file, ing.max_rejected_share)))
         unreadable = {p for p, _ in bad}
         good = [f for f in group if f.path not in unreadable]
         if not good:
@@ -547,10 +555,19 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             abort_write(qtw)
             (bv,) = commit_writes([(btw, b_adds, info)])
             qv, rejected = None, {}
-    per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter()}
-                                 for f in good}
-    for r in results:
-        d = per_file[r["path"]]
+    per_file = {p: d for p, d in per_file.items() if p not in unreadable}
+    return per_file, bad, bv, qv, qtw.read_version if qv is None else qv, rejected
+
+
+def _per_file(group: list[RawFile], results: list[dict]) -> dict[str, dict]:
+    """The tasks' results summed per file: lines, ok, rejected, sha256, reasons, and the
+    first rejected line of its earliest chunk that has one (``first_reject``)."""
+    per_file: dict[str, dict] = {f.path: {"lines": 0, "ok": 0, "rejected": 0, "sha256": None, "reasons": Counter(),
+                                          "first_reject": None} for f in group}
+    for r in sorted(results, key=lambda r: r.get("start", 0)):
+        d = per_file.get(r["path"])
+        if d is None:
+            continue
         if r.get("sha256"):
             d["sha256"] = r["sha256"]
         if r["kind"] == "chunk":
@@ -558,7 +575,21 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             d["ok"] += r["ok"]
             d["rejected"] += r["rejected"]
             d["reasons"].update(r["reasons"])
-    return per_file, bad, bv, qv, qtw.read_version if qv is None else qv, rejected
+            if d["first_reject"] is None:
+                d["first_reject"] = r["first_reject"]
+    return per_file
+
+
+def mostly_rejected(per_file: Mapping[str, dict], max_share: float) -> list[tuple[str, str]]:
+    """``(path, why)`` of each file more than ``max_share`` of whose lines were rejected: not
+    Criteo's raw format, or not the format its name says (a TAB ending every line, CR line
+    ends, UTF-16 without a byte order mark), which quarantining every line and recording the
+    file as ingested lost without an error (a re-run then skipped it). Nothing of such a file
+    is committed."""
+    from pipelines.criteo.raw_files import why_mostly_rejected
+
+    return [(p, why_mostly_rejected(d["lines"], d["rejected"], d["reasons"], d["first_reject"], max_share))
+            for p, d in per_file.items() if d["rejected"] > max_share * d["lines"]]
 
 
 def _commit_failed(e: OSError, n_files: int, stays: list[tuple[str, int | None]], paths: dict,

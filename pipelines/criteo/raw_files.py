@@ -6,7 +6,8 @@ its day (from ``criteo.ingest.day_regex``) and whether it is labelled (from
 ``criteo.ingest.unlabeled_globs``: the name decides, never a line), and checks its first lines
 against that kind. :func:`unreadable_as_named` says why ingest cannot read a file as named (a
 zstd or UTF-16 file, a ``.gz`` that is not gzip, a test file named as a training file...), so
-such a file fails before any Spark job.
+such a file fails before any Spark job; :func:`why_mostly_rejected` says why one whose lines
+were mostly rejected once parsed is not ingested.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import fnmatch
 import hashlib
 import re
 import zlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -134,13 +136,41 @@ def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence
     # 40 fields: rows with a label. In a labelled file whose trailing TABs were stripped only
     # some lines keep 40, but (nearly) every line starts with 0/1; I1, first in a test row, is
     # missing or another number in most lines
-    odd = sum(ln.count(b"\t") + 1 == LABELED_FIELDS for ln in lines)
+    forty = [ln.rstrip(b"\r") for ln in lines if ln.count(b"\t") + 1 == LABELED_FIELDS]
+    odd = len(forty)
     labels = sum(f in (b"0", b"1") for f in firsts)
+    if odd >= 3 and 10 * sum(ln.endswith(b"\t") for ln in forty) >= 9 * odd:
+        # a test file whose every line ends with a TAB: one empty field too many, not a label
+        return (f"{odd} of its first {n} lines have 40 fields, the last of them empty: each line ends with a TAB "
+                "too many (an export artefact); strip it (sed 's/\\t$//' FILE > FIXED), or every row would be "
+                "quarantined or shifted by one column")
     why = (f"its name matches criteo.ingest.unlabeled_globs {list(unlabeled_globs)}, so it is read as a test "
            f"file (39 fields, no label), but {odd} of its first {n} lines have 40 fields"
            + (f" and {labels} start with a 0/1 label" if 2 * odd <= n else "")
            + ", as in a labelled file; rename it or change criteo.ingest.unlabeled_globs")
     return why if odd >= 3 and (2 * odd > n or 10 * labels >= 9 * n) else None
+
+
+def why_mostly_rejected(lines: int, rejected: int, reasons: Mapping[str, int], first: bytes | None,
+                        max_share: float) -> str:
+    """Why a file more than ``max_share`` of whose ``lines`` were rejected is not ingested: the
+    counts, its main reasons, its first rejected line (escaped) and, where that line shows
+    it, the usual cause and its fix."""
+    top = "; ".join(f"{n:,} {r}" for r, n in Counter(reasons).most_common(3))
+    first = first or b""
+    shown = first if len(first) <= 160 else first[:120] + b" ... " + first[-24:]
+    hints = (  # (the first bad line shows it, the cause and its fix)
+        (b"\r" in first, "its lines end in CR alone (classic Mac line ends): tr '\\r' '\\n' < FILE > FIXED"),
+        (b"\x00" in first, "NUL bytes: UTF-16 text without a byte order mark? iconv -f UTF-16LE -t UTF-8 FILE > FIXED"),
+        (first.endswith(b"\t") and any(r.startswith("too many fields") for r in reasons),
+         "each line ends with a TAB too many: sed 's/\\t$//' FILE > FIXED"),
+        (bool(re.match(rb"[01]\.0*\t", first)), "labels written as 0.0/1.0: a label is 0 or 1"),
+        (any(r.startswith("undecodable") for r in reasons), "not UTF-8: iconv -f ITS_ENCODING -t UTF-8 FILE > FIXED"),
+    )
+    hint = next((f"; {h}" for shown_by, h in hints if shown_by), "")
+    return (f"{rejected:,} of its {lines:,} lines are bad (more than criteo.ingest.max_rejected_share={max_share:g}): "
+            f"{top}; the first: {shown.decode('utf-8', 'backslashreplace')!r}{hint}. It is not in Criteo's raw format "
+            "(TAB-separated, LF or CR LF line ends, UTF-8), or not in the kind its name says")
 
 
 def describe_file(path: str, cfg) -> RawFile:

@@ -970,6 +970,91 @@ def test_windows_saved_files_ingest_like_the_originals(spark, criteo_shared, tmp
     assert sum(r["label"] is None for r in out["crlf"][2]) == 100
 
 
+def test_a_file_whose_lines_are_mostly_bad_is_not_ingested_and_says_why(spark, tmp_path, capsys):
+    """A file more than criteo.ingest.max_rejected_share (0.5) of whose lines are bad is not in
+    Criteo's raw format: it fails alone, named with its counts, main reason, first bad line and
+    the fix, nothing of it committed (no rows, no quarantine rows, no ledger entry), exit 1;
+    the run's other files are ingested, and a file with a few bad lines is as before. Until the
+    twenty-seventh session a file with a TAB ending every line, CR line ends, UTF-16 without a
+    byte order mark or 0.0/1.0 labels was "ingested" with every line quarantined, exit 0, and
+    every later run skipped it as already ingested (the ingest probe)."""
+    from jobs.cli import main
+    from pipelines.criteo.bronze import read_ledger
+    from pipelines.criteo.ingest import CorruptInputError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rows = [f"{i % 2}\t{i}\t" + "\t".join(["3"] * 12) + "\t" + "\t".join([f"{i:08x}"] * 26) for i in range(300)]
+    (raw / "day_0").write_text("\n".join(rows) + "\n")
+    other = [r.replace("\t3\t", "\t4\t", 1) for r in rows]  # day_1's rows, not a copy of day_0's
+    (raw / "day_1").write_text("\n".join(r + "\t" for r in other) + "\n")  # a TAB ending every line
+    (raw / "day_2").write_text("\r".join(rows) + "\r")  # CR line ends
+    (raw / "day_3").write_bytes(("\n".join(rows) + "\n").encode("utf-16-le"))  # UTF-16, no byte order mark
+    (raw / "day_4").write_text("\n".join("1.0" + r[1:] if r[0] == "1" else "0.0" + r[1:] for r in rows) + "\n")
+    few = rows[:150] + ["1\tx"] * 149  # 149 of 299 bad: under the share, quarantined as always
+    (raw / "day_5").write_text("\n".join(few) + "\n")
+    cfg = _cfg(tmp_path, ingest={"files_per_commit": 3})
+    with pytest.raises(CorruptInputError) as e:
+        ingest(spark, cfg)
+    why = {Path(p).name: w for p, w in e.value.problems}
+    assert sorted(why) == ["day_1", "day_2", "day_3", "day_4"]
+    assert why["day_1"].startswith("300 of its 300 lines are bad (more than criteo.ingest.max_rejected_share=0.5): "
+                                   "300 too many fields (expected 40, got 41); the first: '0\\t0\\t4")
+    assert "each line ends with a TAB too many: sed 's/\\t$//' FILE > FIXED" in why["day_1"]
+    assert why["day_2"].startswith("1 of its 1 lines are bad") and "tr '\\r' '\\n'" in why["day_2"]
+    assert "iconv -f UTF-16LE -t UTF-8" in why["day_3"]
+    assert "300 label not 0/1" in why["day_4"] and "labels written as 0.0/1.0" in why["day_4"]
+    assert {f.source: (f.status, f.rows_ok, f.rows_rejected) for f in e.value.report.files} == {
+        "day_0": ("ingested", 300, 0), "day_1": ("failed", 0, 0), "day_2": ("failed", 0, 0),
+        "day_3": ("failed", 0, 0), "day_4": ("failed", 0, 0), "day_5": ("ingested", 150, 149)}
+    t = _bronze(cfg)
+    assert rows_by_source_now(t["bronze"]) == {"day_0": 300, "day_5": 150}
+    assert rows_by_source_now(t["quarantine"]) == {"day_5": 149}
+    assert {r["source"] for r in read_ledger(t["ledger"])} == {"day_0", "day_5"}
+    on_disk = {p.relative_to(t["bronze"]).parts[1] for p in Path(t["bronze"]).rglob("*.parquet")}
+    assert on_disk == {"source=day_0", "source=day_5"}
+
+    # the next run tries them again (no ledger entry), exit 1; fixed, day_1 is ingested
+    conf = [f"lake.root={cfg.lake.root}", f"criteo.raw_dir={cfg.criteo.raw_dir}"]
+    capsys.readouterr()
+    assert main(["ingest", *conf]) == 1
+    out = capsys.readouterr()
+    assert "0 file(s) ingested, 2 skipped, 4 failed" in out.out, out.out
+    (raw / "day_1").write_text("\n".join(other) + "\n")
+    for d in ("day_2", "day_3", "day_4"):
+        (raw / d).unlink()
+    assert main(["ingest", *conf]) == 0
+    assert rows_by_source_now(t["bronze"]) == {"day_0": 300, "day_1": 300, "day_5": 150}
+    # 1: the share is off, every line of such a file quarantined as before
+    (raw / "day_6").write_text("\n".join(r + "\t" for r in rows) + "\n")
+    assert main(["ingest", *conf, "criteo.ingest.max_rejected_share=1"]) == 0
+    assert rows_by_source_now(t["quarantine"]) == {"day_5": 149, "day_6": 300}
+    shutil.rmtree(raw)
+
+
+def test_control_characters_in_file_names_are_shown_not_obeyed(spark, tmp_path, capsys, spark_forbidden):
+    """A file name holding an escape sequence or a newline is printed with its control
+    characters as pictures by `bigopt ingest` and `bigopt quarantine`, as quarantined lines
+    already were. Until the twenty-seventh session the escape recoloured the terminal and the
+    newline split the file's table row in two (the ingest probe)."""
+    from jobs.cli import main
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = "0\t1\t2\t3\t4\t5\t6\t7\t8\t9\t10\t11\t12\t13\t" + "\t".join(["68fd1e64"] * 26)
+    for i, name in enumerate(("day_7\x1b[31mred", "day_8\nevil")):
+        (raw / name).write_text("\n".join([good.replace("\t1\t", f"\t{i}\t", 1)] * 5 + ["1\tbad"]) + "\n")
+    conf = [f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={raw}"]
+    capsys.readouterr()
+    assert main(["ingest", *conf]) == 0
+    out = capsys.readouterr().out
+    assert "day_7␛[31mred" in out and "day_8␊evil" in out and "\x1b" not in out, out
+    with spark_forbidden("bigopt quarantine"):
+        assert main(["quarantine", *conf]) == 0
+    out = capsys.readouterr().out
+    assert "day_7␛[31mred" in out and "day_8␊evil" in out and "\x1b" not in out and "\nevil" not in out, out
+
+
 def test_corrupt_gzip_fails_clearly_and_commits_nothing_for_it(spark, tmp_path, capsys):
     """A damaged gzip is named with its reason and nothing of it is committed (no rows, no
     ledger entry, an earlier batch's rows of it kept); the run's readable files are ingested.
@@ -1373,11 +1458,16 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     (raw / "day_9").write_text("1\t5\t7\n0\t3\n1\t\t9\t1\n0\t1\t2\t3\t4\n")
     # the Kaggle archive's readme.txt beside train.txt / test.txt is not taken from a folder
     (raw / "README.txt").write_text("Display Advertising Challenge\n---\n\nDataset: dac-v1\n")
+    # a test file with a TAB ending every line: 40 fields, the last empty. Until the twenty-
+    # seventh session it was told to rename itself, and renamed it went in shifted by a column
+    (raw / "test_7.txt").write_text(test_rows.replace("\n", "\t\n"))
     cfg = _cfg(tmp_path)
     with pytest.raises(CorruptInputError) as e:
         ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
     got = {Path(p).name: why for p, why in e.value.problems}
-    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz", "notes.txt"}
+    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz", "notes.txt", "test_7.txt"}
+    assert got["test_7.txt"].startswith("10 of its first 10 lines have 40 fields, the last of them empty: each line "
+                                        "ends with a TAB too many (an export artefact); strip it (sed 's/\\t$//'")
     assert got["notes.txt"].startswith("4 of its first 4 lines are text, not rows: fewer than 14 fields (a Criteo "
                                        "row has 37-40) and no number first; it does not look like a raw Criteo file")
     assert "9 of its first 10 lines have at most 39 fields" in got["day_8.gz"]
