@@ -110,8 +110,11 @@ class SplitConfig(Section):
     )
     valid_share: float = Field(0.5, ge=0.0, le=1.0, description="share of held-out rows that go to valid")
     train_fraction: float = Field(6 / 7, gt=0.0, lt=1.0, description="random mode: DLRM Kaggle uses 6/7")
-    # the seed is a literal of Spark's xxhash64 over each row: a bigint
-    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="random mode: the split's hash seed (a 64-bit integer)")
+    # the seed is the first argument of Spark's xxhash64 over each row, typed as F.lit types it:
+    # an int when it fits in 32 bits, else a bigint (the same hash only with the same type)
+    seed: int = Field(0, ge=-(2**63), le=2**63 - 1, description="the row hash's seed (a 64-bit integer): random "
+                      "mode's split, and day mode's split of the held-out days' rows into valid and test when "
+                      "valid_days is unset")
 
 
 class FeaturizeConfig(Section):

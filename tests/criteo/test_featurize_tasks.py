@@ -258,3 +258,26 @@ def test_plan_split_warns_of_a_missing_day_of_training_after_the_test_day_and_of
     from pipelines.criteo.split import day_spans
 
     assert day_spans(list(range(0, 40, 2))) == "[0, 2, 4, 6, 8, 10, 12, 14, ... (12 more runs)] (20 days)"
+
+
+def test_a_day_split_says_where_the_rows_of_undated_labelled_files_go(caplog):
+    """A labelled file with no day in its name (a Kaggle train.txt beside day files) goes to
+    train in a day split: said, with the files and rows. Until the twenty-seventh session its
+    rows joined train without a word (featurize probe); a random split has no such question."""
+    import logging
+
+    from jobs.config import load_config
+
+    sources = {f"day_{d}": {"rows": 10, "day": d, "labeled": True, "batch": "b"} for d in (0, 1, 2)}
+    sources["extra.txt"] = {"rows": 50, "day": -1, "labeled": True, "batch": "b"}
+    sources["test.txt"] = {"rows": 7, "day": -1, "labeled": False, "batch": "b"}  # unlabelled: not in gold at all
+    view = S.BronzeView(3, sources)
+    with caplog.at_level(logging.WARNING, logger=S.__name__):
+        assert S.plan_split(load_config(data={"criteo": {"featurize": {"split": {"mode": "day"}}}}), view).mode == "day"
+    (said,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == ("split: 1 labelled file(s) have no day in their name (criteo.ingest.day_regex), so a day split "
+                    "puts their 50 rows in train: extra.txt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=S.__name__):
+        assert S.plan_split(load_config(), view).mode == "random"  # auto: not every row is dated
+    assert not caplog.records

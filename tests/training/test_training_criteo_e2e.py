@@ -133,6 +133,7 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     # own differ is told (MLflow showed the command's criteo.featurize.* alone: probe finding)
     assert latest.gold["hash_buckets"] == "50" and "freq_threshold" not in latest.gold
     assert latest.gold["test_days"] == "[2]" and latest.gold["valid_share"] == "0.5"
+    assert latest.gold["split_seed"] == "0"  # the held-out day's rows are split by the row hash
     assert "was built with other criteo.featurize settings than this command's: strategy=vocab (gold: hash)" in caplog.text
     caplog.clear()
     pinned = resolve_data(load_config(None, [*base, "train.table_version=0"]))
@@ -153,7 +154,10 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     assert differ("criteo.featurize.split.test_days=[1]") == ["split.test_days=[1] (gold: [2])"]
     assert differ("criteo.featurize.max_vocab_size=1000") == ["max_vocab_size=1000 (gold: unset)"]
     assert differ("criteo.featurize.split.valid_days=[1]") == [
-        "split.valid_days=[1] (gold: unset)", "split.valid_share=unset (gold: 0.5)"]
+        "split.valid_days=[1] (gold: unset)", "split.valid_share=unset (gold: 0.5)", "split.seed=unset (gold: 0)"]
+    # another seed puts other held-out rows in valid and test: said (until the twenty-seventh
+    # session day mode's seed was not recorded, and nothing was; the featurize probe)
+    assert differ("criteo.featurize.split.seed=5") == ["split.seed=5 (gold: 0)"]
     assert differ("criteo.featurize.split.mode=random")[0] == "split.mode=random (gold: day)"
     assert differ("criteo.featurize.split.test_days=[7]")[0].startswith("split (split: day(s) [7] named in")
     # gold of a lake copied elsewhere: the split's days cannot be planned, the rest still counts
