@@ -1,4 +1,4 @@
-"""``bigopt generate criteo <conf> [k=v ...] [--out DIR]``: synthetic raw Criteo click logs.
+"""``bigopt generate criteo <conf> [k=v ...] [--out DIR] [--overwrite]``: synthetic raw Criteo click logs.
 
 Writes ``criteo.generate.days`` day files ``day_0 .. day_{N-1}`` (the 1TB layout) or one
 Kaggle ``train.txt`` (``criteo.generate.layout=kaggle``), plus an optional unlabelled
@@ -16,6 +16,8 @@ LEADING_ARGS = {"dataset": "which raw format to generate (criteo)"}
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default: criteo.raw_dir)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files of the names it writes that no earlier generate wrote (refused otherwise)")
 
 
 def run(cfg, args) -> int:
@@ -45,7 +47,8 @@ def run(cfg, args) -> int:
         tasks = {name: progress.add_task(name, total=rows) for name, rows, _labeled in planned}
         try:
             files = generate_files(cfg, progress=lambda name, done: progress.update(tasks[name], completed=done,
-                                                                                    refresh=True))
+                                                                                    refresh=True),
+                                   overwrite=args.overwrite)
         except ValueError as e:
             print(f"bigopt generate: {e}", file=sys.stderr)
             return 2

@@ -133,6 +133,7 @@ def run(cfg, args) -> int:
 
     if not args.skip_data:  # the pipeline's modules are imported only for it
         from pipelines.criteo.featurize import FeaturizeError, featurize
+        from pipelines.criteo.generate import ForeignFilesError
         from pipelines.criteo.ingest import IngestError, ingest
         from jobs.spark_step import error_text, step_error
         from pipelines.raw_inputs import InputNameError
@@ -152,7 +153,8 @@ def run(cfg, args) -> int:
             console.print(f"  {rep.summary()} ({timings['featurize']:.1f} s)")
         except Exception as e:  # noqa: BLE001 - printed as one line, or raised again
             # the steps' own errors name the file or table and the remedy: no traceback
-            if (shown := step_error(e, (IngestError, FeaturizeError, FileNotFoundError, InputNameError))) is None:
+            if (shown := step_error(e, (IngestError, FeaturizeError, FileNotFoundError, InputNameError,
+                                           ForeignFilesError))) is None:
                 raise
             print_error(error_text("run", shown))
             return 1

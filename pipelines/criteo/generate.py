@@ -252,14 +252,22 @@ def plan_files(gen) -> list[tuple[str, int, bool]]:
     return out
 
 
-def generate(cfg, progress: Callable[[str, int], None] | None = None) -> list[str]:
+class ForeignFilesError(ValueError):
+    """``raw_dir`` holds files of the names generate would write that no earlier generate
+    wrote (a real ``day_0``, Kaggle's ``train.txt``): nothing was written."""
+
+
+def generate(cfg, progress: Callable[[str, int], None] | None = None, overwrite: bool = False) -> list[str]:
     """Write the synthetic raw files into ``cfg.criteo.raw_dir``; return their paths.
 
-    ``progress(basename, rows_done)`` is called after every chunk written."""
-    return [f.path for f in generate_files(cfg, progress)]
+    ``progress(basename, rows_done)`` is called after every chunk written. A file of a name it
+    would write that no earlier generate wrote (its ``_generated.json`` lists its own) is
+    :class:`ForeignFilesError` before anything is written, unless ``overwrite``."""
+    return [f.path for f in generate_files(cfg, progress, overwrite)]
 
 
-def generate_files(cfg, progress: Callable[[str, int], None] | None = None) -> list[GeneratedFile]:
+def generate_files(cfg, progress: Callable[[str, int], None] | None = None,
+                   overwrite: bool = False) -> list[GeneratedFile]:
     gen = cfg.criteo.generate
     from pipelines.lake.fs import is_local, normalize_uri  # here: the pool's workers need none of the lake's imports
 
@@ -275,6 +283,8 @@ def generate_files(cfg, progress: Callable[[str, int], None] | None = None) -> l
     exps = tuple(gen.zipf_exponent + 0.08 * ((j * 7) % 5 - 2) for j in range(NUM_SPARSE))
     intercept = _calibrate_intercept(gen.seed, cards, exps, gen.positive_rate)
     files = plan_files(gen)
+    if not overwrite:
+        _check_no_foreign_files(out_dir, [name for name, _r, _l in files])
     specs: list[tuple[int, _Spec]] = []
     for fi, (_name, rows, labeled) in enumerate(files):
         file_key = 1_000_000 if not labeled else fi
@@ -329,6 +339,21 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     ok = isinstance(manifest, dict) and isinstance(manifest.get("config"), dict) and isinstance(
         manifest.get("files"), list)
     return manifest if ok else None
+
+
+def _check_no_foreign_files(out_dir: Path, names: list[str]) -> None:
+    """Refuse to replace files no generate wrote: until the twenty-seventh session generate
+    replaced a real ``day_0`` or ``train.txt`` in its folder without a word (the generator
+    probe), although it keeps every other file no generate wrote."""
+    ours = {os.path.basename(str(f.get("path"))) for f in (read_manifest(out_dir) or {}).get("files", [])
+            if isinstance(f, dict)}
+    foreign = [n for n in names if n not in ours and os.path.lexists(out_dir / n)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ForeignFilesError(
+            f"{out_dir} already holds {shown}, which no earlier generate wrote (its {MANIFEST} does not list "
+            f"{'it' if len(foreign) == 1 else 'them'}): generating would replace real data. Nothing was written; "
+            "generate into another folder (--out, criteo.raw_dir), move those files, or pass --overwrite")
 
 
 def _remove_earlier_output(out_dir: Path, written: set[str]) -> None:

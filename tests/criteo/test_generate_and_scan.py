@@ -70,6 +70,36 @@ def test_regenerating_replaces_an_earlier_generates_files(tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == ["_generated.json", "day_0.gz", "day_1.gz", "mine.txt"]
 
 
+def test_generate_never_replaces_files_no_generate_wrote(tmp_path, capsys):
+    """A real day_0 or train.txt in the folder, of a name generate would write and no manifest
+    lists, is refused before anything is written (exit 2, the files named), and replaced only
+    with --overwrite. Until the twenty-seventh session generate replaced it without a word
+    (the generator probe): the docs said files no generate wrote are kept."""
+    from jobs.cli import main
+    from pipelines.criteo.generate import ForeignFilesError
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "day_1").write_text("MY REAL DATA\n")
+    with pytest.raises(ForeignFilesError, match=r"already holds day_1, which no earlier generate wrote"):
+        generate_files(_cfg(raw, days=3, rows_per_day=1000, chunk_rows=1000))
+    assert sorted(p.name for p in raw.iterdir()) == ["day_1"] and (raw / "day_1").read_text() == "MY REAL DATA\n"
+    conf = [f"criteo.raw_dir={raw}", "criteo.generate.days=3", "criteo.generate.rows_per_day=1000"]
+    assert main(["generate", "criteo", *conf]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigopt generate: ") and "--overwrite" in err and "Nothing was written" in err
+    assert (raw / "day_1").read_text() == "MY REAL DATA\n"
+    # a manifest listing other files does not vouch for this one (a day added by hand)
+    generate_files(_cfg(tmp_path / "raw2", days=2, rows_per_day=1000, chunk_rows=1000))
+    (tmp_path / "raw2" / "day_2").write_text("MY REAL DATA\n")
+    with pytest.raises(ForeignFilesError, match="day_2"):
+        generate_files(_cfg(tmp_path / "raw2", days=3, rows_per_day=1000, chunk_rows=1000))
+    # its own files, listed in its manifest, are generated over as before
+    generate_files(_cfg(tmp_path / "raw2", days=2, rows_per_day=500, chunk_rows=1000))
+    assert main(["generate", "criteo", *conf, "--overwrite"]) == 0
+    assert (raw / "day_1").read_text().count("\n") == 1000
+
+
 def test_raw_format_and_statistics(tmp_path):
     files = generate_files(_cfg(tmp_path, days=1, rows_per_day=40_000, seed=11))
     rows = _fields(Path(files[0].path))
