@@ -55,6 +55,12 @@ def shown(text: str) -> str:
     return text.translate(_SHOWN)
 
 
+def _shown_lines(text: str) -> str:
+    """:func:`shown` of each line of ``text``, its newlines kept (one character for one: a
+    styled line's spans stay where they were)."""
+    return "\n".join(shown(part) for part in text.split("\n"))
+
+
 def styled(*parts):
     """A line of plain strings and ``(text, style)`` pairs, e.g.
     ``styled(("ingest", "bold"), " raw -> bronze")``; the strings are never read as markup."""
@@ -69,7 +75,11 @@ def print_error(line: str | Text) -> None:
     a path in it whole."""
     from rich.text import Text
 
-    make_console(stderr=True, soft_wrap=True).print(line if isinstance(line, Text) else styled((line, "red")))
+    if isinstance(line, Text):  # a file name in it with an escape sequence, as in the tables: shown, not obeyed
+        line = Text(_shown_lines(line.plain), style=line.style, spans=line.spans, end=line.end)
+    else:
+        line = styled((_shown_lines(line), "red"))
+    make_console(stderr=True, soft_wrap=True).print(line)
 
 
 def make_console(**kwargs):

@@ -54,10 +54,13 @@ def run(cfg, args) -> int:
                           drop_unconfirmed=args.drop_unconfirmed, drop_sources=args.drop_source,
                           drop_unknown_ok=False)
         except CorruptInputError as e:
+            # the files named with their control characters as pictures, as in the table (the
+            # error line drops escape sequences: "day_9\x1b[31mbad" read "day_9bad")
+            said = CorruptInputError([(shown(p), shown(why)) for p, why in e.problems], e.report)
             if e.report is None:  # found before anything ran
-                raise
+                raise said from e
             nonlocal unreadable
-            unreadable = e  # found while reading: the other files were ingested, show them
+            unreadable = said  # found while reading: the other files were ingested, show them
             return e.report
 
     console, rep = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, ValueError))
@@ -128,9 +131,9 @@ def run(cfg, args) -> int:
         + (f"  ({rate:,.0f} rows/s)" if rate else "")
     )
     if reasons := rep.reasons:
-        shown = list(reasons.items())[:8]
-        console.print("rejected: " + "; ".join(f"{n:,} {reason}" for reason, n in shown)
-                      + (f"; {len(reasons) - len(shown)} more reason(s)" if len(reasons) > len(shown) else ""))
+        top = list(reasons.items())[:8]
+        console.print("rejected: " + "; ".join(f"{n:,} {reason}" for reason, n in top)
+                      + (f"; {len(reasons) - len(top)} more reason(s)" if len(reasons) > len(top) else ""))
         same_lake = [a for a in (args.config, *args.overrides) if a]  # the config this run had
         console.print("the lines: " + shlex.join(["bigopt", "quarantine", *same_lake, "--batch", rep.batch_id]))
     for name, version, path in (("bronze", rep.bronze_version, rep.bronze),

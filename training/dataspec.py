@@ -230,6 +230,10 @@ def _settings_not_gold_s(cfg, info: dict) -> list[str]:
             return [f"split ({e})"]
         keys = ["split_mode"] + (list(BUILD_SETTINGS) if recorded else [])
     mine = {**build_settings(fz, plan), "split_mode": plan.mode}
+    if "split_seed" not in info and info.get("split_mode") == "day":
+        # a day build before the twenty-seventh session did not record the seed it used:
+        # unknown, not different (featurize, which compares the config hash, calls it current)
+        keys = [k for k in keys if k != "split_seed"]
     return [f"{BUILD_SETTINGS.get(k, 'split.mode')}={mine.get(k, 'unset')} (gold: {info.get(k, 'unset')})"
             for k in keys if mine.get(k) != info.get(k)]
 

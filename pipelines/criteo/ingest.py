@@ -74,6 +74,7 @@ from pipelines.criteo.bronze import (
     rows_by_source,
     unconfirmed_sources,
 )
+from pipelines.criteo.parse import EMPTY_LINE
 from pipelines.criteo.raw_files import GZIP_MIN_BYTES, RawFile, describe_files, unreadable_as_named
 from pipelines.criteo.raw_lines import GONE, ReadFailure, file_sha256, gone_reason, iter_line_blocks
 from pipelines.criteo.schema import tables
@@ -309,10 +310,13 @@ def _check_drops(drop: Sequence[str], files: list[RawFile], held: set[str], drop
 
 
 def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
-          unconfirmed: dict[str, str] | None = None) -> tuple[list[RawFile], list[FileResult], dict[str, str]]:
+          unconfirmed: dict[str, str] | None = None,
+          max_share: float = 1.0) -> tuple[list[RawFile], list[FileResult], dict[str, str]]:
     """(files to ingest, results of the files skipped, a note per file to ingest that replaces
     rows of an earlier batch: why). A file the ledger has as ingested is ingested again when its
-    source is in ``unconfirmed`` (:func:`unconfirmed_sources`)."""
+    source is in ``unconfirmed`` (:func:`unconfirmed_sources`). A skipped file the ledger has
+    with more than ``max_share`` of its lines quarantined (ingested before the share was
+    checked) is skipped with a warning and the remedy."""
     todo: list[RawFile] = []
     results: list[FileResult] = []
     notes: dict[str, str] = {}
@@ -345,9 +349,17 @@ def _plan(files: list[RawFile], current: dict[str, dict], force: bool,
             notes[f.source] = replaces_unconfirmed
             todo.append(f)
         elif same and not force:
+            note = f"already ingested in batch {prev['ingest_batch']}"
+            lines, rejected = prev["lines"] or 0, prev["rows_rejected"] or 0
+            # every line quarantined: ingested before max_rejected_share was checked (the ledger
+            # has no reasons, so a file with a few good lines among many empty ones is not named)
+            if not prev["rows_ok"] and rejected > max_share * lines:
+                note += (f", with every one of its {lines:,} lines quarantined (over "
+                         f"criteo.ingest.max_rejected_share={max_share:g}): `bigopt quarantine --source {f.source}` "
+                         "says why; fix the file and ingest it again with --force")
+                log.warning("%s: %s", f.path, note)
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "skipped",
-                                      prev["lines"], prev["rows_ok"], prev["rows_rejected"], prev["sha256"],
-                                      f"already ingested in batch {prev['ingest_batch']}"))
+                                      prev["lines"], prev["rows_ok"], prev["rows_rejected"], prev["sha256"], note))
         elif same_as is not None:
             results.append(FileResult(f.path, f.source, f.day, f.labeled, f.size, "duplicate",
                                       note=f"{same_as} as {twin['path']} ({twin.get('when', 'already ingested')}); "
@@ -472,8 +484,8 @@ def run_item(item: tuple[str, object], bronze_tw, quarantine_tw, batch_id: str, 
                 bw.write(b, (c.day, c.source))
             if rejects:
                 reasons.update(reason for _, reason, _ in rejects)
-                if first_reject is None:
-                    first_reject = bytes(rejects[0][0][:preview])
+                if first_reject is None:  # an example of what is wrong: an empty line shows nothing
+                    first_reject = next((bytes(raw[:preview]) for raw, why, _ in rejects if why != EMPTY_LINE), None)
                 for b in _rejects_batch(rejects, preview, batch_id).to_batches():
                     qw.write(b, (c.day, c.source))
         return {"kind": "chunk", "path": c.path, "start": c.start, "lines": lines, "ok": ok,
@@ -555,7 +567,6 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
             abort_write(qtw)
             (bv,) = commit_writes([(btw, b_adds, info)])
             qv, rejected = None, {}
-    per_file = {p: d for p, d in per_file.items() if p not in unreadable}
     return per_file, bad, bv, qv, qtw.read_version if qv is None else qv, rejected
 
 
@@ -580,8 +591,16 @@ def _per_file(group: list[RawFile], results: list[dict]) -> dict[str, dict]:
     return per_file
 
 
+def _parsed_counts(d: dict | None) -> dict:
+    """A failed file's FileResult counts from its tasks' results (none where it was not read)."""
+    if not d or not d["lines"]:
+        return {}
+    return {"lines": d["lines"], "rows_ok": d["ok"], "rows_rejected": d["rejected"],
+            "reasons": dict(d["reasons"].most_common())}
+
+
 def mostly_rejected(per_file: Mapping[str, dict], max_share: float) -> list[tuple[str, str]]:
-    """``(path, why)`` of each file more than ``max_share`` of whose lines were rejected: not
+    """``(path, why)`` of each file more than ``max_share`` of whose lines (empty ones aside) were rejected: not
     Criteo's raw format, or not the format its name says (a TAB ending every line, CR line
     ends, UTF-16 without a byte order mark), which quarantining every line and recording the
     file as ingested lost without an error (a re-run then skipped it). Nothing of such a file
@@ -589,7 +608,14 @@ def mostly_rejected(per_file: Mapping[str, dict], max_share: float) -> list[tupl
     from pipelines.criteo.raw_files import why_mostly_rejected
 
     return [(p, why_mostly_rejected(d["lines"], d["rejected"], d["reasons"], d["first_reject"], max_share))
-            for p, d in per_file.items() if d["rejected"] > max_share * d["lines"]]
+            for p, d in per_file.items() if too_many_rejected(d["lines"], d["rejected"], d["reasons"], max_share)]
+
+
+def too_many_rejected(lines: int, rejected: int, reasons: Mapping[str, int], max_share: float) -> bool:
+    """More than ``max_share`` of the lines with content rejected: empty lines, which hold no
+    row to lose (a double-spaced file, a file of one newline), count on neither side."""
+    empty = reasons.get(EMPTY_LINE, 0)
+    return rejected - empty > max_share * (lines - empty)
 
 
 def _commit_failed(e: OSError, n_files: int, stays: list[tuple[str, int | None]], paths: dict,
@@ -688,7 +714,7 @@ def ingest(
     # a source being dropped is no file's earlier copy: a day renamed, its old name dropped in
     # the same run, is ingested under the new one without --force
     todo, report.files, notes = _plan(files, {s: r for s, r in current.items() if s not in drop_sources}, force,
-                                      unconfirmed)
+                                      unconfirmed, max_share=ing.max_rejected_share)
     named = {f.source for f in files} | set(drop_sources)
     others = {s: r for s, r in current.items() if s not in named}
     missing = raw_inputs.gone([r["path"] for r in others.values()])  # a listing per folder, not a request per file
@@ -741,9 +767,12 @@ def ingest(
         except TableWriteError as e:
             raise _commit_failed(e, len(group), e.stays, paths, report.ingested) from e
         problems += bad
-        report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed", note=why)
+        failed = {p for p, _ in bad}
+        # a file whose lines were parsed (mostly bad) shows its counts; nothing of it was committed
+        report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed",
+                                    **_parsed_counts(per_file.get(f.path)), note=why)
                          for f in group for p, why in bad if p == f.path]
-        group = [f for f in group if f.path in per_file]
+        group = [f for f in group if f.path in per_file and f.path not in failed]
         if not group:
             continue
         sources = [f.source for f in group]

@@ -53,6 +53,7 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 Reject = tuple[bytes, str, int]
 NO_VALUES = "no values (every field empty)"  # a line of only TABs in an unlabelled file
+EMPTY_LINE = "empty line"
 
 
 def _names(labeled: bool) -> list[str]:
@@ -198,7 +199,7 @@ def _parse_line(raw: bytes, labeled: bool) -> tuple[dict | None, str | None, int
     except UnicodeDecodeError:
         return None, "undecodable bytes (not UTF-8)", n
     if not text:
-        return None, "empty line", n
+        return None, EMPTY_LINE, n
     if n > expected:
         return None, f"too many fields (expected {expected}, got {n})", n
     parts = text.split("\t")

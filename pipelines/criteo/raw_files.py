@@ -139,8 +139,9 @@ def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence
     forty = [ln.rstrip(b"\r") for ln in lines if ln.count(b"\t") + 1 == LABELED_FIELDS]
     odd = len(forty)
     labels = sum(f in (b"0", b"1") for f in firsts)
-    if odd >= 3 and 10 * sum(ln.endswith(b"\t") for ln in forty) >= 9 * odd:
+    if odd >= 3 and 10 * sum(ln.endswith(b"\t") for ln in forty) >= 9 * odd and 10 * labels < 9 * n:
         # a test file whose every line ends with a TAB: one empty field too many, not a label
+        # (where nearly every line starts with 0/1, it is a labelled file whose C26 is empty)
         return (f"{odd} of its first {n} lines have 40 fields, the last of them empty: each line ends with a TAB "
                 "too many (an export artefact); strip it (sed 's/\\t$//' FILE > FIXED), or every row would be "
                 "quarantined or shifted by one column")
@@ -156,19 +157,26 @@ def why_mostly_rejected(lines: int, rejected: int, reasons: Mapping[str, int], f
     """Why a file more than ``max_share`` of whose ``lines`` were rejected is not ingested: the
     counts, its main reasons, its first rejected line (escaped) and, where that line shows
     it, the usual cause and its fix."""
-    top = "; ".join(f"{n:,} {r}" for r, n in Counter(reasons).most_common(3))
+    counted = Counter(reasons)
+    top = "; ".join(f"{n:,} {r}" for r, n in counted.most_common(3))
+    main_reason = next((r for r, _ in counted.most_common() if r != "empty line"), "")
+    empty = counted.get("empty line", 0)
     first = first or b""
     shown = first if len(first) <= 160 else first[:120] + b" ... " + first[-24:]
-    hints = (  # (the first bad line shows it, the cause and its fix)
+    one_too_many = re.fullmatch(r"too many fields \(expected (\d+), got (\d+)\)", main_reason)
+    hints = (  # (what the first bad line or the main reason shows, the cause and its fix)
+        (first.endswith(b"\r"), "a CR before each line's end too many (CR CR LF): tr -d '\\r' < FILE > FIXED"),
         (b"\r" in first, "its lines end in CR alone (classic Mac line ends): tr '\\r' '\\n' < FILE > FIXED"),
         (b"\x00" in first, "NUL bytes: UTF-16 text without a byte order mark? iconv -f UTF-16LE -t UTF-8 FILE > FIXED"),
-        (first.endswith(b"\t") and any(r.startswith("too many fields") for r in reasons),
-         "each line ends with a TAB too many: sed 's/\\t$//' FILE > FIXED"),
+        (bool(one_too_many) and int(one_too_many[2]) == int(one_too_many[1]) + 1,
+         "one field too many on most lines: does each end with a TAB? sed 's/\\t$//' FILE > FIXED"),
         (bool(re.match(rb"[01]\.0*\t", first)), "labels written as 0.0/1.0: a label is 0 or 1"),
-        (any(r.startswith("undecodable") for r in reasons), "not UTF-8: iconv -f ITS_ENCODING -t UTF-8 FILE > FIXED"),
+        (main_reason.startswith("undecodable"), "not UTF-8: iconv -f ITS_ENCODING -t UTF-8 FILE > FIXED"),
     )
     hint = next((f"; {h}" for shown_by, h in hints if shown_by), "")
-    return (f"{rejected:,} of its {lines:,} lines are bad (more than criteo.ingest.max_rejected_share={max_share:g}): "
+    besides = f", besides {empty:,} empty lines" if empty else ""
+    return (f"{rejected - empty:,} of its {lines - empty:,} lines are bad{besides} (more than "
+            f"criteo.ingest.max_rejected_share={max_share:g}): "
             f"{top}; the first: {shown.decode('utf-8', 'backslashreplace')!r}{hint}. It is not in Criteo's raw format "
             "(TAB-separated, LF or CR LF line ends, UTF-8), or not in the kind its name says")
 

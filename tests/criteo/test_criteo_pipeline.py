@@ -1000,13 +1000,16 @@ def test_a_file_whose_lines_are_mostly_bad_is_not_ingested_and_says_why(spark, t
     assert sorted(why) == ["day_1", "day_2", "day_3", "day_4"]
     assert why["day_1"].startswith("300 of its 300 lines are bad (more than criteo.ingest.max_rejected_share=0.5): "
                                    "300 too many fields (expected 40, got 41); the first: '0\\t0\\t4")
-    assert "each line ends with a TAB too many: sed 's/\\t$//' FILE > FIXED" in why["day_1"]
+    assert "one field too many on most lines: does each end with a TAB? sed 's/\\t$//' FILE > FIXED" in why["day_1"]
     assert why["day_2"].startswith("1 of its 1 lines are bad") and "tr '\\r' '\\n'" in why["day_2"]
     assert "iconv -f UTF-16LE -t UTF-8" in why["day_3"]
     assert "300 label not 0/1" in why["day_4"] and "labels written as 0.0/1.0" in why["day_4"]
-    assert {f.source: (f.status, f.rows_ok, f.rows_rejected) for f in e.value.report.files} == {
-        "day_0": ("ingested", 300, 0), "day_1": ("failed", 0, 0), "day_2": ("failed", 0, 0),
-        "day_3": ("failed", 0, 0), "day_4": ("failed", 0, 0), "day_5": ("ingested", 150, 149)}
+    # a failed file's counts are shown (the attack probe: they were 0 0 0), nothing of it committed
+    # (UTF-16: the NUL after the last newline is one more line)
+    assert {f.source: (f.status, f.lines, f.rows_ok, f.rows_rejected) for f in e.value.report.files} == {
+        "day_0": ("ingested", 300, 300, 0), "day_1": ("failed", 300, 0, 300), "day_2": ("failed", 1, 0, 1),
+        "day_3": ("failed", 301, 0, 301), "day_4": ("failed", 300, 0, 300), "day_5": ("ingested", 299, 150, 149)}
+    assert e.value.report.rows_in == 599
     t = _bronze(cfg)
     assert rows_by_source_now(t["bronze"]) == {"day_0": 300, "day_5": 150}
     assert rows_by_source_now(t["quarantine"]) == {"day_5": 149}
@@ -1025,10 +1028,21 @@ def test_a_file_whose_lines_are_mostly_bad_is_not_ingested_and_says_why(spark, t
         (raw / d).unlink()
     assert main(["ingest", *conf]) == 0
     assert rows_by_source_now(t["bronze"]) == {"day_0": 300, "day_1": 300, "day_5": 150}
-    # 1: the share is off, every line of such a file quarantined as before
+    # 1: the share is off, every line of such a file quarantined as before; a later run skips it
+    # with a warning and the remedy (as it does a file the code before the share "ingested")
     (raw / "day_6").write_text("\n".join(r + "\t" for r in rows) + "\n")
     assert main(["ingest", *conf, "criteo.ingest.max_rejected_share=1"]) == 0
     assert rows_by_source_now(t["quarantine"]) == {"day_5": 149, "day_6": 300}
+    capsys.readouterr()
+    assert main(["ingest", *conf]) == 0
+    out = capsys.readouterr().out
+    assert ("already ingested in batch" in out and "with every one of its 300 lines quarantined" in out
+            and "ingest it again with --force" in out), out
+    # empty lines hold no row to lose: a double-spaced file, and a file of one newline, go in
+    (raw / "day_7").write_text("\n\n\n".join(other) + "\n")
+    (raw / "day_8").write_text("\n")
+    assert main(["ingest", *conf]) == 0
+    assert rows_by_source_now(t["bronze"])["day_7"] == 300 and rows_by_source_now(t["quarantine"])["day_7"] == 598
     shutil.rmtree(raw)
 
 
@@ -1053,6 +1067,11 @@ def test_control_characters_in_file_names_are_shown_not_obeyed(spark, tmp_path, 
         assert main(["quarantine", *conf]) == 0
     out = capsys.readouterr().out
     assert "day_7␛[31mred" in out and "day_8␊evil" in out and "\x1b" not in out and "\nevil" not in out, out
+    # and in the error line of a file that fails (it said "day_9bad", a name that is not there)
+    (raw / "day_9\x1b[31mbad").write_text("1\tbad\n" * 3)
+    assert main(["ingest", *conf]) == 1
+    err = capsys.readouterr().err
+    assert "day_9␛[31mbad: 3 of its 3 lines are bad" in err and "\x1b[31mbad" not in err, err
 
 
 def test_corrupt_gzip_fails_clearly_and_commits_nothing_for_it(spark, tmp_path, capsys):
@@ -1461,11 +1480,15 @@ def test_a_file_whose_lines_contradict_its_name_fails_up_front(tmp_path):
     # a test file with a TAB ending every line: 40 fields, the last empty. Until the twenty-
     # seventh session it was told to rename itself, and renamed it went in shifted by a column
     (raw / "test_7.txt").write_text(test_rows.replace("\n", "\t\n"))
+    (raw / "latest_9.txt").write_text(labelled_rows.replace(cats + "\n", cats.rsplit("\t", 1)[0] + "\t\n"))
     cfg = _cfg(tmp_path)
     with pytest.raises(CorruptInputError) as e:
         ingest(lambda: pytest.fail("ingest started Spark for files it cannot read"), cfg)
     got = {Path(p).name: why for p, why in e.value.problems}
-    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz", "notes.txt", "test_7.txt"}
+    assert set(got) == {"day_0", "test_2.txt", "latest.txt", "day_5", "day_8.gz", "notes.txt", "test_7.txt",
+                        "latest_9.txt"}
+    # a labelled file (0/1 first on every line) whose C26 is empty: renamed, not stripped
+    assert "rename it or change criteo.ingest.unlabeled_globs" in got["latest_9.txt"], got["latest_9.txt"]
     assert got["test_7.txt"].startswith("10 of its first 10 lines have 40 fields, the last of them empty: each line "
                                         "ends with a TAB too many (an export artefact); strip it (sed 's/\\t$//'")
     assert got["notes.txt"].startswith("4 of its first 4 lines are text, not rows: fewer than 14 fields (a Criteo "
