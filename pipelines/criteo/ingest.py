@@ -550,7 +550,7 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
         if not good:
             abort_write(btw)
             abort_write(qtw)
-            return {}, bad, None, None, None, {}
+            return per_file, bad, None, None, None, {}
         dropped = [r for r in results if r["path"] in unreadable and r["kind"] == "chunk"]
         for tw, table in ((btw, "bronze"), (qtw, "quarantine")):  # a bad file's other chunks: nothing of it
             discard_adds(tw, [a for r in dropped for a in r[table]])

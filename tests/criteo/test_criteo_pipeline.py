@@ -1046,6 +1046,20 @@ def test_a_file_whose_lines_are_mostly_bad_is_not_ingested_and_says_why(spark, t
     shutil.rmtree(raw)
 
 
+def test_a_mostly_bad_file_alone_in_its_group_shows_its_counts(spark, tmp_path):
+    """A mostly-bad file in a group of its own (files_per_commit=1) shows its counts as one in
+    a group with good files does (the review: it showed 0 0 0 there)."""
+    from pipelines.criteo.ingest import CorruptInputError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "day_0").write_text("1\tbad\n" * 4 + "1\t2\n")
+    with pytest.raises(CorruptInputError) as e:
+        ingest(spark, _cfg(tmp_path, ingest={"files_per_commit": 1}))
+    (f,) = e.value.report.files
+    assert (f.status, f.lines, f.rows_ok, f.rows_rejected) == ("failed", 5, 1, 4)
+
+
 def test_control_characters_in_file_names_are_shown_not_obeyed(spark, tmp_path, capsys, spark_forbidden):
     """A file name holding an escape sequence or a newline is printed with its control
     characters as pictures by `bigopt ingest` and `bigopt quarantine`, as quarantined lines
