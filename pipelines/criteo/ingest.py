@@ -514,8 +514,8 @@ def _commit_group(spark, group: list[RawFile], paths: dict, batch_id: str, info:
     the driver then commits bronze and quarantine, each as ONE transaction replacing the
     ``source`` partitions of the group's readable files. A file found unreadable (a damaged
     gzip) gets nothing committed: its chunks' files are deleted and its partitions are left
-    as they were. Returns (per-file results of the readable files, the unreadable ones as
-    ``(path, why)``, bronze version, quarantine version (None where nothing was committed),
+    as they were. Returns (per-file results of the group's files, those of the files not
+    committed too (a mostly-bad file's counts), the files not committed as ``(path, why)``, bronze version, quarantine version (None where nothing was committed),
     the quarantine version holding the readable files' rejects (the one read where nothing was
     committed: it has none of theirs), the quarantine's rows per readable source there, from
     the log)."""
@@ -605,17 +605,10 @@ def mostly_rejected(per_file: Mapping[str, dict], max_share: float) -> list[tupl
     ends, UTF-16 without a byte order mark), which quarantining every line and recording the
     file as ingested lost without an error (a re-run then skipped it). Nothing of such a file
     is committed."""
-    from pipelines.criteo.raw_files import why_mostly_rejected
+    from pipelines.criteo.raw_files import too_many_rejected, why_mostly_rejected
 
     return [(p, why_mostly_rejected(d["lines"], d["rejected"], d["reasons"], d["first_reject"], max_share))
             for p, d in per_file.items() if too_many_rejected(d["lines"], d["rejected"], d["reasons"], max_share)]
-
-
-def too_many_rejected(lines: int, rejected: int, reasons: Mapping[str, int], max_share: float) -> bool:
-    """More than ``max_share`` of the lines with content rejected: empty lines, which hold no
-    row to lose (a double-spaced file, a file of one newline), count on neither side."""
-    empty = reasons.get(EMPTY_LINE, 0)
-    return rejected - empty > max_share * (lines - empty)
 
 
 def _commit_failed(e: OSError, n_files: int, stays: list[tuple[str, int | None]], paths: dict,
@@ -772,7 +765,7 @@ def ingest(
         report.files += [FileResult(f.path, f.source, f.day, f.labeled, f.size, "failed",
                                     **_parsed_counts(per_file.get(f.path)), note=why)
                          for f in group for p, why in bad if p == f.path]
-        group = [f for f in group if f.path in per_file and f.path not in failed]
+        group = [f for f in group if f.path not in failed]
         if not group:
             continue
         sources = [f.source for f in group]

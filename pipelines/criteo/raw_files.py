@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from pipelines import raw_inputs
 from pipelines.criteo.bronze import BRONZE_SCHEMA
+from pipelines.criteo.parse import EMPTY_LINE
 from pipelines.criteo.raw_lines import BOM, GZIP_MAGIC
 from pipelines.criteo.schema import LABELED_FIELDS, UNLABELED_FIELDS
 
@@ -152,6 +153,13 @@ def _label_conflict(lines: list[bytes], labeled: bool, unlabeled_globs: Sequence
     return why if odd >= 3 and (2 * odd > n or 10 * labels >= 9 * n) else None
 
 
+def too_many_rejected(lines: int, rejected: int, reasons: Mapping[str, int], max_share: float) -> bool:
+    """More than ``max_share`` of the lines with content rejected: empty lines, which hold no
+    row to lose (a double-spaced file, a file of one newline), count on neither side."""
+    empty = reasons.get(EMPTY_LINE, 0)
+    return rejected - empty > max_share * (lines - empty)
+
+
 def why_mostly_rejected(lines: int, rejected: int, reasons: Mapping[str, int], first: bytes | None,
                         max_share: float) -> str:
     """Why a file more than ``max_share`` of whose ``lines`` were rejected is not ingested: the
@@ -159,8 +167,8 @@ def why_mostly_rejected(lines: int, rejected: int, reasons: Mapping[str, int], f
     it, the usual cause and its fix."""
     counted = Counter(reasons)
     top = "; ".join(f"{n:,} {r}" for r, n in counted.most_common(3))
-    main_reason = next((r for r, _ in counted.most_common() if r != "empty line"), "")
-    empty = counted.get("empty line", 0)
+    main_reason = next((r for r, _ in counted.most_common() if r != EMPTY_LINE), "")
+    empty = counted.get(EMPTY_LINE, 0)
     first = first or b""
     shown = first if len(first) <= 160 else first[:120] + b" ... " + first[-24:]
     one_too_many = re.fullmatch(r"too many fields \(expected (\d+), got (\d+)\)", main_reason)
