@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -97,22 +98,25 @@ def plan_split(cfg, view: BronzeView, warn: bool = True) -> SplitPlan:
     if not set(days) - set(test) - set(valid):
         raise FeaturizeError(f"split: no training day left (days {days}, test {test}, valid {valid})")
     if warn:
-        _warn_day_layout(view.version, days, test, valid)
-        undated = [s for s in view.labeled_sources if view.sources[s]["day"] < 0]
-        if undated:  # until the twenty-seventh session they went to train without a word (featurize probe)
-            log.warning("split: %d labelled file(s) have no day in their name (criteo.ingest.day_regex), so a day "
-                        "split puts their %s rows in train: %s%s", len(undated),
-                        f"{sum(view.sources[s]['rows'] for s in undated):,}", ", ".join(undated[:5]),
-                        f" and {len(undated) - 5} more" if len(undated) > 5 else "")
+        undated = {s: view.sources[s]["rows"] for s in view.labeled_sources if view.sources[s]["day"] < 0}
+        _warn_day_layout(view.version, days, test, valid, undated)
     return SplitPlan("day", test, valid)
 
 
-def _warn_day_layout(version: int, days: list[int], test: list[int], valid: list[int]) -> None:
+def _warn_day_layout(version: int, days: list[int], test: list[int], valid: list[int],
+                     undated: Mapping[str, int]) -> None:
     """Legal splits that are seldom meant: a day missing among bronze's days (a delivery that
     has not arrived, or a day all quarantined), and training days later than a test day (the
     model learns from the days it is tested before: the 1TB protocol trains on the past), and
     validation days earlier than a training day (the model is then chosen on days it trains
-    after: valid AUC overstates what the test days will show)."""
+    after: valid AUC overstates what the test days will show), and labelled files without a day
+    (``undated``: source -> rows), which go to train (until the twenty-seventh session without
+    a word: the featurize probe)."""
+    if undated:
+        names = sorted(undated)
+        log.warning("split: %d labelled file(s) have no day in their name (criteo.ingest.day_regex), so a day split "
+                    "puts their %s rows in train: %s%s", len(names), f"{sum(undated.values()):,}",
+                    ", ".join(names[:5]), f" and {len(names) - 5} more" if len(names) > 5 else "")
     if gaps := sorted(set(range(min(days), max(days) + 1)) - set(days)):
         log.warning("split: bronze v%s has no labelled rows of day(s) %s (its days: %s): a day not delivered yet, "
                     "or all its lines quarantined? gold is built without it", version, day_spans(gaps),
