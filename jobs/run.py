@@ -67,12 +67,10 @@ def generate_replacing(cfg) -> tuple[list[str], list[str]]:
     ``source`` keys) an earlier generate wrote there and this one did not, which it removed:
     their rows, ingested before, are dropped from bronze, or featurize would still take them
     (with ``criteo.generate.days`` 3 -> 2 the test split stayed the removed ``day_2``)."""
-    from pipelines.criteo.generate import generate, read_manifest
+    from pipelines.criteo.generate import generate, manifest_files
     from pipelines.lake.fs import normalize_uri
 
-    raw = Path(normalize_uri(cfg.criteo.raw_dir))
-    earlier = {os.path.basename(f["path"]) for f in (read_manifest(raw) or {}).get("files", [])
-               if isinstance(f, dict) and isinstance(f.get("path"), str)}
+    earlier = manifest_files(Path(normalize_uri(cfg.criteo.raw_dir)))
     files = generate(cfg)
     return files, sorted(earlier - {os.path.basename(p) for p in files})
 

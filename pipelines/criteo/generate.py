@@ -283,8 +283,9 @@ def generate_files(cfg, progress: Callable[[str, int], None] | None = None,
     exps = tuple(gen.zipf_exponent + 0.08 * ((j * 7) % 5 - 2) for j in range(NUM_SPARSE))
     intercept = _calibrate_intercept(gen.seed, cards, exps, gen.positive_rate)
     files = plan_files(gen)
+    earlier = manifest_files(out_dir)  # an earlier generate's files here: generated over, or removed
     if not overwrite:
-        _check_no_foreign_files(out_dir, [name for name, _r, _l in files])
+        _check_no_foreign_files(out_dir, [name for name, _r, _l in files], earlier)
     specs: list[tuple[int, _Spec]] = []
     for fi, (_name, rows, labeled) in enumerate(files):
         file_key = 1_000_000 if not labeled else fi
@@ -324,7 +325,7 @@ def generate_files(cfg, progress: Callable[[str, int], None] | None = None,
         "generator": "bigopt.criteo", "seed": gen.seed, "config": gen.model_dump(), "intercept": intercept,
         "cardinalities": list(cards), "files": [r.__dict__ | {"path": os.path.basename(r.path)} for r in results],
     }
-    _remove_earlier_output(out_dir, {os.path.basename(r.path) for r in results})
+    _remove_earlier_output(out_dir, earlier - {os.path.basename(r.path) for r in results})
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return results
 
@@ -341,12 +342,16 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     return manifest if ok else None
 
 
-def _check_no_foreign_files(out_dir: Path, names: list[str]) -> None:
-    """Refuse to replace files no generate wrote: until the twenty-seventh session generate
-    replaced a real ``day_0`` or ``train.txt`` in its folder without a word (the generator
-    probe), although it keeps every other file no generate wrote."""
-    ours = {os.path.basename(str(f.get("path"))) for f in (read_manifest(out_dir) or {}).get("files", [])
-            if isinstance(f, dict)}
+def manifest_files(out_dir: Path) -> set[str]:
+    """The file names the ``_generated.json`` an earlier generate left in ``out_dir`` lists."""
+    return {os.path.basename(f["path"]) for f in (read_manifest(out_dir) or {}).get("files", [])
+            if isinstance(f, dict) and isinstance(f.get("path"), str)}
+
+
+def _check_no_foreign_files(out_dir: Path, names: list[str], ours: set[str]) -> None:
+    """Refuse to replace files no generate wrote (``ours``: those an earlier one did): until the
+    twenty-seventh session generate replaced a real ``day_0`` or ``train.txt`` in its folder
+    without a word (the generator probe), although it keeps every other file no generate wrote."""
     foreign = [n for n in names if n not in ours and os.path.lexists(out_dir / n)]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -356,13 +361,12 @@ def _check_no_foreign_files(out_dir: Path, names: list[str]) -> None:
             "generate into another folder (--out, criteo.raw_dir), move those files, or pass --overwrite")
 
 
-def _remove_earlier_output(out_dir: Path, written: set[str]) -> None:
-    """Delete the files an earlier generate wrote here (its ``_generated.json`` lists them)
-    that this one did not write again: left in place, ingest would take their rows along with
-    the new files' (``day_0`` beside a new ``day_0.gz``). Files no manifest names are kept."""
-    earlier = (read_manifest(out_dir) or {}).get("files", [])
-    for name in sorted({f.get("path") for f in earlier if isinstance(f, dict)} - written - {None}):
-        stale = out_dir / os.path.basename(name)
+def _remove_earlier_output(out_dir: Path, names: set[str]) -> None:
+    """Delete ``names``: files an earlier generate wrote here (its ``_generated.json`` lists
+    them) that this one did not write again: left in place, ingest would take their rows along
+    with the new files' (``day_0`` beside a new ``day_0.gz``). Files no manifest names are kept."""
+    for name in sorted(names):
+        stale = out_dir / name
         if stale.is_file():
             stale.unlink()
             log.info("removed %s: an earlier generate's file this one did not write", stale)
