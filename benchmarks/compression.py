@@ -457,7 +457,7 @@ def _figure(rows: list[dict[str, Any]]):
 
 def log_mlflow(args, rows, results, meta, table_md: str) -> tuple[str, str]:
     from jobs.config import load_config
-    from training.tracking import _client, end_run, library_versions, source_tags, start_run
+    from training.tracking import _client, end_run, failed_on_error, library_versions, source_tags, start_run
 
     cfg = load_config(None, [f"tracking.experiment={args.experiment}",
                              f"run.name=compression-{'quick' if args.quick else 'full'}"])
@@ -468,7 +468,7 @@ def log_mlflow(args, rows, results, meta, table_md: str) -> tuple[str, str]:
     params.update({f"lib.{k}": v for k, v in library_versions().items()})
     uri, run_id = start_run(cfg, params, {"bigopt.benchmark": "compression", **source_tags(params)})
     client = _client(uri)
-    try:
+    with failed_on_error(uri, run_id):  # KILLED on a stop, FAILED on an error
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
@@ -490,9 +490,6 @@ def log_mlflow(args, rows, results, meta, table_md: str) -> tuple[str, str]:
             import matplotlib.pyplot as plt
 
             plt.close(fig)
-    except BaseException:
-        end_run(uri, run_id, "FAILED")
-        raise
     end_run(uri, run_id, "FINISHED")
     return uri, run_id
 

@@ -183,7 +183,7 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
                                 resume_step=head.get("step") if resume else None)
         log.info("MLflow run %s (%s)", run_id, uri)
 
-    # from here on the MLflow run is open: whatever stops the command marks it FAILED
+    # from here on the MLflow run is open: whatever stops the command ends it (KILLED or FAILED)
     with failed_on_error(uri, run_id) if uri and run_id else contextlib.nullcontext():
         if not resume and (old := list_checkpoints(ckpt_dir)):  # once the settings, data and run are known
             # good: a refused command (a bad setting, an unreachable tracking store) must not

@@ -290,11 +290,17 @@ def start_run(cfg, params: Mapping[str, Any], tags: Mapping[str, str] | None = N
 
 @contextlib.contextmanager
 def failed_on_error(uri: str, run_id: str):
-    """The run exists (RUNNING): whatever stops the block marks it FAILED, not left RUNNING."""
+    """The run exists (RUNNING): whatever stops the block ends it, never left RUNNING. A stop
+    (Ctrl-C, or SIGTERM: how Airflow stops a task) marks it KILLED, MLflow's status for a run
+    its user stopped; any other error FAILED. Until the twenty-eighth session a stop marked it
+    FAILED too, so the MLflow UI and ``bigopt compare`` showed a run stopped on purpose, which
+    ``--resume`` continues, as one that broke."""
+    from pipelines.stopping import stop_behind
+
     try:
         yield
-    except BaseException:
-        end_run(uri, run_id, "FAILED")
+    except BaseException as e:
+        end_run(uri, run_id, "KILLED" if stop_behind(e) is not None else "FAILED")
         raise
 
 

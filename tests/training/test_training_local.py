@@ -307,6 +307,49 @@ def test_run_stopped_while_training_keeps_its_checkpoints_and_its_resume_continu
         "bigopt run: stopped by Ctrl-C; what it had not committed was removed")
 
 
+def test_a_stopped_run_is_killed_in_mlflow_and_a_broken_one_failed(synth_gold, tmp_path, capsys, monkeypatch):
+    """A run stopped by SIGTERM (how Airflow stops a task) or Ctrl-C was marked FAILED in MLflow,
+    like a crash: the UI and `bigopt compare` ("1 failed") could not tell a run its user stopped,
+    which --resume continues, from one that broke. It is KILLED now; --resume takes it to
+    FINISHED, and an error still marks a run FAILED."""
+    from mlflow import MlflowClient
+
+    from jobs.cli import Terminated, main
+    from train_helpers import fresh_store
+
+    store = fresh_store(tmp_path)
+    client = MlflowClient(store[0])
+
+    def train(where, *flags: str) -> list[str]:
+        return ["train", *train_overrides(synth_gold, where, "train.max_steps=20", "train.checkpoint_every=10",
+                                          "tracking.log_model=false", tracking=store), *flags, "--local"]
+
+    def statuses() -> list[str]:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        return [r.info.status for r in client.search_runs(ids, order_by=["attribute.start_time ASC"])]
+
+    _stop_at_batch(monkeypatch, 13, Terminated)  # after the step-10 checkpoint
+    assert main(train(tmp_path / "a")) == 143
+    assert statuses() == ["KILLED"]
+    assert main(train(tmp_path / "a", "--resume")) == 0
+    assert statuses() == ["FINISHED"]
+
+    _stop_at_batch(monkeypatch, 3, KeyboardInterrupt)
+    assert main(train(tmp_path / "b")) == 130
+    assert statuses() == ["FINISHED", "KILLED"]
+
+    import training.loop
+
+    def broken(*a, **k):
+        raise RuntimeError("a broken batch")
+
+    monkeypatch.setattr(training.loop, "batch_to_inputs", broken)
+    with pytest.raises(RuntimeError, match="a broken batch"):  # in-process (--local): raised as it is
+        main(train(tmp_path / "c"))
+    assert statuses() == ["FINISHED", "KILLED", "FAILED"]
+    capsys.readouterr()
+
+
 def test_compression_hook_in_process(synth_gold, tmp_path, mlflow_store):
     """compression.name != none: plain optimizer + GradientCommunicator, bytes accounted."""
     cfg = train_cfg(synth_gold, tmp_path, "train.max_steps=20", "train.compression.name=topk",
