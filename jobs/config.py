@@ -117,17 +117,67 @@ def _deep_merge(base: dict, top: Mapping) -> dict:
     return out
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# YAML 1.2's core schema for numbers (with 1.1's ``_`` digit separators kept: ``1_000_000``).
+# PyYAML reads YAML 1.1: a leading zero is octal (``010`` is 8), ``1:30`` is base 60 (90), and
+# a float wants a dot (``1e-8`` was the text '1e-8'). 1.2 reads 10, the text '1:30' (refused by a
+# number setting) and 1e-08, as JSON and a user would.
+_INT_12 = re.compile(r"^[-+]?[0-9][0-9_]*$|^0x[0-9a-fA-F_]+$|^0o[0-7_]+$")
+_FLOAT_12 = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$
+                          |^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$
+                          |^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$""", re.X)
+
+
+def _yaml_12_numbers(cls: type) -> type:
+    """``cls`` (a PyYAML loader or dumper class) resolving plain numbers by :data:`_INT_12` and
+    :data:`_FLOAT_12` instead of YAML 1.1's rules. A dumper with the same rules quotes exactly
+    the strings the loader would read as numbers, so what ``bigopt config`` prints loads back
+    the same: ``run.name: 1e5`` (text) was printed plain and read back as the float 100000.0."""
+    cls.yaml_implicit_resolvers = {ch: [(tag, rx) for tag, rx in rules if tag not in (_INT, _FLOAT)]
+                                   for ch, rules in cls.yaml_implicit_resolvers.items()}
+    cls.add_implicit_resolver(_INT, _INT_12, list("-+0123456789"))
+    cls.add_implicit_resolver(_FLOAT, _FLOAT_12, list("-+0123456789."))
+    return cls
+
+
+@_yaml_12_numbers
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, with YAML 1.2's floats: 1.1 wants a dot, so ``1e-8`` was the text
-    '1e-8' - harmless in a typed setting (pydantic reads it), but passed on as text in the
-    free-form ones (``train.optimizer_params: {eps: 1e-8}``), where the optimizer refused it."""
+    """PyYAML's safe loader with YAML 1.2's numbers (:func:`_yaml_12_numbers`), refusing a key
+    given twice in one mapping. PyYAML keeps the last one silently: a second ``train:`` section
+    further down a file replaced the first, whose settings were lost (defaults ran instead)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys are meant to be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first at line {first.line + 1}): a key is given once per mapping",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node) -> int:
+        """An integer by :data:`_INT_12`: decimal whatever its leading zeros, ``0x`` hex, ``0o`` octal."""
+        text = self.construct_scalar(node).replace("_", "")
+        sign, text = (-1 if text[0] == "-" else 1), text.lstrip("+-")
+        base = {"0x": 16, "0o": 8}.get(text[:2].lower(), 10)
+        return sign * int(text[2:] if base != 10 else text, base)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_Loader.add_constructor(_INT, _Loader.construct_yaml_int)
+
+
+@_yaml_12_numbers
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting the strings :class:`_Loader` reads as numbers."""
 
 
 def _yaml(text: str) -> Any:
@@ -183,7 +233,10 @@ def _read_yaml(path: Path, including: tuple[Path, ...] = ()) -> dict:
     for rel in incs or []:  # a path may use ${ENV_VAR} as any string setting may
         rel = Path(os.path.expanduser(_interpolate(rel, f"{path}: include")))
         # each include over the ones before it, as a later override over an earlier one
-        base = _deep_merge(base, _read_yaml((path.parent / rel).resolve(), (*including, path.resolve())))
+        included = (path.parent / rel).resolve()
+        if not included.exists():
+            raise ConfigError(f"{path}: include: config file not found: {included}")
+        base = _deep_merge(base, _read_yaml(included, (*including, path.resolve())))
     return _deep_merge(base, data)  # the file itself over all its includes
 
 
@@ -193,6 +246,8 @@ def apply_override(data: dict, override: str, model: type[BaseModel] | None = No
     free-form mapping setting is one key: ``spark.conf.spark.sql.shuffle.partitions=8`` sets
     ``spark.conf["spark.sql.shuffle.partitions"]``."""
     if "=" not in override:
+        if override.endswith((".yaml", ".yml")) or os.path.isfile(override):
+            raise ConfigError(f"{override!r} looks like a config file: give it first, before the key=value overrides")
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
     key = key.strip()
@@ -250,8 +305,9 @@ def _format_errors(e: ValidationError) -> str:
             lines.append(f"{loc}: unknown key")
         elif isinstance(err.get("input"), Mapping):  # a section's own check: its message names the values
             lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+        else:  # a setting's own check says what it got, or the value is added
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if "(got " in msg else f"{loc}: {msg} (got {err.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -264,7 +320,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         raw = _deep_merge(raw, data)
     model = _root_model()
     typed = dict(apply_override(raw, o, model) for o in overrides)
-    raw = _interpolate(raw, "")
+    raw = _empty_sections(_interpolate(raw, ""), model)
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -281,12 +337,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         raise ConfigError(_format_errors(e)) from None
 
 
+def _empty_sections(data: dict, model: type[BaseModel]) -> dict:
+    """``data`` with a section given as nothing (``train:`` with every line under it commented
+    out, which YAML reads as null) taken as an empty section, its defaults, as an empty file
+    is. Pydantic refused it: "Input should be a valid dictionary or instance of TrainConfig".
+    A section that may be None keeps it."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        section = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if section is None or name not in data:
+            continue
+        if data[name] is None and type(None) not in typing.get_args(ann):
+            data[name] = {}
+        if isinstance(data[name], dict):
+            _empty_sections(data[name], section)
+    return data
+
+
 def config_dict(cfg: BaseModel) -> dict:
     return json.loads(cfg.model_dump_json())
 
 
 def dump_config(cfg: BaseModel) -> str:
-    return yaml.safe_dump(config_dict(cfg), sort_keys=False)
+    """The config as YAML that :func:`load_config` reads back to the same config (non-ASCII
+    text as itself, not escaped)."""
+    return yaml.dump(config_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 def config_hash(cfg: BaseModel) -> str:

@@ -29,6 +29,8 @@ class Section(BaseModel):
             return value  # a section: its own fields are checked, each under its own key
         if _bool_for_number(members, value):
             raise PydanticCustomError("bool_for_number", "Input should be a number, not a boolean")
+        if not _holds_numbers(cls.model_fields[info.field_name].annotation):
+            return value  # text (run.name, tracking.tags): a float there is the type's own error
         if (where := _non_finite(value)) == "":
             raise PydanticCustomError("finite_number", "Input should be a finite number")
         if where is not None:  # free-form mappings (train.optimizer_params, spark.conf): logged alike
@@ -50,6 +52,18 @@ def _bool_for_number(members: tuple[Any, ...], value: Any) -> bool:
         items = [typing.get_args(m)[0] for m in members if typing.get_origin(m) is list and typing.get_args(m)]
         return any(_bool_for_number(_members(item), v) for item in items for v in value)
     return False
+
+
+def _holds_numbers(ann: Any) -> bool:
+    """Whether a setting of type ``ann`` can hold a number anywhere (int, float, Any, or a union,
+    mapping or list of them). One that cannot, such as ``str`` or ``dict[str, str]``, is not
+    checked for infinite or NaN numbers: a float there is refused as no text, which an override
+    then takes as the text typed (``run.name=.nan``, ``tracking.tags.commit=8e12345``, a git
+    hash YAML reads as 8 x 10^12345). Until the twenty-eighth session they were refused as
+    "should be a finite number"."""
+    if ann in (int, float, Any, object):
+        return True
+    return typing.get_origin(ann) is not typing.Literal and any(_holds_numbers(a) for a in typing.get_args(ann))
 
 
 def _non_finite(value: Any, where: str = "") -> str | None:

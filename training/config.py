@@ -68,11 +68,11 @@ class TrainConfig(Section):
     scheduler_params: dict[str, Any] = Field(default_factory=dict, description="e.g. step_size, gamma, power")
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    batch_size: int = Field(512, description="GLOBAL samples per optimizer step (all ranks x accumulation)")
-    grad_accum_steps: int = 1
+    batch_size: int = Field(512, ge=1, description="GLOBAL samples per optimizer step (all ranks x accumulation)")
+    grad_accum_steps: int = Field(1, ge=1)
     clip_grad_norm: float | None = Field(None, ge=0, description="global L2 norm to clip to (None or 0: off)")
     bf16: bool = False
-    max_steps: int = 1000
+    max_steps: int = Field(1000, ge=1)
     epochs: int | None = Field(None, ge=1, description="stop after this many passes (None: max_steps only)")
     compression: CompressionSection = Field(default_factory=CompressionSection)
     # --- evaluation / stopping ----------------------------------------------------------
@@ -88,7 +88,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept (0: all)")
     # --- launch -------------------------------------------------------------------------
     backend: Literal["horovod", "local"] = Field("horovod", description="horovod = horovod.spark.run")
-    num_proc: int = Field(1, description="ranks; 1 runs in-process without Horovod")
+    num_proc: int = Field(1, ge=1, description="ranks; 1 runs in-process without Horovod")
     threads_per_rank: int | None = Field(None, ge=1, description="torch threads per rank "
                                          "(None: cores / num_proc - 1, at least 1)")
     start_timeout: int = Field(180, ge=1, description="seconds for every rank to start")
@@ -107,15 +107,11 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.batch_size <= 0 or self.grad_accum_steps <= 0 or self.num_proc <= 0:
-            raise ValueError("batch_size, grad_accum_steps and num_proc must be positive")
         if self.batch_size % (self.num_proc * self.grad_accum_steps):
             raise ValueError(
                 f"batch_size {self.batch_size} must be divisible by num_proc*grad_accum_steps "
                 f"= {self.num_proc * self.grad_accum_steps}"
             )
-        if self.max_steps <= 0:
-            raise ValueError("max_steps must be positive")
         if self.backend == "local" and self.num_proc != 1:
             raise ValueError(f"backend 'local' runs exactly one rank in this process: num_proc must be 1, not "
                              f"{self.num_proc} (backend 'horovod' runs several)")

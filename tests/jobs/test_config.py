@@ -140,6 +140,72 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert opt.param_groups[0]["eps"] == 1e-8
 
 
+def test_integers_are_read_as_yaml_1_2(tmp_path):
+    """PyYAML reads YAML 1.1: ``run.seed=010`` ran with seed 8 (octal), ``test_days: [09, 010]``
+    held out days 9 and 8, and ``warmup_steps=1:30`` was 90 (base 60). YAML 1.2, as JSON and a
+    user read them: decimal whatever the leading zeros, ``0x``/``0o`` prefixes, ``1:30`` text."""
+    f = tmp_path / "c.yaml"
+    f.write_text("criteo:\n  featurize:\n    split:\n      test_days: [09, 010]\n")
+    cfg = load_config(f, ["run.seed=010", "train.optimizer_params={k: 0x10, o: 0o17, big: 1_000}"])
+    assert cfg.run.seed == 10 and cfg.criteo.featurize.split.test_days == [9, 10]
+    assert cfg.train.optimizer_params == {"k": 16, "o": 15, "big": 1000}
+    _refused(r"train.warmup_steps: Input should be a valid integer.*\(got '1:30'\)", "train.warmup_steps=1:30")
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` section further down a file
+    silently replaced the first (its lr, batch size and optimizer gone, the defaults run). A
+    merge key's values may still be overridden."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("train:\n  lr: 0.1\n  optimizer: lamb\nrun:\n  seed: 3\ntrain:\n  max_steps: 50\n")
+    _refused(rf"^{re.escape(str(f))}: invalid YAML at line 6, column 1: duplicate key 'train' \(first at line 1\)",
+             path=f)
+    f.write_text("train: {lr: 0.1, lr: 0.2}\n")
+    _refused(r"at line 1, column 18: duplicate key 'lr' \(first at line 1\)", path=f)
+    f.write_text("base: &b {lr: 0.1, optimizer: lamb}\ntrain:\n  <<: *b\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):  # the merge itself is fine
+        load_config(f)
+
+
+def test_what_bigopt_config_prints_loads_back_the_same(tmp_path):
+    """``bigopt config`` printed with YAML 1.1's rules: the text ``1e5`` (a run name, a git hash
+    as a tag) and ``010`` came out plain and were read back as numbers (a "valid string" error,
+    or a float in a free-form mapping). Non-ASCII text was printed escaped."""
+    cfg = load_config(None, ["run.name=1e5", "tracking.tags.commit=8e12345", "tracking.tags.day=010",
+                             "tracking.tags.t=.nan", "train.optimizer_params={note: '1e-3', eps: 1e-8}",
+                             "criteo.raw_dir=café"])
+    assert cfg.tracking.tags == {"commit": "8e12345", "day": "010", "t": ".nan"}  # text as typed, not inf/nan
+    text = dump_config(cfg)
+    assert "name: '1e5'" in text and "raw_dir: café" in text
+    f = tmp_path / "printed.yaml"
+    f.write_text(text)
+    again = load_config(f)
+    assert config_hash(again) == config_hash(cfg) and again.train.optimizer_params == {"note": "1e-3", "eps": 1e-8}
+
+
+def test_an_empty_section_takes_its_defaults_and_errors_name_their_key(tmp_path):
+    """``train:`` with every line under it commented out (YAML's null) was "Input should be a
+    valid dictionary"; a setting's own message was said after pydantic's "Value error, " with
+    its value twice; negative sizes were one section-wide line hiding the other errors; a
+    missing include did not say which file included it; a config file after an override was
+    "must look like key.sub=value"."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  # lr: 1\ncriteo:\n  featurize:\nrun:\n  seed: 4\n")
+    cfg = load_config(f)
+    assert cfg.run.seed == 4 and cfg.train.lr == load_config(None).train.lr
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, ["lake.root=", "train.batch_size=-1", "train.max_steps=0"])
+    said = str(ei.value).splitlines()[1:]
+    assert said == ["  lake.root: must name a directory or URI (got an empty string: an empty ${VAR}?)",
+                    "  train.batch_size: Input should be greater than or equal to 1 (got -1)",
+                    "  train.max_steps: Input should be greater than or equal to 1 (got 0)"]
+    (tmp_path / "inc.yaml").write_text("include: nothere.yaml\n")
+    _refused(rf"^{re.escape(str(tmp_path / 'inc.yaml'))}: include: config file not found: .*/nothere.yaml$",
+             path=tmp_path / "inc.yaml")
+    with pytest.raises(ConfigError, match="looks like a config file: give it first"):
+        load_config(None, [str(f)])
+
+
 def test_env_interpolation(tmp_path, monkeypatch):
     f = tmp_path / "c.yaml"
     f.write_text("lake:\n  root: ${BIGOPT_TEST_ROOT}/lake\nrun:\n  name: ${BIGOPT_TEST_UNSET:-fallback}\n")
