@@ -111,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
                         handlers=[handler])
     logging.getLogger("py4j").setLevel(logging.WARNING)
-    if not args.command:
-        parser.print_help()
+    if not args.command:  # a usage error: its help on stderr, as argparse says its own errors
+        parser.print_help(sys.stderr)
         return 2
     from jobs.config import ConfigError, load_config
 

@@ -196,6 +196,8 @@ def _yaml_error(e: yaml.YAMLError, text: str) -> str:
         said = e.problem or e.context
         if e.problem and e.context:  # what it was in the middle of, and where that began
             said += f" ({e.context}{' ' + at(e.context_mark) if e.context_mark else ''})"
+        if e.context == "while scanning an alias":  # an unquoted glob such as *test*
+            said += "; a value that starts with * or & is read as an alias or an anchor: quote it ('*test*')"
         return f"{where}{said}" + (f"; {e.note}" if e.note else "")
     if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow: the offset in `text`
         line = text.count("\n", 0, e.position)

@@ -204,6 +204,8 @@ def test_an_empty_section_takes_its_defaults_and_errors_name_their_key(tmp_path)
              path=tmp_path / "inc.yaml")
     with pytest.raises(ConfigError, match="looks like a config file: give it first"):
         load_config(None, [str(f)])
+    f.write_text("criteo:\n  ingest:\n    unlabeled_globs: [*test*]\n")  # YAML reads *test* as an alias
+    _refused(r"while scanning an alias at line 3, column 23\); a value that starts with \* or & .*: quote it", path=f)
 
 
 def test_env_interpolation(tmp_path, monkeypatch):
@@ -342,6 +344,9 @@ def test_cli_help_and_config_errors():
     assert bad.returncode == 2 and "run.seed" in bad.stderr
     ok = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "run.seed=5"], capture_output=True, text=True)
     assert ok.returncode == 0 and "seed: 5" in ok.stdout
+    # no command: a usage error, its help on stderr (it was printed to stdout, with exit 2)
+    none = subprocess.run([sys.executable, "-m", "jobs.cli"], capture_output=True, text=True)
+    assert none.returncode == 2 and none.stdout == "" and "usage: bigopt" in none.stderr
 
 
 def test_cli_runs_from_a_plain_install():
