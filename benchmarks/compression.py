@@ -53,7 +53,9 @@ the rest of the project: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow
 artifacts ``compression_table.md``, ``compression_results.json`` and ``bytes_vs_auc.png``.
 
 The LAST lines are ``name: value``: ``bytes_ratio_<method>`` and ``auc_gap_<method>`` (the mean
-paired gap) for every method.
+paired gap) for every method. When the ranks of a method end with different parameters, or the
+methods of a repeat did not start from the same initial weights, the figures are printed all the
+same and the script then exits 1 with the reason on stderr.
 """
 from __future__ import annotations
 
@@ -494,6 +496,19 @@ def log_mlflow(args, rows, results, meta, table_md: str) -> tuple[str, str]:
     return uri, run_id
 
 
+def failed_checks(rows: list[dict[str, Any]], same_initial_weights: bool) -> str | None:
+    """Why the figures are not a comparison of the methods, in one line (None: they are). Ranks
+    that end with different parameters did not train one model, and methods that started from
+    different weights are not paired by seed; either way a gap or ratio is a wrong result."""
+    why = []
+    if not same_initial_weights:
+        why.append("the methods of a repeat did not start from the same initial weights")
+    bad = [r["method"] for r in rows if not r["ranks_agree"]]
+    if bad:
+        why.append(f"ranks ended with different parameters for {', '.join(bad)}")
+    return "; ".join(why) or None
+
+
 def with_baseline(methods: list[str]) -> list[str]:
     """``none`` first, and always: every AUC gap is paired with its run of the same seed (until
     the twenty-sixth session --methods without it printed "UNDECIDED" and `auc_gap_<m>: nan`)."""
@@ -607,8 +622,8 @@ def main(argv=None) -> int:
           f"{meta['world_size']} ranks x {meta['device']} ({meta['threads_per_rank']} thread(s) each), "
           f"{args.steps} steps x {args.batch_size} samples, {args.repeats} repeat(s), "
           f"same initial weights within each repeat: {meta['same_initial_weights']}")
-    bad = [r["method"] for r in rows if not r["ranks_agree"]]
-    notes = [f"WARNING: ranks ended with different parameters for {bad}"] if bad else []
+    why = failed_checks(rows, meta["same_initial_weights"])
+    notes = [f"FAILED: {why}"] if why else []
     if args.quick:
         notes.append(f"(--quick: {len(methods)} methods, {args.steps} steps, {args.repeats} repeat(s))")
     table_md += "\n" + "\n".join(notes + goal_lines(rows)) + "\n"
@@ -629,6 +644,12 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"bytes_ratio_{r['method']}: {r['ratio']:.2f}")
         print(f"auc_gap_{r['method']}: {r['auc_gap']:.4f}")
+    # the figures stay printed for the one reading them, but a wrong result fails the run (until the
+    # twenty-eighth session it was a WARNING line in the table and exit 0, which looked like a pass)
+    why = failed_checks(rows, meta["same_initial_weights"])
+    if why:
+        print(f"compression benchmark FAILED: {why}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -100,3 +100,34 @@ def test_the_baseline_is_always_run_and_the_mlflow_run_names_the_code(monkeypatc
     params, tags = ei.value.args
     assert params["lib.bigopt_git"] == "0123abcd-dirty" and "lib.torch" in params and params["steps"] == 100
     assert tags == {"bigopt.benchmark": "compression", "mlflow.source.git.commit": "0123abcd"}
+
+
+@pytest.mark.parametrize("final_ranks,inits,reason", [
+    (["a", "a"], ["w", "w"], None),
+    (["a", "b"], ["w", "w"], "ranks ended with different parameters for topk"),
+    (["a", "a"], ["w", "v"], "the methods of a repeat did not start from the same initial weights"),
+])
+def test_a_wrong_result_prints_its_figures_then_fails(monkeypatch, capsys, final_ranks, inits, reason):
+    """Ranks that end apart, or methods of a repeat that start from other weights, make every
+    figure wrong: they are printed all the same, then the run exits 1 with the reason on stderr.
+    Until the twenty-eighth session it printed a WARNING line and exited 0, like a pass."""
+    import types
+
+    runs = [_run("none", 0, 0.80, 1000), _run("topk", 0, 0.799, 20)]
+    for r, init in zip(runs, inits, strict=True):
+        r.update(init_hash=init, train_s=1.0, eval_s=0.1)
+    runs[1]["final_hash_ranks"] = final_ranks
+    spec = types.SimpleNamespace(train="t", valid="v", versions={}, train_rows=100, cardinalities=[10, 20],
+                                 to_dict=lambda: {})
+    monkeypatch.setattr(bench, "resolve_spec", lambda args, work: (spec, "synthetic gold tables"))
+    monkeypatch.setattr(bench, "_launch", lambda fn, job, args: [
+        {"results": runs, "world_size": 2, "device": "cpu", "threads": 1}])
+    rc = bench.main(["--quick", "--no-mlflow", "--methods", "topk_1pct_ef"])
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-4:] == ["bytes_ratio_none: 1.00", "auc_gap_none: 0.0000",
+                                             "bytes_ratio_topk: 50.00", "auc_gap_topk: 0.0010"]
+    if reason is None:
+        assert rc == 0 and err == ""
+    else:
+        assert rc == 1 and err == f"compression benchmark FAILED: {reason}\n"
+        assert f"FAILED: {reason}" in out
