@@ -27,7 +27,9 @@ imports (for (c): after the SparkSession and its Python workers are up, a fixed 
 cost printed apart); peak memory (PSS of the whole process tree: for (c) the Python driver,
 the JVM and its Python workers) is sampled from outside. (b) and (c) must
 agree: same cardinalities, the same multiset of ids per column and the same multiset of
-whole rows (label, dense, sparse) in the train split; if not, the script exits 1.
+whole rows (label, dense, sparse) in the train split, the same multiset of whole rows in the
+held-out day (valid and test together: which half a row goes to depends on each one's row
+hash) and the same train and held-out row counts; if not, the script exits 1.
 Finally the gold train table is read the way the training loader does (pyarrow -> torch),
 as written (list columns) and re-laid out as 39 scalar columns, to justify the layout.
 
@@ -83,6 +85,53 @@ def rows_digest(label, dense, sparse) -> list[int]:
 
 def _add_digests(a: list[int], b: list[int]) -> list[int]:
     return [(a[0] + b[0]) % 2**64, a[1] ^ b[1]]
+
+
+def masked_digest(label, dense, sparse, mask) -> list[int]:
+    """``rows_digest`` of the rows where ``mask`` holds, in slices: the cross-check must not
+    raise the peak memory of the stage it runs in."""
+    digest = [0, 0]
+    for lo in range(0, len(mask), 1 << 18):
+        part = slice(lo, lo + (1 << 18))
+        m = mask[part]
+        digest = _add_digests(digest, rows_digest(label[part][m], dense[part][m], sparse[part][m]))
+    return digest
+
+
+def gold_batches(table: str):
+    """(label, dense [n, 13], sparse ids [n, 26]) of a gold Delta table, batch by batch (a
+    whole-table read would add to (c)'s peak memory)."""
+    from pipelines.lake import DeltaSnapshot
+
+    for b in DeltaSnapshot(table).dataset(["label", "dense", "sparse"]).to_batches():
+        yield (b.column("label").to_numpy(), b.column("dense").values.to_numpy().reshape(-1, 13),
+               b.column("sparse").values.to_numpy().reshape(-1, 26))
+
+
+def cross_check(b: dict, c: dict, rows: int) -> list[str]:
+    """What differs between (b)'s and (c)'s gold tables; empty: they are the same. Train:
+    cardinalities, per-column id counts and the rows as a multiset. The held-out day: its rows
+    as a multiset, valid and test together, since which of the two a row goes to depends on
+    each implementation's row hash while their union does not; and the split totals (every row
+    in one split, as many held out). Until the twenty-eighth session the held-out day was not
+    compared, so (b) writing garbage for every held-out row still printed ``identical``."""
+    diff = []
+    if b["cardinalities"] != c["cardinalities"]:
+        diff.append("cardinalities")
+    if b["train_hist"] != c["train_hist"]:
+        diff.append("per-column train id counts")
+    if b["train_digest"] != c["train_digest"]:
+        diff.append("train rows")
+    if b["heldout_digest"] != c["heldout_digest"]:
+        diff.append("held-out rows (valid + test)")
+    for name, r in (("b", b), ("c", c)):
+        if sum(r["split_rows"].values()) != rows:
+            diff.append(f"{name}'s split rows {r['split_rows']} do not add up to {rows:,}")
+    bs, cs = b["split_rows"], c["split_rows"]
+    held = [r.get("valid", 0) + r.get("test", 0) for r in (bs, cs)]
+    if bs.get("train") != cs.get("train") or held[0] != held[1]:
+        diff.append(f"train / held-out row counts (b {bs}, c {cs})")
+    return diff
 
 
 # ----------------------------------------------------------------------------- stages
@@ -162,13 +211,9 @@ def stage_pandas(raw: Path, out: Path) -> dict:
         pq.write_table(tbl, out / f"{name}.parquet", compression="zstd", row_group_size=131072)
     secs = time.perf_counter() - t0
     train_hist = [np.bincount(sparse[train, j]).tolist() for j in range(26)]
-    digest = [0, 0]  # in slices, as (c)'s: the cross-check must not raise this stage's peak memory
-    for lo in range(0, n, 1 << 18):
-        part = slice(lo, lo + (1 << 18))
-        m = train[part]
-        digest = _add_digests(digest, rows_digest(label[part][m], dense[part][m], sparse[part][m]))
     return {"rows": n, "seconds": secs, "split_rows": rows, "cardinalities": cards, "train_hist": train_hist,
-            "train_digest": digest}
+            "train_digest": masked_digest(label, dense, sparse, train),
+            "heldout_digest": masked_digest(label, dense, sparse, ~train)}
 
 
 def stage_floor(raw: Path, out: Path) -> dict:
@@ -255,7 +300,6 @@ def stage_spark(raw: Path, lake: Path) -> dict:
     from jobs.config import load_config
     from pipelines.criteo.featurize import featurize
     from pipelines.criteo.ingest import ingest
-    from pipelines.lake import DeltaSnapshot
     from pipelines.spark import get_spark
 
     cfg = load_config(data={
@@ -276,24 +320,26 @@ def stage_spark(raw: Path, lake: Path) -> dict:
     feat = featurize(spark, cfg, force=True)  # a fresh lake anyway: always time a build
     t3 = time.perf_counter()
     spark.stop()
-    # the cross-check with (b), batch by batch (a whole-table read would add to (c)'s peak memory)
+    # the cross-check with (b)
     hist = [np.zeros(0, dtype=np.int64) for _ in range(26)]
     digest = [0, 0]
-    for b in DeltaSnapshot(feat.tables["train"]).dataset(["label", "dense", "sparse"]).to_batches():
-        ids = b.column("sparse").values.to_numpy().reshape(-1, 26)
-        dense = b.column("dense").values.to_numpy().reshape(-1, 13)
-        digest = _add_digests(digest, rows_digest(b.column("label").to_numpy(), dense, ids))
+    for label, dense, ids in gold_batches(feat.tables["train"]):
+        digest = _add_digests(digest, rows_digest(label, dense, ids))
         for j in range(26):
             c = np.bincount(ids[:, j])
             if len(c) > len(hist[j]):
                 hist[j] = np.pad(hist[j], (0, len(c) - len(hist[j])))
             hist[j][:len(c)] += c
     train_hist = [h.tolist() for h in hist]
+    heldout = [0, 0]
+    for name in ("valid", "test"):
+        for batch in gold_batches(feat.tables[name]):
+            heldout = _add_digests(heldout, rows_digest(*batch))
     return {
         "rows": ing.rows_in, "rows_ok": ing.rows_ok, "rows_rejected": ing.rows_rejected,
         "startup_s": startup, "ingest_s": t2 - t1, "featurize_s": t3 - t2, "split_rows": feat.rows,
         "cardinalities": feat.cardinalities, "train_hist": train_hist, "train_table": feat.tables["train"],
-        "train_digest": digest,
+        "train_digest": digest, "heldout_digest": heldout,
     }
 
 
@@ -523,11 +569,12 @@ def main() -> int:
           "for (c) the driver, the JVM and the Python workers)")
     same = True
     if "b" in results:
-        same = (rb["cardinalities"] == rc["cardinalities"] and rb["train_hist"] == rc["train_hist"]
-                and rb["train_digest"] == rc["train_digest"])
-        print(f"(cross-check (b) vs (c): cardinalities, per-column train id counts and the train rows as a multiset "
-              f"{'identical' if same else 'DIFFER'}; split rows b={rb['split_rows']} c={rc['split_rows']}: valid/test "
-              "halves of the held-out day use different row hashes)")
+        diff = cross_check(rb, rc, n)
+        same = not diff
+        print(f"(cross-check (b) vs (c): cardinalities, per-column train id counts, the train rows and the held-out "
+              f"day's rows (valid + test) as multisets, the split totals: "
+              f"{'identical' if same else 'DIFFER in ' + '; '.join(diff)}; split rows b={rb['split_rows']} "
+              f"c={rc['split_rows']}: valid/test halves of the held-out day use different row hashes)")
     figures = {
         "rows": n,
         "parse_limit_s": round(wa, 2), "parse_limit_rows_per_s": round(n / wa), "parse_limit_peak_gb": round(ma / 1e9, 2),

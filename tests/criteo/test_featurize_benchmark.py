@@ -1,0 +1,56 @@
+"""benchmarks/criteo_featurize.py's cross-check of (b) pandas against (c) bigopt: which
+differences it catches."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "criteo_featurize.py"
+_spec = importlib.util.spec_from_file_location("criteo_featurize_bench", _path)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _gold(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, 2, n).astype(np.float32), rng.random((n, 13), dtype=np.float32),
+            rng.integers(0, 50, (n, 26)).astype(np.int32))
+
+
+def _result(label, dense, sparse, train, split_rows):
+    return {"cardinalities": [52] * 26, "train_hist": [np.bincount(sparse[train, j]).tolist() for j in range(26)],
+            "train_digest": bench.masked_digest(label, dense, sparse, train),
+            "heldout_digest": bench.masked_digest(label, dense, sparse, ~train), "split_rows": split_rows}
+
+
+def test_the_held_out_day_is_compared_as_a_multiset_with_the_split_totals():
+    """Until the twenty-eighth session only train was compared: (b) writing garbage for every
+    held-out row still printed ``identical``. The held-out rows are compared whatever order
+    and whichever valid/test half each one puts them in."""
+    n = 600_000  # more than one of masked_digest's slices
+    label, dense, sparse = _gold(n, 0)
+    train = np.arange(n) < 400_000
+    b = _result(label, dense, sparse, train, {"train": 400_000, "valid": 99_000, "test": 101_000})
+    perm = np.random.default_rng(1).permutation(n)  # (c): other row order, other valid/test halves
+    c = _result(label[perm], dense[perm], sparse[perm], train[perm],
+                {"train": 400_000, "valid": 100_500, "test": 99_500})
+    assert bench.cross_check(b, c, n) == []
+
+    bad = sparse.copy()
+    bad[~train] = 12345
+    assert bench.cross_check(_result(label, dense, bad, train, b["split_rows"]), c, n) == [
+        "held-out rows (valid + test)"]
+    i = 450_000  # two held-out rows exchange one id: every per-column count stays the same
+    j = i + 1 + int(np.flatnonzero(sparse[i + 1:, 3] != sparse[i, 3])[0])
+    swapped = sparse.copy()
+    swapped[[i, j], 3] = sparse[[j, i], 3]
+    assert bench.cross_check(_result(label, dense, swapped, train, b["split_rows"]), c, n) == [
+        "held-out rows (valid + test)"]
+
+    short = {"train": 400_000, "valid": 99_000, "test": 100_000}
+    assert bench.cross_check({**b, "split_rows": short}, c, n) == [
+        f"b's split rows {short} do not add up to 600,000",
+        f"train / held-out row counts (b {short}, c {c['split_rows']})"]
