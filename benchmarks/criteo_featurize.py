@@ -24,8 +24,11 @@ The same generated raw files (plain TSV, 1TB day layout) go through, in ONE run:
 
 Each runs in its own process. Seconds are timed inside it, after interpreter start and
 imports (for (c): after the SparkSession and its Python workers are up, a fixed start-up
-cost printed apart); peak memory (PSS of the whole process tree: for (c) the Python driver,
-the JVM and its Python workers) is sampled from outside. (b) and (c) must
+cost printed apart). Peak memory is measured from outside: for (c) the PSS of the whole
+process tree (the Python driver, the JVM and its Python workers), summed and sampled at 2 Hz,
+so a peak shorter than half a second can be missed; for (a), (b) and (d), single processes,
+the larger of their PSS sampled at 10 Hz and the kernel's high-water mark of their resident
+set (``ru_maxrss`` from ``os.wait4``), which no short peak escapes. (b) and (c) must
 agree: same cardinalities, the same multiset of ids per column and the same multiset of
 whole rows (label, dense, sparse) in the train split, the same multiset of whole rows in the
 held-out day (valid and test together: which half a row goes to depends on each one's row
@@ -47,6 +50,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -409,16 +413,19 @@ def _pss(pid: int) -> int:
 
 
 class PeakRSS:
-    """Peak memory of a process tree, sampled every 500 ms: the sum of each process's PSS
-    (proportional set size: pages shared between forked workers are counted once). A sample
-    of (c)'s 7 processes costs ~26 ms of CPU (the kernel walks their page tables): at 5 Hz that
-    was 3% of the 2 cores being measured; tasks hold their memory for seconds, so 2 Hz still
-    sees the peaks."""
+    """Peak memory of a process tree, sampled every ``interval`` seconds: the sum of each
+    process's PSS (proportional set size: pages shared between forked workers are counted
+    once). A sample of (c)'s 7 processes costs ~26 ms of CPU (the kernel walks their page
+    tables): at 5 Hz that was 3% of the 2 cores being measured; its tasks hold their memory
+    for seconds, so 2 Hz still sees the peaks. A sample of a lone 1 GB process costs ~3 ms
+    (1.5 % of the 2 cores at 10 Hz), so the single-process stages are sampled at 10 Hz (and
+    their kernel high-water mark is taken besides: ``wait_maxrss``)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int, interval: float = 0.5):
         import psutil
 
         self.proc = psutil.Process(pid)
+        self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -433,7 +440,7 @@ class PeakRSS:
                 self.peak = max(self.peak, sum(_pss(p) for p in pids))
             except psutil.Error:
                 break
-            self._stop.wait(0.5)
+            self._stop.wait(self.interval)
 
     def stop(self) -> int:
         self._stop.set()
@@ -452,21 +459,48 @@ def warm_page_cache(raw: Path) -> None:
                 pass
 
 
+def wait_maxrss(proc: subprocess.Popen) -> int:
+    """Wait for ``proc`` and return its peak resident set in bytes, the kernel's own high-water
+    mark (``ru_maxrss`` from ``os.wait4``): exact however briefly the peak lasted, where a
+    sampler misses a peak shorter than its interval."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * 1024  # KiB on Linux
+
+
+# stages whose work runs in more processes than the one started: the JVM and Python workers
+TREE_STAGES = ("spark",)
+
+
 def run_stage(name: str, *args: str) -> tuple[dict, float, int]:
-    """Run a stage in a fresh interpreter; (its JSON result, wall seconds, peak tree RSS)."""
+    """Run a stage in a fresh interpreter; (its JSON result, wall seconds, peak memory in bytes).
+
+    The peak of a stage in the process tree (c) is its PSS, summed over the tree and sampled at
+    2 Hz: ``ru_maxrss`` would see the driver alone, not the JVM and its Python workers. The
+    peak of a single-process stage is the larger of its PSS sampled at 10 Hz and its
+    ``ru_maxrss`` (RSS counts the shared libraries' pages in full, PSS a share). Until the
+    twenty-eighth session every stage was sampled at 2 Hz alone: a parse of well under a second
+    printed ``parse_limit_peak_gb: 0.0`` and pandas read 0.96 GB against its 1.15 GB ru_maxrss
+    in a --quick run."""
     if name in ("parse", "pandas", "floor", "spark"):
         warm_page_cache(Path(args[0]))
     env = {**os.environ, "PYTHONPATH": str(REPO), "SPARK_LOCAL_IP": "127.0.0.1"}
     cmd = [sys.executable, __file__, "--stage", name, *args]
+    tree = name in TREE_STAGES
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-    mon = PeakRSS(proc.pid)
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    peak = mon.stop()
+    # output to files, not pipes, so that the wait is ours (wait4, for ru_maxrss) and not communicate()'s
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=REPO)
+        mon = PeakRSS(proc.pid, interval=0.5 if tree else 0.1)
+        maxrss = wait_maxrss(proc)
+        wall = time.perf_counter() - t0
+        peak = mon.stop() if tree else max(mon.stop(), maxrss)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {name} failed ({proc.returncode}):\n{err[-4000:]}")
-    return json.loads(out.strip().splitlines()[-1]), wall, peak
+        raise RuntimeError(f"stage {name} failed ({proc.returncode}):\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), wall, peak
 
 
 def ensure_data(rows: int, days: int, root: Path) -> Path:
@@ -565,8 +599,9 @@ def main() -> int:
                   f"{wd:.1f}", f"{n / wd:,.0f}", f"{md / 1e9:.2f}")
     make_console().print(table)  # a log keeps each row on one line
     print("(seconds inside each process, after interpreter start and imports; for (c) after the SparkSession and "
-          "its Python workers are up, whose start is spark_start_s; peak memory: PSS of the whole process tree, "
-          "for (c) the driver, the JVM and the Python workers)")
+          "its Python workers are up, whose start is spark_start_s; peak memory: for (c) the PSS of the whole "
+          "process tree, the driver, the JVM and the Python workers, sampled at 2 Hz; for (a), (b) and (d) the "
+          "larger of the process's sampled PSS and its ru_maxrss)")
     same = True
     if "b" in results:
         diff = cross_check(rb, rc, n)

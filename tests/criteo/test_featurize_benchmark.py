@@ -54,3 +54,20 @@ def test_the_held_out_day_is_compared_as_a_multiset_with_the_split_totals():
     assert bench.cross_check({**b, "split_rows": short}, c, n) == [
         f"b's split rows {short} do not add up to 600,000",
         f"train / held-out row counts (b {short}, c {c['split_rows']})"]
+
+
+def test_a_short_lived_peak_is_measured(tmp_path):
+    """A single-process stage's peak is at least the kernel's high-water mark of its resident
+    set. Until the twenty-eighth session it was PSS sampled at 2 Hz alone: a parse of well
+    under a second printed ``parse_limit_peak_gb: 0.0``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "b = bytearray(300 << 20)"])  # 300 MB for a moment
+    assert bench.wait_maxrss(proc) > 300 << 20 and proc.returncode == 0
+
+    day = "\t".join(["1", *["5"] * 13, *["a1b2c3d4"] * 26])
+    (tmp_path / "day_0").write_text((day + "\n") * 100)
+    res, wall, peak = bench.run_stage("parse", str(tmp_path))
+    assert res["rows"] == 100
+    assert peak > 20 << 20  # an interpreter with pyarrow loaded, however short the parse
