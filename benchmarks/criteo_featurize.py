@@ -1,7 +1,7 @@
 """Criteo raw -> model-ready features: bigopt on Spark vs the parse limit vs plain pandas.
 
     .venv/bin/python benchmarks/criteo_featurize.py            # 10 M rows (4 day files)
-    .venv/bin/python benchmarks/criteo_featurize.py --quick    # 1 M rows (2 day files), < 3 min
+    .venv/bin/python benchmarks/criteo_featurize.py --quick    # 1 M rows (2 day files), ~1.5 min
 
 The same generated raw files (plain TSV, 1TB day layout) go through, in ONE run:
 
@@ -21,6 +21,9 @@ The same generated raw files (plain TSV, 1TB day layout) go through, in ONE run:
       categoricals back from the train days, read it all back, write gold in the same formats
       (no validation, no vocabulary, no Spark). Its Parquet share (printed apart, in CPU
       seconds) is what any implementation of these two tables pays, however it parses.
+
+``--quick`` took 1 min 38 s on this shared 2-core host under a load of ~2.5, the first
+generation of its 1 M rows (8 s) included, of which 28 s were Spark's start-up.
 
 Each runs in its own process. Seconds are timed inside it, after interpreter start and
 imports (for (c): after the SparkSession and its Python workers are up, a fixed start-up
@@ -620,7 +623,8 @@ def main() -> int:
         "bigopt_s": round(tc, 2), "bigopt_rows_per_s": round(n / tc), "bigopt_peak_gb": round(mc / 1e9, 2),
         "bigopt_ingest_s": round(rc["ingest_s"], 2), "bigopt_featurize_s": round(rc["featurize_s"], 2),
         "spark_start_s": round(rc["startup_s"], 2),
-        "floor_s": round(wd, 2), "floor_peak_gb": round(md / 1e9, 2),
+        # (until the twenty-eighth session the docstring promised the floor's rows/s, but no line printed it)
+        "floor_s": round(wd, 2), "floor_rows_per_s": round(n / wd), "floor_peak_gb": round(md / 1e9, 2),
         "loader_list_columns_cpu_s": round(loader["lists_cpu_s"], 3),
         "loader_scalar_columns_cpu_s": round(loader["columns_cpu_s"], 3),
     })
