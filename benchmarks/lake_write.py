@@ -6,8 +6,10 @@ column through Spark's ``noop`` sink.
 
     python benchmarks/lake_write.py [--rows 2000000] [--repeats 3] [--quick]
 
-Prints, last: ``write_ratio_vs_parquet`` (data-source rows/s / parquet rows/s, goal >= 0.8) and
-``read_ratio_vs_parquet``.
+Each of the four timings is the median over the repeats of its seconds; with ``--quick``'s two
+repeats that is their mean. The figures come last, one ``name: value`` per line: ``rows``,
+``columns``, ``repeats``, the four rows/s, and last ``write_ratio_vs_parquet`` (data-source
+rows/s / parquet rows/s, goal >= 0.8) and ``read_ratio_vs_parquet``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,25 @@ def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def report_lines(rows: int, repeats: int, secs: dict[str, list[float]]) -> list[str]:
+    """The figures, one ``name: value`` a line, from each timing's seconds per repeat (``w_pq``,
+    ``w_dl``, ``r_pq``, ``r_dl``). Until the twenty-eighth session the first line was ``rows: N
+    columns: 40  repeats: R (median)``: three figures on one line, which a ``name: value`` reader
+    took as one."""
+    m = {k: statistics.median(v) for k, v in secs.items()}
+    return [
+        f"rows: {rows}",
+        "columns: 40",
+        f"repeats: {repeats}",
+        f"write_rows_per_s_parquet: {rows / m['w_pq']:.0f}",
+        f"write_rows_per_s_delta_datasource: {rows / m['w_dl']:.0f}",
+        f"read_rows_per_s_parquet: {rows / m['r_pq']:.0f}",
+        f"read_rows_per_s_delta_datasource: {rows / m['r_dl']:.0f}",
+        f"write_ratio_vs_parquet: {m['w_pq'] / m['w_dl']:.3f}",
+        f"read_ratio_vs_parquet: {m['r_pq'] / m['r_dl']:.3f}",
+    ]
 
 
 def main() -> None:
@@ -69,15 +90,9 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         spark.stop()
-    m = {k: statistics.median(v) for k, v in dict(w_pq=w_pq, w_dl=w_dl, r_pq=r_pq, r_dl=r_dl).items()}
-    n = args.rows
-    print(f"rows: {n}  columns: 40  repeats: {args.repeats} (median)")
-    print(f"write_rows_per_s_parquet: {n / m['w_pq']:.0f}")
-    print(f"write_rows_per_s_delta_datasource: {n / m['w_dl']:.0f}")
-    print(f"read_rows_per_s_parquet: {n / m['r_pq']:.0f}")
-    print(f"read_rows_per_s_delta_datasource: {n / m['r_dl']:.0f}")
-    print(f"write_ratio_vs_parquet: {m['w_pq'] / m['w_dl']:.3f}")
-    print(f"read_ratio_vs_parquet: {m['r_pq'] / m['r_dl']:.3f}")
+    print(f"(each timing: the median of {args.repeats} repeats"
+          f"{', that is their mean' if args.repeats == 2 else ''}; ratios of those medians)")
+    print("\n".join(report_lines(args.rows, args.repeats, dict(w_pq=w_pq, w_dl=w_dl, r_pq=r_pq, r_dl=r_dl))))
 
 
 if __name__ == "__main__":
