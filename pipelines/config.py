@@ -83,9 +83,50 @@ def _non_finite(value: Any, where: str = "") -> str | None:
 class SparkConfig(Section):
     master: str | None = Field(None, description="None: spark-submit's master, else local[*]")
     app_name: str = "bigopt"
-    conf: dict[str, Any] = Field(default_factory=dict, description="extra spark.* settings")
+    conf: dict[str, Any] = Field(default_factory=dict, description="extra spark.* settings; nested mappings are "
+                                 "dotted keys ({spark: {sql: {x: 1}}} is spark.sql.x)")
     log_level: str = "WARN"
     ui: bool | None = None
+
+    @field_validator("conf")
+    @classmethod
+    def _spark_settings(cls, conf: dict[str, Any]) -> dict[str, Any]:
+        """Each setting as the one dotted key Spark reads (``spark: {sql: {shuffle: {partitions:
+        3}}}`` is ``spark.sql.shuffle.partitions``), a later one over an earlier one of the same
+        key (an override over the file's). Until the twenty-eighth session a nested mapping
+        reached Spark as one key, ``spark``, holding the mapping's text, and Spark said only
+        "Ignoring non-Spark config property: spark"; it ignores every key not under ``spark.``
+        as well, and a list or a null has no text Spark reads, so those are errors naming the key."""
+        flat: dict[str, Any] = {}
+        for key, value in _dotted(conf):
+            if not key.startswith("spark."):
+                raise PydanticCustomError(
+                    "spark_conf", "{key}: Spark ignores a setting whose key does not start with 'spark.' (nested "
+                    "mappings are joined with dots: {example} is spark.sql.shuffle.partitions)",
+                    {"key": key, "example": "spark: {sql: {shuffle: {partitions: 8}}}"})
+            if value is None or isinstance(value, list):
+                raise PydanticCustomError(
+                    "spark_conf", "{key}: a Spark setting is one value (text, a number or a boolean), not {what}",
+                    {"key": key, "what": "null" if value is None else f"a list ({value!r})"})
+            flat.pop(key, None)  # the later one's place as well as its value
+            flat[key] = value
+        return flat
+
+
+def _dotted(conf: dict[str, Any], prefix: str = ""):
+    """``(key, value)`` of every setting in ``conf``, a nested mapping's keys joined to their
+    parent's with dots, in the mapping's order."""
+    for key, value in conf.items():
+        if not isinstance(key, str) or not key.strip("."):
+            raise PydanticCustomError("spark_conf", "{key}: a Spark setting's key must be text, not {got}",
+                                      {"key": f"{prefix}{key}", "got": repr(key)})
+        key = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if not value:
+                raise PydanticCustomError("spark_conf", "{key}: an empty mapping sets nothing", {"key": key})
+            yield from _dotted(value, f"{key}.")
+        else:
+            yield key, value
 
 
 class LakeConfig(Section):

@@ -476,3 +476,24 @@ def test_num_proc_keeps_which_settings_the_config_gave():
     again = apply_cli_overrides(cfg, args)
     assert again.train.num_proc == 1 and unused_settings(again.train) == []
     assert "min_compress_numel" not in again.train.compression.model_fields_set
+
+
+def test_nested_spark_conf_mappings_are_dotted_keys(tmp_path):
+    """``spark: {conf: {spark: {sql: {shuffle: {partitions: 3}}}}}`` loaded, and Spark got one
+    key, ``spark``, holding the mapping's text ("Ignoring non-Spark config property: spark"):
+    a nested mapping is the dotted key Spark reads, an override of that key still wins, and a
+    key Spark ignores, a list and a null are errors naming the key."""
+    f = tmp_path / "c.yaml"
+    f.write_text("spark:\n  conf:\n    spark:\n      sql:\n        shuffle: {partitions: 3}\n"
+                 "        adaptive.enabled: false\n    spark.executorEnv: {A: x}\n")
+    assert load_config(f).spark.conf == {"spark.sql.shuffle.partitions": 3, "spark.sql.adaptive.enabled": False,
+                                         "spark.executorEnv.A": "x"}
+    cfg = load_config(f, ["spark.conf.spark.sql.shuffle.partitions=8"])
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == 8 and "spark" not in cfg.spark.conf
+    _refused(r"spark\.conf: sql\.shuffle\.partitions: Spark ignores a setting whose key does not start with 'spark\.'",
+             "spark.conf={sql: {shuffle: {partitions: 8}}}")
+    _refused(r"spark\.conf: hive\.x: Spark ignores", "spark.conf.hive.x=1")
+    _refused(r"spark\.conf: spark\.jars: a Spark setting is one value .*not a list \(\['a', 'b'\]\)",
+             "spark.conf.spark.jars=[a, b]")
+    _refused(r"spark\.conf: spark\.x: a Spark setting is one value .*not null", "spark.conf.spark.x=null")
+    _refused(r"spark\.conf: spark\.x: an empty mapping sets nothing", "spark.conf.spark.x={}")
