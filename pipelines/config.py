@@ -80,6 +80,10 @@ def _non_finite(value: Any, where: str = "") -> str | None:
     return next((w for w in found if w is not None), None)
 
 
+# what SparkContext.setLogLevel accepts (its VALID_LOG_LEVELS)
+SPARK_LOG_LEVELS = ("ALL", "DEBUG", "ERROR", "FATAL", "INFO", "OFF", "TRACE", "WARN")
+
+
 class SparkConfig(Section):
     master: str | None = Field(None, description="None: spark-submit's master, else local[*]")
     app_name: str = "bigopt"
@@ -87,6 +91,17 @@ class SparkConfig(Section):
                                  "dotted keys ({spark: {sql: {x: 1}}} is spark.sql.x)")
     log_level: str = "WARN"
     ui: bool | None = None
+
+    @field_validator("log_level")
+    @classmethod
+    def _spark_log_level(cls, level: str) -> str:
+        """One of the levels ``SparkContext.setLogLevel`` takes, in its spelling (any case is
+        read). Until the twenty-eighth session another (``FOO``) passed, and setLogLevel's
+        IllegalArgumentException came as a traceback once Spark had started."""
+        if level.strip().upper() not in SPARK_LOG_LEVELS:
+            raise PydanticCustomError("spark_log_level", "Spark's log levels are {levels} (any case)",
+                                      {"levels": ", ".join(SPARK_LOG_LEVELS)})
+        return level.strip().upper()
 
     @field_validator("conf")
     @classmethod

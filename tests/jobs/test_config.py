@@ -497,3 +497,13 @@ def test_nested_spark_conf_mappings_are_dotted_keys(tmp_path):
              "spark.conf.spark.jars=[a, b]")
     _refused(r"spark\.conf: spark\.x: a Spark setting is one value .*not null", "spark.conf.spark.x=null")
     _refused(r"spark\.conf: spark\.x: an empty mapping sets nothing", "spark.conf.spark.x={}")
+
+
+def test_spark_log_level_is_one_spark_takes():
+    """``spark.log_level=FOO`` passed, and SparkContext.setLogLevel's IllegalArgumentException
+    was a traceback once Spark had started: a config error naming Spark's levels; any case is
+    read, and kept in Spark's spelling."""
+    _refused(r"spark\.log_level: Spark's log levels are ALL, DEBUG, ERROR, FATAL, INFO, OFF, TRACE, WARN "
+             r"\(any case\) \(got 'FOO'\)", "spark.log_level=FOO")
+    assert load_config(None, ["spark.log_level=info"]).spark.log_level == "INFO"
+    assert load_config().spark.log_level == "WARN"
