@@ -186,7 +186,7 @@ def _roundtrip(cfg, args) -> int:
         diff = df.drop("ts").exceptAll(back.drop("ts").select(*[c for c in df.columns if c != "ts"])).count()
         return lake.delta_engine(spark), v, back.count(), diff
 
-    # a Spark that cannot start (spark.master=local[0]) or a job that fails: one line, as every step's
+    # a Spark that cannot start (spark.conf.spark.scheduler.mode=FOO) or a job that fails: one line, as every step's
     console, result = run_spark_step(cfg, "lake", step, errors=())
     if result is None:
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -80,6 +81,9 @@ def _non_finite(value: Any, where: str = "") -> str | None:
     return next((w for w in found if w is not None), None)
 
 
+# Spark's own forms (org.apache.spark.SparkMasterRegex): local[N] / local[*], with a failure count F
+_LOCAL_MASTER = re.compile(r"local(?:\[([0-9]+|\*)\]|\[([0-9]+|\*)\s*,\s*([0-9]+)\])?")
+_LOCAL_CLUSTER_MASTER = re.compile(r"local-cluster\[\s*([0-9]+)\s*,\s*([0-9]+)\s*,\s*([0-9]+)\s*\]")
 # what SparkContext.setLogLevel accepts (its VALID_LOG_LEVELS)
 SPARK_LOG_LEVELS = ("ALL", "DEBUG", "ERROR", "FATAL", "INFO", "OFF", "TRACE", "WARN")
 
@@ -91,6 +95,36 @@ class SparkConfig(Section):
                                  "dotted keys ({spark: {sql: {x: 1}}} is spark.sql.x)")
     log_level: str = "WARN"
     ui: bool | None = None
+
+    @field_validator("master")
+    @classmethod
+    def _spark_master(cls, master: str | None) -> str | None:
+        """A master URL of a form Spark parses (``SparkMasterRegex``, and the cluster managers it
+        ships), with at least one thread, worker, core and MB. Until the twenty-eighth session
+        ``foo`` made Spark's JVM print a stack trace and the command blame a wrong JAVA_HOME,
+        after it had made the lake's folders, and ``local[x]`` / ``local[0]`` failed as a Spark job."""
+        if master is None:
+            return None
+        counts = None
+        if m := _LOCAL_MASTER.fullmatch(master):
+            counts = [c for c in m.groups() if c not in (None, "*")]
+        elif m := _LOCAL_CLUSTER_MASTER.fullmatch(master):
+            counts = list(m.groups())
+        elif master.startswith("spark://"):
+            from pipelines.spark import SparkStartError, _master_addresses
+
+            try:
+                counts = [] if all(host for host, _ in _master_addresses(master)) else None
+            except SparkStartError:  # a port that is no number
+                counts = None
+        elif master == "yarn" or (master.startswith("k8s://") and master != "k8s://"):
+            counts = []
+        if counts is None or any(int(c) < 1 for c in counts):
+            raise PydanticCustomError(
+                "spark_master", "Spark's masters are local, local[N], local[*], local[N,F], local[*,F], "
+                "local-cluster[N,C,M], spark://HOST:PORT[,HOST:PORT...], yarn and k8s://URL, with N, F, C and M "
+                "at least 1")
+        return master
 
     @field_validator("log_level")
     @classmethod

@@ -201,7 +201,7 @@ def get_spark(
                 "listening there, and is spark.master (the config's, or spark-submit's --master) its "
                 "address?") from e
         gateway_exited = "JAVA_GATEWAY_EXITED" in str(e)
-        # a Java exception (spark.master=local[0]) came from a JVM that is alive and answered:
+        # a Java exception (spark.conf.spark.scheduler.mode=FOO) came from a JVM that is alive and answered:
         # only py4j's own errors (the connection lost) wait for the JVM's exit code
         code = None if gateway_exited or isinstance(e, Py4JJavaError) else _jvm_exit_code()
         if code is None and not gateway_exited:

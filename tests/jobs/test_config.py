@@ -507,3 +507,21 @@ def test_spark_log_level_is_one_spark_takes():
              r"\(any case\) \(got 'FOO'\)", "spark.log_level=FOO")
     assert load_config(None, ["spark.log_level=info"]).spark.log_level == "INFO"
     assert load_config().spark.log_level == "WARN"
+
+
+def test_spark_master_has_a_form_spark_takes(tmp_path, capsys):
+    """``spark.master=foo`` made Spark's JVM print a stack trace and the command blame a wrong
+    JAVA_HOME (exit 1, after making the lake's folders); ``local[x]`` and ``local[0]`` failed as
+    a Spark job. Each is a config error listing the forms, before anything is touched."""
+    from jobs.cli import main
+
+    for master in ("local", "local[2]", "local[*]", "local[2,3]", "local[*, 4]", "local-cluster[2, 1, 1024]",
+                   "spark://h:7077", "spark://a:7077,b:7078", "spark://h", "yarn", "k8s://https://h:6443"):
+        assert load_config(None, [f"spark.master={master}"]).spark.master == master
+    for master in ("foo", "local[x]", "local[0]", "local[2,0]", "local-cluster[0,1,1024]", "spark://", "spark://h:x",
+                   "spark://a:1,", "k8s://", "yarn-client", "sc://h:15002"):
+        _refused(rf"spark\.master: Spark's masters are local, local\[N\], .* with N, F, C and M at least 1 "
+                 rf"\(got {re.escape(repr(master))}\)", f"spark.master={master}")
+    assert main(["lake", "--action", "roundtrip", f"lake.root={tmp_path / 'lake'}", "spark.master=foo"]) == 2
+    assert "spark.master: Spark's masters are local" in capsys.readouterr().err
+    assert not (tmp_path / "lake").exists()

@@ -115,16 +115,19 @@ def test_py4j_records_on_the_root_logger_are_shown_only_with_verbose():
     assert Py4jNoise().filter(record("root", logging.INFO, "/repo/jobs/ingest.py"))
 
 
-def test_a_master_spark_refuses_is_a_one_line_error_for_the_roundtrip_too(tmp_path):
-    """``spark.master=local[0]``: `bigopt ingest` said it in one line, the roundtrip (which
-    started Spark itself, outside ``run_spark_step``) printed the whole Py4JJavaError traceback."""
+def test_a_setting_spark_refuses_is_a_one_line_error_for_the_roundtrip_too(tmp_path):
+    """A setting the SparkContext refuses as it starts: `bigopt ingest` said it in one line, the
+    roundtrip (which started Spark itself, outside ``run_spark_step``) printed the whole
+    Py4JJavaError traceback. (``spark.master=local[0]`` was the case until the twenty-eighth
+    session, when the config began refusing it.)"""
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "lake", "--action", "roundtrip", f"lake.root={tmp_path}",
-                          "spark.master=local[0]"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=300)
+                          "spark.master=local[1]", "spark.conf.spark.scheduler.mode=FOO"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 1, text
-    assert ("bigopt lake: a Spark job failed, nothing of it committed (org.apache.spark.SparkException: Asked to run "
-            "locally with 0 threads)") in out.stderr, text
+    assert ("bigopt lake: a Spark job failed, nothing of it committed (org.apache.spark.SparkIllegalArgumentException: "
+            "[INVALID_CONF_VALUE.OUT_OF_RANGE_OF_OPTIONS] The value 'FOO' in the config \"spark.scheduler.mode\" is "
+            "invalid.") in out.stderr, text
     assert "Traceback" not in text and "Py4JJavaError" not in text
 
 
