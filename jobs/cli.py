@@ -115,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     from jobs.config import ConfigError, load_config
+    from pipelines.env import EnvSettingError, check_environment
+
+    try:  # before the config, Spark and the lake: a bad switch is one line, not a traceback later
+        check_environment()
+    except EnvSettingError as e:
+        print(f"bigopt {args.command}: {e}", file=sys.stderr)
+        return 2
 
     # a config path that looks like an override (k=v) means "no config file"
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):

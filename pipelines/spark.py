@@ -157,7 +157,9 @@ def get_spark(
         if not submitted.get("spark.submit.pyFiles"):
             settings["spark.python.daemon.module"] = "pipelines.worker_daemon"
     if ui is None:
-        ui = os.environ.get("BIGOPT_SPARK_UI", "1" if not os.environ.get("PYTEST_CURRENT_TEST") else "0") == "1"
+        from pipelines.env import spark_ui
+
+        ui = spark_ui()
     settings["spark.ui.enabled"] = "true" if ui else "false"
     settings.update(_DEFAULTS)
     settings.update({k: str(v) for k, v in (conf or {}).items()})

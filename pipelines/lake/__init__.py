@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,11 +48,11 @@ __all__ = [
 
 def delta_engine(spark) -> str:
     """'native' when the JVM Delta connector is usable on this session, else 'deltars'."""
-    choice = os.environ.get("BIGOPT_DELTA_ENGINE", "auto").lower()
-    if choice in {"native", "deltars"}:
-        return choice
+    from pipelines.env import delta_engine_choice
+
+    choice = delta_engine_choice()  # `bigopt` checked it as it started
     if choice != "auto":
-        raise ValueError(f"BIGOPT_DELTA_ENGINE must be auto, native or deltars, not {choice!r}")
+        return choice
     cached = getattr(spark, "_bigopt_delta_engine", None)
     if cached:
         return cached

@@ -525,3 +525,28 @@ def test_spark_master_has_a_form_spark_takes(tmp_path, capsys):
     assert main(["lake", "--action", "roundtrip", f"lake.root={tmp_path / 'lake'}", "spark.master=foo"]) == 2
     assert "spark.master: Spark's masters are local" in capsys.readouterr().err
     assert not (tmp_path / "lake").exists()
+
+
+def test_the_environment_switches_are_checked_as_bigopt_starts(monkeypatch, capsys):
+    """``BIGOPT_DELTA_ENGINE=foo`` was a ValueError traceback once Spark had started, and
+    ``BIGOPT_SPARK_UI=true`` turned the UI off (only ``1`` meant on): each bad value is one line
+    and exit 2 as the command starts, and the UI switch reads the usual words for on and off."""
+    from jobs.cli import main
+    from pipelines.env import spark_ui
+
+    monkeypatch.setenv("BIGOPT_DELTA_ENGINE", "foo")
+    assert main(["config"]) == 2
+    assert capsys.readouterr().err == "bigopt config: BIGOPT_DELTA_ENGINE='foo': expected auto, native or deltars (any case)\n"
+    monkeypatch.setenv("BIGOPT_DELTA_ENGINE", "Native")
+    monkeypatch.setenv("BIGOPT_SPARK_UI", "maybe")
+    assert main(["config"]) == 2
+    assert capsys.readouterr().err.startswith("bigopt config: BIGOPT_SPARK_UI='maybe': expected one of 1, true, yes, on")
+    for on in ("1", "true", "Yes", "ON"):
+        monkeypatch.setenv("BIGOPT_SPARK_UI", on)
+        assert spark_ui() is True
+    for off in ("0", "False", "no", "off"):
+        monkeypatch.setenv("BIGOPT_SPARK_UI", off)
+        assert spark_ui() is False
+    monkeypatch.setenv("BIGOPT_SPARK_UI", "")
+    assert spark_ui() is False  # unset or empty: on, except under pytest
+    assert main(["config"]) == 0
