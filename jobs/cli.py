@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         # SUPPRESS: when not given here, the one before the command stands
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
         module.add_arguments(sp)
-        sp.set_defaults(command_parser=sp)  # its usage line for a stray argument
+        # its usage line for a stray argument, and the module's check of flags given together
+        sp.set_defaults(command_parser=sp, command_check=getattr(module, "check_arguments", None))
     return p
 
 
@@ -86,13 +87,18 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | No
 
     argparse fills the ``overrides`` positional from the run of arguments before the first
     flag; an override after a flag would otherwise be "unrecognized". A leftover that is not
-    an override (a flag of another command, a second config file) is still an error."""
+    an override (a flag of another command, a second config file) is still an error, and so
+    are flags that contradict each other (the command module's ``check_arguments(args)``, which
+    returns what is wrong, or None)."""
     args, extra = parser.parse_known_args(argv)
     late = [a for a in extra if "=" in a and not a.startswith("-")]
     stray = [a for a in extra if a not in late]
     command_parser = vars(args).pop("command_parser", None) or parser
+    check = vars(args).pop("command_check", None)
     if stray:
         command_parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if check is not None and (problem := check(args)):
+        command_parser.error(problem)
     if late:
         args.overrides = [*args.overrides, *late]
     return args

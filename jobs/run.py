@@ -36,6 +36,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-proc", type=int, default=None, help="override train.num_proc")
 
 
+# the flags that change the data steps, which --skip-data does not run
+_DATA_STEP_FLAGS = ("no_generate", "force_ingest", "force_featurize")
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """A usage error for ``--skip-data`` with a flag of the data steps it skips: until the
+    twenty-eighth session ``--skip-data --force-featurize`` trained on the old gold without a word."""
+    given = [f"--{f.replace('_', '-')}" for f in _DATA_STEP_FLAGS if getattr(args, f, False)]
+    if getattr(args, "skip_data", False) and given:
+        return f"argument --skip-data: not allowed with {', '.join(given)} (it skips the data steps they change)"
+    return None
+
+
 def needs_generation(cfg) -> bool:
     """Generate when no raw input is configured or present (the demo case), or when the files
     there are an earlier generate's with other ``criteo.generate`` settings (its

@@ -550,3 +550,18 @@ def test_the_environment_switches_are_checked_as_bigopt_starts(monkeypatch, caps
     monkeypatch.setenv("BIGOPT_SPARK_UI", "")
     assert spark_ui() is False  # unset or empty: on, except under pytest
     assert main(["config"]) == 0
+
+
+def test_run_skip_data_refuses_the_data_steps_flags(capsys):
+    """``bigopt run --skip-data`` ignored --force-ingest, --force-featurize and --no-generate
+    without a word (the old gold was trained on): a usage error naming them, exit 2."""
+    from jobs.cli import build_parser, parse_command_line
+
+    parser = build_parser()
+    with pytest.raises(SystemExit) as e:
+        parse_command_line(parser, ["run", "conf/demo.yaml", "--skip-data", "--force-featurize", "--no-generate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: bigopt run ")
+    assert "bigopt run: error: argument --skip-data: not allowed with --no-generate, --force-featurize" in err
+    for flags in (["--skip-data", "--resume"], ["--force-ingest", "--no-generate"]):
+        assert parse_command_line(parser, ["run", "conf/demo.yaml", *flags])
