@@ -17,7 +17,11 @@ from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--bronze-version", type=int, default=None,
+    from jobs.cli import at_least
+
+    # a negative version is a usage error (exit 2), as criteo.featurize.bronze_version=-1 is a
+    # config error; until the twenty-eighth session it failed in the step (exit 1)
+    parser.add_argument("--bronze-version", type=at_least(0), default=None,
                         help="featurize this bronze version (default: criteo.featurize.bronze_version or latest)")
     parser.add_argument("--force", action="store_true", help="rebuild gold even when it is up to date")
 

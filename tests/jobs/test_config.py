@@ -565,3 +565,17 @@ def test_run_skip_data_refuses_the_data_steps_flags(capsys):
     assert "bigopt run: error: argument --skip-data: not allowed with --no-generate, --force-featurize" in err
     for flags in (["--skip-data", "--resume"], ["--force-ingest", "--no-generate"]):
         assert parse_command_line(parser, ["run", "conf/demo.yaml", *flags])
+
+
+def test_featurize_bronze_version_flag_is_a_non_negative_integer(capsys):
+    """``--bronze-version -1`` failed in the featurize step (exit 1) where
+    ``criteo.featurize.bronze_version=-1`` is a config error (exit 2): a usage error now."""
+    from jobs.cli import build_parser, parse_command_line
+
+    parser = build_parser()
+    for bad in ("-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            parse_command_line(parser, ["featurize", "conf/demo.yaml", "--bronze-version", bad])
+        assert e.value.code == 2
+        assert f"argument --bronze-version: expected an integer >= 0, got {bad!r}" in capsys.readouterr().err
+    assert parse_command_line(parser, ["featurize", "conf/demo.yaml", "--bronze-version", "0"]).bronze_version == 0
