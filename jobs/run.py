@@ -92,7 +92,7 @@ def run(cfg, args) -> int:
     from jobs.console import make_console, print_error, styled
     from jobs.train import apply_cli_overrides, resumable_on_a_stop
     from pipelines.spark import spark_from_config
-    from training.api import print_summary, run_training
+    from training.api import check_checkpoint_dir, print_summary, run_training
     from training.checkpoint import ResumeError
     from training.data.loader import UnreadableDataFileError
     from training.dataspec import GoldVersionError
@@ -115,6 +115,7 @@ def run(cfg, args) -> int:
         from training.loop import check_settings
 
         check_settings(cfg.train, NUM_SPARSE, NUM_DENSE)
+        check_checkpoint_dir(cfg)  # a checkpoint folder it cannot write
         if cfg.tracking.enabled:  # and an unreachable tracking store
             check_store(tracking_uri(cfg.tracking))
     except (TrainSettingsError, TrackingStoreError) as e:

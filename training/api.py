@@ -86,6 +86,23 @@ def checkpoint_dir_for(cfg) -> str:
     return str(Path(cfg.train.checkpoint_dir.format(run=cfg.run.name)).expanduser().resolve())
 
 
+def check_checkpoint_dir(cfg) -> None:
+    """When the run writes checkpoints (``train.checkpoint_every``), make their folder and try
+    a write there, on the driver, before Spark and MLflow start: an uncreatable or unwritable
+    ``train.checkpoint_dir`` failed only at the first checkpoint, after training, in every
+    rank's traceback (until the twenty-eighth session). Checkpoints are local files (a
+    cluster's rank 0 writes the same path on its executor). Raises TrainSettingsError."""
+    from pipelines.lake.fs import check_writable
+
+    if not cfg.train.checkpoint_every:
+        return
+    try:
+        check_writable(checkpoint_dir_for(cfg))  # makes the folder; its probe is no step-*.pt
+    except PermissionError as e:
+        raise TrainSettingsError(f"train.checkpoint_dir={cfg.train.checkpoint_dir!r}: {e}; set it to a folder this "
+                                 "user may write") from None
+
+
 def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
                  store_checked: bool = False) -> TrainResult:
     """Train per ``cfg.train``; returns every rank's result (rank 0 first). ``spark``: a
@@ -98,6 +115,7 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_proc": 1})})
     if cfg.tracking.enabled and not store_checked:  # an unreachable store is one line, not minutes of retries
         check_store(tracking_uri(cfg.tracking))
+    check_checkpoint_dir(cfg)
     t = cfg.train
     ckpt_dir = checkpoint_dir_for(cfg)
     run_id = None

@@ -15,6 +15,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from pipelines.config import Section
 
@@ -96,6 +97,19 @@ class TrainConfig(Section):
                                   "rank within this many seconds fails the job instead of hanging (0: off)")
     log_every: int = Field(10, ge=1, description="log train metrics every N steps")
     fail_at_step: int | None = Field(None, description="testing: raise in rank 0 at this step")
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _only_the_run_placeholder(cls, path: str) -> str:
+        """``{run}`` is the one placeholder (run.name); another, or a lone brace, was a KeyError
+        or ValueError traceback when training started (until the twenty-eighth session)."""
+        try:
+            path.format(run="run")
+        except (KeyError, IndexError, ValueError) as e:
+            raise PydanticCustomError("checkpoint_dir", "{run} (run.name) is its one placeholder, and a brace that "
+                                      "is none is written twice ({braces}): {why}",
+                                      {"run": "{run}", "braces": "{{ }}", "why": f"{type(e).__name__} {e}"}) from None
+        return path
 
     @field_validator("scheduler")
     @classmethod

@@ -579,3 +579,29 @@ def test_featurize_bronze_version_flag_is_a_non_negative_integer(capsys):
         assert e.value.code == 2
         assert f"argument --bronze-version: expected an integer >= 0, got {bad!r}" in capsys.readouterr().err
     assert parse_command_line(parser, ["featurize", "conf/demo.yaml", "--bronze-version", "0"]).bronze_version == 0
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_training(tmp_path, capsys):
+    """``train.checkpoint_dir=/proc/x/{run}`` failed only at the first checkpoint, after training,
+    in every rank's traceback (exit 1): `bigopt train` and `bigopt run` (before its data steps)
+    refuse it in one line naming the setting, exit 2. A folder that exists (a resume's) passes
+    and keeps only its own files; with no checkpoints to write nothing is made or checked."""
+    from jobs.cli import main
+    from training.api import check_checkpoint_dir
+
+    common = [f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={tmp_path / 'raw'}", "tracking.enabled=false",
+              "train.checkpoint_every=5"]
+    for command in ("train", "run"):
+        assert main([command, "conf/demo.yaml", *common, "train.checkpoint_dir=/proc/x/{run}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bigopt {command}: train.checkpoint_dir='/proc/x/{{run}}': cannot write to /proc/x/demo: "
+                              "[Errno 2] ") and err.endswith("; set it to a folder this user may write\n"), err
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "lake").exists()  # no data step ran
+    cfg = load_config("conf/demo.yaml", [f"train.checkpoint_dir={tmp_path}/ck/{{run}}", "train.checkpoint_every=5"])
+    check_checkpoint_dir(cfg)
+    (tmp_path / "ck" / "demo" / "step-00000005.pt").write_bytes(b"x")
+    check_checkpoint_dir(cfg)
+    assert [p.name for p in (tmp_path / "ck" / "demo").iterdir()] == ["step-00000005.pt"]
+    check_checkpoint_dir(load_config(None, ["train.checkpoint_dir=/proc/x", "train.checkpoint_every=0"]))
+    _refused(r"train\.checkpoint_dir: \{run\} \(run\.name\) is its one placeholder.*KeyError 'foo'",
+             "train.checkpoint_dir=/x/{foo}")
