@@ -95,10 +95,10 @@ def run(cfg, args) -> int:
     from training.api import check_checkpoint_dir, print_summary, run_training
     from training.checkpoint import ResumeError
     from training.data.loader import UnreadableDataFileError
-    from training.dataspec import GoldVersionError
+    from training.dataspec import DataNotFoundError, GoldVersionError
     from training.launch import RankFailure, RanksNotStartedError
     from training.loop import TrainSettingsError
-    from training.tracking import TrackingStoreError, check_store, tracking_uri
+    from training.tracking import TrackingStoreError, check_artifact_location, check_store, tracking_uri
 
     console = make_console()
     if cfg.run.dataset != "criteo" or getattr(cfg, "criteo", None) is None:
@@ -116,8 +116,9 @@ def run(cfg, args) -> int:
 
         check_settings(cfg.train, NUM_SPARSE, NUM_DENSE)
         check_checkpoint_dir(cfg)  # a checkpoint folder it cannot write
-        if cfg.tracking.enabled:  # and an unreachable tracking store
+        if cfg.tracking.enabled:  # and an unreachable tracking store, or an artifact folder it cannot write
             check_store(tracking_uri(cfg.tracking))
+            check_artifact_location(cfg)
     except (TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
@@ -176,7 +177,7 @@ def run(cfg, args) -> int:
         with step("train", f"{cfg.train.model} / {cfg.train.optimizer} on {ranks} rank(s)"), resumable_on_a_stop(cfg):
             res = run_training(cfg, spark=spark, resume=args.resume, local=args.local,
                                store_checked=True)  # checked above
-    except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
+    except (DataNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2
     except (UnreadableDataFileError, RankFailure, RanksNotStartedError) as e:  # a damaged file; a rank's error

@@ -70,7 +70,7 @@ def run(cfg, args) -> int:
     from training.api import print_summary, run_training
     from training.checkpoint import ResumeError
     from training.data.loader import UnreadableDataFileError
-    from training.dataspec import GoldVersionError
+    from training.dataspec import DataNotFoundError, GoldVersionError
     from training.launch import RankFailure, RanksNotStartedError
     from training.loop import TrainSettingsError
     from training.tracking import TrackingStoreError
@@ -83,7 +83,7 @@ def run(cfg, args) -> int:
     try:  # starts Spark only for Horovod-on-Spark ranks
         with resumable_on_a_stop(cfg):
             res = run_training(cfg, resume=args.resume, local=args.local)
-    except (FileNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
+    except (DataNotFoundError, GoldVersionError, ResumeError, TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt train: {e}", file=sys.stderr)
         return 2
     except (UnreadableDataFileError, RankFailure, RanksNotStartedError) as e:  # a damaged file; a rank's error

@@ -25,6 +25,12 @@ class GoldVersionError(ValueError):
     have, or a build a table has no commit of (the message names the table and the remedy)."""
 
 
+class DataNotFoundError(FileNotFoundError):
+    """A gold table or vocabulary the settings name (or default to) does not exist: a usage
+    error (exit 2), where another FileNotFoundError (an artifact folder gone while MLflow logs)
+    is not. Until the twenty-eighth session `bigopt train` took every FileNotFoundError for this."""
+
+
 @dataclass
 class DataSpec:
     train: str
@@ -124,7 +130,7 @@ def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
 
     if explicit:
         if not exists(explicit):
-            raise FileNotFoundError(f"train.vocabulary: {explicit} does not exist")
+            raise DataNotFoundError(f"train.vocabulary: {explicit} does not exist")
         return explicit
     d = _parent(normalize_uri(train_uri)).rstrip("/")
     for name in _VOCAB_FILES:
@@ -325,15 +331,15 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
     if not _exists(train):
         if t.train_table is None and ds != getattr(getattr(cfg, "criteo", None), "name", ds):
             # `bigopt featurize` writes the Criteo pipeline's gold only: its remedy does not apply
-            raise FileNotFoundError(f"gold train table not found at {train}: run.dataset={cfg.run.dataset} has no "
+            raise DataNotFoundError(f"gold train table not found at {train}: run.dataset={cfg.run.dataset} has no "
                                     "pipeline in bigopt (the Criteo one writes its gold with run.dataset=criteo); "
                                     "for tables of your own set train.train_table")
-        raise FileNotFoundError(f"gold train table not found at {train} (run `bigopt featurize` first)")
+        raise DataNotFoundError(f"gold train table not found at {train} (run `bigopt featurize` first)")
     pinned = dict(versions or {})
     uris = {"valid": valid if _exists(valid) else None, "test": test if _exists(test) else None}
     for split, uri in (("valid", valid), ("test", test)):
         if uris[split] is None and split in pinned:
-            raise FileNotFoundError(f"gold {split} table not found at {uri} (version {pinned[split]} is pinned)")
+            raise DataNotFoundError(f"gold {split} table not found at {uri} (version {pinned[split]} is pinned)")
 
     latest = {s: table_version(u) for s, u in (("train", train), *uris.items()) if u}  # one log read each
     train_version = pinned.get("train", t.table_version)

@@ -97,6 +97,35 @@ def check_store(uri: str, timeout_s: float = _CHECK_TIMEOUT_S) -> None:
                                      "<path>.db, postgresql://..., http(s)://<server> or databricks") from None
 
 
+def check_artifact_location(cfg) -> None:
+    """A new experiment's artifacts go to ``tracking.artifact_location`` (unset: ``<cwd>/mlruns``):
+    where that is a local folder, make it and try a write there now, as the store is checked.
+    Until the twenty-eighth session one that could not be made (``/proc/x``) failed when the
+    model was logged, after training, with only ``[Errno 2] No such file or directory`` and the
+    MLflow run left FAILED. An existing experiment keeps its own location: nothing to check.
+    Raises :class:`TrackingStoreError`."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from pipelines.lake.fs import check_writable
+
+    location = artifact_location(cfg.tracking)
+    parsed = urlparse(location)
+    if len(parsed.scheme) > 1 and parsed.scheme.lower() != "file":  # s3://, mlflow-artifacts:, ...: remote
+        return
+    name = experiment_name(cfg)
+    if _client(tracking_uri(cfg.tracking)).get_experiment_by_name(name) is not None:
+        return
+    folder = Path(url2pathname(parsed.path) if parsed.scheme.lower() == "file" else location).expanduser()
+    try:
+        check_writable(str(folder))  # makes the folder, as MLflow would
+    except PermissionError as e:
+        what = (f"tracking.artifact_location={cfg.tracking.artifact_location!r}" if cfg.tracking.artifact_location
+                else f"tracking.artifact_location (unset: {location})")
+        raise TrackingStoreError(f"{what}, the new MLflow experiment {name!r}'s artifact folder: {e}; set it to a "
+                                 "folder this user may write") from None
+
+
 def _check_sqlite(uri: str, timeout_s: float) -> None:
     import sqlite3
 

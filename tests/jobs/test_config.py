@@ -605,3 +605,57 @@ def test_an_unwritable_checkpoint_dir_is_refused_before_training(tmp_path, capsy
     check_checkpoint_dir(load_config(None, ["train.checkpoint_dir=/proc/x", "train.checkpoint_every=0"]))
     _refused(r"train\.checkpoint_dir: \{run\} \(run\.name\) is its one placeholder.*KeyError 'foo'",
              "train.checkpoint_dir=/x/{foo}")
+
+
+def test_an_unwritable_artifact_location_is_refused_before_training(tmp_path, capsys):
+    """``tracking.artifact_location=/proc/x`` for a new experiment failed when the model was
+    logged, after training: `bigopt train: [Errno 2] No such file or directory: '/proc/x'` (no
+    setting named: every FileNotFoundError was taken for missing gold), the MLflow run left
+    FAILED. Now one line naming the setting, before the data is read; an existing experiment
+    keeps its own location, so nothing is checked for it."""
+    import mlflow
+    from train_helpers import fresh_store
+
+    from jobs.cli import main
+
+    uri, _ = fresh_store(tmp_path)
+    capsys.readouterr()  # MLflow's lines as it made the template store
+    common = ["conf/demo.yaml", f"lake.root={tmp_path / 'lake'}", f"criteo.raw_dir={tmp_path / 'raw'}",
+              f"tracking.tracking_uri={uri}", "tracking.experiment=new-one"]
+    for location in ("/proc/x", "file:///proc/x"):
+        for command in ("train", "run"):
+            assert main([command, *common, f"tracking.artifact_location={location}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"bigopt {command}: tracking.artifact_location={location!r}, the new MLflow "
+                                  "experiment 'new-one''s artifact folder: cannot write to /proc/x: [Errno 2] "), err
+            assert err.endswith("; set it to a folder this user may write\n") and err.count("\n") == 1
+    assert not (tmp_path / "raw").exists()  # `bigopt run` refused before its data steps
+    mlflow.MlflowClient(uri).create_experiment("new-one", artifact_location=str(tmp_path / "art"))
+    assert main(["train", *common, "tracking.artifact_location=/proc/x"]) == 2
+    assert "gold train table not found" in capsys.readouterr().err  # the experiment's own location stands
+    assert main(["train", *common[:-1], "tracking.experiment=s3-one", "tracking.artifact_location=s3://b/x"]) == 2
+    assert "gold train table not found" in capsys.readouterr().err  # not a local folder: MLflow's to reach
+
+
+def test_only_missing_data_is_a_usage_error_of_train(monkeypatch, capsys):
+    """Another FileNotFoundError raised while training is not said as a usage error (it was:
+    exit 2 and a bare ``[Errno 2]`` line); missing gold still is."""
+    import jobs.train
+    import training.api
+    from jobs.cli import main
+    from training.dataspec import DataNotFoundError
+
+    def raising(error):
+        def run_training(*args, **kwargs):
+            raise error
+
+        return run_training
+
+    monkeypatch.setattr(training.api, "run_training",
+                        raising(FileNotFoundError(2, "No such file or directory", "/gone/artifact")))
+    args = type("Args", (), {"resume": False, "local": True, "num_proc": None})()
+    with pytest.raises(FileNotFoundError):
+        jobs.train.run(load_config(None, ["tracking.enabled=false"]), args)
+    monkeypatch.setattr(training.api, "run_training", raising(DataNotFoundError("gold x")))
+    assert main(["train", "tracking.enabled=false"]) == 2
+    assert capsys.readouterr().err == "bigopt train: gold x\n"
