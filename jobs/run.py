@@ -49,6 +49,22 @@ def check_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
+def gold_elsewhere(cfg) -> list[str]:
+    """The ``train.*`` data settings (``key=value``) that name other gold or another vocabulary
+    than the ones this command's featurize step writes. Until the twenty-eighth session
+    ``bigopt run ... train.train_table=/nope/train`` ran generate, ingest and featurize for a
+    minute, then trained on the other table or said it was not found: without ``--skip-data``
+    they are refused up front; with it, training on other gold is what was asked."""
+    from pipelines.criteo.schema import tables
+    from pipelines.lake.fs import normalize_uri
+
+    paths = tables(cfg)
+    written = {"train_table": paths["train"], "valid_table": paths["valid"], "test_table": paths["test"],
+               "vocabulary": paths["features_json"]}
+    return [f"train.{key}={given} (featurize writes {path})" for key, path in written.items()
+            if (given := getattr(cfg.train, key)) is not None and normalize_uri(given) != normalize_uri(path)]
+
+
 def needs_generation(cfg) -> bool:
     """Generate when no raw input is configured or present (the demo case), or when the files
     there are an earlier generate's with other ``criteo.generate`` settings (its
@@ -108,6 +124,10 @@ def run(cfg, args) -> int:
         cfg = apply_cli_overrides(cfg, args)
     except ValueError as e:
         print(f"bigopt run: {e}", file=sys.stderr)
+        return 2
+    if not args.skip_data and (elsewhere := gold_elsewhere(cfg)):
+        print(f"bigopt run: {'; '.join(elsewhere)}: not the gold its featurize step writes; to train on it, "
+              "add --skip-data (no data steps), else leave the setting unset", file=sys.stderr)
         return 2
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"test_at_end": True})})
     try:  # bad train.* settings are one line now, not after minutes of ingest and featurize

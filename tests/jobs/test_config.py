@@ -659,3 +659,26 @@ def test_only_missing_data_is_a_usage_error_of_train(monkeypatch, capsys):
     monkeypatch.setattr(training.api, "run_training", raising(DataNotFoundError("gold x")))
     assert main(["train", "tracking.enabled=false"]) == 2
     assert capsys.readouterr().err == "bigopt train: gold x\n"
+
+
+def test_run_refuses_gold_settings_its_featurize_does_not_write(tmp_path, capsys):
+    """``bigopt run conf/demo.yaml train.train_table=/nope/train`` ran generate, ingest and
+    featurize (~50 s), then said the table was not found: without --skip-data a train.* table
+    or vocabulary other than what its featurize step writes is refused up front (exit 2); the
+    same path spelled out, and any path with --skip-data, pass on."""
+    from jobs.cli import main
+
+    lake = tmp_path / "lake"
+    common = ["conf/demo.yaml", f"lake.root={lake}", f"criteo.raw_dir={tmp_path / 'raw'}", "tracking.enabled=false"]
+    assert main(["run", *common, "train.train_table=/nope/train", "train.vocabulary=/nope/v.json"]) == 2
+    assert capsys.readouterr().err == (
+        f"bigopt run: train.train_table=/nope/train (featurize writes {lake}/demo/gold/train); train.vocabulary="
+        f"/nope/v.json (featurize writes {lake}/demo/gold/features.json): not the gold its featurize step writes; "
+        "to train on it, add --skip-data (no data steps), else leave the setting unset\n")
+    assert not (tmp_path / "raw").exists()
+    assert main(["run", *common, "--skip-data", "train.train_table=/nope/train"]) == 2
+    assert "gold train table not found at /nope/train" in capsys.readouterr().err  # asked for: tried
+    from jobs.run import gold_elsewhere
+
+    assert gold_elsewhere(load_config("conf/demo.yaml", [f"lake.root={lake}",
+                                                         f"train.test_table=file://{lake}/demo/gold/test"])) == []
