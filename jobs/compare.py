@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +35,18 @@ def _ci(lo: float, hi: float, fmt: str = "+.4f") -> str:
     return "n/a" if lo != lo else f"[{format(lo, fmt)}, {format(hi, fmt)}]"
 
 
+def _missing_sqlite_store(uri: str) -> str | None:
+    """The file of a sqlite tracking store that does not exist (None otherwise). Comparing only
+    reads the store: until the twenty-eighth session a wrong or default ``tracking_uri`` made an
+    empty ``mlflow.db`` where the command ran, then said the experiment was not there."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    db = make_url(uri).database
+    return db if db and db != ":memory:" and not Path(db).exists() else None
+
+
 def run(cfg, args) -> int:
     from rich.table import Table
 
@@ -43,6 +56,10 @@ def run(cfg, args) -> int:
 
     uri = tracking_uri(cfg.tracking)
     experiment = args.experiment or experiment_name(cfg)
+    if (db := _missing_sqlite_store(uri)) is not None:
+        print(f"bigopt compare: no MLflow tracking store at {db} ({uri}): no run was logged there; set "
+              "tracking.tracking_uri to the store the runs were logged to", file=sys.stderr)
+        return 2
     try:
         check_store(uri)
         runs = load_runs(uri, experiment)

@@ -97,6 +97,11 @@ def test_bigopt_compare_prints_writes_and_refuses(experiment, tmp_path, capsys):
     # an experiment that is not there: one line naming those that are, exit 2
     assert main(["compare", f"tracking.tracking_uri={uri}", "--experiment", "nope"]) == 2
     assert capsys.readouterr().err.startswith(f"bigopt compare: no experiment 'nope' in {uri} (there: ")
+    # a store that is not there: said, and not made (an empty mlflow.db was left where it ran)
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    assert main(["compare", f"tracking.tracking_uri=sqlite:///{missing}"]) == 2
+    assert capsys.readouterr().err.startswith(f"bigopt compare: no MLflow tracking store at {missing} (")
+    assert not missing.parent.exists()
 
 
 def test_mixed_devices_code_and_shared_seeds_are_said(mlflow_store):
