@@ -108,13 +108,13 @@ def run(cfg, args) -> int:
     from jobs.console import make_console, print_error, styled
     from jobs.train import apply_cli_overrides, resumable_on_a_stop
     from pipelines.spark import spark_from_config
-    from training.api import check_checkpoint_dir, print_summary, run_training
+    from training.api import check_destinations, print_summary, run_training
     from training.checkpoint import ResumeError
     from training.data.loader import UnreadableDataFileError
     from training.dataspec import DataNotFoundError, GoldVersionError
     from training.launch import RankFailure, RanksNotStartedError
     from training.loop import TrainSettingsError
-    from training.tracking import TrackingStoreError, check_artifact_location, check_store, tracking_uri
+    from training.tracking import TrackingStoreError
 
     console = make_console()
     if cfg.run.dataset != "criteo" or getattr(cfg, "criteo", None) is None:
@@ -135,10 +135,7 @@ def run(cfg, args) -> int:
         from training.loop import check_settings
 
         check_settings(cfg.train, NUM_SPARSE, NUM_DENSE)
-        check_checkpoint_dir(cfg)  # a checkpoint folder it cannot write
-        if cfg.tracking.enabled:  # and an unreachable tracking store, or an artifact folder it cannot write
-            check_store(tracking_uri(cfg.tracking))
-            check_artifact_location(cfg)
+        check_destinations(cfg)  # and the store, artifact and checkpoint folders it cannot reach or write
     except (TrainSettingsError, TrackingStoreError) as e:
         print(f"bigopt run: {e}", file=sys.stderr)
         return 2

@@ -104,21 +104,29 @@ def check_checkpoint_dir(cfg) -> None:
                                  "user may write") from None
 
 
+def check_destinations(cfg) -> None:
+    """Where the run will write, checked before anything runs: the tracking store (reachable,
+    writable) and a new experiment's artifact folder when tracking is on, and the checkpoint
+    folder. Raises TrackingStoreError or TrainSettingsError, each one line."""
+    if cfg.tracking.enabled:  # an unreachable store is one line, not minutes of retries
+        check_store(tracking_uri(cfg.tracking))
+        check_artifact_location(cfg)
+    check_checkpoint_dir(cfg)
+
+
 def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
                  store_checked: bool = False) -> TrainResult:
     """Train per ``cfg.train``; returns every rank's result (rank 0 first). ``spark``: a
     SparkSession or a callable that starts one (:func:`pipelines.spark.session_of`), used only
     when the ranks run on Horovod-on-Spark; None: the session ``cfg.spark`` describes.
-    ``store_checked``: the caller already ran :func:`check_store` and :func:`check_artifact_location`
-    (``bigopt run``, before ingest)."""
+    ``store_checked``: the caller already ran :func:`check_destinations` (``bigopt run``, before
+    ingest)."""
     from jobs.config import config_dict, config_hash, flatten
 
     if local and cfg.train.num_proc != 1:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_proc": 1})})
-    if cfg.tracking.enabled and not store_checked:  # an unreachable store is one line, not minutes of retries
-        check_store(tracking_uri(cfg.tracking))
-        check_artifact_location(cfg)  # and a new experiment's artifact folder it cannot write
-    check_checkpoint_dir(cfg)
+    if not store_checked:
+        check_destinations(cfg)
     t = cfg.train
     ckpt_dir = checkpoint_dir_for(cfg)
     run_id = None
