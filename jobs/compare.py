@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 
 def add_arguments(parser) -> None:
@@ -35,28 +34,18 @@ def _ci(lo: float, hi: float, fmt: str = "+.4f") -> str:
     return "n/a" if lo != lo else f"[{format(lo, fmt)}, {format(hi, fmt)}]"
 
 
-def _missing_sqlite_store(uri: str) -> str | None:
-    """The file of a sqlite tracking store that does not exist (None otherwise). Comparing only
-    reads the store: until the twenty-eighth session a wrong or default ``tracking_uri`` made an
-    empty ``mlflow.db`` where the command ran, then said the experiment was not there."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    db = make_url(uri).database
-    return db if db and db != ":memory:" and not Path(db).exists() else None
-
-
 def run(cfg, args) -> int:
     from rich.table import Table
 
     from jobs.console import make_console
     from training.compare import figure, group_runs, load_runs, summarize
-    from training.tracking import TrackingStoreError, check_store, experiment_name, tracking_uri
+    from training.tracking import TrackingStoreError, check_store, experiment_name, sqlite_file, tracking_uri
 
     uri = tracking_uri(cfg.tracking)
     experiment = args.experiment or experiment_name(cfg)
-    if (db := _missing_sqlite_store(uri)) is not None:
+    # comparing only reads the store: until the twenty-eighth session a wrong or default
+    # tracking_uri made an empty mlflow.db where the command ran, then said the experiment was not there
+    if (db := sqlite_file(uri)) is not None and not db.exists():
         print(f"bigopt compare: no MLflow tracking store at {db} ({uri}): no run was logged there; set "
               "tracking.tracking_uri to the store the runs were logged to", file=sys.stderr)
         return 2

@@ -126,15 +126,22 @@ def check_artifact_location(cfg) -> None:
                                  "folder this user may write") from None
 
 
-def _check_sqlite(uri: str, timeout_s: float) -> None:
-    import sqlite3
-
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:`` tracking store URI (None: another store, or in memory)."""
+    if not uri.startswith("sqlite:"):
+        return None
     from sqlalchemy.engine import make_url
 
     db = make_url(uri).database
-    if not db or db == ":memory:":
+    return Path(db) if db and db != ":memory:" else None
+
+
+def _check_sqlite(uri: str, timeout_s: float) -> None:
+    import sqlite3
+
+    path = sqlite_file(uri)
+    if path is None:
         return
-    path = Path(db)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does before it opens the file
     except OSError as e:
