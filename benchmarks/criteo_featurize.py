@@ -361,7 +361,6 @@ def stage_loader(table: str) -> dict:
     import warnings
 
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     from pipelines.criteo.config import FeaturizeConfig
@@ -374,12 +373,9 @@ def stage_loader(table: str) -> dict:
     torch.set_num_threads(1)
     fz = FeaturizeConfig()
     files = [f.uri for f in DeltaSnapshot(table).files()]
-    t = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
-    d = t.column("dense").chunk(0).values.to_numpy().reshape(-1, 13)
-    s = t.column("sparse").chunk(0).values.to_numpy().reshape(-1, 26)
-    cols = pa.table({"label": t.column("label"), **{c: d[:, i] for i, c in enumerate(DENSE)},
-                     **{c: s[:, i] for i, c in enumerate(SPARSE)}})
-    del t, d, s
+    cols = pa.concat_tables(pa.table({"label": label, **{c: d[:, i] for i, c in enumerate(DENSE)},
+                                      **{c: s[:, i] for i, c in enumerate(SPARSE)}})
+                            for label, d, s in gold_batches(table))
     scalar = str(Path(table).parent / "_bench_scalar_columns")
     with UncommittedWrites() as writes:
         tw = writes.add(begin_write(scalar, cols.schema, mode="overwrite", row_group_rows=fz.row_group_rows,
