@@ -10,11 +10,14 @@ from pathlib import Path
 def _migrated_store() -> str:
     """An empty MLflow sqlite store with its schema made, once per test process: making the
     schema (MLflow's migrations) costs ~3 s per new store, copying this one ~0.1 s."""
+    import atexit
     import tempfile
 
     import mlflow
 
-    path = Path(tempfile.mkdtemp(prefix="bigopt-mlflow-template-")) / "mlflow.db"
+    folder = tempfile.mkdtemp(prefix="bigopt-mlflow-template-")
+    atexit.register(shutil.rmtree, folder, True)  # one per test process, not left in /tmp
+    path = Path(folder) / "mlflow.db"
     mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
     return str(path)
 
