@@ -19,6 +19,10 @@ os.environ.setdefault("BIGOPT_SPARK_UI", "0")
 os.environ.setdefault("BIGOPT_DRIVER_MEMORY", "3g")
 # never reach a remote MLflow server from tests
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Commands print as to a log (jobs/console.py), whatever the terminal: a COLUMNS exported by the
+# shell, or the COLUMNS=80 pytest-xdist gives its workers, would re-wrap the tables tests read.
+for _v in ("COLUMNS", "LINES"):
+    os.environ.pop(_v, None)
 
 
 def _free_port() -> int:
