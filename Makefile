@@ -25,8 +25,11 @@ horovod:
 demo: setup
 	$(VENV)/bin/bigopt run conf/demo.yaml
 
+# two workers, each with its own SparkSession, a test file at a time (module fixtures stay whole):
+# on 2 cores the suite keeps both busy (~70 % on one worker). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-cuda: setup
 	$(PY) -m pytest -q -rs tests/cuda $(PYTEST_ARGS)
