@@ -98,32 +98,45 @@ def check_store(uri: str, timeout_s: float = _CHECK_TIMEOUT_S) -> None:
 
 
 def check_artifact_location(cfg) -> None:
-    """A new experiment's artifacts go to ``tracking.artifact_location`` (unset: ``<cwd>/mlruns``):
-    where that is a local folder, make it and try a write there now, as the store is checked.
-    Until the twenty-eighth session one that could not be made (``/proc/x``) failed when the
-    model was logged, after training, with only ``[Errno 2] No such file or directory`` and the
-    MLflow run left FAILED. An existing experiment keeps its own location: nothing to check.
-    Raises :class:`TrackingStoreError`."""
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
+    """The run's artifacts go to its experiment's folder: for a new experiment
+    ``tracking.artifact_location`` (unset: ``<cwd>/mlruns``), for an existing one the location
+    it was created with. Where that is a local folder, make it and try a write there now, as the
+    store is checked. Until the twenty-eighth session one that could not be made (``/proc/x``)
+    failed when the model was logged, after training, with only ``[Errno 2] No such file or
+    directory`` and the MLflow run left FAILED; until the twenty-ninth an existing experiment's
+    own location was not checked, so an experiment made by another user, or from a checkout
+    since moved, failed the same way. Raises :class:`TrackingStoreError`."""
     from pipelines.lake.fs import check_writable
 
-    location = artifact_location(cfg.tracking)
-    parsed = urlparse(location)
-    if len(parsed.scheme) > 1 and parsed.scheme.lower() != "file":  # s3://, mlflow-artifacts:, ...: remote
-        return
     name = experiment_name(cfg)
-    if _client(tracking_uri(cfg.tracking)).get_experiment_by_name(name) is not None:
+    existing = _client(tracking_uri(cfg.tracking)).get_experiment_by_name(name)
+    location = existing.artifact_location if existing is not None else artifact_location(cfg.tracking)
+    folder = _local_folder(location)
+    if folder is None:  # s3://, mlflow-artifacts:, ...: MLflow's to reach
         return
-    folder = Path(url2pathname(parsed.path) if parsed.scheme.lower() == "file" else location).expanduser()
     try:
         check_writable(str(folder))  # makes the folder, as MLflow would
     except PermissionError as e:
+        if existing is not None:
+            raise TrackingStoreError(f"the MLflow experiment {name!r} keeps its artifacts in {location}: {e}; make it "
+                                     "writable for this user, or train under another experiment "
+                                     "(tracking.experiment)") from None
         what = (f"tracking.artifact_location={cfg.tracking.artifact_location!r}" if cfg.tracking.artifact_location
                 else f"tracking.artifact_location (unset: {location})")
         raise TrackingStoreError(f"{what}, the new MLflow experiment {name!r}'s artifact folder: {e}; set it to a "
                                  "folder this user may write") from None
+
+
+def _local_folder(location: str) -> Path | None:
+    """The local folder an artifact location names (a path or a ``file:`` URI); None for a
+    remote one."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(location)
+    if len(parsed.scheme) > 1 and parsed.scheme.lower() != "file":  # one letter: a Windows drive
+        return None
+    return Path(url2pathname(parsed.path) if parsed.scheme.lower() == "file" else location).expanduser()
 
 
 def sqlite_file(uri: str) -> Path | None:

@@ -611,8 +611,9 @@ def test_an_unwritable_artifact_location_is_refused_before_training(tmp_path, ca
     """``tracking.artifact_location=/proc/x`` for a new experiment failed when the model was
     logged, after training: `bigopt train: [Errno 2] No such file or directory: '/proc/x'` (no
     setting named: every FileNotFoundError was taken for missing gold), the MLflow run left
-    FAILED. Now one line naming the setting, before the data is read; an existing experiment
-    keeps its own location, so nothing is checked for it."""
+    FAILED. Now one line naming the setting, before the data is read. An existing experiment
+    keeps its own location, and that is checked instead (it was not: an experiment another user
+    made, or a checkout since moved, failed the same way after training)."""
     import mlflow
     from train_helpers import fresh_store
 
@@ -633,6 +634,17 @@ def test_an_unwritable_artifact_location_is_refused_before_training(tmp_path, ca
     mlflow.MlflowClient(uri).create_experiment("new-one", artifact_location=str(tmp_path / "art"))
     assert main(["train", *common, "tracking.artifact_location=/proc/x"]) == 2
     assert "gold train table not found" in capsys.readouterr().err  # the experiment's own location stands
+    client = mlflow.MlflowClient(uri)
+    for name, location in (("elsewhere", "/proc/y"), ("elsewhere-uri", "file:///proc/y")):
+        client.create_experiment(name, artifact_location=location)
+        for command in ("train", "run"):
+            assert main([command, *common[:-1], f"tracking.experiment={name}", f"tracking.artifact_location={tmp_path}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"bigopt {command}: the MLflow experiment {name!r} keeps its artifacts in "), err
+            assert "cannot write to /proc/y: [Errno 2] " in err and err.count("\n") == 1, err
+            assert err.endswith("; make it writable for this user, or train under another experiment "
+                                "(tracking.experiment)\n"), err
+    assert not (tmp_path / "raw").exists()
     assert main(["train", *common[:-1], "tracking.experiment=s3-one", "tracking.artifact_location=s3://b/x"]) == 2
     assert "gold train table not found" in capsys.readouterr().err  # not a local folder: MLflow's to reach
 
