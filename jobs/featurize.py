@@ -34,11 +34,11 @@ def run(cfg, args) -> int:
 
     if args.bronze_version is not None:
         cfg.criteo.featurize.bronze_version = args.bronze_version
-    console, rep = run_spark_step(
+    console, rep, status = run_spark_step(
         cfg, "featurize", lambda spark, progress: featurize(spark, cfg, progress=progress, force=args.force),
-        errors=(FeaturizeError,))
-    if rep is None:
-        return 1
+        errors=(FeaturizeError,))  # a missing bronze is an OSError, as lake_errors takes
+    if status:
+        return status
     built = "up to date, nothing written (--force rebuilds)" if rep.up_to_date else f"in {rep.seconds:.1f}s"
     table = Table(title=f"featurize ({rep.strategy}, {rep.split_mode} split) from bronze v{rep.bronze_version}: {built}")
     for col, just in (("split", "left"), ("rows", "right"), ("version", "right"), ("table", "left")):

@@ -63,9 +63,9 @@ def run(cfg, args) -> int:
             unreadable = said  # found while reading: the other files were ingested, show them
             return e.report
 
-    console, rep = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, ValueError))
-    if rep is None:
-        return 1
+    console, rep, status = run_spark_step(cfg, "ingest", step, errors=(IngestError, FileNotFoundError, ValueError))
+    if status:
+        return status
     table = Table(title=f"ingest batch {rep.batch_id}: {rep.ingested} file(s) ingested, "
                         f"{rep.skipped} skipped, " + (f"{rep.failed} failed, " if rep.failed else "")
                         + f"{rep.seconds:.1f}s")

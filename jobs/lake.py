@@ -54,7 +54,7 @@ def run(cfg, args) -> int:
 
         why = "it is a file" if os.path.isfile(args.table) else "it has no _delta_log"
         print_error(f"bigopt lake: no Delta table at {args.table} ({why})")
-        return 1
+        return 2
     if args.action == "history":
         try:  # an older entry's commitInfo damaged (ValueError), or the log damaged since the check
             history = lake.history(args.table, args.limit)
@@ -159,7 +159,7 @@ def _roundtrip(cfg, args) -> int:
         check_writable(path)
     except PermissionError as e:
         print_error(f"bigopt lake: roundtrip: {e}")
-        return 1
+        return 2
     from jobs.spark_step import run_spark_step
 
     def step(start_spark, progress):
@@ -187,9 +187,9 @@ def _roundtrip(cfg, args) -> int:
         return lake.delta_engine(spark), v, back.count(), diff
 
     # a Spark that cannot start (spark.conf.spark.scheduler.mode=FOO) or a job that fails: one line, as every step's
-    console, result = run_spark_step(cfg, "lake", step, errors=())
-    if result is None:
-        return 1
+    console, result, status = run_spark_step(cfg, "lake", step, errors=())
+    if status:
+        return status
     engine, v, n, diff = result
     console.print(f"engine={engine} table={path} version={v} rows={n} mismatched_rows={diff}")
     return 0 if n == 100_000 and diff == 0 else 1

@@ -165,7 +165,7 @@ def run(cfg, args) -> int:
         from pipelines.criteo.featurize import FeaturizeError, featurize
         from pipelines.criteo.generate import ForeignFilesError
         from pipelines.criteo.ingest import IngestError, ingest
-        from jobs.spark_step import error_text, step_error
+        from jobs.spark_step import error_text, exit_status, step_error
         from pipelines.raw_inputs import InputNameError
 
         try:
@@ -187,7 +187,7 @@ def run(cfg, args) -> int:
                                            ForeignFilesError))) is None:
                 raise
             print_error(error_text("run", shown))
-            return 1
+            return exit_status(shown)
 
     try:
         ranks = 1 if args.local else cfg.train.num_proc  # --local: one in-process rank

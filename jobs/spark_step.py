@@ -1,9 +1,9 @@
 """Run one Spark pipeline step for a ``bigopt`` command, with a live status line.
 
-    console, report = run_spark_step(cfg, "ingest", lambda spark, progress: ingest(spark, cfg, progress=progress),
-                                     errors=(IngestError,))
-    if report is None:
-        return 1            # the error was printed
+    console, report, status = run_spark_step(cfg, "ingest", lambda spark, progress: ingest(spark, cfg, progress=progress),
+                                             errors=(IngestError,))
+    if status:
+        return status       # the error was printed: 2 (cannot run as given) or 1 (exit_status)
 
 The step gets a *starter* for the configured SparkSession, not a session: the steps call it
 only when they have work (``pipelines.spark.session_of``), so ``bigopt ingest`` with every file
@@ -31,6 +31,15 @@ def lake_errors() -> tuple[type[BaseException], ...]:
     from pipelines.lake.commit import CommitConflictError
 
     return CommitConflictError, OSError
+
+
+def exit_status(e: BaseException) -> int:
+    """``bigopt``'s exit status for a step that raised ``e`` (README, "Exit status"): 2 when the
+    command cannot run as given, found before any work (an input that is not there, a folder it
+    may not write: :mod:`pipelines.errors`), as for a bad setting; 1 when the work failed."""
+    from pipelines.errors import MissingInputError, UnwritableError
+
+    return 2 if isinstance(e, (MissingInputError, UnwritableError)) else 1
 
 
 def spark_failure(e: BaseException) -> str | None:
@@ -95,9 +104,10 @@ def run_spark_step(
     errors: tuple[type[BaseException], ...],
 ):
     """Call ``step(start_spark, progress)``; ``start_spark()`` starts the configured
-    SparkSession on its first call and returns it on every call. Returns ``(console, result)``;
-    ``result`` is None when ``step`` raised one of ``errors`` or of :func:`lake_errors`
-    (printed as ``bigopt <command>: <error>``, to stderr)."""
+    SparkSession on its first call and returns it on every call. Returns ``(console, result,
+    status)``: ``status`` 0 with the step's result, or :func:`exit_status` with ``result`` None
+    when ``step`` raised one of ``errors`` or of :func:`lake_errors` (printed as
+    ``bigopt <command>: <error>``, to stderr)."""
     from jobs.console import make_console, print_error, styled
     from pipelines.spark import spark_from_config
 
@@ -116,9 +126,9 @@ def run_spark_step(
             return spark_from_config(cfg.spark)
 
         try:
-            return console, step(start_spark, progress)
+            return console, step(start_spark, progress), 0
         except Exception as e:  # noqa: BLE001 - printed as one line, or raised again
             if (shown := step_error(e, errors)) is None:
                 raise
     print_error(error_text(command, shown))  # once the status line is gone
-    return console, None
+    return console, None, exit_status(shown)

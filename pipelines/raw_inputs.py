@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
+from pipelines.errors import MissingInputError
 from pipelines.lake.fs import filesystem_for, is_local, normalize_uri
 
 _WILDCARDS = "*?["
@@ -165,21 +166,21 @@ def resolve(specs: Sequence[str], file_globs: Sequence[str], exclude_globs: Sequ
                 matches = [m for m in matches if not basename(m).startswith("_")]
             _regular(matches)  # a broken link or a FIFO that matches fails the run, named
             if not matches:
-                raise FileNotFoundError(f"input glob {spec!r} matches no file")
+                raise MissingInputError(f"input glob {spec!r} matches no file")
             out += matches
             continue
         kind = _info(name).type
         if kind == pafs.FileType.Directory:
             found = _directory_files(name, file_globs, exclude_globs)
             if not found:  # as a glob that matches nothing: a wrong folder, or files not there yet
-                raise FileNotFoundError(f"input directory {spec!r} has no file matching {list(file_globs)}")
+                raise MissingInputError(f"input directory {spec!r} has no file matching {list(file_globs)}")
             out += found
         elif kind == pafs.FileType.File:
             out.append(name)
         elif is_local(name) and os.path.lexists(name):  # a broken link, a FIFO: it exists, as what
             raise InputNotAFileError(f"input {spec!r} {_not_a_file(name) or 'is not a regular file'}")
         else:
-            raise FileNotFoundError(f"input {spec!r} does not exist")
+            raise MissingInputError(f"input {spec!r} does not exist")
     seen: set[str] = set()
     out = [p for p in out if not (p in seen or seen.add(p))]
     for p in out:

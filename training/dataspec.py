@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from pipelines.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ class GoldVersionError(ValueError):
     have, or a build a table has no commit of (the message names the table and the remedy)."""
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(MissingInputError):
     """A gold table or vocabulary the settings name (or default to) does not exist: a usage
     error (exit 2), where another FileNotFoundError (an artifact folder gone while MLflow logs)
     is not. Until the twenty-eighth session `bigopt train` took every FileNotFoundError for this."""

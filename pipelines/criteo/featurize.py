@@ -107,6 +107,7 @@ from pipelines.criteo.split import (  # the split is planned from the log and le
     view_sources,
 )
 from pipelines.criteo.vocabulary import build_vocabulary, hashed_ids, load_vocabulary, vocab_ids
+from pipelines.errors import MissingInputError
 
 if TYPE_CHECKING:
     from pipelines.lake.tasks import TaskWrite
@@ -188,7 +189,7 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
     paths = tables(cfg)
     latest_asked = version in (None, latest)  # not a pin: the in-flight fallback below may apply
     if not table_exists(paths["bronze"]):
-        raise FeaturizeError(f"no bronze table at {paths['bronze']}: run `bigopt ingest` first")
+        raise MissingInputError(f"no bronze table at {paths['bronze']}: run `bigopt ingest` first")
     try:
         snap = DeltaSnapshot(paths["bronze"], version=version)
     except (DeltaError, OverflowError):  # a version bronze does not have (OverflowError: negative)

@@ -78,6 +78,7 @@ from pipelines.criteo.parse import EMPTY_LINE
 from pipelines.criteo.raw_files import GZIP_MIN_BYTES, RawFile, describe_files, unreadable_as_named
 from pipelines.criteo.raw_lines import GONE, ReadFailure, file_sha256, gone_reason, iter_line_blocks
 from pipelines.criteo.schema import tables
+from pipelines.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -678,12 +679,12 @@ def ingest(
     try:
         names = raw_inputs.resolve(list(inputs) if inputs else cfg.criteo.input_specs(), ing.file_globs,
                                    ing.exclude_globs)
-    except FileNotFoundError as e:  # the config's inputs: say where they come from
+    except MissingInputError as e:  # the config's inputs: say where they come from
         if inputs:
             raise
         where = ("criteo.inputs; conf/criteo.yaml takes it from CRITEO_DIR" if cfg.criteo.inputs else
                  "criteo.raw_dir; conf/demo.yaml's is $BIGOPT_DATA/criteo/raw, where `bigopt generate criteo` writes")
-        raise FileNotFoundError(f"{e} ({where}; --input names others)") from None
+        raise MissingInputError(f"{e} ({where}; --input names others)") from None
     say(f"describing {len(names)} input file(s)")
     files = describe_files(names, cfg)
     dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})

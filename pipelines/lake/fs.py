@@ -14,6 +14,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
+from pipelines.errors import UnwritableError
+
 
 def normalize_uri(path: str | os.PathLike) -> str:
     """A local path made absolute (its characters literal: ``a%20b`` is a folder of that name),
@@ -243,7 +245,7 @@ def read_small_file(uri: str) -> bytes:
 
 
 def check_writable(uri: str) -> None:
-    """Raise ``PermissionError`` naming ``uri`` when a file cannot be created there (a lake
+    """Raise :class:`UnwritableError` (a ``PermissionError``) naming ``uri`` when a file cannot be created there (a lake
     root that is a file, a read-only folder or bucket). Called by jobs before they start Spark:
     found by the tasks instead, it surfaced as hundreds of lines of Java and Python traces."""
     import uuid
@@ -256,4 +258,4 @@ def check_writable(uri: str) -> None:
             pass
         fs.delete_file(probe)
     except OSError as e:
-        raise PermissionError(f"cannot write to {uri}: {e}") from e
+        raise UnwritableError(f"cannot write to {uri}: {e}") from e

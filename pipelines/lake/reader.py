@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
+from pipelines.errors import MissingInputError
 from pipelines.lake.fs import delta_uri, file_uri, filesystem_for, join, normalize_uri, path_in_filesystem
 from pipelines.lake.schema import to_pyarrow_schema
 
@@ -102,7 +103,7 @@ class DeltaSnapshot:
         self.uri = normalize_uri(uri)
         self.storage_options = dict(storage_options or {})
         if not DeltaTable.is_deltatable(delta_uri(self.uri), storage_options=self.storage_options):
-            raise FileNotFoundError(f"no Delta table at {self.uri}")
+            raise MissingInputError(f"no Delta table at {self.uri}")
         self.table = DeltaTable(delta_uri(self.uri), version=version, storage_options=self.storage_options)
         if timestamp is not None:
             when = _parse_timestamp(timestamp)

@@ -1615,7 +1615,8 @@ def test_a_copy_is_a_duplicate_whether_its_twin_is_new_or_ingested(spark, tmp_pa
 
 def test_a_lake_that_cannot_be_written_fails_before_spark(spark, tmp_path, capsys, spark_forbidden):
     """A lake root (or gold folder) that is a file, or read-only, is named before any Spark
-    job; found by the tasks it printed hundreds of lines of Java and Python traces."""
+    job; found by the tasks it printed hundreds of lines of Java and Python traces. Exit 2: the
+    command cannot run as given (it was 1)."""
     from jobs.cli import main
     from pipelines.criteo.ingest import ingest
 
@@ -1626,13 +1627,13 @@ def test_a_lake_that_cannot_be_written_fails_before_spark(spark, tmp_path, capsy
     (raw / "day_1").write_text("\n".join([f"0{line[1:]}"] * 20) + "\n")
     (tmp_path / "file").write_text("not a folder")
     with spark_forbidden("ingest into a lake it cannot write"):
-        assert main(["ingest", f"lake.root={tmp_path / 'file'}", f"criteo.raw_dir={raw}"]) == 1
+        assert main(["ingest", f"lake.root={tmp_path / 'file'}", f"criteo.raw_dir={raw}"]) == 2
     assert "bigopt ingest: cannot write to" in capsys.readouterr().err
     cfg = _cfg(tmp_path)
     ingest(spark, cfg)
     (tmp_path / "lake" / "criteo" / "gold").write_text("a file where gold goes")
     with spark_forbidden("featurize into a gold folder it cannot write"):
-        assert main(["featurize", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={raw}"]) == 1
+        assert main(["featurize", f"lake.root={cfg.lake.root}", f"criteo.raw_dir={raw}"]) == 2
     assert "bigopt featurize: cannot write to" in capsys.readouterr().err
 
 

@@ -56,7 +56,9 @@ def test_error_lines_go_to_stderr_for_every_command(tmp_path, capsys, spark_forb
     """ingest, featurize and lake printed their ``bigopt <command>: <error>`` line on stdout,
     config, train, generate and quarantine on stderr: ``bigopt ingest ... >/dev/null`` showed
     nothing and exited 1, ``bigopt lake ... 2>/dev/null`` still showed the error. Every error
-    line is on stderr now, one line, with stdout left to progress and results."""
+    line is on stderr now, one line, with stdout left to progress and results. Each of these
+    exits 2, the command unable to run as given: until the twenty-ninth session an input that
+    was not there exited 1 from ingest, featurize, lake and run, but 2 from train."""
     from jobs.cli import main
 
     lake = f"lake.root={tmp_path / 'lake'}"
@@ -65,11 +67,13 @@ def test_error_lines_go_to_stderr_for_every_command(tmp_path, capsys, spark_forb
         (["lake", "--action", "vacuum"], "bigopt lake: --table is required for --action vacuum"),
         (["ingest", "--input", str(tmp_path / "nowhere"), lake], "bigopt ingest: input "),
         (["featurize", lake], "bigopt featurize: no bronze table at "),
+        (["run", "conf/criteo.yaml", lake, "tracking.enabled=false", f"train.checkpoint_dir={tmp_path / 'ck'}",
+          f"criteo.inputs=[{tmp_path / 'nowhere'}]"], f"bigopt run: input '{tmp_path / 'nowhere'}' does not exist"),
     )
     for argv, said in cases:
         capsys.readouterr()
         with spark_forbidden(" ".join(argv)):
-            assert main(argv) != 0, argv
+            assert main(argv) == 2, argv  # each an input not there, or a usage error
         out, err = capsys.readouterr()
         assert "bigopt " not in out, (argv, out)
         assert err.startswith(said) and len(err.splitlines()) == 1, (argv, err)

@@ -16,9 +16,9 @@ def test_a_failed_spark_job_is_one_line(spark, capsys):
     def step(start, progress):
         return start().sparkContext.parallelize([1], 1).map(lambda x: os._exit(3)).collect()
 
-    _, result = run_spark_step(cfg, "ingest", step, errors=())
+    _, result, status = run_spark_step(cfg, "ingest", step, errors=())
     out = capsys.readouterr().err
-    assert result is None
+    assert result is None and status == 1  # the work ran and failed
     line = next(ln for ln in out.splitlines() if ln.startswith("bigopt ingest: "))
     assert "a Spark job failed, nothing of it committed" in line and "Python worker exited unexpectedly" in line
     assert "Traceback" not in out and "Py4JJavaError" not in out
@@ -57,15 +57,15 @@ def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
     def step(start, progress):
         return start().range(1, numPartitions=1).mapInArrow(gone, "id long").collect()
 
-    _, result = run_spark_step(cfg, "ingest", step, errors=())
+    _, result, status = run_spark_step(cfg, "ingest", step, errors=())
     out = capsys.readouterr().err
-    assert result is None
+    assert result is None and status == 1  # the work ran and failed
     line = next(ln for ln in out.splitlines() if ln.startswith("bigopt ingest: "))
     assert "a Spark job failed, nothing of it committed (FileNotFoundError: [Errno 2] No such file or directory: " \
            "'/raw/day_3')" in line, line
     assert "Traceback" not in out
     # an exception of several lines keeps its type and every line (it was only "line two")
-    _, result = run_spark_step(cfg, "ingest", lambda start, p: start().range(1, numPartitions=1).mapInArrow(
+    _, result, _ = run_spark_step(cfg, "ingest", lambda start, p: start().range(1, numPartitions=1).mapInArrow(
         two_lines, "id long").collect(), errors=())
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bigopt ingest: "))
     assert "(ValueError: line one line two)" in line, line

@@ -350,7 +350,7 @@ def test_maintenance_compaction_and_vacuum(spark, tmp_path, capsys):
     assert f"deleted {before + 1} file(s)" in capsys.readouterr().out
     assert table_version(path) == written + 3 and data_version(path) == written  # + VACUUM START, END
     assert read_table(spark, path).count() == 30 and DeltaSnapshot(path).num_rows == 30
-    assert main(["lake", "--table", str(tmp_path / "none")]) == 1
+    assert main(["lake", "--table", str(tmp_path / "none")]) == 2
     assert "no Delta table at" in capsys.readouterr().err
     # out-of-range numbers are usage errors (they were delta-rs tracebacks: ValueError, OverflowError)
     for bad in (["--action", "optimize", "--target-mb", "0"], ["--action", "optimize", "--target-mb", "-1"],
@@ -378,7 +378,7 @@ def test_roundtrip_refuses_a_table_that_is_not_its_own(spark, tmp_path, capsys):
     assert table_version(path) == 0 and read_table(spark, path).count() == 10
     assert sorted(p.name for p in folder.iterdir()) == ["a.txt"]
     (tmp_path / "afile").write_text("")  # a lake root that is a file: one line, before Spark
-    assert main(["lake", "--action", "roundtrip", f"lake.root={tmp_path / 'afile'}"]) == 1
+    assert main(["lake", "--action", "roundtrip", f"lake.root={tmp_path / 'afile'}"]) == 2
     out = capsys.readouterr().err
     assert "bigopt lake: roundtrip: cannot write to" in out and "Traceback" not in out, out
 

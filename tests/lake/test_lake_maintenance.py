@@ -129,7 +129,8 @@ def test_a_failed_vacuum_is_one_line(tmp_path, capsys, monkeypatch, delta_rs_os_
 
 def test_lake_command_on_a_file_is_one_line(tmp_path, capsys, spark_forbidden):
     """`bigopt lake --table` naming a regular file (or a path under one) was an ``OSError: Not
-    a directory`` traceback from delta-rs, whatever the action."""
+    a directory`` traceback from delta-rs, whatever the action. It exits 2, as every input that is
+    not there and every folder that cannot be written (README, "Exit status"; it was 1)."""
     from jobs.cli import main
     from pipelines.lake import table_exists
 
@@ -137,14 +138,14 @@ def test_lake_command_on_a_file_is_one_line(tmp_path, capsys, spark_forbidden):
     for path in (tmp_path / "afile", tmp_path / "afile" / "t"):
         assert not table_exists(str(path))
         for action in ("history", "vacuum", "optimize"):
-            assert main(["lake", "--table", str(path), "--action", action]) == 1
+            assert main(["lake", "--table", str(path), "--action", action]) == 2
             out = capsys.readouterr().err
             assert out.startswith(f"bigopt lake: no Delta table at {path}") and len(out.splitlines()) == 1, out
         with spark_forbidden("a roundtrip onto a file"):
-            assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 1
+            assert main(["lake", "--table", str(path), "--action", "roundtrip", f"lake.root={tmp_path}"]) == 2
         out = capsys.readouterr().err
         assert "bigopt lake: roundtrip: cannot write to" in out and "Traceback" not in out, out
-    assert main(["lake", "--table", str(tmp_path / "afile")]) == 1
+    assert main(["lake", "--table", str(tmp_path / "afile")]) == 2
     assert "(it is a file)" in capsys.readouterr().err
 
 
