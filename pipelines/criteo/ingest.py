@@ -687,7 +687,8 @@ def ingest(
         raise MissingInputError(f"{e} ({where}; --input names others)") from None
     say(f"describing {len(names)} input file(s)")
     files = describe_files(names, cfg)
-    dupes = sorted({f.source for f in files if sum(g.source == f.source for g in files) > 1})
+    # counted, not compared pairwise: that was n² on the driver, 42 s for 20,000 files
+    dupes = sorted(name for name, n in Counter(f.source for f in files).items() if n > 1)
     if dupes:
         raise IngestError(f"several inputs share the file name(s) {dupes}; the name is the bronze `source` key")
     if misnamed := [(f.path, why) for f in files if (why := unreadable_as_named(f))]:
