@@ -410,8 +410,9 @@ def plan_chunks(files: Sequence[RawFile], chunk_bytes: int, verify: bool) -> lis
     for f in files:
         if f.gzip or f.size <= chunk_bytes:
             cost = f.size * (_GZIP_EXPANSION if f.gzip else 1)
-            items.append((cost, len(items), ("chunk", Chunk(f.path, f.source, f.day, f.labeled, f.gzip,
-                                                            hash_file=verify))))
+            # a plain file's one range ends at its listed size: a file that shrank since is found
+            items.append((cost, len(items), ("chunk", Chunk(f.path, f.source, f.day, f.labeled, f.gzip, 0,
+                                                            None if f.gzip else f.size, hash_file=verify))))
             continue
         for s in range(0, f.size, chunk_bytes):
             e = min(s + chunk_bytes, f.size)

@@ -1779,3 +1779,45 @@ def test_inputs_that_share_a_file_name_are_refused_before_spark(tmp_path, capsys
     assert err == ("bigopt ingest: several inputs share the file name(s) ['day_0', 'day_1']; the name is the bronze "
                    "`source` key\n"), err
     assert not (tmp_path / "lake").exists()
+
+
+def test_a_file_that_shrinks_while_it_is_read_is_not_ledgered(spark, tmp_path, monkeypatch):
+    """A file truncated after it was listed (an in-place copy over it that overlaps the ingest)
+    fails alone, nothing of it committed and no ledger entry, so the next run ingests it whole.
+    Until the twenty-ninth session its read stopped at the cut as if at the end of the file: it
+    was ledgered as ingested with the lines before the cut, and every later run skipped it (the
+    hard-failure probe: 206,878 of 1,000,000 rows, exit 0). Emulated by listing the file bigger
+    than it is, which is what its tasks then meet."""
+    import dataclasses
+
+    import pipelines.criteo.ingest as ingest_mod
+    from pipelines.criteo.bronze import read_ledger
+    from pipelines.criteo.ingest import CorruptInputError, ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for day in (0, 1):
+        rows = [f"{i % 2}\t{i}\t" + "\t".join([str(day)] * 12) + "\t" + "\t".join([f"{i:08x}"] * 26) for i in range(600)]
+        (raw / f"day_{day}").write_text("\n".join(rows) + "\n")  # ~170 KB: 3 ranges of 64 KiB below
+    real = ingest_mod.describe_files
+
+    def listed_bigger(names, cfg):  # day_1 as listed before its cut: 500 bytes more than it now has
+        return [dataclasses.replace(f, size=f.size + 500) if f.source == "day_1" else f for f in real(names, cfg)]
+
+    cfg = _cfg(tmp_path)
+    t = _bronze(cfg)
+    for chunk in (None, 1 << 16):  # one range per file, then several: the last one meets the early end
+        if chunk:
+            cfg = _cfg(tmp_path, ingest={"chunk_bytes": chunk})
+        monkeypatch.setattr(ingest_mod, "describe_files", listed_bigger)
+        with pytest.raises(CorruptInputError) as e:
+            ingest(spark, cfg)
+        why = {Path(p).name: w for p, w in e.value.problems}
+        size = (raw / "day_1").stat().st_size
+        assert why == {"day_1": f"ended at byte {size:,}, where it was listed with {size + 500:,} bytes or more: it "
+                                "changed while it was read (a copy or download still in progress?)"}, why
+        assert rows_by_source_now(t["bronze"]) == {"day_0": 600}
+        assert {r["source"] for r in read_ledger(t["ledger"])} == {"day_0"}
+        monkeypatch.undo()
+    ingest(spark, cfg)  # listed as it is: ingested whole
+    assert rows_by_source_now(t["bronze"]) == {"day_0": 600, "day_1": 600}

@@ -244,6 +244,33 @@ def _ranges(path: Path, size: int, chunk: int, block: int) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("block", [7, 1 << 10])
+def test_a_file_shorter_than_its_range_is_a_read_failure(tmp_path, block):
+    """A range planned from a file's listed size that meets the file's end early means the file
+    shrank since it was listed (truncated, or an in-place copy over it in progress). It read as
+    the file's end: ingest ledgered the file as ingested with the lines before the cut, and
+    skipped it for good once the copy completed (the hard-failure probe)."""
+    from pipelines.criteo.raw_lines import ReadFailure
+
+    lines = [f"{i % 2}\t{i}".encode() for i in range(100)]
+    body = b"\n".join(lines) + b"\n"
+    path = tmp_path / "day_0"
+    path.write_bytes(body)
+    listed = len(body)
+    assert b"".join(iter_line_blocks(str(path), False, 0, listed, block)) == body  # as listed: all of it
+    assert b"".join(iter_line_blocks(str(path), False, 0, None, block)) == body
+    path.write_bytes(body[:400])  # truncated since it was listed, mid-line
+    for start, end, at in ((0, listed, "at byte 400"), (200, listed, "at byte 400"), (380, 500, "at byte 400"),
+                           (450, listed, "at or before byte 449")):
+        with pytest.raises(ReadFailure) as e:
+            list(iter_line_blocks(str(path), False, start, end, block))
+        assert str(e.value) == (f"{path}: ended {at}, where it was listed with {end} bytes or more: it changed while it "
+                                "was read (a copy or download still in progress?)")
+    # a range that ends before the cut reads as before
+    assert b"".join(iter_line_blocks(str(path), False, 0, 300, block)) == b"\n".join(
+        ln for ln in body[:400].split(b"\n") if body.find(ln + b"\n") < 300 and ln) + b"\n"
+
+
 @pytest.mark.parametrize("final_newline", [True, False])
 @pytest.mark.parametrize("tail", [64 << 10, 1, 5])  # bytes read past a range's end (grown when short)
 def test_byte_ranges_cover_every_line_once(tmp_path, monkeypatch, final_newline, tail):
