@@ -226,9 +226,12 @@ def bronze_view(cfg, version: int | None = None, latest: int | None = None) -> B
             if confirmed < 0 or any((r["bronze_version"] or -1) > confirmed for r in ledger):
                 raise FeaturizeError(f"bronze v{snap.version} holds rows an ingest committed moments ago and is still "
                                      f"recording in the ledger ({which}), and no earlier version the ledger confirms "
-                                     "leaves them out: run featurize again once that ingest has finished")
+                                     "leaves them out: run featurize again once that ingest has finished (if no "
+                                     "ingest is running, it was killed: run `bigopt ingest` again, which replaces "
+                                     "those rows)")
             log.warning("bronze v%s holds rows an ingest committed moments ago and is still recording in the ledger "
-                        "(%s): building from bronze v%s, the latest version the ledger confirms",
+                        "(%s): building from bronze v%s, the latest version the ledger confirms (if no ingest is "
+                        "running, it was killed: run `bigopt ingest` again, which replaces those rows)",
                         snap.version, which, confirmed)
             return bronze_view(cfg, version=confirmed, latest=snap.version)
     if problems:

@@ -718,7 +718,8 @@ def test_rows_an_ingest_is_still_recording_are_neither_dropped_nor_refused(spark
     with caplog.at_level(logging.WARNING):
         view = bronze_view(cfg)
     assert view.version == 0 and set(view.sources) == {"day_0"}
-    assert "building from bronze v0, the latest version the ledger confirms" in caplog.text
+    assert "building from bronze v0, the latest version the ledger confirms (if no ingest is running, it was " \
+           "killed: run `bigopt ingest` again, which replaces those rows)" in caplog.text
     # and so does featurize itself, which names the latest version it checks (until the attack
     # probe only --force reached the fallback); gold records v0, so a featurize once the ingest has
     # recorded its rows builds again
@@ -1821,3 +1822,28 @@ def test_a_file_that_shrinks_while_it_is_read_is_not_ledgered(spark, tmp_path, m
         monkeypatch.undo()
     ingest(spark, cfg)  # listed as it is: ingested whole
     assert rows_by_source_now(t["bronze"]) == {"day_0": 600, "day_1": 600}
+
+
+def test_a_killed_first_ingest_is_said_with_the_remedy_that_works(spark, tmp_path):
+    """An ingest killed between its bronze commit and its ledger entry leaves rows that look, for
+    criteo.ingest.in_flight_s, like a running ingest's. With no earlier version to build from,
+    featurize told the user to wait for that ingest to finish, which a killed one never does
+    (hard-failure probe); it now names the remedy too, and that remedy works."""
+    from pipelines.criteo.featurize import FeaturizeError, featurize
+    from pipelines.criteo.ingest import ingest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rest = "\t".join(["3"] * 12) + "\t" + "\t".join(["0a1b2c3d"] * 26)
+    (raw / "day_0").write_text("".join(f"{i % 2}\t{i}\t{rest}\n" for i in range(40)))
+    cfg = _cfg(tmp_path)
+    ingest(spark, cfg)
+    t = _bronze(cfg)
+    shutil.rmtree(t["ledger"])  # killed before its ledger entry: the first ingest, so no ledger at all
+    with pytest.raises(FeaturizeError, match=r"run featurize again once that ingest has finished \(if no ingest is "
+                                             r"running, it was killed: run `bigopt ingest` again, which replaces "
+                                             r"those rows\)$"):
+        featurize(spark, cfg)
+    assert ingest(spark, cfg).files[0].status == "ingested"  # the remedy: its rows replaced, ledgered
+    assert rows_by_source_now(t["bronze"]) == {"day_0": 40}
+    assert featurize(spark, cfg).total_rows == 40
