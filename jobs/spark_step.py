@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -64,6 +65,8 @@ def spark_failure(e: BaseException) -> str | None:
         while 0 < i < len(lines) and lines[i].startswith("    "):  # the frame's source line and ^^^ marks
             i += 1
         first = " ".join(ln.strip() for ln in lines[i:] if ln.strip()) or str(e)
+        # the error's class without its module (pipelines.lake.commit.TableWriteError: ...)
+        first = re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*: )", "", first)
     else:
         return None
     return (f"a Spark job failed, nothing of it committed ({first[:600]}); -v shows the whole error. "

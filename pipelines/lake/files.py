@@ -12,6 +12,7 @@ in the add action's ``partitionValues`` and in the Hive-style directory name.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -222,7 +223,27 @@ class PartitionedFileWriter:
     def write(self, batch: pa.RecordBatch, partition_values: tuple | None = None) -> None:
         """Buffer ``batch``. Its partition columns decide its files; a caller that knows the
         whole batch belongs to one partition passes ``partition_values`` (in ``partition_by``
-        order) and the batch may then omit those columns (no per-row grouping is done)."""
+        order) and the batch may then omit those columns (no per-row grouping is done).
+        A file that cannot be written (a full disk) raises
+        :class:`~pipelines.lake.commit.TableWriteError` naming the table, as :meth:`close` does."""
+        with self._naming_the_table():
+            self._write(batch, partition_values)
+
+    @contextlib.contextmanager
+    def _naming_the_table(self):
+        """pyarrow's error for a file it cannot write names neither the table nor the file
+        (``[Errno 28] Error writing bytes to file``): until the twenty-ninth session a full disk
+        under ingest's or featurize's tasks was one line that named no folder."""
+        from pipelines.lake.commit import TableWriteError, readable_error
+
+        try:
+            yield
+        except TableWriteError:
+            raise
+        except OSError as e:
+            raise TableWriteError(self.table_uri, readable_error(e), action="writing a data file of") from e
+
+    def _write(self, batch: pa.RecordBatch, partition_values: tuple | None) -> None:
         if batch.num_rows == 0:
             return
         if not self.partition_by:
@@ -325,10 +346,11 @@ class PartitionedFileWriter:
         are deleted and :class:`WriteAbortedError` is raised. The abort marks the write BEFORE
         listing leftovers and this check runs AFTER the files exist, so one side always
         deletes them."""
-        for key in list(self._pending):
-            self._flush(key)
-        for key in list(self._open):
-            self._close_file(key)
+        with self._naming_the_table():
+            for key in list(self._pending):
+                self._flush(key)
+            for key in list(self._open):
+                self._close_file(key)
         if write_aborted(self.table_uri, self.write_id):
             delete_files(self.table_uri, self.written_paths)
             raise WriteAbortedError(f"write {self.write_id} to {self.table_uri} was aborted; its files were removed")

@@ -85,6 +85,8 @@ class TaskWrite:
                 for batch in batches:
                     w.write(batch, partition_values)
                 return w.close()
+            except TableWriteError:  # the writer's own, naming the table
+                raise
             except OSError as e:
                 raise TableWriteError(self.uri, readable_error(e), action="writing a data file of") from e
         except BaseException:

@@ -69,3 +69,16 @@ def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
         two_lines, "id long").collect(), errors=())
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bigopt ingest: "))
     assert "(ValueError: line one line two)" in line, line
+
+    def table_error(batches):  # the project's own error class: named without its module
+        from pipelines.lake.commit import TableWriteError
+
+        for _ in batches:
+            raise TableWriteError("/lake/t", "[Errno 28] No space left on device", action="writing a data file of")
+        yield from ()
+
+    _, result, _ = run_spark_step(cfg, "ingest", lambda start, p: start().range(1, numPartitions=1).mapInArrow(
+        table_error, "id long").collect(), errors=())
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bigopt ingest: "))
+    assert "failed, nothing of it committed (TableWriteError: writing a data file of Delta table /lake/t failed: " \
+           "[Errno 28] No space left on device)" in line, line

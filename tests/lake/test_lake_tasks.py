@@ -494,3 +494,31 @@ def test_a_data_file_the_disk_cannot_take_names_its_table(tmp_path, monkeypatch)
                                               "Error writing bytes to file. Detail: .*No space left on device$"):
         write_arrow(path, pa.table({"x": [1]}))
     assert not table_exists(path) and not list((tmp_path / "ledger").rglob("*.parquet"))
+
+
+def test_a_task_writer_names_its_table_when_the_disk_is_full(tmp_path, monkeypatch):
+    """Ingest's and featurize's tasks write through PartitionedFileWriter directly (not
+    write_all): a full disk there was `a Spark job failed ... (OSError: [Errno 28] Error writing
+    bytes to file ...)`, naming no folder or table (hard-failure probe). The writer's own error
+    names the table now, from a write that flushes and from close."""
+    import pyarrow.parquet as pq
+
+    from pipelines.lake.commit import TableWriteError
+    from pipelines.lake.files import PartitionedFileWriter
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", disk_full)
+    path = str(tmp_path / "bronze")
+    schema = pa.schema([("x", pa.int64()), ("day", pa.int32())])
+    want = rf"^writing a data file of Delta table {path} failed: \[Errno 28\] Error writing bytes to file"
+    for row_group_rows, flushes in ((1, "write"), (100, "close")):
+        w = PartitionedFileWriter(path, schema, ["day"], "w1", row_group_rows=row_group_rows, task=0)
+        with pytest.raises(TableWriteError, match=want) as e:
+            w.write(pa.record_batch({"x": [1, 2]}, schema=pa.schema([("x", pa.int64())])), (0,))
+            assert flushes == "close"  # buffered: nothing written yet
+            w.close()
+        assert isinstance(e.value, OSError) and e.value.table == path
+        w.discard()
+    assert not list(tmp_path.rglob("*.parquet"))
