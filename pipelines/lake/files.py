@@ -26,6 +26,7 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
 from pipelines.lake.fs import filesystem_for, join
 
@@ -375,18 +376,32 @@ class WriteAbortedError(RuntimeError):
     """A task finished writing after its write had been aborted (its files are removed)."""
 
 
+ABORT_MARK_KEEP_S = 24 * 3600  # no task of a write outlives its job by a day
+
+
 def mark_aborted(table_uri: str, write_id: str) -> None:
     """Record that write ``write_id`` was aborted (``<table>/_bigopt_aborted/<write_id>``;
-    Delta ignores ``_``-prefixed directories)."""
+    Delta ignores ``_``-prefixed directories, and so does vacuum). A mark is needed only while a
+    task of its write may still run, so marks older than ``ABORT_MARK_KEEP_S`` are deleted
+    here: until the twenty-ninth session they piled up, one for every ingest whose quarantine
+    was unchanged and one per table of every failed write (hard-failure probe)."""
+    from pyarrow.fs import FileSelector
+
     fs, root = filesystem_for(table_uri)
-    fs.create_dir(join(root, ABORTED_DIR), recursive=True)
-    with fs.open_output_stream(join(root, f"{ABORTED_DIR}/{write_id}")) as f:
+    folder = join(root, ABORTED_DIR)
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(join(folder, write_id)) as f:
         f.write(b"aborted\n")
+    cutoff = time.time() - ABORT_MARK_KEEP_S
+    for info in fs.get_file_info(FileSelector(folder, allow_not_found=True)):
+        if info.type == FileType.File and info.mtime is not None and info.mtime.timestamp() < cutoff:
+            try:
+                fs.delete_file(info.path)
+            except OSError:  # another writer's clean-up took it first, or a store that refuses: harmless
+                pass
 
 
 def write_aborted(table_uri: str, write_id: str) -> bool:
-    from pyarrow.fs import FileType
-
     fs, root = filesystem_for(table_uri)
     return fs.get_file_info(join(root, f"{ABORTED_DIR}/{write_id}")).type != FileType.NotFound
 

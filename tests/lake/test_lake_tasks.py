@@ -522,3 +522,23 @@ def test_a_task_writer_names_its_table_when_the_disk_is_full(tmp_path, monkeypat
         assert isinstance(e.value, OSError) and e.value.table == path
         w.discard()
     assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_abort_marks_older_than_a_day_are_removed(tmp_path):
+    """An abort mark (``_bigopt_aborted/<write id>``) matters only while a task of that write may
+    still run; they piled up (one for every ingest whose quarantine was unchanged) and vacuum,
+    which skips ``_`` folders, never removed them (hard-failure probe)."""
+    import os
+    import time
+
+    from pipelines.lake.files import ABORT_MARK_KEEP_S, ABORTED_DIR, mark_aborted, write_aborted
+
+    table = str(tmp_path / "t")
+    mark_aborted(table, "w-old")
+    mark_aborted(table, "w-recent")
+    now = time.time()
+    os.utime(tmp_path / "t" / ABORTED_DIR / "w-old", (now - ABORT_MARK_KEEP_S - 60,) * 2)
+    os.utime(tmp_path / "t" / ABORTED_DIR / "w-recent", (now - ABORT_MARK_KEEP_S + 3600,) * 2)
+    mark_aborted(table, "w-new")
+    assert sorted(p.name for p in (tmp_path / "t" / ABORTED_DIR).iterdir()) == ["w-new", "w-recent"]
+    assert write_aborted(table, "w-new") and write_aborted(table, "w-recent") and not write_aborted(table, "w-old")
