@@ -213,12 +213,34 @@ def get_spark(
             + "; its output above says why: a wrong JAVA_HOME, a Java older than 17, too little memory for "
             "spark.driver.memory, an address it cannot bind (SPARK_LOCAL_IP, spark.driver.host)") from e
     spark.sparkContext.setLogLevel(log_level)
+    _quiet_local_task_errors(spark, log_level)
     _register(spark)
     if not spark.sparkContext.master.startswith("local"):  # a lost worker's wait is said, not silent
         from pipelines.executor_watch import watch_executors
 
         watch_executors(spark)
     return spark
+
+
+# the loggers that print a failed task's Java and Python stack, once per task and attempt
+TASK_ERROR_LOGGERS = ("org.apache.spark.executor.Executor", "org.apache.spark.scheduler.TaskSetManager")
+
+
+def _quiet_local_task_errors(spark, log_level: str) -> None:
+    """On a local master, at Spark's default WARN (or ERROR), a failed task's stack traces are
+    not printed: each task printed its own Java and Python stack (~200 lines for a full disk
+    under ingest's two tasks; hard-failure probe) before the step's one line that says what
+    failed, and ``bigopt -v`` (debug logging) logs the whole error and keeps these loggers on.
+    On a cluster they go to the executors' logs, and the driver's are kept."""
+    import logging
+
+    if (not spark.sparkContext.master.startswith("local") or log_level.upper() not in ("WARN", "ERROR")
+            or logging.getLogger().isEnabledFor(logging.DEBUG)):
+        return
+    jvm = spark.sparkContext._jvm
+    off = jvm.org.apache.logging.log4j.Level.OFF
+    for name in TASK_ERROR_LOGGERS:
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, off)
 
 
 def _jvm_exit_code(wait_s: float = 5.0) -> int | None:

@@ -82,3 +82,14 @@ def test_a_python_error_in_a_dataframe_task_is_one_line(spark, capsys):
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bigopt ingest: "))
     assert "failed, nothing of it committed (TableWriteError: writing a data file of Delta table /lake/t failed: " \
            "[Errno 28] No space left on device)" in line, line
+
+
+def test_a_local_session_does_not_print_each_failed_tasks_stack(spark):
+    """On a local master at WARN/ERROR, Spark's Executor and TaskSetManager loggers printed each
+    failed task's Java and Python stack (~200 lines for a full disk under ingest) before the
+    step's one line (hard-failure probe): they are off, unless -v (debug) asks for everything."""
+    from pipelines.spark import TASK_ERROR_LOGGERS
+
+    log_manager = spark.sparkContext._jvm.org.apache.logging.log4j.LogManager
+    assert {name: log_manager.getLogger(name).getLevel().toString() for name in TASK_ERROR_LOGGERS} == {
+        name: "OFF" for name in TASK_ERROR_LOGGERS}
