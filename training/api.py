@@ -15,6 +15,8 @@ from typing import Any
 from training.checkpoint import (
     ResumeError,
     checkpoint_data_versions,
+    checkpoint_run_ids,
+    folder_lock,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -37,6 +39,7 @@ from training.tracking import (
     end_run,
     experiment_name,
     failed_on_error,
+    kill_abandoned_run,
     library_versions,
     repeat_group,
     source_tags,
@@ -212,27 +215,55 @@ def run_training(cfg, *, spark=None, resume: bool = False, local: bool = False,
                                 resume_step=head.get("step") if resume else None)
         log.info("MLflow run %s (%s)", run_id, uri)
 
-    # from here on the MLflow run is open: whatever stops the command ends it (KILLED or FAILED)
-    with failed_on_error(uri, run_id) if uri and run_id else contextlib.nullcontext():
-        if not resume and (old := list_checkpoints(ckpt_dir)):  # once the settings, data and run are known
-            # good: a refused command (a bad setting, an unreachable tracking store) must not
-            # destroy the checkpoints an earlier run could be resumed from
-            log.info("fresh run: removing %d old checkpoints in %s", len(old), ckpt_dir)
-            for p in old:
-                p.unlink(missing_ok=True)
-        job = make_job(cfg, spec, checkpoint_dir=ckpt_dir, resume=resume, tracking_uri=uri, run_id=run_id,
-                       config_hash=chash)
-        kw: dict[str, Any] = {}
-        backend = t.backend
-        if t.num_proc > 1 and backend == "horovod":
-            kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s,
-                  "check_slots": False}
-        ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
-    if uri and run_id:
-        end_run(uri, run_id, "FINISHED")
+    # from here on the MLflow run is open: whatever stops the command ends it (KILLED or FAILED).
+    # The checkpoint folder is locked until the run is ended (see abandoned_runs)
+    with folder_lock(ckpt_dir) if Path(ckpt_dir).is_dir() else contextlib.nullcontext(None) as locked:
+        with failed_on_error(uri, run_id) if uri and run_id else contextlib.nullcontext():
+            if not resume and (old := list_checkpoints(ckpt_dir)):  # once the settings, data and run are known
+                # good: a refused command (a bad setting, an unreachable tracking store) must not
+                # destroy the checkpoints an earlier run could be resumed from
+                abandoned = abandoned_runs(old, uri, run_id, locked, ckpt_dir)
+                log.info("fresh run: removing %d old checkpoints in %s", len(old), ckpt_dir)
+                for p in old:
+                    p.unlink(missing_ok=True)
+                for rid in abandoned:
+                    log.warning("MLflow run %s was left RUNNING by a run that died (its checkpoints in %s were "
+                                "removed); marked KILLED", rid, ckpt_dir)
+            job = make_job(cfg, spec, checkpoint_dir=ckpt_dir, resume=resume, tracking_uri=uri, run_id=run_id,
+                           config_hash=chash)
+            kw: dict[str, Any] = {}
+            backend = t.backend
+            if t.num_proc > 1 and backend == "horovod":
+                kw = {"spark": spark, "start_timeout": t.start_timeout, "stall_shutdown_s": t.stall_shutdown_s,
+                      "check_slots": False}
+            ranks = launch(train_rank, job, num_proc=t.num_proc, backend=backend, **kw)
+        if uri and run_id:
+            end_run(uri, run_id, "FINISHED")
     return TrainResult(ranks=ranks, spec=spec, run_id=run_id, tracking_uri=uri,
                        experiment=experiment_name(cfg) if uri else None, checkpoint_dir=ckpt_dir,
                        extra={"model": f"{t.model} / {t.optimizer} (compression {t.compression.name})"})
+
+
+def abandoned_runs(old: list[Path], uri: str | None, run_id: str | None, locked: bool | None,
+                   ckpt_dir: str) -> list[str]:
+    """The MLflow runs that ``old`` (the checkpoints a fresh run is about to remove) record and
+    that the store at ``uri`` still has RUNNING, now marked KILLED: a driver killed by ``kill -9``,
+    the OOM killer or a power loss ended nothing, and its run showed RUNNING forever. Only when
+    this run holds the checkpoint folder's lock (``locked``), which every run holds while it
+    trains there and the kernel releases when its processes die: a run still training there is
+    left as it is, and said."""
+    if not uri:
+        return []
+    ids = {k: v for k, v in checkpoint_run_ids(old).items() if k != run_id}
+    if not ids:
+        return []
+    if not locked:
+        log.warning("%s: %s; MLflow run(s) %s of its checkpoints are left as they are",
+                    ckpt_dir, "another bigopt run is training in this folder now" if locked is False else
+                    "this folder cannot be locked, so whether a run still trains there is not known",
+                    ", ".join(ids))
+        return []
+    return [rid for rid, seen in ids.items() if kill_abandoned_run(uri, rid, seen)]
 
 
 def summary_rows(res: TrainResult) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ floats, strings and None only::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -146,4 +147,50 @@ def resume_conflicts(state: dict[str, Any], train: dict[str, Any], seed: int) ->
                 if k in saved and k in train and _plain(saved[k]) != _plain(train[k])]
     if "seed" in state and int(state["seed"]) != int(seed):
         out.append(f"run.seed: {state['seed']} in the checkpoint, {seed} now")
+    return out
+
+
+LOCK_NAME = ".bigopt-run.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(directory: str | os.PathLike):
+    """Hold an exclusive ``flock`` on ``<directory>/.bigopt-run.lock`` while the block runs; yields
+    True, or False when another process holds it (a run training into this folder now: its driver,
+    or a rank it forked, outlives nothing but a ``kill -9`` of all of them, which the kernel's
+    release of the lock then tells). A folder that cannot be locked (none, read-only, a file system
+    without locks) yields None: nothing is known."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(directory) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield None
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:
+            yield None
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def checkpoint_run_ids(paths: list[Path]) -> dict[str, float]:
+    """The MLflow run ids ``paths`` (checkpoints) record, each with the mtime of its newest
+    checkpoint (seconds); a checkpoint that cannot be read is passed over."""
+    out: dict[str, float] = {}
+    for p in paths:
+        try:
+            rid = load_checkpoint(p, mmap=True).get("run_id")
+            mtime = p.stat().st_mtime
+        except (ResumeError, OSError):
+            continue
+        if isinstance(rid, str) and rid:
+            out[rid] = max(out.get(rid, 0.0), mtime)
     return out

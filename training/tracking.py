@@ -390,6 +390,28 @@ def end_run(uri: str, run_id: str, status: str) -> None:
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
 
 
+def kill_abandoned_run(uri: str, run_id: str, last_seen_s: float) -> bool:
+    """Mark KILLED the run ``run_id`` of the store at ``uri`` when it is still RUNNING there: the
+    caller knows no process runs it any more (a driver killed by ``kill -9``, the OOM killer or a
+    power loss never ended it, and ``bigopt compare`` counted it as running forever). Its end time
+    is the later of ``last_seen_s`` (its newest checkpoint's time) and its last metric's, never
+    after now. True when it was marked; a run not in this store, or not RUNNING, is left alone."""
+    import time
+
+    try:
+        client = _client(uri)
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return False
+        last_ms = max([int(last_seen_s * 1000), run.info.start_time or 0]
+                      + [m.timestamp for m in getattr(run.data, "_metric_objs", []) or []])
+        client.set_terminated(run_id, status="KILLED", end_time=min(last_ms, int(time.time() * 1000)))
+        return True
+    except Exception as e:  # noqa: BLE001 - a run of another store, or a store hiccup: not this run's concern
+        log.debug("MLflow run %s left as it was: %s", run_id, e)
+        return False
+
+
 class MetricLogger:
     """Buffers metrics and sends them with ``log_batch`` (<= 1000 per call) every few seconds."""
 

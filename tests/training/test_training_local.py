@@ -10,6 +10,7 @@ import torch
 
 from train_helpers import interrupted_and_full, train_cfg, train_overrides
 from training.api import run_training
+from training.checkpoint import LOCK_NAME  # the checkpoint folder's lock, kept there
 
 
 def test_local_training_learns_and_reports(synth_gold, tmp_path):
@@ -276,7 +277,7 @@ def test_run_stopped_while_training_keeps_its_checkpoints_and_its_resume_continu
     err = capsys.readouterr().err.strip().splitlines()[-1]
     again = shlex.join(["bigopt", *stopped, "--resume"])
     assert err == f"bigopt run: stopped by SIGTERM; its checkpoints are kept: {again} continues from the last"
-    assert [p.name for p in (tmp_path / "b" / "ckpt").iterdir()] == ["step-00000010.pt"]
+    assert [p.name for p in (tmp_path / "b" / "ckpt").iterdir() if p.name != LOCK_NAME] == ["step-00000010.pt"]
     assert main(shlex.split(again)[1:]) == 0  # the command it names, as it names it
     resumed = capsys.readouterr().out
 
@@ -350,6 +351,55 @@ def test_a_stopped_run_is_killed_in_mlflow_and_a_broken_one_failed(synth_gold, t
         main(train(tmp_path / "c"))
     assert statuses() == ["FINISHED", "KILLED", "FAILED"]
     capsys.readouterr()
+
+
+def test_a_run_killed_by_kill_9_is_marked_killed_when_a_fresh_run_replaces_its_checkpoints(synth_gold, tmp_path,
+                                                                                           caplog):
+    """A driver killed by `kill -9` (the OOM killer, a power loss) ends nothing: its MLflow run
+    stayed RUNNING forever and `bigopt compare` said "1 running" of it. A fresh run that removes
+    its checkpoints marks it KILLED, unless a run still trains in that folder (holds its lock)."""
+    import logging
+
+    from mlflow import MlflowClient
+
+    from train_helpers import fresh_store
+    from training.checkpoint import folder_lock, save_checkpoint
+
+    store = fresh_store(tmp_path)
+    client = MlflowClient(store[0])
+    exp = client.create_experiment("killed-elsewhere")
+
+    def dead_run(where) -> str:  # what a kill -9 after the step-10 checkpoint leaves
+        rid = client.create_run(exp, run_name="k1").info.run_id
+        client.log_metric(rid, "train_loss", 0.5, step=10)
+        save_checkpoint(where / "ckpt", 10, {"run_id": rid})
+        return rid
+
+    def fresh(where):
+        return run_training(train_cfg(synth_gold, where, "train.max_steps=10", "run.name=k1",
+                                      "tracking.log_model=false", tracking=store))
+
+    # a run still training there holds the folder's lock: its run is left as it is, and said
+    held = dead_run(tmp_path / "b")
+    with folder_lock(tmp_path / "b" / "ckpt") as got, caplog.at_level(logging.INFO, logger="training.api"):
+        assert got is True
+        fresh(tmp_path / "b")
+    assert client.get_run(held).info.status == "RUNNING"
+    assert f"another bigopt run is training in this folder now; MLflow run(s) {held}" in caplog.text
+    caplog.clear()
+
+    rid = dead_run(tmp_path / "a")
+    with caplog.at_level(logging.INFO, logger="training.api"):
+        res = fresh(tmp_path / "a")
+    old = client.get_run(rid).info
+    assert old.status == "KILLED" and res.run_id != rid and _run_status(res) == "FINISHED"
+    assert old.start_time <= old.end_time <= client.get_run(res.run_id).info.start_time
+    assert f"MLflow run {rid} was left RUNNING by a run that died" in caplog.text and "marked KILLED" in caplog.text
+    # the next fresh run finds a FINISHED run in the folder: nothing said, nothing changed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training.api"):
+        again = fresh(tmp_path / "a")
+    assert "left RUNNING" not in caplog.text and _run_status(res) == "FINISHED" and _run_status(again) == "FINISHED"
 
 
 def test_compression_hook_in_process(synth_gold, tmp_path, mlflow_store):
@@ -650,7 +700,7 @@ def test_metrics_up_to_a_checkpoint_are_in_mlflow_once_it_exists(synth_gold, tmp
                     tracking=mlflow_store)
     with pytest.raises(Died):
         run_training(cfg)
-    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-00000010.pt"]
+    assert [p.name for p in (tmp_path / "ckpt").iterdir() if p.name != LOCK_NAME] == ["step-00000010.pt"]
     client = mlflow.MlflowClient(mlflow_store[0])
     run_id = torch.load(tmp_path / "ckpt" / "step-00000010.pt", weights_only=True)["run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [5, 10]
