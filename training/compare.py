@@ -36,6 +36,8 @@ class RunRecord:
     status: str
     params: Mapping[str, str]
     metrics: Mapping[str, float]
+    last_logged_ms: int | None = None  # a RUNNING run's last metric (its start without one), epoch ms
+    logged_any: bool = False
 
     @property
     def seeds(self) -> tuple[str, ...]:
@@ -121,8 +123,11 @@ def load_runs(uri: str, experiment: str) -> list[RunRecord]:
         page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token,
                                   order_by=["attributes.start_time ASC"])  # groups in the order first run
         for r in page:
+            stamps = [m.timestamp for m in getattr(r.data, "_metric_objs", None) or []]
             out.append(RunRecord(r.info.run_id, r.info.run_name or r.info.run_id[:8], r.info.status,
-                                 dict(r.data.params), dict(r.data.metrics)))
+                                 dict(r.data.params), dict(r.data.metrics),
+                                 max(stamps, default=r.info.start_time) if r.info.status == "RUNNING" else None,
+                                 bool(stamps)))
         token = page.token
         if not token:
             return out
@@ -232,12 +237,31 @@ def summarize(groups: Mapping[str, list[RunRecord]], metric: str = "final_valid_
     return out
 
 
+def _ago(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n:
+            return f"{int(seconds // n)} {unit} ago"
+    return f"{max(int(seconds), 0)} s ago"
+
+
+def _last_logged(r: RunRecord) -> str:
+    """For a RUNNING run, how long since it last logged a metric: one that has not for hours
+    likely died without ending its run (``kill -9``, the OOM killer; a fresh run over its
+    checkpoints marks it KILLED)."""
+    if r.status != "RUNNING" or r.last_logged_ms is None:
+        return ""
+    import time
+
+    ago = _ago(time.time() - r.last_logged_ms / 1000)
+    return f" (last metric {ago})" if r.logged_any else f" (no metric yet, started {ago})"
+
+
 def _notes(s: GroupSummary) -> list[str]:
     notes = []
     counts = s.status_counts()
     for status in sorted(counts):
         if status != "FINISHED":
-            names = ", ".join(r.name for r in s.runs if r.status == status)
+            names = ", ".join(r.name + _last_logged(r) for r in s.runs if r.status == status)
             notes.append(f"{counts[status]} {status.lower()} (not averaged: {names})")
     if s.missing:
         notes.append(f"{s.missing} finished without {s.metric}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import time
 
 import pytest
@@ -75,6 +76,28 @@ def test_groups_intervals_and_paired_gaps(experiment):
     assert (lamb.tta_reached, lamb.tta_runs, lamb.tta_samples) == (3, 3, 4000)
     with pytest.raises(ValueError, match="baseline 'sgd': no group match"):
         summarize(group_runs(load_runs(uri, name)), baseline="sgd")
+
+
+def test_a_running_run_says_when_it_last_logged_a_metric(mlflow_store):
+    """A RUNNING run is named with how long since its last metric: one a `kill -9` left RUNNING
+    was just "1 running", forever."""
+    import mlflow
+
+    from training.compare import group_runs, load_runs, summarize
+
+    uri = mlflow_store[0]
+    runs = [_run("a0", "ga", "adam", 0, 0.7), _run("a1", "ga", "adam", 1, 0.71)]
+    name = _experiment(uri, runs)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name).experiment_id
+    dead = client.create_run(exp, run_name="k1", tags={}).info.run_id
+    client.log_batch(dead, params=[mlflow.entities.Param("repeat_group", "ga")],
+                     metrics=[mlflow.entities.Metric("train_loss", 0.5, int((time.time() - 3 * 3600 - 60) * 1000), 1)])
+    fresh = client.create_run(exp, run_name="k2").info.run_id
+    client.log_param(fresh, "repeat_group", "ga")
+    (g,) = summarize(group_runs(load_runs(uri, name)))
+    assert re.fullmatch(r"2 running \(not averaged: k1 \(last metric 3 h ago\), "
+                        r"k2 \(no metric yet, started \d+ s ago\)\)", g.notes[0]), g.notes
 
 
 def test_bigopt_compare_prints_writes_and_refuses(experiment, tmp_path, capsys):
