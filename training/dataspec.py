@@ -75,9 +75,13 @@ def _natural_key(s: str):
 def _exists(uri: str | None) -> bool:
     if not uri:
         return False
-    from pipelines.lake.fs import exists, normalize_uri
+    from pipelines.lake import table_exists
 
-    return exists(f"{normalize_uri(uri)}/_delta_log")  # local or remote: a listing of its log
+    # a Delta log with a commit in it: a folder whose `_delta_log` is empty (a featurize stopped
+    # by a full disk at its commit) holds no table. Any `_delta_log` folder counted
+    # before, and `bigopt train` ended in delta-rs's traceback
+    # "No files in log segment" instead of the one line for a table not found
+    return table_exists(uri)
 
 
 def _layout(schema) -> tuple[str, list[str], list[str], bool, bool]:
@@ -301,6 +305,33 @@ def _build_versions(build: str, uris: dict[str, str | None], latest: dict[str, i
     return out
 
 
+def _require_whole_build(build: str, train_version: int, found: dict[str, str | None],
+                         paths: dict[str, str], train_uri: str | None) -> None:
+    """Refuse gold whose train version featurize build ``build`` wrote while that build's valid
+    or test table (``found``, of the splits at their default paths: None where ``paths``' is no
+    table) or, unless ``train_uri`` is None
+    (``train.vocabulary`` is set), its ``features.json`` next to train is missing: featurize
+    commits vocabulary, train, valid, test, vocab_sizes, then writes ``features.json``, every
+    time, so one missing is a featurize that stopped part-way (killed, a full disk). Before, a first featurize stopped after its train commit was trained on with
+    a warning and no validation, and ended as a FINISHED MLflow run."""
+    remedy = ("that featurize did not finish (stopped part-way) or the table was removed since: run "
+              "`bigopt featurize` again")
+    for split in ("valid", "test"):
+        if split in found and found[split] is None:
+            raise DataNotFoundError(
+                f"gold {split} table not found at {paths[split]}, but gold train v{train_version} was written by "
+                f"featurize build {build}, which writes train, valid and test together: {remedy}")
+    if train_uri is not None:
+        from pipelines.lake.fs import exists, normalize_uri
+
+        features = f"{_parent(normalize_uri(train_uri)).rstrip('/')}/{_VOCAB_FILES[0]}"
+        if not exists(features):
+            raise DataNotFoundError(
+                f"{features} not found, but gold train v{train_version} was written by featurize build {build}, "
+                "which writes it after its last commit: that featurize did not finish (stopped part-way) or it "
+                "was removed since: run `bigopt featurize` again (or set train.vocabulary)")
+
+
 def _vocab_sizes_cardinalities(uri: str, version: int, n_sparse: int) -> list[int] | None:
     """Per-column cardinality from the ``vocab_sizes`` table at ``version``, in column order."""
     from pipelines.lake import DeltaSnapshot
@@ -355,8 +386,12 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
                     "command's: %s; the run's data.gold.* params record the build's (`bigopt featurize` rebuilds "
                     "gold with this command's)", snap.version, build, ", ".join(differ))
     versions = {"train": snap.version}
+    if build:  # the build's own valid/test (not a train.valid_table/test_table named) and features.json
+        own = {s: uris[s] for s in ("valid", "test") if not getattr(t, f"{s}_table")}
+        _require_whole_build(build, snap.version, own, {"valid": valid, "test": test},
+                             None if t.vocabulary else train)
     for split, uri in (("valid", valid), ("test", test)):
-        if build and uris[split] is None:  # featurize writes all three: this one went missing
+        if build and uris[split] is None:  # a table named in train.*_table that does not exist
             log.warning("gold %s table not found at %s: training without %s", split, uri,
                         "validation" if split == "valid" else "a test evaluation")
     valid, test = uris["valid"], uris["test"]

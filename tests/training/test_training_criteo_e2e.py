@@ -185,11 +185,13 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     capsys.readouterr()
     assert main(["train", *base, "train.table_version=7", "--local"]) == 2  # a message, not a traceback
     assert "bigopt train: train.table_version: " in capsys.readouterr().err
-    # a table of the build gone: trained without it, and said so
+    # a table of the build gone: refused, naming it (it was trained without, with a warning;
+    # test_gold_of_a_featurize_stopped_part_way_is_refused has the cases a stopped featurize leaves)
+    from training.dataspec import DataNotFoundError
+
     shutil.move(f"{tmp_path}/lake/criteo/gold/valid", f"{tmp_path}/valid.away")
-    caplog.clear()
-    assert "valid" not in resolve_data(cfg).versions
-    assert "gold valid table not found at" in caplog.text and "training without validation" in caplog.text
+    with pytest.raises(DataNotFoundError, match=r"gold valid table not found at .*featurize build .*did not finish"):
+        resolve_data(cfg)
     shutil.move(f"{tmp_path}/valid.away", f"{tmp_path}/lake/criteo/gold/valid")
     # a features.json that describes other versions (a featurize stopped between its commits and
     # the JSON) is not trusted: the build's own vocab_sizes size the embeddings
@@ -261,3 +263,73 @@ def test_pinned_gold_is_read_as_one_build(spark, tmp_path, caplog, capsys):
     assert main(["train", *base, "--local", "train.max_steps=2"]) == 1
     err = capsys.readouterr().err
     assert "bigopt train: " in err and "cannot be read" in err and "bigopt featurize --force" in err
+
+
+def test_gold_of_a_featurize_stopped_part_way_is_refused(spark, tmp_path, capsys, spark_forbidden, mlflow_store):
+    """A first featurize stopped between its commits (kill -9, a full disk) leaves gold train of
+    a build without its valid or test table, or without ``features.json``: ``bigopt train``
+    refuses it in one line (exit 2) saying featurize did not finish. Before, a gold folder whose
+    ``_delta_log`` was empty ended in delta-rs's "No files in log segment" traceback (exit 1),
+    and valid/test folders without a log were trained without, as a FINISHED run (probe)."""
+    import shutil
+
+    from jobs.cli import main
+    from jobs.config import load_config
+    from pipelines.criteo.featurize import featurize
+    from pipelines.criteo.generate import generate
+    from pipelines.criteo.ingest import ingest
+
+    base = [f"criteo.raw_dir={tmp_path}/raw", f"lake.root={tmp_path}/lake", "criteo.generate.days=2",
+            "criteo.generate.rows_per_day=300", "criteo.generate.cardinality_scale=0.001"]
+    cfg = load_config(None, base)
+    generate(cfg)
+    ingest(spark, cfg)
+    featurize(spark, cfg)
+    gold = tmp_path / "lake" / "criteo" / "gold"
+    train = [*base, f"train.checkpoint_dir={tmp_path}/ckpt", f"tracking.tracking_uri={mlflow_store[0]}",
+             f"tracking.artifact_location={mlflow_store[1]}", "tracking.experiment=stopped-featurize",
+             "train.model=logreg", "train.batch_size=64", "train.max_steps=1", "--local"]
+
+    def refused(*needles):
+        capsys.readouterr()
+        with spark_forbidden("bigopt train on gold it refuses"):
+            assert main(["train", *train]) == 2
+        err = capsys.readouterr().err
+        # (MLflow's own lines as it creates the session's sqlite store are not the command's)
+        lines = [line for line in err.splitlines() if line.strip() and "mlflow.store.db.utils" not in line]
+        assert len(lines) == 1 and lines[0].startswith("bigopt train: "), err
+        assert "Traceback" not in err and all(n in lines[0] for n in needles), err
+
+    # disk full at gold valid's commit: its data files written, its `_delta_log` empty
+    shutil.move(gold / "valid", tmp_path / "valid.away")
+    (gold / "valid" / "_delta_log").mkdir(parents=True)
+    for f in (tmp_path / "valid.away").glob("*.parquet"):
+        shutil.copy(f, gold / "valid")
+    shutil.move(gold / "features.json", tmp_path / "features.away")
+    refused(f"gold valid table not found at {gold}/valid", "featurize build", "did not finish",
+            "run `bigopt featurize` again")
+    # killed after the train commit: valid and test hold data files, no log
+    shutil.move(gold / "test" / "_delta_log", tmp_path / "test_log.away")
+    shutil.rmtree(gold / "valid" / "_delta_log")
+    refused("gold valid table not found at", "did not finish", "run `bigopt featurize` again")
+    shutil.rmtree(gold / "valid")
+    shutil.move(tmp_path / "valid.away", gold / "valid")
+    refused(f"gold test table not found at {gold}/test", "did not finish")
+    shutil.move(tmp_path / "test_log.away", gold / "test" / "_delta_log")
+    # killed after the last commit, before features.json
+    refused(f"{gold}/features.json not found", "did not finish", "run `bigopt featurize` again")
+    shutil.move(tmp_path / "features.away", gold / "features.json")
+    # an empty `_delta_log` of gold train itself: the one line for no gold yet
+    shutil.move(gold / "train", tmp_path / "train.away")
+    (gold / "train" / "_delta_log").mkdir(parents=True)
+    refused(f"gold train table not found at {gold}/train", "run `bigopt featurize` first")
+    shutil.rmtree(gold / "train")
+    shutil.move(tmp_path / "train.away", gold / "train")
+    # the remedy it names: `bigopt featurize` (no --force) builds again over the stopped one's
+    # folders (an empty `_delta_log` of valid, no features.json), and train reads that build
+    shutil.rmtree(gold / "valid" / "_delta_log")
+    (gold / "valid" / "_delta_log").mkdir()
+    (gold / "features.json").unlink()
+    assert not featurize(spark, cfg).up_to_date
+    capsys.readouterr()
+    assert main(["train", *train]) == 0, capsys.readouterr().err
