@@ -127,22 +127,29 @@ def _parent(uri: str) -> str:
     return uri.rpartition("/")[0] or "/"
 
 
+def _vocab_candidates(train_uri: str) -> list[str]:
+    """Where :data:`_VOCAB_FILES` would be for the train table: in its folder, in that order."""
+    from pipelines.lake.fs import normalize_uri
+
+    d = _parent(normalize_uri(train_uri)).rstrip("/")
+    return [f"{d}/{name}" for name in _VOCAB_FILES]
+
+
 def _find_vocabulary(explicit: str | None, train_uri: str) -> str | None:
     """The vocabulary JSON for the train table: ``explicit``, else the first of
     :data:`_VOCAB_FILES` next to it (in its folder), on whatever filesystem it lives."""
     import pyarrow.fs as pafs
 
-    from pipelines.lake.fs import exists, filesystem_for, normalize_uri
+    from pipelines.lake.fs import exists, filesystem_for
 
     if explicit:
         if not exists(explicit):
             raise DataNotFoundError(f"train.vocabulary: {explicit} does not exist")
         return explicit
-    d = _parent(normalize_uri(train_uri)).rstrip("/")
-    for name in _VOCAB_FILES:
-        fs, path = filesystem_for(f"{d}/{name}")
+    for uri in _vocab_candidates(train_uri):
+        fs, path = filesystem_for(uri)
         if fs.get_file_info(path).type == pafs.FileType.File:
-            return f"{d}/{name}"
+            return uri
     return None
 
 
@@ -306,13 +313,14 @@ def _build_versions(build: str, uris: dict[str, str | None], latest: dict[str, i
 
 
 def _require_whole_build(build: str, train_version: int, found: dict[str, str | None],
-                         paths: dict[str, str], train_uri: str | None) -> None:
+                         paths: dict[str, str], features: tuple[str, str | None] | None) -> None:
     """Refuse gold whose train version featurize build ``build`` wrote while that build's valid
     or test table (``found``, of the splits at their default paths: None where ``paths``' is no
-    table) or, unless ``train_uri`` is None
-    (``train.vocabulary`` is set), its ``features.json`` next to train is missing: featurize
-    commits vocabulary, train, valid, test, vocab_sizes, then writes ``features.json``, every
-    time, so one missing is a featurize that stopped part-way (killed, a full disk). Before, a first featurize stopped after its train commit was trained on with
+    table) or its ``features.json`` next to train is missing (``features``: where it would be and
+    the vocabulary :func:`_find_vocabulary` found; None when ``train.vocabulary`` is set):
+    featurize commits vocabulary, train, valid, test, vocab_sizes, then writes
+    ``features.json``, every time, so one missing is a featurize that stopped part-way (killed,
+    a full disk). Before, a first featurize stopped after its train commit was trained on with
     a warning and no validation, and ended as a FINISHED MLflow run."""
     remedy = ("that featurize did not finish (stopped part-way) or the table was removed since: run "
               "`bigopt featurize` again")
@@ -321,15 +329,11 @@ def _require_whole_build(build: str, train_version: int, found: dict[str, str | 
             raise DataNotFoundError(
                 f"gold {split} table not found at {paths[split]}, but gold train v{train_version} was written by "
                 f"featurize build {build}, which writes train, valid and test together: {remedy}")
-    if train_uri is not None:
-        from pipelines.lake.fs import exists, normalize_uri
-
-        features = f"{_parent(normalize_uri(train_uri)).rstrip('/')}/{_VOCAB_FILES[0]}"
-        if not exists(features):
-            raise DataNotFoundError(
-                f"{features} not found, but gold train v{train_version} was written by featurize build {build}, "
-                "which writes it after its last commit: that featurize did not finish (stopped part-way) or it "
-                "was removed since: run `bigopt featurize` again (or set train.vocabulary)")
+    if features is not None and features[1] != features[0]:
+        raise DataNotFoundError(
+            f"{features[0]} not found, but gold train v{train_version} was written by featurize build {build}, "
+            "which writes it after its last commit: that featurize did not finish (stopped part-way) or it "
+            "was removed since: run `bigopt featurize` again (or set train.vocabulary)")
 
 
 def _vocab_sizes_cardinalities(uri: str, version: int, n_sparse: int) -> list[int] | None:
@@ -386,10 +390,12 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
                     "command's: %s; the run's data.gold.* params record the build's (`bigopt featurize` rebuilds "
                     "gold with this command's)", snap.version, build, ", ".join(differ))
     versions = {"train": snap.version}
+    # the vocabulary next to gold, looked for once: the build check below and the embedding sizes use it
+    found_vocab = None if t.vocabulary else _find_vocabulary(None, train)
     if build:  # the build's own valid/test (not a train.valid_table/test_table named) and features.json
         own = {s: uris[s] for s in ("valid", "test") if not getattr(t, f"{s}_table")}
         _require_whole_build(build, snap.version, own, {"valid": valid, "test": test},
-                             None if t.vocabulary else train)
+                             None if t.vocabulary else (_vocab_candidates(train)[0], found_vocab))
     for split, uri in (("valid", valid), ("test", test)):
         if build and uris[split] is None:  # a table named in train.*_table that does not exist
             log.warning("gold %s table not found at %s: training without %s", split, uri,
@@ -448,7 +454,7 @@ def resolve_data(cfg, versions: dict[str, int] | None = None) -> DataSpec:
                 n_sparse = len(head[0]["sparse"])
     sparse_names = sparse if not sparse_arr else [f"C{i + 1}" for i in range(n_sparse)]
 
-    vocab = _find_vocabulary(t.vocabulary, train)
+    vocab = _find_vocabulary(t.vocabulary, train) if t.vocabulary else found_vocab
     cards: list[int] = []
     if vocab and not t.vocabulary:  # found next to gold: trusted only for the versions it describes
         doc_versions, vocab_sizes = _described(vocab)
