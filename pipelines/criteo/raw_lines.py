@@ -50,22 +50,15 @@ def gone_reason(e: OSError) -> str:
     return f"could not be read since it was listed ({type(e).__name__}: {e.strerror or e})"
 
 
-class _EndedEarly(Exception):
-    """A plain file ended before the byte its range was planned to reach: it was truncated (or
-    is being rewritten) since it was listed."""
-
-    def __init__(self, pos: int, end: int, exact: bool = True):
-        super().__init__(pos, end, exact)
-        self.pos, self.end, self.exact = pos, end, exact
-
-
-def ended_early_reason(pos: int, end: int, exact: bool = True) -> str:
+def _ended_early(path: str, pos: int, end: int, exact: bool = True) -> ReadFailure:
+    """A plain file that ended before the byte its range was planned to reach: it was truncated
+    (or is being rewritten) since it was listed."""
     at = f"at byte {pos:,}" if exact else f"at or before byte {pos:,}"
-    return (f"ended {at}, where it was listed with {end:,} bytes or more: it changed while it was read (a copy or "
-            "download still in progress?)")
+    return ReadFailure(path, f"ended {at}, where it was listed with {end:,} bytes or more: it changed while it "
+                             "was read (a copy or download still in progress?)")
 
 
-def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytearray]:
+def _read_plain(f, path: str, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytearray]:
     """Blocks of the complete lines that START in [start, end) (a line belongs to the range
     holding its first byte, so adjacent ranges split a file without loss or overlap); the file's
     last line may lack its newline.
@@ -74,7 +67,7 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
     partial line after the cut is read again with the next block (a seek back), so the bytes
     are copied once, by the read. A line longer than ``block_bytes`` grows its block.
 
-    The file ending before ``end`` raises :class:`_EndedEarly`: the range was planned from the
+    The file ending before ``end`` raises :class:`ReadFailure` naming it: the range was planned from the
     size the file was listed with, so it shrank since. Until the twenty-ninth session that read
     as the file's end: a file truncated while ingest read it (an in-place copy over it) was
     ledgered as ingested, and its rows past the cut were never read again."""
@@ -85,7 +78,7 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
             piece = f.read(1 << 16)
             if not piece:
                 if end is not None and pos < end:  # nothing read at all: it ends at or before pos
-                    raise _EndedEarly(pos, end, exact=pos > start - 1)
+                    raise _ended_early(path, pos, end, exact=pos > start - 1)
                 return
             cut = piece.find(b"\n")
             if cut >= 0:
@@ -109,7 +102,7 @@ def _read_plain(f, start: int, end: int | None, block_bytes: int, hasher) -> Ite
             del block[n:]
         if not n:
             if end is not None:  # the loop runs while pos < end
-                raise _EndedEarly(pos, end)
+                raise _ended_early(path, pos, end)
             return
         # the last line starting before `end` ends at the first newline at or after end - 1
         cut = block.find(b"\n", end - 1 - pos) if end is not None and pos + n >= end else block.rfind(b"\n")
@@ -235,8 +228,6 @@ def iter_line_blocks(path: str, gz: bool, start: int = 0, end: int | None = None
         yield from _line_blocks(path, gz, start, end, block_bytes, hasher)
     except GONE as e:  # raised by the read alone: the caller's own errors are not sent in here
         raise ReadFailure(path, gone_reason(e)) from None
-    except _EndedEarly as e:
-        raise ReadFailure(path, ended_early_reason(e.pos, e.end, e.exact)) from None
 
 
 def _line_blocks(path: str, gz: bool, start: int, end: int | None, block_bytes: int, hasher) -> Iterator[bytes]:
@@ -246,7 +237,7 @@ def _line_blocks(path: str, gz: bool, start: int, end: int | None, block_bytes: 
                 raise ValueError("gzip files cannot be split into byte ranges")
             blocks = _read_gzip(f, path, block_bytes, hasher)
         else:
-            blocks = _read_plain(f, start, end, block_bytes, hasher)
+            blocks = _read_plain(f, path, start, end, block_bytes, hasher)
         if start == 0:  # a UTF-8 byte order mark (a file saved by some Windows tools) is no data
             first = next(blocks, None)
             if first is None:
